@@ -1,0 +1,75 @@
+"""otel_raptor: OpenTelemetry-native resilience for Python.
+
+Classify every failure, retry what is safe to retry, break circuits to sick downstreams, and
+publish every decision as an event that the telemetry layer turns into spans and metrics.
+"""
+
+from __future__ import annotations
+
+from otel_raptor._version import __version__
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.budget import RetryBudget
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+from otel_raptor.core.classify import ClassifyContext, Rule
+from otel_raptor.core.events import (
+    BreakerTransitioned,
+    CallRejected,
+    ErrorClassified,
+    Event,
+    RecoveryFinished,
+    RetryBudgetExhausted,
+    RetryScheduled,
+)
+from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.core.states import CircuitState
+from otel_raptor.errors import CircuitOpenError, ConfigError, RaptorError
+from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.classifying import classify, register_rule
+from otel_raptor.runtime.decorator import resilient
+from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.recovery import (
+    ErrorRecoveryEngine,
+    RecoveryResult,
+    ResilientClient,
+    get_production_error_recovery,
+    get_resilient_client,
+)
+from otel_raptor.runtime.state import Runtime, get_runtime
+
+__all__ = [
+    "BreakerTransitioned",
+    "CallRejected",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "CircuitOpenError",
+    "CircuitState",
+    "Classification",
+    "ClassifyContext",
+    "ConfigError",
+    "ErrorCategory",
+    "ErrorClassified",
+    "ErrorRecoveryEngine",
+    "Event",
+    "Guard",
+    "Outcome",
+    "RaptorError",
+    "RecoveryFinished",
+    "RecoveryResult",
+    "ResilientClient",
+    "RetryBudget",
+    "RetryBudgetExhausted",
+    "RetryPolicy",
+    "RetryScheduled",
+    "Rule",
+    "Runtime",
+    "Severity",
+    "Strategy",
+    "__version__",
+    "classify",
+    "get_production_error_recovery",
+    "get_resilient_client",
+    "get_runtime",
+    "register_rule",
+    "resilient",
+]

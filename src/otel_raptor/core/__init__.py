@@ -1,0 +1,1 @@
+"""Pure policy: no I/O, no clocks, no threads, no OpenTelemetry. Time is a parameter."""

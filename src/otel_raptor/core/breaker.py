@@ -1,0 +1,713 @@
+"""The circuit breaker as a pure state machine: time and randomness come in as arguments.
+
+States and transitions (see ``docs/circuit-breaker.md`` for the full rules)::
+
+    CLOSED ──trip──► OPEN ──open duration elapsed, next acquire──► HALF_OPEN
+      ▲                ▲                                               │
+      │                └──────────── a counted probe fails ────────────┤
+      └───────────── success_threshold probes succeed ─────────────────┘
+
+* **Trip** (CLOSED → OPEN), checked after each counted failure (and each slow success):
+  ``consecutive_failures >= failure_threshold`` (``CONSECUTIVE_FAILURES``); else, once the
+  window holds at least ``minimum_calls`` calls, ``failure_rate >= effective threshold``
+  (``FAILURE_RATE``) or, with slow-call detection on, ``slow_call_rate >=
+  slow_call_rate_threshold`` (``SLOW_CALL_RATE``).
+* **Open duration** after ``k`` failed probes in a row (``k = 0`` for a trip from CLOSED):
+  ``base = min(max_recovery_timeout, recovery_timeout * recovery_backoff_multiplier ** k)``,
+  then ``min(max_recovery_timeout, base * (1 + recovery_jitter * (2 * rnd() - 1)))``.
+  Closing resets ``k``.
+* **Half-open**: at most ``half_open_max_calls`` probes in flight; ``success_threshold``
+  probe successes close the breaker (clearing the window); a counted probe failure reopens it.
+* **Ignored categories** (``ignored_categories``, by default the non-health ones such as client
+  errors) count as neither success nor failure: they are tallied in ``failure_counts`` only,
+  leave the window and the consecutive-failure count alone, and a probe that ends with one just
+  gives its half-open slot back.
+* **Late results**: a ``CALL`` permit's outcome counts only while the breaker is still CLOSED
+  and a ``PROBE``'s only while it is still HALF_OPEN; otherwise the outcome only frees the
+  probe slot it held. A state change therefore never counts calls admitted under another state.
+* **Adaptive threshold**: see ``adaptive_failure_rate_threshold``.
+
+Not thread-safe: ``otel_raptor.runtime.breaker.CircuitBreaker`` holds a lock around it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeAlias
+
+from otel_raptor.core.classification import NON_HEALTH_CATEGORIES, ErrorCategory
+from otel_raptor.core.states import CircuitState, Transition, TransitionReason
+from otel_raptor.core.window import CallOutcome, CountWindow, SlidingWindow, TimeWindow
+from otel_raptor.errors import ConfigError
+
+__all__ = [
+    "ADAPTIVE_ALPHA",
+    "Admission",
+    "BreakerCore",
+    "BreakerSnapshot",
+    "CircuitBreakerConfig",
+    "Permit",
+    "adaptive_failure_rate_threshold",
+]
+
+#: Weight of the newest sample in the adaptive baseline (an exponentially weighted average).
+ADAPTIVE_ALPHA: Final = 0.2
+
+_INF: Final = float("inf")
+
+
+class Permit(enum.IntEnum):
+    """What ``acquire`` granted. Falsy only for ``REJECTED``.
+
+    ``CALL``: a normal call through a closed breaker. ``PROBE``: a half-open trial call that
+    holds one of the ``half_open_max_calls`` slots until its outcome (or ``release``) returns
+    it. ``REJECTED``: do not run the call.
+    """
+
+    REJECTED = 0
+    CALL = 1
+    PROBE = 2
+
+
+#: ``acquire``'s answer: the permit, and the state change it caused (OPEN → HALF_OPEN) if any.
+Admission: TypeAlias = tuple[Permit, Transition | None]
+
+_CALL: Final = Permit.CALL
+_PROBE: Final = Permit.PROBE
+_REJECTED: Final = Permit.REJECTED
+_CLOSED: Final = CircuitState.CLOSED
+_OPEN: Final = CircuitState.OPEN
+_HALF_OPEN: Final = CircuitState.HALF_OPEN
+# Preallocated answers, so that admitting or refusing a call without a transition allocates
+# nothing.
+_ADMIT_CALL: Final[Admission] = (Permit.CALL, None)
+_ADMIT_PROBE: Final[Admission] = (Permit.PROBE, None)
+_REJECT: Final[Admission] = (Permit.REJECTED, None)
+_SUCCESS: Final = int(CallOutcome.SUCCESS)
+_FAILURE: Final = int(CallOutcome.FAILURE)
+_SLOW_SUCCESS: Final = int(CallOutcome.SLOW_SUCCESS)
+_SLOW_FAILURE: Final = int(CallOutcome.SLOW_FAILURE)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_category_set(value: object) -> bool:
+    return isinstance(value, frozenset) and all(isinstance(c, ErrorCategory) for c in value)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if not (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and low <= value
+        and (high is None or value <= high)
+    ):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ConfigError(f"breaker.{name}", value, allowed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreakerConfig:
+    """A circuit breaker's settings. Durations are seconds, rates fractions in [0, 1].
+
+    The first six fields keep the seed's names and defaults. Every field is checked when the
+    config is built; a bad value raises ``ConfigError("breaker.<field>", value, allowed)``.
+
+    * ``failure_threshold`` (5, integer >= 1): consecutive counted failures in CLOSED that trip.
+    * ``recovery_timeout`` (60.0, >= 0): base time OPEN before a probe is let through.
+    * ``success_threshold`` (2, integer >= 1): probe successes in HALF_OPEN that close it.
+    * ``timeout`` (30.0, > 0): default per-call timeout that integrations apply; the breaker
+      itself does not use it (slow-call detection is separate and off by default).
+    * ``adaptive_threshold`` (True): learn a baseline failure rate and adapt the rate rule.
+    * ``health_check_interval`` (30.0, > 0): seconds between baseline updates.
+    * ``failure_rate_threshold`` (0.5, in (0, 1]): window failure rate that trips.
+    * ``window`` ("count"): ``"count"`` (last ``window_size`` calls) or ``"time"`` (last
+      ``window_size`` seconds, in 10 slices).
+    * ``window_size`` (100, integer in [1, 1_000_000]): calls or seconds.
+    * ``minimum_calls`` (20, integer >= 1): the rate rules apply only with at least this many
+      calls in the window. For a count window, values above ``window_size`` act as
+      ``window_size``.
+    * ``slow_call_duration`` (None = off, else > 0): a call at least this long is slow.
+    * ``slow_call_rate_threshold`` (1.0, in (0, 1]): window slow-call rate that trips.
+    * ``half_open_max_calls`` (1, integer >= 1): probes in flight at once.
+    * ``max_recovery_timeout`` (600.0, >= ``recovery_timeout``): cap of the open duration.
+    * ``recovery_backoff_multiplier`` (2.0, >= 1): growth of the open duration per failed probe.
+    * ``recovery_jitter`` (0.1, in [0, 1]): the open duration is spread by ± this fraction.
+    * ``adaptive_min_threshold`` (0.1, in (0, 1]) and ``adaptive_max_threshold`` (0.9, in
+      [``adaptive_min_threshold``, 1]): bounds of the adapted rate threshold.
+    * ``ignored_categories`` (``NON_HEALTH_CATEGORIES``): failures in these never trip.
+    """
+
+    failure_threshold: int = 5
+    recovery_timeout: float = 60.0
+    success_threshold: int = 2
+    timeout: float = 30.0
+    adaptive_threshold: bool = True
+    health_check_interval: float = 30.0
+    failure_rate_threshold: float = 0.5
+    window: Literal["count", "time"] = "count"
+    window_size: int = 100
+    minimum_calls: int = 20
+    slow_call_duration: float | None = None
+    slow_call_rate_threshold: float = 1.0
+    half_open_max_calls: int = 1
+    max_recovery_timeout: float = 600.0
+    recovery_backoff_multiplier: float = 2.0
+    recovery_jitter: float = 0.1
+    adaptive_min_threshold: float = 0.1
+    adaptive_max_threshold: float = 0.9
+    ignored_categories: frozenset[ErrorCategory] = field(default=NON_HEALTH_CATEGORIES)
+
+    def __post_init__(self) -> None:
+        _check_int("failure_threshold", self.failure_threshold, 1)
+        if not (_is_number(self.recovery_timeout) and self.recovery_timeout >= 0):
+            raise ConfigError(
+                "breaker.recovery_timeout", self.recovery_timeout, "a finite number >= 0 (seconds)"
+            )
+        _check_int("success_threshold", self.success_threshold, 1)
+        if not (_is_number(self.timeout) and self.timeout > 0):
+            raise ConfigError("breaker.timeout", self.timeout, "a finite number > 0 (seconds)")
+        if not isinstance(self.adaptive_threshold, bool):
+            raise ConfigError(
+                "breaker.adaptive_threshold", self.adaptive_threshold, "True or False"
+            )
+        if not (_is_number(self.health_check_interval) and self.health_check_interval > 0):
+            raise ConfigError(
+                "breaker.health_check_interval",
+                self.health_check_interval,
+                "a finite number > 0 (seconds)",
+            )
+        if not (_is_number(self.failure_rate_threshold) and 0 < self.failure_rate_threshold <= 1):
+            raise ConfigError(
+                "breaker.failure_rate_threshold", self.failure_rate_threshold, "a number in (0, 1]"
+            )
+        if self.window not in ("count", "time"):
+            raise ConfigError("breaker.window", self.window, "'count' or 'time'")
+        _check_int("window_size", self.window_size, 1, 1_000_000)
+        _check_int("minimum_calls", self.minimum_calls, 1)
+        if self.slow_call_duration is not None and not (
+            _is_number(self.slow_call_duration) and self.slow_call_duration > 0
+        ):
+            raise ConfigError(
+                "breaker.slow_call_duration",
+                self.slow_call_duration,
+                "None (off) or a finite number > 0 (seconds)",
+            )
+        if not (
+            _is_number(self.slow_call_rate_threshold) and 0 < self.slow_call_rate_threshold <= 1
+        ):
+            raise ConfigError(
+                "breaker.slow_call_rate_threshold",
+                self.slow_call_rate_threshold,
+                "a number in (0, 1]",
+            )
+        _check_int("half_open_max_calls", self.half_open_max_calls, 1)
+        if not (
+            _is_number(self.max_recovery_timeout)
+            and self.max_recovery_timeout >= self.recovery_timeout
+        ):
+            raise ConfigError(
+                "breaker.max_recovery_timeout",
+                self.max_recovery_timeout,
+                f"a finite number >= recovery_timeout ({self.recovery_timeout}) (seconds)",
+            )
+        if not (
+            _is_number(self.recovery_backoff_multiplier) and self.recovery_backoff_multiplier >= 1
+        ):
+            raise ConfigError(
+                "breaker.recovery_backoff_multiplier",
+                self.recovery_backoff_multiplier,
+                "a finite number >= 1",
+            )
+        if not (_is_number(self.recovery_jitter) and 0 <= self.recovery_jitter <= 1):
+            raise ConfigError("breaker.recovery_jitter", self.recovery_jitter, "a number in [0, 1]")
+        if not (_is_number(self.adaptive_min_threshold) and 0 < self.adaptive_min_threshold <= 1):
+            raise ConfigError(
+                "breaker.adaptive_min_threshold", self.adaptive_min_threshold, "a number in (0, 1]"
+            )
+        if not (
+            _is_number(self.adaptive_max_threshold)
+            and self.adaptive_min_threshold <= self.adaptive_max_threshold <= 1
+        ):
+            raise ConfigError(
+                "breaker.adaptive_max_threshold",
+                self.adaptive_max_threshold,
+                f"a number in [adaptive_min_threshold ({self.adaptive_min_threshold}), 1]",
+            )
+        if not _is_category_set(self.ignored_categories):
+            raise ConfigError(
+                "breaker.ignored_categories",
+                self.ignored_categories,
+                "a frozenset of ErrorCategory",
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> CircuitBreakerConfig:
+        """Build a config from the seed's dict shape (``{"failure_threshold": 5, ...}``).
+
+        Unknown keys raise ``ConfigError`` listing the allowed ones. ``ignored_categories`` may
+        be any iterable of ``ErrorCategory`` or their string values (``"client_error"``).
+        """
+        allowed = sorted(f.name for f in fields(cls))
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in allowed:
+                raise ConfigError(f"breaker.{key}", value, "one of " + ", ".join(allowed))
+            kwargs[key] = _categories(value) if key == "ignored_categories" else value
+        return cls(**kwargs)
+
+
+def _categories(value: object) -> frozenset[ErrorCategory]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(
+            "breaker.ignored_categories", value, "an iterable of ErrorCategory values"
+        )
+    try:
+        return frozenset(ErrorCategory(item) for item in value)
+    except ValueError:
+        raise ConfigError(
+            "breaker.ignored_categories",
+            value,
+            "an iterable of: " + ", ".join(c.value for c in ErrorCategory),
+        ) from None
+
+
+def adaptive_failure_rate_threshold(
+    configured: float, baseline: float | None, low: float, high: float
+) -> float:
+    """The failure-rate threshold for a service whose usual failure rate is ``baseline``.
+
+    ``configured`` is returned until a baseline exists. Then the rule is::
+
+        clamp(max(configured / 2, 2 * baseline + 0.1), low, high)
+
+    * A service that is normally clean (baseline near 0) trips earlier than configured: at
+      ``max(configured / 2, 0.1)``, i.e. 25 % with the default 50 %.
+    * A service whose normal rate sits near the configured threshold gets headroom of
+      ``baseline + 0.1`` above its normal rate (so a normal rate of 45 % trips at 90 %, not on
+      every unlucky window at 50 %), up to ``high``.
+    * ``configured / 2`` is a floor: learning never makes the breaker more than twice as
+      strict as configured.
+    """
+    if baseline is None:
+        return configured
+    return min(high, max(low, configured * 0.5, 2.0 * baseline + 0.1))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerSnapshot:
+    """A consistent read of a breaker, for gauges and debugging.
+
+    ``health_score`` is 0-100. ``open_for`` is the current open duration in seconds (``None``
+    unless OPEN, or when held open by hand). ``retry_after`` is the seconds until a call would
+    be admitted (0.0 when closed or half-open, ``None`` when held open by hand).
+    ``failure_counts`` counts every failure seen by category since creation or ``reset``,
+    ignored categories included.
+    """
+
+    state: CircuitState
+    forced_open: bool
+    health_score: int
+    effective_failure_rate_threshold: float
+    baseline_failure_rate: float | None
+    window_calls: int
+    window_failures: int
+    window_slow_calls: int
+    consecutive_failures: int
+    probes_in_flight: int
+    failure_counts: Mapping[ErrorCategory, int]
+    open_for: float | None
+    retry_after: float | None
+
+
+class BreakerCore:
+    """The breaker's state machine. Every method that depends on time takes ``now`` (seconds,
+    monotonic); ``rnd`` returns floats in [0, 1) for the open-duration jitter.
+
+    ``now`` at construction schedules the first adaptive health check. Not thread-safe.
+    """
+
+    __slots__ = (
+        "_base_open",
+        "_baseline",
+        "_config",
+        "_consecutive",
+        "_effective",
+        "_failure_counts",
+        "_forced",
+        "_ignored",
+        "_interval",
+        "_min_calls",
+        "_next_check",
+        "_open_for",
+        "_open_until",
+        "_probe_successes",
+        "_probes",
+        "_record",
+        "_rnd",
+        "_slow_s",
+        "_state",
+        "_window",
+    )
+
+    def __init__(
+        self, config: CircuitBreakerConfig, *, now: float, rnd: Callable[[], float]
+    ) -> None:
+        self._config = config
+        self._rnd = rnd
+        window: SlidingWindow
+        if config.window == "count":
+            window = CountWindow(config.window_size)
+            self._min_calls = min(config.minimum_calls, config.window_size)
+        else:
+            window = TimeWindow(float(config.window_size))
+            self._min_calls = config.minimum_calls
+        self._window = window
+        # A bound method in a slot: one lookup less on the hot path.
+        self._record = window.record
+        self._slow_s = _INF if config.slow_call_duration is None else config.slow_call_duration
+        self._ignored = config.ignored_categories
+        self._interval = config.health_check_interval
+        self._failure_counts = dict.fromkeys(ErrorCategory, 0)
+        self._probes = 0
+        self._init_state(now)
+
+    def _init_state(self, now: float) -> None:
+        config = self._config
+        self._state = _CLOSED
+        self._forced = False
+        self._consecutive = 0
+        self._probe_successes = 0
+        self._open_until = _INF
+        self._open_for: float | None = None
+        self._base_open = config.recovery_timeout
+        self._baseline: float | None = None
+        self._effective = config.failure_rate_threshold
+        self._next_check = now + self._interval if config.adaptive_threshold else _INF
+        self._window.reset()
+
+    # --- the call path ------------------------------------------------------------------
+
+    def acquire(self, now: float) -> Admission:
+        """Ask to run one call at ``now``. Returns the permit and the transition it caused.
+
+        CLOSED: ``CALL``. OPEN: ``REJECTED`` until the open duration has elapsed (forever when
+        opened by hand); then the breaker moves to HALF_OPEN (returned as the transition) and
+        this call is the first probe. HALF_OPEN: ``PROBE`` while fewer than
+        ``half_open_max_calls`` probes are in flight, else ``REJECTED``.
+        """
+        state = self._state
+        if state is _CLOSED:
+            return _ADMIT_CALL
+        if state is _OPEN:
+            if self._forced or now < self._open_until:
+                return _REJECT
+            transition = self._move(_HALF_OPEN, TransitionReason.RECOVERY_TIMEOUT_ELAPSED, now)
+            if self._probes < self._config.half_open_max_calls:
+                self._probes += 1
+                return (_PROBE, transition)
+            return (_REJECTED, transition)
+        if self._probes < self._config.half_open_max_calls:
+            self._probes += 1
+            return _ADMIT_PROBE
+        return _REJECT
+
+    def on_success(self, permit: Permit, now: float, duration: float) -> Transition | None:
+        """The call admitted with ``permit`` succeeded after ``duration`` seconds."""
+        if permit is _CALL and self._state is _CLOSED and duration < self._slow_s:
+            if not self._window.absorbs_success:
+                self._record(_SUCCESS, now)
+            self._consecutive = 0
+            if now >= self._next_check:
+                self._health_check(now)
+            return None
+        return self._on_other_success(permit, now)
+
+    def _on_other_success(self, permit: Permit, now: float) -> Transition | None:
+        if permit is _PROBE:
+            self._end_probe()
+            if self._state is _HALF_OPEN:
+                # A slow probe still proves the downstream answers: it counts as a success.
+                self._probe_successes += 1
+                if self._probe_successes >= self._config.success_threshold:
+                    return self._close(TransitionReason.PROBES_SUCCEEDED, now)
+            return None
+        if permit is not _CALL or self._state is not _CLOSED:
+            return None
+        # A slow success.
+        self._record(_SLOW_SUCCESS, now)
+        self._consecutive = 0
+        if now >= self._next_check:
+            self._health_check(now)
+        window = self._window
+        if (
+            window.calls(now) >= self._min_calls
+            and window.slow_call_rate(now) >= self._config.slow_call_rate_threshold
+        ):
+            return self._trip(TransitionReason.SLOW_CALL_RATE, now)
+        return None
+
+    def on_failure(
+        self, permit: Permit, now: float, duration: float, category: ErrorCategory
+    ) -> Transition | None:
+        """The call admitted with ``permit`` failed after ``duration`` seconds.
+
+        Failures in ``ignored_categories`` count as neither success nor failure (a probe's
+        slot is given back); every failure is tallied in ``failure_counts``.
+        """
+        self._failure_counts[category] += 1
+        if category in self._ignored:
+            if permit is _PROBE:
+                self._end_probe()
+            return None
+        if permit is _CALL:
+            if self._state is not _CLOSED:
+                return None
+            self._record(_SLOW_FAILURE if duration >= self._slow_s else _FAILURE, now)
+            self._consecutive += 1
+            if now >= self._next_check:
+                self._health_check(now)
+            return self._check_trip(now)
+        if permit is _PROBE:
+            self._end_probe()
+            if self._state is _HALF_OPEN:
+                self._base_open = min(
+                    self._config.max_recovery_timeout,
+                    self._base_open * self._config.recovery_backoff_multiplier,
+                )
+                return self._open(TransitionReason.PROBE_FAILED, now)
+        return None
+
+    def release(self, permit: Permit) -> None:
+        """The call admitted with ``permit`` ended without a verdict (cancelled): a probe gives
+        its slot back; nothing is counted."""
+        if permit is _PROBE:
+            self._end_probe()
+
+    # --- manual control -----------------------------------------------------------------
+
+    def force_open(self, now: float) -> Transition | None:
+        """Hold the breaker open until ``force_close`` or ``reset``: every call is rejected and
+        ``retry_after`` is ``None``. Returns ``None`` if it was already held open (and an
+        OPEN → OPEN transition when an automatically opened breaker becomes held open)."""
+        if self._forced:
+            return None
+        previous = self._state
+        self._state = _OPEN
+        self._forced = True
+        self._open_until = _INF
+        self._open_for = None
+        return Transition(previous, _OPEN, TransitionReason.MANUAL_OPEN, now)
+
+    def force_close(self, now: float) -> Transition | None:
+        """Close the breaker now (clearing the window and the open-duration growth, keeping
+        the learned baseline and the failure counts). ``None`` if it was already closed."""
+        if self._state is _CLOSED:
+            return None
+        return self._close(TransitionReason.MANUAL_CLOSE, now)
+
+    def reset(self, now: float) -> Transition | None:
+        """Back to a new breaker's state: closed, empty window, no baseline, no failure counts.
+        Probes still in flight keep their slots until they end. Returns the transition to
+        CLOSED, or ``None`` if it was closed already."""
+        previous = self._state
+        self._init_state(now)
+        for category in self._failure_counts:
+            self._failure_counts[category] = 0
+        if previous is _CLOSED:
+            return None
+        return Transition(previous, _CLOSED, TransitionReason.MANUAL_CLOSE, now)
+
+    # --- reading ------------------------------------------------------------------------
+
+    @property
+    def config(self) -> CircuitBreakerConfig:
+        return self._config
+
+    @property
+    def state(self) -> CircuitState:
+        """The current state. OPEN stays OPEN until a call is asked for after its duration."""
+        return self._state
+
+    @property
+    def forced_open(self) -> bool:
+        """Whether the breaker is held open by ``force_open``."""
+        return self._forced
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Counted failures in a row while CLOSED (reset by any success and by closing)."""
+        return self._consecutive
+
+    @property
+    def probes_in_flight(self) -> int:
+        """Probe permits handed out and not yet ended."""
+        return self._probes
+
+    @property
+    def failure_counts(self) -> dict[ErrorCategory, int]:
+        """Failures seen per category since creation or ``reset`` (a copy; nonzero only)."""
+        return {c: n for c, n in self._failure_counts.items() if n}
+
+    @property
+    def open_until(self) -> float | None:
+        """When (``now`` units) a probe may go through; ``None`` unless automatically OPEN."""
+        if self._state is _OPEN and not self._forced:
+            return self._open_until
+        return None
+
+    @property
+    def open_for(self) -> float | None:
+        """The current open duration in seconds; ``None`` unless automatically OPEN."""
+        return self._open_for if self._state is _OPEN and not self._forced else None
+
+    @property
+    def effective_failure_rate_threshold(self) -> float:
+        """The failure-rate threshold in force (adapted, or the configured one)."""
+        return self._effective
+
+    @property
+    def baseline_failure_rate(self) -> float | None:
+        """The learned usual failure rate, or ``None`` before the first health check."""
+        return self._baseline
+
+    def retry_after(self, now: float) -> float | None:
+        """Seconds until a call would be admitted: 0.0 when CLOSED or HALF_OPEN (a probe slot
+        may free up at any moment), the rest of the open duration when OPEN, ``None`` when
+        held open by hand."""
+        if self._state is not _OPEN:
+            return 0.0
+        if self._forced:
+            return None
+        remaining = self._open_until - now
+        open_for = self._open_for
+        # ``(now + d) - now`` can exceed ``d`` by a rounding error; never report more than d.
+        if open_for is not None and remaining > open_for:
+            return open_for
+        return max(0.0, remaining)
+
+    def health_score(self, now: float) -> int:
+        """0-100: OPEN is 0; else ``round(100 * (1 - failure_rate) * (1 - slow_call_rate / 2))``
+        over the window, capped at 50 in HALF_OPEN."""
+        state = self._state
+        if state is _OPEN:
+            return 0
+        window = self._window
+        score = round(
+            100.0 * (1.0 - window.failure_rate(now)) * (1.0 - window.slow_call_rate(now) / 2)
+        )
+        return min(50, score) if state is _HALF_OPEN else score
+
+    def snapshot(self, now: float) -> BreakerSnapshot:
+        """A consistent read of everything, for gauges."""
+        window = self._window
+        return BreakerSnapshot(
+            state=self._state,
+            forced_open=self._forced,
+            health_score=self.health_score(now),
+            effective_failure_rate_threshold=self._effective,
+            baseline_failure_rate=self._baseline,
+            window_calls=window.calls(now),
+            window_failures=window.failures(now),
+            window_slow_calls=window.slow_calls(now),
+            consecutive_failures=self._consecutive,
+            probes_in_flight=self._probes,
+            failure_counts=MappingProxyType(self.failure_counts),
+            open_for=self.open_for,
+            retry_after=self.retry_after(now),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BreakerCore(state={self._state.value}, forced_open={self._forced}, "
+            f"consecutive_failures={self._consecutive}, probes_in_flight={self._probes})"
+        )
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _end_probe(self) -> None:
+        if self._probes > 0:
+            self._probes -= 1
+
+    def _check_trip(self, now: float) -> Transition | None:
+        if self._consecutive >= self._config.failure_threshold:
+            return self._trip(TransitionReason.CONSECUTIVE_FAILURES, now)
+        window = self._window
+        if window.calls(now) < self._min_calls:
+            return None
+        if window.failure_rate(now) >= self._effective:
+            return self._trip(TransitionReason.FAILURE_RATE, now)
+        if window.slow_call_rate(now) >= self._config.slow_call_rate_threshold:
+            # Only reachable with slow-call detection on: otherwise no call is ever slow.
+            return self._trip(TransitionReason.SLOW_CALL_RATE, now)
+        return None
+
+    def _trip(self, reason: TransitionReason, now: float) -> Transition:
+        self._base_open = self._config.recovery_timeout
+        return self._open(reason, now)
+
+    def _open(self, reason: TransitionReason, now: float) -> Transition:
+        config = self._config
+        jitter = config.recovery_jitter
+        open_for = self._base_open
+        if jitter:
+            open_for *= 1.0 + jitter * (2.0 * self._rnd() - 1.0)
+        open_for = min(config.max_recovery_timeout, max(0.0, open_for))
+        self._open_for = open_for
+        self._open_until = now + open_for
+        return self._move(_OPEN, reason, now, open_for)
+
+    def _close(self, reason: TransitionReason, now: float) -> Transition:
+        previous = self._state
+        self._state = _CLOSED
+        self._forced = False
+        self._consecutive = 0
+        self._probe_successes = 0
+        self._open_until = _INF
+        self._open_for = None
+        self._base_open = self._config.recovery_timeout
+        # The window still describes the outage; a fresh start avoids re-tripping at once.
+        self._window.reset()
+        if self._config.adaptive_threshold:
+            self._next_check = now + self._interval
+        return Transition(previous, _CLOSED, reason, now)
+
+    def _move(
+        self,
+        to_state: CircuitState,
+        reason: TransitionReason,
+        now: float,
+        open_for: float | None = None,
+    ) -> Transition:
+        previous = self._state
+        self._state = to_state
+        if to_state is _HALF_OPEN:
+            self._probe_successes = 0
+        return Transition(previous, to_state, reason, now, open_for)
+
+    def _health_check(self, now: float) -> None:
+        self._next_check = now + self._interval
+        window = self._window
+        if self._state is not _CLOSED or window.calls(now) < self._min_calls:
+            return
+        sample = window.failure_rate(now)
+        baseline = self._baseline
+        baseline = sample if baseline is None else baseline + ADAPTIVE_ALPHA * (sample - baseline)
+        self._baseline = baseline
+        config = self._config
+        self._effective = adaptive_failure_rate_threshold(
+            config.failure_rate_threshold,
+            baseline,
+            config.adaptive_min_threshold,
+            config.adaptive_max_threshold,
+        )

@@ -1,0 +1,105 @@
+"""The error taxonomy: categories, severities and the classification record."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "NON_HEALTH_CATEGORIES",
+    "Classification",
+    "ErrorCategory",
+    "Severity",
+]
+
+
+class ErrorCategory(str, enum.Enum):
+    """What kind of failure an exception (or response) is.
+
+    The values are metric attribute values that dashboards and alert rules rely on: they are
+    part of the public contract and never change.
+    """
+
+    RATE_LIMIT = "rate_limit"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    DNS = "dns"
+    TLS = "tls"
+    AUTHENTICATION = "authentication"
+    AUTHORIZATION = "authorization"
+    UNAVAILABLE = "unavailable"
+    SERVER_ERROR = "server_error"
+    CLIENT_ERROR = "client_error"
+    CONCURRENCY = "concurrency"
+    INTEGRITY = "integrity"
+    QUERY = "query"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Severity(str, enum.Enum):
+    """How bad a failure is, from ``low`` to ``critical``; ordered."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_RANK[self]
+
+    def raised(self, steps: int = 1) -> Severity:
+        """This severity moved ``steps`` levels up (capped at ``critical``)."""
+        return _SEVERITIES[min(len(_SEVERITIES) - 1, max(0, self.rank + steps))]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_SEVERITIES = (Severity.LOW, Severity.MEDIUM, Severity.HIGH, Severity.CRITICAL)
+_SEVERITY_RANK = {s: i for i, s in enumerate(_SEVERITIES)}
+
+#: Failures that say nothing about the downstream's health: the caller sent something wrong,
+#: or gave up. They never trip a breaker.
+NON_HEALTH_CATEGORIES = frozenset(
+    {
+        ErrorCategory.CLIENT_ERROR,
+        ErrorCategory.INTEGRITY,
+        ErrorCategory.QUERY,
+        ErrorCategory.AUTHENTICATION,
+        ErrorCategory.AUTHORIZATION,
+        ErrorCategory.CANCELLED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """The verdict on one failure.
+
+    ``retryable`` says the failure is transient by nature: a retry of an operation that is safe
+    to repeat may succeed. Whether *this* operation is safe to repeat is the caller's call.
+    ``retry_after`` is the server's requested wait in seconds (``Retry-After`` or a rate-limit
+    reset header), or ``None``. ``error_type`` is the value for the OTel ``error.type``
+    attribute: the exception's fully qualified class name, or the HTTP status code as a string.
+    ``rule`` names the rule that matched, for debugging.
+    """
+
+    category: ErrorCategory
+    severity: Severity
+    retryable: bool
+    error_type: str
+    retry_after: float | None = None
+    status_code: int | None = None
+    code: str | None = None
+    rule: str = ""
+
+    @property
+    def counts_against_health(self) -> bool:
+        """Whether this failure should count towards tripping a circuit breaker."""
+        return self.category not in NON_HEALTH_CATEGORIES

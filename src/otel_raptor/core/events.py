@@ -1,0 +1,107 @@
+"""Event records: what the core and runtime decided, for subscribers to publish.
+
+Every record is a frozen, slotted dataclass with low-cardinality fields only: service and
+breaker names (already folded to a bounded set by the runtime), enums and numbers. Nothing here
+carries an exception message, a URL or SQL text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, TypeAlias
+
+from otel_raptor.core.classification import Classification
+from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.states import CircuitState, TransitionReason
+
+__all__ = [
+    "BreakerTransitioned",
+    "CallRejected",
+    "ErrorClassified",
+    "Event",
+    "EventSink",
+    "RecoveryFinished",
+    "RetryBudgetExhausted",
+    "RetryScheduled",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorClassified:
+    """A call failed and was classified. ``attempt`` counts from 1."""
+
+    service: str
+    classification: Classification
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    """The guard will run attempt ``attempt + 1`` after ``delay_s`` seconds."""
+
+    service: str
+    attempt: int
+    delay_s: float
+    classification: Classification
+    strategy: Strategy
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetExhausted:
+    """A retry was wanted but the downstream's retry budget had no token left."""
+
+    service: str
+    classification: Classification
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTransitioned:
+    """A circuit breaker changed state."""
+
+    breaker: str
+    from_state: CircuitState
+    to_state: CircuitState
+    reason: TransitionReason
+    open_for_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected:
+    """An open (or saturated half-open) breaker refused a call without running it."""
+
+    breaker: str
+    state: CircuitState
+    retry_after_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryFinished:
+    """A logical call that needed recovery has ended (however it ended).
+
+    ``give_up_reason`` is set when the outcome is not ``recovered``/``fallback`` and says why
+    the guard stopped (a ``GiveUpReason`` value, or ``""``).
+    """
+
+    service: str
+    strategy: Strategy
+    outcome: Outcome
+    attempts: int
+    duration_s: float
+    category: str
+    give_up_reason: str = ""
+
+
+Event: TypeAlias = (
+    ErrorClassified
+    | RetryScheduled
+    | RetryBudgetExhausted
+    | BreakerTransitioned
+    | CallRejected
+    | RecoveryFinished
+)
+
+
+class EventSink(Protocol):
+    """Anything that accepts events: the bus, a test recorder, a telemetry exporter."""
+
+    def publish(self, event: Event) -> None: ...

@@ -1,0 +1,1 @@
+"""One thin module per hooked library; each imports its library lazily."""

@@ -1,0 +1,97 @@
+"""``@resilient``: a guard around a function of the user's own, sync or async."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from otel_raptor.runtime.guard import BreakerSpec, Guard, RetrySpec
+from otel_raptor.runtime.state import Runtime
+
+__all__ = ["resilient"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def resilient(func: F, /) -> F: ...
+
+
+@overload
+def resilient(
+    *,
+    service: str | None = None,
+    retry: RetrySpec = None,
+    breaker: BreakerSpec = None,
+    fallback: Callable[[BaseException], Any] | None = None,
+    replay_safe: bool = True,
+    timeout_kwarg: str | None = None,
+    critical: bool = False,
+    runtime: Runtime | None = None,
+) -> Callable[[F], F]: ...
+
+
+def resilient(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    service: str | None = None,
+    retry: RetrySpec = None,
+    breaker: BreakerSpec = None,
+    fallback: Callable[[BaseException], Any] | None = None,
+    replay_safe: bool = True,
+    timeout_kwarg: str | None = None,
+    critical: bool = False,
+    runtime: Runtime | None = None,
+) -> Any:
+    """Guard every call of the decorated function with a breaker and a retry policy.
+
+    Works on plain and coroutine functions (async ones sleep with ``asyncio.sleep`` and run
+    each attempt under the policy's per-attempt timeout). ``service`` defaults to the
+    function's qualified name; the other arguments are :class:`Guard`'s. The guard is built
+    once, when decorating, so a bad argument raises :class:`~otel_raptor.ConfigError` at
+    import time rather than at the first call. The guard is reachable as ``wrapper.guard``.
+
+    Retrying repeats the function: leave ``replay_safe=True`` (the default) only for
+    functions whose repetition cannot duplicate a side effect.
+    """
+
+    def decorate(fn: F) -> F:
+        guard = Guard(
+            service or f"{fn.__module__}.{fn.__qualname__}",
+            retry=retry,
+            breaker=breaker,
+            fallback=fallback,
+            replay_safe=replay_safe,
+            timeout_kwarg=timeout_kwarg,
+            critical=critical,
+            runtime=runtime,
+        )
+        wrapper: Any
+        if inspect.iscoroutinefunction(fn):
+            call_async = guard.call_async
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await call_async(fn, *args, **kwargs)
+
+            wrapper = async_wrapper
+        else:
+            guarded = guard.bind(fn)
+
+            # A real function (not the partial bind() may return) so that decorated methods
+            # still bind ``self``.
+            @functools.wraps(fn)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return guarded(*args, **kwargs)
+
+            wrapper = sync_wrapper if isinstance(guarded, functools.partial) else guarded
+            functools.update_wrapper(wrapper, fn)
+        wrapper.guard = guard
+        return wrapper  # type: ignore[no-any-return]  # functools.wraps keeps fn's signature
+
+    if func is not None:
+        return decorate(func)
+    return decorate

@@ -1,0 +1,483 @@
+"""The recovery engine: given an error that already happened, choose a strategy and run it.
+
+``handle_error(error, context)`` classifies ``error``, picks a strategy and runs it:
+
+====================== =====================================================================
+strategy               what it does
+====================== =====================================================================
+rate_limit_backoff     retry ``retry_func`` after backoff, never before ``Retry-After``
+retry_with_backoff     retry ``retry_func`` with exponential backoff and full jitter
+timeout_adjust         retry with a longer timeout (``retry_func`` must take ``timeout=``;
+                       otherwise it is a plain retry)
+reconnect              call ``reconnect_func`` (if given) before each retry
+auth_refresh           call the service's registered refresher, then retry once
+failover               return ``fallback_func(error)`` (or ``fallback_func()``)
+fail_fast              give the error back at once
+====================== =====================================================================
+
+The strategy follows the category (:func:`otel_raptor.core.recovery.default_strategy`); then the
+learner may swap a specialised retry for a plain one that has recovered better on this service,
+and skips retries altogether for a (service, category) that has stopped recovering (see
+:mod:`otel_raptor.core.learning`). When retries give up, are futile or impossible, a
+``fallback_func`` turns the result into a failover.
+
+Context keys (the seed's, plus a few): ``service_name`` (str, default ``"default"``),
+``max_retries`` (int >= 0), ``retry_func`` (zero-argument callable, sync or async),
+``fallback_func`` (callable taking the error, or no argument), ``reconnect_func``,
+``auth_refresh_func``, ``timeout`` (seconds, the base for ``timeout_adjust``), ``idempotent``
+(bool, default ``True``: passing ``retry_func`` is the opt-in to repeat it) and ``critical``.
+Other keys are ignored, so a context can carry the caller's own data.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from otel_raptor.core.breaker import CircuitBreakerConfig, Permit
+from otel_raptor.core.classification import Classification
+from otel_raptor.core.classify import ClassifyContext
+from otel_raptor.core.events import ErrorClassified, RecoveryFinished
+from otel_raptor.core.recovery import Outcome, Strategy, default_strategy
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.errors import ConfigError
+from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.classifying import classify as default_classify
+from otel_raptor.runtime.guard import ClassifyFunction, Guard, _is_name, _Recovery
+from otel_raptor.runtime.state import Runtime, get_runtime
+
+__all__ = [
+    "ErrorRecoveryEngine",
+    "RecoveryResult",
+    "ResilientClient",
+    "get_production_error_recovery",
+    "get_resilient_client",
+]
+
+_RETRY_FAMILY = frozenset(
+    {
+        Strategy.RATE_LIMIT_BACKOFF,
+        Strategy.RETRY_WITH_BACKOFF,
+        Strategy.TIMEOUT_ADJUST,
+        Strategy.RECONNECT,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryResult:
+    """How ``handle_error`` ended.
+
+    ``attempts`` counts every attempt, the original failure included (a failure recovered by
+    the first retry reports 2). ``value`` is what the retry or fallback returned;
+    ``error`` the last error when ``success`` is false.
+    """
+
+    success: bool
+    strategy: Strategy
+    attempts: int
+    duration_s: float
+    classification: Classification
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    service: str
+    classification: Classification
+    strategy: Strategy
+    retry_func: Callable[..., Any] | None
+    fallback: Callable[[BaseException], Any] | None
+    refresher: Callable[[], Any] | None
+    reconnect: Callable[[], Any] | None
+    policy: RetryPolicy
+    timeout: float | None
+    replay_safe: bool
+
+
+class ErrorRecoveryEngine:
+    """Recovers from errors that already happened; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy | Mapping[str, Any] | None = None,
+        runtime: Runtime | None = None,
+        classifier: ClassifyFunction | None = None,
+        rnd: Callable[[], float] = random.random,
+    ) -> None:
+        if isinstance(policy, Mapping):
+            policy = RetryPolicy.from_mapping(policy)
+        self.policy = policy if policy is not None else RetryPolicy()
+        self._runtime = runtime if runtime is not None else get_runtime()
+        self._classify: ClassifyFunction = classifier or default_classify
+        self._rnd = rnd
+        self._refreshers: dict[str, Callable[[], Any]] = {}
+
+    def register_auth_refresher(self, service: str, refresher: Callable[[], Any]) -> None:
+        """Make ``refresher`` (sync or async) renew ``service``'s credentials on a 401."""
+        if not callable(refresher):
+            raise ConfigError("auth_refresher", refresher, "a callable taking no argument")
+        self._refreshers[service] = refresher
+
+    async def handle_error(
+        self, error: BaseException, context: Mapping[str, Any] | None = None
+    ) -> RecoveryResult:
+        """Recover from ``error``; awaits async callables, sleeps without blocking the loop."""
+        if not isinstance(error, Exception):
+            raise error  # cancellation is never recovered from, nor swallowed
+        plan = self._plan(error, context)
+        started = self._runtime.clock.monotonic()
+        strategy = plan.strategy
+        if strategy in _RETRY_FAMILY:
+            assert plan.retry_func is not None
+            recovery = _Recovery(started, fixed_strategy=strategy)
+            func, kwargs = self._retry_call(plan)
+            try:
+                value = await self._guard(plan)._recover_async(
+                    error, Permit.CALL, started, _as_async(func), (), kwargs, recovery
+                )
+            except Exception as last:  # noqa: BLE001 - the result carries it
+                return self._result(plan, recovery, started, error=last)
+            return self._result(plan, recovery, started, value=value)
+        if strategy is Strategy.AUTH_REFRESH:
+            assert plan.refresher is not None
+            assert plan.retry_func is not None
+            try:
+                await _maybe_await(plan.refresher())
+                value = await _maybe_await(plan.retry_func())
+            except Exception as last:  # noqa: BLE001
+                return self._single(plan, started, 2, error=last)
+            return self._single(plan, started, 2, value=value)
+        if strategy is Strategy.FAILOVER:
+            assert plan.fallback is not None
+            try:
+                value = await _maybe_await(plan.fallback(error))
+            except Exception as last:  # noqa: BLE001
+                return self._single(plan, started, 1, error=last)
+            return self._single(plan, started, 1, value=value)
+        return self._single(plan, started, 1, error=error)
+
+    def handle_error_sync(
+        self, error: BaseException, context: Mapping[str, Any] | None = None
+    ) -> RecoveryResult:
+        """The synchronous twin of :meth:`handle_error` (callables must be sync)."""
+        if not isinstance(error, Exception):
+            raise error
+        plan = self._plan(error, context)
+        started = self._runtime.clock.monotonic()
+        strategy = plan.strategy
+        if strategy in _RETRY_FAMILY:
+            assert plan.retry_func is not None
+            recovery = _Recovery(started, fixed_strategy=strategy)
+            func, kwargs = self._retry_call(plan)
+            try:
+                value = self._guard(plan)._recover_sync(
+                    error, Permit.CALL, started, func, (), kwargs, recovery
+                )
+            except Exception as last:  # noqa: BLE001
+                return self._result(plan, recovery, started, error=last)
+            return self._result(plan, recovery, started, value=value)
+        if strategy is Strategy.AUTH_REFRESH:
+            assert plan.refresher is not None
+            assert plan.retry_func is not None
+            try:
+                plan.refresher()
+                value = plan.retry_func()
+            except Exception as last:  # noqa: BLE001
+                return self._single(plan, started, 2, error=last)
+            return self._single(plan, started, 2, value=value)
+        if strategy is Strategy.FAILOVER:
+            assert plan.fallback is not None
+            try:
+                value = plan.fallback(error)
+            except Exception as last:  # noqa: BLE001
+                return self._single(plan, started, 1, error=last)
+            return self._single(plan, started, 1, value=value)
+        return self._single(plan, started, 1, error=error)
+
+    # ------------------------------------------------------------------ plan
+
+    def _plan(self, error: Exception, context: Mapping[str, Any] | None) -> _Plan:
+        ctx = dict(context or {})
+        service = self._runtime.service(_str(ctx, "service_name", "default"))
+        critical = _bool(ctx, "critical", False)
+        retry_func = _callable(ctx, "retry_func")
+        fallback = _fallback(_callable(ctx, "fallback_func"))
+        reconnect = _callable(ctx, "reconnect_func")
+        refresher = _callable(ctx, "auth_refresh_func") or self._refreshers.get(service)
+        policy = self.policy
+        if "max_retries" in ctx:
+            max_retries = ctx["max_retries"]
+            if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+                raise ConfigError("context.max_retries", max_retries, "an integer >= 0")
+            policy = replace(policy, max_retries=max_retries)
+        timeout = ctx.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise ConfigError("context.timeout", timeout, "a number of seconds > 0, or None")
+        classification = self._classify(
+            error, context=ClassifyContext(service=service, critical=critical)
+        )
+        self._runtime.bus.publish(ErrorClassified(service, classification, 1))
+        category = classification.category.value
+        strategy = default_strategy(category, retryable=classification.retryable)
+        if strategy in _RETRY_FAMILY:
+            if retry_func is None or policy.max_retries == 0:
+                strategy = Strategy.FAIL_FAST
+            else:
+                candidates: tuple[Strategy, ...] = (strategy,)
+                if strategy is not Strategy.RETRY_WITH_BACKOFF:
+                    candidates = (strategy, Strategy.RETRY_WITH_BACKOFF)
+                strategy = self._runtime.best_strategy(service, category, candidates)
+                if not self._runtime.should_retry(service, category, strategy):
+                    strategy = Strategy.FAIL_FAST
+        elif strategy is Strategy.AUTH_REFRESH and (refresher is None or retry_func is None):
+            strategy = Strategy.FAIL_FAST
+        if strategy is Strategy.FAIL_FAST and fallback is not None:
+            strategy = Strategy.FAILOVER
+        return _Plan(
+            service=service,
+            classification=classification,
+            strategy=strategy,
+            retry_func=retry_func,
+            fallback=fallback,
+            refresher=refresher,
+            reconnect=reconnect,
+            policy=policy,
+            timeout=float(timeout) if timeout is not None else None,
+            replay_safe=_bool(ctx, "idempotent", True),
+        )
+
+    def _guard(self, plan: _Plan) -> Guard:
+        timeout_kwarg = None
+        if plan.strategy is Strategy.TIMEOUT_ADJUST and _takes_timeout(plan.retry_func):
+            timeout_kwarg = "timeout"
+        return Guard(
+            plan.service,
+            retry=plan.policy,
+            breaker=False,
+            fallback=plan.fallback,
+            replay_safe=plan.replay_safe,
+            timeout_kwarg=timeout_kwarg,
+            runtime=self._runtime,
+            classifier=self._classify,
+            rnd=self._rnd,
+        )
+
+    def _retry_call(self, plan: _Plan) -> tuple[Callable[..., Any], dict[str, Any]]:
+        func = plan.retry_func
+        assert func is not None
+        kwargs: dict[str, Any] = {}
+        if plan.strategy is Strategy.TIMEOUT_ADJUST and _takes_timeout(func):
+            kwargs["timeout"] = plan.timeout or plan.policy.attempt_timeout or 30.0
+        reconnect = plan.reconnect
+        if plan.strategy is Strategy.RECONNECT and reconnect is not None:
+            inner = func
+
+            def reconnect_then_retry(*args: Any, **kw: Any) -> Any:
+                if inspect.iscoroutinefunction(inner) or inspect.iscoroutinefunction(reconnect):
+
+                    async def both() -> Any:
+                        await _maybe_await(reconnect())
+                        return await _maybe_await(inner(*args, **kw))
+
+                    return both()
+                reconnect()
+                return inner(*args, **kw)
+
+            func = reconnect_then_retry
+        return func, kwargs
+
+    # ---------------------------------------------------------------- results
+
+    def _result(
+        self,
+        plan: _Plan,
+        recovery: _Recovery,
+        started: float,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+    ) -> RecoveryResult:
+        return RecoveryResult(
+            success=error is None,
+            strategy=recovery.strategy,
+            attempts=recovery.attempts,
+            duration_s=self._runtime.clock.monotonic() - started,
+            classification=recovery.classification or plan.classification,
+            value=value,
+            error=error,
+        )
+
+    def _single(
+        self,
+        plan: _Plan,
+        started: float,
+        attempts: int,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+    ) -> RecoveryResult:
+        """Finish a strategy that runs no retry loop (auth refresh, failover, fail fast)."""
+        success = error is None
+        if plan.strategy is Strategy.FAILOVER:
+            outcome = Outcome.FALLBACK if success else Outcome.FAILED
+        else:
+            outcome = Outcome.RECOVERED if success else Outcome.FAILED
+        runtime = self._runtime
+        category = plan.classification.category.value
+        if plan.strategy is Strategy.AUTH_REFRESH:
+            runtime.record_outcome(plan.service, category, plan.strategy, recovered=success)
+        duration = runtime.clock.monotonic() - started
+        runtime.bus.publish(
+            RecoveryFinished(
+                service=plan.service,
+                strategy=plan.strategy,
+                outcome=outcome,
+                attempts=attempts,
+                duration_s=duration,
+                category=category,
+                give_up_reason="" if success else "not_retryable",
+            )
+        )
+        return RecoveryResult(
+            success=success,
+            strategy=plan.strategy,
+            attempts=attempts,
+            duration_s=duration,
+            classification=plan.classification,
+            value=value,
+            error=error,
+        )
+
+
+class ResilientClient:
+    """Named circuit breakers for code that calls its dependencies by hand.
+
+    ``add_circuit_breaker(name, config)`` returns a breaker with ``await breaker.call(fn, ...)``
+    and ``breaker.call_sync(fn, ...)``; adding a name twice returns the existing breaker
+    (its config must match).
+    """
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self._runtime = runtime if runtime is not None else get_runtime()
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+
+    def add_circuit_breaker(
+        self, name: str, config: CircuitBreakerConfig | Mapping[str, Any] | None = None
+    ) -> CircuitBreaker:
+        if not _is_name(name):
+            raise ConfigError("name", name, "a non-empty string")
+        if isinstance(config, Mapping):
+            config = CircuitBreakerConfig.from_mapping(config)
+        with self._lock:
+            existing = self._breakers.get(name)
+            if existing is not None:
+                if config is not None and config != existing.config:
+                    raise ConfigError(
+                        f"circuit_breakers.{name}", config, "the config it was first added with"
+                    )
+                return existing
+            breaker = self._runtime.breakers.get(name, config)
+            self._breakers[name] = breaker
+            return breaker
+
+    def get_circuit_breaker(self, name: str) -> CircuitBreaker | None:
+        return self._breakers.get(name)
+
+    @property
+    def circuit_breakers(self) -> dict[str, CircuitBreaker]:
+        return dict(self._breakers)
+
+
+_singletons_lock = threading.Lock()
+_engine: ErrorRecoveryEngine | None = None
+_client: ResilientClient | None = None
+
+
+def get_production_error_recovery() -> ErrorRecoveryEngine:
+    """The process-wide recovery engine, with the default policy."""
+    global _engine  # noqa: PLW0603 - a lazily created process-wide singleton
+    with _singletons_lock:
+        if _engine is None:
+            _engine = ErrorRecoveryEngine()
+        return _engine
+
+
+def get_resilient_client() -> ResilientClient:
+    """The process-wide :class:`ResilientClient`."""
+    global _client  # noqa: PLW0603 - a lazily created process-wide singleton
+    with _singletons_lock:
+        if _client is None:
+            _client = ResilientClient()
+        return _client
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _str(ctx: Mapping[str, Any], key: str, default: str) -> str:
+    value = ctx.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"context.{key}", value, "a non-empty string")
+    return value
+
+
+def _bool(ctx: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = ctx.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"context.{key}", value, "True or False")
+    return value
+
+
+def _callable(ctx: Mapping[str, Any], key: str) -> Callable[..., Any] | None:
+    value = ctx.get(key)
+    if value is not None and not callable(value):
+        raise ConfigError(f"context.{key}", value, "a callable or None")
+    return value
+
+
+def _fallback(func: Callable[..., Any] | None) -> Callable[[BaseException], Any] | None:
+    """Accept the seed's zero-argument fallbacks as well as ones that take the error."""
+    if func is None:
+        return None
+    try:
+        inspect.signature(func).bind(None)
+    except TypeError:
+        return lambda _error: func()
+    except ValueError:  # no signature (some builtins): assume it takes the error
+        pass
+    return func
+
+
+def _takes_timeout(func: Callable[..., Any] | None) -> bool:
+    if func is None:
+        return False
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "timeout" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def _as_async(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await _maybe_await(func(*args, **kwargs))
+
+    return call
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value

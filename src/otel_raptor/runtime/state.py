@@ -1,0 +1,164 @@
+"""The process-wide state that guards share: the bus, breakers, retry budgets, the learner."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+
+from otel_raptor.core.budget import RetryBudget
+from otel_raptor.core.learning import LearnerOptions, StrategyLearner
+from otel_raptor.core.recovery import Strategy
+from otel_raptor.runtime.breaker import BreakerRegistry
+from otel_raptor.runtime.bus import EventBus
+from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+
+__all__ = ["OTHER_SERVICE", "RecoveryScope", "Runtime", "get_runtime", "set_runtime"]
+
+#: Opens the scope of one logical call's recovery: called with the service and the monotonic
+#: time the first attempt started, when that attempt has failed; the guard runs the retries
+#: (and publishes their events) inside the returned context manager. Telemetry installs one
+#: that makes a ``raptor.recovery`` span current, so each retry's client span is its child.
+RecoveryScope = Callable[[str, float], ContextManager[None]]
+
+
+def _no_scope(service: str, started: float) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+#: Where services beyond ``max_services`` are folded, to keep metric cardinality bounded.
+OTHER_SERVICE = "other"
+
+
+class Runtime:
+    """Shared resilience state: one per process unless a test builds its own.
+
+    ``max_services`` bounds the distinct service names (breakers, budgets, learner keys and
+    so metric attribute values); names beyond it share the ``other`` service.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        max_services: int = 256,
+        budget_ratio: float = 0.2,
+        budget_min_retries_per_second: float = 10.0,
+        learner: LearnerOptions | None = None,
+    ) -> None:
+        self.clock = clock
+        self.bus = EventBus()
+        self.max_services = max_services
+        self.breakers = BreakerRegistry(clock=clock, sink=self.bus, max_breakers=max_services)
+        self._budget_ratio = budget_ratio
+        self._budget_floor = budget_min_retries_per_second
+        # Built once here so that a bad ratio fails now, not at the first failure.
+        RetryBudget(ratio=budget_ratio, min_retries_per_second=budget_min_retries_per_second)
+        self._services: set[str] = set()
+        self._budgets: dict[str, RetryBudget] = {}
+        self._learner = StrategyLearner(learner or LearnerOptions())
+        self._lock = threading.Lock()
+        self.recovery_scope: RecoveryScope = _no_scope
+        _live_runtimes.add(self)
+
+    def service(self, name: str) -> str:
+        """``name`` itself, or ``other`` once ``max_services`` distinct names are in use."""
+        if name in self._services:
+            return name
+        with self._lock:
+            if name in self._services:
+                return name
+            if len(self._services) >= self.max_services:
+                return OTHER_SERVICE
+            self._services.add(name)
+            return name
+
+    def budget(self, service: str) -> RetryBudget:
+        """The retry budget of ``service`` (created on first use)."""
+        budget = self._budgets.get(service)
+        if budget is None:
+            with self._lock:
+                budget = self._budgets.get(service)
+                if budget is None:
+                    budget = RetryBudget(
+                        ratio=self._budget_ratio,
+                        min_retries_per_second=self._budget_floor,
+                        now=self.clock.monotonic(),
+                    )
+                    self._budgets[service] = budget
+        return budget
+
+    def withdraw_retry(self, service: str) -> bool:
+        """Spend one retry token of ``service``; ``False`` when its budget is exhausted."""
+        budget = self.budget(service)
+        now = self.clock.monotonic()
+        with self._lock:
+            return budget.try_withdraw(now)
+
+    def budget_tokens(self) -> dict[str, float]:
+        """Tokens left per service, for the gauge."""
+        now = self.clock.monotonic()
+        with self._lock:
+            return {name: budget.tokens(now) for name, budget in self._budgets.items()}
+
+    # The learner is consulted and fed on the failure path only.
+    def should_retry(self, service: str, category: str, strategy: Strategy) -> bool:
+        now = self.clock.monotonic()
+        with self._lock:
+            return self._learner.should_retry(service, category, strategy, now=now)
+
+    def best_strategy(
+        self, service: str, category: str, candidates: tuple[Strategy, ...]
+    ) -> Strategy:
+        now = self.clock.monotonic()
+        with self._lock:
+            return self._learner.best_strategy(service, category, candidates, now=now)
+
+    def record_outcome(
+        self, service: str, category: str, strategy: Strategy, *, recovered: bool
+    ) -> None:
+        now = self.clock.monotonic()
+        with self._lock:
+            self._learner.record(service, category, strategy, recovered=recovered, now=now)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+
+_live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+_default: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime (created on first use)."""
+    global _default  # noqa: PLW0603 - the one process-wide default, created lazily
+    runtime = _default
+    if runtime is None:
+        with _default_lock:
+            if _default is None:
+                _default = Runtime()
+            runtime = _default
+    return runtime
+
+
+def set_runtime(runtime: Runtime | None) -> Runtime | None:
+    """Replace the process-wide runtime (tests, or an instrumentor with its own options)."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, runtime
+    return previous
+
+
+def _reinit_after_fork() -> None:
+    global _default_lock  # noqa: PLW0603 - a lock held by a thread that did not fork is dead
+    _default_lock = threading.Lock()
+    for runtime in list(_live_runtimes):
+        runtime._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)

@@ -1,0 +1,706 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from otel_raptor.core.breaker import (
+    ADAPTIVE_ALPHA,
+    BreakerCore,
+    CircuitBreakerConfig,
+    Permit,
+    adaptive_failure_rate_threshold,
+)
+from otel_raptor.core.classification import NON_HEALTH_CATEGORIES, ErrorCategory
+from otel_raptor.core.states import CircuitState, Transition, TransitionReason
+from otel_raptor.errors import ConfigError
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+CALL, PROBE, REJECTED = Permit.CALL, Permit.PROBE, Permit.REJECTED
+TIMEOUT = ErrorCategory.TIMEOUT
+R = TransitionReason
+
+
+def no_jitter() -> float:
+    return 0.5  # 2 * 0.5 - 1 == 0: the open duration is exactly the base
+
+
+def make(rnd: Any = no_jitter, now: float = 0.0, **options: Any) -> BreakerCore:
+    options.setdefault("adaptive_threshold", False)
+    return BreakerCore(CircuitBreakerConfig(**options), now=now, rnd=rnd)
+
+
+def fail(core: BreakerCore, now: float, duration: float = 0.01) -> Transition | None:
+    permit, transition = core.acquire(now)
+    assert transition is None
+    assert permit is CALL
+    return core.on_failure(permit, now, duration, TIMEOUT)
+
+
+def succeed(core: BreakerCore, now: float, duration: float = 0.01) -> Transition | None:
+    permit, transition = core.acquire(now)
+    assert transition is None
+    assert permit is CALL
+    return core.on_success(permit, now, duration)
+
+
+def run(core: BreakerCore, pattern: str, now: float, step: float = 0.0) -> list[Transition]:
+    """Drive CLOSED calls: ``F`` fails, ``S`` succeeds; time advances by ``step`` per call.
+
+    Stops at the first transition (the breaker is then OPEN) and returns it, else ``[]``.
+    """
+    for mark in pattern:
+        transition = fail(core, now) if mark == "F" else succeed(core, now)
+        if transition is not None:
+            return [transition]
+        now += step
+    return []
+
+
+def baseline(core: BreakerCore) -> float | None:
+    return core.baseline_failure_rate  # a call, so that mypy does not narrow it between reads
+
+
+def forced(core: BreakerCore) -> bool:
+    return core.forced_open
+
+
+def trip(core: BreakerCore, now: float) -> Transition:
+    """Open a breaker configured with failure_threshold=1."""
+    transition = fail(core, now)
+    assert transition is not None
+    assert transition.to_state is OPEN
+    return transition
+
+
+# --- CLOSED → OPEN ---------------------------------------------------------------------------
+
+
+def test_trips_on_consecutive_failures() -> None:
+    core = make(failure_threshold=3, minimum_calls=100)
+    assert fail(core, 1.0) is None
+    assert fail(core, 2.0) is None
+    assert core.consecutive_failures == 2
+    assert succeed(core, 3.0) is None  # a success breaks the streak
+    assert core.consecutive_failures == 0
+    assert fail(core, 4.0) is None
+    assert fail(core, 5.0) is None
+    transition = fail(core, 6.0)
+    assert transition == Transition(CLOSED, OPEN, R.CONSECUTIVE_FAILURES, 6.0, 60.0)
+    assert core.state is OPEN
+    assert core.open_until == 66.0
+    assert core.open_for == 60.0
+    assert core.acquire(7.0) == (REJECTED, None)
+    assert core.retry_after(16.0) == 50.0
+
+
+def test_trips_on_failure_rate_only_with_minimum_calls() -> None:
+    core = make(failure_threshold=100, window_size=10, minimum_calls=10)
+    # 9 failures in 9 calls: 100 % failures but below minimum_calls.
+    assert run(core, "FFFFFFFFF", 1.0) == []
+    assert core.state is CLOSED
+    assert run(core, "F", 2.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 2.0, 60.0)]
+
+
+def test_failure_rate_at_threshold_trips_and_below_does_not() -> None:
+    core = make(failure_threshold=100, window_size=10, minimum_calls=10)
+    # 4 failures in 9 calls, then a failure: 5/10 == 0.5 >= 0.5.
+    assert run(core, "SFSFSFSFS", 1.0) == []
+    assert run(core, "F", 2.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 2.0, 60.0)]
+
+    core = make(failure_threshold=100, window_size=10, minimum_calls=10)
+    assert run(core, "SSFSSFSSFSSFSSF" * 4, 1.0) == []  # 4/10 or less in every window
+    assert core.state is CLOSED
+
+
+def test_minimum_calls_above_count_window_acts_as_window_size() -> None:
+    core = make(failure_threshold=100, window_size=5, minimum_calls=20)
+    assert run(core, "SSSS", 1.0) == []
+    assert run(core, "F", 1.0) == []  # 1/5
+    assert run(core, "FF", 1.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 1.0, 60.0)]
+
+
+def test_trips_on_slow_call_rate() -> None:
+    core = make(
+        failure_threshold=100,
+        window_size=4,
+        minimum_calls=4,
+        slow_call_duration=1.0,
+        slow_call_rate_threshold=0.5,
+    )
+    assert succeed(core, 1.0, duration=0.5) is None
+    assert succeed(core, 2.0, duration=1.0) is None  # slow: duration >= slow_call_duration
+    assert succeed(core, 3.0, duration=0.2) is None
+    assert core.snapshot(3.0).window_slow_calls == 1
+    transition = succeed(core, 4.0, duration=3.0)
+    assert transition == Transition(CLOSED, OPEN, R.SLOW_CALL_RATE, 4.0, 60.0)
+
+
+def test_slow_failures_count_for_both_rates() -> None:
+    core = make(
+        failure_threshold=100,
+        window_size=4,
+        minimum_calls=4,
+        failure_rate_threshold=1.0,
+        slow_call_duration=1.0,
+        slow_call_rate_threshold=0.75,
+    )
+    assert run(core, "SSS", 1.0) == []
+    # Slow failures: the failure rate stays below 1.0, the slow rate reaches 0.75.
+    assert fail(core, 2.0, duration=5.0) is None
+    assert fail(core, 2.0, duration=5.0) is None
+    snapshot = core.snapshot(2.0)
+    assert (snapshot.window_calls, snapshot.window_failures, snapshot.window_slow_calls) == (
+        4,
+        2,
+        2,
+    )
+    transition = fail(core, 3.0, duration=5.0)
+    assert transition == Transition(CLOSED, OPEN, R.SLOW_CALL_RATE, 3.0, 60.0)
+
+
+def test_slow_calls_are_off_by_default() -> None:
+    core = make(failure_threshold=100, window_size=4, minimum_calls=4)
+    for i in range(10):
+        assert succeed(core, float(i), duration=1e6) is None
+    assert core.snapshot(10.0).window_slow_calls == 0
+
+
+def test_ignored_categories_never_trip_and_count_as_neither() -> None:
+    core = make(failure_threshold=1, window_size=10, minimum_calls=1)
+    for i in range(20):
+        permit, _ = core.acquire(float(i))
+        assert core.on_failure(permit, float(i), 0.01, ErrorCategory.CLIENT_ERROR) is None
+    assert core.state is CLOSED
+    assert core.consecutive_failures == 0
+    assert core.snapshot(20.0).window_calls == 0
+    assert core.failure_counts == {ErrorCategory.CLIENT_ERROR: 20}
+    assert ErrorCategory.CLIENT_ERROR in NON_HEALTH_CATEGORIES
+    # A counted failure still trips, and shows up in the counts.
+    assert fail(core, 21.0) is not None
+    assert core.failure_counts == {ErrorCategory.CLIENT_ERROR: 20, TIMEOUT: 1}
+
+
+def test_ignored_categories_are_configurable() -> None:
+    core = make(failure_threshold=1, ignored_categories=frozenset({TIMEOUT}))
+    assert fail(core, 1.0) is None  # TIMEOUT ignored now
+    permit, _ = core.acquire(2.0)
+    transition = core.on_failure(permit, 2.0, 0.0, ErrorCategory.CLIENT_ERROR)
+    assert transition is not None
+    assert transition.reason is R.CONSECUTIVE_FAILURES
+
+
+def test_ignored_category_between_failures_does_not_break_the_streak() -> None:
+    core = make(failure_threshold=2)
+    assert fail(core, 1.0) is None
+    permit, _ = core.acquire(1.5)
+    assert core.on_failure(permit, 1.5, 0.0, ErrorCategory.QUERY) is None
+    assert fail(core, 2.0) is not None
+
+
+# --- OPEN → HALF_OPEN → CLOSED / OPEN --------------------------------------------------------
+
+
+def test_open_moves_to_half_open_after_the_timeout() -> None:
+    core = make(failure_threshold=1, recovery_timeout=10.0)
+    trip(core, 100.0)
+    assert core.acquire(109.999) == (REJECTED, None)
+    assert core.retry_after(105.0) == 5.0
+    assert core.retry_after(200.0) == 0.0
+    assert core.state is OPEN  # nothing moves until a call is asked for
+    permit, transition = core.acquire(110.0)
+    assert permit is PROBE
+    assert transition == Transition(OPEN, HALF_OPEN, R.RECOVERY_TIMEOUT_ELAPSED, 110.0)
+    assert core.state is HALF_OPEN
+    assert core.open_until is None
+    assert core.retry_after(110.0) == 0.0
+
+
+def test_half_open_admits_at_most_half_open_max_calls() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0, half_open_max_calls=2)
+    trip(core, 0.0)
+    first, transition = core.acquire(1.0)
+    assert (first, transition is not None) == (PROBE, True)
+    assert core.acquire(1.0) == (PROBE, None)
+    assert core.probes_in_flight == 2
+    assert core.acquire(1.0) == (REJECTED, None)
+    core.release(first)  # cancelled: the slot comes back, nothing counted
+    assert core.probes_in_flight == 1
+    assert core.state is HALF_OPEN
+    assert core.acquire(1.0) == (PROBE, None)
+    assert core.acquire(1.0) == (REJECTED, None)
+
+
+def test_success_threshold_probe_successes_close() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0, success_threshold=3)
+    trip(core, 0.0)
+    for i in range(2):
+        permit, _ = core.acquire(1.0 + i)
+        assert permit is PROBE
+        assert core.on_success(permit, 1.0 + i, 0.01) is None
+        assert core.state is HALF_OPEN
+    permit, _ = core.acquire(3.0)
+    transition = core.on_success(permit, 3.0, 0.01)
+    assert transition == Transition(HALF_OPEN, CLOSED, R.PROBES_SUCCEEDED, 3.0)
+    assert core.state is CLOSED
+    assert core.probes_in_flight == 0
+    # Closing starts from an empty window and no streak.
+    snapshot = core.snapshot(3.0)
+    assert (snapshot.window_calls, snapshot.consecutive_failures) == (0, 0)
+    assert core.acquire(3.0) == (CALL, None)
+
+
+def test_ignored_probe_failure_frees_the_slot_only() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0, success_threshold=2)
+    trip(core, 0.0)
+    permit, _ = core.acquire(1.0)
+    assert core.on_success(permit, 1.0, 0.0) is None
+    permit, _ = core.acquire(2.0)
+    assert core.on_failure(permit, 2.0, 0.0, ErrorCategory.AUTHORIZATION) is None
+    assert core.state is HALF_OPEN
+    assert core.probes_in_flight == 0
+    permit, _ = core.acquire(3.0)
+    transition = core.on_success(permit, 3.0, 0.0)  # the streak of probe successes survived
+    assert transition is not None
+    assert transition.to_state is CLOSED
+
+
+class Sequence:
+    """An ``rnd`` that returns the given values in order."""
+
+    def __init__(self, values: Iterable[float]) -> None:
+        self._values: Iterator[float] = iter(values)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return next(self._values)
+
+
+def probe_fails(core: BreakerCore, now: float) -> Transition:
+    permit, _ = core.acquire(now)
+    assert permit is PROBE
+    transition = core.on_failure(permit, now, 0.0, TIMEOUT)
+    assert transition is not None
+    return transition
+
+
+def test_failed_probes_reopen_with_growing_capped_jittered_duration() -> None:
+    rnd = Sequence([0.5, 0.75, 0.99, 0.0, 0.5, 0.25])
+    core = make(
+        rnd=rnd,
+        failure_threshold=1,
+        recovery_timeout=10.0,
+        recovery_backoff_multiplier=2.0,
+        max_recovery_timeout=35.0,
+        recovery_jitter=0.1,
+        success_threshold=1,
+    )
+    first = trip(core, 0.0)
+    assert first.open_for == 10.0  # base 10, rnd 0.5: no jitter
+    t = probe_fails(core, 10.0)
+    assert t.reason is R.PROBE_FAILED
+    assert (t.from_state, t.to_state) == (HALF_OPEN, OPEN)
+    assert t.open_for == pytest.approx(21.0)  # base 20, +5 % (rnd 0.75)
+    assert core.open_until == pytest.approx(31.0)
+    t = probe_fails(core, 31.0)
+    assert t.open_for == 35.0  # base min(35, 40) = 35, +9.8 % is capped at the maximum
+    t = probe_fails(core, 66.0)
+    assert t.open_for == pytest.approx(31.5)  # base stays 35, -10 % (rnd 0.0)
+    # Closing resets the growth.
+    permit, _ = core.acquire(97.5)
+    assert core.on_success(permit, 97.5, 0.0) is not None
+    assert core.state is CLOSED
+    again = trip(core, 100.0)
+    assert again.open_for == 10.0
+    t = probe_fails(core, 110.0)
+    assert t.open_for == pytest.approx(19.0)  # base 20, -5 % (rnd 0.25)
+    assert rnd.calls == 6
+
+
+def test_open_duration_never_exceeds_the_maximum_with_full_jitter() -> None:
+    core = make(
+        rnd=lambda: 0.999999,
+        failure_threshold=1,
+        recovery_timeout=10.0,
+        max_recovery_timeout=10.0,
+        recovery_jitter=1.0,
+    )
+    assert trip(core, 0.0).open_for == 10.0
+    now = 10.0
+    for _ in range(50):  # growth is capped: no overflow however many probes fail
+        t = probe_fails(core, now)
+        assert t.open_for is not None
+        assert t.open_for <= 10.0
+        now += t.open_for
+
+
+def test_late_results_do_not_count_in_another_state() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0, half_open_max_calls=2)
+    late_call, _ = core.acquire(0.0)
+    trip(core, 0.0)
+    # A call admitted while CLOSED ends after the trip: ignored.
+    assert core.on_failure(late_call, 0.5, 0.0, TIMEOUT) is None
+    assert core.on_success(late_call, 0.5, 0.0) is None
+    probe, _ = core.acquire(1.0)
+    other_probe, _ = core.acquire(1.0)
+    assert core.on_failure(probe, 1.1, 0.0, TIMEOUT) is not None  # reopens
+    # The other probe ends while OPEN: it frees its slot, nothing else.
+    assert core.on_success(other_probe, 1.2, 0.0) is None
+    assert core.state is OPEN
+    assert core.probes_in_flight == 0
+
+
+def test_release_of_a_call_counts_nothing() -> None:
+    core = make(failure_threshold=1)
+    permit, _ = core.acquire(0.0)
+    core.release(permit)
+    assert core.snapshot(0.0).window_calls == 0
+    assert core.state is CLOSED
+
+
+# --- manual control --------------------------------------------------------------------------
+
+
+def test_force_open_holds_until_force_close() -> None:
+    core = make()
+    transition = core.force_open(5.0)
+    assert transition == Transition(CLOSED, OPEN, R.MANUAL_OPEN, 5.0, None)
+    assert forced(core)
+    assert core.force_open(6.0) is None
+    assert core.acquire(1e12) == (REJECTED, None)
+    assert core.retry_after(7.0) is None
+    assert core.open_until is None
+    assert core.open_for is None
+    assert core.health_score(7.0) == 0
+    assert core.force_close(8.0) == Transition(OPEN, CLOSED, R.MANUAL_CLOSE, 8.0)
+    assert not forced(core)
+    assert core.force_close(9.0) is None
+    assert core.acquire(9.0) == (CALL, None)
+
+
+def test_force_open_over_an_automatic_open_and_from_half_open() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0)
+    trip(core, 0.0)
+    assert core.force_open(0.5) == Transition(OPEN, OPEN, R.MANUAL_OPEN, 0.5, None)
+    assert core.acquire(100.0) == (REJECTED, None)
+    core.force_close(100.0)
+    trip(core, 100.0)
+    core.acquire(101.0)
+    assert core.state is HALF_OPEN
+    assert core.force_open(101.5) == Transition(HALF_OPEN, OPEN, R.MANUAL_OPEN, 101.5, None)
+
+
+def test_reset_forgets_everything_learned() -> None:
+    core = make(
+        adaptive_threshold=True,
+        health_check_interval=1.0,
+        window_size=10,
+        minimum_calls=10,
+        failure_threshold=1,
+    )
+    run(core, "S" * 11, 0.0, step=0.5)  # the check at t = 5.0 sees 11 calls
+    assert baseline(core) == 0.0
+    trip(core, 10.0)
+    assert core.reset(11.0) == Transition(OPEN, CLOSED, R.MANUAL_CLOSE, 11.0)
+    assert baseline(core) is None
+    assert core.effective_failure_rate_threshold == 0.5
+    assert core.failure_counts == {}
+    assert core.snapshot(11.0).window_calls == 0
+    assert core.reset(12.0) is None  # already closed
+
+
+def test_force_close_keeps_the_baseline() -> None:
+    core = make(
+        adaptive_threshold=True,
+        health_check_interval=1.0,
+        window_size=10,
+        minimum_calls=10,
+        failure_threshold=1,
+    )
+    run(core, "S" * 11, 0.0, step=0.5)
+    trip(core, 10.0)  # the check at t = 10 folds in 1 failure in 10 calls
+    assert baseline(core) == pytest.approx(ADAPTIVE_ALPHA * 0.1)
+    core.force_close(11.0)
+    assert baseline(core) == pytest.approx(ADAPTIVE_ALPHA * 0.1)
+    assert core.failure_counts == {TIMEOUT: 1}
+
+
+# --- health score and snapshot ---------------------------------------------------------------
+
+
+def test_health_score_values() -> None:
+    core = make(failure_threshold=100, window_size=10, minimum_calls=100)
+    assert core.health_score(0.0) == 100  # empty window
+    run(core, "SSFSSSSFSS", 0.0)
+    assert core.health_score(0.0) == 80
+
+    slow = make(failure_threshold=100, window_size=10, minimum_calls=100, slow_call_duration=1.0)
+    run(slow, "FFSS", 0.0)
+    for _ in range(4):
+        succeed(slow, 0.0, duration=2.0)
+    run(slow, "SS", 0.0)
+    # failure rate 0.2, slow rate 0.4: 100 * 0.8 * (1 - 0.2) = 64
+    assert slow.health_score(0.0) == 64
+
+
+def test_health_score_in_half_open_is_capped_and_open_is_zero() -> None:
+    core = make(failure_threshold=2, recovery_timeout=1.0, window_size=100, minimum_calls=100)
+    run(core, "S" * 18, 0.0)
+    assert run(core, "FF", 0.0)[0].to_state is OPEN
+    assert core.health_score(0.5) == 0
+    core.acquire(1.0)
+    assert core.state is HALF_OPEN
+    # The window (2 failures in 20 calls) says 90; half-open caps it at 50.
+    assert core.health_score(1.0) == 50
+
+
+def test_snapshot() -> None:
+    core = make(failure_threshold=3, recovery_timeout=10.0, window_size=10, minimum_calls=10)
+    run(core, "SFF", 1.0)
+    snap = core.snapshot(1.0)
+    assert snap.state is CLOSED
+    assert not snap.forced_open
+    assert snap.health_score == 33
+    assert snap.effective_failure_rate_threshold == 0.5
+    assert snap.baseline_failure_rate is None
+    assert (snap.window_calls, snap.window_failures, snap.window_slow_calls) == (3, 2, 0)
+    assert snap.consecutive_failures == 2
+    assert snap.probes_in_flight == 0
+    assert dict(snap.failure_counts) == {TIMEOUT: 2}
+    assert snap.open_for is None
+    assert snap.retry_after == 0.0
+    run(core, "F", 2.0)
+    snap = core.snapshot(4.0)
+    assert (snap.state, snap.open_for, snap.retry_after, snap.health_score) == (OPEN, 10.0, 8.0, 0)
+    with pytest.raises(TypeError):
+        snap.failure_counts[TIMEOUT] = 0  # type: ignore[index]
+
+
+# --- time window -----------------------------------------------------------------------------
+
+
+def test_time_window_failures_age_out() -> None:
+    core = make(failure_threshold=100, window="time", window_size=10, minimum_calls=4)
+    run(core, "FFF", 0.0)  # 3 calls: below minimum
+    assert core.state is CLOSED
+    # 20 s later the three failures are gone: one more failure is 1 call, still below minimum.
+    run(core, "SSS", 20.0)
+    assert run(core, "F", 20.0) == []
+    assert core.snapshot(20.0).window_calls == 4
+    assert run(core, "FF", 21.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 21.0, 60.0)]
+
+
+# --- adaptive threshold ----------------------------------------------------------------------
+
+
+def test_adaptive_rule_values() -> None:
+    rule = adaptive_failure_rate_threshold
+    assert rule(0.5, None, 0.1, 0.9) == 0.5
+    assert rule(0.5, 0.0, 0.1, 0.9) == 0.25  # clean: twice as strict at most
+    assert rule(0.5, 0.1, 0.1, 0.9) == pytest.approx(0.3)
+    assert rule(0.5, 0.45, 0.1, 0.9) == 0.9  # noisy: headroom, capped
+    assert rule(0.1, 0.0, 0.15, 0.9) == 0.15  # floor
+    assert rule(1.0, 0.0, 0.1, 0.9) == 0.5
+
+
+def adaptive(**options: Any) -> BreakerCore:
+    options.setdefault("adaptive_threshold", True)
+    return make(
+        failure_threshold=1000,
+        window_size=20,
+        minimum_calls=20,
+        health_check_interval=10.0,
+        **options,
+    )
+
+
+def test_adaptive_does_not_flap_a_service_that_normally_fails_often() -> None:
+    normal = "FSFSFSFSFSFSFSFSFSSS" * 3  # 9 failures in every 20 consecutive calls (45 %)
+    worse = "FFSFFSFSFSFSFSFSFFFS" * 2  # 12 in 20 (60 %)
+
+    learned = adaptive()
+    assert run(learned, normal * 2, 1.0, step=1.0) == []
+    assert baseline(learned) == pytest.approx(0.45)
+    assert learned.effective_failure_rate_threshold == 0.9
+    assert run(learned, worse, 200.0, step=1.0) == []
+    assert learned.state is CLOSED
+
+    fixed = adaptive(adaptive_threshold=False)
+    assert run(fixed, normal * 2, 1.0, step=1.0) == []
+    assert fixed.effective_failure_rate_threshold == 0.5
+    transitions = run(fixed, worse, 200.0, step=1.0)
+    assert [t.reason for t in transitions] == [R.FAILURE_RATE]
+
+
+def test_adaptive_trips_a_normally_clean_service_earlier() -> None:
+    burst = "FSSFSSSFSS" * 4  # 30 % failures, never two in a row
+
+    learned = adaptive()
+    assert run(learned, "S" * 60, 1.0, step=1.0) == []
+    assert baseline(learned) == 0.0
+    assert learned.effective_failure_rate_threshold == 0.25
+    transitions = run(learned, burst, 100.0, step=1.0)
+    assert [t.reason for t in transitions] == [R.FAILURE_RATE]
+
+    fixed = adaptive(adaptive_threshold=False)
+    assert run(fixed, "S" * 60, 1.0, step=1.0) == []
+    assert run(fixed, burst, 100.0, step=1.0) == []
+
+
+def test_adaptive_baseline_is_an_ewma_updated_lazily_each_interval() -> None:
+    core = adaptive()
+    run(core, "S" * 20, 0.0, step=0.1)  # t = 0 .. 1.9: no check before t = 10
+    assert baseline(core) is None
+    run(core, "S", 10.0)
+    assert baseline(core) == 0.0
+    run(core, "SSSSSSSSSF" * 2, 11.0, step=0.1)  # 10 % failures, all before t = 20
+    assert baseline(core) == 0.0
+    run(core, "S", 20.5)  # check: the window holds 2 failures in 20
+    first = ADAPTIVE_ALPHA * 0.1
+    assert baseline(core) == pytest.approx(first)
+    run(core, "S", 25.0)  # no check before t = 30.5
+    assert baseline(core) == pytest.approx(first)
+    run(core, "F", 30.5)  # check, after recording this call: 3 failures in 20
+    second = first + ADAPTIVE_ALPHA * (0.15 - first)
+    assert baseline(core) == pytest.approx(second)
+    assert core.effective_failure_rate_threshold == adaptive_failure_rate_threshold(
+        0.5, baseline(core), 0.1, 0.9
+    )
+
+
+def test_adaptive_needs_minimum_calls_and_closed_state() -> None:
+    core = adaptive()
+    run(core, "S" * 5, 20.0)
+    assert baseline(core) is None  # 5 < minimum_calls
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+def test_defaults_match_the_seed() -> None:
+    config = CircuitBreakerConfig()
+    assert (
+        config.failure_threshold,
+        config.recovery_timeout,
+        config.success_threshold,
+        config.timeout,
+        config.adaptive_threshold,
+        config.health_check_interval,
+    ) == (5, 60.0, 2, 30.0, True, 30.0)
+    assert config.slow_call_duration is None
+    assert config.ignored_categories == NON_HEALTH_CATEGORIES
+    assert config.window == "count"
+    assert (config.window_size, config.minimum_calls, config.half_open_max_calls) == (100, 20, 1)
+
+
+BAD_VALUES: list[tuple[str, object, str]] = [
+    ("failure_threshold", 0, "an integer >= 1"),
+    ("failure_threshold", 2.0, "an integer >= 1"),
+    ("failure_threshold", True, "an integer >= 1"),
+    ("recovery_timeout", -1.0, "a finite number >= 0"),
+    ("recovery_timeout", float("nan"), "a finite number >= 0"),
+    ("recovery_timeout", "60", "a finite number >= 0"),
+    ("success_threshold", 0, "an integer >= 1"),
+    ("timeout", 0.0, "a finite number > 0"),
+    ("timeout", float("inf"), "a finite number > 0"),
+    ("adaptive_threshold", 1, "True or False"),
+    ("health_check_interval", 0, "a finite number > 0"),
+    ("failure_rate_threshold", 0.0, "a number in (0, 1]"),
+    ("failure_rate_threshold", 1.5, "a number in (0, 1]"),
+    ("window", "sliding", "'count' or 'time'"),
+    ("window_size", 0, "an integer in [1, 1000000]"),
+    ("window_size", 1_000_001, "an integer in [1, 1000000]"),
+    ("minimum_calls", 0, "an integer >= 1"),
+    ("slow_call_duration", 0.0, "None (off) or a finite number > 0"),
+    ("slow_call_duration", -2, "None (off) or a finite number > 0"),
+    ("slow_call_rate_threshold", 0.0, "a number in (0, 1]"),
+    ("slow_call_rate_threshold", 1.01, "a number in (0, 1]"),
+    ("half_open_max_calls", 0, "an integer >= 1"),
+    ("max_recovery_timeout", 59.0, "a finite number >= recovery_timeout (60.0)"),
+    ("recovery_backoff_multiplier", 0.5, "a finite number >= 1"),
+    ("recovery_jitter", -0.1, "a number in [0, 1]"),
+    ("recovery_jitter", 1.1, "a number in [0, 1]"),
+    ("adaptive_min_threshold", 0.0, "a number in (0, 1]"),
+    ("adaptive_max_threshold", 0.05, "a number in [adaptive_min_threshold (0.1), 1]"),
+    ("adaptive_max_threshold", 1.5, "a number in [adaptive_min_threshold (0.1), 1]"),
+    ("ignored_categories", {"client_error"}, "a frozenset of ErrorCategory"),
+    ("ignored_categories", frozenset({"client_error"}), "a frozenset of ErrorCategory"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), BAD_VALUES)
+def test_config_validation_names_key_value_and_allowed(
+    field: str, value: object, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        CircuitBreakerConfig(**{field: value})  # type: ignore[arg-type]
+    error = info.value
+    assert error.key == f"breaker.{field}"
+    assert error.value is value
+    assert allowed in error.allowed
+    assert f"breaker.{field}=" in str(error)
+
+
+def test_every_field_has_a_validation_case() -> None:
+    validated = {field for field, _, _ in BAD_VALUES}
+    assert validated == set(CircuitBreakerConfig.__dataclass_fields__)
+
+
+def test_config_accepts_edges() -> None:
+    config = CircuitBreakerConfig(
+        recovery_timeout=0,
+        max_recovery_timeout=0,
+        failure_rate_threshold=1,
+        recovery_jitter=0,
+        recovery_backoff_multiplier=1,
+        adaptive_min_threshold=0.5,
+        adaptive_max_threshold=0.5,
+        slow_call_duration=0.001,
+        ignored_categories=frozenset(),
+        window="time",
+    )
+    assert config.window == "time"
+
+
+def test_from_mapping_accepts_the_seed_shape() -> None:
+    config = CircuitBreakerConfig.from_mapping(
+        {
+            "failure_threshold": 3,
+            "recovery_timeout": 30,
+            "success_threshold": 1,
+            "timeout": 5.0,
+            "adaptive_threshold": False,
+            "health_check_interval": 10.0,
+            "ignored_categories": ["client_error", ErrorCategory.QUERY],
+        }
+    )
+    assert config.failure_threshold == 3
+    assert config.recovery_timeout == 30
+    assert config.adaptive_threshold is False
+    assert config.ignored_categories == frozenset({ErrorCategory.CLIENT_ERROR, ErrorCategory.QUERY})
+    assert CircuitBreakerConfig.from_mapping({}) == CircuitBreakerConfig()
+
+
+def test_from_mapping_rejects_unknown_keys_listing_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        CircuitBreakerConfig.from_mapping({"failure_treshold": 3})
+    assert info.value.key == "breaker.failure_treshold"
+    assert info.value.value == 3
+    assert "failure_threshold" in info.value.allowed
+    assert "recovery_timeout" in info.value.allowed
+    assert "ignored_categories" in info.value.allowed
+
+
+@pytest.mark.parametrize("value", [["no_such_category"], "client_error", 3])
+def test_from_mapping_rejects_bad_categories(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        CircuitBreakerConfig.from_mapping({"ignored_categories": value})
+    assert info.value.key == "breaker.ignored_categories"
+
+
+def test_from_mapping_validates_values() -> None:
+    with pytest.raises(ConfigError) as info:
+        CircuitBreakerConfig.from_mapping({"failure_threshold": "5"})
+    assert info.value.key == "breaker.failure_threshold"

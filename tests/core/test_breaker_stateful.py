@@ -1,0 +1,260 @@
+"""The breaker state machine driven by hypothesis: random calls, outcomes, time and manual
+control, checked against invariants after every step."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from otel_raptor.core.breaker import BreakerCore, CircuitBreakerConfig, Permit
+from otel_raptor.core.classification import NON_HEALTH_CATEGORIES, ErrorCategory
+from otel_raptor.core.states import CircuitState, Transition, TransitionReason
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+R = TransitionReason
+
+configs = st.builds(
+    lambda rt, grow, **kw: CircuitBreakerConfig(
+        recovery_timeout=rt, max_recovery_timeout=rt * grow, **kw
+    ),
+    rt=st.sampled_from([0.0, 1.0, 5.0, 10.0]),
+    grow=st.sampled_from([1.0, 2.0, 5.0]),
+    failure_threshold=st.integers(1, 4),
+    success_threshold=st.integers(1, 3),
+    half_open_max_calls=st.integers(1, 3),
+    window=st.sampled_from(["count", "time"]),
+    window_size=st.integers(1, 10),
+    minimum_calls=st.integers(1, 10),
+    failure_rate_threshold=st.sampled_from([0.3, 0.5, 1.0]),
+    slow_call_duration=st.sampled_from([None, 1.0]),
+    slow_call_rate_threshold=st.sampled_from([0.5, 1.0]),
+    recovery_backoff_multiplier=st.sampled_from([1.0, 2.0, 3.0]),
+    recovery_jitter=st.sampled_from([0.0, 0.1, 1.0]),
+    adaptive_threshold=st.booleans(),
+    health_check_interval=st.sampled_from([1.0, 5.0]),
+)
+categories = st.sampled_from(
+    [ErrorCategory.TIMEOUT, ErrorCategory.SERVER_ERROR, ErrorCategory.CLIENT_ERROR]
+)
+
+
+class BreakerMachine(RuleBasedStateMachine):
+    core: BreakerCore
+    config: CircuitBreakerConfig
+
+    @initialize(config=configs, seed=st.integers(0, 2**32 - 1))
+    def start(self, config: CircuitBreakerConfig, seed: int) -> None:
+        self.config = config
+        self.now = 0.0
+        self.core = BreakerCore(config, now=self.now, rnd=random.Random(seed).random)
+        self.outstanding: list[Permit] = []
+        self.probe_successes = 0  # successes of probes while HALF_OPEN since entering it
+
+    def check_transition(
+        self, transition: Transition | None, before: CircuitState, before_forced: bool
+    ) -> None:
+        after = self.core.state
+        if transition is None:
+            assert after is before
+            assert self.core.forced_open == before_forced
+            return
+        assert transition.from_state is before
+        assert transition.to_state is after
+        assert transition.at == self.now
+        if after is HALF_OPEN:
+            self.probe_successes = 0
+        if after is OPEN and transition.reason is not R.MANUAL_OPEN:
+            assert transition.open_for is not None
+            assert 0.0 <= transition.open_for <= self.config.max_recovery_timeout
+        else:
+            assert transition.open_for is None
+
+    # --- rules --------------------------------------------------------------------------
+
+    @rule()
+    def acquire(self) -> None:
+        core = self.core
+        before, forced = core.state, core.forced_open
+        open_until = core.open_until
+        in_flight = core.probes_in_flight
+        cap = self.config.half_open_max_calls
+        permit, transition = core.acquire(self.now)
+        self.check_transition(transition, before, forced)
+        if transition is not None:
+            assert before is OPEN
+            assert transition.reason is R.RECOVERY_TIMEOUT_ELAPSED
+        if permit is Permit.REJECTED:
+            # Rejected only when open (and not yet due) or half-open with every slot taken.
+            due = before is OPEN and not forced and open_until is not None
+            due = due and self.now >= open_until  # type: ignore[operator]
+            assert (before is OPEN and not due) or in_flight >= cap
+            assert core.state is not CLOSED
+        elif permit is Permit.PROBE:
+            assert core.state is HALF_OPEN
+            assert in_flight < cap
+            self.outstanding.append(permit)
+        else:
+            assert before is CLOSED
+            self.outstanding.append(permit)
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data(), duration=st.sampled_from([0.0, 0.5, 2.0]))
+    def succeed(self, data: st.DataObject, duration: float) -> None:
+        index = data.draw(st.integers(0, len(self.outstanding) - 1))
+        permit = self.outstanding.pop(index)
+        before, forced = self.core.state, self.core.forced_open
+        transition = self.core.on_success(permit, self.now, duration)
+        self.check_transition(transition, before, forced)
+        if permit is Permit.PROBE and before is HALF_OPEN:
+            self.probe_successes += 1
+            if self.probe_successes >= self.config.success_threshold:
+                assert transition is not None
+                assert transition.reason is R.PROBES_SUCCEEDED
+                assert self.core.state is CLOSED
+            else:
+                assert self.core.state is HALF_OPEN
+        elif transition is not None:
+            assert before is CLOSED
+            assert permit is Permit.CALL
+            assert transition.reason is R.SLOW_CALL_RATE
+            assert duration >= 1.0
+
+    @precondition(lambda self: self.outstanding)
+    @rule(
+        data=st.data(),
+        duration=st.sampled_from([0.0, 2.0]),
+        category=categories,
+    )
+    def fail(self, data: st.DataObject, duration: float, category: ErrorCategory) -> None:
+        index = data.draw(st.integers(0, len(self.outstanding) - 1))
+        permit = self.outstanding.pop(index)
+        before, forced = self.core.state, self.core.forced_open
+        transition = self.core.on_failure(permit, self.now, duration, category)
+        self.check_transition(transition, before, forced)
+        if category in NON_HEALTH_CATEGORIES:
+            assert transition is None
+        elif permit is Permit.PROBE and before is HALF_OPEN:
+            assert transition is not None
+            assert transition.reason is R.PROBE_FAILED
+        elif transition is not None:
+            assert before is CLOSED
+            assert permit is Permit.CALL
+            assert transition.reason in (
+                R.CONSECUTIVE_FAILURES,
+                R.FAILURE_RATE,
+                R.SLOW_CALL_RATE,
+            )
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(self.outstanding) - 1))
+        permit = self.outstanding.pop(index)
+        before = self.core.state
+        self.core.release(permit)
+        assert self.core.state is before
+
+    @rule(dt=st.sampled_from([0.0, 0.3, 1.0, 4.0, 30.0, 1000.0]))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def force_open(self) -> None:
+        before, forced = self.core.state, self.core.forced_open
+        transition = self.core.force_open(self.now)
+        self.check_transition(transition, before, forced)
+        assert (transition is None) == forced
+        assert self.core.state is OPEN
+        assert self.core.retry_after(self.now) is None
+
+    @rule()
+    def force_close(self) -> None:
+        before, forced = self.core.state, self.core.forced_open
+        transition = self.core.force_close(self.now)
+        self.check_transition(transition, before, forced)
+        assert self.core.state is CLOSED
+
+    @rule()
+    def reset(self) -> None:
+        before, forced = self.core.state, self.core.forced_open
+        transition = self.core.reset(self.now)
+        self.check_transition(transition, before, forced)
+        assert self.core.state is CLOSED
+        assert self.core.failure_counts == {}
+
+    # --- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def probes_are_capped_and_exact(self) -> None:
+        in_flight = self.core.probes_in_flight
+        assert 0 <= in_flight <= self.config.half_open_max_calls
+        assert in_flight == sum(1 for p in self.outstanding if p is Permit.PROBE)
+
+    @invariant()
+    def state_is_legal(self) -> None:
+        core = self.core
+        assert core.state in (CLOSED, OPEN, HALF_OPEN)
+        if core.forced_open:
+            assert core.state is OPEN
+        if core.state is CLOSED:
+            assert core.consecutive_failures < self.config.failure_threshold
+
+    @invariant()
+    def health_is_bounded(self) -> None:
+        health = self.core.health_score(self.now)
+        assert 0 <= health <= 100
+        if self.core.state is OPEN:
+            assert health == 0
+        elif self.core.state is HALF_OPEN:
+            assert health <= 50
+
+    @invariant()
+    def open_duration_is_bounded(self) -> None:
+        core = self.core
+        open_for = core.open_for
+        if core.state is OPEN and not core.forced_open:
+            assert open_for is not None
+            assert 0.0 <= open_for <= self.config.max_recovery_timeout
+            retry_after = core.retry_after(self.now)
+            assert retry_after is not None
+            assert 0.0 <= retry_after <= open_for
+        else:
+            assert open_for is None
+
+    @invariant()
+    def threshold_is_bounded(self) -> None:
+        threshold = self.core.effective_failure_rate_threshold
+        config = self.config
+        if self.core.baseline_failure_rate is None:
+            assert threshold == config.failure_rate_threshold
+        else:
+            assert config.adaptive_threshold
+            assert config.adaptive_min_threshold <= threshold <= config.adaptive_max_threshold
+
+    @invariant()
+    def snapshot_agrees(self) -> None:
+        snap = self.core.snapshot(self.now)
+        assert snap.state is self.core.state
+        assert snap.probes_in_flight == self.core.probes_in_flight
+        assert 0 <= snap.window_failures <= snap.window_calls
+        assert 0 <= snap.window_slow_calls <= snap.window_calls
+        if self.config.window == "count":
+            assert snap.window_calls <= self.config.window_size
+
+
+BreakerMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestBreakerMachine = BreakerMachine.TestCase

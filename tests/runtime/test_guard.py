@@ -1,0 +1,443 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from otel_raptor import (
+    BreakerTransitioned,
+    CallRejected,
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    CircuitState,
+    Classification,
+    ConfigError,
+    ErrorCategory,
+    ErrorClassified,
+    Event,
+    Guard,
+    Outcome,
+    RecoveryFinished,
+    RetryBudgetExhausted,
+    RetryPolicy,
+    RetryScheduled,
+    Runtime,
+    Severity,
+    Strategy,
+    resilient,
+)
+from otel_raptor.core.learning import LearnerOptions
+from otel_raptor.runtime import safety
+from tests.support.clock import FakeClock
+
+
+@pytest.fixture
+def runtime(clock: FakeClock) -> Runtime:
+    return Runtime(clock=clock)
+
+
+@pytest.fixture
+def events(runtime: Runtime) -> list[Event]:
+    seen: list[Event] = []
+    runtime.bus.subscribe(seen.append)
+    return seen
+
+
+class Flaky:
+    """Fails with the given errors, in order, then returns ``value``."""
+
+    def __init__(self, *errors: BaseException, value: object = "ok") -> None:
+        self.errors = list(errors)
+        self.value = value
+        self.calls = 0
+        self.kwargs: list[dict[str, Any]] = []
+
+    def __call__(self, **kwargs: Any) -> object:
+        self.calls += 1
+        self.kwargs.append(kwargs)
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.value
+
+
+def of(events: list[Event], kind: type) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_success_returns_the_same_object_and_publishes_nothing(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    value = object()
+    guard = Guard("svc", runtime=runtime)
+    assert guard.call(lambda: value) is value
+    assert events == []
+
+
+def test_transient_connection_errors_are_retried_with_backoff(
+    runtime: Runtime, events: list[Event], clock: FakeClock
+) -> None:
+    flaky = Flaky(ConnectionRefusedError(111, "refused"), ConnectionResetError(104, "reset"))
+    guard = Guard("svc", runtime=runtime, rnd=lambda: 1.0)
+    assert guard.call(flaky) == "ok"
+    assert flaky.calls == 3
+    # full jitter with rnd=1.0 gives the whole exponential delay: 1 s, then 2 s
+    assert clock.sleeps == [1.0, 2.0]
+    scheduled = of(events, RetryScheduled)
+    assert [(e.attempt, e.delay_s) for e in scheduled] == [(1, 1.0), (2, 2.0)]
+    assert all(e.classification.category is ErrorCategory.CONNECTION for e in scheduled)
+    (finished,) = of(events, RecoveryFinished)
+    assert finished.outcome is Outcome.RECOVERED
+    assert finished.strategy is Strategy.RECONNECT
+    assert finished.attempts == 3
+    assert finished.duration_s == pytest.approx(3.0)
+
+
+def test_exhausted_retries_reraise_the_last_error_unchained(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    errors = [TimeoutError(f"t{i}") for i in range(4)]
+    flaky = Flaky(*errors)
+    guard = Guard("svc", retry=RetryPolicy(max_retries=3, base_delay=0.1), runtime=runtime)
+    with pytest.raises(TimeoutError) as caught:
+        guard.call(flaky)
+    assert caught.value is errors[-1]
+    assert caught.value.__context__ is None  # the earlier attempts are not chained onto it
+    assert flaky.calls == 4
+    (finished,) = of(events, RecoveryFinished)
+    assert (finished.outcome, finished.give_up_reason) == (Outcome.FAILED, "attempts_exhausted")
+    assert len(of(events, ErrorClassified)) == 4
+
+
+def test_non_retryable_errors_fail_fast(runtime: Runtime, events: list[Event]) -> None:
+    error = ValueError("bad input")
+    flaky = Flaky(error)
+    with pytest.raises(ValueError, match="bad input") as caught:
+        Guard("svc", runtime=runtime).call(flaky)
+    assert caught.value is error
+    assert flaky.calls == 1
+    (finished,) = of(events, RecoveryFinished)
+    assert finished.strategy is Strategy.FAIL_FAST
+    assert finished.give_up_reason == "not_retryable"
+
+
+def test_operations_that_are_not_replay_safe_are_never_repeated(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    flaky = Flaky(ConnectionResetError(104, "reset"))
+    with pytest.raises(ConnectionResetError):
+        Guard("svc", replay_safe=False, runtime=runtime).call(flaky)
+    assert flaky.calls == 1
+    assert of(events, RecoveryFinished)[0].give_up_reason == "not_replay_safe"
+
+
+def rate_limited(exc: BaseException, *, context: Any = None) -> Classification:
+    return Classification(
+        category=ErrorCategory.RATE_LIMIT,
+        severity=Severity.MEDIUM,
+        retryable=True,
+        error_type="429",
+        retry_after=7.0,
+    )
+
+
+def test_retry_after_is_never_violated(runtime: Runtime, clock: FakeClock) -> None:
+    flaky = Flaky(RuntimeError("429"))
+    guard = Guard("svc", runtime=runtime, classifier=rate_limited, rnd=lambda: 0.0)
+    assert guard.call(flaky) == "ok"
+    assert clock.sleeps == [7.0]
+
+
+def test_retry_after_beyond_the_deadline_gives_up_at_once(
+    runtime: Runtime, clock: FakeClock, events: list[Event]
+) -> None:
+    flaky = Flaky(RuntimeError("429"))
+    guard = Guard(
+        "svc",
+        retry=RetryPolicy(deadline=5.0),
+        runtime=runtime,
+        classifier=rate_limited,
+    )
+    with pytest.raises(RuntimeError):
+        guard.call(flaky)
+    assert clock.sleeps == []
+    assert of(events, RecoveryFinished)[0].give_up_reason == "retry_after_beyond_deadline"
+
+
+def test_the_retry_budget_stops_a_retry_storm(clock: FakeClock) -> None:
+    runtime = Runtime(
+        clock=clock,
+        budget_ratio=0.1,
+        budget_min_retries_per_second=0.0001,
+        learner=LearnerOptions(min_samples=1e6),  # keep the learner out of this test
+    )
+    seen: list[Event] = []
+    runtime.bus.subscribe(seen.append)
+    guard = Guard(
+        "storm", retry=RetryPolicy(max_retries=1, base_delay=0.0), breaker=False, runtime=runtime
+    )
+    for _ in range(100):
+        guard.call(lambda: None)  # 100 calls deposit 10 retry tokens
+    failures = 0
+    for _ in range(50):
+        with pytest.raises(ConnectionResetError):
+            guard.call(Flaky(*[ConnectionResetError(104, "x")] * 2))
+        failures += 1
+    retries = len(of(seen, RetryScheduled))
+    exhausted = len(of(seen, RetryBudgetExhausted))
+    assert retries + exhausted == failures
+    # 150 logical calls at 10 % earn 15 retries; time stands still, so the floor adds none
+    assert 13 <= retries <= 15
+    budget_outcomes = [
+        e for e in of(seen, RecoveryFinished) if e.outcome is Outcome.BUDGET_EXHAUSTED
+    ]
+    assert len(budget_outcomes) == exhausted
+
+
+def test_the_breaker_opens_fails_fast_and_closes_again(
+    runtime: Runtime, events: list[Event], clock: FakeClock
+) -> None:
+    config = CircuitBreakerConfig(
+        failure_threshold=3, recovery_timeout=10.0, success_threshold=1, recovery_jitter=0.0
+    )
+    guard = Guard("db", retry=False, breaker=config, runtime=runtime)
+    for _ in range(3):
+        with pytest.raises(ConnectionRefusedError):
+            guard.call(Flaky(ConnectionRefusedError(111, "refused")))
+    assert guard.breaker is not None
+    assert guard.breaker.state is CircuitState.OPEN
+    never = Flaky()
+    with pytest.raises(CircuitOpenError) as caught:
+        guard.call(never)
+    assert never.calls == 0
+    assert caught.value.breaker == "db"
+    assert caught.value.retry_after == pytest.approx(10.0)
+    assert len(of(events, CallRejected)) == 1
+    clock.advance(10.0)
+    assert guard.call(lambda: "probe") == "probe"
+    assert guard.breaker.state is CircuitState.CLOSED
+    moves = [(e.from_state, e.to_state) for e in of(events, BreakerTransitioned)]
+    assert moves == [
+        (CircuitState.CLOSED, CircuitState.OPEN),
+        (CircuitState.OPEN, CircuitState.HALF_OPEN),
+        (CircuitState.HALF_OPEN, CircuitState.CLOSED),
+    ]
+
+
+def test_a_fallback_answers_for_an_open_breaker_and_for_exhausted_retries(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    seen: list[BaseException] = []
+
+    def fallback(error: BaseException) -> str:
+        seen.append(error)
+        return "cached"
+
+    guard = Guard(
+        "api",
+        retry=False,
+        fallback=fallback,
+        runtime=runtime,
+        breaker=CircuitBreakerConfig(failure_threshold=1),
+    )
+    assert guard.call(Flaky(ConnectionResetError(104, "x"))) == "cached"
+    assert guard.call(Flaky()) == "cached"  # now rejected by the open breaker
+    assert isinstance(seen[0], ConnectionResetError)
+    assert isinstance(seen[1], CircuitOpenError)
+    outcomes = [(e.strategy, e.outcome) for e in of(events, RecoveryFinished)]
+    assert outcomes == [(Strategy.FAILOVER, Outcome.FALLBACK)] * 2
+
+
+def test_a_breaker_that_opens_during_retries_surfaces_the_apps_error(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    error = ConnectionRefusedError(111, "refused")
+    flaky = Flaky(*[error] * 5)
+    guard = Guard(
+        "svc",
+        retry=RetryPolicy(max_retries=4, base_delay=0.0),
+        runtime=runtime,
+        breaker=CircuitBreakerConfig(failure_threshold=2),
+    )
+    with pytest.raises(ConnectionRefusedError) as caught:
+        guard.call(flaky)
+    assert caught.value is error
+    assert flaky.calls == 2
+    (finished,) = of(events, RecoveryFinished)
+    assert (finished.outcome, finished.give_up_reason) == (Outcome.REJECTED, "breaker_rejected")
+
+
+def test_a_bug_in_our_code_never_changes_the_apps_error(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    safety._reset_for_tests()
+
+    def broken(exc: BaseException, *, context: Any = None) -> Classification:
+        raise KeyError("our bug")
+
+    error = ConnectionResetError(104, "reset")
+    flaky = Flaky(error)
+    with (
+        caplog.at_level(logging.WARNING, logger="otel_raptor"),
+        pytest.raises(ConnectionResetError) as caught,
+    ):
+        Guard("svc", runtime=runtime, classifier=broken).call(flaky)
+    assert caught.value is error
+    assert flaky.calls == 1
+    assert "guard.after_failure" in caplog.text
+
+
+def test_keyboard_interrupt_is_neither_retried_nor_counted(runtime: Runtime) -> None:
+    guard = Guard("svc", runtime=runtime, breaker=CircuitBreakerConfig(failure_threshold=1))
+    flaky = Flaky(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        guard.call(flaky)
+    assert flaky.calls == 1
+    assert guard.breaker is not None
+    assert guard.breaker.state is CircuitState.CLOSED
+
+
+def test_learning_stops_spending_retries_on_a_category_that_never_recovers(
+    clock: FakeClock,
+) -> None:
+    runtime = Runtime(
+        clock=clock, learner=LearnerOptions(min_samples=5, probe_every=4, probe_after_s=1e9)
+    )
+    seen: list[Event] = []
+    runtime.bus.subscribe(seen.append)
+    guard = Guard(
+        "dead", retry=RetryPolicy(max_retries=1, base_delay=0.0), breaker=False, runtime=runtime
+    )
+    calls = []
+    for _ in range(17):
+        flaky = Flaky(*[ConnectionResetError(104, "x")] * 2)
+        with pytest.raises(ConnectionResetError):
+            guard.call(flaky)
+        calls.append(flaky.calls)
+    # five real tries teach it; then three refusals and a probe, repeated
+    assert calls[:5] == [2] * 5
+    assert calls[5:] == [1, 1, 1, 2] * 3
+    reasons = [e.give_up_reason for e in of(seen, RecoveryFinished)]
+    assert reasons.count("learned_futile") == 9
+
+
+def test_timeout_kwarg_is_filled_and_lengthened_after_a_timeout(runtime: Runtime) -> None:
+    flaky = Flaky(TimeoutError("slow"), TimeoutError("slow"))
+    guard = Guard(
+        "svc",
+        retry=RetryPolicy(attempt_timeout=2.0, base_delay=0.0),
+        timeout_kwarg="timeout",
+        runtime=runtime,
+    )
+    assert guard.call(flaky) == "ok"
+    timeouts = [kw["timeout"] for kw in flaky.kwargs]
+    assert timeouts[0] == 2.0
+    assert timeouts[0] < timeouts[1] < timeouts[2]
+
+
+def test_invalid_arguments_are_named() -> None:
+    with pytest.raises(ConfigError, match="service"):
+        Guard("")
+    with pytest.raises(ConfigError, match=r"retry\.max_retries"):
+        Guard("svc", retry=-1)
+    with pytest.raises(ConfigError, match=r"breaker\.failure_threshold"):
+        Guard("svc", breaker={"failure_threshold": 0})
+    with pytest.raises(ConfigError, match="fallback"):
+        Guard("svc", fallback="not callable")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- async
+
+
+async def test_async_calls_retry_without_blocking_and_return_the_value(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    attempts = 0
+
+    async def fetch() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise ConnectionResetError(104, "reset")
+        return "body"
+
+    guard = Guard("svc", runtime=runtime, rnd=lambda: 0.5)
+    assert await guard.call_async(fetch) == "body"
+    assert clock.sleeps == [0.5, 1.0]
+
+
+async def test_cancellation_propagates_at_once_and_is_not_a_failure(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    guard = Guard("svc", runtime=runtime, breaker=CircuitBreakerConfig(failure_threshold=1))
+    task = asyncio.ensure_future(guard.call_async(slow))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert guard.breaker is not None
+    assert guard.breaker.state is CircuitState.CLOSED
+    assert of(events, RetryScheduled) == []
+    assert of(events, RecoveryFinished) == []
+
+
+async def test_async_per_attempt_timeout_is_retried_as_a_timeout() -> None:
+    runtime = Runtime()  # real clock: wait_for needs real time to pass
+    attempts = 0
+
+    async def sometimes_hangs() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await asyncio.sleep(5)
+        return "fast"
+
+    guard = Guard("svc", retry=RetryPolicy(attempt_timeout=0.05, base_delay=0.0), runtime=runtime)
+    assert await guard.call_async(sometimes_hangs) == "fast"
+    assert attempts == 2
+
+
+# ----------------------------------------------------------------- decorator
+
+
+def test_resilient_decorates_sync_functions(runtime: Runtime, clock: FakeClock) -> None:
+    flaky = Flaky(ConnectionResetError(104, "reset"), value=41)
+
+    @resilient(service="inventory", runtime=runtime)
+    def lookup(item: str) -> int:
+        return int(flaky()) + len(item)  # type: ignore[call-overload]
+
+    assert lookup("a") == 42
+    assert lookup.__name__ == "lookup"
+    assert lookup.guard.service == "inventory"  # type: ignore[attr-defined]
+    assert len(clock.sleeps) == 1
+
+
+async def test_resilient_decorates_coroutine_functions(runtime: Runtime) -> None:
+    calls = 0
+
+    @resilient(runtime=runtime, retry=2)
+    async def fetch() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError(104, "reset")
+        return "ok"
+
+    assert asyncio.iscoroutinefunction(fetch)
+    assert await fetch() == "ok"
+    assert fetch.guard.service.endswith("fetch")  # type: ignore[attr-defined]
+
+
+def test_resilient_rejects_bad_config_when_decorating() -> None:
+    with pytest.raises(ConfigError, match=r"retry\.base_delay"):
+
+        @resilient(retry={"base_delay": -1})
+        def never() -> None: ...

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from otel_raptor import (
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    CircuitState,
+    ConfigError,
+    ErrorCategory,
+    ErrorRecoveryEngine,
+    Event,
+    Outcome,
+    RecoveryFinished,
+    ResilientClient,
+    RetryPolicy,
+    Runtime,
+    Strategy,
+    get_production_error_recovery,
+    get_resilient_client,
+)
+from otel_raptor.core.learning import LearnerOptions
+from tests.support.clock import FakeClock
+
+
+@pytest.fixture
+def runtime(clock: FakeClock) -> Runtime:
+    return Runtime(clock=clock)
+
+
+@pytest.fixture
+def engine(runtime: Runtime) -> ErrorRecoveryEngine:
+    return ErrorRecoveryEngine(runtime=runtime, rnd=lambda: 0.5)
+
+
+def finished(runtime: Runtime) -> list[RecoveryFinished]:
+    seen: list[Event] = []
+    runtime.bus.subscribe(seen.append)
+    return seen  # type: ignore[return-value]
+
+
+class Sequence:
+    def __init__(self, *outcomes: object) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, **kwargs: Any) -> object:
+        self.calls.append(kwargs)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+async def test_retry_func_recovers_a_connection_error(
+    engine: ErrorRecoveryEngine, clock: FakeClock
+) -> None:
+    retry = Sequence(ConnectionResetError(104, "again"), "value")
+    result = await engine.handle_error(
+        ConnectionRefusedError(111, "refused"),
+        {"service_name": "orders", "retry_func": retry},
+    )
+    assert result.success
+    assert result.value == "value"
+    assert result.strategy is Strategy.RECONNECT
+    assert result.attempts == 3  # the original failure and two retries
+    assert result.classification.category is ErrorCategory.CONNECTION
+    assert result.duration_s == pytest.approx(sum(clock.sleeps))
+    assert len(retry.calls) == 2
+
+
+def test_sync_twin_and_max_retries_from_the_context(engine: ErrorRecoveryEngine) -> None:
+    last = ConnectionResetError(104, "still down")
+    retry = Sequence(ConnectionResetError(104, "down"), last)
+    result = engine.handle_error_sync(
+        ConnectionResetError(104, "down"), {"retry_func": retry, "max_retries": 2}
+    )
+    assert not result.success
+    assert result.error is last
+    assert result.attempts == 3
+
+
+def test_reconnect_func_runs_before_each_retry(engine: ErrorRecoveryEngine) -> None:
+    order: list[str] = []
+
+    def reconnect() -> None:
+        order.append("reconnect")
+
+    def retry() -> str:
+        order.append("retry")
+        return "ok"
+
+    result = engine.handle_error_sync(
+        ConnectionResetError(104, "x"), {"retry_func": retry, "reconnect_func": reconnect}
+    )
+    assert result.success
+    assert order == ["reconnect", "retry"]
+
+
+def test_timeout_adjust_retries_with_a_longer_timeout(engine: ErrorRecoveryEngine) -> None:
+    retry = Sequence(TimeoutError("slow"), "ok")
+    result = engine.handle_error_sync(TimeoutError("slow"), {"retry_func": retry, "timeout": 2.0})
+    assert result.success
+    assert result.strategy is Strategy.TIMEOUT_ADJUST
+    timeouts = [call["timeout"] for call in retry.calls]
+    assert timeouts[0] > 2.0
+    assert timeouts[1] > timeouts[0]
+
+
+def test_non_retryable_errors_fail_fast_or_fail_over(engine: ErrorRecoveryEngine) -> None:
+    error = ValueError("bad")
+    result = engine.handle_error_sync(error, {"retry_func": Sequence("never")})
+    assert (result.success, result.strategy, result.error) == (False, Strategy.FAIL_FAST, error)
+
+    result = engine.handle_error_sync(error, {"fallback_func": lambda: "default"})
+    assert (result.success, result.strategy, result.value) == (True, Strategy.FAILOVER, "default")
+
+    result = engine.handle_error_sync(error, {"fallback_func": lambda e: f"saw {e}"})
+    assert result.value == "saw bad"
+
+
+async def test_exhausted_retries_fail_over_when_a_fallback_exists(
+    runtime: Runtime, engine: ErrorRecoveryEngine
+) -> None:
+    seen = finished(runtime)
+    retry = Sequence(*[ConnectionResetError(104, "x")] * 3)
+
+    async def fallback(error: BaseException) -> str:
+        return "stale"
+
+    result = await engine.handle_error(
+        ConnectionResetError(104, "x"), {"retry_func": retry, "fallback_func": fallback}
+    )
+    assert (result.success, result.strategy, result.value) == (True, Strategy.FAILOVER, "stale")
+    outcomes = [(e.strategy, e.outcome) for e in seen if isinstance(e, RecoveryFinished)]
+    assert outcomes == [(Strategy.FAILOVER, Outcome.FALLBACK)]
+
+
+async def test_auth_refresh_calls_the_refresher_then_retries_once(
+    engine: ErrorRecoveryEngine,
+) -> None:
+    from otel_raptor import Classification, Severity
+
+    refreshed: list[bool] = []
+    engine.register_auth_refresher("billing", lambda: refreshed.append(True))
+
+    def unauthorized(exc: BaseException, *, context: Any = None) -> Classification:
+        return Classification(ErrorCategory.AUTHENTICATION, Severity.HIGH, False, "401")
+
+    engine._classify = unauthorized
+    result = await engine.handle_error(
+        PermissionError("401"), {"service_name": "billing", "retry_func": lambda: "fresh"}
+    )
+    assert (result.success, result.strategy, result.value) == (True, Strategy.AUTH_REFRESH, "fresh")
+    assert refreshed == [True]
+    result = await engine.handle_error(
+        PermissionError("401"), {"service_name": "other", "retry_func": lambda: "fresh"}
+    )
+    assert result.strategy is Strategy.FAIL_FAST  # no refresher for that service
+
+
+def test_the_learner_prefers_the_strategy_that_recovers(clock: FakeClock) -> None:
+    runtime = Runtime(clock=clock, learner=LearnerOptions(min_samples=3))
+    engine = ErrorRecoveryEngine(runtime=runtime, policy=RetryPolicy(max_retries=1, base_delay=0))
+    for _ in range(4):
+        runtime.record_outcome("s", "timeout", Strategy.TIMEOUT_ADJUST, recovered=False)
+        runtime.record_outcome("s", "timeout", Strategy.RETRY_WITH_BACKOFF, recovered=True)
+    result = engine.handle_error_sync(
+        TimeoutError("slow"), {"service_name": "s", "retry_func": lambda: "ok"}
+    )
+    assert result.strategy is Strategy.RETRY_WITH_BACKOFF
+
+
+def test_context_values_are_validated(engine: ErrorRecoveryEngine) -> None:
+    with pytest.raises(ConfigError, match=r"context\.max_retries"):
+        engine.handle_error_sync(TimeoutError(), {"max_retries": "3"})
+    with pytest.raises(ConfigError, match=r"retry\.max_retries"):
+        engine.handle_error_sync(TimeoutError(), {"max_retries": -1})
+    with pytest.raises(ConfigError, match=r"context\.retry_func"):
+        engine.handle_error_sync(TimeoutError(), {"retry_func": 3})
+
+
+def test_engine_accepts_the_seed_recovery_config() -> None:
+    engine = ErrorRecoveryEngine(
+        policy={"max_retries": 5, "base_delay": 0.5, "max_delay": 30, "backoff_multiplier": 3}
+    )
+    assert engine.policy.max_retries == 5
+    assert engine.policy.backoff_multiplier == 3
+
+
+def test_singletons_are_shared() -> None:
+    assert get_production_error_recovery() is get_production_error_recovery()
+    assert get_resilient_client() is get_resilient_client()
+
+
+async def test_resilient_client_breakers_call_sync_and_async(runtime: Runtime) -> None:
+    client = ResilientClient(runtime)
+    breaker = client.add_circuit_breaker("payments", {"failure_threshold": 2})
+    assert client.add_circuit_breaker("payments") is breaker
+    assert client.get_circuit_breaker("payments") is breaker
+
+    async def fine() -> str:
+        return "paid"
+
+    assert await breaker.call(fine) == "paid"
+    assert breaker.call_sync(lambda: "paid") == "paid"
+    for _ in range(2):
+        with pytest.raises(ConnectionResetError):
+            breaker.call_sync(Sequence(ConnectionResetError(104, "x")))
+    assert breaker.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(fine)
+    with pytest.raises(ConfigError, match="payments"):
+        client.add_circuit_breaker("payments", CircuitBreakerConfig(failure_threshold=9))

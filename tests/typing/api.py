@@ -1,0 +1,41 @@
+"""Type-checked only (mypy tests/typing): the public API reads well to a type checker."""
+
+from __future__ import annotations
+
+from typing import assert_type
+
+import otel_raptor
+from otel_raptor import (
+    CircuitBreaker,
+    Classification,
+    ErrorCategory,
+    Guard,
+    RecoveryResult,
+    RetryPolicy,
+    resilient,
+)
+
+
+@resilient(service="typed", retry=RetryPolicy(max_retries=2))
+def lookup(key: str) -> int:
+    return len(key)
+
+
+@resilient
+async def fetch(url: str) -> bytes:
+    return url.encode()
+
+
+async def main() -> None:
+    assert_type(lookup("a"), int)
+    assert_type(await fetch("x"), bytes)
+    guard = Guard("svc")
+    assert_type(guard.call(lookup, "b"), int)
+    assert_type(await guard.call_async(fetch, "y"), bytes)
+    classification = otel_raptor.classify(TimeoutError())
+    assert_type(classification, Classification)
+    assert_type(classification.category, ErrorCategory)
+    breaker = otel_raptor.get_resilient_client().add_circuit_breaker("db")
+    assert_type(breaker, CircuitBreaker)
+    result = await otel_raptor.get_production_error_recovery().handle_error(TimeoutError(), {})
+    assert_type(result, RecoveryResult)
