@@ -441,3 +441,26 @@ def test_resilient_rejects_bad_config_when_decorating() -> None:
 
         @resilient(retry={"base_delay": -1})
         def never() -> None: ...
+
+
+def test_repeated_failures_raise_the_severity(runtime: Runtime, events: list[Event]) -> None:
+    guard = Guard("svc", retry=False, breaker=False, runtime=runtime)
+    for _ in range(6):
+        with pytest.raises(ConnectionResetError):
+            guard.call(Flaky(ConnectionResetError(104, "x")))
+    severities = [e.classification.severity for e in of(events, ErrorClassified)]
+    assert severities[0] is Severity.MEDIUM
+    assert severities[3] is Severity.MEDIUM  # the fourth in a minute is still routine
+    assert severities[4] is Severity.HIGH  # the fifth is a pattern
+    assert severities[5] is Severity.HIGH
+
+
+def test_the_repeat_window_forgets(runtime: Runtime, clock: FakeClock) -> None:
+    for _ in range(10):
+        runtime.note_failure("svc", "timeout")
+    assert runtime.note_failure("svc", "timeout") == 11
+    clock.advance(90.0)  # half of the previous minute still overlaps the window
+    assert runtime.note_failure("svc", "timeout") in (6, 7)
+    clock.advance(200.0)
+    assert runtime.note_failure("svc", "timeout") == 1
+    assert runtime.note_failure("svc", "connection") == 1

@@ -38,7 +38,8 @@ def classify(exc: BaseException, *, context: ContextLike = None) -> Classificati
     field names (``service``, ``critical``, ``breaker_open``, ``recent_occurrences``); it only
     raises the severity. See ``docs/classification.md`` for the categories and rules.
     """
-    ctx = ClassifyContext.coerce(context)  # the caller's mistake: let ConfigError through
+    # A bad context is the caller's mistake: let its ConfigError through.
+    ctx = None if context is None else ClassifyContext.coerce(context)
     try:
         return DEFAULT_CLASSIFIER.classify(exc, now_wall=time.time(), context=ctx)
     except Exception as error:  # noqa: BLE001 - classification must never break error handling

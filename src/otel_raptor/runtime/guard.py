@@ -24,11 +24,12 @@ import functools
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
+from dataclasses import replace
 from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 from otel_raptor.core.breaker import CircuitBreakerConfig, Permit
 from otel_raptor.core.classification import Classification, ErrorCategory
-from otel_raptor.core.classify import ClassifyContext
+from otel_raptor.core.classify import REPEAT_THRESHOLD, ClassifyContext
 from otel_raptor.core.events import (
     ErrorClassified,
     RecoveryFinished,
@@ -456,14 +457,16 @@ class Guard:
     ) -> float | None:
         now = self._monotonic()
         breaker = self._breaker
-        classification = self._classify(
-            exc,
-            context=ClassifyContext(
-                service=self.service,
-                critical=self._critical,
-                breaker_open=breaker is not None and breaker.state is not CircuitState.CLOSED,
-            ),
+        context = ClassifyContext(
+            service=self.service,
+            critical=self._critical,
+            breaker_open=breaker is not None and breaker.state is not CircuitState.CLOSED,
         )
+        classification = self._classify(exc, context=context)
+        recent = self._runtime.note_failure(self.service, classification.category.value)
+        if recent >= REPEAT_THRESHOLD:  # repeated failures are worse: classify with the count
+            context = replace(context, recent_occurrences=recent)
+            classification = self._classify(exc, context=context)
         recovery.classification = classification
         if breaker is not None:
             breaker.record_failure(permit, now - start, classification)

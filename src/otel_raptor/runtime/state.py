@@ -16,7 +16,14 @@ from otel_raptor.runtime.breaker import BreakerRegistry
 from otel_raptor.runtime.bus import EventBus
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
 
-__all__ = ["OTHER_SERVICE", "RecoveryScope", "Runtime", "get_runtime", "set_runtime"]
+__all__ = [
+    "OTHER_SERVICE",
+    "REPEAT_WINDOW_S",
+    "RecoveryScope",
+    "Runtime",
+    "get_runtime",
+    "set_runtime",
+]
 
 #: Opens the scope of one logical call's recovery: called with the service and the monotonic
 #: time the first attempt started, when that attempt has failed; the guard runs the retries
@@ -28,6 +35,9 @@ RecoveryScope = Callable[[str, float], ContextManager[None]]
 def _no_scope(service: str, started: float) -> ContextManager[None]:
     return contextlib.nullcontext()
 
+
+#: The window over which repeated failures of one category raise their severity.
+REPEAT_WINDOW_S = 60.0
 
 #: Where services beyond ``max_services`` are folded, to keep metric cardinality bounded.
 OTHER_SERVICE = "other"
@@ -59,6 +69,7 @@ class Runtime:
         RetryBudget(ratio=budget_ratio, min_retries_per_second=budget_min_retries_per_second)
         self._services: set[str] = set()
         self._budgets: dict[str, RetryBudget] = {}
+        self._recent: dict[tuple[str, str], list[float]] = {}
         self._learner = StrategyLearner(learner or LearnerOptions())
         self._lock = threading.Lock()
         self.recovery_scope: RecoveryScope = _no_scope
@@ -103,6 +114,32 @@ class Runtime:
         now = self.clock.monotonic()
         with self._lock:
             return {name: budget.tokens(now) for name, budget in self._budgets.items()}
+
+    def note_failure(self, service: str, category: str) -> int:
+        """Count one failure of ``category`` at ``service``; return how many happened in the
+        last ``REPEAT_WINDOW_S`` seconds (this one included), for the severity rule.
+
+        Two fixed buckets, the previous one weighted by how much of it still overlaps the
+        window: O(1), three numbers per key, bounded by ``max_services`` times the categories.
+        """
+        now = self.clock.monotonic()
+        key = (service, category)
+        with self._lock:
+            counter = self._recent.get(key)
+            if counter is None:
+                if len(self._recent) >= self.max_services * 16:
+                    self._recent.clear()  # a crude bound, reached only under abuse
+                counter = self._recent[key] = [now, 0.0, 0.0]
+            started, current, previous = counter
+            elapsed = now - started
+            if elapsed >= REPEAT_WINDOW_S:
+                previous = current if elapsed < 2 * REPEAT_WINDOW_S else 0.0
+                started, current = started + REPEAT_WINDOW_S * (elapsed // REPEAT_WINDOW_S), 0.0
+                elapsed = now - started
+            current += 1.0
+            counter[:] = [started, current, previous]
+            overlap = max(0.0, 1.0 - elapsed / REPEAT_WINDOW_S)
+            return int(current + previous * overlap)
 
     # The learner is consulted and fed on the failure path only.
     def should_retry(self, service: str, category: str, strategy: Strategy) -> bool:
