@@ -214,3 +214,14 @@ async def test_resilient_client_breakers_call_sync_and_async(runtime: Runtime) -
         await breaker.call(fine)
     with pytest.raises(ConfigError, match="payments"):
         client.add_circuit_breaker("payments", CircuitBreakerConfig(failure_threshold=9))
+
+
+def test_each_failure_is_classified_once(runtime: Runtime, engine: ErrorRecoveryEngine) -> None:
+    from otel_raptor import ErrorClassified
+
+    seen: list[Event] = []
+    runtime.bus.subscribe(seen.append)
+    engine.handle_error_sync(ConnectionResetError(104, "x"), {"retry_func": lambda: "ok"})
+    engine.handle_error_sync(ValueError("bad"), {})
+    attempts = [e.attempt for e in seen if isinstance(e, ErrorClassified)]
+    assert attempts == [1, 1]  # one for each original error; the retry succeeded

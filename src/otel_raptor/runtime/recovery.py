@@ -225,7 +225,8 @@ class ErrorRecoveryEngine:
         classification = self._classify(
             error, context=ClassifyContext(service=service, critical=critical)
         )
-        self._runtime.bus.publish(ErrorClassified(service, classification, 1))
+        # ErrorClassified is published by whoever runs the strategy: the guard for retries
+        # (it classifies attempt one itself), _single for the rest.
         category = classification.category.value
         strategy = default_strategy(category, retryable=classification.retryable)
         if strategy in _RETRY_FAMILY:
@@ -336,6 +337,7 @@ class ErrorRecoveryEngine:
         if plan.strategy is Strategy.AUTH_REFRESH:
             runtime.record_outcome(plan.service, category, plan.strategy, recovered=success)
         duration = runtime.clock.monotonic() - started
+        runtime.bus.publish(ErrorClassified(plan.service, plan.classification, 1))
         runtime.bus.publish(
             RecoveryFinished(
                 service=plan.service,

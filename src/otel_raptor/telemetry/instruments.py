@@ -1,0 +1,566 @@
+"""Every metric instrument, span, span event and attribute key otel_raptor emits.
+
+This module is the contract: ``docs/telemetry.md`` mirrors it table for table, dashboards and
+alert rules rely on it, and ``tests/telemetry/test_docs_table.py`` fails when the two differ.
+Rename nothing here without a changelog entry.
+
+Conventions (OpenTelemetry): dotted lower-case names under ``raptor.``; semantic-convention
+keys where one exists (``error.type``, ``server.address``, ...); UCUM units (``s``, ``1``,
+``{error}``); no ``_total`` suffix (exporters add it); the meter and the tracer are both named
+``otel_raptor``, carry the package version and ``SCHEMA_URL``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from opentelemetry.metrics import (
+    CallbackOptions,
+    Counter,
+    Histogram,
+    Meter,
+    ObservableGauge,
+    Observation,
+)
+
+from otel_raptor._version import __version__
+
+__all__ = [
+    "ATTRIBUTES",
+    "ATTR_BREAKER_FROM_STATE",
+    "ATTR_BREAKER_NAME",
+    "ATTR_BREAKER_OPEN_DURATION",
+    "ATTR_BREAKER_RETRY_AFTER",
+    "ATTR_BREAKER_STATE",
+    "ATTR_BREAKER_TO_STATE",
+    "ATTR_BREAKER_TRANSITION_REASON",
+    "ATTR_ERROR_CATEGORY",
+    "ATTR_ERROR_SEVERITY",
+    "ATTR_ERROR_TYPE",
+    "ATTR_HTTP_REQUEST_METHOD",
+    "ATTR_HTTP_RESPONSE_STATUS_CODE",
+    "ATTR_RECOVERY_ATTEMPT",
+    "ATTR_RECOVERY_ATTEMPTS",
+    "ATTR_RECOVERY_GIVE_UP_REASON",
+    "ATTR_RECOVERY_OUTCOME",
+    "ATTR_RECOVERY_STRATEGY",
+    "ATTR_RETRY_DELAY",
+    "ATTR_SERVER_ADDRESS",
+    "ATTR_SERVER_PORT",
+    "ATTR_SERVICE",
+    "AttributeSpec",
+    "AttributeType",
+    "EVENT_BREAKER_REJECTION",
+    "EVENT_BREAKER_TRANSITION",
+    "EVENT_ERROR",
+    "EVENT_RETRY",
+    "EVENT_RETRY_BUDGET_EXHAUSTED",
+    "GaugeCallback",
+    "INSTRUMENTATION_NAME",
+    "INSTRUMENTATION_VERSION",
+    "INSTRUMENTS",
+    "InstrumentKind",
+    "InstrumentSpec",
+    "Instruments",
+    "METRIC_BREAKER_FAILURE_RATE_THRESHOLD",
+    "METRIC_BREAKER_HEALTH",
+    "METRIC_BREAKER_REJECTIONS",
+    "METRIC_BREAKER_STATE",
+    "METRIC_BREAKER_TRANSITIONS",
+    "METRIC_ERRORS",
+    "METRIC_RECOVERIES",
+    "METRIC_RECOVERY_DURATION",
+    "METRIC_RETRIES",
+    "METRIC_RETRY_BUDGET_EXHAUSTED",
+    "METRIC_RETRY_BUDGET_TOKENS",
+    "RECOVERY_DURATION_BUCKETS",
+    "SCHEMA_URL",
+    "SPANS",
+    "SPAN_EVENTS",
+    "SPAN_RECOVERY",
+    "SpanEventSpec",
+    "SpanSpec",
+    "create_gauges",
+    "create_instruments",
+]
+
+#: Name of the meter and of the tracer (the instrumentation scope).
+INSTRUMENTATION_NAME: Final = "otel_raptor"
+#: Version of the instrumentation scope: the package version.
+INSTRUMENTATION_VERSION: Final = __version__
+#: The semantic-conventions version the ``error.type``/``server.*``/``http.*`` keys follow.
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.44.0"
+
+# ------------------------------------------------------------------------------------ keys
+
+ATTR_SERVICE: Final = "raptor.service"
+ATTR_ERROR_CATEGORY: Final = "raptor.error.category"
+ATTR_ERROR_SEVERITY: Final = "raptor.error.severity"
+ATTR_ERROR_TYPE: Final = "error.type"
+ATTR_RECOVERY_STRATEGY: Final = "raptor.recovery.strategy"
+ATTR_RECOVERY_OUTCOME: Final = "raptor.recovery.outcome"
+ATTR_RECOVERY_GIVE_UP_REASON: Final = "raptor.recovery.give_up_reason"
+ATTR_RECOVERY_ATTEMPTS: Final = "raptor.recovery.attempts"
+ATTR_RECOVERY_ATTEMPT: Final = "raptor.recovery.attempt"
+ATTR_RETRY_DELAY: Final = "raptor.retry.delay"
+ATTR_BREAKER_NAME: Final = "raptor.circuit_breaker.name"
+ATTR_BREAKER_STATE: Final = "raptor.circuit_breaker.state"
+ATTR_BREAKER_FROM_STATE: Final = "raptor.circuit_breaker.from_state"
+ATTR_BREAKER_TO_STATE: Final = "raptor.circuit_breaker.to_state"
+ATTR_BREAKER_TRANSITION_REASON: Final = "raptor.circuit_breaker.transition.reason"
+ATTR_BREAKER_OPEN_DURATION: Final = "raptor.circuit_breaker.open_duration"
+ATTR_BREAKER_RETRY_AFTER: Final = "raptor.circuit_breaker.retry_after"
+ATTR_SERVER_ADDRESS: Final = "server.address"
+ATTR_SERVER_PORT: Final = "server.port"
+ATTR_HTTP_REQUEST_METHOD: Final = "http.request.method"
+ATTR_HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+
+
+class AttributeType(str, enum.Enum):
+    """The OpenTelemetry value type of an attribute (the docs table's *Type* column)."""
+
+    STRING = "string"
+    INT = "int"
+    DOUBLE = "double"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttributeSpec:
+    """One attribute key: its type, its values and the bound on its distinct values."""
+
+    key: str
+    type: AttributeType
+    values: str
+    bound: str
+
+
+ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
+    AttributeSpec(
+        key=ATTR_SERVICE,
+        type=AttributeType.STRING,
+        values="downstream name, usually `host:port`; `other` past the cap",
+        bound="256 (first distinct names win, the rest fold into `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_ERROR_CATEGORY,
+        type=AttributeType.STRING,
+        values="an `ErrorCategory` value (`timeout`, `rate_limit`, ...)",
+        bound="16 (capped at 32, then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_ERROR_SEVERITY,
+        type=AttributeType.STRING,
+        values="`low`, `medium`, `high`, `critical`",
+        bound="4",
+    ),
+    AttributeSpec(
+        key=ATTR_ERROR_TYPE,
+        type=AttributeType.STRING,
+        values="exception class (`httpx.ConnectTimeout`) or HTTP status code (`503`)",
+        bound="128 (then `_OTHER`)",
+    ),
+    AttributeSpec(
+        key=ATTR_RECOVERY_STRATEGY,
+        type=AttributeType.STRING,
+        values="a `Strategy` value (`retry_with_backoff`, `fail_fast`, ...)",
+        bound="7",
+    ),
+    AttributeSpec(
+        key=ATTR_RECOVERY_OUTCOME,
+        type=AttributeType.STRING,
+        values="`recovered`, `fallback`, `failed`, `rejected`, `budget_exhausted`",
+        bound="5",
+    ),
+    AttributeSpec(
+        key=ATTR_RECOVERY_GIVE_UP_REASON,
+        type=AttributeType.STRING,
+        values="`attempts_exhausted`, `not_retryable`, `deadline`, `breaker_rejected`, ...;"
+        " absent when recovered",
+        bound="32 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_RECOVERY_ATTEMPTS,
+        type=AttributeType.INT,
+        values="attempts made (0 when the breaker refused the call at once)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_RECOVERY_ATTEMPT,
+        type=AttributeType.INT,
+        values="number of the attempt that failed, from 1",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_RETRY_DELAY,
+        type=AttributeType.DOUBLE,
+        values="seconds until the next attempt starts, >= 0",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_NAME,
+        type=AttributeType.STRING,
+        values="breaker name (the service by default); `other` past the cap",
+        bound="256 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_STATE,
+        type=AttributeType.STRING,
+        values="`closed`, `open`, `half_open`",
+        bound="3",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_FROM_STATE,
+        type=AttributeType.STRING,
+        values="`closed`, `open`, `half_open`",
+        bound="3",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_TO_STATE,
+        type=AttributeType.STRING,
+        values="`closed`, `open`, `half_open`",
+        bound="3",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_TRANSITION_REASON,
+        type=AttributeType.STRING,
+        values="a `TransitionReason` value (`consecutive_failures`, `probe_failed`, ...)",
+        bound="8",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_OPEN_DURATION,
+        type=AttributeType.DOUBLE,
+        values="seconds the breaker stays open (absent when held open by hand)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_BREAKER_RETRY_AFTER,
+        type=AttributeType.DOUBLE,
+        values="seconds until the breaker admits a call (absent when held open by hand)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_SERVER_ADDRESS,
+        type=AttributeType.STRING,
+        values="semconv: host name or IP of the downstream (integration spans)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_SERVER_PORT,
+        type=AttributeType.INT,
+        values="semconv: port of the downstream (integration spans)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_HTTP_REQUEST_METHOD,
+        type=AttributeType.STRING,
+        values="semconv: `GET`, `POST`, ... or `_OTHER` (integration spans)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_HTTP_RESPONSE_STATUS_CODE,
+        type=AttributeType.INT,
+        values="semconv: the HTTP status code (integration spans)",
+        bound="not on metrics",
+    ),
+)
+
+# ----------------------------------------------------------------------------- instruments
+
+
+class InstrumentKind(str, enum.Enum):
+    """How an instrument records (the docs table's *Kind* column)."""
+
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+    OBSERVABLE_GAUGE = "observable gauge"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstrumentSpec:
+    """One metric instrument. ``attributes`` lists every key a data point may carry
+    (conditional ones included); ``bucket_boundaries`` is the explicit-bucket advice of a
+    histogram (seconds for ``s``), empty for other kinds."""
+
+    name: str
+    kind: InstrumentKind
+    unit: str
+    attributes: tuple[str, ...]
+    description: str
+    bucket_boundaries: tuple[float, ...] = ()
+
+
+#: Recovery times span a quick reconnect (milliseconds) to a long rate-limit wait (minutes).
+RECOVERY_DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+METRIC_ERRORS: Final = InstrumentSpec(
+    name="raptor.errors",
+    kind=InstrumentKind.COUNTER,
+    unit="{error}",
+    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+    description="Failed attempts, as classified.",
+)
+METRIC_RETRIES: Final = InstrumentSpec(
+    name="raptor.retries",
+    kind=InstrumentKind.COUNTER,
+    unit="{retry}",
+    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY),
+    description="Retries scheduled after a failed attempt.",
+)
+METRIC_RECOVERIES: Final = InstrumentSpec(
+    name="raptor.recoveries",
+    kind=InstrumentKind.COUNTER,
+    unit="{recovery}",
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_RECOVERY_STRATEGY,
+        ATTR_RECOVERY_OUTCOME,
+        ATTR_RECOVERY_GIVE_UP_REASON,
+    ),
+    description="Logical calls that needed recovery, by how they ended.",
+)
+METRIC_RECOVERY_DURATION: Final = InstrumentSpec(
+    name="raptor.recovery.duration",
+    kind=InstrumentKind.HISTOGRAM,
+    unit="s",
+    attributes=(ATTR_SERVICE, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME),
+    description="Time from the first attempt's start to the end of recovery.",
+    bucket_boundaries=RECOVERY_DURATION_BUCKETS,
+)
+METRIC_RETRY_BUDGET_EXHAUSTED: Final = InstrumentSpec(
+    name="raptor.retry_budget.exhausted",
+    kind=InstrumentKind.COUNTER,
+    unit="{retry}",
+    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY),
+    description="Retries refused because the downstream's retry budget was empty.",
+)
+METRIC_BREAKER_TRANSITIONS: Final = InstrumentSpec(
+    name="raptor.circuit_breaker.transitions",
+    kind=InstrumentKind.COUNTER,
+    unit="{transition}",
+    attributes=(
+        ATTR_BREAKER_NAME,
+        ATTR_BREAKER_FROM_STATE,
+        ATTR_BREAKER_TO_STATE,
+        ATTR_BREAKER_TRANSITION_REASON,
+    ),
+    description="Circuit-breaker state changes.",
+)
+METRIC_BREAKER_REJECTIONS: Final = InstrumentSpec(
+    name="raptor.circuit_breaker.rejections",
+    kind=InstrumentKind.COUNTER,
+    unit="{call}",
+    attributes=(ATTR_BREAKER_NAME, ATTR_BREAKER_STATE),
+    description="Calls refused by an open or saturated half-open breaker.",
+)
+METRIC_BREAKER_STATE: Final = InstrumentSpec(
+    name="raptor.circuit_breaker.state",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(ATTR_BREAKER_NAME, ATTR_BREAKER_STATE),
+    description="1 for the breaker's current state, 0 for each other state.",
+)
+METRIC_BREAKER_HEALTH: Final = InstrumentSpec(
+    name="raptor.circuit_breaker.health",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(ATTR_BREAKER_NAME,),
+    description="Health score, 0 (open) to 100 (no failures in the window).",
+)
+METRIC_BREAKER_FAILURE_RATE_THRESHOLD: Final = InstrumentSpec(
+    name="raptor.circuit_breaker.failure_rate_threshold",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(ATTR_BREAKER_NAME,),
+    description="Failure rate (0 to 1) that trips the breaker: the adapted threshold in force.",
+)
+METRIC_RETRY_BUDGET_TOKENS: Final = InstrumentSpec(
+    name="raptor.retry_budget.tokens",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="{token}",
+    attributes=(ATTR_SERVICE,),
+    description="Retries the downstream's retry budget would allow right now.",
+)
+
+#: Every instrument, in the order of the docs table.
+INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
+    METRIC_ERRORS,
+    METRIC_RETRIES,
+    METRIC_RECOVERIES,
+    METRIC_RECOVERY_DURATION,
+    METRIC_RETRY_BUDGET_EXHAUSTED,
+    METRIC_BREAKER_TRANSITIONS,
+    METRIC_BREAKER_REJECTIONS,
+    METRIC_BREAKER_STATE,
+    METRIC_BREAKER_HEALTH,
+    METRIC_BREAKER_FAILURE_RATE_THRESHOLD,
+    METRIC_RETRY_BUDGET_TOKENS,
+)
+
+# ------------------------------------------------------------------------ spans and events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpanSpec:
+    """A span otel_raptor starts: its name, kind and every attribute key it may carry."""
+
+    name: str
+    kind: str
+    attributes: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpanEventSpec:
+    """A span event: its name, every attribute key it may carry and where it is recorded."""
+
+    name: str
+    attributes: tuple[str, ...]
+    description: str
+
+
+SPAN_RECOVERY: Final = SpanSpec(
+    name="raptor.recovery",
+    kind="INTERNAL",
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_RECOVERY_STRATEGY,
+        ATTR_RECOVERY_OUTCOME,
+        ATTR_RECOVERY_ATTEMPTS,
+        ATTR_RECOVERY_GIVE_UP_REASON,
+        ATTR_ERROR_TYPE,
+    ),
+    description="One logical call that needed recovery, from its first attempt to the end.",
+)
+
+EVENT_ERROR: Final = SpanEventSpec(
+    name="raptor.error",
+    attributes=(ATTR_RECOVERY_ATTEMPT, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+    description="An attempt failed (on `raptor.recovery`).",
+)
+EVENT_RETRY: Final = SpanEventSpec(
+    name="raptor.retry",
+    attributes=(
+        ATTR_RECOVERY_ATTEMPT,
+        ATTR_RETRY_DELAY,
+        ATTR_ERROR_CATEGORY,
+        ATTR_RECOVERY_STRATEGY,
+    ),
+    description="A retry was scheduled after the failed attempt (on `raptor.recovery`).",
+)
+EVENT_RETRY_BUDGET_EXHAUSTED: Final = SpanEventSpec(
+    name="raptor.retry_budget.exhausted",
+    attributes=(ATTR_ERROR_CATEGORY,),
+    description="A retry was wanted, but the retry budget was empty (on `raptor.recovery`).",
+)
+EVENT_BREAKER_TRANSITION: Final = SpanEventSpec(
+    name="raptor.circuit_breaker.transition",
+    attributes=(
+        ATTR_BREAKER_NAME,
+        ATTR_BREAKER_FROM_STATE,
+        ATTR_BREAKER_TO_STATE,
+        ATTR_BREAKER_TRANSITION_REASON,
+        ATTR_BREAKER_OPEN_DURATION,
+    ),
+    description="A breaker changed state (on the span current at that moment).",
+)
+EVENT_BREAKER_REJECTION: Final = SpanEventSpec(
+    name="raptor.circuit_breaker.rejection",
+    attributes=(ATTR_BREAKER_NAME, ATTR_BREAKER_STATE, ATTR_BREAKER_RETRY_AFTER),
+    description="A breaker refused a call (on the span current at that moment).",
+)
+
+#: Every span otel_raptor starts.
+SPANS: Final[tuple[SpanSpec, ...]] = (SPAN_RECOVERY,)
+#: Every span event otel_raptor records.
+SPAN_EVENTS: Final[tuple[SpanEventSpec, ...]] = (
+    EVENT_ERROR,
+    EVENT_RETRY,
+    EVENT_RETRY_BUDGET_EXHAUSTED,
+    EVENT_BREAKER_TRANSITION,
+    EVENT_BREAKER_REJECTION,
+)
+
+# ---------------------------------------------------------------------------- construction
+
+#: An observable gauge's callback (the OpenTelemetry API shape, without generators).
+GaugeCallback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+@dataclass(frozen=True, slots=True)
+class Instruments:
+    """The synchronous instruments, created once per meter by ``create_instruments``."""
+
+    errors: Counter
+    retries: Counter
+    recoveries: Counter
+    recovery_duration: Histogram
+    retry_budget_exhausted: Counter
+    breaker_transitions: Counter
+    breaker_rejections: Counter
+
+
+def _counter(meter: Meter, spec: InstrumentSpec) -> Counter:
+    return meter.create_counter(spec.name, unit=spec.unit, description=spec.description)
+
+
+def create_instruments(meter: Meter) -> Instruments:
+    """Create every counter and histogram of ``INSTRUMENTS`` on ``meter``."""
+    return Instruments(
+        errors=_counter(meter, METRIC_ERRORS),
+        retries=_counter(meter, METRIC_RETRIES),
+        recoveries=_counter(meter, METRIC_RECOVERIES),
+        recovery_duration=meter.create_histogram(
+            METRIC_RECOVERY_DURATION.name,
+            unit=METRIC_RECOVERY_DURATION.unit,
+            description=METRIC_RECOVERY_DURATION.description,
+            explicit_bucket_boundaries_advisory=METRIC_RECOVERY_DURATION.bucket_boundaries,
+        ),
+        retry_budget_exhausted=_counter(meter, METRIC_RETRY_BUDGET_EXHAUSTED),
+        breaker_transitions=_counter(meter, METRIC_BREAKER_TRANSITIONS),
+        breaker_rejections=_counter(meter, METRIC_BREAKER_REJECTIONS),
+    )
+
+
+def create_gauges(
+    meter: Meter, callbacks: Mapping[InstrumentSpec, GaugeCallback]
+) -> tuple[ObservableGauge, ...]:
+    """Create every observable gauge of ``INSTRUMENTS`` on ``meter``, each read by
+    ``callbacks[spec]``. A gauge missing from ``callbacks`` raises ``KeyError``: every
+    documented gauge must be backed by a callback."""
+    return tuple(
+        meter.create_observable_gauge(
+            spec.name,
+            callbacks=[callbacks[spec]],
+            unit=spec.unit,
+            description=spec.description,
+        )
+        for spec in INSTRUMENTS
+        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE
+    )

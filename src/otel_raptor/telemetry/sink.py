@@ -1,0 +1,762 @@
+"""The event sink: runtime events in, OpenTelemetry metrics, spans and span events out.
+
+Metrics: each event adds to its counter (``instruments.py`` lists them); breaker state, health,
+adaptive threshold and retry-budget tokens are observable gauges read from runtime snapshots
+only when a reader collects, so the call path pays nothing for them.
+
+Traces. When the guard's first attempt fails it opens a *recovery scope*
+(``Runtime.recovery_scope``, which ``install()`` points at :meth:`TelemetrySink.recovery_scope`):
+a ``raptor.recovery`` INTERNAL span that starts when the first attempt started and is current
+while the retries run, so each retry's own client span (the contrib requests/httpx
+instrumentations) is its child; the first attempt's client span, which ended before anyone
+knew recovery was needed, is its preceding sibling. Starting a span for every call would
+cost the success path as much as a tracing instrumentation does; starting it on the first
+failure costs the success path nothing. Inside the scope the call's events go straight onto
+that span, and ``RecoveryFinished`` sets its outcome, status and ``error.type``.
+
+Outside a scope (the recovery engine's ``handle_error``, or a sink used without ``install``)
+events arrive after the fact, so the ``raptor.recovery`` span is built when the
+logical call's ``RecoveryFinished`` arrives: it starts ``duration_s`` before that moment (the
+first attempt's start) and ends then, as an INTERNAL child of whatever span is current in the
+caller (the guard publishes synchronously, in the caller's context). The call's own events
+(``raptor.error`` per failed attempt, ``raptor.retry`` per scheduled retry,
+``raptor.retry_budget.exhausted``) are buffered until then and land on that span with their
+original timestamps, so the span tells the whole story even when the app has no span of its
+own. Breaker events (``raptor.circuit_breaker.transition``, ``.rejection``) describe a shared
+component rather than one call: they go on the span current when they happen, if it records.
+
+The buffer is per sink and per execution context (a ``ContextVar`` holding immutable tuples:
+a task's buffer is never shared with the tasks it starts), keyed by service, and bounded:
+at most 8 calls and 32 events per call (the oldest are dropped). A call's first failure
+(``attempt == 1``) starts a fresh entry, so a call abandoned without ``RecoveryFinished``
+(cancelled) leaves nothing behind but one stale entry, replaced by the next call.
+
+Everything is exception-safe: a failing provider, exporter or instrument is reported once via
+``report_internal_error`` and never raised into the publisher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Final, NamedTuple, TypeAlias
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+from opentelemetry.util.types import AttributeValue
+
+from otel_raptor.core.events import (
+    BreakerTransitioned,
+    CallRejected,
+    ErrorClassified,
+    Event,
+    RecoveryFinished,
+    RetryBudgetExhausted,
+    RetryScheduled,
+)
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.core.states import CircuitState
+from otel_raptor.errors import CircuitOpenError
+from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.runtime.state import Runtime, get_runtime
+from otel_raptor.telemetry.attributes import (
+    DEFAULT_MAX_BREAKERS,
+    DEFAULT_MAX_SERVICES,
+    OTHER_ERROR_TYPE,
+    MetricAttributes,
+)
+from otel_raptor.telemetry.instruments import (
+    ATTR_BREAKER_FROM_STATE,
+    ATTR_BREAKER_NAME,
+    ATTR_BREAKER_OPEN_DURATION,
+    ATTR_BREAKER_RETRY_AFTER,
+    ATTR_BREAKER_STATE,
+    ATTR_BREAKER_TO_STATE,
+    ATTR_BREAKER_TRANSITION_REASON,
+    ATTR_ERROR_CATEGORY,
+    ATTR_ERROR_SEVERITY,
+    ATTR_ERROR_TYPE,
+    ATTR_RECOVERY_ATTEMPT,
+    ATTR_RECOVERY_ATTEMPTS,
+    ATTR_RECOVERY_GIVE_UP_REASON,
+    ATTR_RECOVERY_OUTCOME,
+    ATTR_RECOVERY_STRATEGY,
+    ATTR_RETRY_DELAY,
+    ATTR_SERVICE,
+    EVENT_BREAKER_REJECTION,
+    EVENT_BREAKER_TRANSITION,
+    EVENT_ERROR,
+    EVENT_RETRY,
+    EVENT_RETRY_BUDGET_EXHAUSTED,
+    INSTRUMENTATION_NAME,
+    INSTRUMENTATION_VERSION,
+    METRIC_BREAKER_FAILURE_RATE_THRESHOLD,
+    METRIC_BREAKER_HEALTH,
+    METRIC_BREAKER_STATE,
+    METRIC_RETRY_BUDGET_TOKENS,
+    SCHEMA_URL,
+    SPAN_RECOVERY,
+    GaugeCallback,
+    Instruments,
+    InstrumentSpec,
+    create_gauges,
+    create_instruments,
+)
+
+__all__ = [
+    "MAX_EVENTS_PER_CALL",
+    "MAX_PENDING_CALLS",
+    "TelemetrySink",
+]
+
+#: Calls per execution context whose span events are buffered at once.
+MAX_PENDING_CALLS: Final = 8
+#: Span events buffered per call; past it the oldest are dropped.
+MAX_EVENTS_PER_CALL: Final = 32
+
+_SpanEvent: TypeAlias = "tuple[str, Mapping[str, AttributeValue], int]"
+
+_ERROR_OUTCOMES: Final = frozenset({Outcome.FAILED, Outcome.REJECTED, Outcome.BUDGET_EXHAUSTED})
+_CIRCUIT_OPEN_TYPE: Final = f"{CircuitOpenError.__module__}.{CircuitOpenError.__qualname__}"
+_STATES: Final = tuple((state, state.value) for state in CircuitState)
+_INTERNAL: Final = SpanKind.INTERNAL
+_NS_PER_S: Final = 1_000_000_000
+# A recovery cannot take longer than this (about 116 days); beyond, the duration is junk.
+_MAX_DURATION_S: Final = 1e7
+
+_time_ns = time.time_ns
+
+
+class _Pending(NamedTuple):
+    """The span events of one logical call not yet finished (immutable: see module doc).
+
+    A named tuple rather than a frozen dataclass: it is rebuilt on every buffered event, and
+    a frozen dataclass's ``__init__`` costs several times more."""
+
+    service: str
+    events: tuple[_SpanEvent, ...]
+    error_type: str | None
+
+
+def _clean_duration(value: float) -> float:
+    if not math.isfinite(value) or value < 0.0:
+        return 0.0
+    return min(value, _MAX_DURATION_S)
+
+
+class TelemetrySink:
+    """Turns ``runtime``'s events into spans, span events and metrics.
+
+    ``runtime`` defaults to the process-wide ``get_runtime()``; ``tracer_provider`` and
+    ``meter_provider`` default to the global providers (resolved when first used, so a
+    provider set later is picked up). ``max_services`` and ``max_breakers`` (integers >= 1,
+    default 256) cap the distinct names in metric attributes; the excess is reported as
+    ``other``.
+
+    ``publish(event)`` records one event (call it directly, or ``install()`` to subscribe to
+    ``runtime.bus``). ``install()`` also registers the observable gauges; ``uninstall()``
+    unsubscribes and silences the gauges (OpenTelemetry cannot unregister an instrument).
+    Neither ``publish`` nor the gauge callbacks ever raise.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_active",
+        "_attrs",
+        "_handlers",
+        "_hub",
+        "_installed",
+        "_instruments",
+        "_lock",
+        "_meter",
+        "_meter_provider",
+        "_pending",
+        "_runtime",
+        "_tracer",
+        "_unsubscribe",
+    )
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        max_services: int = DEFAULT_MAX_SERVICES,
+        max_breakers: int = DEFAULT_MAX_BREAKERS,
+    ) -> None:
+        self._attrs = MetricAttributes(max_services=max_services, max_breakers=max_breakers)
+        self._runtime = runtime if runtime is not None else get_runtime()
+        self._meter_provider = meter_provider
+        self._tracer = _tracer(tracer_provider)
+        self._meter = _meter(meter_provider)
+        self._instruments = _instruments(self._meter)
+        self._pending: contextvars.ContextVar[tuple[_Pending, ...]] = contextvars.ContextVar(
+            "otel_raptor_pending_recoveries", default=()
+        )
+        self._active: contextvars.ContextVar[_LiveRecovery | None] = contextvars.ContextVar(
+            "otel_raptor_live_recovery", default=None
+        )
+        self._lock = threading.Lock()
+        self._installed = False
+        self._unsubscribe: Callable[[], None] | None = None
+        self._hub: _GaugeHub | None = None
+        # Dispatch by exact type: one dict lookup, no isinstance chain.
+        self._handlers: dict[type, Callable[..., None]] = {
+            ErrorClassified: self._on_error_classified,
+            RetryScheduled: self._on_retry_scheduled,
+            RetryBudgetExhausted: self._on_budget_exhausted,
+            BreakerTransitioned: self._on_transition,
+            CallRejected: self._on_rejection,
+            RecoveryFinished: self._on_recovery_finished,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @property
+    def installed(self) -> bool:
+        return self._installed
+
+    def install(self) -> None:
+        """Subscribe to ``runtime.bus`` and register the gauges. Idempotent; never raises."""
+        with self._lock:
+            if self._installed:
+                return
+            try:
+                self._unsubscribe = self._runtime.bus.subscribe(self.publish)
+                self._runtime.recovery_scope = self.recovery_scope
+                self._hub = _hub_for(self._meter_provider)
+                self._hub.add(self)
+                self._installed = True
+            except Exception as error:  # noqa: BLE001 - telemetry must not stop the app
+                report_internal_error("telemetry.install", error)
+                self._detach()
+
+    def uninstall(self) -> None:
+        """Unsubscribe from the bus; the gauges report nothing for this sink from now on."""
+        with self._lock:
+            self._installed = False
+            self._detach()
+
+    def _detach(self) -> None:
+        if self._runtime.recovery_scope == self.recovery_scope:
+            self._runtime.recovery_scope = _no_scope
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        hub, self._hub = self._hub, None
+        try:
+            if unsubscribe is not None:
+                unsubscribe()
+            if hub is not None:
+                hub.remove(self)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.uninstall", error)
+
+    def recovery_scope(self, service: str, started: float) -> AbstractContextManager[None]:
+        """The ``raptor.recovery`` span of one logical call, current while it recovers.
+
+        ``started`` is when the first attempt started, on the runtime's monotonic clock.
+        """
+        return _RecoveryScope(self, service, started)
+
+    # --- events -------------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        """Record ``event``. Unknown event types are ignored. Never raises."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            return
+        try:
+            handler(event)
+        except Exception as error:  # noqa: BLE001 - the publisher is the app's call path
+            report_internal_error("telemetry.publish", error)
+
+    __call__ = publish
+
+    def _on_error_classified(self, event: ErrorClassified) -> None:
+        classification = event.classification
+        attrs = self._attrs
+        category = classification.category.value
+        severity = classification.severity.value
+        try:
+            self._instruments.errors.add(
+                1,
+                attrs.errors(
+                    attrs.service(event.service),
+                    category,
+                    severity,
+                    attrs.error_type(classification.error_type),
+                ),
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        self._buffer(
+            event.service,
+            EVENT_ERROR.name,
+            {
+                ATTR_RECOVERY_ATTEMPT: event.attempt,
+                ATTR_ERROR_CATEGORY: category,
+                ATTR_ERROR_SEVERITY: severity,
+                ATTR_ERROR_TYPE: classification.error_type,
+            },
+            classification.error_type,
+            restart=event.attempt <= 1,
+        )
+
+    def _on_retry_scheduled(self, event: RetryScheduled) -> None:
+        classification = event.classification
+        attrs = self._attrs
+        category = classification.category.value
+        strategy = event.strategy.value
+        try:
+            self._instruments.retries.add(
+                1, attrs.retries(attrs.service(event.service), category, strategy)
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        self._buffer(
+            event.service,
+            EVENT_RETRY.name,
+            {
+                ATTR_RECOVERY_ATTEMPT: event.attempt,
+                ATTR_RETRY_DELAY: event.delay_s,
+                ATTR_ERROR_CATEGORY: category,
+                ATTR_RECOVERY_STRATEGY: strategy,
+            },
+            classification.error_type,
+        )
+
+    def _on_budget_exhausted(self, event: RetryBudgetExhausted) -> None:
+        classification = event.classification
+        attrs = self._attrs
+        category = classification.category.value
+        try:
+            self._instruments.retry_budget_exhausted.add(
+                1, attrs.retry_budget_exhausted(attrs.service(event.service), category)
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        self._buffer(
+            event.service,
+            EVENT_RETRY_BUDGET_EXHAUSTED.name,
+            {ATTR_ERROR_CATEGORY: category},
+            classification.error_type,
+        )
+
+    def _on_transition(self, event: BreakerTransitioned) -> None:
+        attrs = self._attrs
+        from_state = event.from_state.value
+        to_state = event.to_state.value
+        reason = event.reason.value
+        try:
+            self._instruments.breaker_transitions.add(
+                1, attrs.transitions(attrs.breaker(event.breaker), from_state, to_state, reason)
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        try:
+            span = trace.get_current_span()
+            if span.is_recording():
+                attributes: dict[str, AttributeValue] = {
+                    ATTR_BREAKER_NAME: event.breaker,
+                    ATTR_BREAKER_FROM_STATE: from_state,
+                    ATTR_BREAKER_TO_STATE: to_state,
+                    ATTR_BREAKER_TRANSITION_REASON: reason,
+                }
+                if event.open_for_s is not None:
+                    attributes[ATTR_BREAKER_OPEN_DURATION] = event.open_for_s
+                span.add_event(EVENT_BREAKER_TRANSITION.name, attributes)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.trace", error)
+
+    def _on_rejection(self, event: CallRejected) -> None:
+        attrs = self._attrs
+        state = event.state.value
+        try:
+            self._instruments.breaker_rejections.add(
+                1, attrs.rejections(attrs.breaker(event.breaker), state)
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        try:
+            span = trace.get_current_span()
+            if span.is_recording():
+                attributes: dict[str, AttributeValue] = {
+                    ATTR_BREAKER_NAME: event.breaker,
+                    ATTR_BREAKER_STATE: state,
+                }
+                if event.retry_after_s is not None:
+                    attributes[ATTR_BREAKER_RETRY_AFTER] = event.retry_after_s
+                span.add_event(EVENT_BREAKER_REJECTION.name, attributes)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.trace", error)
+
+    def _on_recovery_finished(self, event: RecoveryFinished) -> None:
+        attrs = self._attrs
+        strategy = event.strategy.value
+        outcome = event.outcome.value
+        duration = _clean_duration(event.duration_s)
+        try:
+            service = attrs.service(event.service)
+            instruments = self._instruments
+            instruments.recoveries.add(
+                1,
+                attrs.recoveries(
+                    service,
+                    attrs.category(event.category),
+                    strategy,
+                    outcome,
+                    attrs.give_up_reason(event.give_up_reason) if event.give_up_reason else "",
+                ),
+            )
+            instruments.recovery_duration.record(
+                duration, attrs.recovery_duration(service, strategy, outcome)
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        try:
+            self._emit_recovery_span(event, strategy, outcome, duration)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.trace", error)
+
+    # --- the recovery span --------------------------------------------------------------
+
+    def _buffer(
+        self,
+        service: str,
+        name: str,
+        attributes: Mapping[str, AttributeValue],
+        error_type: str | None,
+        *,
+        restart: bool = False,
+    ) -> None:
+        live = self._active.get()
+        if live is not None and live.service == service:
+            try:
+                if error_type:
+                    live.error_type = error_type
+                live.span.add_event(name, attributes)
+            except Exception as error:  # noqa: BLE001
+                report_internal_error("telemetry.trace", error)
+            return
+        try:
+            var = self._pending
+            entries = var.get()
+            span_event: _SpanEvent = (name, attributes, _time_ns())
+            for index, entry in enumerate(entries):
+                if entry.service == service:
+                    if restart:
+                        entries = entries[:index] + entries[index + 1 :]
+                        break
+                    events = entry.events
+                    if len(events) >= MAX_EVENTS_PER_CALL:
+                        events = events[len(events) - MAX_EVENTS_PER_CALL + 1 :]
+                    updated = _Pending(
+                        service, (*events, span_event), error_type or entry.error_type
+                    )
+                    var.set((*entries[:index], updated, *entries[index + 1 :]))
+                    return
+            if len(entries) >= MAX_PENDING_CALLS:
+                entries = entries[len(entries) - MAX_PENDING_CALLS + 1 :]
+            var.set((*entries, _Pending(service, (span_event,), error_type)))
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.trace", error)
+
+    def _take(self, service: str) -> _Pending | None:
+        var = self._pending
+        entries = var.get()
+        for index, entry in enumerate(entries):
+            if entry.service == service:
+                var.set(entries[:index] + entries[index + 1 :])
+                return entry
+        return None
+
+    def _emit_recovery_span(
+        self, event: RecoveryFinished, strategy: str, outcome: str, duration: float
+    ) -> None:
+        live = self._active.get()
+        if live is not None and live.service == event.service and not live.finished:
+            self._finish_live(live, event, strategy, outcome)
+            return
+        pending = self._take(event.service)
+        end = _time_ns()
+        start = end - int(duration * _NS_PER_S)
+        failed = event.outcome in _ERROR_OUTCOMES
+        attributes: dict[str, AttributeValue] = {
+            ATTR_SERVICE: event.service,
+            ATTR_ERROR_CATEGORY: event.category,
+            ATTR_RECOVERY_STRATEGY: strategy,
+            ATTR_RECOVERY_OUTCOME: outcome,
+            ATTR_RECOVERY_ATTEMPTS: event.attempts,
+        }
+        if event.give_up_reason:
+            attributes[ATTR_RECOVERY_GIVE_UP_REASON] = event.give_up_reason
+        # An entry left by a call that made no attempt is stale (its call was abandoned).
+        if pending is not None and event.attempts <= 0:
+            pending = None
+        if failed:
+            if pending is not None and pending.error_type:
+                attributes[ATTR_ERROR_TYPE] = pending.error_type
+            elif event.outcome is Outcome.REJECTED:
+                attributes[ATTR_ERROR_TYPE] = _CIRCUIT_OPEN_TYPE
+            else:
+                attributes[ATTR_ERROR_TYPE] = OTHER_ERROR_TYPE
+        span = self._tracer.start_span(
+            SPAN_RECOVERY.name, kind=_INTERNAL, attributes=attributes, start_time=start
+        )
+        try:
+            if span.is_recording():
+                if pending is not None:
+                    for name, event_attributes, timestamp in pending.events:
+                        # Never before the span: with a test clock the two clocks differ.
+                        span.add_event(name, event_attributes, timestamp=max(timestamp, start))
+                if failed:
+                    span.set_status(Status(StatusCode.ERROR, event.give_up_reason or outcome))
+        finally:
+            span.end(end_time=end)
+
+    def _finish_live(
+        self, live: _LiveRecovery, event: RecoveryFinished, strategy: str, outcome: str
+    ) -> None:
+        live.finished = True
+        span = live.span
+        if not span.is_recording():
+            return
+        attributes: dict[str, AttributeValue] = {
+            ATTR_ERROR_CATEGORY: event.category,
+            ATTR_RECOVERY_STRATEGY: strategy,
+            ATTR_RECOVERY_OUTCOME: outcome,
+            ATTR_RECOVERY_ATTEMPTS: event.attempts,
+        }
+        if event.give_up_reason:
+            attributes[ATTR_RECOVERY_GIVE_UP_REASON] = event.give_up_reason
+        if event.outcome in _ERROR_OUTCOMES:
+            attributes[ATTR_ERROR_TYPE] = live.error_type or OTHER_ERROR_TYPE
+            span.set_status(Status(StatusCode.ERROR, event.give_up_reason or outcome))
+        span.set_attributes(attributes)
+
+    # --- gauges (called by the hub, at collection time) -------------------------------
+
+    def _observe_breaker_state(self) -> list[Observation]:
+        attrs = self._attrs
+        observations = []
+        for name, breaker in self._runtime.breakers.items():
+            folded = attrs.breaker(name)
+            current = breaker.state
+            for state, value in _STATES:
+                observations.append(
+                    Observation(1 if state is current else 0, attrs.breaker_state(folded, value))
+                )
+        return observations
+
+    def _observe_breaker_health(self) -> list[Observation]:
+        attrs = self._attrs
+        return [
+            Observation(breaker.snapshot().health_score, attrs.breaker_only(attrs.breaker(name)))
+            for name, breaker in self._runtime.breakers.items()
+        ]
+
+    def _observe_failure_rate_threshold(self) -> list[Observation]:
+        attrs = self._attrs
+        return [
+            Observation(
+                breaker.snapshot().effective_failure_rate_threshold,
+                attrs.breaker_only(attrs.breaker(name)),
+            )
+            for name, breaker in self._runtime.breakers.items()
+        ]
+
+    def _observe_budget_tokens(self) -> list[Observation]:
+        attrs = self._attrs
+        return [
+            Observation(tokens, attrs.service_only(attrs.service(service)))
+            for service, tokens in self._runtime.budget_tokens().items()
+        ]
+
+
+_Observer: TypeAlias = "Callable[[TelemetrySink], list[Observation]]"
+
+
+class _GaugeHub:
+    """The gauges of one meter provider, shared by every sink installed on it.
+
+    An SDK meter ignores a second registration of an instrument name (and its callbacks), so
+    a sink installed after another was uninstalled would otherwise report no gauge at all.
+    The first install registers the gauges once; each callback then asks every installed
+    sink, skipping (and reporting) one that fails.
+    """
+
+    __slots__ = ("_lock", "_registered", "_sinks")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sinks: tuple[TelemetrySink, ...] = ()
+        self._registered = False
+
+    def add(self, sink: TelemetrySink) -> None:
+        with self._lock:
+            if sink not in self._sinks:
+                self._sinks = (*self._sinks, sink)
+            if self._registered:
+                return
+            self._registered = True
+        try:
+            create_gauges(sink._meter, self._callbacks())
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.gauges", error)
+
+    def remove(self, sink: TelemetrySink) -> None:
+        with self._lock:
+            self._sinks = tuple(s for s in self._sinks if s is not sink)
+
+    def _callbacks(self) -> dict[InstrumentSpec, GaugeCallback]:
+        return {
+            METRIC_BREAKER_STATE: self._callback(
+                METRIC_BREAKER_STATE.name, TelemetrySink._observe_breaker_state
+            ),
+            METRIC_BREAKER_HEALTH: self._callback(
+                METRIC_BREAKER_HEALTH.name, TelemetrySink._observe_breaker_health
+            ),
+            METRIC_BREAKER_FAILURE_RATE_THRESHOLD: self._callback(
+                METRIC_BREAKER_FAILURE_RATE_THRESHOLD.name,
+                TelemetrySink._observe_failure_rate_threshold,
+            ),
+            METRIC_RETRY_BUDGET_TOKENS: self._callback(
+                METRIC_RETRY_BUDGET_TOKENS.name, TelemetrySink._observe_budget_tokens
+            ),
+        }
+
+    def _callback(self, name: str, observe: _Observer) -> GaugeCallback:
+        where = f"telemetry.gauge {name}"
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            observations: list[Observation] = []
+            for sink in self._sinks:
+                if not sink._installed:
+                    continue
+                try:
+                    observations.extend(observe(sink))
+                except Exception as error:  # noqa: BLE001 - a gauge must not fail a collection
+                    report_internal_error(where, error)
+            return observations
+
+        return callback
+
+
+class _GlobalProvider:
+    """The key of the hub for the global meter provider, whichever object it is now."""
+
+
+# The global provider can be set once only; until then a proxy stands in, whose gauges the
+# SDK takes over. So every sink on "the global provider" shares one hub, set or not.
+_GLOBAL_PROVIDER: Final = _GlobalProvider()
+_hubs_lock = threading.Lock()
+_hubs: weakref.WeakKeyDictionary[object, _GaugeHub] = weakref.WeakKeyDictionary()
+
+
+def _hub_for(provider: MeterProvider | None) -> _GaugeHub:
+    key: object = provider
+    if provider is None or provider is metrics.get_meter_provider():
+        key = _GLOBAL_PROVIDER
+    with _hubs_lock:
+        try:
+            hub = _hubs.get(key)
+            if hub is None:
+                hub = _hubs[key] = _GaugeHub()
+        except TypeError:  # a provider that cannot be weakly referenced: not shared
+            hub = _GaugeHub()
+    return hub
+
+
+def _tracer(provider: TracerProvider | None) -> Tracer:
+    try:
+        return trace.get_tracer(
+            INSTRUMENTATION_NAME,
+            INSTRUMENTATION_VERSION,
+            tracer_provider=provider,
+            schema_url=SCHEMA_URL,
+        )
+    except Exception as error:  # noqa: BLE001 - a broken provider must not stop the app
+        report_internal_error("telemetry.tracer", error)
+        return trace.NoOpTracer()
+
+
+def _meter(provider: MeterProvider | None) -> Meter:
+    try:
+        return metrics.get_meter(
+            INSTRUMENTATION_NAME,
+            INSTRUMENTATION_VERSION,
+            meter_provider=provider,
+            schema_url=SCHEMA_URL,
+        )
+    except Exception as error:  # noqa: BLE001
+        report_internal_error("telemetry.meter", error)
+        return metrics.NoOpMeter(INSTRUMENTATION_NAME)
+
+
+def _instruments(meter: Meter) -> Instruments:
+    try:
+        return create_instruments(meter)
+    except Exception as error:  # noqa: BLE001
+        report_internal_error("telemetry.instruments", error)
+        return create_instruments(metrics.NoOpMeter(INSTRUMENTATION_NAME))
+
+
+def _no_scope(service: str, started: float) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+class _LiveRecovery:
+    """The span of a recovery in progress, and what the sink learned about it so far."""
+
+    __slots__ = ("error_type", "finished", "service", "span")
+
+    def __init__(self, span: Span, service: str) -> None:
+        self.span = span
+        self.service = service
+        self.error_type: str | None = None
+        self.finished = False
+
+
+class _RecoveryScope:
+    """Starts the ``raptor.recovery`` span and makes it current; ends it on exit."""
+
+    __slots__ = ("_context_token", "_live", "_live_token", "_service", "_sink", "_started")
+
+    def __init__(self, sink: TelemetrySink, service: str, started: float) -> None:
+        self._sink = sink
+        self._service = service
+        self._started = started
+
+    def __enter__(self) -> None:
+        sink = self._sink
+        now_ns = _time_ns()
+        waited = _clean_duration(sink._runtime.clock.monotonic() - self._started)
+        span = sink._tracer.start_span(
+            SPAN_RECOVERY.name,
+            kind=_INTERNAL,
+            attributes={ATTR_SERVICE: self._service},
+            start_time=now_ns - int(waited * _NS_PER_S),
+        )
+        self._live = _LiveRecovery(span, self._service)
+        self._live_token = sink._active.set(self._live)
+        self._context_token = otel_context.attach(trace.set_span_in_context(span))
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            otel_context.detach(self._context_token)
+            self._sink._active.reset(self._live_token)
+        finally:
+            # Unfinished means abandoned (cancelled, interrupted): the span still ends.
+            self._live.span.end()

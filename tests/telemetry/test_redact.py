@@ -1,0 +1,239 @@
+"""Secrets never reach telemetry: URLs, headers, exception messages and stack traces."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import INVALID_SPAN
+
+from otel_raptor.telemetry.redact import (
+    REDACTED,
+    exception_attributes,
+    record_exception,
+    redact_headers,
+    redact_url,
+    safe_exception_message,
+    scrub_text,
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://api.example.com/v1/items", "https://api.example.com/v1/items"),
+        (
+            "https://user:pw@api.example.com:8443/v1?token=abc#frag",
+            "https://api.example.com:8443/v1",
+        ),
+        ("http://user@host/p", "http://host/p"),
+        ("postgresql://app:s3cret@db.internal:5432/orders", "postgresql://db.internal:5432/orders"),
+        ("redis://:hunter2@cache:6379/0", "redis://cache:6379/0"),
+        ("http://[::1]:8080/health?x=1", "http://[::1]:8080/health"),
+        ("https://h/a;params?q=1", "https://h/a;params"),
+        ("//cdn.example.com/lib.js?v=3", "//cdn.example.com/lib.js"),
+        ("/v1/items?sig=abc", "/v1/items"),
+        ("user:pw@host/path?x=1", "host/path"),
+        ("", ""),
+        ("http://[::1/broken", REDACTED),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_redact_headers() -> None:
+    headers = {
+        "Authorization": "Bearer abc",
+        "proxy-authorization": "Basic xyz",
+        "Cookie": "session=1",
+        "Set-Cookie": "id=2",
+        "X-Api-Key": "k",
+        "X-Amz-Security-Token": "t",
+        "X-Client-Secret": "s",
+        "X-DB-Password": "p",
+        "Idempotency-Key": "i",
+        "Content-Type": "application/json",
+        "Accept": "*/*",
+        "User-Agent": "raptor",
+    }
+    assert redact_headers(headers) == {
+        "Authorization": REDACTED,
+        "proxy-authorization": REDACTED,
+        "Cookie": REDACTED,
+        "Set-Cookie": REDACTED,
+        "X-Api-Key": REDACTED,
+        "X-Amz-Security-Token": REDACTED,
+        "X-Client-Secret": REDACTED,
+        "X-DB-Password": REDACTED,
+        "Idempotency-Key": REDACTED,
+        "Content-Type": "application/json",
+        "Accept": "*/*",
+        "User-Agent": "raptor",
+    }
+    assert headers["Authorization"] == "Bearer abc"  # a copy: the input is untouched
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "could not connect to postgresql://app:s3cret@db:5432/orders",
+            "could not connect to postgresql://db:5432/orders",
+        ),
+        (
+            "GET https://api.example.com/v1/x?api_key=abc123 failed: 503",
+            "GET https://api.example.com/v1/x failed: 503",
+        ),
+        (
+            "host=db port=5432 password=s3cret dbname=x",
+            "host=db port=5432 password=REDACTED dbname=x",
+        ),
+        ('{"user": "bob", "password": "s3cret"}', '{"user": "bob", "password": "REDACTED"}'),
+        ("token: 'abc def'", "token: 'REDACTED'"),
+        ("Authorization: Bearer eyJhbGciOi.x.y rejected", "Authorization: REDACTED rejected"),
+        (
+            "db_password=x&access_token=y&page=2",
+            "db_password=REDACTED&access_token=REDACTED&page=2",
+        ),
+        ("requested /v1/items?sig=abc&user=1 too often", "requested /v1/items too often"),
+        (
+            'FATAL:  password authentication failed for user "bob"',
+            'FATAL:  password authentication failed for user "bob"',
+        ),
+        ("Connection refused", "Connection refused"),
+        ("timeout: 30s", "timeout: 30s"),
+    ],
+)
+def test_safe_exception_message(message: str, expected: str) -> None:
+    assert safe_exception_message(RuntimeError(message)) == expected
+
+
+_SECRET = st.text(
+    alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), max_codepoint=0x7F),
+    min_size=8,
+    max_size=24,
+)
+_KEY = st.sampled_from(
+    [
+        "password",
+        "PASSWORD",
+        "db_password",
+        "api_key",
+        "apikey",
+        "access_token",
+        "secret",
+        "client_secret",
+        "X-Auth-Token",
+        "session_id",
+        "pwd",
+        "signature",
+    ]
+)
+_FORM = st.sampled_from(["{k}={v}", "{k}: {v}", '"{k}": "{v}"', "{k}='{v}'", "{k} = {v}"])
+
+
+@given(_KEY, _SECRET, _FORM, st.text(max_size=20), st.text(max_size=20))
+def test_secret_pairs_never_survive(key: str, secret: str, form: str, pre: str, post: str) -> None:
+    assume(secret not in pre and secret not in post)
+    message = f"{pre} {form.format(k=key, v=secret)} {post}"
+    assert secret not in safe_exception_message(ValueError(message))
+
+
+@given(_SECRET, _SECRET, st.sampled_from(["http", "https", "postgresql", "redis", "amqp"]))
+def test_url_credentials_and_queries_never_survive(user: str, secret: str, scheme: str) -> None:
+    message = f"failed: {scheme}://{user}:{secret}@host.example:1234/path?q={secret}#x{secret}"
+    scrubbed = safe_exception_message(OSError(message))
+    assert secret not in scrubbed
+    assert f"{scheme}://host.example:1234/path" in scrubbed
+
+
+def test_long_messages_are_cut_after_scrubbing() -> None:
+    message = "x" * 2000 + " password=hunter22"
+    out = safe_exception_message(RuntimeError(message), max_length=100)
+    assert len(out) == 100
+    assert out.endswith("…")
+    assert "hunter22" not in safe_exception_message(RuntimeError(message))
+
+
+def test_an_unprintable_exception_does_not_raise() -> None:
+    class Weird(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert (
+        safe_exception_message(Weird())
+        == "<unprintable test_an_unprintable_exception_does_not_raise.<locals>.Weird>"
+    )
+
+
+def _raise_with_secret() -> None:
+    try:
+        raise KeyError("lookup of token=inner-secret failed")
+    except KeyError as inner:
+        raise ConnectionError("https://bob:outer-secret@api/x?key=q-secret") from inner
+
+
+def test_exception_attributes_are_semconv_and_scrubbed() -> None:
+    with pytest.raises(ConnectionError) as info:
+        _raise_with_secret()
+    attributes = exception_attributes(info.value)
+    assert attributes["exception.type"] == "ConnectionError"  # builtins are bare
+    assert attributes["exception.message"] == "https://api/x"
+    stack = attributes["exception.stacktrace"]
+    assert "_raise_with_secret" in stack
+    assert "KeyError" in stack  # the chained cause is kept...
+    for secret in ("inner-secret", "outer-secret", "q-secret"):
+        assert secret not in stack  # ...but scrubbed
+    assert exception_attributes(RuntimeError.__new__(RuntimeError))["exception.type"] == (
+        "RuntimeError"
+    )
+
+
+def test_exception_type_is_qualified_outside_builtins() -> None:
+    from otel_raptor.errors import CircuitOpenError
+
+    assert exception_attributes(CircuitOpenError("db"))["exception.type"] == (
+        "otel_raptor.errors.CircuitOpenError"
+    )
+
+
+def test_record_exception_adds_a_scrubbed_exception_event() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("call") as span:
+        record_exception(span, ValueError("password=hunter2 rejected"), escaped=True)
+    (finished,) = exporter.get_finished_spans()
+    (event,) = finished.events
+    assert event.name == "exception"
+    attributes = dict(event.attributes or {})
+    assert attributes["exception.type"] == "ValueError"
+    assert attributes["exception.message"] == "password=REDACTED rejected"
+    assert "hunter2" not in str(attributes)
+
+
+def test_record_exception_on_a_non_recording_span_is_a_no_op() -> None:
+    record_exception(INVALID_SPAN, ValueError("x"))
+
+
+@pytest.mark.parametrize(
+    "unit",
+    ["a", "a.", "/.", "token", "passwordtoken", "a=", "http:", "x://", "/a?", "a@", "=", "a "],
+)
+def test_scrubbing_is_linear_on_adversarial_input(unit: str) -> None:
+    # A backtracking pattern takes minutes on these; a linear scan, milliseconds.
+    text = unit * (100_000 // len(unit))
+    start = time.perf_counter()
+    scrub_text(text)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_scrub_text_leaves_plain_text_alone() -> None:
+    text = 'Traceback (most recent call last):\n  File "app.py", line 3\nValueError: bad input'
+    assert scrub_text(text) == text
