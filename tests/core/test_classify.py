@@ -842,3 +842,10 @@ class TestRobustness:
                 if isinstance(node, ast.ImportFrom)
             }
             assert not imported & forbidden, mod.__name__
+
+
+def test_docs_list_every_builtin_rule() -> None:
+    docs = Path(__file__).parents[2] / "docs" / "classification.md"
+    text = docs.read_text()
+    missing = [rule.name for rule in BUILTIN_RULES if f"`{rule.name}`" not in text]
+    assert not missing, f"docs/classification.md lacks {missing}"

@@ -750,3 +750,45 @@ class TestFaultyServer:
         assert time.monotonic() - started < 1.0
         assert sock.recv(10) == b""
         sock.close()
+
+
+# -- the public functions (runtime/classifying.py) -----------------------------------------------
+
+
+class TestPublicFunctions:
+    def test_register_rule_reaches_the_default_classifier(self) -> None:
+        from otel_raptor.core.classify import DEFAULT_CLASSIFIER, Rule
+        from otel_raptor.runtime.classifying import register_rule
+
+        rule = Rule(name="test.teapot", category=C.UNAVAILABLE, message=r"^raptor teapot$")
+        register_rule(rule)
+        try:
+            assert classify(RuntimeError("raptor teapot")).rule == "test.teapot"
+        finally:
+            assert DEFAULT_CLASSIFIER.remove_rule(rule)
+        assert classify(RuntimeError("raptor teapot")).category is C.UNKNOWN
+
+    def test_an_internal_failure_is_reported_not_raised(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        from otel_raptor.runtime import classifying, safety
+
+        class Broken:
+            def classify(self, *args: object, **kwargs: object) -> Classification:
+                raise RuntimeError("classifier bug")
+
+        safety._reset_for_tests()
+        monkeypatch.setattr(classifying, "DEFAULT_CLASSIFIER", Broken())
+        result = classify(ConnectionResetError(), context={"critical": True})
+        assert (result.category, result.error_type, result.severity.value) == (
+            C.UNKNOWN,
+            "ConnectionResetError",
+            "high",
+        )
+        assert "classify" in caplog.text
+
+    def test_a_bad_context_is_the_callers_error(self) -> None:
+        from otel_raptor.errors import ConfigError
+
+        with pytest.raises(ConfigError):
+            classify(TimeoutError(), context={"critcal": True})

@@ -39,7 +39,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -145,7 +145,7 @@ class _Unparseable(Exception):
     """The peer sent bytes that are not an HTTP/1.x request."""
 
 
-@dataclass
+@dataclass(eq=False)
 class FaultyHTTPServer:
     """A threaded loopback HTTP/1.1 server that plays a script of faults (see the module doc).
 
@@ -285,8 +285,8 @@ class FaultyHTTPServer:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _spawn(self, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
         self._threads.append(thread)
         thread.start()
 

@@ -31,12 +31,13 @@ Rules
     A :class:`Rule` is a record: matchers (class names, status codes, SQLSTATEs or SQLSTATE
     classes, MySQL error numbers, errnos, SQLite codes, a message regex) that must *all* match,
     and the category (plus optional ``retryable``/``severity`` overrides) they produce. The
-    built-in table is :data:`BUILTIN_RULES`; ``docs/classification.md`` lists it by category.
+    built-in table is :data:`BUILTIN_RULES`; ``docs/classification.md`` lists every rule.
 
 Precedence, within one exception of the chain (the first of these wins)
     1. user rules registered with ``first=True``, newest first;
     2. *signal* rules: those that match a status, SQLSTATE, error number, errno or SQLite code,
-       or a class name *and* a message (redis error prefixes);
+       or a class name *and* a message (redis error prefixes); one naming a more derived class
+       beats one naming a base class or none;
     3. *class* rules: the one naming the most derived class of the MRO;
     4. *message* rules (a regex and nothing else): the last resort.
     Ties go to the rule listed first (user rules registered with ``first=False`` come after
@@ -100,8 +101,8 @@ __all__ = [
     "DEFAULT_RETRYABLE",
     "MAX_CHAIN",
     "REPEAT_THRESHOLD",
-    "ClassifyContext",
     "Classifier",
+    "ClassifyContext",
     "ContextLike",
     "Rule",
     "classify_status",
@@ -156,6 +157,14 @@ DEFAULT_RETRYABLE: Final[Mapping[ErrorCategory, bool]] = {
     _C.CANCELLED: False,
     _C.UNKNOWN: False,
 }
+
+# Rule groups (precedence within one exception) and strengths (along the chain); see the doc.
+_USER = 4
+_SIGNAL = 3
+_CLASS = 2
+_DEFERRED = 1
+_MESSAGE = 0
+_NOTHING = -1
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -270,8 +279,8 @@ class Rule:
     def specificity(self) -> int:
         """3 for a signal rule (incl. class + message), 2 for a class rule, 0 for a message rule."""
         if self._has_signal() or (self.exception_types and self.message is not None):
-            return 3
-        return 2 if self.exception_types else 0
+            return _SIGNAL
+        return _CLASS if self.exception_types else _MESSAGE
 
     @property
     def status_only(self) -> bool:
@@ -648,13 +657,6 @@ ContextLike = ClassifyContext | Mapping[str, object] | None
 
 
 # -- the engine ---------------------------------------------------------------------------------
-
-_USER = 4
-_SIGNAL = 3
-_CLASS = 2
-_DEFERRED = 1
-_MESSAGE = 0
-_NOTHING = -1
 
 # A shape: (class, HTTP status, SQLSTATE, MySQL error number, errno, SQLite error name).
 _Shape = tuple[type, int | None, str | None, int | None, int | None, str | None]

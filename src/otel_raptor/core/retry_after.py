@@ -29,8 +29,8 @@ from typing import Protocol
 __all__ = [
     "MAX_RETRY_AFTER_S",
     "HeaderSource",
-    "parse_retry_after",
     "parse_reset_seconds",
+    "parse_retry_after",
     "retry_after_from_headers",
 ]
 
