@@ -68,7 +68,8 @@ def test_retry_attempts_are_children_of_the_recovery_span(
     for retry in gets[1:]:
         assert retry.parent is not None
         assert retry.parent.span_id == recovery.context.span_id
-    assert recovery.start_time is not None and gets[0].start_time is not None
+    assert recovery.start_time is not None
+    assert gets[0].start_time is not None
     assert recovery.start_time <= gets[0].start_time + 1_000_000  # starts with attempt one
     assert recovery.attributes is not None
     assert recovery.attributes["raptor.recovery.outcome"] == "recovered"
