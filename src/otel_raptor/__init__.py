@@ -6,6 +6,8 @@ publish every decision as an event that the telemetry layer turns into spans and
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from otel_raptor._version import __version__
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.budget import RetryBudget
@@ -37,6 +39,9 @@ from otel_raptor.runtime.recovery import (
 )
 from otel_raptor.runtime.state import Runtime, get_runtime
 
+if TYPE_CHECKING:
+    from otel_raptor.instrumentor import RaptorInstrumentor
+
 __all__ = [
     "BreakerTransitioned",
     "CallRejected",
@@ -54,6 +59,7 @@ __all__ = [
     "Guard",
     "Outcome",
     "RaptorError",
+    "RaptorInstrumentor",
     "RecoveryFinished",
     "RecoveryResult",
     "ResilientClient",
@@ -73,3 +79,13 @@ __all__ = [
     "register_rule",
     "resilient",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # RaptorInstrumentor is imported on first use, so that `import otel_raptor` (for
+    # @resilient, say) does not import opentelemetry-instrumentation and the telemetry layer.
+    if name == "RaptorInstrumentor":
+        from otel_raptor.instrumentor import RaptorInstrumentor  # noqa: PLC0415
+
+        return RaptorInstrumentor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

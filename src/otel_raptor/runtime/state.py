@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager as ContextManager
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.learning import LearnerOptions, StrategyLearner
 from otel_raptor.core.recovery import Strategy
+from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.breaker import BreakerRegistry
 from otel_raptor.runtime.bus import EventBus
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
@@ -74,6 +75,51 @@ class Runtime:
         self._lock = threading.Lock()
         self.recovery_scope: RecoveryScope = _no_scope
         _live_runtimes.add(self)
+
+    @property
+    def budget_ratio(self) -> float:
+        """Retry-budget tokens deposited per call (see :class:`RetryBudget`)."""
+        return self._budget_ratio
+
+    @property
+    def budget_min_retries_per_second(self) -> float:
+        """Retry-budget tokens per second that flow in without calls."""
+        return self._budget_floor
+
+    def configure(
+        self,
+        *,
+        budget_ratio: float | None = None,
+        budget_min_retries_per_second: float | None = None,
+        max_services: int | None = None,
+    ) -> None:
+        """Change the retry-budget shape and the service cap of a runtime already in use.
+
+        The process-wide runtime exists before the instrumentor runs, so the instrumentor
+        reconfigures it rather than replacing it (guards built earlier keep working).
+        ``None`` leaves a setting as it is. A new budget shape drops the existing budgets:
+        each downstream starts a fresh one, with the new shape, at its next failure.
+        ``max_services`` (integer >= 1) applies to names not seen yet (and to new breakers);
+        names already in use keep theirs. Bad values raise ``ConfigError`` before anything
+        changes.
+        """
+        ratio = self._budget_ratio if budget_ratio is None else budget_ratio
+        floor = self._budget_floor
+        if budget_min_retries_per_second is not None:
+            floor = budget_min_retries_per_second
+        RetryBudget(ratio=ratio, min_retries_per_second=floor)  # validates both
+        limit: object = max_services  # typed int, but callers pass anything
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+        ):
+            raise ConfigError("max_services", limit, "an integer >= 1")
+        with self._lock:
+            if (ratio, floor) != (self._budget_ratio, self._budget_floor):
+                self._budget_ratio, self._budget_floor = float(ratio), float(floor)
+                self._budgets = {}
+            if max_services is not None:
+                self.max_services = max_services
+                self.breakers._max = max_services  # the registry's cap follows the runtime's
 
     def service(self, name: str) -> str:
         """``name`` itself, or ``other`` once ``max_services`` distinct names are in use."""

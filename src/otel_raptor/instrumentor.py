@@ -1,0 +1,243 @@
+"""``RaptorInstrumentor``: one line (or ``opentelemetry-instrument``) for resilience + telemetry.
+
+``RaptorInstrumentor().instrument(**kwargs)`` loads the configuration (kwargs >
+``OTEL_PYTHON_RAPTOR_*`` > the TOML file > defaults, see :mod:`otel_raptor.config`),
+reconfigures the process-wide runtime, installs the telemetry sink (spans and metrics for
+every runtime event) and then each enabled integration whose library is installed.
+``uninstrument()`` undoes all of it, integrations first, in reverse order.
+
+What may raise and what may not. A bad keyword argument is the caller's mistake in code: it
+raises :class:`~otel_raptor.errors.ConfigError` before anything is changed. Everything else
+(a bad environment or file value, an integration that fails to import or install, a broken
+telemetry provider) is logged once on the ``otel_raptor`` logger and the rest carries on:
+under ``opentelemetry-instrument`` an exception here would stop every instrumentor loaded
+after this one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
+    BaseInstrumentor,  # that module starts with '# type: ignore'; strict mypy needs both ignores
+)
+
+from otel_raptor.config import RaptorConfig
+from otel_raptor.errors import ConfigError
+from otel_raptor.integrations import INTEGRATIONS
+from otel_raptor.integrations._base import Integration, IntegrationSettings
+from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.runtime.state import RecoveryScope, Runtime, get_runtime
+from otel_raptor.telemetry.sink import TelemetrySink
+
+__all__ = ["RaptorInstrumentor"]
+
+_logger = logging.getLogger("otel_raptor")
+
+# Messages of configuration problems already logged: instrument → uninstrument → instrument
+# must not repeat them. Bounded, since values come from outside.
+_MAX_REPORTED = 256
+_reported: set[str] = set()
+_reported_lock = threading.Lock()
+
+
+def _report_config(error: ConfigError) -> None:
+    """Log a bad environment or file value once; its key falls back to its default."""
+    message = str(error)
+    with _reported_lock:
+        if message in _reported:
+            return
+        if len(_reported) >= _MAX_REPORTED:
+            _reported.clear()
+        _reported.add(message)
+    _logger.warning(
+        "otel_raptor configuration: %s; ignoring it (the file's value or the default applies)",
+        message,
+    )
+
+
+@dataclass(slots=True)
+class _Installed:
+    """What one ``instrument()`` changed, to undo it exactly."""
+
+    config: RaptorConfig
+    runtime: Runtime
+    sink: TelemetrySink | None
+    previous_scope: RecoveryScope
+    previous_budget: tuple[float, float]
+    previous_max_services: int
+    integrations: list[Integration]
+
+
+class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrumentor is untyped
+    """Zero-code resilience for requests, httpx and asyncio, with OpenTelemetry telemetry.
+
+    ``instrument()`` keyword arguments: ``tracer_provider`` and ``meter_provider`` (default:
+    the global ones), plus everything :meth:`RaptorConfig.load` accepts (``retry`` /
+    ``recovery_config``, ``breaker`` / ``circuit_breaker_config``, ``retry_budget``,
+    ``retry_budget_ratio``, ``integrations``, ``breaker_key``, ``max_services``,
+    ``retry_non_idempotent``, ``downstreams``, ``config_file``). With no arguments it does
+    exactly what ``opentelemetry-instrument`` does.
+
+    Like every ``BaseInstrumentor`` it is a singleton: ``RaptorInstrumentor()`` returns the
+    same object each time, and instrumenting twice does nothing the second time.
+    """
+
+    # Class-level defaults: BaseInstrumentor is a singleton whose ``__init__`` runs on every
+    # ``RaptorInstrumentor()``, so instance state must not be (re)set there.
+    _installed: _Installed | None = None
+    _lock = threading.Lock()
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        # Each integration checks for its own library: a missing one must not disable the rest.
+        return ()
+
+    @property
+    def config(self) -> RaptorConfig | None:
+        """The configuration in force, or ``None`` when not instrumented."""
+        installed = self._installed
+        return installed.config if installed is not None else None
+
+    @property
+    def installed_integrations(self) -> tuple[str, ...]:
+        """Names of the integrations installed now, in installation order."""
+        installed = self._installed
+        if installed is None:
+            return ()
+        return tuple(integration.name for integration in installed.integrations)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        tracer_provider = kwargs.pop("tracer_provider", None)
+        meter_provider = kwargs.pop("meter_provider", None)
+        # A bad kwarg raises here, before anything has changed.
+        try:
+            config = RaptorConfig.load(kwargs=kwargs, environ=os.environ, report=_report_config)
+        except ConfigError:
+            raise
+        except Exception as error:  # noqa: BLE001 - our bug: carry on with the kwargs alone
+            report_internal_error("instrumentor.config", error)
+            config = RaptorConfig.load(kwargs=kwargs, environ={}, report=_report_config)
+        with self._lock:
+            if self._installed is not None:
+                return
+            try:
+                self._install(config, tracer_provider, meter_provider)
+            except Exception as error:  # noqa: BLE001 - never stop the app (or the launcher)
+                report_internal_error("instrumentor.instrument", error)
+
+    def _install(self, config: RaptorConfig, tracer_provider: Any, meter_provider: Any) -> None:
+        runtime = get_runtime()
+        installed = _Installed(
+            config=config,
+            runtime=runtime,
+            sink=None,
+            previous_scope=runtime.recovery_scope,
+            previous_budget=(runtime.budget_ratio, runtime.budget_min_retries_per_second),
+            previous_max_services=runtime.max_services,
+            integrations=[],
+        )
+        self._installed = installed
+        try:
+            runtime.configure(
+                budget_ratio=config.retry_budget_ratio,
+                budget_min_retries_per_second=config.retry_budget_min_retries_per_second,
+                max_services=config.max_services,
+            )
+        except Exception as error:  # noqa: BLE001 - validated already; never stop the app
+            report_internal_error("instrumentor.configure_runtime", error)
+        installed.sink = _install_sink(runtime, config, tracer_provider, meter_provider)
+        settings = IntegrationSettings(runtime=runtime, config=config)
+        for name, target in INTEGRATIONS.items():
+            if config.integrations is not None and name not in config.integrations:
+                continue
+            integration = _install_integration(name, target, settings)
+            if integration is not None:
+                installed.integrations.append(integration)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        with self._lock:
+            installed, self._installed = self._installed, None
+            if installed is None:
+                return
+            for integration in reversed(installed.integrations):
+                try:
+                    integration.uninstall()
+                except Exception as error:  # noqa: BLE001 - uninstall the others regardless
+                    report_internal_error(f"instrumentor.uninstall {integration.name}", error)
+            runtime = installed.runtime
+            sink = installed.sink
+            if sink is not None:
+                ours = runtime.recovery_scope == sink.recovery_scope
+                try:
+                    sink.uninstall()
+                except Exception as error:  # noqa: BLE001
+                    report_internal_error("instrumentor.uninstall telemetry", error)
+                if ours:
+                    runtime.recovery_scope = installed.previous_scope
+            try:
+                ratio, floor = installed.previous_budget
+                runtime.configure(
+                    budget_ratio=ratio,
+                    budget_min_retries_per_second=floor,
+                    max_services=installed.previous_max_services,
+                )
+            except Exception as error:  # noqa: BLE001
+                report_internal_error("instrumentor.restore_runtime", error)
+
+
+def _install_sink(
+    runtime: Runtime, config: RaptorConfig, tracer_provider: Any, meter_provider: Any
+) -> TelemetrySink | None:
+    try:
+        sink = TelemetrySink(
+            runtime=runtime,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            max_services=config.max_services,
+            max_breakers=config.max_services,
+        )
+        sink.install()
+    except Exception as error:  # noqa: BLE001 - resilience still works without telemetry
+        report_internal_error("instrumentor.telemetry", error)
+        return None
+    return sink
+
+
+def _install_integration(
+    name: str, target: str, settings: IntegrationSettings
+) -> Integration | None:
+    """Import, check and install one integration; ``None`` when skipped or failed."""
+    try:
+        module_name, _, class_name = target.partition(":")
+        integration: Integration = getattr(importlib.import_module(module_name), class_name)()
+        if not _importable(integration.library):
+            _logger.debug("otel_raptor: %s is not installed; skipping its integration", name)
+            return None
+    except Exception as error:  # noqa: BLE001 - one broken integration must not stop the rest
+        report_internal_error(f"instrumentor.load {name}", error)
+        return None
+    try:
+        integration.install(settings)
+    except Exception as error:  # noqa: BLE001
+        report_internal_error(f"instrumentor.install {name}", error)
+        try:
+            integration.uninstall()  # undo whatever it did before failing
+        except Exception as undo_error:  # noqa: BLE001
+            report_internal_error(f"instrumentor.uninstall {name}", undo_error)
+        return None
+    return integration
+
+
+def _importable(library: str) -> bool:
+    """Whether ``library`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(library) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a broken __spec__
+        return False

@@ -1,0 +1,380 @@
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+
+from otel_raptor import ConfigError, RaptorInstrumentor, classify
+from otel_raptor import environment_variables as ev
+from otel_raptor import instrumentor as instrumentor_module
+from otel_raptor.core.events import ErrorClassified
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.runtime.state import Runtime, get_runtime, set_runtime
+
+# --- fake integrations, loaded by "module:Class" like the real ones ------------------------------
+
+calls: list[str] = []
+
+
+class _Fake:
+    name = ""
+    library = "json"  # importable
+    fail = False
+
+    def __init__(self) -> None:
+        self.settings: IntegrationSettings | None = None
+
+    def install(self, settings: IntegrationSettings) -> None:
+        calls.append(f"install {self.name}")
+        self.settings = settings
+        installed[self.name] = self
+        if self.fail:
+            raise RuntimeError("boom")
+
+    def uninstall(self) -> None:
+        calls.append(f"uninstall {self.name}")
+
+
+installed: dict[str, _Fake] = {}
+
+
+class FakeRequests(_Fake):
+    name = "requests"
+
+
+class FakeHttpx(_Fake):
+    name = "httpx"
+
+
+class FakeAsyncio(_Fake):
+    name = "asyncio"
+
+
+class MissingLibrary(_Fake):
+    name = "httpx"
+    library = "no_such_library_for_raptor_tests"
+
+
+class Failing(_Fake):
+    name = "httpx"
+    fail = True
+
+
+FAKES = {
+    "requests": f"{__name__}:FakeRequests",
+    "httpx": f"{__name__}:FakeHttpx",
+    "asyncio": f"{__name__}:FakeAsyncio",
+}
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    fresh = Runtime()
+    previous = set_runtime(fresh)
+    yield fresh
+    set_runtime(previous)
+
+
+@pytest.fixture
+def instrumentor(monkeypatch: pytest.MonkeyPatch, runtime: Runtime) -> Iterator[RaptorInstrumentor]:
+    for name in list(os.environ):
+        if name.startswith("OTEL_PYTHON_RAPTOR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(instrumentor_module, "INTEGRATIONS", dict(FAKES))
+    monkeypatch.setattr(instrumentor_module, "_reported", set())
+    calls.clear()
+    installed.clear()
+    subject = RaptorInstrumentor()
+    yield subject
+    if subject.is_instrumented_by_opentelemetry:
+        subject.uninstrument()
+
+
+def test_it_is_a_singleton_exported_lazily() -> None:
+    import otel_raptor
+
+    assert RaptorInstrumentor() is RaptorInstrumentor()
+    assert otel_raptor.RaptorInstrumentor is instrumentor_module.RaptorInstrumentor
+    assert RaptorInstrumentor().instrumentation_dependencies() == ()
+
+
+def test_instrument_uninstrument_instrument(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    instrumentor.instrument()
+    assert instrumentor.is_instrumented_by_opentelemetry
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")
+    settings = installed["requests"].settings
+    assert settings is not None
+    assert settings.runtime is runtime
+    assert settings.config is instrumentor.config
+    instrumentor.uninstrument()
+    assert not instrumentor.is_instrumented_by_opentelemetry
+    assert instrumentor.config is None
+    assert instrumentor.installed_integrations == ()
+    instrumentor.instrument()
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")
+    instrumentor.uninstrument()
+    assert (
+        calls
+        == [
+            "install requests",
+            "install httpx",
+            "install asyncio",
+            "uninstall asyncio",
+            "uninstall httpx",
+            "uninstall requests",
+        ]
+        * 2
+    )
+
+
+def test_instrumenting_twice_installs_once(instrumentor: RaptorInstrumentor) -> None:
+    instrumentor.instrument()
+    instrumentor.instrument()
+    RaptorInstrumentor().instrument(integrations=["requests"])
+    assert calls == ["install requests", "install httpx", "install asyncio"]
+    # A direct second call of the hook is guarded too.
+    instrumentor._instrument()
+    assert len(calls) == 3
+
+
+def test_integrations_are_chosen_by_kwarg(instrumentor: RaptorInstrumentor) -> None:
+    instrumentor.instrument(integrations=["asyncio", "requests"])
+    assert instrumentor.installed_integrations == ("requests", "asyncio")
+
+
+def test_integrations_are_chosen_by_env_var(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS, "httpx")
+    instrumentor.instrument()
+    assert instrumentor.installed_integrations == ("httpx",)
+    instrumentor.uninstrument()
+    instrumentor.instrument(integrations=["requests"])  # kwargs beat the environment
+    assert instrumentor.installed_integrations == ("requests",)
+
+
+def test_an_integration_whose_library_is_missing_is_skipped(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "httpx", f"{__name__}:MissingLibrary")
+    instrumentor.instrument()
+    assert instrumentor.installed_integrations == ("requests", "asyncio")
+    assert "install httpx" not in calls
+
+
+def test_a_failing_integration_does_not_stop_the_others(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "httpx", f"{__name__}:Failing")
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "requests", f"{__name__}:Nowhere")
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument()
+    assert instrumentor.is_instrumented_by_opentelemetry
+    assert instrumentor.installed_integrations == ("asyncio",)
+    # The failed one is asked to undo what it did before failing.
+    assert calls == ["install httpx", "uninstall httpx", "install asyncio"]
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "instrumentor.install httpx" in messages
+    assert "instrumentor.load requests" in messages
+
+
+def test_a_bad_kwarg_raises_and_changes_nothing(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        instrumentor.instrument(recovery_config={"max_retries": -1})
+    assert (caught.value.key, caught.value.value) == ("retry.max_retries", -1)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+    assert calls == []
+    assert not runtime.bus.has_subscribers
+    instrumentor.instrument()  # and a good call afterwards works
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")
+
+
+def test_a_bad_env_value_is_logged_once_and_the_app_starts(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES, "lots")
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_RECOVERY_BASE_DELAY, "0.25")
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument()
+        instrumentor.uninstrument()
+        instrumentor.instrument()
+    warnings = [r.getMessage() for r in caplog.records if "configuration" in r.getMessage()]
+    assert warnings == [
+        "otel_raptor configuration: invalid OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES='lots': "
+        "expected an integer; ignoring it (the file's value or the default applies)"
+    ]
+    assert instrumentor.config is not None
+    assert instrumentor.config.retry.max_retries == 3
+    assert instrumentor.config.retry.base_delay == 0.25
+
+
+def test_the_runtime_is_configured_and_restored(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    before = (runtime.budget_ratio, runtime.budget_min_retries_per_second, runtime.max_services)
+    instrumentor.instrument(
+        retry_budget={"ratio": 0.5, "min_retries_per_second": 1}, max_services=8
+    )
+    assert (runtime.budget_ratio, runtime.budget_min_retries_per_second) == (0.5, 1.0)
+    assert runtime.max_services == 8
+    assert runtime.breakers.max_breakers == 8
+    assert runtime.budget("svc").ratio == 0.5
+    instrumentor.uninstrument()
+    assert (
+        runtime.budget_ratio,
+        runtime.budget_min_retries_per_second,
+        runtime.max_services,
+    ) == before
+    assert runtime.budget("svc").ratio == before[0]
+
+
+def test_telemetry_is_installed_with_the_given_providers_and_removed(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    tracer_provider = TracerProvider()
+    scope_before = runtime.recovery_scope
+    instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    assert runtime.recovery_scope is not scope_before
+    event = ErrorClassified("api.example:443", classify(ConnectionResetError()), 1)
+    runtime.bus.publish(event)
+
+    def errors_counted() -> float:
+        data = reader.get_metrics_data()
+        points = [
+            point.value
+            for resource in (data.resource_metrics if data else [])
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "raptor.errors"
+            for point in metric.data.data_points
+        ]
+        return sum(points)
+
+    assert errors_counted() == 1
+    instrumentor.uninstrument()
+    assert runtime.recovery_scope is scope_before
+    assert not runtime.bus.has_subscribers
+    runtime.bus.publish(event)
+    assert errors_counted() == 1
+
+
+# --- packaging and the launcher ------------------------------------------------------------------
+
+
+def test_the_entry_point_is_registered() -> None:
+    [entry_point] = [
+        ep
+        for ep in importlib.metadata.entry_points(group="opentelemetry_instrumentor")
+        if ep.name == "raptor"
+    ]
+    assert entry_point.value == "otel_raptor.instrumentor:RaptorInstrumentor"
+    assert entry_point.load() is RaptorInstrumentor
+
+
+def test_no_missing_library_disables_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.instrumentation import dependencies
+
+    distribution = importlib.metadata.distribution("otel-raptor")
+    requires = distribution.requires or []
+    assert not [r for r in requires if 'extra == "instruments"' in r]
+    assert {r.split(";")[0] for r in requires if 'extra == "instruments-any"' in r} == {
+        "requests>=2.0",
+        "httpx>=0.18",
+        "otel-raptor",
+    }
+    assert dependencies.get_dist_dependency_conflicts(distribution) is None
+
+    real_version = dependencies.version
+
+    def version(name: str) -> str:
+        if name in {"requests", "httpx"}:
+            raise dependencies.PackageNotFoundError(name)
+        return real_version(name)
+
+    # Neither HTTP library installed: the plugin still loads (for asyncio).
+    monkeypatch.setattr(dependencies, "version", version)
+    assert dependencies.get_dist_dependency_conflicts(distribution) is None
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from otel_raptor import RaptorInstrumentor
+    print("raptor", RaptorInstrumentor().is_instrumented_by_opentelemetry)
+    """
+)
+
+
+def _run_under_opentelemetry_instrument(tmp_path: Path, **extra_env: str) -> str:
+    launcher = Path(sys.executable).with_name("opentelemetry-instrument")
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "PYTEST_"))
+    }
+    env.update(
+        OTEL_TRACES_EXPORTER="none",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_PYTHON_RAPTOR_INTEGRATIONS="asyncio",
+        **extra_env,
+    )
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run(
+        [str(launcher), sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_opentelemetry_instrument_loads_it(tmp_path: Path) -> None:
+    assert _run_under_opentelemetry_instrument(tmp_path) == "raptor True"
+
+
+def test_disabled_instrumentations_turns_it_off(tmp_path: Path) -> None:
+    output = _run_under_opentelemetry_instrument(
+        tmp_path, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="raptor"
+    )
+    assert output == "raptor False"
+
+
+def test_importing_the_package_does_not_import_opentelemetry_instrumentation() -> None:
+    code = (
+        "import sys, otel_raptor; "
+        "print(sorted(m for m in sys.modules "
+        "if m.startswith(('opentelemetry.instrumentation', 'otel_raptor.telemetry', "
+        "'otel_raptor.instrumentor'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_process_wide_runtime_is_the_one_configured(instrumentor: RaptorInstrumentor) -> None:
+    instrumentor.instrument(max_services=5)
+    assert get_runtime().max_services == 5
