@@ -35,7 +35,7 @@ from otel_raptor.telemetry.instruments import (
 )
 
 # UCUM units we allow: seconds, dimensionless, and annotations in braces.
-_UNIT = re.compile(r"^(s|1|\{[a-z_]+\})$")
+_UNIT = re.compile(r"^(s|1|%|\{[a-z_]+\})$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _SEMCONV = {
     "error.type",

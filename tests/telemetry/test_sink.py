@@ -614,7 +614,7 @@ def test_gauges_read_breaker_and_budget_snapshots(h: Harness) -> None:
             "raptor.circuit_breaker.failure_rate_threshold",
             "raptor.retry_budget.tokens",
         )
-    ] == ["1", "1", "1", "{token}"]
+    ] == ["1", "%", "1", "{token}"]
     # The trip came through the bus: the transition was counted too.
     assert h.points("raptor.circuit_breaker.transitions") == {
         attrs(

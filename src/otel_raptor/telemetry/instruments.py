@@ -388,7 +388,7 @@ METRIC_BREAKER_STATE: Final = InstrumentSpec(
 METRIC_BREAKER_HEALTH: Final = InstrumentSpec(
     name="raptor.circuit_breaker.health",
     kind=InstrumentKind.OBSERVABLE_GAUGE,
-    unit="1",
+    unit="%",
     attributes=(ATTR_BREAKER_NAME,),
     description="Health score, 0 (open) to 100 (no failures in the window).",
 )

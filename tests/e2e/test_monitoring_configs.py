@@ -1,0 +1,931 @@
+"""The monitoring configs (``collector/``, ``grafana/``) against the telemetry contract.
+
+* Every series and label that an alert rule or a dashboard query names is one that some
+  instrument of ``INSTRUMENTS`` produces once the OpenTelemetry Collector's ``prometheus``
+  exporter has translated it, and every label value compared with an enum is one of its values.
+* ``promtool`` accepts the rules and the Prometheus config, and the rules' unit tests
+  (``collector/rules/raptor-alerts.test.yml``) pass: the alerts are proven to fire, and their
+  near misses proven not to.
+* The collector config's pipelines name only components it defines; the Grafana dashboard
+  and provisioning files have a sane structure; docs/monitoring.md's name table is right.
+
+The OTel -> Prometheus name translation is written once, here (``collector_series``), after
+the OpenTelemetry specification "Prometheus and OpenMetrics Compatibility" (section "OTLP
+Metric points to Prometheus") and the collector's translator (``normalizeName`` in
+prometheus/otlptranslator, used by the contrib ``prometheus`` exporter). PyYAML is not a
+dependency: a small parser for the block-style YAML these files use is here too
+(``load_yaml``); tests/e2e/test_prometheus.py checks it against Prometheus' own parser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_raptor.core.classification import ErrorCategory, Severity
+from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.retry import GiveUpReason
+from otel_raptor.core.states import CircuitState, TransitionReason
+from otel_raptor.telemetry.instruments import (
+    ATTR_BREAKER_FROM_STATE,
+    ATTR_BREAKER_STATE,
+    ATTR_BREAKER_TO_STATE,
+    ATTR_BREAKER_TRANSITION_REASON,
+    ATTR_ERROR_CATEGORY,
+    ATTR_ERROR_SEVERITY,
+    ATTR_RECOVERY_GIVE_UP_REASON,
+    ATTR_RECOVERY_OUTCOME,
+    ATTR_RECOVERY_STRATEGY,
+    INSTRUMENTS,
+    METRIC_BREAKER_HEALTH,
+    METRIC_BREAKER_STATE,
+    METRIC_ERRORS,
+    METRIC_RECOVERIES,
+    METRIC_RECOVERY_DURATION,
+    METRIC_RETRY_BUDGET_TOKENS,
+    InstrumentKind,
+    InstrumentSpec,
+)
+from tests.support.services import services_required
+
+ROOT = Path(__file__).resolve().parents[2]
+COLLECTOR_DIR = ROOT / "collector"
+RULES = COLLECTOR_DIR / "rules" / "raptor-alerts.yml"
+RULES_TEST = COLLECTOR_DIR / "rules" / "raptor-alerts.test.yml"
+PROMETHEUS_CONFIG = COLLECTOR_DIR / "prometheus.yml"
+COLLECTOR_CONFIG = COLLECTOR_DIR / "otel-collector.yaml"
+DASHBOARD = ROOT / "grafana" / "dashboards" / "otel-raptor.json"
+PROVISIONING = ROOT / "grafana" / "provisioning"
+MONITORING_DOC = ROOT / "docs" / "monitoring.md"
+
+#: The scrape job of collector/prometheus.yml for applications that expose their metrics
+#: with the Python Prometheus exporter (no collector in between).
+DIRECT_JOB = "otel-raptor-direct"
+
+# ----------------------------------------------------------------- name translation
+
+
+#: UCUM unit -> Prometheus unit word (the collector's ``unitMap``, the cases that matter).
+_UNIT_WORDS = {
+    "d": "days",
+    "h": "hours",
+    "min": "minutes",
+    "s": "seconds",
+    "ms": "milliseconds",
+    "us": "microseconds",
+    "ns": "nanoseconds",
+    "By": "bytes",
+    "KiBy": "kibibytes",
+    "MiBy": "mebibytes",
+    "m": "meters",
+    "1": "",
+    "%": "percent",
+}
+_PER_UNIT_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week"}
+
+
+def _unit_word(unit: str, words: dict[str, str]) -> str:
+    unit = unit.strip()
+    # `{packet}`: a "count of" annotation, unitless in Prometheus; dropped whole.
+    if not unit or "{" in unit or "}" in unit:
+        return ""
+    return re.sub(r"[^a-zA-Z0-9]+", "_", words.get(unit, unit)).strip("_")
+
+
+def prometheus_metric_name(spec: InstrumentSpec, *, ratio_suffix: bool = True) -> str:
+    """The metric family name a Prometheus exporter writes for ``spec``.
+
+    Tokens of ``[a-zA-Z0-9:]`` joined by ``_``; the unit as a word appended unless already a
+    token (``s`` -> ``seconds``, ``{error}`` dropped, ``a/b`` -> ``a_per_b``); ``_total``
+    last for a counter; ``_ratio`` last for a gauge of unit ``1``. ``ratio_suffix=False`` is
+    the Python Prometheus exporter, which maps ``1`` to nothing.
+    """
+    tokens = [token for token in re.split(r"[^a-zA-Z0-9:]+", spec.name) if token]
+    main, _, per = spec.unit.partition("/")
+    main_word = _unit_word(main, _UNIT_WORDS)
+    per_word = _unit_word(per, _PER_UNIT_WORDS)
+    if main_word and main_word not in tokens:
+        tokens.append(main_word)
+    if per_word and per_word not in tokens:
+        tokens += ["per", per_word]
+    if spec.kind is InstrumentKind.COUNTER:
+        tokens = [token for token in tokens if token != "total"] + ["total"]
+    if ratio_suffix and spec.unit == "1" and spec.kind is InstrumentKind.OBSERVABLE_GAUGE:
+        tokens = [token for token in tokens if token != "ratio"] + ["ratio"]
+    name = "_".join(tokens)
+    return "_" + name if name[:1].isdigit() else name
+
+
+def prometheus_series(spec: InstrumentSpec, *, ratio_suffix: bool = True) -> tuple[str, ...]:
+    """Every series name ``spec`` produces: a histogram's ``_bucket``/``_sum``/``_count``."""
+    name = prometheus_metric_name(spec, ratio_suffix=ratio_suffix)
+    if spec.kind is InstrumentKind.HISTOGRAM:
+        return (f"{name}_bucket", f"{name}_sum", f"{name}_count")
+    return (name,)
+
+
+def prometheus_label(key: str) -> str:
+    """An attribute key as a label name: invalid characters -> ``_``, runs of ``_`` -> one."""
+    label = re.sub(r"_+", "_", re.sub(r"[^a-zA-Z0-9_]", "_", key))
+    return "key" + label if label[:1].isdigit() else label
+
+
+#: Labels that every series carries besides its attributes: `job`/`instance` (from the
+#: scrape or from service.name / service.instance.id) and the instrumentation scope.
+STANDARD_LABELS = frozenset(
+    {"job", "instance", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"}
+)
+
+
+@dataclass(frozen=True)
+class KnownSeries:
+    spec: InstrumentSpec | None
+    labels: frozenset[str]
+
+
+def known_series() -> dict[str, KnownSeries]:
+    """Series name -> the instrument producing it and the labels it may carry."""
+    known: dict[str, KnownSeries] = {}
+    for spec in INSTRUMENTS:
+        attributes = frozenset(prometheus_label(key) for key in spec.attributes)
+        for series in prometheus_series(spec):
+            extra = {"le"} if series.endswith("_bucket") else set()
+            assert series not in known, f"two instruments produce {series}"
+            known[series] = KnownSeries(spec, attributes | STANDARD_LABELS | extra)
+    # Prometheus' own series of alert states, used by the dashboard.
+    known["ALERTS"] = KnownSeries(None, frozenset({"alertname", "alertstate", "severity", "job"}))
+    return known
+
+
+#: Label -> the values it can take (the enums behind the attributes).
+ENUM_LABELS: dict[str, frozenset[str]] = {
+    prometheus_label(ATTR_BREAKER_STATE): frozenset(s.value for s in CircuitState),
+    prometheus_label(ATTR_BREAKER_FROM_STATE): frozenset(s.value for s in CircuitState),
+    prometheus_label(ATTR_BREAKER_TO_STATE): frozenset(s.value for s in CircuitState),
+    prometheus_label(ATTR_BREAKER_TRANSITION_REASON): frozenset(r.value for r in TransitionReason),
+    prometheus_label(ATTR_RECOVERY_OUTCOME): frozenset(o.value for o in Outcome),
+    prometheus_label(ATTR_RECOVERY_STRATEGY): frozenset(s.value for s in Strategy),
+    prometheus_label(ATTR_ERROR_SEVERITY): frozenset(s.value for s in Severity),
+    prometheus_label(ATTR_ERROR_CATEGORY): frozenset(c.value for c in ErrorCategory) | {"other"},
+    prometheus_label(ATTR_RECOVERY_GIVE_UP_REASON): frozenset(r.value for r in GiveUpReason)
+    | {"other"},
+    "alertstate": frozenset({"pending", "firing"}),
+}
+
+
+def test_translation_gives_the_names_the_rules_and_dashboard_use() -> None:
+    # Anchors for the function above, straight from the spec's examples and rules.
+    assert prometheus_series(METRIC_ERRORS) == ("raptor_errors_total",)
+    assert prometheus_series(METRIC_RECOVERIES) == ("raptor_recoveries_total",)
+    assert prometheus_series(METRIC_RECOVERY_DURATION) == (
+        "raptor_recovery_duration_seconds_bucket",
+        "raptor_recovery_duration_seconds_sum",
+        "raptor_recovery_duration_seconds_count",
+    )
+    assert prometheus_series(METRIC_BREAKER_STATE) == ("raptor_circuit_breaker_state_ratio",)
+    assert prometheus_series(METRIC_BREAKER_HEALTH) == ("raptor_circuit_breaker_health_percent",)
+    assert prometheus_series(METRIC_RETRY_BUDGET_TOKENS) == ("raptor_retry_budget_tokens",)
+    assert prometheus_series(METRIC_BREAKER_STATE, ratio_suffix=False) == (
+        "raptor_circuit_breaker_state",
+    )
+    assert prometheus_label("raptor.circuit_breaker.transition.reason") == (
+        "raptor_circuit_breaker_transition_reason"
+    )
+    assert prometheus_label("error.type") == "error_type"
+    spec = InstrumentSpec(
+        name="http.server.request.duration_seconds",
+        kind=InstrumentKind.HISTOGRAM,
+        unit="s",
+        attributes=(),
+        description="",
+    )
+    assert prometheus_metric_name(spec) == "http_server_request_duration_seconds"
+    spec = InstrumentSpec(
+        name="net.io", kind=InstrumentKind.COUNTER, unit="By/s", attributes=(), description=""
+    )
+    assert prometheus_metric_name(spec) == "net_io_bytes_per_second_total"
+
+
+# ----------------------------------------------------------------- a small YAML reader
+
+_KEY = re.compile(
+    r"""^(?:"[^"]*"|'[^']*'|[^\s"'\[{#&*!|>%@`-][^:#]*?|-[^\s:#][^:#]*?)\s*:(?:\s|$)"""
+)
+_BLOCK_SCALAR = re.compile(r"^[|>][-+]?$")
+_INT = re.compile(r"^[-+]?\d+$")
+_FLOAT = re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$")
+
+
+def _strip_comment(line: str) -> str:
+    quote = ""
+    for index, char in enumerate(line):
+        if quote:
+            if char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1] in " \t"):
+            return line[:index]
+    return line
+
+
+def _split_flow(text: str) -> list[str]:
+    parts, depth, quote, start = [], 0, "", 0
+    for index, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    if text.startswith('"'):
+        return json.loads(text)  # the escapes these files use are JSON's
+    if text.startswith("'"):
+        assert text.endswith("'"), text
+        return text[1:-1].replace("''", "'")
+    if text.startswith("["):
+        assert text.endswith("]"), text
+        return [_scalar(part) for part in _split_flow(text[1:-1])]
+    if text.startswith("{"):
+        assert text.endswith("}"), text
+        pairs = (part.split(":", 1) for part in _split_flow(text[1:-1]))
+        return {_scalar(key): _scalar(value) for key, value in pairs}
+    if text in ("true", "false"):
+        return text == "true"
+    if text in ("null", "~"):
+        return None
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return float(text)
+    return text
+
+
+class _YamlReader:
+    """Block mappings and sequences, plain/quoted/flow scalars, ``|`` and ``>`` blocks."""
+
+    def __init__(self, text: str) -> None:
+        self._lines = text.splitlines()
+        self._pos = 0
+
+    def _peek(self) -> tuple[int, str] | None:
+        while self._pos < len(self._lines):
+            content = _strip_comment(self._lines[self._pos]).rstrip()
+            if content.strip() in ("", "---"):
+                self._pos += 1
+                continue
+            assert "\t" not in content[: len(content) - len(content.lstrip())], "tab indent"
+            return len(content) - len(content.lstrip(" ")), content.strip()
+        return None
+
+    @staticmethod
+    def _is_item(text: str) -> bool:
+        return text == "-" or text.startswith("- ")
+
+    def document(self) -> Any:
+        first = self._peek()
+        if first is None:
+            return None
+        value = self._block(first[0])
+        rest = self._peek()
+        assert rest is None, f"unparsed YAML from line {self._pos + 1}: {rest}"
+        return value
+
+    def _block(self, indent: int) -> Any:
+        line = self._peek()
+        assert line is not None
+        return self._sequence(indent) if self._is_item(line[1]) else self._mapping(indent)
+
+    def _sequence(self, indent: int) -> list[Any]:
+        items: list[Any] = []
+        while (line := self._peek()) is not None and line[0] == indent and self._is_item(line[1]):
+            rest = line[1][1:].strip()
+            if not rest:
+                self._pos += 1
+                nested = self._peek()
+                items.append(self._block(nested[0]) if nested and nested[0] > indent else None)
+            elif _KEY.match(rest):
+                # `- key: value` opens a mapping indented like `key`: read it as such.
+                raw = self._lines[self._pos]
+                dash = raw.index("-")
+                self._lines[self._pos] = raw[:dash] + " " + raw[dash + 1 :]
+                items.append(self._mapping(indent + 1 + (len(line[1]) - 1 - len(rest))))
+            else:
+                self._pos += 1
+                items.append(self._value(rest, indent))
+        return items
+
+    def _mapping(self, indent: int) -> dict[str, Any]:
+        mapping: dict[str, Any] = {}
+        while (line := self._peek()) is not None and line[0] == indent:
+            if self._is_item(line[1]):
+                break
+            match = _KEY.match(line[1])
+            assert match, f"not a mapping key at line {self._pos + 1}: {line[1]!r}"
+            key = _scalar(match.group(0).rstrip()[:-1])
+            assert key not in mapping, f"duplicate key {key!r} at line {self._pos + 1}"
+            self._pos += 1
+            mapping[str(key)] = self._value(line[1][match.end() :].strip(), indent)
+        line = self._peek()
+        assert line is None or line[0] < indent or (line[0] == indent and self._is_item(line[1])), (
+            f"bad indentation at line {self._pos + 1}: {line}"
+        )
+        return mapping
+
+    def _value(self, rest: str, indent: int) -> Any:
+        if _BLOCK_SCALAR.match(rest):
+            return self._block_scalar(rest, indent)
+        if rest:
+            return _scalar(rest)
+        nested = self._peek()
+        if nested is None:
+            return None
+        if nested[0] > indent:
+            return self._block(nested[0])
+        if nested[0] == indent and self._is_item(nested[1]):
+            return self._sequence(indent)
+        return None
+
+    def _block_scalar(self, style: str, indent: int) -> str:
+        lines: list[str] = []
+        block_indent: int | None = None
+        while self._pos < len(self._lines):
+            raw = self._lines[self._pos]
+            if not raw.strip():
+                lines.append("")
+                self._pos += 1
+                continue
+            own = len(raw) - len(raw.lstrip(" "))
+            if own <= indent or (block_indent is not None and own < block_indent):
+                break
+            block_indent = own if block_indent is None else block_indent
+            lines.append(raw[block_indent:])
+            self._pos += 1
+        while lines and not lines[-1]:
+            lines.pop()
+        text = "\n".join(lines) if style[0] == "|" else _fold(lines)
+        return text if style.endswith("-") else text + "\n"
+
+
+def _fold(lines: list[str]) -> str:
+    """``>`` folding: lines joined by spaces, an empty line kept as a line break."""
+    text = ""
+    for line in lines:
+        if not line:
+            text += "\n"
+        elif text and not text.endswith("\n"):
+            text += " " + line
+        else:
+            text += line
+    return text
+
+
+def load_yaml(path: Path) -> Any:
+    """The document in ``path``, for the block-style YAML subset these configs use."""
+    return _YamlReader(path.read_text(encoding="utf-8")).document()
+
+
+def test_the_yaml_reader_reads_what_the_configs_use(tmp_path: Path) -> None:
+    source = tmp_path / "sample.yml"
+    source.write_text(
+        "# comment\n"
+        "a: 1\n"
+        "b: 'it''s' # trailing comment\n"
+        'c: "x: y # not a comment"\n'
+        "d:\n"
+        "  - plain\n"
+        "  - key: v\n"
+        "    other: [x, 'y', 2]\n"
+        "  -\n"
+        "    nested: true\n"
+        "e: |\n"
+        "  line one\n"
+        "    indented\n"
+        "f: >-\n"
+        "  folded\n"
+        "  text\n"
+        "g:\n"
+        "- same-indent item\n"
+        "h: {}\n"
+        "i: null\n"
+        "j: 0.5\n",
+        encoding="utf-8",
+    )
+    assert load_yaml(source) == {
+        "a": 1,
+        "b": "it's",
+        "c": "x: y # not a comment",
+        "d": ["plain", {"key": "v", "other": ["x", "y", 2]}, {"nested": True}],
+        "e": "line one\n  indented\n",
+        "f": "folded text",
+        "g": ["same-indent item"],
+        "h": {},
+        "i": None,
+        "j": 0.5,
+    }
+
+
+# ----------------------------------------------------------------- a small PromQL reader
+
+_PROMQL_TOKEN = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+    | (?P<range>\[[^\]]*\])
+    | (?P<duration>(?:\d+(?:ms|[smhdwy]))+(?![\w.]))
+    | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+    | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+    | (?P<variable>\$\{?\w+\}?)
+    | (?P<op>=~|!~|!=|==|>=|<=|[-+*/%^(){},=<>@])
+    """,
+    re.VERBOSE,
+)
+_GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+_KEYWORDS = _GROUPING | {"offset", "bool", "and", "or", "unless", "atan2", "Inf", "NaN"}
+_LABEL_VALUES = re.compile(r"^\s*label_values\((?:(?P<selector>.*),)?\s*(?P<label>\w+)\s*\)\s*$")
+
+
+@dataclass(frozen=True)
+class Matcher:
+    label: str
+    op: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Selector:
+    name: str | None
+    matchers: tuple[Matcher, ...]
+
+
+@dataclass
+class Query:
+    selectors: list[Selector] = field(default_factory=list)
+    grouping: set[str] = field(default_factory=set)
+    variables: set[str] = field(default_factory=set)
+
+
+def _unquote(token: str) -> str:
+    if token.startswith('"'):
+        return str(json.loads(token))
+    return token[1:-1]
+
+
+def read_promql(expr: str) -> Query:
+    """The series selectors, grouping labels and ``$variables`` of a PromQL expression (or of a
+    Grafana ``label_values(selector, label)`` variable query)."""
+    query = Query()
+    template = _LABEL_VALUES.match(expr)
+    if template:
+        query.grouping.add(template.group("label"))
+        expr = template.group("selector") or ""
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(expr):
+        match = _PROMQL_TOKEN.match(expr, pos)
+        assert match, f"cannot read PromQL at {expr[pos:]!r}"
+        pos = match.end()
+        kind = match.lastgroup or ""
+        if kind == "space":
+            continue
+        if kind in ("range", "string"):
+            query.variables.update(re.findall(r"\$\{?(\w+)\}?", match.group()))
+        if kind == "variable":
+            query.variables.add(match.group().strip("${}"))
+        tokens.append((kind, match.group()))
+
+    def text(index: int) -> str:
+        return tokens[index][1] if index < len(tokens) else ""
+
+    index = 0
+    while index < len(tokens):
+        kind, token = tokens[index]
+        if kind == "ident" and token in _GROUPING:
+            index += 1
+            if text(index) == "(":
+                index += 1
+                while text(index) != ")":
+                    if tokens[index][0] == "ident":
+                        query.grouping.add(tokens[index][1])
+                    index += 1
+            continue
+        if kind == "ident" and token not in _KEYWORDS and text(index + 1) != "(":
+            if text(index + 1) in ("by", "without"):  # `sum by (...) (...)`
+                index += 1
+                continue
+            name: str | None = token
+            index += 1
+        elif token == "{":
+            name = None
+        else:
+            index += 1
+            continue
+        matchers: list[Matcher] = []
+        if text(index) == "{":
+            index += 1
+            while text(index) != "}":
+                if text(index) == ",":
+                    index += 1
+                    continue
+                label, op, value = text(index), text(index + 1), text(index + 2)
+                assert tokens[index + 2][0] == "string", f"bad matcher in {expr!r}"
+                matchers.append(Matcher(label, op, _unquote(value)))
+                index += 3
+            index += 1
+        query.selectors.append(Selector(name, tuple(matchers)))
+    return query
+
+
+def test_the_promql_reader_finds_selectors_labels_and_variables() -> None:
+    query = read_promql(
+        'sum by (job, a_b) (rate(x_total{a_b=~"p|q", c!="", job=~"$job"}[$__rate_interval]))'
+        " / on (job) group_left max(y_ratio offset 5m) > 0.05 and z == bool 1"
+    )
+    matchers = (Matcher("a_b", "=~", "p|q"), Matcher("c", "!=", ""), Matcher("job", "=~", "$job"))
+    assert query.selectors == [
+        Selector("x_total", matchers),
+        Selector("y_ratio", ()),
+        Selector("z", ()),
+    ]
+    assert query.grouping == {"job", "a_b"}
+    assert query.variables == {"job", "__rate_interval"}
+    template = read_promql('label_values(m{job=~"$job"}, some_label)')
+    assert template.selectors == [Selector("m", (Matcher("job", "=~", "$job"),))]
+    assert template.grouping == {"some_label"}
+
+
+# ----------------------------------------------------------------- the files
+
+ALERT_SEVERITIES = frozenset({"critical", "warning", "info"})
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    document = load_yaml(RULES)
+    rules = [rule for group in document["groups"] for rule in group["rules"]]
+    # The reader must not have skipped any: count the `- alert:` lines independently.
+    text = RULES.read_text(encoding="utf-8")
+    assert len(rules) == len(re.findall(r"^\s*- alert:", text, re.MULTILINE))
+    return rules
+
+
+def dashboard() -> dict[str, Any]:
+    with DASHBOARD.open(encoding="utf-8") as file:
+        loaded: dict[str, Any] = json.load(file)
+    return loaded
+
+
+def dashboard_panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in board["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # a collapsed row keeps its panels inside
+
+
+def dashboard_queries(board: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, expr) for every target and every query variable."""
+    queries = [
+        (f"panel {panel['title']!r} {target['refId']}", target["expr"])
+        for panel in dashboard_panels(board)
+        for target in panel.get("targets", [])
+    ]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            query = variable["query"]
+            queries.append((f"variable ${variable['name']}", query["query"]))
+    return queries
+
+
+def check_query(where: str, expr: str) -> set[InstrumentSpec]:
+    """Assert ``expr`` names only series and labels of ``INSTRUMENTS``; return the instruments
+    it reads."""
+    known = known_series()
+    query = read_promql(expr)
+    assert query.selectors, f"{where}: no series in {expr!r}"
+    used: set[InstrumentSpec] = set()
+    allowed: set[str] = set()
+    for selector in query.selectors:
+        assert selector.name is not None, f"{where}: a selector without a metric name"
+        series = known.get(selector.name)
+        assert series is not None, (
+            f"{where}: {selector.name} is not produced by any instrument of INSTRUMENTS"
+            f" (known: {sorted(known)})"
+        )
+        if series.spec is not None:
+            used.add(series.spec)
+        allowed |= series.labels
+        for matcher in selector.matchers:
+            assert matcher.label in series.labels, (
+                f"{where}: {selector.name} has no label {matcher.label}"
+                f" (it has {sorted(series.labels)})"
+            )
+            values = ENUM_LABELS.get(matcher.label)
+            if values is None or "$" in matcher.value:
+                continue
+            if matcher.op in ("=", "!="):
+                wanted = {matcher.value} - ({""} if matcher.op == "!=" else set())
+            else:
+                assert re.fullmatch(r"[a-z_|]+", matcher.value), (
+                    f"{where}: write {matcher.label}=~{matcher.value!r} as a list of values"
+                )
+                wanted = set(matcher.value.split("|"))
+            assert wanted <= values, (
+                f"{where}: {matcher.label} never takes {sorted(wanted - values)}"
+                f" (values: {sorted(values)})"
+            )
+    assert query.grouping <= allowed, (
+        f"{where}: grouping by {sorted(query.grouping - allowed)}, which no series here has"
+    )
+    return used
+
+
+def test_alert_rules_name_only_series_and_labels_the_instruments_produce() -> None:
+    used: set[InstrumentSpec] = set()
+    for rule in alert_rules():
+        used |= check_query(f"alert {rule['alert']}", rule["expr"])
+    names = {spec.name for spec in used}
+    assert {
+        "raptor.errors",
+        "raptor.recoveries",
+        "raptor.retry_budget.exhausted",
+        "raptor.circuit_breaker.transitions",
+        "raptor.circuit_breaker.state",
+        "raptor.circuit_breaker.health",
+    } <= names
+
+
+def test_alert_rules_are_complete_and_their_templates_use_labels_they_keep() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    assert set(names) == {
+        "RaptorCircuitBreakerOpen",
+        "RaptorCircuitBreakerFlapping",
+        "RaptorRecoveryFailureRatioHigh",
+        "RaptorRetryBudgetExhausted",
+        "RaptorErrorRateSpike",
+        "RaptorCircuitBreakerHealthLow",
+    }
+    for rule in rules:
+        where = f"alert {rule['alert']}"
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, where
+        assert rule["labels"]["severity"] in ALERT_SEVERITIES, where
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description"}, where
+        assert all(isinstance(v, str) and len(v) > 20 for v in annotations.values()), where
+        assert re.fullmatch(r"(\d+[smh])+", str(rule.get("for", "0s"))), where
+        # An aggregation keeps only its `by` labels: a template naming another one would
+        # render empty.
+        kept = read_promql(rule["expr"]).grouping
+        for text in annotations.values():
+            for label in re.findall(r"\$labels\.(\w+)", text):
+                assert label in kept, f"{where}: annotation uses {label}, not kept by the expr"
+    for_of = {rule["alert"]: rule.get("for") for rule in rules}
+    assert for_of["RaptorCircuitBreakerOpen"] == "1m"
+
+
+def test_dashboard_queries_name_only_series_and_labels_the_instruments_produce() -> None:
+    used: set[InstrumentSpec] = set()
+    for where, expr in dashboard_queries(dashboard()):
+        used |= check_query(where, expr)
+    missing = {spec.name for spec in INSTRUMENTS} - {spec.name for spec in used}
+    assert not missing, f"the dashboard shows nothing of {sorted(missing)}"
+
+
+def test_dashboard_structure() -> None:
+    board = dashboard()
+    assert board["uid"] == "otel-raptor"
+    assert isinstance(board["schemaVersion"], int)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    builtins = {"__rate_interval", "__range", "__interval"}
+    ids = []
+    occupied: set[tuple[int, int]] = set()
+    titles = set()
+    for panel in dashboard_panels(board):
+        ids.append(panel["id"])
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["w"] >= 1, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        cells = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & occupied, f"panel {panel['title']!r} overlaps another"
+        occupied |= cells
+        if panel["type"] == "row":
+            continue
+        titles.add(panel["title"])
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        targets = panel["targets"]
+        assert targets, panel["title"]
+        ref_ids = [target["refId"] for target in targets]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in targets:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+            unknown = read_promql(target["expr"]).variables - set(variables) - builtins
+            assert not unknown, f"{panel['title']}: undefined variables {unknown}"
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    # What the dashboard is for: each of these has a panel.
+    assert {
+        "Breaker state",
+        "Health score",
+        "Errors by category",
+        "Errors by severity",
+        "Retries by category",
+        "Recoveries by outcome",
+        "Recovery duration",
+        "Retry budget tokens",
+        "Rejections",
+    } <= titles
+    timeline = next(p for p in dashboard_panels(board) if p["title"] == "Breaker state")
+    assert timeline["type"] == "state-timeline"
+    durations = next(p for p in dashboard_panels(board) if p["title"] == "Recovery duration")
+    exprs = " ".join(target["expr"] for target in durations["targets"])
+    assert "histogram_quantile(0.5," in exprs
+    assert "histogram_quantile(0.99," in exprs
+
+
+def test_grafana_provisioning() -> None:
+    datasources = load_yaml(PROVISIONING / "datasources" / "prometheus.yml")
+    assert datasources["apiVersion"] == 1
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"].endswith(":9090")
+    providers = load_yaml(PROVISIONING / "dashboards" / "otel-raptor.yml")
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"]
+
+
+def test_prometheus_config_scrapes_the_collector_and_loads_the_rules() -> None:
+    config = load_yaml(PROMETHEUS_CONFIG)
+    for rule_file in config["rule_files"]:
+        assert (PROMETHEUS_CONFIG.parent / rule_file).is_file(), rule_file
+    assert "rules/raptor-alerts.yml" in config["rule_files"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    collector = jobs["otel-collector"]
+    assert collector["honor_labels"] is True  # keep the job/instance the collector sets
+    exporter_endpoint = load_yaml(COLLECTOR_CONFIG)["exporters"]["prometheus"]["endpoint"]
+    port = exporter_endpoint.rsplit(":", 1)[1]
+    targets = [t for group in collector["static_configs"] for t in group["targets"]]
+    assert targets == [f"localhost:{port}"]
+
+
+def direct_relabel_configs() -> list[dict[str, Any]]:
+    """The metric_relabel_configs of the direct-scrape job of collector/prometheus.yml."""
+    jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+    configs: list[dict[str, Any]] = jobs[DIRECT_JOB]["metric_relabel_configs"]
+    return configs
+
+
+def relabel(name: str, configs: list[dict[str, Any]]) -> str:
+    """``name`` after ``replace`` relabelling of ``__name__`` (Prometheus' default action)."""
+    for config in configs:
+        assert config.get("action", "replace") == "replace"
+        assert config["source_labels"] == ["__name__"]
+        assert config["target_label"] == "__name__"
+        match = re.fullmatch(config["regex"], name)  # Prometheus anchors the regex too
+        if match:
+            name = _expand(config["replacement"], match)
+    return name
+
+
+def _expand(replacement: str, match: re.Match[str]) -> str:
+    """``$1`` / ``${1}`` in a relabel replacement, as Prometheus expands them."""
+    groups = (match.group(0), *match.groups(default=""))
+    return re.sub(r"\$\{(\d+)\}|\$(\d+)", lambda ref: groups[int(ref[1] or ref[2])], replacement)
+
+
+def test_direct_scrape_relabelling_gives_the_collector_names() -> None:
+    # The Python Prometheus exporter writes gauges of unit "1" without `_ratio`; the direct
+    # job's relabelling must turn every one of its names into the collector's, and no other.
+    configs = direct_relabel_configs()
+    for spec in INSTRUMENTS:
+        python_names = prometheus_series(spec, ratio_suffix=False)
+        assert tuple(relabel(name, configs) for name in python_names) == prometheus_series(spec)
+
+
+def test_monitoring_doc_lists_every_instrument_with_its_prometheus_names() -> None:
+    rows = {}
+    for line in MONITORING_DOC.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`raptor."):
+            rows[cells[0].strip("`")] = re.findall(r"`([a-z_]+)`", cells[3])
+    assert set(rows) == {spec.name for spec in INSTRUMENTS}
+    for spec in INSTRUMENTS:
+        assert tuple(rows[spec.name]) == prometheus_series(spec), spec.name
+
+
+# ----------------------------------------------------------------- promtool
+
+
+def require_tool(name: str) -> str:
+    """The path of ``name``; skip without it (fail under RAPTOR_REQUIRE_SERVICES=1)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install prometheus)"
+        if services_required():
+            pytest.fail(f"{message} and RAPTOR_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("promtool"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_promtool_accepts_the_rules() -> None:
+    result = _promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout
+
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    result = _promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_prove_the_alerts_fire() -> None:
+    result = _promtool("test", "rules", str(RULES_TEST))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    # Every alert is exercised by the unit tests, firing at least once.
+    tested = set(re.findall(r"alertname: (\w+)", RULES_TEST.read_text(encoding="utf-8")))
+    assert tested == {rule["alert"] for rule in alert_rules()}
+
+
+def test_promtool_unit_tests_fail_when_a_rule_is_broken(tmp_path: Path) -> None:
+    # The unit tests can fail: with the breaker-open alert firing at once, they must.
+    broken = RULES.read_text(encoding="utf-8").replace("for: 1m", "for: 0s", 1)
+    assert broken != RULES.read_text(encoding="utf-8")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / RULES.name).write_text(broken, encoding="utf-8")
+    (rules_dir / RULES_TEST.name).write_text(RULES_TEST.read_text(encoding="utf-8"))
+    result = _promtool("test", "rules", str(rules_dir / RULES_TEST.name))
+    assert result.returncode != 0
+    assert "RaptorCircuitBreakerOpen" in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------- the collector
+
+
+def test_collector_config_wires_otlp_to_prometheus_and_debug() -> None:
+    config = load_yaml(COLLECTOR_CONFIG)
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"] == "localhost:4317"
+    assert protocols["http"]["endpoint"] == "localhost:4318"
+    assert {"memory_limiter", "batch"} <= set(config["processors"])
+    prometheus = config["exporters"]["prometheus"]
+    assert prometheus["endpoint"].endswith(":8889")
+    # The names in the rules rely on the default translation.
+    assert "namespace" not in prometheus
+    assert prometheus.get("add_metric_suffixes", True) is True
+    assert "translation_strategy" not in prometheus
+    assert "resource_to_telemetry_conversion" in prometheus
+    assert "debug" in config["exporters"]
+    service = config["service"]
+    for extension in service.get("extensions", []):
+        assert extension in config["extensions"], extension
+    pipelines = service["pipelines"]
+    assert set(pipelines) == {"metrics", "traces"}
+    for name, pipeline in pipelines.items():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline[kind]:
+                assert component in config[kind], f"{name} pipeline: {component} undefined"
+        # The limiter first, so that it refuses data before anything else buffers it.
+        assert pipeline["processors"][0] == "memory_limiter", name
+        assert pipeline["receivers"] == ["otlp"], name
+    assert set(pipelines["metrics"]["exporters"]) == {"prometheus", "debug"}
+    assert pipelines["traces"]["exporters"] == ["debug"]
+    # The tracing backend is offered, commented out.
+    assert re.search(r"^\s*#\s*otlp/\w+:", COLLECTOR_CONFIG.read_text(), re.MULTILINE)
