@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/breaker_demo.py
+	$(PY) -m otel_raptor demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

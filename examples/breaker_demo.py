@@ -1,6 +1,7 @@
 """A retry recovering and a breaker opening, against a real loopback HTTP server.
 
-Run with ``make demo``. The server follows a script: healthy, then a burst of 503s that
+Run with ``python examples/breaker_demo.py`` (``make demo`` runs the bigger demo). The server
+follows a script: healthy, then a burst of 503s that
 retries ride out, then a hard outage (the port closes) that opens the breaker so calls fail
 fast instead of waiting, then recovery, where a probe closes the breaker again.
 Every decision the library makes is printed as it is published on the event bus.
