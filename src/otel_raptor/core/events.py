@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
-from otel_raptor.core.classification import Classification
+from otel_raptor.core.classification import Classification, Severity
 from otel_raptor.core.recovery import Outcome, Strategy
 from otel_raptor.core.states import CircuitState, TransitionReason
 
@@ -20,6 +20,10 @@ __all__ = [
     "ErrorClassified",
     "Event",
     "EventSink",
+    "FailurePredicted",
+    "MemoryCleanupFinished",
+    "MemoryPressureChanged",
+    "PreventionActionRun",
     "RecoveryFinished",
     "RetryBudgetExhausted",
     "RetryScheduled",
@@ -91,6 +95,57 @@ class RecoveryFinished:
     give_up_reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class FailurePredicted:
+    """A resource is forecast to run out (or, with ``cleared``, no longer is).
+
+    ``resource`` is a bounded name (``memory``, ``process_memory``, ``cpu``, ``disk``,
+    ``file_descriptors``, ``threads``, ``connections``, ``error_rate``); ``probability`` of
+    reaching the limit within the horizon and ``confidence`` are in [0, 1];
+    ``time_to_exhaustion_s`` is ``None`` when the trend does not reach the limit.
+    """
+
+    resource: str
+    probability: float
+    time_to_exhaustion_s: float | None
+    confidence: float
+    severity: Severity
+    cleared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PreventionActionRun:
+    """A prevention action ran for ``resource``; ``outcome`` is ``ok``, ``failed`` or
+    ``skipped`` (cooldown, or below its minimum severity)."""
+
+    resource: str
+    action: str
+    outcome: str
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPressureChanged:
+    """Memory use crossed a level: ``normal``, ``warning`` (70 %), ``critical`` (85 %) or
+    ``emergency`` (95 % of the effective limit)."""
+
+    level: str
+    previous: str
+    usage_ratio: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryCleanupFinished:
+    """A memory cleanup ran at ``level`` (``standard``, ``critical``, ``emergency``),
+    started by ``trigger`` (``manual``, ``pressure``, ``prediction``, ``scheduled``)."""
+
+    level: str
+    trigger: str
+    bytes_freed: int
+    entries_evicted: int
+    duration_s: float
+
+
 Event: TypeAlias = (
     ErrorClassified
     | RetryScheduled
@@ -98,6 +153,10 @@ Event: TypeAlias = (
     | BreakerTransitioned
     | CallRejected
     | RecoveryFinished
+    | FailurePredicted
+    | PreventionActionRun
+    | MemoryPressureChanged
+    | MemoryCleanupFinished
 )
 
 
