@@ -21,10 +21,12 @@ import importlib.util
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,  # that module starts with '# type: ignore'; strict mypy needs both ignores
 )
@@ -33,6 +35,7 @@ from otel_raptor.config import RaptorConfig
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
 from otel_raptor.integrations._base import Integration, IntegrationSettings
+from otel_raptor.integrations._http import ResendCountSpanProcessor
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import RecoveryScope, Runtime, get_runtime
 from otel_raptor.telemetry.sink import TelemetrySink
@@ -153,6 +156,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
         except Exception as error:  # noqa: BLE001 - validated already; never stop the app
             report_internal_error("instrumentor.configure_runtime", error)
         installed.sink = _install_sink(runtime, config, tracer_provider, meter_provider)
+        _add_resend_count_processor(tracer_provider)
         settings = IntegrationSettings(runtime=runtime, config=config)
         for name, target in INTEGRATIONS.items():
             if config.integrations is not None and name not in config.integrations:
@@ -190,6 +194,31 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                 )
             except Exception as error:  # noqa: BLE001
                 report_internal_error("instrumentor.restore_runtime", error)
+
+
+# SDK tracer providers that already carry our span processor (an SDK provider cannot remove a
+# processor, so instrument -> uninstrument -> instrument must not add a second one).
+_providers_with_resend_count: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _add_resend_count_processor(tracer_provider: Any) -> None:
+    """Make the contrib HTTP client spans of resends carry ``http.request.resend_count``.
+
+    The contrib requests/httpx instrumentations do not set it themselves; a span processor is
+    the only way to reach their spans. Only an SDK provider (one with ``add_span_processor``)
+    can take it; with the global provider, it is the one set when ``instrument()`` runs (under
+    ``opentelemetry-instrument``, the SDK configurator sets it first). After ``uninstrument``
+    the processor stays but does nothing: it only acts while a raptor resend is in flight.
+    """
+    try:
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        add = getattr(provider, "add_span_processor", None)
+        if add is None or provider in _providers_with_resend_count:
+            return
+        add(ResendCountSpanProcessor())
+        _providers_with_resend_count.add(provider)
+    except Exception as error:  # noqa: BLE001 - telemetry detail: never stop the app
+        report_internal_error("instrumentor.resend_count", error)
 
 
 def _install_sink(

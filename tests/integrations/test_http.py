@@ -1,0 +1,363 @@
+"""The shared HTTP pieces (origins, suppression check, stale cache, resend marking) and the
+wrapping helpers, without a network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.instrumentation.utils import (
+    is_http_instrumentation_enabled,
+    suppress_http_instrumentation,
+    suppress_instrumentation,
+)
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from otel_raptor.config import DownstreamOverride, RaptorConfig
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.integrations import _http, _wrapping
+from otel_raptor.integrations._http import (
+    MAX_DOWNSTREAMS,
+    RESEND_COUNT_ATTRIBUTE,
+    STALE_HEADER,
+    DownstreamTable,
+    FailingResponse,
+    ResendCountSpanProcessor,
+    StaleCache,
+    StaleEntry,
+    SyncAttempt,
+    guard_fallback,
+    http_enabled,
+    is_failing_status,
+    origin_end,
+    parse_origin,
+    resend_count,
+    stale_headers,
+)
+from otel_raptor.runtime.state import Runtime
+
+# --- origins ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        ("http://a.test/x?y#z", "http://a.test"),
+        ("https://a.test", "https://a.test"),
+        ("http://a.test?q=/x", "http://a.test"),
+        ("http://a.test#/frag", "http://a.test"),
+        ("http://u:p@a.test:81/", "http://u:p@a.test:81"),
+        ("http://[::1]:8080/path", "http://[::1]:8080"),
+    ],
+)
+def test_origin_end_cuts_after_the_authority(url: str, origin: str) -> None:
+    assert url[: origin_end(url)] == origin
+
+
+@pytest.mark.parametrize("url", ["no-scheme/x", "://a.test/", "", "a.test"])
+def test_origin_end_refuses_relative_urls(url: str) -> None:
+    assert origin_end(url) == -1
+
+
+@pytest.mark.parametrize(
+    ("origin", "parsed"),
+    [
+        ("http://a.test", ("http", "a.test", 80)),
+        ("HTTPS://A.Test", ("https", "a.test", 443)),
+        ("http://user:secret@a.test:8080", ("http", "a.test", 8080)),
+        ("http://[::1]:8080", ("http", "::1", 8080)),
+        ("https://[2001:db8::1]", ("https", "2001:db8::1", 443)),
+        ("http://a.test:", ("http", "a.test", 80)),
+    ],
+)
+def test_parse_origin_normalises(origin: str, parsed: tuple[str, str, int]) -> None:
+    assert parse_origin(origin) == parsed
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "ftp://a.test",
+        "http+unix://%2Fsock",
+        "http://",
+        "http://a.test:99999",
+        "http://a.test:0",
+        "http://a.test:8o",
+        "http://a.test:٣",  # a non-ASCII digit
+        "http://[::1",
+        "http://[::1]x",
+        "a.test",
+    ],
+)
+def test_parse_origin_refuses_what_it_cannot_name(origin: str) -> None:
+    assert parse_origin(origin) is None
+
+
+def table(**config: Any) -> DownstreamTable:
+    return DownstreamTable(
+        Runtime(), RaptorConfig(**config), timeout_kwarg="timeout", fallback=guard_fallback
+    )
+
+
+def test_downstreams_are_named_by_origin_and_share_one_breaker() -> None:
+    downstreams = table()
+    first = downstreams.for_prefix("http://user:pw@A.test")
+    assert first is not None
+    assert first.service == "http://a.test:80"
+    assert downstreams.for_prefix("http://a.test:80") is first
+    assert downstreams.for_parts("http", "a.test", None) is first
+    assert first.safe.breaker is first.unsafe.breaker
+    fallback_guard = first.guard(replay_safe=True, with_fallback=True)
+    assert fallback_guard.breaker is first.safe.breaker
+    assert first.guard(replay_safe=False, with_fallback=True) is not fallback_guard
+    ipv6 = downstreams.for_prefix("https://[::1]:8443")
+    assert ipv6 is not None
+    assert ipv6.service == "https://[::1]:8443"
+    assert downstreams.for_prefix("ftp://a.test") is None
+    assert downstreams.for_parts("ftp", "a.test", None) is None
+
+
+def test_breaker_key_host_names_downstreams_by_host() -> None:
+    downstreams = table(breaker_key="host")
+    first = downstreams.for_prefix("http://a.test:81")
+    second = downstreams.for_prefix("https://a.test")
+    assert first is not None
+    assert second is not None
+    assert first.service == second.service == "a.test"
+    assert first.safe.breaker is second.safe.breaker
+
+
+def test_downstream_policies_come_from_the_config() -> None:
+    downstreams = table(
+        breaker=CircuitBreakerConfig(timeout=7.0),
+        downstreams=(
+            DownstreamOverride(pattern="slow.test", timeout=60.0, retry_non_idempotent=True),
+            DownstreamOverride(pattern="off.test", enabled=False),
+        ),
+    )
+    slow = downstreams.for_prefix("http://slow.test")
+    plain = downstreams.for_prefix("http://other.test")
+    off = downstreams.for_prefix("http://off.test")
+    assert slow is not None
+    assert plain is not None
+    assert off is not None
+    assert (slow.timeout, slow.retry_non_idempotent) == (60.0, True)
+    assert (plain.timeout, plain.retry_non_idempotent) == (7.0, False)
+    assert not off.enabled
+
+
+def test_the_table_stays_bounded() -> None:
+    downstreams = table(max_services=4)
+    for port in range(1, MAX_DOWNSTREAMS + 10):
+        downstreams.for_prefix(f"http://h.test:{port}")
+    assert len(downstreams._by_prefix) <= MAX_DOWNSTREAMS
+    assert len(downstreams._by_origin) <= MAX_DOWNSTREAMS
+    last = downstreams.for_prefix("http://h.test:9999")
+    assert last is not None
+    assert last.service == "other"  # past the runtime's cap
+
+
+# --- statuses and attempts ----------------------------------------------------------------------
+
+
+FAILING = {200: False, 404: False, 429: True, 500: True, 503: True, 599: True, 600: False}
+
+
+@pytest.mark.parametrize(("code", "failing"), [*FAILING.items(), (None, False), ("503", False)])
+def test_failing_statuses(code: object, failing: bool) -> None:
+    assert is_failing_status(code) is failing
+
+
+class FakeResponse:
+    def __init__(self, status_code: Any) -> None:
+        self.status_code = status_code
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_attempt_raises_failing_responses_and_closes_them_before_the_next() -> None:
+    responses = iter([FakeResponse(503), FakeResponse(429), FakeResponse(200)])
+    counts: list[int] = []
+
+    def send() -> FakeResponse:
+        counts.append(resend_count())
+        return next(responses)
+
+    attempt = SyncAttempt(send)
+    with pytest.raises(FailingResponse) as first:
+        attempt()
+    assert str(first.value) == "HTTP 503 response"
+    assert not first.value.response.closed
+    with pytest.raises(FailingResponse) as second:
+        attempt()
+    assert first.value.response.closed
+    assert attempt().status_code == 200
+    assert second.value.response.closed
+    assert counts == [0, 1, 2]
+    assert resend_count() == 0
+
+
+def test_an_attempt_leaves_odd_responses_alone() -> None:
+    assert SyncAttempt(lambda: FakeResponse(None))().status_code is None
+    assert SyncAttempt(lambda: "not a response")() == "not a response"
+
+
+# --- the suppression check ----------------------------------------------------------------------
+
+
+def test_the_fast_enabled_check_agrees_with_opentelemetry() -> None:
+    assert http_enabled is not is_http_instrumentation_enabled  # the fast one is in use
+    assert http_enabled() is is_http_instrumentation_enabled() is True
+    with suppress_instrumentation():
+        assert http_enabled() is is_http_instrumentation_enabled() is False
+    with suppress_http_instrumentation():
+        assert http_enabled() is is_http_instrumentation_enabled() is False
+
+
+def test_the_public_check_is_used_when_the_keys_are_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr("opentelemetry.instrumentation.utils._SUPPRESS_INSTRUMENTATION_KEY_PLAIN")
+    assert _http._enabled_check() is is_http_instrumentation_enabled
+
+
+# --- stale cache --------------------------------------------------------------------------------
+
+
+def entry(body: bytes = b"x", stored_at: float = 0.0, **extra: Any) -> StaleEntry:
+    values: dict[str, Any] = {
+        "status": 200,
+        "reason": "OK",
+        "headers": (("Content-Type", "text/plain"),),
+        "body": body,
+        "encoding": None,
+        "url": "http://a.test/",
+        "stored_at": stored_at,
+    }
+    values.update(extra)
+    return StaleEntry(**values)
+
+
+def test_the_stale_cache_evicts_the_least_recently_used() -> None:
+    cache = StaleCache(max_entries=2)
+    cache.put("a", entry())
+    cache.put("b", entry())
+    assert cache.get("a", now=1.0, max_age=10.0) is not None  # a is now the most recent
+    cache.put("c", entry())
+    assert cache.get("b", now=1.0, max_age=10.0) is None
+    assert cache.get("a", now=1.0, max_age=10.0) is not None
+    assert len(cache) == 2
+
+
+def test_the_stale_cache_expires_and_skips_big_bodies() -> None:
+    cache = StaleCache(max_body=4)
+    cache.put("big", entry(b"12345"))
+    assert cache.get("big", now=0.0, max_age=10.0) is None
+    cache.put("old", entry(stored_at=0.0))
+    assert cache.get("old", now=11.0, max_age=10.0) is None
+    assert len(cache) == 0
+
+
+def test_stale_headers_mark_the_response_and_add_up_its_age() -> None:
+    headers = stale_headers(
+        entry(headers=(("ETag", '"v"'), ("Age", "10"), (STALE_HEADER, "1")), stored_at=5.0),
+        now=12.5,
+    )
+    assert headers == [("ETag", '"v"'), ("Age", "17"), (STALE_HEADER, "1")]
+
+
+# --- resend marking -----------------------------------------------------------------------------
+
+
+def test_the_span_processor_marks_client_spans_during_a_resend() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(ResendCountSpanProcessor())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    responses = iter([FakeResponse(503), FakeResponse(200)])
+
+    def send() -> FakeResponse:
+        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT):
+            with tracer.start_as_current_span("internal"):
+                pass
+            return next(responses)
+
+    attempt = SyncAttempt(send)
+    with pytest.raises(FailingResponse):
+        attempt()
+    attempt()
+    with tracer.start_as_current_span("after", kind=SpanKind.CLIENT):
+        pass
+    marks = [
+        (span.name, (span.attributes or {}).get(RESEND_COUNT_ATTRIBUTE))
+        for span in exporter.get_finished_spans()
+    ]
+    assert marks == [
+        ("internal", None),
+        ("GET", None),
+        ("internal", None),  # not a client span
+        ("GET", 1),
+        ("after", None),
+    ]
+    assert ResendCountSpanProcessor().force_flush() is True
+
+
+# --- wrapping -----------------------------------------------------------------------------------
+
+
+class Target:
+    def method(self, value: int) -> int:
+        return value
+
+
+ORIGINAL = Target.method
+
+
+def doubling(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    return 2 * wrapped(*args, **kwargs)
+
+
+def adding(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    return 1 + wrapped(*args, **kwargs)
+
+
+@pytest.fixture
+def clean_target() -> Iterator[None]:
+    yield
+    Target.method = ORIGINAL  # type: ignore[method-assign]
+
+
+@pytest.mark.usefixtures("clean_target")
+def test_wrap_is_idempotent_and_unwrap_restores_the_same_object() -> None:
+    assert _wrapping.wrap(Target, "method", doubling)
+    assert not _wrapping.wrap(Target, "method", doubling)
+    assert Target().method(3) == 6
+    assert _wrapping.is_wrapped(Target, "method", doubling)
+    assert _wrapping.unwrap(Target, "method", doubling)
+    assert Target.method is ORIGINAL
+    assert not _wrapping.unwrap(Target, "method", doubling)
+    assert not _wrapping.is_wrapped(Target, "method", doubling)
+
+
+@pytest.mark.usefixtures("clean_target")
+def test_a_layer_under_someone_elses_is_left_in_place() -> None:
+    _wrapping.wrap(Target, "method", doubling)
+    _wrapping.wrap(Target, "method", adding)
+    assert Target().method(3) == 7
+    assert not _wrapping.unwrap(Target, "method", doubling)  # would drop `adding` too
+    assert not _wrapping.wrap(Target, "method", doubling)  # still there: no second layer
+    assert _wrapping.unwrap(Target, "method", adding)
+    assert _wrapping.unwrap(Target, "method", doubling)
+    assert Target.method is ORIGINAL
+
+
+def test_wrapping_a_missing_attribute_fails_loudly() -> None:
+    with pytest.raises(AttributeError):
+        _wrapping.wrap(Target, "missing", doubling)

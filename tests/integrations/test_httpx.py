@@ -1,0 +1,589 @@
+"""The httpx integration, sync and async clients, against a real loopback server with faults.
+
+Most tests run twice through :class:`Driver`: with ``httpx.Client`` and with
+``httpx.AsyncClient`` (each async call in its own ``asyncio.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.config import DownstreamOverride, RaptorConfig
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.events import Event, RecoveryFinished
+from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations import httpx as integration
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._http import STALE_HEADER, DownstreamTable
+from otel_raptor.integrations.httpx import HttpxIntegration, circuit_open_error_type
+from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.safety import _reset_for_tests
+from otel_raptor.runtime.state import Runtime
+from tests.support.faulty_http import (
+    FaultyHTTPServer,
+    closed_port,
+    hang,
+    ok,
+    reset,
+    status,
+)
+
+ORIGINAL_SEND = httpx.Client.send
+ORIGINAL_ASYNC_SEND = httpx.AsyncClient.send
+
+Install = Callable[..., Runtime]
+
+
+def make_settings(
+    *,
+    max_retries: int = 3,
+    failure_threshold: int = 5,
+    attempt_timeout: float | None = None,
+    downstreams: tuple[DownstreamOverride, ...] = (),
+    **config: Any,
+) -> IntegrationSettings:
+    return IntegrationSettings(
+        runtime=Runtime(),
+        config=RaptorConfig(
+            retry=RetryPolicy(
+                max_retries=max_retries,
+                base_delay=0.01,
+                max_delay=0.05,
+                attempt_timeout=attempt_timeout,
+            ),
+            breaker=CircuitBreakerConfig(
+                failure_threshold=failure_threshold, recovery_timeout=0.3, recovery_jitter=0.0
+            ),
+            downstreams=downstreams,
+            **config,
+        ),
+    )
+
+
+class Driver:
+    """Sends requests through ``httpx.Client`` or ``httpx.AsyncClient``."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.is_async = mode == "async"
+
+    def request(
+        self, method: str, url: str, *, client: dict[str, Any] | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        options = client or {}
+        if not self.is_async:
+            with httpx.Client(**options) as sync_client:
+                return sync_client.request(method, url, **kwargs)
+
+        async def send() -> httpx.Response:
+            async with httpx.AsyncClient(**options) as async_client:
+                return await async_client.request(method, url, **kwargs)
+
+        return asyncio.run(send())
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PUT", url, **kwargs)
+
+    def chunks(self) -> Any:
+        """A streamed request body of this driver's flavour."""
+
+        def sync_chunks() -> Iterator[bytes]:
+            yield b"a"
+            yield b"b"
+
+        async def async_chunks() -> AsyncIterator[bytes]:
+            yield b"a"
+            yield b"b"
+
+        return async_chunks() if self.is_async else sync_chunks()
+
+
+@pytest.fixture(params=["sync", "async"])
+def driver(request: pytest.FixtureRequest) -> Driver:
+    return Driver(request.param)
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyHTTPServer]:
+    with FaultyHTTPServer() as started:
+        yield started
+
+
+@pytest.fixture
+def install() -> Iterator[Install]:
+    installed: list[HttpxIntegration] = []
+    events: list[Event] = []
+
+    def run(**options: Any) -> Runtime:
+        settings = make_settings(**options)
+        settings.runtime.bus.subscribe(events.append)
+        hook = HttpxIntegration()
+        hook.install(settings)
+        installed.append(hook)
+        run.events = events  # type: ignore[attr-defined]
+        return settings.runtime
+
+    yield run
+    for hook in installed:
+        hook.uninstall()
+    assert httpx.Client.send is ORIGINAL_SEND
+    assert httpx.AsyncClient.send is ORIGINAL_ASYNC_SEND
+
+
+def state_of(breaker: CircuitBreaker) -> CircuitState:
+    return breaker.state  # a call, so that mypy does not narrow it between requests
+
+
+def finished(events: list[Event]) -> list[RecoveryFinished]:
+    return [e for e in events if isinstance(e, RecoveryFinished)]
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+
+def test_transient_503s_are_retried_until_success(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(status(503), status(503), ok("fine"))
+    response = driver.get(server.url("/a"))
+    assert response.status_code == 200
+    assert response.text == "fine"
+    assert server.count("GET", "/a") == 3
+
+
+def test_a_connection_reset_is_retried(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(reset(), ok("after reset"))
+    assert driver.get(server.url("/r")).text == "after reset"
+    assert server.count("GET", "/r") == 2
+
+
+def test_a_post_without_idempotency_key_is_sent_exactly_once(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(status(503))  # a retry would get the default 200
+    assert driver.post(server.url("/pay"), json={"amount": 1}).status_code == 503
+    assert server.count("POST", "/pay") == 1
+    server.push(reset())
+    with pytest.raises(httpx.TransportError):  # ReadError: the connection was reset
+        driver.post(server.url("/pay2"), content=b"x")
+    assert server.count("POST", "/pay2") == 1
+
+
+def test_a_post_with_an_idempotency_key_is_retried(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(status(503), ok("done"))
+    response = driver.post(
+        server.url("/pay"), json={"amount": 1}, headers={"Idempotency-Key": "k-1"}
+    )
+    assert response.text == "done"
+    assert server.count("POST", "/pay") == 2
+    assert [r.body for r in server.requests] == [b'{"amount":1}'] * 2
+
+
+def test_retry_after_is_never_violated(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(status(429, {"Retry-After": "1"}), ok("late"))
+    assert driver.get(server.url("/limited")).text == "late"
+    first, second = server.arrivals
+    assert second - first >= 1.0
+
+
+def test_streamed_bodies_are_never_retried(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(status(503))
+    assert driver.put(server.url("/gen"), content=driver.chunks()).status_code == 503
+    assert server.count("PUT", "/gen") == 1
+
+
+def test_the_last_failing_response_is_returned_as_a_response(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(max_retries=2)
+    server.push(status(503), status(500), status(503, body="third"), ok())
+    response = driver.get(server.url("/down"))
+    assert isinstance(response, httpx.Response)
+    assert response.status_code == 503
+    assert response.text == "third"
+    assert server.count("GET", "/down") == 3
+    with pytest.raises(httpx.HTTPStatusError):
+        response.raise_for_status()
+
+
+def test_a_refused_connection_surfaces_as_httpx_own_error(install: Install, driver: Driver) -> None:
+    install(max_retries=1)
+    with pytest.raises(httpx.ConnectError) as caught:
+        driver.get(f"http://127.0.0.1:{closed_port()}/")
+    assert not isinstance(caught.value, CircuitOpenError)
+
+
+class RaisingTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Fails every request with a fresh ConnectError and remembers each one."""
+
+    def __init__(self) -> None:
+        self.raised: list[BaseException] = []
+
+    def _fail(self, request: httpx.Request) -> httpx.Response:
+        error = httpx.ConnectError(f"refused #{len(self.raised)}", request=request)
+        self.raised.append(error)
+        raise error
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._fail(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return self._fail(request)
+
+
+def test_the_last_exception_is_raised_as_itself(install: Install, driver: Driver) -> None:
+    install(max_retries=2)
+    transport = RaisingTransport()
+    with pytest.raises(httpx.ConnectError) as caught:
+        driver.get("http://downstream.test/x", client={"transport": transport})
+    assert len(transport.raised) == 3
+    assert caught.value is transport.raised[-1]
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+
+def test_streamed_failing_responses_are_closed_before_a_retry(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=2)
+    server.push(status(503, body="first"), status(503, body="second"), status(503, body="last"))
+    seen: list[httpx.Response] = []
+    with (
+        httpx.Client(event_hooks={"response": [seen.append]}) as client,
+        client.stream("GET", server.url("/st")) as response,
+    ):
+        assert response.status_code == 503
+        assert response.read() == b"last"
+    assert len(seen) == 3
+    assert seen[0].is_closed
+    assert seen[1].is_closed
+
+
+async def test_async_streamed_failing_responses_are_closed_before_a_retry(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=1)
+    server.push(status(503, body="first"), ok("streamed"))
+    seen: list[httpx.Response] = []
+
+    async def hook(response: httpx.Response) -> None:
+        seen.append(response)
+
+    async with (
+        httpx.AsyncClient(event_hooks={"response": [hook]}) as client,
+        client.stream("GET", server.url("/st")) as response,
+    ):
+        assert response.status_code == 200
+        assert await response.aread() == b"streamed"
+    first, last = seen
+    assert (first.status_code, last.status_code) == (503, 200)
+    assert first.is_closed
+
+
+# --- the breaker --------------------------------------------------------------------------------
+
+
+def test_the_breaker_opens_fails_fast_half_opens_and_closes(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    runtime = install(max_retries=0, failure_threshold=3)
+    server.push(status(503), status(503), status(503))
+    for _ in range(3):
+        assert driver.get(server.url("/b")).status_code == 503
+    breaker = runtime.breakers.get(f"http://127.0.0.1:{server.port}")
+    assert state_of(breaker) is CircuitState.OPEN
+
+    with pytest.raises(httpx.ConnectError) as caught:
+        driver.get(server.url("/b"))
+    assert server.count() == 3  # failed fast: nothing reached the server
+    error = caught.value
+    assert isinstance(error, CircuitOpenError)
+    assert isinstance(error, circuit_open_error_type())
+    assert isinstance(error, httpx.TransportError)
+    assert error.breaker == f"http://127.0.0.1:{server.port}"
+    assert error.retry_after is not None
+    assert 0.0 < error.retry_after <= 0.3
+    assert error.request.url == server.url("/b")
+
+    time.sleep(0.35)
+    assert driver.get(server.url("/b")).status_code == 200  # the probe
+    assert state_of(breaker) is CircuitState.HALF_OPEN
+    assert driver.get(server.url("/b")).status_code == 200
+    assert state_of(breaker) is CircuitState.CLOSED
+    assert server.count() == 5
+
+
+def test_except_clauses_for_httpx_errors_catch_the_refusal(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(max_retries=0, failure_threshold=1)
+    server.push(status(500))
+    driver.get(server.url("/"))
+    caught = []
+    for clause in (httpx.ConnectError, httpx.TransportError, httpx.RequestError, httpx.HTTPError):
+        try:
+            driver.get(server.url("/"))
+        except clause as error:
+            caught.append(type(error).__name__)
+    assert caught == ["HttpxCircuitOpen"] * 4
+    assert integration.HttpxCircuitOpen is circuit_open_error_type()
+
+
+# --- timeouts -----------------------------------------------------------------------------------
+
+
+def test_httpx_keeps_its_own_timeout_and_a_timed_out_get_is_retried(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(hang(2.0), ok("second try"))
+    assert driver.get(server.url("/t"), client={"timeout": 0.2}).text == "second try"
+    assert server.count("GET", "/t") == 2
+
+
+def test_the_clients_timeout_is_not_replaced(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(max_retries=0)  # the downstream timeout is 30 s: not used for httpx
+    server.push(hang(5.0))
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        driver.get(server.url("/slow"), client={"timeout": 0.2})
+    assert time.monotonic() - started < 2.0
+
+
+async def test_an_attempt_timeout_bounds_async_attempts(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(attempt_timeout=0.2)
+    server.push(hang(2.0), ok("in time"))
+    async with httpx.AsyncClient() as client:
+        response = await client.get(server.url("/t"))
+    assert response.text == "in time"
+    assert server.count() == 2
+
+
+# --- fallbacks ----------------------------------------------------------------------------------
+
+
+def test_a_fallback_function_gets_the_failing_response(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    seen: list[Any] = []
+
+    def fallback(failure: Any) -> httpx.Response:
+        seen.append(failure)
+        return httpx.Response(203, text="from the fallback")
+
+    install(
+        max_retries=1, downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),)
+    )
+    server.default = status(503)
+    response = driver.get(server.url("/f"))
+    assert (response.status_code, response.text) == (203, "from the fallback")
+    (failure,) = seen
+    assert isinstance(failure, httpx.Response)
+    assert failure.status_code == 503
+    (done,) = finished(install.events)  # type: ignore[attr-defined]
+    assert (done.strategy, done.outcome) == (Strategy.FAILOVER, Outcome.FALLBACK)
+
+
+async def test_an_async_fallback_function_is_awaited(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    async def fallback(failure: Any) -> str:
+        await asyncio.sleep(0)
+        return "awaited"
+
+    install(
+        max_retries=0, downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),)
+    )
+    server.push(status(503))
+    async with httpx.AsyncClient() as client:
+        result: Any = await client.get(server.url("/"))  # whatever the fallback returns
+    assert result == "awaited"
+
+
+def test_failover_sends_the_same_path_to_the_next_base_url(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    with FaultyHTTPServer() as backup:
+        install(
+            max_retries=1,
+            downstreams=(
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{server.port}",
+                    failover_urls=(f"http://127.0.0.1:{closed_port()}", backup.url("/")),
+                ),
+            ),
+        )
+        server.default = status(503)
+        backup.push(ok("from the backup"))
+        response = driver.get(server.url("/items?id=7"))
+        assert (response.status_code, response.text) == (200, "from the backup")
+        assert server.count() == 2
+        assert [r.path for r in backup.requests] == ["/items?id=7"]
+        assert backup.requests[0].headers["host"] == backup.authority
+
+
+def test_failover_when_the_breaker_is_open_even_for_a_post(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    with FaultyHTTPServer() as backup:
+        install(
+            max_retries=0,
+            failure_threshold=1,
+            downstreams=(
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{server.port}", failover_urls=(backup.url(),)
+                ),
+            ),
+        )
+        server.default = status(503)
+        assert driver.post(server.url("/p"), content=b"x").status_code == 503
+        assert backup.count() == 0
+        assert driver.post(server.url("/p"), content=b"y").status_code == 200
+        assert server.count() == 1
+        assert [r.body for r in backup.requests] == [b"y"]
+
+
+def test_stale_if_error_serves_the_last_good_response(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(
+        max_retries=1,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(ok("fresh", headers={"ETag": '"v1"'}))
+    assert driver.get(server.url("/doc")).text == "fresh"
+    server.default = status(503)
+    response = driver.get(server.url("/doc"))
+    assert response.status_code == 200
+    assert response.text == "fresh"
+    assert response.headers[STALE_HEADER] == "1"
+    assert response.headers["ETag"] == '"v1"'
+    assert response.headers["Content-Length"] == "5"
+    (done,) = finished(install.events)  # type: ignore[attr-defined]
+    assert done.outcome is Outcome.FALLBACK
+    assert driver.get(server.url("/other")).status_code == 503
+    other_user = driver.get(server.url("/doc"), headers={"Authorization": "Bearer other"})
+    assert other_user.status_code == 503
+
+
+# --- staying out of the way ---------------------------------------------------------------------
+
+
+def test_suppressed_requests_pass_through_untouched(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(failure_threshold=1)
+    server.push(status(503), ok())
+    with suppress_instrumentation():
+        assert driver.get(server.url("/export")).status_code == 503
+        assert driver.get(server.url("/export")).status_code == 200
+    assert server.count() == 2
+    assert install.events == []  # type: ignore[attr-defined]
+
+
+def test_our_own_failure_never_reaches_the_app(
+    install: Install,
+    server: FaultyHTTPServer,
+    driver: Driver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    install()
+    _reset_for_tests()
+
+    def broken(self: DownstreamTable, *parts: object) -> None:
+        raise RuntimeError("bug in otel_raptor")
+
+    monkeypatch.setattr(DownstreamTable, "for_parts", broken)
+    server.push(status(503))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        assert driver.get(server.url("/")).status_code == 503
+    assert server.count() == 1
+    assert "httpx.describe" in caplog.text
+
+
+def test_a_hand_built_request_is_guarded_too(install: Install, server: FaultyHTTPServer) -> None:
+    install()
+    server.push(status(503), ok("built"))
+    with httpx.Client() as client:
+        response = client.send(httpx.Request("GET", server.url("/h")))
+    assert response.text == "built"
+    assert server.count() == 2
+
+
+# --- installing ---------------------------------------------------------------------------------
+
+
+def test_install_twice_never_wraps_twice_and_uninstall_restores_the_originals() -> None:
+    first, second = HttpxIntegration(), HttpxIntegration()
+    first.install(make_settings())
+    wrapped = vars(httpx.Client)["send"], vars(httpx.AsyncClient)["send"]
+    second.install(make_settings())
+    assert (vars(httpx.Client)["send"], vars(httpx.AsyncClient)["send"]) == wrapped
+    assert wrapped[0].__wrapped__ is ORIGINAL_SEND
+    assert wrapped[1].__wrapped__ is ORIGINAL_ASYNC_SEND
+    first.uninstall()
+    assert vars(httpx.Client)["send"] is wrapped[0]
+    second.uninstall()
+    assert httpx.Client.send is ORIGINAL_SEND
+    assert httpx.AsyncClient.send is ORIGINAL_ASYNC_SEND
+
+
+def test_instrument_uninstrument_instrument(server: FaultyHTTPServer, driver: Driver) -> None:
+    hook = HttpxIntegration()
+    for _ in range(2):
+        hook.install(make_settings())
+        server.push(status(503), ok())
+        assert driver.get(server.url("/")).status_code == 200
+        hook.uninstall()
+    server.push(status(503))
+    assert driver.get(server.url("/")).status_code == 503
+
+
+def test_the_error_class_is_built_once_and_importable() -> None:
+    cls = circuit_open_error_type()
+    assert cls is circuit_open_error_type()
+    assert (cls.__name__, cls.__module__) == ("HttpxCircuitOpen", "otel_raptor.integrations.httpx")
+    from otel_raptor.integrations.httpx import HttpxCircuitOpen
+
+    assert HttpxCircuitOpen is cls
+    request = httpx.Request("GET", "http://a.test/")
+    error = cls("http://a.test:80", None, request=request)
+    assert error.request is request
+    assert str(error) == "circuit breaker 'http://a.test:80' is open"

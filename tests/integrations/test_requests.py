@@ -1,0 +1,648 @@
+"""The requests integration against a real loopback server with scripted faults."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.config import DownstreamOverride, RaptorConfig
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.events import Event, RecoveryFinished
+from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations import _wrapping
+from otel_raptor.integrations import requests as integration
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._http import STALE_HEADER, DownstreamTable
+from otel_raptor.integrations.requests import RequestsIntegration, circuit_open_error_type
+from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.safety import _reset_for_tests
+from otel_raptor.runtime.state import Runtime
+from tests.support.faulty_http import (
+    FaultyHTTPServer,
+    closed_port,
+    hang,
+    ok,
+    reset,
+    status,
+)
+
+ORIGINAL_REQUEST = requests.Session.request
+
+Install = Callable[..., Runtime]
+
+
+def make_settings(
+    *,
+    max_retries: int = 3,
+    failure_threshold: int = 5,
+    timeout: float = 5.0,
+    downstreams: tuple[DownstreamOverride, ...] = (),
+    **config: Any,
+) -> IntegrationSettings:
+    return IntegrationSettings(
+        runtime=Runtime(),
+        config=RaptorConfig(
+            retry=RetryPolicy(max_retries=max_retries, base_delay=0.01, max_delay=0.05),
+            breaker=CircuitBreakerConfig(
+                failure_threshold=failure_threshold,
+                recovery_timeout=0.3,
+                recovery_jitter=0.0,
+                timeout=timeout,
+            ),
+            downstreams=downstreams,
+            **config,
+        ),
+    )
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyHTTPServer]:
+    with FaultyHTTPServer() as started:
+        yield started
+
+
+@pytest.fixture
+def install() -> Iterator[Install]:
+    """Installs the integration with the given settings and records the runtime's events."""
+    installed: list[RequestsIntegration] = []
+    events: list[Event] = []
+
+    def run(**options: Any) -> Runtime:
+        settings = make_settings(**options)
+        settings.runtime.bus.subscribe(events.append)
+        hook = RequestsIntegration()
+        hook.install(settings)
+        installed.append(hook)
+        run.events = events  # type: ignore[attr-defined]
+        return settings.runtime
+
+    yield run
+    for hook in installed:
+        hook.uninstall()
+    assert requests.Session.request is ORIGINAL_REQUEST
+
+
+def state_of(breaker: CircuitBreaker) -> CircuitState:
+    return breaker.state  # a call, so that mypy does not narrow it between requests
+
+
+def finished(events: list[Event]) -> list[RecoveryFinished]:
+    return [e for e in events if isinstance(e, RecoveryFinished)]
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+
+def test_transient_503s_are_retried_until_success(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503), status(503), ok("fine"))
+    response = requests.get(server.url("/a"))
+    assert response.status_code == 200
+    assert response.text == "fine"
+    assert server.count("GET", "/a") == 3
+
+
+def test_a_connection_reset_is_retried(install: Install, server: FaultyHTTPServer) -> None:
+    install()
+    server.push(reset(), ok("after reset"))
+    assert requests.get(server.url("/r")).text == "after reset"
+    assert server.count("GET", "/r") == 2
+
+
+def test_a_post_without_idempotency_key_is_sent_exactly_once(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503))  # a retry would get the default 200
+    response = requests.post(server.url("/pay"), json={"amount": 1})
+    assert response.status_code == 503
+    assert server.count("POST", "/pay") == 1
+    server.push(reset())
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(server.url("/pay2"), data=b"x")
+    assert server.count("POST", "/pay2") == 1
+
+
+def test_a_post_with_an_idempotency_key_is_retried(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503), ok("done"))
+    response = requests.post(
+        server.url("/pay"), json={"amount": 1}, headers={"Idempotency-Key": "k-1"}
+    )
+    assert response.text == "done"
+    assert server.count("POST", "/pay") == 2
+    assert [r.body for r in server.requests] == [b'{"amount": 1}'] * 2
+
+
+def test_an_idempotency_key_on_the_session_counts_too(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503), ok("done"))
+    with requests.Session() as session:
+        session.headers["idempotency-key"] = "k-2"
+        assert session.post(server.url("/s"), data="x").text == "done"
+    assert server.count("POST", "/s") == 2
+
+
+def test_retry_non_idempotent_opts_posts_in(install: Install, server: FaultyHTTPServer) -> None:
+    install(retry_non_idempotent=True)
+    server.push(status(502), ok("done"))
+    assert requests.post(server.url("/p"), data=b"body").text == "done"
+    assert server.count("POST", "/p") == 2
+
+
+def test_retry_after_is_never_violated(install: Install, server: FaultyHTTPServer) -> None:
+    install()
+    server.push(status(429, {"Retry-After": "1"}), ok("late"))
+    assert requests.get(server.url("/limited")).text == "late"
+    first, second = server.arrivals
+    assert second - first >= 1.0
+
+
+def test_streamed_bodies_are_never_retried(install: Install, server: FaultyHTTPServer) -> None:
+    install()
+
+    def chunks() -> Iterator[bytes]:
+        yield b"a"
+        yield b"b"
+
+    server.push(status(503))  # a retry would get the default 200
+    response = requests.put(server.url("/gen"), data=chunks())
+    assert response.status_code == 503
+    assert server.count("PUT", "/gen") == 1
+    server.push(status(503))
+    response = requests.put(server.url("/file"), data=io.BytesIO(b"file body"))
+    assert response.status_code == 503
+    assert server.count("PUT", "/file") == 1
+    server.push(status(503))
+    response = requests.put(server.url("/upload"), files={"f": io.BytesIO(b"upload")})
+    assert response.status_code == 503
+    assert server.count("PUT", "/upload") == 1
+
+
+def test_in_memory_bodies_are_replayed_whole(install: Install, server: FaultyHTTPServer) -> None:
+    install()
+    server.push(status(503), ok())
+    requests.put(server.url("/form"), data={"a": "1"}, files={"f": ("f.txt", b"content")})
+    first, second = server.requests
+    # Encoded again for the retry (a new multipart boundary), with the same parts.
+    for sent in (first, second):
+        assert b'name="f"; filename="f.txt"\r\n\r\ncontent\r\n' in sent.body
+        assert b'name="a"\r\n\r\n1\r\n' in sent.body
+
+
+def test_positional_arguments_are_understood(install: Install, server: FaultyHTTPServer) -> None:
+    install()
+    server.push(status(503), ok("pos"))
+    with requests.Session() as session:
+        response = session.request("GET", server.url("/pos"), {"q": "1"}, None, {"X-A": "b"})
+    assert response.text == "pos"
+    assert [r.path for r in server.requests] == ["/pos?q=1", "/pos?q=1"]
+    assert server.requests[1].headers["x-a"] == "b"
+
+
+# --- what the caller sees -----------------------------------------------------------------------
+
+
+def test_the_last_failing_response_is_returned_as_a_response(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=2)
+    server.push(status(503), status(500), status(503, body="third"), ok())
+    response = requests.get(server.url("/down"))
+    assert isinstance(response, requests.Response)
+    assert response.status_code == 503
+    assert response.text == "third"
+    assert server.count("GET", "/down") == 3
+    with pytest.raises(requests.exceptions.HTTPError):
+        response.raise_for_status()
+
+
+def test_a_streamed_failing_response_is_returned_open(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=1)
+    server.push(status(503, body="first"), status(503, body="last"))
+    with requests.get(server.url("/st"), stream=True) as response:
+        assert response.status_code == 503
+        assert response.raw.read() == b"last"
+
+
+class RaisingAdapter(requests.adapters.HTTPAdapter):
+    """Fails every send with a fresh ConnectionError and remembers each one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised: list[BaseException] = []
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        error = requests.exceptions.ConnectionError(f"refused #{len(self.raised)}")
+        self.raised.append(error)
+        raise error
+
+
+def test_the_last_exception_is_raised_as_itself(install: Install) -> None:
+    install(max_retries=2)
+    adapter = RaisingAdapter()
+    with requests.Session() as session:
+        session.mount("http://", adapter)
+        with pytest.raises(requests.exceptions.ConnectionError) as caught:
+            session.get("http://downstream.test/x")
+    assert len(adapter.raised) == 3
+    assert caught.value is adapter.raised[-1]
+    assert not isinstance(caught.value, CircuitOpenError)
+
+
+def test_a_refused_connection_surfaces_as_requests_own_error(install: Install) -> None:
+    install(max_retries=1)
+    with pytest.raises(requests.exceptions.ConnectionError) as caught:
+        requests.get(f"http://127.0.0.1:{closed_port()}/")
+    assert not isinstance(caught.value, CircuitOpenError)
+
+
+# --- the breaker --------------------------------------------------------------------------------
+
+
+def test_the_breaker_opens_fails_fast_half_opens_and_closes(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    runtime = install(max_retries=0, failure_threshold=3)
+    server.push(status(503), status(503), status(503))
+    for _ in range(3):
+        assert requests.get(server.url("/b")).status_code == 503
+    breaker = runtime.breakers.get(f"http://127.0.0.1:{server.port}")
+    assert state_of(breaker) is CircuitState.OPEN
+
+    with pytest.raises(requests.exceptions.ConnectionError) as caught:
+        requests.get(server.url("/b"))
+    assert server.count() == 3  # failed fast: nothing reached the server
+    error = caught.value
+    assert isinstance(error, CircuitOpenError)
+    assert isinstance(error, circuit_open_error_type())
+    assert isinstance(error, requests.exceptions.RequestException)
+    assert error.breaker == f"http://127.0.0.1:{server.port}"
+    assert error.retry_after is not None
+    assert 0.0 < error.retry_after <= 0.3
+    assert error.request is not None
+    assert error.request.url == server.url("/b")
+
+    time.sleep(0.35)
+    assert requests.get(server.url("/b")).status_code == 200  # the probe
+    assert state_of(breaker) is CircuitState.HALF_OPEN
+    assert requests.get(server.url("/b")).status_code == 200
+    assert state_of(breaker) is CircuitState.CLOSED
+    assert server.count() == 5
+
+
+def test_an_except_clause_for_connection_errors_catches_the_refusal(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=0, failure_threshold=1)
+    server.push(status(500))
+    requests.get(server.url("/"))
+    outcome = "not caught"
+    try:
+        requests.get(server.url("/"))
+    except requests.ConnectionError as error:
+        outcome = type(error).__name__
+    assert outcome == "RequestsCircuitOpen"
+    assert integration.RequestsCircuitOpen is circuit_open_error_type()
+
+
+def test_breakers_are_per_origin(install: Install, server: FaultyHTTPServer) -> None:
+    install(max_retries=0, failure_threshold=1)
+    with FaultyHTTPServer() as other:
+        server.push(status(503))
+        requests.get(server.url("/"))
+        with pytest.raises(CircuitOpenError):
+            requests.get(server.url("/"))
+        assert requests.get(other.url("/")).status_code == 200
+
+
+def test_breaker_key_host_shares_one_breaker_per_host(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    runtime = install(max_retries=0, failure_threshold=1, breaker_key="host")
+    with FaultyHTTPServer() as other:
+        server.push(status(503))
+        requests.get(server.url("/"))
+        with pytest.raises(CircuitOpenError) as caught:
+            requests.get(other.url("/"))
+    assert caught.value.breaker == "127.0.0.1"
+    assert runtime.breakers.get("127.0.0.1").state is CircuitState.OPEN
+
+
+# --- timeouts -----------------------------------------------------------------------------------
+
+
+def test_a_default_timeout_applies_when_the_caller_gave_none(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=0, timeout=0.2)
+    server.push(hang(5.0))
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.get(server.url("/slow"))
+    assert time.monotonic() - started < 2.0
+
+
+def test_the_callers_timeout_wins(install: Install, server: FaultyHTTPServer) -> None:
+    install(max_retries=0, timeout=0.2)
+    server.push(hang(0.6))
+    started = time.monotonic()
+    # The server gives up first and closes: a connection error, not our 0.2 s read timeout.
+    with pytest.raises(requests.exceptions.ConnectionError) as caught:
+        requests.get(server.url("/slow"), timeout=3.0)
+    assert not isinstance(caught.value, requests.exceptions.Timeout)
+    assert time.monotonic() - started >= 0.5
+
+
+def test_a_timed_out_get_is_retried(install: Install, server: FaultyHTTPServer) -> None:
+    install(timeout=0.2)
+    server.push(hang(2.0), ok("second try"))
+    assert requests.get(server.url("/t")).text == "second try"
+    assert server.count("GET", "/t") == 2
+
+
+# --- fallbacks ----------------------------------------------------------------------------------
+
+
+def test_a_fallback_function_gets_the_failing_response(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    seen: list[Any] = []
+
+    def fallback(failure: Any) -> str:
+        seen.append(failure)
+        return "from the fallback"
+
+    install(
+        max_retries=1, downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),)
+    )
+    server.default = status(503)
+    result: Any = requests.get(server.url("/f"))  # whatever the fallback returns
+    assert result == "from the fallback"
+    (failure,) = seen
+    assert isinstance(failure, requests.Response)
+    assert failure.status_code == 503
+    (done,) = finished(install.events)  # type: ignore[attr-defined]
+    assert (done.strategy, done.outcome) == (Strategy.FAILOVER, Outcome.FALLBACK)
+
+
+def test_a_fallback_function_gets_the_exception_and_the_refusal(install: Install) -> None:
+    seen: list[Any] = []
+
+    def fallback(failure: Any) -> str:
+        seen.append(failure)
+        return "fallback"
+
+    install(
+        max_retries=0,
+        failure_threshold=1,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),),
+    )
+    url = f"http://127.0.0.1:{closed_port()}/"
+    results: list[Any] = [requests.get(url), requests.get(url)]  # the fallback's value
+    assert results == ["fallback", "fallback"]
+    refused, rejected = seen
+    assert isinstance(refused, requests.exceptions.ConnectionError)
+    assert not isinstance(refused, CircuitOpenError)
+    assert isinstance(rejected, circuit_open_error_type())
+
+
+def test_failover_sends_the_same_path_to_the_next_base_url(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    with FaultyHTTPServer() as backup:
+        install(
+            max_retries=1,
+            downstreams=(
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{server.port}",
+                    failover_urls=(f"http://127.0.0.1:{closed_port()}", backup.url("/")),
+                ),
+            ),
+        )
+        server.default = status(503)
+        backup.push(ok("from the backup"))
+        response = requests.get(server.url("/items?id=7"))
+        assert response.status_code == 200
+        assert response.text == "from the backup"
+        assert server.count() == 2
+        assert [r.path for r in backup.requests] == ["/items?id=7"]
+        assert backup.requests[0].headers["host"] == backup.authority
+
+
+def test_failover_when_the_breaker_is_open_even_for_a_post(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    with FaultyHTTPServer() as backup:
+        install(
+            max_retries=0,
+            failure_threshold=1,
+            downstreams=(
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{server.port}", failover_urls=(backup.url(),)
+                ),
+            ),
+        )
+        server.default = status(503)
+        assert requests.post(server.url("/p"), data=b"x").status_code == 503  # not replay safe
+        assert backup.count() == 0
+        # The breaker is open: the primary never sees this one, so the backup may.
+        assert requests.post(server.url("/p"), data=b"y").status_code == 200
+        assert server.count() == 1
+        assert [r.body for r in backup.requests] == [b"y"]
+
+
+def test_without_a_working_fallback_the_caller_gets_the_primary_outcome(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(
+            DownstreamOverride(
+                pattern="127.0.0.1", failover_urls=(f"http://127.0.0.1:{closed_port()}",)
+            ),
+        ),
+    )
+    server.push(status(503, body="primary"))
+    response = requests.get(server.url("/x"))
+    assert response.status_code == 503
+    assert response.text == "primary"
+
+
+def test_stale_if_error_serves_the_last_good_response(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(
+        max_retries=1,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(ok("fresh", headers={"ETag": '"v1"'}))
+    assert requests.get(server.url("/doc")).text == "fresh"
+    server.default = status(503)
+    response = requests.get(server.url("/doc"))
+    assert response.status_code == 200
+    assert response.text == "fresh"
+    assert response.headers[STALE_HEADER] == "1"
+    assert response.headers["ETag"] == '"v1"'
+    assert int(response.headers["Age"]) >= 0
+    (done,) = finished(install.events)  # type: ignore[attr-defined]
+    assert done.outcome is Outcome.FALLBACK
+    # Another URL, or the same URL with other credentials: nothing stale to serve.
+    assert requests.get(server.url("/other")).status_code == 503
+    other_user = requests.get(server.url("/doc"), headers={"Authorization": "Bearer other"})
+    assert other_user.status_code == 503
+
+
+def test_stale_entries_expire(install: Install, server: FaultyHTTPServer) -> None:
+    install(
+        max_retries=0,
+        downstreams=(
+            DownstreamOverride(pattern="127.0.0.1", stale_if_error=True, stale_max_age=0.1),
+        ),
+    )
+    server.push(ok("fresh"))
+    requests.get(server.url("/doc"))
+    time.sleep(0.15)
+    server.default = status(503)
+    assert requests.get(server.url("/doc")).status_code == 503
+
+
+# --- staying out of the way ---------------------------------------------------------------------
+
+
+def test_suppressed_requests_pass_through_untouched(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(failure_threshold=1)
+    server.push(status(503), ok())
+    with suppress_instrumentation():
+        assert requests.get(server.url("/export")).status_code == 503
+        assert requests.get(server.url("/export")).status_code == 200
+    assert server.count() == 2
+    assert install.events == []  # type: ignore[attr-defined]
+
+
+def test_a_disabled_downstream_is_left_alone(install: Install, server: FaultyHTTPServer) -> None:
+    install(downstreams=(DownstreamOverride(pattern="127.0.0.1", enabled=False),))
+    server.push(status(503))
+    assert requests.get(server.url("/")).status_code == 503
+    assert server.count() == 1
+
+
+def test_our_own_failure_never_reaches_the_app(
+    install: Install,
+    server: FaultyHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    install()
+    _reset_for_tests()
+
+    def broken(self: DownstreamTable, prefix: str) -> None:
+        raise RuntimeError("bug in otel_raptor")
+
+    monkeypatch.setattr(DownstreamTable, "for_prefix", broken)
+    server.push(status(503))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        assert requests.get(server.url("/")).status_code == 503
+    assert server.count() == 1
+    assert "requests.describe" in caplog.text
+
+
+def test_non_http_urls_are_left_to_requests(install: Install) -> None:
+    install()
+    with pytest.raises(requests.exceptions.InvalidSchema):
+        requests.get("ftp://example.test/file")
+    with pytest.raises(requests.exceptions.MissingSchema):
+        requests.get("no-scheme")
+
+
+# --- installing ---------------------------------------------------------------------------------
+
+
+def test_install_twice_never_wraps_twice_and_uninstall_restores_the_original() -> None:
+    first, second = RequestsIntegration(), RequestsIntegration()
+    first.install(make_settings())
+    wrapped = vars(requests.Session)["request"]
+    second.install(make_settings())
+    assert vars(requests.Session)["request"] is wrapped
+    assert wrapped.__wrapped__ is ORIGINAL_REQUEST
+    assert second.installed
+    assert not first.installed
+    first.uninstall()  # not the current installation: leaves the hook to `second`
+    assert vars(requests.Session)["request"] is wrapped
+    second.uninstall()
+    assert requests.Session.request is ORIGINAL_REQUEST
+    second.uninstall()
+    assert requests.Session.request is ORIGINAL_REQUEST
+
+
+def test_instrument_uninstrument_instrument(server: FaultyHTTPServer) -> None:
+    hook = RequestsIntegration()
+    for _ in range(2):
+        hook.install(make_settings())
+        server.push(status(503), ok())
+        assert requests.get(server.url("/")).status_code == 200
+        hook.uninstall()
+        assert requests.Session.request is ORIGINAL_REQUEST
+    server.push(status(503))
+    assert requests.get(server.url("/")).status_code == 503
+
+
+def test_a_hook_wrapped_over_by_someone_else_passes_through_after_uninstall(
+    server: FaultyHTTPServer,
+) -> None:
+    def other(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+
+    hook = RequestsIntegration()
+    hook.install(make_settings())
+    _wrapping.wrap(requests.Session, "request", other)
+    try:
+        hook.uninstall()
+        assert _wrapping.is_wrapped(requests.Session, "request", other)
+        server.push(status(503))
+        assert requests.get(server.url("/")).status_code == 503  # ours passes through
+        hook.install(make_settings())  # finds its layer: no second one
+        layers = vars(requests.Session)["request"]
+        assert layers.__wrapped__.__wrapped__ is ORIGINAL_REQUEST
+        server.push(status(503), ok())
+        assert requests.get(server.url("/")).status_code == 200
+        hook.uninstall()
+    finally:
+        assert _wrapping.unwrap(requests.Session, "request", other)
+        _wrapping.unwrap(requests.Session, "request", integration._request_wrapper)
+    assert requests.Session.request is ORIGINAL_REQUEST
+
+
+def test_the_error_class_is_built_once_and_importable() -> None:
+    cls = circuit_open_error_type()
+    assert cls is circuit_open_error_type()
+    assert cls.__name__ == "RequestsCircuitOpen"
+    assert cls.__module__ == "otel_raptor.integrations.requests"
+    from otel_raptor.integrations.requests import RequestsCircuitOpen
+
+    assert RequestsCircuitOpen is cls
+    error = cls("http://a:80", 1.5, request=None)
+    assert str(error) == "circuit breaker 'http://a:80' is open; next probe in 1.5s"
+    assert isinstance(error, requests.exceptions.ConnectionError)
+    with pytest.raises(AttributeError):
+        _ = integration.NoSuchThing
