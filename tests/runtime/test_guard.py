@@ -464,3 +464,17 @@ def test_the_repeat_window_forgets(runtime: Runtime, clock: FakeClock) -> None:
     clock.advance(200.0)
     assert runtime.note_failure("svc", "timeout") == 1
     assert runtime.note_failure("svc", "connection") == 1
+
+
+def test_a_fallback_that_raises_is_reported_as_a_failure(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    def fallback(error: BaseException) -> str:
+        raise LookupError("no cached copy")
+
+    guard = Guard("api", retry=False, fallback=fallback, runtime=runtime)
+    with pytest.raises(LookupError):
+        guard.call(Flaky(ConnectionResetError(104, "x")))
+    (finished,) = of(events, RecoveryFinished)
+    assert (finished.strategy, finished.outcome) == (Strategy.FAILOVER, Outcome.FAILED)
+    assert finished.give_up_reason == "fallback_failed"

@@ -309,11 +309,24 @@ class Guard:
 
     def _give_up_sync(self, recovery: _Recovery, exc: BaseException) -> Any:
         if self._fallback is not None and isinstance(exc, Exception):
-            recovery.strategy, recovery.outcome = Strategy.FAILOVER, Outcome.FALLBACK
+            recovery.strategy = Strategy.FAILOVER
+            try:
+                value = self._fallback(exc)
+            except BaseException:
+                self._fallback_failed(recovery)
+                raise
+            recovery.outcome = Outcome.FALLBACK
             self._finish(recovery)
-            return self._fallback(exc)
+            return value
         self._finish(recovery)
         raise exc
+
+    def _fallback_failed(self, recovery: _Recovery) -> None:
+        """The fallback raised: the call failed after all (its error reaches the caller)."""
+        if recovery.outcome is not Outcome.BUDGET_EXHAUSTED:
+            recovery.outcome = Outcome.FAILED
+        recovery.give_up_reason = "fallback_failed"
+        self._finish(recovery)
 
     def _rejected_sync(self, breaker: CircuitBreaker | None) -> Any:
         error = self._rejection(breaker)
@@ -410,9 +423,15 @@ class Guard:
 
     async def _give_up_async(self, recovery: _Recovery, exc: BaseException) -> Any:
         if self._fallback is not None and isinstance(exc, Exception):
-            recovery.strategy, recovery.outcome = Strategy.FAILOVER, Outcome.FALLBACK
+            recovery.strategy = Strategy.FAILOVER
+            try:
+                value = await _maybe_await(self._fallback(exc))
+            except BaseException:
+                self._fallback_failed(recovery)
+                raise
+            recovery.outcome = Outcome.FALLBACK
             self._finish(recovery)
-            return await _maybe_await(self._fallback(exc))
+            return value
         self._finish(recovery)
         raise exc
 
