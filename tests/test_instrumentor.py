@@ -378,3 +378,29 @@ def test_importing_the_package_does_not_import_opentelemetry_instrumentation() -
 def test_the_process_wide_runtime_is_the_one_configured(instrumentor: RaptorInstrumentor) -> None:
     instrumentor.instrument(max_services=5)
     assert get_runtime().max_services == 5
+
+
+def test_instrument_runs_the_memory_controller_and_uninstrument_stops_it() -> None:
+    from otel_raptor import SimpleMemoryController
+    from otel_raptor.instrumentor import RaptorInstrumentor
+
+    controller = SimpleMemoryController(check_interval=60)
+    instrumentor = RaptorInstrumentor()
+    instrumentor.instrument(memory=controller, integrations=[])
+    try:
+        assert instrumentor.memory_controller is controller
+        assert controller.running
+    finally:
+        instrumentor.uninstrument()
+    assert not controller.running
+    assert instrumentor.memory_controller is None
+
+
+def test_memory_kwarg_is_validated() -> None:
+    from otel_raptor import ConfigError
+    from otel_raptor.instrumentor import RaptorInstrumentor
+
+    with pytest.raises(ConfigError, match="memory"):
+        RaptorInstrumentor().instrument(memory="yes")
+    with pytest.raises(ConfigError, match=r"memory\."):
+        RaptorInstrumentor().instrument(memory={"cleanup_batch_size": 0})

@@ -30,6 +30,7 @@ from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.classifying import classify, register_rule
 from otel_raptor.runtime.decorator import resilient
 from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.memory import SimpleMemoryController, get_memory_controller
 from otel_raptor.runtime.recovery import (
     ErrorRecoveryEngine,
     RecoveryResult,
@@ -70,9 +71,11 @@ __all__ = [
     "Rule",
     "Runtime",
     "Severity",
+    "SimpleMemoryController",
     "Strategy",
     "__version__",
     "classify",
+    "get_memory_controller",
     "get_production_error_recovery",
     "get_resilient_client",
     "get_runtime",

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,11 @@ from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
 from otel_raptor.integrations._base import Integration, IntegrationSettings
 from otel_raptor.integrations._http import ResendCountSpanProcessor
+from otel_raptor.runtime.memory import (
+    SimpleMemoryController,
+    get_memory_controller,
+    set_memory_controller,
+)
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import RecoveryScope, Runtime, get_runtime
 from otel_raptor.telemetry.sink import TelemetrySink
@@ -96,6 +101,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     # Class-level defaults: BaseInstrumentor is a singleton whose ``__init__`` runs on every
     # ``RaptorInstrumentor()``, so instance state must not be (re)set there.
     _installed: _Installed | None = None
+    _memory: SimpleMemoryController | None = None
     _lock = threading.Lock()
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -119,6 +125,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     def _instrument(self, **kwargs: Any) -> None:
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
+        memory = _memory_controller(kwargs.pop("memory", True))
         # A bad kwarg raises here, before anything has changed.
         try:
             config = RaptorConfig.load(kwargs=kwargs, environ=os.environ, report=_report_config)
@@ -134,6 +141,12 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                 self._install(config, tracer_provider, meter_provider)
             except Exception as error:  # noqa: BLE001 - never stop the app (or the launcher)
                 report_internal_error("instrumentor.instrument", error)
+            self._memory = memory
+            if memory is not None:
+                try:
+                    memory.start()
+                except Exception as error:  # noqa: BLE001
+                    report_internal_error("instrumentor.memory", error)
 
     def _install(self, config: RaptorConfig, tracer_provider: Any, meter_provider: Any) -> None:
         runtime = get_runtime()
@@ -165,8 +178,19 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
             if integration is not None:
                 installed.integrations.append(integration)
 
+    @property
+    def memory_controller(self) -> SimpleMemoryController | None:
+        """The memory controller ``instrument()`` started (``memory=False``: none)."""
+        return self._memory
+
     def _uninstrument(self, **kwargs: Any) -> None:
         with self._lock:
+            memory, self._memory = self._memory, None
+            if memory is not None:
+                try:
+                    memory.stop(timeout=1.0)
+                except Exception as error:  # noqa: BLE001
+                    report_internal_error("instrumentor.memory", error)
             installed, self._installed = self._installed, None
             if installed is None:
                 return
@@ -194,6 +218,22 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                 )
             except Exception as error:  # noqa: BLE001
                 report_internal_error("instrumentor.restore_runtime", error)
+
+
+def _memory_controller(spec: object) -> SimpleMemoryController | None:
+    """``memory=``: ``True`` (the process-wide controller), ``False``, a controller, or the
+    seed's ``MEMORY_CONFIG`` mapping (a new controller, which becomes the process-wide one)."""
+    if spec is False:
+        return None
+    if spec is True:
+        return get_memory_controller()
+    if isinstance(spec, SimpleMemoryController):
+        return spec
+    if isinstance(spec, Mapping):
+        controller = SimpleMemoryController(config=spec)
+        set_memory_controller(controller)
+        return controller
+    raise ConfigError("memory", spec, "True, False, a SimpleMemoryController or a mapping")
 
 
 # SDK tracer providers that already carry our span processor (an SDK provider cannot remove a

@@ -1,0 +1,378 @@
+"""Adapters that let the memory controller expire and clear the caches an app registers.
+
+Each adapter answers three questions: how many entries (:meth:`CacheAdapter.entries`), evict
+the entries older than an age (:meth:`CacheAdapter.evict_expired`, in batches), and empty the
+cache (:meth:`CacheAdapter.clear`). :func:`adapt` picks one for an object:
+
+- :class:`TrackedDict` (ours): a ``dict`` that stamps each key when it is set, so ages are exact.
+- a plain ``dict`` / ``OrderedDict`` / any mutable mapping: a plain dict cannot say how old an
+  entry is, so the adapter keeps a side table of the time each key was *first seen by a scan*
+  (scans happen at registration and at every cleanup). An entry is therefore evicted between
+  ``max_age`` and ``max_age + cleanup_interval`` after it was inserted, a value overwritten
+  under the same key keeps its first-seen time, and the side table costs one float per key
+  (it only holds keys still in the cache). Use ``TrackedDict`` when that is not good enough.
+- a cachetools cache (duck-typed: ``popitem``, ``maxsize``, ``currsize``): ``expire()`` is
+  called when it has one (``TTLCache``); otherwise the first-seen side table, as for a dict.
+- a ``functools.lru_cache`` function (``cache_clear`` and ``cache_info``): it has no
+  per-entry ages, so an expiry clears it whole once ``max_age`` has passed since its last
+  clear.
+- anything with ``clear()``: expiry does nothing; it is only cleared.
+- :class:`Evictor`: a callable ``fn(level, max_age) -> entries evicted`` the app writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+from otel_raptor.core.memory import CachePriority, CleanupLevel
+
+__all__ = [
+    "CacheAdapter",
+    "CacheRegistry",
+    "ClearableAdapter",
+    "Evictor",
+    "EvictorAdapter",
+    "LruCacheAdapter",
+    "MappingAdapter",
+    "RegisteredCache",
+    "TrackedDict",
+    "TrackedDictAdapter",
+    "TtlCacheAdapter",
+    "adapt",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class CacheAdapter(Protocol):
+    """How the controller reaches into one cache. ``now`` is monotonic seconds."""
+
+    kind: str
+
+    def entries(self) -> int | None:
+        """Entries now held (``None`` when the cache cannot say)."""
+        ...
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        """Evict entries older than ``max_age`` seconds; how many were evicted."""
+        ...
+
+    def clear(self, now: float) -> int:
+        """Empty the cache; how many entries it held (0 when unknown)."""
+        ...
+
+
+@runtime_checkable
+class _Clearable(Protocol):
+    def clear(self) -> None: ...
+
+
+#: A custom evictor: called with the cleanup level's name (``standard``, ``critical``,
+#: ``emergency``) and the maximum age in seconds; returns the entries it evicted.
+Evictor = Callable[[str, float], int]
+
+
+class TrackedDict(dict[K, V]):
+    """A ``dict`` that records when each key was last set (monotonic seconds, via ``clock``).
+
+    ``d[k] = v``, ``setdefault`` and ``update`` (with a mapping) stamp a key. Reads do not
+    refresh an entry: the age is the age of the value. ``clock`` is usually
+    ``time.monotonic``, the controller's clock.
+    """
+
+    def __init__(self, clock: Callable[[], float], initial: Mapping[K, V] | None = None) -> None:
+        super().__init__()
+        self._clock = clock
+        self.stamps: dict[K, float] = {}
+        if initial is not None:
+            self.update(initial)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.stamps[key] = self._clock()
+
+    def __delitem__(self, key: K) -> None:
+        super().__delitem__(key)
+        self.stamps.pop(key, None)
+
+    def update(self, other: Mapping[K, V]) -> None:  # type: ignore[override]  # mappings only
+        for key, value in other.items():
+            self[key] = value
+
+    def setdefault(self, key: K, default: V = None) -> V:  # type: ignore[assignment]
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, key: K, *default: V) -> V:  # type: ignore[override]
+        self.stamps.pop(key, None)
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[K, V]:
+        key, value = super().popitem()
+        self.stamps.pop(key, None)
+        return key, value
+
+    def clear(self) -> None:
+        super().clear()
+        self.stamps.clear()
+
+
+def _list_keys(mapping: MutableMapping[K, V]) -> list[K]:
+    # The app may mutate the mapping from another thread; copy the keys, retry if it changed
+    # size under us (list(dict) itself runs in C without releasing the GIL for plain dicts).
+    for _ in range(3):
+        try:
+            return list(mapping)
+        except RuntimeError:
+            continue
+    return []
+
+
+class TrackedDictAdapter(Generic[K, V]):
+    """Exact ages from a :class:`TrackedDict`'s stamps."""
+
+    kind = "tracked_dict"
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: TrackedDict[K, V]) -> None:
+        self._cache = cache
+
+    def entries(self) -> int | None:
+        return len(self._cache)
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        cutoff = now - max_age
+        stamps = self._cache.stamps
+        old = [key for key in list(stamps) if stamps.get(key, now) < cutoff]
+        return _pop_in_batches(self._cache, old, batch_size)
+
+    def clear(self, now: float) -> int:
+        held = len(self._cache)
+        self._cache.clear()
+        return held
+
+
+def _pop_in_batches(cache: MutableMapping[K, V], keys: list[K], batch_size: int) -> int:
+    evicted = 0
+    for start in range(0, len(keys), batch_size):
+        for key in keys[start : start + batch_size]:
+            # pop with a default: the app may have removed it meanwhile.
+            if cache.pop(key, _MISSING) is not _MISSING:
+                evicted += 1
+        # Batches keep each stretch of work short: sleep(0) releases the GIL between them so
+        # the app's threads are not stalled behind a long eviction.
+        time.sleep(0)
+    return evicted
+
+
+_MISSING = object()
+
+
+class MappingAdapter(Generic[K, V]):
+    """A dict, ``OrderedDict`` or any mutable mapping, aged by a first-seen side table."""
+
+    __slots__ = ("_cache", "_first_seen", "kind")
+
+    def __init__(self, cache: MutableMapping[K, V], now: float, kind: str = "mapping") -> None:
+        self._cache = cache
+        self.kind = kind
+        self._first_seen: dict[K, float] = {}
+        self.scan(now)
+
+    def entries(self) -> int | None:
+        return len(self._cache)
+
+    def scan(self, now: float) -> list[K]:
+        """Stamp keys not seen before with ``now``, forget keys that left; the live keys."""
+        keys = _list_keys(self._cache)
+        seen = self._first_seen
+        fresh: dict[K, float] = {}
+        for key in keys:
+            fresh[key] = seen.get(key, now)
+        self._first_seen = fresh  # rebuilt, so the side table never outgrows the cache
+        return keys
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        keys = self.scan(now)
+        cutoff = now - max_age
+        seen = self._first_seen
+        old = [key for key in keys if seen[key] < cutoff]
+        evicted = _pop_in_batches(self._cache, old, batch_size)
+        for key in old:
+            seen.pop(key, None)
+        return evicted
+
+    def clear(self, now: float) -> int:
+        held = len(self._cache)
+        self._cache.clear()
+        self._first_seen = {}
+        return held
+
+
+class TtlCacheAdapter(MappingAdapter[K, V]):
+    """A cachetools cache: ``expire()`` when it has one, else the first-seen side table."""
+
+    __slots__ = ()
+
+    def scan(self, now: float) -> list[K]:
+        if callable(getattr(self._cache, "expire", None)):
+            return []  # it ages its own entries; iterating it would silently expire them
+        return MappingAdapter.scan(self, now)
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        expire = getattr(self._cache, "expire", None)
+        if callable(expire):
+            # cachetools >= 5 returns the expired items. Counting by len() instead would
+            # count nothing: TTLCache's len() already drops expired entries.
+            expired = expire()
+            return len(expired) if isinstance(expired, list) else 0
+        return MappingAdapter.evict_expired(self, max_age, now, batch_size)
+
+
+class LruCacheAdapter:
+    """A ``functools.lru_cache`` function: no per-entry ages, so it expires as a whole."""
+
+    kind = "lru_cache"
+    __slots__ = ("_cleared_at", "_fn")
+
+    def __init__(self, fn: object, now: float) -> None:
+        self._fn = fn
+        self._cleared_at = now
+
+    def entries(self) -> int | None:
+        return int(self._fn.cache_info().currsize)  # type: ignore[attr-defined]
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        if now - self._cleared_at < max_age:
+            return 0
+        return self.clear(now)
+
+    def clear(self, now: float) -> int:
+        held = self.entries() or 0
+        self._fn.cache_clear()  # type: ignore[attr-defined]
+        self._cleared_at = now
+        return held
+
+
+class ClearableAdapter:
+    """Any object with ``clear()``; entries from ``len()`` when it has one."""
+
+    kind = "clearable"
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: _Clearable) -> None:
+        self._cache = cache
+
+    def entries(self) -> int | None:
+        try:
+            return len(self._cache)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        return 0
+
+    def clear(self, now: float) -> int:
+        held = self.entries() or 0
+        self._cache.clear()
+        return held
+
+
+class EvictorAdapter:
+    """A custom :data:`Evictor`; ``clear`` calls it with the ``emergency`` level and age 0."""
+
+    kind = "evictor"
+    __slots__ = ("_fn", "level")
+
+    def __init__(self, fn: Evictor) -> None:
+        self._fn = fn
+        self.level = CleanupLevel.STANDARD
+
+    def entries(self) -> int | None:
+        return None
+
+    def evict_expired(self, max_age: float, now: float, batch_size: int) -> int:
+        return int(self._fn(self.level.value, max_age))
+
+    def clear(self, now: float) -> int:
+        return int(self._fn(CleanupLevel.EMERGENCY.value, 0.0))
+
+
+def adapt(cache: object, now: float) -> CacheAdapter:
+    """The adapter for ``cache`` (see the module docstring for the order tried).
+
+    Raises ``TypeError`` for an object none of them fits.
+    """
+    if isinstance(cache, TrackedDict):
+        return TrackedDictAdapter(cache)
+    if callable(getattr(cache, "cache_clear", None)) and callable(
+        getattr(cache, "cache_info", None)
+    ):
+        return LruCacheAdapter(cache, now)
+    # Probe the type: reading TTLCache.currsize on the instance would expire entries.
+    if all(
+        hasattr(type(cache), name) or name in getattr(cache, "__dict__", {})
+        for name in ("popitem", "maxsize", "currsize")
+    ) and isinstance(cache, MutableMapping):
+        return TtlCacheAdapter(cache, now, kind="cachetools")
+    if isinstance(cache, MutableMapping):
+        return MappingAdapter(cache, now, kind=type(cache).__name__)
+    if isinstance(cache, _Clearable):
+        return ClearableAdapter(cache)
+    if callable(cache):
+        return EvictorAdapter(cache)
+    raise TypeError(
+        f"cannot manage a {type(cache).__name__}: expected a mapping, an lru_cache function, "
+        "a cachetools cache, an object with clear(), or an evictor callable"
+    )
+
+
+@dataclass(slots=True)
+class RegisteredCache:
+    """One registered cache: its adapter, priority and own maximum age (``None``: default)."""
+
+    name: str
+    adapter: CacheAdapter
+    priority: CachePriority
+    max_age: float | None
+
+
+class CacheRegistry:
+    """Named caches, thread-safe; iteration works on a snapshot."""
+
+    __slots__ = ("_caches", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._caches: dict[str, RegisteredCache] = {}
+
+    def add(self, entry: RegisteredCache) -> None:
+        with self._lock:
+            self._caches = {**self._caches, entry.name: entry}
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            if name not in self._caches:
+                return False
+            caches = dict(self._caches)
+            del caches[name]
+            self._caches = caches
+            return True
+
+    def get(self, name: str) -> RegisteredCache | None:
+        return self._caches.get(name)
+
+    def __iter__(self) -> Iterator[RegisteredCache]:
+        return iter(list(self._caches.values()))
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
