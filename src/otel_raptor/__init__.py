@@ -31,6 +31,7 @@ from otel_raptor.runtime.classifying import classify, register_rule
 from otel_raptor.runtime.decorator import resilient
 from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.memory import SimpleMemoryController, get_memory_controller
+from otel_raptor.runtime.predictor import PredictiveFailure, get_predictive_failure
 from otel_raptor.runtime.recovery import (
     ErrorRecoveryEngine,
     RecoveryResult,
@@ -59,6 +60,7 @@ __all__ = [
     "Event",
     "Guard",
     "Outcome",
+    "PredictiveFailure",
     "RaptorError",
     "RaptorInstrumentor",
     "RecoveryFinished",
@@ -76,6 +78,7 @@ __all__ = [
     "__version__",
     "classify",
     "get_memory_controller",
+    "get_predictive_failure",
     "get_production_error_recovery",
     "get_resilient_client",
     "get_runtime",

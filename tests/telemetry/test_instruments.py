@@ -35,7 +35,7 @@ from otel_raptor.telemetry.instruments import (
 )
 
 # UCUM units we allow: seconds, dimensionless, and annotations in braces.
-_UNIT = re.compile(r"^(s|1|%|\{[a-z_]+\})$")
+_UNIT = re.compile(r"^(s|1|%|By|\{[a-z_]+\})$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _SEMCONV = {
     "error.type",
@@ -115,6 +115,10 @@ def test_create_builds_exactly_the_registry() -> None:
         created.retry_budget_exhausted,
         created.breaker_transitions,
         created.breaker_rejections,
+        created.predictions,
+        created.prevention_actions,
+        created.memory_cleanups,
+        created.memory_freed,
     ):
         counter.add(1)
     created.recovery_duration.record(0.3)

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager as ContextManager
 
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.learning import LearnerOptions, StrategyLearner
+from otel_raptor.core.prediction import EMPTY_SNAPSHOT, ResourceSnapshot
 from otel_raptor.core.recovery import Strategy
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.breaker import BreakerRegistry
@@ -21,6 +22,7 @@ __all__ = [
     "OTHER_SERVICE",
     "REPEAT_WINDOW_S",
     "RecoveryScope",
+    "ResourceSnapshotProvider",
     "Runtime",
     "get_runtime",
     "set_runtime",
@@ -35,6 +37,16 @@ RecoveryScope = Callable[[str, float], ContextManager[None]]
 
 def _no_scope(service: str, started: float) -> ContextManager[None]:
     return contextlib.nullcontext()
+
+
+#: Returns the latest resource readings and forecasts for the resource gauges; the predictor
+#: installs one while it monitors (``otel_raptor.runtime.predictor``). Called at collection
+#: time, from the metric reader's thread: it must be cheap and must not block.
+ResourceSnapshotProvider = Callable[[], ResourceSnapshot]
+
+
+def _no_resources() -> ResourceSnapshot:
+    return EMPTY_SNAPSHOT
 
 
 #: The window over which repeated failures of one category raise their severity.
@@ -74,6 +86,7 @@ class Runtime:
         self._learner = StrategyLearner(learner or LearnerOptions())
         self._lock = threading.Lock()
         self.recovery_scope: RecoveryScope = _no_scope
+        self.resource_snapshot: ResourceSnapshotProvider = _no_resources
         _live_runtimes.add(self)
 
     @property

@@ -42,11 +42,24 @@ __all__ = [
     "ATTR_ERROR_TYPE",
     "ATTR_HTTP_REQUEST_METHOD",
     "ATTR_HTTP_RESPONSE_STATUS_CODE",
+    "ATTR_MEMORY_BYTES_FREED",
+    "ATTR_MEMORY_CLEANUP_LEVEL",
+    "ATTR_MEMORY_CLEANUP_TRIGGER",
+    "ATTR_MEMORY_ENTRIES_EVICTED",
+    "ATTR_MEMORY_PRESSURE_LEVEL",
+    "ATTR_PREDICTION_CONFIDENCE",
+    "ATTR_PREDICTION_PROBABILITY",
+    "ATTR_PREDICTION_SEVERITY",
+    "ATTR_PREDICTION_STATE",
+    "ATTR_PREDICTION_TIME_TO_EXHAUSTION",
+    "ATTR_PREVENTION_ACTION",
+    "ATTR_PREVENTION_OUTCOME",
     "ATTR_RECOVERY_ATTEMPT",
     "ATTR_RECOVERY_ATTEMPTS",
     "ATTR_RECOVERY_GIVE_UP_REASON",
     "ATTR_RECOVERY_OUTCOME",
     "ATTR_RECOVERY_STRATEGY",
+    "ATTR_RESOURCE",
     "ATTR_RETRY_DELAY",
     "ATTR_SERVER_ADDRESS",
     "ATTR_SERVER_PORT",
@@ -71,8 +84,17 @@ __all__ = [
     "METRIC_BREAKER_STATE",
     "METRIC_BREAKER_TRANSITIONS",
     "METRIC_ERRORS",
+    "METRIC_MEMORY_CLEANUPS",
+    "METRIC_MEMORY_FREED",
+    "METRIC_MEMORY_PRESSURE",
+    "METRIC_MEMORY_PRESSURE_LEVEL",
+    "METRIC_PREDICTIONS",
+    "METRIC_PREDICTION_PROBABILITY",
+    "METRIC_PREDICTION_TIME_TO_EXHAUSTION",
+    "METRIC_PREVENTION_ACTIONS",
     "METRIC_RECOVERIES",
     "METRIC_RECOVERY_DURATION",
+    "METRIC_RESOURCE_UTILIZATION",
     "METRIC_RETRIES",
     "METRIC_RETRY_BUDGET_EXHAUSTED",
     "METRIC_RETRY_BUDGET_TOKENS",
@@ -80,6 +102,8 @@ __all__ = [
     "SCHEMA_URL",
     "SPANS",
     "SPAN_EVENTS",
+    "SPAN_MEMORY_CLEANUP",
+    "SPAN_PREDICTION",
     "SPAN_RECOVERY",
     "SpanEventSpec",
     "SpanSpec",
@@ -117,6 +141,19 @@ ATTR_SERVER_ADDRESS: Final = "server.address"
 ATTR_SERVER_PORT: Final = "server.port"
 ATTR_HTTP_REQUEST_METHOD: Final = "http.request.method"
 ATTR_HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+ATTR_RESOURCE: Final = "raptor.resource"
+ATTR_PREDICTION_SEVERITY: Final = "raptor.prediction.severity"
+ATTR_PREDICTION_STATE: Final = "raptor.prediction.state"
+ATTR_PREDICTION_PROBABILITY: Final = "raptor.prediction.probability"
+ATTR_PREDICTION_TIME_TO_EXHAUSTION: Final = "raptor.prediction.time_to_exhaustion"
+ATTR_PREDICTION_CONFIDENCE: Final = "raptor.prediction.confidence"
+ATTR_PREVENTION_ACTION: Final = "raptor.prevention.action"
+ATTR_PREVENTION_OUTCOME: Final = "raptor.prevention.outcome"
+ATTR_MEMORY_PRESSURE_LEVEL: Final = "raptor.memory.pressure.level"
+ATTR_MEMORY_CLEANUP_LEVEL: Final = "raptor.memory.cleanup.level"
+ATTR_MEMORY_CLEANUP_TRIGGER: Final = "raptor.memory.cleanup.trigger"
+ATTR_MEMORY_BYTES_FREED: Final = "raptor.memory.cleanup.bytes_freed"
+ATTR_MEMORY_ENTRIES_EVICTED: Final = "raptor.memory.cleanup.entries_evicted"
 
 
 class AttributeType(str, enum.Enum):
@@ -268,6 +305,84 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         values="semconv: the HTTP status code (integration spans)",
         bound="not on metrics",
     ),
+    AttributeSpec(
+        key=ATTR_RESOURCE,
+        type=AttributeType.STRING,
+        values="`memory`, `process_memory`, `disk`, `file_descriptors`, `cpu`",
+        bound="16 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_PREDICTION_SEVERITY,
+        type=AttributeType.STRING,
+        values="`low`, `medium`, `high`, `critical`",
+        bound="4",
+    ),
+    AttributeSpec(
+        key=ATTR_PREDICTION_STATE,
+        type=AttributeType.STRING,
+        values="`raised` (or escalated), `cleared`",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_PREDICTION_PROBABILITY,
+        type=AttributeType.DOUBLE,
+        values="probability of exhaustion within the horizon, 0 to 1",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_PREDICTION_TIME_TO_EXHAUSTION,
+        type=AttributeType.DOUBLE,
+        values="seconds until the trend reaches the limit (absent when it does not)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_PREDICTION_CONFIDENCE,
+        type=AttributeType.DOUBLE,
+        values="trust in the trend, 0 to 1",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_PREVENTION_ACTION,
+        type=AttributeType.STRING,
+        values="`memory_cleanup`, `gc_collect`, `shed_load`, or a user action's name",
+        bound="32 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_PREVENTION_OUTCOME,
+        type=AttributeType.STRING,
+        values="`ok`, `failed`, `skipped`",
+        bound="3",
+    ),
+    AttributeSpec(
+        key=ATTR_MEMORY_PRESSURE_LEVEL,
+        type=AttributeType.STRING,
+        values="`normal`, `warning`, `critical`, `emergency`",
+        bound="4 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_MEMORY_CLEANUP_LEVEL,
+        type=AttributeType.STRING,
+        values="`standard`, `critical`, `emergency`",
+        bound="3 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_MEMORY_CLEANUP_TRIGGER,
+        type=AttributeType.STRING,
+        values="`manual`, `pressure`, `prediction`, `scheduled`",
+        bound="4 (then `other`)",
+    ),
+    AttributeSpec(
+        key=ATTR_MEMORY_BYTES_FREED,
+        type=AttributeType.INT,
+        values="bytes the cleanup freed (RSS before minus after; 0 when it grew)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_MEMORY_ENTRIES_EVICTED,
+        type=AttributeType.INT,
+        values="cache entries the cleanup evicted",
+        bound="not on metrics",
+    ),
 )
 
 # ----------------------------------------------------------------------------- instruments
@@ -407,6 +522,70 @@ METRIC_RETRY_BUDGET_TOKENS: Final = InstrumentSpec(
     description="Retries the downstream's retry budget would allow right now.",
 )
 
+METRIC_PREDICTIONS: Final = InstrumentSpec(
+    name="raptor.predictions",
+    kind=InstrumentKind.COUNTER,
+    unit="{prediction}",
+    attributes=(ATTR_RESOURCE, ATTR_PREDICTION_SEVERITY),
+    description="Exhaustion alarms raised (or escalated), by resource and severity.",
+)
+METRIC_PREVENTION_ACTIONS: Final = InstrumentSpec(
+    name="raptor.prevention.actions",
+    kind=InstrumentKind.COUNTER,
+    unit="{action}",
+    attributes=(ATTR_RESOURCE, ATTR_PREVENTION_ACTION, ATTR_PREVENTION_OUTCOME),
+    description="Prevention actions run (or skipped) after a prediction, by outcome.",
+)
+METRIC_MEMORY_CLEANUPS: Final = InstrumentSpec(
+    name="raptor.memory.cleanups",
+    kind=InstrumentKind.COUNTER,
+    unit="{cleanup}",
+    attributes=(ATTR_MEMORY_CLEANUP_LEVEL, ATTR_MEMORY_CLEANUP_TRIGGER),
+    description="Memory cleanups run, by level and trigger.",
+)
+METRIC_MEMORY_FREED: Final = InstrumentSpec(
+    name="raptor.memory.freed",
+    kind=InstrumentKind.COUNTER,
+    unit="By",
+    attributes=(ATTR_MEMORY_CLEANUP_LEVEL,),
+    description="Bytes of RSS freed by memory cleanups.",
+)
+METRIC_RESOURCE_UTILIZATION: Final = InstrumentSpec(
+    name="raptor.resource.utilization",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(ATTR_RESOURCE,),
+    description="Usage over the effective limit (0 to 1) at the latest sample.",
+)
+METRIC_PREDICTION_TIME_TO_EXHAUSTION: Final = InstrumentSpec(
+    name="raptor.prediction.time_to_exhaustion",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="s",
+    attributes=(ATTR_RESOURCE,),
+    description="Seconds until the trend reaches the limit; absent when it does not.",
+)
+METRIC_PREDICTION_PROBABILITY: Final = InstrumentSpec(
+    name="raptor.prediction.probability",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(ATTR_RESOURCE,),
+    description="Probability (0 to 1) that the resource runs out within the horizon.",
+)
+METRIC_MEMORY_PRESSURE: Final = InstrumentSpec(
+    name="raptor.memory.pressure",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(),
+    description="Memory use over the effective (cgroup-aware) limit, 0 to 1.",
+)
+METRIC_MEMORY_PRESSURE_LEVEL: Final = InstrumentSpec(
+    name="raptor.memory.pressure.level",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="1",
+    attributes=(ATTR_MEMORY_PRESSURE_LEVEL,),
+    description="1 for the current memory pressure level, 0 for each other level.",
+)
+
 #: Every instrument, in the order of the docs table.
 INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
     METRIC_ERRORS,
@@ -420,6 +599,15 @@ INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
     METRIC_BREAKER_HEALTH,
     METRIC_BREAKER_FAILURE_RATE_THRESHOLD,
     METRIC_RETRY_BUDGET_TOKENS,
+    METRIC_PREDICTIONS,
+    METRIC_PREVENTION_ACTIONS,
+    METRIC_MEMORY_CLEANUPS,
+    METRIC_MEMORY_FREED,
+    METRIC_RESOURCE_UTILIZATION,
+    METRIC_PREDICTION_TIME_TO_EXHAUSTION,
+    METRIC_PREDICTION_PROBABILITY,
+    METRIC_MEMORY_PRESSURE,
+    METRIC_MEMORY_PRESSURE_LEVEL,
 )
 
 # ------------------------------------------------------------------------ spans and events
@@ -457,6 +645,31 @@ SPAN_RECOVERY: Final = SpanSpec(
         ATTR_ERROR_TYPE,
     ),
     description="One logical call that needed recovery, from its first attempt to the end.",
+)
+
+SPAN_PREDICTION: Final = SpanSpec(
+    name="raptor.prediction",
+    kind="INTERNAL",
+    attributes=(
+        ATTR_RESOURCE,
+        ATTR_PREDICTION_STATE,
+        ATTR_PREDICTION_SEVERITY,
+        ATTR_PREDICTION_PROBABILITY,
+        ATTR_PREDICTION_TIME_TO_EXHAUSTION,
+        ATTR_PREDICTION_CONFIDENCE,
+    ),
+    description="An exhaustion alarm was raised, escalated or cleared (an instant).",
+)
+SPAN_MEMORY_CLEANUP: Final = SpanSpec(
+    name="raptor.memory.cleanup",
+    kind="INTERNAL",
+    attributes=(
+        ATTR_MEMORY_CLEANUP_LEVEL,
+        ATTR_MEMORY_CLEANUP_TRIGGER,
+        ATTR_MEMORY_BYTES_FREED,
+        ATTR_MEMORY_ENTRIES_EVICTED,
+    ),
+    description="One memory cleanup, from its start to its end.",
 )
 
 EVENT_ERROR: Final = SpanEventSpec(
@@ -497,7 +710,7 @@ EVENT_BREAKER_REJECTION: Final = SpanEventSpec(
 )
 
 #: Every span otel_raptor starts.
-SPANS: Final[tuple[SpanSpec, ...]] = (SPAN_RECOVERY,)
+SPANS: Final[tuple[SpanSpec, ...]] = (SPAN_RECOVERY, SPAN_PREDICTION, SPAN_MEMORY_CLEANUP)
 #: Every span event otel_raptor records.
 SPAN_EVENTS: Final[tuple[SpanEventSpec, ...]] = (
     EVENT_ERROR,
@@ -524,6 +737,10 @@ class Instruments:
     retry_budget_exhausted: Counter
     breaker_transitions: Counter
     breaker_rejections: Counter
+    predictions: Counter
+    prevention_actions: Counter
+    memory_cleanups: Counter
+    memory_freed: Counter
 
 
 def _counter(meter: Meter, spec: InstrumentSpec) -> Counter:
@@ -545,6 +762,10 @@ def create_instruments(meter: Meter) -> Instruments:
         retry_budget_exhausted=_counter(meter, METRIC_RETRY_BUDGET_EXHAUSTED),
         breaker_transitions=_counter(meter, METRIC_BREAKER_TRANSITIONS),
         breaker_rejections=_counter(meter, METRIC_BREAKER_REJECTIONS),
+        predictions=_counter(meter, METRIC_PREDICTIONS),
+        prevention_actions=_counter(meter, METRIC_PREVENTION_ACTIONS),
+        memory_cleanups=_counter(meter, METRIC_MEMORY_CLEANUPS),
+        memory_freed=_counter(meter, METRIC_MEMORY_FREED),
     )
 
 

@@ -58,6 +58,10 @@ from otel_raptor.core.events import (
     CallRejected,
     ErrorClassified,
     Event,
+    FailurePredicted,
+    MemoryCleanupFinished,
+    MemoryPressureChanged,
+    PreventionActionRun,
     RecoveryFinished,
     RetryBudgetExhausted,
     RetryScheduled,
@@ -71,6 +75,7 @@ from otel_raptor.telemetry.attributes import (
     DEFAULT_MAX_BREAKERS,
     DEFAULT_MAX_SERVICES,
     OTHER_ERROR_TYPE,
+    BoundedValues,
     MetricAttributes,
 )
 from otel_raptor.telemetry.instruments import (
@@ -84,11 +89,24 @@ from otel_raptor.telemetry.instruments import (
     ATTR_ERROR_CATEGORY,
     ATTR_ERROR_SEVERITY,
     ATTR_ERROR_TYPE,
+    ATTR_MEMORY_BYTES_FREED,
+    ATTR_MEMORY_CLEANUP_LEVEL,
+    ATTR_MEMORY_CLEANUP_TRIGGER,
+    ATTR_MEMORY_ENTRIES_EVICTED,
+    ATTR_MEMORY_PRESSURE_LEVEL,
+    ATTR_PREDICTION_CONFIDENCE,
+    ATTR_PREDICTION_PROBABILITY,
+    ATTR_PREDICTION_SEVERITY,
+    ATTR_PREDICTION_STATE,
+    ATTR_PREDICTION_TIME_TO_EXHAUSTION,
+    ATTR_PREVENTION_ACTION,
+    ATTR_PREVENTION_OUTCOME,
     ATTR_RECOVERY_ATTEMPT,
     ATTR_RECOVERY_ATTEMPTS,
     ATTR_RECOVERY_GIVE_UP_REASON,
     ATTR_RECOVERY_OUTCOME,
     ATTR_RECOVERY_STRATEGY,
+    ATTR_RESOURCE,
     ATTR_RETRY_DELAY,
     ATTR_SERVICE,
     EVENT_BREAKER_REJECTION,
@@ -101,8 +119,15 @@ from otel_raptor.telemetry.instruments import (
     METRIC_BREAKER_FAILURE_RATE_THRESHOLD,
     METRIC_BREAKER_HEALTH,
     METRIC_BREAKER_STATE,
+    METRIC_MEMORY_PRESSURE,
+    METRIC_MEMORY_PRESSURE_LEVEL,
+    METRIC_PREDICTION_PROBABILITY,
+    METRIC_PREDICTION_TIME_TO_EXHAUSTION,
+    METRIC_RESOURCE_UTILIZATION,
     METRIC_RETRY_BUDGET_TOKENS,
     SCHEMA_URL,
+    SPAN_MEMORY_CLEANUP,
+    SPAN_PREDICTION,
     SPAN_RECOVERY,
     GaugeCallback,
     Instruments,
@@ -128,6 +153,8 @@ _ERROR_OUTCOMES: Final = frozenset({Outcome.FAILED, Outcome.REJECTED, Outcome.BU
 _CIRCUIT_OPEN_TYPE: Final = f"{CircuitOpenError.__module__}.{CircuitOpenError.__qualname__}"
 _STATES: Final = tuple((state, state.value) for state in CircuitState)
 _INTERNAL: Final = SpanKind.INTERNAL
+_PRESSURE_LEVELS: Final = ("normal", "warning", "critical", "emergency")
+_OTHER: Final = "other"
 _NS_PER_S: Final = 1_000_000_000
 # A recovery cannot take longer than this (about 116 days); beyond, the duration is junk.
 _MAX_DURATION_S: Final = 1e7
@@ -176,8 +203,11 @@ class TelemetrySink:
         "_installed",
         "_instruments",
         "_lock",
+        "_memory_level",
+        "_memory_ratio",
         "_meter",
         "_meter_provider",
+        "_names",
         "_pending",
         "_runtime",
         "_tracer",
@@ -209,6 +239,11 @@ class TelemetrySink:
         self._installed = False
         self._unsubscribe: Callable[[], None] | None = None
         self._hub: _GaugeHub | None = None
+        self._names = _ResourceNames()
+        # The latest MemoryPressureChanged: the level gauge, and the ratio when no predictor
+        # provides a fresher one.
+        self._memory_level: str | None = None
+        self._memory_ratio: float | None = None
         # Dispatch by exact type: one dict lookup, no isinstance chain.
         self._handlers: dict[type, Callable[..., None]] = {
             ErrorClassified: self._on_error_classified,
@@ -217,6 +252,10 @@ class TelemetrySink:
             BreakerTransitioned: self._on_transition,
             CallRejected: self._on_rejection,
             RecoveryFinished: self._on_recovery_finished,
+            FailurePredicted: self._on_failure_predicted,
+            PreventionActionRun: self._on_prevention_action,
+            MemoryPressureChanged: self._on_memory_pressure,
+            MemoryCleanupFinished: self._on_memory_cleanup,
         }
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -430,6 +469,89 @@ class TelemetrySink:
         except Exception as error:  # noqa: BLE001
             report_internal_error("telemetry.trace", error)
 
+    # --- prediction and memory (rare events: plain dicts, no attribute cache) ------------
+
+    def _on_failure_predicted(self, event: FailurePredicted) -> None:
+        resource = self._names.resource(event.resource)
+        severity = event.severity.value
+        if not event.cleared:
+            try:
+                self._instruments.predictions.add(
+                    1, {ATTR_RESOURCE: resource, ATTR_PREDICTION_SEVERITY: severity}
+                )
+            except Exception as error:  # noqa: BLE001
+                report_internal_error("telemetry.metrics", error)
+        attributes: dict[str, AttributeValue] = {
+            ATTR_RESOURCE: event.resource,
+            ATTR_PREDICTION_STATE: "cleared" if event.cleared else "raised",
+            ATTR_PREDICTION_SEVERITY: severity,
+            ATTR_PREDICTION_PROBABILITY: event.probability,
+            ATTR_PREDICTION_CONFIDENCE: event.confidence,
+        }
+        tte = event.time_to_exhaustion_s
+        if tte is not None and math.isfinite(tte):
+            attributes[ATTR_PREDICTION_TIME_TO_EXHAUSTION] = tte
+        try:
+            # A prediction is an instant: a zero-length span, a child of whatever is current.
+            now = _time_ns()
+            span = self._tracer.start_span(
+                SPAN_PREDICTION.name, kind=_INTERNAL, attributes=attributes, start_time=now
+            )
+            span.end(end_time=now)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.trace", error)
+
+    def _on_prevention_action(self, event: PreventionActionRun) -> None:
+        names = self._names
+        try:
+            self._instruments.prevention_actions.add(
+                1,
+                {
+                    ATTR_RESOURCE: names.resource(event.resource),
+                    ATTR_PREVENTION_ACTION: names.action(event.action),
+                    ATTR_PREVENTION_OUTCOME: names.outcome(event.outcome),
+                },
+            )
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+
+    def _on_memory_pressure(self, event: MemoryPressureChanged) -> None:
+        self._memory_level = self._names.pressure_level(event.level)
+        if math.isfinite(event.usage_ratio):
+            self._memory_ratio = event.usage_ratio
+
+    def _on_memory_cleanup(self, event: MemoryCleanupFinished) -> None:
+        names = self._names
+        level = names.cleanup_level(event.level)
+        trigger = names.trigger(event.trigger)
+        freed = max(0, int(event.bytes_freed))
+        try:
+            instruments = self._instruments
+            instruments.memory_cleanups.add(
+                1, {ATTR_MEMORY_CLEANUP_LEVEL: level, ATTR_MEMORY_CLEANUP_TRIGGER: trigger}
+            )
+            instruments.memory_freed.add(freed, {ATTR_MEMORY_CLEANUP_LEVEL: level})
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.metrics", error)
+        try:
+            # Published when the cleanup has finished: the span starts duration_s earlier.
+            end = _time_ns()
+            start = end - int(_clean_duration(event.duration_s) * _NS_PER_S)
+            span = self._tracer.start_span(
+                SPAN_MEMORY_CLEANUP.name,
+                kind=_INTERNAL,
+                attributes={
+                    ATTR_MEMORY_CLEANUP_LEVEL: event.level,
+                    ATTR_MEMORY_CLEANUP_TRIGGER: event.trigger,
+                    ATTR_MEMORY_BYTES_FREED: freed,
+                    ATTR_MEMORY_ENTRIES_EVICTED: max(0, int(event.entries_evicted)),
+                },
+                start_time=start,
+            )
+            span.end(end_time=end)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("telemetry.trace", error)
+
     # --- the recovery span --------------------------------------------------------------
 
     def _buffer(
@@ -584,6 +706,61 @@ class TelemetrySink:
             for service, tokens in self._runtime.budget_tokens().items()
         ]
 
+    def _observe_utilization(self) -> list[Observation]:
+        snapshot = self._runtime.resource_snapshot()
+        resource = self._names.resource
+        return [
+            Observation(value, {ATTR_RESOURCE: resource(name)})
+            for name, value in snapshot.utilization.items()
+        ]
+
+    def _observe_time_to_exhaustion(self) -> list[Observation]:
+        snapshot = self._runtime.resource_snapshot()
+        resource = self._names.resource
+        return [
+            Observation(value, {ATTR_RESOURCE: resource(name)})
+            for name, value in snapshot.time_to_exhaustion_s.items()
+            if math.isfinite(value)
+        ]
+
+    def _observe_probability(self) -> list[Observation]:
+        snapshot = self._runtime.resource_snapshot()
+        resource = self._names.resource
+        return [
+            Observation(value, {ATTR_RESOURCE: resource(name)})
+            for name, value in snapshot.probability.items()
+        ]
+
+    def _observe_memory_pressure(self) -> list[Observation]:
+        ratio = self._runtime.resource_snapshot().memory_pressure
+        if ratio is None:
+            ratio = self._memory_ratio
+        return [] if ratio is None else [Observation(ratio)]
+
+    def _observe_memory_pressure_level(self) -> list[Observation]:
+        current = self._memory_level
+        if current is None:
+            return []
+        levels = _PRESSURE_LEVELS if current in _PRESSURE_LEVELS else (*_PRESSURE_LEVELS, current)
+        return [
+            Observation(1 if level == current else 0, {ATTR_MEMORY_PRESSURE_LEVEL: level})
+            for level in levels
+        ]
+
+
+class _ResourceNames:
+    """Caps on the free-string values of the prediction and memory attributes."""
+
+    __slots__ = ("action", "cleanup_level", "outcome", "pressure_level", "resource", "trigger")
+
+    def __init__(self) -> None:
+        self.resource = BoundedValues(16, _OTHER)
+        self.action = BoundedValues(32, _OTHER)
+        self.outcome = BoundedValues(3, _OTHER)
+        self.pressure_level = BoundedValues(4, _OTHER)
+        self.cleanup_level = BoundedValues(3, _OTHER)
+        self.trigger = BoundedValues(4, _OTHER)
+
 
 _Observer: TypeAlias = "Callable[[TelemetrySink], list[Observation]]"
 
@@ -634,6 +811,22 @@ class _GaugeHub:
             ),
             METRIC_RETRY_BUDGET_TOKENS: self._callback(
                 METRIC_RETRY_BUDGET_TOKENS.name, TelemetrySink._observe_budget_tokens
+            ),
+            METRIC_RESOURCE_UTILIZATION: self._callback(
+                METRIC_RESOURCE_UTILIZATION.name, TelemetrySink._observe_utilization
+            ),
+            METRIC_PREDICTION_TIME_TO_EXHAUSTION: self._callback(
+                METRIC_PREDICTION_TIME_TO_EXHAUSTION.name,
+                TelemetrySink._observe_time_to_exhaustion,
+            ),
+            METRIC_PREDICTION_PROBABILITY: self._callback(
+                METRIC_PREDICTION_PROBABILITY.name, TelemetrySink._observe_probability
+            ),
+            METRIC_MEMORY_PRESSURE: self._callback(
+                METRIC_MEMORY_PRESSURE.name, TelemetrySink._observe_memory_pressure
+            ),
+            METRIC_MEMORY_PRESSURE_LEVEL: self._callback(
+                METRIC_MEMORY_PRESSURE_LEVEL.name, TelemetrySink._observe_memory_pressure_level
             ),
         }
 

@@ -1,0 +1,719 @@
+"""Predictive failure prevention: a background sampler, forecasts, alarms and prevention actions.
+
+:class:`PredictiveFailure` samples resources on a daemon thread (never on the event loop),
+keeps a sliding window per resource, forecasts each with :func:`otel_raptor.core.forecast.forecast`
+and feeds an :class:`~otel_raptor.core.prediction.Alarm` with hysteresis. When an alarm is
+raised (or escalates, or clears) it publishes ``FailurePredicted`` on the runtime's bus, calls
+the alert callbacks, and, on a raise, runs the prevention actions registered for that resource
+whose minimum severity is met and whose cooldown has passed; each run publishes
+``PreventionActionRun`` with its outcome (``ok``, ``failed``, ``skipped``).
+
+Built-in actions (``PredictorOptions.builtin_actions``, on by default):
+
+* ``memory_cleanup`` (``memory``, ``process_memory``; from ``medium``): asks the memory
+  controller for a cleanup at the matching level: ``medium`` → ``standard``, ``high`` →
+  ``critical``, ``critical`` → ``emergency``. The cleanup is the ``memory_cleanup`` callable
+  given to the constructor, else the process-wide controller of
+  ``otel_raptor.runtime.memory`` when that module provides one; without either the action is
+  ``skipped``.
+* ``gc_collect`` (``memory``, ``process_memory``; from ``high``): ``gc.collect()``.
+* ``shed_load`` (every resource; ``critical`` only): multiplies the runtime's retry-budget
+  ratio by ``shed_factor`` for ``shed_duration_s``, then restores it, so retries stop
+  amplifying load while the resource is short.
+
+Threads and processes: ``start_monitoring`` returns at once; the thread is a daemon, stopped by
+``stop_monitoring()`` and at interpreter exit (``atexit``), and restarted with fresh state in a
+forked child (``os.register_at_fork``). Async callbacks and actions run on the loop that called
+``start_monitoring`` (``run_coroutine_threadsafe``), or on a private loop when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import dataclasses
+import gc
+import importlib
+import inspect
+import math
+import os
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import psutil
+
+from otel_raptor.core.classification import Severity
+from otel_raptor.core.events import FailurePredicted, PreventionActionRun
+from otel_raptor.core.forecast import Forecast, forecast
+from otel_raptor.core.prediction import (
+    Alarm,
+    AlarmOptions,
+    Cleared,
+    Raised,
+    ResourceSnapshot,
+    is_integer,
+    is_number,
+)
+from otel_raptor.errors import ConfigError
+from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.runtime.sampler import ResourceSample, ResourceSampler
+from otel_raptor.runtime.state import Runtime, get_runtime
+
+__all__ = [
+    "DEFAULT_RESOURCES",
+    "RESOURCES",
+    "AlertCallback",
+    "PredictiveFailure",
+    "PredictorOptions",
+    "PreventionAction",
+    "ResourcePrediction",
+    "Sampler",
+    "get_predictive_failure",
+    "readings",
+]
+
+#: Every resource the predictor can forecast (bounded: these are metric attribute values).
+RESOURCES: Final = ("memory", "process_memory", "disk", "file_descriptors", "cpu")
+#: Forecast by default. CPU is sampled and reported, but a busy CPU is not a failure.
+DEFAULT_RESOURCES: Final = ("memory", "process_memory", "disk", "file_descriptors")
+
+_RANK: Final = {Severity.LOW: 0, Severity.MEDIUM: 1, Severity.HIGH: 2, Severity.CRITICAL: 3}
+_CLEANUP_LEVEL: Final = {
+    Severity.LOW: "standard",
+    Severity.MEDIUM: "standard",
+    Severity.HIGH: "critical",
+    Severity.CRITICAL: "emergency",
+}
+_MEMORY_RESOURCES: Final = ("memory", "process_memory")
+# How long a monitor thread may wait for an async callback or action on the app's loop.
+_ASYNC_TIMEOUT_S: Final = 30.0
+
+#: Called with each ``FailurePredicted`` (raised, escalated or cleared); may be ``async``.
+AlertCallback = Callable[[FailurePredicted], object]
+#: A prevention action: called with the prediction that triggered it; may be ``async``.
+PreventionAction = Callable[[FailurePredicted], object]
+
+
+class Sampler(Protocol):
+    """Anything that reads a :class:`ResourceSample` (tests pass scripted ones)."""
+
+    def sample(self) -> ResourceSample: ...
+
+
+def _number(key: str, value: object, *, low: float, allowed: str, strict: bool = True) -> None:
+    if not is_number(value) or (value <= low if strict else value < low):  # type: ignore[operator]  # is_number checked it
+        raise ConfigError(key, value, allowed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PredictorOptions:
+    """Settings of the predictor; bad values raise ``ConfigError`` naming the field.
+
+    ``interval_s`` (> 0, default 30): seconds between samples. ``horizon_s`` (> 0, default
+    1800): how far ahead the forecast looks. ``window`` (integer 3-1000, default 60): samples
+    per resource the forecast uses (30 minutes at the default interval; beyond 120 they are
+    subsampled). ``min_samples`` (integer 3..window, default 30): samples needed before an
+    alarm may be raised. ``raise_threshold`` (0.8), ``clear_threshold`` (0.4),
+    ``min_confidence`` (0.5), ``clear_after`` (3), ``clear_margin`` (1.5): see
+    :class:`~otel_raptor.core.prediction.AlarmOptions`. ``resources``: which of
+    :data:`RESOURCES` to forecast (default :data:`DEFAULT_RESOURCES`). ``action_cooldown_s``
+    (>= 0, default 300): minimum seconds between two runs of one action for one resource.
+    ``shed_duration_s`` (> 0, default 300) and ``shed_factor`` (in (0, 1), default 0.5): how
+    long and how much ``shed_load`` tightens the retry budget. ``builtin_actions`` (default
+    True): register the built-in actions.
+    """
+
+    interval_s: float = 30.0
+    horizon_s: float = 1800.0
+    window: int = 60
+    min_samples: int = 30
+    raise_threshold: float = 0.8
+    clear_threshold: float = 0.4
+    min_confidence: float = 0.5
+    clear_after: int = 3
+    clear_margin: float = 1.5
+    resources: tuple[str, ...] = DEFAULT_RESOURCES
+    action_cooldown_s: float = 300.0
+    shed_duration_s: float = 300.0
+    shed_factor: float = 0.5
+    builtin_actions: bool = True
+
+    def __post_init__(self) -> None:
+        _number("prediction.interval_s", self.interval_s, low=0, allowed="seconds > 0")
+        for key, value, low, high in (
+            ("prediction.window", self.window, 3, 1000),
+            ("prediction.min_samples", self.min_samples, 3, self.window),
+        ):
+            if not is_integer(value) or not low <= value <= high:
+                raise ConfigError(key, value, f"an integer in [{low}, {high}]")
+        self.alarm_options()  # validates the alarm's fields
+        given: object = self.resources  # typed, but callers pass anything
+        if isinstance(given, str) or not all(r in RESOURCES for r in self.resources):
+            raise ConfigError("prediction.resources", self.resources, f"a subset of {RESOURCES}")
+        _number(
+            "prediction.action_cooldown_s",
+            self.action_cooldown_s,
+            low=0,
+            allowed="seconds >= 0",
+            strict=False,
+        )
+        _number("prediction.shed_duration_s", self.shed_duration_s, low=0, allowed="seconds > 0")
+        _number("prediction.shed_factor", self.shed_factor, low=0, allowed="a number in (0, 1)")
+        if self.shed_factor >= 1:
+            raise ConfigError("prediction.shed_factor", self.shed_factor, "a number in (0, 1)")
+
+    def alarm_options(self) -> AlarmOptions:
+        return AlarmOptions(
+            horizon_s=self.horizon_s,
+            raise_threshold=self.raise_threshold,
+            clear_threshold=self.clear_threshold,
+            min_confidence=self.min_confidence,
+            clear_after=self.clear_after,
+            clear_margin=self.clear_margin,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourcePrediction:
+    """The latest evaluation of one resource: its reading, limit, forecast and alarm."""
+
+    resource: str
+    value: float
+    limit: float
+    forecast: Forecast
+    alarm: bool
+    severity: Severity | None
+
+
+def readings(sample: ResourceSample) -> dict[str, tuple[float, float]]:
+    """``(value, limit)`` of each resource in ``sample`` that has a limit.
+
+    ``memory``: effective usage and limit (bytes); ``process_memory``: RSS and the process's
+    limit (bytes); ``disk``: the fullest configured mount's used fraction, limit 1;
+    ``file_descriptors``: open fds and the soft ``RLIMIT_NOFILE``; ``cpu``: system CPU as a
+    fraction, limit 1.
+    """
+    out: dict[str, tuple[float, float]] = {
+        "memory": (float(sample.memory_current), float(sample.memory_limit)),
+        "process_memory": (float(sample.process_rss), float(sample.process_memory_limit)),
+        "cpu": (sample.cpu_percent / 100.0, 1.0),
+    }
+    if sample.disks:
+        out["disk"] = (max(d.ratio for d in sample.disks), 1.0)
+    if sample.open_fds is not None and sample.fd_limit:
+        out["file_descriptors"] = (float(sample.open_fds), float(sample.fd_limit))
+    return out
+
+
+@dataclass(slots=True)
+class _Action:
+    name: str
+    fn: PreventionAction
+    min_severity: Severity
+    cooldown_s: float | None
+
+
+class _Skip(Exception):
+    """An action had nothing to do (recorded as ``skipped``)."""
+
+
+class PredictiveFailure:
+    """Samples resources, forecasts their exhaustion, alerts and acts before it happens.
+
+    ``options``: :class:`PredictorOptions`. ``sampler``: what to read (default: a
+    :class:`ResourceSampler` of this process, counting errors from ``runtime.bus``, built
+    when monitoring starts). ``runtime``: where events go and whose retry budget
+    ``shed_load`` tightens (default: the process-wide one). ``memory_cleanup``: called with
+    a level (``standard``, ``critical``, ``emergency``) by the ``memory_cleanup`` action; may
+    be ``async``.
+    """
+
+    def __init__(
+        self,
+        options: PredictorOptions | None = None,
+        *,
+        sampler: Sampler | None = None,
+        runtime: Runtime | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        memory_cleanup: Callable[[str], object] | None = None,
+    ) -> None:
+        self._options = options or PredictorOptions()
+        self._runtime = runtime if runtime is not None else get_runtime()
+        self._clock = clock
+        self._sampler = sampler
+        self._own_sampler = sampler is None
+        self._memory_cleanup = memory_cleanup
+        self._lock = threading.Lock()
+        self._callbacks: tuple[AlertCallback, ...] = ()
+        self._actions: dict[str, tuple[_Action, ...]] = {}
+        self._reset_state()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._interval = self._options.interval_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._private_loop: asyncio.AbstractEventLoop | None = None
+        self._shed: tuple[float, float] | None = None  # (restore at, original ratio)
+        if self._options.builtin_actions:
+            self._add_builtin_actions()
+        _live.add(self)
+
+    def _reset_state(self) -> None:
+        window = self._options.window
+        self._series: dict[str, collections.deque[tuple[float, float]]] = {
+            r: collections.deque(maxlen=window) for r in self._options.resources
+        }
+        alarm_options = self._options.alarm_options()
+        self._alarms = {r: Alarm(alarm_options) for r in self._options.resources}
+        self._predictions: dict[str, ResourcePrediction] = {}
+        self._latest: ResourceSample | None = None
+        self._last_run: dict[tuple[str, str], float] = {}
+
+    # --- configuration ------------------------------------------------------------------
+
+    @property
+    def options(self) -> PredictorOptions:
+        return self._options
+
+    @property
+    def monitoring(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def add_alert_callback(self, fn: AlertCallback) -> None:
+        """Call ``fn(prediction)`` on every raise, escalation and clear (sync or async).
+
+        A callback that raises is reported once and skipped; it never stops monitoring."""
+        if not callable(fn):
+            raise ConfigError("prediction.alert_callback", fn, "a callable")
+        with self._lock:
+            self._callbacks = (*self._callbacks, fn)
+
+    def add_prevention_action(
+        self,
+        resource: str,
+        fn: PreventionAction,
+        *,
+        min_severity: Severity | str = Severity.HIGH,
+        name: str | None = None,
+        cooldown_s: float | None = None,
+    ) -> None:
+        """Run ``fn(prediction)`` (sync or async) when an alarm on ``resource`` (one of
+        :data:`RESOURCES`) is raised at ``min_severity`` or above (default ``high``).
+
+        ``name`` (default: the function's name) labels the ``PreventionActionRun`` events;
+        ``cooldown_s`` (>= 0) overrides ``action_cooldown_s`` for this action. An action that
+        raises is recorded as ``failed``.
+        """
+        if resource not in RESOURCES:
+            raise ConfigError("prediction.action.resource", resource, f"one of {RESOURCES}")
+        if not callable(fn):
+            raise ConfigError("prediction.action.fn", fn, "a callable")
+        try:
+            severity = Severity(min_severity)
+        except ValueError:
+            raise ConfigError(
+                "prediction.action.min_severity",
+                min_severity,
+                "one of low, medium, high, critical",
+            ) from None
+        if cooldown_s is not None:
+            _number("prediction.action.cooldown_s", cooldown_s, low=0, allowed=">= 0", strict=False)
+        label = name or getattr(fn, "__name__", None) or type(fn).__name__
+        action = _Action(str(label), fn, severity, cooldown_s)
+        with self._lock:
+            self._actions[resource] = (*self._actions.get(resource, ()), action)
+
+    def _add_builtin_actions(self) -> None:
+        for resource in _MEMORY_RESOURCES:
+            self.add_prevention_action(
+                resource, self._cleanup_memory, min_severity=Severity.MEDIUM, name="memory_cleanup"
+            )
+            self.add_prevention_action(
+                resource, _collect_garbage, min_severity=Severity.HIGH, name="gc_collect"
+            )
+        for resource in RESOURCES:
+            self.add_prevention_action(
+                resource, self._shed_load, min_severity=Severity.CRITICAL, name="shed_load"
+            )
+
+    def use_memory_controller(self, controller: object) -> None:
+        """Let the ``memory_cleanup`` action call ``controller.cleanup(level,
+        trigger="prediction")`` (a ``SimpleMemoryController``, or anything with ``cleanup`` or
+        an async ``manual_cleanup``)."""
+        self._memory_cleanup = _controller_cleanup(controller)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start_monitoring(self, interval: float | None = None) -> None:
+        """Start sampling every ``interval`` seconds (default ``options.interval_s``) on a
+        daemon thread and return at once. Async callbacks will run on the calling loop.
+        Calling it while monitoring only updates the loop and the interval."""
+        self.start(interval, loop=asyncio.get_running_loop())
+
+    def start(
+        self, interval: float | None = None, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        """The synchronous twin of :meth:`start_monitoring`, for code without a loop."""
+        if interval is not None:
+            _number("prediction.interval_s", interval, low=0, allowed="seconds > 0")
+            self._interval = float(interval)
+        if loop is not None:
+            self._loop = loop
+        with self._lock:
+            if self.monitoring:
+                return
+            if self._sampler is None:
+                self._sampler = ResourceSampler(bus=self._runtime.bus, clock=self._clock)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name="otel-raptor-predictor", daemon=True
+            )
+            self._runtime.resource_snapshot = self.snapshot
+            self._thread.start()
+
+    def stop_monitoring(self, timeout: float = 5.0) -> None:
+        """Stop the sampler thread (waiting up to ``timeout`` seconds for it), restore a
+        shed retry budget, and stop reporting resource gauges. Idempotent."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if self._runtime.resource_snapshot == self.snapshot:
+            self._runtime.resource_snapshot = _empty_snapshot
+        self._restore_budget(force=True)
+        private, self._private_loop = self._private_loop, None
+        if private is not None and not private.is_running():
+            private.close()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.tick()
+            except psutil.NoSuchProcess:
+                report_internal_error("prediction.sampler: watched process is gone")
+                return
+            except Exception as error:  # noqa: BLE001 - the monitor must outlive our bugs
+                report_internal_error("prediction.tick", error)
+            stop.wait(self._interval)
+
+    # --- one evaluation -----------------------------------------------------------------
+
+    def tick(self) -> list[FailurePredicted]:
+        """Sample once, forecast, evaluate the alarms, then publish, alert and act.
+
+        The monitor thread calls it every interval; tests call it directly. Returns the
+        predictions published by this tick (raises, escalations and clears)."""
+        sampler = self._sampler
+        if sampler is None:
+            sampler = self._sampler = ResourceSampler(bus=self._runtime.bus, clock=self._clock)
+        sample = sampler.sample()
+        now = sample.timestamp
+        options = self._options
+        current = readings(sample)
+        published: list[FailurePredicted] = []
+        with self._lock:
+            self._latest = sample
+            for resource in options.resources:
+                reading = current.get(resource)
+                if reading is None:
+                    continue
+                value, limit = reading
+                series = self._series[resource]
+                series.append((now, value))
+                fc = forecast(series, limit, horizon=options.horizon_s)
+                alarm = self._alarms[resource]
+                previous = alarm.severity
+                result = alarm.evaluate(fc) if len(series) >= options.min_samples else None
+                self._predictions[resource] = ResourcePrediction(
+                    resource=resource,
+                    value=value,
+                    limit=limit,
+                    forecast=fc,
+                    alarm=alarm.raised,
+                    severity=alarm.severity,
+                )
+                if isinstance(result, Raised):
+                    published.append(_prediction(resource, fc, result.severity, cleared=False))
+                elif isinstance(result, Cleared):
+                    severity = previous or Severity.MEDIUM
+                    published.append(_prediction(resource, fc, severity, cleared=True))
+        self._restore_budget(now=now)
+        for prediction in published:
+            self._runtime.bus.publish(prediction)
+            for callback in self._callbacks:
+                self._call(callback, prediction, on_done=_report_callback_failure)
+            if not prediction.cleared:
+                self._run_actions(prediction, now)
+        return published
+
+    def _run_actions(self, prediction: FailurePredicted, now: float) -> None:
+        for action in self._actions.get(prediction.resource, ()):
+            key = (prediction.resource, action.name)
+            cooldown = (
+                self._options.action_cooldown_s if action.cooldown_s is None else action.cooldown_s
+            )
+            last = self._last_run.get(key)
+            if _RANK[prediction.severity] < _RANK[action.min_severity] or (
+                last is not None and now - last < cooldown
+            ):
+                self._record(prediction.resource, action.name, "skipped", 0.0)
+                continue
+            self._last_run[key] = now
+            started = self._clock.monotonic()
+
+            def done(
+                error: BaseException | None,
+                resource: str = prediction.resource,
+                name: str = action.name,
+                started: float = started,
+            ) -> None:
+                if error is None:
+                    outcome = "ok"
+                elif isinstance(error, _Skip):
+                    outcome = "skipped"
+                else:
+                    outcome = "failed"
+                    report_internal_error(f"prediction.action {name}", error)
+                self._record(resource, name, outcome, self._clock.monotonic() - started)
+
+            self._call(action.fn, prediction, on_done=done)
+
+    def _record(self, resource: str, action: str, outcome: str, duration: float) -> None:
+        self._runtime.bus.publish(
+            PreventionActionRun(
+                resource=resource, action=action, outcome=outcome, duration_s=max(0.0, duration)
+            )
+        )
+
+    def _call(
+        self,
+        fn: Callable[[FailurePredicted], object],
+        prediction: FailurePredicted,
+        *,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Run ``fn`` (sync, or async on the right loop) and report how it ended."""
+        try:
+            result = fn(prediction)
+        except Exception as error:  # noqa: BLE001 - user code must not stop the monitor
+            on_done(error)
+            return
+        if not inspect.iscoroutine(result):
+            on_done(None)
+            return
+        self._run_coroutine(result, on_done)
+
+    def _run_coroutine(
+        self,
+        coro: Coroutine[Any, Any, object],
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:  # called on a loop's thread: never block it
+            task = running.create_task(coro)
+            task.add_done_callback(lambda t: on_done(None if t.cancelled() else t.exception()))
+            return
+        loop = self._loop
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+            try:
+                future.result(_ASYNC_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001
+                on_done(error)
+            else:
+                on_done(None)
+            return
+        private = self._private_loop
+        if private is None or private.is_closed():
+            private = self._private_loop = asyncio.new_event_loop()
+        try:
+            private.run_until_complete(coro)
+        except Exception as error:  # noqa: BLE001
+            on_done(error)
+        else:
+            on_done(None)
+
+    # --- built-in actions ---------------------------------------------------------------
+
+    def _cleanup_memory(self, prediction: FailurePredicted) -> object:
+        level = _CLEANUP_LEVEL[prediction.severity]
+        cleanup = self._memory_cleanup or _default_memory_cleanup()
+        if cleanup is None:
+            raise _Skip("no memory controller")
+        return cleanup(level)
+
+    def _shed_load(self, prediction: FailurePredicted) -> None:
+        now = self._clock.monotonic()
+        with self._lock:
+            if self._shed is not None:  # already shedding: extend, never compound
+                self._shed = (now + self._options.shed_duration_s, self._shed[1])
+                return
+            original = self._runtime.budget_ratio
+            self._shed = (now + self._options.shed_duration_s, original)
+        self._runtime.configure(budget_ratio=original * self._options.shed_factor)
+
+    def _restore_budget(self, *, now: float = math.inf, force: bool = False) -> None:
+        with self._lock:
+            shed = self._shed
+            if shed is None or (not force and now < shed[0]):
+                return
+            self._shed = None
+        try:
+            self._runtime.configure(budget_ratio=shed[1])
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("prediction.shed_load restore", error)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def get_current_metrics(self) -> dict[str, object]:
+        """The latest sample as a plain dict (empty before the first), plus ``utilization``:
+        usage over limit per resource."""
+        sample = self._latest
+        if sample is None:
+            return {}
+        out = dataclasses.asdict(sample)
+        out["error_rates"] = dict(sample.error_rates)
+        out["utilization"] = {
+            r: value / limit for r, (value, limit) in readings(sample).items() if limit > 0
+        }
+        return out
+
+    def get_predictions(self) -> dict[str, ResourcePrediction]:
+        """The latest evaluation of each forecast resource."""
+        with self._lock:
+            return dict(self._predictions)
+
+    def snapshot(self) -> ResourceSnapshot:
+        """What the resource gauges report (installed as ``Runtime.resource_snapshot``)."""
+        sample = self._latest
+        if sample is None:
+            return _empty_snapshot()
+        with self._lock:
+            predictions = tuple(self._predictions.values())
+        return ResourceSnapshot(
+            utilization={
+                r: value / limit for r, (value, limit) in readings(sample).items() if limit > 0
+            },
+            time_to_exhaustion_s={
+                p.resource: p.forecast.time_to_exhaustion_s
+                for p in predictions
+                if p.forecast.time_to_exhaustion_s is not None
+            },
+            probability={p.resource: p.forecast.probability for p in predictions},
+            memory_pressure=sample.memory_ratio,
+        )
+
+    # --- fork ---------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        was_running = self._thread is not None
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stop = threading.Event()
+        self._loop = None  # the parent's loop does not run here
+        self._private_loop = None
+        self._shed = None
+        if self._own_sampler:
+            self._sampler = None  # it watched the parent's pid
+        self._reset_state()  # the parent's history says nothing about this process
+        if was_running:
+            self.start()
+
+
+def _prediction(
+    resource: str, fc: Forecast, severity: Severity, *, cleared: bool
+) -> FailurePredicted:
+    return FailurePredicted(
+        resource=resource,
+        probability=fc.probability,
+        time_to_exhaustion_s=fc.time_to_exhaustion_s,
+        confidence=fc.confidence,
+        severity=severity,
+        cleared=cleared,
+    )
+
+
+def _report_callback_failure(error: BaseException | None) -> None:
+    if error is not None:
+        report_internal_error("prediction.alert_callback", error)
+
+
+def _collect_garbage(prediction: FailurePredicted) -> None:
+    gc.collect()
+
+
+def _default_memory_cleanup() -> Callable[[str], object] | None:
+    """The process-wide memory controller's cleanup, when ``runtime.memory`` offers one
+    (a ``get_memory_controller()`` function)."""
+    try:
+        module = importlib.import_module("otel_raptor.runtime.memory")
+    except ImportError:
+        return None
+    getter = getattr(module, "get_memory_controller", None)
+    controller = getter() if callable(getter) else None
+    return None if controller is None else _controller_cleanup(controller)
+
+
+def _controller_cleanup(controller: object) -> Callable[[str], object]:
+    """``controller.cleanup(level, trigger="prediction")`` (the synchronous cleanup of
+    ``SimpleMemoryController``), else ``controller.manual_cleanup(level)``."""
+    sync = getattr(controller, "cleanup", None)
+    if callable(sync):
+        return lambda level: sync(level, trigger="prediction")
+    manual = getattr(controller, "manual_cleanup", None)
+    if callable(manual):
+        return manual  # type: ignore[no-any-return]  # getattr of an unknown object
+    raise ConfigError("prediction.memory_controller", controller, "an object with cleanup()")
+
+
+def _empty_snapshot() -> ResourceSnapshot:
+    return ResourceSnapshot()
+
+
+_live: weakref.WeakSet[PredictiveFailure] = weakref.WeakSet()
+_default: PredictiveFailure | None = None
+_default_lock = threading.Lock()
+
+
+def get_predictive_failure() -> PredictiveFailure:
+    """The process-wide predictor (created on first use, with default options, watching
+    this process and reporting to the process-wide runtime)."""
+    global _default  # noqa: PLW0603 - the one process-wide default, created lazily
+    predictor = _default
+    if predictor is None:
+        with _default_lock:
+            if _default is None:
+                _default = PredictiveFailure()
+            predictor = _default
+    return predictor
+
+
+def _stop_all() -> None:
+    for predictor in list(_live):
+        try:
+            predictor.stop_monitoring(timeout=1.0)
+        except Exception as error:  # noqa: BLE001 - interpreter exit must go on
+            report_internal_error("prediction.atexit", error)
+
+
+def _reinit_after_fork() -> None:
+    global _default_lock  # noqa: PLW0603 - a lock held by a thread that did not fork is dead
+    _default_lock = threading.Lock()
+    for predictor in list(_live):
+        try:
+            predictor._after_fork_in_child()
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("prediction.fork", error)
+
+
+atexit.register(_stop_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)

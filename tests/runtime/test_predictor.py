@@ -1,0 +1,427 @@
+"""The predictor: scripted samples through tick(), the monitor thread, a real leaking child."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from otel_raptor.core.classification import Severity
+from otel_raptor.core.events import Event, FailurePredicted, PreventionActionRun
+from otel_raptor.errors import ConfigError
+from otel_raptor.runtime import predictor as predictor_module
+from otel_raptor.runtime.predictor import (
+    PredictiveFailure,
+    PredictorOptions,
+    get_predictive_failure,
+    readings,
+)
+from otel_raptor.runtime.sampler import ResourceSample, ResourceSampler
+from otel_raptor.runtime.state import Runtime
+from tests.support.clock import FakeClock
+
+LIMIT = 1_000_000
+
+
+def sample(t: float, rss: float, *, open_fds: int | None = 10) -> ResourceSample:
+    return ResourceSample(
+        timestamp=t,
+        pid=1,
+        cpu_percent=25.0,
+        process_cpu_percent=5.0,
+        memory_total=4 * LIMIT,
+        memory_available=3 * LIMIT,
+        memory_used=LIMIT,
+        process_rss=int(rss),
+        memory_limit=4 * LIMIT,
+        memory_current=LIMIT,
+        cgroup_limited=False,
+        process_memory_limit=LIMIT,
+        disks=(),
+        net_errors_per_s=0.0,
+        net_drops_per_s=0.0,
+        connections=None,
+        open_fds=open_fds,
+        fd_limit=1024,
+        threads=3,
+    )
+
+
+class Scripted:
+    """RSS follows ``rss(t)``; every sample advances the fake clock by ``step`` seconds."""
+
+    def __init__(self, clock: FakeClock, step: float = 30.0) -> None:
+        self.clock = clock
+        self.step = step
+        self.level = 0.3 * LIMIT
+        self.growth = 0.0  # bytes per second
+
+    def sample(self) -> ResourceSample:
+        self.clock.advance(self.step)
+        self.level += self.growth * self.step
+        return sample(self.clock.now, self.level)
+
+
+class Harness:
+    def __init__(self, **options: object) -> None:
+        self.clock = FakeClock()
+        self.runtime = Runtime(clock=self.clock)
+        self.sampler = Scripted(self.clock)
+        opts = {"resources": ("process_memory",), "builtin_actions": False, **options}
+        self.predictor = PredictiveFailure(
+            PredictorOptions(**opts),  # type: ignore[arg-type]  # test-only kwargs
+            sampler=self.sampler,
+            runtime=self.runtime,
+            clock=self.clock,
+        )
+        self.events: list[Event] = []
+        self.runtime.bus.subscribe(self.events.append)
+
+    def run(self, ticks: int) -> list[FailurePredicted]:
+        out: list[FailurePredicted] = []
+        for _ in range(ticks):
+            out.extend(self.predictor.tick())
+        return out
+
+    def actions(self) -> list[tuple[str, str]]:
+        return [(e.action, e.outcome) for e in self.events if isinstance(e, PreventionActionRun)]
+
+
+def leak(h: Harness) -> FailurePredicted:
+    h.run(30)  # a stable baseline fills the minimum window
+    h.sampler.growth = 0.7 * LIMIT / 3600  # reaches the limit one hour from now
+    for _ in range(120):
+        raised = [p for p in h.predictor.tick() if not p.cleared]
+        if raised:
+            return raised[0]
+    raise AssertionError("the leak was not predicted")
+
+
+def test_a_stable_series_raises_nothing_and_a_leak_is_predicted() -> None:
+    h = Harness()
+    assert h.run(60) == []
+    first = leak(h)
+    assert first.resource == "process_memory"
+    assert first.time_to_exhaustion_s is not None
+    assert first.time_to_exhaustion_s < 1800.0
+    assert first.confidence >= 0.5
+    assert h.sampler.level < LIMIT  # predicted before running out
+    assert first in h.events
+    prediction = h.predictor.get_predictions()["process_memory"]
+    assert prediction.alarm
+    assert prediction.limit == LIMIT
+
+
+def test_the_alarm_clears_when_the_leak_stops_and_memory_is_freed() -> None:
+    h = Harness()
+    leak(h)
+    h.sampler.growth = 0.0
+    h.sampler.level = 0.3 * LIMIT
+    cleared = [p for p in h.run(90) if p.cleared]
+    assert len(cleared) == 1
+    assert not h.predictor.get_predictions()["process_memory"].alarm
+
+
+def test_actions_run_by_severity_and_cooldown() -> None:
+    h = Harness(action_cooldown_s=3600.0)
+    seen: list[FailurePredicted] = []
+
+    def boom(prediction: FailurePredicted) -> None:
+        raise RuntimeError("action failed")
+
+    h.predictor.add_prevention_action("process_memory", seen.append, min_severity="medium")
+    h.predictor.add_prevention_action("process_memory", boom, min_severity=Severity.MEDIUM)
+    h.predictor.add_prevention_action(
+        "process_memory", seen.append, min_severity="critical", name="drastic"
+    )
+    h.run(30)
+    h.sampler.growth = 0.7 * LIMIT / 1800  # fast: escalates to critical
+    h.run(60)
+    outcomes = h.actions()
+    assert ("append", "ok") in outcomes
+    assert ("boom", "failed") in outcomes
+    assert ("drastic", "skipped") in outcomes  # the first raise was below critical
+    assert ("drastic", "ok") in outcomes  # the escalation to critical ran it
+    assert outcomes.count(("append", "ok")) == 1  # later escalations hit the cooldown
+    assert ("append", "skipped") in outcomes
+    assert seen[0].resource == "process_memory"
+
+
+def test_sync_and_async_alert_callbacks_without_a_loop() -> None:
+    h = Harness()
+    got: list[tuple[str, FailurePredicted]] = []
+
+    async def on_alert(prediction: FailurePredicted) -> None:
+        await asyncio.sleep(0)
+        got.append(("async", prediction))
+
+    h.predictor.add_alert_callback(lambda p: got.append(("sync", p)))
+    h.predictor.add_alert_callback(on_alert)
+    first = leak(h)
+    assert ("sync", first) in got
+    assert ("async", first) in got  # ran to completion on the private loop
+
+
+def test_a_failing_callback_does_not_stop_the_predictor() -> None:
+    h = Harness()
+    h.predictor.add_alert_callback(lambda p: 1 / 0)
+    leak(h)  # raised anyway
+
+
+def test_shed_load_tightens_the_retry_budget_for_a_while() -> None:
+    h = Harness(builtin_actions=True, shed_duration_s=600.0)
+    ratio = h.runtime.budget_ratio
+    h.run(30)
+    h.sampler.growth = 0.7 * LIMIT / 1200  # critical
+    h.run(40)
+    assert ("shed_load", "ok") in h.actions()
+    assert h.runtime.budget_ratio == pytest.approx(ratio * 0.5)
+    h.sampler.growth = 0.0
+    h.run(21)  # 630 s later
+    assert h.runtime.budget_ratio == pytest.approx(ratio)
+
+
+def test_memory_cleanup_uses_the_controller_at_the_matching_level() -> None:
+    h = Harness(builtin_actions=True)
+    calls: list[tuple[str, str]] = []
+
+    class Controller:
+        def cleanup(self, level: str, trigger: str = "manual") -> None:
+            calls.append((level, trigger))
+
+    h.predictor.use_memory_controller(Controller())
+    leak(h)  # one hour from exhaustion: medium
+    assert calls == [("standard", "prediction")]
+    h.run(40)  # escalations clean harder
+    assert [level for level, _ in calls][:2] == ["standard", "critical"]
+    assert {trigger for _, trigger in calls} == {"prediction"}
+    assert ("memory_cleanup", "ok") in h.actions()
+    assert ("gc_collect", "ok") in h.actions()
+
+
+def test_memory_cleanup_without_a_controller_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(predictor_module, "_default_memory_cleanup", lambda: None)
+    h = Harness(builtin_actions=True)
+    leak(h)
+    assert ("memory_cleanup", "skipped") in h.actions()
+
+
+def test_metrics_and_snapshot() -> None:
+    h = Harness()
+    assert h.predictor.get_current_metrics() == {}
+    h.run(3)
+    metrics = h.predictor.get_current_metrics()
+    assert metrics["process_rss"] == int(0.3 * LIMIT)
+    utilization = metrics["utilization"]
+    assert isinstance(utilization, dict)
+    assert utilization["process_memory"] == pytest.approx(0.3)
+    assert utilization["cpu"] == pytest.approx(0.25)
+    assert utilization["file_descriptors"] == pytest.approx(10 / 1024)
+    snap = h.predictor.snapshot()
+    assert snap.utilization["process_memory"] == pytest.approx(0.3)
+    assert snap.memory_pressure == pytest.approx(0.25)
+    assert set(snap.probability) == {"process_memory"}
+    assert readings(sample(0, 5))["process_memory"] == (5.0, float(LIMIT))
+
+
+def test_the_monitor_thread_returns_at_once_and_stops() -> None:
+    runtime = Runtime()
+    predictor = PredictiveFailure(
+        PredictorOptions(builtin_actions=False), runtime=runtime, sampler=ResourceSampler()
+    )
+
+    async def main() -> float:
+        started = time.perf_counter()
+        await predictor.start_monitoring(interval=0.01)
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.1)
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    try:
+        assert elapsed < 0.05
+        assert predictor.monitoring
+        assert runtime.resource_snapshot == predictor.snapshot
+        assert predictor.get_current_metrics()["process_rss"]
+        assert runtime.resource_snapshot().utilization["process_memory"] > 0
+    finally:
+        predictor.stop_monitoring()
+    stopped = not predictor.monitoring
+    assert stopped
+    assert runtime.resource_snapshot().utilization == {}
+
+
+def test_async_callbacks_run_on_the_loop_that_started_monitoring() -> None:
+    h = Harness()
+    ran_on: list[int] = []
+
+    async def on_alert(prediction: FailurePredicted) -> None:
+        ran_on.append(threading.get_ident())
+
+    h.predictor.add_alert_callback(on_alert)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        h.predictor._loop = loop  # what start_monitoring records
+        worker = threading.Thread(target=leak, args=(h,))
+        worker.start()
+        while worker.is_alive():
+            await asyncio.sleep(0.01)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert ran_on
+    assert set(ran_on) == {loop_thread}
+
+
+def test_the_singleton() -> None:
+    assert get_predictive_failure() is get_predictive_failure()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"interval_s": 0}, "prediction.interval_s"),
+        ({"horizon_s": -1}, "prediction.horizon_s"),
+        ({"window": 2}, "prediction.window"),
+        ({"window": 10, "min_samples": 11}, "prediction.min_samples"),
+        ({"raise_threshold": 2}, "prediction.raise_threshold"),
+        ({"clear_threshold": 0.9}, "prediction.clear_threshold"),
+        ({"resources": ("memory", "gpu")}, "prediction.resources"),
+        ({"resources": "memory"}, "prediction.resources"),
+        ({"action_cooldown_s": -1}, "prediction.action_cooldown_s"),
+        ({"shed_factor": 1.0}, "prediction.shed_factor"),
+        ({"shed_duration_s": 0}, "prediction.shed_duration_s"),
+    ],
+)
+def test_bad_options_name_the_field(kwargs: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PredictorOptions(**kwargs)  # type: ignore[arg-type]  # deliberately wrong
+    assert caught.value.key == key
+
+
+def test_bad_registrations_are_refused() -> None:
+    predictor = PredictiveFailure(PredictorOptions(builtin_actions=False), runtime=Runtime())
+    with pytest.raises(ConfigError, match=r"prediction\.action\.resource"):
+        predictor.add_prevention_action("gpu", print)
+    with pytest.raises(ConfigError, match=r"prediction\.action\.min_severity"):
+        predictor.add_prevention_action("memory", print, min_severity="dire")
+    with pytest.raises(ConfigError, match=r"prediction\.alert_callback"):
+        predictor.add_alert_callback("not callable")  # type: ignore[arg-type]  # deliberately wrong
+    with pytest.raises(ConfigError, match=r"prediction\.interval_s"):
+        predictor.start(interval=-1)
+
+
+# --- a real leak in a child process --------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    print("ready", flush=True)
+    sys.stdin.readline()
+    hoard = []
+    for _ in range(150):  # 2 MB every 50 ms, at most 300 MB
+        hoard.append(bytearray(b"x") * (2 * 1024 * 1024))
+        time.sleep(0.05)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.fixture
+def leaking_child() -> Iterator[subprocess.Popen[str]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_leak_in_a_child_process_is_predicted_before_its_limit(
+    leaking_child: subprocess.Popen[str],
+) -> None:
+    process = psutil.Process(leaking_child.pid)
+    limit = process.memory_info().rss + 200 * 1024 * 1024
+    runtime = Runtime()
+    predictor = PredictiveFailure(
+        PredictorOptions(
+            interval_s=0.1,
+            horizon_s=4.0,
+            window=60,
+            min_samples=10,
+            min_confidence=0.4,
+            resources=("process_memory",),
+            builtin_actions=False,
+        ),
+        sampler=ResourceSampler(pid=leaking_child.pid, process_memory_limit=limit),
+        runtime=runtime,
+    )
+    raised = threading.Event()
+    rss_at_alarm: list[int] = []
+
+    def on_alert(prediction: FailurePredicted) -> None:
+        if prediction.resource == "process_memory" and not prediction.cleared:
+            rss_at_alarm.append(process.memory_info().rss)
+            raised.set()
+
+    predictor.add_alert_callback(on_alert)
+    predictor.start()
+    try:
+        assert leaking_child.stdin is not None
+        leaking_child.stdin.write("go\n")
+        leaking_child.stdin.flush()
+        assert raised.wait(20.0), "no prediction"
+    finally:
+        predictor.stop_monitoring()
+    print(f"predicted at {rss_at_alarm[0] / 2**20:.0f} MiB of a {limit / 2**20:.0f} MiB limit")
+    assert rss_at_alarm[0] < limit
+
+
+# --- fork ------------------------------------------------------------------------------------
+
+FORK = textwrap.dedent(
+    """
+    import os, sys, time
+    from otel_raptor.runtime.predictor import PredictiveFailure, PredictorOptions
+    from otel_raptor.runtime.state import Runtime
+
+    p = PredictiveFailure(PredictorOptions(interval_s=0.02, builtin_actions=False),
+                          runtime=Runtime())
+    p.start()
+    time.sleep(0.1)
+    parent_thread = p._thread
+    pid = os.fork()
+    if pid == 0:
+        ok = p.monitoring and p._thread is not parent_thread
+        time.sleep(0.2)
+        ok = ok and p.get_current_metrics().get("pid") == os.getpid()
+        p.stop_monitoring()
+        os._exit(0 if ok and not p.monitoring else 3)
+    _, status = os.waitpid(pid, 0)
+    ok = p.monitoring and p.get_current_metrics().get("pid") == os.getpid()
+    p.stop_monitoring()
+    sys.exit(os.waitstatus_to_exitcode(status) or (0 if ok else 4))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_monitoring_restarts_in_a_forked_child() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK], capture_output=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
