@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy src
+	$(VENV)/bin/mypy --strict tests/typing/api.py
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP)

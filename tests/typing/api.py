@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import assert_type
+from typing_extensions import assert_type
 
 import otel_raptor
 from otel_raptor import (
@@ -39,3 +39,13 @@ async def main() -> None:
     assert_type(breaker, CircuitBreaker)
     result = await otel_raptor.get_production_error_recovery().handle_error(TimeoutError(), {})
     assert_type(result, RecoveryResult)
+
+
+def instrument() -> None:
+    from otel_raptor import RaptorInstrumentor
+
+    instrumentor = RaptorInstrumentor()
+    instrumentor.instrument(retry={"max_retries": 2}, integrations=["requests"])
+    controller = otel_raptor.get_memory_controller()
+    assert_type(controller, otel_raptor.SimpleMemoryController)
+    instrumentor.uninstrument()
