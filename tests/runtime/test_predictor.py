@@ -425,3 +425,19 @@ def test_monitoring_restarts_in_a_forked_child() -> None:
         [sys.executable, "-c", FORK], capture_output=True, timeout=30, check=False
     )
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_a_prediction_drives_a_real_memory_controller() -> None:
+    from otel_raptor import MemoryCleanupFinished, SimpleMemoryController
+
+    h = Harness(builtin_actions=True)
+    controller = SimpleMemoryController(runtime=h.runtime, clock=h.clock)
+    stale = {f"k{i}": b"x" * 100 for i in range(50)}
+    controller.register_cache("stale", stale, priority="low")
+    h.predictor.use_memory_controller(controller)
+    leak(h)
+    cleanups = [e for e in h.events if isinstance(e, MemoryCleanupFinished)]
+    assert cleanups
+    assert cleanups[0].trigger == "prediction"
+    assert cleanups[0].level == "standard"
+    assert ("memory_cleanup", "ok") in h.actions()

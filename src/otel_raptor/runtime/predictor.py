@@ -34,7 +34,6 @@ import atexit
 import collections
 import dataclasses
 import gc
-import importlib
 import inspect
 import math
 import os
@@ -60,6 +59,7 @@ from otel_raptor.core.prediction import (
 )
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.memory import get_memory_controller
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.sampler import ResourceSample, ResourceSampler
 from otel_raptor.runtime.state import Runtime, get_runtime
@@ -651,15 +651,8 @@ def _collect_garbage(prediction: FailurePredicted) -> None:
 
 
 def _default_memory_cleanup() -> Callable[[str], object] | None:
-    """The process-wide memory controller's cleanup, when ``runtime.memory`` offers one
-    (a ``get_memory_controller()`` function)."""
-    try:
-        module = importlib.import_module("otel_raptor.runtime.memory")
-    except ImportError:
-        return None
-    getter = getattr(module, "get_memory_controller", None)
-    controller = getter() if callable(getter) else None
-    return None if controller is None else _controller_cleanup(controller)
+    """The process-wide memory controller's cleanup."""
+    return _controller_cleanup(get_memory_controller())
 
 
 def _controller_cleanup(controller: object) -> Callable[[str], object]:
