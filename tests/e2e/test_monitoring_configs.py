@@ -41,6 +41,11 @@ from otel_raptor.telemetry.instruments import (
     ATTR_BREAKER_TRANSITION_REASON,
     ATTR_ERROR_CATEGORY,
     ATTR_ERROR_SEVERITY,
+    ATTR_MEMORY_CLEANUP_LEVEL,
+    ATTR_MEMORY_CLEANUP_TRIGGER,
+    ATTR_MEMORY_PRESSURE_LEVEL,
+    ATTR_PREDICTION_SEVERITY,
+    ATTR_PREVENTION_OUTCOME,
     ATTR_RECOVERY_GIVE_UP_REASON,
     ATTR_RECOVERY_OUTCOME,
     ATTR_RECOVERY_STRATEGY,
@@ -177,6 +182,18 @@ ENUM_LABELS: dict[str, frozenset[str]] = {
     prometheus_label(ATTR_ERROR_CATEGORY): frozenset(c.value for c in ErrorCategory) | {"other"},
     prometheus_label(ATTR_RECOVERY_GIVE_UP_REASON): frozenset(r.value for r in GiveUpReason)
     | {"other"},
+    # No enums behind these: the values of the attribute table (docs/telemetry.md).
+    prometheus_label(ATTR_PREDICTION_SEVERITY): frozenset({"low", "medium", "high", "critical"}),
+    prometheus_label(ATTR_PREVENTION_OUTCOME): frozenset({"ok", "failed", "skipped"}),
+    prometheus_label(ATTR_MEMORY_PRESSURE_LEVEL): frozenset(
+        {"normal", "warning", "critical", "emergency", "other"}
+    ),
+    prometheus_label(ATTR_MEMORY_CLEANUP_LEVEL): frozenset(
+        {"standard", "critical", "emergency", "other"}
+    ),
+    prometheus_label(ATTR_MEMORY_CLEANUP_TRIGGER): frozenset(
+        {"manual", "pressure", "prediction", "scheduled", "other"}
+    ),
     "alertstate": frozenset({"pending", "firing"}),
 }
 
@@ -668,6 +685,8 @@ def test_alert_rules_name_only_series_and_labels_the_instruments_produce() -> No
         "raptor.circuit_breaker.transitions",
         "raptor.circuit_breaker.state",
         "raptor.circuit_breaker.health",
+        "raptor.prediction.probability",
+        "raptor.memory.pressure.level",
     } <= names
 
 
@@ -682,6 +701,8 @@ def test_alert_rules_are_complete_and_their_templates_use_labels_they_keep() -> 
         "RaptorRetryBudgetExhausted",
         "RaptorErrorRateSpike",
         "RaptorCircuitBreakerHealthLow",
+        "RaptorFailurePredicted",
+        "RaptorMemoryPressureCritical",
     }
     for rule in rules:
         where = f"alert {rule['alert']}"
@@ -866,7 +887,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_accepts_the_rules() -> None:
     result = _promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_accepts_the_prometheus_config() -> None:

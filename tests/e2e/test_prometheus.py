@@ -35,6 +35,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.classification import Severity
+from otel_raptor.core.events import (
+    FailurePredicted,
+    MemoryCleanupFinished,
+    MemoryPressureChanged,
+    PreventionActionRun,
+)
+from otel_raptor.core.prediction import ResourceSnapshot
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.runtime.guard import Guard
@@ -117,6 +125,27 @@ def telemetry() -> Iterator[Telemetry]:
                 down.call(_refused)
         with pytest.raises(CircuitOpenError):
             down.call(_refused)
+        # The predictor's side, published as the predictor and the memory controller do. Below
+        # the alert thresholds (probability 0.8, critical pressure): only the breaker alerts.
+        bus = runtime.bus
+        bus.publish(
+            FailurePredicted(
+                resource="process_memory",
+                probability=0.85,
+                time_to_exhaustion_s=900.0,
+                confidence=0.9,
+                severity=Severity.HIGH,
+            )
+        )
+        bus.publish(PreventionActionRun("process_memory", "memory_cleanup", "ok", 0.01))
+        bus.publish(MemoryCleanupFinished("critical", "prediction", 1 << 20, 10, 0.01))
+        bus.publish(MemoryPressureChanged("warning", "normal", 0.72))
+        runtime.resource_snapshot = lambda: ResourceSnapshot(
+            utilization={"process_memory": 0.7},
+            time_to_exhaustion_s={"process_memory": 900.0},
+            probability={"process_memory": 0.3},
+            memory_pressure=0.72,
+        )
         yield Telemetry(exposition=lambda: generate_latest(registry))
     finally:
         sink.uninstall()
