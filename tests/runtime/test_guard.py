@@ -478,3 +478,24 @@ def test_a_fallback_that_raises_is_reported_as_a_failure(
     (finished,) = of(events, RecoveryFinished)
     assert (finished.strategy, finished.outcome) == (Strategy.FAILOVER, Outcome.FAILED)
     assert finished.give_up_reason == "fallback_failed"
+
+
+def test_a_failing_fallback_for_an_open_breaker_is_reported_as_a_failure(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    def fallback(error: BaseException) -> str:
+        raise LookupError("no cached copy")
+
+    guard = Guard(
+        "api",
+        retry=False,
+        fallback=fallback,
+        runtime=runtime,
+        breaker=CircuitBreakerConfig(failure_threshold=1),
+    )
+    with pytest.raises(LookupError):
+        guard.call(Flaky(ConnectionResetError(104, "x")))  # opens the breaker
+    with pytest.raises(LookupError):
+        guard.call(Flaky())  # refused; the fallback fails too
+    outcomes = [(e.strategy, e.outcome) for e in of(events, RecoveryFinished)]
+    assert outcomes == [(Strategy.FAILOVER, Outcome.FAILED)] * 2

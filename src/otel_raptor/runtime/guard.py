@@ -330,9 +330,16 @@ class Guard:
 
     def _rejected_sync(self, breaker: CircuitBreaker | None) -> Any:
         error = self._rejection(breaker)
-        if self._fallback is not None:
-            return self._fallback(error)
-        raise error
+        if self._fallback is None:
+            self._report_rejection(Outcome.REJECTED)
+            raise error
+        try:
+            value = self._fallback(error)
+        except BaseException:
+            self._report_rejection(Outcome.FAILED)
+            raise
+        self._report_rejection(Outcome.FALLBACK)
+        return value
 
     # ----------------------------------------------------------------- async
 
@@ -437,9 +444,16 @@ class Guard:
 
     async def _rejected_async(self, breaker: CircuitBreaker | None) -> Any:
         error = self._rejection(breaker)
-        if self._fallback is not None:
-            return await _maybe_await(self._fallback(error))
-        raise error
+        if self._fallback is None:
+            self._report_rejection(Outcome.REJECTED)
+            raise error
+        try:
+            value = await _maybe_await(self._fallback(error))
+        except BaseException:
+            self._report_rejection(Outcome.FAILED)
+            raise
+        self._report_rejection(Outcome.FALLBACK)
+        return value
 
     # ------------------------------------------------- shared failure path
 
@@ -576,23 +590,26 @@ class Guard:
             report_internal_error("guard.finish", bug)
 
     def _rejection(self, breaker: CircuitBreaker | None) -> BaseException:
+        """The refusal to raise (building it publishes ``CallRejected``)."""
         assert breaker is not None  # only a breaker can reject
-        error = breaker.reject_error()
+        return breaker.reject_error()
+
+    def _report_rejection(self, outcome: Outcome) -> None:
+        """Publish how a call refused by the breaker ended, once its fallback (if any) ran."""
         try:
             self._runtime.bus.publish(
                 RecoveryFinished(
                     service=self.service,
                     strategy=Strategy.FAILOVER if self._fallback else Strategy.FAIL_FAST,
-                    outcome=Outcome.FALLBACK if self._fallback else Outcome.REJECTED,
+                    outcome=outcome,
                     attempts=0,
                     duration_s=0.0,
                     category=ErrorCategory.UNAVAILABLE.value,
-                    give_up_reason=_BREAKER_REJECTED,
+                    give_up_reason=_BREAKER_REJECTED if outcome is not Outcome.FALLBACK else "",
                 )
             )
         except Exception as bug:  # noqa: BLE001
             report_internal_error("guard.rejection", bug)
-        return error
 
     def _release(self, permit: Permit) -> None:
         if self._breaker is not None:
