@@ -6,9 +6,12 @@ The tree::
     ├── ValueError
     │   └── ConfigError              invalid configuration (key, value, allowed)
     └── RaptorError
-        └── CircuitOpenError          a breaker refused the call (fail fast)
-            ├── RequestsCircuitOpen   also requests.exceptions.ConnectionError  (integrations)
-            └── HttpxCircuitOpen      also httpx.ConnectError                   (integrations)
+        ├── CircuitOpenError          a breaker refused the call (fail fast)
+        │   ├── RequestsCircuitOpen   also requests.exceptions.ConnectionError  (integrations)
+        │   ├── HttpxCircuitOpen      also httpx.ConnectError                   (integrations)
+        │   └── ...CircuitOpen        also the DB driver's OperationalError     (integrations)
+        └── ThrottledError            the downstream asked for a pause longer than the call
+                                      may wait (HTTP integrations answer a 429 instead)
 
 Library-flavoured subclasses live next to their integration, so that existing ``except``
 clauses written for the wrapped library keep catching a fail-fast refusal.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CircuitOpenError", "ConfigError", "RaptorError"]
+__all__ = ["CircuitOpenError", "ConfigError", "RaptorError", "ThrottledError"]
 
 
 class ConfigError(ValueError):
@@ -66,4 +69,28 @@ class CircuitOpenError(RaptorError):
         message = f"circuit breaker {breaker!r} is open"
         if retry_after is not None:
             message += f"; next probe in {retry_after:.3g}s"
+        super().__init__(message, *args, **kwargs)
+
+
+class ThrottledError(RaptorError):
+    """The downstream asked for a pause (``Retry-After`` on a rate-limit answer) that does not
+    fit the call's ``max_delay`` or deadline, so the call was refused without an attempt.
+
+    ``service`` names the downstream and ``retry_after`` the seconds left of its pause. The
+    HTTP integrations never raise it: they hand the caller a ``429`` response instead, as the
+    server itself would have answered. ``__init__`` is cooperative, as ``CircuitOpenError``'s.
+    """
+
+    def __init__(
+        self,
+        service: str = "",
+        retry_after: float | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self.service = service
+        self.retry_after = retry_after
+        message = f"{service!r} asked for a pause"
+        if retry_after is not None:
+            message += f" of {retry_after:.3g}s more"
         super().__init__(message, *args, **kwargs)

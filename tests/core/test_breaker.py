@@ -11,6 +11,7 @@ from otel_raptor.core.breaker import (
     CircuitBreakerConfig,
     Permit,
     adaptive_failure_rate_threshold,
+    confident_failure_rate,
 )
 from otel_raptor.core.classification import NON_HEALTH_CATEGORIES, ErrorCategory
 from otel_raptor.core.states import CircuitState, Transition, TransitionReason
@@ -103,22 +104,52 @@ def test_trips_on_failure_rate_only_with_minimum_calls() -> None:
     assert run(core, "F", 2.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 2.0, 60.0)]
 
 
-def test_failure_rate_at_threshold_trips_and_below_does_not() -> None:
-    core = make(failure_threshold=100, window_size=10, minimum_calls=10)
-    # 4 failures in 9 calls, then a failure: 5/10 == 0.5 >= 0.5.
-    assert run(core, "SFSFSFSFS", 1.0) == []
-    assert run(core, "F", 2.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 2.0, 60.0)]
-
-    core = make(failure_threshold=100, window_size=10, minimum_calls=10)
-    assert run(core, "SSFSSFSSFSSFSSF" * 4, 1.0) == []  # 4/10 or less in every window
+def test_failure_rate_trips_only_when_the_window_shows_it_with_confidence() -> None:
+    # 100 calls at 50 %: the lower 95 % bound of 59/100 is 0.508, of 58/100 0.498.
+    assert confident_failure_rate(59, 100) >= 0.5 > confident_failure_rate(58, 100)
+    core = make(failure_threshold=1000, window_size=100, minimum_calls=20)
+    assert run(core, "S" * 42, 1.0) == []
+    assert run(core, "F" * 58, 2.0) == []  # 58 %: could be bad luck at 50 %
     assert core.state is CLOSED
+    assert run(core, "F", 3.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 3.0, 60.0)]
+
+
+def test_a_degraded_downstream_never_trips_a_dead_one_does() -> None:
+    # 40 % failures in every window, never more than two in a row: degraded, not down.
+    core = make(window_size=100, minimum_calls=20)
+    assert run(core, "FSFSS" * 200, 1.0) == []
+    assert core.state is CLOSED
+    # A dead downstream: a run of minimum_calls failures trips at any volume.
+    transitions = run(core, "F" * 20, 2.0)
+    assert [t.reason for t in transitions] == [R.CONSECUTIVE_FAILURES]
+
+
+def test_the_consecutive_rule_alone_applies_at_low_volume_only() -> None:
+    core = make(failure_threshold=5, window_size=100, minimum_calls=20)
+    assert run(core, "S" * 30, 1.0) == []
+    # 30 calls of history: five in a row is not enough evidence any more ...
+    assert run(core, "FFFFF", 2.0) == []
+    assert core.consecutive_failures == 5
+    # ... a run of minimum_calls is.
+    assert run(core, "F" * 14, 3.0) == []
+    assert run(core, "F", 4.0) == [Transition(CLOSED, OPEN, R.CONSECUTIVE_FAILURES, 4.0, 60.0)]
+
+
+def test_confident_failure_rate_values() -> None:
+    assert confident_failure_rate(0, 0) == 0.0
+    assert confident_failure_rate(0, 10) == 0.0
+    assert confident_failure_rate(20, 20) == pytest.approx(0.881, abs=1e-3)
+    assert confident_failure_rate(14, 20) >= 0.5 > confident_failure_rate(13, 20)
+    # Always below the raw rate, and closer to it with more calls.
+    assert confident_failure_rate(600, 1000) > confident_failure_rate(60, 100) > 0.5
 
 
 def test_minimum_calls_above_count_window_acts_as_window_size() -> None:
     core = make(failure_threshold=100, window_size=5, minimum_calls=20)
     assert run(core, "SSSS", 1.0) == []
     assert run(core, "F", 1.0) == []  # 1/5
-    assert run(core, "FF", 1.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 1.0, 60.0)]
+    assert core.snapshot(1.0).window_calls == 5  # minimum reached: the rate rule applies
+    assert run(core, "FFFF", 1.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 1.0, 60.0)]
 
 
 def test_trips_on_slow_call_rate() -> None:
@@ -402,7 +433,7 @@ def test_reset_forgets_everything_learned() -> None:
     )
     run(core, "S" * 11, 0.0, step=0.5)  # the check at t = 5.0 sees 11 calls
     assert baseline(core) == 0.0
-    trip(core, 10.0)
+    assert run(core, "F" * 10, 10.0)[0].to_state is OPEN
     assert core.reset(11.0) == Transition(OPEN, CLOSED, R.MANUAL_CLOSE, 11.0)
     assert baseline(core) is None
     assert core.effective_failure_rate_threshold == 0.5
@@ -420,11 +451,12 @@ def test_force_close_keeps_the_baseline() -> None:
         failure_threshold=1,
     )
     run(core, "S" * 11, 0.0, step=0.5)
-    trip(core, 10.0)  # the check at t = 10 folds in 1 failure in 10 calls
+    # The check at t = 10 folds in the first failure (1 in 10 calls); 8 in 10 trip.
+    assert run(core, "F" * 10, 10.0)[0].reason is R.FAILURE_RATE
     assert baseline(core) == pytest.approx(ADAPTIVE_ALPHA * 0.1)
     core.force_close(11.0)
     assert baseline(core) == pytest.approx(ADAPTIVE_ALPHA * 0.1)
-    assert core.failure_counts == {TIMEOUT: 1}
+    assert core.failure_counts == {TIMEOUT: 8}
 
 
 # --- health score and snapshot ---------------------------------------------------------------
@@ -489,7 +521,9 @@ def test_time_window_failures_age_out() -> None:
     run(core, "SSS", 20.0)
     assert run(core, "F", 20.0) == []
     assert core.snapshot(20.0).window_calls == 4
-    assert run(core, "FF", 21.0) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 21.0, 60.0)]
+    # 8 failures in 11 calls: not confident of 50 % yet; 9 in 12 is.
+    assert run(core, "F" * 7, 21.0) == []
+    assert run(core, "F", 21.5) == [Transition(CLOSED, OPEN, R.FAILURE_RATE, 21.5, 60.0)]
 
 
 # --- adaptive threshold ----------------------------------------------------------------------
@@ -498,11 +532,12 @@ def test_time_window_failures_age_out() -> None:
 def test_adaptive_rule_values() -> None:
     rule = adaptive_failure_rate_threshold
     assert rule(0.5, None, 0.1, 0.9) == 0.5
-    assert rule(0.5, 0.0, 0.1, 0.9) == 0.25  # clean: twice as strict at most
-    assert rule(0.5, 0.1, 0.1, 0.9) == pytest.approx(0.3)
-    assert rule(0.5, 0.45, 0.1, 0.9) == 0.9  # noisy: headroom, capped
+    assert rule(0.5, 0.0, 0.1, 0.9) == 0.5  # clean: never stricter than configured
+    assert rule(0.5, 0.1, 0.1, 0.9) == 0.5
+    assert rule(0.5, 0.3, 0.1, 0.9) == pytest.approx(0.7)  # noisy: headroom
+    assert rule(0.5, 0.45, 0.1, 0.9) == 0.9  # capped
     assert rule(0.1, 0.0, 0.15, 0.9) == 0.15  # floor
-    assert rule(1.0, 0.0, 0.1, 0.9) == 0.5
+    assert rule(1.0, 0.0, 0.1, 0.9) == 1.0
 
 
 def adaptive(**options: Any) -> BreakerCore:
@@ -518,7 +553,7 @@ def adaptive(**options: Any) -> BreakerCore:
 
 def test_adaptive_does_not_flap_a_service_that_normally_fails_often() -> None:
     normal = "FSFSFSFSFSFSFSFSFSSS" * 3  # 9 failures in every 20 consecutive calls (45 %)
-    worse = "FFSFFSFSFSFSFSFSFFFS" * 2  # 12 in 20 (60 %)
+    worse = "FFFSFFFSFFFSFFFSFFSF" * 2  # 15 in 20 (75 %)
 
     learned = adaptive()
     assert run(learned, normal * 2, 1.0, step=1.0) == []
@@ -534,19 +569,15 @@ def test_adaptive_does_not_flap_a_service_that_normally_fails_often() -> None:
     assert [t.reason for t in transitions] == [R.FAILURE_RATE]
 
 
-def test_adaptive_trips_a_normally_clean_service_earlier() -> None:
-    burst = "FSSFSSSFSS" * 4  # 30 % failures, never two in a row
+def test_adaptive_never_makes_a_normally_clean_service_stricter() -> None:
+    burst = "FSSFSSSFSS" * 4  # 30 % failures, never two in a row: degraded, not down
 
     learned = adaptive()
     assert run(learned, "S" * 60, 1.0, step=1.0) == []
     assert baseline(learned) == 0.0
-    assert learned.effective_failure_rate_threshold == 0.25
-    transitions = run(learned, burst, 100.0, step=1.0)
-    assert [t.reason for t in transitions] == [R.FAILURE_RATE]
-
-    fixed = adaptive(adaptive_threshold=False)
-    assert run(fixed, "S" * 60, 1.0, step=1.0) == []
-    assert run(fixed, burst, 100.0, step=1.0) == []
+    assert learned.effective_failure_rate_threshold == 0.5
+    assert run(learned, burst, 100.0, step=1.0) == []
+    assert learned.state is CLOSED
 
 
 def test_adaptive_baseline_is_an_ewma_updated_lazily_each_interval() -> None:

@@ -167,6 +167,18 @@ class BreakerMachine(RuleBasedStateMachine):
     def advance(self, dt: float) -> None:
         self.now += dt
 
+    @rule(passed=st.booleans())
+    def health_check(self, passed: bool) -> None:
+        before, forced = self.core.state, self.core.forced_open
+        transition = self.core.on_health_check(passed=passed, now=self.now)
+        self.check_transition(transition, before, forced)
+        if transition is not None:
+            assert passed
+            assert before is OPEN
+            assert not forced
+            assert transition.reason is R.HEALTH_CHECK_PASSED
+            assert self.core.state is CLOSED
+
     @rule()
     def force_open(self) -> None:
         before, forced = self.core.state, self.core.forced_open
@@ -206,7 +218,12 @@ class BreakerMachine(RuleBasedStateMachine):
         if core.forced_open:
             assert core.state is OPEN
         if core.state is CLOSED:
-            assert core.consecutive_failures < self.config.failure_threshold
+            # A run this long trips at any volume (shorter runs only at low volume).
+            config = self.config
+            minimum = config.minimum_calls
+            if config.window == "count":
+                minimum = min(minimum, config.window_size)
+            assert core.consecutive_failures < max(config.failure_threshold, minimum)
 
     @invariant()
     def health_is_bounded(self) -> None:
@@ -238,7 +255,9 @@ class BreakerMachine(RuleBasedStateMachine):
             assert threshold == config.failure_rate_threshold
         else:
             assert config.adaptive_threshold
-            assert config.adaptive_min_threshold <= threshold <= config.adaptive_max_threshold
+            # Learning only ever raises the configured threshold, up to the adaptive cap.
+            assert threshold >= config.failure_rate_threshold
+            assert threshold <= max(config.failure_rate_threshold, config.adaptive_max_threshold)
 
     @invariant()
     def snapshot_agrees(self) -> None:

@@ -285,7 +285,7 @@ def test_a_bug_in_our_code_never_changes_the_apps_error(
         Guard("svc", runtime=runtime, classifier=broken).call(flaky)
     assert caught.value is error
     assert flaky.calls == 1
-    assert "guard.after_failure" in caplog.text
+    assert "drive.failed" in caplog.text
 
 
 def test_keyboard_interrupt_is_neither_retried_nor_counted(runtime: Runtime) -> None:

@@ -182,10 +182,11 @@ def test_shed_load_tightens_the_retry_budget_for_a_while() -> None:
     h.sampler.growth = 0.7 * LIMIT / 1200  # critical
     h.run(40)
     assert ("shed_load", "ok") in h.actions()
-    assert h.runtime.budget_ratio == pytest.approx(ratio * 0.5)
+    assert h.runtime.effective_budget_ratio == pytest.approx(ratio * 0.5)
+    assert h.runtime.budget_ratio == ratio  # the configured shape is never rewritten
     h.sampler.growth = 0.0
     h.run(21)  # 630 s later
-    assert h.runtime.budget_ratio == pytest.approx(ratio)
+    assert h.runtime.effective_budget_ratio == pytest.approx(ratio)
 
 
 def test_memory_cleanup_uses_the_controller_at_the_matching_level() -> None:

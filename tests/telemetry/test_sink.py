@@ -584,7 +584,7 @@ def test_gauges_read_breaker_and_budget_snapshots(h: Harness) -> None:
     db = h.runtime.breakers.get("db")
     h.runtime.breakers.get("cache")
     trip(db)
-    assert h.runtime.withdraw_retry("db")
+    assert h.runtime.withdraw(h.runtime.downstream("db"), h.clock.monotonic())
 
     state = h.points("raptor.circuit_breaker.state")
     assert state == {

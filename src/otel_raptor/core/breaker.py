@@ -7,25 +7,42 @@ States and transitions (see ``docs/circuit-breaker.md`` for the full rules)::
       │                └──────────── a counted probe fails ────────────┤
       └───────────── success_threshold probes succeed ─────────────────┘
 
-* **Trip** (CLOSED → OPEN), checked after each counted failure (and each slow success):
-  ``consecutive_failures >= failure_threshold`` (``CONSECUTIVE_FAILURES``); else, once the
-  window holds at least ``minimum_calls`` calls, ``failure_rate >= effective threshold``
-  (``FAILURE_RATE``) or, with slow-call detection on, ``slow_call_rate >=
-  slow_call_rate_threshold`` (``SLOW_CALL_RATE``).
+A breaker opens on **evidence of an outage, not of degradation**: with retries in front of
+it, a downstream that still answers 70 % of calls is worth calling, and refusing it would make
+the app fail more often than it would without us. So a trip needs one of:
+
+* **a run at low volume** (``CONSECUTIVE_FAILURES``): ``failure_threshold`` counted failures
+  in a row while the window holds fewer than ``minimum_calls`` calls (little history: a run
+  is the only evidence there is);
+* **a long run** (``CONSECUTIVE_FAILURES``): ``max(failure_threshold, minimum_calls)``
+  counted failures in a row at any volume. At a 30 % failure rate a run of 20 happens once
+  in ``0.3 ** -20`` (about 3e10) calls; a dead downstream produces one in 20 calls;
+* **a confident failure rate** (``FAILURE_RATE``): the window holds at least
+  ``minimum_calls`` calls and the lower bound of the one-sided 95 % Wilson interval of its
+  failure rate is at least the effective threshold. With the defaults (100 calls, 50 %) that
+  is 59 failures out of 100, or 14 out of 20: a 30 % (even 40 %) degraded downstream
+  essentially never trips (``P < 1e-4`` per window), a dead one trips after ``minimum_calls``;
+* **a slow-call rate** (``SLOW_CALL_RATE``, only with ``slow_call_duration`` set): the window's
+  slow-call rate is at least ``slow_call_rate_threshold``.
+
 * **Open duration** after ``k`` failed probes in a row (``k = 0`` for a trip from CLOSED):
   ``base = min(max_recovery_timeout, recovery_timeout * recovery_backoff_multiplier ** k)``,
   then ``min(max_recovery_timeout, base * (1 + recovery_jitter * (2 * rnd() - 1)))``.
-  Closing resets ``k``.
+  Growth is off by default (``recovery_backoff_multiplier = 1``), so traffic returns within
+  ``recovery_timeout`` plus jitter of a heal however long the outage was. Closing resets ``k``.
 * **Half-open**: at most ``half_open_max_calls`` probes in flight; ``success_threshold``
   probe successes close the breaker (clearing the window); a counted probe failure reopens it.
-* **Ignored categories** (``ignored_categories``, by default the non-health ones such as client
-  errors) count as neither success nor failure: they are tallied in ``failure_counts`` only,
-  leave the window and the consecutive-failure count alone, and a probe that ends with one just
-  gives its half-open slot back.
+  ``on_health_check`` lets an active health check (outside the core) close an open breaker
+  after ``success_threshold`` passing checks in a row, without waiting for user traffic.
+* **Ignored categories** (``ignored_categories``, by default the non-health ones: client
+  errors, and rate limiting, which is the downstream throttling, not failing) count as neither
+  success nor failure: they are tallied in ``failure_counts`` only, leave the window and the
+  consecutive-failure count alone, and a probe that ends with one just gives its slot back.
 * **Late results**: a ``CALL`` permit's outcome counts only while the breaker is still CLOSED
   and a ``PROBE``'s only while it is still HALF_OPEN; otherwise the outcome only frees the
   probe slot it held. A state change therefore never counts calls admitted under another state.
-* **Adaptive threshold**: see ``adaptive_failure_rate_threshold``.
+* **Adaptive threshold**: see ``adaptive_failure_rate_threshold`` (it only ever raises the
+  configured threshold, for a downstream whose usual failure rate is high).
 
 Not thread-safe: ``otel_raptor.runtime.breaker.CircuitBreaker`` holds a lock around it.
 """
@@ -46,16 +63,23 @@ from otel_raptor.errors import ConfigError
 
 __all__ = [
     "ADAPTIVE_ALPHA",
+    "TRIP_CONFIDENCE_Z",
     "Admission",
     "BreakerCore",
     "BreakerSnapshot",
     "CircuitBreakerConfig",
     "Permit",
     "adaptive_failure_rate_threshold",
+    "confident_failure_rate",
 ]
 
 #: Weight of the newest sample in the adaptive baseline (an exponentially weighted average).
 ADAPTIVE_ALPHA: Final = 0.2
+
+#: The z-score of the failure-rate rule: 1.645 is a one-sided 95 % interval. The rule trips on
+#: the interval's lower bound, so a rate that only looks high by chance does not trip.
+TRIP_CONFIDENCE_Z: Final = 1.645
+_Z2: Final = TRIP_CONFIDENCE_Z * TRIP_CONFIDENCE_Z
 
 _INF: Final = float("inf")
 
@@ -123,14 +147,20 @@ class CircuitBreakerConfig:
     The first six fields keep the seed's names and defaults. Every field is checked when the
     config is built; a bad value raises ``ConfigError("breaker.<field>", value, allowed)``.
 
-    * ``failure_threshold`` (5, integer >= 1): consecutive counted failures in CLOSED that trip.
+    * ``failure_threshold`` (5, integer >= 1): consecutive counted failures in CLOSED that trip
+      while the window holds fewer than ``minimum_calls`` calls (see the module docstring:
+      with more history a run must reach ``minimum_calls``, or the rate must be confident).
     * ``recovery_timeout`` (60.0, >= 0): base time OPEN before a probe is let through.
     * ``success_threshold`` (2, integer >= 1): probe successes in HALF_OPEN that close it.
-    * ``timeout`` (30.0, > 0): default per-call timeout that integrations apply; the breaker
-      itself does not use it (slow-call detection is separate and off by default).
+    * ``timeout`` (30.0, > 0): the seed's field, kept so that its dict shape still loads; no
+      breaker reads it. The request timeout integrations apply is
+      ``RaptorConfig.request_timeout`` (``OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT``).
     * ``adaptive_threshold`` (True): learn a baseline failure rate and adapt the rate rule.
-    * ``health_check_interval`` (30.0, > 0): seconds between baseline updates.
-    * ``failure_rate_threshold`` (0.5, in (0, 1]): window failure rate that trips.
+    * ``health_check_interval`` (30.0, > 0): seconds between health evaluations: the adaptive
+      baseline update while CLOSED and, when an active health check is configured for the
+      downstream, the check while OPEN.
+    * ``failure_rate_threshold`` (0.5, in (0, 1]): failure rate that trips once the window
+      shows it with 95 % confidence (see ``confident_failure_rate``).
     * ``window`` ("count"): ``"count"`` (last ``window_size`` calls) or ``"time"`` (last
       ``window_size`` seconds, in 10 slices).
     * ``window_size`` (100, integer in [1, 1_000_000]): calls or seconds.
@@ -141,7 +171,9 @@ class CircuitBreakerConfig:
     * ``slow_call_rate_threshold`` (1.0, in (0, 1]): window slow-call rate that trips.
     * ``half_open_max_calls`` (1, integer >= 1): probes in flight at once.
     * ``max_recovery_timeout`` (600.0, >= ``recovery_timeout``): cap of the open duration.
-    * ``recovery_backoff_multiplier`` (2.0, >= 1): growth of the open duration per failed probe.
+    * ``recovery_backoff_multiplier`` (1.0 = off, >= 1): growth of the open duration per failed
+      probe. Off by default: with growth, a long outage keeps traffic away for up to
+      ``max_recovery_timeout`` after the downstream is back.
     * ``recovery_jitter`` (0.1, in [0, 1]): the open duration is spread by ± this fraction.
     * ``adaptive_min_threshold`` (0.1, in (0, 1]) and ``adaptive_max_threshold`` (0.9, in
       [``adaptive_min_threshold``, 1]): bounds of the adapted rate threshold.
@@ -162,7 +194,7 @@ class CircuitBreakerConfig:
     slow_call_rate_threshold: float = 1.0
     half_open_max_calls: int = 1
     max_recovery_timeout: float = 600.0
-    recovery_backoff_multiplier: float = 2.0
+    recovery_backoff_multiplier: float = 1.0
     recovery_jitter: float = 0.1
     adaptive_min_threshold: float = 0.1
     adaptive_max_threshold: float = 0.9
@@ -289,19 +321,33 @@ def adaptive_failure_rate_threshold(
 
     ``configured`` is returned until a baseline exists. Then the rule is::
 
-        clamp(max(configured / 2, 2 * baseline + 0.1), low, high)
+        max(configured, min(high, max(low, 2 * baseline + 0.1)))
 
-    * A service that is normally clean (baseline near 0) trips earlier than configured: at
-      ``max(configured / 2, 0.1)``, i.e. 25 % with the default 50 %.
+    * Learning only ever raises the threshold: a normally clean service keeps the configured
+      one. Lowering it would make a clean service trip on a mild degradation, which with
+      retries in front of the breaker the app would have survived.
     * A service whose normal rate sits near the configured threshold gets headroom of
-      ``baseline + 0.1`` above its normal rate (so a normal rate of 45 % trips at 90 %, not on
-      every unlucky window at 50 %), up to ``high``.
-    * ``configured / 2`` is a floor: learning never makes the breaker more than twice as
-      strict as configured.
+      ``baseline + 0.1`` above its normal rate (so a normal rate of 45 % trips at 100 % = a
+      confident 90 %-ish, not on every unlucky window at 50 %), up to ``high``.
     """
     if baseline is None:
         return configured
-    return min(high, max(low, configured * 0.5, 2.0 * baseline + 0.1))
+    return max(configured, min(high, max(low, 2.0 * baseline + 0.1)))
+
+
+def confident_failure_rate(failures: int, calls: int) -> float:
+    """The lower bound of the one-sided 95 % Wilson interval of ``failures / calls``.
+
+    What the failure-rate rule compares with the threshold: the rate the window shows with
+    95 % confidence, so that 12 failures in 20 calls (60 %, lower bound 43 %) does not trip a
+    50 % threshold while 59 in 100 (lower bound 50.8 %) does. ``0.0`` for an empty window.
+    """
+    if calls <= 0:
+        return 0.0
+    n = float(calls)
+    p = failures / n
+    spread = TRIP_CONFIDENCE_Z * math.sqrt(p * (1.0 - p) / n + _Z2 / (4.0 * n * n))
+    return max(0.0, (p + _Z2 / (2.0 * n) - spread) / (1.0 + _Z2 / n))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -340,6 +386,7 @@ class BreakerCore:
     __slots__ = (
         "_base_open",
         "_baseline",
+        "_checks_passed",
         "_config",
         "_consecutive",
         "_effective",
@@ -347,6 +394,7 @@ class BreakerCore:
         "_forced",
         "_ignored",
         "_interval",
+        "_long_run",
         "_min_calls",
         "_next_check",
         "_open_for",
@@ -372,6 +420,8 @@ class BreakerCore:
         else:
             window = TimeWindow(float(config.window_size))
             self._min_calls = config.minimum_calls
+        # A run this long trips at any volume (see the module docstring).
+        self._long_run = max(config.failure_threshold, self._min_calls)
         self._window = window
         # A bound method in a slot: one lookup less on the hot path.
         self._record = window.record
@@ -388,6 +438,7 @@ class BreakerCore:
         self._forced = False
         self._consecutive = 0
         self._probe_successes = 0
+        self._checks_passed = 0
         self._open_until = _INF
         self._open_for: float | None = None
         self._base_open = config.recovery_timeout
@@ -493,6 +544,23 @@ class BreakerCore:
         its slot back; nothing is counted."""
         if permit is _PROBE:
             self._end_probe()
+
+    def on_health_check(self, *, passed: bool, now: float) -> Transition | None:
+        """An active health check of the downstream ran at ``now`` while the breaker may be
+        open. ``success_threshold`` passing checks in a row close an automatically OPEN breaker
+        (``HEALTH_CHECK_PASSED``) without waiting for a user call to probe it; a failing check
+        starts the count again. Ignored unless automatically OPEN (a breaker held open by hand
+        stays open; HALF_OPEN is already probing with real calls)."""
+        if self._state is not _OPEN or self._forced:
+            self._checks_passed = 0
+            return None
+        if not passed:
+            self._checks_passed = 0
+            return None
+        self._checks_passed += 1
+        if self._checks_passed >= self._config.success_threshold:
+            return self._close(TransitionReason.HEALTH_CHECK_PASSED, now)
+        return None
 
     # --- manual control -----------------------------------------------------------------
 
@@ -640,12 +708,16 @@ class BreakerCore:
             self._probes -= 1
 
     def _check_trip(self, now: float) -> Transition | None:
-        if self._consecutive >= self._config.failure_threshold:
-            return self._trip(TransitionReason.CONSECUTIVE_FAILURES, now)
+        consecutive = self._consecutive
         window = self._window
-        if window.calls(now) < self._min_calls:
+        calls = window.calls(now)
+        if consecutive >= self._config.failure_threshold and (
+            calls < self._min_calls or consecutive >= self._long_run
+        ):
+            return self._trip(TransitionReason.CONSECUTIVE_FAILURES, now)
+        if calls < self._min_calls:
             return None
-        if window.failure_rate(now) >= self._effective:
+        if confident_failure_rate(window.failures(now), calls) >= self._effective:
             return self._trip(TransitionReason.FAILURE_RATE, now)
         if window.slow_call_rate(now) >= self._config.slow_call_rate_threshold:
             # Only reachable with slow-call detection on: otherwise no call is ever slow.
@@ -658,6 +730,7 @@ class BreakerCore:
 
     def _open(self, reason: TransitionReason, now: float) -> Transition:
         config = self._config
+        self._checks_passed = 0
         jitter = config.recovery_jitter
         open_for = self._base_open
         if jitter:

@@ -117,6 +117,28 @@ class RetryBudget:
         """Count one call (deposits ``ratio`` of a token at the next fold). O(1), no clock."""
         self._calls += 1
 
+    def refund(self) -> None:
+        """Give back the token of a retry that succeeded (the AWS SDK "standard" retry quota
+        does the same): productive retries cost nothing, so a degraded downstream keeps its
+        retries, while retries that keep failing still drain the budget. O(1), no clock."""
+        self._tokens += 1.0
+
+    def reshape(self, ratio: float, min_retries_per_second: float, *, now: float) -> None:
+        """Change ``ratio`` and ``min_retries_per_second`` in place at time ``now``, keeping
+        the balance (the calls recorded so far are credited at the old ratio first). Invalid
+        values raise :class:`~otel_raptor.errors.ConfigError` and change nothing."""
+        at_least_0 = "a finite number >= 0"
+        new_ratio = _finite("retry_budget.ratio", ratio, at_least_0)
+        new_floor = _finite(
+            "retry_budget.min_retries_per_second", min_retries_per_second, at_least_0
+        )
+        calls = self._calls
+        self._tokens = self._balance(now, calls - self._credited)
+        self._credited = calls
+        if self._last is None or now > self._last:
+            self._last = now
+        self._ratio, self._floor = new_ratio, new_floor
+
     def try_withdraw(self, now: float) -> bool:
         """Spend one token for a retry at time ``now`` (seconds); ``False`` if there is none."""
         calls = self._calls

@@ -65,9 +65,11 @@ _SEVERITIES = (Severity.LOW, Severity.MEDIUM, Severity.HIGH, Severity.CRITICAL)
 _SEVERITY_RANK = {s: i for i, s in enumerate(_SEVERITIES)}
 
 #: Failures that say nothing about the downstream's health: the caller sent something wrong,
-#: or gave up. They never trip a breaker.
+#: or gave up, or the downstream is throttling (a 429 is a live server asking for less traffic,
+#: not a failing one). They never trip a breaker.
 NON_HEALTH_CATEGORIES = frozenset(
     {
+        ErrorCategory.RATE_LIMIT,
         ErrorCategory.CLIENT_ERROR,
         ErrorCategory.INTEGRITY,
         ErrorCategory.QUERY,

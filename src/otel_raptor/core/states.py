@@ -28,6 +28,7 @@ class TransitionReason(str, enum.Enum):
     PROBE_FAILED = "probe_failed"
     RECOVERY_TIMEOUT_ELAPSED = "recovery_timeout_elapsed"
     PROBES_SUCCEEDED = "probes_succeeded"
+    HEALTH_CHECK_PASSED = "health_check_passed"
     MANUAL_OPEN = "manual_open"
     MANUAL_CLOSE = "manual_close"
 

@@ -39,8 +39,8 @@ from typing import Any
 from otel_raptor.core.classify import ClassifyContext
 from otel_raptor.core.events import ErrorClassified
 from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.runtime import drive
 from otel_raptor.runtime.classifying import classify
-from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime
 
@@ -89,8 +89,9 @@ class AsyncioIntegration:
         # Code objects of callers whose timeouts are recorded elsewhere (see module doc).
         self._wait_for_code: CodeType | None = None
         self._wrapper_code: CodeType | None = None
-        self._guard_code: CodeType | None = getattr(
-            getattr(Guard, "_attempt_async", None), "__code__", None
+        # The drivers that await ``asyncio.wait_for`` for a guarded call's attempt timeout.
+        self._guard_codes: frozenset[CodeType] = frozenset(
+            (drive.run_async.__code__, drive._drive_async.__code__)
         )
 
     @property
@@ -209,7 +210,7 @@ class AsyncioIntegration:
             caller = _caller_code(frame)
             if caller is None:
                 pass
-            elif caller is self._guard_code:
+            elif caller in self._guard_codes:
                 return  # a guarded call's attempt timeout: the guard records it
             elif caller is self._wait_for_code and _caller_code(frame.f_back) is (
                 self._wrapper_code

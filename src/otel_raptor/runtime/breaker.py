@@ -117,13 +117,14 @@ class CircuitBreaker:
 
     # --- low level ----------------------------------------------------------------------
 
-    def acquire(self) -> Permit:
-        """Ask to run one call. Never raises: ``Permit.REJECTED`` means do not run it (then
-        ``raise breaker.reject_error()``)."""
+    def acquire(self, now: float | None = None) -> Permit:
+        """Ask to run one call (at ``now``, default the breaker's clock). Never raises:
+        ``Permit.REJECTED`` means do not run it (then ``raise breaker.reject_error()``)."""
         core = self._core
         if core._state is _CLOSED:  # lock-free, as in call_sync
             return _CALL
-        now = self._monotonic()
+        if now is None:
+            now = self._monotonic()
         with self._lock:
             permit, transition = core.acquire(now)
         if transition is not None:
@@ -132,17 +133,24 @@ class CircuitBreaker:
 
     def reject_error(self) -> CircuitOpenError:
         """Build the ``CircuitOpenError`` for a refused call and publish ``CallRejected``."""
-        now = self._monotonic()
+        return CircuitOpenError(self._name, self.reject())
+
+    def reject(self, now: float | None = None) -> float | None:
+        """Publish ``CallRejected`` for a refused call; return the seconds until a call would
+        be admitted (``None`` when held open by hand)."""
+        if now is None:
+            now = self._monotonic()
         core = self._core
         with self._lock:
             state = core.state
             retry_after = core.retry_after(now)
         self._publish(CallRejected(self._name, state, retry_after))
-        return CircuitOpenError(self._name, retry_after)
+        return retry_after
 
-    def record_success(self, permit: Permit, duration: float) -> None:
+    def record_success(self, permit: Permit, duration: float, now: float | None = None) -> None:
         """The call admitted with ``permit`` succeeded after ``duration`` seconds."""
-        now = self._monotonic()
+        if now is None:
+            now = self._monotonic()
         lock = self._lock
         lock.acquire()
         try:
@@ -166,11 +174,29 @@ class CircuitBreaker:
             self._publish_transition(transition)
 
     def record_failure(
-        self, permit: Permit, duration: float, classification: Classification
+        self,
+        permit: Permit,
+        duration: float,
+        classification: Classification | ErrorCategory,
+        now: float | None = None,
     ) -> None:
         """The call admitted with ``permit`` failed after ``duration`` seconds, classified as
-        ``classification`` (only its ``category`` matters here)."""
-        self._record_failure(permit, duration, classification.category)
+        ``classification`` (only its category matters here, so a category will do)."""
+        category = (
+            classification if isinstance(classification, ErrorCategory) else classification.category
+        )
+        self._record_failure(permit, duration, category, now)
+
+    def health_check(self, *, passed: bool, now: float | None = None) -> Transition | None:
+        """Report an active health check of the downstream (see
+        ``BreakerCore.on_health_check``); returns (and publishes) the transition, if any."""
+        if now is None:
+            now = self._monotonic()
+        with self._lock:
+            transition = self._core.on_health_check(passed=passed, now=now)
+        if transition is not None:
+            self._publish_transition(transition)
+        return transition
 
     def release(self, permit: Permit) -> None:
         """The call admitted with ``permit`` ended without a verdict (cancelled, interrupted):
@@ -335,8 +361,11 @@ class CircuitBreaker:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _record_failure(self, permit: Permit, duration: float, category: ErrorCategory) -> None:
-        now = self._monotonic()
+    def _record_failure(
+        self, permit: Permit, duration: float, category: ErrorCategory, now: float | None = None
+    ) -> None:
+        if now is None:
+            now = self._monotonic()
         with self._lock:
             transition = self._core.on_failure(permit, now, duration, category)
         if transition is not None:

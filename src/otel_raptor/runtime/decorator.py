@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
+from otel_raptor.runtime.drive import run_async
 from otel_raptor.runtime.guard import BreakerSpec, Guard, RetrySpec
 from otel_raptor.runtime.state import Runtime
 
@@ -71,24 +72,16 @@ def resilient(
         )
         wrapper: Any
         if inspect.iscoroutinefunction(fn):
-            call_async = guard.call_async
+            plan = guard.plan
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await call_async(fn, *args, **kwargs)
+                return await run_async(plan, fn, args, kwargs)
 
             wrapper = async_wrapper
         else:
-            guarded = guard.bind(fn)
-
-            # A real function (not the partial bind() may return) so that decorated methods
-            # still bind ``self``.
-            @functools.wraps(fn)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return guarded(*args, **kwargs)
-
-            wrapper = sync_wrapper if isinstance(guarded, functools.partial) else guarded
-            functools.update_wrapper(wrapper, fn)
+            # bind() returns a real function, so decorated methods still bind ``self``.
+            wrapper = functools.update_wrapper(guard.bind(fn), fn)
         wrapper.guard = guard
         return wrapper  # type: ignore[no-any-return]  # functools.wraps keeps fn's signature
 

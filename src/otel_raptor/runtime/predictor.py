@@ -17,8 +17,9 @@ Built-in actions (``PredictorOptions.builtin_actions``, on by default):
   ``otel_raptor.runtime.memory`` when that module provides one; without either the action is
   ``skipped``.
 * ``gc_collect`` (``memory``, ``process_memory``; from ``high``): ``gc.collect()``.
-* ``shed_load`` (every resource; ``critical`` only): multiplies the runtime's retry-budget
-  ratio by ``shed_factor`` for ``shed_duration_s``, then restores it, so retries stop
+* ``shed_load`` (every resource; ``critical`` only): asks the runtime to multiply its
+  retry-budget ratio by ``shed_factor`` for ``shed_duration_s`` (``Runtime.shed_load``: the
+  factor ends by itself, and the configured ratio is never rewritten), so retries stop
   amplifying load while the resource is short.
 
 Threads and processes: ``start_monitoring`` returns at once; the thread is a daemon, stopped by
@@ -35,7 +36,6 @@ import collections
 import dataclasses
 import gc
 import inspect
-import math
 import os
 import threading
 import weakref
@@ -257,7 +257,7 @@ class PredictiveFailure:
         self._interval = self._options.interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
-        self._shed: tuple[float, float] | None = None  # (restore at, original ratio)
+        self._shed = False  # whether this predictor asked the runtime to shed load
         if self._options.builtin_actions:
             self._add_builtin_actions()
         _live.add(self)
@@ -385,7 +385,7 @@ class PredictiveFailure:
             thread.join(timeout)
         if self._runtime.resource_snapshot == self.snapshot:
             self._runtime.resource_snapshot = _empty_snapshot
-        self._restore_budget(force=True)
+        self._restore_budget()
         private, self._private_loop = self._private_loop, None
         if private is not None and not private.is_running():
             private.close()
@@ -442,7 +442,6 @@ class PredictiveFailure:
                 elif isinstance(result, Cleared):
                     severity = previous or Severity.MEDIUM
                     published.append(_prediction(resource, fc, severity, cleared=True))
-        self._restore_budget(now=now)
         for prediction in published:
             self._runtime.bus.publish(prediction)
             for callback in self._callbacks:
@@ -551,25 +550,21 @@ class PredictiveFailure:
         return cleanup(level)
 
     def _shed_load(self, prediction: FailurePredicted) -> None:
-        now = self._clock.monotonic()
+        # The runtime owns the budget shape: shedding is a temporary factor on top of it that
+        # ends by itself (extended, never compounded), so there is nothing to restore here.
         with self._lock:
-            if self._shed is not None:  # already shedding: extend, never compound
-                self._shed = (now + self._options.shed_duration_s, self._shed[1])
-                return
-            original = self._runtime.budget_ratio
-            self._shed = (now + self._options.shed_duration_s, original)
-        self._runtime.configure(budget_ratio=original * self._options.shed_factor)
+            self._shed = True
+        self._runtime.shed_load(self._options.shed_factor, self._options.shed_duration_s)
 
-    def _restore_budget(self, *, now: float = math.inf, force: bool = False) -> None:
+    def _restore_budget(self) -> None:
+        """On ``stop_monitoring``: end the shedding this predictor started."""
         with self._lock:
-            shed = self._shed
-            if shed is None or (not force and now < shed[0]):
-                return
-            self._shed = None
-        try:
-            self._runtime.configure(budget_ratio=shed[1])
-        except Exception as error:  # noqa: BLE001
-            report_internal_error("prediction.shed_load restore", error)
+            shed, self._shed = self._shed, False
+        if shed:
+            try:
+                self._runtime.stop_shedding()
+            except Exception as error:  # noqa: BLE001
+                report_internal_error("prediction.shed_load stop", error)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -620,7 +615,7 @@ class PredictiveFailure:
         self._stop = threading.Event()
         self._loop = None  # the parent's loop does not run here
         self._private_loop = None
-        self._shed = None
+        self._shed = False
         if self._own_sampler:
             self._sampler = None  # it watched the parent's pid
         self._reset_state()  # the parent's history says nothing about this process

@@ -38,16 +38,25 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from otel_raptor.core.breaker import CircuitBreakerConfig, Permit
+from otel_raptor.core.attempts import AttemptLoop, LoopSpec
+from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.classification import Classification
 from otel_raptor.core.classify import ClassifyContext
-from otel_raptor.core.events import ErrorClassified, RecoveryFinished
-from otel_raptor.core.recovery import Outcome, Strategy, default_strategy
+from otel_raptor.core.recovery import Strategy, default_strategy
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.classifying import classify as default_classify
-from otel_raptor.runtime.guard import ClassifyFunction, Guard, _is_name, _Recovery
+from otel_raptor.runtime.downstream import ClassifyFunction, Route
+from otel_raptor.runtime.drive import (
+    CallHooks,
+    CallPlan,
+    TimeoutKwargHooks,
+    recover_async,
+    recover_sync,
+)
+from otel_raptor.runtime.forksafe import LockBox, register_lock
+from otel_raptor.runtime.guard import _is_name
 from otel_raptor.runtime.state import Runtime, get_runtime
 
 __all__ = [
@@ -98,6 +107,7 @@ class _Plan:
     policy: RetryPolicy
     timeout: float | None
     replay_safe: bool
+    critical: bool
 
 
 class ErrorRecoveryEngine:
@@ -132,36 +142,20 @@ class ErrorRecoveryEngine:
         if not isinstance(error, Exception):
             raise error  # cancellation is never recovered from, nor swallowed
         plan = self._plan(error, context)
-        started = self._runtime.clock.monotonic()
-        strategy = plan.strategy
-        if strategy in _RETRY_FAMILY:
-            assert plan.retry_func is not None
-            recovery = _Recovery(started, fixed_strategy=strategy)
-            func, kwargs = self._retry_call(plan)
-            try:
-                value = await self._guard(plan)._recover_async(
-                    error, Permit.CALL, started, _as_async(func), (), kwargs, recovery
-                )
-            except Exception as last:  # noqa: BLE001 - the result carries it
-                return self._result(plan, recovery, started, error=last)
-            return self._result(plan, recovery, started, value=value)
-        if strategy is Strategy.AUTH_REFRESH:
-            assert plan.refresher is not None
-            assert plan.retry_func is not None
-            try:
-                await _maybe_await(plan.refresher())
-                value = await _maybe_await(plan.retry_func())
-            except Exception as last:  # noqa: BLE001
-                return self._single(plan, started, 2, error=last)
-            return self._single(plan, started, 2, value=value)
-        if strategy is Strategy.FAILOVER:
-            assert plan.fallback is not None
-            try:
-                value = await _maybe_await(plan.fallback(error))
-            except Exception as last:  # noqa: BLE001
-                return self._single(plan, started, 1, error=last)
-            return self._single(plan, started, 1, value=value)
-        return self._single(plan, started, 1, error=error)
+        run = self._run(plan, is_async=True)
+        try:
+            value = await recover_async(
+                run.call_plan,
+                error,
+                run.started,
+                _as_async(run.fn),
+                (),
+                run.kwargs,
+                observe=run.observe,
+            )
+        except Exception as last:  # noqa: BLE001 - the result carries it
+            return run.result(error=last)
+        return run.result(value=value)
 
     def handle_error_sync(
         self, error: BaseException, context: Mapping[str, Any] | None = None
@@ -170,36 +164,14 @@ class ErrorRecoveryEngine:
         if not isinstance(error, Exception):
             raise error
         plan = self._plan(error, context)
-        started = self._runtime.clock.monotonic()
-        strategy = plan.strategy
-        if strategy in _RETRY_FAMILY:
-            assert plan.retry_func is not None
-            recovery = _Recovery(started, fixed_strategy=strategy)
-            func, kwargs = self._retry_call(plan)
-            try:
-                value = self._guard(plan)._recover_sync(
-                    error, Permit.CALL, started, func, (), kwargs, recovery
-                )
-            except Exception as last:  # noqa: BLE001
-                return self._result(plan, recovery, started, error=last)
-            return self._result(plan, recovery, started, value=value)
-        if strategy is Strategy.AUTH_REFRESH:
-            assert plan.refresher is not None
-            assert plan.retry_func is not None
-            try:
-                plan.refresher()
-                value = plan.retry_func()
-            except Exception as last:  # noqa: BLE001
-                return self._single(plan, started, 2, error=last)
-            return self._single(plan, started, 2, value=value)
-        if strategy is Strategy.FAILOVER:
-            assert plan.fallback is not None
-            try:
-                value = plan.fallback(error)
-            except Exception as last:  # noqa: BLE001
-                return self._single(plan, started, 1, error=last)
-            return self._single(plan, started, 1, value=value)
-        return self._single(plan, started, 1, error=error)
+        run = self._run(plan, is_async=False)
+        try:
+            value = recover_sync(
+                run.call_plan, error, run.started, run.fn, (), run.kwargs, observe=run.observe
+            )
+        except Exception as last:  # noqa: BLE001 - the result carries it
+            return run.result(error=last)
+        return run.result(value=value)
 
     # ------------------------------------------------------------------ plan
 
@@ -225,8 +197,6 @@ class ErrorRecoveryEngine:
         classification = self._classify(
             error, context=ClassifyContext(service=service, critical=critical)
         )
-        # ErrorClassified is published by whoever runs the strategy: the guard for retries
-        # (it classifies attempt one itself), _single for the rest.
         category = classification.category.value
         strategy = default_strategy(category, retryable=classification.retryable)
         if strategy in _RETRY_FAMILY:
@@ -254,107 +224,103 @@ class ErrorRecoveryEngine:
             policy=policy,
             timeout=float(timeout) if timeout is not None else None,
             replay_safe=_bool(ctx, "idempotent", True),
+            critical=critical,
         )
 
-    def _guard(self, plan: _Plan) -> Guard:
-        timeout_kwarg = None
-        if plan.strategy is Strategy.TIMEOUT_ADJUST and _takes_timeout(plan.retry_func):
-            timeout_kwarg = "timeout"
-        return Guard(
-            plan.service,
-            retry=plan.policy,
-            breaker=False,
-            fallback=plan.fallback,
+    def _run(self, plan: _Plan, *, is_async: bool) -> _Run:
+        """How the plan's strategy runs on the attempt loop: every strategy is a loop whose
+        first attempt (``error``) already failed.
+
+        Retries run ``retry_func`` (after ``reconnect_func``, for ``reconnect``; with a
+        lengthening ``timeout=`` for ``timeout_adjust`` when it takes one). ``auth_refresh`` is
+        one retry, after the refresher, of a failure that is not retryable as it stands.
+        ``failover`` and ``fail_fast`` make no attempt: the loop gives up at once, to the
+        fallback or with the error.
+        """
+        strategy = plan.strategy
+        policy = plan.policy
+        fn: Callable[..., Any] = _raise_again
+        kwargs: dict[str, Any] = {}
+        hooks = CallHooks()
+        if strategy in _RETRY_FAMILY:
+            fn = plan.retry_func or _raise_again
+            if strategy is Strategy.TIMEOUT_ADJUST and _takes_timeout(fn):
+                base = plan.timeout or policy.attempt_timeout or 30.0
+                policy = replace(policy, attempt_timeout=base)
+                hooks = TimeoutKwargHooks("timeout")
+                kwargs["timeout"] = base
+            if strategy is Strategy.RECONNECT and plan.reconnect is not None:
+                fn = _reconnect_then(plan.reconnect, fn, is_async=is_async)
+        elif strategy is Strategy.AUTH_REFRESH:
+            assert plan.refresher is not None
+            assert plan.retry_func is not None
+            fn = _reconnect_then(plan.refresher, plan.retry_func, is_async=is_async)
+            policy = replace(policy, max_retries=1, base_delay=0.0, max_delay=0.0, jitter="none")
+        else:
+            policy = RetryPolicy.NONE
+        route = Route(
+            self._runtime.downstream(plan.service),
+            None,
+            self._runtime,
+            self._classify,
+            critical=plan.critical,
+        )
+        spec = LoopSpec.of(
+            policy,
             replay_safe=plan.replay_safe,
-            timeout_kwarg=timeout_kwarg,
+            has_fallback=plan.fallback is not None,
+            fixed_strategy=strategy,
+            force_retryable=strategy is Strategy.AUTH_REFRESH,
+        )
+        call_plan = CallPlan(
+            route,
+            spec,
             runtime=self._runtime,
-            classifier=self._classify,
+            clock=self._runtime.clock,
+            hooks=hooks,
+            fallback=plan.fallback,
             rnd=self._rnd,
         )
+        return _Run(plan, call_plan, fn, kwargs, self._runtime.clock.monotonic())
 
-    def _retry_call(self, plan: _Plan) -> tuple[Callable[..., Any], dict[str, Any]]:
-        func = plan.retry_func
-        assert func is not None
-        kwargs: dict[str, Any] = {}
-        if plan.strategy is Strategy.TIMEOUT_ADJUST and _takes_timeout(func):
-            kwargs["timeout"] = plan.timeout or plan.policy.attempt_timeout or 30.0
-        reconnect = plan.reconnect
-        if plan.strategy is Strategy.RECONNECT and reconnect is not None:
-            inner = func
 
-            def reconnect_then_retry(*args: Any, **kw: Any) -> Any:
-                if inspect.iscoroutinefunction(inner) or inspect.iscoroutinefunction(reconnect):
+class _Run:
+    """One ``handle_error``: the plan, the loop's plan, and what the loop reported."""
 
-                    async def both() -> Any:
-                        await _maybe_await(reconnect())
-                        return await _maybe_await(inner(*args, **kw))
+    __slots__ = ("call_plan", "fn", "kwargs", "loop", "plan", "started")
 
-                    return both()
-                reconnect()
-                return inner(*args, **kw)
-
-            func = reconnect_then_retry
-        return func, kwargs
-
-    # ---------------------------------------------------------------- results
-
-    def _result(
+    def __init__(
         self,
         plan: _Plan,
-        recovery: _Recovery,
+        call_plan: CallPlan,
+        fn: Callable[..., Any],
+        kwargs: dict[str, Any],
         started: float,
-        *,
-        value: Any = None,
-        error: BaseException | None = None,
-    ) -> RecoveryResult:
+    ) -> None:
+        self.plan = plan
+        self.call_plan = call_plan
+        self.fn = fn
+        self.kwargs = kwargs
+        self.started = started
+        self.loop: AttemptLoop | None = None
+
+    def observe(self, loop: AttemptLoop) -> None:
+        self.loop = loop
+
+    def result(self, *, value: Any = None, error: BaseException | None = None) -> RecoveryResult:
+        loop = self.loop
+        plan = self.plan
+        clock = self.call_plan.clock
         return RecoveryResult(
             success=error is None,
-            strategy=recovery.strategy,
-            attempts=recovery.attempts,
-            duration_s=self._runtime.clock.monotonic() - started,
-            classification=recovery.classification or plan.classification,
-            value=value,
-            error=error,
-        )
-
-    def _single(
-        self,
-        plan: _Plan,
-        started: float,
-        attempts: int,
-        *,
-        value: Any = None,
-        error: BaseException | None = None,
-    ) -> RecoveryResult:
-        """Finish a strategy that runs no retry loop (auth refresh, failover, fail fast)."""
-        success = error is None
-        if plan.strategy is Strategy.FAILOVER:
-            outcome = Outcome.FALLBACK if success else Outcome.FAILED
-        else:
-            outcome = Outcome.RECOVERED if success else Outcome.FAILED
-        runtime = self._runtime
-        category = plan.classification.category.value
-        if plan.strategy is Strategy.AUTH_REFRESH:
-            runtime.record_outcome(plan.service, category, plan.strategy, recovered=success)
-        duration = runtime.clock.monotonic() - started
-        runtime.bus.publish(ErrorClassified(plan.service, plan.classification, 1))
-        runtime.bus.publish(
-            RecoveryFinished(
-                service=plan.service,
-                strategy=plan.strategy,
-                outcome=outcome,
-                attempts=attempts,
-                duration_s=duration,
-                category=category,
-                give_up_reason="" if success else "not_retryable",
-            )
-        )
-        return RecoveryResult(
-            success=success,
-            strategy=plan.strategy,
-            attempts=attempts,
-            duration_s=duration,
-            classification=plan.classification,
+            strategy=loop.strategy if loop is not None else plan.strategy,
+            attempts=loop.attempts if loop is not None else 1,
+            duration_s=clock.monotonic() - self.started,
+            classification=(
+                loop.classification
+                if loop is not None and loop.classification is not None
+                else plan.classification
+            ),
             value=value,
             error=error,
         )
@@ -372,6 +338,7 @@ class ResilientClient:
         self._runtime = runtime if runtime is not None else get_runtime()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
 
     def add_circuit_breaker(
         self, name: str, config: CircuitBreakerConfig | Mapping[str, Any] | None = None
@@ -400,7 +367,7 @@ class ResilientClient:
         return dict(self._breakers)
 
 
-_singletons_lock = threading.Lock()
+_singletons = LockBox()
 _engine: ErrorRecoveryEngine | None = None
 _client: ResilientClient | None = None
 
@@ -408,7 +375,7 @@ _client: ResilientClient | None = None
 def get_production_error_recovery() -> ErrorRecoveryEngine:
     """The process-wide recovery engine, with the default policy."""
     global _engine  # noqa: PLW0603 - a lazily created process-wide singleton
-    with _singletons_lock:
+    with _singletons.lock:
         if _engine is None:
             _engine = ErrorRecoveryEngine()
         return _engine
@@ -417,7 +384,7 @@ def get_production_error_recovery() -> ErrorRecoveryEngine:
 def get_resilient_client() -> ResilientClient:
     """The process-wide :class:`ResilientClient`."""
     global _client  # noqa: PLW0603 - a lazily created process-wide singleton
-    with _singletons_lock:
+    with _singletons.lock:
         if _client is None:
             _client = ResilientClient()
         return _client
@@ -470,6 +437,30 @@ def _takes_timeout(func: Callable[..., Any] | None) -> bool:
     return "timeout" in parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     )
+
+
+def _raise_again(*args: Any, **kwargs: Any) -> Any:
+    """The attempt function of strategies that make no attempt (never called)."""
+    raise RuntimeError("a strategy without attempts made one")
+
+
+def _reconnect_then(
+    first: Callable[[], Any], then: Callable[..., Any], *, is_async: bool
+) -> Callable[..., Any]:
+    """``first()`` (reconnect, refresh credentials), then ``then(...)``: each attempt."""
+    if is_async:
+
+        async def both_async(*args: Any, **kwargs: Any) -> Any:
+            await _maybe_await(first())
+            return await _maybe_await(then(*args, **kwargs))
+
+        return both_async
+
+    def both(*args: Any, **kwargs: Any) -> Any:
+        first()
+        return then(*args, **kwargs)
+
+    return both
 
 
 def _as_async(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:

@@ -1,15 +1,21 @@
-"""The process-wide state that guards share: the bus, breakers, retry budgets, the learner."""
+"""The process-wide state that guards share: the bus, breakers, downstreams, the learner.
+
+One writer per piece of shared state. The retry-budget shape is set by :meth:`Runtime.configure`
+(the instrumentor) and applied to every downstream in place; the predictor's load shedding is a
+separate, temporary factor on top (:meth:`Runtime.shed_load`) that ends by itself, so nobody
+ever restores a ratio that someone else changed meanwhile.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 import threading
-import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 
 from otel_raptor.core.budget import RetryBudget
+from otel_raptor.core.events import Event
 from otel_raptor.core.learning import LearnerOptions, StrategyLearner
 from otel_raptor.core.prediction import EMPTY_SNAPSHOT, ResourceSnapshot
 from otel_raptor.core.recovery import Strategy
@@ -17,6 +23,8 @@ from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.breaker import BreakerRegistry
 from otel_raptor.runtime.bus import EventBus
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.downstream import Downstream
+from otel_raptor.runtime.forksafe import LockBox, register_lock
 
 __all__ = [
     "OTHER_SERVICE",
@@ -59,8 +67,11 @@ OTHER_SERVICE = "other"
 class Runtime:
     """Shared resilience state: one per process unless a test builds its own.
 
-    ``max_services`` bounds the distinct service names (breakers, budgets, learner keys and
-    so metric attribute values); names beyond it share the ``other`` service.
+    ``max_services`` bounds the distinct service names (breakers, downstreams, learner keys
+    and so metric attribute values); names beyond it share the ``other`` service. Memory is
+    bounded accordingly: per service one breaker (a window of ``window_size`` bytes plus a
+    few hundred bytes), one downstream (about 300 bytes), at most 16 repeat counters and the
+    learner's entries (``LearnerOptions.max_entries`` in all).
     """
 
     def __init__(
@@ -81,17 +92,28 @@ class Runtime:
         # Built once here so that a bad ratio fails now, not at the first failure.
         RetryBudget(ratio=budget_ratio, min_retries_per_second=budget_min_retries_per_second)
         self._services: set[str] = set()
-        self._budgets: dict[str, RetryBudget] = {}
+        self._downstreams: dict[str, Downstream] = {}
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._learner = StrategyLearner(learner or LearnerOptions())
+        # Load shedding: the budget ratio is multiplied by ``_shed_factor`` until ``_shed_until``.
+        self._shed_factor = 1.0
+        self._shed_until = -math.inf
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
         self.recovery_scope: RecoveryScope = _no_scope
         self.resource_snapshot: ResourceSnapshotProvider = _no_resources
-        _live_runtimes.add(self)
 
     @property
     def budget_ratio(self) -> float:
-        """Retry-budget tokens deposited per call (see :class:`RetryBudget`)."""
+        """Retry-budget tokens deposited per call, as configured (see :class:`RetryBudget`)."""
+        return self._budget_ratio
+
+    @property
+    def effective_budget_ratio(self) -> float:
+        """The ratio in force now: the configured one, times the shedding factor while the
+        predictor sheds load."""
+        if self.clock.monotonic() < self._shed_until:
+            return self._budget_ratio * self._shed_factor
         return self._budget_ratio
 
     @property
@@ -110,11 +132,11 @@ class Runtime:
 
         The process-wide runtime exists before the instrumentor runs, so the instrumentor
         reconfigures it rather than replacing it (guards built earlier keep working).
-        ``None`` leaves a setting as it is. A new budget shape drops the existing budgets:
-        each downstream starts a fresh one, with the new shape, at its next failure.
-        ``max_services`` (integer >= 1) applies to names not seen yet (and to new breakers);
-        names already in use keep theirs. Bad values raise ``ConfigError`` before anything
-        changes.
+        ``None`` leaves a setting as it is. A new budget shape is applied to every
+        downstream's budget in place, keeping its balance: no guard is left depositing into a
+        budget that nobody reads. ``max_services`` (integer >= 1) applies to names not seen
+        yet (and to new breakers); names already in use keep theirs. Bad values raise
+        ``ConfigError`` before anything changes.
         """
         ratio = self._budget_ratio if budget_ratio is None else budget_ratio
         floor = self._budget_floor
@@ -127,12 +149,42 @@ class Runtime:
         ):
             raise ConfigError("max_services", limit, "an integer >= 1")
         with self._lock:
-            if (ratio, floor) != (self._budget_ratio, self._budget_floor):
-                self._budget_ratio, self._budget_floor = float(ratio), float(floor)
-                self._budgets = {}
+            reshape = (ratio, floor) != (self._budget_ratio, self._budget_floor)
+            self._budget_ratio, self._budget_floor = float(ratio), float(floor)
             if max_services is not None:
                 self.max_services = max_services
                 self.breakers._max = max_services  # the registry's cap follows the runtime's
+        if reshape:
+            self._reshape_budgets()
+
+    def shed_load(self, factor: float, duration: float) -> None:
+        """Multiply every downstream's retry-budget ratio by ``factor`` (in (0, 1)) for
+        ``duration`` seconds (> 0), so retries slow down while the process is in trouble.
+        Shedding again while shedding extends it (never compounds); it ends by itself."""
+        given: tuple[object, object] = (factor, duration)  # typed, but callers pass anything
+        if not (isinstance(given[0], (int, float)) and 0.0 < factor < 1.0):
+            raise ConfigError("shed_load.factor", factor, "a number in (0, 1)")
+        if not (isinstance(given[1], (int, float)) and 0.0 < duration < math.inf):
+            raise ConfigError("shed_load.duration", duration, "a finite number of seconds > 0")
+        now = self.clock.monotonic()
+        with self._lock:
+            self._shed_factor = float(factor)
+            self._shed_until = max(self._shed_until, now + duration)
+        self._reshape_budgets()
+
+    def stop_shedding(self) -> None:
+        """End load shedding now (the configured ratio applies again)."""
+        with self._lock:
+            shedding = self._shed_until > -math.inf
+            self._shed_until = -math.inf
+        if shedding:
+            self._reshape_budgets()
+
+    def _reshape_budgets(self) -> None:
+        now = self.clock.monotonic()
+        ratio = self.effective_budget_ratio
+        for downstream in list(self._downstreams.values()):
+            downstream.reshape(ratio, self._budget_floor, now)
 
     def service(self, name: str) -> str:
         """``name`` itself, or ``other`` once ``max_services`` distinct names are in use."""
@@ -146,33 +198,42 @@ class Runtime:
             self._services.add(name)
             return name
 
-    def budget(self, service: str) -> RetryBudget:
-        """The retry budget of ``service`` (created on first use)."""
-        budget = self._budgets.get(service)
-        if budget is None:
+    def downstream(self, service: str) -> Downstream:
+        """The shared state of ``service`` (a name from :meth:`service`), created on first
+        use and never replaced."""
+        downstream = self._downstreams.get(service)
+        if downstream is None:
+            now = self.clock.monotonic()
             with self._lock:
-                budget = self._budgets.get(service)
-                if budget is None:
+                downstream = self._downstreams.get(service)
+                if downstream is None:
                     budget = RetryBudget(
-                        ratio=self._budget_ratio,
+                        ratio=self.effective_budget_ratio,
                         min_retries_per_second=self._budget_floor,
-                        now=self.clock.monotonic(),
+                        now=now,
                     )
-                    self._budgets[service] = budget
-        return budget
+                    downstream = self._downstreams[service] = Downstream(service, budget)
+        return downstream
 
-    def withdraw_retry(self, service: str) -> bool:
-        """Spend one retry token of ``service``; ``False`` when its budget is exhausted."""
-        budget = self.budget(service)
-        now = self.clock.monotonic()
-        with self._lock:
-            return budget.try_withdraw(now)
+    def budget(self, service: str) -> RetryBudget:
+        """The retry budget of ``service`` (its downstream's)."""
+        return self.downstream(service).budget
+
+    def withdraw(self, downstream: Downstream, now: float) -> bool:
+        """Spend one retry token of ``downstream`` at ``now``; ``False`` when its budget is
+        empty. Ends load shedding that has run its course first."""
+        if self._shed_until <= now and self._shed_until > -math.inf:
+            self.stop_shedding()
+        return downstream.withdraw(now)
 
     def budget_tokens(self) -> dict[str, float]:
         """Tokens left per service, for the gauge."""
         now = self.clock.monotonic()
-        with self._lock:
-            return {name: budget.tokens(now) for name, budget in self._budgets.items()}
+        return {name: d.tokens(now) for name, d in list(self._downstreams.items())}
+
+    def publish(self, event: Event) -> None:
+        """Publish ``event`` on the bus (subscribers' failures never reach the caller)."""
+        self.bus.publish(event)
 
     def note_failure(self, service: str, category: str) -> int:
         """Count one failure of ``category`` at ``service``; return how many happened in the
@@ -220,13 +281,9 @@ class Runtime:
         with self._lock:
             self._learner.record(service, category, strategy, recovered=recovered, now=now)
 
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
 
-
-_live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
 _default: Runtime | None = None
-_default_lock = threading.Lock()
+_default_box = LockBox()
 
 
 def get_runtime() -> Runtime:
@@ -234,7 +291,7 @@ def get_runtime() -> Runtime:
     global _default  # noqa: PLW0603 - the one process-wide default, created lazily
     runtime = _default
     if runtime is None:
-        with _default_lock:
+        with _default_box.lock:
             if _default is None:
                 _default = Runtime()
             runtime = _default
@@ -244,17 +301,6 @@ def get_runtime() -> Runtime:
 def set_runtime(runtime: Runtime | None) -> Runtime | None:
     """Replace the process-wide runtime (tests, or an instrumentor with its own options)."""
     global _default
-    with _default_lock:
+    with _default_box.lock:
         previous, _default = _default, runtime
     return previous
-
-
-def _reinit_after_fork() -> None:
-    global _default_lock  # noqa: PLW0603 - a lock held by a thread that did not fork is dead
-    _default_lock = threading.Lock()
-    for runtime in list(_live_runtimes):
-        runtime._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)

@@ -1,0 +1,657 @@
+"""The two drivers of the attempt loop, one sync and one async, and what they share.
+
+:func:`run_sync` and :func:`run_async` are every guarded call's entry: ``@resilient``,
+``Guard.call``/``call_async``, the recovery engine, ``CircuitBreaker.call_sync``/``call`` and
+every integration. Each first tries the **fast path**, inline: the breaker is closed and the
+downstream is not cooling down, so the call runs once, its success is recorded (one short
+lock) and its result is returned unchanged. No event, no metric, no allocation of ours.
+
+Anything else (the first attempt failed, the breaker is not closed, a cooldown is running)
+goes to the pure :class:`~otel_raptor.core.attempts.AttemptLoop`, which says what to do next;
+the driver's loop does it. What an integration adds (a result that is a failure, what to hand
+back on giving up, its refusal type, how to apply a timeout, how to release a failing result
+before a resend) comes from :class:`CallHooks`: the integration kit's seam.
+
+Our own bugs never reach the caller: if the loop or a hook fails, that is reported once
+(``report_internal_error``) and the call ends as it would have without us: the last error is
+raised, the last result returned, or (before any attempt) the call simply runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from contextvars import ContextVar
+from typing import Any, Final, Protocol
+
+from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKind, Step
+from otel_raptor.core.breaker import Permit
+from otel_raptor.core.states import CircuitState
+from otel_raptor.errors import CircuitOpenError, ThrottledError
+from otel_raptor.runtime.clock import Clock
+from otel_raptor.runtime.downstream import Route
+from otel_raptor.runtime.safety import report_internal_error
+
+__all__ = [
+    "CallHooks",
+    "CallPlan",
+    "Fallback",
+    "ScopeFactory",
+    "TimeoutKwargHooks",
+    "current_attempt",
+    "recover_async",
+    "recover_sync",
+    "run_async",
+    "run_sync",
+]
+
+#: A fallback: given the last error (or the refusal), what the caller gets instead. It may
+#: return an awaitable in async calls.
+Fallback = Callable[[BaseException], Any]
+
+
+class ScopeFactory(Protocol):
+    """Opens the telemetry scope of one recovering call (``Runtime.recovery_scope``)."""
+
+    def __call__(self, service: str, started: float) -> AbstractContextManager[None]: ...
+
+
+class _Scopes(Protocol):
+    @property
+    def recovery_scope(self) -> ScopeFactory: ...
+
+
+_CALL: Final = Permit.CALL
+_CLOSED: Final = CircuitState.CLOSED
+_ATTEMPT: Final = Step.ATTEMPT
+_SLEEP: Final = Step.SLEEP
+_FALLBACK: Final = Step.FALLBACK
+_GIVE_UP: Final = Step.GIVE_UP
+_DONE: Final = Step.DONE
+
+_ATTEMPT_NUMBER: ContextVar[int] = ContextVar("otel_raptor_attempt", default=1)
+
+
+def current_attempt() -> int:
+    """The number of the attempt in flight in this context: 1 outside a retry, 2 during the
+    first retry, and so on (telemetry derives ``http.request.resend_count`` from it)."""
+    return _ATTEMPT_NUMBER.get()
+
+
+class CallHooks:
+    """What differs between kinds of call (the integration kit's seam).
+
+    The defaults fit a plain function: results never fail, giving up raises the last error,
+    a refusal is a :class:`~otel_raptor.errors.CircuitOpenError` or
+    :class:`~otel_raptor.errors.ThrottledError`, and attempt timeouts are not applied (the
+    async driver applies them with ``asyncio.wait_for`` when ``applies_timeouts`` is false).
+    Subclasses override what their library needs; every hook runs on the slow path only,
+    except :attr:`failure_of`.
+    """
+
+    __slots__ = ()
+
+    #: ``result -> failure or None``: a result that counts as a failure (an HTTP 503) comes
+    #: back wrapped in an exception that :meth:`give_up` turns back into the result. ``None``
+    #: (the default): results never fail, and the fast path checks nothing.
+    failure_of: Callable[[Any], Exception | None] | None = None
+
+    #: Whether :meth:`attempt_kwargs` applies the attempt timeout itself.
+    applies_timeouts: bool = False
+
+    def give_up(self, failure: BaseException) -> Any:
+        """What the caller gets when recovery ends with ``failure``: it is raised."""
+        raise failure
+
+    def refusal(self, refusal: Refusal) -> BaseException:
+        """The exception for a call refused without an attempt."""
+        if refusal.kind is RefusalKind.THROTTLED:
+            return ThrottledError(refusal.name, refusal.retry_after)
+        return CircuitOpenError(refusal.name, refusal.retry_after)
+
+    def attempt_kwargs(
+        self, kwargs: dict[str, Any], timeout: float | None, attempt: int
+    ) -> dict[str, Any]:
+        """The keyword arguments of attempt number ``attempt`` (1 = the first), whose
+        timeout is ``timeout`` seconds (``None``: none)."""
+        return kwargs
+
+    def discard(self, failure: BaseException) -> Awaitable[None] | None:
+        """Release what a failed attempt left (an open response) before the next one; may
+        return an awaitable, which the async driver awaits."""
+        return None
+
+
+class TimeoutKwargHooks(CallHooks):
+    """Plain functions that take their timeout as a keyword argument ``key``: each attempt
+    gets the loop's timeout there. The caller's own value wins on the first attempt; on
+    retries the loop's (which ``timeout_adjust`` lengthens after timeouts) wins when there is
+    one."""
+
+    __slots__ = ("key",)
+
+    applies_timeouts = True
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def attempt_kwargs(
+        self, kwargs: dict[str, Any], timeout: float | None, attempt: int
+    ) -> dict[str, Any]:
+        if timeout is None or (attempt == 1 and self.key in kwargs):
+            return kwargs
+        return {**kwargs, self.key: timeout}
+
+
+_PLAIN: Final = CallHooks()
+
+
+class CallPlan:
+    """How one kind of call is guarded: its route, loop spec, hooks and fallback. Built once
+    (per guard, per integration policy) and shared by every call of that kind.
+
+    ``runtime`` supplies the telemetry scope (read at each use, so a sink installed later is
+    seen); ``clock`` the time and the sleeps; ``rnd`` the jitter.
+    """
+
+    __slots__ = (
+        "_scopes",
+        "clock",
+        "failure_of",
+        "fallback",
+        "first_kwargs",
+        "hooks",
+        "monotonic",
+        "rnd",
+        "route",
+        "spec",
+        "wait_for",
+    )
+
+    def __init__(
+        self,
+        route: Route,
+        spec: LoopSpec,
+        *,
+        runtime: _Scopes,
+        clock: Clock,
+        hooks: CallHooks = _PLAIN,
+        fallback: Fallback | None = None,
+        rnd: Callable[[], float] = random.random,
+    ) -> None:
+        self.route = route
+        self.spec = spec
+        self.hooks = hooks
+        self.fallback = fallback
+        self.clock = clock
+        self.monotonic = clock.monotonic
+        self.rnd = rnd
+        self._scopes = runtime
+        self.failure_of = hooks.failure_of
+        timed = spec.first_timeout is not None
+        #: Whether the first attempt's kwargs need the hooks (a timeout to apply).
+        self.first_kwargs = timed and hooks.applies_timeouts
+        #: Whether the async driver bounds each attempt with ``asyncio.wait_for``.
+        self.wait_for = timed and not hooks.applies_timeouts
+
+    def scope(self, started: float) -> AbstractContextManager[None]:
+        """The telemetry scope of a call that started recovering (never raises)."""
+        try:
+            return _SafeScope(self._scopes.recovery_scope(self.route.service, started))
+        except Exception as bug:  # noqa: BLE001 - telemetry must not break the call
+            report_internal_error("drive.recovery_scope", bug)
+            return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the drivers
+
+
+def run_sync(
+    plan: CallPlan,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    fallback: Fallback | None = None,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` under ``plan`` (see the module docstring). ``fallback``
+    overrides the plan's for this call."""
+    route = plan.route
+    breaker = route.breaker
+    start = plan.monotonic()
+    if (breaker is None or breaker._core._state is _CLOSED) and (
+        start >= route.downstream.cooldown_until
+    ):
+        call_kwargs = (
+            plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
+            if plan.first_kwargs
+            else kwargs
+        )
+        try:
+            result = fn(*args, **call_kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop below
+            failure: BaseException | None = exc
+        else:
+            failure_of = plan.failure_of
+            failure = None if failure_of is None else failure_of(result)
+            if failure is None:
+                _record_fast_success(route, breaker, start)
+                return result
+        runner = _Runner(plan, fallback, start)
+        step = runner.first_failed(failure, start)
+    else:
+        runner = _Runner(plan, fallback, start)
+        step = runner.admit(start)
+    return _drive_sync(runner, fn, args, kwargs, step)
+
+
+async def run_async(
+    plan: CallPlan,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    fallback: Fallback | None = None,
+) -> Any:
+    """:func:`run_sync` for coroutine functions: sleeps never block the loop, and attempt
+    timeouts the hooks do not apply are applied with ``asyncio.wait_for``. Cancellation from
+    outside propagates at once and is never counted as a failure."""
+    route = plan.route
+    breaker = route.breaker
+    start = plan.monotonic()
+    if (breaker is None or breaker._core._state is _CLOSED) and (
+        start >= route.downstream.cooldown_until
+    ):
+        call_kwargs = (
+            plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
+            if plan.first_kwargs
+            else kwargs
+        )
+        try:
+            if plan.wait_for:
+                result = await asyncio.wait_for(fn(*args, **call_kwargs), plan.spec.first_timeout)
+            else:
+                result = await fn(*args, **call_kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop below
+            failure: BaseException | None = exc
+        else:
+            failure_of = plan.failure_of
+            failure = None if failure_of is None else failure_of(result)
+            if failure is None:
+                _record_fast_success(route, breaker, start)
+                return result
+        runner = _Runner(plan, fallback, start)
+        step = runner.first_failed(failure, start)
+    else:
+        runner = _Runner(plan, fallback, start)
+        step = runner.admit(start)
+    return await _drive_async(runner, fn, args, kwargs, step)
+
+
+def recover_sync(
+    plan: CallPlan,
+    error: BaseException,
+    started: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    observe: Callable[[AttemptLoop], None] | None = None,
+) -> Any:
+    """Recover from ``error``, the failure of a first attempt that ran outside any guard and
+    started at ``started`` (the recovery engine): retry ``fn`` as the plan says.
+    ``observe`` is handed the loop when the call ends (attempts, strategy, outcome)."""
+    runner = _Runner(plan, None, started, observe)
+    step = runner.first_failed(error, started)
+    return _drive_sync(runner, fn, args, kwargs or {}, step)
+
+
+async def recover_async(
+    plan: CallPlan,
+    error: BaseException,
+    started: float,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    observe: Callable[[AttemptLoop], None] | None = None,
+) -> Any:
+    """:func:`recover_sync` for coroutine functions."""
+    runner = _Runner(plan, None, started, observe)
+    step = runner.first_failed(error, started)
+    return await _drive_async(runner, fn, args, kwargs or {}, step)
+
+
+def _drive_sync(
+    runner: _Runner,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    step: Step,
+) -> Any:
+    try:
+        while True:
+            if step is _ATTEMPT:
+                runner.discard()
+                try:
+                    result = fn(*args, **runner.attempt_kwargs(kwargs))
+                except BaseException as exc:  # noqa: BLE001 - the loop decides
+                    step = runner.on_error(exc)
+                else:
+                    step = runner.on_result(result)
+            elif step is _SLEEP:
+                runner.plan.clock.sleep(runner.loop.delay)
+                step = runner.slept()
+            elif step is _DONE:
+                return runner.result
+            elif step is _FALLBACK:
+                return runner.fallback_sync()
+            else:
+                return runner.finish()
+    finally:
+        runner.close()
+
+
+async def _drive_async(
+    runner: _Runner,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    step: Step,
+) -> Any:
+    try:
+        while True:
+            if step is _ATTEMPT:
+                await runner.discard_async()
+                try:
+                    result = await runner.timed(fn(*args, **runner.attempt_kwargs(kwargs)))
+                except BaseException as exc:  # noqa: BLE001 - the loop decides
+                    step = runner.on_error(exc)
+                else:
+                    step = runner.on_result(result)
+            elif step is _SLEEP:
+                await runner.plan.clock.sleep_async(runner.loop.delay)
+                step = runner.slept()
+            elif step is _DONE:
+                return runner.result
+            elif step is _FALLBACK:
+                return await runner.fallback_async()
+            else:
+                return runner.finish()
+    finally:
+        runner.close()
+
+
+def _record_fast_success(route: Route, breaker: Any, start: float) -> None:
+    # A bug here must never lose the caller's result.
+    try:
+        route.downstream.budget._calls += 1  # RetryBudget.record_call, inlined
+        if breaker is not None:
+            breaker.record_success_since(_CALL, start)
+    except Exception as bug:  # noqa: BLE001
+        report_internal_error("drive.record_success", bug)
+
+
+# ------------------------------------------------------------------- what both drivers share
+
+
+class _Runner:
+    """One slow-path call: the loop, the last failure or result, the telemetry scope. Every
+    call into the loop or the hooks is guarded: on our bug the runner turns *passive* and the
+    call ends as it would have without us."""
+
+    __slots__ = (
+        "_attempt_token",
+        "_fallback",
+        "_observe",
+        "_passive",
+        "_scope",
+        "failure",
+        "loop",
+        "plan",
+        "result",
+    )
+
+    def __init__(
+        self,
+        plan: CallPlan,
+        fallback: Fallback | None,
+        started: float,
+        observe: Callable[[AttemptLoop], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self._observe = observe
+        self.loop = AttemptLoop(plan.spec, plan.route, started=started, rnd=plan.rnd)
+        self._fallback = fallback if fallback is not None else plan.fallback
+        self._passive = False
+        self._scope: AbstractContextManager[None] | None = None
+        self._attempt_token: Any = None
+        self.failure: BaseException | None = None
+        self.result: Any = None
+
+    # --- entering the loop ----------------------------------------------------------------------
+
+    def admit(self, now: float) -> Step:
+        try:
+            return self.loop.admit(now)
+        except Exception as bug:  # noqa: BLE001
+            return self._bug("drive.admit", bug, _ATTEMPT)
+
+    def first_failed(self, failure: BaseException | None, started: float) -> Step:
+        """The first attempt (admitted on the fast path, so with a plain CALL permit), which
+        started at ``started``, ended with ``failure``."""
+        self.failure = failure
+        if not isinstance(failure, Exception):
+            return _GIVE_UP  # cancellation and friends (or None): never ours to count or retry
+        self._open_scope()
+        try:
+            classification = self.plan.route.classify(failure)
+            return self.loop.first_failed(_CALL, started, classification, self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001
+            return self._bug("drive.failed", bug, _GIVE_UP)
+
+    # --- an attempt -----------------------------------------------------------------------------
+
+    def attempt_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        loop = self.loop
+        attempt = loop.attempts + 1
+        if attempt > 1:
+            self._attempt_token = _ATTEMPT_NUMBER.set(attempt)
+        if self._passive:
+            return kwargs
+        try:
+            return self.plan.hooks.attempt_kwargs(kwargs, loop.timeout, attempt)
+        except Exception as bug:  # noqa: BLE001
+            self._bug("drive.attempt_kwargs", bug, _ATTEMPT)
+            return kwargs
+
+    def timed(self, awaitable: Awaitable[Any]) -> Awaitable[Any]:
+        timeout = self.loop.timeout
+        if timeout is None or not self.plan.wait_for or self._passive:
+            return awaitable
+        return asyncio.wait_for(awaitable, timeout)
+
+    def on_error(self, exc: BaseException) -> Step:
+        self._end_attempt()
+        self.failure = exc
+        if self._passive:
+            return _GIVE_UP
+        if not isinstance(exc, Exception):
+            try:
+                return self.loop.cancelled()
+            except Exception as bug:  # noqa: BLE001
+                return self._bug("drive.cancelled", bug, _GIVE_UP)
+        return self._failed(exc)
+
+    def on_result(self, result: Any) -> Step:
+        self._end_attempt()
+        self.result = result
+        if self._passive:
+            return _DONE
+        failure_of = self.plan.failure_of
+        try:
+            failure = None if failure_of is None else failure_of(result)
+        except Exception as bug:  # noqa: BLE001
+            return self._bug("drive.failure_of", bug, _DONE)
+        if failure is not None:
+            self.failure = failure
+            return self._failed(failure)
+        try:
+            return self.loop.succeeded(self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001 - never change a successful result
+            return self._bug("drive.succeeded", bug, _DONE)
+
+    def slept(self) -> Step:
+        if self._passive:
+            return _ATTEMPT if self.failure is None else _GIVE_UP
+        try:
+            return self.loop.slept(self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001
+            return self._bug("drive.slept", bug, _ATTEMPT if self.failure is None else _GIVE_UP)
+
+    def discard(self) -> None:
+        failure = self.failure
+        if failure is None or self._passive:
+            return
+        try:
+            self.plan.hooks.discard(failure)
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("drive.discard", bug)
+
+    async def discard_async(self) -> None:
+        failure = self.failure
+        if failure is None or self._passive:
+            return
+        try:
+            pending = self.plan.hooks.discard(failure)
+            if pending is not None:
+                await pending
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("drive.discard", bug)
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def finish(self) -> Any:
+        """GIVE_UP or REFUSE: raise the last error, hand back the last failing result, or
+        raise the refusal."""
+        failure = self.failure
+        if failure is None:
+            refusal = self.loop.refusal
+            if refusal is not None and not self._passive:
+                raise self._refusal_error(refusal)
+            return self.result
+        if self._passive or not isinstance(failure, Exception):
+            raise failure
+        return self.plan.hooks.give_up(failure)
+
+    def fallback_sync(self) -> Any:
+        fallback = self._fallback
+        error = self._fallback_error()
+        if fallback is None:
+            return self._no_fallback()
+        try:
+            value = fallback(error)
+        except BaseException:
+            self._fallback_finished(ok=False)
+            raise
+        self._fallback_finished(ok=True)
+        return value
+
+    async def fallback_async(self) -> Any:
+        fallback = self._fallback
+        error = self._fallback_error()
+        if fallback is None:
+            return self._no_fallback()
+        try:
+            value = fallback(error)
+            if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                value = await value
+        except BaseException:
+            self._fallback_finished(ok=False)
+            raise
+        self._fallback_finished(ok=True)
+        return value
+
+    def close(self) -> None:
+        self._end_attempt()
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope.__exit__(None, None, None)
+        if self._observe is not None:
+            self._observe(self.loop)
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _failed(self, failure: Exception) -> Step:
+        self._open_scope()
+        try:
+            classification = self.plan.route.classify(failure)
+            return self.loop.failed(classification, self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001 - our bug must not change the app's error
+            return self._bug("drive.failed", bug, _GIVE_UP)
+
+    def _no_fallback(self) -> Any:
+        # A plan that promised a fallback, called without one: our bug, not the caller's.
+        report_internal_error("drive.no_fallback", RuntimeError("a fallback plan without one"))
+        self._fallback_finished(ok=False)
+        return self.finish()
+
+    def _fallback_error(self) -> BaseException:
+        failure = self.failure
+        if failure is not None:
+            return failure
+        refusal = self.loop.refusal
+        assert refusal is not None  # FALLBACK comes after a failure or a refusal
+        return self._refusal_error(refusal)
+
+    def _refusal_error(self, refusal: Refusal) -> BaseException:
+        try:
+            return self.plan.hooks.refusal(refusal)
+        except Exception as bug:  # noqa: BLE001 - keep the plain refusal
+            report_internal_error("drive.refusal", bug)
+            return _PLAIN.refusal(refusal)
+
+    def _fallback_finished(self, *, ok: bool) -> None:
+        try:
+            self.loop.fallback_finished(ok=ok, now=self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("drive.fallback_finished", bug)
+
+    def _open_scope(self) -> None:
+        if self._scope is None and not self._passive:
+            scope = self.plan.scope(self.loop.started)
+            scope.__enter__()
+            self._scope = scope
+
+    def _end_attempt(self) -> None:
+        token, self._attempt_token = self._attempt_token, None
+        if token is not None:
+            _ATTEMPT_NUMBER.reset(token)
+
+    def _bug(self, where: str, bug: Exception, step: Step) -> Step:
+        report_internal_error(where, bug)
+        self._passive = True
+        return step
+
+
+class _SafeScope:
+    """Enters and exits a telemetry scope without letting its errors reach the caller."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: AbstractContextManager[None]) -> None:
+        self._inner = inner
+
+    def __enter__(self) -> None:
+        try:
+            self._inner.__enter__()
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("drive.recovery_scope.enter", bug)
+            self._inner = contextlib.nullcontext()
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._inner.__exit__(*exc_info)  # type: ignore[arg-type]  # re-raised by the caller
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("drive.recovery_scope.exit", bug)
