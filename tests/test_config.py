@@ -6,7 +6,6 @@ from typing import Any
 import pytest
 
 from otel_raptor import CircuitBreakerConfig, ConfigError, RetryPolicy
-from otel_raptor import config as config_module
 from otel_raptor import environment_variables as ev
 from otel_raptor.config import (
     DownstreamOverride,
@@ -15,6 +14,8 @@ from otel_raptor.config import (
     config_from_env,
     config_from_toml,
 )
+from otel_raptor.config import environment as environment_module
+from otel_raptor.config import file as file_module
 
 
 class Reports:
@@ -118,7 +119,7 @@ def test_every_environment_variable_is_parsed() -> None:
 
 def test_every_documented_variable_is_read_and_in_the_docs() -> None:
     names = {getattr(ev, name) for name in ev.__all__}
-    assert names - {ev.OTEL_PYTHON_RAPTOR_CONFIG} == set(config_module._ENV)
+    assert names - {ev.OTEL_PYTHON_RAPTOR_CONFIG} == set(environment_module._ENV)
     docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     for name in names:
         assert f"`{name}`" in docs, name
@@ -556,7 +557,7 @@ def test_an_unreadable_or_invalid_file_is_reported_once(tmp_path: Path) -> None:
 def test_without_a_toml_parser_the_file_is_reported_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config_module, "_toml_parser", lambda: None)
+    monkeypatch.setattr(file_module, "_toml_parser", lambda: None)
     path = write(tmp_path, "max_services = 10\n")
     config, reports = load(
         environ={ev.OTEL_PYTHON_RAPTOR_CONFIG: str(path), ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES: "9"}

@@ -29,6 +29,7 @@ __all__ = [
     "OTEL_PYTHON_RAPTOR_RECOVERY_BASE_DELAY",
     "OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY",
     "OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES",
+    "OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT",
     "OTEL_PYTHON_RAPTOR_RETRY_ATTEMPT_TIMEOUT",
     "OTEL_PYTHON_RAPTOR_RETRY_BUDGET_MIN_RETRIES_PER_SECOND",
     "OTEL_PYTHON_RAPTOR_RETRY_BUDGET_RATIO",
@@ -75,7 +76,12 @@ OTEL_PYTHON_RAPTOR_BREAKER_SUCCESS_THRESHOLD = "OTEL_PYTHON_RAPTOR_BREAKER_SUCCE
 """Probe successes that close a half-open breaker: an integer >= 1, default ``2``."""
 
 OTEL_PYTHON_RAPTOR_BREAKER_TIMEOUT = "OTEL_PYTHON_RAPTOR_BREAKER_TIMEOUT"
-"""Default request timeout applied when the caller passed none, seconds > 0, default ``30.0``."""
+"""The seed's name for the request timeout (``CIRCUIT_BREAKER_CONFIG['timeout']``), seconds
+> 0: used when ``OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT`` is not set. No breaker reads it."""
+
+OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT = "OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT"
+"""Timeout applied to a request whose caller set none, seconds > 0 or ``none`` (the library's
+own default), default ``30.0``."""
 
 OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD = (
     "OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD"

@@ -138,7 +138,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
             if self._installed is not None:
                 return
             try:
-                self._install(config, tracer_provider, meter_provider)
+                self._install(config, tracer_provider, meter_provider, memory)
             except Exception as error:  # noqa: BLE001 - never stop the app (or the launcher)
                 report_internal_error("instrumentor.instrument", error)
             self._memory = memory
@@ -148,7 +148,13 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                 except Exception as error:  # noqa: BLE001
                     report_internal_error("instrumentor.memory", error)
 
-    def _install(self, config: RaptorConfig, tracer_provider: Any, meter_provider: Any) -> None:
+    def _install(
+        self,
+        config: RaptorConfig,
+        tracer_provider: Any,
+        meter_provider: Any,
+        memory: SimpleMemoryController | None,
+    ) -> None:
         runtime = get_runtime()
         installed = _Installed(
             config=config,
@@ -170,7 +176,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
             report_internal_error("instrumentor.configure_runtime", error)
         installed.sink = _install_sink(runtime, config, tracer_provider, meter_provider)
         _add_resend_count_processor(tracer_provider)
-        settings = IntegrationSettings(runtime=runtime, config=config)
+        settings = IntegrationSettings(runtime=runtime, config=config, memory=memory)
         for name, target in INTEGRATIONS.items():
             if config.integrations is not None and name not in config.integrations:
                 continue

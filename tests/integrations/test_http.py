@@ -18,19 +18,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from otel_raptor.config import DownstreamOverride, RaptorConfig
-from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.integrations import _http, _wrapping
 from otel_raptor.integrations._http import (
-    MAX_DOWNSTREAMS,
     RESEND_COUNT_ATTRIBUTE,
     STALE_HEADER,
-    DownstreamTable,
+    AsyncHttpHooks,
     FailingResponse,
+    HttpHooks,
+    OriginTable,
     ResendCountSpanProcessor,
     StaleCache,
     StaleEntry,
-    SyncAttempt,
-    guard_fallback,
     http_enabled,
     is_failing_status,
     origin_end,
@@ -38,7 +36,10 @@ from otel_raptor.integrations._http import (
     resend_count,
     stale_headers,
 )
+from otel_raptor.integrations._kit import MAX_TARGETS
+from otel_raptor.runtime.drive import run_sync
 from otel_raptor.runtime.state import Runtime
+from tests.support.clock import FakeClock
 
 # --- origins ------------------------------------------------------------------------------------
 
@@ -97,23 +98,28 @@ def test_parse_origin_refuses_what_it_cannot_name(origin: str) -> None:
     assert parse_origin(origin) is None
 
 
-def table(**config: Any) -> DownstreamTable:
-    return DownstreamTable(
-        Runtime(), RaptorConfig(**config), timeout_kwarg="timeout", fallback=guard_fallback
-    )
+def table(**config: Any) -> OriginTable:
+    return OriginTable(Runtime(), RaptorConfig(**config), HttpHooks("timeout"))
 
 
-def test_downstreams_are_named_by_origin_and_share_one_breaker() -> None:
+def test_origins_are_named_by_origin_and_share_one_breaker() -> None:
     downstreams = table()
     first = downstreams.for_prefix("http://user:pw@A.test")
     assert first is not None
     assert first.service == "http://a.test:80"
     assert downstreams.for_prefix("http://a.test:80") is first
     assert downstreams.for_parts("http", "a.test", None) is first
-    assert first.safe.breaker is first.unsafe.breaker
-    fallback_guard = first.guard(replay_safe=True, with_fallback=True)
-    assert fallback_guard.breaker is first.safe.breaker
-    assert first.guard(replay_safe=False, with_fallback=True) is not fallback_guard
+    safe = first.plan(replay_safe=True, with_fallback=False)
+    unsafe = first.plan(replay_safe=False, with_fallback=False)
+    assert safe.route is unsafe.route  # one breaker, one downstream
+    assert safe.spec.replay_safe
+    assert not unsafe.spec.replay_safe
+    assert first.plan(replay_safe=True, with_fallback=False) is safe  # built once
+    with_fallback = first.plan(replay_safe=True, with_fallback=True)
+    assert with_fallback.spec.has_fallback
+    assert with_fallback.route.breaker is safe.route.breaker
+    # Credentials in the authority never become a key of the table.
+    assert all("pw" not in str(key) for key in downstreams._by_prefix)
     ipv6 = downstreams.for_prefix("https://[::1]:8443")
     assert ipv6 is not None
     assert ipv6.service == "https://[::1]:8443"
@@ -128,12 +134,12 @@ def test_breaker_key_host_names_downstreams_by_host() -> None:
     assert first is not None
     assert second is not None
     assert first.service == second.service == "a.test"
-    assert first.safe.breaker is second.safe.breaker
+    assert first.breaker_name == second.breaker_name == "a.test"
 
 
 def test_downstream_policies_come_from_the_config() -> None:
     downstreams = table(
-        breaker=CircuitBreakerConfig(timeout=7.0),
+        request_timeout=7.0,
         downstreams=(
             DownstreamOverride(pattern="slow.test", timeout=60.0, retry_non_idempotent=True),
             DownstreamOverride(pattern="off.test", enabled=False),
@@ -152,10 +158,10 @@ def test_downstream_policies_come_from_the_config() -> None:
 
 def test_the_table_stays_bounded() -> None:
     downstreams = table(max_services=4)
-    for port in range(1, MAX_DOWNSTREAMS + 10):
+    for port in range(1, MAX_TARGETS + 10):
         downstreams.for_prefix(f"http://h.test:{port}")
-    assert len(downstreams._by_prefix) <= MAX_DOWNSTREAMS
-    assert len(downstreams._by_origin) <= MAX_DOWNSTREAMS
+    assert len(downstreams._by_prefix) <= MAX_TARGETS
+    assert len(downstreams._by_origin) <= MAX_TARGETS
     last = downstreams.for_prefix("http://h.test:9999")
     assert last is not None
     assert last.service == "other"  # past the runtime's cap
@@ -180,32 +186,66 @@ class FakeResponse:
     def close(self) -> None:
         self.closed = True
 
+    async def aclose(self) -> None:
+        self.closed = True
 
-def test_an_attempt_raises_failing_responses_and_closes_them_before_the_next() -> None:
-    responses = iter([FakeResponse(503), FakeResponse(429), FakeResponse(200)])
+
+def test_failing_responses_are_failures_given_back_on_giving_up() -> None:
+    hooks = HttpHooks()
+    assert hooks.failure_of is not None
+    failure = hooks.failure_of(FakeResponse(503))
+    assert isinstance(failure, FailingResponse)
+    assert str(failure) == "HTTP 503 response"  # never the URL
+    assert hooks.give_up(failure) is failure.response
+    assert hooks.failure_of(FakeResponse(200)) is None
+    assert hooks.failure_of(FakeResponse(None)) is None
+    assert hooks.failure_of("not a response") is None
+    error = ConnectionError("down")
+    with pytest.raises(ConnectionError) as raised:
+        hooks.give_up(error)
+    assert raised.value is error
+
+
+def test_a_failing_response_is_closed_before_the_next_attempt() -> None:
+    runtime = Runtime(clock=FakeClock())
+    table = OriginTable(runtime, RaptorConfig(), HttpHooks())
+    origin = table.for_prefix("http://a.test")
+    assert origin is not None
+    responses = [FakeResponse(503), FakeResponse(429), FakeResponse(200)]
+    sent = iter(responses)
     counts: list[int] = []
 
     def send() -> FakeResponse:
         counts.append(resend_count())
-        return next(responses)
+        return next(sent)
 
-    attempt = SyncAttempt(send)
-    with pytest.raises(FailingResponse) as first:
-        attempt()
-    assert str(first.value) == "HTTP 503 response"
-    assert not first.value.response.closed
-    with pytest.raises(FailingResponse) as second:
-        attempt()
-    assert first.value.response.closed
-    assert attempt().status_code == 200
-    assert second.value.response.closed
+    plan = origin.plan(replay_safe=True, with_fallback=False)
+    assert run_sync(plan, send, (), {}) is responses[2]
+    assert [r.closed for r in responses] == [True, True, False]
     assert counts == [0, 1, 2]
     assert resend_count() == 0
 
 
-def test_an_attempt_leaves_odd_responses_alone() -> None:
-    assert SyncAttempt(lambda: FakeResponse(None))().status_code is None
-    assert SyncAttempt(lambda: "not a response")() == "not a response"
+async def test_async_hooks_close_with_aclose() -> None:
+    response = FakeResponse(503)
+    hooks = AsyncHttpHooks()
+    assert hooks.failure_of is not None
+    failure = hooks.failure_of(response)
+    assert failure is not None
+    pending = hooks.discard(failure)
+    assert pending is not None
+    await pending
+    assert response.closed
+
+
+def test_timeout_hooks_fill_in_the_attempt_timeout() -> None:
+    hooks = HttpHooks("timeout")
+    assert hooks.applies_timeouts
+    assert hooks.attempt_kwargs({}, 2.0, 1) == {"timeout": 2.0}
+    assert hooks.attempt_kwargs({"timeout": 5.0}, 2.0, 1) == {"timeout": 5.0}  # the caller's
+    assert hooks.attempt_kwargs({"timeout": 5.0}, 3.0, 2) == {"timeout": 3.0}  # a retry's
+    assert hooks.attempt_kwargs({}, None, 2) == {}
+    assert not HttpHooks().applies_timeouts
 
 
 # --- the suppression check ----------------------------------------------------------------------
@@ -289,10 +329,11 @@ def test_the_span_processor_marks_client_spans_during_a_resend() -> None:
                 pass
             return next(responses)
 
-    attempt = SyncAttempt(send)
-    with pytest.raises(FailingResponse):
-        attempt()
-    attempt()
+    origin = OriginTable(Runtime(clock=FakeClock()), RaptorConfig(), HttpHooks()).for_prefix(
+        "http://a.test"
+    )
+    assert origin is not None
+    run_sync(origin.plan(replay_safe=True, with_fallback=False), send, (), {})
     with tracer.start_as_current_span("after", kind=SpanKind.CLIENT):
         pass
     marks = [

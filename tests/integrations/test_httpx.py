@@ -25,7 +25,7 @@ from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations import httpx as integration
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._http import STALE_HEADER, DownstreamTable
+from otel_raptor.integrations._http import STALE_HEADER, OriginTable
 from otel_raptor.integrations.httpx import HttpxIntegration, circuit_open_error_type
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.safety import _reset_for_tests
@@ -527,10 +527,10 @@ def test_our_own_failure_never_reaches_the_app(
     install()
     _reset_for_tests()
 
-    def broken(self: DownstreamTable, *parts: object) -> None:
+    def broken(self: OriginTable, *parts: object) -> None:
         raise RuntimeError("bug in otel_raptor")
 
-    monkeypatch.setattr(DownstreamTable, "for_parts", broken)
+    monkeypatch.setattr(OriginTable, "for_parts", broken)
     server.push(status(503))
     with caplog.at_level(logging.WARNING, logger="otel_raptor"):
         assert driver.get(server.url("/")).status_code == 503

@@ -22,7 +22,7 @@ from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations import _wrapping
 from otel_raptor.integrations import requests as integration
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._http import STALE_HEADER, DownstreamTable
+from otel_raptor.integrations._http import STALE_HEADER, OriginTable
 from otel_raptor.integrations.requests import RequestsIntegration, circuit_open_error_type
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.safety import _reset_for_tests
@@ -57,8 +57,8 @@ def make_settings(
                 failure_threshold=failure_threshold,
                 recovery_timeout=0.3,
                 recovery_jitter=0.0,
-                timeout=timeout,
             ),
+            request_timeout=timeout,
             downstreams=downstreams,
             **config,
         ),
@@ -556,10 +556,10 @@ def test_our_own_failure_never_reaches_the_app(
     install()
     _reset_for_tests()
 
-    def broken(self: DownstreamTable, prefix: str) -> None:
+    def broken(self: OriginTable, prefix: str) -> None:
         raise RuntimeError("bug in otel_raptor")
 
-    monkeypatch.setattr(DownstreamTable, "for_prefix", broken)
+    monkeypatch.setattr(OriginTable, "for_prefix", broken)
     server.push(status(503))
     with caplog.at_level(logging.WARNING, logger="otel_raptor"):
         assert requests.get(server.url("/")).status_code == 503

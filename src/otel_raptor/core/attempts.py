@@ -8,7 +8,8 @@ and a driver (``otel_raptor.runtime.drive``: one sync, one async, a dozen lines 
     ATTEMPT   run the operation now; ``loop.timeout`` is its timeout (None: none)
     SLEEP     wait ``loop.delay`` seconds, then report ``loop.slept(now)``
     FALLBACK  call the fallback with the last error (or the refusal), then report
-              ``loop.fallback_finished(ok=...)``
+              ``loop.fallback_finished(ok=...)``, or ``loop.fallback_declined(now)`` when the
+              fallback had nothing to offer (then GIVE_UP or REFUSE as without one)
     GIVE_UP   re-raise the last error (or return the last failing result) unchanged
     REFUSE    no attempt was made: raise the refusal (``loop.refusal``)
     DONE      the last attempt succeeded: return its result
@@ -231,6 +232,7 @@ class AttemptLoop:
     __slots__ = (
         "_finished",
         "_permit",
+        "_plain_strategy",
         "_port",
         "_rnd",
         "_spec",
@@ -265,6 +267,8 @@ class AttemptLoop:
         self.attempt_started = started
         self.classification: Classification | None = None
         self.strategy = spec.fixed_strategy or Strategy.FAIL_FAST
+        # The strategy to report if a fallback declines (it was FAILOVER only in hope).
+        self._plain_strategy = self.strategy
         self.outcome = Outcome.FAILED
         self.give_up_reason = ""
         #: SLEEP's seconds.
@@ -375,7 +379,18 @@ class AttemptLoop:
             if self.outcome is not Outcome.BUDGET_EXHAUSTED:
                 self.outcome = Outcome.FAILED
             self.give_up_reason = "fallback_failed"
-        self._finish(now, refused=self.refusal is not None and self.attempts == 0)
+        self._finish(now, refused=self._refused_before_trying())
+
+    def fallback_declined(self, now: float) -> Step:
+        """The fallback had nothing to offer: the call ends as it would have without one
+        (GIVE_UP, or REFUSE when no attempt was made), and is reported so."""
+        self.strategy = self._plain_strategy
+        refused = self._refused_before_trying()
+        self._finish(now, refused=refused)
+        return _REFUSE if refused else _GIVE_UP
+
+    def _refused_before_trying(self) -> bool:
+        return self.refusal is not None and self.attempts == 0
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -423,6 +438,7 @@ class AttemptLoop:
         self.outcome = Outcome.REJECTED
         self.strategy = Strategy.FAIL_FAST
         if self._spec.has_fallback:
+            self._plain_strategy = self.strategy
             self.strategy = Strategy.FAILOVER
             return _FALLBACK
         self._finish(now, refused=True)
@@ -431,6 +447,7 @@ class AttemptLoop:
     def _give_up(self, reason: str, now: float) -> Step:
         self.give_up_reason = reason
         if self._spec.has_fallback:
+            self._plain_strategy = self.strategy
             self.strategy = Strategy.FAILOVER
             return _FALLBACK
         self._finish(now)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from otel_raptor.config import RaptorConfig
+from otel_raptor.runtime.memory import SimpleMemoryController
 from otel_raptor.runtime.state import Runtime
 
 __all__ = ["Integration", "IntegrationSettings"]
@@ -19,10 +20,13 @@ __all__ = ["Integration", "IntegrationSettings"]
 
 @dataclass(frozen=True, slots=True)
 class IntegrationSettings:
-    """What every integration is handed: the process-wide runtime and the resolved config."""
+    """What every integration is handed: the process-wide runtime, the resolved config, and
+    the memory controller the instrumentor runs (``None`` with ``memory=False``), with which
+    an integration registers the caches of its own."""
 
     runtime: Runtime
     config: RaptorConfig
+    memory: SimpleMemoryController | None = None
 
 
 class Integration(Protocol):

@@ -1,37 +1,36 @@
-"""What the requests and httpx integrations share: downstreams, attempts, fallbacks, stale cache.
+"""What the requests and httpx integrations share: origins, outcomes, fallbacks, stale cache.
 
-One *downstream* is one origin, ``scheme://host:port``. The first request to it resolves its
+One *origin* is ``scheme://host:port``. The first request to it resolves its
 :class:`~otel_raptor.config.DownstreamPolicy` (``RaptorConfig.policy_for``) and builds its
-guards: one for requests that may be replayed, one for those that may not, sharing one circuit
-breaker through the service name (``scheme://host:port``, or the host alone with
-``breaker_key = "host"``; folded to ``other`` past the runtime's service cap). Later requests
-find it with one slice of the URL and one dict lookup.
+kit :class:`~otel_raptor.integrations._kit.Target`: one breaker per service name
+(``scheme://host:port``, or the host alone with ``breaker_key = "host"``; folded to ``other``
+past the runtime's service cap) and the call plans. Later requests find it with one slice of
+the URL and one dict lookup. A URL's ``user:pass@`` never reaches a table key or a name.
 
-An *attempt* sends the request once. A ``429`` or ``5xx`` response is raised inside it as
-:class:`FailingResponse`, so that the guard classifies it (status, ``Retry-After``), counts it
-against the breaker and retries it like an exception; before the next attempt the failed
-response is closed so its connection goes back to the pool. When the guard gives up, the
-integration catches the ``FailingResponse`` and hands the caller the response itself.
+*Outcomes* (:class:`HttpHooks`): a ``429`` or ``5xx`` response is a failed attempt, so the
+loop classifies it (status, ``Retry-After``), counts it against the breaker and retries it
+like an exception; before the next attempt the failed response is closed so its connection
+goes back to the pool. When the loop gives up, the caller gets that last response itself.
 
-*Fallbacks* (failover base URLs, stale-if-error, a fallback function) run through the guard's
-``fallback`` argument, so the guard publishes ``RecoveryFinished(strategy=failover,
-outcome=fallback)`` for them. The guard's fallback is fixed per guard while what to do
-depends on the request: the wrapper puts the request's :class:`FallbackCall` in a context
-variable for the guard's fallback to read.
+*Refusals*: a breaker refusal becomes the library's fail-fast error (both
+:class:`~otel_raptor.errors.CircuitOpenError` and the library's connection error); a
+downstream still cooling down after a ``429`` with a ``Retry-After`` longer than the request
+may wait answers a ``429`` response of our own (``X-Raptor-Throttled: 1``), as the server would.
 
-Resends are counted in a context variable while each is in flight (:func:`resend_count`);
-:class:`ResendCountSpanProcessor` copies it onto the HTTP client spans that the contrib
-instrumentations start inside a resend, as ``http.request.resend_count``.
+*Fallbacks* (failover base URLs, stale-if-error, a fallback function) run as the loop's
+fallback, so ``RecoveryFinished(strategy=failover, outcome=fallback)`` is published for them.
+
+*Resends*: :class:`ResendCountSpanProcessor` sets ``http.request.resend_count`` on the HTTP
+client spans that the contrib instrumentations start during a retry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -43,37 +42,38 @@ from opentelemetry.trace import SpanKind
 
 from otel_raptor.config import DownstreamPolicy, RaptorConfig
 from otel_raptor.core.replay import IDEMPOTENT_METHODS, http_replay_safe
-from otel_raptor.errors import CircuitOpenError
-from otel_raptor.runtime.guard import Guard
+from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
+from otel_raptor.integrations._kit import MAX_TARGETS, Target
+from otel_raptor.runtime.drive import CallHooks, CallPlan, FallbackDeclined, current_attempt
+from otel_raptor.runtime.forksafe import after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime
 
 __all__ = [
     "IDEMPOTENT",
-    "MAX_DOWNSTREAMS",
     "RESEND_COUNT_ATTRIBUTE",
     "STALE_BODY_LIMIT",
     "STALE_ENTRIES",
     "STALE_HEADER",
-    "AsyncAttempt",
-    "Downstream",
-    "DownstreamTable",
+    "STALE_TOTAL_BYTES",
+    "THROTTLED_HEADER",
+    "AsyncHttpHooks",
     "FailingResponse",
     "FallbackCall",
+    "HttpHooks",
+    "Origin",
+    "OriginTable",
     "ResendCountSpanProcessor",
     "StaleCache",
     "StaleEntry",
-    "SyncAttempt",
-    "guard_fallback",
     "http_enabled",
     "is_failing_status",
-    "enter_fallback",
-    "exit_fallback",
     "origin_end",
     "parse_origin",
     "replay_safe",
     "resend_count",
     "stale_headers",
+    "throttled_headers",
 ]
 
 #: The semantic-convention attribute for the ordinal of a resent request.
@@ -82,26 +82,22 @@ RESEND_COUNT_ATTRIBUTE: Final = "http.request.resend_count"
 #: Header added to a response served from the stale cache (value ``"1"``); ``Age`` is set too.
 STALE_HEADER: Final = "X-Raptor-Stale"
 
+#: Header of the ``429`` response raptor answers for a downstream still cooling down.
+THROTTLED_HEADER: Final = "X-Raptor-Throttled"
+
 #: Entries the stale-if-error cache of one integration keeps (least recently used evicted).
 STALE_ENTRIES: Final = 256
 
 #: Bodies larger than this (bytes) are not kept for stale-if-error.
 STALE_BODY_LIMIT: Final = 1024 * 1024
 
-#: Origins remembered per integration; past it the table starts over (guards are cheap to
-#: rebuild and breakers live in the runtime's registry, so nothing is lost but a lookup).
-MAX_DOWNSTREAMS: Final = 1024
+#: Bytes (bodies and headers) the stale-if-error cache of one integration keeps at most.
+STALE_TOTAL_BYTES: Final = 32 * 1024 * 1024
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 #: The idempotent methods in upper and lower case, so the common case needs no ``upper()``.
 IDEMPOTENT: Final = IDEMPOTENT_METHODS | frozenset(m.lower() for m in IDEMPOTENT_METHODS)
-_IDEMPOTENT: Final = IDEMPOTENT
-
-_RESEND: ContextVar[int] = ContextVar("otel_raptor_http_resend", default=0)
-_FALLBACK_CALL: ContextVar[FallbackCall | None] = ContextVar(
-    "otel_raptor_http_fallback", default=None
-)
 
 
 def _enabled_check() -> Callable[[], bool]:
@@ -141,11 +137,11 @@ def is_failing_status(status: object) -> bool:
 
 
 class FailingResponse(Exception):
-    """A ``429``/``5xx`` response, raised inside an attempt so the guard treats it as a failure.
+    """A ``429``/``5xx`` response as a failed attempt, for the loop to classify and retry.
 
     The classifier reads ``response.status_code`` and ``response.headers`` (``Retry-After``).
-    It never reaches the caller: the integration returns ``response`` instead. Its message
-    holds the status only (no URL), since telemetry may record it.
+    It never reaches the caller: giving up hands back ``response`` itself. Its message holds
+    the status only (no URL), since telemetry may record it.
     """
 
     def __init__(self, response: Any) -> None:
@@ -153,9 +149,16 @@ class FailingResponse(Exception):
         super().__init__(f"HTTP {getattr(response, 'status_code', '?')} response")
 
 
+def _failing(response: Any) -> FailingResponse | None:
+    status = getattr(response, "status_code", None)
+    if type(status) is int and (status >= 500 or status == 429) and status <= 599:
+        return FailingResponse(response)
+    return None
+
+
 def resend_count() -> int:
     """The ordinal of the resend in flight in this context (1 = first retry), else 0."""
-    return _RESEND.get()
+    return current_attempt() - 1
 
 
 class ResendCountSpanProcessor(SpanProcessor):
@@ -169,7 +172,7 @@ class ResendCountSpanProcessor(SpanProcessor):
     """
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        count = _RESEND.get()
+        count = current_attempt() - 1
         if count and span.kind is SpanKind.CLIENT:
             span.set_attribute(RESEND_COUNT_ATTRIBUTE, count)
 
@@ -181,6 +184,73 @@ class ResendCountSpanProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+# --- outcomes -----------------------------------------------------------------------------------
+
+
+def _close_quietly(response: Any) -> None:
+    # A failed response we are discarding anyway: its close may fail with the connection.
+    with contextlib.suppress(Exception):
+        response.close()
+
+
+async def _aclose_quietly(response: Any) -> None:
+    with contextlib.suppress(Exception):
+        await response.aclose()
+
+
+class HttpHooks(CallHooks):
+    """The outcome of an HTTP attempt: ``429``/``5xx`` responses are failures, giving up on one
+    hands the response back, and it is closed before the next attempt. ``timeout_kwarg``
+    names the keyword that takes an attempt's timeout (requests: ``timeout``), if any."""
+
+    __slots__ = ("timeout_kwarg",)
+
+    failure_of = staticmethod(_failing)
+
+    def __init__(self, timeout_kwarg: str | None = None) -> None:
+        self.timeout_kwarg = timeout_kwarg
+
+    @property
+    def applies_timeouts(self) -> bool:  # type: ignore[override]  # per instance
+        return self.timeout_kwarg is not None
+
+    def give_up(self, failure: BaseException) -> Any:
+        if isinstance(failure, FailingResponse):
+            return failure.response
+        raise failure
+
+    def attempt_kwargs(
+        self, kwargs: dict[str, Any], timeout: float | None, attempt: int
+    ) -> dict[str, Any]:
+        key = self.timeout_kwarg
+        if key is None or timeout is None or (attempt == 1 and kwargs.get(key) is not None):
+            return kwargs
+        return {**kwargs, key: timeout}
+
+    def discard(self, failure: BaseException) -> Awaitable[None] | None:
+        if isinstance(failure, FailingResponse):
+            _close_quietly(failure.response)
+        return None
+
+
+class AsyncHttpHooks(HttpHooks):
+    """:class:`HttpHooks` for async clients: a failed response is closed with ``aclose()``."""
+
+    __slots__ = ()
+
+    def discard(self, failure: BaseException) -> Awaitable[None] | None:
+        if isinstance(failure, FailingResponse):
+            return _aclose_quietly(failure.response)
+        return None
+
+
+def throttled_headers(retry_after: float | None) -> list[tuple[str, str]]:
+    """The headers of raptor's own ``429``: ``Retry-After`` (whole seconds, rounded up) and
+    ``X-Raptor-Throttled: 1``."""
+    seconds = 1 if retry_after is None or not math.isfinite(retry_after) else retry_after
+    return [("Retry-After", str(max(0, math.ceil(seconds)))), (THROTTLED_HEADER, "1")]
 
 
 # --- URLs ---------------------------------------------------------------------------------------
@@ -242,7 +312,7 @@ def parse_origin(origin: str) -> tuple[str, str, int] | None:
 
 
 def replay_safe(
-    downstream: Downstream,
+    origin: Origin,
     method: str,
     body_replayable: bool,
     headers: Any,
@@ -251,10 +321,10 @@ def replay_safe(
     """Whether a request may be sent again (RFC 9110 §9.2.2, see
     :func:`otel_raptor.core.replay.http_replay_safe`): a replayable body and an idempotent
     method, a non-empty ``Idempotency-Key`` in ``headers`` or ``more_headers`` (mappings or
-    ``None``; the session's headers, say), or the downstream's ``retry_non_idempotent``."""
+    ``None``; the session's headers, say), or the origin's ``retry_non_idempotent``."""
     if not body_replayable:
         return False
-    if method in _IDEMPOTENT or downstream.retry_non_idempotent:
+    if method in IDEMPOTENT or origin.retry_non_idempotent:
         return True
     for source in (headers, more_headers):
         if source is not None and http_replay_safe(method, source, body_replayable=True):
@@ -269,47 +339,34 @@ def _service_name(scheme: str, host: str, port: int, breaker_key: str) -> str:
     return f"{scheme}://{shown}:{port}"
 
 
-# --- downstreams --------------------------------------------------------------------------------
+# --- origins ------------------------------------------------------------------------------------
 
 
-class Downstream:
-    """One origin: its policy, its guards, and what the wrappers need per request.
+class Origin:
+    """One origin: its policy and its kit target (``None`` for an origin left alone).
 
-    ``enabled`` is ``False`` for a downstream to leave alone (``DownstreamPolicy.enabled``
-    off); it then has no guards. ``safe`` and ``unsafe`` are the guards without fallbacks
-    for requests that may and may not be replayed. ``fixed_fallbacks`` says whether every
-    failure can be handed to a fallback (failover URLs or a fallback function);
-    stale-if-error alone needs a cached response, which the wrapper checks per request.
+    ``fixed_fallbacks`` says whether every failure can be handed to a fallback (failover URLs
+    or a fallback function); stale-if-error alone needs a cached response, which the wrapper
+    checks per request.
     """
 
     __slots__ = (
-        "_fallback",
-        "_fallback_guards",
-        "_runtime",
-        "_timeout_kwarg",
         "breaker_name",
         "enabled",
         "failover_urls",
         "fixed_fallbacks",
         "policy",
         "retry_non_idempotent",
-        "safe",
         "service",
         "stale_if_error",
         "stale_max_age",
+        "target",
         "timed",
         "timeout",
-        "unsafe",
     )
 
     def __init__(
-        self,
-        service: str,
-        policy: DownstreamPolicy,
-        runtime: Runtime,
-        *,
-        timeout_kwarg: str | None,
-        fallback: Callable[[BaseException], Any],
+        self, name: str, policy: DownstreamPolicy, runtime: Runtime, hooks: CallHooks
     ) -> None:
         self.policy = policy
         self.enabled = policy.enabled
@@ -320,92 +377,49 @@ class Downstream:
         self.stale_if_error = policy.stale_if_error
         self.stale_max_age = policy.stale_max_age
         self.fixed_fallbacks = bool(policy.failover_urls) or policy.fallback is not None
-        self._runtime = runtime
-        self._timeout_kwarg = timeout_kwarg
-        self._fallback = fallback
-        self._fallback_guards: tuple[Guard, Guard] | None = None
-        self.service = service
-        self.breaker_name = ""
-        # A disabled downstream has no guards (reading ``safe`` raises AttributeError).
-        self.safe: Guard
-        self.unsafe: Guard
-        if self.enabled:
-            self.safe = self._guard(replay_safe=True, fallback=None)
-            self.unsafe = self._guard(replay_safe=False, fallback=None)
-            self.service = self.safe.service
-            breaker = self.safe.breaker
-            self.breaker_name = breaker.name if breaker is not None else ""
+        self.target = Target(name, policy, runtime, hooks) if self.enabled else None
+        self.service = self.target.service if self.target is not None else name
+        self.breaker_name = self.target.breaker_name if self.target is not None else ""
 
-    def _guard(
-        self, *, replay_safe: bool, fallback: Callable[[BaseException], Any] | None
-    ) -> Guard:
-        return Guard(
-            self.service,
-            retry=self.policy.retry,
-            breaker=self.policy.breaker,
-            fallback=fallback,
-            replay_safe=replay_safe,
-            timeout_kwarg=self._timeout_kwarg,
-            runtime=self._runtime,
-        )
-
-    def guard(self, *, replay_safe: bool, with_fallback: bool) -> Guard:
-        """The guard for one request (only for an enabled downstream)."""
-        if not with_fallback:
-            return self.safe if replay_safe else self.unsafe
-        guards = self._fallback_guards
-        if guards is None:
-            # Benign race: two threads may both build them; either pair works.
-            guards = (
-                self._guard(replay_safe=True, fallback=self._fallback),
-                self._guard(replay_safe=False, fallback=self._fallback),
-            )
-            self._fallback_guards = guards
-        return guards[0] if replay_safe else guards[1]
+    def plan(self, *, replay_safe: bool, with_fallback: bool) -> CallPlan:
+        """The plan for one request (only for an enabled origin)."""
+        assert self.target is not None
+        return self.target.plan(replay_safe=replay_safe, with_fallback=with_fallback)
 
 
-class DownstreamTable:
-    """Downstreams by origin for one installed integration (bounded, thread-safe enough).
+class OriginTable:
+    """Origins by URL prefix or URL parts, for one installed integration (bounded by
+    :data:`~otel_raptor.integrations._kit.MAX_TARGETS` each; lock-free reads). Two threads
+    meeting a new origin at once may both build it; both share the breaker and the
+    downstream (by service name), so either is fine."""
 
-    Lookups are lock-free dict reads. Two threads meeting a new origin at once may both
-    build it; the guards of both share the breaker (by service name), so either is fine.
-    """
+    __slots__ = ("_by_origin", "_by_prefix", "_config", "_hooks", "_runtime")
 
-    __slots__ = ("_by_origin", "_by_prefix", "_config", "_fallback", "_runtime", "_timeout_kwarg")
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        config: RaptorConfig,
-        *,
-        timeout_kwarg: str | None = None,
-        fallback: Callable[[BaseException], Any],
-    ) -> None:
+    def __init__(self, runtime: Runtime, config: RaptorConfig, hooks: CallHooks) -> None:
         self._runtime = runtime
         self._config = config
-        self._timeout_kwarg = timeout_kwarg
-        self._fallback = fallback
-        self._by_prefix: dict[Hashable, Downstream | None] = {}
-        self._by_origin: dict[tuple[str, str, int], Downstream] = {}
+        self._hooks = hooks
+        self._by_prefix: dict[Hashable, Origin | None] = {}
+        self._by_origin: dict[tuple[str, str, int], Origin] = {}
 
-    def for_prefix(self, prefix: str) -> Downstream | None:
-        """The downstream of a URL prefix ``scheme://authority`` (as written by the caller),
-        or ``None`` when it is not an HTTP(S) origin we handle."""
+    def for_prefix(self, prefix: str) -> Origin | None:
+        """The origin of a URL prefix ``scheme://authority`` (as written by the caller), or
+        ``None`` when it is not an HTTP(S) origin we handle."""
+        if "@" in prefix:  # never keep a user:pass@ as a key
+            scheme, _, authority = prefix.partition("://")
+            prefix = f"{scheme}://{authority.rpartition('@')[2]}"
         try:
             return self._by_prefix[prefix]
         except KeyError:
             pass
-        origin = parse_origin(prefix)
-        downstream = None if origin is None else self.for_origin(*origin)
-        if len(self._by_prefix) >= MAX_DOWNSTREAMS:
-            self._by_prefix.clear()
-        self._by_prefix[prefix] = downstream
-        return downstream
+        parsed = parse_origin(prefix)
+        origin = None if parsed is None else self.for_origin(*parsed)
+        self._remember(prefix, origin)
+        return origin
 
-    def for_parts(self, scheme: str, host: str, port: int | None) -> Downstream | None:
-        """The downstream of an already split URL (httpx's ``URL.scheme``, ``.host``,
-        ``.port``; ``port`` ``None`` for the scheme's default), or ``None`` when it is not
-        an HTTP(S) origin."""
+    def for_parts(self, scheme: str, host: str, port: int | None) -> Origin | None:
+        """The origin of an already split URL (httpx's ``URL.scheme``, ``.host``, ``.port``;
+        ``port`` ``None`` for the scheme's default), or ``None`` when it is not HTTP(S)."""
         key = (scheme, host, port)
         try:
             return self._by_prefix[key]
@@ -413,121 +427,37 @@ class DownstreamTable:
             pass
         lowered = scheme.lower()
         default = _DEFAULT_PORTS.get(lowered)
-        downstream = None
+        origin = None
         if default is not None and host:
             host = host.lower()
             if host.startswith("[") and host.endswith("]"):
                 host = host[1:-1]
-            downstream = self.for_origin(lowered, host, default if port is None else port)
-        if len(self._by_prefix) >= MAX_DOWNSTREAMS:
-            self._by_prefix.clear()
-        self._by_prefix[key] = downstream
-        return downstream
+            origin = self.for_origin(lowered, host, default if port is None else port)
+        self._remember(key, origin)
+        return origin
 
-    def for_origin(self, scheme: str, host: str, port: int) -> Downstream:
-        """The downstream of a normalised origin (see :func:`parse_origin`)."""
+    def for_origin(self, scheme: str, host: str, port: int) -> Origin:
+        """The origin of a normalised ``(scheme, host, port)`` (see :func:`parse_origin`)."""
         key = (scheme, host, port)
-        downstream = self._by_origin.get(key)
-        if downstream is None:
+        origin = self._by_origin.get(key)
+        if origin is None:
             config = self._config
             explicit = None if _DEFAULT_PORTS.get(scheme) == port else port
-            policy = config.policy_for(host, explicit, scheme)
-            downstream = Downstream(
+            origin = Origin(
                 _service_name(scheme, host, port, config.breaker_key),
-                policy,
+                config.policy_for(host, explicit, scheme),
                 self._runtime,
-                timeout_kwarg=self._timeout_kwarg,
-                fallback=self._fallback,
+                self._hooks,
             )
-            if len(self._by_origin) >= MAX_DOWNSTREAMS:
+            if len(self._by_origin) >= MAX_TARGETS:
                 self._by_origin.clear()
-            self._by_origin[key] = downstream
-        return downstream
+            self._by_origin[key] = origin
+        return origin
 
-
-# --- attempts -----------------------------------------------------------------------------------
-
-
-def _close_quietly(response: Any) -> None:
-    # A failed response we are discarding anyway: its close may fail with the connection.
-    with contextlib.suppress(Exception):
-        response.close()
-
-
-async def _aclose_quietly(response: Any) -> None:
-    with contextlib.suppress(Exception):
-        await response.aclose()
-
-
-class SyncAttempt:
-    """Sends one request per call; raises :class:`FailingResponse` for ``429``/``5xx``.
-
-    One per logical call (the guard calls it once per attempt). Before a resend it closes the
-    previous failing response, so its connection returns to the pool, and marks the resend in
-    the context (:func:`resend_count`) while it is in flight. The last failing response is
-    left open: the caller gets it.
-    """
-
-    __slots__ = ("_send", "failed", "sent")
-
-    def __init__(self, send: Callable[..., Any]) -> None:
-        self._send = send
-        self.sent = 0
-        self.failed: Any = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        sent = self.sent
-        self.sent = sent + 1
-        if sent:
-            failed = self.failed
-            if failed is not None:
-                self.failed = None
-                _close_quietly(failed)
-            token = _RESEND.set(sent)
-            try:
-                response = self._send(*args, **kwargs)
-            finally:
-                _RESEND.reset(token)
-        else:
-            response = self._send(*args, **kwargs)
-        status = getattr(response, "status_code", None)
-        if type(status) is int and (status >= 500 or status == 429) and status <= 599:
-            self.failed = response
-            raise FailingResponse(response)
-        return response
-
-
-class AsyncAttempt:
-    """:class:`SyncAttempt` for coroutine functions (``AsyncClient.send``); closes with
-    ``aclose()``."""
-
-    __slots__ = ("_send", "failed", "sent")
-
-    def __init__(self, send: Callable[..., Awaitable[Any]]) -> None:
-        self._send = send
-        self.sent = 0
-        self.failed: Any = None
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        sent = self.sent
-        self.sent = sent + 1
-        if sent:
-            failed = self.failed
-            if failed is not None:
-                self.failed = None
-                await _aclose_quietly(failed)
-            token = _RESEND.set(sent)
-            try:
-                response = await self._send(*args, **kwargs)
-            finally:
-                _RESEND.reset(token)
-        else:
-            response = await self._send(*args, **kwargs)
-        status = getattr(response, "status_code", None)
-        if type(status) is int and (status >= 500 or status == 429) and status <= 599:
-            self.failed = response
-            raise FailingResponse(response)
-        return response
+    def _remember(self, key: Hashable, origin: Origin | None) -> None:
+        if len(self._by_prefix) >= MAX_TARGETS:
+            self._by_prefix.clear()
+        self._by_prefix[key] = origin
 
 
 # --- stale-if-error -----------------------------------------------------------------------------
@@ -546,32 +476,67 @@ class StaleEntry:
     url: str
     stored_at: float
 
+    @property
+    def size(self) -> int:
+        """Bytes it holds, roughly (body, headers and URL)."""
+        return (
+            len(self.body)
+            + sum(len(name) + len(value) for name, value in self.headers)
+            + len(self.url)
+        )
+
 
 class StaleCache:
     """The last good response per request key, least recently used evicted.
 
-    ``max_entries`` (default :data:`STALE_ENTRIES`, >= 1) bounds the entries; bodies over
-    ``max_body`` bytes (default :data:`STALE_BODY_LIMIT`) are not kept. Keys are built by
-    the integrations from the URL and the request's credentials, so one user's response is
-    never served to another. Thread-safe (one lock around the dictionary operations).
+    Bounded by count (``max_entries``, default :data:`STALE_ENTRIES`) and by bytes
+    (``max_bytes``, default :data:`STALE_TOTAL_BYTES`); bodies over ``max_body`` bytes
+    (default :data:`STALE_BODY_LIMIT`) are not kept. Keys are private digests of the URL and
+    every credential the request carries (see :mod:`otel_raptor.runtime.keys`), so one user's
+    response is never served to another and no credential is kept raw. The memory controller
+    can evict it (:meth:`evict`, registered by the integrations). Thread-safe and fork-safe
+    (a forked child starts empty: its key secret is new).
     """
 
-    __slots__ = ("_entries", "_lock", "max_body", "max_entries")
+    __slots__ = (
+        "__weakref__",
+        "_bytes",
+        "_entries",
+        "_lock",
+        "max_body",
+        "max_bytes",
+        "max_entries",
+    )
 
-    def __init__(self, max_entries: int = STALE_ENTRIES, max_body: int = STALE_BODY_LIMIT) -> None:
+    def __init__(
+        self,
+        max_entries: int = STALE_ENTRIES,
+        max_body: int = STALE_BODY_LIMIT,
+        max_bytes: int = STALE_TOTAL_BYTES,
+    ) -> None:
         self.max_entries = max_entries
         self.max_body = max_body
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[Hashable, StaleEntry] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
+        after_fork_in_child(self, StaleCache._forget)
 
     def put(self, key: Hashable, entry: StaleEntry) -> None:
         if len(entry.body) > self.max_body:
             return
         with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.size
             self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._bytes += entry.size
+            while self._entries and (
+                len(self._entries) > self.max_entries or self._bytes > self.max_bytes
+            ):
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.size
 
     def get(self, key: Hashable, *, now: float, max_age: float) -> StaleEntry | None:
         """The entry for ``key`` if it is at most ``max_age`` seconds old at ``now``."""
@@ -581,12 +546,38 @@ class StaleCache:
                 return None
             if now - entry.stored_at > max_age:
                 del self._entries[key]
+                self._bytes -= entry.size
                 return None
             self._entries.move_to_end(key)
             return entry
 
+    def evict(self, now: float, max_age: float) -> int:
+        """Drop entries older than ``max_age`` seconds at ``now``; how many were dropped."""
+        with self._lock:
+            stale = [k for k, e in self._entries.items() if now - e.stored_at > max_age]
+            for key in stale:
+                self._bytes -= self._entries.pop(key).size
+            return len(stale)
+
+    def clear(self) -> int:
+        """Drop everything; how many entries there were."""
+        with self._lock:
+            count = len(self._entries)
+            self._entries.clear()
+            self._bytes = 0
+            return count
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held (see :attr:`StaleEntry.size`)."""
+        return self._bytes
+
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _forget(self) -> None:
+        self._entries = OrderedDict()
+        self._bytes = 0
 
 
 def stale_headers(entry: StaleEntry, now: float) -> list[tuple[str, str]]:
@@ -615,29 +606,30 @@ _NOTHING: Final = object()
 
 class FallbackCall:
     """One request's fallbacks, in order: failover base URLs, the stale response, the
-    downstream's fallback function. Subclassed per library (the ``failover``,
-    ``stale_response``, ``circuit_open`` and ``close`` hooks).
+    origin's fallback function. Subclassed per library (the ``failover``, ``stale_response``,
+    ``refusal`` and ``throttled`` hooks); the loop calls :meth:`__call__` with the last error
+    (or the plain refusal) when it gives up or is refused.
 
     ``replay_safe`` says whether the primary request may be sent again: failover after the
-    primary gave up needs it; after a breaker refusal the primary was never sent, so failover
-    is always allowed. ``stale_key`` is ``None`` when the request may not be served stale.
+    primary gave up needs it; after a refusal the primary was never sent, so failover is
+    always allowed. ``stale_key`` is ``None`` when the request may not be served stale.
     """
 
-    __slots__ = ("cache", "downstream", "now", "replay_safe", "stale_key")
+    __slots__ = ("cache", "now", "origin", "replay_safe", "stale_key")
 
-    #: Async subclasses set it: the guard's fallback then returns :meth:`run_async`.
+    #: Async subclasses set it: :meth:`__call__` then returns a coroutine.
     is_async: ClassVar[bool] = False
 
     def __init__(
         self,
-        downstream: Downstream,
+        origin: Origin,
         *,
         replay_safe: bool,
         stale_key: Hashable | None,
         cache: StaleCache,
         now: Callable[[], float],
     ) -> None:
-        self.downstream = downstream
+        self.origin = origin
         self.replay_safe = replay_safe
         self.stale_key = stale_key
         self.cache = cache
@@ -646,8 +638,8 @@ class FallbackCall:
     # -- library hooks ------------------------------------------------------------------------
 
     def failover(self, base_url: str) -> Any:
-        """Send the request again with its origin replaced by ``base_url``, guarded by that
-        downstream's own policy (without its fallbacks); the response, or raises."""
+        """Send the request again with its origin replaced by ``base_url``, under that origin's
+        own plan (without its fallbacks); the response, or raises."""
         raise NotImplementedError
 
     async def failover_async(self, base_url: str) -> Any:
@@ -657,107 +649,92 @@ class FallbackCall:
         """A response object of the library rebuilt from ``entry``, marked stale."""
         raise NotImplementedError
 
-    def circuit_open(self, error: CircuitOpenError) -> BaseException:
-        """The library-flavoured refusal for the guard's plain ``error``."""
+    def refusal(self, error: RaptorError) -> Any:
+        """The library's answer to a plain refusal: its fail-fast error to raise (a breaker),
+        or a ``429`` response (a cooldown)."""
         raise NotImplementedError
 
     # -- the chain -------------------------------------------------------------------------------
 
-    def _stale(self) -> Any:
-        key = self.stale_key
-        if key is None or not self.downstream.stale_if_error:
-            return _NOTHING
-        try:
-            entry = self.cache.get(key, now=self.now(), max_age=self.downstream.stale_max_age)
-            return _NOTHING if entry is None else self.stale_response(entry)
-        except Exception as bug:  # noqa: BLE001 - our bug: skip this fallback
-            report_internal_error("http.stale_response", bug)
-            return _NOTHING
-
-    def _start(self, error: BaseException) -> tuple[BaseException, Any, bool]:
-        rejected = type(error) is CircuitOpenError
-        if rejected:
-            try:
-                error = self.circuit_open(error)  # type: ignore[arg-type]  # checked above
-            except Exception as bug:  # noqa: BLE001 - keep the plain refusal
-                report_internal_error("http.circuit_open", bug)
-        primary = error.response if isinstance(error, FailingResponse) else _NOTHING
-        return error, primary, rejected
-
-    def _choose(self, error: BaseException, primary: Any, result: Any) -> Any:
-        if result is not _NOTHING:
-            return result
-        function = self.downstream.policy.fallback
-        if function is None:
-            # Every fallback declined: the caller gets what it would have got without them
-            # (the wrapper turns a FailingResponse back into its response).
-            raise error
-        return function(error if primary is _NOTHING else primary)
+    def __call__(self, error: BaseException) -> Any:
+        return self.run_async(error) if self.is_async else self.run(error)
 
     def run(self, error: BaseException) -> Any:
-        """The guard's fallback for a sync call (see the class docstring)."""
         error, primary, rejected = self._start(error)
         result: Any = _NOTHING
-        if self.downstream.failover_urls and (self.replay_safe or rejected):
-            for base_url in self.downstream.failover_urls:
+        if self._may_fail_over(rejected):
+            for base_url in self.origin.failover_urls:
                 try:
                     response = self.failover(base_url)
                 except Exception:  # noqa: BLE001 - the next fallback's turn
                     continue
-                if is_failing_status(getattr(response, "status_code", None)):
-                    _close_quietly(response)
-                    continue
-                result = response
-                break
-        if result is _NOTHING:
-            result = self._stale()
+                if not is_failing_status(getattr(response, "status_code", None)):
+                    result = response
+                    break
+                _close_quietly(response)
         result = self._choose(error, primary, result)
         if primary is not _NOTHING and result is not primary:
             _close_quietly(primary)
         return result
 
     async def run_async(self, error: BaseException) -> Any:
-        """The guard's fallback for an async call; an awaitable from the fallback function
-        is awaited."""
+        """:meth:`run` for async clients; an awaitable from the fallback function is
+        awaited."""
         error, primary, rejected = self._start(error)
         result: Any = _NOTHING
-        if self.downstream.failover_urls and (self.replay_safe or rejected):
-            for base_url in self.downstream.failover_urls:
+        if self._may_fail_over(rejected):
+            for base_url in self.origin.failover_urls:
                 try:
                     response = await self.failover_async(base_url)
                 except Exception:  # noqa: BLE001 - the next fallback's turn
                     continue
-                if is_failing_status(getattr(response, "status_code", None)):
-                    await _aclose_quietly(response)
-                    continue
-                result = response
-                break
-        if result is _NOTHING:
-            result = self._stale()
+                if not is_failing_status(getattr(response, "status_code", None)):
+                    result = response
+                    break
+                await _aclose_quietly(response)
         result = self._choose(error, primary, result)
-        if inspect.isawaitable(result):
+        if hasattr(result, "__await__"):
             result = await result
         if primary is not _NOTHING and result is not primary:
             await _aclose_quietly(primary)
         return result
 
+    def _may_fail_over(self, rejected: bool) -> bool:
+        return bool(self.origin.failover_urls) and (self.replay_safe or rejected)
 
-def guard_fallback(error: BaseException) -> Any:
-    """The ``fallback`` of every fallback guard: runs the current request's
-    :class:`FallbackCall` (a coroutine for async calls, which the guard awaits)."""
-    call = _FALLBACK_CALL.get()
-    if call is None:  # only reachable if a fallback guard is used outside a wrapper
-        raise error
-    if call.is_async:
-        return call.run_async(error)
-    return call.run(error)
+    def _start(self, error: BaseException) -> tuple[BaseException, Any, bool]:
+        """The error as the library shows it, the primary response (or nothing), and
+        whether the primary was refused without being sent."""
+        rejected = type(error) in (CircuitOpenError, ThrottledError)
+        if rejected:
+            try:
+                answer = self.refusal(error)  # type: ignore[arg-type]  # checked above
+            except Exception as bug:  # noqa: BLE001 - keep the plain refusal
+                report_internal_error("http.refusal", bug)
+            else:
+                error = answer if isinstance(answer, BaseException) else FailingResponse(answer)
+        primary = error.response if isinstance(error, FailingResponse) else _NOTHING
+        return error, primary, rejected
 
+    def _stale(self) -> Any:
+        key = self.stale_key
+        if key is None or not self.origin.stale_if_error:
+            return _NOTHING
+        try:
+            entry = self.cache.get(key, now=self.now(), max_age=self.origin.stale_max_age)
+            return _NOTHING if entry is None else self.stale_response(entry)
+        except Exception as bug:  # noqa: BLE001 - our bug: skip this fallback
+            report_internal_error("http.stale_response", bug)
+            return _NOTHING
 
-def enter_fallback(call: FallbackCall) -> object:
-    """Make ``call`` the current request's fallbacks; returns the token for
-    :func:`exit_fallback`."""
-    return _FALLBACK_CALL.set(call)
-
-
-def exit_fallback(token: object) -> None:
-    _FALLBACK_CALL.reset(token)  # type: ignore[arg-type]  # a token from enter_fallback
+    def _choose(self, error: BaseException, primary: Any, result: Any) -> Any:
+        if result is _NOTHING:
+            result = self._stale()
+        if result is not _NOTHING:
+            return result
+        function = self.origin.policy.fallback
+        if function is None:
+            # Nothing to offer: the caller gets what it would have got without fallbacks, and
+            # the call is reported as it ended (not as a fallback).
+            raise FallbackDeclined
+        return function(error if primary is _NOTHING else primary)

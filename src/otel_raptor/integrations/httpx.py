@@ -8,11 +8,17 @@ two is installed first. One attempt is one whole ``send``: the auth flow runs ag
 redirects are followed again from the first URL.
 
 Timeouts are httpx's own: a client has a 5 s default that ``send`` applies even to a
-hand-built request, and ``timeout=None`` there is the caller's explicit choice, so the
-downstream's ``timeout`` is not applied (``retry.attempt_timeout``/``deadline`` are, for
-``AsyncClient``, through the guard). A request body is replayable when it is in memory
-(``content=``, ``data=``, ``json=``: an ``httpx.ByteStream``); generators and files are sent
-once. ``AsyncClient`` calls outside an asyncio event loop (trio) pass through untouched.
+hand-built request. Only a request that httpx would leave unbounded (a client or request
+built with ``timeout=None``) gets the origin's ``request_timeout``, as requests calls
+without a timeout do. The policy's ``retry.attempt_timeout``/``deadline`` bound each
+``AsyncClient`` attempt with ``asyncio.wait_for``; a sync ``Client`` attempt keeps httpx's
+timeouts. A request body is replayable when it is in memory (``content=``, ``data=``,
+``json=``: an ``httpx.ByteStream``); generators and files are sent once. ``AsyncClient``
+calls outside an asyncio event loop (trio) pass through untouched.
+
+What is specific to httpx (the rest is the integration kit's and :mod:`._http`'s): how a
+``send`` call is described, the timeout rule above, the fail-fast error class and the
+``Response`` objects raptor builds (stale, or a ``429`` while the origin cools down).
 
 :func:`circuit_open_error_type` (also importable as ``HttpxCircuitOpen`` from this module) is
 the class of the fail-fast error: both :class:`~otel_raptor.errors.CircuitOpenError` and
@@ -25,29 +31,28 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final
 
-from otel_raptor.errors import CircuitOpenError
+from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
     IDEMPOTENT,
-    AsyncAttempt,
-    Downstream,
-    DownstreamTable,
-    FailingResponse,
+    AsyncHttpHooks,
     FallbackCall,
+    HttpHooks,
+    Origin,
+    OriginTable,
     StaleCache,
     StaleEntry,
-    SyncAttempt,
-    enter_fallback,
-    exit_fallback,
-    guard_fallback,
     http_enabled,
     replay_safe,
     stale_headers,
+    throttled_headers,
 )
+from otel_raptor.integrations._kit import call, call_async, library_error, manage_cache
 from otel_raptor.integrations._wrapping import unwrap, wrap
-from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -66,36 +71,20 @@ _NOT_REPLAYED_HEADERS: Final = frozenset(
     {"content-encoding", "content-length", "transfer-encoding"}
 )
 
-_error_type: type[CircuitOpenError] | None = None
-
-# downstream, guard, request, keyword arguments, fallbacks (or None), stale key (or None)
-_Plan: TypeAlias = tuple[
-    Downstream, Guard, Any, dict[str, Any], "_Fallback | None", Hashable | None
-]
-
 
 def circuit_open_error_type() -> type[CircuitOpenError]:
-    """The class of the error raised when a downstream's breaker is open.
+    """The class of the error raised when an origin's breaker is open.
 
     It subclasses both :class:`~otel_raptor.errors.CircuitOpenError` and
     ``httpx.ConnectError`` (so ``except httpx.ConnectError``, ``httpx.TransportError``,
     ``httpx.RequestError`` and ``httpx.HTTPError`` keep catching it), and carries
-    ``breaker``, ``retry_after`` and ``request`` (the refused ``httpx.Request``). Built on
-    first use, since httpx is imported only then; the same class every time.
-    ``from otel_raptor.integrations.httpx import HttpxCircuitOpen`` gives it too.
+    ``breaker``, ``retry_after`` and ``request`` (the refused ``httpx.Request``). The same
+    class every time; ``from otel_raptor.integrations.httpx import HttpxCircuitOpen`` gives it
+    too.
     """
-    global _error_type  # noqa: PLW0603 - built once, lazily, because it imports httpx
-    if _error_type is None:
-        import httpx  # noqa: PLC0415 - the library is imported only when needed
+    import httpx  # noqa: PLC0415 - the library is imported only when needed
 
-        class HttpxCircuitOpen(CircuitOpenError, httpx.ConnectError):
-            """A refusal by an open breaker: a ``CircuitOpenError`` and an
-            ``httpx.ConnectError``."""
-
-        HttpxCircuitOpen.__module__ = __name__
-        HttpxCircuitOpen.__qualname__ = "HttpxCircuitOpen"
-        _error_type = HttpxCircuitOpen
-    return _error_type
+    return library_error(CircuitOpenError, httpx.ConnectError, "HttpxCircuitOpen", __name__)
 
 
 def __getattr__(name: str) -> Any:
@@ -104,23 +93,72 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _refusal(error: CircuitOpenError, request: Any) -> BaseException:
+def _refusal(error: RaptorError, request: Any) -> Any:
+    """httpx's answer to a plain refusal: an ``HttpxCircuitOpen`` to raise for a breaker, a
+    ``429`` response for a cooldown."""
+    if isinstance(error, ThrottledError):
+        import httpx  # noqa: PLC0415 - imported by install() already
+
+        return httpx.Response(429, headers=throttled_headers(error.retry_after), request=request)
+    assert isinstance(error, CircuitOpenError)
     return circuit_open_error_type()(error.breaker, error.retry_after, request=request)
+
+
+def _ours(error: RaptorError, origin: Origin) -> bool:
+    """Whether a plain refusal is this origin's (not one raised by a fallback function)."""
+    if type(error) is CircuitOpenError:
+        return error.breaker == origin.breaker_name
+    return type(error) is ThrottledError and error.service == origin.service
+
+
+class _Call:
+    """One described ``send`` call."""
+
+    __slots__ = ("fallback", "kwargs", "origin", "plan", "request", "stale_key")
+
+    def __init__(
+        self,
+        origin: Origin,
+        plan: CallPlan,
+        request: Any,
+        kwargs: dict[str, Any],
+        stale_key: Hashable | None,
+    ) -> None:
+        self.origin = origin
+        self.plan = plan
+        self.request = request
+        self.kwargs = kwargs
+        self.stale_key = stale_key
+        self.fallback: _Fallback | None = None
 
 
 class _Installed:
     """The state of one installation; the module-level wrappers read it on every call."""
 
-    __slots__ = ("byte_stream", "monotonic", "stale", "table", "use_client_default")
+    __slots__ = (
+        "async_table",
+        "byte_stream",
+        "monotonic",
+        "stale",
+        "sync_table",
+        "timeout_type",
+        "unmanage",
+        "use_client_default",
+    )
 
     def __init__(self, settings: IntegrationSettings) -> None:
         import httpx  # noqa: PLC0415 - imported by install() already
 
-        self.table = DownstreamTable(settings.runtime, settings.config, fallback=guard_fallback)
+        # Sync and async clients differ in how a failed response is closed, so their plans
+        # have their own hooks; both share each origin's breaker and downstream.
+        self.sync_table = OriginTable(settings.runtime, settings.config, HttpHooks())
+        self.async_table = OriginTable(settings.runtime, settings.config, AsyncHttpHooks())
         self.stale = StaleCache()
         self.monotonic = settings.runtime.clock.monotonic
         self.byte_stream = httpx.ByteStream
         self.use_client_default = httpx.USE_CLIENT_DEFAULT
+        self.timeout_type = httpx.Timeout
+        self.unmanage = manage_cache(settings, "otel_raptor.httpx.stale", self.stale)
 
     # -- describing a request: our code, allowed to fail ------------------------------------
 
@@ -132,7 +170,7 @@ class _Installed:
         kwargs: dict[str, Any],
         *,
         is_async: bool,
-    ) -> _Plan | None:
+    ) -> _Call | None:
         """How to guard this ``send``, or ``None`` to leave it alone."""
         if len(args) == 1:
             request = args[0]
@@ -143,40 +181,57 @@ class _Installed:
         else:
             return None  # not a shape ``send`` accepts: httpx raises its own TypeError
         url = request.url
-        downstream = self.table.for_parts(url.scheme, url.host, url.port)
-        if downstream is None or not downstream.enabled:
+        table = self.async_table if is_async else self.sync_table
+        origin = table.for_parts(url.scheme, url.host, url.port)
+        if origin is None or not origin.enabled:
             return None
         method = request.method
         body_replayable = isinstance(request.stream, self.byte_stream)
         if body_replayable and method in IDEMPOTENT:
             safe = True
         else:
-            safe = replay_safe(downstream, method, body_replayable, request.headers)
+            safe = replay_safe(origin, method, body_replayable, request.headers)
         stale_key = None
-        fallbacks = downstream.fixed_fallbacks
-        if downstream.stale_if_error and method == "GET" and not call_kwargs.get("stream"):
+        fallbacks = origin.fixed_fallbacks
+        if origin.stale_if_error and method == "GET" and not call_kwargs.get("stream"):
             stale_key = self._stale_key(client, request, call_kwargs)
             fallbacks = fallbacks or (
                 stale_key is not None
-                and self.stale.get(
-                    stale_key, now=self.monotonic(), max_age=downstream.stale_max_age
-                )
+                and self.stale.get(stale_key, now=self.monotonic(), max_age=origin.stale_max_age)
                 is not None
             )
-        fallback = None
-        if not fallbacks:
-            guard = downstream.safe if safe else downstream.unsafe
-        else:
-            guard = downstream.guard(replay_safe=safe, with_fallback=True)
-            fallback_class = _AsyncFallback if is_async else _Fallback
-            fallback = fallback_class(
-                self, downstream, wrapped, request, call_kwargs, safe=safe, stale_key=stale_key
+        if origin.timeout is not None:
+            self._bound_timeout(client, request, origin.timeout)
+        described = _Call(
+            origin,
+            origin.plan(replay_safe=safe, with_fallback=fallbacks),
+            request,
+            call_kwargs,
+            stale_key,
+        )
+        if fallbacks:
+            described.fallback = (_AsyncFallback if is_async else _Fallback)(
+                self, described, wrapped, safe=safe
             )
-        return downstream, guard, request, call_kwargs, fallback, stale_key
+        return described
+
+    def _bound_timeout(self, client: Any, request: Any, seconds: float) -> None:
+        """Give a request httpx would leave unbounded (every timeout ``None``) ``seconds``."""
+        timeout = request.extensions.get("timeout")
+        if timeout is None:
+            configured = getattr(client, "timeout", None)
+            if configured is None or not hasattr(configured, "as_dict"):
+                return
+            timeout = configured.as_dict()
+        if timeout.get("read", 0) is None and all(v is None for v in timeout.values()):
+            request.extensions = {
+                **request.extensions,
+                "timeout": self.timeout_type(seconds).as_dict(),
+            }
 
     def _stale_key(self, client: Any, request: Any, kwargs: dict[str, Any]) -> Hashable | None:
-        """The stale-cache key of a GET: its URL and every credential we can see; ``None``
-        (never served stale) with an auth flow other than basic auth."""
+        """The stale-cache key of a GET: a private digest of its URL and every credential we
+        can see; ``None`` (never served stale) with an auth flow other than basic auth."""
         import httpx  # noqa: PLC0415 - imported by install() already
 
         auth = kwargs.get("auth", self.use_client_default)
@@ -193,7 +248,7 @@ class _Installed:
             return None
         headers = request.headers
         credentials = tuple(headers.get(name) for name in _CREDENTIAL_HEADERS)
-        return (str(request.url), token, credentials)
+        return private_digest(str(request.url), token, credentials)
 
     def remember(self, key: Hashable, response: Any) -> None:
         """Keep a good response for stale-if-error (our code: never raises)."""
@@ -222,143 +277,103 @@ class _Installed:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def send(
-        self,
-        wrapped: Callable[..., Any],
-        client: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def send(self, wrapped: Callable[..., Any], described: _Call) -> Any:
         try:
-            plan = self.describe(wrapped, client, args, kwargs, is_async=False)
-        except Exception as bug:  # noqa: BLE001 - never break the host app
-            report_internal_error("httpx.describe", bug)
-            return wrapped(*args, **kwargs)
-        if plan is None:
-            return wrapped(*args, **kwargs)
-        downstream, guard, request, call_kwargs, fallback, stale_key = plan
-        token = None if fallback is None else enter_fallback(fallback)
-        try:
-            response = guard.call(SyncAttempt(wrapped), request, **call_kwargs)
-        except FailingResponse as failure:
-            return failure.response
-        except CircuitOpenError as error:
-            if type(error) is CircuitOpenError and error.breaker == downstream.breaker_name:
-                raise _refusal(error, request) from None
-            raise
-        finally:
-            if token is not None:
-                exit_fallback(token)
-        if stale_key is not None:
-            self.remember(stale_key, response)
+            response = call(
+                described.plan, wrapped, (described.request,), described.kwargs, described.fallback
+            )
+        except (CircuitOpenError, ThrottledError) as error:
+            return self._refused(error, described)
+        if described.stale_key is not None:
+            self.remember(described.stale_key, response)
         return response
 
-    async def send_async(
-        self,
-        wrapped: Callable[..., Awaitable[Any]],
-        client: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    async def send_async(self, wrapped: Callable[..., Awaitable[Any]], described: _Call) -> Any:
         try:
-            plan = self.describe(wrapped, client, args, kwargs, is_async=True)
-        except Exception as bug:  # noqa: BLE001 - never break the host app
-            report_internal_error("httpx.describe", bug)
-            return await wrapped(*args, **kwargs)
-        if plan is None:
-            return await wrapped(*args, **kwargs)
-        downstream, guard, request, call_kwargs, fallback, stale_key = plan
-        token = None if fallback is None else enter_fallback(fallback)
-        try:
-            response = await guard.call_async(AsyncAttempt(wrapped), request, **call_kwargs)
-        except FailingResponse as failure:
-            return failure.response
-        except CircuitOpenError as error:
-            if type(error) is CircuitOpenError and error.breaker == downstream.breaker_name:
-                raise _refusal(error, request) from None
-            raise
-        finally:
-            if token is not None:
-                exit_fallback(token)
-        if stale_key is not None:
-            self.remember(stale_key, response)
+            response = await call_async(
+                described.plan, wrapped, (described.request,), described.kwargs, described.fallback
+            )
+        except (CircuitOpenError, ThrottledError) as error:
+            return self._refused(error, described)
+        if described.stale_key is not None:
+            self.remember(described.stale_key, response)
         return response
+
+    def _refused(self, error: RaptorError, described: _Call) -> Any:
+        if not _ours(error, described.origin):
+            raise error
+        answer = _refusal(error, described.request)
+        if isinstance(answer, BaseException):
+            raise answer from None
+        return answer
 
     # -- failover -----------------------------------------------------------------------------
 
-    def failover_request(self, request: Any, base_url: str) -> Any:
-        """``request`` with its origin replaced by ``base_url`` (path and query kept)."""
+    def failover_call(
+        self, failed: _Call, base_url: str, *, is_async: bool
+    ) -> tuple[Any, _Call | None]:
+        """``failed``'s request moved to ``base_url`` (path and query kept), and how to send
+        it: under that origin's plan without fallbacks, or (``None``) as it is when that
+        origin is left alone."""
         import httpx  # noqa: PLC0415 - imported by install() already
 
+        request = failed.request
         target = httpx.URL(base_url.rstrip("/") + request.url.raw_path.decode("ascii"))
         headers = [
             (name, value) for name, value in request.headers.multi_items() if name.lower() != "host"
         ]
         # ``stream=`` keeps the body as it is (and adds no header), so Host is set here.
         headers.insert(0, ("Host", target.netloc.decode("ascii")))
-        return httpx.Request(
+        moved = httpx.Request(
             request.method,
             target,
             headers=headers,
             stream=request.stream,
             extensions=dict(request.extensions),
         )
+        table = self.async_table if is_async else self.sync_table
+        origin = table.for_parts(target.scheme, target.host, target.port)
+        if origin is None or not origin.enabled:
+            return moved, None
+        plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
+        return moved, _Call(origin, plan, moved, failed.kwargs, None)
 
 
 class _Fallback(FallbackCall):
     """The fallbacks of one ``Client.send`` call."""
 
-    __slots__ = ("installed", "kwargs", "request", "wrapped")
+    __slots__ = ("call", "installed", "wrapped")
 
     def __init__(
         self,
         installed: _Installed,
-        downstream: Downstream,
+        described: _Call,
         wrapped: Callable[..., Any],
-        request: Any,
-        kwargs: dict[str, Any],
         *,
         safe: bool,
-        stale_key: Hashable | None,
     ) -> None:
         super().__init__(
-            downstream,
+            described.origin,
             replay_safe=safe,
-            stale_key=stale_key,
+            stale_key=described.stale_key,
             cache=installed.stale,
             now=installed.monotonic,
         )
         self.installed = installed
+        self.call = described
         self.wrapped = wrapped
-        self.request = request
-        self.kwargs = kwargs
-
-    def _target(self, base_url: str) -> tuple[Any, Guard | None]:
-        """The failover request, and its downstream's guard (without fallbacks), if any."""
-        request = self.installed.failover_request(self.request, base_url)
-        url = request.url
-        downstream = self.installed.table.for_parts(url.scheme, url.host, url.port)
-        if downstream is None or not downstream.enabled:
-            return request, None
-        return request, downstream.guard(replay_safe=self.replay_safe, with_fallback=False)
 
     def failover(self, base_url: str) -> Any:
-        request, guard = self._target(base_url)
-        if guard is None:
-            return self.wrapped(request, **self.kwargs)
-        try:
-            return guard.call(SyncAttempt(self.wrapped), request, **self.kwargs)
-        except FailingResponse as failure:
-            return failure.response
+        request, moved = self.installed.failover_call(self.call, base_url, is_async=False)
+        if moved is None:
+            return self.wrapped(request, **self.call.kwargs)
+        return self.installed.send(self.wrapped, moved)
 
     async def failover_async(self, base_url: str) -> Any:
-        request, guard = self._target(base_url)
-        if guard is None:
-            return await self.wrapped(request, **self.kwargs)
-        try:
-            return await guard.call_async(AsyncAttempt(self.wrapped), request, **self.kwargs)
-        except FailingResponse as failure:
-            return failure.response
+        request, moved = self.installed.failover_call(self.call, base_url, is_async=True)
+        if moved is None:
+            return await self.wrapped(request, **self.call.kwargs)
+        return await self.installed.send_async(self.wrapped, moved)
 
     def stale_response(self, entry: StaleEntry) -> Any:
         import httpx  # noqa: PLC0415 - imported by install() already
@@ -367,11 +382,11 @@ class _Fallback(FallbackCall):
             entry.status,
             headers=stale_headers(entry, self.now()),
             content=entry.body,
-            request=self.request,
+            request=self.call.request,
         )
 
-    def circuit_open(self, error: CircuitOpenError) -> BaseException:
-        return _refusal(error, self.request)
+    def refusal(self, error: RaptorError) -> Any:
+        return _refusal(error, self.call.request)
 
 
 class _AsyncFallback(_Fallback):
@@ -391,7 +406,14 @@ def _send_wrapper(
     installed = _installed
     if installed is None or not http_enabled():
         return wrapped(*args, **kwargs)
-    return installed.send(wrapped, instance, args, kwargs)
+    try:
+        described = installed.describe(wrapped, instance, args, kwargs, is_async=False)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("httpx.describe", bug)
+        return wrapped(*args, **kwargs)
+    if described is None:
+        return wrapped(*args, **kwargs)
+    return installed.send(wrapped, described)
 
 
 def _async_send_wrapper(
@@ -407,8 +429,15 @@ def _async_send_wrapper(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return wrapped(*args, **kwargs)  # trio, or no loop: our guard sleeps with asyncio
-    return installed.send_async(wrapped, instance, args, kwargs)
+        return wrapped(*args, **kwargs)  # trio, or no loop: our loop sleeps with asyncio
+    try:
+        described = installed.describe(wrapped, instance, args, kwargs, is_async=True)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("httpx.describe", bug)
+        return wrapped(*args, **kwargs)
+    if described is None:
+        return wrapped(*args, **kwargs)
+    return installed.send_async(wrapped, described)
 
 
 class HttpxIntegration:
@@ -439,6 +468,7 @@ class HttpxIntegration:
             wrap(httpx.AsyncClient, "send", _async_send_wrapper)
         except Exception:
             _installed = self._state = None
+            state.unmanage()
             unwrap(httpx.Client, "send", _send_wrapper)
             raise
 
@@ -450,6 +480,7 @@ class HttpxIntegration:
         if state is None or _installed is not state:
             return  # not installed, or another instance installed since: the hooks are theirs
         _installed = None
+        state.unmanage()
         httpx = sys.modules.get("httpx")
         if httpx is not None:
             unwrap(httpx.Client, "send", _send_wrapper)

@@ -8,10 +8,12 @@ whole ``Session.request``: the request is prepared again (so an auth handshake i
 rather than replayed with a stale nonce) and redirects are followed again from the first
 URL. Code that calls ``Session.send`` with a prepared request directly is not guarded.
 
-Per request, on the success path: one context read (is instrumentation suppressed?), three
-``str.find`` and a dict lookup to find the origin's downstream, a few ``dict.get`` to judge
-replay safety and the timeout, and the guard's closed-breaker fast path. See
-``docs/http.md`` for what is retried, the timeout rule, fallbacks and the fail-fast error.
+What is specific to requests (the rest is the integration kit's and :mod:`._http`'s): how a
+``Session.request`` call is described (its origin, whether its body can be sent again, its
+``Idempotency-Key`` and the session's headers, the stale-cache key), the ``timeout`` keyword
+(raptor's default when the caller gave none; the attempt timeout when the policy has one), the
+fail-fast error class and the ``Response`` objects raptor builds (stale, or a ``429`` while the
+origin cools down). See ``docs/http.md``.
 
 :func:`circuit_open_error_type` (also importable as ``RequestsCircuitOpen`` from this module)
 is the class of the fail-fast error: both :class:`~otel_raptor.errors.CircuitOpenError` and
@@ -24,29 +26,28 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Hashable, Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final
 
-from otel_raptor.errors import CircuitOpenError
+from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
     IDEMPOTENT,
-    Downstream,
-    DownstreamTable,
-    FailingResponse,
     FallbackCall,
+    HttpHooks,
+    Origin,
+    OriginTable,
     StaleCache,
     StaleEntry,
-    SyncAttempt,
-    enter_fallback,
-    exit_fallback,
-    guard_fallback,
     http_enabled,
     origin_end,
     replay_safe,
     stale_headers,
+    throttled_headers,
 )
+from otel_raptor.integrations._kit import call, library_error, manage_cache
 from otel_raptor.integrations._wrapping import unwrap, wrap
-from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -81,37 +82,22 @@ _PARAMETERS: Final = (
 _CREDENTIAL_HEADERS: Final = ("authorization", "proxy-authorization", "cookie")
 _REPLAYABLE_DATA: Final = (str, bytes, bytearray, dict)
 
-_error_type: type[CircuitOpenError] | None = None
-
-# downstream, guard, method, url, keyword arguments, fallbacks (or None), stale key (or None)
-_Plan: TypeAlias = tuple[
-    Downstream, Guard, Any, Any, dict[str, Any], "_Fallback | None", Hashable | None
-]
-
 
 def circuit_open_error_type() -> type[CircuitOpenError]:
-    """The class of the error raised when a downstream's breaker is open.
+    """The class of the error raised when an origin's breaker is open.
 
     It subclasses both :class:`~otel_raptor.errors.CircuitOpenError` and
     ``requests.exceptions.ConnectionError`` (so ``except requests.ConnectionError`` and
     ``except requests.RequestException`` keep catching it), and carries ``breaker``,
     ``retry_after`` and ``request`` (a ``PreparedRequest`` of the method and URL, or
-    ``None``). Built on first use, since requests is imported only then; the same class
-    every time. ``from otel_raptor.integrations.requests import RequestsCircuitOpen`` gives
-    it too.
+    ``None``). The same class every time; ``from otel_raptor.integrations.requests import
+    RequestsCircuitOpen`` gives it too.
     """
-    global _error_type  # noqa: PLW0603 - built once, lazily, because it imports requests
-    if _error_type is None:
-        import requests  # noqa: PLC0415 - the library is imported only when needed
+    import requests  # noqa: PLC0415 - the library is imported only when needed
 
-        class RequestsCircuitOpen(CircuitOpenError, requests.exceptions.ConnectionError):
-            """A refusal by an open breaker: a ``CircuitOpenError`` and a requests
-            ``ConnectionError``."""
-
-        RequestsCircuitOpen.__module__ = __name__
-        RequestsCircuitOpen.__qualname__ = "RequestsCircuitOpen"
-        _error_type = RequestsCircuitOpen
-    return _error_type
+    return library_error(
+        CircuitOpenError, requests.exceptions.ConnectionError, "RequestsCircuitOpen", __name__
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -120,12 +106,32 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _refusal(error: CircuitOpenError, method: Any, url: Any, params: Any) -> BaseException:
+def _prepared(method: Any, url: Any, params: Any) -> Any:
     import requests  # noqa: PLC0415 - already imported by install()
 
-    request = None
-    with contextlib.suppress(Exception):  # an unpreparable URL: the error goes without it
-        request = requests.Request(method=method, url=url, params=params).prepare()
+    with contextlib.suppress(Exception):  # an unpreparable URL: the answer goes without it
+        return requests.Request(method=method, url=url, params=params).prepare()
+    return None
+
+
+def _refusal(error: RaptorError, method: Any, url: Any, params: Any) -> Any:
+    """requests' answer to a plain refusal: a ``RequestsCircuitOpen`` to raise for a breaker,
+    a ``429`` response for a cooldown."""
+    request = _prepared(method, url, params)
+    if isinstance(error, ThrottledError):
+        from requests.models import Response  # noqa: PLC0415 - imported by install()
+        from requests.structures import CaseInsensitiveDict  # noqa: PLC0415
+
+        response = Response()
+        response.status_code = 429
+        response.reason = "Too Many Requests"
+        response.headers = CaseInsensitiveDict(throttled_headers(error.retry_after))
+        response._content = b""
+        response._content_consumed = True  # type: ignore[attr-defined]  # untyped in the stubs
+        response.url = request.url if request is not None else str(url)
+        response.request = request
+        return response
+    assert isinstance(error, CircuitOpenError)
     return circuit_open_error_type()(error.breaker, error.retry_after, request=request)
 
 
@@ -160,7 +166,8 @@ def _header(headers: Any, lowered: str) -> str | None:
 
 
 def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | None:
-    """The stale-cache key of a GET: its URL and params, and every credential we can see.
+    """The stale-cache key of a GET: a private digest of its URL and params and every
+    credential we can see (see :mod:`otel_raptor.runtime.keys`).
 
     ``None`` (never served stale) when it carries credentials we cannot fold into a key:
     an auth object other than a ``(user, password)`` tuple, or cookies not given as a
@@ -188,63 +195,87 @@ def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | 
         for name in _CREDENTIAL_HEADERS
     )
     params = kwargs.get("params")
-    return (url, None if params is None else repr(params), auth, cookies, jar_items, credentials)
+    return private_digest(
+        url, None if params is None else repr(params), auth, cookies, jar_items, credentials
+    )
+
+
+def _session_headers(session: Any) -> Any:
+    return getattr(session, "headers", None)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+class _Call:
+    """One described ``Session.request`` call."""
+
+    __slots__ = ("end", "fallback", "kwargs", "method", "origin", "plan", "stale_key", "url")
+
+    def __init__(
+        self,
+        origin: Origin,
+        plan: CallPlan,
+        method: Any,
+        url: Any,
+        kwargs: dict[str, Any],
+        end: int,
+        stale_key: Hashable | None,
+    ) -> None:
+        self.origin = origin
+        self.plan = plan
+        self.method = method
+        self.url = url
+        self.kwargs = kwargs
+        self.end = end
+        self.stale_key = stale_key
+        self.fallback: _Fallback | None = None
 
 
 class _Installed:
     """The state of one installation; the module-level wrapper reads it on every call."""
 
-    __slots__ = ("monotonic", "stale", "table")
+    __slots__ = ("monotonic", "stale", "table", "unmanage")
 
     def __init__(self, settings: IntegrationSettings) -> None:
-        self.table = DownstreamTable(
-            settings.runtime, settings.config, timeout_kwarg="timeout", fallback=guard_fallback
-        )
+        self.table = OriginTable(settings.runtime, settings.config, HttpHooks("timeout"))
         self.stale = StaleCache()
         self.monotonic = settings.runtime.clock.monotonic
+        self.unmanage = manage_cache(settings, "otel_raptor.requests.stale", self.stale)
 
-    def handle(
-        self,
-        wrapped: Callable[..., Any],
-        session: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def send(self, wrapped: Callable[..., Any], described: _Call) -> Any:
+        """Run one described call; library errors pass through unchanged."""
         try:
-            plan = self._describe(wrapped, session, args, kwargs)
-        except Exception as bug:  # noqa: BLE001 - never break the host app
-            report_internal_error("requests.describe", bug)
-            return wrapped(*args, **kwargs)
-        if plan is None:
-            return wrapped(*args, **kwargs)
-        # The call: library exceptions pass through unchanged.
-        downstream, guard, method, url, call_kwargs, fallback, stale_key = plan
-        token = None if fallback is None else enter_fallback(fallback)
-        try:
-            response = guard.call(SyncAttempt(wrapped), method, url, **call_kwargs)
-        except FailingResponse as failure:
-            return failure.response
-        except CircuitOpenError as error:
-            if type(error) is CircuitOpenError and error.breaker == downstream.breaker_name:
-                raise _refusal(error, method, url, call_kwargs.get("params")) from None
-            raise
-        finally:
-            if token is not None:
-                exit_fallback(token)
-        if stale_key is not None:
-            self.remember(stale_key, response)
+            response = call(
+                described.plan,
+                wrapped,
+                (described.method, described.url),
+                described.kwargs,
+                described.fallback,
+            )
+        except (CircuitOpenError, ThrottledError) as error:
+            if not _ours(error, described.origin):
+                raise
+            answer = _refusal(
+                error, described.method, described.url, described.kwargs.get("params")
+            )
+            if isinstance(answer, BaseException):
+                raise answer from None
+            return answer
+        if described.stale_key is not None:
+            self.remember(described.stale_key, response)
         return response
 
-    def _describe(
+    def describe(
         self,
         wrapped: Callable[..., Any],
         session: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> _Plan | None:
+    ) -> _Call | None:
         """How to guard this call, or ``None`` to leave it alone. Our code: may fail."""
-        count = len(args)
-        if count == 2:
+        if len(args) == 2:
             method, url = args
             call_kwargs = kwargs
         else:
@@ -259,85 +290,68 @@ class _Installed:
                 return None
         text = url if type(url) is str else _text(url)
         end = origin_end(text)
-        downstream = self.table.for_prefix(text[:end]) if end > 0 else None
-        if downstream is None or not downstream.enabled:
+        origin = self.table.for_prefix(text[:end]) if end > 0 else None
+        if origin is None or not origin.enabled:
             return None
         name = method if type(method) is str else _text(method)
         if call_kwargs.get("data") is None and call_kwargs.get("files") is None:
-            body_replayable = True
             safe = name in IDEMPOTENT or replay_safe(
-                downstream, name, True, call_kwargs.get("headers"), _session_headers(session)
+                origin, name, True, call_kwargs.get("headers"), _session_headers(session)
             )
         else:
-            body_replayable = _body_replayable(call_kwargs)
             safe = replay_safe(
-                downstream,
+                origin,
                 name,
-                body_replayable,
+                _body_replayable(call_kwargs),
                 call_kwargs.get("headers"),
                 _session_headers(session),
             )
         stale_key = None
-        fallbacks = downstream.fixed_fallbacks
-        if downstream.stale_if_error and name.upper() == "GET":
+        fallbacks = origin.fixed_fallbacks
+        if origin.stale_if_error and name.upper() == "GET":
             stream = call_kwargs.get("stream")
             if not (stream if stream is not None else getattr(session, "stream", False)):
                 stale_key = _stale_key(session, text, call_kwargs)
                 fallbacks = fallbacks or (
                     stale_key is not None
                     and self.stale.get(
-                        stale_key, now=self.monotonic(), max_age=downstream.stale_max_age
+                        stale_key, now=self.monotonic(), max_age=origin.stale_max_age
                     )
                     is not None
                 )
-        fallback = None
-        if not fallbacks:
-            guard = downstream.safe if safe else downstream.unsafe
-        else:
-            guard = downstream.guard(replay_safe=safe, with_fallback=True)
-            fallback = _Fallback(
-                self,
-                downstream,
-                wrapped,
-                method,
-                url,
-                call_kwargs,
-                safe=safe,
-                stale_key=stale_key,
-                end=end,
-            )
         if call_kwargs.get("timeout") is None:
             # requests waits forever without a timeout. ``None`` is its default, so an
-            # explicit ``timeout=None`` reads as "none given" too. Last: nothing after this
-            # may fail, since a failure calls the original with these very kwargs.
-            if downstream.timed:
-                call_kwargs.pop("timeout", None)  # the guard fills in the attempt timeout
-            elif downstream.timeout is not None:
-                call_kwargs["timeout"] = downstream.timeout
-        return downstream, guard, method, url, call_kwargs, fallback, stale_key
+            # explicit ``timeout=None`` reads as "none given" too; a policy with an attempt
+            # timeout applies that one instead (through the plan's hooks).
+            if origin.timed:
+                call_kwargs.pop("timeout", None)
+            elif origin.timeout is not None:
+                call_kwargs["timeout"] = origin.timeout
+        described = _Call(
+            origin,
+            origin.plan(replay_safe=safe, with_fallback=fallbacks),
+            method,
+            url,
+            call_kwargs,
+            end,
+            stale_key,
+        )
+        if fallbacks:
+            described.fallback = _Fallback(self, described, wrapped, safe=safe)
+        return described
 
-    def send_plain(
-        self,
-        wrapped: Callable[..., Any],
-        method: Any,
-        url: str,
-        kwargs: dict[str, Any],
-        safe: bool,
-    ) -> Any:
-        """Send to ``url`` under its own downstream's guard, without fallbacks (failover)."""
-        end = origin_end(url)
-        downstream = self.table.for_prefix(url[:end]) if end > 0 else None
-        if downstream is None or not downstream.enabled:
-            return wrapped(method, url, **kwargs)
-        guard = downstream.guard(replay_safe=safe, with_fallback=False)
-        try:
-            return guard.call(SyncAttempt(wrapped), method, url, **kwargs)
-        except FailingResponse as failure:
-            return failure.response
-        except CircuitOpenError as error:
-            if type(error) is CircuitOpenError and error.breaker == downstream.breaker_name:
-                raise _refusal(error, method, url, kwargs.get("params")) from None
-            raise
+    def failover(self, wrapped: Callable[..., Any], failed: _Call, base_url: str) -> Any:
+        """Send ``failed`` to ``base_url`` under that origin's plan, without fallbacks."""
+        text = failed.url if type(failed.url) is str else _text(failed.url)
+        target = base_url.rstrip("/") + text[failed.end :]
+        end = origin_end(target)
+        origin = self.table.for_prefix(target[:end]) if end > 0 else None
+        if origin is None or not origin.enabled:
+            return wrapped(failed.method, target, **failed.kwargs)
+        plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
+        return self.send(
+            wrapped, _Call(origin, plan, failed.method, target, failed.kwargs, end, None)
+        )
 
     def remember(self, key: Hashable, response: Any) -> None:
         """Keep a good response for stale-if-error (our code: never raises)."""
@@ -361,52 +375,39 @@ class _Installed:
             report_internal_error("requests.stale_store", bug)
 
 
-def _session_headers(session: Any) -> Any:
-    return getattr(session, "headers", None)
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
+def _ours(error: RaptorError, origin: Origin) -> bool:
+    """Whether a plain refusal is this origin's (not one raised by a fallback function)."""
+    if type(error) is CircuitOpenError:
+        return error.breaker == origin.breaker_name
+    return type(error) is ThrottledError and error.service == origin.service
 
 
 class _Fallback(FallbackCall):
     """The fallbacks of one ``Session.request`` call."""
 
-    __slots__ = ("end", "installed", "kwargs", "method", "url", "wrapped")
+    __slots__ = ("call", "installed", "wrapped")
 
     def __init__(
         self,
         installed: _Installed,
-        downstream: Downstream,
+        described: _Call,
         wrapped: Callable[..., Any],
-        method: Any,
-        url: Any,
-        kwargs: dict[str, Any],
         *,
         safe: bool,
-        stale_key: Hashable | None,
-        end: int,
     ) -> None:
         super().__init__(
-            downstream,
+            described.origin,
             replay_safe=safe,
-            stale_key=stale_key,
+            stale_key=described.stale_key,
             cache=installed.stale,
             now=installed.monotonic,
         )
         self.installed = installed
+        self.call = described
         self.wrapped = wrapped
-        self.method = method
-        self.url = url
-        self.kwargs = kwargs
-        self.end = end
 
     def failover(self, base_url: str) -> Any:
-        text = self.url if type(self.url) is str else _text(self.url)
-        target = base_url.rstrip("/") + text[self.end :]
-        return self.installed.send_plain(
-            self.wrapped, self.method, target, self.kwargs, self.replay_safe
-        )
+        return self.installed.failover(self.wrapped, self.call, base_url)
 
     def stale_response(self, entry: StaleEntry) -> Any:
         from requests.models import Response  # noqa: PLC0415 - imported by install()
@@ -423,8 +424,9 @@ class _Fallback(FallbackCall):
         response.url = entry.url
         return response
 
-    def circuit_open(self, error: CircuitOpenError) -> BaseException:
-        return _refusal(error, self.method, self.url, self.kwargs.get("params"))
+    def refusal(self, error: RaptorError) -> Any:
+        described = self.call
+        return _refusal(error, described.method, described.url, described.kwargs.get("params"))
 
 
 _installed: _Installed | None = None
@@ -437,7 +439,14 @@ def _request_wrapper(
     installed = _installed
     if installed is None or not http_enabled():
         return wrapped(*args, **kwargs)
-    return installed.handle(wrapped, instance, args, kwargs)
+    try:
+        described = installed.describe(wrapped, instance, args, kwargs)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("requests.describe", bug)
+        return wrapped(*args, **kwargs)
+    if described is None:
+        return wrapped(*args, **kwargs)
+    return installed.send(wrapped, described)
 
 
 class RequestsIntegration:
@@ -467,6 +476,7 @@ class RequestsIntegration:
             wrap(requests.Session, "request", _request_wrapper)
         except Exception:
             _installed = self._state = None
+            state.unmanage()
             raise
 
     def uninstall(self) -> None:
@@ -476,6 +486,7 @@ class RequestsIntegration:
         if state is None or _installed is not state:
             return  # not installed, or another instance installed since: the hook is theirs
         _installed = None
+        state.unmanage()
         requests = sys.modules.get("requests")
         if requests is not None:
             unwrap(requests.Session, "request", _request_wrapper)

@@ -39,6 +39,7 @@ __all__ = [
     "CallHooks",
     "CallPlan",
     "Fallback",
+    "FallbackDeclined",
     "ScopeFactory",
     "TimeoutKwargHooks",
     "current_attempt",
@@ -51,6 +52,12 @@ __all__ = [
 #: A fallback: given the last error (or the refusal), what the caller gets instead. It may
 #: return an awaitable in async calls.
 Fallback = Callable[[BaseException], Any]
+
+
+class FallbackDeclined(Exception):
+    """Raised by a fallback that has nothing to offer for this call (no cached response, no
+    failover that answered): the call then ends as it would have without a fallback, and is
+    reported so (not as a fallback)."""
 
 
 class ScopeFactory(Protocol):
@@ -552,6 +559,8 @@ class _Runner:
             return self._no_fallback()
         try:
             value = fallback(error)
+        except FallbackDeclined:
+            return self._declined()
         except BaseException:
             self._fallback_finished(ok=False)
             raise
@@ -567,6 +576,8 @@ class _Runner:
             value = fallback(error)
             if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
                 value = await value
+        except FallbackDeclined:
+            return self._declined()
         except BaseException:
             self._fallback_finished(ok=False)
             raise
@@ -594,7 +605,13 @@ class _Runner:
     def _no_fallback(self) -> Any:
         # A plan that promised a fallback, called without one: our bug, not the caller's.
         report_internal_error("drive.no_fallback", RuntimeError("a fallback plan without one"))
-        self._fallback_finished(ok=False)
+        return self._declined()
+
+    def _declined(self) -> Any:
+        try:
+            self.loop.fallback_declined(self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("drive.fallback_declined", bug)
         return self.finish()
 
     def _fallback_error(self) -> BaseException:

@@ -1,229 +1,34 @@
-"""Configuration of the instrumentor: what it hooks and how each downstream is treated.
-
-Precedence: ``RaptorInstrumentor().instrument(**kwargs)`` > ``OTEL_PYTHON_RAPTOR_*``
-environment variables > the TOML file named by ``OTEL_PYTHON_RAPTOR_CONFIG`` > defaults,
-decided key by key: an environment variable that sets the base delay leaves the file's
-maximum delay in force.
-
-Values given in code are validated at once and a bad one raises
-:class:`~otel_raptor.errors.ConfigError`. Values from the environment or the file arrive at
-start-up through the launcher, where an exception would stop every other instrumentor: each
-bad one is handed to ``report`` once (the instrumentor logs it, logger ``otel_raptor``) and
-that key falls back to the next layer down (the file, then the default). A bad value never
-takes the good values next to it down with it.
-
-This module is a leaf above ``core``: it builds core option values, nothing else. Reading
-the environment and the file are pure functions of their inputs (:func:`config_from_env`
-takes the mapping, :func:`config_from_toml` the path or text), so tests never patch
-``os.environ``. See ``docs/configuration.md``.
-"""
+"""``RaptorConfig``: every setting of the instrumentor, and loading it with its precedence."""
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
-import math
 import os
-import re
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final
 
 from otel_raptor import environment_variables as env
+from otel_raptor.config._values import (
+    _DEFAULT_PORTS,
+    _POLICY_CACHE_SIZE,
+    _TOP_DOTTED,
+    _TOP_FIELDS,
+    BreakerKey,
+    Overrides,
+    Report,
+    _check_flag,
+    _check_seconds,
+    _integrations,
+)
+from otel_raptor.config.downstream import DownstreamOverride, DownstreamPolicy, _Matcher
+from otel_raptor.config.environment import _ENV, _ENV_NAMES, config_from_env
+from otel_raptor.config.file import config_from_toml
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import ConfigError
 
-__all__ = [
-    "ALL_INTEGRATIONS",
-    "DownstreamOverride",
-    "DownstreamPolicy",
-    "Overrides",
-    "RaptorConfig",
-    "config_from_env",
-    "config_from_toml",
-]
-
-#: Every integration the instrumentor knows, by the name ``..._INTEGRATIONS`` uses.
-ALL_INTEGRATIONS = frozenset({"requests", "httpx", "asyncio"})
-
-BreakerKey = Literal["origin", "host"]
-
-#: A fallback for one downstream: given the error (or the failing response), return what the
-#: caller should get instead. Code only: it cannot come from a file.
-Fallback = Callable[[Any], Any]
-
-#: Settings read from the environment or a file, by dotted key (``retry.max_delay``,
-#: ``breaker.timeout``, ``retry_budget.ratio``, ``integrations``, ``breaker_key``,
-#: ``max_services``, ``retry_non_idempotent``; ``downstreams`` holds the file's raw
-#: ``[[downstreams]]`` tables). Values are parsed but not yet validated against each other:
-#: :meth:`RaptorConfig.load` does that.
-Overrides: TypeAlias = dict[str, object]
-
-#: Reports one bad value from the environment or the file.
-Report: TypeAlias = Callable[[ConfigError], None]
-
-# Distinct (scheme, host, port) kept by ``policy_for``; past it the cache starts over. Hosts
-# are bounded in practice, but never trust that.
-_POLICY_CACHE_SIZE: Final = 1024
-
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-_BOOLEANS: Final = {
-    "true": True,
-    "1": True,
-    "yes": True,
-    "on": True,
-    "false": False,
-    "0": False,
-    "no": False,
-    "off": False,
-}
-
-_INTEGRATIONS_ALLOWED: Final = "None (every installed one), or a subset of: " + ", ".join(
-    sorted(ALL_INTEGRATIONS)
-)
-_SECONDS_OR_NONE: Final = "None, or a finite number of seconds > 0"
-
-
-def _is_number(value: object) -> bool:
-    # bool is an int, but ``timeout=True`` is a bug, not a number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_seconds(key: str, value: object) -> None:
-    if value is not None and not (_is_number(value) and value > 0):  # type: ignore[operator]
-        raise ConfigError(key, value, _SECONDS_OR_NONE)
-
-
-def _check_flag(key: str, value: object, *, optional: bool) -> None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ConfigError(key, value, "None (inherit), True or False" if optional else "a bool")
-
-
-def _urls(key: str, value: object) -> tuple[str, ...]:
-    allowed = "a sequence of base URLs starting with http:// or https://"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ConfigError(key, value, allowed)
-    urls = tuple(value)
-    for url in urls:
-        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
-            raise ConfigError(key, value, allowed)
-    return urls
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DownstreamPolicy:
-    """How calls to one downstream (``scheme://host:port``) are treated, fully resolved.
-
-    ``timeout`` is the request timeout in seconds applied when the caller passed none
-    (``None``: leave the library's default, which for requests is to wait forever).
-    ``retry_non_idempotent`` opts POST/PATCH into retries (default off: only idempotent
-    methods or requests with an ``Idempotency-Key`` header are replayed). ``failover_urls``
-    are base URLs tried in order when the primary gives up. ``stale_if_error`` serves the last
-    good response to a GET (no older than ``stale_max_age`` seconds, > 0) when the call fails.
-    ``enabled=False`` leaves the downstream alone entirely.
-    """
-
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
-    timeout: float | None = 30.0
-    retry_non_idempotent: bool = False
-    failover_urls: tuple[str, ...] = ()
-    stale_if_error: bool = False
-    stale_max_age: float = 300.0
-    fallback: Fallback | None = None
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.retry, RetryPolicy):
-            raise ConfigError("downstream.retry", self.retry, "a RetryPolicy")
-        if not isinstance(self.breaker, CircuitBreakerConfig):
-            raise ConfigError("downstream.breaker", self.breaker, "a CircuitBreakerConfig")
-        _check_seconds("downstream.timeout", self.timeout)
-        _check_flag("downstream.retry_non_idempotent", self.retry_non_idempotent, optional=False)
-        object.__setattr__(
-            self, "failover_urls", _urls("downstream.failover_urls", self.failover_urls)
-        )
-        _check_flag("downstream.stale_if_error", self.stale_if_error, optional=False)
-        if not (_is_number(self.stale_max_age) and self.stale_max_age > 0):
-            raise ConfigError(
-                "downstream.stale_max_age", self.stale_max_age, "a finite number of seconds > 0"
-            )
-        if self.fallback is not None and not callable(self.fallback):
-            raise ConfigError("downstream.fallback", self.fallback, "None or a callable")
-        _check_flag("downstream.enabled", self.enabled, optional=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DownstreamOverride:
-    """Settings for the downstreams whose host (or ``host:port``) matches ``pattern``.
-
-    ``pattern`` is an ``fnmatch`` pattern, case-insensitive (``*.internal``,
-    ``api.example.com:8443``): with a ``:port`` suffix it is matched against ``host:port``
-    (the scheme's default port when the URL has none), otherwise against the host alone.
-    Fields left ``None`` inherit from the global settings; ``timeout`` inherits the
-    (resolved) ``breaker.timeout``. The first matching override wins, in the order given.
-    ``failover_urls`` may be given as any sequence; it is stored as a tuple.
-    """
-
-    pattern: str
-    retry: RetryPolicy | None = None
-    breaker: CircuitBreakerConfig | None = None
-    timeout: float | None = None
-    retry_non_idempotent: bool | None = None
-    failover_urls: tuple[str, ...] | None = None
-    stale_if_error: bool | None = None
-    stale_max_age: float | None = None
-    fallback: Fallback | None = None
-    enabled: bool | None = None
-
-    def __post_init__(self) -> None:
-        pattern: object = self.pattern
-        if not isinstance(pattern, str) or not pattern.strip() or pattern != pattern.strip():
-            raise ConfigError(
-                "downstream.pattern", pattern, "a non-empty fnmatch pattern such as '*.internal'"
-            )
-        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
-            raise ConfigError("downstream.retry", self.retry, "None or a RetryPolicy")
-        if self.breaker is not None and not isinstance(self.breaker, CircuitBreakerConfig):
-            raise ConfigError("downstream.breaker", self.breaker, "None or a CircuitBreakerConfig")
-        _check_seconds("downstream.timeout", self.timeout)
-        _check_flag("downstream.retry_non_idempotent", self.retry_non_idempotent, optional=True)
-        if self.failover_urls is not None:
-            object.__setattr__(
-                self, "failover_urls", _urls("downstream.failover_urls", self.failover_urls)
-            )
-        _check_flag("downstream.stale_if_error", self.stale_if_error, optional=True)
-        _check_seconds("downstream.stale_max_age", self.stale_max_age)
-        if self.fallback is not None and not callable(self.fallback):
-            raise ConfigError("downstream.fallback", self.fallback, "None or a callable")
-        _check_flag("downstream.enabled", self.enabled, optional=True)
-
-
-class _Matcher:
-    """One override's compiled pattern."""
-
-    __slots__ = ("override", "regex", "with_port")
-
-    def __init__(self, override: DownstreamOverride) -> None:
-        pattern = override.pattern.lower()
-        head, sep, tail = pattern.rpartition(":")
-        # ``host:port`` unless the colon belongs to a bare IPv6 address.
-        self.with_port = bool(
-            sep
-            and head
-            and tail
-            and all(c in "0123456789*?[]!" for c in tail)
-            and (":" not in head or (head.startswith("[") and head.endswith("]")))
-        )
-        if self.with_port and head.startswith("[") and ":" in head:
-            # A bracketed IPv6 literal: to fnmatch, brackets are a character class.
-            pattern = f"[[]{head[1:-1]}[]]:{tail}"
-        self.regex = re.compile(fnmatch.translate(pattern))
-        self.override = override
+__all__ = ["RaptorConfig"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,8 +45,10 @@ class RaptorConfig:
     ``scheme://host:port``, ``host`` by host only. ``max_services`` (integer >= 1, default
     256) caps the distinct downstreams tracked. ``retry_non_idempotent`` (default False) also
     retries POST/PATCH without an ``Idempotency-Key``. ``downstreams`` are the per-downstream
-    overrides, first match wins. The default request timeout is ``breaker.timeout`` (the
-    seed's ``timeout=30.0``).
+    overrides, first match wins. ``request_timeout`` (seconds > 0, or ``None`` for the
+    library's own default; default 30.0) is applied to requests whose caller set no timeout.
+    When no layer sets it, the seed's ``breaker.timeout`` (``CIRCUIT_BREAKER_CONFIG``'s
+    ``timeout``, ``OTEL_PYTHON_RAPTOR_BREAKER_TIMEOUT``) stands in for it.
 
     Build one with :meth:`load` to apply kwargs, environment and file with their precedence.
     """
@@ -254,6 +61,7 @@ class RaptorConfig:
     breaker_key: BreakerKey = "origin"
     max_services: int = 256
     retry_non_idempotent: bool = False
+    request_timeout: float | None = 30.0
     downstreams: tuple[DownstreamOverride, ...] = ()
     # Derived in __post_init__; the cache makes ``policy_for`` one dict lookup per request.
     _matchers: tuple[_Matcher, ...] = field(init=False, repr=False, compare=False)
@@ -286,6 +94,7 @@ class RaptorConfig:
         if not isinstance(max_services, int) or isinstance(max_services, bool) or max_services < 1:
             raise ConfigError("max_services", max_services, "an integer >= 1")
         _check_flag("retry_non_idempotent", self.retry_non_idempotent, optional=False)
+        _check_seconds("request_timeout", self.request_timeout)
         downstreams: object = self.downstreams
         if isinstance(downstreams, (str, bytes, Mapping)) or not isinstance(downstreams, Iterable):
             raise ConfigError("downstreams", downstreams, "a sequence of DownstreamOverride")
@@ -300,7 +109,7 @@ class RaptorConfig:
             DownstreamPolicy(
                 retry=self.retry,
                 breaker=self.breaker,
-                timeout=self.breaker.timeout,
+                timeout=self.request_timeout,
                 retry_non_idempotent=self.retry_non_idempotent,
             ),
         )
@@ -352,7 +161,7 @@ class RaptorConfig:
         return DownstreamPolicy(
             retry=pick(override.retry, base.retry),
             breaker=breaker,
-            timeout=pick(override.timeout, breaker.timeout),
+            timeout=pick(override.timeout, base.timeout),
             retry_non_idempotent=pick(override.retry_non_idempotent, base.retry_non_idempotent),
             failover_urls=pick(override.failover_urls, base.failover_urls),
             stale_if_error=pick(override.stale_if_error, base.stale_if_error),
@@ -438,6 +247,9 @@ class RaptorConfig:
             )
             breaker = CircuitBreakerConfig.from_mapping(fields_)
         top = _settle(_build_top, "", code.groups[""], layers(""), shown)
+        if "request_timeout" not in top:
+            # The seed had no request timeout of its own: its breaker ``timeout`` was it.
+            top["request_timeout"] = breaker.timeout
 
         downstreams = [
             _downstream(spec, where, retry, breaker, None) for where, spec in code.downstreams
@@ -457,20 +269,6 @@ class RaptorConfig:
         return cls(**values)
 
 
-# --- the top-level keys, by dotted name ---------------------------------------------------------
-
-# dotted key -> RaptorConfig field
-_TOP_FIELDS: Final = {
-    "retry_budget.ratio": "retry_budget_ratio",
-    "retry_budget.min_retries_per_second": "retry_budget_min_retries_per_second",
-    "integrations": "integrations",
-    "breaker_key": "breaker_key",
-    "max_services": "max_services",
-    "retry_non_idempotent": "retry_non_idempotent",
-}
-_TOP_DOTTED: Final = {field_: dotted for dotted, field_ in _TOP_FIELDS.items()}
-
-
 def _build_top(values: Mapping[str, object]) -> RaptorConfig:
     return RaptorConfig(**values)  # type: ignore[arg-type]  # values are validated here
 
@@ -486,19 +284,6 @@ def _group_values(overrides: Overrides, group: str) -> dict[str, object]:
 
 def _dotted(group: str, field_: str) -> str:
     return f"{group}.{field_}" if group else _TOP_DOTTED.get(field_, field_)
-
-
-def _integrations(value: object) -> frozenset[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [part for part in (p.strip().lower() for p in value.split(",")) if part]
-    if isinstance(value, bytes) or not isinstance(value, Iterable):
-        raise ConfigError("integrations", value, _INTEGRATIONS_ALLOWED)
-    names = list(value)
-    if not all(isinstance(name, str) for name in names) or not set(names) <= ALL_INTEGRATIONS:
-        raise ConfigError("integrations", value, _INTEGRATIONS_ALLOWED)
-    return frozenset(names)
 
 
 def _settle(
@@ -589,6 +374,7 @@ _KWARGS: Final = (
     "integrations",
     "max_services",
     "recovery_config",
+    "request_timeout",
     "retry",
     "retry_budget",
     "retry_budget_min_retries_per_second",
@@ -777,228 +563,3 @@ def _downstream_object(
             raise ConfigError(f"{where}.{error.key}", error.value, error.allowed) from None
     accepted = _settle(build, kind, {}, [(dict(value), lambda dotted: f"{where}.{dotted}")], report)
     return build(accepted) if accepted else None  # type: ignore[return-value]
-
-
-# --- the environment ----------------------------------------------------------------------------
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("an integer") from None
-
-
-def _parse_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("a number") from None
-    if not math.isfinite(value):
-        raise ValueError("a finite number")
-    return value
-
-
-def _parse_optional_seconds(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return _parse_float(text)
-    except ValueError:
-        raise ValueError(_SECONDS_OR_NONE) from None
-
-
-def _parse_bool(text: str) -> bool:
-    try:
-        return _BOOLEANS[text.lower()]
-    except KeyError:
-        raise ValueError("a boolean: true/false, 1/0, yes/no, on/off") from None
-
-
-def _parse_word(text: str) -> str:
-    return text.lower()
-
-
-def _parse_integrations(text: str) -> frozenset[str] | None:
-    word = text.lower()
-    if word == "all":
-        return None
-    if word == "none":
-        return frozenset()
-    return frozenset(part for part in (p.strip() for p in word.split(",")) if part)
-
-
-# env var -> (dotted key, parser); a parser raises ValueError("<what is allowed>").
-_ENV: Final[dict[str, tuple[str, Callable[[str], object]]]] = {
-    env.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES: ("retry.max_retries", _parse_int),
-    env.OTEL_PYTHON_RAPTOR_RECOVERY_BASE_DELAY: ("retry.base_delay", _parse_float),
-    env.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY: ("retry.max_delay", _parse_float),
-    env.OTEL_PYTHON_RAPTOR_RECOVERY_BACKOFF_MULTIPLIER: (
-        "retry.backoff_multiplier",
-        _parse_float,
-    ),
-    env.OTEL_PYTHON_RAPTOR_RETRY_JITTER: ("retry.jitter", _parse_word),
-    env.OTEL_PYTHON_RAPTOR_RETRY_DEADLINE: ("retry.deadline", _parse_optional_seconds),
-    env.OTEL_PYTHON_RAPTOR_RETRY_ATTEMPT_TIMEOUT: (
-        "retry.attempt_timeout",
-        _parse_optional_seconds,
-    ),
-    env.OTEL_PYTHON_RAPTOR_RETRY_NON_IDEMPOTENT: ("retry_non_idempotent", _parse_bool),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_THRESHOLD: ("breaker.failure_threshold", _parse_int),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_RECOVERY_TIMEOUT: ("breaker.recovery_timeout", _parse_float),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_SUCCESS_THRESHOLD: ("breaker.success_threshold", _parse_int),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_TIMEOUT: ("breaker.timeout", _parse_float),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD: (
-        "breaker.failure_rate_threshold",
-        _parse_float,
-    ),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_WINDOW: ("breaker.window", _parse_word),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_WINDOW_SIZE: ("breaker.window_size", _parse_int),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_MINIMUM_CALLS: ("breaker.minimum_calls", _parse_int),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_HALF_OPEN_MAX_CALLS: (
-        "breaker.half_open_max_calls",
-        _parse_int,
-    ),
-    env.OTEL_PYTHON_RAPTOR_BREAKER_KEY: ("breaker_key", _parse_word),
-    env.OTEL_PYTHON_RAPTOR_RETRY_BUDGET_RATIO: ("retry_budget.ratio", _parse_float),
-    env.OTEL_PYTHON_RAPTOR_RETRY_BUDGET_MIN_RETRIES_PER_SECOND: (
-        "retry_budget.min_retries_per_second",
-        _parse_float,
-    ),
-    env.OTEL_PYTHON_RAPTOR_MAX_SERVICES: ("max_services", _parse_int),
-    env.OTEL_PYTHON_RAPTOR_INTEGRATIONS: ("integrations", _parse_integrations),
-}
-_ENV_NAMES: Final = {dotted: name for name, (dotted, _) in _ENV.items()}
-
-
-def config_from_env(environ: Mapping[str, str]) -> tuple[Overrides, list[ConfigError]]:
-    """The ``OTEL_PYTHON_RAPTOR_*`` settings in ``environ``, parsed, by dotted key.
-
-    Unset and empty variables are skipped. A value that does not parse (``abc`` for a
-    number) is left out and returned as a problem naming the variable, the value and what
-    is allowed. Range checks (``max_retries >= 0``) and checks between keys happen in
-    :meth:`RaptorConfig.load`. ``OTEL_PYTHON_RAPTOR_CONFIG`` is not read here.
-    """
-    overrides: Overrides = {}
-    problems: list[ConfigError] = []
-    for name, (dotted, parse) in _ENV.items():
-        raw = environ.get(name)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            overrides[dotted] = parse(raw.strip())
-        except ValueError as error:
-            problems.append(ConfigError(name, raw, str(error)))
-    return overrides, problems
-
-
-# --- the file -----------------------------------------------------------------------------------
-
-_TOP_TABLES: Final = ("retry", "breaker", "retry_budget")
-_TOP_SCALARS: Final = ("integrations", "breaker_key", "max_services", "retry_non_idempotent")
-_FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams")
-
-
-def _toml_parser() -> Callable[[str], dict[str, Any]] | None:
-    """``tomllib.loads`` (3.11+), else ``tomli.loads`` when installed, else ``None``."""
-    if sys.version_info >= (3, 11):
-        import tomllib  # noqa: PLC0415 - only this function needs it
-
-        return tomllib.loads
-    try:
-        module = importlib.import_module("tomli")
-    except ImportError:
-        return None
-    loads: Callable[[str], dict[str, Any]] = module.loads
-    return loads
-
-
-def config_from_toml(
-    path: str | os.PathLike[str] | None = None, *, text: str | None = None
-) -> tuple[Overrides, list[ConfigError]]:
-    """The settings in a TOML file (``path``) or string (``text``), by dotted key.
-
-    The shape (every part optional)::
-
-        integrations = ["requests", "httpx"]
-        breaker_key = "origin"          # or "host"
-        max_services = 256
-        retry_non_idempotent = false
-
-        [retry]                          # RetryPolicy fields
-        max_retries = 3
-        [breaker]                        # CircuitBreakerConfig fields
-        failure_threshold = 5
-        [retry_budget]
-        ratio = 0.2
-        min_retries_per_second = 10.0
-
-        [[downstreams]]                  # first match wins
-        pattern = "*.internal"
-        timeout = 5.0
-        retry = { max_retries = 1 }      # completed from [retry]
-
-    An unreadable file, invalid TOML, a missing TOML parser (Python 3.10 without ``tomli``)
-    or an unknown key is returned as a problem; the rest is kept. The ``[[downstreams]]``
-    tables are returned raw under ``downstreams`` and checked by :meth:`RaptorConfig.load`.
-    """
-    name = os.fspath(path) if path is not None else "<toml>"
-    overrides: Overrides = {}
-    problems: list[ConfigError] = []
-    loads = _toml_parser()
-    if loads is None:
-        problems.append(
-            ConfigError(
-                env.OTEL_PYTHON_RAPTOR_CONFIG,
-                name,
-                "a TOML file readable on this Python: install tomli (Python < 3.11)",
-            )
-        )
-        return overrides, problems
-    if text is None:
-        if path is None:
-            raise TypeError("config_from_toml() needs a path or text=")
-        try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            problems.append(
-                ConfigError(
-                    env.OTEL_PYTHON_RAPTOR_CONFIG,
-                    name,
-                    f"a readable UTF-8 TOML file ({type(error).__name__}: {error})",
-                )
-            )
-            return overrides, problems
-    try:
-        document = loads(text)
-    except ValueError as error:  # tomllib.TOMLDecodeError is a ValueError
-        problems.append(ConfigError(env.OTEL_PYTHON_RAPTOR_CONFIG, name, f"valid TOML ({error})"))
-        return overrides, problems
-    for key, value in document.items():
-        if key not in _FILE_KEYS:
-            problems.append(
-                ConfigError(f"{name}:{key}", value, "a known key, one of " + ", ".join(_FILE_KEYS))
-            )
-        elif key in _TOP_TABLES:
-            if not isinstance(value, dict):
-                problems.append(ConfigError(f"{name}:{key}", value, f"a [{key}] table"))
-                continue
-            for sub, item in value.items():
-                dotted = f"{key}.{sub}"
-                if key == "retry_budget" and dotted not in _TOP_FIELDS:
-                    problems.append(
-                        ConfigError(f"{name}:{dotted}", item, "ratio or min_retries_per_second")
-                    )
-                    continue
-                overrides[dotted] = item
-        elif key == "downstreams":
-            if not isinstance(value, list):
-                problems.append(
-                    ConfigError(f"{name}:{key}", value, "an array of tables ([[downstreams]])")
-                )
-                continue
-            overrides["downstreams"] = tuple(value)
-        else:
-            overrides[key] = value
-    return overrides, problems

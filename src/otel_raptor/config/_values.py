@@ -1,0 +1,155 @@
+"""The vocabulary the configuration modules share: names, checks and value parsers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Literal, TypeAlias
+
+from otel_raptor.errors import ConfigError
+
+__all__ = [
+    "ALL_INTEGRATIONS",
+    "BreakerKey",
+    "Fallback",
+    "Overrides",
+    "Report",
+]
+
+ALL_INTEGRATIONS = frozenset({"requests", "httpx", "asyncio"})
+
+BreakerKey = Literal["origin", "host"]
+
+#: A fallback for one downstream: given the error (or the failing response), return what the
+#: caller should get instead. Code only: it cannot come from a file.
+Fallback = Callable[[Any], Any]
+
+#: Settings read from the environment or a file, by dotted key (``retry.max_delay``,
+#: ``request_timeout``, ``retry_budget.ratio``, ``integrations``, ``breaker_key``,
+#: ``max_services``, ``retry_non_idempotent``; ``downstreams`` holds the file's raw
+#: ``[[downstreams]]`` tables). Values are parsed but not yet validated against each other:
+#: :meth:`RaptorConfig.load` does that.
+Overrides: TypeAlias = dict[str, object]
+
+#: Reports one bad value from the environment or the file.
+Report: TypeAlias = Callable[[ConfigError], None]
+
+# Distinct (scheme, host, port) kept by ``policy_for``; past it the cache starts over. Hosts
+# are bounded in practice, but never trust that.
+_POLICY_CACHE_SIZE: Final = 1024
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+_BOOLEANS: Final = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
+
+_INTEGRATIONS_ALLOWED: Final = "None (every installed one), or a subset of: " + ", ".join(
+    sorted(ALL_INTEGRATIONS)
+)
+_SECONDS_OR_NONE: Final = "None, or a finite number of seconds > 0"
+
+
+# dotted key -> RaptorConfig field
+_TOP_FIELDS: Final = {
+    "retry_budget.ratio": "retry_budget_ratio",
+    "retry_budget.min_retries_per_second": "retry_budget_min_retries_per_second",
+    "integrations": "integrations",
+    "breaker_key": "breaker_key",
+    "max_services": "max_services",
+    "retry_non_idempotent": "retry_non_idempotent",
+    "request_timeout": "request_timeout",
+}
+_TOP_DOTTED: Final = {field_: dotted for dotted, field_ in _TOP_FIELDS.items()}
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int, but ``timeout=True`` is a bug, not a number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_seconds(key: str, value: object) -> None:
+    if value is not None and not (_is_number(value) and value > 0):  # type: ignore[operator]
+        raise ConfigError(key, value, _SECONDS_OR_NONE)
+
+
+def _check_flag(key: str, value: object, *, optional: bool) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ConfigError(key, value, "None (inherit), True or False" if optional else "a bool")
+
+
+def _urls(key: str, value: object) -> tuple[str, ...]:
+    allowed = "a sequence of base URLs starting with http:// or https://"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(key, value, allowed)
+    urls = tuple(value)
+    for url in urls:
+        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+            raise ConfigError(key, value, allowed)
+    return urls
+
+
+def _integrations(value: object) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part for part in (p.strip().lower() for p in value.split(",")) if part]
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        raise ConfigError("integrations", value, _INTEGRATIONS_ALLOWED)
+    names = list(value)
+    if not all(isinstance(name, str) for name in names) or not set(names) <= ALL_INTEGRATIONS:
+        raise ConfigError("integrations", value, _INTEGRATIONS_ALLOWED)
+    return frozenset(names)
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("an integer") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("a number") from None
+    if not math.isfinite(value):
+        raise ValueError("a finite number")
+    return value
+
+
+def _parse_optional_seconds(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return _parse_float(text)
+    except ValueError:
+        raise ValueError(_SECONDS_OR_NONE) from None
+
+
+def _parse_bool(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise ValueError("a boolean: true/false, 1/0, yes/no, on/off") from None
+
+
+def _parse_word(text: str) -> str:
+    return text.lower()
+
+
+def _parse_integrations(text: str) -> frozenset[str] | None:
+    word = text.lower()
+    if word == "all":
+        return None
+    if word == "none":
+        return frozenset()
+    return frozenset(part for part in (p.strip() for p in word.split(",")) if part)

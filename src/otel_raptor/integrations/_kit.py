@@ -1,0 +1,216 @@
+"""The integration kit: what every hooked library shares.
+
+An integration holds only what is specific to its library:
+
+- **how to describe a call**: which downstream it goes to (a key of the integration's choosing:
+  an HTTP origin, a database server) and whether it may be replayed;
+- **how to map outcomes** (:class:`~otel_raptor.runtime.drive.CallHooks`): a result that is a
+  failure (an HTTP 503), what the caller gets on giving up, how a failed attempt's leftovers
+  are released, how an attempt's timeout is applied;
+- **its refusal types** (:func:`library_error`): a fail-fast error that is both ours and the
+  library's own, so existing ``except`` clauses keep working;
+- **how to re-send**: its wrapper hands the original function and arguments to the driver,
+  which calls them again for each attempt.
+
+The kit supplies the rest: :class:`Target` (one downstream of an integration with its call
+plans, one per replay safety and fallback, built on first use) and :class:`TargetTable`
+(targets by key, bounded), and :func:`call` / :func:`call_async`, the drivers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+from otel_raptor.core.attempts import LoopSpec
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.runtime.classifying import classify
+from otel_raptor.runtime.downstream import Route
+from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
+from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.runtime.state import Runtime
+
+__all__ = [
+    "MAX_TARGETS",
+    "Evictable",
+    "Target",
+    "TargetPolicy",
+    "TargetTable",
+    "call",
+    "call_async",
+    "library_error",
+    "manage_cache",
+]
+
+#: Targets one integration remembers; past it the table starts over (targets are cheap to
+#: rebuild, and breakers, budgets and cooldowns live in the runtime, so nothing is lost).
+MAX_TARGETS: Final = 1024
+
+K = TypeVar("K", bound=Hashable)
+
+#: The drivers, under the names integrations use.
+call = run_sync
+call_async = run_async
+
+
+class TargetPolicy(Protocol):
+    """What the kit needs of an integration's per-downstream policy."""
+
+    @property
+    def retry(self) -> RetryPolicy: ...
+
+    @property
+    def breaker(self) -> CircuitBreakerConfig: ...
+
+
+class Target:
+    """One downstream of an integration: its service name, breaker and call plans.
+
+    ``service`` is the name the runtime gave it (folded into ``other`` past the runtime's
+    ``max_services``); the breaker is the service's shared one, created with ``policy.breaker``
+    if it is new. ``hooks`` are the integration's. ``plan(replay_safe=..., with_fallback=...)``
+    returns one of four plans, each built on first use and then shared.
+    """
+
+    __slots__ = (
+        "_hooks",
+        "_lock",
+        "_plans",
+        "_runtime",
+        "breaker_name",
+        "policy",
+        "route",
+        "service",
+    )
+
+    def __init__(self, name: str, policy: TargetPolicy, runtime: Runtime, hooks: CallHooks) -> None:
+        self.policy = policy
+        self.service = runtime.service(name)
+        breaker = runtime.breakers.get(self.service, policy.breaker)
+        self.breaker_name = breaker.name
+        self.route = Route(runtime.downstream(self.service), breaker, runtime, classify)
+        self._runtime = runtime
+        self._hooks = hooks
+        self._plans: dict[tuple[bool, bool], CallPlan] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, *, replay_safe: bool, with_fallback: bool = False) -> CallPlan:
+        key = (replay_safe, with_fallback)
+        plan = self._plans.get(key)
+        if plan is None:
+            runtime = self._runtime
+            plan = CallPlan(
+                self.route,
+                LoopSpec.of(self.policy.retry, replay_safe=replay_safe, has_fallback=with_fallback),
+                runtime=runtime,
+                clock=runtime.clock,
+                hooks=self._hooks,
+            )
+            with self._lock:  # two threads may build it; one is kept
+                plan = self._plans.setdefault(key, plan)
+        return plan
+
+
+class TargetTable(Generic[K]):
+    """Targets by key for one installed integration; ``build(key)`` makes a missing one
+    (``None``: calls to that key are left alone). Lookups are lock-free dict reads; at most
+    :data:`MAX_TARGETS` keys are kept (then the table starts over)."""
+
+    __slots__ = ("_build", "_limit", "_targets")
+
+    def __init__(self, build: Callable[[K], Target | None], limit: int = MAX_TARGETS) -> None:
+        self._build = build
+        self._limit = limit
+        self._targets: dict[K, Target | None] = {}
+
+    def get(self, key: K) -> Target | None:
+        try:
+            return self._targets[key]
+        except KeyError:
+            pass
+        target = self._build(key)
+        targets = self._targets
+        if len(targets) >= self._limit:
+            targets.clear()
+        targets[key] = target
+        return target
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+
+class Evictable(Protocol):
+    """A cache of an integration's own that the memory controller may shrink."""
+
+    def evict(self, now: float, max_age: float) -> int:
+        """Drop entries older than ``max_age`` seconds at ``now`` (all with 0); how many."""
+        ...
+
+
+def manage_cache(settings: IntegrationSettings, name: str, cache: Evictable) -> Callable[[], None]:
+    """Register ``cache`` with the memory controller the instrumentor runs (low priority:
+    cleared first under pressure); returns the function that unregisters it. Without a
+    controller (``memory=False``) it does nothing."""
+    memory = settings.memory
+    if memory is None:
+        return _nothing
+    monotonic = settings.runtime.clock.monotonic
+
+    def evict(level: str, max_age: float) -> int:
+        return cache.evict(monotonic(), max_age)
+
+    try:
+        memory.register_cache(name, evict, priority="low")
+    except Exception as bug:  # noqa: BLE001 - the cache is still bounded by itself
+        report_internal_error("integrations.manage_cache", bug)
+        return _nothing
+
+    def unmanage() -> None:
+        try:
+            memory.unregister_cache(name)
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("integrations.unmanage_cache", bug)
+
+    return unmanage
+
+
+def _nothing() -> None:
+    return None
+
+
+_error_types: dict[tuple[type, type], type] = {}
+_error_types_lock = threading.Lock()
+
+
+def library_error(
+    base: type[Any], library_error: type[BaseException], name: str, module: str
+) -> type[Any]:
+    """The class that is both ``base`` (``CircuitOpenError``, ...) and ``library_error`` (the
+    library's own exception), named ``name`` in ``module``; the same class for the same pair
+    every time.
+
+    Both ``__init__`` are cooperative: ``base`` takes its own arguments first and passes the
+    library's keyword arguments (``request=...``) on.
+    """
+    key = (base, library_error)
+    found = _error_types.get(key)
+    if found is not None:
+        return found
+    with _error_types_lock:
+        found = _error_types.get(key)
+        if found is None:
+            found = type(
+                name,
+                (base, library_error),
+                {
+                    "__doc__": f"A {base.__name__} that is also a "
+                    f"{library_error.__module__}.{library_error.__qualname__}.",
+                    "__module__": module,
+                    "__qualname__": name,
+                },
+            )
+            _error_types[key] = found
+    return found
