@@ -303,6 +303,8 @@ def test_recovered_call_is_one_recovery_span_with_an_event_per_attempt(run: AppR
         ATTR_RECOVERY_STRATEGY: Strategy.RETRY_WITH_BACKOFF.value,
         ATTR_RECOVERY_OUTCOME: Outcome.RECOVERED.value,
         ATTR_RECOVERY_ATTEMPTS: 3,
+        "server.address": "127.0.0.1",
+        "server.port": int(run.origin.rpartition(":")[2]),
     }
     assert span.event_names() == [EVENT_ERROR.name, EVENT_RETRY.name] * 2
     errors = [e.attributes for e in span.events if e.name == EVENT_ERROR.name]

@@ -75,18 +75,22 @@ def test_every_key_used_is_declared_and_every_declared_key_is_used() -> None:
         used |= set(spec.attributes)
     # The semconv request keys are declared for the integrations' own spans.
     assert set(declared) - used == {
-        "server.address",
-        "server.port",
         "http.request.method",
         "http.response.status_code",
     }
 
 
-def test_metric_attributes_are_all_bounded_strings() -> None:
+def test_metric_attributes_are_all_bounded() -> None:
     by_key = {a.key: a for a in ATTRIBUTES}
     for spec in INSTRUMENTS:
         for key in spec.attributes:
-            assert by_key[key].type is instruments.AttributeType.STRING, (spec.name, key)
+            # Strings, but for semconv's integer server.port (one per service, like the name).
+            expected = (
+                instruments.AttributeType.INT
+                if key == "server.port"
+                else instruments.AttributeType.STRING
+            )
+            assert by_key[key].type is expected, (spec.name, key)
             assert by_key[key].bound != "not on metrics", (spec.name, key)
 
 
@@ -212,12 +216,16 @@ def test_attribute_cache_reuses_one_mapping_and_is_bounded() -> None:
 
 
 def test_metric_attribute_sets_match_the_registry() -> None:
-    attrs = MetricAttributes()
+    described = {"s": {"server.address": "a.test", "server.port": 443}}
+    attrs = MetricAttributes(describe=lambda service: described.get(service, {}))
     keys = {spec.name: spec.attributes for spec in INSTRUMENTS}
 
     def check(spec: InstrumentSpec, mapping: object, *, optional: tuple[str, ...] = ()) -> None:
         assert isinstance(mapping, dict)
         assert set(spec.attributes) - set(optional) <= set(mapping) <= set(spec.attributes)
+
+    # A service nobody described (your own guards, ``other``) has no server.* keys.
+    assert "server.address" not in attrs.errors("mine", "timeout", "low", "T")
 
     check(instruments.METRIC_ERRORS, attrs.errors("s", "timeout", "low", "T"))
     check(instruments.METRIC_RETRIES, attrs.retries("s", "timeout", "reconnect"))

@@ -30,7 +30,7 @@ import contextlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -78,6 +78,8 @@ __all__ = [
 
 #: The semantic-convention attribute for the ordinal of a resent request.
 RESEND_COUNT_ATTRIBUTE: Final = "http.request.resend_count"
+ATTR_SERVER_ADDRESS: Final = "server.address"
+ATTR_SERVER_PORT: Final = "server.port"
 
 #: Header added to a response served from the stale cache (value ``"1"``); ``Age`` is set too.
 STALE_HEADER: Final = "X-Raptor-Stale"
@@ -332,6 +334,10 @@ def replay_safe(
     return False
 
 
+def _server(host: str, port: int) -> dict[str, str | int]:
+    return {ATTR_SERVER_ADDRESS: host, ATTR_SERVER_PORT: port}
+
+
 def _service_name(scheme: str, host: str, port: int, breaker_key: str) -> str:
     if breaker_key == "host":
         return host
@@ -366,7 +372,12 @@ class Origin:
     )
 
     def __init__(
-        self, name: str, policy: DownstreamPolicy, runtime: Runtime, hooks: CallHooks
+        self,
+        name: str,
+        policy: DownstreamPolicy,
+        runtime: Runtime,
+        hooks: CallHooks,
+        attributes: Mapping[str, str | int] | None = None,
     ) -> None:
         self.policy = policy
         self.enabled = policy.enabled
@@ -377,7 +388,7 @@ class Origin:
         self.stale_if_error = policy.stale_if_error
         self.stale_max_age = policy.stale_max_age
         self.fixed_fallbacks = bool(policy.failover_urls) or policy.fallback is not None
-        self.target = Target(name, policy, runtime, hooks) if self.enabled else None
+        self.target = Target(name, policy, runtime, hooks, attributes) if self.enabled else None
         self.service = self.target.service if self.target is not None else name
         self.breaker_name = self.target.breaker_name if self.target is not None else ""
 
@@ -443,11 +454,13 @@ class OriginTable:
         if origin is None:
             config = self._config
             explicit = None if _DEFAULT_PORTS.get(scheme) == port else port
+            by_host = config.breaker_key == "host"
             origin = Origin(
                 _service_name(scheme, host, port, config.breaker_key),
                 config.policy_for(host, explicit, scheme),
                 self._runtime,
                 self._hooks,
+                {ATTR_SERVER_ADDRESS: host} if by_host else _server(host, port),
             )
             if len(self._by_origin) >= MAX_TARGETS:
                 self._by_origin.clear()

@@ -20,7 +20,7 @@ plans, one per replay safety and fallback, built on first use) and :class:`Targe
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from otel_raptor.core.attempts import LoopSpec
@@ -71,8 +71,10 @@ class Target:
 
     ``service`` is the name the runtime gave it (folded into ``other`` past the runtime's
     ``max_services``); the breaker is the service's shared one, created with ``policy.breaker``
-    if it is new. ``hooks`` are the integration's. ``plan(replay_safe=..., with_fallback=...)``
-    returns one of four plans, each built on first use and then shared.
+    if it is new. ``hooks`` are the integration's. ``attributes`` describe the downstream in
+    semantic-convention terms (``server.address``, ``db.system.name``, ...): telemetry adds
+    them to its metric points and spans (:meth:`Runtime.describe`). ``plan(replay_safe=...,
+    with_fallback=...)`` returns one of four plans, each built on first use and then shared.
     """
 
     __slots__ = (
@@ -86,9 +88,18 @@ class Target:
         "service",
     )
 
-    def __init__(self, name: str, policy: TargetPolicy, runtime: Runtime, hooks: CallHooks) -> None:
+    def __init__(
+        self,
+        name: str,
+        policy: TargetPolicy,
+        runtime: Runtime,
+        hooks: CallHooks,
+        attributes: Mapping[str, str | int] | None = None,
+    ) -> None:
         self.policy = policy
         self.service = runtime.service(name)
+        if attributes:
+            runtime.describe(self.service, attributes)
         breaker = runtime.breakers.get(self.service, policy.breaker)
         self.breaker_name = breaker.name
         self.route = Route(runtime.downstream(self.service), breaker, runtime, classify)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
+from types import MappingProxyType
 
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.events import Event
@@ -63,6 +64,8 @@ REPEAT_WINDOW_S = 60.0
 #: Where services beyond ``max_services`` are folded, to keep metric cardinality bounded.
 OTHER_SERVICE = "other"
 
+_NO_DESCRIPTION: Mapping[str, str | int] = MappingProxyType({})
+
 
 class Runtime:
     """Shared resilience state: one per process unless a test builds its own.
@@ -93,6 +96,7 @@ class Runtime:
         RetryBudget(ratio=budget_ratio, min_retries_per_second=budget_min_retries_per_second)
         self._services: set[str] = set()
         self._downstreams: dict[str, Downstream] = {}
+        self._descriptions: dict[str, Mapping[str, str | int]] = {}
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._learner = StrategyLearner(learner or LearnerOptions())
         # Load shedding: the budget ratio is multiplied by ``_shed_factor`` until ``_shed_until``.
@@ -214,6 +218,22 @@ class Runtime:
                     )
                     downstream = self._downstreams[service] = Downstream(service, budget)
         return downstream
+
+    def describe(self, service: str, attributes: Mapping[str, str | int]) -> None:
+        """Attach semantic-convention attributes to ``service`` (``server.address``,
+        ``server.port``, ``db.system.name``, ...): telemetry adds them to the service's metric
+        points and ``raptor.recovery`` spans. Integrations describe a downstream when they
+        first meet it; the first description wins, and ``other`` is never described (it
+        stands for many). Values must be bounded like the service names themselves."""
+        if service == OTHER_SERVICE or service in self._descriptions:
+            return
+        with self._lock:
+            if len(self._descriptions) < self.max_services:
+                self._descriptions.setdefault(service, MappingProxyType(dict(attributes)))
+
+    def description(self, service: str) -> Mapping[str, str | int]:
+        """The attributes :meth:`describe` attached to ``service`` (empty when none)."""
+        return self._descriptions.get(service, _NO_DESCRIPTION)
 
     def budget(self, service: str) -> RetryBudget:
         """The retry budget of ``service`` (its downstream's)."""

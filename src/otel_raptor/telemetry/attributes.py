@@ -10,7 +10,7 @@ excess into one overflow value so that a misbehaving caller cannot create unboun
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from otel_raptor.errors import ConfigError
@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_BREAKERS",
     "DEFAULT_MAX_CACHED_SETS",
     "DEFAULT_MAX_SERVICES",
+    "Description",
     "MAX_CATEGORIES",
     "MAX_ERROR_TYPES",
     "MAX_GIVE_UP_REASONS",
@@ -98,8 +99,15 @@ class BoundedValues:
         return len(self._seen)
 
 
+#: The semantic-convention attributes of a service (``Runtime.description``).
+Description = Callable[[str], Mapping[str, str | int]]
+
+
 class AttributeCache:
     """Attribute mappings by value tuple, for one fixed tuple of ``keys``.
+
+    With ``describe``, the first value is a service name and the service's description
+    (``server.address``, ``db.system.name``, ...) is added to its mappings.
 
     ``get(values)`` returns ``{keys[i]: values[i]}``, the same object for equal ``values``.
     The mappings are shared: treat them as read-only. At most ``max_entries`` (integer >= 1,
@@ -107,23 +115,31 @@ class AttributeCache:
     on purpose: two threads missing at once build two equal mappings, and one is kept.
     """
 
-    __slots__ = ("_cache", "_keys", "_max")
+    __slots__ = ("_cache", "_describe", "_keys", "_max")
 
     def __init__(
-        self, keys: tuple[str, ...], *, max_entries: int = DEFAULT_MAX_CACHED_SETS
+        self,
+        keys: tuple[str, ...],
+        *,
+        max_entries: int = DEFAULT_MAX_CACHED_SETS,
+        describe: Description | None = None,
     ) -> None:
         self._keys = keys
         self._max = _check_limit("telemetry.max_cached_attribute_sets", max_entries)
-        self._cache: dict[tuple[str, ...], Mapping[str, str]] = {}
+        self._describe = describe
+        self._cache: dict[tuple[str, ...], Mapping[str, str | int]] = {}
 
     @property
     def keys(self) -> tuple[str, ...]:
         return self._keys
 
-    def get(self, values: tuple[str, ...]) -> Mapping[str, str]:
+    def get(self, values: tuple[str, ...]) -> Mapping[str, str | int]:
         attributes = self._cache.get(values)
         if attributes is None:
+            described = self._describe
             attributes = dict(zip(self._keys, values, strict=True))
+            if described is not None:
+                attributes = {**described(values[0]), **attributes}
             if len(self._cache) < self._max:
                 self._cache[values] = attributes
         return attributes
@@ -164,6 +180,7 @@ class MetricAttributes:
         *,
         max_services: int = DEFAULT_MAX_SERVICES,
         max_breakers: int = DEFAULT_MAX_BREAKERS,
+        describe: Description | None = None,
     ) -> None:
         self._services = BoundedValues(max_services, OTHER, key="telemetry.max_services")
         self._breakers = BoundedValues(max_breakers, OTHER, key="telemetry.max_breakers")
@@ -171,11 +188,15 @@ class MetricAttributes:
         self._categories = BoundedValues(MAX_CATEGORIES, OTHER)
         self._reasons = BoundedValues(MAX_GIVE_UP_REASONS, OTHER)
         self._errors = AttributeCache(
-            (ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE)
+            (ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+            describe=describe,
         )
-        self._retries = AttributeCache((ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY))
+        self._retries = AttributeCache(
+            (ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY), describe=describe
+        )
         self._recoveries = AttributeCache(
-            (ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME)
+            (ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME),
+            describe=describe,
         )
         self._recoveries_given_up = AttributeCache(
             (
@@ -184,12 +205,15 @@ class MetricAttributes:
                 ATTR_RECOVERY_STRATEGY,
                 ATTR_RECOVERY_OUTCOME,
                 ATTR_RECOVERY_GIVE_UP_REASON,
-            )
+            ),
+            describe=describe,
         )
         self._recovery_duration = AttributeCache(
-            (ATTR_SERVICE, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME)
+            (ATTR_SERVICE, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME), describe=describe
         )
-        self._retry_budget_exhausted = AttributeCache((ATTR_SERVICE, ATTR_ERROR_CATEGORY))
+        self._retry_budget_exhausted = AttributeCache(
+            (ATTR_SERVICE, ATTR_ERROR_CATEGORY), describe=describe
+        )
         self._transitions = AttributeCache(
             (
                 ATTR_BREAKER_NAME,
@@ -201,7 +225,7 @@ class MetricAttributes:
         self._rejections = AttributeCache((ATTR_BREAKER_NAME, ATTR_BREAKER_STATE))
         self._state = AttributeCache((ATTR_BREAKER_NAME, ATTR_BREAKER_STATE))
         self._health = AttributeCache((ATTR_BREAKER_NAME,))
-        self._budget_tokens = AttributeCache((ATTR_SERVICE,))
+        self._budget_tokens = AttributeCache((ATTR_SERVICE,), describe=describe)
 
     # --- folding ------------------------------------------------------------------------
 
@@ -229,15 +253,15 @@ class MetricAttributes:
 
     def errors(
         self, service: str, category: str, severity: str, error_type: str
-    ) -> Mapping[str, str]:
+    ) -> Mapping[str, str | int]:
         return self._errors.get((service, category, severity, error_type))
 
-    def retries(self, service: str, category: str, strategy: str) -> Mapping[str, str]:
+    def retries(self, service: str, category: str, strategy: str) -> Mapping[str, str | int]:
         return self._retries.get((service, category, strategy))
 
     def recoveries(
         self, service: str, category: str, strategy: str, outcome: str, give_up_reason: str
-    ) -> Mapping[str, str]:
+    ) -> Mapping[str, str | int]:
         """``give_up_reason`` ``""`` leaves the key out (a recovered call gave nothing up)."""
         if give_up_reason:
             return self._recoveries_given_up.get(
@@ -245,27 +269,29 @@ class MetricAttributes:
             )
         return self._recoveries.get((service, category, strategy, outcome))
 
-    def recovery_duration(self, service: str, strategy: str, outcome: str) -> Mapping[str, str]:
+    def recovery_duration(
+        self, service: str, strategy: str, outcome: str
+    ) -> Mapping[str, str | int]:
         return self._recovery_duration.get((service, strategy, outcome))
 
-    def retry_budget_exhausted(self, service: str, category: str) -> Mapping[str, str]:
+    def retry_budget_exhausted(self, service: str, category: str) -> Mapping[str, str | int]:
         return self._retry_budget_exhausted.get((service, category))
 
     def transitions(
         self, breaker: str, from_state: str, to_state: str, reason: str
-    ) -> Mapping[str, str]:
+    ) -> Mapping[str, str | int]:
         return self._transitions.get((breaker, from_state, to_state, reason))
 
-    def rejections(self, breaker: str, state: str) -> Mapping[str, str]:
+    def rejections(self, breaker: str, state: str) -> Mapping[str, str | int]:
         return self._rejections.get((breaker, state))
 
-    def breaker_state(self, breaker: str, state: str) -> Mapping[str, str]:
+    def breaker_state(self, breaker: str, state: str) -> Mapping[str, str | int]:
         return self._state.get((breaker, state))
 
-    def breaker_only(self, breaker: str) -> Mapping[str, str]:
+    def breaker_only(self, breaker: str) -> Mapping[str, str | int]:
         """The health and failure-rate-threshold gauges' set."""
         return self._health.get((breaker,))
 
-    def service_only(self, service: str) -> Mapping[str, str]:
+    def service_only(self, service: str) -> Mapping[str, str | int]:
         """The retry-budget-tokens gauge's set."""
         return self._budget_tokens.get((service,))

@@ -266,8 +266,9 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
     AttributeSpec(
         key=ATTR_BREAKER_TRANSITION_REASON,
         type=AttributeType.STRING,
-        values="a `TransitionReason` value (`consecutive_failures`, `probe_failed`, ...)",
-        bound="8",
+        values="a `TransitionReason` value (`consecutive_failures`, `probe_failed`, "
+        "`health_check_passed`, ...)",
+        bound="9",
     ),
     AttributeSpec(
         key=ATTR_BREAKER_OPEN_DURATION,
@@ -284,14 +285,16 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
     AttributeSpec(
         key=ATTR_SERVER_ADDRESS,
         type=AttributeType.STRING,
-        values="semconv: host name or IP of the downstream (integration spans)",
-        bound="not on metrics",
+        values="semconv: host name or IP of an integration's downstream (absent for `other` "
+        "and for your own guards)",
+        bound="one per `raptor.service`",
     ),
     AttributeSpec(
         key=ATTR_SERVER_PORT,
         type=AttributeType.INT,
-        values="semconv: port of the downstream (integration spans)",
-        bound="not on metrics",
+        values="semconv: port of an integration's downstream (absent with `breaker_key = "
+        "host`, for `other` and for your own guards)",
+        bound="one per `raptor.service`",
     ),
     AttributeSpec(
         key=ATTR_HTTP_REQUEST_METHOD,
@@ -436,14 +439,27 @@ METRIC_ERRORS: Final = InstrumentSpec(
     name="raptor.errors",
     kind=InstrumentKind.COUNTER,
     unit="{error}",
-    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_ERROR_SEVERITY,
+        ATTR_ERROR_TYPE,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+    ),
     description="Failed attempts, as classified.",
 )
 METRIC_RETRIES: Final = InstrumentSpec(
     name="raptor.retries",
     kind=InstrumentKind.COUNTER,
     unit="{retry}",
-    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_RECOVERY_STRATEGY,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+    ),
     description="Retries scheduled after a failed attempt.",
 )
 METRIC_RECOVERIES: Final = InstrumentSpec(
@@ -456,6 +472,8 @@ METRIC_RECOVERIES: Final = InstrumentSpec(
         ATTR_RECOVERY_STRATEGY,
         ATTR_RECOVERY_OUTCOME,
         ATTR_RECOVERY_GIVE_UP_REASON,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
     ),
     description="Logical calls that needed recovery, by how they ended.",
 )
@@ -463,7 +481,13 @@ METRIC_RECOVERY_DURATION: Final = InstrumentSpec(
     name="raptor.recovery.duration",
     kind=InstrumentKind.HISTOGRAM,
     unit="s",
-    attributes=(ATTR_SERVICE, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_RECOVERY_STRATEGY,
+        ATTR_RECOVERY_OUTCOME,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+    ),
     description="Time from the first attempt's start to the end of recovery.",
     bucket_boundaries=RECOVERY_DURATION_BUCKETS,
 )
@@ -471,7 +495,7 @@ METRIC_RETRY_BUDGET_EXHAUSTED: Final = InstrumentSpec(
     name="raptor.retry_budget.exhausted",
     kind=InstrumentKind.COUNTER,
     unit="{retry}",
-    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY),
+    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT),
     description="Retries refused because the downstream's retry budget was empty.",
 )
 METRIC_BREAKER_TRANSITIONS: Final = InstrumentSpec(
@@ -518,7 +542,7 @@ METRIC_RETRY_BUDGET_TOKENS: Final = InstrumentSpec(
     name="raptor.retry_budget.tokens",
     kind=InstrumentKind.OBSERVABLE_GAUGE,
     unit="{token}",
-    attributes=(ATTR_SERVICE,),
+    attributes=(ATTR_SERVICE, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT),
     description="Retries the downstream's retry budget would allow right now.",
 )
 
@@ -643,6 +667,8 @@ SPAN_RECOVERY: Final = SpanSpec(
         ATTR_RECOVERY_ATTEMPTS,
         ATTR_RECOVERY_GIVE_UP_REASON,
         ATTR_ERROR_TYPE,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
     ),
     description="One logical call that needed recovery, from its first attempt to the end.",
 )

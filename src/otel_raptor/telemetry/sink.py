@@ -223,8 +223,12 @@ class TelemetrySink:
         max_services: int = DEFAULT_MAX_SERVICES,
         max_breakers: int = DEFAULT_MAX_BREAKERS,
     ) -> None:
-        self._attrs = MetricAttributes(max_services=max_services, max_breakers=max_breakers)
         self._runtime = runtime if runtime is not None else get_runtime()
+        self._attrs = MetricAttributes(
+            max_services=max_services,
+            max_breakers=max_breakers,
+            describe=self._runtime.description,
+        )
         self._meter_provider = meter_provider
         self._tracer = _tracer(tracer_provider)
         self._meter = _meter(meter_provider)
@@ -616,6 +620,7 @@ class TelemetrySink:
         start = end - int(duration * _NS_PER_S)
         failed = event.outcome in _ERROR_OUTCOMES
         attributes: dict[str, AttributeValue] = {
+            **self._runtime.description(event.service),
             ATTR_SERVICE: event.service,
             ATTR_ERROR_CATEGORY: event.category,
             ATTR_RECOVERY_STRATEGY: strategy,
@@ -939,7 +944,7 @@ class _RecoveryScope:
         span = sink._tracer.start_span(
             SPAN_RECOVERY.name,
             kind=_INTERNAL,
-            attributes={ATTR_SERVICE: self._service},
+            attributes={**sink._runtime.description(self._service), ATTR_SERVICE: self._service},
             start_time=now_ns - int(waited * _NS_PER_S),
         )
         self._live = _LiveRecovery(span, self._service)
