@@ -36,6 +36,7 @@ from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
 from otel_raptor.integrations._base import Integration, IntegrationSettings
 from otel_raptor.integrations._http import ResendCountSpanProcessor
+from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.memory import (
     SimpleMemoryController,
     get_memory_controller,
@@ -53,13 +54,13 @@ _logger = logging.getLogger("otel_raptor")
 # must not repeat them. Bounded, since values come from outside.
 _MAX_REPORTED = 256
 _reported: set[str] = set()
-_reported_lock = threading.Lock()
+_reported_box = LockBox()
 
 
 def _report_config(error: ConfigError) -> None:
     """Log a bad environment or file value once; its key falls back to its default."""
     message = str(error)
-    with _reported_lock:
+    with _reported_box.lock:
         if message in _reported:
             return
         if len(_reported) >= _MAX_REPORTED:
@@ -316,3 +317,6 @@ def _importable(library: str) -> bool:
         return importlib.util.find_spec(library) is not None
     except (ImportError, ValueError):  # a parent package missing, or a broken __spec__
         return False
+
+
+register_lock(RaptorInstrumentor, "_lock")

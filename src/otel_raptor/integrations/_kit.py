@@ -30,6 +30,7 @@ from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
+from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime
 
@@ -78,6 +79,7 @@ class Target:
     """
 
     __slots__ = (
+        "__weakref__",
         "_hooks",
         "_lock",
         "_plans",
@@ -107,6 +109,7 @@ class Target:
         self._hooks = hooks
         self._plans: dict[tuple[bool, bool], CallPlan] = {}
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
 
     def plan(self, *, replay_safe: bool, with_fallback: bool = False) -> CallPlan:
         key = (replay_safe, with_fallback)
@@ -193,7 +196,7 @@ def _nothing() -> None:
 
 
 _error_types: dict[tuple[type, type], type] = {}
-_error_types_lock = threading.Lock()
+_error_types_box = LockBox()
 
 
 def library_error(
@@ -210,7 +213,7 @@ def library_error(
     found = _error_types.get(key)
     if found is not None:
         return found
-    with _error_types_lock:
+    with _error_types_box.lock:
         found = _error_types.get(key)
         if found is None:
             found = type(

@@ -10,17 +10,15 @@ never blocks): a call admitted just as another thread trips the breaker is one t
 been admitted a moment earlier anyway, and its outcome is not counted against the new state.
 A successful call through a closed breaker therefore takes the lock once, to record the result.
 
-After ``os.fork`` the child gets a fresh lock in every live breaker and registry (a lock held by
-a parent thread at fork time would otherwise stay held forever in the child).
+Every lock here is registered with :mod:`otel_raptor.runtime.forksafe`: taken before
+``os.fork`` (so the child sees whole state) and fresh in the child.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import random
 import threading
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
@@ -36,6 +34,7 @@ from otel_raptor.core.states import CircuitState, Transition
 from otel_raptor.errors import CircuitOpenError, ConfigError
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.forksafe import register_lock
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = ["OTHER_BREAKER", "BreakerRegistry", "CircuitBreaker", "Classifier"]
@@ -53,9 +52,6 @@ _CALL: Final = Permit.CALL
 _REJECTED: Final = Permit.REJECTED
 _CLOSED: Final = CircuitState.CLOSED
 _DEFAULT_CONFIG: Final = CircuitBreakerConfig()
-
-_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-_live_registries: weakref.WeakSet[BreakerRegistry] = weakref.WeakSet()
 
 
 def _is_name(value: object) -> bool:
@@ -113,7 +109,7 @@ class CircuitBreaker:
         self._classifier = classifier if classifier is not None else classify
         self._lock = threading.Lock()
         self._core = BreakerCore(config, now=self._monotonic(), rnd=rnd)
-        _live_breakers.add(self)
+        register_lock(self, "_lock")
 
     # --- low level ----------------------------------------------------------------------
 
@@ -214,40 +210,16 @@ class CircuitBreaker:
         Raises ``CircuitOpenError`` without calling ``fn`` when refused. An ``Exception`` from
         ``fn`` is classified, recorded and re-raised unchanged; a ``BaseException`` that is not
         an ``Exception`` (``KeyboardInterrupt``, ``CancelledError``...) is re-raised without
-        counting.
+        counting. No retries: for those, use a ``Guard`` with this breaker.
         """
-        core = self._core
-        # Lock-free admission while CLOSED (see the module docstring). ``_state`` rather than
-        # the ``state`` property: a property read costs more than the rest of this check.
-        if core._state is _CLOSED:
-            permit = _CALL
-        else:
-            permit = self.acquire()
-            if permit is _REJECTED:
-                raise self.reject_error()
-        monotonic = self._monotonic
-        start = monotonic()
+        permit = self._admit()
+        start = self._monotonic()
         try:
             result = fn(*args, **kwargs)
-        except Exception as exc:
-            self._failed(permit, monotonic() - start, exc)
+        except BaseException as exc:
+            self._ended(permit, start, exc)
             raise
-        except BaseException:
-            self._release_safely(permit)
-            raise
-        end = monotonic()
-        try:
-            # acquire/release rather than ``with``: half the cost on CPython 3.11.
-            lock = self._lock
-            lock.acquire()
-            try:
-                transition = core.on_success(permit, end, end - start)
-            finally:
-                lock.release()
-            if transition is not None:
-                self._publish_transition(transition)
-        except Exception as exc:  # noqa: BLE001 - our bug must not lose the caller's result
-            report_internal_error("breaker.record_success", exc)
+        self._succeeded(permit, start)
         return result
 
     @overload
@@ -262,41 +234,40 @@ class CircuitBreaker:
         """Like ``call_sync``, for coroutine functions or functions returning an awaitable
         (awaited) as well as plain functions. ``asyncio.CancelledError`` gives the permit back
         and is re-raised; it never counts as a failure."""
-        core = self._core
-        # Lock-free admission while CLOSED (see the module docstring). ``_state`` rather than
-        # the ``state`` property: a property read costs more than the rest of this check.
-        if core._state is _CLOSED:
-            permit = _CALL
-        else:
-            permit = self.acquire()
-            if permit is _REJECTED:
-                raise self.reject_error()
-        monotonic = self._monotonic
-        start = monotonic()
+        permit = self._admit()
+        start = self._monotonic()
         try:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
-        except Exception as exc:
-            self._failed(permit, monotonic() - start, exc)
+        except BaseException as exc:
+            self._ended(permit, start, exc)
             raise
-        except BaseException:
-            self._release_safely(permit)
-            raise
-        end = monotonic()
+        self._succeeded(permit, start)
+        return result
+
+    def _admit(self) -> Permit:
+        # Lock-free admission while CLOSED (see the module docstring). ``_state`` rather than
+        # the ``state`` property: a property read costs more than the rest of this check.
+        if self._core._state is _CLOSED:
+            return _CALL
+        permit = self.acquire()
+        if permit is _REJECTED:
+            raise self.reject_error()
+        return permit
+
+    def _succeeded(self, permit: Permit, start: float) -> None:
         try:
-            # acquire/release rather than ``with``: half the cost on CPython 3.11.
-            lock = self._lock
-            lock.acquire()
-            try:
-                transition = core.on_success(permit, end, end - start)
-            finally:
-                lock.release()
-            if transition is not None:
-                self._publish_transition(transition)
+            self.record_success_since(permit, start)
         except Exception as exc:  # noqa: BLE001 - our bug must not lose the caller's result
             report_internal_error("breaker.record_success", exc)
-        return result
+
+    def _ended(self, permit: Permit, start: float, exc: BaseException) -> None:
+        # Runs while the caller's exception propagates: nothing here may replace it.
+        if isinstance(exc, Exception):
+            self._failed(permit, self._monotonic() - start, exc)
+        else:
+            self._release_safely(permit)
 
     # --- reading and manual control -----------------------------------------------------
 
@@ -409,9 +380,6 @@ class CircuitBreaker:
         except Exception as error:  # noqa: BLE001 - a sink must not break a call
             report_internal_error("breaker.publish", error)
 
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-
 
 class BreakerRegistry:
     """Circuit breakers by name, created on first use and bounded in number.
@@ -461,7 +429,7 @@ class BreakerRegistry:
         self._lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._other: CircuitBreaker | None = None
-        _live_registries.add(self)
+        register_lock(self, "_lock")
 
     @property
     def max_breakers(self) -> int:
@@ -521,18 +489,3 @@ class BreakerRegistry:
         return len(self._breakers) + (
             1 if self._other is not None and OTHER_BREAKER not in self._breakers else 0
         )
-
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    # Only the forking thread survives in the child, so nothing else touches these sets now.
-    for registry in list(_live_registries):
-        registry._after_fork_in_child()
-    for breaker in list(_live_breakers):
-        breaker._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

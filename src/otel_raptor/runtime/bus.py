@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 from otel_raptor.core.events import Event
+from otel_raptor.runtime.forksafe import register_lock
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = ["EventBus", "Subscriber"]
@@ -21,10 +22,11 @@ class EventBus:
     the publisher never sees the error.
     """
 
-    __slots__ = ("_lock", "_subscribers")
+    __slots__ = ("__weakref__", "_lock", "_subscribers")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
         self._subscribers: tuple[Subscriber, ...] = ()
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from otel_raptor.core.memory import CachePriority, CleanupLevel
+from otel_raptor.runtime.forksafe import register_lock
 
 __all__ = [
     "CacheAdapter",
@@ -346,10 +347,11 @@ class RegisteredCache:
 class CacheRegistry:
     """Named caches, thread-safe; iteration works on a snapshot."""
 
-    __slots__ = ("_caches", "_lock")
+    __slots__ = ("__weakref__", "_caches", "_lock")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
         self._caches: dict[str, RegisteredCache] = {}
 
     def add(self, entry: RegisteredCache) -> None:
@@ -373,6 +375,3 @@ class CacheRegistry:
 
     def __len__(self) -> int:
         return len(self._caches)
-
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()

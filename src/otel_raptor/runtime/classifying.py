@@ -13,7 +13,6 @@ because that is the caller's mistake and should be seen.
 
 from __future__ import annotations
 
-import threading
 import time
 
 from otel_raptor.core.classification import Classification, ErrorCategory
@@ -24,11 +23,12 @@ from otel_raptor.core.classify import (
     ContextLike,
     Rule,
 )
+from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = ["classify", "register_rule"]
 
-_register_lock = threading.Lock()
+_register_box = LockBox()
 
 
 def classify(exc: BaseException, *, context: ContextLike = None) -> Classification:
@@ -61,7 +61,7 @@ def register_rule(rule: Rule, *, first: bool = True) -> None:
     ``first=True`` (default): it beats every built-in rule and earlier user rules.
     ``first=False``: it competes like a built-in of its specificity and loses ties to them.
     """
-    with _register_lock:
+    with _register_box.lock:
         DEFAULT_CLASSIFIER.register_rule(rule, first=first)
 
 

@@ -47,6 +47,7 @@ from otel_raptor.runtime.caches import (
     adapt,
 )
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime, get_runtime
 
@@ -242,6 +243,9 @@ class SimpleMemoryController:
         self._stop = threading.Event()
         self._wanted = False
         _live.add(self)
+        register_lock(self, "_lock")
+        register_lock(self, "_cleanup_lock")
+        after_fork_in_child(self, SimpleMemoryController._after_fork_in_child)
 
     # -- caches ---------------------------------------------------------------------------
 
@@ -514,9 +518,7 @@ class SimpleMemoryController:
         runtime.bus.publish(event)
 
     def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-        self._cleanup_lock = threading.Lock()
-        self._caches._after_fork_in_child()
+        # The locks are fresh already (forksafe); the thread and the process are the parent's.
         self._process = psutil.Process()
         self._thread = None  # the parent's thread does not exist here
         self._stop = threading.Event()  # its lock may have been held by that thread
@@ -528,7 +530,7 @@ _live: weakref.WeakSet[SimpleMemoryController] = weakref.WeakSet()
 
 
 _default_controller: SimpleMemoryController | None = None
-_default_lock = threading.Lock()
+_default_box = LockBox()
 
 
 def get_memory_controller() -> SimpleMemoryController:
@@ -538,7 +540,7 @@ def get_memory_controller() -> SimpleMemoryController:
     register your caches on it to have them cleaned under memory pressure.
     """
     global _default_controller  # noqa: PLW0603 - a lazily created process-wide singleton
-    with _default_lock:
+    with _default_box.lock:
         if _default_controller is None:
             _default_controller = SimpleMemoryController()
         return _default_controller
@@ -547,18 +549,8 @@ def get_memory_controller() -> SimpleMemoryController:
 def set_memory_controller(controller: SimpleMemoryController | None) -> None:
     """Make ``controller`` the process-wide one (``None``: a new one on next use)."""
     global _default_controller  # noqa: PLW0603 - see get_memory_controller
-    with _default_lock:
+    with _default_box.lock:
         _default_controller = controller
-
-
-def _reinit_after_fork() -> None:
-    global _default_lock  # noqa: PLW0603 - a lock held by a thread that did not fork is dead
-    _default_lock = threading.Lock()
-    for controller in list(_live):
-        try:
-            controller._after_fork_in_child()
-        except Exception as exc:  # noqa: BLE001 - a fork must not fail because of us
-            report_internal_error("memory.after_fork", exc)
 
 
 def _stop_all() -> None:
@@ -566,6 +558,4 @@ def _stop_all() -> None:
         controller.stop(timeout=1.0)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
 atexit.register(_stop_all)

@@ -36,7 +36,6 @@ import collections
 import dataclasses
 import gc
 import inspect
-import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
@@ -59,6 +58,7 @@ from otel_raptor.core.prediction import (
 )
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.memory import get_memory_controller
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.sampler import ResourceSample, ResourceSampler
@@ -261,6 +261,8 @@ class PredictiveFailure:
         if self._options.builtin_actions:
             self._add_builtin_actions()
         _live.add(self)
+        register_lock(self, "_lock")
+        after_fork_in_child(self, PredictiveFailure._after_fork_in_child)
 
     def _reset_state(self) -> None:
         window = self._options.window
@@ -609,8 +611,9 @@ class PredictiveFailure:
     # --- fork ---------------------------------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
+        # The lock is fresh already (forksafe); the thread, the loop and the history are the
+        # parent's.
         was_running = self._thread is not None
-        self._lock = threading.Lock()
         self._thread = None
         self._stop = threading.Event()
         self._loop = None  # the parent's loop does not run here
@@ -668,7 +671,7 @@ def _empty_snapshot() -> ResourceSnapshot:
 
 _live: weakref.WeakSet[PredictiveFailure] = weakref.WeakSet()
 _default: PredictiveFailure | None = None
-_default_lock = threading.Lock()
+_default_box = LockBox()
 
 
 def get_predictive_failure() -> PredictiveFailure:
@@ -677,7 +680,7 @@ def get_predictive_failure() -> PredictiveFailure:
     global _default  # noqa: PLW0603 - the one process-wide default, created lazily
     predictor = _default
     if predictor is None:
-        with _default_lock:
+        with _default_box.lock:
             if _default is None:
                 _default = PredictiveFailure()
             predictor = _default
@@ -692,16 +695,4 @@ def _stop_all() -> None:
             report_internal_error("prediction.atexit", error)
 
 
-def _reinit_after_fork() -> None:
-    global _default_lock  # noqa: PLW0603 - a lock held by a thread that did not fork is dead
-    _default_lock = threading.Lock()
-    for predictor in list(_live):
-        try:
-            predictor._after_fork_in_child()
-        except Exception as error:  # noqa: BLE001
-            report_internal_error("prediction.fork", error)
-
-
 atexit.register(_stop_all)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)

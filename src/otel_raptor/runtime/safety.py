@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
+
+from otel_raptor.runtime.forksafe import LockBox
 
 __all__ = ["report_internal_error"]
 
@@ -13,7 +14,7 @@ _logger = logging.getLogger("otel_raptor")
 _REPEAT_AFTER_S = 300.0
 _MAX_KEYS = 256  # bounded: the keys are call-site names, but never trust that
 
-_lock = threading.Lock()
+_box = LockBox()
 _last_reported: dict[str, float] = {}
 
 
@@ -25,7 +26,7 @@ def report_internal_error(where: str, exc: BaseException | None = None) -> None:
     """
     try:
         now = time.monotonic()
-        with _lock:
+        with _box.lock:
             last = _last_reported.get(where)
             if last is not None and now - last < _REPEAT_AFTER_S:
                 return
@@ -42,5 +43,5 @@ def report_internal_error(where: str, exc: BaseException | None = None) -> None:
 
 
 def _reset_for_tests() -> None:
-    with _lock:
+    with _box.lock:
         _last_reported.clear()

@@ -39,6 +39,7 @@ from otel_raptor.core.prediction import is_integer
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.bus import EventBus
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
+from otel_raptor.runtime.forksafe import register_lock
 
 _resource: ModuleType | None
 try:
@@ -206,6 +207,7 @@ class ResourceSampler:
         self._clock = clock
         self._cgroup = cgroup_memory(self._pid)
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
         self._errors: dict[str, int] = {}
         self._last_net: tuple[float, int, int] | None = None
         self._last_errors_at: float | None = None

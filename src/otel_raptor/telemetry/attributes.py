@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from otel_raptor.errors import ConfigError
+from otel_raptor.runtime.forksafe import register_lock
 from otel_raptor.telemetry.instruments import (
     ATTR_BREAKER_FROM_STATE,
     ATTR_BREAKER_NAME,
@@ -72,13 +73,14 @@ class BoundedValues:
     ``limit`` is an integer >= 1; ``key`` names the setting in a ``ConfigError``.
     """
 
-    __slots__ = ("_limit", "_lock", "_overflow", "_seen")
+    __slots__ = ("__weakref__", "_limit", "_lock", "_overflow", "_seen")
 
     def __init__(self, limit: int, overflow: str, *, key: str = "telemetry.limit") -> None:
         self._limit = _check_limit(key, limit)
         self._overflow = overflow
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
 
     @property
     def limit(self) -> int:

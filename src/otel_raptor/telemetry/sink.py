@@ -69,6 +69,7 @@ from otel_raptor.core.events import (
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError
+from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime, get_runtime
 from otel_raptor.telemetry.attributes import (
@@ -240,6 +241,7 @@ class TelemetrySink:
             "otel_raptor_live_recovery", default=None
         )
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
         self._installed = False
         self._unsubscribe: Callable[[], None] | None = None
         self._hub: _GaugeHub | None = None
@@ -779,10 +781,11 @@ class _GaugeHub:
     sink, skipping (and reporting) one that fails.
     """
 
-    __slots__ = ("_lock", "_registered", "_sinks")
+    __slots__ = ("__weakref__", "_lock", "_registered", "_sinks")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
         self._sinks: tuple[TelemetrySink, ...] = ()
         self._registered = False
 
@@ -859,7 +862,7 @@ class _GlobalProvider:
 # The global provider can be set once only; until then a proxy stands in, whose gauges the
 # SDK takes over. So every sink on "the global provider" shares one hub, set or not.
 _GLOBAL_PROVIDER: Final = _GlobalProvider()
-_hubs_lock = threading.Lock()
+_hubs_box = LockBox()
 _hubs: weakref.WeakKeyDictionary[object, _GaugeHub] = weakref.WeakKeyDictionary()
 
 
@@ -867,7 +870,7 @@ def _hub_for(provider: MeterProvider | None) -> _GaugeHub:
     key: object = provider
     if provider is None or provider is metrics.get_meter_provider():
         key = _GLOBAL_PROVIDER
-    with _hubs_lock:
+    with _hubs_box.lock:
         try:
             hub = _hubs.get(key)
             if hub is None:
