@@ -23,6 +23,7 @@ __all__ = [
     "OTEL_PYTHON_RAPTOR_BREAKER_WINDOW",
     "OTEL_PYTHON_RAPTOR_BREAKER_WINDOW_SIZE",
     "OTEL_PYTHON_RAPTOR_CONFIG",
+    "OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH",
     "OTEL_PYTHON_RAPTOR_INTEGRATIONS",
     "OTEL_PYTHON_RAPTOR_MAX_SERVICES",
     "OTEL_PYTHON_RAPTOR_RECOVERY_BACKOFF_MULTIPLIER",
@@ -99,6 +100,11 @@ OTEL_PYTHON_RAPTOR_BREAKER_MINIMUM_CALLS = "OTEL_PYTHON_RAPTOR_BREAKER_MINIMUM_C
 
 OTEL_PYTHON_RAPTOR_BREAKER_HALF_OPEN_MAX_CALLS = "OTEL_PYTHON_RAPTOR_BREAKER_HALF_OPEN_MAX_CALLS"
 """Probes in flight at once in a half-open breaker: an integer >= 1, default ``1``."""
+
+OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH = "OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH"
+"""A path (``/health``) that raptor GETs on an HTTP origin whose breaker is open, every
+``health_check_interval``; ``success_threshold`` answers below 400 in a row close the breaker
+without waiting for user traffic. Default ``none`` (off)."""
 
 OTEL_PYTHON_RAPTOR_BREAKER_KEY = "OTEL_PYTHON_RAPTOR_BREAKER_KEY"
 """What one breaker covers: ``origin`` (default, ``scheme://host:port``) or ``host``."""

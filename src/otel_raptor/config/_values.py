@@ -66,6 +66,7 @@ _TOP_FIELDS: Final = {
     "max_services": "max_services",
     "retry_non_idempotent": "retry_non_idempotent",
     "request_timeout": "request_timeout",
+    "health_check_path": "health_check_path",
 }
 _TOP_DOTTED: Final = {field_: dotted for dotted, field_ in _TOP_FIELDS.items()}
 
@@ -83,6 +84,11 @@ def _check_seconds(key: str, value: object) -> None:
 def _check_flag(key: str, value: object, *, optional: bool) -> None:
     if not (isinstance(value, bool) or (optional and value is None)):
         raise ConfigError(key, value, "None (inherit), True or False" if optional else "a bool")
+
+
+def _check_path(key: str, value: object) -> None:
+    if value is not None and not (isinstance(value, str) and value.startswith("/")):
+        raise ConfigError(key, value, "None, or a URL path starting with / (such as /health)")
 
 
 def _urls(key: str, value: object) -> tuple[str, ...]:
@@ -140,6 +146,14 @@ def _parse_bool(text: str) -> bool:
         return _BOOLEANS[text.lower()]
     except KeyError:
         raise ValueError("a boolean: true/false, 1/0, yes/no, on/off") from None
+
+
+def _parse_path(text: str) -> str | None:
+    if text.lower() == "none":
+        return None
+    if not text.startswith("/"):
+        raise ValueError("none, or a URL path starting with / (such as /health)")
+    return text
 
 
 def _parse_word(text: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from otel_raptor.config._values import (
     Fallback,
     _check_flag,
+    _check_path,
     _check_seconds,
     _is_number,
     _urls,
@@ -43,6 +44,7 @@ class DownstreamPolicy:
     stale_max_age: float = 300.0
     fallback: Fallback | None = None
     enabled: bool = True
+    health_check_path: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryPolicy):
@@ -62,6 +64,7 @@ class DownstreamPolicy:
         if self.fallback is not None and not callable(self.fallback):
             raise ConfigError("downstream.fallback", self.fallback, "None or a callable")
         _check_flag("downstream.enabled", self.enabled, optional=False)
+        _check_path("downstream.health_check_path", self.health_check_path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +89,7 @@ class DownstreamOverride:
     stale_max_age: float | None = None
     fallback: Fallback | None = None
     enabled: bool | None = None
+    health_check_path: str | None = None
 
     def __post_init__(self) -> None:
         pattern: object = self.pattern
@@ -108,6 +112,7 @@ class DownstreamOverride:
         if self.fallback is not None and not callable(self.fallback):
             raise ConfigError("downstream.fallback", self.fallback, "None or a callable")
         _check_flag("downstream.enabled", self.enabled, optional=True)
+        _check_path("downstream.health_check_path", self.health_check_path)
 
 
 class _Matcher:

@@ -17,6 +17,7 @@ from otel_raptor.config._values import (
     Overrides,
     Report,
     _check_flag,
+    _check_path,
     _check_seconds,
     _integrations,
 )
@@ -62,6 +63,7 @@ class RaptorConfig:
     max_services: int = 256
     retry_non_idempotent: bool = False
     request_timeout: float | None = 30.0
+    health_check_path: str | None = None
     downstreams: tuple[DownstreamOverride, ...] = ()
     # Derived in __post_init__; the cache makes ``policy_for`` one dict lookup per request.
     _matchers: tuple[_Matcher, ...] = field(init=False, repr=False, compare=False)
@@ -95,6 +97,7 @@ class RaptorConfig:
             raise ConfigError("max_services", max_services, "an integer >= 1")
         _check_flag("retry_non_idempotent", self.retry_non_idempotent, optional=False)
         _check_seconds("request_timeout", self.request_timeout)
+        _check_path("health_check_path", self.health_check_path)
         downstreams: object = self.downstreams
         if isinstance(downstreams, (str, bytes, Mapping)) or not isinstance(downstreams, Iterable):
             raise ConfigError("downstreams", downstreams, "a sequence of DownstreamOverride")
@@ -111,6 +114,7 @@ class RaptorConfig:
                 breaker=self.breaker,
                 timeout=self.request_timeout,
                 retry_non_idempotent=self.retry_non_idempotent,
+                health_check_path=self.health_check_path,
             ),
         )
 
@@ -168,6 +172,7 @@ class RaptorConfig:
             stale_max_age=pick(override.stale_max_age, base.stale_max_age),
             fallback=override.fallback,
             enabled=pick(override.enabled, base.enabled),
+            health_check_path=pick(override.health_check_path, base.health_check_path),
         )
 
     # --- loading --------------------------------------------------------------------------
@@ -373,6 +378,7 @@ _KWARGS: Final = (
     "downstreams",
     "integrations",
     "max_services",
+    "health_check_path",
     "recovery_config",
     "request_timeout",
     "retry",

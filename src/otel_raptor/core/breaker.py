@@ -82,6 +82,7 @@ TRIP_CONFIDENCE_Z: Final = 1.645
 _Z2: Final = TRIP_CONFIDENCE_Z * TRIP_CONFIDENCE_Z
 
 _INF: Final = float("inf")
+_DEFAULT_MAX_OPEN_S: Final = 600.0
 
 
 class Permit(enum.IntEnum):
@@ -170,7 +171,8 @@ class CircuitBreakerConfig:
     * ``slow_call_duration`` (None = off, else > 0): a call at least this long is slow.
     * ``slow_call_rate_threshold`` (1.0, in (0, 1]): window slow-call rate that trips.
     * ``half_open_max_calls`` (1, integer >= 1): probes in flight at once.
-    * ``max_recovery_timeout`` (600.0, >= ``recovery_timeout``): cap of the open duration.
+    * ``max_recovery_timeout`` (``None``: 600.0, or ``recovery_timeout`` when that is longer;
+      else >= ``recovery_timeout``): cap of the open duration.
     * ``recovery_backoff_multiplier`` (1.0 = off, >= 1): growth of the open duration per failed
       probe. Off by default: with growth, a long outage keeps traffic away for up to
       ``max_recovery_timeout`` after the downstream is back.
@@ -193,7 +195,7 @@ class CircuitBreakerConfig:
     slow_call_duration: float | None = None
     slow_call_rate_threshold: float = 1.0
     half_open_max_calls: int = 1
-    max_recovery_timeout: float = 600.0
+    max_recovery_timeout: float | None = None
     recovery_backoff_multiplier: float = 1.0
     recovery_jitter: float = 0.1
     adaptive_min_threshold: float = 0.1
@@ -244,10 +246,11 @@ class CircuitBreakerConfig:
                 "a number in (0, 1]",
             )
         _check_int("half_open_max_calls", self.half_open_max_calls, 1)
-        if not (
-            _is_number(self.max_recovery_timeout)
-            and self.max_recovery_timeout >= self.recovery_timeout
-        ):
+        cap = self.max_recovery_timeout
+        if cap is None:
+            cap = max(_DEFAULT_MAX_OPEN_S, float(self.recovery_timeout))
+            object.__setattr__(self, "max_recovery_timeout", cap)
+        if not (_is_number(cap) and cap >= self.recovery_timeout):
             raise ConfigError(
                 "breaker.max_recovery_timeout",
                 self.max_recovery_timeout,
@@ -395,6 +398,7 @@ class BreakerCore:
         "_ignored",
         "_interval",
         "_long_run",
+        "_max_open",
         "_min_calls",
         "_next_check",
         "_open_for",
@@ -422,6 +426,8 @@ class BreakerCore:
             self._min_calls = config.minimum_calls
         # A run this long trips at any volume (see the module docstring).
         self._long_run = max(config.failure_threshold, self._min_calls)
+        cap = config.max_recovery_timeout
+        self._max_open = float(cap) if cap is not None else _INF  # set by the config, always
         self._window = window
         # A bound method in a slot: one lookup less on the hot path.
         self._record = window.record
@@ -533,7 +539,7 @@ class BreakerCore:
             self._end_probe()
             if self._state is _HALF_OPEN:
                 self._base_open = min(
-                    self._config.max_recovery_timeout,
+                    self._max_open,
                     self._base_open * self._config.recovery_backoff_multiplier,
                 )
                 return self._open(TransitionReason.PROBE_FAILED, now)
@@ -735,7 +741,7 @@ class BreakerCore:
         open_for = self._base_open
         if jitter:
             open_for *= 1.0 + jitter * (2.0 * self._rnd() - 1.0)
-        open_for = min(config.max_recovery_timeout, max(0.0, open_for))
+        open_for = min(self._max_open, max(0.0, open_for))
         self._open_for = open_for
         self._open_until = now + open_for
         return self._move(_OPEN, reason, now, open_for)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import urllib.error
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ __all__ = [
     "StaleCache",
     "StaleEntry",
     "http_enabled",
+    "http_health_check",
     "is_failing_status",
     "origin_end",
     "parse_origin",
@@ -334,6 +337,29 @@ def replay_safe(
     return False
 
 
+def _origin_url(scheme: str, host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
+def http_health_check(url: str, *, timeout: float) -> Callable[[], bool]:
+    """An active health check that GETs ``url`` (with ``urllib``, which raptor does not
+    guard, so the check never meets the open breaker it is checking): healthy when the answer
+    comes within ``timeout`` seconds with a status below 400."""
+
+    def check() -> bool:
+        request = urllib.request.Request(url, headers={"User-Agent": "otel-raptor-health-check"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return int(response.status) < 400
+        except urllib.error.HTTPError as error:
+            return error.code < 400
+        except (OSError, ValueError):
+            return False
+
+    return check
+
+
 def _server(host: str, port: int) -> dict[str, str | int]:
     return {ATTR_SERVER_ADDRESS: host, ATTR_SERVER_PORT: port}
 
@@ -378,6 +404,7 @@ class Origin:
         runtime: Runtime,
         hooks: CallHooks,
         attributes: Mapping[str, str | int] | None = None,
+        url: str | None = None,
     ) -> None:
         self.policy = policy
         self.enabled = policy.enabled
@@ -391,6 +418,16 @@ class Origin:
         self.target = Target(name, policy, runtime, hooks, attributes) if self.enabled else None
         self.service = self.target.service if self.target is not None else name
         self.breaker_name = self.target.breaker_name if self.target is not None else ""
+        if self.target is not None and policy.health_check_path and url is not None:
+            breaker = self.target.route.breaker
+            if breaker is not None:
+                runtime.health.register(
+                    breaker,
+                    http_health_check(
+                        url + policy.health_check_path,
+                        timeout=min(5.0, policy.breaker.health_check_interval),
+                    ),
+                )
 
     def plan(self, *, replay_safe: bool, with_fallback: bool) -> CallPlan:
         """The plan for one request (only for an enabled origin)."""
@@ -461,6 +498,7 @@ class OriginTable:
                 self._runtime,
                 self._hooks,
                 {ATTR_SERVER_ADDRESS: host} if by_host else _server(host, port),
+                _origin_url(scheme, host, port),
             )
             if len(self._by_origin) >= MAX_TARGETS:
                 self._by_origin.clear()

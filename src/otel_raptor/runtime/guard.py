@@ -38,6 +38,7 @@ from otel_raptor.runtime.drive import (
     run_async,
     run_sync,
 )
+from otel_raptor.runtime.health import HealthCheck
 from otel_raptor.runtime.state import Runtime, get_runtime
 
 __all__ = ["BreakerSpec", "ClassifyFunction", "Guard", "RetrySpec"]
@@ -99,7 +100,10 @@ class Guard:
     deadline) and lengthens it on retries after a timeout (the ``timeout_adjust`` strategy).
     Async calls without it run each attempt under ``asyncio.wait_for`` when the policy has an
     attempt timeout or a deadline. ``critical`` raises the severity of this service's
-    failures by one level.
+    failures by one level. ``health_check`` (a callable returning ``True`` when the service
+    is healthy; it must bound its own duration) is run every ``health_check_interval`` while
+    the breaker is open, and closes it after ``success_threshold`` passes in a row, without
+    waiting for a call to probe it.
     """
 
     __slots__ = ("_plan", "_runtime", "service")
@@ -117,11 +121,14 @@ class Guard:
         runtime: Runtime | None = None,
         classifier: ClassifyFunction | None = None,
         rnd: Callable[[], float] = random.random,
+        health_check: HealthCheck | None = None,
     ) -> None:
         if not _is_name(service):
             raise ConfigError("service", service, "a non-empty string")
         if fallback is not None and not callable(fallback):
             raise ConfigError("fallback", fallback, "a callable taking the error, or None")
+        if health_check is not None and not callable(health_check):
+            raise ConfigError("health_check", health_check, "a callable returning a bool, or None")
         if timeout_kwarg is not None and not _is_name(timeout_kwarg):
             raise ConfigError("timeout_kwarg", timeout_kwarg, "a keyword argument's name, or None")
         runtime = runtime if runtime is not None else get_runtime()
@@ -135,6 +142,8 @@ class Guard:
             classifier or default_classify,
             critical=bool(critical),
         )
+        if health_check is not None and route.breaker is not None:
+            runtime.health.register(route.breaker, health_check)
         hooks = CallHooks() if timeout_kwarg is None else TimeoutKwargHooks(timeout_kwarg)
         spec = LoopSpec.of(policy, replay_safe=bool(replay_safe), has_fallback=fallback is not None)
         self._plan = CallPlan(

@@ -26,6 +26,7 @@ from otel_raptor.runtime.bus import EventBus
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
 from otel_raptor.runtime.downstream import Downstream
 from otel_raptor.runtime.forksafe import LockBox, register_lock
+from otel_raptor.runtime.health import HealthChecker
 
 __all__ = [
     "OTHER_SERVICE",
@@ -90,6 +91,8 @@ class Runtime:
         self.bus = EventBus()
         self.max_services = max_services
         self.breakers = BreakerRegistry(clock=clock, sink=self.bus, max_breakers=max_services)
+        #: Active health checks of open breakers (a thread only once one is registered).
+        self.health = HealthChecker(clock=clock, max_checks=max_services)
         self._budget_ratio = budget_ratio
         self._budget_floor = budget_min_retries_per_second
         # Built once here so that a bad ratio fails now, not at the first failure.
