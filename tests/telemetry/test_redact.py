@@ -219,7 +219,20 @@ def test_record_exception_adds_a_scrubbed_exception_event() -> None:
 
 
 def test_record_exception_on_a_non_recording_span_is_a_no_op() -> None:
-    record_exception(INVALID_SPAN, ValueError("x"))
+    class NotRecording:
+        touched: list[str] = []
+
+        def is_recording(self) -> bool:
+            return False
+
+        def __getattr__(self, name: str) -> object:
+            self.touched.append(name)
+            raise AssertionError(f"{name} used on a span that does not record")
+
+    span = NotRecording()
+    assert record_exception(span, ValueError("x")) is None  # type: ignore[arg-type, func-returns-value]
+    assert NotRecording.touched == []
+    assert record_exception(INVALID_SPAN, ValueError("x")) is None  # type: ignore[func-returns-value]
 
 
 @pytest.mark.parametrize(

@@ -38,10 +38,12 @@ from otel_raptor.core.events import (
     RetryScheduled,
 )
 from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState, TransitionReason
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime import safety
 from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.state import Runtime
 from otel_raptor.telemetry.instruments import RECOVERY_DURATION_BUCKETS, SCHEMA_URL
 from otel_raptor.telemetry.sink import MAX_EVENTS_PER_CALL, MAX_PENDING_CALLS, TelemetrySink
@@ -843,12 +845,21 @@ def test_a_tracer_that_raises_never_reaches_the_publisher() -> None:
     assert list(harness.points("raptor.errors").values()) == [1]  # metrics still work
 
 
-def test_a_provider_that_cannot_make_a_meter_degrades_to_no_op() -> None:
-    sink = TelemetrySink(runtime=Runtime(), meter_provider=BrokenProvider())
-    sink.install()
-    for event in ALL_EVENTS:
-        sink.publish(event)
-    sink.uninstall()
+def test_a_provider_that_cannot_make_a_meter_degrades_to_no_op(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    safety._reset_for_tests()
+    runtime = Runtime()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        sink = TelemetrySink(runtime=runtime, meter_provider=BrokenProvider())
+        sink.install()
+        for event in ALL_EVENTS:
+            sink.publish(event)  # never raises
+        sink.uninstall()
+    assert type(sink._meter).__name__ == "NoOpMeter"
+    assert type(sink._instruments.errors).__name__ == "NoOpCounter"
+    assert "telemetry.meter" in caplog.text  # reported once, not raised
+    assert not sink.installed
 
 
 def test_gauges_survive_a_runtime_that_raises(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -863,9 +874,6 @@ def test_gauges_survive_a_runtime_that_raises(h: Harness, monkeypatch: pytest.Mo
 
 
 def test_a_guarded_call_produces_the_documented_telemetry(h: Harness) -> None:
-    guard_module = pytest.importorskip("otel_raptor.runtime.guard")
-    retry_module = pytest.importorskip("otel_raptor.core.retry")
-
     failures = [ConnectionError("refused"), ConnectionError("refused")]
 
     def flaky() -> str:
@@ -876,9 +884,9 @@ def test_a_guarded_call_produces_the_documented_telemetry(h: Harness) -> None:
     def classify(exc: BaseException, *, context: object = None) -> Classification:
         return CONNECTION
 
-    guard = guard_module.Guard(
+    guard = Guard(
         "db",
-        retry=retry_module.RetryPolicy(max_retries=3, base_delay=0.1),
+        retry=RetryPolicy(max_retries=3, base_delay=0.1),
         runtime=h.runtime,
         classifier=classify,
         rnd=lambda: 0.5,
