@@ -97,15 +97,15 @@ def entry_points(
     points: dict[str, Callable[[Counting], Any]] = {
         "resilient-sync": decorated_sync,
         "resilient-async": decorated_async,
-        "Guard.call": lambda fn: call_guard.call(fn),
+        "Guard.call": call_guard.call,
         "Guard.call_async": lambda fn: async_guard.call_async(_as_async(fn)),
         "Guard.bind": lambda fn: bound_guard.bind(fn)(),
     }
     if fallback is None:
         sync_breaker = runtime.breakers.get("breaker-sync", OPEN_FOR_AN_HOUR)
         async_breaker = runtime.breakers.get("breaker-async", OPEN_FOR_AN_HOUR)
-        points["CircuitBreaker.call_sync"] = lambda fn: sync_breaker.call_sync(fn)
-        points["CircuitBreaker.call"] = lambda fn: async_breaker.call(fn)
+        points["CircuitBreaker.call_sync"] = sync_breaker.call_sync
+        points["CircuitBreaker.call"] = async_breaker.call
     return points
 
 

@@ -219,19 +219,19 @@ def test_record_exception_adds_a_scrubbed_exception_event() -> None:
 
 
 def test_record_exception_on_a_non_recording_span_is_a_no_op() -> None:
-    class NotRecording:
-        touched: list[str] = []
+    touched: list[str] = []
 
+    class NotRecording:
         def is_recording(self) -> bool:
             return False
 
         def __getattr__(self, name: str) -> object:
-            self.touched.append(name)
+            touched.append(name)
             raise AssertionError(f"{name} used on a span that does not record")
 
     span = NotRecording()
     assert record_exception(span, ValueError("x")) is None  # type: ignore[arg-type, func-returns-value]
-    assert NotRecording.touched == []
+    assert touched == []
     assert record_exception(INVALID_SPAN, ValueError("x")) is None  # type: ignore[func-returns-value]
 
 
