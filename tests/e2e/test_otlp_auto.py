@@ -12,10 +12,8 @@ breaker); ``/outage`` again (refused by the open breaker, never reaching the ser
 after the breaker's recovery timeout, ``/healed`` 200 (the half-open probe closes it).
 
 The SDK configurator. ``opentelemetry-instrument`` configures the SDK only through an
-``opentelemetry_configurator`` entry point, normally ``opentelemetry-distro``'s (a bare
-subclass of the SDK's ``_OTelSDKConfigurator``). When no distribution provides one, the
-tests put a stand-in ``.dist-info`` that declares the SDK's configurator itself on
-``PYTHONPATH``: the same configuration code runs either way.
+``opentelemetry_configurator`` entry point: ``opentelemetry-distro``'s, which otel-raptor
+depends on.
 
 Everything the tests need beyond the test extra skips with its reason, or fails under
 ``RAPTOR_REQUIRE_SERVICES=1``.
@@ -132,8 +130,6 @@ RAPTOR_ENV = {
 #: interval (500 ms), so that the state gauge is read at least once while the breaker is open.
 BREAKER_WAIT_S = 0.8
 
-_SHIM_DIST = "raptor_e2e_sdk_configurator-0.dist-info"
-
 
 def _require(condition: bool, reason: str) -> None:
     if condition:
@@ -151,23 +147,11 @@ def launcher() -> Path:
 
 
 @pytest.fixture(scope="module")
-def configurator_path(tmp_path_factory: pytest.TempPathFactory) -> str | None:
-    """A ``PYTHONPATH`` entry providing the SDK configurator, or ``None`` when a distribution
-    (``opentelemetry-distro``) already provides one (see the module doc)."""
-    if any(True for _ in entry_points(group="opentelemetry_configurator")):
-        return None
-    require_module("opentelemetry.sdk._configuration")
-    root = tmp_path_factory.mktemp("configurator")
-    dist = root / _SHIM_DIST
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: raptor-e2e-sdk-configurator\nVersion: 0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[opentelemetry_configurator]\n"
-        "sdk = opentelemetry.sdk._configuration:_OTelSDKConfigurator\n"
-    )
-    return str(root)
+def configurator_path() -> str | None:
+    """No ``PYTHONPATH`` entry is needed: otel-raptor depends on opentelemetry-distro, whose
+    configurator the launcher uses (tests/e2e/test_fresh_venv.py proves it in a new venv)."""
+    assert any(True for _ in entry_points(group="opentelemetry_configurator"))
+    return None
 
 
 @dataclass
