@@ -735,3 +735,23 @@ def test_from_mapping_validates_values() -> None:
     with pytest.raises(ConfigError) as info:
         CircuitBreakerConfig.from_mapping({"failure_threshold": "5"})
     assert info.value.key == "breaker.failure_threshold"
+
+
+def test_a_window_full_of_successes_makes_the_breaker_quiet_until_a_failure() -> None:
+    core = make(window_size=5, minimum_calls=5)
+    run(core, "SSSS", 1.0)
+    assert not core.quiet  # not full yet
+    run(core, "S", 1.0)
+    assert core.quiet
+    assert core.succeeded_quietly(1.0)
+    fail(core, 2.0)
+    assert not core.quiet
+    assert not core.succeeded_quietly(2.0)
+    run(core, "SSSSS", 3.0)
+    assert core.quiet
+    slow = make(window_size=5, minimum_calls=5, slow_call_duration=1.0)
+    run(slow, "SSSSS", 1.0)
+    assert not slow.quiet  # a success's duration matters: never skipped
+    timed = make(window="time", window_size=5, minimum_calls=5)
+    run(timed, "SSSSSSSS", 1.0)
+    assert not timed.quiet  # a time window always moves

@@ -226,6 +226,18 @@ class BreakerMachine(RuleBasedStateMachine):
             assert core.consecutive_failures < max(config.failure_threshold, minimum)
 
     @invariant()
+    def quiet_means_a_success_changes_nothing(self) -> None:
+        core = self.core
+        if not core.quiet:
+            return
+        assert core.state is CLOSED
+        assert core.consecutive_failures == 0
+        assert self.config.slow_call_duration is None
+        before = core.snapshot(self.now)
+        core._window.record(1, self.now)  # a plain success, recorded anyway
+        assert core.snapshot(self.now) == before
+
+    @invariant()
     def health_is_bounded(self) -> None:
         health = self.core.health_score(self.now)
         assert 0 <= health <= 100

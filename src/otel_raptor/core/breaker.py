@@ -399,6 +399,7 @@ class BreakerCore:
         "_interval",
         "_long_run",
         "_max_open",
+        "_may_be_quiet",
         "_min_calls",
         "_next_check",
         "_open_for",
@@ -410,6 +411,7 @@ class BreakerCore:
         "_slow_s",
         "_state",
         "_window",
+        "quiet",
     )
 
     def __init__(
@@ -432,6 +434,12 @@ class BreakerCore:
         # A bound method in a slot: one lookup less on the hot path.
         self._record = window.record
         self._slow_s = _INF if config.slow_call_duration is None else config.slow_call_duration
+        # Only a count window can absorb a success, and only without slow-call detection does
+        # a success's duration not matter.
+        self._may_be_quiet = config.slow_call_duration is None and isinstance(window, CountWindow)
+        #: True while a plain success would change nothing (CLOSED, a window full of
+        #: successes, no failure since): see ``succeeded_quietly``. Read without a lock.
+        self.quiet = False
         self._ignored = config.ignored_categories
         self._interval = config.health_check_interval
         self._failure_counts = dict.fromkeys(ErrorCategory, 0)
@@ -439,6 +447,7 @@ class BreakerCore:
         self._init_state(now)
 
     def _init_state(self, now: float) -> None:
+        self.quiet = False
         config = self._config
         self._state = _CLOSED
         self._forced = False
@@ -482,15 +491,28 @@ class BreakerCore:
     def on_success(self, permit: Permit, now: float, duration: float) -> Transition | None:
         """The call admitted with ``permit`` succeeded after ``duration`` seconds."""
         if permit is _CALL and self._state is _CLOSED and duration < self._slow_s:
-            if not self._window.absorbs_success:
+            window = self._window
+            if not window.absorbs_success:
                 self._record(_SUCCESS, now)
             self._consecutive = 0
             if now >= self._next_check:
                 self._health_check(now)
+            self.quiet = self._may_be_quiet and window.absorbs_success
             return None
         return self._on_other_success(permit, now)
 
+    def succeeded_quietly(self, now: float) -> bool:
+        """Whether a plain success at ``now`` would change nothing, so that the caller may
+        skip recording it (and the lock around it): the breaker is CLOSED, its count window is
+        full of successes, no failure came since, slow-call detection is off and no adaptive
+        health check is due. Lock-free and approximate by design: a success that races a
+        concurrent failure may leave that failure's run one success longer, which only a run
+        of ``failure_threshold`` (at low volume) or ``minimum_calls`` failures could turn
+        into a trip."""
+        return self.quiet and now < self._next_check
+
     def _on_other_success(self, permit: Permit, now: float) -> Transition | None:
+        self.quiet = False
         if permit is _PROBE:
             self._end_probe()
             if self._state is _HALF_OPEN:
@@ -530,6 +552,7 @@ class BreakerCore:
         if permit is _CALL:
             if self._state is not _CLOSED:
                 return None
+            self.quiet = False
             self._record(_SLOW_FAILURE if duration >= self._slow_s else _FAILURE, now)
             self._consecutive += 1
             if now >= self._next_check:
@@ -576,6 +599,7 @@ class BreakerCore:
         OPEN → OPEN transition when an automatically opened breaker becomes held open)."""
         if self._forced:
             return None
+        self.quiet = False
         previous = self._state
         self._state = _OPEN
         self._forced = True
@@ -735,6 +759,7 @@ class BreakerCore:
         return self._open(reason, now)
 
     def _open(self, reason: TransitionReason, now: float) -> Transition:
+        self.quiet = False
         config = self._config
         self._checks_passed = 0
         jitter = config.recovery_jitter
@@ -747,6 +772,7 @@ class BreakerCore:
         return self._move(_OPEN, reason, now, open_for)
 
     def _close(self, reason: TransitionReason, now: float) -> Transition:
+        self.quiet = False
         previous = self._state
         self._state = _CLOSED
         self._forced = False
@@ -768,6 +794,7 @@ class BreakerCore:
         now: float,
         open_for: float | None = None,
     ) -> Transition:
+        self.quiet = False
         previous = self._state
         self._state = to_state
         if to_state is _HALF_OPEN:

@@ -258,6 +258,9 @@ class CircuitBreaker:
 
     def _succeeded(self, permit: Permit, start: float) -> None:
         try:
+            core = self._core
+            if permit is _CALL and core.quiet and start < core._next_check:
+                return  # a success through a quiet breaker changes nothing: no lock
             self.record_success_since(permit, start)
         except Exception as exc:  # noqa: BLE001 - our bug must not lose the caller's result
             report_internal_error("breaker.record_success", exc)

@@ -166,7 +166,11 @@ class CallPlan:
 
     __slots__ = (
         "_scopes",
+        "breaker",
+        "budget",
         "clock",
+        "core",
+        "downstream",
         "failure_of",
         "fallback",
         "first_kwargs",
@@ -190,6 +194,11 @@ class CallPlan:
         rnd: Callable[[], float] = random.random,
     ) -> None:
         self.route = route
+        # Read on every call: cached here (none of them is ever replaced).
+        self.downstream = route.downstream
+        self.budget = route.downstream.budget
+        self.breaker = route.breaker
+        self.core = None if route.breaker is None else route.breaker._core
         self.spec = spec
         self.hooks = hooks
         self.fallback = fallback
@@ -225,12 +234,9 @@ def run_sync(
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` under ``plan`` (see the module docstring). ``fallback``
     overrides the plan's for this call."""
-    route = plan.route
-    breaker = route.breaker
+    core = plan.core
     start = plan.monotonic()
-    if (breaker is None or breaker._core._state is _CLOSED) and (
-        start >= route.downstream.cooldown_until
-    ):
+    if (core is None or core._state is _CLOSED) and start >= plan.downstream.cooldown_until:
         call_kwargs = (
             plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
             if plan.first_kwargs
@@ -244,7 +250,12 @@ def run_sync(
             failure_of = plan.failure_of
             failure = None if failure_of is None else failure_of(result)
             if failure is None:
-                _record_fast_success(route, breaker, start)
+                try:
+                    plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                    if core is not None and not (core.quiet and start < core._next_check):
+                        plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
+                except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                    report_internal_error("drive.record_success", bug)
                 return result
         runner = _Runner(plan, fallback, start)
         step = runner.first_failed(failure, start)
@@ -264,12 +275,9 @@ async def run_async(
     """:func:`run_sync` for coroutine functions: sleeps never block the loop, and attempt
     timeouts the hooks do not apply are applied with ``asyncio.wait_for``. Cancellation from
     outside propagates at once and is never counted as a failure."""
-    route = plan.route
-    breaker = route.breaker
+    core = plan.core
     start = plan.monotonic()
-    if (breaker is None or breaker._core._state is _CLOSED) and (
-        start >= route.downstream.cooldown_until
-    ):
+    if (core is None or core._state is _CLOSED) and start >= plan.downstream.cooldown_until:
         call_kwargs = (
             plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
             if plan.first_kwargs
@@ -286,7 +294,7 @@ async def run_async(
             failure_of = plan.failure_of
             failure = None if failure_of is None else failure_of(result)
             if failure is None:
-                _record_fast_success(route, breaker, start)
+                _record_success(plan, start)
                 return result
         runner = _Runner(plan, fallback, start)
         step = runner.first_failed(failure, start)
@@ -390,12 +398,15 @@ async def _drive_async(
         runner.close()
 
 
-def _record_fast_success(route: Route, breaker: Any, start: float) -> None:
-    # A bug here must never lose the caller's result.
+def _record_success(plan: CallPlan, start: float) -> None:
+    """The fast path's success (the sync driver inlines it). A success through a quiet
+    breaker changes nothing, so it takes no lock (``BreakerCore.succeeded_quietly``). A bug
+    here must never lose the caller's result."""
     try:
-        route.downstream.budget._calls += 1  # RetryBudget.record_call, inlined
-        if breaker is not None:
-            breaker.record_success_since(_CALL, start)
+        plan.budget._calls += 1  # RetryBudget.record_call, inlined
+        core = plan.core
+        if core is not None and not (core.quiet and start < core._next_check):
+            plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
     except Exception as bug:  # noqa: BLE001
         report_internal_error("drive.record_success", bug)
 
