@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
+from opentelemetry import context as otel_context
 from opentelemetry.context import Context, get_current
 from opentelemetry.instrumentation import utils as otel_utils
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
@@ -122,12 +123,24 @@ def _enabled_check() -> Callable[[], bool]:
     first, second, third = keys
     if not (isinstance(first, str) and isinstance(second, str) and isinstance(third, str)):
         return is_http_instrumentation_enabled
+    current = _current_context_reader()
 
     def enabled() -> bool:
-        context = get_current()
+        context = current()
         return not (context.get(first) or context.get(second) or context.get(third))
 
     return enabled
+
+
+def _current_context_reader() -> Callable[[], Context]:
+    """``opentelemetry.context.get_current``, or the context variable it reads when the
+    default runtime context is in use (one C call instead of two Python frames)."""
+    runtime_context = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime_context, "_current_context", None)
+    get = getattr(variable, "get", None)
+    if type(runtime_context).__name__ == "ContextVarsRuntimeContext" and callable(get):
+        return get  # type: ignore[no-any-return]  # ContextVar[Context].get
+    return get_current
 
 
 #: Whether HTTP instrumentation is enabled in the current context: ``False`` inside
@@ -155,7 +168,10 @@ class FailingResponse(Exception):
 
 
 def _failing(response: Any) -> FailingResponse | None:
-    status = getattr(response, "status_code", None)
+    try:
+        status = response.status_code
+    except AttributeError:
+        return None
     if type(status) is int and (status >= 500 or status == 429) and status <= 599:
         return FailingResponse(response)
     return None
@@ -389,12 +405,14 @@ class Origin:
         "fixed_fallbacks",
         "policy",
         "retry_non_idempotent",
+        "safe",
         "service",
         "stale_if_error",
         "stale_max_age",
         "target",
         "timed",
         "timeout",
+        "unsafe",
     )
 
     def __init__(
@@ -418,6 +436,13 @@ class Origin:
         self.target = Target(name, policy, runtime, hooks, attributes) if self.enabled else None
         self.service = self.target.service if self.target is not None else name
         self.breaker_name = self.target.breaker_name if self.target is not None else ""
+        # The two plans of requests without fallbacks, read on every request (an enabled
+        # origin only; reading them on a disabled one raises AttributeError).
+        self.safe: CallPlan
+        self.unsafe: CallPlan
+        if self.target is not None:
+            self.safe = self.target.plan(replay_safe=True)
+            self.unsafe = self.target.plan(replay_safe=False)
         if self.target is not None and policy.health_check_path and url is not None:
             breaker = self.target.route.breaker
             if breaker is not None:

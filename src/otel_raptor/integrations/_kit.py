@@ -26,6 +26,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from otel_raptor.core.attempts import LoopSpec
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
@@ -42,6 +43,7 @@ __all__ = [
     "TargetTable",
     "call",
     "call_async",
+    "is_refusal_of",
     "library_error",
     "manage_cache",
 ]
@@ -193,6 +195,16 @@ def manage_cache(settings: IntegrationSettings, name: str, cache: Evictable) -> 
 
 def _nothing() -> None:
     return None
+
+
+def is_refusal_of(error: BaseException, plan: CallPlan) -> bool:
+    """Whether ``error`` is ``plan``'s own plain refusal (its breaker's ``CircuitOpenError``,
+    or its downstream's ``ThrottledError``), which the integration turns into the library's
+    answer, rather than one that a fallback function raised (which passes through)."""
+    if type(error) is CircuitOpenError:
+        breaker = plan.breaker
+        return breaker is not None and error.breaker == breaker.name
+    return type(error) is ThrottledError and error.service == plan.route.service
 
 
 _error_types: dict[tuple[type, type], type] = {}

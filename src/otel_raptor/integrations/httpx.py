@@ -49,7 +49,13 @@ from otel_raptor.integrations._http import (
     stale_headers,
     throttled_headers,
 )
-from otel_raptor.integrations._kit import call, call_async, library_error, manage_cache
+from otel_raptor.integrations._kit import (
+    call,
+    call_async,
+    is_refusal_of,
+    library_error,
+    manage_cache,
+)
 from otel_raptor.integrations._wrapping import unwrap, wrap
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
@@ -104,11 +110,16 @@ def _refusal(error: RaptorError, request: Any) -> Any:
     return circuit_open_error_type()(error.breaker, error.retry_after, request=request)
 
 
-def _ours(error: RaptorError, origin: Origin) -> bool:
-    """Whether a plain refusal is this origin's (not one raised by a fallback function)."""
-    if type(error) is CircuitOpenError:
-        return error.breaker == origin.breaker_name
-    return type(error) is ThrottledError and error.service == origin.service
+def refused(error: RaptorError, plan: CallPlan, request: Any) -> Any:
+    """httpx's answer to ``error`` when it is this plan's plain refusal (not one raised by a
+    fallback function, which passes through): raise ``HttpxCircuitOpen``, or hand back a
+    ``429``."""
+    if not is_refusal_of(error, plan):
+        raise error
+    answer = _refusal(error, request)
+    if isinstance(answer, BaseException):
+        raise answer from None
+    return answer
 
 
 class _Call:
@@ -170,8 +181,11 @@ class _Installed:
         kwargs: dict[str, Any],
         *,
         is_async: bool,
-    ) -> _Call | None:
-        """How to guard this ``send``, or ``None`` to leave it alone."""
+    ) -> _Call | CallPlan | None:
+        """How to guard this ``send``: ``None`` to leave it alone, the plan alone for a
+        request with no fallback and no stale copy to keep (the common case: nothing is
+        allocated), else a :class:`_Call`. A call to a different shape of ``send`` (the
+        request as a keyword) comes back as a ``_Call`` too."""
         if len(args) == 1:
             request = args[0]
             call_kwargs = kwargs
@@ -182,8 +196,18 @@ class _Installed:
             return None  # not a shape ``send`` accepts: httpx raises its own TypeError
         url = request.url
         table = self.async_table if is_async else self.sync_table
-        origin = table.for_parts(url.scheme, url.host, url.port)
-        if origin is None or not origin.enabled:
+        # httpx's own parse of the URL: its scheme, host and port are plain fields there,
+        # five times cheaper to read than the URL's properties.
+        reference = getattr(url, "_uri_reference", None)
+        parts = None if reference is None else (reference.scheme, reference.host, reference.port)
+        origin = table._by_prefix.get(parts)
+        if origin is None:
+            origin = table.for_parts(url.scheme, url.host, url.port)
+            if parts is not None:
+                table._remember(parts, origin)
+            if origin is None:
+                return None
+        if not origin.enabled:
             return None
         method = request.method
         body_replayable = isinstance(request.stream, self.byte_stream)
@@ -191,6 +215,12 @@ class _Installed:
             safe = True
         else:
             safe = replay_safe(origin, method, body_replayable, request.headers)
+        if origin.timeout is not None:
+            timeout = request.extensions.get("timeout")
+            if timeout is None or timeout.get("read", 0) is None:
+                self._bound_timeout(client, request, origin.timeout)
+        if not (origin.fixed_fallbacks or origin.stale_if_error) and call_kwargs is kwargs:
+            return origin.safe if safe else origin.unsafe
         stale_key = None
         fallbacks = origin.fixed_fallbacks
         if origin.stale_if_error and method == "GET" and not call_kwargs.get("stream"):
@@ -200,8 +230,6 @@ class _Installed:
                 and self.stale.get(stale_key, now=self.monotonic(), max_age=origin.stale_max_age)
                 is not None
             )
-        if origin.timeout is not None:
-            self._bound_timeout(client, request, origin.timeout)
         described = _Call(
             origin,
             origin.plan(replay_safe=safe, with_fallback=fallbacks),
@@ -283,7 +311,7 @@ class _Installed:
                 described.plan, wrapped, (described.request,), described.kwargs, described.fallback
             )
         except (CircuitOpenError, ThrottledError) as error:
-            return self._refused(error, described)
+            return refused(error, described.plan, described.request)
         if described.stale_key is not None:
             self.remember(described.stale_key, response)
         return response
@@ -294,18 +322,10 @@ class _Installed:
                 described.plan, wrapped, (described.request,), described.kwargs, described.fallback
             )
         except (CircuitOpenError, ThrottledError) as error:
-            return self._refused(error, described)
+            return refused(error, described.plan, described.request)
         if described.stale_key is not None:
             self.remember(described.stale_key, response)
         return response
-
-    def _refused(self, error: RaptorError, described: _Call) -> Any:
-        if not _ours(error, described.origin):
-            raise error
-        answer = _refusal(error, described.request)
-        if isinstance(answer, BaseException):
-            raise answer from None
-        return answer
 
     # -- failover -----------------------------------------------------------------------------
 
@@ -411,9 +431,14 @@ def _send_wrapper(
     except Exception as bug:  # noqa: BLE001 - never break the host app
         report_internal_error("httpx.describe", bug)
         return wrapped(*args, **kwargs)
+    if type(described) is CallPlan:
+        try:
+            return call(described, wrapped, args, kwargs)
+        except (CircuitOpenError, ThrottledError) as error:
+            return refused(error, described, args[0])
     if described is None:
         return wrapped(*args, **kwargs)
-    return installed.send(wrapped, described)
+    return installed.send(wrapped, described)  # type: ignore[arg-type]  # a _Call
 
 
 def _async_send_wrapper(
@@ -437,7 +462,21 @@ def _async_send_wrapper(
         return wrapped(*args, **kwargs)
     if described is None:
         return wrapped(*args, **kwargs)
-    return installed.send_async(wrapped, described)
+    if type(described) is CallPlan:
+        return _send_plain_async(described, wrapped, args, kwargs)
+    return installed.send_async(wrapped, described)  # type: ignore[arg-type]  # a _Call
+
+
+async def _send_plain_async(
+    plan: CallPlan,
+    wrapped: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    try:
+        return await call_async(plan, wrapped, args, kwargs)
+    except (CircuitOpenError, ThrottledError) as error:
+        return refused(error, plan, args[0])
 
 
 class HttpxIntegration:

@@ -44,7 +44,7 @@ from otel_raptor.integrations._http import (
     stale_headers,
     throttled_headers,
 )
-from otel_raptor.integrations._kit import call, library_error, manage_cache
+from otel_raptor.integrations._kit import call, is_refusal_of, library_error, manage_cache
 from otel_raptor.integrations._wrapping import unwrap, wrap
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
@@ -255,14 +255,7 @@ class _Installed:
                 described.fallback,
             )
         except (CircuitOpenError, ThrottledError) as error:
-            if not _ours(error, described.origin):
-                raise
-            answer = _refusal(
-                error, described.method, described.url, described.kwargs.get("params")
-            )
-            if isinstance(answer, BaseException):
-                raise answer from None
-            return answer
+            return refused(error, described.plan, described.method, described.url, described.kwargs)
         if described.stale_key is not None:
             self.remember(described.stale_key, response)
         return response
@@ -273,8 +266,10 @@ class _Installed:
         session: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> _Call | None:
-        """How to guard this call, or ``None`` to leave it alone. Our code: may fail."""
+    ) -> _Call | CallPlan | None:
+        """How to guard this call: ``None`` to leave it alone, the plan alone for a call
+        given as ``(method, url, **kwargs)`` with no fallback and no stale copy to keep (the
+        common case: nothing is allocated), else a :class:`_Call`. Our code: may fail."""
         if len(args) == 2:
             method, url = args
             call_kwargs = kwargs
@@ -327,6 +322,8 @@ class _Installed:
                 call_kwargs.pop("timeout", None)
             elif origin.timeout is not None:
                 call_kwargs["timeout"] = origin.timeout
+        if not fallbacks and stale_key is None and call_kwargs is kwargs:
+            return origin.safe if safe else origin.unsafe
         described = _Call(
             origin,
             origin.plan(replay_safe=safe, with_fallback=fallbacks),
@@ -375,11 +372,18 @@ class _Installed:
             report_internal_error("requests.stale_store", bug)
 
 
-def _ours(error: RaptorError, origin: Origin) -> bool:
-    """Whether a plain refusal is this origin's (not one raised by a fallback function)."""
-    if type(error) is CircuitOpenError:
-        return error.breaker == origin.breaker_name
-    return type(error) is ThrottledError and error.service == origin.service
+def refused(
+    error: RaptorError, plan: CallPlan, method: Any, url: Any, kwargs: Mapping[str, Any]
+) -> Any:
+    """requests' answer to ``error`` when it is this plan's plain refusal (not one raised by
+    a fallback function, which passes through): raise ``RequestsCircuitOpen``, or hand back a
+    ``429``."""
+    if not is_refusal_of(error, plan):
+        raise error
+    answer = _refusal(error, method, url, kwargs.get("params"))
+    if isinstance(answer, BaseException):
+        raise answer from None
+    return answer
 
 
 class _Fallback(FallbackCall):
@@ -444,9 +448,14 @@ def _request_wrapper(
     except Exception as bug:  # noqa: BLE001 - never break the host app
         report_internal_error("requests.describe", bug)
         return wrapped(*args, **kwargs)
+    if type(described) is CallPlan:
+        try:
+            return call(described, wrapped, args, kwargs)
+        except (CircuitOpenError, ThrottledError) as error:
+            return refused(error, described, args[0], args[1], kwargs)
     if described is None:
         return wrapped(*args, **kwargs)
-    return installed.send(wrapped, described)
+    return installed.send(wrapped, described)  # type: ignore[arg-type]  # a _Call
 
 
 class RequestsIntegration:
