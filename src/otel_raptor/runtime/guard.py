@@ -504,7 +504,7 @@ class Guard:
         if breaker is not None:
             breaker.record_failure(permit, now - start, classification)
         bus = self._runtime.bus
-        bus.publish(ErrorClassified(self.service, classification, recovery.attempts))
+        bus.publish(ErrorClassified(self.service, classification, recovery.attempts, exc))
         category = classification.category.value
         strategy = recovery.fixed_strategy or default_strategy(
             category, retryable=classification.retryable
