@@ -35,6 +35,11 @@ from otel_raptor.core.fingerprint import (
         ("timed out after 30s (2.5ms)", "timed out after <duration> (<duration>)"),
         ("relation 'users_123' does not exist", "relation <quoted> does not exist"),
         ('database "shop_1" does not exist', "database <quoted> does not exist"),
+        # A quoted sentence is text: its values are replaced, its words kept.
+        (
+            "(1062, \"Duplicate entry '42' for key 'PRIMARY'\")",
+            '(<int>, "Duplicate entry <quoted> for key <quoted>")',
+        ),
         ("too many\n   spaces\there", "too many spaces here"),
         # Names with digits in them are names, not values.
         ("utf8 codec in v2 of http2 at [Errno 111]", "utf8 codec in v2 of http2 at [Errno <int>]"),

@@ -19,7 +19,7 @@ UUID                    ``6f1c6c4e-5e8f-4a57-9a89-2b1d2f6f3d7a``               `
 IPv4 / IPv6             ``10.0.0.7``, ``::1``, ``fe80::1ff:fe23:4567:890a``    ``<ip>``
 hex                     ``0x7f3a``, ``9f86d081884c7d65`` (8+ digits, a digit)  ``<hex>``
 duration                ``30s``, ``2.5ms``, ``10min`` (a number and its unit)  ``<duration>``
-quoted value            ``'users_123'``, ``"abc"``                             ``<quoted>``
+quoted value            ``'users_123'``, ``"abc"`` (no blank inside)           ``<quoted>``
 number                  ``42``, ``-3.5``, ``1e-3``                             ``<int>``/``<float>``
 ======================  =====================================================  ===============
 
@@ -121,7 +121,9 @@ _PATTERN: Final = re.compile(
             r"(?P<hex>(?<!\.)(?:0[xX][0-9A-Fa-f]{1,64}|[0-9A-Fa-f]{8,128})(?![\w.]))",
             r"(?P<duration>(?<!\.)\d{1,20}(?:\.\d{1,20})?(?:ms|us|µs|ns|s|sec|secs|seconds?"
             r"|m|min|minutes?|h|hours?)(?!\w))",
-            r"(?P<quoted>\"[^\"\n]{0,200}\"|'[^'\n]{0,200}'(?!\w))",
+            # A quoted *value* has no blank in it; a quoted sentence (``(1062, "Duplicate
+            # entry '42' for key 'PRIMARY'")``) is text: kept, and its own values replaced.
+            r"(?P<quoted>\"[^\"\s]{0,200}\"|'[^'\s]{0,200}'(?!\w))",
             r"(?P<float>(?<!\.)[-+]?(?:\d{1,64}\.\d{1,64}(?:[eE][-+]?\d{1,4})?"
             r"|\d{1,64}[eE][-+]?\d{1,4})(?![\w.]))",
             r"(?P<int>(?<!\.)[-+]?\d{1,64}(?![\w]|\.\d))",
