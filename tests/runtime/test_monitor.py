@@ -216,6 +216,8 @@ def test_the_seeds_recording_api(runtime: Runtime) -> None:
     assert api["by_strategy"]["retry_with_backoff"]["recoveries"] == 1
     default = metrics["services"]["default"]
     assert (default["failed"], default["success_rate"]) == (1, 0.0)
+    # One failed attempt before the successful retry; two failed attempts when it failed.
+    assert (api["errors"], default["errors"]) == (1, 2)
     # Published on the bus, so the telemetry sink counts them as well.
     finished = [e for e in published if isinstance(e, RecoveryFinished)]
     assert [(e.service, e.category, e.outcome.value) for e in finished] == [

@@ -497,8 +497,9 @@ class ErrorRecoveryMonitor:
         ``service_name``; default ``default``). ``attempts`` defaults to 2 (one failure, one
         successful or failed retry), 1 for ``fail_fast`` and ``failover``; ``category``
         defaults to what the error's name says (``classify`` of the built-in exception of
-        that name, else ``unknown``). It is published on the runtime's bus as an
-        ``ErrorClassified`` and a ``RecoveryFinished``, so telemetry counts it too.
+        that name, else ``unknown``). It is published on the runtime's bus as the guard
+        would publish it (an ``ErrorClassified`` per failed attempt, then a
+        ``RecoveryFinished``), so telemetry counts it too.
         """
         self._remember_loop()
         self.record_recovery_attempt_sync(
@@ -555,8 +556,11 @@ class ErrorRecoveryMonitor:
             error_type=error_type,
         )
         outcome = Outcome.RECOVERED if success else Outcome.FAILED
+        # One ErrorClassified per failed attempt, as the guard publishes them: all of them
+        # failed, or all but the last; at least the one that made recovery necessary.
+        failed = max(1, attempts - 1 if success else attempts)
         events: tuple[Event, ...] = (
-            ErrorClassified(service, classification, 1),
+            *(ErrorClassified(service, classification, n) for n in range(1, failed + 1)),
             RecoveryFinished(
                 service=service,
                 strategy=chosen,
