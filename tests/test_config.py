@@ -662,3 +662,35 @@ def test_failover_urls_are_stored_as_a_tuple() -> None:
     assert RaptorConfig(integrations="httpx, asyncio").integrations == frozenset(  # type: ignore[arg-type]
         {"httpx", "asyncio"}
     )
+
+
+# --- the monitor's settings ---------------------------------------------------------------------
+
+
+def test_the_monitor_table_and_variables_configure_the_monitor(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[monitor]
+alert_cooldown = 60
+report_interval = 600
+alert_thresholds = { success_rate = { warning = 90, critical = 70 } }
+min_recoveries = -3
+""",
+    )
+    config, reports = load(
+        {"config_file": path}, {"OTEL_PYTHON_RAPTOR_MONITOR_REPORT_INTERVAL": "120"}
+    )
+    monitor = config.monitor
+    assert monitor.alert_cooldown == 60  # the file
+    assert monitor.report_interval == 120  # the environment wins over the file
+    assert (monitor.success_rate_warning, monitor.success_rate_critical) == (90, 70)
+    # A bad value is reported under its file key and keeps its default.
+    assert reports.keys == [f"{path}:monitor.min_recoveries"]
+    assert monitor.min_recoveries == RaptorConfig().monitor.min_recoveries
+
+
+def test_an_unreadable_monitor_table_is_reported() -> None:
+    overrides, problems = config_from_toml(text="monitor = 3\n")
+    assert "monitor" not in overrides
+    assert [p.key for p in problems] == ["<toml>:monitor"]

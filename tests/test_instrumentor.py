@@ -404,3 +404,91 @@ def test_memory_kwarg_is_validated() -> None:
         RaptorInstrumentor().instrument(memory="yes")
     with pytest.raises(ConfigError, match=r"memory\."):
         RaptorInstrumentor().instrument(memory={"cleanup_batch_size": 0})
+
+
+# --- the error-recovery monitor (issue 9) -----------------------------------------------------
+
+
+def test_instrument_runs_the_monitor_on_the_runtime_and_uninstrument_closes_it(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    from otel_raptor.runtime.monitor import process_monitor
+
+    instrumentor.instrument()
+    monitor = instrumentor.error_recovery_monitor
+    assert monitor is not None
+    assert monitor.runtime is runtime
+    assert monitor.running
+    assert process_monitor() is monitor  # the process-wide one
+    instrumentor.uninstrument()
+    assert instrumentor.error_recovery_monitor is None
+    assert monitor.closed
+    assert not monitor.running
+    assert not runtime.bus.has_subscribers
+
+
+def test_the_monitor_can_be_turned_off_by_kwarg_or_environment(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, runtime: Runtime
+) -> None:
+    instrumentor.instrument(monitor=False)
+    assert instrumentor.error_recovery_monitor is None
+    instrumentor.uninstrument()
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_ENABLED", "false")
+    instrumentor.instrument()
+    assert instrumentor.error_recovery_monitor is None
+
+
+def test_monitor_settings_come_from_the_kwarg_over_the_environment(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_ALERT_COOLDOWN", "30")
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_REPORT_INTERVAL", "soon")
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_MIN_RECOVERIES", "50")
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument(monitor={"min_recoveries": 5})
+    monitor = instrumentor.error_recovery_monitor
+    assert monitor is not None
+    assert monitor.config.alert_cooldown == 30  # the environment
+    assert monitor.config.min_recoveries == 5  # the kwarg wins
+    assert monitor.config.report_interval == 3600  # a bad value keeps its default...
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("OTEL_PYTHON_RAPTOR_MONITOR_REPORT_INTERVAL" in m for m in logged) == 1  # ...once
+
+
+def test_a_bad_monitor_kwarg_raises_before_anything_changes(
+    instrumentor: RaptorInstrumentor,
+) -> None:
+    with pytest.raises(ConfigError, match=r"monitor\.alert_cooldwn"):
+        instrumentor.instrument(monitor={"alert_cooldwn": 5})
+    assert not instrumentor.is_instrumented_by_opentelemetry
+    with pytest.raises(ConfigError, match="monitor"):
+        instrumentor.instrument(monitor="yes")
+
+
+def test_the_monitor_logs_through_the_given_logger_provider(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import (
+        InMemoryLogRecordExporter,
+        SimpleLogRecordProcessor,
+    )
+
+    from otel_raptor import ErrorRecoveryMonitor
+
+    exporter = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    mine = ErrorRecoveryMonitor({"alert_for": 0}, runtime=runtime, memory_reader=lambda: 0.95)
+    instrumentor.instrument(monitor=mine, logger_provider=provider)
+    assert instrumentor.error_recovery_monitor is mine
+    [alert] = mine.get_active_alerts()
+    [record] = exporter.get_finished_logs()
+    assert record.log_record.event_name == "raptor.alert.firing"
+    assert record.log_record.attributes is not None
+    assert record.log_record.attributes["raptor.alert.name"] == alert.name
+    instrumentor.uninstrument()
+    assert not mine.closed  # the caller's monitor: stopped, not closed
+    mine.close()

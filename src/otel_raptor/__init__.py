@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from otel_raptor._version import __version__
+from otel_raptor.config.monitor import MonitorConfig
+from otel_raptor.core.alerts import Alert
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.classification import Classification, ErrorCategory, Severity
@@ -26,7 +28,9 @@ from otel_raptor.core.events import (
     RetryBudgetExhausted,
     RetryScheduled,
 )
+from otel_raptor.core.insights import Insight, InsightKind
 from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.reports import MonitorReport
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError, ConfigError, RaptorError
@@ -35,6 +39,12 @@ from otel_raptor.runtime.classifying import classify, register_rule
 from otel_raptor.runtime.decorator import resilient
 from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.memory import SimpleMemoryController, get_memory_controller
+from otel_raptor.runtime.monitor import (
+    ErrorAnalytics,
+    ErrorRecoveryMonitor,
+    get_error_analytics,
+    get_error_recovery_monitor,
+)
 from otel_raptor.runtime.predictor import PredictiveFailure, get_predictive_failure
 from otel_raptor.runtime.recovery import (
     ErrorRecoveryEngine,
@@ -49,6 +59,7 @@ if TYPE_CHECKING:
     from otel_raptor.instrumentor import RaptorInstrumentor
 
 __all__ = [
+    "Alert",
     "BreakerTransitioned",
     "CallRejected",
     "CircuitBreaker",
@@ -58,14 +69,20 @@ __all__ = [
     "Classification",
     "ClassifyContext",
     "ConfigError",
+    "ErrorAnalytics",
     "ErrorCategory",
     "ErrorClassified",
     "ErrorRecoveryEngine",
+    "ErrorRecoveryMonitor",
     "Event",
     "FailurePredicted",
     "Guard",
+    "Insight",
+    "InsightKind",
     "MemoryCleanupFinished",
     "MemoryPressureChanged",
+    "MonitorConfig",
+    "MonitorReport",
     "Outcome",
     "PredictiveFailure",
     "PreventionActionRun",
@@ -85,6 +102,8 @@ __all__ = [
     "Strategy",
     "__version__",
     "classify",
+    "get_error_analytics",
+    "get_error_recovery_monitor",
     "get_memory_controller",
     "get_predictive_failure",
     "get_production_error_recovery",

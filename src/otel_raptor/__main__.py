@@ -5,6 +5,10 @@ Subcommands:
 * ``demo [--quick] [--seed N] [--workers N]``: run the fault-injection demo, plain versus
   raptor, and print the comparison (see ``docs/demo.md``). Exit status 0 when it ran, 1 when
   it could not (a missing dependency or an error, explained in one line), 2 for bad usage.
+* ``report --prometheus URL [--range 1h] [--service S] [--format text|json]``: the error
+  recovery report of a whole fleet, from the Prometheus its telemetry goes to (see
+  ``docs/analytics.md``). Exit status 0 when it ran, 1 when Prometheus could not be asked,
+  2 for bad usage.
 """
 
 from __future__ import annotations
@@ -60,7 +64,61 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="concurrent client workers, 1-64 (default 4)",
     )
+    report = commands.add_parser(
+        "report",
+        help="the error-recovery report of a fleet, from Prometheus",
+        description=(
+            "Build the monitor's report (per service: success rate, recovery time p50/p95,"
+            " top error types, breaker trips; effectiveness by strategy; alerts) for every"
+            " process whose raptor metrics reach the given Prometheus, over a time range."
+        ),
+    )
+    report.add_argument(
+        "--prometheus", required=True, metavar="URL", help="the Prometheus base URL"
+    )
+    report.add_argument(
+        "--range",
+        dest="range_s",
+        type=_range,
+        default=3600.0,
+        metavar="DURATION",
+        help="how far back from now, a Prometheus duration (default 1h)",
+    )
+    report.add_argument("--service", help="only this service (raptor_service label)")
+    report.add_argument(
+        "--format", choices=("text", "json"), default="text", help="output (default text)"
+    )
     return parser
+
+
+def _range(text: str) -> float:
+    from otel_raptor.fleet import parse_range  # noqa: PLC0415 - only this command needs it
+
+    try:
+        return parse_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from otel_raptor.fleet import (  # noqa: PLC0415 - only this command needs it
+        FleetReportError,
+        PrometheusClient,
+        fleet_report,
+        render_report,
+        report_json,
+    )
+
+    try:
+        client = PrometheusClient(args.prometheus)
+        result = fleet_report(client, range_s=args.range_s, service=args.service)
+    except (FleetReportError, ValueError) as error:
+        print(f"otel-raptor report: {error}", file=sys.stderr)
+        return 1
+    print(report_json(result) if args.format == "json" else render_report(result), end="")
+    if args.format == "json":
+        print()
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -86,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "report":
+        return _report(args)
     parser.print_help()
     return 2
 

@@ -32,6 +32,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 )
 
 from otel_raptor.config import RaptorConfig
+from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
 from otel_raptor.integrations._base import Integration, IntegrationSettings
@@ -42,8 +43,14 @@ from otel_raptor.runtime.memory import (
     get_memory_controller,
     set_memory_controller,
 )
+from otel_raptor.runtime.monitor import (
+    ErrorRecoveryMonitor,
+    process_monitor,
+    set_error_recovery_monitor,
+)
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import RecoveryScope, Runtime, get_runtime
+from otel_raptor.telemetry.monitoring import MonitorTelemetry
 from otel_raptor.telemetry.sink import TelemetrySink
 
 __all__ = ["RaptorInstrumentor"]
@@ -88,8 +95,11 @@ class _Installed:
 class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrumentor is untyped
     """Zero-code resilience for requests, httpx and asyncio, with OpenTelemetry telemetry.
 
-    ``instrument()`` keyword arguments: ``tracer_provider`` and ``meter_provider`` (default:
-    the global ones), plus everything :meth:`RaptorConfig.load` accepts (``retry`` /
+    ``instrument()`` keyword arguments: ``tracer_provider``, ``meter_provider`` and
+    ``logger_provider`` (default: the global ones), ``memory`` (the memory controller:
+    ``True``, ``False``, a controller or a mapping), ``monitor`` (the error-recovery monitor
+    and analytics: ``True``, ``False``, an ``ErrorRecoveryMonitor`` or the seed's mapping),
+    plus everything :meth:`RaptorConfig.load` accepts (``retry`` /
     ``recovery_config``, ``breaker`` / ``circuit_breaker_config``, ``retry_budget``,
     ``retry_budget_ratio``, ``integrations``, ``breaker_key``, ``max_services``,
     ``retry_non_idempotent``, ``downstreams``, ``config_file``). With no arguments it does
@@ -103,6 +113,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     # ``RaptorInstrumentor()``, so instance state must not be (re)set there.
     _installed: _Installed | None = None
     _memory: SimpleMemoryController | None = None
+    _monitoring: _Monitoring | None = None
     _lock = threading.Lock()
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -126,7 +137,9 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     def _instrument(self, **kwargs: Any) -> None:
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
+        logger_provider = kwargs.pop("logger_provider", None)
         memory = _memory_controller(kwargs.pop("memory", True))
+        monitor_spec = _monitor_spec(kwargs.pop("monitor", True))
         # A bad kwarg raises here, before anything has changed.
         try:
             config = RaptorConfig.load(kwargs=kwargs, environ=os.environ, report=_report_config)
@@ -148,6 +161,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                     memory.start()
                 except Exception as error:  # noqa: BLE001
                     report_internal_error("instrumentor.memory", error)
+            self._monitoring = _start_monitor(monitor_spec, config, logger_provider, meter_provider)
 
     def _install(
         self,
@@ -190,8 +204,17 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
         """The memory controller ``instrument()`` started (``memory=False``: none)."""
         return self._memory
 
+    @property
+    def error_recovery_monitor(self) -> ErrorRecoveryMonitor | None:
+        """The error-recovery monitor ``instrument()`` runs (``monitor=False``: none)."""
+        monitoring = self._monitoring
+        return monitoring.monitor if monitoring is not None else None
+
     def _uninstrument(self, **kwargs: Any) -> None:
         with self._lock:
+            monitoring, self._monitoring = self._monitoring, None
+            if monitoring is not None:
+                monitoring.stop()
             memory, self._memory = self._memory, None
             if memory is not None:
                 try:
@@ -241,6 +264,91 @@ def _memory_controller(spec: object) -> SimpleMemoryController | None:
         set_memory_controller(controller)
         return controller
     raise ConfigError("memory", spec, "True, False, a SimpleMemoryController or a mapping")
+
+
+# --- the error-recovery monitor (issue 9) -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Monitoring:
+    """The monitor ``instrument()`` runs, its telemetry, whether it started it and whether
+    it is the process-wide monitor it made (closed again by ``uninstrument()``)."""
+
+    monitor: ErrorRecoveryMonitor
+    telemetry: MonitorTelemetry | None
+    started: bool
+    owned: bool
+
+    def stop(self) -> None:
+        try:
+            if self.telemetry is not None:
+                self.telemetry.uninstall()
+            if self.owned and self.started:
+                self.monitor.close()  # stops listening to the bus too
+            elif self.started:
+                self.monitor.stop(timeout=1.0)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("instrumentor.monitor", error)
+
+
+def _monitor_spec(
+    spec: object,
+) -> ErrorRecoveryMonitor | MonitorConfig | Mapping[str, object] | bool:
+    """``monitor=``: ``True`` (the process-wide monitor, configured by the
+    ``OTEL_PYTHON_RAPTOR_MONITOR_*`` variables over the file's ``[monitor]`` table), ``False``,
+    a monitor, a ``MonitorConfig``, or the seed's ``MONITOR_CONFIG`` mapping (over the
+    variables and the file). A bad value raises ``ConfigError`` now."""
+    if isinstance(spec, (bool, ErrorRecoveryMonitor, MonitorConfig)):
+        return spec
+    if isinstance(spec, Mapping):
+        MonitorConfig().with_values(spec)  # a bad key or value raises here
+        return spec
+    raise ConfigError(
+        "monitor", spec, "True, False, an ErrorRecoveryMonitor, a MonitorConfig or a mapping"
+    )
+
+
+def _start_monitor(
+    spec: ErrorRecoveryMonitor | MonitorConfig | Mapping[str, object] | bool,
+    raptor_config: RaptorConfig,
+    logger_provider: Any,
+    meter_provider: Any,
+) -> _Monitoring | None:
+    """Start the monitor ``spec`` names and its telemetry; ``None`` when off or broken."""
+    if spec is False:
+        return None
+    try:
+        owned = not isinstance(spec, ErrorRecoveryMonitor)
+        if isinstance(spec, ErrorRecoveryMonitor):
+            monitor = spec
+            set_error_recovery_monitor(monitor)
+        else:
+            if isinstance(spec, MonitorConfig):
+                config = spec
+            elif isinstance(spec, Mapping):
+                config = raptor_config.monitor.with_values(spec)
+            else:
+                config = raptor_config.monitor
+            if not config.enabled:
+                return None
+            monitor = process_monitor(config)
+        started = not monitor.running
+        monitor.start()
+    except Exception as error:  # noqa: BLE001 - resilience works without the monitor
+        report_internal_error("instrumentor.monitor", error)
+        return None
+    try:
+        telemetry = MonitorTelemetry(
+            monitor,
+            logger_provider=logger_provider,
+            meter_provider=meter_provider,
+            max_services=raptor_config.max_services,
+        )
+        telemetry.install()  # never raises
+    except Exception as error:  # noqa: BLE001 - the monitor works without its telemetry
+        report_internal_error("instrumentor.monitor_telemetry", error)
+        return _Monitoring(monitor, None, started, owned)
+    return _Monitoring(monitor, telemetry, started, owned)
 
 
 # SDK tracer providers that already carry our span processor (an SDK provider cannot remove a

@@ -1,7 +1,7 @@
 """A loopback OTLP/HTTP receiver for end-to-end tests: what a real exporter sent, decoded.
 
-It accepts ``POST /v1/traces``, ``/v1/metrics`` and ``/v1/logs`` (logs are acknowledged and
-dropped) with ``application/x-protobuf`` bodies, optionally ``Content-Encoding: gzip`` or
+It accepts ``POST /v1/traces``, ``/v1/metrics`` and ``/v1/logs`` with
+``application/x-protobuf`` bodies, optionally ``Content-Encoding: gzip`` or
 ``deflate``, decodes them with ``opentelemetry-proto`` and answers ``200`` with an empty export
 response, as a collector does. Everything is flattened into plain values so that tests compare
 strings and numbers, never protobuf messages::
@@ -46,6 +46,7 @@ from otel_raptor.telemetry.instruments import (
     INSTRUMENTATION_NAME,
     INSTRUMENTATION_VERSION,
     INSTRUMENTS,
+    LOG_EVENTS,
     SPAN_EVENTS,
     SPANS,
     InstrumentKind,
@@ -54,6 +55,7 @@ from otel_raptor.telemetry.instruments import (
 __all__ = [
     "Hit",
     "MetricPoint",
+    "ReceivedLog",
     "OTLPReceiver",
     "ReceivedEvent",
     "ReceivedSpan",
@@ -140,6 +142,22 @@ class MetricPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceivedLog:
+    """One log record: ``event_name`` (``""`` for a plain log), ``body`` (a string, or the
+    decoded ``AnyValue``), severity, attributes, time (ns since the epoch), scope, resource."""
+
+    event_name: str
+    body: Any
+    severity_number: int
+    severity_text: str
+    attributes: Mapping[str, Any]
+    time_unix_nano: int
+    scope_name: str
+    scope_version: str
+    resource: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Hit:
     """One request the receiver read: path, ``time.monotonic()`` arrival, body digest, answer.
 
@@ -206,6 +224,29 @@ def _flatten_traces(request: trace_service_pb2.ExportTraceServiceRequest) -> lis
                 for span in scope_spans.spans
             )
     return spans
+
+
+def _flatten_logs(request: logs_service_pb2.ExportLogsServiceRequest) -> list[ReceivedLog]:
+    records: list[ReceivedLog] = []
+    for resource_logs in request.resource_logs:
+        resource = _attributes(resource_logs.resource.attributes)
+        for scope_logs in resource_logs.scope_logs:
+            scope = scope_logs.scope
+            records.extend(
+                ReceivedLog(
+                    event_name=getattr(record, "event_name", ""),
+                    body=_any_value(record.body),
+                    severity_number=int(record.severity_number),
+                    severity_text=record.severity_text,
+                    attributes=_attributes(record.attributes),
+                    time_unix_nano=record.time_unix_nano,
+                    scope_name=scope.name,
+                    scope_version=scope.version,
+                    resource=resource,
+                )
+                for record in scope_logs.log_records
+            )
+    return records
 
 
 def _number(point: metrics_pb2.NumberDataPoint) -> float:
@@ -326,6 +367,7 @@ class OTLPReceiver:
     _cond: threading.Condition = field(init=False, default_factory=threading.Condition)
     _spans: list[ReceivedSpan] = field(init=False, default_factory=list)
     _points: list[MetricPoint] = field(init=False, default_factory=list)
+    _logs: list[ReceivedLog] = field(init=False, default_factory=list)
     _hits: list[Hit] = field(init=False, default_factory=list)
     _errors: list[str] = field(init=False, default_factory=list)
     # signal ("traces"/"metrics"/"logs"/"*") -> exports still to refuse (-1: all of them)
@@ -378,17 +420,19 @@ class OTLPReceiver:
         """The base URL for ``OTEL_EXPORTER_OTLP_ENDPOINT`` (the exporter appends the path)."""
         return f"http://127.0.0.1:{self.port}"
 
-    def env(self, service_name: str) -> dict[str, str]:
-        """The ``OTEL_*`` variables that send an SDK's traces and metrics here over OTLP/HTTP
-        (protobuf), quickly: spans batched for 100 ms, metrics exported every 500 ms."""
+    def env(self, service_name: str, *, logs: bool = False) -> dict[str, str]:
+        """The ``OTEL_*`` variables that send an SDK's traces and metrics (and with ``logs``,
+        its log records) here over OTLP/HTTP (protobuf), quickly: spans and logs batched for
+        100 ms, metrics exported every 500 ms."""
         return {
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
             "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_METRICS_EXPORTER": "otlp",
-            "OTEL_LOGS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "otlp" if logs else "none",
             "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_BLRP_SCHEDULE_DELAY": "100",
             "OTEL_SERVICE_NAME": service_name,
         }
 
@@ -414,6 +458,15 @@ class OTLPReceiver:
         """Every span accepted so far, in arrival order."""
         with self._cond:
             return list(self._spans)
+
+    def logs(self) -> list[ReceivedLog]:
+        """Every log record accepted so far, in arrival order."""
+        with self._cond:
+            return list(self._logs)
+
+    def events(self, name: str) -> list[ReceivedLog]:
+        """The log records whose event name is ``name``."""
+        return [record for record in self.logs() if record.event_name == name]
 
     def metrics(self) -> dict[str, list[MetricPoint]]:
         """Every metric data point accepted so far, by metric name, in arrival order."""
@@ -469,6 +522,7 @@ class OTLPReceiver:
         with self._cond:
             self._spans.clear()
             self._points.clear()
+            self._logs.clear()
             self._hits.clear()
             self._errors.clear()
 
@@ -497,6 +551,7 @@ class OTLPReceiver:
             refused = self._refuse(signal)
         spans: list[ReceivedSpan] = []
         points: list[MetricPoint] = []
+        logs: list[ReceivedLog] = []
         status = 503 if refused else 200
         if not refused:
             try:
@@ -506,6 +561,8 @@ class OTLPReceiver:
                 elif signal == "metrics":
                     metrics = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
                     points = _flatten_metrics(metrics)
+                elif signal == "logs":
+                    logs = _flatten_logs(logs_service_pb2.ExportLogsServiceRequest.FromString(body))
             except Exception as error:  # a malformed body is the test's finding, not a crash
                 self._record_error(f"{signal}: cannot decode: {error!r}")
                 status = 400
@@ -513,6 +570,7 @@ class OTLPReceiver:
             self._hits.append(Hit(signal, path, arrived, digest, status))
             self._spans.extend(spans)
             self._points.extend(points)
+            self._logs.extend(logs)
             self._cond.notify_all()
         return status
 
@@ -544,7 +602,9 @@ def contract_violations(receiver: OTLPReceiver) -> list[str]:
     counter arrives as a monotonic sum) and a subset of its attribute keys, under the
     ``otel_raptor`` scope at the package version. A ``raptor.*`` span must be in ``SPANS``
     with its kind and attribute keys; a ``raptor.*`` span event (on any span: breaker events
-    land on the app's spans) must be in ``SPAN_EVENTS`` with its attribute keys.
+    land on the app's spans) must be in ``SPAN_EVENTS`` with its attribute keys; a log record
+    with a ``raptor.*`` event name must be in ``LOG_EVENTS`` with its attribute keys, under the
+    ``otel_raptor`` scope.
     """
     problems: list[str] = []
     instruments = {spec.name: spec for spec in INSTRUMENTS}
@@ -599,6 +659,19 @@ def contract_violations(receiver: OTLPReceiver) -> list[str]:
             extra = set(event.attributes) - set(event_spec.attributes)
             if extra:
                 problems.append(f"span event {event.name}: undocumented keys {sorted(extra)}")
+    log_events = {spec.name: spec for spec in LOG_EVENTS}
+    for record in receiver.logs():
+        if not record.event_name.startswith("raptor."):
+            continue
+        log_spec = log_events.get(record.event_name)
+        if log_spec is None:
+            problems.append(f"log event {record.event_name} is not in LOG_EVENTS")
+            continue
+        extra = set(record.attributes) - set(log_spec.attributes)
+        if extra:
+            problems.append(f"log event {record.event_name}: undocumented keys {sorted(extra)}")
+        if record.scope_name != INSTRUMENTATION_NAME:
+            problems.append(f"log event {record.event_name}: scope {record.scope_name}")
     return problems
 
 

@@ -31,16 +31,29 @@ from typing import Any
 import pytest
 
 from otel_raptor.core.classification import ErrorCategory, Severity
+from otel_raptor.core.insights import InsightKind
 from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.recovery_stats import ResultKind
 from otel_raptor.core.retry import GiveUpReason
 from otel_raptor.core.states import CircuitState, TransitionReason
+from otel_raptor.config.monitor import MonitorConfig
+from otel_raptor.runtime.monitor import (
+    RULE_ERROR_FREQUENCY,
+    RULE_MEMORY_USAGE,
+    RULE_RECOVERY_TIME,
+    RULE_SUCCESS_RATE,
+)
 from otel_raptor.telemetry.instruments import (
+    ATTR_ALERT_NAME,
+    ATTR_ALERT_SEVERITY,
+    ATTR_ALERT_STATE,
     ATTR_BREAKER_FROM_STATE,
     ATTR_BREAKER_STATE,
     ATTR_BREAKER_TO_STATE,
     ATTR_BREAKER_TRANSITION_REASON,
     ATTR_ERROR_CATEGORY,
     ATTR_ERROR_SEVERITY,
+    ATTR_INSIGHT_KIND,
     ATTR_MEMORY_CLEANUP_LEVEL,
     ATTR_MEMORY_CLEANUP_TRIGGER,
     ATTR_MEMORY_PRESSURE_LEVEL,
@@ -48,8 +61,10 @@ from otel_raptor.telemetry.instruments import (
     ATTR_PREVENTION_OUTCOME,
     ATTR_RECOVERY_GIVE_UP_REASON,
     ATTR_RECOVERY_OUTCOME,
+    ATTR_RECOVERY_RESULT,
     ATTR_RECOVERY_STRATEGY,
     INSTRUMENTS,
+    LOG_EVENTS,
     METRIC_BREAKER_HEALTH,
     METRIC_BREAKER_STATE,
     METRIC_ERRORS,
@@ -65,6 +80,13 @@ ROOT = Path(__file__).resolve().parents[2]
 COLLECTOR_DIR = ROOT / "collector"
 RULES = COLLECTOR_DIR / "rules" / "raptor-alerts.yml"
 RULES_TEST = COLLECTOR_DIR / "rules" / "raptor-alerts.test.yml"
+ANALYTICS_RULES = COLLECTOR_DIR / "rules" / "raptor-analytics.yml"
+#: The analytics rules' unit tests: minute by minute, and (the slow burn) over days.
+ANALYTICS_RULES_TESTS = (
+    COLLECTOR_DIR / "rules" / "raptor-analytics.test.yml",
+    COLLECTOR_DIR / "rules" / "raptor-analytics-slo.test.yml",
+)
+COMPOSE = COLLECTOR_DIR / "docker-compose.yml"
 PROMETHEUS_CONFIG = COLLECTOR_DIR / "prometheus.yml"
 COLLECTOR_CONFIG = COLLECTOR_DIR / "otel-collector.yaml"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "otel-raptor.json"
@@ -167,6 +189,13 @@ def known_series() -> dict[str, KnownSeries]:
             known[series] = KnownSeries(spec, attributes | STANDARD_LABELS | extra)
     # Prometheus' own series of alert states, used by the dashboard.
     known["ALERTS"] = KnownSeries(None, frozenset({"alertname", "alertstate", "severity", "job"}))
+    # The recording rules of raptor-analytics.yml: their series keep their grouping labels.
+    for rule in load_yaml(ANALYTICS_RULES)["groups"][0]["rules"]:
+        if "record" in rule:
+            kept = read_promql(rule["expr"]).grouping - {"le"}
+            if not kept:  # `1 - other:record`: the labels of the record it is made from
+                kept = {"job", "raptor_service"}
+            known[rule["record"]] = KnownSeries(None, frozenset(kept))
     return known
 
 
@@ -195,6 +224,13 @@ ENUM_LABELS: dict[str, frozenset[str]] = {
         {"manual", "pressure", "prediction", "scheduled", "other"}
     ),
     "alertstate": frozenset({"pending", "firing"}),
+    prometheus_label(ATTR_RECOVERY_RESULT): frozenset(kind.value for kind in ResultKind),
+    prometheus_label(ATTR_ALERT_NAME): frozenset(
+        {RULE_RECOVERY_TIME, RULE_SUCCESS_RATE, RULE_ERROR_FREQUENCY, RULE_MEMORY_USAGE}
+    ),
+    prometheus_label(ATTR_ALERT_SEVERITY): frozenset({"warning", "critical"}),
+    prometheus_label(ATTR_ALERT_STATE): frozenset({"firing", "resolved"}),
+    prometheus_label(ATTR_INSIGHT_KIND): frozenset(kind.value for kind in InsightKind),
 }
 
 
@@ -617,11 +653,13 @@ def dashboard_panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def dashboard_queries(board: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, expr) for every target and every query variable."""
+    """(where, expr) for every PromQL target and every query variable (the logs panels'
+    LogQL is checked by ``test_logs_panels_read_the_monitor_log_events``)."""
     queries = [
         (f"panel {panel['title']!r} {target['refId']}", target["expr"])
         for panel in dashboard_panels(board)
         for target in panel.get("targets", [])
+        if target["datasource"]["type"] == "prometheus"
     ]
     for variable in board["templating"]["list"]:
         if variable["type"] == "query":
@@ -737,6 +775,8 @@ def test_dashboard_structure() -> None:
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    assert variables["loki"]["type"] == "datasource"
+    assert variables["loki"]["query"] == "loki"
     builtins = {"__rate_interval", "__range", "__interval"}
     ids = []
     occupied: set[tuple[int, int]] = set()
@@ -757,11 +797,15 @@ def test_dashboard_structure() -> None:
         if panel["type"] == "row":
             continue
         titles.add(panel["title"])
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         targets = panel["targets"]
         assert targets, panel["title"]
         ref_ids = [target["refId"] for target in targets]
         assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        if panel["type"] == "logs":  # the monitor's OTLP log events, in Loki
+            assert panel["datasource"] == {"type": "loki", "uid": "${loki}"}, panel["title"]
+            assert all(t["datasource"] == panel["datasource"] for t in targets), panel["title"]
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         for target in targets:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
             unknown = read_promql(target["expr"]).variables - set(variables) - builtins
@@ -778,6 +822,12 @@ def test_dashboard_structure() -> None:
         "Recovery duration",
         "Retry budget tokens",
         "Rejections",
+        "Recovery success vs SLO",
+        "Error-budget burn rate",
+        "Effectiveness by strategy",
+        "Active alerts",
+        "Insights",
+        "Reports (top error patterns)",
     } <= titles
     timeline = next(p for p in dashboard_panels(board) if p["title"] == "Breaker state")
     assert timeline["type"] == "state-timeline"
@@ -805,6 +855,7 @@ def test_prometheus_config_scrapes_the_collector_and_loads_the_rules() -> None:
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_CONFIG.parent / rule_file).is_file(), rule_file
     assert "rules/raptor-alerts.yml" in config["rule_files"]
+    assert "rules/raptor-analytics.yml" in config["rule_files"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     collector = jobs["otel-collector"]
     assert collector["honor_labels"] is True  # keep the job/instance the collector sets
@@ -938,7 +989,7 @@ def test_collector_config_wires_otlp_to_prometheus_and_debug() -> None:
     for extension in service.get("extensions", []):
         assert extension in config["extensions"], extension
     pipelines = service["pipelines"]
-    assert set(pipelines) == {"metrics", "traces"}
+    assert set(pipelines) == {"metrics", "traces", "logs"}
     for name, pipeline in pipelines.items():
         for kind in ("receivers", "processors", "exporters"):
             for component in pipeline[kind]:
@@ -948,5 +999,277 @@ def test_collector_config_wires_otlp_to_prometheus_and_debug() -> None:
         assert pipeline["receivers"] == ["otlp"], name
     assert set(pipelines["metrics"]["exporters"]) == {"prometheus", "debug"}
     assert pipelines["traces"]["exporters"] == ["debug"]
-    # The tracing backend is offered, commented out.
-    assert re.search(r"^\s*#\s*otlp/\w+:", COLLECTOR_CONFIG.read_text(), re.MULTILINE)
+    # The monitor's log events have a pipeline of their own.
+    assert pipelines["logs"]["exporters"] == ["debug"]
+    # The tracing and logs backends are offered, commented out.
+    text = COLLECTOR_CONFIG.read_text()
+    assert re.search(r"^\s*#\s*otlp/\w+:", text, re.MULTILINE)
+    assert re.search(r"^\s*#\s*otlphttp/logs:", text, re.MULTILINE)
+
+
+# ----------------------------------------------------------------- the analytics rules
+
+
+def analytics_rules() -> list[dict[str, Any]]:
+    document = load_yaml(ANALYTICS_RULES)
+    rules = [rule for group in document["groups"] for rule in group["rules"]]
+    text = ANALYTICS_RULES.read_text(encoding="utf-8")
+    assert len(rules) == len(re.findall(r"^\s*- (?:alert|record):", text, re.MULTILINE))
+    return rules
+
+
+def test_analytics_rules_name_only_series_and_labels_the_instruments_produce() -> None:
+    used: set[InstrumentSpec] = set()
+    for rule in analytics_rules():
+        used |= check_query(f"rule {rule.get('alert') or rule['record']}", rule["expr"])
+    assert {spec.name for spec in used} >= {
+        "raptor.recoveries",
+        "raptor.recovery.duration",
+        "raptor.errors",
+        "raptor.memory.pressure",
+    }
+
+
+def test_analytics_alerts_are_complete_and_their_templates_use_labels_they_keep() -> None:
+    alerts = [rule for rule in analytics_rules() if "alert" in rule]
+    identities = [(rule["alert"], rule["labels"]["severity"]) for rule in alerts]
+    assert len(identities) == len(set(identities))
+    assert set(identities) == {
+        ("RaptorRecoveryBudgetBurnFast", "critical"),
+        ("RaptorRecoveryBudgetBurnSlow", "warning"),
+        (RULE_RECOVERY_TIME, "warning"),
+        (RULE_RECOVERY_TIME, "critical"),
+        (RULE_SUCCESS_RATE, "warning"),
+        (RULE_SUCCESS_RATE, "critical"),
+        (RULE_ERROR_FREQUENCY, "warning"),
+        (RULE_MEMORY_USAGE, "warning"),
+    }
+    records = [rule["record"] for rule in analytics_rules() if "record" in rule]
+    for record in records:
+        assert re.fullmatch(r"[a-z_]+:[a-z_0-9]+:[a-z_0-9]+", record), record  # level:metric:ops
+    for rule in alerts:
+        where = f"alert {rule['alert']} ({rule['labels']['severity']})"
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, where
+        assert set(rule["annotations"]) == {"summary", "description"}, where
+        kept = read_promql(rule["expr"]).grouping | {"job", "raptor_service"}
+        if rule["alert"] == RULE_MEMORY_USAGE:
+            kept = read_promql(rule["expr"]).grouping
+        for text in rule["annotations"].values():
+            for label in re.findall(r"\$labels\.(\w+)", text):
+                assert label in kept, f"{where}: annotation uses {label}, not kept by the expr"
+
+
+def _threshold(expr: str, series: str) -> float:
+    match = re.search(rf"{re.escape(series)}\s*[<>]\s*([0-9.]+)", expr)
+    assert match, (series, expr)
+    return float(match.group(1))
+
+
+def test_the_server_side_thresholds_are_the_in_process_ones() -> None:
+    # Same numbers, same windows, same minimum volume, same `for` as MonitorConfig's defaults.
+    config = MonitorConfig()
+    by_identity = {
+        (rule["alert"], rule["labels"]["severity"]): rule
+        for rule in analytics_rules()
+        if "alert" in rule
+    }
+    p95 = "job_raptor_service:raptor_recovery_duration_seconds:p95_5m"
+    success = "job_raptor_service:raptor_recovery_success:ratio_rate5m"
+    per_minute = "job_raptor_service:raptor_errors_per_minute:rate5m"
+    expected = {
+        (RULE_RECOVERY_TIME, "warning"): (p95, config.recovery_time_warning),
+        (RULE_RECOVERY_TIME, "critical"): (p95, config.recovery_time_critical),
+        (RULE_SUCCESS_RATE, "warning"): (success, config.success_rate_warning / 100),
+        (RULE_SUCCESS_RATE, "critical"): (success, config.success_rate_critical / 100),
+        (RULE_ERROR_FREQUENCY, "warning"): (per_minute, config.error_frequency),
+        (RULE_MEMORY_USAGE, "warning"): (
+            "raptor_memory_pressure_ratio)",
+            config.memory_usage / 100,
+        ),
+    }
+    window = f"[{config.evaluation_window / 60:g}m]"
+    recorded = {rule["record"]: rule["expr"] for rule in analytics_rules() if "record" in rule}
+    for identity, (series, number) in expected.items():
+        rule = by_identity[identity]
+        assert _threshold(rule["expr"], series) == pytest.approx(number), identity
+        assert rule["for"] == f"{config.alert_for / 60:g}m", identity
+        source = recorded.get(series, "")
+        while source and "[" not in source:  # a record made from another record
+            source = recorded[next(name for name in recorded if name in source)]
+        if series in recorded:
+            assert window in source, (series, window)
+        if identity[0] in (RULE_RECOVERY_TIME, RULE_SUCCESS_RATE):
+            assert f">= {config.min_recoveries}" in rule["expr"], identity
+
+
+def test_the_burn_rate_alerts_are_the_sre_workbooks() -> None:
+    by_name = {rule["alert"]: rule for rule in analytics_rules() if "alert" in rule}
+    fast = " ".join(by_name["RaptorRecoveryBudgetBurnFast"]["expr"].split())
+    slow = " ".join(by_name["RaptorRecoveryBudgetBurnSlow"]["expr"].split())
+    ratio = "job_raptor_service:raptor_recovery_failures:ratio_rate"
+    for window, factor, expr in (
+        ("1h", "14.4", fast),
+        ("5m", "14.4", fast),
+        ("6h", "6", fast),
+        ("30m", "6", fast),
+        ("1d", "3", slow),
+        ("2h", "3", slow),
+        ("3d", "1", slow),
+        ("6h", "1", slow),
+    ):
+        assert f"{ratio}{window} > ({factor} * 0.05)" in expr, (window, factor)
+    assert by_name["RaptorRecoveryBudgetBurnFast"]["labels"]["severity"] == "critical"
+    assert by_name["RaptorRecoveryBudgetBurnSlow"]["labels"]["severity"] == "warning"
+
+
+def test_promtool_accepts_the_analytics_rules() -> None:
+    result = _promtool("check", "rules", str(ANALYTICS_RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(analytics_rules())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_prove_the_analytics_alerts_fire() -> None:
+    result = _promtool("test", "rules", *map(str, ANALYTICS_RULES_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(ANALYTICS_RULES_TESTS)
+    text = "".join(path.read_text(encoding="utf-8") for path in ANALYTICS_RULES_TESTS)
+    tested = set(re.findall(r"alertname: (\w+)", text))
+    assert tested == {rule["alert"] for rule in analytics_rules() if "alert" in rule}
+
+
+_FAILURES = "job_raptor_service:raptor_recovery_failures:ratio_rate"
+
+
+@pytest.mark.parametrize(
+    ("original", "broken", "alert"),
+    [
+        ("p95_5m > 5\n", "p95_5m > 50\n", RULE_RECOVERY_TIME),
+        ("increase5m >= 20", "increase5m >= 0", RULE_RECOVERY_TIME),
+        ("ratio_rate5m < 0.6\n", "ratio_rate5m < 0.4\n", RULE_SUCCESS_RATE),
+        ("rate5m > 10\n", "rate5m > 1\n", RULE_ERROR_FREQUENCY),
+        ("> 0.75\n", "> 0.65\n", RULE_MEMORY_USAGE),
+        # Without its short window a burn-rate alert would keep paging after the incident.
+        (f"              and {_FAILURES}5m > (14.4 * 0.05)\n", "", "RaptorRecoveryBudgetBurnFast"),
+        (f"              and {_FAILURES}6h > (1 * 0.05)\n", "", "RaptorRecoveryBudgetBurnSlow"),
+        ("(14.4 * 0.05)\n", "(1.4 * 0.05)\n", "RaptorRecoveryBudgetBurnFast"),
+    ],
+)
+def test_the_analytics_unit_tests_fail_when_a_rule_is_broken(
+    tmp_path: Path, original: str, broken: str, alert: str
+) -> None:
+    text = ANALYTICS_RULES.read_text(encoding="utf-8")
+    assert original in text
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / ANALYTICS_RULES.name).write_text(text.replace(original, broken, 1))
+    copies = []
+    for path in ANALYTICS_RULES_TESTS:
+        (rules_dir / path.name).write_text(path.read_text(encoding="utf-8"))
+        copies.append(str(rules_dir / path.name))
+    result = _promtool("test", "rules", *copies)
+    assert result.returncode != 0
+    assert alert in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------- logs panels, compose
+
+
+#: How Loki's OTLP ingestion names a log attribute in structured metadata.
+def loki_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def test_logs_panels_read_the_monitor_log_events() -> None:
+    attributes = {loki_name(key) for spec in LOG_EVENTS for key in spec.attributes}
+    panels = [p for p in dashboard_panels(dashboard()) if p["type"] == "logs"]
+    assert {p["title"] for p in panels} == {
+        "Insights",
+        "Alert notifications",
+        "Reports (top error patterns)",
+    }
+    for panel in panels:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            match = re.fullmatch(r'\{service_name=~"\$job"\} \| (\w+) != ""', expr)
+            assert match, (panel["title"], expr)
+            assert match.group(1) in attributes, (panel["title"], match.group(1))
+
+
+def test_grafana_provisions_the_logs_data_source() -> None:
+    datasources = load_yaml(PROVISIONING / "datasources" / "loki.yml")
+    (source,) = datasources["datasources"]
+    assert (source["type"], source["uid"]) == ("loki", "loki")
+    assert source["url"].endswith(":3100")
+
+
+_PINNED = re.compile(r"^[a-z0-9./-]+:v?\d+(?:\.\d+){1,2}$")
+
+
+def test_the_compose_file_is_complete_pinned_and_consistent() -> None:
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    assert set(services) == {"otel-collector", "prometheus", "grafana", "tempo", "loki"}
+    for name, service in services.items():
+        image = service["image"]
+        assert _PINNED.match(image), f"{name}: {image} is not pinned to a version"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (COLLECTOR_DIR / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in compose["volumes"], f"{name}: named volume {source}"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+    ports = {port.split(":")[0] for s in services.values() for port in s.get("ports", [])}
+    assert {"4317", "4318", "9090", "3000", "3100", "3200"} <= ports
+    # The collector merges the local config with the container overrides.
+    collector = services["otel-collector"]
+    mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in collector["volumes"])
+    configs = [arg.removeprefix("--config=") for arg in collector["command"]]
+    files = {target: COLLECTOR_DIR / source for source, target in mounts.items()}
+    assert [files[target].name for target in configs] == [
+        "otel-collector.yaml",
+        "otel-collector.compose.yaml",
+    ]
+    merged = _merge(load_yaml(files[configs[0]]), load_yaml(files[configs[1]]))
+    for pipeline in merged["service"]["pipelines"].values():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline[kind]:
+                assert component in merged[kind], f"{component} undefined after the merge"
+    assert merged["service"]["pipelines"]["logs"]["exporters"] == ["otlphttp/logs", "debug"]
+    assert merged["service"]["pipelines"]["traces"]["exporters"] == ["otlp/tracing", "debug"]
+    assert merged["exporters"]["otlphttp/logs"]["endpoint"] == "http://loki:3100/otlp"
+    assert merged["exporters"]["otlp/tracing"]["endpoint"] == "tempo:4317"
+    assert merged["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "0.0.0.0:4317"
+    # Prometheus in compose scrapes the collector by name and loads both rule files.
+    prometheus = load_yaml(COLLECTOR_DIR / "prometheus.compose.yml")
+    (job,) = prometheus["scrape_configs"]
+    assert job["honor_labels"] is True
+    assert job["static_configs"][0]["targets"] == ["otel-collector:8889"]
+    assert prometheus["rule_files"] == ["rules/raptor-alerts.yml", "rules/raptor-analytics.yml"]
+    # Grafana finds every backend by name, with the uids the dashboard's variables default to.
+    sources = load_yaml(COLLECTOR_DIR / "compose" / "grafana-datasources.yml")["datasources"]
+    assert {(s["type"], s["url"]) for s in sources} == {
+        ("prometheus", "http://prometheus:9090"),
+        ("loki", "http://loki:3100"),
+        ("tempo", "http://tempo:3200"),
+    }
+    tempo = load_yaml(COLLECTOR_DIR / "compose" / "tempo.yaml")
+    assert tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(
+        ":4317"
+    )
+
+
+def _merge(base: Any, overlay: Any) -> Any:
+    """The collector's merge of two configs: maps merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return overlay
+
+
+def test_promtool_accepts_the_compose_prometheus_config() -> None:
+    result = _promtool("check", "config", str(COLLECTOR_DIR / "prometheus.compose.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr

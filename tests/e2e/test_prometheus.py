@@ -35,19 +35,22 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 from otel_raptor.core.breaker import CircuitBreakerConfig
-from otel_raptor.core.classification import Severity
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.events import (
     FailurePredicted,
     MemoryCleanupFinished,
     MemoryPressureChanged,
     PreventionActionRun,
+    RetryBudgetExhausted,
 )
 from otel_raptor.core.prediction import ResourceSnapshot
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.monitor import ErrorRecoveryMonitor
 from otel_raptor.runtime.state import Runtime
 from otel_raptor.telemetry.instruments import INSTRUMENTS, InstrumentKind
+from otel_raptor.telemetry.monitoring import MonitorTelemetry
 from otel_raptor.telemetry.sink import TelemetrySink
 from tests.e2e.test_monitoring_configs import (
     DIRECT_JOB,
@@ -107,9 +110,15 @@ def telemetry() -> Iterator[Telemetry]:
         resource=Resource.create({"service.name": "raptor-e2e"}),
     )
     # No retry-budget floor beyond the first token: the second retry to DOWN is refused.
-    runtime = Runtime(clock=FakeClock(), budget_ratio=0.0, budget_min_retries_per_second=1.0)
+    clock = FakeClock()
+    runtime = Runtime(clock=clock, budget_ratio=0.0, budget_min_retries_per_second=1.0)
     sink = TelemetrySink(runtime=runtime, meter_provider=provider, tracer_provider=TracerProvider())
     sink.install()
+    # The error-recovery monitor and its instruments; memory at 90 % of the limit makes its
+    # memory alert fire (a notification), budget refusals below make an insight.
+    monitor = ErrorRecoveryMonitor({"alert_for": 0}, runtime=runtime, memory_reader=lambda: 0.9)
+    monitoring = MonitorTelemetry(monitor, meter_provider=provider)
+    monitoring.install()
     try:
         policy = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.01, jitter="none")
         flaky = Guard(FLAKY, runtime=runtime, retry=policy)
@@ -146,8 +155,15 @@ def telemetry() -> Iterator[Telemetry]:
             probability={"process_memory": 0.3},
             memory_pressure=0.72,
         )
+        unavailable = Classification(ErrorCategory.UNAVAILABLE, Severity.MEDIUM, True, "503")
+        for _ in range(10):  # as many refusals as make an insight
+            bus.publish(RetryBudgetExhausted("quota.internal:443", unavailable))
+        clock.advance(60)
+        monitor.tick()
         yield Telemetry(exposition=lambda: generate_latest(registry))
     finally:
+        monitoring.uninstall()
+        monitor.close()
         sink.uninstall()
         provider.shutdown()
 

@@ -234,25 +234,40 @@ def test_metrics_and_snapshot() -> None:
     assert readings(sample(0, 5))["process_memory"] == (5.0, float(LIMIT))
 
 
-def test_the_monitor_thread_returns_at_once_and_stops() -> None:
+def test_start_monitoring_holds_a_first_sample_when_it_returns_and_stops() -> None:
     runtime = Runtime()
     predictor = PredictiveFailure(
         PredictorOptions(builtin_actions=False), runtime=runtime, sampler=ResourceSampler()
     )
 
-    async def main() -> float:
-        started = time.perf_counter()
-        await predictor.start_monitoring(interval=0.01)
-        elapsed = time.perf_counter() - started
-        await asyncio.sleep(0.1)
-        return elapsed
+    async def main() -> tuple[float, dict[str, object], int]:
+        ticks = 0
 
-    elapsed = asyncio.run(main())
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        beating = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        await predictor.start_monitoring(interval=30)
+        elapsed = time.perf_counter() - started
+        metrics = predictor.get_current_metrics()  # right away: the seed example's call
+        beating.cancel()
+        return elapsed, metrics, ticks
+
+    elapsed, metrics, ticks = asyncio.run(main())
     try:
-        assert elapsed < 0.05
+        # The first sample was taken before start_monitoring returned...
+        assert metrics["process_rss"]
+        assert metrics["utilization"]
+        # ...in the monitor thread: the loop kept running meanwhile, and it took little time.
+        assert ticks > 1
+        assert elapsed < 5.0
         assert predictor.monitoring
         assert runtime.resource_snapshot == predictor.snapshot
-        assert predictor.get_current_metrics()["process_rss"]
         assert runtime.resource_snapshot().utilization["process_memory"] > 0
     finally:
         predictor.stop_monitoring()

@@ -10,6 +10,7 @@ import pytest
 from otel_raptor.telemetry.instruments import (
     ATTRIBUTES,
     INSTRUMENTS,
+    LOG_EVENTS,
     RECOVERY_DURATION_BUCKETS,
     SCHEMA_URL,
     SPAN_EVENTS,
@@ -90,13 +91,23 @@ def test_span_events_table_equals_the_event_registry() -> None:
     assert documented == [(e.name, e.attributes, e.description) for e in SPAN_EVENTS]
 
 
+def test_log_events_table_equals_the_log_event_registry() -> None:
+    documented = [
+        (code(name), severity, codes(attributes), body, description)
+        for name, severity, attributes, body, description in table("Log events")
+    ]
+    assert documented == [
+        (e.name, e.severity, e.attributes, e.body, e.description) for e in LOG_EVENTS
+    ]
+
+
 def test_histogram_buckets_and_schema_url_are_documented() -> None:
     text = " ".join(DOC.read_text(encoding="utf-8").split())  # unwrap lines
     assert ", ".join(str(b) for b in RECOVERY_DURATION_BUCKETS) in text
     assert SCHEMA_URL in text
 
 
-@pytest.mark.parametrize("heading", ["Metrics", "Attributes", "Spans", "Span events"])
+@pytest.mark.parametrize("heading", ["Metrics", "Attributes", "Spans", "Span events", "Log events"])
 def test_the_parser_would_catch_a_difference(heading: str) -> None:
     # Guard against a parser that silently reads nothing.
     assert len(table(heading)) >= 1

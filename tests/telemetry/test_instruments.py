@@ -13,6 +13,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
+from otel_raptor.core.timeseries import DURATION_BUCKETS
 from otel_raptor.errors import ConfigError
 from otel_raptor.telemetry import instruments
 from otel_raptor.telemetry.attributes import (
@@ -23,15 +24,19 @@ from otel_raptor.telemetry.attributes import (
 from otel_raptor.telemetry.instruments import (
     ATTRIBUTES,
     INSTRUMENTS,
+    LOG_EVENTS,
+    MONITOR_INSTRUMENTS,
     RECOVERY_DURATION_BUCKETS,
     SPAN_EVENTS,
     SPANS,
     InstrumentKind,
     InstrumentSpec,
+    LogEventSpec,
     SpanEventSpec,
     SpanSpec,
     create_gauges,
     create_instruments,
+    create_monitor_instruments,
 )
 
 # UCUM units we allow: seconds, dimensionless, and annotations in braces.
@@ -55,6 +60,9 @@ def test_names_follow_opentelemetry_rules() -> None:
         assert not spec.name.endswith(("_total", ".total", "_count", "_seconds")), spec.name
         assert _UNIT.match(spec.unit), (spec.name, spec.unit)
         assert spec.description.endswith("."), spec.name
+    for event in LOG_EVENTS:
+        assert _NAME.match(event.name), event.name
+        assert event.description.endswith("."), event.name
     for key in (a.key for a in ATTRIBUTES):
         assert _NAME.match(key), key
         assert key.startswith("raptor.") or key in _SEMCONV, key
@@ -64,10 +72,11 @@ def test_every_key_used_is_declared_and_every_declared_key_is_used() -> None:
     declared = [a.key for a in ATTRIBUTES]
     assert len(declared) == len(set(declared))
     used: set[str] = set()
-    specs: tuple[InstrumentSpec | SpanSpec | SpanEventSpec, ...] = (
+    specs: tuple[InstrumentSpec | SpanSpec | SpanEventSpec | LogEventSpec, ...] = (
         *INSTRUMENTS,
         *SPANS,
         *SPAN_EVENTS,
+        *LOG_EVENTS,
     )
     for spec in specs:
         assert len(spec.attributes) == len(set(spec.attributes)), spec.name
@@ -98,6 +107,9 @@ def test_only_the_histogram_has_buckets_and_they_increase() -> None:
     for spec in INSTRUMENTS:
         assert bool(spec.bucket_boundaries) == (spec.kind is InstrumentKind.HISTOGRAM)
     assert list(RECOVERY_DURATION_BUCKETS) == sorted(set(RECOVERY_DURATION_BUCKETS))
+    # The monitor's in-process percentiles use the same buckets as the exported histogram,
+    # so that they agree with histogram_quantile over it.
+    assert DURATION_BUCKETS == RECOVERY_DURATION_BUCKETS
     assert RECOVERY_DURATION_BUCKETS[0] == 0.005
     assert RECOVERY_DURATION_BUCKETS[-1] == 300.0
 
@@ -130,8 +142,20 @@ def test_create_builds_exactly_the_registry() -> None:
     def one(options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1)]
 
-    gauges = {spec: one for spec in INSTRUMENTS if spec.kind is InstrumentKind.OBSERVABLE_GAUGE}
+    gauges = {
+        spec: one
+        for spec in INSTRUMENTS
+        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE and spec not in MONITOR_INSTRUMENTS
+    }
     create_gauges(meter, gauges)
+    monitor = create_monitor_instruments(meter, one)
+    for counter in (
+        monitor.alert_notifications,
+        monitor.insights,
+        monitor.recovery_results,
+        monitor.recovery_attempts_made,
+    ):
+        counter.add(1)
 
     data = reader.get_metrics_data()
     assert data is not None
@@ -149,6 +173,13 @@ def test_a_gauge_without_a_callback_is_a_bug() -> None:
     meter = MeterProvider().get_meter("test")
     with pytest.raises(KeyError):
         create_gauges(meter, {})
+
+
+def test_the_monitor_instruments_are_in_the_registry() -> None:
+    assert set(MONITOR_INSTRUMENTS) <= set(INSTRUMENTS)
+    assert [spec.name for spec in INSTRUMENTS[-len(MONITOR_INSTRUMENTS) :]] == [
+        spec.name for spec in MONITOR_INSTRUMENTS
+    ]
 
 
 # ------------------------------------------------------------------------ attributes.py

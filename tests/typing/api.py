@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from typing_extensions import assert_type
 
 import otel_raptor
@@ -49,3 +51,29 @@ def instrument() -> None:
     controller = otel_raptor.get_memory_controller()
     assert_type(controller, otel_raptor.SimpleMemoryController)
     instrumentor.uninstrument()
+
+
+async def monitoring() -> None:
+    monitor = otel_raptor.get_error_recovery_monitor()
+    assert_type(monitor, otel_raptor.ErrorRecoveryMonitor)
+    await monitor.record_recovery_attempt(
+        error_type="TimeoutError",
+        recovery_time=2500,
+        success=True,
+        strategy="retry_with_backoff",
+        context={"service": "api"},
+    )
+    monitor.record_recovery_attempt_sync("503", 120.0, False, otel_raptor.Strategy.FAIL_FAST)
+    metrics = monitor.get_current_metrics()
+    assert_type(metrics, dict[str, Any])
+    alerts = monitor.get_active_alerts()
+    assert_type(alerts, list[otel_raptor.Alert])
+    assert_type(monitor.report(), otel_raptor.MonitorReport)
+    insights = otel_raptor.get_error_analytics().insights()
+    assert_type(insights, list[otel_raptor.Insight])
+    assert_type(insights[0].kind, otel_raptor.InsightKind)
+    custom = otel_raptor.ErrorRecoveryMonitor(
+        otel_raptor.MonitorConfig(alert_cooldown=60.0), runtime=otel_raptor.get_runtime()
+    )
+    custom.add_alert_callback(lambda alert: print(alert.message))
+    custom.close()

@@ -24,7 +24,7 @@ _TOP_SCALARS: Final = (
     "request_timeout",
     "health_check_path",
 )
-_FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams")
+_FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams", "monitor")
 
 
 def _toml_parser() -> Callable[[str], dict[str, Any]] | None:
@@ -127,6 +127,11 @@ def config_from_toml(
                 )
                 continue
             overrides["downstreams"] = tuple(value)
+        elif key == "monitor":
+            if not isinstance(value, dict):
+                problems.append(ConfigError(f"{name}:{key}", value, "a [monitor] table"))
+                continue
+            overrides["monitor"] = dict(value)  # checked by RaptorConfig.load
         else:
             overrides[key] = value
     return overrides, problems

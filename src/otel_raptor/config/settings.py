@@ -24,6 +24,7 @@ from otel_raptor.config._values import (
 from otel_raptor.config.downstream import DownstreamOverride, DownstreamPolicy, _Matcher
 from otel_raptor.config.environment import _ENV, _ENV_NAMES, config_from_env
 from otel_raptor.config.file import config_from_toml
+from otel_raptor.config.monitor import MonitorConfig, monitor_config_from_env
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.retry import RetryPolicy
@@ -65,6 +66,7 @@ class RaptorConfig:
     request_timeout: float | None = 30.0
     health_check_path: str | None = None
     downstreams: tuple[DownstreamOverride, ...] = ()
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Derived in __post_init__; the cache makes ``policy_for`` one dict lookup per request.
     _matchers: tuple[_Matcher, ...] = field(init=False, repr=False, compare=False)
     _default_policy: DownstreamPolicy = field(init=False, repr=False, compare=False)
@@ -270,6 +272,7 @@ class RaptorConfig:
             "retry": retry,
             "breaker": breaker,
             "downstreams": tuple(d for d in downstreams if d is not None),
+            "monitor": _monitor(file_values.get("monitor"), file_name, environ, shown),
         }
         return cls(**values)
 
@@ -569,3 +572,19 @@ def _downstream_object(
             raise ConfigError(f"{where}.{error.key}", error.value, error.allowed) from None
     accepted = _settle(build, kind, {}, [(dict(value), lambda dotted: f"{where}.{dotted}")], report)
     return build(accepted) if accepted else None  # type: ignore[return-value]
+
+
+def _monitor(
+    table: object, file_name: str, environ: Mapping[str, str], report: Report
+) -> MonitorConfig:
+    """The monitor's settings: ``OTEL_PYTHON_RAPTOR_MONITOR_*`` over the file's
+    ``[monitor]`` table over the defaults. Each bad value is reported and left out (in code,
+    ``instrument(monitor={...})`` is applied on top by the instrumentor, strictly)."""
+    config = MonitorConfig()
+    if isinstance(table, dict):
+        for key, value in table.items():
+            try:
+                config = config.with_values({key: value})
+            except ConfigError as error:
+                report(ConfigError(f"{file_name}:monitor.{key}", value, error.allowed))
+    return config.with_values(monitor_config_from_env(environ, report))

@@ -286,14 +286,20 @@ class AttemptLoop:
         return self._admit(now)
 
     def first_failed(
-        self, permit: Permit, attempt_started: float, classification: Classification, now: float
+        self,
+        permit: Permit,
+        attempt_started: float,
+        classification: Classification,
+        now: float,
+        *,
+        error: BaseException | None = None,
     ) -> Step:
         """The fast path's first attempt, admitted with ``permit`` at ``attempt_started``,
-        failed at ``now``."""
+        failed at ``now`` (with ``error``, for the analytics)."""
         self._permit = permit
         self.attempt_started = attempt_started
         self._port.record_call()
-        return self.failed(classification, now)
+        return self.failed(classification, now, error=error)
 
     # --- the end of an attempt ----------------------------------------------------------------
 
@@ -311,8 +317,11 @@ class AttemptLoop:
         self._finish(now)
         return _DONE
 
-    def failed(self, classification: Classification, now: float) -> Step:
-        """The attempt in flight failed at ``now`` with ``classification``."""
+    def failed(
+        self, classification: Classification, now: float, *, error: BaseException | None = None
+    ) -> Step:
+        """The attempt in flight failed at ``now`` with ``classification``; ``error`` (the
+        exception, if any) rides on ``ErrorClassified`` for the error analytics."""
         port = self._port
         spec = self._spec
         self.attempts += 1
@@ -321,7 +330,7 @@ class AttemptLoop:
         port.record_failure(self._permit, now, now - self.attempt_started, category)
         self._permit = _CALL
         self.classification = classification
-        port.publish(ErrorClassified(port.service, classification, attempts))
+        port.publish(ErrorClassified(port.service, classification, attempts, error))
         retry_after = classification.retry_after
         if category is _RATE_LIMIT and retry_after is not None and retry_after > 0.0:
             port.cool_down(now + retry_after)

@@ -2,12 +2,14 @@
 
 Every record is a frozen, slotted dataclass with low-cardinality fields only: service and
 breaker names (already folded to a bounded set by the runtime), enums and numbers. Nothing here
-carries an exception message, a URL or SQL text.
+carries an exception message, a URL or SQL text as a field, with one exception:
+``ErrorClassified.error``, the exception object itself, for the error analytics (which keeps
+only a normalised, scrubbed template of its message); telemetry never records it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 from otel_raptor.core.classification import Classification, Severity
@@ -32,11 +34,18 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ErrorClassified:
-    """A call failed and was classified. ``attempt`` counts from 1."""
+    """A call failed and was classified. ``attempt`` counts from 1.
+
+    ``error`` is the exception itself when there is one (``None`` for a failing response, or
+    from publishers that do not pass it). It is there for the error analytics, which
+    fingerprint its type and normalised message; it is never a metric or span attribute, and
+    it takes no part in comparing or printing the event.
+    """
 
     service: str
     classification: Classification
     attempt: int
+    error: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

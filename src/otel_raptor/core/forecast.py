@@ -165,7 +165,8 @@ def forecast(
     confidence = min(1.0, max(0.0, fit * count_factor * span_factor))
 
     projected = max(level, level + slope * horizon)
-    spread = math.sqrt(sigma**2 + (slope_se * horizon) ** 2)
+    # hypot, not sqrt of squares: a huge slope error (subnormal time steps) must not overflow.
+    spread = math.hypot(sigma, slope_se * horizon)
     with_trend = _normal_sf((limit - projected) / spread)
     without_trend = _normal_sf((limit - level) / sigma)
     # A mixture of "the trend goes on" and "there is no trend", weighted by the confidence:

@@ -226,4 +226,4 @@ class AsyncioIntegration:
             return
         service = self._service
         classification = classify(exc, context=ClassifyContext(service=service))
-        runtime.bus.publish(ErrorClassified(service, classification, 1))
+        runtime.bus.publish(ErrorClassified(service, classification, 1, exc))

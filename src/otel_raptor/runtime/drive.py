@@ -465,7 +465,9 @@ class _Runner:
         self._open_scope()
         try:
             classification = self.plan.route.classify(failure)
-            return self.loop.first_failed(_CALL, started, classification, self.plan.monotonic())
+            return self.loop.first_failed(
+                _CALL, started, classification, self.plan.monotonic(), error=failure
+            )
         except Exception as bug:  # noqa: BLE001
             return self._bug("drive.failed", bug, _GIVE_UP)
 
@@ -609,7 +611,7 @@ class _Runner:
         self._open_scope()
         try:
             classification = self.plan.route.classify(failure)
-            return self.loop.failed(classification, self.plan.monotonic())
+            return self.loop.failed(classification, self.plan.monotonic(), error=failure)
         except Exception as bug:  # noqa: BLE001 - our bug must not change the app's error
             return self._bug("drive.failed", bug, _GIVE_UP)
 

@@ -90,6 +90,8 @@ _CLEANUP_LEVEL: Final = {
     Severity.CRITICAL: "emergency",
 }
 _MEMORY_RESOURCES: Final = ("memory", "process_memory")
+# How long start_monitoring() waits for the first sample at most (seconds).
+_FIRST_SAMPLE_TIMEOUT_S = 5.0
 # How long a monitor thread may wait for an async callback or action on the app's loop.
 _ASYNC_TIMEOUT_S: Final = 30.0
 
@@ -254,6 +256,7 @@ class PredictiveFailure:
         self._reset_state()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._first_sample = threading.Event()
         self._interval = self._options.interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
@@ -353,30 +356,46 @@ class PredictiveFailure:
 
     async def start_monitoring(self, interval: float | None = None) -> None:
         """Start sampling every ``interval`` seconds (default ``options.interval_s``) on a
-        daemon thread and return at once. Async callbacks will run on the calling loop.
-        Calling it while monitoring only updates the loop and the interval."""
-        self.start(interval, loop=asyncio.get_running_loop())
+        daemon thread. Returns once the first sample is taken (the sampler runs in that
+        thread, so the loop keeps running meanwhile; at most 5 s), so that
+        :meth:`get_current_metrics` has something to say at once. Async callbacks will run on
+        the calling loop. Calling it while monitoring only updates the loop and the interval."""
+        first = self.start(interval, loop=asyncio.get_running_loop(), wait=False)
+        await asyncio.to_thread(first.wait, _FIRST_SAMPLE_TIMEOUT_S)
 
     def start(
-        self, interval: float | None = None, *, loop: asyncio.AbstractEventLoop | None = None
-    ) -> None:
-        """The synchronous twin of :meth:`start_monitoring`, for code without a loop."""
+        self,
+        interval: float | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        wait: bool = True,
+    ) -> threading.Event:
+        """The synchronous twin of :meth:`start_monitoring`, for code without a loop; with
+        ``wait`` (the default) it too returns once the first sample is taken (at most 5 s).
+        Returns an event set once that first sample is taken."""
         if interval is not None:
             _number("prediction.interval_s", interval, low=0, allowed="seconds > 0")
             self._interval = float(interval)
         if loop is not None:
             self._loop = loop
         with self._lock:
-            if self.monitoring:
-                return
-            if self._sampler is None:
-                self._sampler = ResourceSampler(bus=self._runtime.bus, clock=self._clock)
-            self._stop = threading.Event()
-            self._thread = threading.Thread(
-                target=self._run, args=(self._stop,), name="otel-raptor-predictor", daemon=True
-            )
-            self._runtime.resource_snapshot = self.snapshot
-            self._thread.start()
+            first = self._first_sample
+            if not self.monitoring:
+                if self._sampler is None:
+                    self._sampler = ResourceSampler(bus=self._runtime.bus, clock=self._clock)
+                self._stop = threading.Event()
+                first = self._first_sample = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run,
+                    args=(self._stop, first),
+                    name="otel-raptor-predictor",
+                    daemon=True,
+                )
+                self._runtime.resource_snapshot = self.snapshot
+                self._thread.start()
+        if wait:
+            first.wait(_FIRST_SAMPLE_TIMEOUT_S)
+        return first
 
     def stop_monitoring(self, timeout: float = 5.0) -> None:
         """Stop the sampler thread (waiting up to ``timeout`` seconds for it), restore a
@@ -392,7 +411,7 @@ class PredictiveFailure:
         if private is not None and not private.is_running():
             private.close()
 
-    def _run(self, stop: threading.Event) -> None:
+    def _run(self, stop: threading.Event, first: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self.tick()
@@ -401,6 +420,8 @@ class PredictiveFailure:
                 return
             except Exception as error:  # noqa: BLE001 - the monitor must outlive our bugs
                 report_internal_error("prediction.tick", error)
+            finally:
+                first.set()  # taken, or failed: either way nobody should wait for it longer
             stop.wait(self._interval)
 
     # --- one evaluation -----------------------------------------------------------------
@@ -622,8 +643,9 @@ class PredictiveFailure:
         if self._own_sampler:
             self._sampler = None  # it watched the parent's pid
         self._reset_state()  # the parent's history says nothing about this process
+        self._first_sample = threading.Event()
         if was_running:
-            self.start()
+            self.start(wait=False)  # never block a fork handler
 
 
 def _prediction(

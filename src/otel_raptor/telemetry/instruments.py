@@ -1,4 +1,4 @@
-"""Every metric instrument, span, span event and attribute key otel_raptor emits.
+"""Every metric instrument, span, span event, log event and attribute key otel_raptor emits.
 
 This module is the contract: ``docs/telemetry.md`` mirrors it table for table, dashboards and
 alert rules rely on it, and ``tests/telemetry/test_docs_table.py`` fails when the two differ.
@@ -30,6 +30,16 @@ from otel_raptor._version import __version__
 
 __all__ = [
     "ATTRIBUTES",
+    "ATTR_ALERT_NAME",
+    "ATTR_ALERT_SEVERITY",
+    "ATTR_ALERT_STATE",
+    "ATTR_ALERT_THRESHOLD",
+    "ATTR_ALERT_VALUE",
+    "ATTR_INSIGHT_EVIDENCE",
+    "ATTR_INSIGHT_KIND",
+    "ATTR_INSIGHT_RECOMMENDATION",
+    "ATTR_RECOVERY_RESULT",
+    "ATTR_REPORT_DURATION",
     "ATTR_BREAKER_FROM_STATE",
     "ATTR_BREAKER_NAME",
     "ATTR_BREAKER_OPEN_DURATION",
@@ -78,12 +88,21 @@ __all__ = [
     "InstrumentKind",
     "InstrumentSpec",
     "Instruments",
+    "LOG_ALERT_FIRING",
+    "LOG_ALERT_RESOLVED",
+    "LOG_EVENTS",
+    "LOG_INSIGHT",
+    "LOG_REPORT",
+    "LogEventSpec",
+    "METRIC_ALERTS_ACTIVE",
+    "METRIC_ALERT_NOTIFICATIONS",
     "METRIC_BREAKER_FAILURE_RATE_THRESHOLD",
     "METRIC_BREAKER_HEALTH",
     "METRIC_BREAKER_REJECTIONS",
     "METRIC_BREAKER_STATE",
     "METRIC_BREAKER_TRANSITIONS",
     "METRIC_ERRORS",
+    "METRIC_INSIGHTS",
     "METRIC_MEMORY_CLEANUPS",
     "METRIC_MEMORY_FREED",
     "METRIC_MEMORY_PRESSURE",
@@ -93,11 +112,15 @@ __all__ = [
     "METRIC_PREDICTION_TIME_TO_EXHAUSTION",
     "METRIC_PREVENTION_ACTIONS",
     "METRIC_RECOVERIES",
+    "METRIC_RECOVERY_ATTEMPTS_MADE",
     "METRIC_RECOVERY_DURATION",
+    "METRIC_RECOVERY_RESULTS",
     "METRIC_RESOURCE_UTILIZATION",
     "METRIC_RETRIES",
     "METRIC_RETRY_BUDGET_EXHAUSTED",
     "METRIC_RETRY_BUDGET_TOKENS",
+    "MONITOR_INSTRUMENTS",
+    "MonitorInstruments",
     "RECOVERY_DURATION_BUCKETS",
     "SCHEMA_URL",
     "SPANS",
@@ -109,6 +132,7 @@ __all__ = [
     "SpanSpec",
     "create_gauges",
     "create_instruments",
+    "create_monitor_instruments",
 ]
 
 #: Name of the meter and of the tracer (the instrumentation scope).
@@ -154,6 +178,16 @@ ATTR_MEMORY_CLEANUP_LEVEL: Final = "raptor.memory.cleanup.level"
 ATTR_MEMORY_CLEANUP_TRIGGER: Final = "raptor.memory.cleanup.trigger"
 ATTR_MEMORY_BYTES_FREED: Final = "raptor.memory.cleanup.bytes_freed"
 ATTR_MEMORY_ENTRIES_EVICTED: Final = "raptor.memory.cleanup.entries_evicted"
+ATTR_RECOVERY_RESULT: Final = "raptor.recovery.result"
+ATTR_ALERT_NAME: Final = "raptor.alert.name"
+ATTR_ALERT_SEVERITY: Final = "raptor.alert.severity"
+ATTR_ALERT_STATE: Final = "raptor.alert.state"
+ATTR_ALERT_VALUE: Final = "raptor.alert.value"
+ATTR_ALERT_THRESHOLD: Final = "raptor.alert.threshold"
+ATTR_INSIGHT_KIND: Final = "raptor.insight.kind"
+ATTR_INSIGHT_RECOMMENDATION: Final = "raptor.insight.recommendation"
+ATTR_INSIGHT_EVIDENCE: Final = "raptor.insight.evidence"
+ATTR_REPORT_DURATION: Final = "raptor.report.duration"
 
 
 class AttributeType(str, enum.Enum):
@@ -386,6 +420,68 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         values="cache entries the cleanup evicted",
         bound="not on metrics",
     ),
+    AttributeSpec(
+        key=ATTR_RECOVERY_RESULT,
+        type=AttributeType.STRING,
+        values="`succeeded_without_retry`, `succeeded_with_retry`, `failed_with_retry`,"
+        " `failed_without_retry`",
+        bound="4",
+    ),
+    AttributeSpec(
+        key=ATTR_ALERT_NAME,
+        type=AttributeType.STRING,
+        values="`RaptorRecoveryTimeHigh`, `RaptorRecoverySuccessRateLow`,"
+        " `RaptorErrorFrequencyHigh`, `RaptorMemoryUsageHigh`",
+        bound="4",
+    ),
+    AttributeSpec(
+        key=ATTR_ALERT_SEVERITY,
+        type=AttributeType.STRING,
+        values="`warning`, `critical`",
+        bound="2",
+    ),
+    AttributeSpec(
+        key=ATTR_ALERT_STATE,
+        type=AttributeType.STRING,
+        values="`firing`, `resolved`",
+        bound="2",
+    ),
+    AttributeSpec(
+        key=ATTR_ALERT_VALUE,
+        type=AttributeType.DOUBLE,
+        values="the value that breached the threshold (seconds, percent or a rate a minute)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_ALERT_THRESHOLD,
+        type=AttributeType.DOUBLE,
+        values="the threshold of the rule, in the unit of the value",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_INSIGHT_KIND,
+        type=AttributeType.STRING,
+        values="an `InsightKind` value (`error_spike`, `futile_retries`, ...)",
+        bound="8",
+    ),
+    AttributeSpec(
+        key=ATTR_INSIGHT_RECOMMENDATION,
+        type=AttributeType.STRING,
+        values="one concrete recommendation, a sentence",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_INSIGHT_EVIDENCE,
+        type=AttributeType.STRING,
+        values="the numbers behind the insight, a JSON object of name to number",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_REPORT_DURATION,
+        type=AttributeType.DOUBLE,
+        values="seconds the report covers",
+        bound="not on metrics",
+    ),
 )
 
 # ----------------------------------------------------------------------------- instruments
@@ -610,6 +706,52 @@ METRIC_MEMORY_PRESSURE_LEVEL: Final = InstrumentSpec(
     description="1 for the current memory pressure level, 0 for each other level.",
 )
 
+METRIC_ALERTS_ACTIVE: Final = InstrumentSpec(
+    name="raptor.alerts.active",
+    kind=InstrumentKind.OBSERVABLE_GAUGE,
+    unit="{alert}",
+    attributes=(ATTR_ALERT_NAME, ATTR_ALERT_SEVERITY),
+    description="Alerts of the in-process monitor firing now, by rule and severity (0: none).",
+)
+METRIC_ALERT_NOTIFICATIONS: Final = InstrumentSpec(
+    name="raptor.alert.notifications",
+    kind=InstrumentKind.COUNTER,
+    unit="{notification}",
+    attributes=(ATTR_ALERT_NAME, ATTR_ALERT_SEVERITY, ATTR_ALERT_STATE, ATTR_SERVICE),
+    description="Alert notifications sent (raptor.alert.firing and .resolved log events).",
+)
+METRIC_INSIGHTS: Final = InstrumentSpec(
+    name="raptor.insights",
+    kind=InstrumentKind.COUNTER,
+    unit="{insight}",
+    attributes=(ATTR_INSIGHT_KIND, ATTR_SERVICE),
+    description="Insights announced (raptor.insight log events), by kind.",
+)
+METRIC_RECOVERY_RESULTS: Final = InstrumentSpec(
+    name="raptor.recovery.results",
+    kind=InstrumentKind.COUNTER,
+    unit="{call}",
+    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_RESULT),
+    description="Logical calls that needed recovery, by resilience4j's four kinds of result.",
+)
+METRIC_RECOVERY_ATTEMPTS_MADE: Final = InstrumentSpec(
+    name="raptor.recovery.attempts_made",
+    kind=InstrumentKind.COUNTER,
+    unit="{attempt}",
+    attributes=(ATTR_SERVICE, ATTR_RECOVERY_STRATEGY, ATTR_RECOVERY_OUTCOME),
+    description="Attempts made by logical calls that needed recovery, the first one included.",
+)
+
+#: The instruments the error-recovery monitor records (``telemetry.monitoring``); the event
+#: sink records the others.
+MONITOR_INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
+    METRIC_ALERTS_ACTIVE,
+    METRIC_ALERT_NOTIFICATIONS,
+    METRIC_INSIGHTS,
+    METRIC_RECOVERY_RESULTS,
+    METRIC_RECOVERY_ATTEMPTS_MADE,
+)
+
 #: Every instrument, in the order of the docs table.
 INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
     METRIC_ERRORS,
@@ -632,6 +774,7 @@ INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
     METRIC_PREDICTION_PROBABILITY,
     METRIC_MEMORY_PRESSURE,
     METRIC_MEMORY_PRESSURE_LEVEL,
+    *MONITOR_INSTRUMENTS,
 )
 
 # ------------------------------------------------------------------------ spans and events
@@ -746,6 +889,76 @@ SPAN_EVENTS: Final[tuple[SpanEventSpec, ...]] = (
     EVENT_BREAKER_REJECTION,
 )
 
+# ------------------------------------------------------------------------------ log events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogEventSpec:
+    """A log-record event (OpenTelemetry Logs API, ``event_name``): its name, severity, every
+    attribute key it may carry and what its body holds."""
+
+    name: str
+    severity: str
+    attributes: tuple[str, ...]
+    body: str
+    description: str
+
+
+LOG_ALERT_FIRING: Final = LogEventSpec(
+    name="raptor.alert.firing",
+    severity="`WARN` (warning), `ERROR` (critical)",
+    attributes=(
+        ATTR_ALERT_NAME,
+        ATTR_ALERT_SEVERITY,
+        ATTR_SERVICE,
+        ATTR_ALERT_VALUE,
+        ATTR_ALERT_THRESHOLD,
+    ),
+    body="the alert's message, a sentence with the numbers",
+    description="An alert of the in-process monitor started firing (one per cooldown).",
+)
+LOG_ALERT_RESOLVED: Final = LogEventSpec(
+    name="raptor.alert.resolved",
+    severity="`INFO`",
+    attributes=(
+        ATTR_ALERT_NAME,
+        ATTR_ALERT_SEVERITY,
+        ATTR_SERVICE,
+        ATTR_ALERT_VALUE,
+        ATTR_ALERT_THRESHOLD,
+    ),
+    body="the alert's last message",
+    description="A firing alert whose condition has cleared for a while resolved.",
+)
+LOG_INSIGHT: Final = LogEventSpec(
+    name="raptor.insight",
+    severity="`INFO`",
+    attributes=(
+        ATTR_INSIGHT_KIND,
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_INSIGHT_RECOMMENDATION,
+        ATTR_INSIGHT_EVIDENCE,
+    ),
+    body="what was found, a sentence with the numbers",
+    description="The analytics found something (deduplicated and rate-limited).",
+)
+LOG_REPORT: Final = LogEventSpec(
+    name="raptor.report",
+    severity="`INFO`",
+    attributes=(ATTR_REPORT_DURATION,),
+    body="the report as a JSON object (`MonitorReport.as_dict()`)",
+    description="The monitor's report of the period that just ended (every report_interval).",
+)
+
+#: Every log-record event otel_raptor emits.
+LOG_EVENTS: Final[tuple[LogEventSpec, ...]] = (
+    LOG_ALERT_FIRING,
+    LOG_ALERT_RESOLVED,
+    LOG_INSIGHT,
+    LOG_REPORT,
+)
+
 # ---------------------------------------------------------------------------- construction
 
 #: An observable gauge's callback (the OpenTelemetry API shape, without generators).
@@ -798,9 +1011,10 @@ def create_instruments(meter: Meter) -> Instruments:
 def create_gauges(
     meter: Meter, callbacks: Mapping[InstrumentSpec, GaugeCallback]
 ) -> tuple[ObservableGauge, ...]:
-    """Create every observable gauge of ``INSTRUMENTS`` on ``meter``, each read by
-    ``callbacks[spec]``. A gauge missing from ``callbacks`` raises ``KeyError``: every
-    documented gauge must be backed by a callback."""
+    """Create every observable gauge of ``INSTRUMENTS`` that the event sink reports (all but
+    ``MONITOR_INSTRUMENTS``) on ``meter``, each read by ``callbacks[spec]``. A gauge missing
+    from ``callbacks`` raises ``KeyError``: every documented gauge must be backed by a
+    callback."""
     return tuple(
         meter.create_observable_gauge(
             spec.name,
@@ -809,5 +1023,33 @@ def create_gauges(
             description=spec.description,
         )
         for spec in INSTRUMENTS
-        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE
+        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE and spec not in MONITOR_INSTRUMENTS
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorInstruments:
+    """The error-recovery monitor's instruments, created once per meter."""
+
+    alert_notifications: Counter
+    insights: Counter
+    recovery_results: Counter
+    recovery_attempts_made: Counter
+    alerts_active: ObservableGauge
+
+
+def create_monitor_instruments(meter: Meter, alerts_active: GaugeCallback) -> MonitorInstruments:
+    """Create every instrument of ``MONITOR_INSTRUMENTS`` on ``meter``; ``alerts_active``
+    reads the ``raptor.alerts.active`` gauge."""
+    return MonitorInstruments(
+        alert_notifications=_counter(meter, METRIC_ALERT_NOTIFICATIONS),
+        insights=_counter(meter, METRIC_INSIGHTS),
+        recovery_results=_counter(meter, METRIC_RECOVERY_RESULTS),
+        recovery_attempts_made=_counter(meter, METRIC_RECOVERY_ATTEMPTS_MADE),
+        alerts_active=meter.create_observable_gauge(
+            METRIC_ALERTS_ACTIVE.name,
+            callbacks=[alerts_active],
+            unit=METRIC_ALERTS_ACTIVE.unit,
+            description=METRIC_ALERTS_ACTIVE.description,
+        ),
     )

@@ -1,0 +1,172 @@
+"""Error fingerprints: the exception type, its category and its message with the values taken out.
+
+Two failures belong to the same *pattern* when they differ only in the values interpolated into
+their message: ``user 4711 not found`` and ``user 815 not found`` are one bug, ``connection to
+10.0.0.7:5432 refused`` and ``connection to 10.0.0.9:5432 refused`` one outage. Sentry groups
+messages this way ("parameterization", ``sentry/grouping/parameterization.py``); the
+placeholders here follow its names.
+
+``normalize_message`` replaces, in one left-to-right pass, in this order of precedence:
+
+======================  =====================================================  ===============
+what                    example                                                placeholder
+======================  =====================================================  ===============
+secret ``key=value``    ``password=hunter2``, ``token: abc``                   ``<redacted>`` value
+e-mail                  ``ops@example.com``                                    ``<email>``
+URL                     ``https://api.example.com/v1/items?id=3``              ``<url>``
+timestamp               ``2024-05-01T12:00:00Z``, ``2024-05-01 12:00:00.123``  ``<timestamp>``
+UUID                    ``6f1c6c4e-5e8f-4a57-9a89-2b1d2f6f3d7a``               ``<uuid>``
+IPv4 / IPv6             ``10.0.0.7``, ``::1``, ``fe80::1ff:fe23:4567:890a``    ``<ip>``
+hex                     ``0x7f3a``, ``9f86d081884c7d65`` (8+ digits, a digit)  ``<hex>``
+duration                ``30s``, ``2.5ms``, ``10min`` (a number and its unit)  ``<duration>``
+quoted value            ``'users_123'``, ``"abc"`` (no blank inside)           ``<quoted>``
+number                  ``42``, ``-3.5``, ``1e-3``                             ``<int>``/``<float>``
+======================  =====================================================  ===============
+
+Numbers glued to letters (``utf8``, ``v2``, ``Errno``) are kept: they are part of a name, not a
+value. Whitespace runs collapse to one space, and the message is cut to ``MAX_MESSAGE_CHARS``
+before any of this, so the work per message is bounded. A secret's value never survives into a
+template (templates appear in log events); the key stays so the pattern still reads.
+
+``fingerprint(error_type, category, template)`` is a 16-hex-digit BLAKE2b digest of the three:
+stable across processes and versions, and short enough to be a bounded, opaque id.
+
+Pure: standard library only, no state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Final
+
+__all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_TEMPLATE_CHARS",
+    "PLACEHOLDERS",
+    "fingerprint",
+    "normalize_message",
+]
+
+#: Characters of a raw message looked at; the rest is ignored (bounded work per message).
+MAX_MESSAGE_CHARS: Final = 512
+#: Characters of a template kept (after normalisation).
+MAX_TEMPLATE_CHARS: Final = 256
+
+#: Every placeholder ``normalize_message`` can write.
+PLACEHOLDERS: Final = (
+    "<redacted>",
+    "<email>",
+    "<url>",
+    "<timestamp>",
+    "<uuid>",
+    "<ip>",
+    "<hex>",
+    "<duration>",
+    "<quoted>",
+    "<float>",
+    "<int>",
+)
+
+# Keys whose values are secrets (the same words as telemetry.redact, which core cannot import).
+_SECRET_KEYS: Final = (
+    r"password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key"
+    r"|credentials?|authorization|cookie|session[_-]?id|signature"
+)
+
+_OCTET: Final = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4: Final = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+# IPv6: at least two groups around a `::`, or the full eight; good enough to catch what
+# socket errors print (`::1`, `fe80::1`, `2001:db8::8a2e:370:7334`) without eating `a::b` names.
+_H16: Final = r"[0-9A-Fa-f]{1,4}"
+_IPV6: Final = (
+    rf"(?:{_H16}:){{7}}{_H16}"
+    rf"|(?:{_H16}:){{1,6}}:(?:{_H16}(?::{_H16}){{0,5}})?"
+    rf"|::(?:{_H16}(?::{_H16}){{0,6}})"
+)
+
+# One alternation, tried left to right at each position: the first branch that matches wins,
+# so the order is the precedence of the table above. Each branch starts at a boundary (a
+# lookbehind, not ``\b``, so `_` and `.` count as part of a word where they should) and has
+# no nested repetition: the scan stays linear on long inputs.
+# A secret's key: one of the words above, glued to at most 20 more name characters
+# (``db_password``, ``X-Auth-Token``, ``refresh_token``), then ``=`` or ``:``; its value is
+# quoted, a ``Bearer``/``Basic`` credential, or runs to the next separator. Applied before the
+# rest and only to messages that contain one of the words (a cheap C-level scan).
+_SECRET_WORD: Final = re.compile(_SECRET_KEYS, re.IGNORECASE)
+_SECRET_PAIR: Final = re.compile(
+    rf"(?P<key>(?:{_SECRET_KEYS})[\w-]{{0,20}}[\"']?\s*[=:]\s*)"
+    r"(?P<value>\"[^\"]*\"|'[^']*'|(?:Bearer|Basic)\s+[^\s,;&)\]}]+|[^\s,;&)\]}]+)",
+    re.IGNORECASE,
+)
+
+# One alternation, tried left to right at each position: the first branch that matches wins,
+# so the order is the precedence of the table above. Each branch starts at a boundary (a
+# lookbehind, not ``\b``, so `_` and `.` count as part of a word where they should), nests no
+# repetition and bounds every run it scans before it can fail: a message of n characters costs
+# O(n) however it is built (``a.a.a.a...`` included).
+_PATTERN: Final = re.compile(
+    # Every branch starts where no word character precedes: said once up front, this rejects
+    # the positions inside words with one check instead of one per branch.
+    r"(?<!\w)(?:"
+    + "|".join(
+        (
+            r"(?P<email>(?<![.+-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8})",
+            r"(?P<url>(?<![+.-])[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>)\]},]{1,512})",
+            r"(?P<timestamp>(?<![.:-])\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?"
+            r"(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?)?(?![\w:]))",
+            r"(?P<uuid>(?<!-)[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}"
+            r"-[0-9A-Fa-f]{12}(?![\w-]))",
+            rf"(?P<ip>(?<![.:])(?:{_IPV4}(?!\w|\.\d)|(?:{_IPV6})(?![\w:])))",
+            r"(?P<hex>(?<!\.)(?:0[xX][0-9A-Fa-f]{1,64}|[0-9A-Fa-f]{8,128})(?![\w.]))",
+            r"(?P<duration>(?<!\.)\d{1,20}(?:\.\d{1,20})?(?:ms|us|µs|ns|s|sec|secs|seconds?"
+            r"|m|min|minutes?|h|hours?)(?!\w))",
+            # A quoted *value* has no blank in it; a quoted sentence (``(1062, "Duplicate
+            # entry '42' for key 'PRIMARY'")``) is text: kept, and its own values replaced.
+            r"(?P<quoted>\"[^\"\s]{0,200}\"|'[^'\s]{0,200}'(?!\w))",
+            r"(?P<float>(?<!\.)[-+]?(?:\d{1,64}\.\d{1,64}(?:[eE][-+]?\d{1,4})?"
+            r"|\d{1,64}[eE][-+]?\d{1,4})(?![\w.]))",
+            r"(?P<int>(?<!\.)[-+]?\d{1,64}(?![\w]|\.\d))",
+        )
+    )
+    + ")"
+)
+_SPACES: Final = re.compile(r"\s+")
+
+
+def _redact(match: re.Match[str]) -> str:
+    return f"{match.group('key')}<redacted>"
+
+
+def _replace(match: re.Match[str]) -> str:
+    kind = match.lastgroup
+    if kind == "hex":
+        text = match.group(0)
+        if text[:2] in ("0x", "0X"):
+            return "<hex>"
+        if text.isdigit():
+            return "<int>"  # a long number, not an id in hex
+        if not any(char.isdigit() for char in text):
+            return text  # a word made of the letters a-f (`deadbeef`, `defaced`)
+        return "<hex>"
+    return f"<{kind}>"
+
+
+def normalize_message(message: str) -> str:
+    """``message`` with its values replaced by placeholders (see the module docstring).
+
+    The result is at most ``MAX_TEMPLATE_CHARS`` long; an empty or all-blank message gives
+    ``""``.
+    """
+    text = _SPACES.sub(" ", message[:MAX_MESSAGE_CHARS]).strip()
+    if not text:
+        return ""
+    if _SECRET_WORD.search(text) is not None:
+        text = _SECRET_PAIR.sub(_redact, text)
+    return _PATTERN.sub(_replace, text)[:MAX_TEMPLATE_CHARS]
+
+
+def fingerprint(error_type: str, category: str, template: str) -> str:
+    """The pattern id of a failure: 16 lower-case hex digits (BLAKE2b, 64 bits)."""
+    key = f"{error_type}\x00{category}\x00{template}".encode("utf-8", "replace")
+    return hashlib.blake2b(key, digest_size=8).hexdigest()

@@ -1,0 +1,678 @@
+"""The error-recovery monitor, fed by the bus and driven by a fake clock.
+
+Alerts, cooldown, auto-resolve, minimum volumes, reports, insights and the seed's API, with
+``monitor.tick()`` standing in for the background thread; then the thread, the process-wide
+monitor and fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from otel_raptor.core.alerts import Alert, AlertNotification, AlertState
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+from otel_raptor.core.events import (
+    BreakerTransitioned,
+    ErrorClassified,
+    RecoveryFinished,
+    RetryBudgetExhausted,
+)
+from otel_raptor.core.insights import Insight, InsightKind
+from otel_raptor.core.recovery import Outcome, Strategy
+from otel_raptor.core.reports import MonitorReport
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.core.states import CircuitState, TransitionReason
+from otel_raptor.errors import ConfigError
+from otel_raptor.runtime import monitor as monitor_module
+from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.monitor import (
+    RULE_ERROR_FREQUENCY,
+    RULE_MEMORY_USAGE,
+    RULE_RECOVERY_TIME,
+    RULE_SUCCESS_RATE,
+    ErrorRecoveryMonitor,
+    get_error_analytics,
+    get_error_recovery_monitor,
+)
+from otel_raptor.runtime.state import Runtime, set_runtime
+from tests.support.clock import FakeClock
+
+QUIET = {"alert_for": 0, "alert_resolve_after": 60, "alert_cooldown": 300}
+
+
+class Recorder:
+    """A listener that keeps what the monitor hands out."""
+
+    def __init__(self) -> None:
+        self.recoveries: list[RecoveryFinished] = []
+        self.alerts: list[AlertNotification] = []
+        self.insights: list[Insight] = []
+        self.reports: list[MonitorReport] = []
+
+    def on_recoveries(self, finished: object) -> None:
+        self.recoveries.extend(finished)  # type: ignore[call-overload]
+
+    def on_alert(self, notification: AlertNotification) -> None:
+        self.alerts.append(notification)
+
+    def on_insight(self, insight: Insight) -> None:
+        self.insights.append(insight)
+
+    def on_report(self, report: MonitorReport) -> None:
+        self.reports.append(report)
+
+    def states(self) -> list[tuple[str, str, str]]:
+        return [(n.alert.name, n.alert.severity, n.state.value) for n in self.alerts]
+
+
+@pytest.fixture
+def runtime(clock: FakeClock) -> Runtime:
+    return Runtime(clock=clock)
+
+
+def make(
+    runtime: Runtime, memory: float | None = 0.1, **config: object
+) -> tuple[ErrorRecoveryMonitor, Recorder]:
+    monitor = ErrorRecoveryMonitor(config or None, runtime=runtime, memory_reader=lambda: memory)
+    recorder = Recorder()
+    monitor.add_listener(recorder)
+    return monitor, recorder
+
+
+@pytest.fixture
+def closing() -> Iterator[list[ErrorRecoveryMonitor]]:
+    made: list[ErrorRecoveryMonitor] = []
+    yield made
+    for monitor in made:
+        monitor.close()
+
+
+def classification(category: ErrorCategory, error_type: str = "TimeoutError") -> Classification:
+    return Classification(
+        category=category, severity=Severity.MEDIUM, retryable=True, error_type=error_type
+    )
+
+
+def recover(
+    runtime: Runtime,
+    service: str,
+    *,
+    outcome: Outcome = Outcome.RECOVERED,
+    attempts: int = 2,
+    duration: float = 0.5,
+    category: ErrorCategory = ErrorCategory.TIMEOUT,
+    strategy: Strategy = Strategy.TIMEOUT_ADJUST,
+    error: BaseException | None = None,
+    reason: str = "",
+) -> None:
+    """What the guard publishes for one call that needed recovery."""
+    bus = runtime.bus
+    failed = attempts - 1 if outcome is Outcome.RECOVERED else attempts
+    for attempt in range(1, failed + 1):
+        bus.publish(ErrorClassified(service, classification(category), attempt, error))
+    bus.publish(
+        RecoveryFinished(
+            service=service,
+            strategy=strategy,
+            outcome=outcome,
+            attempts=attempts,
+            duration_s=duration,
+            category=category.value,
+            give_up_reason=reason,
+        )
+    )
+
+
+# --------------------------------------------------------------------- fed by the bus
+
+
+def test_guarded_calls_feed_it_with_no_code_in_the_app(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, recorder = make(runtime)
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self) -> str:
+            self.calls += 1
+            if self.calls == 1:
+                raise TimeoutError(f"read timed out after {self.calls * 3}s from 10.0.0.7")
+            return "ok"
+
+    guard = Guard(
+        "inventory",
+        runtime=runtime,
+        retry=RetryPolicy(max_retries=2, base_delay=0.2, jitter="none"),
+        breaker=False,
+    )
+    for _ in range(5):
+        assert guard.call(Flaky()) == "ok"
+    metrics = monitor.get_current_metrics()
+    service = metrics["services"]["inventory"]
+    assert service["recoveries"] == 5
+    assert service["success_rate"] == 1.0
+    assert service["errors"] == 5
+    assert service["attempts_mean"] == 2.0
+    assert service["succeeded_with_retry"] == 5
+    assert service["recovery_time_mean_s"] == pytest.approx(0.2)
+    assert set(service["by_strategy"]) == {"timeout_adjust"}
+    assert metrics["overall"]["recoveries"] == 5
+    assert len(recorder.recoveries) == 5
+    [pattern] = monitor.analytics.patterns()["inventory"]
+    assert pattern.template == "read timed out after <duration> from <ip>"
+    assert pattern.error_type == "TimeoutError"
+    assert pattern.count == 5
+    monitor.close()
+
+
+def test_a_successful_call_costs_the_monitor_nothing(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    guard = Guard("quiet", runtime=runtime)
+    for _ in range(100):
+        guard.call(lambda: 1)
+    assert len(monitor._queue) == 0  # nothing published, nothing queued
+    monitor.close()
+
+
+def test_without_the_exception_the_pattern_is_the_type_and_category(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    runtime.bus.publish(ErrorClassified("web", classification(ErrorCategory.UNAVAILABLE, "503"), 1))
+    [pattern] = monitor.analytics.patterns("web")["web"]
+    assert (pattern.error_type, pattern.category, pattern.template) == ("503", "unavailable", "")
+    monitor.close()
+
+
+# --------------------------------------------------------------------- the seed's API
+
+
+def test_the_seeds_recording_api(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    published: list[object] = []
+    runtime.bus.subscribe(published.append)
+
+    async def main() -> None:
+        await monitor.record_recovery_attempt(
+            error_type="TimeoutError",
+            recovery_time=2500,
+            success=True,
+            strategy="retry_with_backoff",
+            context={"service": "api"},
+        )
+
+    asyncio.run(main())
+    monitor.record_recovery_attempt_sync("ConnectionError", 100, False, "reconnect", {})
+    metrics = monitor.get_current_metrics()
+    api = metrics["services"]["api"]
+    assert (api["recoveries"], api["success_rate"]) == (1, 1.0)
+    assert api["recovery_time_mean_s"] == pytest.approx(2.5)
+    assert api["by_strategy"]["retry_with_backoff"]["recoveries"] == 1
+    default = metrics["services"]["default"]
+    assert (default["failed"], default["success_rate"]) == (1, 0.0)
+    # One failed attempt before the successful retry; two failed attempts when it failed.
+    assert (api["errors"], default["errors"]) == (1, 2)
+    # Published on the bus, so the telemetry sink counts them as well.
+    finished = [e for e in published if isinstance(e, RecoveryFinished)]
+    assert [(e.service, e.category, e.outcome.value) for e in finished] == [
+        ("api", "timeout", "recovered"),
+        ("default", "connection", "failed"),
+    ]
+    monitor.close()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "key"),
+    [
+        (("", 1.0, True, "reconnect"), "error_type"),
+        (("E", -1.0, True, "reconnect"), "recovery_time"),
+        (("E", 1.0, True, "pray"), "strategy"),
+    ],
+)
+def test_bad_recording_arguments_raise(
+    runtime: Runtime, arguments: tuple[object, ...], key: str
+) -> None:
+    monitor, _ = make(runtime)
+    with pytest.raises(ConfigError, match=key):
+        monitor.record_recovery_attempt_sync(*arguments)  # type: ignore[arg-type]
+    monitor.close()
+
+
+def test_a_bad_config_raises(runtime: Runtime) -> None:
+    with pytest.raises(ConfigError, match=r"monitor\.alert_cooldown"):
+        ErrorRecoveryMonitor({"alert_cooldown": -5}, runtime=runtime)
+
+
+# --------------------------------------------------------------------- alerts
+
+
+def test_the_alert_lifecycle_with_for_cooldown_and_auto_resolve(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    monitor, recorder = make(
+        runtime, alert_for=60, alert_resolve_after=120, alert_cooldown=300, min_recoveries=20
+    )
+    callbacks: list[Alert] = []
+    monitor.add_alert_callback(callbacks.append)
+    # 30 slow recoveries (6 s each) in a minute: p95 above 5 s with enough volume.
+    for _ in range(30):
+        recover(runtime, "db", duration=6.0)
+        clock.advance(2)
+    [pending] = monitor.get_active_alerts(include_pending=True)
+    assert (pending.name, pending.state) == (RULE_RECOVERY_TIME, AlertState.PENDING)
+    assert monitor.get_active_alerts() == []  # pending is not firing
+    clock.advance(60)
+    [firing] = monitor.get_active_alerts()
+    assert (firing.name, firing.severity, firing.service) == (RULE_RECOVERY_TIME, "warning", "db")
+    assert firing.value == pytest.approx(9.75)  # (5, 10] bucket, PromQL's interpolation
+    assert firing.threshold == 5.0
+    assert "p95 recovery time of db is 9.8 s" in firing.message
+    # `since` is wall-clock time, to be read outside the process.
+    assert firing.since == pytest.approx(clock.wall())
+    assert recorder.states() == [(RULE_RECOVERY_TIME, "warning", "firing")]
+    assert [a.state for a in callbacks] == [AlertState.FIRING]
+    # The window moves past the slow recoveries: the condition clears, and 120 s later the
+    # alert resolves by itself.
+    clock.advance(300)
+    monitor.tick()
+    assert monitor.get_active_alerts() != []  # cleared, not yet for long enough
+    clock.advance(120)
+    assert monitor.get_active_alerts() == []
+    assert recorder.states()[-1] == (RULE_RECOVERY_TIME, "warning", "resolved")
+    assert [a.state for a in callbacks] == [AlertState.FIRING, AlertState.RESOLVED]
+    monitor.close()
+
+
+def test_a_flapping_condition_notifies_once_per_cooldown(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    monitor, recorder = make(
+        runtime, alert_for=0, alert_resolve_after=0, alert_cooldown=300, evaluation_window=60
+    )
+    # A burst of 15 errors every 4 minutes: above 10 a minute each time, gone a minute later.
+    for _ in range(4):
+        for _ in range(15):
+            runtime.bus.publish(ErrorClassified("api", classification(ErrorCategory.TIMEOUT), 1))
+        assert [a.name for a in monitor.get_active_alerts()] == [RULE_ERROR_FREQUENCY]
+        clock.advance(120)
+        assert monitor.get_active_alerts() == []
+        clock.advance(120)
+    # Four firings; the ones at 4 and 12 minutes fell within the cooldown of the one before.
+    assert monitor._alerts.fired == 4
+    assert monitor._alerts.suppressed == 2
+    assert recorder.states() == [
+        (RULE_ERROR_FREQUENCY, "warning", "firing"),
+        (RULE_ERROR_FREQUENCY, "warning", "resolved"),
+        (RULE_ERROR_FREQUENCY, "warning", "firing"),
+        (RULE_ERROR_FREQUENCY, "warning", "resolved"),
+    ]
+    assert monitor.report().alerts_fired == {RULE_ERROR_FREQUENCY: 2}
+    monitor.close()
+
+
+def test_three_failures_in_four_calls_are_not_an_outage(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, _ = make(runtime, **QUIET)
+    for outcome in (Outcome.FAILED, Outcome.FAILED, Outcome.FAILED, Outcome.RECOVERED):
+        recover(runtime, "rare", outcome=outcome)
+    assert monitor.get_current_metrics()["services"]["rare"]["success_rate"] == 0.25
+    assert monitor.get_active_alerts() == []
+    # With the volume (20 by default), the same rate is critical.
+    for index in range(20):
+        recover(runtime, "rare", outcome=Outcome.FAILED if index % 4 else Outcome.RECOVERED)
+    names = {(a.name, a.severity) for a in monitor.get_active_alerts()}
+    assert names == {(RULE_SUCCESS_RATE, "warning"), (RULE_SUCCESS_RATE, "critical")}
+    monitor.close()
+
+
+def test_rejections_are_left_to_the_breakers(runtime: Runtime) -> None:
+    monitor, _ = make(runtime, **QUIET)
+    for _ in range(40):
+        recover(runtime, "down", outcome=Outcome.REJECTED, attempts=0, duration=0.0)
+    service = monitor.get_current_metrics()["services"]["down"]
+    assert service["rejected"] == 40
+    assert service["success_rate"] is None
+    assert monitor.get_active_alerts() == []
+    monitor.close()
+
+
+def test_memory_usage_alerts_for_the_process(runtime: Runtime) -> None:
+    monitor, _ = make(runtime, memory=0.8, **QUIET)
+    [alert] = monitor.get_active_alerts()
+    assert (alert.name, alert.service, alert.value) == (RULE_MEMORY_USAGE, "", pytest.approx(80))
+    monitor.close()
+
+
+def test_an_async_callback_runs(runtime: Runtime) -> None:
+    monitor, _ = make(runtime, memory=0.9, **QUIET)
+    seen: list[str] = []
+
+    async def notify(alert: Alert) -> None:
+        await asyncio.sleep(0)
+        seen.append(alert.name)
+
+    monitor.add_alert_callback(notify)
+    monitor.get_active_alerts()  # no loop in this thread: a private one runs it
+    assert seen == [RULE_MEMORY_USAGE]
+    monitor.close()
+
+
+def test_a_failing_callback_or_listener_never_stops_the_monitor(runtime: Runtime) -> None:
+    monitor, recorder = make(runtime, memory=0.9, **QUIET)
+
+    def broken(alert: Alert) -> None:
+        raise RuntimeError("the pager is down")
+
+    class BrokenListener(Recorder):
+        def on_alert(self, notification: AlertNotification) -> None:
+            raise RuntimeError("so is the log")
+
+    monitor.add_alert_callback(broken)
+    monitor.add_listener(BrokenListener())
+    assert [a.name for a in monitor.get_active_alerts()] == [RULE_MEMORY_USAGE]
+    assert recorder.states() == [(RULE_MEMORY_USAGE, "warning", "firing")]
+    monitor.close()
+
+
+def test_without_auto_resolve_an_alert_waits_for_a_person(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    level = [0.9]
+    monitor = ErrorRecoveryMonitor(
+        {**QUIET, "auto_resolve_alerts": False}, runtime=runtime, memory_reader=lambda: level[0]
+    )
+    assert monitor.get_active_alerts() != []
+    level[0] = 0.1
+    clock.advance(3600)
+    assert monitor.get_active_alerts() != []
+    assert monitor.resolve_alert(RULE_MEMORY_USAGE, "warning")
+    assert monitor.get_active_alerts() == []
+    monitor.close()
+
+
+def test_the_gauges_view_of_the_alerts(runtime: Runtime) -> None:
+    monitor, _ = make(runtime, memory=0.9, **QUIET)
+    monitor.get_active_alerts()
+    counts = monitor.alert_counts()
+    assert counts[(RULE_MEMORY_USAGE, "warning")] == 1
+    assert counts[(RULE_RECOVERY_TIME, "critical")] == 0
+    assert len(counts) == 6  # one per rule and severity
+    monitor.close()
+
+
+# --------------------------------------------------------------------- reports
+
+
+def test_a_report_every_interval_covers_the_period_since_the_last(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    monitor, recorder = make(runtime, report_interval=600, metrics_retention=1800)
+    for _ in range(10):
+        recover(runtime, "api", error=TimeoutError("timed out after 3s"))
+    clock.advance(599)
+    monitor.tick()
+    assert recorder.reports == []
+    current = monitor.report()
+    assert current.services["api"].summary.recoveries == 10
+    clock.advance(1)
+    recover(runtime, "api")  # after the boundary: the next period
+    monitor.tick()
+    [first] = recorder.reports
+    assert first.overall.recoveries == 10
+    assert first.duration_s == pytest.approx(600)
+    assert first.services["api"].top_patterns[0].template == "timed out after <duration>"
+    assert monitor.report().overall.recoveries == 1
+    for _ in range(5):
+        clock.advance(600)
+        monitor.tick()
+    assert len(recorder.reports) == 6
+    assert len(monitor.reports()) == 3  # 1800 s of retention: the last three
+    as_dict = first.as_dict()
+    assert as_dict["services"]["api"]["recoveries"] == 10
+    assert as_dict["source"] == "process"
+    monitor.close()
+
+
+def test_effectiveness_and_abandoned_strategies(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    for _ in range(6):
+        recover(runtime, "orders", attempts=3, outcome=Outcome.FAILED, strategy=Strategy.RECONNECT)
+    recover(runtime, "orders", attempts=2, strategy=Strategy.RECONNECT)
+    for _ in range(4):  # the learner gives up without a retry
+        recover(
+            runtime,
+            "orders",
+            attempts=1,
+            outcome=Outcome.FAILED,
+            strategy=Strategy.RECONNECT,
+            reason="learned_futile",
+        )
+    [row] = monitor.analytics.effectiveness()
+    assert (row.service, row.strategy, row.category) == ("orders", "reconnect", "timeout")
+    assert (row.succeeded_with_retry, row.failed_with_retry, row.failed_without_retry) == (1, 6, 4)
+    assert row.attempts_mean == pytest.approx((18 + 2 + 4) / 11)
+    [abandoned] = monitor.analytics.abandoned_strategies()
+    assert (abandoned.refused, abandoned.retried, abandoned.succeeded) == (4, 7, 1)
+    monitor.close()
+
+
+# --------------------------------------------------------------------- insights
+
+
+def _minutes(monitor: ErrorRecoveryMonitor, clock: FakeClock, count: int, per_minute: int) -> None:
+    bus = monitor.runtime.bus
+    for _ in range(count):
+        for _ in range(per_minute):
+            bus.publish(ErrorClassified("search", classification(ErrorCategory.TIMEOUT), 1))
+        clock.advance(60)
+        monitor.tick()
+
+
+def test_an_error_spike_becomes_one_insight(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, recorder = make(runtime)
+    _minutes(monitor, clock, 30, 12)
+    assert recorder.insights == []
+    _minutes(monitor, clock, 1, 60)
+    [insight] = recorder.insights
+    assert insight.kind is InsightKind.ERROR_SPIKE
+    assert (insight.service, insight.category) == ("search", "timeout")
+    assert insight.evidence["errors_per_minute"] == 60.0
+    assert insight.evidence["ratio"] > 4
+    assert "raise the attempt timeout" in insight.recommendation
+    _minutes(monitor, clock, 3, 60)  # it goes on: no second announcement
+    assert [i.kind for i in recorder.insights] == [InsightKind.ERROR_SPIKE]
+    assert monitor.analytics.insights()[0].kind is InsightKind.ERROR_SPIKE
+    monitor.close()
+
+
+def test_a_handful_of_calls_never_raises_an_insight(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, recorder = make(runtime)
+    _minutes(monitor, clock, 30, 0)
+    _minutes(monitor, clock, 1, 6)  # from nothing to six: "infinitely" more, but six
+    assert recorder.insights == []
+    monitor.close()
+
+
+def test_retries_that_never_succeed_are_called_futile(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, recorder = make(runtime)
+    conflict = classification(ErrorCategory.CONCURRENCY, "409")
+    for _ in range(12):
+        runtime.bus.publish(ErrorClassified("orders:443", conflict, 1))
+        runtime.bus.publish(
+            RecoveryFinished(
+                service="orders:443",
+                strategy=Strategy.RETRY_WITH_BACKOFF,
+                outcome=Outcome.FAILED,
+                attempts=3,
+                duration_s=1.0,
+                category="concurrency",
+                give_up_reason="attempts_exhausted",
+            )
+        )
+    clock.advance(60)
+    monitor.tick()
+    [insight] = [i for i in recorder.insights if i.kind is InsightKind.FUTILE_RETRIES]
+    assert insight.summary.startswith("retries on 409 (concurrency) at orders:443 never succeed")
+    assert insight.recommendation.startswith("stop retrying concurrency")
+    monitor.close()
+
+
+def test_budget_and_breaker_insights(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, recorder = make(runtime)
+    for _ in range(12):
+        runtime.bus.publish(
+            RetryBudgetExhausted("pay", classification(ErrorCategory.UNAVAILABLE, "503"))
+        )
+    for _ in range(3):
+        runtime.bus.publish(
+            BreakerTransitioned(
+                "pay", CircuitState.CLOSED, CircuitState.OPEN, TransitionReason.FAILURE_RATE
+            )
+        )
+    clock.advance(60)
+    monitor.tick()
+    kinds = {i.kind for i in recorder.insights}
+    assert kinds == {InsightKind.RETRY_BUDGET_EXHAUSTED, InsightKind.BREAKER_FLAPPING}
+    monitor.close()
+
+
+# --------------------------------------------------------------------- bounds
+
+
+def test_memory_is_bounded_whatever_the_traffic(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, _ = make(runtime)
+    bus = runtime.bus
+    for index in range(3000):
+        bus.publish(
+            ErrorClassified(
+                f"svc-{index % 600}",
+                classification(ErrorCategory.SERVER_ERROR, "ValueError"),
+                1,
+                ValueError(f"distinct message number {index} with id x{index}y"),
+            )
+        )
+        if index % 500 == 0:
+            clock.advance(10)
+    monitor.tick()
+    assert len(monitor._patterns) <= monitor_module._MAX_SKETCHES + 1
+    assert all(len(s) <= 40 for s in monitor._patterns.values())
+    assert len(monitor._fingerprints) <= monitor_module._FINGERPRINT_CACHE
+    assert len(monitor._period) <= monitor_module._MAX_PERIOD_KEYS + 1
+    monitor.close()
+
+
+def test_without_its_thread_it_drains_its_queue_itself(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    bus = runtime.bus
+    error = classification(ErrorCategory.TIMEOUT)
+    for _ in range(monitor_module._HIGH_WATER + 10):
+        bus.publish(ErrorClassified("busy", error, 1, TimeoutError("x")))
+    assert len(monitor._queue) < monitor_module._HIGH_WATER  # exceptions do not pile up
+    assert monitor.get_current_metrics()["services"]["busy"]["errors"] == (
+        monitor_module._HIGH_WATER + 10
+    )
+    monitor.close()
+
+
+# --------------------------------------------------------------------- thread, process, fork
+
+
+def test_the_thread_processes_events_by_itself() -> None:
+    runtime = Runtime()  # the real clock
+    monitor = ErrorRecoveryMonitor(runtime=runtime, memory_reader=lambda: None)
+    recorder = Recorder()
+    monitor.add_listener(recorder)
+    monitor.start()
+    try:
+        assert monitor.running
+        recover(runtime, "live")
+        deadline = time.monotonic() + 5
+        while not recorder.recoveries and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [e.service for e in recorder.recoveries] == ["live"]
+    finally:
+        monitor.close()
+    assert not monitor.running
+    assert monitor.closed
+
+
+def test_the_process_wide_monitor_follows_the_process_wide_runtime() -> None:
+    fresh = Runtime()
+    previous = set_runtime(fresh)
+    try:
+        monitor = get_error_recovery_monitor()
+        assert monitor.runtime is fresh
+        assert monitor.running
+        assert get_error_recovery_monitor() is monitor
+        assert get_error_analytics() is monitor.analytics
+        other = Runtime()
+        set_runtime(other)
+        replaced = get_error_recovery_monitor()
+        assert replaced is not monitor
+        assert monitor.closed
+        replaced.close()
+    finally:
+        set_runtime(previous)
+
+
+FORK = textwrap.dedent(
+    """
+    import os, sys, time
+    from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+    from otel_raptor.core.events import ErrorClassified
+    from otel_raptor.runtime.monitor import ErrorRecoveryMonitor
+    from otel_raptor.runtime.state import Runtime
+
+    runtime = Runtime()
+    monitor = ErrorRecoveryMonitor(runtime=runtime, memory_reader=lambda: None)
+    monitor.start()
+    parent_thread = monitor._thread
+    error = Classification(ErrorCategory.TIMEOUT, Severity.LOW, True, "TimeoutError")
+    runtime.bus.publish(ErrorClassified("before-fork", error, 1))
+    pid = os.fork()
+    if pid == 0:
+        ok = monitor.running and monitor._thread is not parent_thread
+        runtime.bus.publish(ErrorClassified("child", error, 1))
+        time.sleep(1.5)  # the child's own thread drains it
+        ok = ok and len(monitor._queue) == 0
+        services = monitor.get_current_metrics()["services"]
+        ok = ok and services["child"]["errors"] == 1
+        monitor.close()
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    services = monitor.get_current_metrics()["services"]
+    ok = "child" not in services and services["before-fork"]["errors"] == 1
+    monitor.close()
+    sys.exit(os.waitstatus_to_exitcode(status) or (0 if ok else 4))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork")
+def test_fork_gives_the_child_a_working_monitor() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_concurrent_publishers_lose_nothing(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    error = classification(ErrorCategory.TIMEOUT)
+
+    def publish() -> None:
+        for _ in range(2000):
+            runtime.bus.publish(ErrorClassified("threads", error, 1))
+
+    threads = [threading.Thread(target=publish) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert monitor.get_current_metrics()["services"]["threads"]["errors"] == 8000
+    monitor.close()
