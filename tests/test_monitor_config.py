@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from otel_raptor.errors import ConfigError
 from otel_raptor.config.monitor import (
     MONITOR_ENV_VARIABLES,
     MonitorConfig,
     monitor_config_from_env,
 )
+from otel_raptor.errors import ConfigError
 
 
 def test_the_defaults_are_the_seeds_thresholds() -> None:

@@ -30,13 +30,13 @@ from typing import Any
 
 import pytest
 
+from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.core.classification import ErrorCategory, Severity
 from otel_raptor.core.insights import InsightKind
 from otel_raptor.core.recovery import Outcome, Strategy
 from otel_raptor.core.recovery_stats import ResultKind
 from otel_raptor.core.retry import GiveUpReason
 from otel_raptor.core.states import CircuitState, TransitionReason
-from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.runtime.monitor import (
     RULE_ERROR_FREQUENCY,
     RULE_MEMORY_USAGE,
