@@ -98,6 +98,11 @@ class FakePort:
     def cool_down(self, until: float) -> None:
         self.cooldown_until = max(self.cooldown_until, until)
 
+    throttle_share: float = 1.0
+
+    def throttled(self, now: float) -> float:
+        return self.throttle_share
+
     def should_retry(self, category: str, strategy: Strategy, now: float) -> bool:
         return not self.futile
 
@@ -148,8 +153,17 @@ def test_a_call_that_may_not_be_replayed_is_never_retried() -> None:
     assert port.withdrawals == 0
 
 
-def test_a_rate_limit_starts_a_cooldown_that_new_calls_honour() -> None:
-    port = FakePort()
+def test_a_rate_limit_on_a_few_calls_pauses_only_those_calls() -> None:
+    port = FakePort(throttle_share=0.25)
+    run = loop(port)
+    limited = failure(ErrorCategory.RATE_LIMIT, retry_after=2.0)
+    assert run.first_failed(Permit.CALL, 0.0, limited, 0.0) is Step.SLEEP
+    assert run.delay == 2.0  # this call waits out the server's pause...
+    assert port.cooldown_until == -math.inf  # ...the others do not
+
+
+def test_pervasive_rate_limits_start_a_cooldown_that_new_calls_honour() -> None:
+    port = FakePort(throttle_share=0.6)
     run = loop(port)
     limited = failure(ErrorCategory.RATE_LIMIT, retry_after=2.0)
     assert run.first_failed(Permit.CALL, 0.0, limited, 0.0) is Step.SLEEP

@@ -23,8 +23,9 @@ failed).
 What the loop decides, in order, after a failed attempt (see ``docs/retries.md``):
 
 1. count the failure against the breaker (``DownstreamPort.record_failure``) and publish
-   ``ErrorClassified``; a rate limit with a ``Retry-After`` starts the downstream's
-   *cooldown*, which every later call to it honours;
+   ``ErrorClassified``; a rate limit with a ``Retry-After``, once throttling is pervasive
+   (``RetryPolicy.cooldown_share`` of the downstream's recent calls), starts the
+   downstream's *cooldown*, which every later call to it honours;
 2. ``RetryPolicy.decide``: retry after a delay, or give up (not retryable, not replay
    safe, attempts or deadline exhausted, ``Retry-After`` too long);
 3. the strategy learner may declare retries of this failure futile here;
@@ -152,6 +153,11 @@ class DownstreamPort(Protocol):
 
     def cool_down(self, until: float) -> None:
         """Hold calls until ``until`` (never shortens a cooldown already running)."""
+        ...
+
+    def throttled(self, now: float) -> float:
+        """Count one throttled answer (a rate limit) at ``now``; return the share of the
+        downstream's recent calls that were throttled (0 to 1)."""
         ...
 
     def should_retry(self, category: str, strategy: Strategy, now: float) -> bool: ...
@@ -332,7 +338,12 @@ class AttemptLoop:
         self.classification = classification
         port.publish(ErrorClassified(port.service, classification, attempts, error))
         retry_after = classification.retry_after
-        if category is _RATE_LIMIT and retry_after is not None and retry_after > 0.0:
+        if (
+            category is _RATE_LIMIT
+            and retry_after is not None
+            and retry_after > 0.0
+            and port.throttled(now) >= spec.policy.cooldown_share
+        ):
             port.cool_down(now + retry_after)
         value = category.value
         strategy = spec.fixed_strategy or default_strategy(

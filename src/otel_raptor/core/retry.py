@@ -247,6 +247,13 @@ class RetryPolicy:
     - ``respect_retry_after``: wait at least the server's ``Retry-After``, default ``True``.
     - ``max_retry_after``: give up when the server asks for a longer wait than this, > 0, or
       ``None`` (default: bounded only by ``deadline``).
+    - ``cooldown_share``: when a rate-limit answer (429) carries a ``Retry-After``, the retry
+      of that call always waits it out; the pause becomes the whole downstream's *cooldown*
+      (every call to it waits, or is refused when the wait does not fit its ``max_retry_after``,
+      else ``max_delay``, and deadline) once at least this share of the downstream's recent
+      calls were throttled, in [0, 1], default 0.5. ``0`` pauses every call on the first 429;
+      ``1`` only when (nearly) every call is throttled. A server throttling a quarter of the
+      calls is asking those calls to wait, not the whole client to stop.
 
     Every field is validated when the policy is built; a bad value raises
     :class:`~otel_raptor.errors.ConfigError` with key ``retry.<field>``.
@@ -262,6 +269,7 @@ class RetryPolicy:
     retry_on: frozenset[ErrorCategory] | None = None
     respect_retry_after: bool = True
     max_retry_after: float | None = None
+    cooldown_share: float = 0.5
 
     #: A policy that never retries (``max_retries=0``, other fields at their defaults).
     NONE: ClassVar[RetryPolicy]
@@ -305,6 +313,10 @@ class RetryPolicy:
         respect: object = self.respect_retry_after
         if not isinstance(respect, bool):
             raise ConfigError("retry.respect_retry_after", respect, "a bool")
+        share = _finite("retry.cooldown_share", self.cooldown_share, "a number in [0, 1]")
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError("retry.cooldown_share", self.cooldown_share, "a number in [0, 1]")
+        setattr_(self, "cooldown_share", share)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object]) -> RetryPolicy:

@@ -31,7 +31,19 @@ from otel_raptor.core.states import CircuitState
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.forksafe import register_lock
 
-__all__ = ["ClassifyFunction", "Downstream", "Route", "RuntimeServices"]
+__all__ = [
+    "THROTTLE_MIN_CALLS",
+    "THROTTLE_WINDOW_S",
+    "ClassifyFunction",
+    "Downstream",
+    "Route",
+    "RuntimeServices",
+]
+
+#: The window over which a downstream's share of throttled calls is measured (seconds).
+THROTTLE_WINDOW_S: Final = 10.0
+#: Calls the window must hold before a share of them can count as pervasive throttling.
+THROTTLE_MIN_CALLS: Final = 10
 
 _CALL: Final = Permit.CALL
 _CLOSED: Final = CircuitState.CLOSED
@@ -51,12 +63,23 @@ class Downstream:
     have started a moment earlier anyway.
     """
 
-    __slots__ = ("__weakref__", "_lock", "budget", "cooldown_until", "service")
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_throttle",
+        "budget",
+        "cooldown_until",
+        "service",
+    )
 
     def __init__(self, service: str, budget: RetryBudget) -> None:
         self.service = service
         self.budget = budget
         self.cooldown_until = -math.inf
+        # Throttled answers against calls, over two windows of THROTTLE_WINDOW_S: [start of
+        # the current window, the budget's call count then, throttled in it, calls and
+        # throttled in the previous window].
+        self._throttle = [-math.inf, 0.0, 0.0, 0.0, 0.0]
         self._lock = threading.Lock()
         register_lock(self, "_lock")
 
@@ -79,6 +102,32 @@ class Downstream:
         """Apply a new budget shape in place (the balance is kept)."""
         with self._lock:
             self.budget.reshape(ratio, min_retries_per_second, now=now)
+
+    def throttled(self, now: float) -> float:
+        """Count one throttled answer at ``now``; the share of the calls of the last
+        :data:`THROTTLE_WINDOW_S` (about) that were throttled, 0 to 1, or 0 while fewer than
+        :data:`THROTTLE_MIN_CALLS` calls were seen (not enough to call throttling pervasive).
+        Two windows, the older weighted by how much of it still overlaps; a window starts at
+        a throttle (calls are only counted, not timed, so the first window measures from its
+        first throttle on). O(1), on the failure path only."""
+        with self._lock:
+            calls = float(self.budget._calls)
+            state = self._throttle
+            start, calls_at_start, throttled, previous_calls, previous_throttled = state
+            elapsed = now - start
+            if elapsed >= THROTTLE_WINDOW_S:
+                recent = elapsed < 2 * THROTTLE_WINDOW_S
+                previous_calls = calls - calls_at_start if recent else 0.0
+                previous_throttled = throttled if recent else 0.0
+                # The window starts with the throttled call itself (already counted).
+                start, calls_at_start, throttled, elapsed = now, max(0.0, calls - 1), 0.0, 0.0
+            throttled += 1.0
+            state[:] = [start, calls_at_start, throttled, previous_calls, previous_throttled]
+            overlap = max(0.0, 1.0 - elapsed / THROTTLE_WINDOW_S)
+            answers = calls - calls_at_start + previous_calls * overlap
+            if answers < THROTTLE_MIN_CALLS:
+                return 0.0
+            return min(1.0, (throttled + previous_throttled * overlap) / answers)
 
     def cool_down(self, until: float) -> None:
         """Hold calls until ``until``; never shortens a cooldown already running."""
@@ -206,6 +255,9 @@ class Route:
 
     def cool_down(self, until: float) -> None:
         self.downstream.cool_down(until)
+
+    def throttled(self, now: float) -> float:
+        return self.downstream.throttled(now)
 
     def should_retry(self, category: str, strategy: Strategy, now: float) -> bool:
         return self._runtime.should_retry(self.service, category, strategy)

@@ -1,0 +1,94 @@
+"""A downstream's shared state: the budget (never orphaned), the cooldown and the share of
+throttled calls, and the runtime's one-writer rules for the budget's shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from otel_raptor import CircuitBreakerConfig, Guard, RetryPolicy
+from otel_raptor.core.budget import RetryBudget
+from otel_raptor.errors import ConfigError, ThrottledError
+from otel_raptor.runtime.downstream import THROTTLE_WINDOW_S, Downstream
+from otel_raptor.runtime.state import Runtime
+from tests.support.clock import FakeClock
+
+
+def calls(downstream: Downstream, n: int) -> None:
+    for _ in range(n):
+        downstream.budget.record_call()
+
+
+def test_the_throttled_share_counts_throttles_against_recent_calls() -> None:
+    downstream = Downstream("svc", RetryBudget(now=0.0))
+    calls(downstream, 100)  # long ago: the first window starts at the first throttle
+    assert downstream.throttled(1.0) == 0.0  # too few calls to tell (1: the throttled one)
+    calls(downstream, 8)
+    assert downstream.throttled(2.0) == 0.0  # 9 < THROTTLE_MIN_CALLS
+    calls(downstream, 8)
+    assert downstream.throttled(3.0) == pytest.approx(3 / 17)
+    # A new window starts with the next throttle; the previous one (29 calls, 3 throttled)
+    # counts for what of it still overlaps: all of it, right at the start.
+    calls(downstream, 12)
+    later = 1.0 + THROTTLE_WINDOW_S * 1.5
+    assert downstream.throttled(later) == pytest.approx((1 + 3) / (1 + 29))
+    # Long quiet: the old windows are forgotten.
+    calls(downstream, 10)
+    assert downstream.throttled(later + 3 * THROTTLE_WINDOW_S) == 0.0  # a fresh window
+
+
+def test_budgets_are_reshaped_in_place_never_replaced() -> None:
+    clock = FakeClock()
+    runtime = Runtime(clock=clock, budget_ratio=0.2)
+    guard = Guard("svc", runtime=runtime)
+    downstream = runtime.downstream("svc")
+    budget = downstream.budget
+    for _ in range(100):
+        guard.call(lambda: None)
+    runtime.configure(budget_ratio=0.5)
+    assert runtime.downstream("svc") is downstream
+    assert downstream.budget is budget  # the guard still deposits into the budget in use
+    assert budget.ratio == 0.5
+    runtime.shed_load(0.5, 60.0)
+    assert budget.ratio == 0.25  # shedding is a factor on the configured ratio
+    runtime.configure(budget_ratio=0.4)  # a new shape while shedding: still shed
+    assert budget.ratio == pytest.approx(0.2)
+    clock.advance(61.0)
+    runtime.withdraw(downstream, clock.monotonic())  # shedding ends by itself
+    assert budget.ratio == 0.4
+    assert runtime.effective_budget_ratio == 0.4
+    with pytest.raises(ConfigError, match="shed_load.factor"):
+        runtime.shed_load(1.5, 1.0)
+
+
+def test_pervasive_throttling_pauses_every_call_and_refuses_what_cannot_wait() -> None:
+    clock = FakeClock()
+    runtime = Runtime(clock=clock)
+
+    class TooManyRequests(Exception):
+        status_code = 429
+        headers = {"Retry-After": "30"}  # noqa: RUF012 - read by the classifier
+
+    def limited() -> None:
+        raise TooManyRequests
+
+    short = Guard(
+        "api",
+        retry=RetryPolicy(max_retries=0, max_delay=5.0, cooldown_share=0.5),
+        breaker=CircuitBreakerConfig(),
+        runtime=runtime,
+    )
+    for _ in range(9):
+        with pytest.raises(TooManyRequests):
+            short.call(limited)
+    assert runtime.downstream("api").cooldown_until < clock.now  # 9 calls: too few to tell
+    with pytest.raises(TooManyRequests):
+        short.call(limited)  # 10 of 10 throttled: pervasive
+    assert runtime.downstream("api").cooldown_until == pytest.approx(clock.now + 30.0)
+    calls_made = []
+    with pytest.raises(ThrottledError) as refused:
+        short.call(lambda: calls_made.append(1))  # 30 s > max_delay: refused at once
+    assert calls_made == []
+    assert refused.value.retry_after == pytest.approx(30.0)
+    patient = Guard("api", retry=RetryPolicy(max_retries=0, max_delay=60.0), runtime=runtime)
+    assert patient.call(lambda: "after the pause") == "after the pause"
+    assert clock.sleeps == [pytest.approx(30.0)]
