@@ -56,7 +56,7 @@ def test_budgets_are_reshaped_in_place_never_replaced() -> None:
     runtime.withdraw(downstream, clock.monotonic())  # shedding ends by itself
     assert budget.ratio == 0.4
     assert runtime.effective_budget_ratio == 0.4
-    with pytest.raises(ConfigError, match="shed_load.factor"):
+    with pytest.raises(ConfigError, match=r"shed_load\.factor"):
         runtime.shed_load(1.5, 1.0)
 
 
