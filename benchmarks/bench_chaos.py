@@ -233,7 +233,7 @@ def _sender(contender: str, url: str) -> Any:
 
     if contender == "raptor":
         from otel_raptor import RaptorInstrumentor, get_runtime
-        from otel_raptor.core.events import RecoveryFinished
+        from otel_raptor.core.events import ErrorClassified, RecoveryFinished
 
         RaptorInstrumentor().instrument(memory=False, monitor=False)
 
@@ -241,8 +241,13 @@ def _sender(contender: str, url: str) -> Any:
             if isinstance(event, RecoveryFinished):
                 phase = _current_phase.phase_at(time.time()) or "after"
                 key = f"{event.outcome.value}:{event.give_up_reason or '-'}"
-                by_phase = _raptor_outcomes.setdefault(reported(phase), {})
-                by_phase[key] = by_phase.get(key, 0) + 1
+            elif isinstance(event, ErrorClassified):
+                phase = _current_phase.phase_at(time.time()) or "after"
+                key = f"error:{event.classification.error_type}"
+            else:
+                return
+            by_phase = _raptor_outcomes.setdefault(reported(phase), {})
+            by_phase[key] = by_phase.get(key, 0) + 1
 
         get_runtime().bus.subscribe(count)
     session = requests.Session()
