@@ -46,7 +46,8 @@ from opentelemetry.trace import SpanKind
 from otel_raptor.config import DownstreamPolicy, RaptorConfig
 from otel_raptor.core.replay import IDEMPOTENT_METHODS, http_replay_safe
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
-from otel_raptor.integrations._kit import MAX_TARGETS, Target
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._kit import MAX_TARGETS, Target, manage_cache
 from otel_raptor.runtime.drive import CallHooks, CallPlan, FallbackDeclined, current_attempt
 from otel_raptor.runtime.forksafe import after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
@@ -64,6 +65,7 @@ __all__ = [
     "FailingResponse",
     "FallbackCall",
     "HttpHooks",
+    "HttpInstallation",
     "Origin",
     "OriginTable",
     "ResendCountSpanProcessor",
@@ -656,6 +658,40 @@ class StaleCache:
         self._bytes = 0
 
 
+class HttpInstallation:
+    """What every HTTP integration's installation holds besides its origins: the stale-if-error
+    cache (managed by the memory controller) and the runtime's clock. Subclasses say how a
+    library's response becomes a :class:`StaleEntry` (:meth:`stale_entry`)."""
+
+    __slots__ = ("monotonic", "stale", "unmanage")
+
+    #: The ``report_internal_error`` key of a failed stale store.
+    name: ClassVar[str] = "http"
+
+    def __init__(self, settings: IntegrationSettings) -> None:
+        self.stale = StaleCache()
+        self.monotonic = settings.runtime.clock.monotonic
+        self.unmanage = manage_cache(settings, f"otel_raptor.{self.name}.stale", self.stale)
+
+    def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
+        raise NotImplementedError
+
+    def kept(self, key: Hashable | None, response: Any) -> Any:
+        """``response``, after keeping it under ``key`` when it may be served stale."""
+        if key is not None:
+            self.remember(key, response)
+        return response
+
+    def remember(self, key: Hashable, response: Any) -> None:
+        """Keep a good (2xx) response for stale-if-error. Our code: never raises."""
+        try:
+            status = response.status_code
+            if type(status) is int and 200 <= status < 300:
+                self.stale.put(key, self.stale_entry(response, status, self.monotonic()))
+        except Exception as bug:  # noqa: BLE001 - the response is the caller's either way
+            report_internal_error(f"{self.name}.stale_store", bug)
+
+
 def stale_headers(entry: StaleEntry, now: float) -> list[tuple[str, str]]:
     """The entry's headers marked stale: ``X-Raptor-Stale: 1`` and ``Age`` (RFC 9111 §5.1,
     whole seconds, added to any ``Age`` the response already had)."""
@@ -686,30 +722,43 @@ class FallbackCall:
     ``refusal`` and ``throttled`` hooks); the loop calls :meth:`__call__` with the last error
     (or the plain refusal) when it gives up or is refused.
 
-    ``replay_safe`` says whether the primary request may be sent again: failover after the
-    primary gave up needs it; after a refusal the primary was never sent, so failover is
-    always allowed. ``stale_key`` is ``None`` when the request may not be served stale.
+    ``call`` is the integration's description of the request (it has ``origin`` and
+    ``stale_key``; ``None`` when the request may not be served stale), ``wrapped`` the
+    library's own send, ``installation`` the integration's state. ``replay_safe`` says whether
+    the primary request may be sent again: failover after the primary gave up needs it;
+    after a refusal the primary was never sent, so failover is always allowed.
     """
 
-    __slots__ = ("cache", "now", "origin", "replay_safe", "stale_key")
+    __slots__ = (
+        "cache",
+        "call",
+        "installed",
+        "now",
+        "origin",
+        "replay_safe",
+        "stale_key",
+        "wrapped",
+    )
 
     #: Async subclasses set it: :meth:`__call__` then returns a coroutine.
     is_async: ClassVar[bool] = False
 
     def __init__(
         self,
-        origin: Origin,
+        installation: Any,
+        call: Any,
+        wrapped: Callable[..., Any],
         *,
-        replay_safe: bool,
-        stale_key: Hashable | None,
-        cache: StaleCache,
-        now: Callable[[], float],
+        safe: bool,
     ) -> None:
-        self.origin = origin
-        self.replay_safe = replay_safe
-        self.stale_key = stale_key
-        self.cache = cache
-        self.now = now
+        self.installed = installation
+        self.call = call
+        self.wrapped = wrapped
+        self.origin: Origin = call.origin
+        self.replay_safe = safe
+        self.stale_key: Hashable | None = call.stale_key
+        self.cache: StaleCache = installation.stale
+        self.now: Callable[[], float] = installation.monotonic
 
     # -- library hooks ------------------------------------------------------------------------
 

@@ -40,9 +40,9 @@ from otel_raptor.integrations._http import (
     AsyncHttpHooks,
     FallbackCall,
     HttpHooks,
+    HttpInstallation,
     Origin,
     OriginTable,
-    StaleCache,
     StaleEntry,
     http_enabled,
     replay_safe,
@@ -54,7 +54,6 @@ from otel_raptor.integrations._kit import (
     call_async,
     is_refusal_of,
     library_error,
-    manage_cache,
 )
 from otel_raptor.integrations._wrapping import unwrap, wrap
 from otel_raptor.runtime.drive import CallPlan
@@ -143,33 +142,30 @@ class _Call:
         self.fallback: _Fallback | None = None
 
 
-class _Installed:
+class _Installed(HttpInstallation):
     """The state of one installation; the module-level wrappers read it on every call."""
 
     __slots__ = (
         "async_table",
         "byte_stream",
-        "monotonic",
-        "stale",
         "sync_table",
         "timeout_type",
-        "unmanage",
         "use_client_default",
     )
+
+    name = "httpx"
 
     def __init__(self, settings: IntegrationSettings) -> None:
         import httpx  # noqa: PLC0415 - imported by install() already
 
+        super().__init__(settings)
         # Sync and async clients differ in how a failed response is closed, so their plans
         # have their own hooks; both share each origin's breaker and downstream.
         self.sync_table = OriginTable(settings.runtime, settings.config, HttpHooks())
         self.async_table = OriginTable(settings.runtime, settings.config, AsyncHttpHooks())
-        self.stale = StaleCache()
-        self.monotonic = settings.runtime.clock.monotonic
         self.byte_stream = httpx.ByteStream
         self.use_client_default = httpx.USE_CLIENT_DEFAULT
         self.timeout_type = httpx.Timeout
-        self.unmanage = manage_cache(settings, "otel_raptor.httpx.stale", self.stale)
 
     # -- describing a request: our code, allowed to fail ------------------------------------
 
@@ -278,30 +274,20 @@ class _Installed:
         credentials = tuple(headers.get(name) for name in _CREDENTIAL_HEADERS)
         return private_digest(str(request.url), token, credentials)
 
-    def remember(self, key: Hashable, response: Any) -> None:
-        """Keep a good response for stale-if-error (our code: never raises)."""
-        try:
-            status = response.status_code
-            if type(status) is not int or not 200 <= status < 300:
-                return
-            self.stale.put(
-                key,
-                StaleEntry(
-                    status=status,
-                    reason=response.reason_phrase,
-                    headers=tuple(
-                        (name, value)
-                        for name, value in response.headers.multi_items()
-                        if name.lower() not in _NOT_REPLAYED_HEADERS
-                    ),
-                    body=response.content,
-                    encoding=None,
-                    url=str(response.url),
-                    stored_at=self.monotonic(),
-                ),
-            )
-        except Exception as bug:  # noqa: BLE001 - the response is the caller's either way
-            report_internal_error("httpx.stale_store", bug)
+    def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
+        return StaleEntry(
+            status=status,
+            reason=response.reason_phrase,
+            headers=tuple(
+                (name, value)
+                for name, value in response.headers.multi_items()
+                if name.lower() not in _NOT_REPLAYED_HEADERS
+            ),
+            body=response.content,
+            encoding=None,
+            url=str(response.url),
+            stored_at=now,
+        )
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -312,9 +298,7 @@ class _Installed:
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.request)
-        if described.stale_key is not None:
-            self.remember(described.stale_key, response)
-        return response
+        return self.kept(described.stale_key, response)
 
     async def send_async(self, wrapped: Callable[..., Awaitable[Any]], described: _Call) -> Any:
         try:
@@ -323,9 +307,7 @@ class _Installed:
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.request)
-        if described.stale_key is not None:
-            self.remember(described.stale_key, response)
-        return response
+        return self.kept(described.stale_key, response)
 
     # -- failover -----------------------------------------------------------------------------
 
@@ -362,26 +344,7 @@ class _Installed:
 class _Fallback(FallbackCall):
     """The fallbacks of one ``Client.send`` call."""
 
-    __slots__ = ("call", "installed", "wrapped")
-
-    def __init__(
-        self,
-        installed: _Installed,
-        described: _Call,
-        wrapped: Callable[..., Any],
-        *,
-        safe: bool,
-    ) -> None:
-        super().__init__(
-            described.origin,
-            replay_safe=safe,
-            stale_key=described.stale_key,
-            cache=installed.stale,
-            now=installed.monotonic,
-        )
-        self.installed = installed
-        self.call = described
-        self.wrapped = wrapped
+    __slots__ = ()
 
     def failover(self, base_url: str) -> Any:
         request, moved = self.installed.failover_call(self.call, base_url, is_async=False)

@@ -34,9 +34,9 @@ from otel_raptor.integrations._http import (
     IDEMPOTENT,
     FallbackCall,
     HttpHooks,
+    HttpInstallation,
     Origin,
     OriginTable,
-    StaleCache,
     StaleEntry,
     http_enabled,
     origin_end,
@@ -44,7 +44,7 @@ from otel_raptor.integrations._http import (
     stale_headers,
     throttled_headers,
 )
-from otel_raptor.integrations._kit import call, is_refusal_of, library_error, manage_cache
+from otel_raptor.integrations._kit import call, is_refusal_of, library_error
 from otel_raptor.integrations._wrapping import unwrap, wrap
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
@@ -233,16 +233,16 @@ class _Call:
         self.fallback: _Fallback | None = None
 
 
-class _Installed:
+class _Installed(HttpInstallation):
     """The state of one installation; the module-level wrapper reads it on every call."""
 
-    __slots__ = ("monotonic", "stale", "table", "unmanage")
+    __slots__ = ("table",)
+
+    name = "requests"
 
     def __init__(self, settings: IntegrationSettings) -> None:
+        super().__init__(settings)
         self.table = OriginTable(settings.runtime, settings.config, HttpHooks("timeout"))
-        self.stale = StaleCache()
-        self.monotonic = settings.runtime.clock.monotonic
-        self.unmanage = manage_cache(settings, "otel_raptor.requests.stale", self.stale)
 
     def send(self, wrapped: Callable[..., Any], described: _Call) -> Any:
         """Run one described call; library errors pass through unchanged."""
@@ -256,9 +256,7 @@ class _Installed:
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.method, described.url, described.kwargs)
-        if described.stale_key is not None:
-            self.remember(described.stale_key, response)
-        return response
+        return self.kept(described.stale_key, response)
 
     def describe(
         self,
@@ -350,26 +348,16 @@ class _Installed:
             wrapped, _Call(origin, plan, failed.method, target, failed.kwargs, end, None)
         )
 
-    def remember(self, key: Hashable, response: Any) -> None:
-        """Keep a good response for stale-if-error (our code: never raises)."""
-        try:
-            status = response.status_code
-            if type(status) is not int or not 200 <= status < 300:
-                return
-            self.stale.put(
-                key,
-                StaleEntry(
-                    status=status,
-                    reason=response.reason or "",
-                    headers=tuple(response.headers.items()),
-                    body=response.content,
-                    encoding=response.encoding,
-                    url=response.url,
-                    stored_at=self.monotonic(),
-                ),
-            )
-        except Exception as bug:  # noqa: BLE001 - the response is the caller's either way
-            report_internal_error("requests.stale_store", bug)
+    def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
+        return StaleEntry(
+            status=status,
+            reason=response.reason or "",
+            headers=tuple(response.headers.items()),
+            body=response.content,
+            encoding=response.encoding,
+            url=response.url,
+            stored_at=now,
+        )
 
 
 def refused(
@@ -389,26 +377,7 @@ def refused(
 class _Fallback(FallbackCall):
     """The fallbacks of one ``Session.request`` call."""
 
-    __slots__ = ("call", "installed", "wrapped")
-
-    def __init__(
-        self,
-        installed: _Installed,
-        described: _Call,
-        wrapped: Callable[..., Any],
-        *,
-        safe: bool,
-    ) -> None:
-        super().__init__(
-            described.origin,
-            replay_safe=safe,
-            stale_key=described.stale_key,
-            cache=installed.stale,
-            now=installed.monotonic,
-        )
-        self.installed = installed
-        self.call = described
-        self.wrapped = wrapped
+    __slots__ = ()
 
     def failover(self, base_url: str) -> Any:
         return self.installed.failover(self.wrapped, self.call, base_url)

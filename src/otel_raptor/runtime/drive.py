@@ -237,6 +237,7 @@ def run_sync(
     core = plan.core
     start = plan.monotonic()
     if (core is None or core._state is _CLOSED) and start >= plan.downstream.cooldown_until:
+        # The fast path, inlined (this is every successful call's whole cost).
         call_kwargs = (
             plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
             if plan.first_kwargs
@@ -244,7 +245,7 @@ def run_sync(
         )
         try:
             result = fn(*args, **call_kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop below
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below
             failure: BaseException | None = exc
         else:
             failure_of = plan.failure_of
@@ -257,12 +258,10 @@ def run_sync(
                 except Exception as bug:  # noqa: BLE001 - never lose the caller's result
                     report_internal_error("drive.record_success", bug)
                 return result
-        runner = _Runner(plan, fallback, start)
-        step = runner.first_failed(failure, start)
-    else:
-        runner = _Runner(plan, fallback, start)
-        step = runner.admit(start)
-    return _drive_sync(runner, fn, args, kwargs, step)
+        # Outside the ``except`` block, so that re-raising a later attempt's error does not
+        # chain this one onto it as its ``__context__``.
+        return _drive_sync(_Runner(plan, fallback, start, failure), fn, args, kwargs)
+    return _drive_sync(_Runner(plan, fallback, start), fn, args, kwargs)
 
 
 async def run_async(
@@ -275,33 +274,18 @@ async def run_async(
     """:func:`run_sync` for coroutine functions: sleeps never block the loop, and attempt
     timeouts the hooks do not apply are applied with ``asyncio.wait_for``. Cancellation from
     outside propagates at once and is never counted as a failure."""
-    core = plan.core
     start = plan.monotonic()
-    if (core is None or core._state is _CLOSED) and start >= plan.downstream.cooldown_until:
-        call_kwargs = (
-            plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
-            if plan.first_kwargs
-            else kwargs
-        )
-        try:
-            if plan.wait_for:
-                result = await asyncio.wait_for(fn(*args, **call_kwargs), plan.spec.first_timeout)
-            else:
-                result = await fn(*args, **call_kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop below
-            failure: BaseException | None = exc
-        else:
-            failure_of = plan.failure_of
-            failure = None if failure_of is None else failure_of(result)
-            if failure is None:
-                _record_success(plan, start)
-                return result
-        runner = _Runner(plan, fallback, start)
-        step = runner.first_failed(failure, start)
+    if not _ready(plan, start):
+        return await _drive_async(_Runner(plan, fallback, start), fn, args, kwargs)
+    try:
+        result = await _first_attempt(plan, fn, args, kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+        failure: BaseException | None = exc
     else:
-        runner = _Runner(plan, fallback, start)
-        step = runner.admit(start)
-    return await _drive_async(runner, fn, args, kwargs, step)
+        failure = _succeeded(plan, start, result)
+        if failure is None:
+            return result
+    return await _drive_async(_Runner(plan, fallback, start, failure), fn, args, kwargs)
 
 
 def recover_sync(
@@ -317,9 +301,7 @@ def recover_sync(
     """Recover from ``error``, the failure of a first attempt that ran outside any guard and
     started at ``started`` (the recovery engine): retry ``fn`` as the plan says.
     ``observe`` is handed the loop when the call ends (attempts, strategy, outcome)."""
-    runner = _Runner(plan, None, started, observe)
-    step = runner.first_failed(error, started)
-    return _drive_sync(runner, fn, args, kwargs or {}, step)
+    return _drive_sync(_Runner(plan, None, started, error, observe), fn, args, kwargs or {})
 
 
 async def recover_async(
@@ -333,9 +315,46 @@ async def recover_async(
     observe: Callable[[AttemptLoop], None] | None = None,
 ) -> Any:
     """:func:`recover_sync` for coroutine functions."""
-    runner = _Runner(plan, None, started, observe)
-    step = runner.first_failed(error, started)
-    return await _drive_async(runner, fn, args, kwargs or {}, step)
+    runner = _Runner(plan, None, started, error, observe)
+    return await _drive_async(runner, fn, args, kwargs or {})
+
+
+def _ready(plan: CallPlan, start: float) -> bool:
+    """Whether a call may take the fast path (the sync driver inlines it)."""
+    core = plan.core
+    return (core is None or core._state is _CLOSED) and start >= plan.downstream.cooldown_until
+
+
+def _first_attempt(
+    plan: CallPlan, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: Any
+) -> Awaitable[Any]:
+    """The fast path's attempt, bounded by the first attempt's timeout when the hooks do not
+    apply it themselves."""
+    if plan.first_kwargs:
+        kwargs = plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
+    if plan.wait_for:
+        return asyncio.wait_for(fn(*args, **kwargs), plan.spec.first_timeout)
+    return fn(*args, **kwargs)
+
+
+def _succeeded(plan: CallPlan, start: float, result: Any) -> Exception | None:
+    """Judge the fast path's result: the failure it stands for (a 503), or ``None`` once its
+    success is recorded (the sync driver inlines it). A success through a quiet breaker
+    changes nothing, so it takes no lock (``BreakerCore.succeeded_quietly``). A bug in the
+    recording never loses the caller's result."""
+    failure_of = plan.failure_of
+    if failure_of is not None:
+        failure = failure_of(result)
+        if failure is not None:
+            return failure
+    try:
+        plan.budget._calls += 1  # RetryBudget.record_call, inlined
+        core = plan.core
+        if core is not None and not (core.quiet and start < core._next_check):
+            plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
+    except Exception as bug:  # noqa: BLE001
+        report_internal_error("drive.record_success", bug)
+    return None
 
 
 def _drive_sync(
@@ -343,8 +362,8 @@ def _drive_sync(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    step: Step,
 ) -> Any:
+    step = runner.step
     try:
         while True:
             if step is _ATTEMPT:
@@ -373,8 +392,8 @@ async def _drive_async(
     fn: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    step: Step,
 ) -> Any:
+    step = runner.step
     try:
         while True:
             if step is _ATTEMPT:
@@ -398,19 +417,6 @@ async def _drive_async(
         runner.close()
 
 
-def _record_success(plan: CallPlan, start: float) -> None:
-    """The fast path's success (the sync driver inlines it). A success through a quiet
-    breaker changes nothing, so it takes no lock (``BreakerCore.succeeded_quietly``). A bug
-    here must never lose the caller's result."""
-    try:
-        plan.budget._calls += 1  # RetryBudget.record_call, inlined
-        core = plan.core
-        if core is not None and not (core.quiet and start < core._next_check):
-            plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
-    except Exception as bug:  # noqa: BLE001
-        report_internal_error("drive.record_success", bug)
-
-
 # ------------------------------------------------------------------- what both drivers share
 
 
@@ -429,6 +435,7 @@ class _Runner:
         "loop",
         "plan",
         "result",
+        "step",
     )
 
     def __init__(
@@ -436,8 +443,12 @@ class _Runner:
         plan: CallPlan,
         fallback: Fallback | None,
         started: float,
+        failure: BaseException | None = None,
         observe: Callable[[AttemptLoop], None] | None = None,
     ) -> None:
+        """A slow-path call that started at ``started``: its first attempt (made on the fast
+        path) ended with ``failure``, or (``None``) it has not been admitted yet. ``step``
+        is what the driver does first."""
         self.plan = plan
         self._observe = observe
         self.loop = AttemptLoop(plan.spec, plan.route, started=started, rnd=plan.rnd)
@@ -447,6 +458,7 @@ class _Runner:
         self._attempt_token: Any = None
         self.failure: BaseException | None = None
         self.result: Any = None
+        self.step = self.admit(started) if failure is None else self.first_failed(failure, started)
 
     # --- entering the loop ----------------------------------------------------------------------
 
