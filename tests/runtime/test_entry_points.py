@@ -252,3 +252,33 @@ def test_the_engine_falls_back_when_retries_are_not_possible() -> None:
         "cached page",
         "failover",
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_bug_in_success_bookkeeping_never_loses_the_result(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otel_raptor.runtime import safety
+    from otel_raptor.runtime.breaker import CircuitBreaker
+
+    safety._reset_for_tests()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("our bug while recording a success")
+
+    monkeypatch.setattr(CircuitBreaker, "record_success_since", broken)
+    monkeypatch.setattr(CircuitBreaker, "record_success", broken)
+    runtime = Runtime(clock=FakeClock())
+    run = entry_points(runtime)[name]
+    result = object()
+    assert complete(run(Counting(result=result))) is result
+    # And after a failure, the recovering path's bookkeeping is just as safe.
+    failures = [ConnectionResetError(104, "reset")]
+
+    def once_then_ok() -> Any:
+        if failures:
+            raise failures.pop()
+        return result
+
+    guard = Guard("recovering", retry=RetryPolicy(max_retries=2, base_delay=0.0), runtime=runtime)
+    assert guard.call(once_then_ok) is result

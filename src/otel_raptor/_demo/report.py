@@ -226,6 +226,9 @@ _BREAKDOWN: Mapping[str, tuple[str, ...]] = {
     ),
     "raptor.circuit_breaker.rejections": ("raptor.circuit_breaker.state",),
     "raptor.circuit_breaker.state": ("raptor.circuit_breaker.state",),
+    "raptor.recovery.results": ("raptor.recovery.result",),
+    "raptor.recovery.attempts_made": ("raptor.recovery.outcome",),
+    "raptor.alerts.active": ("raptor.alert.name", "raptor.alert.severity"),
 }
 
 
@@ -275,7 +278,8 @@ def render_telemetry(metrics: MetricsData | None, spans: Sequence[ReadableSpan])
                     number_points = list(data.data_points)
                     if not number_points:
                         continue
-                    if name == "raptor.circuit_breaker.state":
+                    if name in ("raptor.circuit_breaker.state", "raptor.alerts.active"):
+                        # One point per state (or alert): show the ones that are on.
                         current = [_label(name, p.attributes) for p in number_points if p.value]
                         lines.append(f"  {name:<44}{'':>8}  now {', '.join(current) or '-'}")
                     else:
