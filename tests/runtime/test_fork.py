@@ -57,6 +57,8 @@ breaker = guard.breaker
 controller = get_memory_controller()
 assert controller.running
 installed = raptor_requests._installed
+monitor = RaptorInstrumentor().error_recovery_monitor
+assert monitor is not None and monitor.running
 digest_in_parent = private_digest("secret")
 
 # Threads that hold our locks across the fork: the before-fork hook waits for each at most
@@ -69,6 +71,7 @@ held = [
     safety._box.lock,
     installed.stale._lock,
     controller._lock,
+    monitor._lock,
 ]
 ready, release = threading.Barrier(len(held) + 1), threading.Event()
 
@@ -88,7 +91,7 @@ if pid == 0:
         # Every component works, and no lock is left held by a thread that is gone.
         assert all(not lock.locked() for lock in (
             runtime._lock, downstream._lock, breaker._lock, runtime.bus._lock,
-            safety._box.lock, installed.stale._lock, controller._lock,
+            safety._box.lock, installed.stale._lock, controller._lock, monitor._lock,
         ))
         assert guard.call(lambda: 41) + 1 == 42
         attempts = []
@@ -107,6 +110,11 @@ if pid == 0:
         reader.collect()
         # Threads and secrets are the child's own.
         assert controller.running, "the memory controller restarts in the child"
+        assert monitor.running, "so does the error-recovery monitor"
+        monitor.record_recovery_attempt_sync(
+            error_type="TimeoutError", recovery_time=10.0, success=True, strategy="retry_with_backoff"
+        )
+        assert monitor.get_current_metrics()
         assert private_digest("secret") != digest_in_parent
         os._exit(0)
     except BaseException:

@@ -42,7 +42,6 @@ import collections
 import contextlib
 import inspect
 import math
-import os
 import threading
 import weakref
 from array import array
@@ -117,6 +116,7 @@ from otel_raptor.core.states import CircuitState
 from otel_raptor.core.timeseries import SlicedCounters
 from otel_raptor.core.trends import AnomalyKind, SeriesKind, TrendOptions, TrendSeries
 from otel_raptor.errors import ConfigError
+from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime, get_runtime
 
@@ -361,6 +361,8 @@ class ErrorRecoveryMonitor:
         self._queue: collections.deque[tuple[float, Event]] = collections.deque(maxlen=QUEUE_LIMIT)
         self.dropped = 0
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
+        after_fork_in_child(self, ErrorRecoveryMonitor._after_fork_in_child)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -1267,7 +1269,7 @@ class ErrorRecoveryMonitor:
             self.tick()
 
     def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
+        # The lock is fresh already (forksafe); the thread and the loop are the parent's.
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None  # the parent's thread does not exist here
@@ -1429,7 +1431,7 @@ def _category(error_type: str) -> ErrorCategory:
 
 _live: weakref.WeakSet[ErrorRecoveryMonitor] = weakref.WeakSet()
 _default: ErrorRecoveryMonitor | None = None
-_default_lock = threading.Lock()
+_default_box = LockBox()
 
 
 def get_error_recovery_monitor() -> ErrorRecoveryMonitor:
@@ -1447,7 +1449,7 @@ def process_monitor(config: MonitorConfig | None = None) -> ErrorRecoveryMonitor
     its config."""
     global _default  # noqa: PLW0603 - the one process-wide monitor, created lazily
     runtime = get_runtime()
-    with _default_lock:
+    with _default_box.lock:
         monitor = _default
         if (
             monitor is None
@@ -1465,7 +1467,7 @@ def set_error_recovery_monitor(monitor: ErrorRecoveryMonitor | None) -> ErrorRec
     """Make ``monitor`` the process-wide one (``None``: a new one on next use); returns the
     previous one (not closed: that is the caller's call)."""
     global _default
-    with _default_lock:
+    with _default_box.lock:
         previous, _default = _default, monitor
     return previous
 
@@ -1475,21 +1477,9 @@ def get_error_analytics() -> ErrorAnalytics:
     return get_error_recovery_monitor().analytics
 
 
-def _reinit_after_fork() -> None:
-    global _default_lock  # noqa: PLW0603 - a lock held by a thread that did not fork is dead
-    _default_lock = threading.Lock()
-    for monitor in list(_live):
-        try:
-            monitor._after_fork_in_child()
-        except Exception as error:  # noqa: BLE001 - a fork must not fail because of us
-            report_internal_error("monitor.after_fork", error)
-
-
 def _stop_all() -> None:
     for monitor in list(_live):
         monitor.stop(timeout=1.0)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
 atexit.register(_stop_all)
