@@ -112,7 +112,10 @@ if pid == 0:
         assert controller.running, "the memory controller restarts in the child"
         assert monitor.running, "so does the error-recovery monitor"
         monitor.record_recovery_attempt_sync(
-            error_type="TimeoutError", recovery_time=10.0, success=True, strategy="retry_with_backoff"
+            error_type="TimeoutError",
+            recovery_time=10.0,
+            success=True,
+            strategy="retry_with_backoff",
         )
         assert monitor.get_current_metrics()
         assert private_digest("secret") != digest_in_parent
