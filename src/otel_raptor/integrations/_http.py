@@ -405,6 +405,7 @@ class Origin:
         "enabled",
         "failover_urls",
         "fixed_fallbacks",
+        "plain",
         "policy",
         "retry_non_idempotent",
         "safe",
@@ -435,6 +436,8 @@ class Origin:
         self.stale_if_error = policy.stale_if_error
         self.stale_max_age = policy.stale_max_age
         self.fixed_fallbacks = bool(policy.failover_urls) or policy.fallback is not None
+        #: No fallback of any kind: a request needs nothing but its plan.
+        self.plain = not (self.fixed_fallbacks or self.stale_if_error)
         self.target = Target(name, policy, runtime, hooks, attributes) if self.enabled else None
         self.service = self.target.service if self.target is not None else name
         self.breaker_name = self.target.breaker_name if self.target is not None else ""

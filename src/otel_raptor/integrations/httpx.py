@@ -194,8 +194,11 @@ class _Installed(HttpInstallation):
         table = self.async_table if is_async else self.sync_table
         # httpx's own parse of the URL: its scheme, host and port are plain fields there,
         # five times cheaper to read than the URL's properties.
-        reference = getattr(url, "_uri_reference", None)
-        parts = None if reference is None else (reference.scheme, reference.host, reference.port)
+        try:
+            reference = url._uri_reference
+            parts: Hashable = (reference.scheme, reference.host, reference.port)
+        except AttributeError:  # another httpx: the public properties below will do
+            parts = None
         origin = table._by_prefix.get(parts)
         if origin is None:
             origin = table.for_parts(url.scheme, url.host, url.port)
@@ -215,7 +218,7 @@ class _Installed(HttpInstallation):
             timeout = request.extensions.get("timeout")
             if timeout is None or timeout.get("read", 0) is None:
                 self._bound_timeout(client, request, origin.timeout)
-        if not (origin.fixed_fallbacks or origin.stale_if_error) and call_kwargs is kwargs:
+        if origin.plain and call_kwargs is kwargs:
             return origin.safe if safe else origin.unsafe
         stale_key = None
         fallbacks = origin.fixed_fallbacks
