@@ -1,18 +1,21 @@
 """A harsh but ordinary day for a downstream, and four ways of calling it, side by side.
 
 One loopback server, in its own process, plays the same schedule for every contender (times
-in seconds at ``--scale 1``)::
+in seconds at ``--scale 1``; ``SCHEDULE`` below)::
 
     healthy      1.0   every request answered 200
-    degraded     3.0   30 % of requests answered 503
-    rate limited 3.0   25 % answered 429 with Retry-After: 1
-    outage       4.0   1.5 s of hanging (no answer; the client times out), then 2.5 s of
+    degraded     4.0   30 % of requests answered 503
+    (gap)        1.0   every request answered 200 (not reported)
+    rate limited 4.0   25 % answered 429 with Retry-After: 1
+    (gap)        1.0   every request answered 200 (not reported)
+    outage       5.0   2 s of hanging (no answer; the client times out), then 3 s of
                        refusing (the connection is reset at once)
-    heal         3.0   every request answered 200 again
-    POSTs        3.0   30 % answered 503, and the client now sends POSTs (not idempotent)
+    heal         4.0   every request answered 200 again
+    POSTs        4.0   30 % answered 503, and the client now sends POSTs (not idempotent)
 
-The client (``--threads`` threads, default 8, each calling as fast as it can with a 0.25 s
-timeout, GETs except in the last phase) runs in a fresh interpreter per contender:
+The client (``--threads`` threads, default 8, each starting a call ``--rate`` times a second,
+default 40, open loop: a slot missed while a call is still running is skipped, not queued;
+a 0.25 s timeout; GETs except in the last phase) runs in a fresh interpreter per contender:
 
     plain               requests, no retries
     urllib3 Retry       requests with HTTPAdapter(max_retries=Retry(total=3, backoff 0.02 s,
@@ -27,9 +30,10 @@ Reported per phase and contender: the success rate of the calls started in that 
 call succeeds when the app gets a 2xx), the calls made, the requests the server received
 (hanging and reset connections included: a dead server still pays for every attempt) and
 that load per call against plain's; plus, for the heal, the time from the heal to the first
-success. Everything comes from one run of this script.
+success, and for raptor how its recoveries ended, by phase. Everything comes from one run of
+this script.
 
-    .venv/bin/python benchmarks/bench_chaos.py                 # about 90 s
+    .venv/bin/python benchmarks/bench_chaos.py                 # about 2 minutes
     .venv/bin/python benchmarks/bench_chaos.py --scale 0.5     # quicker, noisier
 """
 

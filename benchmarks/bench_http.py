@@ -22,9 +22,10 @@ How it keeps the comparison fair:
   time ``--requests`` GETs, in a shuffled order every round, so drift (frequency scaling,
   noisy neighbours) hits all of them alike. ``--sessions`` fresh sets of workers are started
   in turn, so that no configuration keeps a lucky (or unlucky) process for the whole run.
-- Each request passes ``timeout=10`` explicitly (httpx always has one): raptor's default
-  timeout for calls without one would otherwise change what the plain library does
-  (a socket with a timeout polls before each read), which is a behaviour, not an overhead.
+- Each request passes ``timeout=10`` explicitly (and the httpx client is built with it):
+  raptor's request timeout for requests calls without one would otherwise change what the
+  plain library does (a socket with a timeout polls before each read), which is a
+  behaviour, not an overhead.
 - Every request is timed. Per round, each worker reports its median request (*p50*: robust
   to scheduling spikes from other processes) and its mean (every cost: spikes, GC pauses,
   rare paths); each is divided by ``plain``'s of the *same round*. Overheads and verdicts

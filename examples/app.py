@@ -1,6 +1,6 @@
 """The zero-code path: an application with no resilience code, run under the OTel launcher.
 
-    pip install 'otel-raptor[requests]' opentelemetry-distro
+    pip install 'otel-raptor[requests]'          # brings opentelemetry-distro and the launcher
     OTEL_PYTHON_RAPTOR_RECOVERY_BASE_DELAY=0.05 opentelemetry-instrument python examples/app.py
 
 ``opentelemetry-instrument`` loads ``RaptorInstrumentor`` (entry point ``raptor``), which hooks

@@ -3,9 +3,10 @@
     python examples/circuit_breaker.py
 
 ``payments`` answers 200, then 503 three times, then is back. After three consecutive
-failures the breaker opens and calls fail at once with ``CircuitOpenError`` (the server is not
-even asked); after ``recovery_timeout`` a probe goes through, succeeds and, with the second
-successful probe, the breaker closes.
+failures the breaker opens (with so few calls behind it, fewer than ``minimum_calls``, a run
+of ``failure_threshold`` is the evidence it needs) and calls fail at once with
+``CircuitOpenError`` (the server is not even asked); after ``recovery_timeout`` a probe goes
+through, succeeds and, with the second successful probe, the breaker closes.
 """
 
 from __future__ import annotations

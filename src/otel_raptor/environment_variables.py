@@ -68,7 +68,8 @@ OTEL_PYTHON_RAPTOR_RETRY_NON_IDEMPOTENT = "OTEL_PYTHON_RAPTOR_RETRY_NON_IDEMPOTE
 # --- circuit breakers (``CircuitBreakerConfig``) ----------------------------------------------
 
 OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_THRESHOLD = "OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_THRESHOLD"
-"""Consecutive failures that open a breaker: an integer >= 1, default ``5``."""
+"""Failures in a row that open a breaker while its window holds fewer than ``minimum_calls``
+calls (with more history a run must reach ``minimum_calls``): an integer >= 1, default ``5``."""
 
 OTEL_PYTHON_RAPTOR_BREAKER_RECOVERY_TIMEOUT = "OTEL_PYTHON_RAPTOR_BREAKER_RECOVERY_TIMEOUT"
 """Seconds a breaker stays open before a probe, >= 0, default ``60.0``."""
@@ -96,7 +97,8 @@ OTEL_PYTHON_RAPTOR_BREAKER_WINDOW_SIZE = "OTEL_PYTHON_RAPTOR_BREAKER_WINDOW_SIZE
 """Calls (or seconds) in the failure-rate window: an integer in [1, 1000000], default ``100``."""
 
 OTEL_PYTHON_RAPTOR_BREAKER_MINIMUM_CALLS = "OTEL_PYTHON_RAPTOR_BREAKER_MINIMUM_CALLS"
-"""Calls in the window before the rate rule applies: an integer >= 1, default ``20``."""
+"""Calls in the window before the rate rule applies, and the run of failures that opens a
+breaker at any volume: an integer >= 1, default ``20``."""
 
 OTEL_PYTHON_RAPTOR_BREAKER_HALF_OPEN_MAX_CALLS = "OTEL_PYTHON_RAPTOR_BREAKER_HALF_OPEN_MAX_CALLS"
 """Probes in flight at once in a half-open breaker: an integer >= 1, default ``1``."""

@@ -10,8 +10,8 @@ The tree::
         │   ├── RequestsCircuitOpen   also requests.exceptions.ConnectionError  (integrations)
         │   ├── HttpxCircuitOpen      also httpx.ConnectError                   (integrations)
         │   └── ...CircuitOpen        also the DB driver's OperationalError     (integrations)
-        └── ThrottledError            the downstream asked for a pause longer than the call
-                                      may wait (HTTP integrations answer a 429 instead)
+        └── ThrottledError            the downstream's Retry-After cooldown is longer than
+                                      the call may wait (HTTP integrations answer a 429)
 
 Library-flavoured subclasses live next to their integration, so that existing ``except``
 clauses written for the wrapped library keep catching a fail-fast refusal.
@@ -73,8 +73,10 @@ class CircuitOpenError(RaptorError):
 
 
 class ThrottledError(RaptorError):
-    """The downstream asked for a pause (``Retry-After`` on a rate-limit answer) that does not
-    fit the call's ``max_delay`` or deadline, so the call was refused without an attempt.
+    """The downstream is cooling down (pervasive rate limiting: a ``Retry-After`` that became
+    a pause for every call, see ``RetryPolicy.cooldown_share``), and the rest of the pause
+    does not fit the call's ``max_retry_after`` (``max_delay`` when unset) or its deadline, so
+    the call was refused without an attempt.
 
     ``service`` names the downstream and ``retry_after`` the seconds left of its pause. The
     HTTP integrations never raise it: they hand the caller a ``429`` response instead, as the

@@ -102,7 +102,8 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     plus everything :meth:`RaptorConfig.load` accepts (``retry`` /
     ``recovery_config``, ``breaker`` / ``circuit_breaker_config``, ``retry_budget``,
     ``retry_budget_ratio``, ``integrations``, ``breaker_key``, ``max_services``,
-    ``retry_non_idempotent``, ``downstreams``, ``config_file``). With no arguments it does
+    ``retry_non_idempotent``, ``request_timeout``, ``health_check_path``, ``downstreams``,
+    ``config_file``). With no arguments it does
     exactly what ``opentelemetry-instrument`` does.
 
     Like every ``BaseInstrumentor`` it is a singleton: ``RaptorInstrumentor()`` returns the

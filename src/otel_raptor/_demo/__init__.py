@@ -99,15 +99,15 @@ class DemoOptions:
 
     @property
     def breaker(self) -> CircuitBreakerConfig:
-        """A breaker sized for a demo: it opens when 70 % of the calls of the last second
-        failed, and probes every second (0.3 s quick) until the server answers again.
+        """A breaker sized for a demo: it opens when the calls of the last second show a 70 %
+        failure rate with 95 % confidence (at least 7 calls, all failed) or after 10 failures
+        in a row, and probes every second (0.3 s quick) until the server answers again.
 
-        The failure-rate rule over a short time window, not the consecutive-failure count, is
-        what opens it. At 30 % random 503s a run of 5 failures in a row turns up within
-        seconds and would open a breaker on a service that mostly works, while a 70 % rate is
-        out of reach of the flaky and rate-limited phases (about a third of the attempts fail
-        there) yet reached by the first timeouts of the hang. The adaptive threshold is off
-        so that the breaker behaves the same from the first second on.
+        Neither rule is within reach of the flaky and rate-limited phases (about a third of
+        the attempts fail there, and 429s do not count), while an outage makes every attempt
+        fail. In the hang the workers make too few calls a second for the rate rule, so the
+        run of 10 is what usually opens it. The adaptive threshold is off so that the breaker
+        behaves the same from the first second on.
         """
         recovery = 0.3 if self.quick else 1.0
         return CircuitBreakerConfig(

@@ -52,6 +52,8 @@ def config_from_toml(
         breaker_key = "origin"          # or "host"
         max_services = 256
         retry_non_idempotent = false
+        request_timeout = 30.0           # the request timeout where the caller set none
+        health_check_path = "/health"    # actively check open HTTP origins
 
         [retry]                          # RetryPolicy fields
         max_retries = 3

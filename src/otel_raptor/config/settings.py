@@ -38,7 +38,8 @@ class RaptorConfig:
     """Everything the instrumentor needs, validated.
 
     Defaults are the seed's: ``RetryPolicy()`` (3 retries, 1 s base delay, 300 s cap, x2) and
-    ``CircuitBreakerConfig()`` (5 failures, 60 s recovery, 2 successes, 30 s timeout).
+    ``CircuitBreakerConfig()`` (5 failures, 60 s recovery, 2 successes; its ``timeout``, 30 s,
+    is read by no breaker).
     ``retry_budget_ratio`` (>= 0, default 0.2) and ``retry_budget_min_retries_per_second``
     (>= 0, default 10.0) shape each downstream's retry budget. ``integrations`` ``None``
     means every integration whose library is installed; otherwise a subset of
@@ -200,7 +201,8 @@ class RaptorConfig:
           :class:`CircuitBreakerConfig` (the seed's ``CIRCUIT_BREAKER_CONFIG`` shape);
         - ``retry_budget``: a mapping with ``ratio`` and/or ``min_retries_per_second``;
         - ``retry_budget_ratio``, ``retry_budget_min_retries_per_second``,
-          ``integrations``, ``breaker_key``, ``max_services``, ``retry_non_idempotent``;
+          ``integrations``, ``breaker_key``, ``max_services``, ``retry_non_idempotent``,
+          ``request_timeout``, ``health_check_path``;
         - ``downstreams``: ``{pattern: mapping or DownstreamOverride}`` or a sequence of
           :class:`DownstreamOverride` (or mappings with a ``pattern``); a mapping's
           ``retry``/``breaker`` may be partial mappings, completed from the global ones.

@@ -20,8 +20,9 @@ the app fail more often than it would without us. So a trip needs one of:
 * **a confident failure rate** (``FAILURE_RATE``): the window holds at least
   ``minimum_calls`` calls and the lower bound of the one-sided 95 % Wilson interval of its
   failure rate is at least the effective threshold. With the defaults (100 calls, 50 %) that
-  is 59 failures out of 100, or 14 out of 20: a 30 % (even 40 %) degraded downstream
-  essentially never trips (``P < 1e-4`` per window), a dead one trips after ``minimum_calls``;
+  is 59 failures out of 100, or 14 out of 20. A 30 % degraded downstream essentially never
+  trips (per check, ``P ≈ 2e-9`` with 100 calls in the window, ``3e-4`` with 20; at 40 %,
+  ``1e-4`` and ``6e-3``), a dead one trips after ``minimum_calls``;
 * **a slow-call rate** (``SLOW_CALL_RATE``, only with ``slow_call_duration`` set): the window's
   slow-call rate is at least ``slow_call_rate_threshold``.
 
@@ -330,8 +331,9 @@ def adaptive_failure_rate_threshold(
       one. Lowering it would make a clean service trip on a mild degradation, which with
       retries in front of the breaker the app would have survived.
     * A service whose normal rate sits near the configured threshold gets headroom of
-      ``baseline + 0.1`` above its normal rate (so a normal rate of 45 % trips at 100 % = a
-      confident 90 %-ish, not on every unlucky window at 50 %), up to ``high``.
+      ``baseline + 0.1`` above its normal rate, up to ``high``: a normal rate of 45 % gives
+      ``2 * 0.45 + 0.1 = 1.0``, capped at ``high`` (0.9 by default), so the rate rule needs a
+      confident 90 % rather than tripping on every unlucky window at 50 %.
     """
     if baseline is None:
         return configured
@@ -342,7 +344,7 @@ def confident_failure_rate(failures: int, calls: int) -> float:
     """The lower bound of the one-sided 95 % Wilson interval of ``failures / calls``.
 
     What the failure-rate rule compares with the threshold: the rate the window shows with
-    95 % confidence, so that 12 failures in 20 calls (60 %, lower bound 43 %) does not trip a
+    95 % confidence, so that 12 failures in 20 calls (60 %, lower bound 42 %) does not trip a
     50 % threshold while 59 in 100 (lower bound 50.8 %) does. ``0.0`` for an empty window.
     """
     if calls <= 0:

@@ -2,9 +2,11 @@
 
 The rule is Finagle's (and Linkerd's, and close to Envoy's): every call deposits ``ratio`` of
 a token, every retry spends one whole token, and a floor of ``min_retries_per_second`` tokens
-flows in regardless, so that a service with little traffic can still retry. A retry storm is
-therefore bounded: over any period of ``T`` seconds with ``N`` calls, at most
-``ratio * N + min_retries_per_second * T`` retries, plus what was in the bucket at the start.
+flows in regardless, so that a service with little traffic can still retry. A retry that
+succeeds gives its token back (``refund``, as the AWS SDKs' "standard" retry quota does), so
+only futile retries cost anything. A retry storm is therefore bounded: over any period of
+``T`` seconds with ``N`` calls, at most ``ratio * N + min_retries_per_second * T`` retries
+that were not given back, plus what was in the bucket at the start.
 
 What is in the bucket is bounded too. Deposits do not keep forever: the balance leaks with
 time constant ``ttl``, so that with a steady ``c`` calls per second and no retries it settles

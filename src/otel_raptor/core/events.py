@@ -50,7 +50,7 @@ class ErrorClassified:
 
 @dataclass(frozen=True, slots=True)
 class RetryScheduled:
-    """The guard will run attempt ``attempt + 1`` after ``delay_s`` seconds."""
+    """The attempt loop will run attempt ``attempt + 1`` after ``delay_s`` seconds."""
 
     service: str
     attempt: int
@@ -92,7 +92,9 @@ class RecoveryFinished:
     """A logical call that needed recovery has ended (however it ended).
 
     ``give_up_reason`` is set when the outcome is not ``recovered``/``fallback`` and says why
-    the guard stopped (a ``GiveUpReason`` value, or ``""``).
+    the attempt loop stopped: a ``GiveUpReason`` value, or one of the loop's own
+    (``breaker_rejected``, ``throttled``, ``learned_futile``, ``fallback_failed``); ``""``
+    otherwise.
     """
 
     service: str

@@ -17,7 +17,8 @@ up, and why. The order of its checks (the first that applies wins):
 7. ``retry_after_beyond_deadline``: the server's ``Retry-After`` ends at or after the deadline;
 8. ``deadline``: the delayed attempt could not start before the deadline.
 
-The retry budget is not consulted here: the guard withdraws a token after a ``Retry``.
+The retry budget is not consulted here: the attempt loop (:mod:`otel_raptor.core.attempts`)
+withdraws a token after a ``Retry``.
 See ``docs/retries.md``.
 """
 
@@ -171,7 +172,7 @@ class GiveUpReason(str, enum.Enum):
     RETRY_AFTER_BEYOND_DEADLINE = "retry_after_beyond_deadline"
     #: The server's ``Retry-After`` exceeds ``max_retry_after`` (or is not finite).
     RETRY_AFTER_TOO_LONG = "retry_after_too_long"
-    #: The downstream's retry budget is empty (decided by the guard, never by ``decide``).
+    #: The downstream's retry budget is empty (decided by the attempt loop, never by ``decide``).
     BUDGET_EXHAUSTED = "budget_exhausted"
 
     def __str__(self) -> str:
@@ -324,7 +325,8 @@ class RetryPolicy:
 
         Keys are the field names (``max_retries``, ``base_delay``, ``max_delay``,
         ``backoff_multiplier``, ``jitter``, ``attempt_timeout``, ``deadline``, ``retry_on``,
-        ``respect_retry_after``, ``max_retry_after``); missing keys take their defaults.
+        ``respect_retry_after``, ``max_retry_after``, ``cooldown_share``); missing keys take
+        their defaults.
         ``retry_on`` may list category strings. An unknown key raises ``ConfigError``
         naming the allowed keys.
         """

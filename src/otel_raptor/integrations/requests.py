@@ -11,7 +11,8 @@ URL. Code that calls ``Session.send`` with a prepared request directly is not gu
 What is specific to requests (the rest is the integration kit's and :mod:`._http`'s): how a
 ``Session.request`` call is described (its origin, whether its body can be sent again, its
 ``Idempotency-Key`` and the session's headers, the stale-cache key), the ``timeout`` keyword
-(raptor's default when the caller gave none; the attempt timeout when the policy has one), the
+(raptor's request timeout when the caller gave none; the attempt timeout when the policy has
+one), the
 fail-fast error class and the ``Response`` objects raptor builds (stale, or a ``429`` while the
 origin cools down). See ``docs/http.md``.
 

@@ -8,7 +8,9 @@ lock is released, so a subscriber may call back into the breaker.
 Admission through a CLOSED breaker reads the state without the lock (a single attribute read
 never blocks): a call admitted just as another thread trips the breaker is one that would have
 been admitted a moment earlier anyway, and its outcome is not counted against the new state.
-A successful call through a closed breaker therefore takes the lock once, to record the result.
+A successful call through a closed breaker therefore takes the lock once, to record the result,
+or not at all while the breaker is quiet (``BreakerCore.quiet``: a window full of successes,
+nothing due), since recording it would change nothing.
 
 Every lock here is registered with :mod:`otel_raptor.runtime.forksafe`: taken before
 ``os.fork`` (so the child sees whole state) and fresh in the child.
@@ -71,9 +73,10 @@ class CircuitBreaker:
     ``classifier`` turns a failure into a ``Classification`` for ``call_sync``/``call``
     (default: ``otel_raptor.runtime.classifying.classify``).
 
-    Low level (the retry guard): ``acquire`` → run the call → exactly one of
-    ``record_success``, ``record_failure`` or ``release`` with the permit.
-    High level: ``call_sync(fn, ...)`` and ``await call(fn, ...)``.
+    Low level (the attempt loop, through ``otel_raptor.runtime.downstream.Route``):
+    ``acquire`` → run the call → exactly one of ``record_success``, ``record_failure`` or
+    ``release`` with the permit. High level: ``call_sync(fn, ...)`` and ``await call(fn, ...)``,
+    one attempt each, no retries.
     """
 
     __slots__ = (

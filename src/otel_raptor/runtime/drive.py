@@ -1,10 +1,13 @@
 """The two drivers of the attempt loop, one sync and one async, and what they share.
 
 :func:`run_sync` and :func:`run_async` are every guarded call's entry: ``@resilient``,
-``Guard.call``/``call_async``, the recovery engine, ``CircuitBreaker.call_sync``/``call`` and
-every integration. Each first tries the **fast path**, inline: the breaker is closed and the
-downstream is not cooling down, so the call runs once, its success is recorded (one short
-lock) and its result is returned unchanged. No event, no metric, no allocation of ours.
+``Guard.call``/``call_async`` and every integration (the recovery engine enters through
+:func:`recover_sync`/:func:`recover_async`, after its first attempt already failed;
+``CircuitBreaker.call_sync``/``call`` are one attempt through a breaker, without the loop).
+Each first tries the **fast path**, inline: the breaker is closed and the downstream is not
+cooling down, so the call runs once, its success is recorded (one short lock, or none while
+the breaker is quiet) and its result is returned unchanged. No event, no metric, no
+allocation of ours.
 
 Anything else (the first attempt failed, the breaker is not closed, a cooldown is running)
 goes to the pure :class:`~otel_raptor.core.attempts.AttemptLoop`, which says what to do next;

@@ -2,15 +2,17 @@
 
 ``Guard.call``, ``call_async`` and ``bind`` (which ``@resilient`` uses) all run the same
 attempt loop through the two drivers of :mod:`otel_raptor.runtime.drive`: a successful call
-through a closed breaker costs one clock read, one lock-free state check and one short lock
-to record the success; no event, no allocation, no metric call. Everything else happens on
-the failure path, where the wrapped call has already cost far more than our bookkeeping.
+through a closed breaker costs one clock read, one lock-free state check and, unless the
+breaker is quiet (``BreakerCore.quiet``), one short lock to record the success; no event, no
+allocation, no metric call. Everything else happens on the failure path, where the wrapped
+call has already cost far more than our bookkeeping.
 
 What the caller sees is what the call would have done without us, only less often a failure:
 the return value is the same object, and when recovery gives up the last exception the
 wrapped call raised is raised again, unchanged. A refusal by an open breaker raises
 :class:`~otel_raptor.errors.CircuitOpenError` (or calls the fallback); a call that would have
-to wait out a downstream's ``Retry-After`` for longer than its policy allows raises
+to wait out a downstream's ``Retry-After`` cooldown for longer than its policy allows
+(``max_retry_after``, else ``max_delay``, and the deadline) raises
 :class:`~otel_raptor.errors.ThrottledError`. Cancellation, ``KeyboardInterrupt`` and
 ``SystemExit`` are never retried, never counted as a failure and never swallowed.
 

@@ -39,9 +39,10 @@ __all__ = [
 ]
 
 #: Opens the scope of one logical call's recovery: called with the service and the monotonic
-#: time the first attempt started, when that attempt has failed; the guard runs the retries
-#: (and publishes their events) inside the returned context manager. Telemetry installs one
-#: that makes a ``raptor.recovery`` span current, so each retry's client span is its child.
+#: time the first attempt started, when that attempt has failed; the attempt loop's driver
+#: runs the retries (and publishes their events) inside the returned context manager.
+#: Telemetry installs one that makes a ``raptor.recovery`` span current, so each retry's
+#: client span is its child.
 RecoveryScope = Callable[[str, float], ContextManager[None]]
 
 

@@ -215,7 +215,10 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
     AttributeSpec(
         key=ATTR_SERVICE,
         type=AttributeType.STRING,
-        values="downstream name, usually `host:port`; `other` past the cap",
+        values=(
+            "downstream name: `scheme://host:port` of an HTTP origin (the host alone with "
+            "`breaker_key = host`), or a guard's service; `other` past the cap"
+        ),
         bound="256 (first distinct names win, the rest fold into `other`)",
     ),
     AttributeSpec(

@@ -4,21 +4,22 @@ Metrics: each event adds to its counter (``instruments.py`` lists them); breaker
 adaptive threshold and retry-budget tokens are observable gauges read from runtime snapshots
 only when a reader collects, so the call path pays nothing for them.
 
-Traces. When the guard's first attempt fails it opens a *recovery scope*
-(``Runtime.recovery_scope``, which ``install()`` points at :meth:`TelemetrySink.recovery_scope`):
-a ``raptor.recovery`` INTERNAL span that starts when the first attempt started and is current
-while the retries run, so each retry's own client span (the contrib requests/httpx
-instrumentations) is its child; the first attempt's client span, which ended before anyone
-knew recovery was needed, is its preceding sibling. Starting a span for every call would
-cost the success path as much as a tracing instrumentation does; starting it on the first
-failure costs the success path nothing. Inside the scope the call's events go straight onto
-that span, and ``RecoveryFinished`` sets its outcome, status and ``error.type``.
+Traces. When a guarded call's first attempt fails, the attempt loop's driver opens a
+*recovery scope* (``Runtime.recovery_scope``, which ``install()`` points at
+:meth:`TelemetrySink.recovery_scope`): a ``raptor.recovery`` INTERNAL span that starts when
+the first attempt started and is current while the retries run, so each retry's own client
+span (the contrib requests/httpx instrumentations) is its child; the first attempt's client
+span, which ended before anyone knew recovery was needed, is its preceding sibling. Starting
+a span for every call would cost the success path as much as a tracing instrumentation does;
+starting it on the first failure costs the success path nothing. Inside the scope the call's
+events go straight onto that span, and ``RecoveryFinished`` sets its outcome, status and
+``error.type``.
 
-Outside a scope (the recovery engine's ``handle_error``, or a sink used without ``install``)
+Outside a scope (a call refused before any attempt, or a sink used without ``install``)
 events arrive after the fact, so the ``raptor.recovery`` span is built when the
 logical call's ``RecoveryFinished`` arrives: it starts ``duration_s`` before that moment (the
 first attempt's start) and ends then, as an INTERNAL child of whatever span is current in the
-caller (the guard publishes synchronously, in the caller's context). The call's own events
+caller (the loop publishes synchronously, in the caller's context). The call's own events
 (``raptor.error`` per failed attempt, ``raptor.retry`` per scheduled retry,
 ``raptor.retry_budget.exhausted``) are buffered until then and land on that span with their
 original timestamps, so the span tells the whole story even when the app has no span of its
