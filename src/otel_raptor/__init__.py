@@ -33,10 +33,11 @@ from otel_raptor.core.recovery import Outcome, Strategy
 from otel_raptor.core.reports import MonitorReport
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState
-from otel_raptor.errors import CircuitOpenError, ConfigError, RaptorError
+from otel_raptor.errors import CircuitOpenError, ConfigError, RaptorError, ThrottledError
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.classifying import classify, register_rule
 from otel_raptor.runtime.decorator import resilient
+from otel_raptor.runtime.drive import FallbackDeclined
 from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.memory import SimpleMemoryController, get_memory_controller
 from otel_raptor.runtime.monitor import (
@@ -76,6 +77,7 @@ __all__ = [
     "ErrorRecoveryMonitor",
     "Event",
     "FailurePredicted",
+    "FallbackDeclined",
     "Guard",
     "Insight",
     "InsightKind",
@@ -100,6 +102,7 @@ __all__ = [
     "Severity",
     "SimpleMemoryController",
     "Strategy",
+    "ThrottledError",
     "__version__",
     "classify",
     "get_error_analytics",

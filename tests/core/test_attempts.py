@@ -162,6 +162,21 @@ def test_a_rate_limit_on_a_few_calls_pauses_only_those_calls() -> None:
     assert port.cooldown_until == -math.inf  # ...the others do not
 
 
+def test_every_throttle_counts_towards_the_share_even_without_a_retry_after() -> None:
+    class CountingPort(FakePort):
+        throttles: int = 0
+
+        def throttled(self, now: float) -> float:
+            self.throttles += 1
+            return self.throttle_share
+
+    port = CountingPort(throttle_share=0.9)
+    run = loop(port)
+    assert run.first_failed(Permit.CALL, 0.0, failure(ErrorCategory.RATE_LIMIT), 0.0) is Step.SLEEP
+    assert port.throttles == 1  # so a later 429 that names a pause sees the true share...
+    assert port.cooldown_until == -math.inf  # ...but with no pause named, nobody else waits
+
+
 def test_pervasive_rate_limits_start_a_cooldown_that_new_calls_honour() -> None:
     port = FakePort(throttle_share=0.6)
     run = loop(port)

@@ -414,6 +414,16 @@ def test_a_call_refused_at_once_reports_circuit_open_and_no_stale_events(h: Harn
     assert recovery.events == ()
 
 
+def test_a_call_refused_by_a_cooldown_reports_throttled(h: Harness) -> None:
+    h.runtime.bus.publish(
+        RecoveryFinished(
+            "db", Strategy.FAIL_FAST, Outcome.REJECTED, 0, 0.0, "rate_limit", "throttled"
+        )
+    )
+    (recovery,) = h.spans()
+    assert (recovery.attributes or {})["error.type"] == "otel_raptor.errors.ThrottledError"
+
+
 def test_a_fallback_is_not_an_error(h: Harness) -> None:
     h.runtime.bus.publish(
         RecoveryFinished(

@@ -77,3 +77,16 @@ async def monitoring() -> None:
     )
     custom.add_alert_callback(lambda alert: print(alert.message))
     custom.close()
+
+
+def refusals() -> None:
+    try:
+        Guard("typed-refusals").call(lookup, "c")
+    except otel_raptor.ThrottledError as error:
+        assert_type(error.retry_after, float | None)
+    except otel_raptor.CircuitOpenError as error:
+        assert_type(error.retry_after, float | None)
+
+
+def cached_or_decline() -> int:
+    raise otel_raptor.FallbackDeclined

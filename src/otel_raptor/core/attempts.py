@@ -337,14 +337,16 @@ class AttemptLoop:
         self._permit = _CALL
         self.classification = classification
         port.publish(ErrorClassified(port.service, classification, attempts, error))
-        retry_after = classification.retry_after
-        if (
-            category is _RATE_LIMIT
-            and retry_after is not None
-            and retry_after > 0.0
-            and port.throttled(now) >= spec.policy.cooldown_share
-        ):
-            port.cool_down(now + retry_after)
+        if category is _RATE_LIMIT:
+            # Every throttle counts towards the share; one with a Retry-After may pause all.
+            share = port.throttled(now)
+            retry_after = classification.retry_after
+            if (
+                retry_after is not None
+                and retry_after > 0.0
+                and share >= spec.policy.cooldown_share
+            ):
+                port.cool_down(now + retry_after)
         value = category.value
         strategy = spec.fixed_strategy or default_strategy(
             value, retryable=classification.retryable

@@ -69,7 +69,7 @@ from otel_raptor.core.events import (
 )
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.core.states import CircuitState
-from otel_raptor.errors import CircuitOpenError
+from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime, get_runtime
@@ -153,6 +153,7 @@ _SpanEvent: TypeAlias = "tuple[str, Mapping[str, AttributeValue], int]"
 
 _ERROR_OUTCOMES: Final = frozenset({Outcome.FAILED, Outcome.REJECTED, Outcome.BUDGET_EXHAUSTED})
 _CIRCUIT_OPEN_TYPE: Final = f"{CircuitOpenError.__module__}.{CircuitOpenError.__qualname__}"
+_THROTTLED_TYPE: Final = f"{ThrottledError.__module__}.{ThrottledError.__qualname__}"
 _STATES: Final = tuple((state, state.value) for state in CircuitState)
 _INTERNAL: Final = SpanKind.INTERNAL
 _PRESSURE_LEVELS: Final = ("normal", "warning", "critical", "emergency")
@@ -639,7 +640,10 @@ class TelemetrySink:
             if pending is not None and pending.error_type:
                 attributes[ATTR_ERROR_TYPE] = pending.error_type
             elif event.outcome is Outcome.REJECTED:
-                attributes[ATTR_ERROR_TYPE] = _CIRCUIT_OPEN_TYPE
+                # Refused without an attempt: by a breaker, or by a downstream's cooldown.
+                attributes[ATTR_ERROR_TYPE] = (
+                    _THROTTLED_TYPE if event.give_up_reason == "throttled" else _CIRCUIT_OPEN_TYPE
+                )
             else:
                 attributes[ATTR_ERROR_TYPE] = OTHER_ERROR_TYPE
         span = self._tracer.start_span(
