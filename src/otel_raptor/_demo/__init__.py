@@ -47,7 +47,7 @@ from otel_raptor._demo.report import (
 )
 from otel_raptor._demo.server import FaultServer, Phase, Schedule
 from otel_raptor._demo.workload import Tally, WorkloadOptions, run_workload
-from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.breaker import CircuitBreakerConfig, confident_failure_rate
 from otel_raptor.core.events import BreakerTransitioned, Event
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import ConfigError
@@ -311,14 +311,24 @@ def _describe(options: DemoOptions) -> str:
         f" {work.interval * 1000:.0f} ms with timeout={work.timeout:g} s.",
         f"Raptor: up to {retry.max_retries} retries (backoff from {retry.base_delay:g} s, x"
         f"{retry.backoff_multiplier:g}, full jitter, Retry-After honoured).",
-        f"        Breaker per origin: opens when {breaker.failure_rate_threshold:.0%} of the"
-        f" calls in the last {breaker.window_size} s failed (at least"
-        f" {breaker.minimum_calls} calls)",
-        f"        or after {breaker.failure_threshold} failures in a row; probes after"
+        f"        Breaker per origin: opens when the last {breaker.window_size} s of calls"
+        f" show a {breaker.failure_rate_threshold:.0%} failure rate",
+        f"        with 95% confidence (at least {_fewest_failures_that_trip(breaker)} calls, all"
+        f" failed) or after {breaker.failure_threshold} failures in a row;",
+        f"        probes after"
         f" {breaker.recovery_timeout:g} s; closes after {breaker.success_threshold} good"
         " probes.",
     ]
     return "\n".join(lines)
+
+
+def _fewest_failures_that_trip(breaker: CircuitBreakerConfig) -> int:
+    """The shortest all-failed window the failure-rate rule trips on, for the header."""
+    calls = max(1, breaker.minimum_calls)
+    # Bounded: the bound of n failures out of n stays below 1, so a threshold of 1 never trips.
+    while confident_failure_rate(calls, calls) < breaker.failure_rate_threshold and calls < 10_000:
+        calls += 1
+    return calls
 
 
 def run_demo(
