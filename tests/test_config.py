@@ -205,7 +205,10 @@ def test_a_value_out_of_range_is_reported_with_what_is_allowed() -> None:
     assert by_key[ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY].value == "1"
     assert ">= retry.base_delay (2.0)" in by_key[ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY].allowed
     assert by_key[ev.OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_THRESHOLD].allowed == "an integer >= 1"
-    assert "asyncio, httpx, requests" in by_key[ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS].allowed
+    assert (
+        "asyncio, asyncpg, httpx, psycopg, psycopg2, pymysql, redis, requests, sqlite3"
+        in by_key[ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS].allowed
+    )
     assert "OTEL_PYTHON_RAPTOR_INTEGRATIONS='requests,grpc'" in str(
         by_key[ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS]
     )

@@ -22,6 +22,7 @@ _TOP_SCALARS: Final = (
     "max_services",
     "retry_non_idempotent",
     "request_timeout",
+    "statement_timeout",
 )
 _FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams")
 

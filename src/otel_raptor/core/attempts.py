@@ -286,14 +286,20 @@ class AttemptLoop:
         return self._admit(now)
 
     def first_failed(
-        self, permit: Permit, attempt_started: float, classification: Classification, now: float
+        self,
+        permit: Permit,
+        attempt_started: float,
+        classification: Classification,
+        now: float,
+        *,
+        replay_safe: bool | None = None,
     ) -> Step:
         """The fast path's first attempt, admitted with ``permit`` at ``attempt_started``,
-        failed at ``now``."""
+        failed at ``now`` (``replay_safe`` as for :meth:`failed`)."""
         self._permit = permit
         self.attempt_started = attempt_started
         self._port.record_call()
-        return self.failed(classification, now)
+        return self.failed(classification, now, replay_safe=replay_safe)
 
     # --- the end of an attempt ----------------------------------------------------------------
 
@@ -311,8 +317,15 @@ class AttemptLoop:
         self._finish(now)
         return _DONE
 
-    def failed(self, classification: Classification, now: float) -> Step:
-        """The attempt in flight failed at ``now`` with ``classification``."""
+    def failed(
+        self, classification: Classification, now: float, *, replay_safe: bool | None = None
+    ) -> Step:
+        """The attempt in flight failed at ``now`` with ``classification``.
+
+        ``replay_safe`` narrows the spec's replay safety for this failure only: an integration
+        that judges it per failure (a database statement the server rolled back may be sent
+        again, one whose outcome the failure leaves unknown may not) passes its verdict here.
+        ``None`` keeps the spec's; it can never make an unsafe spec safe."""
         port = self._port
         spec = self._spec
         self.attempts += 1
@@ -336,7 +349,9 @@ class AttemptLoop:
             attempt=attempts,
             elapsed=now - self.started,
             classification=classification,
-            replay_safe=spec.replay_safe,
+            replay_safe=spec.replay_safe
+            if replay_safe is None
+            else spec.replay_safe and replay_safe,
             rnd=self._rnd,
         )
         if isinstance(decision, GiveUp):

@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 
 from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKind, Step
 from otel_raptor.core.breaker import Permit
+from otel_raptor.core.classification import Classification
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.runtime.clock import Clock
@@ -108,6 +109,14 @@ class CallHooks:
 
     #: Whether :meth:`attempt_kwargs` applies the attempt timeout itself.
     applies_timeouts: bool = False
+
+    #: ``(failure, classification, args) -> bool``: whether the call (made with positional
+    #: arguments ``args``) may be sent again after *this* failure, for integrations whose
+    #: replay safety depends on how far the call got (a database statement the server rolled
+    #: back may be replayed, one whose outcome is unknown may not). It can only narrow the
+    #: plan's replay safety and runs on the failure path only. ``None`` (the default): the
+    #: plan's replay safety holds for every failure.
+    replay_after: Callable[[BaseException, Classification, tuple[Any, ...]], bool] | None = None
 
     def give_up(self, failure: BaseException) -> Any:
         """What the caller gets when recovery ends with ``failure``: it is raised."""
@@ -246,10 +255,10 @@ def run_sync(
             if failure is None:
                 _record_fast_success(route, breaker, start)
                 return result
-        runner = _Runner(plan, fallback, start)
+        runner = _Runner(plan, fallback, start, None, args)
         step = runner.first_failed(failure, start)
     else:
-        runner = _Runner(plan, fallback, start)
+        runner = _Runner(plan, fallback, start, None, args)
         step = runner.admit(start)
     return _drive_sync(runner, fn, args, kwargs, step)
 
@@ -288,10 +297,10 @@ async def run_async(
             if failure is None:
                 _record_fast_success(route, breaker, start)
                 return result
-        runner = _Runner(plan, fallback, start)
+        runner = _Runner(plan, fallback, start, None, args)
         step = runner.first_failed(failure, start)
     else:
-        runner = _Runner(plan, fallback, start)
+        runner = _Runner(plan, fallback, start, None, args)
         step = runner.admit(start)
     return await _drive_async(runner, fn, args, kwargs, step)
 
@@ -309,7 +318,7 @@ def recover_sync(
     """Recover from ``error``, the failure of a first attempt that ran outside any guard and
     started at ``started`` (the recovery engine): retry ``fn`` as the plan says.
     ``observe`` is handed the loop when the call ends (attempts, strategy, outcome)."""
-    runner = _Runner(plan, None, started, observe)
+    runner = _Runner(plan, None, started, observe, args)
     step = runner.first_failed(error, started)
     return _drive_sync(runner, fn, args, kwargs or {}, step)
 
@@ -325,7 +334,7 @@ async def recover_async(
     observe: Callable[[AttemptLoop], None] | None = None,
 ) -> Any:
     """:func:`recover_sync` for coroutine functions."""
-    runner = _Runner(plan, None, started, observe)
+    runner = _Runner(plan, None, started, observe, args)
     step = runner.first_failed(error, started)
     return await _drive_async(runner, fn, args, kwargs or {}, step)
 
@@ -409,6 +418,7 @@ class _Runner:
     call ends as it would have without us."""
 
     __slots__ = (
+        "_args",
         "_attempt_token",
         "_fallback",
         "_observe",
@@ -426,9 +436,11 @@ class _Runner:
         fallback: Fallback | None,
         started: float,
         observe: Callable[[AttemptLoop], None] | None = None,
+        args: tuple[Any, ...] = (),
     ) -> None:
         self.plan = plan
         self._observe = observe
+        self._args = args
         self.loop = AttemptLoop(plan.spec, plan.route, started=started, rnd=plan.rnd)
         self._fallback = fallback if fallback is not None else plan.fallback
         self._passive = False
@@ -454,7 +466,13 @@ class _Runner:
         self._open_scope()
         try:
             classification = self.plan.route.classify(failure)
-            return self.loop.first_failed(_CALL, started, classification, self.plan.monotonic())
+            return self.loop.first_failed(
+                _CALL,
+                started,
+                classification,
+                self.plan.monotonic(),
+                replay_safe=self._replay_after(failure, classification),
+            )
         except Exception as bug:  # noqa: BLE001
             return self._bug("drive.failed", bug, _GIVE_UP)
 
@@ -598,9 +616,19 @@ class _Runner:
         self._open_scope()
         try:
             classification = self.plan.route.classify(failure)
-            return self.loop.failed(classification, self.plan.monotonic())
+            return self.loop.failed(
+                classification,
+                self.plan.monotonic(),
+                replay_safe=self._replay_after(failure, classification),
+            )
         except Exception as bug:  # noqa: BLE001 - our bug must not change the app's error
             return self._bug("drive.failed", bug, _GIVE_UP)
+
+    def _replay_after(self, failure: BaseException, classification: Classification) -> bool | None:
+        judge = self.plan.hooks.replay_after
+        if judge is None or not self.plan.spec.replay_safe:
+            return None
+        return judge(failure, classification, self._args)
 
     def _no_fallback(self) -> Any:
         # A plan that promised a fallback, called without one: our bug, not the caller's.

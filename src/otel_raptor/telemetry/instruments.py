@@ -37,6 +37,9 @@ __all__ = [
     "ATTR_BREAKER_STATE",
     "ATTR_BREAKER_TO_STATE",
     "ATTR_BREAKER_TRANSITION_REASON",
+    "ATTR_DB_NAMESPACE",
+    "ATTR_DB_RESPONSE_STATUS_CODE",
+    "ATTR_DB_SYSTEM_NAME",
     "ATTR_ERROR_CATEGORY",
     "ATTR_ERROR_SEVERITY",
     "ATTR_ERROR_TYPE",
@@ -139,6 +142,9 @@ ATTR_BREAKER_OPEN_DURATION: Final = "raptor.circuit_breaker.open_duration"
 ATTR_BREAKER_RETRY_AFTER: Final = "raptor.circuit_breaker.retry_after"
 ATTR_SERVER_ADDRESS: Final = "server.address"
 ATTR_SERVER_PORT: Final = "server.port"
+ATTR_DB_SYSTEM_NAME: Final = "db.system.name"
+ATTR_DB_NAMESPACE: Final = "db.namespace"
+ATTR_DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
 ATTR_HTTP_REQUEST_METHOD: Final = "http.request.method"
 ATTR_HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
 ATTR_RESOURCE: Final = "raptor.resource"
