@@ -8,10 +8,10 @@ moment and apply to open connections as well as new ones:
 - ``latency(seconds)``: every chunk is delayed that long, both ways;
 - ``blackhole()``: connections are accepted, but nothing is forwarded either way (the client
   waits for an answer that never comes); ``heal()`` ends it;
-- ``cut_responses_after(n)``: the next server-to-client bytes beyond ``n`` (counted from now,
-  per connection) are not delivered: the connection is reset instead. With ``n = 0`` a
-  statement reaches the server, is executed, and its answer is lost: the client cannot know
-  whether it happened;
+- ``cut_responses_after(n, once=False)``: the next server-to-client bytes beyond ``n``
+  (counted from now, per connection) are not delivered: the connection is reset instead.
+  With ``n = 0`` a statement reaches the server, is executed, and its answer is lost: the
+  client cannot know whether it happened. With ``once`` only the first such cut happens;
 - ``refuse()``: the listening socket is closed and open connections reset (connection
   refused); ``heal()`` listens again on the same port;
 - ``reset_all()``: reset every open connection now.
@@ -34,9 +34,15 @@ _CHUNK = 65536
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with a TCP reset (SO_LINGER 0), so the peer sees the connection cut."""
+    """Cut a connection: the peer sees it end at once (SO_LINGER 0 makes the close a reset).
+
+    ``shutdown`` first: it wakes a pump thread blocked in ``recv`` on this socket, which a
+    bare ``close`` from another thread would not (the kernel keeps the socket until that
+    ``recv`` returns, so the peer would never learn of the cut)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -69,6 +75,8 @@ class FaultProxy:
         self._delay = 0.0
         self._blackhole = False
         self._cut_after: int | None = None
+        self._cut_once = False
+        self.cuts = 0
         self._lock = threading.Lock()
         self._pairs: list[_Pair] = []
         self._listener: socket.socket | None = None
@@ -83,15 +91,20 @@ class FaultProxy:
     def blackhole(self) -> None:
         self._blackhole = True
 
-    def cut_responses_after(self, count: int) -> None:
+    def cut_responses_after(self, count: int, *, once: bool = False) -> None:
         with self._lock:
             self._cut_after = count
+            self._cut_once = once
             for pair in self._pairs:
                 pair.down_budget = count
 
     def refuse(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); a bare close() would not, and
+            # the port would go on accepting.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 listener.close()
         self.reset_all()
@@ -174,6 +187,15 @@ class FaultProxy:
             threading.Thread(target=self._pump, args=(pair, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(pair, False), daemon=True).start()
 
+    def _cut(self, pair: _Pair) -> None:
+        with self._lock:
+            self.cuts += 1
+            if self._cut_once:
+                self._cut_after = None
+                for other in self._pairs:
+                    other.down_budget = None
+        pair.cut()
+
     def _pump(self, pair: _Pair, upward: bool) -> None:
         source, sink = (pair.client, pair.server) if upward else (pair.server, pair.client)
         try:
@@ -189,7 +211,7 @@ class FaultProxy:
                     break
                 if not upward and pair.down_budget is not None:
                     if len(data) > pair.down_budget:
-                        pair.cut()
+                        self._cut(pair)
                         break
                     pair.down_budget -= len(data)
                 sink.sendall(data)

@@ -191,10 +191,13 @@ async def _connect(
 
 
 def _plan(state: _State, con: Any, *, batch: bool) -> CallPlan | None:
+    protocol = con._protocol
+    if protocol is None:
+        return None  # a closed connection: asyncpg refuses the call without sending anything
     target = state.of_connection(con)
     if not target.enabled:
         return None
-    if batch or con._protocol.is_in_transaction():
+    if batch or protocol.is_in_transaction():
         return target.locked
     return target.statement
 
