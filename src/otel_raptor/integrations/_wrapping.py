@@ -89,7 +89,10 @@ def patch(owner: type, attribute: str, factory: HookFactory) -> bool:
     """Replace the function ``owner.attribute`` (defined in the class ``owner`` itself) with
     ``factory(original)``, a plain function; ``False`` if ``factory`` is already a layer.
 
-    The replacement carries ``__wrapped__`` (the original, which :func:`unwrap` puts back), the
+    ``factory`` is handed the original as a plain function taking the instance first (a
+    descriptor that is not a plain function, such as another library's wrapt layer, is bound
+    on each call). The replacement carries ``__wrapped__`` (the original, which :func:`unwrap`
+    puts back), the
     original's name, qualified name, module and docstring (so ``inspect.signature`` and
     ``inspect.iscoroutinefunction`` answer as before when the replacement is ``async def`` for
     an ``async def`` original), and a reference to ``factory``, which marks the layer as ours.
@@ -101,7 +104,7 @@ def patch(owner: type, attribute: str, factory: HookFactory) -> bool:
         raise AttributeError(f"{owner!r} defines no attribute {attribute!r} to patch")
     if is_wrapped(owner, attribute, factory):
         return False
-    replacement = factory(current)
+    replacement = factory(current if type(current) is types.FunctionType else _bound(current))
     for name in ("__name__", "__qualname__", "__module__", "__doc__"):
         with contextlib.suppress(AttributeError, TypeError):
             setattr(replacement, name, getattr(current, name))
@@ -109,6 +112,18 @@ def patch(owner: type, attribute: str, factory: HookFactory) -> bool:
     setattr(replacement, _FACTORY, factory)
     setattr(owner, attribute, replacement)
     return True
+
+
+def _bound(descriptor: Any) -> Callable[..., Any]:
+    """``descriptor`` (someone else's wrapt layer, say) as a plain function taking the
+    instance first: it is bound to the instance on each call, as attribute access would, so
+    the layer below sees its instance (wrapt wrappers read ``instance``)."""
+    get = descriptor.__get__
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return get(self, type(self))(*args, **kwargs)
+
+    return call
 
 
 def unwrap(owner: object, attribute: str, wrapper: Wrapper | HookFactory) -> bool:
@@ -127,5 +142,8 @@ def unwrap(owner: object, attribute: str, wrapper: Wrapper | HookFactory) -> boo
     # ``unwrap`` restores the *bound* original, which turns a classmethod (psycopg's
     # ``Connection.connect``) into a method bound to the base class, so subclasses would build
     # base-class instances.
-    setattr(owner, attribute, current.__wrapped__)  # type: ignore[attr-defined]  # a wrapt layer
+    # A *bound* wrapper here means someone else's unwrap put it there (OpenTelemetry's, for
+    # a layer wrapped over ours): what we wrapped is its parent's.
+    layer: Any = getattr(current, "_self_parent", None) or current
+    setattr(owner, attribute, layer.__wrapped__)
     return True
