@@ -303,6 +303,27 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         bound="one per `raptor.service`",
     ),
     AttributeSpec(
+        key=ATTR_DB_SYSTEM_NAME,
+        type=AttributeType.STRING,
+        values="semconv: `postgresql`, `mysql`, `redis` or `sqlite` (a database integration's "
+        "downstream; absent otherwise)",
+        bound="one per `raptor.service`",
+    ),
+    AttributeSpec(
+        key=ATTR_DB_NAMESPACE,
+        type=AttributeType.STRING,
+        values="semconv: the database name, the Redis database number or the SQLite file "
+        "(database integrations)",
+        bound="one per `raptor.service`",
+    ),
+    AttributeSpec(
+        key=ATTR_DB_RESPONSE_STATUS_CODE,
+        type=AttributeType.STRING,
+        values="semconv: the SQLSTATE (`40001`), MySQL error number (`1213`) or SQLite error "
+        "name (`SQLITE_BUSY`) of a database failure; absent when the server sent none",
+        bound="64 (then `_OTHER`)",
+    ),
+    AttributeSpec(
         key=ATTR_HTTP_REQUEST_METHOD,
         type=AttributeType.STRING,
         values="semconv: `GET`, `POST`, ... or `_OTHER` (integration spans)",
@@ -452,6 +473,9 @@ METRIC_ERRORS: Final = InstrumentSpec(
         ATTR_ERROR_TYPE,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
+        ATTR_DB_RESPONSE_STATUS_CODE,
     ),
     description="Failed attempts, as classified.",
 )
@@ -465,6 +489,8 @@ METRIC_RETRIES: Final = InstrumentSpec(
         ATTR_RECOVERY_STRATEGY,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="Retries scheduled after a failed attempt.",
 )
@@ -480,6 +506,8 @@ METRIC_RECOVERIES: Final = InstrumentSpec(
         ATTR_RECOVERY_GIVE_UP_REASON,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="Logical calls that needed recovery, by how they ended.",
 )
@@ -493,6 +521,8 @@ METRIC_RECOVERY_DURATION: Final = InstrumentSpec(
         ATTR_RECOVERY_OUTCOME,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="Time from the first attempt's start to the end of recovery.",
     bucket_boundaries=RECOVERY_DURATION_BUCKETS,
@@ -501,7 +531,14 @@ METRIC_RETRY_BUDGET_EXHAUSTED: Final = InstrumentSpec(
     name="raptor.retry_budget.exhausted",
     kind=InstrumentKind.COUNTER,
     unit="{retry}",
-    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
+    ),
     description="Retries refused because the downstream's retry budget was empty.",
 )
 METRIC_BREAKER_TRANSITIONS: Final = InstrumentSpec(
@@ -548,7 +585,13 @@ METRIC_RETRY_BUDGET_TOKENS: Final = InstrumentSpec(
     name="raptor.retry_budget.tokens",
     kind=InstrumentKind.OBSERVABLE_GAUGE,
     unit="{token}",
-    attributes=(ATTR_SERVICE, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
+    ),
     description="Retries the downstream's retry budget would allow right now.",
 )
 
@@ -675,6 +718,8 @@ SPAN_RECOVERY: Final = SpanSpec(
         ATTR_ERROR_TYPE,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="One logical call that needed recovery, from its first attempt to the end.",
 )
@@ -706,7 +751,13 @@ SPAN_MEMORY_CLEANUP: Final = SpanSpec(
 
 EVENT_ERROR: Final = SpanEventSpec(
     name="raptor.error",
-    attributes=(ATTR_RECOVERY_ATTEMPT, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+    attributes=(
+        ATTR_RECOVERY_ATTEMPT,
+        ATTR_ERROR_CATEGORY,
+        ATTR_ERROR_SEVERITY,
+        ATTR_ERROR_TYPE,
+        ATTR_DB_RESPONSE_STATUS_CODE,
+    ),
     description="An attempt failed (on `raptor.recovery`).",
 )
 EVENT_RETRY: Final = SpanEventSpec(
