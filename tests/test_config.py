@@ -665,3 +665,39 @@ def test_failover_urls_are_stored_as_a_tuple() -> None:
     assert RaptorConfig(integrations="httpx, asyncio").integrations == frozenset(  # type: ignore[arg-type]
         {"httpx", "asyncio"}
     )
+
+
+# --- the database statement timeout -------------------------------------------------------------
+
+
+def test_statement_timeout_from_every_layer(tmp_path: Path) -> None:
+    assert RaptorConfig().policy_for("db.internal", 5432, "postgresql").statement_timeout == 30.0
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: "12.5"})
+    assert (config.statement_timeout, reports.errors) == (12.5, [])
+    path = write(
+        tmp_path,
+        'statement_timeout = 0\n[[downstreams]]\npattern = "reports.internal:5432"\n'
+        "statement_timeout = 300\n",
+    )
+    config, reports = load(kwargs={"config_file": path})
+    assert reports.errors == []
+    assert config.policy_for("orders.internal", 5432, "postgresql").statement_timeout == 0.0
+    assert config.policy_for("reports.internal", 5432, "postgresql").statement_timeout == 300.0
+    config, _ = load(kwargs={"config_file": path, "statement_timeout": 5})
+    assert config.policy_for("orders.internal", 5432, "postgresql").statement_timeout == 5.0
+
+
+@pytest.mark.parametrize("bad", [-1, "30", float("inf"), True, None])
+def test_a_bad_statement_timeout_raises_in_code(bad: object) -> None:
+    with pytest.raises(ConfigError) as raised:
+        RaptorConfig.load(kwargs={"statement_timeout": bad}, environ={}, report=Reports())
+    assert raised.value.key == "statement_timeout"
+    assert "0: off" in raised.value.allowed
+    with pytest.raises(ConfigError, match=r"downstream\.statement_timeout"):
+        DownstreamOverride(pattern="db", statement_timeout=-1 if bad is None else bad)  # type: ignore[arg-type]
+
+
+def test_a_bad_statement_timeout_in_the_environment_falls_back() -> None:
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: "-3"})
+    assert config.statement_timeout == 30.0
+    assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT]
