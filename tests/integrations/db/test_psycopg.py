@@ -336,16 +336,12 @@ def test_a_pool_gets_guarded_connections(install: Install) -> None:
 
 
 def test_our_bug_is_reported_and_the_statement_runs(
-    install: Install, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    install: Install, caplog: pytest.LogCaptureFixture
 ) -> None:
     _reset_for_tests()
     install(PsycopgIntegration)
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("a bug of ours")
-
-    monkeypatch.setattr(integration, "_plan", broken)
     with caplog.at_level(logging.WARNING, logger="otel_raptor"), psycopg.connect(PG_DSN) as conn:
+        setattr(conn, integration.TARGET_ATTRIBUTE, object())  # as if our state were corrupt
         assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
     assert "psycopg.describe" in caplog.text
 

@@ -97,7 +97,7 @@ def test_a_read_whose_answer_was_lost_is_retried_by_raptor_alone(
 def test_a_write_that_was_never_sent_is_retried(
     install: Install, proxy: FaultProxy, key: str
 ) -> None:
-    installed = install(RedisIntegration, max_retries=10, failure_threshold=20)
+    installed = install(RedisIntegration, max_retries=40, failure_threshold=100)
     client = redis.Redis(host="127.0.0.1", port=proxy.port)
     proxy.refuse()
     healer = threading.Timer(0.03, proxy.heal)

@@ -225,7 +225,21 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         if state is None:
             return original(self, *args, **kwargs)
         try:
-            plan = _plan(state, self, batch=False)
+            # _plan() inlined: this runs for every statement.
+            conn = self._conn
+            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            if target is None or target.owner is not state:
+                target = _target(state, conn)
+            if not target.enabled:
+                plan = None
+            elif (
+                conn._autocommit
+                and conn.pgconn.transaction_status == _IDLE
+                and conn._pipeline is None
+            ):
+                plan = target.statement
+            else:
+                plan = target.locked
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("psycopg.describe", bug)
             plan = None

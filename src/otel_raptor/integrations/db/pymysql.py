@@ -190,6 +190,36 @@ def _plan(state: _State, cursor: Any, *, batch: bool) -> CallPlan | None:
     return target.statement
 
 
+def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Cursor.execute``."""
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is None or _inside.get():
+            return original(self, *args, **kwargs)
+        try:
+            # _plan() inlined: this runs for every statement. Nothing that ``execute`` runs
+            # calls ``execute`` again, so unlike the batches it needs no ``_inside`` mark.
+            conn = self.connection
+            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            if target is None or target.owner is not state:
+                target = _target(state, conn)
+            if not target.enabled:
+                plan = None
+            elif conn.autocommit_mode and not (conn.server_status or 0) & _IN_TRANSACTION:
+                plan = target.statement
+            else:
+                plan = target.locked
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("pymysql.describe", bug)
+            plan = None
+        if plan is None:
+            return original(self, *args, **kwargs)
+        return call(plan, original, (self, *args), kwargs)
+
+    return execute
+
+
 def _hook(original: Callable[..., Any], *, batch: bool) -> Callable[..., Any]:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -209,11 +239,6 @@ def _hook(original: Callable[..., Any], *, batch: bool) -> Callable[..., Any]:
             _inside.reset(token)
 
     return run
-
-
-def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``Cursor.execute``."""
-    return _hook(original, batch=False)
 
 
 def _batch_hook(original: Callable[..., Any]) -> Callable[..., Any]:

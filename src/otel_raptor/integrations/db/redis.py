@@ -281,7 +281,10 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         if state is None:
             return original(self, *args, **options)
         try:
-            target = _target(state, self.connection_pool)
+            # _target() inlined: this runs for every command.
+            target = getattr(self.connection_pool, TARGET_ATTRIBUTE, None)
+            if target is None or target.owner is not state:
+                target = _target(state, self.connection_pool)
             plan = target.statement if target.enabled else None
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("redis.describe", bug)
@@ -305,7 +308,9 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
         if state is None:
             return await original(self, *args, **options)
         try:
-            target = _target(state, self.connection_pool)
+            target = getattr(self.connection_pool, TARGET_ATTRIBUTE, None)
+            if target is None or target.owner is not state:
+                target = _target(state, self.connection_pool)
             plan = target.statement if target.enabled else None
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe", bug)
