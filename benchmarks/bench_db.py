@@ -11,6 +11,9 @@ them), five configurations each, measured in the same run:
   ``-redis`` with an SDK ``TracerProvider`` (``BatchSpanProcessor`` + an exporter that drops
   everything) and an SDK ``MeterProvider`` (an ``InMemoryMetricReader`` nobody collects);
 - ``raptor``: ``RaptorInstrumentor().instrument()`` with the same SDK providers;
+- ``raptor, timeout 0``: the same with ``statement_timeout=0``: the hooks alone, without the
+  default statement timeout (which PostgreSQL and MariaDB enforce with a timer armed on
+  every statement, and asyncpg with one of its own);
 - ``both``: the contrib instrumentation, then raptor.
 
 The method is ``bench_http.py``'s: each configuration lives in its own worker process, set up
@@ -21,8 +24,18 @@ workers run in turn. Every statement is timed; per round each worker reports its
 (*p50*) and mean, each divided by ``plain``'s of the same round; overheads come from the
 median of those ratios over rounds. The garbage collector stays on.
 
-The servers are the shared ones, not this benchmark's: they are not pinned, and other
-processes on the machine share them. ``--pin CPU`` pins the clients to one CPU.
+The servers are the shared ones, not this benchmark's: they cannot be pinned, and each
+worker's PostgreSQL or MariaDB connection is served by a backend that the scheduler places
+where it likes, which shifts a whole process's figures (on the 2-CPU VM this was written on,
+by up to a third in either direction). So a second measurement comes first, which that cannot
+touch: **alternating**, in one process per driver and on *one* connection, rounds of plain
+statements alternate (in a shuffled order) with rounds under ``RaptorInstrumentor`` (SDK
+providers, ``memory=False``), instrumented before and uninstrumented after each round, and
+with rounds on a plain connection whose session has the default statement timeout set (the
+server's cost of enforcing it, which raptor's own overhead does not include, since the
+connection predates the instrumentation). The contrib instrumentations are in the
+process-per-configuration table only: psycopg's and PyMySQL's act on new connections.
+``--pin CPU`` pins the clients to one CPU; ``--mode`` runs one measurement only.
 
 Target (issue 8): raptor adds at most 2 % to a loopback statement. The verdict is printed per
 driver, judged on p50; the exit status is 0 either way: this measures, it does not gate.
@@ -50,7 +63,7 @@ from pathlib import Path
 from typing import IO, Any
 
 DRIVERS = ("psycopg", "asyncpg", "pymysql", "redis")
-CONFIGS = ("plain", "plain (control)", "contrib", "raptor", "both")
+CONFIGS = ("plain", "plain (control)", "contrib", "raptor", "raptor, timeout 0", "both")
 TARGET_PERCENT = 2.0
 KEY = "raptor_db_bench_key"
 
@@ -100,14 +113,20 @@ def _instrument(driver: str, config: str) -> None:
     if config in ("contrib", "both"):
         module, name = CONTRIB[driver]
         getattr(importlib.import_module(module), name)().instrument(**providers)
-    if config in ("raptor", "both"):
+    if config.startswith("raptor") or config == "both":
         from otel_raptor import RaptorInstrumentor
 
-        RaptorInstrumentor().instrument(**providers)
+        extra = {"statement_timeout": 0} if config.endswith("timeout 0") else {}
+        RaptorInstrumentor().instrument(**providers, **extra)
 
 
 def _statement(driver: str) -> Callable[[int], list[float]]:
     """A function timing ``n`` statements: their durations in seconds."""
+    return _statement_with_connection(driver)[0]
+
+
+def _statement_with_connection(driver: str) -> tuple[Callable[[int], list[float]], Any]:
+    """A function timing ``n`` statements (their durations in seconds), and its connection."""
     perf_counter = time.perf_counter
     if driver == "psycopg":
         import psycopg
@@ -126,7 +145,7 @@ def _statement(driver: str) -> Callable[[int], list[float]]:
                 durations[i] = perf_counter() - start
             return durations
 
-        return run_psycopg
+        return run_psycopg, conn
     if driver == "pymysql":
         import pymysql
 
@@ -144,7 +163,7 @@ def _statement(driver: str) -> Callable[[int], list[float]]:
                 durations[i] = perf_counter() - start
             return durations
 
-        return run_pymysql
+        return run_pymysql, my
     if driver == "redis":
         import redis
 
@@ -159,7 +178,7 @@ def _statement(driver: str) -> Callable[[int], list[float]]:
                 durations[i] = perf_counter() - start
             return durations
 
-        return run_redis
+        return run_redis, client
     import asyncio
 
     import asyncpg
@@ -177,7 +196,95 @@ def _statement(driver: str) -> Callable[[int], list[float]]:
             durations[i] = perf_counter() - start
         return durations
 
-    return lambda n: loop.run_until_complete(batch(n))
+    return (lambda n: loop.run_until_complete(batch(n))), con
+
+
+ALTERNATE = ("plain", "raptor", "plain + timeout")
+
+
+def _session_timeout(driver: str, seconds: float) -> Callable[[Any], None]:
+    """Sets (``seconds`` > 0) or clears the session's statement timeout on a plain
+    connection, as raptor's default would."""
+    if driver == "psycopg":
+        return lambda conn: conn.execute(f"SET statement_timeout = {int(seconds * 1000)}")
+    if driver == "pymysql":
+        return lambda conn: conn.cursor().execute(f"SET max_statement_time = {seconds}")
+    return lambda conn: None
+
+
+def work_alternating(driver: str, warmup: int, n: int, rounds: int) -> None:
+    """One process, one connection: plain, raptor and plain-with-a-statement-timeout rounds
+    in a shuffled order; prints one line per round and configuration."""
+    from otel_raptor import RaptorInstrumentor
+
+    run, conn = _statement_with_connection(driver)
+    run(warmup)
+    rng = random.Random(20261203)
+    timeout = _session_timeout(driver, 30.0)
+    untimed = _session_timeout(driver, 0.0)
+    for _ in range(rounds):
+        order = list(ALTERNATE)
+        rng.shuffle(order)
+        for config in order:
+            if config == "raptor":
+                tracer_provider, meter_provider = _sdk_providers()
+                RaptorInstrumentor().instrument(
+                    tracer_provider=tracer_provider, meter_provider=meter_provider, memory=False
+                )
+            elif config == "plain + timeout":
+                timeout(conn)
+            try:
+                durations = run(n)
+            finally:
+                if config == "raptor":
+                    RaptorInstrumentor().uninstrument()
+                elif config == "plain + timeout":
+                    untimed(conn)
+            print(
+                f"{config}\t{statistics.median(durations)!r}\t"
+                f"{math.fsum(durations) / len(durations)!r}",
+                flush=True,
+            )
+
+
+def alternate(drivers: Sequence[str], *, n: int, rounds: int, warmup: int, cpu: int | None) -> None:
+    print(f"\nAlternating: one process and one connection per driver, {rounds} rounds of {n}")
+    print("statements per configuration, in a shuffled order; medians over rounds.")
+    print(
+        f"\n{'driver':<8} {'configuration':<16} {'µs/stmt p50':>11} {'ratio':>7}"
+        f" {'ratio IQR':>13} {'overhead µs':>12} {'overhead %':>11} {'mean %':>8}"
+    )
+    verdicts = []
+    for driver in drivers:
+        args = ["--alternate", driver, "--statements", str(n), "--rounds", str(rounds)]
+        process = _spawn([*args, "--warmup", str(warmup)], cpu)
+        out, _ = process.communicate(timeout=600)
+        by: dict[str, list[tuple[float, float]]] = {config: [] for config in ALTERNATE}
+        for line in out.splitlines():
+            config, median, mean = line.split("\t")
+            by[config].append((float(median), float(mean)))
+        plain = by["plain"]
+        for config in ALTERNATE:
+            rows = by[config]
+            ratios = [row[0] / base[0] for row, base in zip(rows, plain, strict=True)]
+            mean_ratios = [row[1] / base[1] for row, base in zip(rows, plain, strict=True)]
+            ratio = statistics.median(ratios)
+            q1, q3 = _quartiles(ratios)
+            p50 = statistics.median(row[0] for row in rows)
+            micros = (ratio - 1) * statistics.median(row[0] for row in plain) * 1e6
+            print(
+                f"{driver:<8} {config:<16} {p50 * 1e6:>11.2f} {ratio:>7.4f}"
+                f" {f'{q1:.3f}-{q3:.3f}':>13} {micros:>+12.2f} {(ratio - 1) * 100:>+10.2f}%"
+                f" {(statistics.median(mean_ratios) - 1) * 100:>+7.2f}%"
+            )
+            if config == "raptor":
+                verdicts.append(
+                    f"{driver}: raptor adds {micros:+.2f} µs ({(ratio - 1) * 100:+.2f} %) per"
+                    f" statement. At most {TARGET_PERCENT:g} %:"
+                    f" {'yes' if (ratio - 1) * 100 <= TARGET_PERCENT else 'NO'}."
+                )
+    print()
+    print("\n".join(verdicts))
 
 
 def work(driver: str, config: str, warmup: int) -> None:
@@ -339,7 +446,7 @@ def report(
     for typical in (True, False):
         print("\np50 (typical statement)" if typical else "\nmean (all costs, noisier)")
         print(
-            f"{'driver':<8} {'configuration':<16} {'µs/stmt':>8} {'ratio':>7}"
+            f"{'driver':<8} {'configuration':<18} {'µs/stmt':>8} {'ratio':>7}"
             f" {'ratio IQR':>13} {'overhead µs':>12} {'overhead %':>11}"
         )
         for driver in drivers:
@@ -356,16 +463,17 @@ def report(
                 micros = (ratio - 1.0) * plain * 1e6
                 found[config] = (ratio, micros)
                 print(
-                    f"{driver:<8} {config:<16} {statistics.median(seconds) * 1e6:>8.1f}"
+                    f"{driver:<8} {config:<18} {statistics.median(seconds) * 1e6:>8.1f}"
                     f" {ratio:>7.4f} {f'{q1:.3f}-{q3:.3f}':>13} {micros:>+12.2f}"
                     f" {(ratio - 1) * 100:>+10.2f}%"
                 )
             raptor, contrib, both = found["raptor"], found["contrib"], found["both"]
-            control = found["plain (control)"]
+            bare, control = found["raptor, timeout 0"], found["plain (control)"]
             percent = (raptor[0] - 1) * 100
             verdicts.append(
                 f"{driver} ({'p50' if typical else 'mean'}): raptor {raptor[1]:+.2f} µs"
-                f" ({percent:+.2f} %), contrib tracing {contrib[1]:+.2f} µs"
+                f" ({percent:+.2f} %; {bare[1]:+.2f} µs, {(bare[0] - 1) * 100:+.2f} % without"
+                f" the statement timeout), contrib tracing {contrib[1]:+.2f} µs"
                 f" ({(contrib[0] - 1) * 100:+.2f} %), raptor on top of contrib"
                 f" {both[1] - contrib[1]:+.2f} µs; control {(control[0] - 1) * 100:+.2f} %."
                 f" At most {TARGET_PERCENT:g} %: {'yes' if percent <= TARGET_PERCENT else 'NO'}."
@@ -383,11 +491,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--driver", choices=DRIVERS, action="append", help="default: all four")
     parser.add_argument("--pin", type=int, help="pin the client processes to this CPU")
     parser.add_argument("--worker", nargs=2, metavar=("DRIVER", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mode", choices=("alternating", "processes"), help="one measurement only (default: both)"
+    )
     args = parser.parse_args(argv)
     if args.pin is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.pin})
     if args.worker:
         work(args.worker[0], args.worker[1], args.warmup)
+        return 0
+    if args.alternate:
+        work_alternating(args.alternate, args.warmup, args.statements, args.rounds)
         return 0
     drivers = tuple(args.driver or DRIVERS)
     print(describe_machine(drivers), flush=True)
@@ -402,15 +517,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"clients: {'pinned to CPU ' + str(args.pin) if args.pin is not None else 'not pinned'}")
     started = time.monotonic()
-    results = measure(
-        drivers,
-        n=args.statements,
-        rounds=args.rounds,
-        sessions=args.sessions,
-        warmup=args.warmup,
-        cpu=args.pin,
-    )
-    report(results, drivers, args.statements, args.rounds * args.sessions)
+    if args.mode in (None, "alternating"):
+        alternate(
+            drivers,
+            n=args.statements,
+            rounds=args.rounds * args.sessions,
+            warmup=args.warmup,
+            cpu=args.pin,
+        )
+    if args.mode in (None, "processes"):
+        print("\nOne process per configuration (contrib included):")
+        results = measure(
+            drivers,
+            n=args.statements,
+            rounds=args.rounds,
+            sessions=args.sessions,
+            warmup=args.warmup,
+            cpu=args.pin,
+        )
+        report(results, drivers, args.statements, args.rounds * args.sessions)
     print(f"({time.monotonic() - started:.0f} s)")
     return 0
 
