@@ -32,6 +32,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_guard.py
 	$(PY) benchmarks/bench_http.py
+	$(PY) benchmarks/bench_db.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

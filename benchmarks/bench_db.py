@@ -217,6 +217,7 @@ def work_alternating(driver: str, warmup: int, n: int, rounds: int) -> None:
     in a shuffled order; prints one line per round and configuration."""
     from otel_raptor import RaptorInstrumentor
 
+    _import_every_driver()
     run, conn = _statement_with_connection(driver)
     run(warmup)
     rng = random.Random(20261203)
@@ -287,8 +288,22 @@ def alternate(drivers: Sequence[str], *, n: int, rounds: int, warmup: int, cpu: 
     print("\n".join(verdicts))
 
 
+def _import_every_driver() -> None:
+    """Every worker imports all four drivers first, whatever it measures: ``raptor``
+    imports the installed ones when it instruments, and an import alone can change another
+    driver's speed (on the machine these numbers come from, ``import redis`` made asyncpg's
+    loopback ``SELECT 1`` about 40 % faster in that process)."""
+    import asyncpg
+    import psycopg
+    import pymysql
+    import redis
+
+    del asyncpg, psycopg, pymysql, redis
+
+
 def work(driver: str, config: str, warmup: int) -> None:
     """A worker: set up, warm up, then time ``RUN n`` batches read from stdin."""
+    _import_every_driver()
     _instrument(driver, config)
     run = _statement(driver)
     run(warmup)
