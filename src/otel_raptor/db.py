@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -53,6 +52,7 @@ from otel_raptor.integrations.db._common import DbTarget, Server
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
+from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.state import Runtime, get_runtime
 
 __all__ = [
@@ -87,7 +87,7 @@ class _TransactionHooks(CallHooks):
 
 _HOOKS: Final = _TransactionHooks()
 _plans: dict[tuple[int, str, int, float, float], CallPlan] = {}
-_plans_lock = threading.Lock()
+_plans_box = LockBox()
 
 
 def _plan(
@@ -114,7 +114,7 @@ def _plan(
         clock=runtime.clock,
         hooks=_HOOKS,
     )
-    with _plans_lock:
+    with _plans_box.lock:
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         _plans[key] = plan

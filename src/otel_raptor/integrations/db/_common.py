@@ -47,6 +47,7 @@ from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import MAX_TARGETS, Target, library_error
 from otel_raptor.integrations._wrapping import HookFactory, Wrapper, patch, unwrap, wrap
 from otel_raptor.runtime.drive import CallHooks, CallPlan
+from otel_raptor.runtime.forksafe import register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.telemetry.instruments import (
     ATTR_DB_NAMESPACE,
@@ -315,6 +316,7 @@ class DbState:
         self.reads_hooks = StatementHooks(error, point, read_only, writes_in_transaction=True)
         self._targets: dict[Server, DbTarget] = {}
         self._lock = threading.Lock()
+        register_lock(self, "_lock")
 
     def target(self, server: Server) -> DbTarget:
         """The target of ``server`` (built on first use; lock-free afterwards)."""

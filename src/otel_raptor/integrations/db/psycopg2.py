@@ -25,7 +25,6 @@ is installed first. Connections opened before instrumentation, and asynchronous 
 from __future__ import annotations
 
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -42,6 +41,7 @@ from otel_raptor.integrations.db._postgres import (
     statement_timeout_query,
 )
 from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ _installed: _State | None = None
 # Subclasses built per factory class, held weakly (an application's classes may come and go).
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _connection_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
-_classes_lock = threading.Lock()
+_classes = LockBox()
 
 
 def _plan(cursor: Any, *, batch: bool) -> CallPlan | None:
@@ -148,7 +148,7 @@ def guarded_cursor_factory(factory: type) -> type:
     Guarded.__module__ = factory.__module__
     Guarded.__doc__ = factory.__doc__
     setattr(Guarded, _GUARDED, True)
-    with _classes_lock:
+    with _classes.lock:
         return _cursor_classes.setdefault(factory, Guarded)
 
 
@@ -209,7 +209,7 @@ def guarded_connection_factory(factory: Any) -> Any:
         # factory that was chosen.
         built = type(factory.__name__, (factory, mixin), {"__module__": factory.__module__})
         setattr(built, _GUARDED, True)
-    with _classes_lock:
+    with _classes.lock:
         return _connection_classes.setdefault(factory, built)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -46,6 +45,7 @@ from otel_raptor.integrations.db._common import (
     refusal_factory,
 )
 from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class _State(DbState):
 _installed: _State | None = None
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _connection_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
-_classes_lock = threading.Lock()
+_classes = LockBox()
 
 
 def server_of(database: object) -> Server:
@@ -175,7 +175,7 @@ def _guarded_cursor(factory: type) -> type:
     Guarded.__name__ = Guarded.__qualname__ = factory.__name__
     Guarded.__module__ = factory.__module__
     setattr(Guarded, _GUARDED, True)
-    with _classes_lock:
+    with _classes.lock:
         return _cursor_classes.setdefault(factory, Guarded)
 
 
@@ -223,7 +223,7 @@ def guarded_connection_factory(factory: Any) -> Any:
     Guarded.__name__ = Guarded.__qualname__ = factory.__name__
     Guarded.__module__ = factory.__module__
     setattr(Guarded, _GUARDED, True)
-    with _classes_lock:
+    with _classes.lock:
         return _connection_classes.setdefault(factory, Guarded)
 
 
