@@ -49,3 +49,22 @@ def instrument() -> None:
     controller = otel_raptor.get_memory_controller()
     assert_type(controller, otel_raptor.SimpleMemoryController)
     instrumentor.uninstrument()
+
+
+def transactions(conn: object) -> None:
+    from otel_raptor.db import TransactionInProgressError, run_transaction
+
+    def work(c: object) -> int:
+        return 1
+
+    assert_type(run_transaction(conn, work, max_retries=3), int)
+    assert issubclass(TransactionInProgressError, ValueError)
+
+
+async def transactions_async(conn: object) -> None:
+    from otel_raptor.db import run_transaction_async
+
+    async def work(c: object) -> str:
+        return "ok"
+
+    assert_type(await run_transaction_async(conn, work), str)
