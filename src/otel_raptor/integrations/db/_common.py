@@ -48,7 +48,6 @@ from otel_raptor.integrations._kit import MAX_TARGETS, Target, library_error
 from otel_raptor.integrations._wrapping import HookFactory, Wrapper, patch, unwrap, wrap
 from otel_raptor.runtime.drive import CallHooks, CallPlan
 from otel_raptor.runtime.forksafe import register_lock
-from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.telemetry.instruments import (
     ATTR_DB_NAMESPACE,
     ATTR_DB_SYSTEM_NAME,
@@ -65,10 +64,13 @@ __all__ = [
     "ReadOnlyOf",
     "Server",
     "StatementHooks",
+    "install_hooks",
     "is_not_sent",
     "mark_not_sent",
     "method_read_only",
+    "policy_timeout_ms",
     "refusal_factory",
+    "remove_hooks",
     "sql_read_only",
 ]
 
@@ -340,15 +342,6 @@ def policy_timeout_ms(target: DbTarget) -> int:
     """The target's statement timeout in whole milliseconds (0: none)."""
     seconds = target.statement_timeout
     return 0 if seconds <= 0 else max(1, round(seconds * 1000))
-
-
-def guarded(where: str, action: Callable[[], Any]) -> None:
-    """Run ``action`` (our own extra, such as setting a statement timeout); a failure is
-    reported once and never reaches the application."""
-    try:
-        action()
-    except Exception as bug:  # noqa: BLE001 - never break the host app
-        report_internal_error(where, bug)
 
 
 def install_hooks(
