@@ -194,6 +194,10 @@ def test_a_cluster_gets_a_breaker_and_keeps_its_own_retries(
         cluster = RedisCluster(host="127.0.0.1", port=server.port)
         cluster.set(unique_name, "1")
         assert cluster.get(unique_name) == b"1"
+        pipe = cluster.pipeline()
+        pipe.set(unique_name, "2").get(unique_name)
+        assert pipe.execute() == [True, b"2"]
+        assert not installed.of(RecoveryFinished)
         server.close()
         for _ in range(2):
             with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):
@@ -202,6 +206,29 @@ def test_a_cluster_gets_a_breaker_and_keeps_its_own_retries(
             cluster.get(unique_name)
         # The cluster's own breaker opened (and the one of the node client that the cluster
         # client uses to refresh its slot table, a plain Redis client).
+        opened = {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
+        assert f"redis://127.0.0.1:{server.port}/" in opened
+    finally:
+        server.close()
+
+
+async def test_an_asyncio_cluster_is_guarded(install: Install, unique_name: str) -> None:
+    import redis.asyncio.cluster
+
+    server = PrivateRedis(cluster=True)
+    try:
+        server.start()
+        installed = install(RedisIntegration, max_retries=0, failure_threshold=2)
+        cluster = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=server.port)
+        try:
+            await cluster.set(unique_name, "1")
+            assert await cluster.get(unique_name) == b"1"
+            server.close()
+            for _ in range(3):
+                with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):
+                    await cluster.get(unique_name)
+        finally:
+            await cluster.aclose()
         opened = {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
         assert f"redis://127.0.0.1:{server.port}/" in opened
     finally:
