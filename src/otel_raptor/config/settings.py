@@ -202,7 +202,8 @@ class RaptorConfig:
           :class:`CircuitBreakerConfig` (the seed's ``CIRCUIT_BREAKER_CONFIG`` shape);
         - ``retry_budget``: a mapping with ``ratio`` and/or ``min_retries_per_second``;
         - ``retry_budget_ratio``, ``retry_budget_min_retries_per_second``,
-          ``integrations``, ``breaker_key``, ``max_services``, ``retry_non_idempotent``;
+          ``integrations``, ``breaker_key``, ``max_services``, ``retry_non_idempotent``,
+          ``request_timeout``, ``statement_timeout``;
         - ``downstreams``: ``{pattern: mapping or DownstreamOverride}`` or a sequence of
           :class:`DownstreamOverride` (or mappings with a ``pattern``); a mapping's
           ``retry``/``breaker`` may be partial mappings, completed from the global ones.
