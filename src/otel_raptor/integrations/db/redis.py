@@ -29,8 +29,8 @@ cluster (named after its first startup node) around each call.
 
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
 ``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, plus ``Retry.call_with_retry``
-and ``AbstractConnection.connect_check_health`` (to turn retries off and to mark failures to
-connect). See ``docs/databases.md``.
+and ``AbstractConnection.connect_check_health`` (``connect`` before redis-py 6), to turn
+retries off and to mark failures to connect. See ``docs/databases.md``.
 """
 
 from __future__ import annotations
@@ -193,18 +193,23 @@ def _cluster_target(state: _State, cluster: Any) -> DbTarget:
 # --- turning redis-py's own retries off while raptor drives -----------------------------------
 
 
-def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``redis.retry.Retry.call_with_retry``."""
+def _single_attempt(
+    do: Callable[[], Any],
+    fail: Callable[..., Any],
+    is_retryable: Callable[[Exception], bool] | None = None,
+    with_failure_count: bool = False,
+) -> tuple[Callable[[], Any], Callable[..., Any], Callable[[Exception], bool] | None, bool]:
+    """``call_with_retry``'s arguments (redis-py 5 has only the first two)."""
+    return do, fail, is_retryable, with_failure_count
 
-    def call_with_retry(
-        self: Any,
-        do: Callable[[], Any],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> Any:
+
+def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives."""
+
+    def call_with_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driving.get():
-            return original(self, do, fail, is_retryable, with_failure_count)
+            return original(self, *args, **kwargs)
+        do, fail, is_retryable, with_failure_count = _single_attempt(*args, **kwargs)
         try:
             return do()
         except self._supported_errors as error:
@@ -221,15 +226,10 @@ def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio.retry.Retry.call_with_retry``."""
 
-    async def call_with_retry(
-        self: Any,
-        do: Callable[[], Awaitable[Any]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> Any:
+    async def call_with_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driving.get():
-            return await original(self, do, fail, is_retryable, with_failure_count)
+            return await original(self, *args, **kwargs)
+        do, fail, is_retryable, with_failure_count = _single_attempt(*args, **kwargs)
         try:
             return await do()
         except self._supported_errors as error:
@@ -476,6 +476,10 @@ def _async_cluster_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
     return execute
 
 
+def _opening(connection_class: type) -> str:
+    return "connect_check_health" if "connect_check_health" in vars(connection_class) else "connect"
+
+
 def _patched(redis: Any) -> list[tuple[type, str, Any]]:
     import redis.asyncio.client  # noqa: PLC0415 - imported by install()
     import redis.asyncio.cluster  # noqa: PLC0415
@@ -487,11 +491,14 @@ def _patched(redis: Any) -> list[tuple[type, str, Any]]:
     import redis.retry  # noqa: PLC0415
 
     aio = redis.asyncio
+    sync_connection = redis.connection.AbstractConnection
+    async_connection = aio.connection.AbstractConnection
     return [
         (redis.retry.Retry, "call_with_retry", _retry_hook),
         (aio.retry.Retry, "call_with_retry", _async_retry_hook),
-        (redis.connection.AbstractConnection, "connect_check_health", _connect_hook),
-        (aio.connection.AbstractConnection, "connect_check_health", _async_connect_hook),
+        # Where a connection is opened: connect_check_health since redis-py 6, connect before.
+        (sync_connection, _opening(sync_connection), _connect_hook),
+        (async_connection, _opening(async_connection), _async_connect_hook),
         (redis.client.Redis, "execute_command", _command_hook),
         (redis.client.Pipeline, "execute", _pipeline_hook),
         (aio.client.Redis, "execute_command", _async_command_hook),
