@@ -142,6 +142,11 @@ def check(tally: Tally, found: list[int], installed: Any, down: float, up: float
     assert max(tally.refused) < CONNECT_TIMEOUT / 4
     after = [t for t in tally.successes if t > up]
     assert after, "the application never recovered"
+    print(  # shown with pytest -s: what the bounds below were measured against
+        f"\nacked {len(tally.acked)}, unknown {len(tally.unknown)}, found {len(found)};"
+        f" refused {len(tally.refused)}, median {statistics.median(tally.refused) * 1e3:.3f} ms,"
+        f" max {max(tally.refused) * 1e3:.1f} ms; recovered {after[0] - up:.2f} s after restore"
+    )
     # Recovered within the open duration (the breaker's recovery timeout), plus a margin for
     # the server's own start and the workers' pacing on a shared machine.
     assert after[0] - up < RECOVERY_TIMEOUT + 1.5
