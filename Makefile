@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_guard.py
 	$(PY) benchmarks/bench_http.py
 	$(PY) benchmarks/bench_chaos.py
+	$(PY) benchmarks/bench_db.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -205,7 +205,10 @@ def test_a_value_out_of_range_is_reported_with_what_is_allowed() -> None:
     assert by_key[ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY].value == "1"
     assert ">= retry.base_delay (2.0)" in by_key[ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY].allowed
     assert by_key[ev.OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_THRESHOLD].allowed == "an integer >= 1"
-    assert "asyncio, httpx, requests" in by_key[ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS].allowed
+    assert (
+        "asyncio, asyncpg, httpx, psycopg, psycopg2, pymysql, redis, requests, sqlite3"
+        in by_key[ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS].allowed
+    )
     assert "OTEL_PYTHON_RAPTOR_INTEGRATIONS='requests,grpc'" in str(
         by_key[ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS]
     )
@@ -694,3 +697,39 @@ def test_an_unreadable_monitor_table_is_reported() -> None:
     overrides, problems = config_from_toml(text="monitor = 3\n")
     assert "monitor" not in overrides
     assert [p.key for p in problems] == ["<toml>:monitor"]
+
+
+# --- the database statement timeout -------------------------------------------------------------
+
+
+def test_statement_timeout_from_every_layer(tmp_path: Path) -> None:
+    assert RaptorConfig().policy_for("db.internal", 5432, "postgresql").statement_timeout == 30.0
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: "12.5"})
+    assert (config.statement_timeout, reports.errors) == (12.5, [])
+    path = write(
+        tmp_path,
+        'statement_timeout = 0\n[[downstreams]]\npattern = "reports.internal:5432"\n'
+        "statement_timeout = 300\n",
+    )
+    config, reports = load(kwargs={"config_file": path})
+    assert reports.errors == []
+    assert config.policy_for("orders.internal", 5432, "postgresql").statement_timeout == 0.0
+    assert config.policy_for("reports.internal", 5432, "postgresql").statement_timeout == 300.0
+    config, _ = load(kwargs={"config_file": path, "statement_timeout": 5})
+    assert config.policy_for("orders.internal", 5432, "postgresql").statement_timeout == 5.0
+
+
+@pytest.mark.parametrize("bad", [-1, "30", float("inf"), True, None])
+def test_a_bad_statement_timeout_raises_in_code(bad: object) -> None:
+    with pytest.raises(ConfigError) as raised:
+        RaptorConfig.load(kwargs={"statement_timeout": bad}, environ={}, report=Reports())
+    assert raised.value.key == "statement_timeout"
+    assert "0: off" in raised.value.allowed
+    with pytest.raises(ConfigError, match=r"downstream\.statement_timeout"):
+        DownstreamOverride(pattern="db", statement_timeout=-1 if bad is None else bad)  # type: ignore[arg-type]
+
+
+def test_a_bad_statement_timeout_in_the_environment_falls_back() -> None:
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: "-3"})
+    assert config.statement_timeout == 30.0
+    assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT]

@@ -300,6 +300,12 @@ def test_no_missing_library_disables_the_plugin(monkeypatch: pytest.MonkeyPatch)
     assert {r.split(";")[0] for r in requires if 'extra == "instruments-any"' in r} == {
         "requests>=2.0",
         "httpx>=0.18",
+        "psycopg>=3.1",
+        "psycopg2>=2.9",
+        "psycopg2-binary>=2.9",
+        "asyncpg>=0.29",
+        "pymysql>=1.1",
+        "redis>=5",
         "otel-raptor",
     }
     assert dependencies.get_dist_dependency_conflicts(distribution) is None
@@ -307,11 +313,14 @@ def test_no_missing_library_disables_the_plugin(monkeypatch: pytest.MonkeyPatch)
     real_version = dependencies.version
 
     def version(name: str) -> str:
-        if name in {"requests", "httpx"}:
+        if name in {"requests", "httpx", "psycopg", "psycopg2", "psycopg2-binary", "asyncpg"} | {
+            "pymysql",
+            "redis",
+        }:
             raise dependencies.PackageNotFoundError(name)
         return real_version(name)
 
-    # Neither HTTP library installed: the plugin still loads (for asyncio).
+    # No HTTP or database library installed: the plugin still loads (for asyncio).
     monkeypatch.setattr(dependencies, "version", version)
     assert dependencies.get_dist_dependency_conflicts(distribution) is None
 

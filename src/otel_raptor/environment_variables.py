@@ -37,6 +37,7 @@ __all__ = [
     "OTEL_PYTHON_RAPTOR_RETRY_DEADLINE",
     "OTEL_PYTHON_RAPTOR_RETRY_JITTER",
     "OTEL_PYTHON_RAPTOR_RETRY_NON_IDEMPOTENT",
+    "OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT",
 ]
 
 # --- retries (``RetryPolicy``) ----------------------------------------------------------------
@@ -85,6 +86,10 @@ OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT = "OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT"
 """Timeout applied to a request whose caller set none, seconds > 0 or ``none`` (the library's
 own default), default ``30.0``."""
 
+OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT = "OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT"
+"""Statement timeout the database integrations set on a connection where neither the
+application nor the server set one, seconds >= 0, default ``30.0``; ``0`` turns it off."""
+
 OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD = (
     "OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD"
 )
@@ -128,8 +133,9 @@ OTEL_PYTHON_RAPTOR_MAX_SERVICES = "OTEL_PYTHON_RAPTOR_MAX_SERVICES"
 # --- what to hook, and the file ---------------------------------------------------------------
 
 OTEL_PYTHON_RAPTOR_INTEGRATIONS = "OTEL_PYTHON_RAPTOR_INTEGRATIONS"
-"""Comma-separated integrations to install, from ``requests``, ``httpx``, ``asyncio``; ``all``
-(the default: each one whose library is installed) or ``none``."""
+"""Comma-separated integrations to install, from ``requests``, ``httpx``, ``asyncio``,
+``psycopg``, ``psycopg2``, ``asyncpg``, ``pymysql``, ``redis``, ``sqlite3``; ``all`` (the
+default: each one whose library is installed) or ``none``."""
 
 OTEL_PYTHON_RAPTOR_CONFIG = "OTEL_PYTHON_RAPTOR_CONFIG"
 """Path of a TOML file with the same settings and per-downstream overrides (``[[downstreams]]``);

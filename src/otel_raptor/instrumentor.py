@@ -93,7 +93,8 @@ class _Installed:
 
 
 class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrumentor is untyped
-    """Zero-code resilience for requests, httpx and asyncio, with OpenTelemetry telemetry.
+    """Zero-code resilience for requests, httpx, asyncio and the database drivers (psycopg,
+    psycopg2, asyncpg, PyMySQL, redis-py, sqlite3), with OpenTelemetry telemetry.
 
     ``instrument()`` keyword arguments: ``tracer_provider``, ``meter_provider`` and
     ``logger_provider`` (default: the global ones), ``memory`` (the memory controller:
@@ -102,7 +103,8 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     plus everything :meth:`RaptorConfig.load` accepts (``retry`` /
     ``recovery_config``, ``breaker`` / ``circuit_breaker_config``, ``retry_budget``,
     ``retry_budget_ratio``, ``integrations``, ``breaker_key``, ``max_services``,
-    ``retry_non_idempotent``, ``request_timeout``, ``health_check_path``, ``downstreams``,
+    ``retry_non_idempotent``, ``request_timeout``, ``health_check_path``, ``statement_timeout``,
+    ``downstreams``,
     ``config_file``). With no arguments it does
     exactly what ``opentelemetry-instrument`` does.
 

@@ -99,6 +99,20 @@ def test_the_breaker_and_telemetry_show_up(demo_output: str) -> None:
     assert "raptor.recovery" in demo_output
 
 
+def test_the_database_phase(demo_output: str) -> None:
+    """PostgreSQL when one answers (the proxied outage included), SQLite otherwise."""
+    assert "Database phase: " in demo_output
+    assert _cells(demo_output, "acknowledged writes lost") == ("0", "0")
+    assert _cells(demo_output, "writes applied twice") == ("0", "0")
+    plain, raptor = _cells(demo_output, "acknowledged, conflicts")
+    assert float(raptor.split(" %")[0]) > float(plain.split(" %")[0])  # conflicts retried
+    if "Database phase: PostgreSQL" in demo_output:
+        plain_wait, raptor_wait = map(_millis, _cells(demo_output, "failed call (outage), p50"))
+        assert plain_wait >= 1000  # it waited out its connect timeout
+        assert raptor_wait < 100  # the breaker answered at once
+        assert "closed -> open" in demo_output.rsplit("Database phase: ", maxsplit=1)[-1]
+
+
 # -- the server's measurements ---------------------------------------------------------------
 
 

@@ -48,6 +48,9 @@ _SEMCONV = {
     "server.port",
     "http.request.method",
     "http.response.status_code",
+    "db.system.name",
+    "db.namespace",
+    "db.response.status_code",
 }
 
 
@@ -247,7 +250,14 @@ def test_attribute_cache_reuses_one_mapping_and_is_bounded() -> None:
 
 
 def test_metric_attribute_sets_match_the_registry() -> None:
-    described = {"s": {"server.address": "a.test", "server.port": 443}}
+    described = {
+        "s": {
+            "server.address": "a.test",
+            "server.port": 5432,
+            "db.system.name": "postgresql",
+            "db.namespace": "orders",
+        }
+    }
     attrs = MetricAttributes(describe=lambda service: described.get(service, {}))
     keys = {spec.name: spec.attributes for spec in INSTRUMENTS}
 
@@ -258,7 +268,12 @@ def test_metric_attribute_sets_match_the_registry() -> None:
     # A service nobody described (your own guards, ``other``) has no server.* keys.
     assert "server.address" not in attrs.errors("mine", "timeout", "low", "T")
 
-    check(instruments.METRIC_ERRORS, attrs.errors("s", "timeout", "low", "T"))
+    check(instruments.METRIC_ERRORS, attrs.errors("s", "timeout", "low", "T", "40001"))
+    check(
+        instruments.METRIC_ERRORS,
+        attrs.errors("s", "timeout", "low", "T"),
+        optional=("db.response.status_code",),
+    )
     check(instruments.METRIC_RETRIES, attrs.retries("s", "timeout", "reconnect"))
     gave_up = attrs.recoveries("s", "timeout", "reconnect", "failed", "deadline")
     assert set(gave_up) == set(keys["raptor.recoveries"])
@@ -283,3 +298,4 @@ def test_folding_caps() -> None:
     assert types[128:] == ["_OTHER", "_OTHER"]
     assert [attrs.category(f"c{i}") for i in range(33)][-1] == "other"
     assert [attrs.give_up_reason(f"r{i}") for i in range(33)][-1] == "other"
+    assert [attrs.db_status_code(f"{i:05d}") for i in range(65)][-2:] == ["00063", "_OTHER"]

@@ -90,3 +90,22 @@ def refusals() -> None:
 
 def cached_or_decline() -> int:
     raise otel_raptor.FallbackDeclined
+
+
+def transactions(conn: object) -> None:
+    from otel_raptor.db import TransactionInProgressError, run_transaction
+
+    def work(c: object) -> int:
+        return 1
+
+    assert_type(run_transaction(conn, work, max_retries=3), int)
+    assert issubclass(TransactionInProgressError, ValueError)
+
+
+async def transactions_async(conn: object) -> None:
+    from otel_raptor.db import run_transaction_async
+
+    async def work(c: object) -> str:
+        return "ok"
+
+    assert_type(await run_transaction_async(conn, work), str)

@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from otel_raptor._demo.database import DatabaseRun, render_database, run_database_phase
 from otel_raptor._demo.report import (
     BreakerChange,
     RunSummary,
@@ -131,6 +132,8 @@ class DemoResult:
     plain: RunSummary
     raptor: RunSummary
     transitions: tuple[BreakerChange, ...]
+    #: The database phase's plain and raptor runs.
+    database: tuple[DatabaseRun, DatabaseRun] | None = None
 
 
 @dataclass(eq=False)
@@ -387,10 +390,37 @@ def run_demo(
         else "console only; set OTEL_EXPORTER_OTLP_ENDPOINT to send it to a collector"
     )
     stream.write(f"Telemetry of the raptor run ({target}):\n")
-    stream.write(render_telemetry(metrics, spans) + "\n")
+    stream.write(render_telemetry(metrics, spans) + "\n\n")
     stream.flush()
+    database = _database_phase(options, telemetry, stream, env)
     telemetry.shutdown()
-    return DemoResult(plain, raptor, tuple(transitions))
+    return DemoResult(plain, raptor, tuple(transitions), database)
+
+
+def _database_phase(
+    options: DemoOptions, telemetry: _Telemetry, stream: TextIO, environ: Mapping[str, str]
+) -> tuple[DatabaseRun, DatabaseRun]:
+    """The same idea against a database: PostgreSQL when one answers, SQLite otherwise."""
+    from otel_raptor.instrumentor import RaptorInstrumentor  # noqa: PLC0415
+
+    def instrument() -> Callable[[], None]:
+        instrumentor = RaptorInstrumentor()
+        instrumentor.instrument(
+            tracer_provider=telemetry.tracer_provider,
+            meter_provider=telemetry.meter_provider,
+            retry=options.retry,
+            breaker=options.breaker,
+            integrations=["psycopg", "sqlite3"],
+            memory=False,
+        )
+        return instrumentor.uninstrument  # type: ignore[no-any-return]  # BaseInstrumentor is untyped
+
+    stream.write("Database phase: the same two runs against a database ...\n")
+    stream.flush()
+    plain, raptor = run_database_phase(quick=options.quick, instrument=instrument, environ=environ)
+    stream.write(render_database(plain, raptor, quick=options.quick) + "\n")
+    stream.flush()
+    return plain, raptor
 
 
 def _watch_breakers(server: FaultServer, sink: list[BreakerChange]) -> Callable[[], None]:

@@ -16,7 +16,19 @@ __all__ = [
     "Report",
 ]
 
-ALL_INTEGRATIONS = frozenset({"requests", "httpx", "asyncio"})
+ALL_INTEGRATIONS = frozenset(
+    {
+        "requests",
+        "httpx",
+        "asyncio",
+        "psycopg",
+        "psycopg2",
+        "asyncpg",
+        "pymysql",
+        "redis",
+        "sqlite3",
+    }
+)
 
 BreakerKey = Literal["origin", "host"]
 
@@ -67,6 +79,7 @@ _TOP_FIELDS: Final = {
     "retry_non_idempotent": "retry_non_idempotent",
     "request_timeout": "request_timeout",
     "health_check_path": "health_check_path",
+    "statement_timeout": "statement_timeout",
 }
 _TOP_DOTTED: Final = {field_: dotted for dotted, field_ in _TOP_FIELDS.items()}
 
@@ -79,6 +92,18 @@ def _is_number(value: object) -> bool:
 def _check_seconds(key: str, value: object) -> None:
     if value is not None and not (_is_number(value) and value > 0):  # type: ignore[operator]
         raise ConfigError(key, value, _SECONDS_OR_NONE)
+
+
+def _check_statement_timeout(key: str, value: object, *, optional: bool) -> None:
+    if optional and value is None:
+        return
+    if not (_is_number(value) and value >= 0):  # type: ignore[operator]
+        raise ConfigError(
+            key,
+            value,
+            ("None (inherit), or " if optional else "")
+            + "a finite number of seconds >= 0 (0: off)",
+        )
 
 
 def _check_flag(key: str, value: object, *, optional: bool) -> None:

@@ -12,6 +12,7 @@ from otel_raptor.config._values import (
     _check_flag,
     _check_path,
     _check_seconds,
+    _check_statement_timeout,
     _is_number,
     _urls,
 )
@@ -32,12 +33,16 @@ class DownstreamPolicy:
     methods or requests with an ``Idempotency-Key`` header are replayed). ``failover_urls``
     are base URLs tried in order when the primary gives up. ``stale_if_error`` serves the last
     good response to a GET (no older than ``stale_max_age`` seconds, > 0) when the call fails.
-    ``enabled=False`` leaves the downstream alone entirely.
+    ``enabled=False`` leaves the downstream alone entirely. ``statement_timeout`` (seconds
+    >= 0, default 30.0; 0 turns it off) is the statement timeout a database integration sets
+    on a connection to this server when neither the application nor the server set one
+    (``docs/databases.md``).
     """
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     timeout: float | None = 30.0
+    statement_timeout: float = 30.0
     retry_non_idempotent: bool = False
     failover_urls: tuple[str, ...] = ()
     stale_if_error: bool = False
@@ -52,6 +57,9 @@ class DownstreamPolicy:
         if not isinstance(self.breaker, CircuitBreakerConfig):
             raise ConfigError("downstream.breaker", self.breaker, "a CircuitBreakerConfig")
         _check_seconds("downstream.timeout", self.timeout)
+        _check_statement_timeout(
+            "downstream.statement_timeout", self.statement_timeout, optional=False
+        )
         _check_flag("downstream.retry_non_idempotent", self.retry_non_idempotent, optional=False)
         object.__setattr__(
             self, "failover_urls", _urls("downstream.failover_urls", self.failover_urls)
@@ -77,12 +85,15 @@ class DownstreamOverride:
     Fields left ``None`` inherit from the global settings; ``timeout`` inherits the
     (resolved) ``request_timeout``. The first matching override wins, in the order given.
     ``failover_urls`` may be given as any sequence; it is stored as a tuple.
+    ``statement_timeout`` (seconds >= 0, 0: off) applies to database servers matching the
+    pattern (``db.internal:5432``).
     """
 
     pattern: str
     retry: RetryPolicy | None = None
     breaker: CircuitBreakerConfig | None = None
     timeout: float | None = None
+    statement_timeout: float | None = None
     retry_non_idempotent: bool | None = None
     failover_urls: tuple[str, ...] | None = None
     stale_if_error: bool | None = None
@@ -102,6 +113,9 @@ class DownstreamOverride:
         if self.breaker is not None and not isinstance(self.breaker, CircuitBreakerConfig):
             raise ConfigError("downstream.breaker", self.breaker, "None or a CircuitBreakerConfig")
         _check_seconds("downstream.timeout", self.timeout)
+        _check_statement_timeout(
+            "downstream.statement_timeout", self.statement_timeout, optional=True
+        )
         _check_flag("downstream.retry_non_idempotent", self.retry_non_idempotent, optional=True)
         if self.failover_urls is not None:
             object.__setattr__(

@@ -42,6 +42,7 @@ _ENV: Final[dict[str, tuple[str, Callable[[str], object]]]] = {
     env.OTEL_PYTHON_RAPTOR_BREAKER_TIMEOUT: ("breaker.timeout", _parse_float),
     env.OTEL_PYTHON_RAPTOR_REQUEST_TIMEOUT: ("request_timeout", _parse_optional_seconds),
     env.OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH: ("health_check_path", _parse_path),
+    env.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: ("statement_timeout", _parse_float),
     env.OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD: (
         "breaker.failure_rate_threshold",
         _parse_float,

@@ -23,6 +23,7 @@ _TOP_SCALARS: Final = (
     "retry_non_idempotent",
     "request_timeout",
     "health_check_path",
+    "statement_timeout",
 )
 _FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams", "monitor")
 

@@ -19,6 +19,7 @@ from otel_raptor.config._values import (
     _check_flag,
     _check_path,
     _check_seconds,
+    _check_statement_timeout,
     _integrations,
 )
 from otel_raptor.config.downstream import DownstreamOverride, DownstreamPolicy, _Matcher
@@ -52,6 +53,9 @@ class RaptorConfig:
     library's own default; default 30.0) is applied to requests whose caller set no timeout.
     When no layer sets it, the seed's ``breaker.timeout`` (``CIRCUIT_BREAKER_CONFIG``'s
     ``timeout``, ``OTEL_PYTHON_RAPTOR_BREAKER_TIMEOUT``) stands in for it.
+    ``statement_timeout`` (seconds >= 0, default 30.0; 0 turns it off) is the statement
+    timeout the database integrations set where neither the application nor the server set
+    one (per server through ``downstreams``; see ``docs/databases.md``).
 
     Build one with :meth:`load` to apply kwargs, environment and file with their precedence.
     """
@@ -66,6 +70,7 @@ class RaptorConfig:
     retry_non_idempotent: bool = False
     request_timeout: float | None = 30.0
     health_check_path: str | None = None
+    statement_timeout: float = 30.0
     downstreams: tuple[DownstreamOverride, ...] = ()
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Derived in __post_init__; the cache makes ``policy_for`` one dict lookup per request.
@@ -101,6 +106,8 @@ class RaptorConfig:
         _check_flag("retry_non_idempotent", self.retry_non_idempotent, optional=False)
         _check_seconds("request_timeout", self.request_timeout)
         _check_path("health_check_path", self.health_check_path)
+        _check_statement_timeout("statement_timeout", self.statement_timeout, optional=False)
+        setattr_(self, "statement_timeout", float(self.statement_timeout))
         downstreams: object = self.downstreams
         if isinstance(downstreams, (str, bytes, Mapping)) or not isinstance(downstreams, Iterable):
             raise ConfigError("downstreams", downstreams, "a sequence of DownstreamOverride")
@@ -116,6 +123,7 @@ class RaptorConfig:
                 retry=self.retry,
                 breaker=self.breaker,
                 timeout=self.request_timeout,
+                statement_timeout=self.statement_timeout,
                 retry_non_idempotent=self.retry_non_idempotent,
                 health_check_path=self.health_check_path,
             ),
@@ -169,6 +177,7 @@ class RaptorConfig:
             retry=pick(override.retry, base.retry),
             breaker=breaker,
             timeout=pick(override.timeout, base.timeout),
+            statement_timeout=pick(override.statement_timeout, base.statement_timeout),
             retry_non_idempotent=pick(override.retry_non_idempotent, base.retry_non_idempotent),
             failover_urls=pick(override.failover_urls, base.failover_urls),
             stale_if_error=pick(override.stale_if_error, base.stale_if_error),
@@ -202,7 +211,7 @@ class RaptorConfig:
         - ``retry_budget``: a mapping with ``ratio`` and/or ``min_retries_per_second``;
         - ``retry_budget_ratio``, ``retry_budget_min_retries_per_second``,
           ``integrations``, ``breaker_key``, ``max_services``, ``retry_non_idempotent``,
-          ``request_timeout``, ``health_check_path``;
+          ``request_timeout``, ``health_check_path``, ``statement_timeout``;
         - ``downstreams``: ``{pattern: mapping or DownstreamOverride}`` or a sequence of
           :class:`DownstreamOverride` (or mappings with a ``pattern``); a mapping's
           ``retry``/``breaker`` may be partial mappings, completed from the global ones.
@@ -391,6 +400,7 @@ _KWARGS: Final = (
     "retry_budget_min_retries_per_second",
     "retry_budget_ratio",
     "retry_non_idempotent",
+    "statement_timeout",
 )
 
 

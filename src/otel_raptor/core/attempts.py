@@ -299,13 +299,14 @@ class AttemptLoop:
         now: float,
         *,
         error: BaseException | None = None,
+        replay_safe: bool | None = None,
     ) -> Step:
         """The fast path's first attempt, admitted with ``permit`` at ``attempt_started``,
-        failed at ``now`` (with ``error``, for the analytics)."""
+        failed at ``now`` (``error`` and ``replay_safe`` as for :meth:`failed`)."""
         self._permit = permit
         self.attempt_started = attempt_started
         self._port.record_call()
-        return self.failed(classification, now, error=error)
+        return self.failed(classification, now, error=error, replay_safe=replay_safe)
 
     # --- the end of an attempt ----------------------------------------------------------------
 
@@ -324,10 +325,20 @@ class AttemptLoop:
         return _DONE
 
     def failed(
-        self, classification: Classification, now: float, *, error: BaseException | None = None
+        self,
+        classification: Classification,
+        now: float,
+        *,
+        error: BaseException | None = None,
+        replay_safe: bool | None = None,
     ) -> Step:
         """The attempt in flight failed at ``now`` with ``classification``; ``error`` (the
-        exception, if any) rides on ``ErrorClassified`` for the error analytics."""
+        exception, if any) rides on ``ErrorClassified`` for the error analytics.
+
+        ``replay_safe`` narrows the spec's replay safety for this failure only: an integration
+        that judges it per failure (a database statement the server rolled back may be sent
+        again, one whose outcome the failure leaves unknown may not) passes its verdict here.
+        ``None`` keeps the spec's; it can never make an unsafe spec safe."""
         port = self._port
         spec = self._spec
         self.attempts += 1
@@ -358,7 +369,9 @@ class AttemptLoop:
             attempt=attempts,
             elapsed=now - self.started,
             classification=classification,
-            replay_safe=spec.replay_safe,
+            replay_safe=spec.replay_safe
+            if replay_safe is None
+            else spec.replay_safe and replay_safe,
             rnd=self._rnd,
         )
         if isinstance(decision, GiveUp):

@@ -19,5 +19,11 @@ INTEGRATIONS: Mapping[str, str] = MappingProxyType(
         "requests": "otel_raptor.integrations.requests:RequestsIntegration",
         "httpx": "otel_raptor.integrations.httpx:HttpxIntegration",
         "asyncio": "otel_raptor.integrations.asyncio:AsyncioIntegration",
+        "psycopg": "otel_raptor.integrations.db.psycopg:PsycopgIntegration",
+        "psycopg2": "otel_raptor.integrations.db.psycopg2:Psycopg2Integration",
+        "asyncpg": "otel_raptor.integrations.db.asyncpg:AsyncpgIntegration",
+        "pymysql": "otel_raptor.integrations.db.pymysql:PyMySQLIntegration",
+        "redis": "otel_raptor.integrations.db.redis:RedisIntegration",
+        "sqlite3": "otel_raptor.integrations.db.sqlite3:SQLiteIntegration",
     }
 )

@@ -32,6 +32,7 @@ from typing import Any, Final, Protocol
 
 from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKind, Step
 from otel_raptor.core.breaker import Permit
+from otel_raptor.core.classification import Classification
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.runtime.clock import Clock
@@ -111,6 +112,14 @@ class CallHooks:
 
     #: Whether :meth:`attempt_kwargs` applies the attempt timeout itself.
     applies_timeouts: bool = False
+
+    #: ``(failure, classification, args) -> bool``: whether the call (made with positional
+    #: arguments ``args``) may be sent again after *this* failure, for integrations whose
+    #: replay safety depends on how far the call got (a database statement the server rolled
+    #: back may be replayed, one whose outcome is unknown may not). It can only narrow the
+    #: plan's replay safety and runs on the failure path only. ``None`` (the default): the
+    #: plan's replay safety holds for every failure.
+    replay_after: Callable[[BaseException, Classification, tuple[Any, ...]], bool] | None = None
 
     def give_up(self, failure: BaseException) -> Any:
         """What the caller gets when recovery ends with ``failure``: it is raised."""
@@ -263,8 +272,8 @@ def run_sync(
                 return result
         # Outside the ``except`` block, so that re-raising a later attempt's error does not
         # chain this one onto it as its ``__context__``.
-        return _drive_sync(_Runner(plan, fallback, start, failure), fn, args, kwargs)
-    return _drive_sync(_Runner(plan, fallback, start), fn, args, kwargs)
+        return _drive_sync(_Runner(plan, fallback, start, args, failure), fn, args, kwargs)
+    return _drive_sync(_Runner(plan, fallback, start, args), fn, args, kwargs)
 
 
 async def run_async(
@@ -279,7 +288,7 @@ async def run_async(
     outside propagates at once and is never counted as a failure."""
     start = plan.monotonic()
     if not _ready(plan, start):
-        return await _drive_async(_Runner(plan, fallback, start), fn, args, kwargs)
+        return await _drive_async(_Runner(plan, fallback, start, args), fn, args, kwargs)
     try:
         result = await _first_attempt(plan, fn, args, kwargs)
     except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
@@ -288,7 +297,7 @@ async def run_async(
         failure = _succeeded(plan, start, result)
         if failure is None:
             return result
-    return await _drive_async(_Runner(plan, fallback, start, failure), fn, args, kwargs)
+    return await _drive_async(_Runner(plan, fallback, start, args, failure), fn, args, kwargs)
 
 
 def recover_sync(
@@ -304,7 +313,7 @@ def recover_sync(
     """Recover from ``error``, the failure of a first attempt that ran outside any guard and
     started at ``started`` (the recovery engine): retry ``fn`` as the plan says.
     ``observe`` is handed the loop when the call ends (attempts, strategy, outcome)."""
-    return _drive_sync(_Runner(plan, None, started, error, observe), fn, args, kwargs or {})
+    return _drive_sync(_Runner(plan, None, started, args, error, observe), fn, args, kwargs or {})
 
 
 async def recover_async(
@@ -318,7 +327,7 @@ async def recover_async(
     observe: Callable[[AttemptLoop], None] | None = None,
 ) -> Any:
     """:func:`recover_sync` for coroutine functions."""
-    runner = _Runner(plan, None, started, error, observe)
+    runner = _Runner(plan, None, started, args, error, observe)
     return await _drive_async(runner, fn, args, kwargs or {})
 
 
@@ -429,6 +438,7 @@ class _Runner:
     call ends as it would have without us."""
 
     __slots__ = (
+        "_args",
         "_attempt_token",
         "_fallback",
         "_observe",
@@ -446,14 +456,16 @@ class _Runner:
         plan: CallPlan,
         fallback: Fallback | None,
         started: float,
+        args: tuple[Any, ...],
         failure: BaseException | None = None,
         observe: Callable[[AttemptLoop], None] | None = None,
     ) -> None:
-        """A slow-path call that started at ``started``: its first attempt (made on the fast
-        path) ended with ``failure``, or (``None``) it has not been admitted yet. ``step``
-        is what the driver does first."""
+        """A slow-path call with positional arguments ``args`` that started at ``started``:
+        its first attempt (made on the fast path) ended with ``failure``, or (``None``) it has
+        not been admitted yet. ``step`` is what the driver does first."""
         self.plan = plan
         self._observe = observe
+        self._args = args
         self.loop = AttemptLoop(plan.spec, plan.route, started=started, rnd=plan.rnd)
         self._fallback = fallback if fallback is not None else plan.fallback
         self._passive = False
@@ -481,7 +493,12 @@ class _Runner:
         try:
             classification = self.plan.route.classify(failure)
             return self.loop.first_failed(
-                _CALL, started, classification, self.plan.monotonic(), error=failure
+                _CALL,
+                started,
+                classification,
+                self.plan.monotonic(),
+                error=failure,
+                replay_safe=self._replay_after(failure, classification),
             )
         except Exception as bug:  # noqa: BLE001
             return self._bug("drive.failed", bug, _GIVE_UP)
@@ -626,9 +643,20 @@ class _Runner:
         self._open_scope()
         try:
             classification = self.plan.route.classify(failure)
-            return self.loop.failed(classification, self.plan.monotonic(), error=failure)
+            return self.loop.failed(
+                classification,
+                self.plan.monotonic(),
+                error=failure,
+                replay_safe=self._replay_after(failure, classification),
+            )
         except Exception as bug:  # noqa: BLE001 - our bug must not change the app's error
             return self._bug("drive.failed", bug, _GIVE_UP)
+
+    def _replay_after(self, failure: BaseException, classification: Classification) -> bool | None:
+        judge = self.plan.hooks.replay_after
+        if judge is None or not self.plan.spec.replay_safe:
+            return None
+        return judge(failure, classification, self._args)
 
     def _no_fallback(self) -> Any:
         # A plan that promised a fallback, called without one: our bug, not the caller's.

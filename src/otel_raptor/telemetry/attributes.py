@@ -21,6 +21,7 @@ from otel_raptor.telemetry.instruments import (
     ATTR_BREAKER_STATE,
     ATTR_BREAKER_TO_STATE,
     ATTR_BREAKER_TRANSITION_REASON,
+    ATTR_DB_RESPONSE_STATUS_CODE,
     ATTR_ERROR_CATEGORY,
     ATTR_ERROR_SEVERITY,
     ATTR_ERROR_TYPE,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_BREAKERS",
     "DEFAULT_MAX_CACHED_SETS",
     "DEFAULT_MAX_SERVICES",
+    "MAX_DB_STATUS_CODES",
     "Description",
     "MAX_CATEGORIES",
     "MAX_ERROR_TYPES",
@@ -56,6 +58,7 @@ DEFAULT_MAX_BREAKERS: Final = 256
 MAX_ERROR_TYPES: Final = 128
 MAX_CATEGORIES: Final = 32
 MAX_GIVE_UP_REASONS: Final = 32
+MAX_DB_STATUS_CODES: Final = 64
 #: Per instrument. Past it, attribute sets are still correct, only built on each record.
 DEFAULT_MAX_CACHED_SETS: Final = 4096
 
@@ -162,8 +165,10 @@ class MetricAttributes:
         "_breakers",
         "_budget_tokens",
         "_categories",
+        "_db_status_codes",
         "_error_types",
         "_errors",
+        "_errors_db",
         "_health",
         "_reasons",
         "_recoveries",
@@ -189,8 +194,19 @@ class MetricAttributes:
         self._error_types = BoundedValues(MAX_ERROR_TYPES, OTHER_ERROR_TYPE)
         self._categories = BoundedValues(MAX_CATEGORIES, OTHER)
         self._reasons = BoundedValues(MAX_GIVE_UP_REASONS, OTHER)
+        self._db_status_codes = BoundedValues(MAX_DB_STATUS_CODES, OTHER_ERROR_TYPE)
         self._errors = AttributeCache(
             (ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+            describe=describe,
+        )
+        self._errors_db = AttributeCache(
+            (
+                ATTR_SERVICE,
+                ATTR_ERROR_CATEGORY,
+                ATTR_ERROR_SEVERITY,
+                ATTR_ERROR_TYPE,
+                ATTR_DB_RESPONSE_STATUS_CODE,
+            ),
             describe=describe,
         )
         self._retries = AttributeCache(
@@ -251,11 +267,23 @@ class MetricAttributes:
         """``value``, or ``other`` once 32 distinct values have been seen."""
         return self._reasons(value)
 
+    def db_status_code(self, value: str) -> str:
+        """``value``, or ``_OTHER`` once 64 distinct values have been seen."""
+        return self._db_status_codes(value)
+
     # --- attribute sets (arguments already folded where they come from outside) ----------
 
     def errors(
-        self, service: str, category: str, severity: str, error_type: str
+        self,
+        service: str,
+        category: str,
+        severity: str,
+        error_type: str,
+        db_status_code: str | None = None,
     ) -> Mapping[str, str | int]:
+        """``db_status_code`` (already folded) ``None`` leaves the key out."""
+        if db_status_code is not None:
+            return self._errors_db.get((service, category, severity, error_type, db_status_code))
         return self._errors.get((service, category, severity, error_type))
 
     def retries(self, service: str, category: str, strategy: str) -> Mapping[str, str | int]:

@@ -47,6 +47,9 @@ __all__ = [
     "ATTR_BREAKER_STATE",
     "ATTR_BREAKER_TO_STATE",
     "ATTR_BREAKER_TRANSITION_REASON",
+    "ATTR_DB_NAMESPACE",
+    "ATTR_DB_RESPONSE_STATUS_CODE",
+    "ATTR_DB_SYSTEM_NAME",
     "ATTR_ERROR_CATEGORY",
     "ATTR_ERROR_SEVERITY",
     "ATTR_ERROR_TYPE",
@@ -163,6 +166,9 @@ ATTR_BREAKER_OPEN_DURATION: Final = "raptor.circuit_breaker.open_duration"
 ATTR_BREAKER_RETRY_AFTER: Final = "raptor.circuit_breaker.retry_after"
 ATTR_SERVER_ADDRESS: Final = "server.address"
 ATTR_SERVER_PORT: Final = "server.port"
+ATTR_DB_SYSTEM_NAME: Final = "db.system.name"
+ATTR_DB_NAMESPACE: Final = "db.namespace"
+ATTR_DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
 ATTR_HTTP_REQUEST_METHOD: Final = "http.request.method"
 ATTR_HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
 ATTR_RESOURCE: Final = "raptor.resource"
@@ -332,6 +338,27 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         values="semconv: port of an integration's downstream (absent with `breaker_key = "
         "host`, for `other` and for your own guards)",
         bound="one per `raptor.service`",
+    ),
+    AttributeSpec(
+        key=ATTR_DB_SYSTEM_NAME,
+        type=AttributeType.STRING,
+        values="semconv: `postgresql`, `mysql`, `redis` or `sqlite` (a database integration's "
+        "downstream; absent otherwise)",
+        bound="one per `raptor.service`",
+    ),
+    AttributeSpec(
+        key=ATTR_DB_NAMESPACE,
+        type=AttributeType.STRING,
+        values="semconv: the database name, the Redis database number or the SQLite file "
+        "(database integrations)",
+        bound="one per `raptor.service`",
+    ),
+    AttributeSpec(
+        key=ATTR_DB_RESPONSE_STATUS_CODE,
+        type=AttributeType.STRING,
+        values="semconv: the SQLSTATE (`40001`), MySQL error number (`1213`) or SQLite error "
+        "name (`SQLITE_BUSY`) of a database failure; absent when the server sent none",
+        bound="64 (then `_OTHER`)",
     ),
     AttributeSpec(
         key=ATTR_HTTP_REQUEST_METHOD,
@@ -545,6 +572,9 @@ METRIC_ERRORS: Final = InstrumentSpec(
         ATTR_ERROR_TYPE,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
+        ATTR_DB_RESPONSE_STATUS_CODE,
     ),
     description="Failed attempts, as classified.",
 )
@@ -558,6 +588,8 @@ METRIC_RETRIES: Final = InstrumentSpec(
         ATTR_RECOVERY_STRATEGY,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="Retries scheduled after a failed attempt.",
 )
@@ -573,6 +605,8 @@ METRIC_RECOVERIES: Final = InstrumentSpec(
         ATTR_RECOVERY_GIVE_UP_REASON,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="Logical calls that needed recovery, by how they ended.",
 )
@@ -586,6 +620,8 @@ METRIC_RECOVERY_DURATION: Final = InstrumentSpec(
         ATTR_RECOVERY_OUTCOME,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="Time from the first attempt's start to the end of recovery.",
     bucket_boundaries=RECOVERY_DURATION_BUCKETS,
@@ -594,7 +630,14 @@ METRIC_RETRY_BUDGET_EXHAUSTED: Final = InstrumentSpec(
     name="raptor.retry_budget.exhausted",
     kind=InstrumentKind.COUNTER,
     unit="{retry}",
-    attributes=(ATTR_SERVICE, ATTR_ERROR_CATEGORY, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_ERROR_CATEGORY,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
+    ),
     description="Retries refused because the downstream's retry budget was empty.",
 )
 METRIC_BREAKER_TRANSITIONS: Final = InstrumentSpec(
@@ -641,7 +684,13 @@ METRIC_RETRY_BUDGET_TOKENS: Final = InstrumentSpec(
     name="raptor.retry_budget.tokens",
     kind=InstrumentKind.OBSERVABLE_GAUGE,
     unit="{token}",
-    attributes=(ATTR_SERVICE, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT),
+    attributes=(
+        ATTR_SERVICE,
+        ATTR_SERVER_ADDRESS,
+        ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
+    ),
     description="Retries the downstream's retry budget would allow right now.",
 )
 
@@ -815,6 +864,8 @@ SPAN_RECOVERY: Final = SpanSpec(
         ATTR_ERROR_TYPE,
         ATTR_SERVER_ADDRESS,
         ATTR_SERVER_PORT,
+        ATTR_DB_SYSTEM_NAME,
+        ATTR_DB_NAMESPACE,
     ),
     description="One logical call that needed recovery, from its first attempt to the end.",
 )
@@ -846,7 +897,13 @@ SPAN_MEMORY_CLEANUP: Final = SpanSpec(
 
 EVENT_ERROR: Final = SpanEventSpec(
     name="raptor.error",
-    attributes=(ATTR_RECOVERY_ATTEMPT, ATTR_ERROR_CATEGORY, ATTR_ERROR_SEVERITY, ATTR_ERROR_TYPE),
+    attributes=(
+        ATTR_RECOVERY_ATTEMPT,
+        ATTR_ERROR_CATEGORY,
+        ATTR_ERROR_SEVERITY,
+        ATTR_ERROR_TYPE,
+        ATTR_DB_RESPONSE_STATUS_CODE,
+    ),
     description="An attempt failed (on `raptor.recovery`).",
 )
 EVENT_RETRY: Final = SpanEventSpec(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import math
 import threading
 import time
@@ -88,6 +89,8 @@ from otel_raptor.telemetry.instruments import (
     ATTR_BREAKER_STATE,
     ATTR_BREAKER_TO_STATE,
     ATTR_BREAKER_TRANSITION_REASON,
+    ATTR_DB_RESPONSE_STATUS_CODE,
+    ATTR_DB_SYSTEM_NAME,
     ATTR_ERROR_CATEGORY,
     ATTR_ERROR_SEVERITY,
     ATTR_ERROR_TYPE,
@@ -163,6 +166,9 @@ _NS_PER_S: Final = 1_000_000_000
 _MAX_DURATION_S: Final = 1e7
 
 _time_ns = time.time_ns
+
+# ``Classification.code`` holds an errno's name for OS errors: never a database's answer.
+_ERRNO_NAMES: Final = frozenset(errno.errorcode.values())
 
 
 class _Pending(NamedTuple):
@@ -331,11 +337,21 @@ class TelemetrySink:
 
     __call__ = publish
 
+    def _db_status_code(self, service: str, code: str | None) -> str | None:
+        """The failure's ``db.response.status_code``: its SQLSTATE, MySQL error number or SQLite
+        error name, for a database downstream only (an errno name is no database's answer)."""
+        if code is None or code in _ERRNO_NAMES or code.startswith("EAI_"):
+            return None
+        if ATTR_DB_SYSTEM_NAME not in self._runtime.description(service):
+            return None
+        return code
+
     def _on_error_classified(self, event: ErrorClassified) -> None:
         classification = event.classification
         attrs = self._attrs
         category = classification.category.value
         severity = classification.severity.value
+        status = self._db_status_code(event.service, classification.code)
         try:
             self._instruments.errors.add(
                 1,
@@ -344,19 +360,23 @@ class TelemetrySink:
                     category,
                     severity,
                     attrs.error_type(classification.error_type),
+                    None if status is None else attrs.db_status_code(status),
                 ),
             )
         except Exception as error:  # noqa: BLE001
             report_internal_error("telemetry.metrics", error)
+        span_event: dict[str, AttributeValue] = {
+            ATTR_RECOVERY_ATTEMPT: event.attempt,
+            ATTR_ERROR_CATEGORY: category,
+            ATTR_ERROR_SEVERITY: severity,
+            ATTR_ERROR_TYPE: classification.error_type,
+        }
+        if status is not None:
+            span_event[ATTR_DB_RESPONSE_STATUS_CODE] = status
         self._buffer(
             event.service,
             EVENT_ERROR.name,
-            {
-                ATTR_RECOVERY_ATTEMPT: event.attempt,
-                ATTR_ERROR_CATEGORY: category,
-                ATTR_ERROR_SEVERITY: severity,
-                ATTR_ERROR_TYPE: classification.error_type,
-            },
+            span_event,
             classification.error_type,
             restart=event.attempt <= 1,
         )

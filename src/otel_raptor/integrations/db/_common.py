@@ -1,0 +1,375 @@
+"""What every database integration shares: servers, targets, plans, hooks and refusals.
+
+A *server* (:class:`Server`) is what one breaker covers: the database system
+(``db.system.name``), the server's address and port, and the database (``db.namespace``).
+Its service name is ``system://host:port/database`` (``postgresql://10.0.0.5:5432/orders``;
+``sqlite:/var/lib/app.db``): never a user name, a password or any other part of a DSN.
+
+A :class:`DbTarget` is one server as an installed integration sees it: the kit's
+:class:`~otel_raptor.integrations._kit.Target` (service name folded by the runtime, the shared
+breaker, the semantic-convention attributes telemetry adds to its metric points) and three
+call plans, chosen per call by the driver module:
+
+- ``connect``: opening a connection; always replay safe (nothing was executed);
+- ``statement``: one statement (or Redis command) outside any transaction; replay safety is
+  judged *per failure* by :class:`StatementHooks` with the pure rule of
+  :func:`otel_raptor.core.db.replay_safe_after`;
+- ``locked``: a statement inside a transaction, or a batch (``executemany``, a pipeline that
+  writes): never replayed. The breaker still counts it;
+- ``reads``: a statement that opens a transaction implicitly when it writes (sqlite3's legacy
+  transaction control): replayed only when it is read-only, as ``statement`` judges.
+
+A database's breaker never counts a conflict (``concurrency``: serialization failures,
+deadlocks, lock wait timeouts, SQLite busy, Redis ``WatchError``) against the server's
+health: it is a healthy server answering "not now". Its other rules are the configured ones.
+
+Refusals: an open breaker raises the driver's own error class mixed with
+:class:`~otel_raptor.errors.CircuitOpenError` (:func:`refusal_factory`), so existing
+``except psycopg.OperationalError`` (or ``redis.ConnectionError``, ...) clauses keep working.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from otel_raptor.config import DownstreamPolicy
+from otel_raptor.core.attempts import LoopSpec, Refusal
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.classification import Classification, ErrorCategory
+from otel_raptor.core.db import FailurePoint, Operation, replay_safe_after
+from otel_raptor.core.replay import sql_replay_safe
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.errors import CircuitOpenError
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._kit import MAX_TARGETS, Target, library_error
+from otel_raptor.integrations._wrapping import HookFactory, Wrapper, patch, unwrap, wrap
+from otel_raptor.runtime.drive import CallHooks, CallPlan
+from otel_raptor.runtime.forksafe import register_lock
+from otel_raptor.telemetry.instruments import (
+    ATTR_DB_NAMESPACE,
+    ATTR_DB_SYSTEM_NAME,
+    ATTR_SERVER_ADDRESS,
+    ATTR_SERVER_PORT,
+)
+
+__all__ = [
+    "NOT_SENT_ATTRIBUTE",
+    "DbHooks",
+    "DbState",
+    "DbTarget",
+    "PointOf",
+    "ReadOnlyOf",
+    "Server",
+    "StatementHooks",
+    "install_hooks",
+    "is_not_sent",
+    "mark_not_sent",
+    "method_read_only",
+    "policy_timeout_ms",
+    "refusal_factory",
+    "remove_hooks",
+    "sql_read_only",
+]
+
+#: Marks an exception raised before anything reached the server (set by the hooks that see
+#: the connection being opened, e.g. redis-py reconnecting for a command).
+NOT_SENT_ATTRIBUTE: Final = "_otel_raptor_not_sent"
+
+_CONCURRENCY: Final = ErrorCategory.CONCURRENCY
+_STATEMENT: Final = Operation.STATEMENT
+
+#: ``(failure, classification) -> (failure point, can the client send again)``.
+PointOf = Callable[[BaseException, Classification], tuple[FailurePoint, bool]]
+#: ``positional args of the call -> is it free of side effects``.
+ReadOnlyOf = Callable[[tuple[Any, ...]], bool]
+
+
+def mark_not_sent(error: BaseException) -> None:
+    """Record that ``error`` was raised before anything reached the server."""
+    try:
+        setattr(error, NOT_SENT_ATTRIBUTE, True)
+    except Exception:  # noqa: BLE001 - an exception refusing attributes: simply unmarked
+        return
+
+
+def is_not_sent(error: BaseException) -> bool:
+    """Whether ``error`` was marked by :func:`mark_not_sent`."""
+    return getattr(error, NOT_SENT_ATTRIBUTE, False) is True
+
+
+def sql_read_only(args: tuple[Any, ...]) -> bool:
+    """Whether the statement in ``args[0]`` (``str`` or ``bytes``; anything else, such as a
+    composed query object, counts as unknown) is a single read-only statement
+    (:func:`~otel_raptor.core.replay.sql_replay_safe` outside a transaction)."""
+    statement = args[0] if args else None
+    if not isinstance(statement, (str, bytes)):
+        return False
+    return sql_replay_safe(statement, in_transaction=False)
+
+
+def method_read_only(args: tuple[Any, ...]) -> bool:
+    """:func:`sql_read_only` for the arguments of an unbound method call
+    (``(cursor, statement, ...)``): the statement is ``args[1]``."""
+    return sql_read_only(args[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One database server (and database) as a breaker sees it.
+
+    ``system`` is the semantic-convention ``db.system.name`` (``postgresql``, ``mysql``,
+    ``redis``, ``sqlite``); ``host`` a host name, an IP address or a Unix socket path (empty
+    for SQLite); ``port`` ``None`` for sockets and SQLite; ``database`` the database name, the
+    Redis database number, or the SQLite file.
+    """
+
+    system: str
+    host: str
+    port: int | None
+    database: str | None
+
+    @property
+    def name(self) -> str:
+        """The service (and breaker) name: ``system://host:port/database``."""
+        if not self.host:
+            return f"{self.system}:{self.database or ''}"
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("/") else self.host
+        authority = host if self.port is None else f"{host}:{self.port}"
+        return f"{self.system}://{authority}/{self.database or ''}"
+
+    @property
+    def attributes(self) -> dict[str, str | int]:
+        """The semantic-convention attributes of this server."""
+        attributes: dict[str, str | int] = {ATTR_DB_SYSTEM_NAME: self.system}
+        if self.host:
+            attributes[ATTR_SERVER_ADDRESS] = self.host
+        if self.port is not None:
+            attributes[ATTR_SERVER_PORT] = self.port
+        if self.database:
+            attributes[ATTR_DB_NAMESPACE] = self.database
+        return attributes
+
+
+def refusal_factory(
+    library: type[BaseException],
+    name: str,
+    module: str,
+    *,
+    args: Callable[[str], tuple[Any, ...]] | None = None,
+) -> Callable[[Refusal], BaseException]:
+    """A function building the fail-fast error of a driver: both
+    :class:`~otel_raptor.errors.CircuitOpenError` and ``library`` (class ``name`` in
+    ``module``). ``args``, given the message, returns the ``args`` the driver's own errors
+    carry (PyMySQL: ``(2003, message)``)."""
+    error_type = library_error(CircuitOpenError, library, name, module)
+
+    def build(refusal: Refusal) -> BaseException:
+        error: BaseException = error_type(refusal.name, refusal.retry_after)
+        if args is not None:
+            error.args = args(str(error))
+        return error
+
+    return build
+
+
+class DbHooks(CallHooks):
+    """A database call's hooks: refusals are the driver's fail-fast error."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: Callable[[Refusal], BaseException]) -> None:
+        self._error = error
+
+    def refusal(self, refusal: Refusal) -> BaseException:
+        return self._error(refusal)
+
+
+class StatementHooks(DbHooks):
+    """The hooks of a statement outside any transaction: replay safety is judged per failure
+    (see the module docstring). ``point`` tells how far the failed call got; ``read_only``
+    whether it was free of side effects (asked only when that matters). With
+    ``writes_in_transaction`` a statement that is not read-only counts as inside a
+    transaction (sqlite3's legacy mode opens one implicitly before a write)."""
+
+    __slots__ = ("_point", "_read_only", "_writes_in_transaction")
+
+    def __init__(
+        self,
+        error: Callable[[Refusal], BaseException],
+        point: PointOf,
+        read_only: ReadOnlyOf,
+        *,
+        writes_in_transaction: bool = False,
+    ) -> None:
+        super().__init__(error)
+        self._point = point
+        self._read_only = read_only
+        self._writes_in_transaction = writes_in_transaction
+
+    def replay_after(
+        self, failure: BaseException, classification: Classification, args: tuple[Any, ...]
+    ) -> bool:
+        if self._writes_in_transaction and not self._read_only(args):
+            return False
+        point, can_send = self._point(failure, classification)
+        read_only = point in (FailurePoint.FAILED, FailurePoint.UNKNOWN) and self._read_only(args)
+        return replay_safe_after(
+            _STATEMENT, point, in_transaction=False, read_only=read_only, can_send=can_send
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    retry: RetryPolicy
+    breaker: CircuitBreakerConfig
+
+
+def _db_breaker(config: CircuitBreakerConfig) -> CircuitBreakerConfig:
+    if _CONCURRENCY in config.ignored_categories:
+        return config
+    return replace(config, ignored_categories=config.ignored_categories | {_CONCURRENCY})
+
+
+class DbTarget:
+    """One server of an installed database integration (see the module docstring).
+
+    ``enabled`` is false when the server's policy says ``enabled = false``: its calls are left
+    alone. ``statement_timeout`` is the policy's, in seconds (0: none). ``owner`` is the
+    :class:`DbState` that built it, so a target cached on a connection by an earlier
+    installation is recognised as stale.
+    """
+
+    __slots__ = (
+        "connect",
+        "enabled",
+        "locked",
+        "owner",
+        "policy",
+        "reads",
+        "server",
+        "service",
+        "statement",
+        "statement_timeout",
+    )
+
+    def __init__(self, owner: DbState, server: Server, policy: DownstreamPolicy) -> None:
+        self.owner = owner
+        self.server = server
+        self.policy = policy
+        self.enabled = policy.enabled
+        self.statement_timeout = policy.statement_timeout
+        runtime = owner.runtime
+        target = Target(
+            server.name,
+            _Policy(policy.retry, _db_breaker(policy.breaker)),
+            runtime,
+            owner.connect_hooks,
+            server.attributes,
+        )
+        self.service = target.service
+        self.connect = target.plan(replay_safe=True)
+        self.locked = target.plan(replay_safe=False)
+        spec = LoopSpec.of(policy.retry, replay_safe=True)
+        self.statement = CallPlan(
+            target.route, spec, runtime=runtime, clock=runtime.clock, hooks=owner.statement_hooks
+        )
+        self.reads = CallPlan(
+            target.route, spec, runtime=runtime, clock=runtime.clock, hooks=owner.reads_hooks
+        )
+
+
+class DbState:
+    """The state of one installed database integration: settings, hooks and targets.
+
+    ``error`` builds the driver's fail-fast error from a refusal; ``point`` and ``read_only``
+    feed the per-failure replay judgement (:class:`StatementHooks`). Targets are kept per
+    :class:`Server` (at most :data:`~otel_raptor.integrations._kit.MAX_TARGETS`, then the
+    table starts over; breakers and budgets live in the runtime, so nothing is lost).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_targets",
+        "config",
+        "connect_hooks",
+        "reads_hooks",
+        "runtime",
+        "settings",
+        "statement_hooks",
+    )
+
+    def __init__(
+        self,
+        settings: IntegrationSettings,
+        *,
+        error: Callable[[Refusal], BaseException],
+        point: PointOf,
+        read_only: ReadOnlyOf = sql_read_only,
+    ) -> None:
+        self.settings = settings
+        self.runtime = settings.runtime
+        self.config = settings.config
+        self.connect_hooks = DbHooks(error)
+        self.statement_hooks = StatementHooks(error, point, read_only)
+        self.reads_hooks = StatementHooks(error, point, read_only, writes_in_transaction=True)
+        self._targets: dict[Server, DbTarget] = {}
+        self._lock = threading.Lock()
+        register_lock(self, "_lock")
+
+    def target(self, server: Server) -> DbTarget:
+        """The target of ``server`` (built on first use; lock-free afterwards)."""
+        found = self._targets.get(server)
+        if found is not None:
+            return found
+        policy = self.config.policy_for(server.host or server.system, server.port, server.system)
+        built = DbTarget(self, server, policy)
+        with self._lock:
+            targets = self._targets
+            found = targets.get(server)
+            if found is not None:
+                return found
+            if len(targets) >= MAX_TARGETS:
+                targets.clear()
+            targets[server] = built
+        return built
+
+
+def policy_timeout_ms(target: DbTarget) -> int:
+    """The target's statement timeout in whole milliseconds (0: none)."""
+    seconds = target.statement_timeout
+    return 0 if seconds <= 0 else max(1, round(seconds * 1000))
+
+
+def install_hooks(
+    wrapped: Sequence[tuple[object, str, Wrapper]],
+    patched: Sequence[tuple[type, str, HookFactory]] = (),
+) -> None:
+    """Install wrapt wrappers and :func:`~otel_raptor.integrations._wrapping.patch` hooks, all
+    or none: when one fails, those already installed are removed and the error raised."""
+    done_wrapped: list[tuple[object, str, Wrapper]] = []
+    done_patched: list[tuple[type, str, HookFactory]] = []
+    try:
+        for owner, attribute, wrapper in wrapped:
+            wrap(owner, attribute, wrapper)
+            done_wrapped.append((owner, attribute, wrapper))
+        for cls, attribute, factory in patched:
+            patch(cls, attribute, factory)
+            done_patched.append((cls, attribute, factory))
+    except Exception:
+        remove_hooks(done_wrapped, done_patched)
+        raise
+
+
+def remove_hooks(
+    wrapped: Sequence[tuple[object, str, Wrapper]],
+    patched: Sequence[tuple[type, str, HookFactory]] = (),
+) -> None:
+    """Remove what :func:`install_hooks` installed, in reverse order."""
+    for cls, attribute, factory in reversed(patched):
+        unwrap(cls, attribute, factory)
+    for owner, attribute, wrapper in reversed(wrapped):
+        unwrap(owner, attribute, wrapper)

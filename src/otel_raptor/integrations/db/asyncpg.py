@@ -1,0 +1,310 @@
+"""The asyncpg integration: a breaker per server, safe retries, a default command timeout.
+
+What it hooks (asyncpg's connection and prepared-statement classes are pure Python; the
+application keeps its real ``asyncpg.Connection`` objects):
+
+- ``asyncpg.connect`` and ``asyncpg.connection.connect`` (which a pool created after
+  instrumentation calls for each new connection): the ``connect`` plan, always replay safe.
+  Where the caller gave no ``command_timeout``, the server's statement timeout becomes it:
+  asyncpg's own per-statement timeout, which cancels the statement on the server.
+- ``Connection.execute``/``fetch``/``fetchval``/``fetchrow`` and ``PreparedStatement.fetch``/
+  ``fetchval``/``fetchrow`` (and so ``Pool.execute``/``fetch``/..., which acquire a connection
+  and call these): the ``statement`` plan outside a transaction (``con.transaction()``), the
+  ``locked`` plan inside one;
+- ``Connection.executemany``/``fetchmany`` and ``PreparedStatement.executemany``/``fetchmany``:
+  the ``locked`` plan (never replayed).
+
+The contrib asyncpg instrumentation wraps the same ``Connection`` methods: whichever is
+installed last is the outer layer, so with raptor installed after it each attempt is its own
+span, and with raptor installed first the retries happen inside one span. Nothing is doubled
+either way. See ``docs/databases.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+from otel_raptor.core.classification import Classification
+from otel_raptor.core.db import FailurePoint
+from otel_raptor.errors import CircuitOpenError
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._kit import MAX_TARGETS, call_async, library_error
+from otel_raptor.integrations.db._common import (
+    DbState,
+    DbTarget,
+    Server,
+    install_hooks,
+    method_read_only,
+    refusal_factory,
+    remove_hooks,
+)
+from otel_raptor.integrations.db._postgres import failure_point as postgres_failure_point
+from otel_raptor.integrations.db._postgres import server, server_of_params
+from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.safety import report_internal_error
+
+if TYPE_CHECKING:
+    import asyncpg as _asyncpg
+
+    class AsyncpgCircuitOpen(CircuitOpenError, _asyncpg.PostgresConnectionError):  # type: ignore[misc]
+        """A refusal by an open breaker; see :func:`circuit_open_error_type`."""
+
+
+__all__ = ["AsyncpgCircuitOpen", "AsyncpgIntegration", "circuit_open_error_type"]
+
+_STATEMENTS: Final = ("execute", "fetch", "fetchval", "fetchrow")
+_BATCHES: Final = ("executemany", "fetchmany")
+_PREPARED_STATEMENTS: Final = ("fetch", "fetchval", "fetchrow")
+_PREPARED_BATCHES: Final = ("executemany", "fetchmany")
+
+
+def circuit_open_error_type() -> type[CircuitOpenError]:
+    """The class of the error raised when a PostgreSQL server's breaker is open: both
+    :class:`~otel_raptor.errors.CircuitOpenError` and ``asyncpg.PostgresConnectionError``
+    (SQLSTATE ``08000``, the base of asyncpg's connection errors)."""
+    import asyncpg  # noqa: PLC0415 - the library is imported only when needed
+
+    return library_error(
+        CircuitOpenError, asyncpg.PostgresConnectionError, "AsyncpgCircuitOpen", __name__
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AsyncpgCircuitOpen":
+        return circuit_open_error_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def failure_point(
+    error: BaseException, classification: Classification
+) -> tuple[FailurePoint, bool]:
+    """As for every PostgreSQL driver, except that asyncpg's own timeout (``timeout=``,
+    ``command_timeout``) cancels the statement on the server and keeps the connection."""
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return FailurePoint.UNKNOWN, True
+    return postgres_failure_point(error, classification)
+
+
+class _State(DbState):
+    """Targets are also kept by a connection's address and database (asyncpg connections
+    take no attributes)."""
+
+    __slots__ = ("by_address",)
+
+    def __init__(self, settings: IntegrationSettings, **options: Any) -> None:
+        super().__init__(settings, **options)
+        self.by_address: dict[object, dict[str | None, DbTarget]] = {}
+
+    def remember(self, con: Any, target: DbTarget) -> None:
+        by_address = self.by_address
+        if len(by_address) >= MAX_TARGETS:
+            by_address.clear()
+        by_address.setdefault(con._addr, {})[con._params.database] = target
+
+    def of_connection(self, con: Any) -> DbTarget:
+        by_database = self.by_address.get(con._addr)
+        if by_database is not None:
+            target = by_database.get(con._params.database)
+            if target is not None:
+                return target
+        address = con._addr
+        database = con._params.database
+        if isinstance(address, tuple):
+            found = self.target(server(str(address[0]), address[1], database))
+        else:
+            found = self.target(server(str(address), None, database))
+        self.remember(con, found)
+        return found
+
+
+_installed: _State | None = None
+
+
+def _server_of_connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server:
+    dsn = args[0] if args else kwargs.get("dsn")
+    host = kwargs.get("host")
+    port = kwargs.get("port")
+    database = kwargs.get("database")
+    user = kwargs.get("user")
+    if dsn:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        host = host or parts.hostname or (query.get("host") or [None])[0]
+        port = port or parts.port or (query.get("port") or [None])[0]
+        database = database or parts.path.lstrip("/") or (query.get("dbname") or [None])[0]
+        user = user or parts.username or (query.get("user") or [None])[0]
+    if isinstance(host, (list, tuple)):
+        host = host[0] if host else None
+    if isinstance(port, (list, tuple)):
+        port = port[0] if port else None
+    params = {"host": host, "port": port, "dbname": database, "user": user}
+    return server_of_params({k: v for k, v in params.items() if v})
+
+
+def _in_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _connect_wrapper(
+    wrapped: Callable[..., Awaitable[Any]],
+    instance: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Awaitable[Any]:
+    """The hook on ``asyncpg.connect`` and ``asyncpg.connection.connect``."""
+    state = _installed
+    if state is None or not _in_asyncio():
+        return wrapped(*args, **kwargs)
+    try:
+        target = state.target(_server_of_connect(args, kwargs))
+        if target.enabled and kwargs.get("command_timeout") is None and target.statement_timeout:
+            kwargs = {**kwargs, "command_timeout": target.statement_timeout}
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("asyncpg.describe_connect", bug)
+        return wrapped(*args, **kwargs)
+    if not target.enabled:
+        return wrapped(*args, **kwargs)
+    return _connect(state, target, wrapped, args, kwargs)
+
+
+async def _connect(
+    state: _State,
+    target: DbTarget,
+    wrapped: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    con = await call_async(target.connect, wrapped, args, kwargs)
+    try:
+        state.remember(con, target)
+    except Exception as bug:  # noqa: BLE001
+        report_internal_error("asyncpg.remember_target", bug)
+    return con
+
+
+def _plan(state: _State, con: Any, *, batch: bool) -> CallPlan | None:
+    protocol = con._protocol
+    if protocol is None:
+        return None  # a closed connection: asyncpg refuses the call without sending anything
+    target = state.of_connection(con)
+    if not target.enabled:
+        return None
+    if batch or protocol.is_in_transaction():
+        return target.locked
+    return target.statement
+
+
+def _run_prepared(
+    statement: Any, query: str, original: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+) -> Awaitable[Any]:
+    # The statement's text is the second argument, where the replay judgement reads it.
+    return original(statement, *args)
+
+
+def _hook(original: Callable[..., Awaitable[Any]], *, batch: bool, prepared: bool) -> Any:
+    async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is None:
+            return await original(self, *args, **kwargs)
+        try:
+            plan = _plan(state, self._connection if prepared else self, batch=batch)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("asyncpg.describe", bug)
+            plan = None
+        if plan is None:
+            return await original(self, *args, **kwargs)
+        if prepared and not batch:
+            return await call_async(
+                plan, _run_prepared, (self, self._query, original, args), kwargs
+            )
+        return await call_async(plan, original, (self, *args), kwargs)
+
+    return run
+
+
+def _statement_hook(original: Callable[..., Awaitable[Any]]) -> Any:
+    """The hook on ``Connection.execute``/``fetch``/``fetchval``/``fetchrow``."""
+    return _hook(original, batch=False, prepared=False)
+
+
+def _batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
+    """The hook on ``Connection.executemany``/``fetchmany``: never replayed."""
+    return _hook(original, batch=True, prepared=False)
+
+
+def _prepared_hook(original: Callable[..., Awaitable[Any]]) -> Any:
+    """The hook on ``PreparedStatement.fetch``/``fetchval``/``fetchrow``."""
+    return _hook(original, batch=False, prepared=True)
+
+
+def _prepared_batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
+    """The hook on ``PreparedStatement.executemany``/``fetchmany``: never replayed."""
+    return _hook(original, batch=True, prepared=True)
+
+
+def _wrapped(asyncpg: Any) -> list[tuple[object, str, Any]]:
+    from asyncpg import connection  # noqa: PLC0415 - imported by install()
+
+    return [(asyncpg, "connect", _connect_wrapper), (connection, "connect", _connect_wrapper)]
+
+
+def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
+    from asyncpg import connection, prepared_stmt  # noqa: PLC0415 - imported by install()
+
+    con = connection.Connection
+    statement = prepared_stmt.PreparedStatement
+    return [
+        *[(con, name, _statement_hook) for name in _STATEMENTS],
+        *[(con, name, _batch_hook) for name in _BATCHES],
+        *[(statement, name, _prepared_hook) for name in _PREPARED_STATEMENTS],
+        *[(statement, name, _prepared_batch_hook) for name in _PREPARED_BATCHES],
+    ]
+
+
+class AsyncpgIntegration:
+    """Guards asyncpg connections and statements (see the module docstring and
+    ``docs/databases.md``)."""
+
+    name = "asyncpg"
+    library = "asyncpg"
+
+    def __init__(self) -> None:
+        self._state: _State | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._state is not None and self._state is _installed
+
+    def install(self, settings: IntegrationSettings) -> None:
+        """Hook asyncpg; installing again replaces the settings and never wraps twice."""
+        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
+        import asyncpg  # noqa: PLC0415 - the library is imported only when it is hooked
+
+        error = refusal_factory(asyncpg.PostgresConnectionError, "AsyncpgCircuitOpen", __name__)
+        state = _State(settings, error=error, point=failure_point, read_only=method_read_only)
+        _installed = state
+        self._state = state
+        try:
+            install_hooks(_wrapped(asyncpg), _patched(asyncpg))
+        except Exception:
+            _installed = self._state = None
+            raise
+
+    def uninstall(self) -> None:
+        """Put every hooked function back; a no-op when this instance did not install."""
+        global _installed  # noqa: PLW0603
+        state, self._state = self._state, None
+        if state is None or _installed is not state:
+            return
+        _installed = None
+        asyncpg = sys.modules.get("asyncpg")
+        if asyncpg is not None:
+            remove_hooks(_wrapped(asyncpg), _patched(asyncpg))

@@ -1,0 +1,330 @@
+"""The psycopg2 integration: a breaker per server, safe retries, a default statement timeout.
+
+psycopg2's connections and cursors are C types, and psycopg2 checks them: ``register_type``
+and ``register_default_jsonb`` (which Django calls) refuse anything that is not a real
+connection or cursor, so a proxy object is out of the question. Instead the hook goes through
+psycopg2's own factory parameters:
+
+- ``psycopg2.connect`` (the module function every caller, SQLAlchemy included, goes through)
+  is wrapped: connecting runs under the ``connect`` plan, and ``connection_factory`` becomes a
+  subclass of the one the application chose (``psycopg2.extensions.connection`` by default,
+  or ``RealDictConnection``, Django's, ...). A factory that is not a class is left as it is:
+  the connect is still guarded, its statements are not.
+- That subclass's ``cursor()`` wraps whichever cursor factory would have been used (the
+  ``cursor_factory`` argument, the connection's ``cursor_factory``, or the class's own
+  default, e.g. ``RealDictCursor``) in a subclass whose ``execute``/``executemany``/
+  ``callproc`` run under the server's plans. The cursor is still a ``psycopg2.extensions.cursor``
+  of the expected class (``isinstance`` holds), so every type check accepts it.
+
+Because the guarded cursor subclasses the factory the contrib psycopg2 instrumentation
+installs, each attempt of a retried statement is its own client span, whichever of the two
+is installed first. Connections opened before instrumentation, and asynchronous connections
+(``async_=True``), are left alone. See ``docs/databases.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from otel_raptor.errors import CircuitOpenError
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._kit import call, library_error
+from otel_raptor.integrations._wrapping import unwrap, wrap
+from otel_raptor.integrations.db._common import DbState, DbTarget, refusal_factory
+from otel_raptor.integrations.db._postgres import (
+    failure_point,
+    server,
+    server_of_params,
+    statement_timeout_query,
+)
+from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.forksafe import LockBox
+from otel_raptor.runtime.safety import report_internal_error
+
+if TYPE_CHECKING:
+    import psycopg2 as _psycopg2
+
+    class Psycopg2CircuitOpen(CircuitOpenError, _psycopg2.OperationalError):  # type: ignore[misc]
+        """A refusal by an open breaker; see :func:`circuit_open_error_type`."""
+
+
+__all__ = [
+    "Psycopg2CircuitOpen",
+    "Psycopg2Integration",
+    "circuit_open_error_type",
+    "guarded_connection_factory",
+    "guarded_cursor_factory",
+]
+
+#: The attribute under which a connection keeps its target.
+TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
+_IDLE: Final = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
+#: Marks the classes this module builds.
+_GUARDED: Final = "_otel_raptor_guarded"
+
+
+def circuit_open_error_type() -> type[CircuitOpenError]:
+    """The class of the error raised when a PostgreSQL server's breaker is open: both
+    :class:`~otel_raptor.errors.CircuitOpenError` and ``psycopg2.OperationalError``."""
+    import psycopg2  # noqa: PLC0415 - the library is imported only when needed
+
+    return library_error(
+        CircuitOpenError, psycopg2.OperationalError, "Psycopg2CircuitOpen", __name__
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Psycopg2CircuitOpen":
+        return circuit_open_error_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _State(DbState):
+    __slots__ = ()
+
+
+_installed: _State | None = None
+
+# Subclasses built per factory class, held weakly (an application's classes may come and go).
+_cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+_connection_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+_classes = LockBox()
+
+
+def _plan(cursor: Any, *, batch: bool) -> CallPlan | None:
+    state = _installed
+    if state is None:
+        return None
+    conn = cursor.connection
+    target: DbTarget | None = getattr(conn, TARGET_ATTRIBUTE, None)
+    if target is None or target.owner is not state:
+        info = conn.info
+        target = state.target(server(info.host, info.port, info.dbname))
+        setattr(conn, TARGET_ATTRIBUTE, target)
+    if not target.enabled:
+        return None
+    if batch or not conn.autocommit or conn.get_transaction_status() != _IDLE:
+        return target.locked
+    return target.statement
+
+
+def _guarded_execute(
+    cursor: Any, method: Callable[..., Any], args: tuple[Any, ...], *, batch: bool
+) -> Any:
+    try:
+        plan = _plan(cursor, batch=batch)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("psycopg2.describe", bug)
+        return method(*args)
+    if plan is None:
+        return method(*args)
+    return call(plan, method, args, {})
+
+
+def guarded_cursor_factory(factory: type) -> type:
+    """A subclass of the cursor class ``factory`` whose ``execute``, ``executemany`` and
+    ``callproc`` are guarded (the same class for the same factory; ``factory`` itself if it
+    is one already)."""
+    if getattr(factory, _GUARDED, False):
+        return factory
+    found = _cursor_classes.get(factory)
+    if found is not None:
+        return found
+
+    class Guarded(factory):  # type: ignore[misc]  # a class known at run time
+        def execute(self, query: Any, vars: Any = None) -> Any:
+            return _guarded_execute(self, super().execute, (query, vars), batch=False)
+
+        def executemany(self, query: Any, vars_list: Any) -> Any:
+            return _guarded_execute(self, super().executemany, (query, vars_list), batch=True)
+
+        def callproc(self, procname: Any, parameters: Any = None) -> Any:
+            return _guarded_execute(self, super().callproc, (procname, parameters), batch=True)
+
+    Guarded.__name__ = Guarded.__qualname__ = factory.__name__
+    Guarded.__module__ = factory.__module__
+    Guarded.__doc__ = factory.__doc__
+    setattr(Guarded, _GUARDED, True)
+    with _classes.lock:
+        return _cursor_classes.setdefault(factory, Guarded)
+
+
+def _connection_mixin() -> type:
+    import psycopg2.extensions  # noqa: PLC0415 - imported by install()
+
+    base: type = psycopg2.extensions.connection
+    cursor_type: type = psycopg2.extensions.cursor
+
+    class GuardedConnection(base):  # type: ignore[misc]
+        """Hands out guarded cursors of the factory it would have used."""
+
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                if len(args) > 1:
+                    factory, args = args[1], (args[0], *args[2:])
+                else:
+                    factory = kwargs.pop("cursor_factory", None)
+                chosen = factory or self.cursor_factory or cursor_type
+                if isinstance(chosen, type) and issubclass(chosen, cursor_type):
+                    chosen = guarded_cursor_factory(chosen)
+                kwargs["cursor_factory"] = chosen
+            except Exception as bug:  # noqa: BLE001
+                report_internal_error("psycopg2.cursor", bug)
+            return super().cursor(*args, **kwargs)
+
+    setattr(GuardedConnection, _GUARDED, True)
+    return GuardedConnection
+
+
+_mixin: type | None = None
+
+
+def guarded_connection_factory(factory: Any) -> Any:
+    """A subclass of the connection class ``factory`` (``None``: psycopg2's own) whose cursors
+    are guarded; anything that is not a connection class is returned unchanged."""
+    global _mixin  # noqa: PLW0603 - built once, on first use (psycopg2 is imported lazily)
+    import psycopg2.extensions  # noqa: PLC0415 - imported by install()
+
+    base = psycopg2.extensions.connection
+    if factory is None:
+        factory = base
+    if not (isinstance(factory, type) and issubclass(factory, base)):
+        return factory
+    if getattr(factory, _GUARDED, False):
+        return factory
+    found = _connection_classes.get(factory)
+    if found is not None:
+        return found
+    if _mixin is None:
+        _mixin = _connection_mixin()
+    mixin = _mixin
+    if factory is base:
+        built: type = mixin
+    else:
+        # The mixin comes *after* the application's class: its own ``cursor()`` (which may pick
+        # a default factory, as RealDictConnection's does) runs first, then ours wraps the
+        # factory that was chosen.
+        built = type(factory.__name__, (factory, mixin), {"__module__": factory.__module__})
+        setattr(built, _GUARDED, True)
+    with _classes.lock:
+        return _connection_classes.setdefault(factory, built)
+
+
+def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
+    query = statement_timeout_query(target)
+    if query is None:
+        return
+    import psycopg2.extensions  # noqa: PLC0415 - imported by install()
+
+    try:
+        # A plain cursor: no factory, so neither our guard nor a tracing cursor sees it.
+        with psycopg2.extensions.cursor(conn) as cursor:
+            cursor.execute(query)
+        if not conn.autocommit:
+            conn.commit()  # psycopg2 opened a transaction for it
+    except Exception as bug:  # noqa: BLE001 - the connection is the app's either way
+        report_internal_error("psycopg2.statement_timeout", bug)
+        try:
+            if not conn.closed and not conn.autocommit:
+                conn.rollback()
+        except Exception as undo:  # noqa: BLE001
+            report_internal_error("psycopg2.statement_timeout", undo)
+
+
+def _describe(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[DbTarget, tuple[Any, ...], dict[str, Any]] | None:
+    """The target of a ``psycopg2.connect`` call and its arguments with our connection
+    factory, or ``None`` to leave it alone."""
+    state = _installed
+    if state is None or kwargs.get("async") or kwargs.get("async_"):
+        return None
+    import psycopg2.extensions  # noqa: PLC0415 - imported by install()
+
+    dsn = args[0] if args else kwargs.get("dsn")
+    params = {
+        k: v for k, v in kwargs.items() if k not in ("dsn", "connection_factory", "cursor_factory")
+    }
+    parsed = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **params))
+    target = state.target(server_of_params(parsed))
+    if not target.enabled:
+        return None
+    if len(args) > 1:
+        factory = guarded_connection_factory(args[1])
+        args = (args[0], factory, *args[2:])
+    else:
+        kwargs = {
+            **kwargs,
+            "connection_factory": guarded_connection_factory(kwargs.get("connection_factory")),
+        }
+    return target, args, kwargs
+
+
+def _connect_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The hook on ``psycopg2.connect``."""
+    if _installed is None:
+        return wrapped(*args, **kwargs)
+    try:
+        described = _describe(args, kwargs)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("psycopg2.describe_connect", bug)
+        return wrapped(*args, **kwargs)
+    if described is None:
+        return wrapped(*args, **kwargs)
+    target, args, kwargs = described
+    conn = call(target.connect, wrapped, args, kwargs)
+    try:
+        setattr(conn, TARGET_ATTRIBUTE, target)
+    except Exception as bug:  # noqa: BLE001 - a factory whose connections take no attributes
+        report_internal_error("psycopg2.remember_target", bug)
+        return conn
+    _set_statement_timeout(conn, target)
+    return conn
+
+
+class Psycopg2Integration:
+    """Guards psycopg2 connections and statements (see the module docstring and
+    ``docs/databases.md``)."""
+
+    name = "psycopg2"
+    library = "psycopg2"
+
+    def __init__(self) -> None:
+        self._state: _State | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._state is not None and self._state is _installed
+
+    def install(self, settings: IntegrationSettings) -> None:
+        """Hook ``psycopg2.connect``; installing again replaces the settings and never wraps
+        twice."""
+        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
+        import psycopg2  # noqa: PLC0415 - the library is imported only when it is hooked
+
+        error = refusal_factory(psycopg2.OperationalError, "Psycopg2CircuitOpen", __name__)
+        state = _State(settings, error=error, point=failure_point)
+        _installed = state
+        self._state = state
+        try:
+            wrap(psycopg2, "connect", _connect_wrapper)
+        except Exception:
+            _installed = self._state = None
+            raise
+
+    def uninstall(self) -> None:
+        """Put ``psycopg2.connect`` back. Connections opened meanwhile keep their class; their
+        cursors pass every call straight through from now on."""
+        global _installed  # noqa: PLW0603
+        state, self._state = self._state, None
+        if state is None or _installed is not state:
+            return
+        _installed = None
+        psycopg2 = sys.modules.get("psycopg2")
+        if psycopg2 is not None:
+            unwrap(psycopg2, "connect", _connect_wrapper)

@@ -1,0 +1,308 @@
+"""The PyMySQL integration: a breaker per server, safe retries, a default statement timeout.
+
+What it hooks (PyMySQL is pure Python: its classes are patched, and the application keeps its
+real ``pymysql.connections.Connection`` and cursor objects):
+
+- ``Connection.connect`` (which ``pymysql.connect(...)`` calls while building the connection,
+  and ``ping(reconnect=True)`` calls to reconnect): the ``connect`` plan, always replay safe.
+  After connecting, the server's default statement timeout is set where the session has none
+  (MariaDB ``max_statement_time``, MySQL ``max_execution_time``, which MySQL applies to
+  ``SELECT`` only).
+- ``Cursor.execute`` (every cursor class derives from it): the ``statement`` plan in
+  autocommit mode with no transaction open, else the ``locked`` plan. PyMySQL's default is
+  ``autocommit=False``, where every statement is inside a transaction: then nothing is
+  replayed (use :func:`otel_raptor.db.run_transaction` for whole transactions).
+- ``Cursor.executemany`` and ``Cursor.callproc``: the ``locked`` plan (never replayed).
+  Statements a guarded call runs itself (``executemany``'s own ``execute`` calls,
+  ``init_command`` while connecting) pass straight through.
+
+The contrib pymysql instrumentation hands out proxy objects around the real connection and
+cursors; their calls reach the patched classes, so retries happen inside its span. See
+``docs/databases.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final
+
+from otel_raptor.core.classification import Classification
+from otel_raptor.core.db import FailurePoint, conflict_code
+from otel_raptor.errors import CircuitOpenError
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._kit import call, library_error
+from otel_raptor.integrations.db._common import (
+    DbState,
+    DbTarget,
+    Server,
+    install_hooks,
+    is_not_sent,
+    method_read_only,
+    refusal_factory,
+    remove_hooks,
+)
+from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.safety import report_internal_error
+
+if TYPE_CHECKING:
+    import pymysql as _pymysql
+
+    class PyMySQLCircuitOpen(CircuitOpenError, _pymysql.err.OperationalError):  # type: ignore[misc]
+        """A refusal by an open breaker; see :func:`circuit_open_error_type`."""
+
+
+__all__ = ["PyMySQLCircuitOpen", "PyMySQLIntegration", "circuit_open_error_type"]
+
+#: The semantic-convention ``db.system.name`` (MariaDB included: the service name must not
+#: depend on what the server turns out to be once connected).
+SYSTEM: Final = "mysql"
+#: The attribute under which a connection keeps its target.
+TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
+#: ``CR_CONN_HOST_ERROR``: what PyMySQL raises when it cannot connect; the fail-fast error
+#: carries it too, for code that reads ``error.args[0]``.
+CONNECT_ERROR: Final = 2003
+_IN_TRANSACTION: Final = 1  # SERVER_STATUS_IN_TRANS
+# Server errors after which the session is gone: shutdown in progress, connection killed,
+# disconnected for inactivity.
+_GONE: Final = frozenset({1053, 1927, 4031})
+
+# Set while a guarded call runs: statements it makes itself pass straight through.
+_inside: ContextVar[bool] = ContextVar("otel_raptor_pymysql_inside", default=False)
+
+
+def circuit_open_error_type() -> type[CircuitOpenError]:
+    """The class of the error raised when a MySQL server's breaker is open: both
+    :class:`~otel_raptor.errors.CircuitOpenError` and ``pymysql.err.OperationalError``
+    (``args[0]`` is ``2003``, as for any connection failure)."""
+    import pymysql  # noqa: PLC0415 - the library is imported only when needed
+
+    return library_error(
+        CircuitOpenError, pymysql.err.OperationalError, "PyMySQLCircuitOpen", __name__
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PyMySQLCircuitOpen":
+        return circuit_open_error_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def failure_point(
+    error: BaseException, classification: Classification
+) -> tuple[FailurePoint, bool]:
+    """How far a failed PyMySQL call got, and whether its connection can still send."""
+    if is_not_sent(error):
+        return FailurePoint.NOT_SENT, True
+    if conflict_code(classification) is not None:
+        return FailurePoint.ROLLED_BACK, True
+    args = getattr(error, "args", ())
+    number = args[0] if args else None
+    if type(number) is int and (1000 <= number < 2000 or number >= 3000):
+        # A server error: the connection survived, unless the server ended the session.
+        return (FailurePoint.UNKNOWN, False) if number in _GONE else (FailurePoint.FAILED, True)
+    # Client errors (2000-2999: lost connection, server gone away, ...), PyMySQL's
+    # "connection already closed" (0) and anything else: the answer never arrived.
+    return FailurePoint.UNKNOWN, False
+
+
+class _State(DbState):
+    __slots__ = ()
+
+
+_installed: _State | None = None
+
+
+def _server(conn: Any) -> Server:
+    database = conn.db
+    if isinstance(database, bytes):
+        database = database.decode(getattr(conn, "encoding", None) or "utf-8", "replace")
+    socket_path = getattr(conn, "unix_socket", None)
+    if socket_path:
+        return Server(SYSTEM, str(socket_path), None, database or None)
+    return Server(SYSTEM, str(conn.host).lower(), int(conn.port), database or None)
+
+
+def _target(state: _State, conn: Any) -> DbTarget:
+    target: DbTarget | None = getattr(conn, TARGET_ATTRIBUTE, None)
+    if target is None or target.owner is not state:
+        target = state.target(_server(conn))
+        setattr(conn, TARGET_ATTRIBUTE, target)
+    return target
+
+
+def _statement_timeout_query(conn: Any, target: DbTarget) -> str | None:
+    seconds = target.statement_timeout
+    if seconds <= 0:
+        return None
+    if "mariadb" in str(conn.get_server_info()).lower():
+        return (
+            "SET @@SESSION.max_statement_time = IF(@@SESSION.max_statement_time = 0, "
+            f"{seconds:.6f}, @@SESSION.max_statement_time)"
+        )
+    ms = max(1, round(seconds * 1000))
+    return (
+        "SET @@SESSION.max_execution_time = IF(@@SESSION.max_execution_time = 0, "
+        f"{ms}, @@SESSION.max_execution_time)"
+    )
+
+
+def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
+    try:
+        query = _statement_timeout_query(conn, target)
+        if query is not None:
+            conn.query(query)  # not through a cursor: neither our hook nor tracing sees it
+    except Exception as bug:  # noqa: BLE001 - the connection is the app's either way
+        report_internal_error("pymysql.statement_timeout", bug)
+
+
+def _connect_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The hook on ``Connection.connect``."""
+    state = _installed
+    if state is None or _inside.get() or args or kwargs.get("sock") is not None:
+        return wrapped(*args, **kwargs)  # a socket given by the caller cannot be reused
+    try:
+        target = _target(state, instance)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("pymysql.describe_connect", bug)
+        return wrapped(*args, **kwargs)
+    if not target.enabled:
+        return wrapped(*args, **kwargs)
+    token = _inside.set(True)
+    try:
+        result = call(target.connect, wrapped, args, kwargs)
+        _set_statement_timeout(instance, target)
+    finally:
+        _inside.reset(token)
+    return result
+
+
+def _plan(state: _State, cursor: Any, *, batch: bool) -> CallPlan | None:
+    conn = cursor.connection
+    target = _target(state, conn)
+    if not target.enabled:
+        return None
+    if batch or not conn.autocommit_mode or (conn.server_status or 0) & _IN_TRANSACTION:
+        return target.locked
+    return target.statement
+
+
+def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Cursor.execute``."""
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is None or _inside.get():
+            return original(self, *args, **kwargs)
+        try:
+            # _plan() inlined: this runs for every statement. Nothing that ``execute`` runs
+            # calls ``execute`` again, so unlike the batches it needs no ``_inside`` mark.
+            conn = self.connection
+            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            if target is None or target.owner is not state:
+                target = _target(state, conn)
+            if not target.enabled:
+                plan = None
+            elif conn.autocommit_mode and not (conn.server_status or 0) & _IN_TRANSACTION:
+                plan = target.statement
+            else:
+                plan = target.locked
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("pymysql.describe", bug)
+            plan = None
+        if plan is None:
+            return original(self, *args, **kwargs)
+        return call(plan, original, (self, *args), kwargs)
+
+    return execute
+
+
+def _hook(original: Callable[..., Any], *, batch: bool) -> Callable[..., Any]:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is None or _inside.get():
+            return original(self, *args, **kwargs)
+        try:
+            plan = _plan(state, self, batch=batch)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("pymysql.describe", bug)
+            plan = None
+        if plan is None:
+            return original(self, *args, **kwargs)
+        token = _inside.set(True)
+        try:
+            return call(plan, original, (self, *args), kwargs)
+        finally:
+            _inside.reset(token)
+
+    return run
+
+
+def _batch_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Cursor.executemany`` and ``Cursor.callproc``: never replayed."""
+    return _hook(original, batch=True)
+
+
+def _wrapped(pymysql: Any) -> list[tuple[object, str, Any]]:
+    from pymysql import connections  # noqa: PLC0415 - imported by install()
+
+    return [(connections.Connection, "connect", _connect_wrapper)]
+
+
+def _patched(pymysql: Any) -> list[tuple[type, str, Any]]:
+    from pymysql import cursors  # noqa: PLC0415 - imported by install()
+
+    return [
+        (cursors.Cursor, "execute", _execute_hook),
+        (cursors.Cursor, "executemany", _batch_hook),
+        (cursors.Cursor, "callproc", _batch_hook),
+    ]
+
+
+class PyMySQLIntegration:
+    """Guards PyMySQL connections and statements (see the module docstring and
+    ``docs/databases.md``)."""
+
+    name = "pymysql"
+    library = "pymysql"
+
+    def __init__(self) -> None:
+        self._state: _State | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._state is not None and self._state is _installed
+
+    def install(self, settings: IntegrationSettings) -> None:
+        """Hook PyMySQL; installing again replaces the settings and never wraps twice."""
+        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
+        import pymysql  # noqa: PLC0415 - the library is imported only when it is hooked
+
+        error = refusal_factory(
+            pymysql.err.OperationalError,
+            "PyMySQLCircuitOpen",
+            __name__,
+            args=lambda message: (CONNECT_ERROR, message),
+        )
+        state = _State(settings, error=error, point=failure_point, read_only=method_read_only)
+        _installed = state
+        self._state = state
+        try:
+            install_hooks(_wrapped(pymysql), _patched(pymysql))
+        except Exception:
+            _installed = self._state = None
+            raise
+
+    def uninstall(self) -> None:
+        """Put every hooked function back; a no-op when this instance did not install."""
+        global _installed  # noqa: PLW0603
+        state, self._state = self._state, None
+        if state is None or _installed is not state:
+            return
+        _installed = None
+        pymysql = sys.modules.get("pymysql")
+        if pymysql is not None:
+            remove_hooks(_wrapped(pymysql), _patched(pymysql))

@@ -1,0 +1,134 @@
+"""The asyncpg integration against the real PostgreSQL: connections, statements, prepared
+statements and pools; replay safety per failure; the default command timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import asyncpg.connection
+import psycopg
+import pytest
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import RecoveryFinished
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration, circuit_open_error_type
+from tests.integrations.db.conftest import PG_DSN, PG_URL, Install, create_pg_flaky, drop_pg_flaky
+from tests.support.dbservers import free_port
+from tests.support.services import POSTGRES
+from tests.support.tcp_proxy import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("postgres")
+
+ORIGINAL_FETCH = asyncpg.connection.Connection.fetch
+ORIGINAL_CONNECT = asyncpg.connect
+SERVICE = f"postgresql://{POSTGRES[0]}:{POSTGRES[1]}/test"
+
+
+@pytest.fixture
+def admin() -> Iterator[Any]:
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def table(admin: Any, unique_name: str) -> Iterator[str]:
+    create_pg_flaky(admin.execute, unique_name)
+    yield unique_name
+    drop_pg_flaky(admin.execute, unique_name)
+
+
+def calls(admin: Any, table: str) -> int:
+    value, called = admin.execute(f"SELECT last_value, is_called FROM {table}_seq").fetchone()
+    return int(value) if called else 0
+
+
+def test_uninstall_restores_everything(install: Install) -> None:
+    installed = install(AsyncpgIntegration)
+    assert asyncpg.connection.Connection.fetch is not ORIGINAL_FETCH
+    installed.integration.uninstall()
+    assert asyncpg.connection.Connection.fetch is ORIGINAL_FETCH
+    assert asyncpg.connect is ORIGINAL_CONNECT
+    assert asyncpg.connection.connect is ORIGINAL_CONNECT
+
+
+async def test_statements_prepared_statements_and_pools(
+    install: Install, admin: Any, table: str
+) -> None:
+    installed = install(AsyncpgIntegration)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        assert con._config.command_timeout == 30.0  # the default statement timeout
+        # The sequence behind the flaky function counts every call: each statement below
+        # fails once (its first call), then succeeds.
+        assert await con.fetchval(f"SELECT {table}_flaky(1, '40001')") == 1
+        statement = await con.prepare(f"SELECT {table}_flaky(3, '40P01') + $1::int")
+        assert await statement.fetchval(1) == 2
+        with pytest.raises(asyncpg.exceptions.SerializationError):
+            async with con.transaction():
+                await con.execute(f"INSERT INTO {table} SELECT {table}_flaky(5, '40001')")
+    finally:
+        await con.close()
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=2)
+    try:
+        assert await pool.fetchval(f"SELECT {table}_flaky(6, '40001')") == 1
+    finally:
+        await pool.close()
+    assert calls(admin, table) == 7  # 2 + 2 + 1 (in a transaction: once) + 2
+    outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
+    assert outcomes == [
+        (Outcome.RECOVERED, 2),
+        (Outcome.RECOVERED, 2),
+        (Outcome.FAILED, 1),
+        (Outcome.RECOVERED, 2),
+    ]
+
+
+async def test_an_applications_command_timeout_is_kept(install: Install) -> None:
+    install(AsyncpgIntegration)
+    con = await asyncpg.connect(PG_URL, command_timeout=3)
+    try:
+        assert con._config.command_timeout == 3
+    finally:
+        await con.close()
+
+
+async def test_a_timed_out_read_is_retried_and_a_timed_out_write_is_not(
+    install: Install, admin: Any, table: str
+) -> None:
+    installed = install(AsyncpgIntegration, max_retries=1)
+    # asyncpg's own timeout cancels the statement on the server and keeps the connection.
+    with FaultProxy(POSTGRES) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test"
+        for statement, attempts in (("SELECT 1", 2), (f"INSERT INTO {table} VALUES (1)", 1)):
+            con = await asyncpg.connect(url)
+            proxy.latency(0.3)
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await con.execute(statement, timeout=0.1)
+            finally:
+                proxy.heal()
+                con.terminate()
+            [finished] = installed.of(RecoveryFinished)
+            assert finished.attempts == attempts
+            installed.events.clear()
+
+
+async def test_an_open_breaker_fails_fast_as_an_asyncpg_connection_error(
+    install: Install,
+) -> None:
+    install(AsyncpgIntegration, max_retries=0)
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    for _ in range(3):
+        with pytest.raises(OSError):
+            await asyncpg.connect(url)
+    started = time.perf_counter()
+    with pytest.raises(asyncpg.PostgresConnectionError) as refused:
+        await asyncpg.connect(url)
+    assert time.perf_counter() - started < 0.05
+    assert isinstance(refused.value, CircuitOpenError)
+    assert isinstance(refused.value, circuit_open_error_type())

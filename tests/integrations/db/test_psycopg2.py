@@ -1,0 +1,181 @@
+"""The psycopg2 integration against the real PostgreSQL: real C types through psycopg2's own
+factory parameters (``register_type`` and friends accept them), the application's factories
+honoured, replay safety and the breaker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+import pytest
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import ErrorClassified, RecoveryFinished
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.integrations.db import psycopg2 as integration
+from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
+from tests.integrations.db.conftest import PG_DSN, Install, create_pg_flaky, drop_pg_flaky
+from tests.support.dbservers import free_port
+from tests.support.services import POSTGRES
+
+pytestmark = pytest.mark.usefixtures("postgres")
+
+ORIGINAL_CONNECT = psycopg2.connect
+SERVICE = f"postgresql://{POSTGRES[0]}:{POSTGRES[1]}/test"
+
+
+@pytest.fixture
+def admin() -> Iterator[Any]:
+    """An unguarded psycopg (3) connection (psycopg's integration is not installed here)."""
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def table(admin: Any, unique_name: str) -> Iterator[str]:
+    create_pg_flaky(admin.execute, unique_name)
+    yield unique_name
+    drop_pg_flaky(admin.execute, unique_name)
+
+
+def count(admin: Any, sql: str) -> int:
+    return int(admin.execute(sql).fetchone()[0])
+
+
+def test_uninstall_puts_connect_back(install: Install) -> None:
+    installed = install(Psycopg2Integration)
+    assert psycopg2.connect is not ORIGINAL_CONNECT
+    installed.integration.uninstall()
+    assert psycopg2.connect is ORIGINAL_CONNECT
+
+
+def test_connections_and_cursors_are_real_and_register_type_accepts_them(
+    install: Install,
+) -> None:
+    install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        assert isinstance(conn, psycopg2.extensions.connection)
+        cursor = conn.cursor()
+        assert isinstance(cursor, psycopg2.extensions.cursor)
+        # What Django and SQLAlchemy call: C functions that refuse proxies.
+        psycopg2.extras.register_default_jsonb(conn)
+        psycopg2.extras.register_default_json(cursor)
+        psycopg2.extras.register_uuid(None, conn)
+        psycopg2.extensions.register_type(psycopg2.extensions.UNICODE, cursor)
+        cursor.execute("""SELECT '{"a": 1}'::jsonb""")
+        assert cursor.fetchone() == ({"a": 1},)
+        assert getattr(conn, integration.TARGET_ATTRIBUTE).service == SERVICE
+    finally:
+        conn.close()
+
+
+def test_the_applications_factories_are_honoured(install: Install) -> None:
+    install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN, connection_factory=psycopg2.extras.RealDictConnection)
+    try:
+        assert isinstance(conn, psycopg2.extras.RealDictConnection)
+        cursor = conn.cursor()  # RealDictConnection's own default cursor class
+        assert isinstance(cursor, psycopg2.extras.RealDictCursor)
+        cursor.execute("SELECT 1 AS x")
+        assert cursor.fetchone() == {"x": 1}
+        named = conn.cursor("raptor_named", cursor_factory=psycopg2.extras.DictCursor)
+        assert isinstance(named, psycopg2.extras.DictCursor)
+        named.execute("SELECT 2 AS y")
+        assert named.fetchone()["y"] == 2
+        named.close()
+    finally:
+        conn.close()
+    conn = psycopg2.connect(PG_DSN, cursor_factory=psycopg2.extras.NamedTupleCursor)
+    try:
+        cursor = conn.cursor()
+        assert isinstance(cursor, psycopg2.extras.NamedTupleCursor)
+        cursor.execute("SELECT 3 AS z")
+        assert cursor.fetchone().z == 3
+    finally:
+        conn.close()
+
+
+def test_a_factory_that_is_not_a_class_keeps_the_connect_guarded(install: Install) -> None:
+    install(Psycopg2Integration, max_retries=0, failure_threshold=2)
+
+    def factory(dsn: str, **kwargs: Any) -> Any:
+        return psycopg2.extensions.connection(dsn, **kwargs)
+
+    conn = psycopg2.connect(PG_DSN, connection_factory=factory)
+    assert type(conn) is psycopg2.extensions.connection
+    conn.close()
+    dsn = f"host=127.0.0.1 port={free_port()} dbname=test user=postgres"
+    for _ in range(2):
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(dsn, connection_factory=factory)
+    with pytest.raises(CircuitOpenError):
+        psycopg2.connect(dsn, connection_factory=factory)
+
+
+def test_the_default_statement_timeout_leaves_no_transaction_open(install: Install) -> None:
+    install(Psycopg2Integration, statement_timeout=7)
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        cursor = conn.cursor()
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("7s",)
+    finally:
+        conn.close()
+
+
+def test_autocommit_conflicts_are_retried_and_transactions_are_not(
+    install: Install, admin: Any, table: str
+) -> None:
+    installed = install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        conn.autocommit = True
+        conn.cursor().execute(f"INSERT INTO {table} SELECT {table}_flaky(2, '40001')")
+        assert count(admin, f"SELECT count(*) FROM {table}") == 1
+        conn.autocommit = False
+        with pytest.raises(psycopg2.errors.SerializationFailure):
+            conn.cursor().execute(f"INSERT INTO {table} SELECT {table}_flaky(5, '40001')")
+        conn.rollback()
+    finally:
+        conn.close()
+    outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
+    assert outcomes == [(Outcome.RECOVERED, 3), (Outcome.FAILED, 1)]
+
+
+def test_an_open_breaker_fails_fast_as_a_psycopg2_operational_error(install: Install) -> None:
+    install(Psycopg2Integration, max_retries=0)
+    dsn = f"host=127.0.0.1 port={free_port()} dbname=test user=postgres"
+    for _ in range(3):
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(dsn)
+    started = time.perf_counter()
+    with pytest.raises(psycopg2.OperationalError) as refused:
+        psycopg2.connect(dsn)
+    assert time.perf_counter() - started < 0.05
+    assert isinstance(refused.value, CircuitOpenError)
+    assert isinstance(refused.value, integration.circuit_open_error_type())
+
+
+def test_async_connections_and_earlier_connections_are_left_alone(install: Install) -> None:
+    before = psycopg2.connect(PG_DSN)
+    installed = install(Psycopg2Integration)
+    try:
+        cursor = before.cursor()
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            cursor.execute("SELECT 1/0")
+        assert not installed.of(ErrorClassified)
+        assert type(before) is psycopg2.extensions.connection
+    finally:
+        before.close()
+    conn = psycopg2.connect(PG_DSN, async_=True)
+    try:
+        assert type(conn) is psycopg2.extensions.connection
+    finally:
+        conn.close()

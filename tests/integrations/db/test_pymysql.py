@@ -1,0 +1,144 @@
+"""The PyMySQL integration against the real MariaDB: connects, statements, the default
+statement timeout, replay safety per failure, the breaker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+import pytest
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import RecoveryFinished
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.integrations.db import pymysql as integration
+from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
+from tests.integrations.db.conftest import MYSQL_KWARGS, Install
+from tests.support.dbservers import free_port
+from tests.support.services import MYSQL
+from tests.support.tcp_proxy import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("mysql")
+
+ORIGINAL_EXECUTE = pymysql.cursors.Cursor.execute
+SERVICE = f"mysql://{MYSQL[0]}:{MYSQL[1]}/test"
+
+
+@pytest.fixture
+def table(unique_name: str) -> Iterator[str]:
+    """A table, a sequence (not transactional) and two functions that fail the first times
+    the sequence is drawn: ``<t>_deadlock(n)`` with error 1213, ``<t>_slow(n)`` with 1969
+    (MariaDB's statement timeout)."""
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {unique_name} (v INT)")
+        cur.execute(f"CREATE SEQUENCE {unique_name}_seq")
+        for function, errno in (("deadlock", 1213), ("slow", 1969)):
+            cur.execute(
+                f"""CREATE FUNCTION {unique_name}_{function}(times INT) RETURNS INT
+                NOT DETERMINISTIC
+                BEGIN
+                    IF NEXTVAL({unique_name}_seq) <= times THEN
+                        SIGNAL SQLSTATE 'HY000' SET MYSQL_ERRNO = {errno},
+                            MESSAGE_TEXT = 'injected';
+                    END IF;
+                    RETURN 1;
+                END"""
+            )
+    yield unique_name
+    with conn.cursor() as cur:
+        for function in ("deadlock", "slow"):
+            cur.execute(f"DROP FUNCTION IF EXISTS {unique_name}_{function}")
+        cur.execute(f"DROP SEQUENCE IF EXISTS {unique_name}_seq")
+        cur.execute(f"DROP TABLE IF EXISTS {unique_name}")
+    conn.close()
+
+
+def scalar(conn: Any, sql: str) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()[0]
+
+
+def test_uninstall_restores_the_methods(install: Install) -> None:
+    installed = install(PyMySQLIntegration)
+    assert pymysql.cursors.Cursor.execute is not ORIGINAL_EXECUTE
+    installed.integration.uninstall()
+    assert pymysql.cursors.Cursor.execute is ORIGINAL_EXECUTE
+
+
+def test_the_default_statement_timeout_where_the_session_has_none(install: Install) -> None:
+    install(PyMySQLIntegration, statement_timeout=2.5)
+    conn = pymysql.connect(**MYSQL_KWARGS)
+    try:
+        assert getattr(conn, integration.TARGET_ATTRIBUTE).service == SERVICE
+        assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 2.5
+    finally:
+        conn.close()
+    conn = pymysql.connect(**MYSQL_KWARGS, init_command="SET max_statement_time = 9")
+    try:
+        assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 9.0
+    finally:
+        conn.close()
+
+
+def test_replay_in_autocommit_only_and_never_for_executemany(install: Install, table: str) -> None:
+    installed = install(PyMySQLIntegration)
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            # Each statement below makes the sequence fail its first call, then succeed.
+            cur.execute(f"INSERT INTO {table} SELECT {table}_deadlock(1)")  # retried
+            cur.execute(f"SELECT {table}_slow(3)")  # a read: retried
+            with pytest.raises(pymysql.err.OperationalError):
+                cur.execute(f"INSERT INTO {table} SELECT {table}_slow(5)")  # a write: not
+            with pytest.raises(pymysql.err.OperationalError):
+                cur.executemany(f"INSERT INTO {table} SELECT {table}_deadlock(%s)", [(6,), (6,)])
+        conn.autocommit(False)
+        with conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError):
+            cur.execute(f"INSERT INTO {table} SELECT {table}_deadlock(8)")  # a transaction
+        conn.rollback()
+        assert scalar(conn, f"SELECT count(*) FROM {table}") == 1
+    finally:
+        conn.close()
+    outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
+    assert outcomes == [
+        (Outcome.RECOVERED, 2),
+        (Outcome.RECOVERED, 2),
+        (Outcome.FAILED, 1),
+        (Outcome.FAILED, 1),
+        (Outcome.FAILED, 1),
+    ]
+
+
+def test_a_write_whose_answer_was_lost_is_not_replayed(install: Install, table: str) -> None:
+    installed = install(PyMySQLIntegration)
+    with FaultProxy(MYSQL) as proxy:
+        conn = pymysql.connect(**{**MYSQL_KWARGS, "port": proxy.port}, autocommit=True)
+        proxy.cut_responses_after(0)
+        with conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError):
+            cur.execute(f"INSERT INTO {table} VALUES (1)")
+    check = pymysql.connect(**MYSQL_KWARGS)
+    try:
+        assert scalar(check, f"SELECT count(*) FROM {table}") == 1
+    finally:
+        check.close()
+    [finished] = [f for f in installed.of(RecoveryFinished) if f.service != SERVICE]
+    assert finished.attempts == 1
+
+
+def test_an_open_breaker_fails_fast_with_pymysqls_connect_error(install: Install) -> None:
+    install(PyMySQLIntegration, max_retries=0)
+    kwargs = {**MYSQL_KWARGS, "port": free_port(), "connect_timeout": 2}
+    for _ in range(3):
+        with pytest.raises(pymysql.err.OperationalError):
+            pymysql.connect(**kwargs)
+    started = time.perf_counter()
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        pymysql.connect(**kwargs)
+    assert time.perf_counter() - started < 0.05
+    assert isinstance(refused.value, CircuitOpenError)
+    assert refused.value.args[0] == integration.CONNECT_ERROR

@@ -1,0 +1,235 @@
+"""The redis-py integration against the real Redis (and a one-node cluster of our own):
+redis-py's own retries turned off while raptor drives, writes never replayed when their
+outcome is unknown, reads and never-sent commands retried, WatchError left alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio
+import redis.retry
+from redis.cluster import RedisCluster
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import BreakerTransitioned, ErrorClassified, RecoveryFinished
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations.db.redis import RedisIntegration, circuit_open_error_type
+from tests.integrations.db.conftest import Install
+from tests.support.dbservers import PrivateRedis, free_port
+from tests.support.services import REDIS
+from tests.support.tcp_proxy import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("redis_server")
+
+OPEN = CircuitState.OPEN
+
+ORIGINAL_EXECUTE = redis.Redis.execute_command
+ORIGINAL_CALL_WITH_RETRY = redis.retry.Retry.call_with_retry
+SERVICE = f"redis://{REDIS[0]}:{REDIS[1]}/0"
+
+
+@pytest.fixture
+def key(unique_name: str) -> Iterator[str]:
+    yield unique_name
+    redis.Redis(host=REDIS[0], port=REDIS[1]).delete(unique_name)
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultProxy]:
+    with FaultProxy(REDIS) as started:
+        yield started
+
+
+def length(key: str) -> int:
+    return int(redis.Redis(host=REDIS[0], port=REDIS[1]).llen(key))
+
+
+def test_uninstall_restores_the_methods(install: Install) -> None:
+    installed = install(RedisIntegration)
+    assert redis.Redis.execute_command is not ORIGINAL_EXECUTE
+    installed.integration.uninstall()
+    assert redis.Redis.execute_command is ORIGINAL_EXECUTE
+    assert redis.retry.Retry.call_with_retry is ORIGINAL_CALL_WITH_RETRY
+
+
+def test_plain_redis_py_doubles_a_write_whose_answer_was_lost(proxy: FaultProxy, key: str) -> None:
+    """The problem: without raptor, redis-py's own retry sends the RPUSH again."""
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)  # redis-py's default retry
+    client.ping()
+    proxy.cut_responses_after(0, once=True)
+    assert client.rpush(key, "once") == 2  # the second RPUSH's own answer
+    assert length(key) == 2
+
+
+def test_a_write_whose_answer_was_lost_is_sent_once(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)  # redis-py's default: 10 retries
+    client.ping()
+    proxy.cut_responses_after(0, once=True)
+    with pytest.raises(redis.ConnectionError):
+        client.rpush(key, "once")
+    assert length(key) == 1
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.attempts, finished.give_up_reason) == (1, "not_replay_safe")
+
+
+def test_a_read_whose_answer_was_lost_is_retried_by_raptor_alone(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration)
+    redis.Redis(host=REDIS[0], port=REDIS[1]).rpush(key, "a", "b")
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)
+    client.ping()
+    proxy.cut_responses_after(0, once=True)
+    assert client.lrange(key, 0, -1) == [b"a", b"b"]
+    assert proxy.cuts == 1
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.outcome, finished.attempts) == (Outcome.RECOVERED, 2)
+
+
+def test_a_write_that_was_never_sent_is_retried(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, max_retries=40, failure_threshold=100)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)
+    proxy.refuse()
+    healer = threading.Timer(0.03, proxy.heal)
+    healer.start()
+    try:
+        assert client.incr(key) == 1
+    finally:
+        healer.join()
+    [finished] = installed.of(RecoveryFinished)
+    assert finished.outcome is Outcome.RECOVERED
+    assert finished.attempts >= 2
+    redis.Redis(host=REDIS[0], port=REDIS[1]).delete(key)
+
+
+def test_pipelines(install: Install, proxy: FaultProxy, key: str) -> None:
+    installed = install(RedisIntegration)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)
+    client.rpush(key, "x")
+    # A read-only pipeline is retried, with its commands intact.
+    proxy.cut_responses_after(0, once=True)
+    pipe = client.pipeline()
+    pipe.llen(key).lrange(key, 0, -1)
+    assert pipe.execute() == [1, [b"x"]]
+    # A transaction that writes, whose answer was lost: sent once.
+    proxy.cut_responses_after(0, once=True)
+    pipe = client.pipeline()
+    pipe.rpush(key, "y").llen(key)
+    with pytest.raises(redis.ConnectionError):
+        pipe.execute()
+    assert length(key) == 2
+    attempts = [f.attempts for f in installed.of(RecoveryFinished)]
+    assert attempts == [2, 1]
+
+
+def test_a_watch_error_is_a_conflict_not_a_failure(install: Install, key: str) -> None:
+    installed = install(RedisIntegration, failure_threshold=1)
+    client = redis.Redis(host=REDIS[0], port=REDIS[1])
+    for _ in range(3):
+        with client.pipeline() as pipe:
+            pipe.watch(key)
+            pipe.multi()
+            pipe.incr(key)
+            client.incr(key)  # someone else changes the watched key
+            with pytest.raises(redis.WatchError):
+                pipe.execute()
+    assert not installed.of(ErrorClassified)
+    assert not installed.of(BreakerTransitioned)
+    assert client.get(key) == b"3"
+
+
+def test_an_open_breaker_fails_fast_as_a_redis_connection_error(install: Install) -> None:
+    install(RedisIntegration, max_retries=0)
+    client = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    for _ in range(3):
+        with pytest.raises(redis.ConnectionError):
+            client.get("x")
+    started = time.perf_counter()
+    with pytest.raises(redis.ConnectionError) as refused:
+        client.get("x")
+    assert time.perf_counter() - started < 0.05
+    assert isinstance(refused.value, CircuitOpenError)
+    assert isinstance(refused.value, circuit_open_error_type())
+
+
+async def test_asyncio_commands_and_pipelines(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    try:
+        await client.ping()
+        proxy.cut_responses_after(0)
+        with pytest.raises(redis.ConnectionError):
+            await client.rpush(key, "once")
+        proxy.heal()
+        assert length(key) == 1
+        proxy.cut_responses_after(0, once=True)
+        pipe = client.pipeline()
+        pipe.llen(key)
+        assert await pipe.execute() == [1]
+    finally:
+        await client.aclose()
+    attempts = [f.attempts for f in installed.of(RecoveryFinished)]
+    assert attempts == [1, 2]
+
+
+def test_a_cluster_gets_a_breaker_and_keeps_its_own_retries(
+    install: Install, unique_name: str
+) -> None:
+    server = PrivateRedis(cluster=True)
+    try:
+        server.start()
+        installed = install(RedisIntegration, max_retries=0, failure_threshold=2)
+        cluster = RedisCluster(host="127.0.0.1", port=server.port)
+        cluster.set(unique_name, "1")
+        assert cluster.get(unique_name) == b"1"
+        pipe = cluster.pipeline()
+        pipe.set(unique_name, "2").get(unique_name)
+        assert pipe.execute() == [True, b"2"]
+        assert not installed.of(RecoveryFinished)
+        server.close()
+        for _ in range(2):
+            with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):
+                cluster.get(unique_name)
+        with pytest.raises(CircuitOpenError):
+            cluster.get(unique_name)
+        # The cluster's own breaker opened (and the one of the node client that the cluster
+        # client uses to refresh its slot table, a plain Redis client).
+        opened = {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
+        assert f"redis://127.0.0.1:{server.port}/" in opened
+    finally:
+        server.close()
+
+
+async def test_an_asyncio_cluster_is_guarded(install: Install, unique_name: str) -> None:
+    import redis.asyncio.cluster
+
+    server = PrivateRedis(cluster=True)
+    try:
+        server.start()
+        installed = install(RedisIntegration, max_retries=0, failure_threshold=2)
+        cluster = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=server.port)
+        try:
+            await cluster.set(unique_name, "1")
+            assert await cluster.get(unique_name) == b"1"
+            server.close()
+            for _ in range(3):
+                with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):
+                    await cluster.get(unique_name)
+        finally:
+            await cluster.aclose()
+        opened = {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
+        assert f"redis://127.0.0.1:{server.port}/" in opened
+    finally:
+        server.close()

@@ -1,0 +1,328 @@
+"""``run_transaction`` / ``run_transaction_async`` on the real servers: conflicts rolled back
+and run again (concurrent SERIALIZABLE increments on PostgreSQL, deadlocks on MariaDB) with no
+lost update; every other error rolled back and raised unchanged."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import psycopg2
+import pymysql
+import pytest
+from psycopg import IsolationLevel
+
+from otel_raptor.core.events import RecoveryFinished, RetryScheduled
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.db import TransactionInProgressError, run_transaction, run_transaction_async
+from otel_raptor.integrations.db.psycopg import PsycopgIntegration
+from otel_raptor.runtime.state import Runtime, set_runtime
+from tests.integrations.db.conftest import (
+    MYSQL_KWARGS,
+    PG_DSN,
+    PG_URL,
+    Install,
+    create_pg_flaky,
+    drop_pg_flaky,
+)
+from tests.support.services import MYSQL, POSTGRES, require_service
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    """A fresh process-wide runtime (what run_transaction uses without an integration)."""
+    fresh = Runtime()
+    previous = set_runtime(fresh)
+    yield fresh
+    set_runtime(previous)
+
+
+@pytest.fixture
+def pg_table(unique_name: str) -> Iterator[str]:
+    require_service("PostgreSQL", POSTGRES)
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        create_pg_flaky(admin.execute, unique_name)
+        admin.execute(f"CREATE TABLE {unique_name}_counter (id int PRIMARY KEY, n int)")
+        admin.execute(f"INSERT INTO {unique_name}_counter VALUES (1, 0)")
+    yield unique_name
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        drop_pg_flaky(admin.execute, unique_name)
+        admin.execute(f"DROP TABLE IF EXISTS {unique_name}_counter")
+
+
+def pg_scalar(sql: str) -> Any:
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        return admin.execute(sql).fetchone()[0]
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def test_concurrent_serializable_increments_lose_no_update(install: Install, pg_table: str) -> None:
+    installed = install(PsycopgIntegration)
+    counter = f"{pg_table}_counter"
+    acks: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def increment(conn: Any) -> int:
+        n = conn.execute(f"SELECT n FROM {counter} WHERE id = 1").fetchone()[0]
+        time.sleep(0.002)  # widen the window in which the transactions overlap
+        conn.execute(f"UPDATE {counter} SET n = %s WHERE id = 1", (n + 1,))
+        return int(n + 1)
+
+    def worker() -> None:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.isolation_level = IsolationLevel.SERIALIZABLE
+            for _ in range(15):
+                try:
+                    value = run_transaction(conn, increment, max_retries=30)
+                except psycopg.errors.SerializationFailure as error:
+                    with lock:
+                        errors.append(error)
+                else:
+                    with lock:
+                        acks.append(value)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert pg_scalar(f"SELECT n FROM {counter}") == len(acks)
+    assert sorted(acks) == list(range(1, len(acks) + 1))  # each ack saw its own increment
+    assert len(acks) + len(errors) == 60
+    assert installed.of(RetryScheduled), "no conflict happened: the test proved nothing"
+
+
+def test_a_conflict_reruns_the_whole_function(runtime: Runtime, pg_table: str) -> None:
+    events: list[Any] = []
+    runtime.bus.subscribe(events.append)
+    runs = []
+
+    def work(conn: Any) -> str:
+        runs.append(1)
+        conn.execute(f"INSERT INTO {pg_table} VALUES (1)")
+        conn.execute(f"INSERT INTO {pg_table} SELECT {pg_table}_flaky(2, '40P01')")
+        return "done"
+
+    with psycopg.connect(PG_DSN) as conn:  # not autocommit: psycopg's own transaction block
+        assert run_transaction(conn, work) == "done"
+    assert len(runs) == 3
+    assert pg_scalar(f"SELECT count(*) FROM {pg_table}") == 2  # the first two runs rolled back
+    [finished] = [e for e in events if isinstance(e, RecoveryFinished)]
+    assert finished.service == f"postgresql://{POSTGRES[0]}:{POSTGRES[1]}/test"
+    assert (finished.outcome, finished.attempts) == (Outcome.RECOVERED, 3)
+
+
+def test_any_other_error_rolls_back_and_propagates_unchanged(
+    runtime: Runtime, pg_table: str
+) -> None:
+    mine = ValueError("the application's own")
+    runs = []
+
+    def work(conn: Any) -> None:
+        runs.append(1)
+        conn.execute(f"INSERT INTO {pg_table} VALUES (1)")
+        raise mine
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with pytest.raises(ValueError) as raised:
+            run_transaction(conn, work)
+        assert raised.value is mine
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            run_transaction(conn, lambda c: c.execute("SELECT 1/0"))  # no conflict: at once
+    assert runs == [1]
+    assert pg_scalar(f"SELECT count(*) FROM {pg_table}") == 0
+
+
+def test_the_retries_end_with_the_last_conflict(runtime: Runtime, pg_table: str) -> None:
+    with psycopg.connect(PG_DSN) as conn, pytest.raises(psycopg.errors.SerializationFailure):
+        run_transaction(
+            conn, lambda c: c.execute(f"SELECT {pg_table}_flaky(10, '40001')"), max_retries=2
+        )
+    with psycopg.connect(PG_DSN) as admin:
+        value, _ = admin.execute(f"SELECT last_value, is_called FROM {pg_table}_seq").fetchone()
+    assert value == 3
+
+
+def test_a_connection_inside_a_transaction_is_refused(runtime: Runtime, pg_table: str) -> None:
+    with psycopg.connect(PG_DSN) as conn:
+        conn.execute("SELECT 1")  # psycopg opened a transaction
+        with pytest.raises(TransactionInProgressError):
+            run_transaction(conn, lambda c: None)
+    with pytest.raises(TypeError):
+        run_transaction(object(), lambda c: None)
+
+
+def test_psycopg2(runtime: Runtime, pg_table: str) -> None:
+    conn = psycopg2.connect(PG_DSN)
+    try:
+
+        def work(c: Any) -> int:
+            with c.cursor() as cur:
+                cur.execute(f"INSERT INTO {pg_table} SELECT {pg_table}_flaky(1, '40001')")
+                return int(cur.rowcount)
+
+        assert run_transaction(conn, work) == 1
+        conn.autocommit = True  # psycopg2 >= 2.9 still opens a transaction for `with conn`
+        assert run_transaction(conn, work) == 1
+    finally:
+        conn.close()
+    assert pg_scalar(f"SELECT count(*) FROM {pg_table}") == 2
+
+
+async def test_async_psycopg_and_asyncpg(runtime: Runtime, pg_table: str) -> None:
+    async def work_psycopg(conn: Any) -> int:
+        await conn.execute(f"INSERT INTO {pg_table} SELECT {pg_table}_flaky(1, '40001')")
+        return 1
+
+    async with await psycopg.AsyncConnection.connect(PG_DSN) as conn:
+        assert await run_transaction_async(conn, work_psycopg) == 1
+
+    async def work_asyncpg(conn: Any) -> int:
+        await conn.execute(f"INSERT INTO {pg_table} SELECT {pg_table}_flaky(3, '40001')")
+        return 2
+
+    con = await asyncpg.connect(PG_URL)
+    try:
+        assert await run_transaction_async(con, work_asyncpg) == 2
+    finally:
+        await con.close()
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as proxy:
+            assert await run_transaction_async(proxy, work_asyncpg) == 2
+    finally:
+        await pool.close()
+    assert pg_scalar(f"SELECT count(*) FROM {pg_table}") == 3
+    with pytest.raises(TypeError):
+        await run_transaction_async(object(), work_asyncpg)
+
+
+# --- MariaDB --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def my_table(unique_name: str) -> Iterator[str]:
+    require_service("MariaDB", MYSQL)
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {unique_name} (id INT PRIMARY KEY, n INT) ENGINE=InnoDB")
+        cur.execute(f"INSERT INTO {unique_name} VALUES (1, 0), (2, 0)")
+    yield unique_name
+    with conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {unique_name}")
+    conn.close()
+
+
+def test_mariadb_deadlocks_lose_no_update(runtime: Runtime, my_table: str) -> None:
+    events: list[Any] = []
+    runtime.bus.subscribe(events.append)
+    acks: list[int] = []
+    lock = threading.Lock()
+
+    def transfer(first: int, second: int) -> Any:
+        def work(conn: Any) -> None:
+            with conn.cursor() as cur:
+                cur.execute(f"UPDATE {my_table} SET n = n + 1 WHERE id = %s", (first,))
+                time.sleep(0.01)  # both hold their first row: one of them deadlocks
+                cur.execute(f"UPDATE {my_table} SET n = n + 1 WHERE id = %s", (second,))
+
+        return work
+
+    def worker(first: int, second: int) -> None:
+        conn = pymysql.connect(**MYSQL_KWARGS, ssl_disabled=True)
+        try:
+            for _ in range(10):
+                try:
+                    run_transaction(conn, transfer(first, second), max_retries=30)
+                except pymysql.err.OperationalError:
+                    continue  # retries (or the retry budget) ran out: not acknowledged
+                with lock:
+                    acks.append(1)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=order) for order in ((1, 2), (2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    conn = pymysql.connect(**MYSQL_KWARGS)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT n FROM {my_table} ORDER BY id")
+        assert [row[0] for row in cur.fetchall()] == [len(acks), len(acks)]
+    conn.close()
+    assert len(acks) >= 15
+    conflicts = [e for e in events if isinstance(e, RetryScheduled)]
+    assert conflicts, "no deadlock happened: the test proved nothing"
+    assert {e.classification.code for e in conflicts} <= {"1213", "1205"}
+
+
+def test_pymysql_other_errors_roll_back(runtime: Runtime, my_table: str) -> None:
+    conn = pymysql.connect(**MYSQL_KWARGS)
+    try:
+
+        def work(c: Any) -> None:
+            with c.cursor() as cur:
+                cur.execute(f"UPDATE {my_table} SET n = 99 WHERE id = 1")
+                cur.execute(f"INSERT INTO {my_table} VALUES (1, 0)")  # duplicate key
+
+        with pytest.raises(pymysql.err.IntegrityError):
+            run_transaction(conn, work)
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT n FROM {my_table} WHERE id = 1")
+            assert cur.fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+# --- SQLite ---------------------------------------------------------------------------------------
+
+
+def test_sqlite_busy_is_rerun(runtime: Runtime, tmp_path: Path) -> None:
+    path = tmp_path / "tx.db"
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE t (n INTEGER)")
+    setup.execute("INSERT INTO t VALUES (0)")
+    setup.commit()
+    setup.close()
+    acks: list[int] = []
+    lock = threading.Lock()
+
+    def increment(conn: Any) -> None:
+        (n,) = conn.execute("SELECT n FROM t").fetchone()
+        time.sleep(0.002)
+        conn.execute("UPDATE t SET n = ?", (n + 1,))
+
+    def worker(isolation: str | None) -> None:
+        conn = sqlite3.connect(path, timeout=0.001, isolation_level=isolation)
+        try:
+            for _ in range(15):
+                try:
+                    run_transaction(conn, increment, max_retries=100, max_delay=0.05)
+                except sqlite3.OperationalError:
+                    continue  # retries (or the retry budget) ran out: not acknowledged
+                with lock:
+                    acks.append(1)
+        finally:
+            conn.close()
+
+    threads = [
+        threading.Thread(target=worker, args=(mode,)) for mode in (None, "DEFERRED", "IMMEDIATE")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT n FROM t").fetchone() == (len(acks),)
+    check.close()
+    assert len(acks) >= 30

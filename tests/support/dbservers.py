@@ -1,0 +1,259 @@
+"""Private database servers that a test may kill and restart: PostgreSQL, MariaDB, Redis.
+
+The shared servers on the usual ports are never stopped by a test. These start their own
+instance in a temporary directory on a free loopback port, and remove it afterwards:
+
+- :class:`PrivatePostgres`: ``initdb`` (as the ``postgres`` user when run as root, since
+  PostgreSQL refuses to run as root), ``pg_ctl start``/``stop -m immediate`` (a crash: no
+  checkpoint, recovery from the WAL on restart);
+- :class:`PrivateMariaDB`: ``mariadb-install-db`` then ``mariadbd``; ``mysqladmin shutdown``
+  or a ``SIGKILL``;
+- :class:`PrivateRedis`: ``redis-server`` with an append-only file fsynced on every write;
+  ``SHUTDOWN NOSAVE``.
+
+Durability is the servers' own, with syncing to disk relaxed where that only matters for a
+machine crash (``fsync=off``, ``innodb_flush_log_at_trx_commit=2``): a killed *process* loses
+nothing it acknowledged. :func:`find_binary` locates the programs; a test skips (or fails
+with ``RAPTOR_REQUIRE_SERVICES=1``) when one is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import services_required
+
+__all__ = [
+    "PrivateMariaDB",
+    "PrivatePostgres",
+    "PrivateRedis",
+    "find_binary",
+    "free_port",
+]
+
+
+def free_port(*, below: int = 65536) -> int:
+    """A loopback port nothing listens on now (below ``below``)."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below:
+            return port
+    raise RuntimeError(f"no free port below {below}")
+
+
+def find_binary(*names: str) -> str:
+    """The path of the first of ``names`` found on PATH or in PostgreSQL's versioned
+    directories; skips (fails with ``RAPTOR_REQUIRE_SERVICES=1``) when none is."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+        for candidate in sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True):
+            return candidate
+    message = f"none of {', '.join(names)} is installed"
+    if services_required():
+        pytest.fail(f"{message} and RAPTOR_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(message)
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _wait_closed(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                pass
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"127.0.0.1:{port} still listens after {timeout}s")
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of our own (user ``postgres``, trust auth, database ``postgres``)."""
+
+    def __init__(self) -> None:
+        self.initdb = find_binary("initdb")
+        self.pg_ctl = find_binary("pg_ctl")
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="raptor_db_pg_"))
+        self.data = self.root / "data"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    @property
+    def dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def _run(self, *command: str) -> None:
+        subprocess.run(
+            [*self._as, *command], check=True, capture_output=True, timeout=60, cwd=self.root
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c shared_buffers=16MB -c max_connections=40"
+        )
+        self._run(
+            self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
+            "-w", "-t", "30", "start",
+        )  # fmt: skip
+        _wait_port(self.port, 30)
+
+    def kill(self) -> None:
+        """``pg_ctl stop -m immediate``: the server process ends at once, as in a crash."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        _wait_closed(self.port, 10)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateMariaDB:
+    """A MariaDB server of our own (user ``root``, no password, grants skipped)."""
+
+    def __init__(self) -> None:
+        self.install = find_binary("mariadb-install-db", "mysql_install_db")
+        self.server = find_binary("mariadbd", "mysqld")
+        self.admin = find_binary("mariadb-admin", "mysqladmin")
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="raptor_db_my_"))
+        self.data = self.root / "data"
+        self.process: subprocess.Popen[bytes] | None = None
+        subprocess.run(
+            [
+                self.install, "--no-defaults", f"--datadir={self.data}", "--user=root",
+                "--auth-root-authentication-method=normal", "--skip-test-db",
+            ],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        log = open(self.root / "log", "ab")  # noqa: SIM115 - handed to the server process
+        self.process = subprocess.Popen(
+            [
+                self.server, "--no-defaults", f"--datadir={self.data}", "--user=root",
+                f"--port={self.port}", "--bind-address=127.0.0.1",
+                f"--socket={self.root / 'sock'}", f"--pid-file={self.root / 'pid'}",
+                "--skip-grant-tables", "--skip-name-resolve", "--skip-log-bin",
+                "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M",
+                "--innodb-flush-log-at-trx-commit=2", "--performance-schema=OFF",
+                "--max-connections=60",
+            ],
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        log.close()
+        _wait_port(self.port, 60)
+
+    def shutdown(self) -> None:
+        """``mysqladmin shutdown``: the server finishes what it is doing and stops."""
+        subprocess.run(
+            [self.admin, "-h127.0.0.1", f"-P{self.port}", "-uroot", "shutdown"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        if self.process is not None:
+            self.process.wait(timeout=60)
+        _wait_closed(self.port, 10)
+
+    def kill(self) -> None:
+        """``SIGKILL``: the server process ends at once, as in a crash."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+        _wait_closed(self.port, 10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            with contextlib.suppress(Exception):
+                self.process.wait(timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A Redis server of our own, with every write appended and fsynced before its reply."""
+
+    def __init__(self, *, cluster: bool = False) -> None:
+        self.binary = find_binary("redis-server")
+        # A cluster node also listens on its port + 10000 (the cluster bus).
+        self.port = free_port(below=55000) if cluster else free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="raptor_db_redis_"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.cluster = cluster
+
+    def start(self) -> None:
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        self.process = subprocess.Popen(
+            [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.root), "--save", "", "--appendonly", "yes",
+                "--appendfsync", "always", "--logfile", str(self.root / "log"),
+                *(cluster if self.cluster else []),
+            ],
+        )  # fmt: skip
+        _wait_port(self.port, 30)
+        if self.cluster:
+            self._serve_every_slot()
+
+    def _command(self, *parts: bytes) -> bytes:
+        request = b"*%d\r\n" % len(parts) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(part), part) for part in parts
+        )
+        with socket.create_connection(("127.0.0.1", self.port), 5) as sock:
+            sock.sendall(request)
+            return sock.recv(65536)
+
+    def _serve_every_slot(self) -> None:
+        """A cluster of one node: it serves all 16384 slots."""
+        self._command(b"CLUSTER", b"ADDSLOTSRANGE", b"0", b"16383")
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in self._command(b"CLUSTER", b"INFO"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the one-node cluster never became ready")
+            time.sleep(0.05)
+
+    def shutdown_nosave(self) -> None:
+        """``SHUTDOWN NOSAVE``: no snapshot; what the append-only file holds is all there is."""
+        with socket.create_connection(("127.0.0.1", self.port), 5) as sock:
+            sock.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
+            with contextlib.suppress(OSError):
+                sock.recv(100)
+        if self.process is not None:
+            self.process.wait(timeout=30)
+        _wait_closed(self.port, 10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            with contextlib.suppress(Exception):
+                self.process.wait(timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)

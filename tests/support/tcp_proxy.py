@@ -1,0 +1,235 @@
+"""A fault-injecting TCP proxy for database tests: latency, blackhole, a cut after N bytes,
+refused connections.
+
+``FaultProxy(upstream)`` listens on ``127.0.0.1`` (an ephemeral port, ``proxy.port``) and
+forwards each connection to ``upstream`` with two pump threads. Faults can be switched at any
+moment and apply to open connections as well as new ones:
+
+- ``latency(seconds)``: every chunk is delayed that long, both ways;
+- ``blackhole()``: connections are accepted, but nothing is forwarded either way (the client
+  waits for an answer that never comes); ``heal()`` ends it;
+- ``cut_responses_after(n, once=False)``: the next server-to-client bytes beyond ``n``
+  (counted from now, per connection) are not delivered: the connection is reset instead.
+  With ``n = 0`` a statement reaches the server, is executed, and its answer is lost: the
+  client cannot know whether it happened. With ``once`` only the first such cut happens;
+- ``refuse()``: the listening socket is closed and open connections reset (connection
+  refused); ``heal()`` listens again on the same port;
+- ``reset_all()``: reset every open connection now.
+
+Counters: ``accepted`` (connections), ``up_bytes`` and ``down_bytes`` (forwarded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from types import TracebackType
+
+__all__ = ["FaultProxy"]
+
+_CHUNK = 65536
+
+
+def _reset(sock: socket.socket) -> None:
+    """Cut a connection: the peer sees it end at once (SO_LINGER 0 makes the close a reset).
+
+    ``shutdown`` first: it wakes a pump thread blocked in ``recv`` on this socket, which a
+    bare ``close`` from another thread would not (the kernel keeps the socket until that
+    ``recv`` returns, so the peer would never learn of the cut)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class _Pair:
+    __slots__ = ("client", "closed", "down_budget", "server")
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client = client
+        self.server = server
+        self.closed = False
+        self.down_budget: int | None = None
+
+    def cut(self) -> None:
+        if not self.closed:
+            self.closed = True
+            _reset(self.client)
+            _reset(self.server)
+
+
+class FaultProxy:
+    """See the module docstring."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.accepted = 0
+        self.up_bytes = 0
+        self.down_bytes = 0
+        self._delay = 0.0
+        self._blackhole = False
+        self._cut_after: int | None = None
+        self._cut_once = False
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._pairs: list[_Pair] = []
+        self._listener: socket.socket | None = None
+        self._stopped = False
+        self._listen()
+
+    # --- faults -------------------------------------------------------------------------------
+
+    def latency(self, seconds: float) -> None:
+        self._delay = seconds
+
+    def blackhole(self) -> None:
+        self._blackhole = True
+
+    def cut_responses_after(self, count: int, *, once: bool = False) -> None:
+        with self._lock:
+            self._cut_after = count
+            self._cut_once = once
+            for pair in self._pairs:
+                pair.down_budget = count
+
+    def refuse(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); a bare close() would not, and
+            # the port would go on accepting.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                listener.close()
+        self.reset_all()
+
+    def reset_all(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            pair.cut()
+
+    def heal(self) -> None:
+        """End every fault: no latency, no blackhole, no cut, listening again."""
+        self._delay = 0.0
+        self._blackhole = False
+        with self._lock:
+            self._cut_after = None
+            for pair in self._pairs:
+                pair.down_budget = None
+        if self._listener is None and not self._stopped:
+            self._listen()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stopped = True
+        self.refuse()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for _ in range(50):
+            try:
+                listener.bind(("127.0.0.1", self.port))
+                break
+            except OSError:  # the old listener's port is still being released
+                time.sleep(0.05)
+        else:
+            listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by refuse()/close()
+            try:
+                server = socket.create_connection(self.upstream, timeout=5.0)
+                server.settimeout(None)
+            except OSError:
+                _reset(client)
+                continue
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pair = _Pair(client, server)
+            with self._lock:
+                self.accepted += 1
+                pair.down_budget = self._cut_after
+                self._pairs.append(pair)
+            threading.Thread(target=self._pump, args=(pair, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(pair, False), daemon=True).start()
+
+    def _cut(self, pair: _Pair) -> None:
+        with self._lock:
+            self.cuts += 1
+            if self._cut_once:
+                self._cut_after = None
+                for other in self._pairs:
+                    other.down_budget = None
+        pair.cut()
+
+    def _pump(self, pair: _Pair, upward: bool) -> None:
+        source, sink = (pair.client, pair.server) if upward else (pair.server, pair.client)
+        try:
+            while not pair.closed:
+                data = source.recv(_CHUNK)
+                if not data:
+                    break
+                if self._delay:
+                    time.sleep(self._delay)
+                while self._blackhole and not pair.closed:
+                    time.sleep(0.01)  # hold it: nothing flows until heal() or a cut
+                if pair.closed:
+                    break
+                if not upward and pair.down_budget is not None:
+                    if len(data) > pair.down_budget:
+                        self._cut(pair)
+                        break
+                    pair.down_budget -= len(data)
+                sink.sendall(data)
+                with self._lock:
+                    if upward:
+                        self.up_bytes += len(data)
+                    else:
+                        self.down_bytes += len(data)
+        except OSError:
+            pass
+        finally:
+            if not pair.closed:
+                # One side ended: end the other the same way (a clean close).
+                pair.closed = True
+                for sock in (pair.client, pair.server):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):
+                        sock.close()
+            with self._lock, contextlib.suppress(ValueError):
+                self._pairs.remove(pair)
