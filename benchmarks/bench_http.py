@@ -35,10 +35,10 @@ How it keeps the comparison fair:
 - Processes are pinned (Linux, 2+ CPUs; ``--no-pin`` to turn off): the server to one CPU,
   every client to another, so the scheduler places everyone alike.
 
-Target (issue 3): raptor adds under 3 % to a loopback round trip, and less than the contrib
-tracing instrumentation does. The verdict is printed per library, judged on p50; the mean
-figures get their own yes/no. The exit status is 0 either way: this measures, it does not
-gate.
+Target (issue 7; issue 3 asked for 3 %): raptor adds at most 1.5 % to a loopback round trip,
+and less than the contrib tracing instrumentation does. The verdict is printed per library,
+judged on p50; the mean figures get their own yes/no. The exit status is 0 either way: this
+measures, it does not gate.
 
     make bench                 # bench_guard.py, then this
     .venv/bin/python benchmarks/bench_http.py [--requests N] [--rounds R] [--sessions S]
@@ -67,7 +67,7 @@ from typing import IO, Any
 
 LIBRARIES = ("requests", "httpx")
 CONFIGS = ("plain", "plain (control)", "contrib", "raptor", "both")
-TARGET_PERCENT = 3.0
+TARGET_PERCENT = 1.5
 
 _RESPONSE = (
     b"HTTP/1.1 200 OK\r\n"
@@ -449,7 +449,7 @@ def report(
                 )
             raptor, contrib = overheads["raptor"], overheads["contrib"]
             both, control = overheads["both"], overheads["plain (control)"]
-            under_target = raptor.percent < TARGET_PERCENT
+            under_target = raptor.percent <= TARGET_PERCENT
             under_contrib = raptor.micros < contrib.micros
             if typical:
                 held = held and under_target and under_contrib
@@ -458,14 +458,14 @@ def report(
                 f" ({raptor.percent:+.2f} %), contrib tracing {contrib.micros:+.1f} µs"
                 f" ({contrib.percent:+.2f} %), raptor on top of contrib"
                 f" {both.micros - contrib.micros:+.1f} µs; control {control.percent:+.2f} %"
-                f" (the noise floor). Under {TARGET_PERCENT:g} %:"
+                f" (the noise floor). At most {TARGET_PERCENT:g} %:"
                 f" {'yes' if under_target else 'NO'}; below contrib:"
                 f" {'yes' if under_contrib else 'NO'}."
             )
     print()
     print("\n".join(verdicts))
     target = (
-        f"raptor adds under {TARGET_PERCENT:g} % to a loopback round trip and less than"
+        f"raptor adds at most {TARGET_PERCENT:g} % to a loopback round trip and less than"
         " the contrib tracing instrumentation does"
     )
     print(f"\nTarget ({target}), by p50: {'MET' if held else 'MISSED'}")

@@ -7,6 +7,7 @@ Most tests run twice through :class:`Driver`: with ``httpx.Client`` and with
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -587,3 +588,13 @@ def test_the_error_class_is_built_once_and_importable() -> None:
     error = cls("http://a.test:80", None, request=request)
     assert error.request is request
     assert str(error) == "circuit breaker 'http://a.test:80' is open"
+
+
+def test_the_hooked_methods_look_like_the_originals(install: Install) -> None:
+    # Code that inspects send (mock autospec, frameworks choosing sync or async) sees no change.
+    install()
+    assert httpx.Client.send is not ORIGINAL_SEND
+    assert inspect.iscoroutinefunction(httpx.AsyncClient.send)
+    assert not inspect.iscoroutinefunction(httpx.Client.send)
+    assert inspect.signature(httpx.Client.send) == inspect.signature(ORIGINAL_SEND)
+    assert httpx.AsyncClient.send.__qualname__ == ORIGINAL_ASYNC_SEND.__qualname__

@@ -629,7 +629,7 @@ def test_a_hook_wrapped_over_by_someone_else_passes_through_after_uninstall(
         hook.uninstall()
     finally:
         assert _wrapping.unwrap(requests.Session, "request", other)
-        _wrapping.unwrap(requests.Session, "request", integration._request_wrapper)
+        _wrapping.unwrap(requests.Session, "request", integration._request_hook)
     assert requests.Session.request is ORIGINAL_REQUEST
 
 

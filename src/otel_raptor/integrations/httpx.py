@@ -1,11 +1,12 @@
 """The httpx integration: breakers, retries and fallbacks per origin, sync and async clients.
 
 What it hooks, and why there: ``httpx.Client.send`` and ``httpx.AsyncClient.send``, on the
-classes. ``Client.get``/``post``/``request``/``stream`` all end in ``send``. The contrib
-httpx instrumentation wraps the transports' ``handle_request``/``handle_async_request``,
-below ``send``: retrying above it makes each attempt its own HTTP client span whichever of the
-two is installed first. One attempt is one whole ``send``: the auth flow runs again and
-redirects are followed again from the first URL.
+classes, with plain functions (``_wrapping.patch``: a wrapt layer's dispatch measured more
+than the rest of the hook on a loopback request). ``Client.get``/``post``/``request``/
+``stream`` all end in ``send``. The contrib httpx instrumentation wraps the transports'
+``handle_request``/``handle_async_request``, below ``send``: retrying above it makes each
+attempt its own HTTP client span whichever of the two is installed first. One attempt is one
+whole ``send``: the auth flow runs again and redirects are followed again from the first URL.
 
 Timeouts are httpx's own: a client has a 5 s default that ``send`` applies even to a
 hand-built request. Only a request that httpx would leave unbounded (a client or request
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Hashable
+from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
@@ -55,7 +57,7 @@ from otel_raptor.integrations._kit import (
     is_refusal_of,
     library_error,
 )
-from otel_raptor.integrations._wrapping import unwrap, wrap
+from otel_raptor.integrations._wrapping import patch, unwrap
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
@@ -171,7 +173,7 @@ class _Installed(HttpInstallation):
 
     def describe(
         self,
-        wrapped: Callable[..., Any],
+        send: Callable[..., Any],
         client: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -181,7 +183,8 @@ class _Installed(HttpInstallation):
         """How to guard this ``send``: ``None`` to leave it alone, the plan alone for a
         request with no fallback and no stale copy to keep (the common case: nothing is
         allocated), else a :class:`_Call`. A call to a different shape of ``send`` (the
-        request as a keyword) comes back as a ``_Call`` too."""
+        request as a keyword) comes back as a ``_Call`` too. ``send`` is the original method,
+        unbound (the client first)."""
         if len(args) == 1:
             request = args[0]
             call_kwargs = kwargs
@@ -238,7 +241,7 @@ class _Installed(HttpInstallation):
         )
         if fallbacks:
             described.fallback = (_AsyncFallback if is_async else _Fallback)(
-                self, described, wrapped, safe=safe
+                self, described, MethodType(send, client), safe=safe
             )
         return described
 
@@ -385,64 +388,58 @@ class _AsyncFallback(_Fallback):
 _installed: _Installed | None = None
 
 
-def _send_wrapper(
-    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """The hook on ``Client.send`` (module level: its identity marks the hook as ours)."""
-    installed = _installed
-    if installed is None or not http_enabled():
-        return wrapped(*args, **kwargs)
-    try:
-        described = installed.describe(wrapped, instance, args, kwargs, is_async=False)
-    except Exception as bug:  # noqa: BLE001 - never break the host app
-        report_internal_error("httpx.describe", bug)
-        return wrapped(*args, **kwargs)
-    if type(described) is CallPlan:
+def _send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Client.send``: a plain function (module-level factory: its identity
+    marks the layer as ours), since wrapt's dispatch would cost more than the rest of it."""
+
+    def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        installed = _installed
+        if installed is None or not http_enabled():
+            return original(self, *args, **kwargs)
         try:
-            return call(described, wrapped, args, kwargs)
-        except (CircuitOpenError, ThrottledError) as error:
-            return refused(error, described, args[0])
-    if described is None:
-        return wrapped(*args, **kwargs)
-    return installed.send(wrapped, described)  # type: ignore[arg-type]  # a _Call
+            described = installed.describe(original, self, args, kwargs, is_async=False)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("httpx.describe", bug)
+            return original(self, *args, **kwargs)
+        if type(described) is CallPlan:
+            try:
+                return call(described, original, (self, *args), kwargs)
+            except (CircuitOpenError, ThrottledError) as error:
+                return refused(error, described, args[0])
+        if described is None:
+            return original(self, *args, **kwargs)
+        return installed.send(MethodType(original, self), described)  # type: ignore[arg-type]
+
+    return send
 
 
-def _async_send_wrapper(
-    wrapped: Callable[..., Awaitable[Any]],
-    instance: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Awaitable[Any]:
-    """The hook on ``AsyncClient.send``: returns the awaitable the caller awaits."""
-    installed = _installed
-    if installed is None or not http_enabled():
-        return wrapped(*args, **kwargs)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return wrapped(*args, **kwargs)  # trio, or no loop: our loop sleeps with asyncio
-    try:
-        described = installed.describe(wrapped, instance, args, kwargs, is_async=True)
-    except Exception as bug:  # noqa: BLE001 - never break the host app
-        report_internal_error("httpx.describe", bug)
-        return wrapped(*args, **kwargs)
-    if described is None:
-        return wrapped(*args, **kwargs)
-    if type(described) is CallPlan:
-        return _send_plain_async(described, wrapped, args, kwargs)
-    return installed.send_async(wrapped, described)  # type: ignore[arg-type]  # a _Call
+def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """The hook on ``AsyncClient.send``: ``async def`` like the original, so that
+    ``inspect.iscoroutinefunction(AsyncClient.send)`` still holds."""
 
+    async def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        installed = _installed
+        if installed is None or not http_enabled():
+            return await original(self, *args, **kwargs)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # trio, or no loop: our loop sleeps with asyncio
+            return await original(self, *args, **kwargs)
+        try:
+            described = installed.describe(original, self, args, kwargs, is_async=True)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("httpx.describe", bug)
+            return await original(self, *args, **kwargs)
+        if described is None:
+            return await original(self, *args, **kwargs)
+        if type(described) is CallPlan:
+            try:
+                return await call_async(described, original, (self, *args), kwargs)
+            except (CircuitOpenError, ThrottledError) as error:
+                return refused(error, described, args[0])
+        return await installed.send_async(MethodType(original, self), described)  # type: ignore[arg-type]
 
-async def _send_plain_async(
-    plan: CallPlan,
-    wrapped: Callable[..., Awaitable[Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    try:
-        return await call_async(plan, wrapped, args, kwargs)
-    except (CircuitOpenError, ThrottledError) as error:
-        return refused(error, plan, args[0])
+    return send
 
 
 class HttpxIntegration:
@@ -469,12 +466,12 @@ class HttpxIntegration:
         _installed = state
         self._state = state
         try:
-            wrap(httpx.Client, "send", _send_wrapper)
-            wrap(httpx.AsyncClient, "send", _async_send_wrapper)
+            patch(httpx.Client, "send", _send_hook)
+            patch(httpx.AsyncClient, "send", _async_send_hook)
         except Exception:
             _installed = self._state = None
             state.unmanage()
-            unwrap(httpx.Client, "send", _send_wrapper)
+            unwrap(httpx.Client, "send", _send_hook)
             raise
 
     def uninstall(self) -> None:
@@ -488,5 +485,5 @@ class HttpxIntegration:
         state.unmanage()
         httpx = sys.modules.get("httpx")
         if httpx is not None:
-            unwrap(httpx.Client, "send", _send_wrapper)
-            unwrap(httpx.AsyncClient, "send", _async_send_wrapper)
+            unwrap(httpx.Client, "send", _send_hook)
+            unwrap(httpx.AsyncClient, "send", _async_send_hook)

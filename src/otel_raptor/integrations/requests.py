@@ -1,6 +1,7 @@
 """The requests integration: breakers, retries, a default timeout and fallbacks per origin.
 
-What it hooks, and why there: ``requests.Session.request``, on the class, which every
+What it hooks, and why there: ``requests.Session.request``, on the class (with a plain
+function, ``_wrapping.patch``, cheaper than a wrapt layer), which every
 ``requests.get``/``post``/… and every session method goes through. The contrib requests
 instrumentation wraps ``Session.send``, one level below: retrying *above* it makes each
 attempt its own HTTP client span whichever of the two is installed first. One attempt is one
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Hashable, Mapping
+from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
@@ -46,7 +48,7 @@ from otel_raptor.integrations._http import (
     throttled_headers,
 )
 from otel_raptor.integrations._kit import call, is_refusal_of, library_error
-from otel_raptor.integrations._wrapping import unwrap, wrap
+from otel_raptor.integrations._wrapping import patch, unwrap
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
@@ -261,14 +263,15 @@ class _Installed(HttpInstallation):
 
     def describe(
         self,
-        wrapped: Callable[..., Any],
+        request: Callable[..., Any],
         session: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> _Call | CallPlan | None:
         """How to guard this call: ``None`` to leave it alone, the plan alone for a call
         given as ``(method, url, **kwargs)`` with no fallback and no stale copy to keep (the
-        common case: nothing is allocated), else a :class:`_Call`. Our code: may fail."""
+        common case: nothing is allocated), else a :class:`_Call`. ``request`` is the
+        original method, unbound (the session first). Our code: may fail."""
         if len(args) == 2:
             method, url = args
             call_kwargs = kwargs
@@ -333,7 +336,7 @@ class _Installed(HttpInstallation):
             stale_key,
         )
         if fallbacks:
-            described.fallback = _Fallback(self, described, wrapped, safe=safe)
+            described.fallback = _Fallback(self, described, MethodType(request, session), safe=safe)
         return described
 
     def failover(self, wrapped: Callable[..., Any], failed: _Call, base_url: str) -> Any:
@@ -406,26 +409,29 @@ class _Fallback(FallbackCall):
 _installed: _Installed | None = None
 
 
-def _request_wrapper(
-    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """The hook on ``Session.request`` (module level: its identity marks the hook as ours)."""
-    installed = _installed
-    if installed is None or not http_enabled():
-        return wrapped(*args, **kwargs)
-    try:
-        described = installed.describe(wrapped, instance, args, kwargs)
-    except Exception as bug:  # noqa: BLE001 - never break the host app
-        report_internal_error("requests.describe", bug)
-        return wrapped(*args, **kwargs)
-    if type(described) is CallPlan:
+def _request_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Session.request``: a plain function (module-level factory: its identity
+    marks the layer as ours), since wrapt's dispatch would cost more than the rest of it."""
+
+    def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        installed = _installed
+        if installed is None or not http_enabled():
+            return original(self, *args, **kwargs)
         try:
-            return call(described, wrapped, args, kwargs)
-        except (CircuitOpenError, ThrottledError) as error:
-            return refused(error, described, args[0], args[1], kwargs)
-    if described is None:
-        return wrapped(*args, **kwargs)
-    return installed.send(wrapped, described)  # type: ignore[arg-type]  # a _Call
+            described = installed.describe(original, self, args, kwargs)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("requests.describe", bug)
+            return original(self, *args, **kwargs)
+        if type(described) is CallPlan:
+            try:
+                return call(described, original, (self, *args), kwargs)
+            except (CircuitOpenError, ThrottledError) as error:
+                return refused(error, described, args[0], args[1], kwargs)
+        if described is None:
+            return original(self, *args, **kwargs)
+        return installed.send(MethodType(original, self), described)  # type: ignore[arg-type]
+
+    return request
 
 
 class RequestsIntegration:
@@ -452,7 +458,7 @@ class RequestsIntegration:
         _installed = state
         self._state = state
         try:
-            wrap(requests.Session, "request", _request_wrapper)
+            patch(requests.Session, "request", _request_hook)
         except Exception:
             _installed = self._state = None
             state.unmanage()
@@ -468,4 +474,4 @@ class RequestsIntegration:
         state.unmanage()
         requests = sys.modules.get("requests")
         if requests is not None:
-            unwrap(requests.Session, "request", _request_wrapper)
+            unwrap(requests.Session, "request", _request_hook)
