@@ -114,7 +114,10 @@ def reported(phase: str) -> str:
 
 def serve(port_queue: Queue, counts_queue: Queue, start: float, scale: float, seed: int) -> None:
     schedule = Schedule(start, scale)
-    rng = random.Random(seed)
+    # One stream of dice per phase: the k-th request of a phase gets the same roll whichever
+    # contender sends it and however many requests it sent before, so two contenders that send
+    # the same requests in a phase (plain and raptor with POSTs, say) see the same answers.
+    rngs: dict[str, random.Random] = {}
     lock = threading.Lock()
     counts: Counter[str] = Counter()
 
@@ -134,6 +137,9 @@ def serve(port_queue: Queue, counts_queue: Queue, start: float, scale: float, se
             phase = schedule.phase_at(time.time())
             with lock:
                 counts[reported(phase or "after")] += 1
+                rng = rngs.get(phase or "after")
+                if rng is None:
+                    rng = rngs[phase or "after"] = random.Random(f"{seed}:{phase}")
                 roll = rng.random()
             if phase == "outage hang":
                 time.sleep(max(0.0, schedule.begins("outage refuse") - time.time()))

@@ -144,7 +144,7 @@ def test_optional_seconds_accept_none_and_empty_values_count_as_unset() -> None:
     )
     assert reports.errors == []
     assert config.retry.deadline is None
-    assert config.retry.max_retries == 3
+    assert config.retry.max_retries == RetryPolicy().max_retries  # the default
 
 
 def test_config_from_env_is_pure_and_reports_unparsable_values() -> None:

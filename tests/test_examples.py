@@ -54,7 +54,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         r" 4 failed with retry",
     ),
     "app.py": (
-        r"statuses seen by the app: \[200, 200, 200, 200, 200, 200, 503, 503",
+        # /stock's first call fails five attempts in a row (four retries): the breaker opens.
+        r"statuses seen by the app: \[200, 200, 200, 200, 200, 200, 503, 'RequestsCircuitOpen'",
         r"http://127\.0\.0\.1:\d+: 6 recoveries, success rate 100%, 6 failed attempts",
     ),
     "breaker_demo.py": (),

@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_raptor import ConfigError, RaptorInstrumentor, classify
+from otel_raptor import ConfigError, RaptorInstrumentor, RetryPolicy, classify
 from otel_raptor import environment_variables as ev
 from otel_raptor import instrumentor as instrumentor_module
 from otel_raptor.core.events import ErrorClassified
@@ -222,7 +222,7 @@ def test_a_bad_env_value_is_logged_once_and_the_app_starts(
         "expected an integer; ignoring it (the file's value or the default applies)"
     ]
     assert instrumentor.config is not None
-    assert instrumentor.config.retry.max_retries == 3
+    assert instrumentor.config.retry.max_retries == RetryPolicy().max_retries  # the default
     assert instrumentor.config.retry.base_delay == 0.25
 
 

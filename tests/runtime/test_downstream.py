@@ -36,6 +36,23 @@ def test_the_throttled_share_counts_throttles_against_recent_calls() -> None:
     assert downstream.throttled(later + 3 * THROTTLE_WINDOW_S) == 0.0  # a fresh window
 
 
+def test_retries_count_as_attempts_so_waiting_callers_do_not_inflate_the_share() -> None:
+    # A server that throttles a quarter of the requests: callers that wait out a 429 make
+    # fewer calls, but each retry is an attempt too, and the share stays a quarter.
+    downstream = Downstream("svc", RetryBudget(now=0.0))
+    throttles = 0
+    for i in range(40):  # within one window
+        now = i * THROTTLE_WINDOW_S / 50
+        calls(downstream, 3)
+        assert downstream.withdraw(now)  # a retry, after one of the three calls got a 429
+        throttles += 1
+        share = downstream.throttled(now)
+    assert throttles == 40
+    # 40 throttles in the 157 attempts since the window opened at the first one (counting
+    # calls alone would give 40 / 118, a third).
+    assert share == pytest.approx(40 / 157)
+
+
 def test_budgets_are_reshaped_in_place_never_replaced() -> None:
     clock = FakeClock()
     runtime = Runtime(clock=clock, budget_ratio=0.2)

@@ -38,7 +38,7 @@ __all__ = ["RaptorConfig"]
 class RaptorConfig:
     """Everything the instrumentor needs, validated.
 
-    Defaults are the seed's: ``RetryPolicy()`` (3 retries, 1 s base delay, 300 s cap, x2) and
+    Defaults are the seed's: ``RetryPolicy()`` (4 retries, 1 s base delay, 300 s cap, x2) and
     ``CircuitBreakerConfig()`` (5 failures, 60 s recovery, 2 successes; its ``timeout``, 30 s,
     is read by no breaker).
     ``retry_budget_ratio`` (>= 0, default 0.2) and ``retry_budget_min_retries_per_second``

@@ -233,8 +233,10 @@ class RetryPolicy:
 
     Fields (seconds everywhere):
 
-    - ``max_retries``: retries after the first attempt, int >= 0, default 3 (so at most 4
-      attempts); 0 disables retries.
+    - ``max_retries``: retries after the first attempt, int >= 0, default 4 (so at most 5
+      attempts); 0 disables retries. Four, not the usual three: at 30 % transient failures
+      three retries cap success at 1 - 0.3**4 = 99.2 %, four reach 99.8 %, for 0.6 % more
+      requests (a retry that keeps failing still drains the retry budget).
     - ``base_delay``: backoff before the first retry, >= 0, default 1.0.
     - ``max_delay``: cap on the backoff before jitter, >= ``base_delay``, default 300.0. It does
       not cap a server's ``Retry-After`` (see ``max_retry_after``).
@@ -252,7 +254,7 @@ class RetryPolicy:
       of that call always waits it out; the pause becomes the whole downstream's *cooldown*
       (every call to it waits, or is refused when the wait does not fit its ``max_retry_after``,
       else ``max_delay``, and deadline) once at least this share of the downstream's recent
-      calls were throttled, in [0, 1], default 0.5. ``0`` pauses every call on the first 429;
+      attempts were throttled, in [0, 1], default 0.5. ``0`` pauses every call on the first 429;
       ``1`` only when (nearly) every call is throttled. A server throttling a quarter of the
       calls is asking those calls to wait, not the whole client to stop.
 
@@ -260,7 +262,7 @@ class RetryPolicy:
     :class:`~otel_raptor.errors.ConfigError` with key ``retry.<field>``.
     """
 
-    max_retries: int = 3
+    max_retries: int = 4
     base_delay: float = 1.0
     max_delay: float = 300.0
     backoff_multiplier: float = 2.0

@@ -42,7 +42,7 @@ __all__ = [
 
 #: The window over which a downstream's share of throttled calls is measured (seconds).
 THROTTLE_WINDOW_S: Final = 10.0
-#: Calls the window must hold before a share of them can count as pervasive throttling.
+#: Attempts the window must hold before a share of them can count as pervasive throttling.
 THROTTLE_MIN_CALLS: Final = 10
 
 _CALL: Final = Permit.CALL
@@ -66,6 +66,7 @@ class Downstream:
     __slots__ = (
         "__weakref__",
         "_lock",
+        "_retries",
         "_throttle",
         "budget",
         "cooldown_until",
@@ -76,8 +77,11 @@ class Downstream:
         self.service = service
         self.budget = budget
         self.cooldown_until = -math.inf
-        # Throttled answers against calls, over two windows of THROTTLE_WINDOW_S: [start of
-        # the current window, the budget's call count then, throttled in it, calls and
+        # Retries granted (each one attempt more than the calls): with the budget's call
+        # count, the attempts the throttle share is measured against.
+        self._retries = 0
+        # Throttled answers against attempts, over two windows of THROTTLE_WINDOW_S: [start
+        # of the current window, the attempt count then, throttled in it, attempts and
         # throttled in the previous window].
         self._throttle = [-math.inf, 0.0, 0.0, 0.0, 0.0]
         self._lock = threading.Lock()
@@ -86,7 +90,9 @@ class Downstream:
     def withdraw(self, now: float) -> bool:
         """Take one retry token at ``now``; ``False`` when the budget is empty."""
         with self._lock:
-            return self.budget.try_withdraw(now)
+            granted = self.budget.try_withdraw(now)
+            self._retries += granted
+            return granted
 
     def refund(self) -> None:
         """Give back the token of a retry that succeeded."""
@@ -104,14 +110,17 @@ class Downstream:
             self.budget.reshape(ratio, min_retries_per_second, now=now)
 
     def throttled(self, now: float) -> float:
-        """Count one throttled answer at ``now``; the share of the calls of the last
-        :data:`THROTTLE_WINDOW_S` (about) that were throttled, 0 to 1, or 0 while fewer than
-        :data:`THROTTLE_MIN_CALLS` calls were seen (not enough to call throttling pervasive).
-        Two windows, the older weighted by how much of it still overlaps; a window starts at
-        a throttle (calls are only counted, not timed, so the first window measures from its
-        first throttle on). O(1), on the failure path only."""
+        """Count one throttled answer at ``now``; the share of the attempts (calls and
+        retries) of the last :data:`THROTTLE_WINDOW_S` (about) that were throttled, 0 to 1, or
+        0 while fewer than :data:`THROTTLE_MIN_CALLS` attempts were seen (not enough to call
+        throttling pervasive). Attempts, not calls: a call that waits out a 429 and is
+        throttled again counts twice, and so does its attempt, so a server that throttles a
+        quarter of the requests shows a quarter however long the callers wait. Two windows,
+        the older weighted by how much of it still overlaps; a window starts at a throttle
+        (attempts are only counted, not timed, so the first window measures from its first
+        throttle on). O(1), on the failure path only."""
         with self._lock:
-            calls = float(self.budget._calls)
+            calls = float(self.budget._calls + self._retries)
             state = self._throttle
             start, calls_at_start, throttled, previous_calls, previous_throttled = state
             elapsed = now - start
