@@ -458,20 +458,24 @@ class HttpxIntegration:
     def install(self, settings: IntegrationSettings) -> None:
         """Hook ``httpx.Client.send`` and ``httpx.AsyncClient.send``; installing again
         replaces the settings and never wraps twice."""
-        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
+        global _installed  # the hooks read the installation from here
         import httpx  # noqa: PLC0415 - the library is imported only when it is hooked
 
         circuit_open_error_type()
         state = _Installed(settings)
-        _installed = state
+        previous, _installed = _installed, state
         self._state = state
+        added = False
         try:
-            patch(httpx.Client, "send", _send_hook)
+            added = patch(httpx.Client, "send", _send_hook)
             patch(httpx.AsyncClient, "send", _async_send_hook)
         except Exception:
-            _installed = self._state = None
+            # Back as it was: only a hook this call added comes off, and hooks already there
+            # keep reading the installation that was there.
+            _installed, self._state = previous, None
             state.unmanage()
-            unwrap(httpx.Client, "send", _send_hook)
+            if added:
+                unwrap(httpx.Client, "send", _send_hook)
             raise
 
     def uninstall(self) -> None:

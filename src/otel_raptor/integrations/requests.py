@@ -450,17 +450,17 @@ class RequestsIntegration:
     def install(self, settings: IntegrationSettings) -> None:
         """Hook ``requests.Session.request``; installing again replaces the settings and
         never wraps twice."""
-        global _installed  # noqa: PLW0603 - the wrapper reads the installation from here
+        global _installed  # the hook reads the installation from here
         import requests  # noqa: PLC0415 - the library is imported only when it is hooked
 
         circuit_open_error_type()
         state = _Installed(settings)
-        _installed = state
+        previous, _installed = _installed, state
         self._state = state
         try:
             patch(requests.Session, "request", _request_hook)
         except Exception:
-            _installed = self._state = None
+            _installed, self._state = previous, None
             state.unmanage()
             raise
 

@@ -14,9 +14,11 @@ import pytest
 from otel_raptor import CircuitOpenError
 from otel_raptor.core.events import ErrorClassified, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
+from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations.db import sqlite3 as integration
 from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
-from tests.integrations.db.conftest import Install
+from otel_raptor.runtime.state import Runtime
+from tests.integrations.db.conftest import Install, fast_config
 
 ORIGINAL_CONNECT = sqlite3.connect
 
@@ -48,6 +50,42 @@ def path(tmp_path: Path) -> Path:
     setup.commit()
     setup.close()
     return database
+
+
+def test_a_second_installation_owns_the_hooks_until_it_uninstalls(install: Install) -> None:
+    first = install(SQLiteIntegration).integration
+    second = install(SQLiteIntegration).integration
+    assert second.installed
+    assert not first.installed
+    hooked = sqlite3.connect
+    first.uninstall()  # not the owner any more: a no-op
+    assert sqlite3.connect is hooked
+    assert integration._installed is not None
+    second.uninstall()
+    assert sqlite3.connect is ORIGINAL_CONNECT
+    assert integration._installed is None
+
+
+def test_a_failed_installation_leaves_things_as_they_were(
+    install: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(library: object) -> object:
+        return [(library, "connect", integration._connect_wrapper), (library, "nowhere", None)], ()
+
+    settings = IntegrationSettings(runtime=Runtime(), config=fast_config())
+    hook = SQLiteIntegration()
+    monkeypatch.setattr(hook, "hooks", broken)
+    with pytest.raises(AttributeError):
+        hook.install(settings)
+    assert not hook.installed
+    assert integration._installed is None
+    assert sqlite3.connect is ORIGINAL_CONNECT  # the first hook was rolled back
+    # Over a working installation, a failed one leaves that one in charge.
+    owner = install(SQLiteIntegration).integration
+    with pytest.raises(AttributeError):
+        hook.install(settings)
+    assert owner.installed
+    assert sqlite3.connect is not ORIGINAL_CONNECT
 
 
 def test_uninstall_puts_connect_back(install: Install) -> None:

@@ -23,7 +23,6 @@ either way. See ``docs/databases.md``.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -34,13 +33,13 @@ from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import MAX_TARGETS, call_async, library_error
 from otel_raptor.integrations.db._common import (
+    DbIntegration,
     DbState,
     DbTarget,
+    HookSet,
     Server,
-    install_hooks,
     method_read_only,
     refusal_factory,
-    remove_hooks,
 )
 from otel_raptor.integrations.db._postgres import failure_point as postgres_failure_point
 from otel_raptor.integrations.db._postgres import server, server_of_params
@@ -269,42 +268,16 @@ def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
     ]
 
 
-class AsyncpgIntegration:
+class AsyncpgIntegration(DbIntegration):
     """Guards asyncpg connections and statements (see the module docstring and
     ``docs/databases.md``)."""
 
     name = "asyncpg"
     library = "asyncpg"
 
-    def __init__(self) -> None:
-        self._state: _State | None = None
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
+        error = refusal_factory(library.PostgresConnectionError, "AsyncpgCircuitOpen", __name__)
+        return _State(settings, error=error, point=failure_point, read_only=method_read_only)
 
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
-
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook asyncpg; installing again replaces the settings and never wraps twice."""
-        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
-        import asyncpg  # noqa: PLC0415 - the library is imported only when it is hooked
-
-        error = refusal_factory(asyncpg.PostgresConnectionError, "AsyncpgCircuitOpen", __name__)
-        state = _State(settings, error=error, point=failure_point, read_only=method_read_only)
-        _installed = state
-        self._state = state
-        try:
-            install_hooks(_wrapped(asyncpg), _patched(asyncpg))
-        except Exception:
-            _installed = self._state = None
-            raise
-
-    def uninstall(self) -> None:
-        """Put every hooked function back; a no-op when this instance did not install."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return
-        _installed = None
-        asyncpg = sys.modules.get("asyncpg")
-        if asyncpg is not None:
-            remove_hooks(_wrapped(asyncpg), _patched(asyncpg))
+    def hooks(self, library: Any) -> HookSet:
+        return _wrapped(library), _patched(library)

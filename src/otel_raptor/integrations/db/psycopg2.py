@@ -24,7 +24,6 @@ is installed first. Connections opened before instrumentation, and asynchronous 
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -32,8 +31,13 @@ from typing import TYPE_CHECKING, Any, Final
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, library_error
-from otel_raptor.integrations._wrapping import unwrap, wrap
-from otel_raptor.integrations.db._common import DbState, DbTarget, refusal_factory
+from otel_raptor.integrations.db._common import (
+    DbIntegration,
+    DbState,
+    DbTarget,
+    HookSet,
+    refusal_factory,
+)
 from otel_raptor.integrations.db._postgres import (
     failure_point,
     server,
@@ -287,44 +291,16 @@ def _connect_wrapper(
     return conn
 
 
-class Psycopg2Integration:
-    """Guards psycopg2 connections and statements (see the module docstring and
-    ``docs/databases.md``)."""
+class Psycopg2Integration(DbIntegration):
+    """Guards psycopg2 connections and statements: hooks ``psycopg2.connect`` (see
+    the module docstring and ``docs/databases.md``)."""
 
     name = "psycopg2"
     library = "psycopg2"
 
-    def __init__(self) -> None:
-        self._state: _State | None = None
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
+        error = refusal_factory(library.OperationalError, "Psycopg2CircuitOpen", __name__)
+        return _State(settings, error=error, point=failure_point)
 
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
-
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook ``psycopg2.connect``; installing again replaces the settings and never wraps
-        twice."""
-        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
-        import psycopg2  # noqa: PLC0415 - the library is imported only when it is hooked
-
-        error = refusal_factory(psycopg2.OperationalError, "Psycopg2CircuitOpen", __name__)
-        state = _State(settings, error=error, point=failure_point)
-        _installed = state
-        self._state = state
-        try:
-            wrap(psycopg2, "connect", _connect_wrapper)
-        except Exception:
-            _installed = self._state = None
-            raise
-
-    def uninstall(self) -> None:
-        """Put ``psycopg2.connect`` back. Connections opened meanwhile keep their class; their
-        cursors pass every call straight through from now on."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return
-        _installed = None
-        psycopg2 = sys.modules.get("psycopg2")
-        if psycopg2 is not None:
-            unwrap(psycopg2, "connect", _connect_wrapper)
+    def hooks(self, library: Any) -> HookSet:
+        return [(library, "connect", _connect_wrapper)], ()

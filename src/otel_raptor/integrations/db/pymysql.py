@@ -23,7 +23,6 @@ cursors; their calls reach the patched classes, so retries happen inside its spa
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
@@ -34,14 +33,14 @@ from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, library_error
 from otel_raptor.integrations.db._common import (
+    DbIntegration,
     DbState,
     DbTarget,
+    HookSet,
     Server,
-    install_hooks,
     is_not_sent,
     method_read_only,
     refusal_factory,
-    remove_hooks,
 )
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.safety import report_internal_error
@@ -262,47 +261,21 @@ def _patched(pymysql: Any) -> list[tuple[type, str, Any]]:
     ]
 
 
-class PyMySQLIntegration:
+class PyMySQLIntegration(DbIntegration):
     """Guards PyMySQL connections and statements (see the module docstring and
     ``docs/databases.md``)."""
 
     name = "pymysql"
     library = "pymysql"
 
-    def __init__(self) -> None:
-        self._state: _State | None = None
-
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
-
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook PyMySQL; installing again replaces the settings and never wraps twice."""
-        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
-        import pymysql  # noqa: PLC0415 - the library is imported only when it is hooked
-
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(
-            pymysql.err.OperationalError,
+            library.err.OperationalError,
             "PyMySQLCircuitOpen",
             __name__,
             args=lambda message: (CONNECT_ERROR, message),
         )
-        state = _State(settings, error=error, point=failure_point, read_only=method_read_only)
-        _installed = state
-        self._state = state
-        try:
-            install_hooks(_wrapped(pymysql), _patched(pymysql))
-        except Exception:
-            _installed = self._state = None
-            raise
+        return _State(settings, error=error, point=failure_point, read_only=method_read_only)
 
-    def uninstall(self) -> None:
-        """Put every hooked function back; a no-op when this instance did not install."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return
-        _installed = None
-        pymysql = sys.modules.get("pymysql")
-        if pymysql is not None:
-            remove_hooks(_wrapped(pymysql), _patched(pymysql))
+    def hooks(self, library: Any) -> HookSet:
+        return _wrapped(library), _patched(library)

@@ -35,7 +35,6 @@ retries off and to mark failures to connect. See ``docs/databases.md``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
@@ -46,15 +45,15 @@ from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, call_async, library_error
 from otel_raptor.integrations.db._common import (
+    DbIntegration,
     DbState,
     DbTarget,
+    HookSet,
     PointOf,
     Server,
-    install_hooks,
     is_not_sent,
     mark_not_sent,
     refusal_factory,
-    remove_hooks,
 )
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.safety import report_internal_error
@@ -509,48 +508,22 @@ def _patched(redis: Any) -> list[tuple[type, str, Any]]:
     ]
 
 
-class RedisIntegration:
-    """Guards redis-py commands and pipelines, sync and asyncio (see the module docstring and
-    ``docs/databases.md``)."""
+class RedisIntegration(DbIntegration):
+    """Guards redis-py commands and pipelines, sync and asyncio (see the module
+    docstring and ``docs/databases.md``)."""
 
     name = "redis"
     library = "redis"
 
-    def __init__(self) -> None:
-        self._state: _State | None = None
-
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
-
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook redis-py; installing again replaces the settings and never wraps twice."""
-        global _installed  # noqa: PLW0603 - the hooks read the installation from here
-        import redis  # noqa: PLC0415 - the library is imported only when it is hooked
-
-        error = refusal_factory(redis.exceptions.ConnectionError, "RedisCircuitOpen", __name__)
-        state = _State(
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
+        error = refusal_factory(library.exceptions.ConnectionError, "RedisCircuitOpen", __name__)
+        return _State(
             settings,
-            redis.exceptions.WatchError,
+            library.exceptions.WatchError,
             error=error,
-            point=failure_point_for(redis),
+            point=failure_point_for(library),
             read_only=_read_only,
         )
-        _installed = state
-        self._state = state
-        try:
-            install_hooks((), _patched(redis))
-        except Exception:
-            _installed = self._state = None
-            raise
 
-    def uninstall(self) -> None:
-        """Put every hooked function back; a no-op when this instance did not install."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return
-        _installed = None
-        redis = sys.modules.get("redis")
-        if redis is not None:
-            remove_hooks((), _patched(redis))
+    def hooks(self, library: Any) -> HookSet:
+        return (), _patched(library)

@@ -36,10 +36,11 @@ from otel_raptor.core.db import FailurePoint, conflict_code
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, library_error
-from otel_raptor.integrations._wrapping import unwrap, wrap
 from otel_raptor.integrations.db._common import (
+    DbIntegration,
     DbState,
     DbTarget,
+    HookSet,
     Server,
     is_not_sent,
     refusal_factory,
@@ -273,50 +274,16 @@ def _hooks(sqlite3: Any) -> list[tuple[object, str, Any]]:
     return [(sqlite3, "connect", _connect_wrapper), (dbapi2, "connect", _connect_wrapper)]
 
 
-class SQLiteIntegration:
-    """Guards sqlite3 connections and statements (see the module docstring and
-    ``docs/databases.md``)."""
+class SQLiteIntegration(DbIntegration):
+    """Guards sqlite3 connections and statements: hooks ``connect`` (see the module
+    docstring and ``docs/databases.md``)."""
 
     name = "sqlite3"
     library = "sqlite3"
 
-    def __init__(self) -> None:
-        self._state: _State | None = None
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
+        error = refusal_factory(library.OperationalError, "SQLiteCircuitOpen", __name__)
+        return _State(settings, error=error, point=failure_point)
 
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
-
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook ``sqlite3.connect``; installing again replaces the settings and never wraps
-        twice."""
-        global _installed  # noqa: PLW0603 - the wrappers read the installation from here
-        import sqlite3  # noqa: PLC0415 - imported only when it is hooked
-
-        error = refusal_factory(sqlite3.OperationalError, "SQLiteCircuitOpen", __name__)
-        state = _State(settings, error=error, point=failure_point)
-        _installed = state
-        self._state = state
-        done: list[tuple[object, str, Any]] = []
-        try:
-            for owner, attribute, wrapper in _hooks(sqlite3):
-                wrap(owner, attribute, wrapper)
-                done.append((owner, attribute, wrapper))
-        except Exception:
-            _installed = self._state = None
-            for owner, attribute, wrapper in reversed(done):
-                unwrap(owner, attribute, wrapper)
-            raise
-
-    def uninstall(self) -> None:
-        """Put ``connect`` back; connections opened meanwhile keep their class, and pass every
-        call straight through from now on."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return
-        _installed = None
-        sqlite3 = sys.modules.get("sqlite3")
-        if sqlite3 is not None:
-            for owner, attribute, wrapper in reversed(_hooks(sqlite3)):
-                unwrap(owner, attribute, wrapper)
+    def hooks(self, library: Any) -> HookSet:
+        return _hooks(library), ()
