@@ -308,7 +308,7 @@ class TestSignals:
             ("42601", C.QUERY, False),
             ("42P01", C.QUERY, False),
             ("42501", C.AUTHORIZATION, False),
-            ("57014", C.TIMEOUT, True),
+            ("57014", C.TIMEOUT, False),
             ("40P01", C.CONCURRENCY, True),
             ("40001", C.CONCURRENCY, True),
             ("55P03", C.CONCURRENCY, True),

@@ -412,14 +412,19 @@ _TABLE: tuple[Rule | None, ...] = (
     _mysql("too_many_connections", _C.RESOURCE_EXHAUSTED, 1040, 1203, retryable=True),
     _mysql("user_limit", _C.RATE_LIMIT, 1226),
     _mysql("out_of_resources", _C.RESOURCE_EXHAUSTED, 1021, 1037, 1038, 1041, 1114),
-    _mysql("timeout", _C.TIMEOUT, 1159, 1161, 1969, 3024),
+    _mysql("timeout", _C.TIMEOUT, 1159, 1161),
+    # The server stopped a statement that ran past its time limit (MariaDB max_statement_time,
+    # MySQL max_execution_time): the same statement would most likely run as long again.
+    _mysql("statement_timeout", _C.TIMEOUT, 1969, 3024, retryable=False),
     _mysql("server_shutdown", _C.UNAVAILABLE, 1053),
     _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927),
     _mysql("unknown_host", _C.DNS, 2005),
     # Client side "can't connect" / "lost": the OSError in __context__ tells refused/DNS/timeout.
     _mysql("connect", _C.CONNECTION, 2002, 2003, 2006, 2013, 2055, defer_to_cause=True),
     # -- SQLSTATEs (PostgreSQL, and the standard classes) -----------------------------------------
-    _sqlstate("query_canceled", _C.TIMEOUT, "57014"),
+    # A statement timeout or a cancel request: sent again, the statement would most likely run
+    # as long again (or be cancelled again), holding a connection for another full timeout.
+    _sqlstate("query_canceled", _C.TIMEOUT, "57014", retryable=False),
     _sqlstate("idle_in_transaction_timeout", _C.TIMEOUT, "25P03"),
     _sqlstate("admin_shutdown", _C.CONNECTION, "57P01", "57P02", "57P05"),
     _sqlstate("cannot_connect_now", _C.UNAVAILABLE, "57P03"),

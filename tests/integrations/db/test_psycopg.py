@@ -217,15 +217,26 @@ def test_executemany_is_never_retried(install: Install, admin: Any, table: str) 
 def test_a_failing_read_is_retried_but_a_failing_write_is_not(
     install: Install, admin: Any, table: str
 ) -> None:
-    # query_canceled (a statement timeout): the server answered, the connection lives on.
+    # too_many_connections (transient): the server answered, the connection lives on.
     install(PsycopgIntegration)
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        assert conn.execute(f"SELECT {table}_flaky(1, '57014')").fetchone() == (1,)
+        assert conn.execute(f"SELECT {table}_flaky(1, '53300')").fetchone() == (1,)
         assert calls(admin, table) == 2
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            conn.execute(f"INSERT INTO {table} SELECT {table}_flaky(3, '57014')")
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            conn.execute(f"INSERT INTO {table} SELECT {table}_flaky(3, '53300')")
         assert calls(admin, table) == 3
     assert rows(admin, table) == 0
+
+
+def test_a_statement_cancelled_for_its_time_is_not_run_again(
+    install: Install, admin: Any, table: str
+) -> None:
+    # query_canceled (a statement timeout): the same read would most likely run as long again.
+    install(PsycopgIntegration)
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute(f"SELECT {table}_flaky(1, '57014')")
+        assert calls(admin, table) == 1
 
 
 def test_a_write_whose_answer_was_lost_is_not_replayed(

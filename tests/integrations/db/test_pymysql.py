@@ -30,13 +30,13 @@ SERVICE = f"mysql://{MYSQL[0]}:{MYSQL[1]}/test"
 @pytest.fixture
 def table(unique_name: str) -> Iterator[str]:
     """A table, a sequence (not transactional) and two functions that fail the first times
-    the sequence is drawn: ``<t>_deadlock(n)`` with error 1213, ``<t>_slow(n)`` with 1969
-    (MariaDB's statement timeout)."""
+    the sequence is drawn: ``<t>_deadlock(n)`` with error 1213, ``<t>_busy(n)`` with 1040
+    (too many connections), ``<t>_timeout(n)`` with 1969 (MariaDB's statement timeout)."""
     conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
     with conn.cursor() as cur:
         cur.execute(f"CREATE TABLE {unique_name} (v INT)")
         cur.execute(f"CREATE SEQUENCE {unique_name}_seq")
-        for function, errno in (("deadlock", 1213), ("slow", 1969)):
+        for function, errno in (("deadlock", 1213), ("busy", 1040), ("timeout", 1969)):
             cur.execute(
                 f"""CREATE FUNCTION {unique_name}_{function}(times INT) RETURNS INT
                 NOT DETERMINISTIC
@@ -50,7 +50,7 @@ def table(unique_name: str) -> Iterator[str]:
             )
     yield unique_name
     with conn.cursor() as cur:
-        for function in ("deadlock", "slow"):
+        for function in ("deadlock", "busy", "timeout"):
             cur.execute(f"DROP FUNCTION IF EXISTS {unique_name}_{function}")
         cur.execute(f"DROP SEQUENCE IF EXISTS {unique_name}_seq")
         cur.execute(f"DROP TABLE IF EXISTS {unique_name}")
@@ -92,11 +92,13 @@ def test_replay_in_autocommit_only_and_never_for_executemany(install: Install, t
         with conn.cursor() as cur:
             # Each statement below makes the sequence fail its first call, then succeed.
             cur.execute(f"INSERT INTO {table} SELECT {table}_deadlock(1)")  # retried
-            cur.execute(f"SELECT {table}_slow(3)")  # a read: retried
+            cur.execute(f"SELECT {table}_busy(3)")  # a read: retried
             with pytest.raises(pymysql.err.OperationalError):
-                cur.execute(f"INSERT INTO {table} SELECT {table}_slow(5)")  # a write: not
+                cur.execute(f"INSERT INTO {table} SELECT {table}_busy(5)")  # a write: not
             with pytest.raises(pymysql.err.OperationalError):
-                cur.executemany(f"INSERT INTO {table} SELECT {table}_deadlock(%s)", [(6,), (6,)])
+                cur.execute(f"SELECT {table}_timeout(6)")  # timed out: not even a read
+            with pytest.raises(pymysql.err.OperationalError):
+                cur.executemany(f"INSERT INTO {table} SELECT {table}_deadlock(%s)", [(7,), (7,)])
         conn.autocommit(False)
         with conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError):
             cur.execute(f"INSERT INTO {table} SELECT {table}_deadlock(8)")  # a transaction
@@ -104,13 +106,16 @@ def test_replay_in_autocommit_only_and_never_for_executemany(install: Install, t
         assert scalar(conn, f"SELECT count(*) FROM {table}") == 1
     finally:
         conn.close()
-    outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
+    outcomes = [
+        (f.outcome, f.attempts, f.give_up_reason) for f in installed.of(RecoveryFinished, SERVICE)
+    ]
     assert outcomes == [
-        (Outcome.RECOVERED, 2),
-        (Outcome.RECOVERED, 2),
-        (Outcome.FAILED, 1),
-        (Outcome.FAILED, 1),
-        (Outcome.FAILED, 1),
+        (Outcome.RECOVERED, 2, ""),
+        (Outcome.RECOVERED, 2, ""),
+        (Outcome.FAILED, 1, "not_replay_safe"),  # the write
+        (Outcome.FAILED, 1, "not_retryable"),  # the statement timeout
+        (Outcome.FAILED, 1, "not_replay_safe"),  # executemany
+        (Outcome.FAILED, 1, "not_replay_safe"),  # inside a transaction
     ]
 
 
