@@ -19,6 +19,7 @@ plans, one per replay safety and fallback, built on first use) and :class:`Targe
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -43,6 +44,7 @@ __all__ = [
     "TargetTable",
     "call",
     "call_async",
+    "in_asyncio",
     "is_refusal_of",
     "library_error",
     "manage_cache",
@@ -240,3 +242,13 @@ def library_error(
             )
             _error_types[key] = found
     return found
+
+
+def in_asyncio() -> bool:
+    """Whether the caller runs in an asyncio event loop. Async hooks pass everything else
+    (trio, no loop) straight through: the attempt loop sleeps with asyncio."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -29,7 +29,6 @@ by that function. See ``docs/http.md``.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Hashable
 from types import MethodType
@@ -54,6 +53,7 @@ from otel_raptor.integrations._http import (
 from otel_raptor.integrations._kit import (
     call,
     call_async,
+    in_asyncio,
     is_refusal_of,
     library_error,
 )
@@ -421,9 +421,7 @@ def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
         installed = _installed
         if installed is None or not http_enabled():
             return await original(self, *args, **kwargs)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # trio, or no loop: our loop sleeps with asyncio
+        if not in_asyncio():  # trio, or no loop: our loop sleeps with asyncio
             return await original(self, *args, **kwargs)
         try:
             described = installed.describe(original, self, args, kwargs, is_async=True)

@@ -31,7 +31,7 @@ from otel_raptor.core.classification import Classification
 from otel_raptor.core.db import FailurePoint
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._kit import MAX_TARGETS, call_async, library_error
+from otel_raptor.integrations._kit import MAX_TARGETS, call_async, in_asyncio, library_error
 from otel_raptor.integrations.db._common import (
     DbIntegration,
     DbState,
@@ -144,14 +144,6 @@ def _server_of_connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server:
     return server_of_params({k: v for k, v in params.items() if v})
 
 
-def _in_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def _connect_wrapper(
     wrapped: Callable[..., Awaitable[Any]],
     instance: Any,
@@ -160,7 +152,7 @@ def _connect_wrapper(
 ) -> Awaitable[Any]:
     """The hook on ``asyncpg.connect`` and ``asyncpg.connection.connect``."""
     state = _installed
-    if state is None or not _in_asyncio():
+    if state is None or not in_asyncio():
         return wrapped(*args, **kwargs)
     try:
         target = state.target(_server_of_connect(args, kwargs))

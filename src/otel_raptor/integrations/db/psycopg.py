@@ -21,13 +21,12 @@ connection opened before instrumentation) and kept on the connection. See
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._kit import call, call_async, library_error
+from otel_raptor.integrations._kit import call, call_async, in_asyncio, library_error
 from otel_raptor.integrations.db._common import (
     DbIntegration,
     DbState,
@@ -180,7 +179,7 @@ def _async_connect_wrapper(
 ) -> Awaitable[Any]:
     """The hook on ``AsyncConnection.connect``: returns the awaitable the caller awaits."""
     state = _installed
-    if state is None or not _in_asyncio():
+    if state is None or not in_asyncio():
         return wrapped(*args, **kwargs)
     try:
         target = _connect_target(state, args, kwargs)
@@ -206,14 +205,6 @@ async def _connect_async(
         return conn
     await _set_statement_timeout_async(conn, target)
     return conn
-
-
-def _in_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False  # trio, or no loop: our loop sleeps with asyncio
-    return True
 
 
 def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
