@@ -4,6 +4,7 @@ wrapping helpers, without a network."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from otel_raptor.integrations._http import (
     ResendCountSpanProcessor,
     StaleCache,
     StaleEntry,
+    _failing,
     http_enabled,
     is_failing_status,
     origin_end,
@@ -176,6 +178,20 @@ FAILING = {200: False, 404: False, 429: True, 500: True, 503: True, 599: True, 6
 @pytest.mark.parametrize(("code", "failing"), [*FAILING.items(), (None, False), ("503", False)])
 def test_failing_statuses(code: object, failing: bool) -> None:
     assert is_failing_status(code) is failing
+
+
+@pytest.mark.parametrize(
+    "code", [*FAILING, None, "503", 503.0, True, 429.0, [503], {"status": 503}]
+)
+def test_the_success_path_check_agrees_with_is_failing_status(code: object) -> None:
+    # ``_failing`` is the set-lookup twin the drivers call on every response.
+    response = SimpleNamespace(status_code=code)
+    failure = _failing(response)
+    assert (failure is not None) is is_failing_status(code)
+    if failure is not None:
+        assert isinstance(failure, FailingResponse)
+        assert failure.response is response
+    assert _failing(object()) is None  # no status at all
 
 
 class FakeResponse:

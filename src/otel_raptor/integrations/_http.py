@@ -129,7 +129,8 @@ def _enabled_check() -> Callable[[], bool]:
 
     def enabled() -> bool:
         context = current()
-        return not (context.get(first) or context.get(second) or context.get(third))
+        # ``in`` first: a dict lookup without a method call, and the keys are rarely there.
+        return not ((context.get(first)) or (context.get(second)) or (context.get(third)))
 
     return enabled
 
@@ -169,14 +170,19 @@ class FailingResponse(Exception):
         super().__init__(f"HTTP {getattr(response, 'status_code', '?')} response")
 
 
+#: ``is_failing_status`` as one set lookup, for the success path.
+_FAILING_STATUSES: Final = frozenset((429, *range(500, 600)))
+
+
 def _failing(response: Any) -> FailingResponse | None:
     try:
         status = response.status_code
-    except AttributeError:
+        # ``type`` last: ``True == 1`` and ``503.0 == 503`` would match the set.
+        if status not in _FAILING_STATUSES or type(status) is not int:
+            return None
+    except (AttributeError, TypeError):  # no status, or an unhashable one (a test double)
         return None
-    if type(status) is int and (status >= 500 or status == 429) and status <= 599:
-        return FailingResponse(response)
-    return None
+    return FailingResponse(response)
 
 
 def resend_count() -> int:

@@ -173,28 +173,17 @@ class _Installed(HttpInstallation):
 
     def describe(
         self,
+        table: OriginTable,
         send: Callable[..., Any],
         client: Any,
-        args: tuple[Any, ...],
+        request: Any,
         kwargs: dict[str, Any],
-        *,
-        is_async: bool,
     ) -> _Call | CallPlan | None:
-        """How to guard this ``send``: ``None`` to leave it alone, the plan alone for a
-        request with no fallback and no stale copy to keep (the common case: nothing is
-        allocated), else a :class:`_Call`. A call to a different shape of ``send`` (the
-        request as a keyword) comes back as a ``_Call`` too. ``send`` is the original method,
-        unbound (the client first)."""
-        if len(args) == 1:
-            request = args[0]
-            call_kwargs = kwargs
-        elif not args and "request" in kwargs:
-            call_kwargs = dict(kwargs)
-            request = call_kwargs.pop("request")
-        else:
-            return None  # not a shape ``send`` accepts: httpx raises its own TypeError
+        """How to guard this ``send`` (``table`` says whether the client is sync or async):
+        ``None`` to leave it alone, the plan alone for a request with no fallback and no
+        stale copy to keep (the common case: nothing is allocated), else a :class:`_Call`.
+        ``send`` is the original method, unbound (the client first)."""
         url = request.url
-        table = self.async_table if is_async else self.sync_table
         # httpx's own parse of the URL: its scheme, host and port are plain fields there,
         # five times cheaper to read than the URL's properties.
         try:
@@ -212,21 +201,22 @@ class _Installed(HttpInstallation):
         if not origin.enabled:
             return None
         method = request.method
-        body_replayable = isinstance(request.stream, self.byte_stream)
-        if body_replayable and method in IDEMPOTENT:
+        if method in IDEMPOTENT and isinstance(request.stream, self.byte_stream):
             safe = True
         else:
-            safe = replay_safe(origin, method, body_replayable, request.headers)
+            safe = replay_safe(
+                origin, method, isinstance(request.stream, self.byte_stream), request.headers
+            )
         if origin.timeout is not None:
             timeout = request.extensions.get("timeout")
             if timeout is None or timeout.get("read", 0) is None:
                 self._bound_timeout(client, request, origin.timeout)
-        if origin.plain and call_kwargs is kwargs:
+        if origin.plain:
             return origin.safe if safe else origin.unsafe
         stale_key = None
         fallbacks = origin.fixed_fallbacks
-        if origin.stale_if_error and method == "GET" and not call_kwargs.get("stream"):
-            stale_key = self._stale_key(client, request, call_kwargs)
+        if origin.stale_if_error and method == "GET" and not kwargs.get("stream"):
+            stale_key = self._stale_key(client, request, kwargs)
             fallbacks = fallbacks or (
                 stale_key is not None
                 and self.stale.get(stale_key, now=self.monotonic(), max_age=origin.stale_max_age)
@@ -236,10 +226,11 @@ class _Installed(HttpInstallation):
             origin,
             origin.plan(replay_safe=safe, with_fallback=fallbacks),
             request,
-            call_kwargs,
+            kwargs,
             stale_key,
         )
         if fallbacks:
+            is_async = table is self.async_table
             described.fallback = (_AsyncFallback if is_async else _Fallback)(
                 self, described, MethodType(send, client), safe=safe
             )
@@ -390,24 +381,26 @@ _installed: _Installed | None = None
 
 def _send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Client.send``: a plain function (module-level factory: its identity
-    marks the layer as ours), since wrapt's dispatch would cost more than the rest of it."""
+    marks the layer as ours), since wrapt's dispatch would cost more than the rest of it.
+    ``request`` is named as in httpx, so that it arrives the same way whether the caller
+    passed it by position or by keyword."""
 
-    def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         installed = _installed
-        if installed is None or not http_enabled():
-            return original(self, *args, **kwargs)
+        if installed is None or args or not http_enabled():
+            return original(self, request, *args, **kwargs)
         try:
-            described = installed.describe(original, self, args, kwargs, is_async=False)
+            described = installed.describe(installed.sync_table, original, self, request, kwargs)
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("httpx.describe", bug)
-            return original(self, *args, **kwargs)
+            return original(self, request, **kwargs)
         if type(described) is CallPlan:
             try:
-                return call(described, original, (self, *args), kwargs)
+                return call(described, original, (self, request), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
-                return refused(error, described, args[0])
+                return refused(error, described, request)
         if described is None:
-            return original(self, *args, **kwargs)
+            return original(self, request, **kwargs)
         return installed.send(MethodType(original, self), described)  # type: ignore[arg-type]
 
     return send
@@ -417,24 +410,23 @@ def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
     """The hook on ``AsyncClient.send``: ``async def`` like the original, so that
     ``inspect.iscoroutinefunction(AsyncClient.send)`` still holds."""
 
-    async def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         installed = _installed
-        if installed is None or not http_enabled():
-            return await original(self, *args, **kwargs)
-        if not in_asyncio():  # trio, or no loop: our loop sleeps with asyncio
-            return await original(self, *args, **kwargs)
+        if installed is None or args or not http_enabled() or not in_asyncio():
+            # (not in_asyncio: trio, or no loop; our loop sleeps with asyncio)
+            return await original(self, request, *args, **kwargs)
         try:
-            described = installed.describe(original, self, args, kwargs, is_async=True)
+            described = installed.describe(installed.async_table, original, self, request, kwargs)
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("httpx.describe", bug)
-            return await original(self, *args, **kwargs)
-        if described is None:
-            return await original(self, *args, **kwargs)
+            return await original(self, request, **kwargs)
         if type(described) is CallPlan:
             try:
-                return await call_async(described, original, (self, *args), kwargs)
+                return await call_async(described, original, (self, request), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
-                return refused(error, described, args[0])
+                return refused(error, described, request)
+        if described is None:
+            return await original(self, request, **kwargs)
         return await installed.send_async(MethodType(original, self), described)  # type: ignore[arg-type]
 
     return send

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 import redis.asyncio
+import redis.backoff
 import redis.retry
 from redis.cluster import RedisCluster
 
@@ -55,6 +56,49 @@ def test_uninstall_restores_the_methods(install: Install) -> None:
     installed.integration.uninstall()
     assert redis.Redis.execute_command is ORIGINAL_EXECUTE
     assert redis.retry.Retry.call_with_retry is ORIGINAL_CALL_WITH_RETRY
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "expected"),
+    [
+        ((), {}, [("fail",)]),  # redis-py 5: do and fail only
+        ((None, True), {}, [("fail", 1)]),
+        ((), {"with_failure_count": True}, [("fail", 1)]),
+        ((), {"is_retryable": lambda error: False}, []),
+        ((lambda error: True,), {"with_failure_count": False}, [("fail",)]),
+    ],
+)
+def test_while_raptor_drives_redis_py_makes_one_attempt_whatever_the_call_shape(
+    install: Install, args: tuple[object, ...], kwargs: dict[str, object], expected: list[tuple]
+) -> None:
+    from otel_raptor.integrations.db.redis import _driving
+
+    install(RedisIntegration)
+    retry = redis.retry.Retry(redis.backoff.NoBackoff(), retries=5)
+    attempts: list[int] = []
+    failures: list[tuple] = []
+
+    def do() -> None:
+        attempts.append(1)
+        raise redis.ConnectionError("down")
+
+    def fail(error: Exception, *count: int) -> None:
+        failures.append(("fail", *count))
+
+    token = _driving.set(True)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            retry.call_with_retry(do, fail, *args, **kwargs)
+        # do and fail by keyword as well
+        assert retry.call_with_retry(do=lambda: "ok", fail=fail) == "ok"
+    finally:
+        _driving.reset(token)
+    assert (len(attempts), failures) == (1, expected)
+    # Outside raptor's loop, redis-py's own retries are untouched.
+    attempts.clear()
+    with pytest.raises(redis.ConnectionError):
+        retry.call_with_retry(do, lambda error: None)
+    assert len(attempts) == 6
 
 
 def test_plain_redis_py_doubles_a_write_whose_answer_was_lost(proxy: FaultProxy, key: str) -> None:

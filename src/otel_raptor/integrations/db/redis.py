@@ -192,26 +192,25 @@ def _cluster_target(state: _State, cluster: Any) -> DbTarget:
 # --- turning redis-py's own retries off while raptor drives -----------------------------------
 
 
-def _single_attempt(
-    do: Callable[[], Any],
-    fail: Callable[..., Any],
+def _failure_handling(
     is_retryable: Callable[[Exception], bool] | None = None,
     with_failure_count: bool = False,
-) -> tuple[Callable[[], Any], Callable[..., Any], Callable[[Exception], bool] | None, bool]:
-    """``call_with_retry``'s arguments (redis-py 5 has only the first two)."""
-    return do, fail, is_retryable, with_failure_count
+) -> tuple[Callable[[Exception], bool] | None, bool]:
+    """``call_with_retry``'s arguments after ``do`` and ``fail`` (redis-py 5 has none)."""
+    return is_retryable, with_failure_count
 
 
 def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives."""
+    """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives.
+    ``do`` and ``fail`` are named as in redis-py, so a success reads nothing else."""
 
-    def call_with_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def call_with_retry(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driving.get():
-            return original(self, *args, **kwargs)
-        do, fail, is_retryable, with_failure_count = _single_attempt(*args, **kwargs)
+            return original(self, do, fail, *args, **kwargs)
         try:
             return do()
         except self._supported_errors as error:
+            is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
             if is_retryable is None or is_retryable(error):
                 if with_failure_count:
                     fail(error, 1)
@@ -225,13 +224,13 @@ def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio.retry.Retry.call_with_retry``."""
 
-    async def call_with_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def call_with_retry(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driving.get():
-            return await original(self, *args, **kwargs)
-        do, fail, is_retryable, with_failure_count = _single_attempt(*args, **kwargs)
+            return await original(self, do, fail, *args, **kwargs)
         try:
             return await do()
         except self._supported_errors as error:
+            is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
             if is_retryable is None or is_retryable(error):
                 if with_failure_count:
                     await fail(error, 1)
