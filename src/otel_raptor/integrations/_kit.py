@@ -14,12 +14,15 @@ An integration holds only what is specific to its library:
 
 The kit supplies the rest: :class:`Target` (one downstream of an integration with its call
 plans, one per replay safety and fallback, built on first use) and :class:`TargetTable`
-(targets by key, bounded), and :func:`call` / :func:`call_async`, the drivers.
+(targets by key, bounded), :func:`call` / :func:`call_async`, the drivers, and
+:class:`HookedIntegration`, installing and uninstalling the hooks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -29,6 +32,7 @@ from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._wrapping import HookSet, install_hooks, remove_hooks
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
@@ -39,6 +43,7 @@ from otel_raptor.runtime.state import Runtime
 __all__ = [
     "MAX_TARGETS",
     "Evictable",
+    "HookedIntegration",
     "Target",
     "TargetPolicy",
     "TargetTable",
@@ -252,3 +257,77 @@ def in_asyncio() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+S = TypeVar("S")
+
+
+class HookedIntegration(Generic[S]):
+    """What installing and uninstalling an integration takes, once for every library.
+
+    A subclass names its ``library`` (the module to import), builds the installation's state
+    (:meth:`new_state`), says what to hook (:meth:`hooks`) and, when the state holds what must
+    be let go of (a cache registered with the memory controller), how (:meth:`release`). The
+    state is published as the module global ``_installed`` of the module that defines the
+    subclass: the hooks read that global on every call, one dictionary lookup, where a holder
+    object would cost an attribute lookup more. Installing again replaces the settings and
+    never hooks twice; a failed installation takes back only the hooks it added and leaves the
+    previous installation in charge; uninstalling is a no-op for an instance that did not
+    install (another instance installed since: the hooks are that one's).
+    """
+
+    name: str
+    library: str
+
+    def __init__(self) -> None:
+        self._state: S | None = None
+
+    def new_state(self, settings: IntegrationSettings, library: Any) -> S:
+        """The installation's state, which the hooks read."""
+        raise NotImplementedError
+
+    def hooks(self, library: Any) -> HookSet:
+        """What to hook in ``library``: ``(wrapt wrappers, patches)``."""
+        raise NotImplementedError
+
+    def release(self, state: S) -> None:
+        """Let go of what ``state`` holds, once it is no longer installed."""
+
+    def _globals(self) -> dict[str, Any]:
+        return vars(sys.modules[type(self).__module__])
+
+    @property
+    def installed(self) -> bool:
+        return self._state is not None and self._state is self._globals().get("_installed")
+
+    def install(self, settings: IntegrationSettings) -> None:
+        """Hook the library (imported only now); all hooks or none."""
+        library = importlib.import_module(self.library)
+        state = self.new_state(settings, library)
+        module = self._globals()
+        previous = module.get("_installed")
+        module["_installed"] = self._state = state
+        try:
+            install_hooks(*self.hooks(library))
+        except Exception:
+            # The hooks are as they were: so is the installation they read.
+            module["_installed"], self._state = previous, None
+            self.release(state)
+            raise
+
+    def uninstall(self) -> None:
+        """Put every hooked function back. Objects made meanwhile keep what they were given;
+        the hooks pass every call straight through from now on."""
+        state = self._state
+        self._state = None
+        if state is None:
+            return
+        module = self._globals()
+        current: object = module.get("_installed")
+        if current is not state:
+            return  # another instance installed since: the hooks are that one's
+        module["_installed"] = None
+        self.release(state)
+        library = sys.modules.get(self.library)
+        if library is not None:
+            remove_hooks(*self.hooks(library))

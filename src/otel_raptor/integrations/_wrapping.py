@@ -22,12 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import wrapt
 
-__all__ = ["HookFactory", "Wrapper", "is_wrapped", "patch", "unwrap", "wrap"]
+__all__ = [
+    "HookFactory",
+    "HookSet",
+    "Wrapper",
+    "install_hooks",
+    "is_wrapped",
+    "patch",
+    "remove_hooks",
+    "unwrap",
+    "wrap",
+]
 
 #: A wrapt wrapper: ``wrapper(wrapped, instance, args, kwargs)`` returns the call's result.
 Wrapper: TypeAlias = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
@@ -147,3 +157,42 @@ def unwrap(owner: object, attribute: str, wrapper: Wrapper | HookFactory) -> boo
     layer: Any = getattr(current, "_self_parent", None) or current
     setattr(owner, attribute, layer.__wrapped__)
     return True
+
+
+def install_hooks(
+    wrapped: Sequence[tuple[object, str, Wrapper]],
+    patched: Sequence[tuple[type, str, HookFactory]] = (),
+) -> None:
+    """Install wrapt wrappers and :func:`~otel_raptor.integrations._wrapping.patch` hooks, all
+    or none: when one fails, those this call installed are removed and the error raised."""
+    done_wrapped: list[tuple[object, str, Wrapper]] = []
+    done_patched: list[tuple[type, str, HookFactory]] = []
+    try:
+        # Only what this call added is taken back on failure: a hook already there (an
+        # installation before this one) stays.
+        for owner, attribute, wrapper in wrapped:
+            if wrap(owner, attribute, wrapper):
+                done_wrapped.append((owner, attribute, wrapper))
+        for cls, attribute, factory in patched:
+            if patch(cls, attribute, factory):
+                done_patched.append((cls, attribute, factory))
+    except Exception:
+        remove_hooks(done_wrapped, done_patched)
+        raise
+
+
+def remove_hooks(
+    wrapped: Sequence[tuple[object, str, Wrapper]],
+    patched: Sequence[tuple[type, str, HookFactory]] = (),
+) -> None:
+    """Remove what :func:`install_hooks` installed, in reverse order."""
+    for cls, attribute, factory in reversed(patched):
+        unwrap(cls, attribute, factory)
+    for owner, attribute, wrapper in reversed(wrapped):
+        unwrap(owner, attribute, wrapper)
+
+
+#: What one integration hooks: wrapt wrappers, then plain-function patches.
+HookSet: TypeAlias = tuple[
+    Sequence[tuple[object, str, Wrapper]], Sequence[tuple[type, str, HookFactory]]
+]

@@ -29,7 +29,6 @@ by that function. See ``docs/http.md``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Awaitable, Callable, Hashable
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
@@ -51,13 +50,14 @@ from otel_raptor.integrations._http import (
     throttled_headers,
 )
 from otel_raptor.integrations._kit import (
+    HookedIntegration,
     call,
     call_async,
     in_asyncio,
     is_refusal_of,
     library_error,
 )
-from otel_raptor.integrations._wrapping import patch, unwrap
+from otel_raptor.integrations._wrapping import HookSet
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
@@ -432,52 +432,22 @@ def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
     return send
 
 
-class HttpxIntegration:
-    """Guards every ``httpx`` client call (see the module docstring and ``docs/http.md``)."""
+class HttpxIntegration(HookedIntegration[_Installed]):
+    """Guards every ``httpx`` client call (see the module docstring and ``docs/http.md``):
+    hooks ``httpx.Client.send`` and ``httpx.AsyncClient.send``."""
 
     name = "httpx"
     library = "httpx"
 
-    def __init__(self) -> None:
-        self._state: _Installed | None = None
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _Installed:
+        circuit_open_error_type()  # made once, before any call needs it
+        return _Installed(settings)
 
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
+    def hooks(self, library: Any) -> HookSet:
+        return (), [
+            (library.Client, "send", _send_hook),
+            (library.AsyncClient, "send", _async_send_hook),
+        ]
 
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook ``httpx.Client.send`` and ``httpx.AsyncClient.send``; installing again
-        replaces the settings and never wraps twice."""
-        global _installed  # the hooks read the installation from here
-        import httpx  # noqa: PLC0415 - the library is imported only when it is hooked
-
-        circuit_open_error_type()
-        state = _Installed(settings)
-        previous, _installed = _installed, state
-        self._state = state
-        added = False
-        try:
-            added = patch(httpx.Client, "send", _send_hook)
-            patch(httpx.AsyncClient, "send", _async_send_hook)
-        except Exception:
-            # Back as it was: only a hook this call added comes off, and hooks already there
-            # keep reading the installation that was there.
-            _installed, self._state = previous, None
-            state.unmanage()
-            if added:
-                unwrap(httpx.Client, "send", _send_hook)
-            raise
-
-    def uninstall(self) -> None:
-        """Put both ``send`` methods back exactly; a no-op when this instance did not
-        install."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return  # not installed, or another instance installed since: the hooks are theirs
-        _installed = None
+    def release(self, state: _Installed) -> None:
         state.unmanage()
-        httpx = sys.modules.get("httpx")
-        if httpx is not None:
-            unwrap(httpx.Client, "send", _send_hook)
-            unwrap(httpx.AsyncClient, "send", _async_send_hook)

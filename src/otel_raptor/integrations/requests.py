@@ -26,7 +26,6 @@ is the class of the fail-fast error: both :class:`~otel_raptor.errors.CircuitOpe
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Hashable, Mapping
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
@@ -47,8 +46,8 @@ from otel_raptor.integrations._http import (
     stale_headers,
     throttled_headers,
 )
-from otel_raptor.integrations._kit import call, is_refusal_of, library_error
-from otel_raptor.integrations._wrapping import patch, unwrap
+from otel_raptor.integrations._kit import HookedIntegration, call, is_refusal_of, library_error
+from otel_raptor.integrations._wrapping import HookSet
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
@@ -434,44 +433,19 @@ def _request_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     return request
 
 
-class RequestsIntegration:
-    """Guards every ``requests`` call (see the module docstring and ``docs/http.md``)."""
+class RequestsIntegration(HookedIntegration[_Installed]):
+    """Guards every ``requests`` call (see the module docstring and ``docs/http.md``): hooks
+    ``requests.Session.request``."""
 
     name = "requests"
     library = "requests"
 
-    def __init__(self) -> None:
-        self._state: _Installed | None = None
+    def new_state(self, settings: IntegrationSettings, library: Any) -> _Installed:
+        circuit_open_error_type()  # made once, before any call needs it
+        return _Installed(settings)
 
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is _installed
+    def hooks(self, library: Any) -> HookSet:
+        return (), [(library.Session, "request", _request_hook)]
 
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook ``requests.Session.request``; installing again replaces the settings and
-        never wraps twice."""
-        global _installed  # the hook reads the installation from here
-        import requests  # noqa: PLC0415 - the library is imported only when it is hooked
-
-        circuit_open_error_type()
-        state = _Installed(settings)
-        previous, _installed = _installed, state
-        self._state = state
-        try:
-            patch(requests.Session, "request", _request_hook)
-        except Exception:
-            _installed, self._state = previous, None
-            state.unmanage()
-            raise
-
-    def uninstall(self) -> None:
-        """Put ``Session.request`` back exactly; a no-op when this instance did not install."""
-        global _installed  # noqa: PLW0603
-        state, self._state = self._state, None
-        if state is None or _installed is not state:
-            return  # not installed, or another instance installed since: the hook is theirs
-        _installed = None
+    def release(self, state: _Installed) -> None:
         state.unmanage()
-        requests = sys.modules.get("requests")
-        if requests is not None:
-            unwrap(requests.Session, "request", _request_hook)

@@ -137,7 +137,9 @@ def test_a_write_whose_answer_was_lost_is_not_replayed(install: Install, table: 
 
 def test_an_open_breaker_fails_fast_with_pymysqls_connect_error(install: Install) -> None:
     install(PyMySQLIntegration, max_retries=0)
-    kwargs = {**MYSQL_KWARGS, "port": free_port(), "connect_timeout": 2}
+    # ssl_disabled: PyMySQL 1.2 builds an SSL context (loading the system's CA store, 50 ms
+    # and more on a slow machine) in Connection.__init__, before the hooked connect().
+    kwargs = {**MYSQL_KWARGS, "port": free_port(), "connect_timeout": 2, "ssl_disabled": True}
     for _ in range(3):
         with pytest.raises(pymysql.err.OperationalError):
             pymysql.connect(**kwargs)

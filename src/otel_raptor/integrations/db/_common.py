@@ -30,10 +30,8 @@ Refusals: an open breaker raises the driver's own error class mixed with
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -46,8 +44,13 @@ from otel_raptor.core.replay import sql_replay_safe
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._kit import MAX_TARGETS, Target, library_error
-from otel_raptor.integrations._wrapping import HookFactory, Wrapper, patch, unwrap, wrap
+from otel_raptor.integrations._kit import (
+    MAX_TARGETS,
+    HookedIntegration,
+    Target,
+    library_error,
+)
+from otel_raptor.integrations._wrapping import HookSet
 from otel_raptor.runtime.drive import CallHooks, CallPlan
 from otel_raptor.runtime.forksafe import register_lock
 from otel_raptor.telemetry.instruments import (
@@ -63,17 +66,16 @@ __all__ = [
     "DbIntegration",
     "DbState",
     "DbTarget",
+    "HookSet",
     "PointOf",
     "ReadOnlyOf",
     "Server",
     "StatementHooks",
-    "install_hooks",
     "is_not_sent",
     "mark_not_sent",
     "method_read_only",
     "policy_timeout_ms",
     "refusal_factory",
-    "remove_hooks",
     "sql_read_only",
 ]
 
@@ -347,98 +349,7 @@ def policy_timeout_ms(target: DbTarget) -> int:
     return 0 if seconds <= 0 else max(1, round(seconds * 1000))
 
 
-def install_hooks(
-    wrapped: Sequence[tuple[object, str, Wrapper]],
-    patched: Sequence[tuple[type, str, HookFactory]] = (),
-) -> None:
-    """Install wrapt wrappers and :func:`~otel_raptor.integrations._wrapping.patch` hooks, all
-    or none: when one fails, those this call installed are removed and the error raised."""
-    done_wrapped: list[tuple[object, str, Wrapper]] = []
-    done_patched: list[tuple[type, str, HookFactory]] = []
-    try:
-        # Only what this call added is taken back on failure: a hook already there (an
-        # installation before this one) stays.
-        for owner, attribute, wrapper in wrapped:
-            if wrap(owner, attribute, wrapper):
-                done_wrapped.append((owner, attribute, wrapper))
-        for cls, attribute, factory in patched:
-            if patch(cls, attribute, factory):
-                done_patched.append((cls, attribute, factory))
-    except Exception:
-        remove_hooks(done_wrapped, done_patched)
-        raise
-
-
-def remove_hooks(
-    wrapped: Sequence[tuple[object, str, Wrapper]],
-    patched: Sequence[tuple[type, str, HookFactory]] = (),
-) -> None:
-    """Remove what :func:`install_hooks` installed, in reverse order."""
-    for cls, attribute, factory in reversed(patched):
-        unwrap(cls, attribute, factory)
-    for owner, attribute, wrapper in reversed(wrapped):
-        unwrap(owner, attribute, wrapper)
-
-
-#: What one integration hooks: wrapt wrappers, then plain-function patches.
-HookSet = tuple[Sequence[tuple[object, str, Wrapper]], Sequence[tuple[type, str, HookFactory]]]
-
-
-class DbIntegration:
-    """What installing and uninstalling a database integration takes, once for all drivers.
-
-    A subclass names its ``library`` (the module to import) and says how to build the
-    installation's state (:meth:`new_state`) and what to hook (:meth:`hooks`). The state is
-    published as the module global ``_installed`` of the module that defines the subclass:
-    the hooks read that global on every statement, one dictionary lookup, where a holder
-    object would cost an attribute lookup more. Installing again replaces the settings and
-    never hooks twice; uninstalling is a no-op for an instance that did not install (another
-    instance installed since: the hooks are that one's).
-    """
-
-    name: str
-    library: str
-
-    def __init__(self) -> None:
-        self._state: DbState | None = None
-
-    def new_state(self, settings: IntegrationSettings, library: Any) -> DbState:
-        """The installation's state: the settings, the refusal class, the failure rules."""
-        raise NotImplementedError
-
-    def hooks(self, library: Any) -> HookSet:
-        """What to hook in ``library``: ``(wrapt wrappers, patches)``."""
-        raise NotImplementedError
-
-    def _globals(self) -> dict[str, Any]:
-        return vars(sys.modules[type(self).__module__])
-
-    @property
-    def installed(self) -> bool:
-        return self._state is not None and self._state is self._globals().get("_installed")
-
-    def install(self, settings: IntegrationSettings) -> None:
-        """Hook the library (imported only now); all hooks or none."""
-        library = importlib.import_module(self.library)
-        state = self.new_state(settings, library)
-        module = self._globals()
-        previous = module.get("_installed")
-        module["_installed"] = self._state = state
-        try:
-            install_hooks(*self.hooks(library))
-        except Exception:
-            # The hooks are as they were: so is the installation they read.
-            module["_installed"], self._state = previous, None
-            raise
-
-    def uninstall(self) -> None:
-        """Put every hooked function back. Connections opened meanwhile keep what they were
-        given; their hooks pass every call straight through from now on."""
-        state, self._state = self._state, None
-        module = self._globals()
-        if state is None or module.get("_installed") is not state:
-            return
-        module["_installed"] = None
-        library = sys.modules.get(self.library)
-        if library is not None:
-            remove_hooks(*self.hooks(library))
+class DbIntegration(HookedIntegration[DbState]):
+    """A database integration: a subclass names its ``library``, builds its
+    :class:`DbState` (:meth:`new_state`) and says what to hook (:meth:`hooks`); installing
+    and uninstalling are :class:`~otel_raptor.integrations._kit.HookedIntegration`'s."""
