@@ -548,6 +548,39 @@ def test_a_hand_built_request_is_guarded_too(install: Install, server: FaultyHTT
     assert server.count() == 2
 
 
+def test_send_is_guarded_whether_the_request_comes_by_position_or_by_keyword(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install()
+    server.push(status(503), ok("positional"), status(503), ok("keyword"))
+    request = httpx.Request("GET", server.url("/k"))
+    if driver.is_async:
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient() as client:
+                return [await client.send(request), await client.send(request=request)]
+
+        responses = asyncio.run(both())
+    else:
+        with httpx.Client() as client:
+            responses = [client.send(request), client.send(request=request)]
+    assert [r.text for r in responses] == ["positional", "keyword"]
+    assert server.count() == 4
+
+
+def test_a_send_call_httpx_rejects_is_rejected_by_httpx_as_before(install: Install) -> None:
+    install()
+    request = httpx.Request("GET", "http://127.0.0.1:9/")
+    with httpx.Client() as client:
+        with pytest.raises(TypeError) as ours:
+            client.send(request, True)  # type: ignore[misc]  # send takes no 2nd positional
+        with pytest.raises(TypeError):
+            client.send()  # type: ignore[call-arg]
+    with pytest.raises(TypeError) as theirs:
+        ORIGINAL_SEND(httpx.Client(), request, True)
+    assert str(ours.value) == str(theirs.value)
+
+
 # --- installing ---------------------------------------------------------------------------------
 
 

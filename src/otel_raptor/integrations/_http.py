@@ -129,8 +129,7 @@ def _enabled_check() -> Callable[[], bool]:
 
     def enabled() -> bool:
         context = current()
-        # ``in`` first: a dict lookup without a method call, and the keys are rarely there.
-        return not ((context.get(first)) or (context.get(second)) or (context.get(third)))
+        return not (context.get(first) or context.get(second) or context.get(third))
 
     return enabled
 
