@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from otel_raptor.runtime.state import Runtime, get_runtime, set_runtime
 # --- fake integrations, loaded by "module:Class" like the real ones ------------------------------
 
 calls: list[str] = []
+# The library of FakeLater: a module each test writes (see ``later_library``) and imports.
+LATER = "raptor_test_later_library"
 
 
 class _Fake:
@@ -58,6 +62,17 @@ class FakeHttpx(_Fake):
 
 class FakeAsyncio(_Fake):
     name = "asyncio"
+
+
+class FakeLater(_Fake):
+    """An integration whose library the app has not imported yet."""
+
+    name = "later"
+    library = LATER
+
+
+class FakeLaterFailing(FakeLater):
+    fail = True
 
 
 class MissingLibrary(_Fake):
@@ -190,6 +205,103 @@ def test_a_failing_integration_does_not_stop_the_others(
     messages = " ".join(record.getMessage() for record in caplog.records)
     assert "instrumentor.install httpx" in messages
     assert "instrumentor.load requests" in messages
+
+
+@pytest.fixture
+def later_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An importable module not imported yet; its body records its import in ``calls``."""
+    source = tmp_path / f"{LATER}.py"
+    source.write_text(f"from {__name__} import calls\ncalls.append('import {LATER}')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(LATER, None)
+    yield source
+    sys.modules.pop(LATER, None)
+
+
+def _import_later() -> object:
+    return importlib.import_module(LATER)
+
+
+def test_an_integration_is_installed_when_the_app_imports_its_library(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, later_library: Path
+) -> None:
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "later", f"{__name__}:FakeLater")
+    instrumentor.instrument()
+    # instrument() did not import it: the app has not.
+    assert LATER not in sys.modules
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")
+    assert instrumentor.deferred_integrations == ("later",)
+    _import_later()
+    # Installed by the import itself, after the module's body ran and before it returned.
+    assert calls[-2:] == [f"import {LATER}", "install later"]
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio", "later")
+    assert instrumentor.deferred_integrations == ()
+    assert installed["later"].settings is installed["requests"].settings
+    instrumentor.uninstrument()
+    assert calls[-4:] == [
+        "uninstall later",
+        "uninstall asyncio",
+        "uninstall httpx",
+        "uninstall requests",
+    ]
+
+
+def test_a_library_imported_after_uninstrument_is_left_alone(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, later_library: Path
+) -> None:
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "later", f"{__name__}:FakeLater")
+    # Instrument cycles before the import register one hook, and the import installs once.
+    for _ in range(3):
+        instrumentor.instrument()
+        instrumentor.uninstrument()
+    assert instrumentor.deferred_integrations == ()
+    _import_later()
+    assert "install later" not in calls
+    sys.modules.pop(LATER)
+    instrumentor.instrument()
+    _import_later()
+    assert calls.count("install later") == 1
+
+
+def test_a_deferred_install_that_fails_does_not_fail_the_import(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    later_library: Path,
+) -> None:
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "later", f"{__name__}:FakeLaterFailing")
+    instrumentor.instrument()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        module = _import_later()
+    assert module is sys.modules[LATER]
+    assert calls[-3:] == [f"import {LATER}", "install later", "uninstall later"]
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")
+    assert "instrumentor.install later" in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_library_imported_in_another_thread_while_instrumenting_is_installed_once(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, later_library: Path
+) -> None:
+    """The library's import is under way in another thread when ``instrument()`` looks (the
+    module is in ``sys.modules``, still executing): the install waits for the import, and
+    neither side deadlocks."""
+    later_library.write_text(
+        f"import time\nfrom {__name__} import calls\ntime.sleep(0.3)\n"
+        f"calls.append('import {LATER}')\n"
+    )
+    monkeypatch.setitem(instrumentor_module.INTEGRATIONS, "later", f"{__name__}:FakeLater")
+    importer = threading.Thread(target=_import_later)
+    importer.start()
+    deadline = time.monotonic() + 5
+    while LATER not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert LATER in sys.modules
+    instrumentor.instrument()
+    importer.join(timeout=5)
+    assert not importer.is_alive()
+    assert calls.count("install later") == 1
+    assert calls.index(f"import {LATER}") < calls.index("install later")
+    assert "later" in instrumentor.installed_integrations
 
 
 def test_a_bad_kwarg_raises_and_changes_nothing(
