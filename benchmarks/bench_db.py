@@ -289,8 +289,8 @@ def alternate(drivers: Sequence[str], *, n: int, rounds: int, warmup: int, cpu: 
 
 
 def _import_every_driver() -> None:
-    """Every worker imports all four drivers first, whatever it measures: ``raptor``
-    imports the installed ones when it instruments, and an import alone can change another
+    """Every worker imports all four drivers first, whatever it measures, so that every
+    configuration hooks (and carries) the same libraries: an import alone can change another
     driver's speed (on the machine these numbers come from, ``import redis`` made asyncpg's
     loopback ``SELECT 1`` about 40 % faster in that process)."""
     import asyncpg
