@@ -18,11 +18,13 @@ CPU caches more than the request's own code does. The share says how much work r
 
 Targets: ``httpx`` and ``requests`` (a GET to ``bench_http.py``'s loopback server), and
 ``psycopg``, ``asyncpg``, ``pymysql`` (``SELECT 1``) and ``redis`` (``GET``) against the
-servers ``bench_db.py`` uses. Configurations: ``plain``, ``raptor`` (``RaptorInstrumentor``
-with SDK providers, its timer-driven threads left out: see ``_instrument``), and for the
-databases ``raptor, timeout 0`` (no default statement timeout). Each call includes the
-benchmarks' own timing of it (two ``perf_counter`` reads), in every configuration alike. The
-garbage collector is off while counting (see ``child``), and ``PYTHONHASHSEED`` is fixed.
+servers ``bench_db.py`` uses. Configurations: ``plain``; ``pass-through`` (a plain function
+on the method raptor hooks, calling the original: the least any hook of that shape costs);
+``raptor`` (``RaptorInstrumentor`` with SDK providers, its timer-driven threads left out: see
+``_instrument``); and for the databases ``raptor, timeout 0`` (no default statement timeout).
+Each call includes the benchmarks' own timing of it (two ``perf_counter`` reads), in every
+configuration alike. The garbage collector is off while counting (see ``child``), and
+``PYTHONHASHSEED`` is fixed.
 
     .venv/bin/python benchmarks/count_overhead.py [--target httpx ...] [--calls N] [--jobs J]
 """
@@ -63,8 +65,55 @@ COLLECTED = "functools_reduce"
 
 def configurations(target: str) -> tuple[str, ...]:
     if target in HTTP_TARGETS:
-        return ("plain", "raptor")
-    return ("plain", "raptor", "raptor, timeout 0")
+        return ("plain", "pass-through", "raptor")
+    return ("plain", "pass-through", "raptor", "raptor, timeout 0")
+
+
+def _hooked_method(target: str) -> tuple[Any, str]:
+    """Where raptor hooks each call: the class and the method's name."""
+    if target == "httpx":
+        import httpx
+
+        return httpx.Client, "send"
+    if target == "requests":
+        import requests
+
+        return requests.Session, "send"
+    if target == "psycopg":
+        import psycopg
+
+        return psycopg.Cursor, "execute"
+    if target == "asyncpg":
+        import asyncpg
+
+        return asyncpg.Connection, "fetchval"
+    if target == "pymysql":
+        import pymysql.cursors
+
+        return pymysql.cursors.Cursor, "execute"
+    import redis
+
+    return redis.Redis, "execute_command"
+
+
+def _pass_through(target: str) -> None:
+    """The cheapest hook there is, on the method raptor hooks: a plain function that calls
+    the original with what it was given. What any hook of this shape costs, before it does
+    anything."""
+    owner, name = _hooked_method(target)
+    original = getattr(owner, name)
+    if target == "asyncpg":
+
+        async def hook_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await original(self, *args, **kwargs)
+
+        setattr(owner, name, hook_async)
+        return
+
+    def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs)
+
+    setattr(owner, name, hook)
 
 
 # ------------------------------------------------------------------------------ the child
@@ -97,7 +146,10 @@ def _instrument(config: str) -> None:
 
 def _calls(target: str, config: str, url: str | None) -> Callable[[int], object]:
     """Set up ``target`` under ``config``; a function making ``n`` calls."""
-    _instrument(config)
+    if config == "pass-through":
+        _pass_through(target)
+    else:
+        _instrument(config)
     if target in HTTP_TARGETS:
         assert url is not None
         get = bench_http._client(target, url)
