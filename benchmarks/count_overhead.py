@@ -122,8 +122,8 @@ def _pass_through(target: str) -> None:
 def _instrument(config: str) -> None:
     """``config``'s raptor, without the threads that run on timers rather than per call
     (the memory controller, the monitor, a batch span processor): under valgrind, which runs
-    everything some 50 times slower, a timer fires about 50 times as often per call as it
-    would natively, and each wake-up moves the main thread's count by thousands."""
+    everything tens of times slower, a timer fires that many times as often per call as it
+    would natively, and the main thread pays for handing them the GIL."""
     if config == "plain":
         return
     from opentelemetry.sdk.metrics import MeterProvider
