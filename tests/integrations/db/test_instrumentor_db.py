@@ -1,7 +1,7 @@
 """``RaptorInstrumentor().instrument()`` installs every database integration whose driver is
-installed (the drivers are imported here, so at once; see ``test_drivers_are_hooked_when_the_app_
-imports_them`` for a fresh process), ``OTEL_PYTHON_RAPTOR_INTEGRATIONS`` selects them, and
-``uninstrument()`` puts every hooked function back."""
+installed, ``OTEL_PYTHON_RAPTOR_INTEGRATIONS`` selects them, and ``uninstrument()`` puts every
+hooked function back. This module imports the drivers, so they are hooked at once; the last
+test checks, in a fresh process, that each is hooked by the app's own import instead."""
 
 from __future__ import annotations
 
