@@ -48,6 +48,7 @@ from otel_raptor.core.attempts import LoopSpec
 from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.db import is_transaction_conflict
 from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.errors import ConfigError
 from otel_raptor.integrations.db._common import DbTarget, Server
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
@@ -86,7 +87,7 @@ class _TransactionHooks(CallHooks):
 
 
 _HOOKS: Final = _TransactionHooks()
-_plans: dict[tuple[int, str, int, float, float], CallPlan] = {}
+_plans: dict[tuple[object, ...], CallPlan] = {}
 _plans_box = LockBox()
 
 
@@ -94,16 +95,27 @@ def _plan(
     runtime: Runtime, server: Server, max_retries: int, base_delay: float, max_delay: float
 ) -> CallPlan:
     service = runtime.service(server.name)
-    key = (id(runtime), service, max_retries, base_delay, max_delay)
+    # The types are part of the key: True == 1 == 1.0 hash alike, and only the first of the
+    # three is validated when its plan is made.
+    key = (
+        id(runtime),
+        service,
+        (type(max_retries), max_retries),
+        (type(base_delay), base_delay),
+        (type(max_delay), max_delay),
+    )
     plan = _plans.get(key)
     if plan is not None and plan.route.downstream is runtime.downstream(service):
         return plan
-    policy = RetryPolicy(
-        max_retries=max_retries,
-        base_delay=base_delay,
-        max_delay=max_delay,
-        retry_on=_CONCURRENCY,
-    )
+    try:
+        policy = RetryPolicy(
+            max_retries=max_retries,
+            base_delay=base_delay,
+            max_delay=max_delay,
+            retry_on=_CONCURRENCY,
+        )
+    except ConfigError as error:  # named as the caller named it: max_retries=, not retry.
+        raise ConfigError(error.key.removeprefix("retry."), error.value, error.allowed) from None
     runtime.describe(service, server.attributes)
     # No breaker: the statements inside the transaction already pass the server's breaker.
     route = Route(runtime.downstream(service), None, runtime, classify)

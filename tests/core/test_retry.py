@@ -108,6 +108,9 @@ def test_fixed_backoff() -> None:
         ({"base": 5.0, "max": 1.0}, "backoff.max"),
         ({"jitter": "decorrelated"}, "backoff.jitter"),
         ({"max": math.inf}, "backoff.max"),
+        ({"max": 1e10}, "backoff.max"),  # a sleep that long overflows CPython's clock
+        ({"base": 10**400}, "backoff.base"),  # beyond a float: not an OverflowError
+        ({"jitter": ["full"]}, "backoff.jitter"),  # unhashable: not a TypeError
     ],
 )
 def test_backoff_validation(kwargs: dict[str, object], key: str) -> None:
@@ -148,10 +151,19 @@ def test_defaults_are_the_seeds_but_four_retries() -> None:
         ("max_delay", math.inf),
         ("backoff_multiplier", 0.9),
         ("jitter", "decorrelated"),
+        ("jitter", ["full"]),
+        ("jitter", {"mode": "full"}),
+        ("base_delay", 10**400),
+        ("max_delay", 1e10),
+        ("backoff_multiplier", 10**400),
+        ("attempt_timeout", 1e10),
+        ("cooldown_share", 10**400),
         ("attempt_timeout", 0.0),
         ("attempt_timeout", -1.0),
         ("deadline", 0.0),
         ("deadline", math.inf),
+        ("deadline", 10_000_001),
+        ("max_retry_after", 1e10),
         ("retry_on", frozenset()),
         ("retry_on", "timeout"),
         ("retry_on", frozenset({"nonsense"})),

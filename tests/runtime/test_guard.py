@@ -347,6 +347,29 @@ def test_invalid_arguments_are_named() -> None:
         Guard("svc", fallback="not callable")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        # A truthy string would make a non-replayable call replayable: three runs, not one.
+        ("replay_safe", "false"),
+        ("replay_safe", 0),
+        ("critical", "no"),
+        ("classifier", 5),
+        ("rnd", 5),
+        ("runtime", 5),
+    ],
+)
+def test_every_argument_is_checked_when_the_guard_is_made(argument: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Guard("svc", **{argument: value})  # type: ignore[arg-type]
+    assert caught.value.key == argument
+    assert caught.value.value is value
+    if argument in ("replay_safe", "critical", "runtime"):  # the decorator's own arguments
+        with pytest.raises(ConfigError) as caught:
+            resilient(service="svc", **{argument: value})(lambda: None)  # type: ignore[call-overload]
+        assert caught.value.key == argument
+
+
 # --------------------------------------------------------------------- async
 
 

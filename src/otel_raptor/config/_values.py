@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal, TypeAlias
 
+from otel_raptor.core.numbers import MAX_SECONDS_TEXT, as_finite, as_seconds
 from otel_raptor.errors import ConfigError
 
 __all__ = [
@@ -66,7 +67,10 @@ _BOOLEANS: Final = {
 _INTEGRATIONS_ALLOWED: Final = "None (every installed one), or a subset of: " + ", ".join(
     sorted(ALL_INTEGRATIONS)
 )
-_SECONDS_OR_NONE: Final = "None, or a finite number of seconds > 0"
+_SECONDS_OR_NONE: Final = f"None, or a number of seconds > 0 and <= {MAX_SECONDS_TEXT}"
+#: PostgreSQL's ``statement_timeout`` is a 32-bit count of milliseconds (about 24.8 days);
+#: a longer one is refused by the server at every connect.
+MAX_STATEMENT_TIMEOUT: Final = 2_147_483.0
 
 
 # dotted key -> RaptorConfig field
@@ -86,23 +90,24 @@ _TOP_DOTTED: Final = {field_: dotted for dotted, field_ in _TOP_FIELDS.items()}
 
 def _is_number(value: object) -> bool:
     # bool is an int, but ``timeout=True`` is a bug, not a number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return as_finite(value) is not None
 
 
 def _check_seconds(key: str, value: object) -> None:
-    if value is not None and not (_is_number(value) and value > 0):  # type: ignore[operator]
+    if value is not None and as_seconds(value, zero_ok=False) is None:
         raise ConfigError(key, value, _SECONDS_OR_NONE)
 
 
 def _check_statement_timeout(key: str, value: object, *, optional: bool) -> None:
     if optional and value is None:
         return
-    if not (_is_number(value) and value >= 0):  # type: ignore[operator]
+    seconds = as_finite(value)
+    if seconds is None or not 0.0 <= seconds <= MAX_STATEMENT_TIMEOUT:
         raise ConfigError(
             key,
             value,
             ("None (inherit), or " if optional else "")
-            + "a finite number of seconds >= 0 (0: off)",
+            + "a number of seconds in [0, 2147483] (0: off)",
         )
 
 

@@ -13,10 +13,10 @@ from otel_raptor.config._values import (
     _check_path,
     _check_seconds,
     _check_statement_timeout,
-    _is_number,
     _urls,
 )
 from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.numbers import MAX_SECONDS_TEXT, as_seconds
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import ConfigError
 
@@ -65,9 +65,11 @@ class DownstreamPolicy:
             self, "failover_urls", _urls("downstream.failover_urls", self.failover_urls)
         )
         _check_flag("downstream.stale_if_error", self.stale_if_error, optional=False)
-        if not (_is_number(self.stale_max_age) and self.stale_max_age > 0):
+        if as_seconds(self.stale_max_age, zero_ok=False) is None:
             raise ConfigError(
-                "downstream.stale_max_age", self.stale_max_age, "a finite number of seconds > 0"
+                "downstream.stale_max_age",
+                self.stale_max_age,
+                f"a number of seconds > 0 and <= {MAX_SECONDS_TEXT}",
             )
         if self.fallback is not None and not callable(self.fallback):
             raise ConfigError("downstream.fallback", self.fallback, "None or a callable")

@@ -58,6 +58,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
 from otel_raptor.core.classification import NON_HEALTH_CATEGORIES, ErrorCategory
+from otel_raptor.core.numbers import MAX_SECONDS_TEXT, as_finite, as_seconds
 from otel_raptor.core.states import CircuitState, Transition, TransitionReason
 from otel_raptor.core.window import CallOutcome, CountWindow, SlidingWindow, TimeWindow
 from otel_raptor.errors import ConfigError
@@ -124,7 +125,17 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return as_finite(value) is not None
+
+
+def _check_seconds(name: str, value: object, *, zero_ok: bool, allowed: str = "") -> None:
+    if as_seconds(value, zero_ok=zero_ok) is None:
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(
+            f"breaker.{name}",
+            value,
+            allowed or f"a number of seconds {bound} and <= {MAX_SECONDS_TEXT}",
+        )
 
 
 def _is_category_set(value: object) -> bool:
@@ -205,23 +216,14 @@ class CircuitBreakerConfig:
 
     def __post_init__(self) -> None:
         _check_int("failure_threshold", self.failure_threshold, 1)
-        if not (_is_number(self.recovery_timeout) and self.recovery_timeout >= 0):
-            raise ConfigError(
-                "breaker.recovery_timeout", self.recovery_timeout, "a finite number >= 0 (seconds)"
-            )
+        _check_seconds("recovery_timeout", self.recovery_timeout, zero_ok=True)
         _check_int("success_threshold", self.success_threshold, 1)
-        if not (_is_number(self.timeout) and self.timeout > 0):
-            raise ConfigError("breaker.timeout", self.timeout, "a finite number > 0 (seconds)")
+        _check_seconds("timeout", self.timeout, zero_ok=False)
         if not isinstance(self.adaptive_threshold, bool):
             raise ConfigError(
                 "breaker.adaptive_threshold", self.adaptive_threshold, "True or False"
             )
-        if not (_is_number(self.health_check_interval) and self.health_check_interval > 0):
-            raise ConfigError(
-                "breaker.health_check_interval",
-                self.health_check_interval,
-                "a finite number > 0 (seconds)",
-            )
+        _check_seconds("health_check_interval", self.health_check_interval, zero_ok=False)
         if not (_is_number(self.failure_rate_threshold) and 0 < self.failure_rate_threshold <= 1):
             raise ConfigError(
                 "breaker.failure_rate_threshold", self.failure_rate_threshold, "a number in (0, 1]"
@@ -230,13 +232,12 @@ class CircuitBreakerConfig:
             raise ConfigError("breaker.window", self.window, "'count' or 'time'")
         _check_int("window_size", self.window_size, 1, 1_000_000)
         _check_int("minimum_calls", self.minimum_calls, 1)
-        if self.slow_call_duration is not None and not (
-            _is_number(self.slow_call_duration) and self.slow_call_duration > 0
-        ):
-            raise ConfigError(
-                "breaker.slow_call_duration",
+        if self.slow_call_duration is not None:
+            _check_seconds(
+                "slow_call_duration",
                 self.slow_call_duration,
-                "None (off) or a finite number > 0 (seconds)",
+                zero_ok=False,
+                allowed=f"None (off) or a number of seconds > 0 and <= {MAX_SECONDS_TEXT}",
             )
         if not (
             _is_number(self.slow_call_rate_threshold) and 0 < self.slow_call_rate_threshold <= 1
@@ -251,12 +252,13 @@ class CircuitBreakerConfig:
         if cap is None:
             cap = max(_DEFAULT_MAX_OPEN_S, float(self.recovery_timeout))
             object.__setattr__(self, "max_recovery_timeout", cap)
-        if not (_is_number(cap) and cap >= self.recovery_timeout):
-            raise ConfigError(
-                "breaker.max_recovery_timeout",
-                self.max_recovery_timeout,
-                f"a finite number >= recovery_timeout ({self.recovery_timeout}) (seconds)",
-            )
+        cap_allowed = (
+            f"a number of seconds >= recovery_timeout ({self.recovery_timeout})"
+            f" and <= {MAX_SECONDS_TEXT}"
+        )
+        _check_seconds("max_recovery_timeout", cap, zero_ok=True, allowed=cap_allowed)
+        if cap < self.recovery_timeout:
+            raise ConfigError("breaker.max_recovery_timeout", cap, cap_allowed)
         if not (
             _is_number(self.recovery_backoff_multiplier) and self.recovery_backoff_multiplier >= 1
         ):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+from otel_raptor.core.numbers import as_finite
 from otel_raptor.errors import ConfigError
 
 __all__ = ["RetryBudget"]
@@ -45,15 +46,10 @@ _TINY = 1e-9
 
 def _finite(key: str, value: object, allowed: str, *, zero_ok: bool = True) -> float:
     """``value`` as a float: finite, not a bool, >= 0 (> 0 unless ``zero_ok``)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not zero_ok)
-    ):
+    number = as_finite(value)
+    if number is None or number < 0 or (number == 0 and not zero_ok):
         raise ConfigError(key, value, allowed)
-    return float(value)
+    return number
 
 
 class RetryBudget:

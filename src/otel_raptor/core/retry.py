@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from otel_raptor.core.classification import Classification, ErrorCategory
+from otel_raptor.core.numbers import MAX_SECONDS_TEXT, as_finite, as_seconds
 from otel_raptor.errors import ConfigError
 
 __all__ = [
@@ -53,6 +54,7 @@ JitterMode = Literal["full", "equal", "none"]
 
 _JITTER_MODES: frozenset[str] = frozenset({"full", "equal", "none"})
 _JITTER_ALLOWED = "one of 'full', 'equal', 'none'"
+_DELAY_ALLOWED = f"a number of seconds >= 0 and <= {MAX_SECONDS_TEXT}"
 
 #: The smallest timeout handed out, in seconds. A timeout of 0 means "non-blocking" to a
 #: socket, which would turn a nearly expired deadline into an instant, confusing failure.
@@ -61,13 +63,27 @@ _MIN_TIMEOUT = 0.001
 
 def _is_number(value: object) -> bool:
     # bool is an int, but ``max_delay=True`` is a bug, not a number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return as_finite(value) is not None
 
 
 def _finite(key: str, value: object, allowed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = as_finite(value)
+    if number is None:
         raise ConfigError(key, value, allowed)
-    return float(value)
+    return number
+
+
+def _seconds(key: str, value: object, allowed: str, *, zero_ok: bool = True) -> float:
+    seconds = as_seconds(value, zero_ok=zero_ok)
+    if seconds is None:
+        raise ConfigError(key, value, allowed)
+    return seconds
+
+
+def _check_jitter(key: str, value: object) -> None:
+    # A list is unhashable: ask its type before the set.
+    if not isinstance(value, str) or value not in _JITTER_MODES:
+        raise ConfigError(key, value, _JITTER_ALLOWED)
 
 
 def _exponential(attempt: int, base: float, multiplier: float, cap: float) -> float:
@@ -119,17 +135,15 @@ class ExponentialBackoff(Backoff):
     jitter: JitterMode = "full"
 
     def __post_init__(self) -> None:
-        base = _finite("backoff.base", self.base, "a finite number of seconds >= 0")
-        if base < 0.0:
-            raise ConfigError("backoff.base", self.base, "a finite number of seconds >= 0")
+        base = _seconds("backoff.base", self.base, _DELAY_ALLOWED)
         multiplier = _finite("backoff.multiplier", self.multiplier, "a finite number >= 1")
         if multiplier < 1.0:
             raise ConfigError("backoff.multiplier", self.multiplier, "a finite number >= 1")
-        cap = _finite("backoff.max", self.max, "a finite number of seconds >= backoff.base")
+        cap_allowed = f"a number of seconds >= backoff.base ({base}) and <= {MAX_SECONDS_TEXT}"
+        cap = _seconds("backoff.max", self.max, cap_allowed)
         if cap < base:
-            raise ConfigError("backoff.max", self.max, f"a finite number of seconds >= {base}")
-        if self.jitter not in _JITTER_MODES:
-            raise ConfigError("backoff.jitter", self.jitter, _JITTER_ALLOWED)
+            raise ConfigError("backoff.max", self.max, cap_allowed)
+        _check_jitter("backoff.jitter", self.jitter)
         object.__setattr__(self, "base", base)
         object.__setattr__(self, "multiplier", multiplier)
         object.__setattr__(self, "max", cap)
@@ -148,11 +162,8 @@ class FixedBackoff(Backoff):
     jitter: JitterMode = "none"
 
     def __post_init__(self) -> None:
-        seconds = _finite("backoff.seconds", self.seconds, "a finite number of seconds >= 0")
-        if seconds < 0.0:
-            raise ConfigError("backoff.seconds", self.seconds, "a finite number of seconds >= 0")
-        if self.jitter not in _JITTER_MODES:
-            raise ConfigError("backoff.jitter", self.jitter, _JITTER_ALLOWED)
+        seconds = _seconds("backoff.seconds", self.seconds, _DELAY_ALLOWED)
+        _check_jitter("backoff.jitter", self.jitter)
         object.__setattr__(self, "seconds", seconds)
 
     def delay(self, attempt: int, rnd: Callable[[], float]) -> float:
@@ -282,14 +293,10 @@ class RetryPolicy:
         max_retries: object = self.max_retries  # typed int, but callers pass anything
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
             raise ConfigError("retry.max_retries", max_retries, "an int >= 0")
-        base = _finite("retry.base_delay", self.base_delay, "a finite number of seconds >= 0")
-        if base < 0.0:
-            raise ConfigError(
-                "retry.base_delay", self.base_delay, "a finite number of seconds >= 0"
-            )
+        base = _seconds("retry.base_delay", self.base_delay, _DELAY_ALLOWED)
         setattr_(self, "base_delay", base)
-        cap_allowed = f"a finite number of seconds >= retry.base_delay ({base})"
-        cap = _finite("retry.max_delay", self.max_delay, cap_allowed)
+        cap_allowed = f"a number of seconds >= retry.base_delay ({base}) and <= {MAX_SECONDS_TEXT}"
+        cap = _seconds("retry.max_delay", self.max_delay, cap_allowed)
         if cap < base:
             raise ConfigError("retry.max_delay", self.max_delay, cap_allowed)
         setattr_(self, "max_delay", cap)
@@ -301,15 +308,12 @@ class RetryPolicy:
                 "retry.backoff_multiplier", self.backoff_multiplier, "a finite number >= 1"
             )
         setattr_(self, "backoff_multiplier", multiplier)
-        if self.jitter not in _JITTER_MODES:  # a Literal, but callers pass anything
-            raise ConfigError("retry.jitter", self.jitter, _JITTER_ALLOWED)
+        _check_jitter("retry.jitter", self.jitter)  # a Literal, but callers pass anything
         for name in ("attempt_timeout", "deadline", "max_retry_after"):
             value = getattr(self, name)
             if value is not None:
-                allowed = "a finite number of seconds > 0, or None"
-                seconds = _finite(f"retry.{name}", value, allowed)
-                if seconds <= 0.0:
-                    raise ConfigError(f"retry.{name}", value, allowed)
+                allowed = f"a number of seconds > 0 and <= {MAX_SECONDS_TEXT}, or None"
+                seconds = _seconds(f"retry.{name}", value, allowed, zero_ok=False)
                 setattr_(self, name, seconds)
         if self.retry_on is not None:
             setattr_(self, "retry_on", _categories(self.retry_on))

@@ -133,6 +133,17 @@ class Guard:
             raise ConfigError("health_check", health_check, "a callable returning a bool, or None")
         if timeout_kwarg is not None and not _is_name(timeout_kwarg):
             raise ConfigError("timeout_kwarg", timeout_kwarg, "a keyword argument's name, or None")
+        # Flags decide whether a call may be replayed: "false" must not read as True.
+        if not isinstance(replay_safe, bool):
+            raise ConfigError("replay_safe", replay_safe, "a bool")
+        if not isinstance(critical, bool):
+            raise ConfigError("critical", critical, "a bool")
+        if classifier is not None and not callable(classifier):
+            raise ConfigError("classifier", classifier, "a callable taking the error, or None")
+        if not callable(rnd):
+            raise ConfigError("rnd", rnd, "a callable returning a float in [0, 1)")
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise ConfigError("runtime", runtime, "a Runtime, or None (the process's)")
         runtime = runtime if runtime is not None else get_runtime()
         self._runtime = runtime
         self.service = runtime.service(service)
@@ -142,12 +153,12 @@ class Guard:
             _breaker(breaker, self.service, runtime),
             runtime,
             classifier or default_classify,
-            critical=bool(critical),
+            critical=critical,
         )
         if health_check is not None and route.breaker is not None:
             runtime.health.register(route.breaker, health_check)
         hooks = CallHooks() if timeout_kwarg is None else TimeoutKwargHooks(timeout_kwarg)
-        spec = LoopSpec.of(policy, replay_safe=bool(replay_safe), has_fallback=fallback is not None)
+        spec = LoopSpec.of(policy, replay_safe=replay_safe, has_fallback=fallback is not None)
         self._plan = CallPlan(
             route,
             spec,

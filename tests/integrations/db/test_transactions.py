@@ -21,6 +21,7 @@ from psycopg import IsolationLevel
 from otel_raptor.core.events import RecoveryFinished, RetryScheduled
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.db import TransactionInProgressError, run_transaction, run_transaction_async
+from otel_raptor.errors import ConfigError
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.runtime.state import Runtime, set_runtime
 from tests.integrations.db.conftest import (
@@ -335,3 +336,23 @@ def test_sqlite_busy_is_rerun(runtime: Runtime, tmp_path: Path) -> None:
     check.close()
     assert len(acks) >= 40
     assert any(f.outcome is Outcome.RECOVERED and f.attempts >= 2 for f in finished)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("max_retries", True), ("max_retries", 1.0), ("base_delay", False), ("max_delay", 1e10)],
+)
+def test_bad_arguments_are_refused_even_after_a_good_call_like_them(
+    runtime: Runtime, tmp_path: Path, argument: str, value: object
+) -> None:
+    # True == 1 == 1.0 and False == 0: a cache keyed by value alone let them through.
+    conn = sqlite3.connect(tmp_path / "args.db")
+    try:
+        good = {"max_retries": 1, "base_delay": 0, "max_delay": 1.0}
+        assert run_transaction(conn, lambda c: "ran", **good) == "ran"
+        with pytest.raises(ConfigError) as caught:
+            run_transaction(conn, lambda c: "ran", **{**good, argument: value})
+        assert caught.value.key == argument  # the keyword the caller used
+        assert caught.value.value is value
+    finally:
+        conn.close()
