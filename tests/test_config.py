@@ -733,3 +733,144 @@ def test_a_bad_statement_timeout_in_the_environment_falls_back() -> None:
     config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: "-3"})
     assert config.statement_timeout == 30.0
     assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT]
+
+
+# --- layers are merged before values are checked against each other -----------------------------
+
+
+def test_monitor_environment_and_file_values_are_judged_together(tmp_path: Path) -> None:
+    path = write(tmp_path, "[monitor]\nreport_interval = 7200\n")
+    environ = {
+        ev.OTEL_PYTHON_RAPTOR_CONFIG: str(path),
+        "OTEL_PYTHON_RAPTOR_MONITOR_METRICS_RETENTION": "3600",
+    }
+    config, reports = load(environ=environ)  # used to raise ConfigError
+    # The environment wins over the file: the file's value that contradicts it falls back.
+    assert config.monitor.metrics_retention == 3600
+    assert config.monitor.report_interval == RaptorConfig().monitor.report_interval
+    [error] = reports.errors
+    assert (error.key, error.value) == (f"{path}:monitor.report_interval", 7200)
+    assert "metrics_retention" in error.allowed
+    # A file value that only fits with an environment value is kept.
+    path = write(tmp_path, "[monitor]\nmetrics_retention = 1000\n")
+    config, reports = load(
+        environ={
+            ev.OTEL_PYTHON_RAPTOR_CONFIG: str(path),
+            "OTEL_PYTHON_RAPTOR_MONITOR_REPORT_INTERVAL": "600",
+        }
+    )
+    assert (config.monitor.report_interval, config.monitor.metrics_retention) == (600, 1000)
+    assert reports.errors == []
+
+
+def test_only_the_monitor_variable_that_does_not_fit_falls_back() -> None:
+    config, reports = load(
+        environ={
+            "OTEL_PYTHON_RAPTOR_MONITOR_ENABLED": "false",
+            "OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_WARNING": "20",  # > the critical (10)
+        }
+    )
+    assert config.monitor.enabled is False
+    assert config.monitor.recovery_time_warning == 5.0
+    [error] = reports.errors
+    assert (error.key, error.value) == ("OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_WARNING", "20")
+
+
+def test_monitor_file_values_that_only_fit_together_are_accepted_in_any_order(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        "[monitor]\nrecovery_time_warning = 20.0\nrecovery_time_critical = 30.0\n"
+        "alert_thresholds = { success_rate = { critical = 85, warning = 90 } }\n",
+    )
+    config, reports = load(kwargs={"config_file": path})
+    assert (config.monitor.recovery_time_warning, config.monitor.recovery_time_critical) == (
+        20.0,
+        30.0,
+    )
+    assert (config.monitor.success_rate_warning, config.monitor.success_rate_critical) == (90, 85)
+    assert reports.errors == []
+
+
+def test_a_bad_monitor_key_in_the_file_loses_only_itself(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[monitor]\nalert_cooldown = 60\nalert_cooldwn = 5\n"
+        "alert_thresholds = { memory_usage = { warning = 85, critical = 95 } }\n",
+    )
+    config, reports = load(kwargs={"config_file": path})
+    assert (config.monitor.alert_cooldown, config.monitor.memory_usage) == (60, 85)
+    assert reports.keys == [
+        f"{path}:monitor.alert_cooldwn",
+        f"{path}:monitor.alert_thresholds.memory_usage.critical",
+    ]
+
+
+def test_a_huge_integer_for_a_monitor_duration_is_reported_or_raised(tmp_path: Path) -> None:
+    path = write(tmp_path, f"[monitor]\nalert_cooldown = 60\nreport_interval = {10**400}\n")
+    config, reports = load(kwargs={"config_file": path})  # used to raise OverflowError
+    assert (config.monitor.alert_cooldown, config.monitor.report_interval) == (60, 3600)
+    assert reports.keys == [f"{path}:monitor.report_interval"]
+    with pytest.raises(ConfigError) as raised:
+        load(kwargs={"monitor": {"report_interval": 10**400}})
+    assert raised.value.key == "monitor.report_interval"
+
+
+def test_a_partial_retry_mapping_in_code_is_judged_with_the_other_layers(tmp_path: Path) -> None:
+    environ = {ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY: "1000"}
+    # Used to raise "invalid retry.max_delay=300.0", a value nobody set.
+    config, reports = load(kwargs={"retry": {"base_delay": 500}}, environ=environ)
+    assert (config.retry.base_delay, config.retry.max_delay) == (500, 1000)
+    assert reports.errors == []
+    config, _ = load(kwargs={"recovery_config": {"base_delay": 500}}, environ=environ)
+    assert config.retry.max_delay == 1000
+    # The same for the breaker: a cap below the default recovery timeout, with a lower one.
+    path = write(tmp_path, "[breaker]\nrecovery_timeout = 10.0\n")
+    config, reports = load(kwargs={"breaker": {"max_recovery_timeout": 30}, "config_file": path})
+    assert (config.breaker.recovery_timeout, config.breaker.max_recovery_timeout) == (10, 30)
+    assert reports.errors == []
+
+
+def test_code_wins_over_a_layer_value_that_contradicts_it(tmp_path: Path) -> None:
+    config, reports = load(
+        kwargs={"retry": {"base_delay": 5, "max_delay": 10}},
+        environ={ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY: "2"},
+    )
+    assert (config.retry.base_delay, config.retry.max_delay) == (5, 10)
+    assert reports.errors == []  # the variable's key is set in code: not even read
+    config, reports = load(
+        kwargs={"retry": {"base_delay": 5}},
+        environ={ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY: "2"},
+    )
+    assert (config.retry.base_delay, config.retry.max_delay) == (5, 300)
+    [error] = reports.errors
+    assert (error.key, error.value) == (ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY, "2")
+    path = write(tmp_path, "[monitor]\nreport_interval = 7200\n")
+    config, reports = load(kwargs={"monitor": {"metrics_retention": 3600}, "config_file": path})
+    assert (config.monitor.metrics_retention, config.monitor.report_interval) == (3600, 3600)
+    assert reports.keys == [f"{path}:monitor.report_interval"]
+
+
+def test_a_code_value_that_fits_with_nothing_left_raises_naming_the_code_key(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "[retry]\nmax_delay = 100.0\n")
+    reports = Reports()
+    with pytest.raises(ConfigError) as raised:
+        RaptorConfig.load(
+            kwargs={"retry": {"base_delay": 500}, "config_file": path},
+            environ={},
+            report=reports,
+        )
+    assert (raised.value.key, raised.value.value) == ("retry.base_delay", 500)
+    assert "retry.max_delay" in raised.value.allowed
+    assert reports.errors == []  # nothing is reported when the code is wrong
+    with pytest.raises(ConfigError) as raised:
+        load(kwargs={"monitor": {"recovery_time_warning": 20}})
+    assert (raised.value.key, raised.value.value) == ("monitor.recovery_time_warning", 20)
+    config, _ = load(
+        kwargs={"monitor": {"recovery_time_warning": 20}},
+        environ={"OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_CRITICAL": "30"},
+    )
+    assert (config.monitor.recovery_time_warning, config.monitor.recovery_time_critical) == (20, 30)

@@ -25,7 +25,9 @@ def load(kwargs: dict[str, Any], environ: dict[str, str]) -> tuple[RaptorConfig,
     [(1, 1.0), (2.5, 2.5), (True, None), ("1", None), (None, None), (float("nan"), None),
      (float("inf"), None), (10**400, None), (-(10**400), None), (10**20, 1e20)],
 )  # fmt: skip
-def test_a_finite_number_is_an_int_or_float_that_fits_a_float(value: object, number: object) -> None:
+def test_a_finite_number_is_an_int_or_float_that_fits_a_float(
+    value: object, number: object
+) -> None:
     assert as_finite(value) == number
 
 

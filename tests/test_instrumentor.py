@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -613,3 +614,98 @@ def test_the_monitor_logs_through_the_given_logger_provider(
     instrumentor.uninstrument()
     assert not mine.closed  # the caller's monitor: stopped, not closed
     mine.close()
+
+
+# --- environment and file values never stop instrument() (rule 3) ------------------------------
+
+
+def test_environment_and_file_monitor_values_that_contradict_do_not_raise(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "raptor.toml"
+    path.write_text("max_services = 50\n[monitor]\nreport_interval = 7200\n")
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_CONFIG, str(path))
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_METRICS_RETENTION", "3600")
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument()  # used to raise ConfigError
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")
+    config = instrumentor.config
+    assert config is not None
+    assert config.max_services == 50  # the rest of the file applies
+    assert (config.monitor.metrics_retention, config.monitor.report_interval) == (3600, 3600)
+    warnings = [r.getMessage() for r in caplog.records if "configuration" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"{path}:monitor.report_interval=7200" in warnings[0]
+
+
+def test_partial_mappings_in_code_are_merged_over_the_environment_first(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_RECOVERY_MAX_DELAY, "1000")
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_CRITICAL", "30")
+    instrumentor.instrument(retry={"base_delay": 500}, monitor={"recovery_time_warning": 20})
+    config = instrumentor.config
+    assert config is not None
+    assert (config.retry.base_delay, config.retry.max_delay) == (500, 1000)
+    monitor = instrumentor.error_recovery_monitor
+    assert monitor is not None
+    assert (monitor.config.recovery_time_warning, monitor.config.recovery_time_critical) == (20, 30)
+
+
+def test_a_code_value_that_fits_with_nothing_left_still_raises(
+    instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "raptor.toml"
+    path.write_text("[retry]\nmax_delay = 100.0\n")
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_CONFIG, str(path))
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES, "50")
+    with pytest.raises(ConfigError) as caught:
+        instrumentor.instrument(retry={"base_delay": 500})
+    assert (caught.value.key, caught.value.value) == ("retry.base_delay", 500)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+    with pytest.raises(ConfigError, match=r"monitor\.recovery_time_warning"):
+        instrumentor.instrument(monitor={"recovery_time_warning": 20})
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("bug"), ConfigError("x", 1, "y")])
+@pytest.mark.parametrize("culprit", ["variable", "file"])
+def test_a_loading_bug_drops_only_what_triggers_it(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    failure: Exception,
+    culprit: str,
+) -> None:
+    from otel_raptor.config import RaptorConfig
+
+    path = tmp_path / "raptor.toml"
+    path.write_text("[retry]\nmax_retries = 7\n")
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_CONFIG, str(path))
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES, "50")
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_TOP_PATTERNS", "5")
+    real = RaptorConfig.load
+
+    def buggy(**arguments: Any) -> RaptorConfig:
+        environ = arguments["environ"]
+        if culprit == "variable":
+            triggered = "OTEL_PYTHON_RAPTOR_MONITOR_TOP_PATTERNS" in environ
+        else:
+            triggered = ev.OTEL_PYTHON_RAPTOR_CONFIG in environ
+        if triggered:
+            raise failure
+        return real(**arguments)
+
+    monkeypatch.setattr(RaptorConfig, "load", buggy)
+    instrumentor.instrument(breaker_key="host")  # used to raise, or to drop every layer
+    config = instrumentor.config
+    assert config is not None
+    assert config.breaker_key == "host"  # the kwargs
+    assert config.max_services == 50  # the environment
+    # Only what triggered the bug is lost: that variable, or else the file.
+    assert config.retry.max_retries == (7 if culprit == "variable" else 4)
+    assert config.monitor.top_patterns == (10 if culprit == "variable" else 5)
+    assert instrumentor.installed_integrations == ("requests", "httpx", "asyncio")

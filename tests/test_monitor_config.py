@@ -137,3 +137,43 @@ def test_every_variable_is_documented() -> None:
     for name, (field_name, _) in MONITOR_ENV_VARIABLES.items():
         assert f"`{name}`" in doc, name
         assert field_name in MonitorConfig.__dataclass_fields__
+
+
+@pytest.mark.parametrize("huge", [10**400, -(10**400)], ids=["big", "negative"])
+def test_a_huge_integer_is_a_config_error_not_an_overflow(huge: int) -> None:
+    with pytest.raises(ConfigError) as raised:
+        MonitorConfig.from_mapping({"report_interval": huge})
+    assert raised.value.key == "monitor.report_interval"
+    assert "seconds in [60, 86400]" in raised.value.allowed
+    with pytest.raises(ConfigError, match=r"monitor\.alert_cooldown"):
+        MonitorConfig(alert_cooldown=huge)
+
+
+def test_only_the_variable_that_does_not_fit_is_reported_and_dropped() -> None:
+    reported: list[ConfigError] = []
+    values = monitor_config_from_env(
+        {
+            "OTEL_PYTHON_RAPTOR_MONITOR_ENABLED": "false",
+            # Above the default critical threshold (10): it is the one that does not fit.
+            "OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_WARNING": "20",
+        },
+        reported.append,
+    )
+    assert values == {"enabled": False}
+    [error] = reported
+    assert (error.key, error.value) == ("OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_WARNING", "20")
+    assert "recovery_time_critical" in error.allowed
+
+
+def test_variables_that_only_fit_together_are_accepted_in_any_order() -> None:
+    reported: list[ConfigError] = []
+    values = monitor_config_from_env(
+        {
+            # The warning comes first and does not fit with the default critical (10) alone.
+            "OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_WARNING": "20",
+            "OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_CRITICAL": "30",
+        },
+        reported.append,
+    )
+    assert values == {"recovery_time_warning": 20.0, "recovery_time_critical": 30.0}
+    assert reported == []

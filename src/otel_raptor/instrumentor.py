@@ -39,6 +39,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,  # that module starts with '# type: ignore'; strict mypy needs both ignores
 )
 
+from otel_raptor import environment_variables as env_names
 from otel_raptor.config import RaptorConfig
 from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.errors import ConfigError
@@ -64,6 +65,7 @@ from otel_raptor.telemetry.sink import TelemetrySink
 __all__ = ["RaptorInstrumentor"]
 
 _logger = logging.getLogger("otel_raptor")
+_PREFIX = "OTEL_PYTHON_RAPTOR_"
 
 # Messages of configuration problems already logged: instrument → uninstrument → instrument
 # must not repeat them. Bounded, since values come from outside.
@@ -174,16 +176,15 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
         logger_provider = kwargs.pop("logger_provider", None)
-        memory = _memory_controller(kwargs.pop("memory", True))
+        memory_spec = kwargs.pop("memory", True)
         monitor_spec = _monitor_spec(kwargs.pop("monitor", True))
+        if isinstance(monitor_spec, (MonitorConfig, Mapping)):
+            kwargs["monitor"] = monitor_spec  # merged over the environment and the file
         # A bad kwarg raises here, before anything has changed.
-        try:
-            config = RaptorConfig.load(kwargs=kwargs, environ=os.environ, report=_report_config)
-        except ConfigError:
-            raise
-        except Exception as error:  # noqa: BLE001 - our bug: carry on with the kwargs alone
-            report_internal_error("instrumentor.config", error)
-            config = RaptorConfig.load(kwargs=kwargs, environ={}, report=_report_config)
+        config = _load_config(kwargs, os.environ)
+        if config is None:  # not even the defaults load: leave the app alone
+            return
+        memory = _memory_controller(memory_spec)
         with self._lock:
             if self._installed is not None:
                 return
@@ -321,6 +322,60 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                 report_internal_error("instrumentor.restore_runtime", error)
 
 
+def _load_config(kwargs: Mapping[str, Any], environ: Mapping[str, str]) -> RaptorConfig | None:
+    """The configuration: ``kwargs`` over ``environ`` over the file over the defaults.
+
+    Raises :class:`ConfigError` only for a bad keyword argument (the caller's mistake in
+    code). A bad environment or file value is reported by ``RaptorConfig.load`` and never
+    raises; should one get past it anyway (our bug), as little as possible is dropped: one
+    environment variable, else the file, else the environment, else both (the kwargs
+    alone). Never raises anything else; ``None`` only if not even the defaults load.
+    """
+    environ = dict(environ)  # one snapshot for every attempt
+    try:
+        return RaptorConfig.load(kwargs=kwargs, environ=environ, report=_report_config)
+    except Exception as error:  # noqa: BLE001 - sorted out below
+        failure = error
+    config_env = env_names.OTEL_PYTHON_RAPTOR_CONFIG
+    code = {key: value for key, value in kwargs.items() if key != "config_file"}
+    without_file = {key: value for key, value in environ.items() if key != config_env}
+    raptor_env = {key: value for key, value in without_file.items() if key.startswith(_PREFIX)}
+    try:
+        alone = RaptorConfig.load(kwargs=code, environ={}, report=_report_config)
+    except ConfigError:
+        # The kwargs fail without any environment or file: the caller's mistake.
+        if isinstance(failure, ConfigError):
+            raise failure from None
+        raise
+    except Exception as error:  # noqa: BLE001 - our bug with these kwargs: use the defaults
+        report_internal_error("instrumentor.config", error)
+        try:
+            return RaptorConfig()
+        except Exception as fatal:  # noqa: BLE001 - never stop the app
+            report_internal_error("instrumentor.config defaults", fatal)
+            return None
+    report_internal_error("instrumentor.config", failure)
+    file_only = {config_env: environ[config_env]} if config_env in environ else {}
+    attempts: list[tuple[str, Mapping[str, Any], Mapping[str, str]]] = [
+        (name, kwargs, {k: v for k, v in environ.items() if k != name}) for name in raptor_env
+    ]
+    attempts.append(("the configuration file", code, without_file))
+    attempts.append(("every OTEL_PYTHON_RAPTOR_* variable", kwargs, file_only))
+    for dropped, attempt_kwargs, attempt_environ in attempts:
+        try:
+            config = RaptorConfig.load(
+                kwargs=attempt_kwargs, environ=attempt_environ, report=_report_config
+            )
+        except Exception:  # noqa: BLE001 - try dropping more
+            continue
+        _logger.warning("otel_raptor configuration: ignoring %s (%s)", dropped, failure)
+        return config
+    _logger.warning(
+        "otel_raptor configuration: ignoring the environment and the file (%s)", failure
+    )
+    return alone
+
+
 def _memory_controller(spec: object) -> SimpleMemoryController | None:
     """``memory=``: ``True`` (the process-wide controller), ``False``, a controller, or the
     seed's ``MEMORY_CONFIG`` mapping (a new controller, which becomes the process-wide one)."""
@@ -368,12 +423,10 @@ def _monitor_spec(
     """``monitor=``: ``True`` (the process-wide monitor, configured by the
     ``OTEL_PYTHON_RAPTOR_MONITOR_*`` variables over the file's ``[monitor]`` table), ``False``,
     a monitor, a ``MonitorConfig``, or the seed's ``MONITOR_CONFIG`` mapping (over the
-    variables and the file). A bad value raises ``ConfigError`` now."""
-    if isinstance(spec, (bool, ErrorRecoveryMonitor, MonitorConfig)):
-        return spec
-    if isinstance(spec, Mapping):
-        MonitorConfig().with_values(spec)  # a bad key or value raises here
-        return spec
+    variables and the file). A bad value raises ``ConfigError`` (in ``RaptorConfig.load``,
+    before anything changes)."""
+    if isinstance(spec, (bool, ErrorRecoveryMonitor, MonitorConfig, Mapping)):
+        return spec  # a mapping is checked by ``RaptorConfig.load``, over the other layers
     raise ConfigError(
         "monitor", spec, "True, False, an ErrorRecoveryMonitor, a MonitorConfig or a mapping"
     )
@@ -394,12 +447,8 @@ def _start_monitor(
             monitor = spec
             set_error_recovery_monitor(monitor)
         else:
-            if isinstance(spec, MonitorConfig):
-                config = spec
-            elif isinstance(spec, Mapping):
-                config = raptor_config.monitor.with_values(spec)
-            else:
-                config = raptor_config.monitor
+            # ``monitor=`` (a MonitorConfig or a mapping) went into ``RaptorConfig.load``.
+            config = raptor_config.monitor
             if not config.enabled:
                 return None
             monitor = process_monitor(config)

@@ -159,13 +159,17 @@ def _is_number(value: object) -> bool:
 
 def _number(key: str, value: object, low: float, high: float, *, open_low: bool, unit: str) -> None:
     bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-    if (
-        not _is_number(value)
-        or not math.isfinite(value)  # type: ignore[arg-type]  # a number, checked above
-        or value > high  # type: ignore[operator]
-        or value < low  # type: ignore[operator]
-        or (open_low and value == low)
-    ):
+    valid = _is_number(value)
+    if valid:
+        try:
+            number = float(value)  # type: ignore[arg-type]  # a number, checked above
+        except OverflowError:  # an int too large for a float (10**400)
+            valid = False
+        else:
+            valid = (
+                math.isfinite(number) and low <= number <= high and not (open_low and number == low)
+            )
+    if not valid:
         raise ConfigError(key, value, f"{unit} in {bounds}")
 
 
@@ -410,11 +414,52 @@ def monitor_config_from_env(
     Unset and empty variables are skipped. A value that does not parse, is out of range, or
     does not fit with the other values read here and the defaults (a critical success rate
     above the warning one) is reported through ``report`` (a ``ConfigError`` naming the
-    variable, the value and what is allowed) and left out: that key keeps its default. Never
-    raises; pure (``environ`` is any mapping).
+    variable, the value and what is allowed) and left out: that key keeps its default.
+    Values that only make sense together (a warning of 20 s with a critical of 30 s) are
+    accepted in any order, and only the values that do not fit are reported. Never raises;
+    pure (``environ`` is any mapping).
+
+    :meth:`RaptorConfig.load <otel_raptor.config.RaptorConfig.load>` judges these values
+    together with the file's ``[monitor]`` table instead (see ``_monitor_env_values``).
     """
+    read = _monitor_env_values(environ, report)
     values: dict[str, object] = {}
-    names: dict[str, tuple[str, str]] = {}
+    try:
+        pending = {field_name: value for field_name, (value, _) in read.items()}
+        progress = True
+        failures: dict[str, ConfigError] = {}
+        while pending and progress:
+            progress = False
+            failures = {}
+            for field_name, value in list(pending.items()):
+                trial = {**values, field_name: value}
+                try:
+                    MonitorConfig(**trial)  # type: ignore[arg-type]  # checked here
+                except ConfigError as error:
+                    failures[field_name] = error
+                else:
+                    values = trial
+                    del pending[field_name]
+                    progress = True
+        for field_name, failure in failures.items():
+            name = read[field_name][1]
+            allowed = failure.allowed
+            if failure.key != f"monitor.{field_name}":
+                allowed = f"a value consistent with {failure.key}={failure.value!r} ({allowed})"
+            _safely(report, ConfigError(name, environ[name], allowed))
+    except Exception:  # noqa: BLE001 - never raise from here
+        return {}
+    return values
+
+
+def _monitor_env_values(
+    environ: Mapping[str, str], report: Callable[[ConfigError], None]
+) -> dict[str, tuple[object, str]]:
+    """Each ``OTEL_PYTHON_RAPTOR_MONITOR_*`` value in ``environ`` that is fine on its own, by
+    field name, with its variable's name. A value that does not parse or is out of range is
+    reported (the variable, the value as written, what is allowed) and left out. Checks
+    between fields are the caller's. Never raises."""
+    values: dict[str, tuple[object, str]] = {}
     for name, (field_name, parse) in MONITOR_ENV_VARIABLES.items():
         raw = environ.get(name)
         if raw is None or not raw.strip():
@@ -426,22 +471,45 @@ def monitor_config_from_env(
             allowed = error.allowed if isinstance(error, ConfigError) else str(error)
             _safely(report, ConfigError(name, raw, allowed))
             continue
-        values[field_name], names[field_name] = value, (name, raw)
-    # Values that are fine alone may still contradict each other: drop the culprits.
-    while values:
-        try:
-            MonitorConfig(**values)  # type: ignore[arg-type]
-            break
-        except ConfigError as error:
-            field_name = error.key.removeprefix("monitor.")
-            if field_name not in values:  # a default is the culprit: blame a value we read
-                field_name = next(iter(values))
-            del values[field_name]
-            name, raw = names[field_name]
-            _safely(report, ConfigError(name, raw, error.allowed))
-        except Exception:  # noqa: BLE001 - never raise from here
-            break
+        values[field_name] = (value, name)
     return values
+
+
+def _monitor_table_values(
+    table: Mapping[str, object],
+) -> tuple[dict[str, tuple[object, str]], list[ConfigError]]:
+    """The settings of a ``[monitor]`` table (the seed's shape), by field name, each with its
+    key in the table (``alert_thresholds.recovery_time.warning``), and the keys that are not
+    known, as problems named ``monitor.<key>``. Unlike :func:`_flatten`, a bad key does not
+    lose the others. Values are not checked here."""
+    values: dict[str, tuple[object, str]] = {}
+    problems: list[ConfigError] = []
+    for key, value in table.items():
+        if key in _FIELDS:
+            values[key] = (value, key)
+        elif key != "alert_thresholds":
+            problems.append(
+                ConfigError(
+                    f"monitor.{key}", value, "a known key: alert_thresholds, " + ", ".join(_FIELDS)
+                )
+            )
+        elif not isinstance(value, Mapping):
+            problems.append(
+                ConfigError("monitor.alert_thresholds", value, "a mapping of thresholds")
+            )
+        else:
+            for name, given in value.items():
+                levels = given.items() if isinstance(given, Mapping) else [(None, given)]
+                for level, number in levels:
+                    try:
+                        flat = _thresholds({name: number if level is None else {level: number}})
+                    except ConfigError as error:
+                        problems.append(error)
+                        continue
+                    where = f"alert_thresholds.{name}" + ("" if level is None else f".{level}")
+                    for field_name, checked in flat.items():
+                        values[field_name] = (checked, where)
+    return values, problems
 
 
 def _safely(report: Callable[[ConfigError], None], error: ConfigError) -> None:

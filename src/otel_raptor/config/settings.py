@@ -25,7 +25,13 @@ from otel_raptor.config._values import (
 from otel_raptor.config.downstream import DownstreamOverride, DownstreamPolicy, _Matcher
 from otel_raptor.config.environment import _ENV, _ENV_NAMES, config_from_env
 from otel_raptor.config.file import config_from_toml
-from otel_raptor.config.monitor import MonitorConfig, monitor_config_from_env
+from otel_raptor.config.monitor import (
+    MONITOR_ENV_VARIABLES,
+    MonitorConfig,
+    _flatten,
+    _monitor_env_values,
+    _monitor_table_values,
+)
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.retry import RetryPolicy
@@ -216,18 +222,25 @@ class RaptorConfig:
           :class:`DownstreamOverride` (or mappings with a ``pattern``); a mapping's
           ``retry``/``breaker`` may be partial mappings, completed from the global ones.
           They come before the file's ``[[downstreams]]``, so they win on the same host;
+        - ``monitor``: a :class:`MonitorConfig` (taken whole) or the seed's
+          ``MONITOR_CONFIG`` mapping (other fields still come from the environment, the
+          file's ``[monitor]`` table or the defaults);
         - ``config_file``: the TOML file's path.
 
-        A bad kwarg raises :class:`ConfigError` at once (key, value, allowed). A bad
-        environment or file value is passed to ``report`` once and its key falls back to
-        the next layer down; the other keys are unaffected.
+        The layers are merged key by key before values are checked against each other, so
+        a partial mapping in code (``retry={"base_delay": 500}``) is judged together with
+        the ``max_delay`` the environment or the file sets. A bad kwarg raises
+        :class:`ConfigError` at once (key, value, allowed). A bad environment or file value
+        (alone, or against the values that win over it) is passed to ``report`` once and its
+        key falls back to the next layer down; the other keys are unaffected. Values that
+        only make sense together are accepted in any order.
         """
         given = dict(kwargs or {})
         code = _from_kwargs(given)
 
         def shown(error: ConfigError) -> None:
             # Show an environment variable's value as it was written, not as parsed.
-            if error.key in _ENV and error.key in environ:
+            if (error.key in _ENV or error.key in MONITOR_ENV_VARIABLES) and error.key in environ:
                 error = ConfigError(error.key, environ[error.key], error.allowed)
             report(error)
 
@@ -250,13 +263,13 @@ class RaptorConfig:
 
         retry = code.retry_policy
         if retry is None:
-            fields_ = _settle(
+            fields_ = _with_code(
                 RetryPolicy.from_mapping, "retry", code.groups["retry"], layers("retry"), shown
             )
             retry = RetryPolicy.from_mapping(fields_)
         breaker = code.breaker_config
         if breaker is None:
-            fields_ = _settle(
+            fields_ = _with_code(
                 CircuitBreakerConfig.from_mapping,
                 "breaker",
                 code.groups["breaker"],
@@ -278,12 +291,17 @@ class RaptorConfig:
             override = _downstream(spec, where, retry, breaker, shown)
             if override is not None:
                 downstreams.append(override)
+        monitor = code.monitor_config
+        if monitor is None:
+            monitor = _monitor(
+                code.groups["monitor"], file_values.get("monitor"), file_name, environ, shown
+            )
         values: dict[str, Any] = {  # Any: every value is validated by __post_init__
             **top,
             "retry": retry,
             "breaker": breaker,
             "downstreams": tuple(d for d in downstreams if d is not None),
-            "monitor": _monitor(file_values.get("monitor"), file_name, environ, shown),
+            "monitor": monitor,
         }
         return cls(**values)
 
@@ -331,11 +349,7 @@ def _settle(
     if report is None or not slots:
         build(everything)
         return everything
-    try:
-        build(everything)
-    except ConfigError:
-        pass
-    else:
+    if _attempt(build, everything, group, "", None) is None:
         return everything
     failures: dict[str, list[tuple[object, str, ConfigError]]] = {}
     pending = dict(slots)
@@ -346,9 +360,8 @@ def _settle(
             failures[key] = []
             for value, name in options:
                 trial = {**accepted, key: value}
-                try:
-                    build(trial)
-                except ConfigError as error:
+                error = _attempt(build, trial, group, key, value)
+                if error is not None:
                     failures[key].append((value, name, error))
                 else:
                     accepted = trial
@@ -359,6 +372,72 @@ def _settle(
         for value, name, failure in failures.get(key, ()):
             report(_renamed(failure, name, _dotted(group, key), value))
     return accepted
+
+
+def _attempt(
+    build: Callable[[Mapping[str, object]], object],
+    values: Mapping[str, object],
+    group: str,
+    key: str,
+    value: object,
+) -> ConfigError | None:
+    """Why ``build(values)`` fails, or ``None``. A value from the environment or the file
+    that breaks a check in an unexpected way (a ``TypeError`` for a list where a word was
+    due) is a bad value like any other: reported, not raised."""
+    try:
+        build(values)
+    except ConfigError as error:
+        return error
+    except Exception as error:  # noqa: BLE001 - outside input must not stop the app
+        return ConfigError(
+            _dotted(group, key), value, f"a valid value ({type(error).__name__}: {error})"
+        )
+    return None
+
+
+def _with_code(
+    build: Callable[[Mapping[str, object]], object],
+    group: str,
+    fixed: Mapping[str, object],
+    layers: Sequence[tuple[Mapping[str, object], Callable[[str], str]]],
+    report: Report,
+) -> dict[str, object]:
+    """Merge one object's fields: ``fixed`` (from code) over the ``layers`` (environment,
+    file), as :func:`_settle` does, then check the code's values on the merged result.
+
+    A partial mapping in code is judged with the values the layers give it (a
+    ``base_delay`` of 500 is fine with the environment's ``max_delay`` of 1000). A layer's
+    value that contradicts the code's is reported and falls back; a code value that fits
+    with nothing left raises :class:`ConfigError`, named after the code's key, and then
+    nothing is reported.
+    """
+    if not fixed:
+        return _settle(build, group, {}, layers, report)
+    held: list[ConfigError] = []
+    try:
+        accepted = _settle(build, group, fixed, layers, held.append)
+        build(accepted)
+    except ConfigError as error:
+        raise _blamed(error, group, fixed) from None
+    for problem in held:
+        report(problem)
+    return accepted
+
+
+def _blamed(error: ConfigError, group: str, fixed: Mapping[str, object]) -> ConfigError:
+    """``error``, raised while checking the code's values ``fixed``, named after them: a
+    check that fails on a value the code did not set (a default) blames the code's."""
+    if error.key.rpartition(".")[2] in fixed:
+        return error
+    if len(fixed) == 1:
+        [(key, value)] = fixed.items()
+        dotted = _dotted(group, key)
+        return _renamed(error, dotted, dotted, value)
+    return ConfigError(
+        group,
+        dict(fixed),
+        f"settings consistent with {error.key}={error.value!r} ({error.allowed})",
+    )
 
 
 def _renamed(error: ConfigError, name: str, dotted: str, value: object) -> ConfigError:
@@ -380,6 +459,7 @@ class _Code:
     groups: dict[str, dict[str, object]]
     retry_policy: RetryPolicy | None = None
     breaker_config: CircuitBreakerConfig | None = None
+    monitor_config: MonitorConfig | None = None
     downstreams: list[tuple[str, object]] = field(default_factory=list)
     config_file: str = ""
 
@@ -393,6 +473,7 @@ _KWARGS: Final = (
     "integrations",
     "max_services",
     "health_check_path",
+    "monitor",
     "recovery_config",
     "request_timeout",
     "retry",
@@ -405,7 +486,7 @@ _KWARGS: Final = (
 
 
 def _from_kwargs(given: Mapping[str, object]) -> _Code:
-    code = _Code(groups={"retry": {}, "breaker": {}, "": {}})
+    code = _Code(groups={"retry": {}, "breaker": {}, "": {}, "monitor": {}})
     for key, value in given.items():
         if key not in _KWARGS:
             raise ConfigError(key, value, "a known keyword, one of " + ", ".join(_KWARGS))
@@ -419,7 +500,8 @@ def _from_kwargs(given: Mapping[str, object]) -> _Code:
     if isinstance(retry, RetryPolicy):
         code.retry_policy = retry
     elif isinstance(retry, Mapping):
-        RetryPolicy.from_mapping(retry)  # raises at once, naming the key
+        # Checked in ``load``, once merged with the environment and the file: the keys it
+        # leaves out come from there.
         code.groups["retry"] = dict(retry)
     elif retry is not None:
         raise ConfigError("retry", retry, "a RetryPolicy or a mapping of its fields")
@@ -427,8 +509,7 @@ def _from_kwargs(given: Mapping[str, object]) -> _Code:
     if isinstance(breaker, CircuitBreakerConfig):
         code.breaker_config = breaker
     elif isinstance(breaker, Mapping):
-        CircuitBreakerConfig.from_mapping(breaker)
-        code.groups["breaker"] = dict(breaker)
+        code.groups["breaker"] = dict(breaker)  # checked in ``load``, like ``retry``
     elif breaker is not None:
         raise ConfigError("breaker", breaker, "a CircuitBreakerConfig or a mapping of its fields")
     top: dict[str, object] = {}
@@ -466,6 +547,13 @@ def _from_kwargs(given: Mapping[str, object]) -> _Code:
             downstreams,
             "a mapping of pattern to settings, or a sequence of DownstreamOverride",
         )
+    monitor = given.get("monitor")
+    if isinstance(monitor, MonitorConfig):
+        code.monitor_config = monitor
+    elif isinstance(monitor, Mapping):
+        code.groups["monitor"] = _flatten(monitor)  # an unknown key raises here
+    elif monitor is not None:
+        raise ConfigError("monitor", monitor, "a MonitorConfig or a mapping of its settings")
     config_file = given.get("config_file")
     if config_file is not None:
         if not isinstance(config_file, (str, os.PathLike)):
@@ -586,17 +674,35 @@ def _downstream_object(
     return build(accepted) if accepted else None  # type: ignore[return-value]
 
 
+def _build_monitor(values: Mapping[str, object]) -> MonitorConfig:
+    return MonitorConfig(**values)  # type: ignore[arg-type]  # values are validated here
+
+
 def _monitor(
-    table: object, file_name: str, environ: Mapping[str, str], report: Report
+    fixed: Mapping[str, object],
+    table: object,
+    file_name: str,
+    environ: Mapping[str, str],
+    report: Report,
 ) -> MonitorConfig:
-    """The monitor's settings: ``OTEL_PYTHON_RAPTOR_MONITOR_*`` over the file's
-    ``[monitor]`` table over the defaults. Each bad value is reported and left out (in code,
-    ``instrument(monitor={...})`` is applied on top by the instrumentor, strictly)."""
-    config = MonitorConfig()
-    if isinstance(table, dict):
-        for key, value in table.items():
-            try:
-                config = config.with_values({key: value})
-            except ConfigError as error:
-                report(ConfigError(f"{file_name}:monitor.{key}", value, error.allowed))
-    return config.with_values(monitor_config_from_env(environ, report))
+    """The monitor's settings: ``fixed`` (``monitor=`` in code, flattened) over the
+    ``OTEL_PYTHON_RAPTOR_MONITOR_*`` variables over the file's ``[monitor]`` table over the
+    defaults, merged key by key and then checked together, like the other settings."""
+    from_env = _monitor_env_values(environ, report)
+    from_file: dict[str, tuple[object, str]] = {}
+    if isinstance(table, Mapping):
+        from_file, problems = _monitor_table_values(table)
+        for problem in problems:
+            report(ConfigError(f"{file_name}:{problem.key}", problem.value, problem.allowed))
+
+    def env_name(dotted: str) -> str:
+        return from_env[dotted.removeprefix("monitor.")][1]
+
+    def file_key(dotted: str) -> str:
+        return f"{file_name}:monitor.{from_file[dotted.removeprefix('monitor.')][1]}"
+
+    layers = [
+        ({key: value for key, (value, _) in from_env.items()}, env_name),
+        ({key: value for key, (value, _) in from_file.items()}, file_key),
+    ]
+    return _build_monitor(_with_code(_build_monitor, "monitor", fixed, layers, report))
