@@ -41,6 +41,28 @@ from otel_raptor.core.fingerprint import (
             '(<int>, "Duplicate entry <quoted> for key <quoted>")',
         ),
         ("too many\n   spaces\there", "too many spaces here"),
+        # Single quotes hold values, blanks or not; a status line keeps its reason phrase.
+        ("KeyError: 'bob smith'", "KeyError: <quoted>"),
+        (
+            "Server error '503 Service Unavailable' for url 'http://h/x'",
+            "Server error '<int> Service Unavailable' for url <quoted>",
+        ),
+        # What a server echoes of a statement is the statement: its literals, its secrets.
+        (
+            "syntax error at or near \"FOO\"\nLINE 1: SELECT 'my secret' FROM t\n    ^",
+            "syntax error at or near <quoted> LINE <int>: <sql>",
+        ),
+        (
+            '(1064, "You have an error in your SQL syntax; check the manual for the right syntax'
+            " to use near 'SELECT 'other secret phrase' FROM nope' at line 1\")",
+            '(<int>, "You have an error in your SQL syntax; check the manual for the right syntax'
+            ' to use near <sql> at line <int>")',
+        ),
+        # A bare path's query string goes whole (urllib3 prints the path without the host).
+        (
+            "Max retries exceeded with url: /orders?sig=AbC&code=xyz (Caused by X)",
+            "Max retries exceeded with url: /orders?<query> (Caused by X)",
+        ),
         # Names with digits in them are names, not values.
         ("utf8 codec in v2 of http2 at [Errno 111]", "utf8 codec in v2 of http2 at [Errno <int>]"),
         ("deadbeef is a word", "deadbeef is a word"),
@@ -59,6 +81,7 @@ def test_values_become_placeholders(message: str, template: str) -> None:
         "db_password=hunter2 in dsn",
         'config {"api_key": "hunter2"}',
         "token=hunter2&other=1",
+        "ALTER USER nobody WITH PASSWORD 'hunter2 horse'",
     ],
 )
 def test_secrets_never_reach_a_template(message: str) -> None:

@@ -899,15 +899,20 @@ def test_direct_scrape_relabelling_gives_the_collector_names() -> None:
         assert tuple(relabel(name, configs) for name in python_names) == prometheus_series(spec)
 
 
-def test_monitoring_doc_lists_every_instrument_with_its_prometheus_names() -> None:
+def test_monitoring_doc_lists_every_instrument_with_its_prometheus_names_and_labels() -> None:
     rows = {}
     for line in MONITORING_DOC.read_text(encoding="utf-8").splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) >= 4 and cells[0].startswith("`raptor."):
-            rows[cells[0].strip("`")] = re.findall(r"`([a-z_]+)`", cells[3])
+        if len(cells) >= 6 and cells[0].startswith("`raptor."):
+            rows[cells[0].strip("`")] = cells
     assert set(rows) == {spec.name for spec in INSTRUMENTS}
     for spec in INSTRUMENTS:
-        assert tuple(rows[spec.name]) == prometheus_series(spec), spec.name
+        cells = rows[spec.name]
+        assert tuple(re.findall(r"`([a-z_]+)`", cells[3])) == prometheus_series(spec), spec.name
+        # Every label the series carry (the dashboards' database panels group by server_address
+        # and db_system_name), in the order the instrument declares them.
+        labels = re.findall(r"`([a-z_]+)`", cells[5].split("(+")[0])
+        assert labels == [prometheus_label(key) for key in spec.attributes], spec.name
 
 
 # ----------------------------------------------------------------- promtool

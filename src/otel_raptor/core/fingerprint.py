@@ -11,7 +11,10 @@ placeholders here follow its names.
 ======================  =====================================================  ===============
 what                    example                                                placeholder
 ======================  =====================================================  ===============
-secret ``key=value``    ``password=hunter2``, ``token: abc``                   ``<redacted>`` value
+secret ``key=value``    ``password=hunter2``, ``token: abc``, ``PASSWORD 'x'``  ``<redacted>`` value
+statement echo          PostgreSQL's ``LINE 1: SELECT ...`` (to the end),       ``<sql>``
+                        MySQL's ``near 'SELECT ...' at line 1``
+query string            ``/orders?sig=abc&code=xyz`` (a path's, after ``?``)   ``?<query>``
 e-mail                  ``ops@example.com``                                    ``<email>``
 URL                     ``https://api.example.com/v1/items?id=3``              ``<url>``
 timestamp               ``2024-05-01T12:00:00Z``, ``2024-05-01 12:00:00.123``  ``<timestamp>``
@@ -19,10 +22,12 @@ UUID                    ``6f1c6c4e-5e8f-4a57-9a89-2b1d2f6f3d7a``               `
 IPv4 / IPv6             ``10.0.0.7``, ``::1``, ``fe80::1ff:fe23:4567:890a``    ``<ip>``
 hex                     ``0x7f3a``, ``9f86d081884c7d65`` (8+ digits, a digit)  ``<hex>``
 duration                ``30s``, ``2.5ms``, ``10min`` (a number and its unit)  ``<duration>``
-quoted value            ``'users_123'``, ``"abc"`` (no blank inside)           ``<quoted>``
+quoted value            ``'users_123'``, ``"abc"``, ``'bob smith'``             ``<quoted>``
 number                  ``42``, ``-3.5``, ``1e-3``                             ``<int>``/``<float>``
 ======================  =====================================================  ===============
 
+A double-quoted text with blanks is a sentence (MySQL wraps its messages in them): kept, its
+own values replaced. A single-quoted one is a value (SQL's literals, Python's reprs).
 Numbers glued to letters (``utf8``, ``v2``, ``Errno``) are kept: they are part of a name, not a
 value. Whitespace runs collapse to one space, and the message is cut to ``MAX_MESSAGE_CHARS``
 before any of this, so the work per message is bounded. A secret's value never survives into a
@@ -56,6 +61,8 @@ MAX_TEMPLATE_CHARS: Final = 256
 #: Every placeholder ``normalize_message`` can write.
 PLACEHOLDERS: Final = (
     "<redacted>",
+    "<sql>",
+    "<query>",
     "<email>",
     "<url>",
     "<timestamp>",
@@ -95,7 +102,7 @@ _IPV6: Final = (
 # rest and only to messages that contain one of the words (a cheap C-level scan).
 _SECRET_WORD: Final = re.compile(_SECRET_KEYS, re.IGNORECASE)
 _SECRET_PAIR: Final = re.compile(
-    rf"(?P<key>(?:{_SECRET_KEYS})[\w-]{{0,20}}[\"']?\s*[=:]\s*)"
+    rf"(?P<key>(?:{_SECRET_KEYS})[\w-]{{0,20}}(?:[\"']?\s*[=:]\s*|\s+(?=[\"'])))"
     r"(?P<value>\"[^\"]*\"|'[^']*'|(?:Bearer|Basic)\s+[^\s,;&)\]}]+|[^\s,;&)\]}]+)",
     re.IGNORECASE,
 )
@@ -121,9 +128,13 @@ _PATTERN: Final = re.compile(
             r"(?P<hex>(?<!\.)(?:0[xX][0-9A-Fa-f]{1,64}|[0-9A-Fa-f]{8,128})(?![\w.]))",
             r"(?P<duration>(?<!\.)\d{1,20}(?:\.\d{1,20})?(?:ms|us|µs|ns|s|sec|secs|seconds?"
             r"|m|min|minutes?|h|hours?)(?!\w))",
-            # A quoted *value* has no blank in it; a quoted sentence (``(1062, "Duplicate
-            # entry '42' for key 'PRIMARY'")``) is text: kept, and its own values replaced.
-            r"(?P<quoted>\"[^\"\s]{0,200}\"|'[^'\s]{0,200}'(?!\w))",
+            # A double-quoted sentence (``(1062, "Duplicate entry '42' for key 'PRIMARY'")``)
+            # is text: kept, and its own values replaced. Single quotes hold values, blanks
+            # or not: SQL literals (``'bob smith'``), Python reprs.
+            # An HTTP status line (httpx: ``Server error '503 Service Unavailable'``) keeps
+            # its reason phrase: 500 and 503 are different failures.
+            r"(?P<status>'(?:[1-5]\d\d) (?P<reason>[A-Z][A-Za-z -]{0,40})'(?!\w))",
+            r"(?P<quoted>\"[^\"\s]{0,200}\"|'[^']{0,200}'(?!\w))",
             r"(?P<float>(?<!\.)[-+]?(?:\d{1,64}\.\d{1,64}(?:[eE][-+]?\d{1,4})?"
             r"|\d{1,64}[eE][-+]?\d{1,4})(?![\w.]))",
             r"(?P<int>(?<!\.)[-+]?\d{1,64}(?![\w]|\.\d))",
@@ -132,6 +143,14 @@ _PATTERN: Final = re.compile(
     + ")"
 )
 _SPACES: Final = re.compile(r"\s+")
+# The statement a server echoes back holds its literals (and, in ``ALTER USER ... PASSWORD``,
+# secrets): PostgreSQL's ``LINE n:`` runs to the end of the message (the caret line follows),
+# MySQL's ``near '...' at line n`` quotes it, nested quotes and all.
+_PG_ECHO: Final = re.compile(r"\bLINE \d{1,9}: .*")
+_MYSQL_ECHO: Final = re.compile(r"\bnear '.{0,512}' at line \d{1,9}")
+# A query string after a path or a host (``url: /orders?sig=abc``): a full URL is the
+# ``<url>`` branch's, but urllib3 prints the path alone.
+_QUERY: Final = re.compile(r"(?<=[\w/>])\?(?=[\w.\[\]-]{1,64}=)[^\s'\"()]{1,512}")
 
 
 def _redact(match: re.Match[str]) -> str:
@@ -140,6 +159,8 @@ def _redact(match: re.Match[str]) -> str:
 
 def _replace(match: re.Match[str]) -> str:
     kind = match.lastgroup
+    if kind == "status":
+        return f"'<int> {match.group('reason')}'"
     if kind == "hex":
         text = match.group(0)
         if text[:2] in ("0x", "0X"):
@@ -161,9 +182,16 @@ def normalize_message(message: str) -> str:
     text = _SPACES.sub(" ", message[:MAX_MESSAGE_CHARS]).strip()
     if not text:
         return ""
+    if "LINE " in text:
+        text = _PG_ECHO.sub("LINE <int>: <sql>", text)
+    if "near '" in text:
+        text = _MYSQL_ECHO.sub("near <sql> at line <int>", text)
     if _SECRET_WORD.search(text) is not None:
         text = _SECRET_PAIR.sub(_redact, text)
-    return _PATTERN.sub(_replace, text)[:MAX_TEMPLATE_CHARS]
+    text = _PATTERN.sub(_replace, text)
+    if "?" in text:  # after the URLs have become <url>: what is left is a bare path's
+        text = _QUERY.sub("?<query>", text)
+    return text[:MAX_TEMPLATE_CHARS]
 
 
 def fingerprint(error_type: str, category: str, template: str) -> str:

@@ -52,6 +52,7 @@ from otel_raptor.runtime.drive import CallHooks, CallPlan, FallbackDeclined, cur
 from otel_raptor.runtime.forksafe import after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime
+from otel_raptor.telemetry.instruments import ATTR_HTTP_REQUEST_RESEND_COUNT
 
 __all__ = [
     "IDEMPOTENT",
@@ -83,7 +84,7 @@ __all__ = [
 ]
 
 #: The semantic-convention attribute for the ordinal of a resent request.
-RESEND_COUNT_ATTRIBUTE: Final = "http.request.resend_count"
+RESEND_COUNT_ATTRIBUTE: Final = ATTR_HTTP_REQUEST_RESEND_COUNT
 ATTR_SERVER_ADDRESS: Final = "server.address"
 ATTR_SERVER_PORT: Final = "server.port"
 

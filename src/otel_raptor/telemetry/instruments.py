@@ -54,6 +54,7 @@ __all__ = [
     "ATTR_ERROR_SEVERITY",
     "ATTR_ERROR_TYPE",
     "ATTR_HTTP_REQUEST_METHOD",
+    "ATTR_HTTP_REQUEST_RESEND_COUNT",
     "ATTR_HTTP_RESPONSE_STATUS_CODE",
     "ATTR_MEMORY_BYTES_FREED",
     "ATTR_MEMORY_CLEANUP_LEVEL",
@@ -171,6 +172,7 @@ ATTR_DB_NAMESPACE: Final = "db.namespace"
 ATTR_DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
 ATTR_HTTP_REQUEST_METHOD: Final = "http.request.method"
 ATTR_HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+ATTR_HTTP_REQUEST_RESEND_COUNT: Final = "http.request.resend_count"
 ATTR_RESOURCE: Final = "raptor.resource"
 ATTR_PREDICTION_SEVERITY: Final = "raptor.prediction.severity"
 ATTR_PREDICTION_STATE: Final = "raptor.prediction.state"
@@ -370,6 +372,13 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         key=ATTR_HTTP_RESPONSE_STATUS_CODE,
         type=AttributeType.INT,
         values="semconv: the HTTP status code (integration spans)",
+        bound="not on metrics",
+    ),
+    AttributeSpec(
+        key=ATTR_HTTP_REQUEST_RESEND_COUNT,
+        type=AttributeType.INT,
+        values="semconv: on a contrib HTTP client span, the resend's number (1 for the first"
+        " retry; absent on the first attempt)",
         bound="not on metrics",
     ),
     AttributeSpec(
