@@ -50,6 +50,7 @@ from otel_raptor.core.db import is_transaction_conflict
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations.db._common import DbTarget, Server
+from otel_raptor.integrations.db.psycopg2 import IN_WITH_BLOCK
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
@@ -212,7 +213,8 @@ class _Psycopg2(_Adapter):
         return server(info.host, info.port, info.dbname)
 
     def check_idle(self, conn: Any) -> None:
-        if conn.get_transaction_status() != _IDLE:
+        # Inside the app's own ``with conn`` the status stays idle until the first statement.
+        if conn.get_transaction_status() != _IDLE or getattr(conn, IN_WITH_BLOCK, False):
             raise _in_progress(conn)
 
     def attempt(self, conn: Any, fn: Callable[[Any], Any]) -> Any:

@@ -159,6 +159,21 @@ def test_an_idempotency_key_on_the_session_counts_too(
     assert server.count("POST", "/s") == 2
 
 
+@pytest.mark.parametrize("removed", [None, ""])
+def test_a_session_key_the_request_removes_does_not_count(
+    install: Install, server: FaultyHTTPServer, removed: str | None
+) -> None:
+    # requests drops a session header the request sets to None (and sends "" as it is): the
+    # POST goes out without a key, so it must go out once.
+    install()
+    server.push(reset())
+    with requests.Session() as session:
+        session.headers["Idempotency-Key"] = "k-3"
+        with pytest.raises(requests.exceptions.ConnectionError):
+            session.post(server.url("/s"), data="x", headers={"idempotency-key": removed})
+    assert server.count("POST", "/s") == 1
+
+
 def test_retry_non_idempotent_opts_posts_in(install: Install, server: FaultyHTTPServer) -> None:
     install(retry_non_idempotent=True)
     server.push(status(502), ok("done"))

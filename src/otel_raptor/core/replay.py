@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 __all__ = [
     "IDEMPOTENT_METHODS",
     "SQL_SCAN_LIMIT",
     "http_replay_safe",
+    "names_idempotency_key",
     "sql_replay_safe",
 ]
 
@@ -37,21 +39,36 @@ SQL_SCAN_LIMIT = 2048
 _IDEMPOTENCY_KEY = "idempotency-key"
 
 
-def _has_idempotency_key(headers: Mapping[str, object] | Mapping[bytes, object]) -> bool:
+_ABSENT: Final = object()
+
+
+def _idempotency_key(headers: Mapping[str, object] | Mapping[bytes, object]) -> object:
+    """The value ``headers`` give ``Idempotency-Key`` (``None`` included), else ``_ABSENT``."""
     # Case-insensitive header classes (requests, httpx, multidict) answer the two common
     # spellings directly; a plain dict falls through to the scan below.
     for spelling in ("Idempotency-Key", _IDEMPOTENCY_KEY):
         try:
-            value = headers[spelling]  # type: ignore[index]  # str key on a maybe-bytes mapping
+            return headers[spelling]  # type: ignore[index]  # str key on a maybe-bytes mapping
         except (KeyError, TypeError):
             continue
-        return _non_empty(value)
     items: Iterable[tuple[object, object]] = headers.items()
     for key, value in items:
         name = key.decode("latin-1") if isinstance(key, bytes) else key
         if isinstance(name, str) and name.lower() == _IDEMPOTENCY_KEY:
-            return _non_empty(value)
-    return False
+            return value
+    return _ABSENT
+
+
+def _has_idempotency_key(headers: Mapping[str, object] | Mapping[bytes, object]) -> bool:
+    value = _idempotency_key(headers)
+    return value is not _ABSENT and _non_empty(value)
+
+
+def names_idempotency_key(headers: Mapping[str, object] | Mapping[bytes, object]) -> bool:
+    """Whether ``headers`` have an ``Idempotency-Key`` entry at all (any case), even one whose
+    value is ``None`` or empty: requests drops a session header that a request sets to
+    ``None``, so such an entry decides for the request, and it says "no key"."""
+    return _idempotency_key(headers) is not _ABSENT
 
 
 def _non_empty(value: object) -> bool:
@@ -100,9 +117,12 @@ _WORDS = frozenset(
     {
         "insert", "update", "delete", "merge", "upsert", "into", "lock", "nextval", "setval",
         "pg_notify", "pg_terminate_backend", "pg_cancel_backend", "get_lock", "release_lock",
+        "release_all_locks",
     }
 )  # fmt: skip
-_PREFIXES = frozenset({"pg_advisory", "dblink", "lo_"})
+# ``pg_try_advisory`` too: a lock taken by a statement the client gave up on stays taken, and
+# a replay takes it again (advisory locks stack, so one unlock no longer frees it).
+_PREFIXES = frozenset({"pg_advisory", "pg_try_advisory", "dblink", "lo_"})
 # One alternation of plain literals, so the engine can skip ahead on their first characters;
 # word boundaries are checked in Python for the few candidates it finds (``\b`` in the pattern
 # makes the search about 20 times slower).

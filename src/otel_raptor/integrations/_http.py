@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from otel_raptor.config import DownstreamPolicy, RaptorConfig
-from otel_raptor.core.replay import IDEMPOTENT_METHODS, http_replay_safe
+from otel_raptor.core.replay import IDEMPOTENT_METHODS, http_replay_safe, names_idempotency_key
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import MAX_TARGETS, Target, manage_cache
@@ -349,15 +349,17 @@ def replay_safe(
 ) -> bool:
     """Whether a request may be sent again (RFC 9110 §9.2.2, see
     :func:`otel_raptor.core.replay.http_replay_safe`): a replayable body and an idempotent
-    method, a non-empty ``Idempotency-Key`` in ``headers`` or ``more_headers`` (mappings or
-    ``None``; the session's headers, say), or the origin's ``retry_non_idempotent``."""
+    method, a non-empty ``Idempotency-Key`` in ``headers`` or else ``more_headers`` (mappings
+    or ``None``; the session's headers, say), or the origin's ``retry_non_idempotent``. An
+    entry in ``headers`` decides even when it is ``None`` or empty: requests then sends the
+    request without the session's key."""
     if not body_replayable:
         return False
     if method in IDEMPOTENT or origin.retry_non_idempotent:
         return True
     for source in (headers, more_headers):
-        if source is not None and http_replay_safe(method, source, body_replayable=True):
-            return True
+        if source is not None and names_idempotency_key(source):
+            return http_replay_safe(method, source, body_replayable=True)
     return False
 
 

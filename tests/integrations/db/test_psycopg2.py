@@ -17,6 +17,7 @@ import pytest
 from otel_raptor import CircuitOpenError
 from otel_raptor.core.events import ErrorClassified, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
+from otel_raptor.db import TransactionInProgressError, run_transaction
 from otel_raptor.integrations.db import psycopg2 as integration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
 from tests.integrations.db.conftest import PG_DSN, Install, create_pg_flaky, drop_pg_flaky
@@ -147,6 +148,29 @@ def test_autocommit_conflicts_are_retried_and_transactions_are_not(
         conn.close()
     outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
     assert outcomes == [(Outcome.RECOVERED, 3), (Outcome.FAILED, 1)]
+
+
+def test_a_with_block_is_a_transaction_even_in_autocommit(
+    install: Install, admin: Any, table: str
+) -> None:
+    # psycopg2 >= 2.9 begins a transaction in `with conn` whatever autocommit says, and sends
+    # BEGIN with the first statement: replaying that statement would run it in an aborted
+    # transaction (25P02) and hide the 40001 the caller (and run_transaction) must see.
+    installed = install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        conn.autocommit = True
+        with pytest.raises(psycopg2.errors.SerializationFailure), conn:
+            conn.cursor().execute(f"INSERT INTO {table} SELECT {table}_flaky(1, '40001')")
+        # Out of the block, the same conflict is retried (the sequence is at 1: fails once).
+        conn.cursor().execute(f"INSERT INTO {table} SELECT {table}_flaky(2, '40001')")
+        with pytest.raises(TransactionInProgressError), conn:
+            run_transaction(conn, lambda c: None)
+    finally:
+        conn.close()
+    assert count(admin, f"SELECT count(*) FROM {table}") == 1  # the autocommit one, retried
+    outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
+    assert outcomes == [(Outcome.FAILED, 1), (Outcome.RECOVERED, 2)]
 
 
 def test_an_open_breaker_fails_fast_as_a_psycopg2_operational_error(install: Install) -> None:

@@ -96,6 +96,9 @@ _installed: _State | None = None
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _connection_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _classes = LockBox()
+#: Set on a connection while it is inside the app's ``with conn`` block (``otel_raptor.db``
+#: reads it too).
+IN_WITH_BLOCK: Final = "_otel_raptor_in_with_block"
 
 
 def _plan(cursor: Any, *, batch: bool) -> CallPlan | None:
@@ -110,7 +113,14 @@ def _plan(cursor: Any, *, batch: bool) -> CallPlan | None:
         setattr(conn, TARGET_ATTRIBUTE, target)
     if not target.enabled:
         return None
-    if batch or not conn.autocommit or conn.get_transaction_status() != _IDLE:
+    if (
+        batch
+        or not conn.autocommit
+        or conn.get_transaction_status() != _IDLE
+        # ``with conn`` opens a transaction even in autocommit mode (psycopg2 >= 2.9), and
+        # BEGIN goes out with its first statement: the status still says idle.
+        or getattr(conn, IN_WITH_BLOCK, False)
+    ):
         return target.locked
     return target.statement
 
@@ -163,7 +173,19 @@ def _connection_mixin() -> type:
     cursor_type: type = psycopg2.extensions.cursor
 
     class GuardedConnection(base):  # type: ignore[misc]
-        """Hands out guarded cursors of the factory it would have used."""
+        """Hands out guarded cursors of the factory it would have used, and marks the time it
+        spends in a ``with`` block (a transaction, autocommit or not)."""
+
+        def __enter__(self) -> Any:
+            entered = super().__enter__()
+            setattr(self, IN_WITH_BLOCK, True)  # psycopg2 refuses to nest them
+            return entered
+
+        def __exit__(self, *exc_info: Any) -> Any:
+            try:
+                return super().__exit__(*exc_info)
+            finally:
+                setattr(self, IN_WITH_BLOCK, False)
 
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             try:
