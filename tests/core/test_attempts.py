@@ -79,9 +79,15 @@ class FakePort:
         self.breaker.on_success(permit, now, duration)
 
     def record_failure(
-        self, permit: Permit, now: float, duration: float, category: ErrorCategory
+        self,
+        permit: Permit,
+        now: float,
+        duration: float,
+        category: ErrorCategory,
+        *,
+        retry: bool = False,
     ) -> None:
-        self.breaker.on_failure(permit, now, duration, category)
+        self.breaker.on_failure(permit, now, duration, category, retry=retry)
 
     def release(self, permit: Permit) -> None:
         self.breaker.release(permit)

@@ -96,6 +96,44 @@ def test_trips_on_consecutive_failures() -> None:
     assert core.retry_after(16.0) == 50.0
 
 
+def retry_fails(core: BreakerCore, now: float, category: ErrorCategory = TIMEOUT) -> Any:
+    permit, _ = core.acquire(now)
+    return core.on_failure(permit, now, 0.01, category, retry=True)
+
+
+def test_one_calls_retries_alone_do_not_trip_the_consecutive_rule() -> None:
+    # One request that times out five times (an attempt and four retries) is one slow
+    # request, not an outage: the downstream may answer every other request.
+    core = make(failure_threshold=3, minimum_calls=100)
+    assert fail(core, 1.0) is None
+    for at in (2.0, 3.0, 4.0, 5.0):
+        assert retry_fails(core, at) is None
+    assert core.consecutive_failures == 5
+    assert core.state is CLOSED
+    # A second call failing too makes the run evidence: it trips at once.
+    transition = fail(core, 6.0)
+    assert transition is not None
+    assert transition.reason is R.CONSECUTIVE_FAILURES
+    # A success starts a new run: its calls are counted afresh.
+    core = make(failure_threshold=3, minimum_calls=100)
+    assert fail(core, 1.0) is None
+    assert succeed(core, 2.0) is None
+    for at in (3.0, 4.0, 5.0):
+        assert retry_fails(core, at) is None  # the first call's retries, after the success
+    assert core.state is CLOSED
+
+
+def test_retries_refused_by_the_downstream_trip_on_their_own() -> None:
+    # A refused connection is about the downstream, not one request.
+    core = make(failure_threshold=3, minimum_calls=100)
+    permit, _ = core.acquire(1.0)
+    assert core.on_failure(permit, 1.0, 0.01, ErrorCategory.CONNECTION) is None
+    assert retry_fails(core, 2.0, ErrorCategory.CONNECTION) is None
+    transition = retry_fails(core, 3.0, ErrorCategory.CONNECTION)
+    assert transition is not None
+    assert transition.reason is R.CONSECUTIVE_FAILURES
+
+
 def test_trips_on_failure_rate_only_with_minimum_calls() -> None:
     core = make(failure_threshold=100, window_size=10, minimum_calls=10)
     # 9 failures in 9 calls: 100 % failures but below minimum_calls.

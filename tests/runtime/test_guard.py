@@ -28,7 +28,9 @@ from otel_raptor import (
     Strategy,
     resilient,
 )
+from otel_raptor.core.breaker import Permit
 from otel_raptor.core.learning import LearnerOptions
+from otel_raptor.core.states import TransitionReason
 from otel_raptor.runtime import safety
 from tests.support.clock import FakeClock
 
@@ -253,19 +255,59 @@ def test_a_breaker_that_opens_during_retries_surfaces_the_apps_error(
     runtime: Runtime, events: list[Event]
 ) -> None:
     error = ConnectionRefusedError(111, "refused")
-    flaky = Flaky(*[error] * 5)
     guard = Guard(
         "svc",
         retry=RetryPolicy(max_retries=4, base_delay=0.0),
         runtime=runtime,
         breaker=CircuitBreakerConfig(failure_threshold=2),
     )
+    breaker = guard.breaker
+    assert breaker is not None
+    calls = 0
+
+    def failing() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            # Meanwhile, other calls fail: two failed calls in a row open the breaker.
+            for _ in range(2):
+                breaker.record_failure(Permit.CALL, 0.01, ErrorCategory.CONNECTION)
+        raise error
+
     with pytest.raises(ConnectionRefusedError) as caught:
-        guard.call(flaky)
+        guard.call(failing)
     assert caught.value is error
-    assert flaky.calls == 2
+    assert calls == 2
     (finished,) = of(events, RecoveryFinished)
     assert (finished.outcome, finished.give_up_reason) == (Outcome.REJECTED, "breaker_rejected")
+
+
+def test_one_calls_retries_never_open_the_breaker_by_themselves(
+    runtime: Runtime, events: list[Event]
+) -> None:
+    # Five attempts of one slow request are one failed call, not a run of five: the next
+    # calls to a downstream that answers them must go through (a healthy /fast behind a
+    # /slow that times out).
+    error = TimeoutError("read timed out")
+    guard = Guard(
+        "svc",
+        retry=RetryPolicy(max_retries=4, base_delay=0.0),
+        runtime=runtime,
+        breaker=CircuitBreakerConfig(failure_threshold=5),
+    )
+    flaky = Flaky(*[error] * 5)
+    with pytest.raises(TimeoutError):
+        guard.call(flaky)
+    assert flaky.calls == 5
+    assert guard.call(lambda: "fast") == "fast"
+    assert not of(events, BreakerTransitioned)
+    # ...while two failed calls in a row are a run the rule may act on.
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            guard.call(Flaky(*[error] * 5))
+    assert [t.reason for t in of(events, BreakerTransitioned)] == [
+        TransitionReason.CONSECUTIVE_FAILURES
+    ]
 
 
 def test_a_bug_in_our_code_never_changes_the_apps_error(

@@ -638,6 +638,36 @@ def test_gauges_read_breaker_and_budget_snapshots(h: Harness) -> None:
     }
 
 
+def test_gauges_never_wait_on_our_locks(h: Harness) -> None:
+    # The metrics SDK runs gauge callbacks inside its collection lock. A callback waiting on
+    # one of our locks while a fork's preparation holds it (forksafe acquires them all) would
+    # fork the child with the SDK's lock held: its metrics would never export again. Here the
+    # locks are held by this thread, as the forking thread holds them.
+    db = h.runtime.breakers.get("db")
+    h.runtime.breakers.get("cache")
+    h.runtime.downstream("db")
+    held = [db._lock, h.runtime.downstream("db")._lock, h.runtime.breakers._lock]
+    for lock in held:
+        lock.acquire()
+    try:
+        collected: list[dict[str, Metric]] = []
+        collector = threading.Thread(target=lambda: collected.append(h.metrics()), daemon=True)
+        collector.start()
+        collector.join(timeout=5)
+        assert not collector.is_alive(), "a gauge waited on a lock held across a fork"
+    finally:
+        for lock in held:
+            lock.release()
+    (metrics,) = collected
+    # The busy breaker and downstream sit this reading out; the others are read.
+    health = metrics["raptor.circuit_breaker.health"].data.data_points
+    assert [dict(p.attributes or {}) for p in health] == [{"raptor.circuit_breaker.name": "cache"}]
+    assert h.points("raptor.circuit_breaker.health") == {
+        attrs(raptor__circuit_breaker__name="db"): 100,
+        attrs(raptor__circuit_breaker__name="cache"): 100,
+    }
+
+
 def test_half_open_health_is_capped(h: Harness) -> None:
     db = h.runtime.breakers.get("db")
     trip(db)
@@ -663,7 +693,7 @@ def test_a_failing_gauge_reports_nothing_and_logs_once(
     def broken() -> Any:
         raise RuntimeError("snapshot failed")
 
-    monkeypatch.setattr(CircuitBreaker, "snapshot", lambda self: broken())
+    monkeypatch.setattr(CircuitBreaker, "try_snapshot", lambda self: broken())
     with caplog.at_level(logging.WARNING, logger="otel_raptor"):
         points = h.points("raptor.circuit_breaker.health")
         h.points("raptor.circuit_breaker.health")

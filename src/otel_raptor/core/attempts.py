@@ -138,7 +138,13 @@ class DownstreamPort(Protocol):
     def record_success(self, permit: Permit, now: float, duration: float) -> None: ...
 
     def record_failure(
-        self, permit: Permit, now: float, duration: float, category: ErrorCategory
+        self,
+        permit: Permit,
+        now: float,
+        duration: float,
+        category: ErrorCategory,
+        *,
+        retry: bool = False,
     ) -> None: ...
 
     def release(self, permit: Permit) -> None: ...
@@ -344,7 +350,9 @@ class AttemptLoop:
         self.attempts += 1
         attempts = self.attempts
         category = classification.category
-        port.record_failure(self._permit, now, now - self.attempt_started, category)
+        port.record_failure(
+            self._permit, now, now - self.attempt_started, category, retry=attempts > 1
+        )
         self._permit = _CALL
         self.classification = classification
         port.publish(ErrorClassified(port.service, classification, attempts, error))

@@ -66,6 +66,7 @@ from otel_raptor.errors import ConfigError
 __all__ = [
     "ADAPTIVE_ALPHA",
     "TRIP_CONFIDENCE_Z",
+    "UNREACHABLE",
     "Admission",
     "BreakerCore",
     "BreakerSnapshot",
@@ -109,6 +110,13 @@ _REJECTED: Final = Permit.REJECTED
 _CLOSED: Final = CircuitState.CLOSED
 _OPEN: Final = CircuitState.OPEN
 _HALF_OPEN: Final = CircuitState.HALF_OPEN
+
+#: The failures that say the downstream as a whole is out of reach, not one request: a run of
+#: them may open the breaker even when one call's retries made it (see
+#: ``BreakerCore.on_failure``).
+UNREACHABLE: Final = frozenset(
+    {ErrorCategory.CONNECTION, ErrorCategory.DNS, ErrorCategory.TLS, ErrorCategory.UNAVAILABLE}
+)
 # Preallocated answers, so that admitting or refusing a call without a transition allocates
 # nothing.
 _ADMIT_CALL: Final[Admission] = (Permit.CALL, None)
@@ -412,6 +420,9 @@ class BreakerCore:
         "_probes",
         "_record",
         "_rnd",
+        "_run_calls",
+        "_run_calls_needed",
+        "_run_is_evidence",
         "_slow_s",
         "_state",
         "_window",
@@ -448,6 +459,8 @@ class BreakerCore:
         self._interval = config.health_check_interval
         self._failure_counts = dict.fromkeys(ErrorCategory, 0)
         self._probes = 0
+        # Two calls make a run evidence, unless one failure is all the user asks for.
+        self._run_calls_needed = min(2, config.failure_threshold)
         self._init_state(now)
 
     def _init_state(self, now: float) -> None:
@@ -456,6 +469,8 @@ class BreakerCore:
         self._state = _CLOSED
         self._forced = False
         self._consecutive = 0
+        self._run_calls = 0  # distinct calls in the consecutive run (reset when a run starts)
+        self._run_is_evidence = False
         self._probe_successes = 0
         self._checks_passed = 0
         self._open_until = _INF
@@ -541,12 +556,24 @@ class BreakerCore:
         return None
 
     def on_failure(
-        self, permit: Permit, now: float, duration: float, category: ErrorCategory
+        self,
+        permit: Permit,
+        now: float,
+        duration: float,
+        category: ErrorCategory,
+        *,
+        retry: bool = False,
     ) -> Transition | None:
         """The call admitted with ``permit`` failed after ``duration`` seconds.
 
         Failures in ``ignored_categories`` count as neither success nor failure (a probe's
-        slot is given back); every failure is tallied in ``failure_counts``.
+        slot is given back); every failure is tallied in ``failure_counts``. ``retry``: a
+        later attempt of a call whose first attempt failed already. The consecutive rule trips
+        only on a run of failures from two calls or more (one with ``failure_threshold=1``),
+        or on one whose latest failure says
+        the downstream is out of reach (``UNREACHABLE``: refused, DNS, TLS, 503): a timeout or
+        a 500 is about one request as often as about the server, and one call's retries of a
+        slow request must not open the breaker of a downstream that answers every other.
         """
         self._failure_counts[category] += 1
         if category in self._ignored:
@@ -558,7 +585,14 @@ class BreakerCore:
                 return None
             self.quiet = False
             self._record(_SLOW_FAILURE if duration >= self._slow_s else _FAILURE, now)
+            if self._consecutive == 0:  # a new run (a success ended the last one)
+                self._run_calls = 0
             self._consecutive += 1
+            if not retry:
+                self._run_calls += 1
+            self._run_is_evidence = self._run_calls >= self._run_calls_needed or (
+                category in UNREACHABLE
+            )
             if now >= self._next_check:
                 self._health_check(now)
             return self._check_trip(now)
@@ -745,8 +779,10 @@ class BreakerCore:
         consecutive = self._consecutive
         window = self._window
         calls = window.calls(now)
-        if consecutive >= self._config.failure_threshold and (
-            calls < self._min_calls or consecutive >= self._long_run
+        if (
+            consecutive >= self._config.failure_threshold
+            and self._run_is_evidence
+            and (calls < self._min_calls or consecutive >= self._long_run)
         ):
             return self._trip(TransitionReason.CONSECUTIVE_FAILURES, now)
         if calls < self._min_calls:

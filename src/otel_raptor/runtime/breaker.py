@@ -178,13 +178,17 @@ class CircuitBreaker:
         duration: float,
         classification: Classification | ErrorCategory,
         now: float | None = None,
+        *,
+        retry: bool = False,
     ) -> None:
         """The call admitted with ``permit`` failed after ``duration`` seconds, classified as
-        ``classification`` (only its category matters here, so a category will do)."""
+        ``classification`` (only its category matters here, so a category will do).
+        ``retry``: a later attempt of a call that failed already (see
+        :meth:`BreakerCore.on_failure <otel_raptor.core.breaker.BreakerCore.on_failure>`)."""
         category = (
             classification if isinstance(classification, ErrorCategory) else classification.category
         )
-        self._record_failure(permit, duration, category, now)
+        self._record_failure(permit, duration, category, now, retry=retry)
 
     def health_check(self, *, passed: bool, now: float | None = None) -> Transition | None:
         """Report an active health check of the downstream (see
@@ -299,10 +303,24 @@ class CircuitBreaker:
             return self._core.health_score(now)
 
     def snapshot(self) -> BreakerSnapshot:
-        """A consistent read of the breaker, for gauges."""
+        """A consistent read of the breaker."""
         now = self._monotonic()
         with self._lock:
             return self._core.snapshot(now)
+
+    def try_snapshot(self) -> BreakerSnapshot | None:
+        """:meth:`snapshot`, or ``None`` when the breaker's lock is busy: for gauges, whose
+        callbacks run inside the metrics SDK's collection lock. Waiting there on our lock,
+        while a fork's preparation holds it, would fork the child with the SDK's lock held
+        for ever (its metrics would never export again)."""
+        now = self._monotonic()
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            return self._core.snapshot(now)
+        finally:
+            lock.release()
 
     def force_open(self) -> Transition | None:
         """Hold the breaker open until ``force_close`` or ``reset``; refusals then carry
@@ -339,12 +357,18 @@ class CircuitBreaker:
     # --- internals ----------------------------------------------------------------------
 
     def _record_failure(
-        self, permit: Permit, duration: float, category: ErrorCategory, now: float | None = None
+        self,
+        permit: Permit,
+        duration: float,
+        category: ErrorCategory,
+        now: float | None = None,
+        *,
+        retry: bool = False,
     ) -> None:
         if now is None:
             now = self._monotonic()
         with self._lock:
-            transition = self._core.on_failure(permit, now, duration, category)
+            transition = self._core.on_failure(permit, now, duration, category, retry=retry)
         if transition is not None:
             self._publish_transition(transition)
 
@@ -478,10 +502,11 @@ class BreakerRegistry:
         )
 
     def items(self) -> list[tuple[str, CircuitBreaker]]:
-        """Every breaker by name (a copy), the shared ``"other"`` last if it exists."""
-        with self._lock:
-            items = list(self._breakers.items())
-            other = self._other
+        """Every breaker by name (a copy), the shared ``"other"`` last if it exists. Takes no
+        lock (gauges call it; see :meth:`CircuitBreaker.try_snapshot`): copying a dict of
+        ``str`` keys runs no Python code, so no other thread can change it half-way."""
+        items = list(self._breakers.items())
+        other = self._other
         if other is not None and OTHER_BREAKER not in self._breakers:
             items.append((OTHER_BREAKER, other))
         return items

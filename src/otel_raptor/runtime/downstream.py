@@ -99,10 +99,16 @@ class Downstream:
         with self._lock:
             self.budget.refund()
 
-    def tokens(self, now: float) -> float:
-        """Retry tokens available at ``now`` (for the gauge)."""
-        with self._lock:
+    def tokens(self, now: float) -> float | None:
+        """Retry tokens available at ``now``, for the gauge: ``None`` when the lock is busy
+        (see :meth:`CircuitBreaker.try_snapshot`; a gauge must not wait on our locks)."""
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
             return self.budget.tokens(now)
+        finally:
+            lock.release()
 
     def reshape(self, ratio: float, min_retries_per_second: float, now: float) -> None:
         """Apply a new budget shape in place (the balance is kept)."""
@@ -245,11 +251,17 @@ class Route:
             breaker.record_success(permit, duration, now)
 
     def record_failure(
-        self, permit: Permit, now: float, duration: float, category: ErrorCategory
+        self,
+        permit: Permit,
+        now: float,
+        duration: float,
+        category: ErrorCategory,
+        *,
+        retry: bool = False,
     ) -> None:
         breaker = self.breaker
         if breaker is not None:
-            breaker.record_failure(permit, duration, category, now)
+            breaker.record_failure(permit, duration, category, now, retry=retry)
 
     def release(self, permit: Permit) -> None:
         breaker = self.breaker

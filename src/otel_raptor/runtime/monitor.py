@@ -651,12 +651,20 @@ class ErrorRecoveryMonitor:
 
     def alert_counts(self) -> dict[tuple[str, str], int]:
         """Firing alerts by (name, severity), with 0 for every rule not firing: what the
-        ``raptor.alerts.active`` gauge reports. Cheap: no processing, one lock."""
+        ``raptor.alerts.active`` gauge reports. Cheap: no processing, one lock, never waited
+        for: empty when the lock is busy (the gauge skips one reading), since a gauge that
+        waits on our lock inside the metrics SDK's collection can fork a child with the
+        SDK's lock held (see ``CircuitBreaker.try_snapshot``)."""
         counts = {(rule.name, rule.severity.value): 0 for rule in self._rules}
-        with self._lock:
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return {}
+        try:
             for alert in self._alerts.firing():
                 key = (alert.name, alert.severity)
                 counts[key] = counts.get(key, 0) + 1
+        finally:
+            lock.release()
         return counts
 
     # --- processing ------------------------------------------------------------------------------

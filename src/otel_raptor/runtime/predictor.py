@@ -614,8 +614,9 @@ class PredictiveFailure:
         sample = self._latest
         if sample is None:
             return _empty_snapshot()
-        with self._lock:
-            predictions = tuple(self._predictions.values())
+        # No lock: gauges call this (see CircuitBreaker.try_snapshot), and copying a dict's
+        # values runs no Python code, so no other thread can change it half-way.
+        predictions = tuple(self._predictions.values())
         return ResourceSnapshot(
             utilization={
                 r: value / limit for r, (value, limit) in readings(sample).items() if limit > 0

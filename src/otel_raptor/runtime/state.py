@@ -251,9 +251,15 @@ class Runtime:
         return downstream.withdraw(now)
 
     def budget_tokens(self) -> dict[str, float]:
-        """Tokens left per service, for the gauge."""
+        """Tokens left per service, for the gauge (a service whose lock is busy is left out
+        of this reading)."""
         now = self.clock.monotonic()
-        return {name: d.tokens(now) for name, d in list(self._downstreams.items())}
+        found = {}
+        for name, downstream in list(self._downstreams.items()):
+            tokens = downstream.tokens(now)
+            if tokens is not None:
+                found[name] = tokens
+        return found
 
     def publish(self, event: Event) -> None:
         """Publish ``event`` on the bus (subscribers' failures never reach the caller)."""

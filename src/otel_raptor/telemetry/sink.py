@@ -714,22 +714,27 @@ class TelemetrySink:
                 )
         return observations
 
+    # Gauges never wait on a raptor lock (``try_snapshot``): a breaker busy at this instant
+    # is left out of one reading.
     def _observe_breaker_health(self) -> list[Observation]:
         attrs = self._attrs
-        return [
-            Observation(breaker.snapshot().health_score, attrs.breaker_only(attrs.breaker(name)))
-            for name, breaker in self._runtime.breakers.items()
-        ]
+        observations = []
+        for name, breaker in self._runtime.breakers.items():
+            snapshot = breaker.try_snapshot()
+            if snapshot is not None:
+                folded = attrs.breaker_only(attrs.breaker(name))
+                observations.append(Observation(snapshot.health_score, folded))
+        return observations
 
     def _observe_failure_rate_threshold(self) -> list[Observation]:
         attrs = self._attrs
-        return [
-            Observation(
-                breaker.snapshot().effective_failure_rate_threshold,
-                attrs.breaker_only(attrs.breaker(name)),
-            )
-            for name, breaker in self._runtime.breakers.items()
-        ]
+        observations = []
+        for name, breaker in self._runtime.breakers.items():
+            snapshot = breaker.try_snapshot()
+            if snapshot is not None:
+                folded = attrs.breaker_only(attrs.breaker(name))
+                observations.append(Observation(snapshot.effective_failure_rate_threshold, folded))
+        return observations
 
     def _observe_budget_tokens(self) -> list[Observation]:
         attrs = self._attrs
