@@ -218,6 +218,7 @@ class TelemetrySink:
         "_meter_provider",
         "_names",
         "_pending",
+        "_recording",
         "_runtime",
         "_tracer",
         "_unsubscribe",
@@ -250,6 +251,13 @@ class TelemetrySink:
         )
         self._lock = threading.Lock()
         register_lock(self, "_lock")
+        # Held while an event is written to the SDK. The metrics SDK's locks are not replaced
+        # in a forked child: a fork that caught a thread of ours inside one (recording a
+        # counter) would leave that instrument locked in the child for ever. Registered, it is
+        # taken before a fork, so the fork waits for a recording in flight to finish. Reentrant:
+        # a handler may publish.
+        self._recording = threading.RLock()
+        register_lock(self, "_recording")
         self._installed = False
         self._unsubscribe: Callable[[], None] | None = None
         self._hub: _GaugeHub | None = None
@@ -331,7 +339,8 @@ class TelemetrySink:
         if handler is None:
             return
         try:
-            handler(event)
+            with self._recording:
+                handler(event)
         except Exception as error:  # noqa: BLE001 - the publisher is the app's call path
             report_internal_error("telemetry.publish", error)
 
