@@ -874,3 +874,31 @@ def test_a_code_value_that_fits_with_nothing_left_raises_naming_the_code_key(
         environ={"OTEL_PYTHON_RAPTOR_MONITOR_RECOVERY_TIME_CRITICAL": "30"},
     )
     assert (config.monitor.recovery_time_warning, config.monitor.recovery_time_critical) == (20, 30)
+
+
+def test_a_misspelt_variable_is_reported_with_the_name_it_resembles() -> None:
+    config, reports = load(
+        environ={
+            "OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRY": "7",  # ..._RETRIES
+            "otel_python_raptor_max_services": "9",  # variables are case-sensitive
+            "OTEL_PYTHON_RAPTOR_NONSENSE": "1",
+            ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES: "50",
+            "OTEL_PYTHON_RAPTOR_MONITOR_ENABLED": "false",  # the monitor's own: known
+        }
+    )
+    assert config.max_services == 50
+    assert config.retry.max_retries == RetryPolicy().max_retries
+    assert sorted(reports.keys) == [
+        "OTEL_PYTHON_RAPTOR_NONSENSE",
+        "OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRY",
+        "otel_python_raptor_max_services",
+    ]
+    allowed = {error.key: error.allowed for error in reports.errors}
+    assert (
+        "did you mean OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES?"
+        in allowed["OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRY"]
+    )
+    assert (
+        "did you mean OTEL_PYTHON_RAPTOR_MAX_SERVICES?"
+        in allowed["otel_python_raptor_max_services"]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -16,9 +17,10 @@ from otel_raptor.config._values import (
     _parse_path,
     _parse_word,
 )
+from otel_raptor.config.monitor import MONITOR_ENV_VARIABLES
 from otel_raptor.errors import ConfigError
 
-__all__ = ["config_from_env"]
+__all__ = ["KNOWN_VARIABLES", "config_from_env"]
 
 # env var -> (dotted key, parser); a parser raises ValueError("<what is allowed>").
 _ENV: Final[dict[str, tuple[str, Callable[[str], object]]]] = {
@@ -64,6 +66,19 @@ _ENV: Final[dict[str, tuple[str, Callable[[str], object]]]] = {
     env.OTEL_PYTHON_RAPTOR_INTEGRATIONS: ("integrations", _parse_integrations),
 }
 _ENV_NAMES: Final = {dotted: name for name, (dotted, _) in _ENV.items()}
+_PREFIX: Final = "OTEL_PYTHON_RAPTOR_"
+#: Every variable raptor reads (the monitor's and the file's included).
+KNOWN_VARIABLES: Final = frozenset((*_ENV, *MONITOR_ENV_VARIABLES, env.OTEL_PYTHON_RAPTOR_CONFIG))
+
+
+_SUFFIXES: Final = {name[len(_PREFIX) :]: name for name in KNOWN_VARIABLES}
+
+
+def _unknown(name: str, raw: str) -> ConfigError:
+    # Compared without the prefix, which every candidate shares.
+    close = difflib.get_close_matches(name[len(_PREFIX) :].upper(), _SUFFIXES, n=1, cutoff=0.75)
+    hint = f"did you mean {_SUFFIXES[close[0]]}?" if close else "see docs/configuration.md"
+    return ConfigError(name, raw, f"a variable raptor reads ({hint})")
 
 
 def config_from_env(environ: Mapping[str, str]) -> tuple[Overrides, list[ConfigError]]:
@@ -84,4 +99,9 @@ def config_from_env(environ: Mapping[str, str]) -> tuple[Overrides, list[ConfigE
             overrides[dotted] = parse(raw.strip())
         except ValueError as error:
             problems.append(ConfigError(name, raw, str(error)))
+    # A misspelt variable would otherwise be ignored without a word (in any case: a
+    # lower-case name is not the variable on Linux either).
+    for name, raw in environ.items():
+        if name[: len(_PREFIX)].upper() == _PREFIX and name not in KNOWN_VARIABLES:
+            problems.append(_unknown(name, raw))
     return overrides, problems
