@@ -55,6 +55,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observa
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
+from otel_raptor.core.breaker import BreakerSnapshot
 from otel_raptor.core.events import (
     BreakerTransitioned,
     CallRejected,
@@ -723,26 +724,23 @@ class TelemetrySink:
                 )
         return observations
 
-    # Gauges never wait on a raptor lock (``try_snapshot``): a breaker busy at this instant
-    # is left out of one reading.
     def _observe_breaker_health(self) -> list[Observation]:
-        attrs = self._attrs
-        observations = []
-        for name, breaker in self._runtime.breakers.items():
-            snapshot = breaker.try_snapshot()
-            if snapshot is not None:
-                folded = attrs.breaker_only(attrs.breaker(name))
-                observations.append(Observation(snapshot.health_score, folded))
-        return observations
+        return self._observe_snapshots(lambda snapshot: snapshot.health_score)
 
     def _observe_failure_rate_threshold(self) -> list[Observation]:
+        return self._observe_snapshots(lambda snapshot: snapshot.effective_failure_rate_threshold)
+
+    def _observe_snapshots(self, read: Callable[[BreakerSnapshot], float]) -> list[Observation]:
+        """``read`` of every breaker's snapshot. Never waits on a raptor lock
+        (``try_snapshot``): a breaker busy at this instant is left out of one reading."""
         attrs = self._attrs
         observations = []
         for name, breaker in self._runtime.breakers.items():
             snapshot = breaker.try_snapshot()
             if snapshot is not None:
-                folded = attrs.breaker_only(attrs.breaker(name))
-                observations.append(Observation(snapshot.effective_failure_rate_threshold, folded))
+                observations.append(
+                    Observation(read(snapshot), attrs.breaker_only(attrs.breaker(name)))
+                )
         return observations
 
     def _observe_budget_tokens(self) -> list[Observation]:
