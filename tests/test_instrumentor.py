@@ -339,6 +339,25 @@ def test_a_bad_env_value_is_logged_once_and_the_app_starts(
     assert instrumentor.config.retry.base_delay == 0.25
 
 
+def test_each_warning_says_what_takes_the_ignored_values_place(
+    instrumentor: RaptorInstrumentor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    config_file = tmp_path / "raptor.toml"
+    config_file.write_text("[retry]\nmax_retries = -1\n", encoding="utf-8")
+    monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_CONFIG, str(config_file))
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRY", "7")
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument()
+    warnings = [r.getMessage() for r in caplog.records if "configuration" in r.getMessage()]
+    endings = sorted(message.rpartition("; ")[2] for message in warnings)
+    # The file's value: the default takes its place. A variable raptor does not read:
+    # nothing does.
+    assert endings == ["ignoring it", "ignoring it (the default applies)"], warnings
+
+
 def test_the_runtime_is_configured_and_restored(
     instrumentor: RaptorInstrumentor, runtime: Runtime
 ) -> None:

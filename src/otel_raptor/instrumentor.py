@@ -41,6 +41,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 
 from otel_raptor import environment_variables as env_names
 from otel_raptor.config import RaptorConfig
+from otel_raptor.config.environment import KNOWN_VARIABLES
 from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
@@ -83,10 +84,16 @@ def _report_config(error: ConfigError) -> None:
         if len(_reported) >= _MAX_REPORTED:
             _reported.clear()
         _reported.add(message)
-    _logger.warning(
-        "otel_raptor configuration: %s; ignoring it (the file's value or the default applies)",
-        message,
-    )
+    _logger.warning("otel_raptor configuration: %s; ignoring it%s", message, _what_applies(error))
+
+
+def _what_applies(error: ConfigError) -> str:
+    """What takes the place of the value ``error`` reports: the next layer down."""
+    if not error.key.upper().startswith(_PREFIX):
+        return " (the default applies)"  # a file's value: only the defaults lie below it
+    if error.key not in KNOWN_VARIABLES:
+        return ""  # a variable raptor does not read: nothing falls back
+    return " (the file's value or the default applies)"
 
 
 @dataclass(slots=True)

@@ -381,6 +381,8 @@ def test_timeout_kwarg_is_filled_and_lengthened_after_a_timeout(runtime: Runtime
 def test_invalid_arguments_are_named() -> None:
     with pytest.raises(ConfigError, match="service"):
         Guard("")
+    with pytest.raises(ConfigError, match="service"):
+        Guard("  ")  # a name nobody could read in a dashboard
     with pytest.raises(ConfigError, match=r"retry\.max_retries"):
         Guard("svc", retry=-1)
     with pytest.raises(ConfigError, match=r"breaker\.failure_threshold"):

@@ -56,7 +56,7 @@ BreakerSpec: TypeAlias = CircuitBreakerConfig | Mapping[str, Any] | CircuitBreak
 
 
 def _is_name(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _retry_policy(spec: RetrySpec) -> RetryPolicy:
