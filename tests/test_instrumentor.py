@@ -547,6 +547,33 @@ def test_memory_kwarg_is_validated() -> None:
         RaptorInstrumentor().instrument(memory={"cleanup_batch_size": 0})
 
 
+def test_a_process_psutil_cannot_read_still_gets_instrumented(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # In some sandboxes (no /proc, a seccomp profile) psutil.Process() is refused: the memory
+    # controller cannot run there, and the app must start anyway, with everything else on.
+    import psutil
+
+    from otel_raptor.instrumentor import RaptorInstrumentor
+    from otel_raptor.runtime import memory as memory_module
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise psutil.AccessDenied(pid=None, msg="sandboxed")
+
+    monkeypatch.setattr(memory_module.psutil, "Process", refused)
+    memory_module.set_memory_controller(None)  # the next one is made now, and fails
+    instrumentor = RaptorInstrumentor()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument(integrations=[], monitor=False)
+    try:
+        assert instrumentor.config is not None
+        assert instrumentor.memory_controller is None
+        assert any("instrumentor.memory" in r.getMessage() for r in caplog.records)
+    finally:
+        instrumentor.uninstrument()
+        memory_module.set_memory_controller(None)
+
+
 # --- the error-recovery monitor (issue 9) -----------------------------------------------------
 
 

@@ -191,7 +191,13 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
         config = _load_config(kwargs, os.environ)
         if config is None:  # not even the defaults load: leave the app alone
             return
-        memory = _memory_controller(memory_spec)
+        try:
+            memory = _memory_controller(memory_spec)
+        except ConfigError:
+            raise  # a bad memory= mapping: the caller's mistake, said at once
+        except Exception as error:  # noqa: BLE001 - psutil cannot read this process (a sandbox)
+            report_internal_error("instrumentor.memory", error)
+            memory = None
         with self._lock:
             if self._installed is not None:
                 return

@@ -49,6 +49,9 @@ def test_defaults_are_the_seed_memory_config() -> None:
         ({"max_working_age": 4000}, "memory.max_working_age", "max_cache_age=3600"),
         ({"auto_cleanup": "yes"}, "memory.auto_cleanup", "true or false"),
         ({"hysteresis": 50}, "memory.hysteresis", "[0, 50)"),
+        # Fractions for percentages: a level that could never be left again.
+        ({"warning_threshold": 0.7}, "memory.thresholds.warning", "not a fraction"),
+        ({"warning_threshold": 3}, "memory.thresholds.warning", "above memory.hysteresis (5)"),
         ({"cooldown": -1}, "memory.cooldown", ">= 0"),
         ({"backoff_max": 10}, "memory.backoff_max", "backoff_base=300"),
     ],

@@ -455,3 +455,37 @@ def test_malloc_trim_returns_mid_sized_objects_that_free_alone_does_not() -> Non
     assert isinstance(without["freed"], int)
     assert with_trim["freed"] >= 0.9 * with_trim["allocated"]  # type: ignore[operator]
     assert without["freed"] < 0.5 * without["allocated"]  # type: ignore[operator]
+
+
+def test_the_cgroup_usage_leaves_out_the_inactive_page_cache(tmp_path: Path) -> None:
+    # The kernel fills a cgroup with page cache up to its limit and reclaims it before it
+    # kills anything: counted as usage, an app that writes files would sit at emergency.
+    proc = tmp_path / "cgroup"
+    _write(proc, "0::/app\n")
+    _write(tmp_path / "fs/app/memory.max", str(512 << 20))
+    _write(tmp_path / "fs/app/memory.current", str(542 << 20))
+    _write(tmp_path / "fs/app/memory.stat", f"anon {30 << 20}\ninactive_file {507 << 20}\n")
+    limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
+    assert limit == MemoryLimit(512 << 20, "cgroup", 35 << 20)
+
+    _write(proc, "4:memory:/docker/abc\n")  # v1 names the hierarchy's total
+    _write(tmp_path / "fs/memory/docker/abc/memory.limit_in_bytes", str(256 << 20))
+    _write(tmp_path / "fs/memory/docker/abc/memory.usage_in_bytes", str(250 << 20))
+    _write(
+        tmp_path / "fs/memory/docker/abc/memory.stat",
+        f"inactive_file {1 << 20}\ntotal_inactive_file {200 << 20}\n",
+    )
+    limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
+    assert limit == MemoryLimit(256 << 20, "cgroup", 50 << 20)
+
+
+def test_a_v1_container_without_a_cgroup_namespace_finds_its_limit_at_the_mount_root(
+    tmp_path: Path,
+) -> None:
+    # /proc/self/cgroup names the host's path, which does not exist inside the container.
+    proc = tmp_path / "cgroup"
+    _write(proc, "4:memory:/docker/0123abcd\n")
+    _write(tmp_path / "fs/memory/memory.limit_in_bytes", str(512 << 20))
+    _write(tmp_path / "fs/memory/memory.usage_in_bytes", str(100 << 20))
+    limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
+    assert limit == MemoryLimit(512 << 20, "cgroup", 100 << 20)

@@ -230,6 +230,16 @@ class MemoryOptions:
         )
         if self.hysteresis == 50.0:
             raise ConfigError("memory.hysteresis", self.hysteresis, "percentage points in [0, 50)")
+        # A level is left below its threshold minus the hysteresis: at or under it, the
+        # level could never be left (``warning: 0.7`` taken as a fraction does that).
+        warning = self.warning_threshold
+        if warning <= self.hysteresis:
+            hint = " (percent, not a fraction: 70 for 70 %)" if warning <= 1 else ""
+            raise ConfigError(
+                "memory.thresholds.warning",
+                warning,
+                f"a percentage above memory.hysteresis ({self.hysteresis:g}) and up to 100{hint}",
+            )
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, object]) -> MemoryOptions:

@@ -49,6 +49,7 @@ from otel_raptor.runtime.caches import (
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
 from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.runtime.sampler import cgroup_limit, cgroup_memory, cgroup_working_set
 from otel_raptor.runtime.state import Runtime, get_runtime
 
 __all__ = [
@@ -60,9 +61,6 @@ __all__ = [
     "read_memory_limit",
     "set_memory_controller",
 ]
-
-# cgroup v1 reports "no limit" as a huge page-rounded number rather than "max".
-_V1_UNLIMITED = 1 << 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,19 +74,6 @@ class MemoryLimit:
     usage_bytes: int
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
 def read_memory_limit(
     *,
     proc_self_cgroup: str = "/proc/self/cgroup",
@@ -99,37 +84,22 @@ def read_memory_limit(
     cgroup v2: the ``0::<path>`` line of ``/proc/self/cgroup`` names the directory under
     ``cgroup_root`` whose ``memory.max`` / ``memory.current`` apply. cgroup v1: the
     ``memory`` controller's line, and ``memory/<path>/memory.limit_in_bytes`` /
-    ``memory.usage_in_bytes``. A limit of ``max`` (or v1's huge "unlimited") or one above
-    physical memory falls back to physical memory and system usage from psutil.
+    ``memory.usage_in_bytes``. The path seen from inside a container without a cgroup
+    namespace may not exist there: the mount root is tried too (``sampler.cgroup_memory``).
+    The usage is the working set: less the inactive page cache of ``memory.stat``, which the
+    kernel reclaims before it would kill anything. A limit of ``max`` (or v1's huge
+    "unlimited") or one above physical memory falls back to physical memory and system usage
+    from psutil.
     """
     vm = psutil.virtual_memory()
     physical = MemoryLimit(int(vm.total), "physical", int(vm.total - vm.available))
-    try:
-        lines = Path(proc_self_cgroup).read_text().splitlines()
-    except OSError:
+    cgroup = cgroup_memory(root=Path(cgroup_root), cgroup_file=Path(proc_self_cgroup))
+    if cgroup is None:
         return physical
-    root = Path(cgroup_root)
-    for line in lines:
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        relative = path.lstrip("/")
-        if hierarchy == "0" and controllers == "":
-            directory = root / relative
-            limit, usage = directory / "memory.max", directory / "memory.current"
-        elif "memory" in controllers.split(","):
-            directory = root / "memory" / relative
-            limit = directory / "memory.limit_in_bytes"
-            usage = directory / "memory.usage_in_bytes"
-        else:
-            continue
-        limit_bytes = _read_int(limit)
-        usage_bytes = _read_int(usage)
-        if (
-            limit_bytes is not None
-            and usage_bytes is not None
-            and 0 < limit_bytes < min(_V1_UNLIMITED, physical.bytes)
-        ):
-            return MemoryLimit(limit_bytes, "cgroup", usage_bytes)
+    limit_bytes = cgroup_limit(cgroup)
+    usage_bytes = cgroup_working_set(cgroup)
+    if limit_bytes is not None and usage_bytes is not None and 0 < limit_bytes < physical.bytes:
+        return MemoryLimit(limit_bytes, "cgroup", usage_bytes)
     return physical
 
 

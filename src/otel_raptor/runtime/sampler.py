@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Final
 
 import psutil
 
@@ -47,7 +48,15 @@ try:
 except ImportError:  # pragma: no cover - Windows
     _resource = None
 
-__all__ = ["CgroupMemory", "DiskUsage", "ResourceSample", "ResourceSampler", "cgroup_memory"]
+__all__ = [
+    "CgroupMemory",
+    "DiskUsage",
+    "ResourceSample",
+    "ResourceSampler",
+    "cgroup_limit",
+    "cgroup_memory",
+    "cgroup_working_set",
+]
 
 # cgroup v1 reports "no limit" as a huge page-aligned number (2^63 rounded down).
 _V1_UNLIMITED = 1 << 60
@@ -111,15 +120,19 @@ class CgroupMemory:
     version: int
 
 
-def cgroup_memory(pid: int | str = "self", root: Path = _CGROUP_ROOT) -> CgroupMemory | None:
+def cgroup_memory(
+    pid: int | str = "self", root: Path = _CGROUP_ROOT, *, cgroup_file: Path | None = None
+) -> CgroupMemory | None:
     """Find the memory-limit and usage files of ``pid``'s cgroup, or ``None`` outside one.
 
-    Reads ``/proc/<pid>/cgroup``; v2 (``0::/path``) looks under ``root`` and, on hybrid hosts,
-    ``root/unified``; v1 (``N:memory:/path``) under ``root/memory``. In a container the path
-    seen from inside may not exist (cgroup namespaces), so the mount root is tried too.
+    Reads ``/proc/<pid>/cgroup`` (or ``cgroup_file``); v2 (``0::/path``) looks under ``root``
+    and, on hybrid hosts, ``root/unified``; v1 (``N:memory:/path``) under ``root/memory``. In
+    a container the path seen from inside may not exist (cgroup namespaces), so the mount root
+    is tried too.
     """
+    source = cgroup_file if cgroup_file is not None else Path(f"/proc/{pid}/cgroup")
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text(encoding="ascii").splitlines()
+        lines = source.read_text(encoding="ascii").splitlines()
     except OSError:
         return None
     v2_path: str | None = None
@@ -148,6 +161,37 @@ def cgroup_memory(pid: int | str = "self", root: Path = _CGROUP_ROOT) -> CgroupM
                 usage = candidate / "memory.usage_in_bytes"
                 return CgroupMemory(limit, usage if usage.is_file() else None, 1)
     return None
+
+
+# The page cache the kernel reclaims first, in ``memory.stat``: the usage files count it, so an
+# app that reads or writes files would otherwise sit near its limit for ever (the kernel fills
+# a cgroup with cache up to its limit). v1 names the hierarchy's total ``total_inactive_file``.
+_INACTIVE_FILE: Final = {2: ("inactive_file",), 1: ("total_inactive_file", "inactive_file")}
+
+
+def cgroup_limit(cgroup: CgroupMemory) -> int | None:
+    """The cgroup's memory limit in bytes; ``None`` when it has none (``max``, v1's huge
+    "unlimited") or it cannot be read."""
+    return _read_int(cgroup.limit_file)
+
+
+def cgroup_working_set(cgroup: CgroupMemory) -> int | None:
+    """The cgroup's memory in use less its inactive page cache (what kubelet and
+    ``docker stats`` report as the working set); ``None`` when the usage cannot be read. The
+    usage as it is when ``memory.stat`` cannot be."""
+    usage = _read_int(cgroup.usage_file)
+    if usage is None or cgroup.usage_file is None:
+        return usage
+    try:
+        text = (cgroup.usage_file.parent / "memory.stat").read_text(encoding="ascii")
+    except OSError:
+        return usage
+    values = dict(line.partition(" ")[::2] for line in text.splitlines())
+    for key in _INACTIVE_FILE.get(cgroup.version, ()):
+        raw = values.get(key, "").strip()
+        if raw.isdigit():
+            return max(0, usage - int(raw))
+    return usage
 
 
 def _read_int(path: Path | None) -> int | None:
@@ -307,7 +351,7 @@ class ResourceSampler:
             cg_limit = _read_int(self._cgroup.limit_file)
             if cg_limit is not None and 0 < cg_limit < total:
                 limit, limited = cg_limit, True
-                cg_usage = _read_int(self._cgroup.usage_file)
+                cg_usage = cgroup_working_set(self._cgroup)
                 current = cg_usage if cg_usage is not None else rss
         disks = []
         for mount in self._mounts:
