@@ -18,6 +18,7 @@ from otel_raptor.core.events import Event, FailurePredicted, PreventionActionRun
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime import predictor as predictor_module
 from otel_raptor.runtime.predictor import (
+    _RANK,
     PredictiveFailure,
     PredictorOptions,
     get_predictive_failure,
@@ -138,8 +139,9 @@ def test_actions_run_by_severity_and_cooldown() -> None:
 
     h.predictor.add_prevention_action("process_memory", seen.append, min_severity="medium")
     h.predictor.add_prevention_action("process_memory", boom, min_severity=Severity.MEDIUM)
+    drastic: list[FailurePredicted] = []
     h.predictor.add_prevention_action(
-        "process_memory", seen.append, min_severity="critical", name="drastic"
+        "process_memory", drastic.append, min_severity="critical", name="drastic"
     )
     h.run(30)
     h.sampler.growth = 0.7 * LIMIT / 1800  # fast: escalates to critical
@@ -149,8 +151,12 @@ def test_actions_run_by_severity_and_cooldown() -> None:
     assert ("boom", "failed") in outcomes
     assert ("drastic", "skipped") in outcomes  # the first raise was below critical
     assert ("drastic", "ok") in outcomes  # the escalation to critical ran it
-    assert outcomes.count(("append", "ok")) == 1  # later escalations hit the cooldown
-    assert ("append", "skipped") in outcomes
+    # Within the cooldown an action runs again only for a worse severity than its last run:
+    # once per escalation, in rising order.
+    ranks = [_RANK[p.severity] for p in seen]
+    assert outcomes.count(("append", "ok")) == len(ranks) > 1
+    assert ranks == sorted(set(ranks))
+    assert [p.severity for p in drastic] == [Severity.CRITICAL]
     assert seen[0].resource == "process_memory"
 
 
@@ -186,6 +192,20 @@ def test_shed_load_tightens_the_retry_budget_for_a_while() -> None:
     assert h.runtime.budget_ratio == ratio  # the configured shape is never rewritten
     h.sampler.growth = 0.0
     h.run(21)  # 630 s later
+    assert h.runtime.effective_budget_ratio == pytest.approx(ratio)
+
+
+def test_the_shedding_ends_when_the_prediction_clears() -> None:
+    h = Harness(builtin_actions=True, shed_duration_s=3600.0)
+    ratio = h.runtime.budget_ratio
+    h.run(30)
+    h.sampler.growth = 0.7 * LIMIT / 1200  # critical
+    h.run(40)
+    assert h.runtime.effective_budget_ratio == pytest.approx(ratio * 0.5)
+    h.sampler.growth = 0.0
+    h.sampler.level = 0.3 * LIMIT  # freed: the alarm clears well before the hour is up
+    cleared = [p for p in h.run(90) if p.cleared]
+    assert cleared
     assert h.runtime.effective_budget_ratio == pytest.approx(ratio)
 
 

@@ -276,7 +276,8 @@ class PredictiveFailure:
         self._alarms = {r: Alarm(alarm_options) for r in self._options.resources}
         self._predictions: dict[str, ResourcePrediction] = {}
         self._latest: ResourceSample | None = None
-        self._last_run: dict[tuple[str, str], float] = {}
+        # (resource, action) -> when it last ran, and at which severity's rank.
+        self._last_run: dict[tuple[str, str], tuple[float, int]] = {}
 
     # --- configuration ------------------------------------------------------------------
 
@@ -471,6 +472,8 @@ class PredictiveFailure:
                 self._call(callback, prediction, on_done=_report_callback_failure)
             if not prediction.cleared:
                 self._run_actions(prediction, now)
+            elif not any(p.alarm for p in self._predictions.values()):
+                self._restore_budget()  # the shedding ends with the last raised prediction
         return published
 
     def _run_actions(self, prediction: FailurePredicted, now: float) -> None:
@@ -479,13 +482,16 @@ class PredictiveFailure:
             cooldown = (
                 self._options.action_cooldown_s if action.cooldown_s is None else action.cooldown_s
             )
+            rank = _RANK[prediction.severity]
             last = self._last_run.get(key)
-            if _RANK[prediction.severity] < _RANK[action.min_severity] or (
-                last is not None and now - last < cooldown
+            # An escalation runs the action again within its cooldown: a memory cleanup at
+            # ``critical`` is a stronger one than the ``standard`` run of a minute ago.
+            if rank < _RANK[action.min_severity] or (
+                last is not None and now - last[0] < cooldown and rank <= last[1]
             ):
                 self._record(prediction.resource, action.name, "skipped", 0.0)
                 continue
-            self._last_run[key] = now
+            self._last_run[key] = (now, rank)
             started = self._clock.monotonic()
 
             def done(
@@ -580,7 +586,8 @@ class PredictiveFailure:
         self._runtime.shed_load(self._options.shed_factor, self._options.shed_duration_s)
 
     def _restore_budget(self) -> None:
-        """On ``stop_monitoring``: end the shedding this predictor started."""
+        """On ``stop_monitoring``, and when no prediction is raised any more: end the
+        shedding this predictor started."""
         with self._lock:
             shed, self._shed = self._shed, False
         if shed:
