@@ -422,7 +422,6 @@ class BreakerCore:
         "_rnd",
         "_run_calls",
         "_run_calls_needed",
-        "_run_is_evidence",
         "_slow_s",
         "_state",
         "_window",
@@ -470,7 +469,6 @@ class BreakerCore:
         self._forced = False
         self._consecutive = 0
         self._run_calls = 0  # distinct calls in the consecutive run (reset when a run starts)
-        self._run_is_evidence = False
         self._probe_successes = 0
         self._checks_passed = 0
         self._open_until = _INF
@@ -590,12 +588,10 @@ class BreakerCore:
             self._consecutive += 1
             if not retry:
                 self._run_calls += 1
-            self._run_is_evidence = self._run_calls >= self._run_calls_needed or (
-                category in UNREACHABLE
-            )
             if now >= self._next_check:
                 self._health_check(now)
-            return self._check_trip(now)
+            run_is_evidence = self._run_calls >= self._run_calls_needed or (category in UNREACHABLE)
+            return self._check_trip(now, run_is_evidence)
         if permit is _PROBE:
             self._end_probe()
             if self._state is _HALF_OPEN:
@@ -775,13 +771,13 @@ class BreakerCore:
         if self._probes > 0:
             self._probes -= 1
 
-    def _check_trip(self, now: float) -> Transition | None:
+    def _check_trip(self, now: float, run_is_evidence: bool) -> Transition | None:
         consecutive = self._consecutive
         window = self._window
         calls = window.calls(now)
         if (
             consecutive >= self._config.failure_threshold
-            and self._run_is_evidence
+            and run_is_evidence
             and (calls < self._min_calls or consecutive >= self._long_run)
         ):
             return self._trip(TransitionReason.CONSECUTIVE_FAILURES, now)

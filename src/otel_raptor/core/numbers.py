@@ -17,7 +17,7 @@ __all__ = ["MAX_SECONDS", "MAX_SECONDS_TEXT", "as_finite", "as_seconds"]
 #: overflows on (CPython's 64-bit nanosecond clock: about 9.2e9 s; ``1e10`` as a request
 #: timeout made every call raise ``OverflowError``).
 MAX_SECONDS: Final = 10_000_000.0
-MAX_SECONDS_TEXT: Final = "10000000"
+MAX_SECONDS_TEXT: Final = f"{MAX_SECONDS:.0f}"  # for error messages
 
 
 def as_finite(value: object) -> float | None:
