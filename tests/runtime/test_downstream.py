@@ -77,6 +77,38 @@ def test_budgets_are_reshaped_in_place_never_replaced() -> None:
         runtime.shed_load(1.5, 1.0)
 
 
+def test_each_owner_ends_only_its_own_shedding_and_the_smallest_factor_applies() -> None:
+    clock = FakeClock()
+    runtime = Runtime(clock=clock, budget_ratio=0.4)
+    budget = runtime.downstream("svc").budget
+    predictor = object()
+    runtime.shed_load(0.5, 100.0)  # the app's
+    runtime.shed_load(0.25, 10.0, owner=predictor)
+    assert budget.ratio == pytest.approx(0.1)  # the smallest factor, never 0.5 * 0.25
+    runtime.stop_shedding(owner=predictor)  # the predictor's alarm clears
+    assert budget.ratio == pytest.approx(0.2)  # the app's shedding goes on
+    runtime.shed_load(0.25, 10.0, owner=predictor)
+    clock.advance(11.0)
+    runtime.withdraw(runtime.downstream("svc"), clock.monotonic())  # the predictor's ran out
+    assert budget.ratio == pytest.approx(0.2)
+    assert runtime.effective_budget_ratio == pytest.approx(0.2)
+    runtime.stop_shedding()  # the app's own
+    assert budget.ratio == pytest.approx(0.4)
+    runtime.stop_shedding()  # nothing left to stop: harmless
+    assert budget.ratio == pytest.approx(0.4)
+
+
+def test_the_shedding_table_is_bounded() -> None:
+    clock = FakeClock()
+    runtime = Runtime(clock=clock, budget_ratio=0.4)
+    for i in range(1000):
+        runtime.shed_load(0.5, 1.0 + i, owner=i)
+    assert len(runtime._sheds) <= 16
+    assert runtime.effective_budget_ratio == pytest.approx(0.2)
+    with pytest.raises(TypeError):
+        runtime.shed_load(0.5, 1.0, owner=[])  # type: ignore[arg-type]
+
+
 def test_pervasive_throttling_pauses_every_call_and_refuses_what_cannot_wait() -> None:
     clock = FakeClock()
     runtime = Runtime(clock=clock)

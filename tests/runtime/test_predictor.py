@@ -209,6 +209,21 @@ def test_the_shedding_ends_when_the_prediction_clears() -> None:
     assert h.runtime.effective_budget_ratio == pytest.approx(ratio)
 
 
+def test_the_predictor_never_ends_the_apps_own_shedding() -> None:
+    h = Harness(builtin_actions=True, shed_duration_s=600.0)
+    ratio = h.runtime.budget_ratio
+    h.runtime.shed_load(0.8, 86400.0)  # the app sheds for a day, for its own reasons
+    h.run(30)
+    h.sampler.growth = 0.7 * LIMIT / 1200  # critical
+    h.run(40)
+    assert h.runtime.effective_budget_ratio == pytest.approx(ratio * 0.5)
+    h.sampler.growth = 0.0
+    h.sampler.level = 0.3 * LIMIT
+    assert [p for p in h.run(90) if p.cleared]
+    h.predictor.stop_monitoring()
+    assert h.runtime.effective_budget_ratio == pytest.approx(ratio * 0.8)
+
+
 def test_memory_cleanup_uses_the_controller_at_the_matching_level() -> None:
     h = Harness(builtin_actions=True)
     calls: list[tuple[str, str]] = []

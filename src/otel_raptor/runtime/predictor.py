@@ -260,7 +260,6 @@ class PredictiveFailure:
         self._interval = self._options.interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
-        self._shed = False  # whether this predictor asked the runtime to shed load
         if self._options.builtin_actions:
             self._add_builtin_actions()
         _live.add(self)
@@ -579,22 +578,19 @@ class PredictiveFailure:
         return cleanup(level)
 
     def _shed_load(self, prediction: FailurePredicted) -> None:
-        # The runtime owns the budget shape: shedding is a temporary factor on top of it that
-        # ends by itself (extended, never compounded), so there is nothing to restore here.
-        with self._lock:
-            self._shed = True
-        self._runtime.shed_load(self._options.shed_factor, self._options.shed_duration_s)
+        # The runtime owns the budget shape: shedding is a temporary factor on top of it, held
+        # in this predictor's name, that ends by itself, so there is nothing to restore here.
+        self._runtime.shed_load(
+            self._options.shed_factor, self._options.shed_duration_s, owner=self
+        )
 
     def _restore_budget(self) -> None:
         """On ``stop_monitoring``, and when no prediction is raised any more: end the
-        shedding this predictor started."""
-        with self._lock:
-            shed, self._shed = self._shed, False
-        if shed:
-            try:
-                self._runtime.stop_shedding()
-            except Exception as error:  # noqa: BLE001
-                report_internal_error("prediction.shed_load stop", error)
+        shedding this predictor started (the app's own goes on)."""
+        try:
+            self._runtime.stop_shedding(owner=self)
+        except Exception as error:  # noqa: BLE001
+            report_internal_error("prediction.shed_load stop", error)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -647,7 +643,6 @@ class PredictiveFailure:
         self._stop = threading.Event()
         self._loop = None  # the parent's loop does not run here
         self._private_loop = None
-        self._shed = False
         if self._own_sampler:
             self._sampler = None  # it watched the parent's pid
         self._reset_state()  # the parent's history says nothing about this process

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from types import MappingProxyType
 
@@ -66,6 +66,9 @@ REPEAT_WINDOW_S = 60.0
 #: Where services beyond ``max_services`` are folded, to keep metric cardinality bounded.
 OTHER_SERVICE = "other"
 
+#: Distinct owners whose load shedding is held at once (the predictor and the app in practice).
+_MAX_SHED_OWNERS = 16
+
 _NO_DESCRIPTION: Mapping[str, str | int] = MappingProxyType({})
 
 
@@ -103,9 +106,11 @@ class Runtime:
         self._descriptions: dict[str, Mapping[str, str | int]] = {}
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._learner = StrategyLearner(learner or LearnerOptions())
-        # Load shedding: the budget ratio is multiplied by ``_shed_factor`` until ``_shed_until``.
-        self._shed_factor = 1.0
-        self._shed_until = -math.inf
+        # Load shedding: owner -> (factor, until). The ratio in force is the configured one
+        # times the smallest live factor; ``_next_shed_end`` is when the next one ends, so a
+        # retry can settle the table without scanning it.
+        self._sheds: dict[Hashable, tuple[float, float]] = {}
+        self._next_shed_end = math.inf
         self._lock = threading.Lock()
         register_lock(self, "_lock")
         self.recovery_scope: RecoveryScope = _no_scope
@@ -120,9 +125,12 @@ class Runtime:
     def effective_budget_ratio(self) -> float:
         """The ratio in force now: the configured one, times the shedding factor while the
         predictor sheds load."""
-        if self.clock.monotonic() < self._shed_until:
-            return self._budget_ratio * self._shed_factor
-        return self._budget_ratio
+        return self._budget_ratio * self._shed_factor(self.clock.monotonic())
+
+    def _shed_factor(self, now: float) -> float:
+        # list(): a copy taken in one step, so a concurrent shed_load cannot break the loop.
+        live = [factor for factor, until in list(self._sheds.values()) if now < until]
+        return min(live, default=1.0)
 
     @property
     def budget_min_retries_per_second(self) -> float:
@@ -165,28 +173,55 @@ class Runtime:
         if reshape:
             self._reshape_budgets()
 
-    def shed_load(self, factor: float, duration: float) -> None:
+    def shed_load(self, factor: float, duration: float, *, owner: Hashable = None) -> None:
         """Multiply every downstream's retry-budget ratio by ``factor`` (in (0, 1)) for
         ``duration`` seconds (> 0), so retries slow down while the process is in trouble.
-        Shedding again while shedding extends it (never compounds); it ends by itself."""
+
+        Shedding is held per ``owner`` (the predictor sheds as itself; the default owner is
+        ``None``, the app's): shedding again as the same owner replaces its factor and extends
+        its period, and when several owners shed at once the smallest factor applies, so
+        shedding never compounds. Each owner's shedding ends by itself, or by
+        :meth:`stop_shedding` with the same owner; it never ends another owner's.
+        """
         given: tuple[object, object] = (factor, duration)  # typed, but callers pass anything
         if not (isinstance(given[0], (int, float)) and 0.0 < factor < 1.0):
             raise ConfigError("shed_load.factor", factor, "a number in (0, 1)")
         if not (isinstance(given[1], (int, float)) and 0.0 < duration < math.inf):
             raise ConfigError("shed_load.duration", duration, "a finite number of seconds > 0")
+        hash(owner)  # an unhashable owner fails here, not inside the lock
         now = self.clock.monotonic()
         with self._lock:
-            self._shed_factor = float(factor)
-            self._shed_until = max(self._shed_until, now + duration)
+            _, until = self._sheds.get(owner, (1.0, -math.inf))
+            self._sheds[owner] = (float(factor), max(until, now + duration))
+            self._settle_sheds(now)
         self._reshape_budgets()
 
-    def stop_shedding(self) -> None:
-        """End load shedding now (the configured ratio applies again)."""
+    def stop_shedding(self, *, owner: Hashable = None) -> None:
+        """End ``owner``'s load shedding now (others' goes on)."""
+        now = self.clock.monotonic()
         with self._lock:
-            shedding = self._shed_until > -math.inf
-            self._shed_until = -math.inf
-        if shedding:
+            stopped = self._sheds.pop(owner, None) is not None
+            self._settle_sheds(now)
+        if stopped:
             self._reshape_budgets()
+
+    def _settle_sheds(self, now: float) -> None:
+        """Drop ended sheddings and find the next end (holding ``_lock``). The table stays
+        small: an owner holds one entry, and at most ``_MAX_SHED_OWNERS`` are kept (those
+        ending first go first)."""
+        for owner, (_, until) in list(self._sheds.items()):
+            if until <= now:
+                del self._sheds[owner]
+        while len(self._sheds) > _MAX_SHED_OWNERS:
+            del self._sheds[min(self._sheds, key=lambda o: self._sheds[o][1])]
+        self._next_shed_end = min((u for _, u in self._sheds.values()), default=math.inf)
+
+    def _end_due_sheds(self, now: float) -> None:
+        with self._lock:
+            if self._next_shed_end > now:
+                return  # another thread settled it first
+            self._settle_sheds(now)
+        self._reshape_budgets()
 
     def _reshape_budgets(self) -> None:
         now = self.clock.monotonic()
@@ -246,8 +281,8 @@ class Runtime:
     def withdraw(self, downstream: Downstream, now: float) -> bool:
         """Spend one retry token of ``downstream`` at ``now``; ``False`` when its budget is
         empty. Ends load shedding that has run its course first."""
-        if self._shed_until <= now and self._shed_until > -math.inf:
-            self.stop_shedding()
+        if self._next_shed_end <= now:
+            self._end_due_sheds(now)
         return downstream.withdraw(now)
 
     def budget_tokens(self) -> dict[str, float]:
