@@ -479,6 +479,35 @@ def test_the_cgroup_usage_leaves_out_the_inactive_page_cache(tmp_path: Path) -> 
     assert limit == MemoryLimit(256 << 20, "cgroup", 50 << 20)
 
 
+def test_a_limit_set_on_an_ancestor_cgroup_binds(tmp_path: Path) -> None:
+    # A container with no limit of its own in a limited pod (or a unit in a limited slice):
+    # the kernel holds the pod's whole subtree to the pod's limit, so that is the one to use.
+    proc = tmp_path / "cgroup"
+    _write(proc, "0::/kubepods/pod1/app\n")
+    _write(tmp_path / "fs/kubepods/memory.max", "max\n")
+    _write(tmp_path / "fs/kubepods/pod1/memory.max", str(1 << 30))
+    _write(tmp_path / "fs/kubepods/pod1/memory.current", str(700 << 20))
+    _write(tmp_path / "fs/kubepods/pod1/app/memory.max", "max\n")
+    _write(tmp_path / "fs/kubepods/pod1/app/memory.current", str(600 << 20))
+    limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
+    assert limit == MemoryLimit(1 << 30, "cgroup", 700 << 20)
+
+    # A leaf limit below the parent's is the one that binds.
+    _write(tmp_path / "fs/kubepods/pod1/app/memory.max", str(512 << 20))
+    limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
+    assert limit == MemoryLimit(512 << 20, "cgroup", 600 << 20)
+
+    # v1 the same way (its unlimited root reads as a huge number).
+    _write(proc, "4:memory:/slice/unit\n")
+    _write(tmp_path / "fs/memory/memory.limit_in_bytes", str(2**63 - 4096))
+    _write(tmp_path / "fs/memory/slice/memory.limit_in_bytes", str(256 << 20))
+    _write(tmp_path / "fs/memory/slice/memory.usage_in_bytes", str(64 << 20))
+    _write(tmp_path / "fs/memory/slice/unit/memory.limit_in_bytes", str(2**63 - 4096))
+    _write(tmp_path / "fs/memory/slice/unit/memory.usage_in_bytes", str(32 << 20))
+    limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
+    assert limit == MemoryLimit(256 << 20, "cgroup", 64 << 20)
+
+
 def test_a_v1_container_without_a_cgroup_namespace_finds_its_limit_at_the_mount_root(
     tmp_path: Path,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
@@ -267,6 +268,28 @@ def test_metrics_and_snapshot() -> None:
     assert snap.memory_pressure == pytest.approx(0.25)
     assert set(snap.probability) == {"process_memory"}
     assert readings(sample(0, 5))["process_memory"] == (5.0, float(LIMIT))
+
+
+def test_start_monitoring_in_a_process_psutil_cannot_read_reports_and_carries_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A sandbox that refuses psutil.Process(): the app asked for predictions, cannot have
+    # them, and must not be stopped by a ConfigError blaming a pid it never gave.
+    from otel_raptor.runtime import sampler as sampler_module
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise psutil.AccessDenied(pid=None, msg="sandboxed")
+
+    monkeypatch.setattr(sampler_module.psutil, "Process", refused)
+    predictor = PredictiveFailure(PredictorOptions(builtin_actions=False), runtime=Runtime())
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        asyncio.run(predictor.start_monitoring(interval=30))
+    assert not predictor.monitoring
+    assert predictor.get_current_metrics() == {}
+    assert any("process unreadable" in r.getMessage() for r in caplog.records)
+    predictor.stop_monitoring()
+    with pytest.raises(ConfigError, match=r"sampler\.pid"):
+        ResourceSampler(pid=-5)  # a pid the app chose is still checked
 
 
 def test_start_monitoring_holds_a_first_sample_when_it_returns_and_stops() -> None:

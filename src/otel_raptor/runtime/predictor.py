@@ -382,7 +382,14 @@ class PredictiveFailure:
             first = self._first_sample
             if not self.monitoring:
                 if self._sampler is None:
-                    self._sampler = ResourceSampler(bus=self._runtime.bus, clock=self._clock)
+                    try:
+                        self._sampler = ResourceSampler(bus=self._runtime.bus, clock=self._clock)
+                    except (psutil.Error, OSError) as error:
+                        # The machine will not let us read this process: no predictions,
+                        # but the app that asked for them goes on.
+                        report_internal_error("prediction.sampler: process unreadable", error)
+                        first.set()
+                        return first
                 self._stop = threading.Event()
                 first = self._first_sample = threading.Event()
                 self._thread = threading.Thread(

@@ -128,7 +128,8 @@ def cgroup_memory(
     Reads ``/proc/<pid>/cgroup`` (or ``cgroup_file``); v2 (``0::/path``) looks under ``root``
     and, on hybrid hosts, ``root/unified``; v1 (``N:memory:/path``) under ``root/memory``. In
     a container the path seen from inside may not exist (cgroup namespaces), so the mount root
-    is tried too.
+    is tried too. The files returned are those of the cgroup whose limit binds: the one found
+    or an ancestor with a smaller limit.
     """
     source = cgroup_file if cgroup_file is not None else Path(f"/proc/{pid}/cgroup")
     try:
@@ -149,18 +150,37 @@ def cgroup_memory(
     if v2_path is not None:
         for base in (root, root / "unified"):
             for candidate in (base / v2_path.lstrip("/"), base):
-                limit = candidate / "memory.max"
-                if limit.is_file():
-                    usage = candidate / "memory.current"
-                    return CgroupMemory(limit, usage if usage.is_file() else None, 2)
+                if (candidate / "memory.max").is_file():
+                    return _binding_cgroup(candidate, base, 2)
     if v1_path is not None:
         base = root / "memory"
         for candidate in (base / v1_path.lstrip("/"), base):
-            limit = candidate / "memory.limit_in_bytes"
-            if limit.is_file():
-                usage = candidate / "memory.usage_in_bytes"
-                return CgroupMemory(limit, usage if usage.is_file() else None, 1)
+            if (candidate / "memory.limit_in_bytes").is_file():
+                return _binding_cgroup(candidate, base, 1)
     return None
+
+
+_LIMIT_FILE: Final = {
+    2: ("memory.max", "memory.current"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+
+
+def _binding_cgroup(leaf: Path, mount: Path, version: int) -> CgroupMemory:
+    """The files of the cgroup whose limit binds: ``leaf`` or the ancestor (up to ``mount``)
+    with the smallest limit. A container without a limit of its own inside a limited pod or
+    systemd slice is held to the parent's, and the kernel compares the parent's usage (its
+    whole subtree) with it, so that usage is the one to watch."""
+    limit_name, usage_name = _LIMIT_FILE[version]
+    chosen, smallest = leaf, _read_int(leaf / limit_name)
+    group = leaf
+    while group != mount and mount in group.parents:
+        group = group.parent
+        limit = _read_int(group / limit_name)
+        if limit is not None and (smallest is None or limit < smallest):
+            chosen, smallest = group, limit
+    usage = chosen / usage_name
+    return CgroupMemory(chosen / limit_name, usage if usage.is_file() else None, version)
 
 
 # The page cache the kernel reclaims first, in ``memory.stat``: the usage files count it, so an
@@ -240,10 +260,15 @@ class ResourceSampler:
             raise ConfigError(
                 "sampler.process_memory_limit", process_memory_limit, "an integer > 0 (bytes)"
             )
-        try:
-            self._process = psutil.Process(pid)
-        except (psutil.Error, ValueError, TypeError) as error:
-            raise ConfigError("sampler.pid", pid, "the id of a running process") from error
+        if pid is None:
+            # Our own process: if psutil cannot read it (a sandbox without /proc), that is
+            # the machine's doing, not a bad value, and psutil's error says so.
+            self._process = psutil.Process()
+        else:
+            try:
+                self._process = psutil.Process(pid)
+            except (psutil.Error, ValueError, TypeError) as error:
+                raise ConfigError("sampler.pid", pid, "the id of a running process") from error
         self._pid = self._process.pid
         self._mounts = tuple(mounts)
         self._process_limit = process_memory_limit
