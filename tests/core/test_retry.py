@@ -329,6 +329,28 @@ def test_retry_after_too_long() -> None:
     assert decide(RetryPolicy(), classification=classified(retry_after=math.inf)) is GiveUp.of(
         GiveUpReason.RETRY_AFTER_TOO_LONG
     )
+    assert decide(RetryPolicy(), classification=classified(retry_after=math.nan)) is GiveUp.of(
+        GiveUpReason.RETRY_AFTER_TOO_LONG
+    )
+
+
+def test_an_unset_max_retry_after_is_max_delay_not_unbounded() -> None:
+    # A server asking for a day must not hold the caller for a day (four, with four retries).
+    day = classified(ErrorCategory.RATE_LIMIT, retry_after=86400.0)
+    assert decide(RetryPolicy(), classification=day) is GiveUp.of(GiveUpReason.RETRY_AFTER_TOO_LONG)
+    policy = RetryPolicy(max_delay=30.0)
+    assert decide(policy, classification=classified(retry_after=30.0), rnd=fixed(0.0)) == Retry(
+        30.0
+    )
+    assert decide(policy, classification=classified(retry_after=31.0)) is GiveUp.of(
+        GiveUpReason.RETRY_AFTER_TOO_LONG
+    )
+    # An explicit limit above max_delay is the user's choice.
+    assert decide(
+        RetryPolicy(max_delay=30.0, max_retry_after=600.0),
+        classification=classified(retry_after=500.0),
+        rnd=fixed(0.0),
+    ) == Retry(500.0)
 
 
 def test_retry_after_beyond_the_deadline_gives_up_at_once() -> None:

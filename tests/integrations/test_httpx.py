@@ -61,6 +61,7 @@ def make_settings(
                 max_retries=max_retries,
                 base_delay=0.01,
                 max_delay=0.05,
+                max_retry_after=5.0,  # backoff stays short; a Retry-After of 1 s is waited out
                 attempt_timeout=attempt_timeout,
             ),
             breaker=CircuitBreakerConfig(

@@ -52,7 +52,10 @@ def make_settings(
     return IntegrationSettings(
         runtime=Runtime(),
         config=RaptorConfig(
-            retry=RetryPolicy(max_retries=max_retries, base_delay=0.01, max_delay=0.05),
+            # Backoff stays short; a server's Retry-After of up to 5 s is still waited out.
+            retry=RetryPolicy(
+                max_retries=max_retries, base_delay=0.01, max_delay=0.05, max_retry_after=5.0
+            ),
             breaker=CircuitBreakerConfig(
                 failure_threshold=failure_threshold,
                 recovery_timeout=0.3,
@@ -187,6 +190,20 @@ def test_retry_after_is_never_violated(install: Install, server: FaultyHTTPServe
     assert requests.get(server.url("/limited")).text == "late"
     first, second = server.arrivals
     assert second - first >= 1.0
+
+
+def test_a_retry_after_longer_than_the_policy_allows_is_the_answer_at_once(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # Without raptor the caller gets the 429 at once; waiting an hour for it would be worse.
+    install()
+    server.push(status(429, {"Retry-After": "3600"}))
+    started = time.monotonic()
+    response = requests.get(server.url("/limited"))
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "3600"
+    assert time.monotonic() - started < 1.0
+    assert server.count("GET", "/limited") == 1
 
 
 def test_streamed_bodies_are_never_retried(install: Install, server: FaultyHTTPServer) -> None:

@@ -13,7 +13,8 @@ up, and why. The order of its checks (the first that applies wins):
 4. ``attempts_exhausted``: ``max_retries`` retries have been made already;
 5. the delay is the jittered exponential backoff, raised to the server's ``Retry-After`` when
    there is one (never below it);
-6. ``retry_after_too_long``: the server asks for more than ``max_retry_after``;
+6. ``retry_after_too_long``: the server asks for more than ``max_retry_after`` (else
+   ``max_delay``);
 7. ``retry_after_beyond_deadline``: the server's ``Retry-After`` ends at or after the deadline;
 8. ``deadline``: the delayed attempt could not start before the deadline.
 
@@ -250,7 +251,7 @@ class RetryPolicy:
       requests (a retry that keeps failing still drains the retry budget).
     - ``base_delay``: backoff before the first retry, >= 0, default 1.0.
     - ``max_delay``: cap on the backoff before jitter, >= ``base_delay``, default 300.0. It does
-      not cap a server's ``Retry-After`` (see ``max_retry_after``).
+      not shorten a server's ``Retry-After`` (see ``max_retry_after``).
     - ``backoff_multiplier``: growth per retry, >= 1, default 2.0.
     - ``jitter``: ``"full"`` (default), ``"equal"`` or ``"none"``; see :data:`JitterMode`.
     - ``attempt_timeout``: timeout of each attempt, > 0, or ``None`` (default, none).
@@ -260,7 +261,7 @@ class RetryPolicy:
       a set of categories retries only failures that are retryable *and* in the set.
     - ``respect_retry_after``: wait at least the server's ``Retry-After``, default ``True``.
     - ``max_retry_after``: give up when the server asks for a longer wait than this, > 0, or
-      ``None`` (default: bounded only by ``deadline``).
+      ``None`` (default: ``max_delay``).
     - ``cooldown_share``: when a rate-limit answer (429) carries a ``Retry-After``, the retry
       of that call always waits it out; the pause becomes the whole downstream's *cooldown*
       (every call to it waits, or is refused when the wait does not fit its ``max_retry_after``,
@@ -400,10 +401,12 @@ class RetryPolicy:
         deadline = self.deadline
         retry_after = classification.retry_after
         if retry_after is not None and self.respect_retry_after:
+            # Unset, the cap is max_delay, as for the downstream's cooldown: an unbounded
+            # wait would hold a caller for as long as a server cares to ask (a day, say).
             max_retry_after = self.max_retry_after
-            if not math.isfinite(retry_after) or (
-                max_retry_after is not None and retry_after > max_retry_after
-            ):
+            if max_retry_after is None:
+                max_retry_after = self.max_delay
+            if not retry_after <= max_retry_after:  # also refuses nan and inf
                 return _RETRY_AFTER_TOO_LONG
             if deadline is not None and elapsed + retry_after >= deadline:
                 return _RETRY_AFTER_BEYOND_DEADLINE
