@@ -556,6 +556,12 @@ _TABLE: tuple[Rule | None, ...] = (
     # -- PostgreSQL drivers -----------------------------------------------------------------------
     _types("psycopg.ConnectionTimeout", _C.TIMEOUT, "psycopg.errors.ConnectionTimeout"),
     _types("pg.OperationalError", _C.CONNECTION, *_PG_CONNECT, defer=True),
+    # asyncpg's own checks, made in the client before anything is sent (another operation in
+    # progress on the connection, a closed connection, a bad argument): the app's doing, and
+    # never a sign that the server is unwell.
+    _types("asyncpg.DataError", _C.QUERY, "asyncpg.exceptions.DataError"),
+    _types("asyncpg.client_error", _C.CLIENT_ERROR, "asyncpg.exceptions.InterfaceError",
+           "asyncpg.exceptions.InternalClientError"),
     # -- DB-API classes (psycopg, psycopg2, PyMySQL, sqlite3) -------------------------------------
     _types("dbapi.IntegrityError", _C.INTEGRITY, "psycopg.IntegrityError",
            "psycopg2.IntegrityError", "pymysql.err.IntegrityError", "sqlite3.IntegrityError"),

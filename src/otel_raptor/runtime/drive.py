@@ -113,6 +113,13 @@ class CallHooks:
     #: Whether :meth:`attempt_kwargs` applies the attempt timeout itself.
     applies_timeouts: bool = False
 
+    #: Whether the async driver may bound an attempt with ``asyncio.wait_for`` when the hooks
+    #: do not apply the timeout themselves. ``False`` for calls whose library has timeouts of
+    #: its own that mean something (a database's statement timeout): cutting those calls off
+    #: from outside would cancel a blocking command the caller asked to wait, and do so only
+    #: for async callers, since nothing can do the same to a sync call.
+    wait_for_attempts: bool = True
+
     #: ``(failure, classification, args) -> bool``: whether the call (made with positional
     #: arguments ``args``) may be sent again after *this* failure, for integrations whose
     #: replay safety depends on how far the call got (a database statement the server rolled
@@ -223,7 +230,7 @@ class CallPlan:
         #: Whether the first attempt's kwargs need the hooks (a timeout to apply).
         self.first_kwargs = timed and hooks.applies_timeouts
         #: Whether the async driver bounds each attempt with ``asyncio.wait_for``.
-        self.wait_for = timed and not hooks.applies_timeouts
+        self.wait_for = timed and not hooks.applies_timeouts and hooks.wait_for_attempts
 
     def scope(self, started: float) -> AbstractContextManager[None]:
         """The telemetry scope of a call that started recovering (never raises)."""

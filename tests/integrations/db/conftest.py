@@ -60,6 +60,7 @@ class Installed:
 def fast_config(
     *,
     max_retries: int = 3,
+    attempt_timeout: float | None = None,
     failure_threshold: int = 3,
     recovery_timeout: float = 0.5,
     statement_timeout: float = 30.0,
@@ -67,7 +68,12 @@ def fast_config(
     **config: Any,
 ) -> RaptorConfig:
     return RaptorConfig(
-        retry=RetryPolicy(max_retries=max_retries, base_delay=0.01, max_delay=0.05),
+        retry=RetryPolicy(
+            max_retries=max_retries,
+            base_delay=0.01,
+            max_delay=0.05,
+            attempt_timeout=attempt_timeout,
+        ),
         breaker=CircuitBreakerConfig(
             failure_threshold=failure_threshold,
             recovery_timeout=recovery_timeout,

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from otel_raptor import CircuitOpenError
-from otel_raptor.core.events import RecoveryFinished
+from otel_raptor.core.events import BreakerTransitioned, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration, circuit_open_error_type
 from tests.integrations.db.conftest import PG_DSN, PG_URL, Install, create_pg_flaky, drop_pg_flaky
@@ -86,6 +86,64 @@ async def test_statements_prepared_statements_and_pools(
         (Outcome.FAILED, 1),
         (Outcome.RECOVERED, 2),
     ]
+
+
+async def test_prepared_statements_take_their_keyword_arguments(install: Install) -> None:
+    install(AsyncpgIntegration)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        statement = await con.prepare("SELECT $1::int AS a, 2 AS b")
+        assert (await statement.fetch(1, timeout=5))[0]["a"] == 1
+        assert (await statement.fetchrow(1, timeout=5))["b"] == 2
+        assert await statement.fetchval(1, column=1) == 2
+        assert await statement.fetchval(1, column=0, timeout=5) == 1
+    finally:
+        await con.close()
+
+
+async def test_the_apps_misuse_of_a_connection_never_opens_the_servers_breaker(
+    install: Install,
+) -> None:
+    # Ten tasks sharing one connection: asyncpg refuses all but one ("another operation is in
+    # progress") in the client. That is the app's bug, not the server's health: the server
+    # stays open to every other connection, as it does without raptor.
+    installed = install(AsyncpgIntegration, failure_threshold=3)
+    shared = await asyncpg.connect(PG_URL)
+    good = await asyncpg.connect(PG_URL)
+    refused = 0
+
+    async def misuse() -> None:
+        nonlocal refused
+        try:
+            await shared.fetchval("SELECT pg_sleep(0.02)::text")
+        except asyncpg.InterfaceError:
+            refused += 1
+
+    try:
+        for _ in range(3):
+            await asyncio.gather(*[misuse() for _ in range(10)])
+        assert refused == 27
+        assert await good.fetchval("SELECT 1") == 1
+        await (await asyncpg.connect(PG_URL)).close()
+        assert installed.of(BreakerTransitioned) == []
+    finally:
+        await shared.close()
+        await good.close()
+
+
+async def test_the_retry_policys_attempt_timeout_never_cuts_a_statement_off(
+    install: Install,
+) -> None:
+    # attempt_timeout (set for HTTP, say) would cancel async statements only, never sync ones:
+    # a database call is bounded by its statement timeout, sync or async alike.
+    install(AsyncpgIntegration, attempt_timeout=0.2)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        started = time.monotonic()
+        assert await con.fetchval("SELECT pg_sleep(0.5)::text") == ""
+        assert 0.5 <= time.monotonic() - started < 0.9  # run once, to its end
+    finally:
+        await con.close()
 
 
 async def test_an_applications_command_timeout_is_kept(install: Install) -> None:

@@ -181,9 +181,13 @@ def refusal_factory(
 
 
 class DbHooks(CallHooks):
-    """A database call's hooks: refusals are the driver's fail-fast error."""
+    """A database call's hooks: refusals are the driver's fail-fast error, and the retry
+    policy's ``attempt_timeout`` is not applied (the statement timeout bounds a statement,
+    sync or async alike; a blocking command such as ``BLPOP`` waits as long as it was told)."""
 
     __slots__ = ("_error",)
+
+    wait_for_attempts = False
 
     def __init__(self, error: Callable[[Refusal], BaseException]) -> None:
         self._error = error

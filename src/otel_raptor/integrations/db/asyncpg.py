@@ -194,10 +194,15 @@ def _plan(state: _State, con: Any, *, batch: bool) -> CallPlan | None:
 
 
 def _run_prepared(
-    statement: Any, query: str, original: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    statement: Any,
+    query: str,
+    original: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    **kwargs: Any,
 ) -> Awaitable[Any]:
-    # The statement's text is the second argument, where the replay judgement reads it.
-    return original(statement, *args)
+    # The statement's text is the second argument, where the replay judgement reads it;
+    # the caller's keywords (timeout=, column=, record_class=) go to asyncpg as they came.
+    return original(statement, *args, **kwargs)
 
 
 def _hook(original: Callable[..., Awaitable[Any]], *, batch: bool, prepared: bool) -> Any:
