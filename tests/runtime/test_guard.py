@@ -547,6 +547,46 @@ def test_a_fallback_that_raises_is_reported_as_a_failure(
     assert finished.give_up_reason == "fallback_failed"
 
 
+def test_an_async_fallback_on_a_sync_call_is_refused_never_returned(
+    runtime: Runtime, recwarn: pytest.WarningsRecorder
+) -> None:
+    async def fallback(error: BaseException) -> str:
+        return "cached"
+
+    with pytest.raises(ConfigError, match="fallback"):
+
+        @resilient(retry=False, fallback=fallback, runtime=runtime)
+        def fetch() -> str:
+            raise ConnectionResetError(104, "x")
+
+    # A Guard serves call() and call_async() alike: the sync call finds out when it falls back.
+    guard = Guard("api", retry=False, fallback=fallback, runtime=runtime)
+    with pytest.raises(ConfigError, match="fallback") as raised:
+        guard.call(Flaky(ConnectionResetError(104, "x")))
+    assert isinstance(raised.value.__cause__, ConnectionResetError)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    assert asyncio.run(guard.call_async(_failing_async)) == "cached"
+
+
+async def _failing_async() -> str:
+    raise ConnectionResetError(104, "x")
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, asyncio.CancelledError])
+def test_a_fallback_cut_short_is_not_reported_as_a_failed_recovery(
+    runtime: Runtime, events: list[Event], interrupt: type[BaseException]
+) -> None:
+    def fallback(error: BaseException) -> str:
+        raise interrupt
+
+    guard = Guard("api", retry=False, fallback=fallback, runtime=runtime)
+    with pytest.raises(interrupt):
+        guard.call(Flaky(ConnectionResetError(104, "x")))
+    with pytest.raises(interrupt):
+        asyncio.run(guard.call_async(_failing_async))
+    assert of(events, RecoveryFinished) == []
+
+
 def test_a_failing_fallback_for_an_open_breaker_is_reported_as_a_failure(
     runtime: Runtime, events: list[Event]
 ) -> None:

@@ -176,10 +176,103 @@ def test_the_learner_prefers_the_strategy_that_recovers(clock: FakeClock) -> Non
 def test_context_values_are_validated(engine: ErrorRecoveryEngine) -> None:
     with pytest.raises(ConfigError, match=r"context\.max_retries"):
         engine.handle_error_sync(TimeoutError(), {"max_retries": "3"})
-    with pytest.raises(ConfigError, match=r"retry\.max_retries"):
+    with pytest.raises(ConfigError, match=r"context\.max_retries"):
         engine.handle_error_sync(TimeoutError(), {"max_retries": -1})
     with pytest.raises(ConfigError, match=r"context\.retry_func"):
         engine.handle_error_sync(TimeoutError(), {"retry_func": 3})
+
+
+def test_callables_a_sync_recovery_cannot_run_are_refused(engine: ErrorRecoveryEngine) -> None:
+    # handle_error_sync cannot await: an async callable's coroutine would be taken for its
+    # result, and the recovery reported as a success that never ran.
+    async def coroutine_function(*args: object) -> str:
+        return "never run"
+
+    for key in ("retry_func", "fallback_func", "reconnect_func", "auth_refresh_func"):
+        with pytest.raises(ConfigError, match=rf"context\.{key}"):
+            engine.handle_error_sync(ConnectionResetError(104, "down"), {key: coroutine_function})
+    engine.register_auth_refresher("api", coroutine_function)
+    with pytest.raises(ConfigError, match=r"auth_refresher"):
+        engine.handle_error_sync(PermissionError("401"), {"service_name": "api"})
+
+    def needs_two(error: BaseException, extra: object) -> str:
+        return "never"
+
+    with pytest.raises(ConfigError, match=r"context\.fallback_func"):
+        engine.handle_error_sync(ValueError("bad"), {"fallback_func": needs_two})
+
+
+async def test_an_async_recovery_takes_async_callables(engine: ErrorRecoveryEngine) -> None:
+    async def retry() -> str:
+        return "ok"
+
+    result = await engine.handle_error(ConnectionResetError(104, "down"), {"retry_func": retry})
+    assert result.success
+    assert result.value == "ok"
+
+
+def test_the_engine_makes_the_learners_probes_and_finds_a_healed_downstream(
+    clock: FakeClock,
+) -> None:
+    # Once retries at "orders" proved futile the engine fails fast, except for one call in
+    # probe_every (10) of each strategy: those do retry, and a healed downstream is found
+    # without waiting for the idle probe (60 s).
+    runtime = Runtime(clock=clock, learner=LearnerOptions(min_samples=3))
+    engine = ErrorRecoveryEngine(
+        runtime=runtime, policy=RetryPolicy(max_retries=1, base_delay=0), rnd=lambda: 0.0
+    )
+    healed = False
+    retried = 0
+
+    def retry() -> str:
+        nonlocal retried
+        retried += 1
+        if not healed:
+            raise ConnectionResetError(104, "down")
+        return "ok"
+
+    def handle() -> Any:
+        clock.advance(1.0)
+        return engine.handle_error_sync(
+            ConnectionResetError(104, "down"), {"service_name": "orders", "retry_func": retry}
+        )
+
+    for _ in range(40):
+        handle()  # both strategies learn they are futile here
+    assert not handle().success
+    healed, retried = True, 0
+    results = [handle() for _ in range(20)]
+    assert retried >= 2  # the probes: about one call in ten per strategy
+    assert any(r.success for r in results)
+    assert results[-1].success  # found: retrying again
+
+
+def test_the_engine_tries_the_alternative_when_the_specialised_retry_is_futile(
+    clock: FakeClock,
+) -> None:
+    # A timeout: timeout_adjust retries with a timeout= that always times out here, while a
+    # plain retry works. The learner can only prefer the plain retry once it has tried it.
+    runtime = Runtime(clock=clock, learner=LearnerOptions(min_samples=5))
+    engine = ErrorRecoveryEngine(
+        runtime=runtime, policy=RetryPolicy(max_retries=2, base_delay=0), rnd=lambda: 0.0
+    )
+
+    def retry(**kwargs: Any) -> str:
+        if "timeout" in kwargs:
+            raise TimeoutError("the adjusted attempt timed out too")
+        return "ok"
+
+    results = []
+    for _ in range(60):
+        clock.advance(2.0)
+        results.append(
+            engine.handle_error_sync(
+                TimeoutError("read timed out"), {"service_name": "search", "retry_func": retry}
+            )
+        )
+    assert results[0].strategy is Strategy.TIMEOUT_ADJUST
+    assert all(r.success for r in results[-30:])
+    assert {r.strategy for r in results[-30:]} == {Strategy.RETRY_WITH_BACKOFF}
 
 
 def test_engine_accepts_the_seed_recovery_config() -> None:

@@ -181,10 +181,12 @@ class LoopSpec:
 
     ``replay_safe``: the operation may be repeated. ``has_fallback``: give-ups and refusals go
     to the fallback. ``fixed_strategy``: the recovery engine's chosen strategy, reported
-    instead of the per-failure default. ``force_retryable``: the first failure is retried
-    even when it is not retryable as it stands (the recovery engine refreshed credentials
-    after a 401). ``first_timeout`` is the first attempt's timeout
-    (``policy.timeout_for_attempt(1, 0)``), precomputed for the fast path.
+    instead of the per-failure default; the engine asked the learner whether the first retry
+    is worth it when it chose (asking again would spend the learner's probe twice).
+    ``force_retryable``: the first failure is retried even when it is not retryable as it
+    stands (the recovery engine refreshed credentials after a 401). ``first_timeout`` is the
+    first attempt's timeout (``policy.timeout_for_attempt(1, 0)``), precomputed for the fast
+    path.
 
     Each attempt's timeout is the policy's (``attempt_timeout`` bounded by what is left of the
     ``deadline``); after a timeout, the ``timeout_adjust`` strategy lengthens it
@@ -386,7 +388,9 @@ class AttemptLoop:
             if attempts == 1 and spec.fixed_strategy is None:
                 self.strategy = Strategy.FAIL_FAST
             return self._give_up(decision.reason.value, now)
-        if not port.should_retry(value, strategy, now):
+        if (attempts > 1 or spec.fixed_strategy is None) and not port.should_retry(
+            value, strategy, now
+        ):
             return self._give_up(_LEARNED_FUTILE, now)
         if not port.withdraw(now):
             self.outcome = Outcome.BUDGET_EXHAUSTED

@@ -7,7 +7,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from otel_raptor.runtime.drive import run_async
+from otel_raptor.errors import ConfigError
+from otel_raptor.runtime.drive import is_async_callable, run_async
 from otel_raptor.runtime.guard import BreakerSpec, Guard, RetrySpec
 from otel_raptor.runtime.state import Runtime
 
@@ -71,7 +72,13 @@ def resilient(
             runtime=runtime,
         )
         wrapper: Any
-        if inspect.iscoroutinefunction(fn):
+        is_async = inspect.iscoroutinefunction(fn)
+        if fallback is not None and not is_async and is_async_callable(fallback):
+            # A sync call would hand its caller the fallback's coroutine, never run.
+            raise ConfigError(
+                "fallback", fallback, "a plain function for a plain (not async) function"
+            )
+        if is_async:
             plan = guard.plan
 
             @functools.wraps(fn)

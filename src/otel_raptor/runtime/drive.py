@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import random
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -34,7 +35,7 @@ from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKin
 from otel_raptor.core.breaker import Permit
 from otel_raptor.core.classification import Classification
 from otel_raptor.core.states import CircuitState
-from otel_raptor.errors import CircuitOpenError, ThrottledError
+from otel_raptor.errors import CircuitOpenError, ConfigError, ThrottledError
 from otel_raptor.runtime.clock import Clock
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.safety import report_internal_error
@@ -47,6 +48,7 @@ __all__ = [
     "ScopeFactory",
     "TimeoutKwargHooks",
     "current_attempt",
+    "is_async_callable",
     "recover_async",
     "recover_sync",
     "run_async",
@@ -90,6 +92,14 @@ def current_attempt() -> int:
     """The number of the attempt in flight in this context: 1 outside a retry, 2 during the
     first retry, and so on (telemetry derives ``http.request.resend_count`` from it)."""
     return _ATTEMPT_NUMBER.get()
+
+
+def is_async_callable(func: object) -> bool:
+    """Whether calling ``func`` gives a coroutine (an ``async def``, or an object whose
+    ``__call__`` is one), as far as can be told without calling it."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async
+    )
 
 
 class CallHooks:
@@ -613,9 +623,18 @@ class _Runner:
             value = fallback(error)
         except FallbackDeclined:
             return self._declined()
-        except BaseException:
+        except Exception:  # not BaseException: a cancelled call has no verdict to publish
             self._fallback_finished(ok=False)
             raise
+        if inspect.iscoroutine(value):
+            # An async fallback on a sync call: its coroutine would reach the caller as the
+            # result, never run. Guard(fallback=) serves call() and call_async() alike, so
+            # this can only be caught here.
+            value.close()
+            self._fallback_finished(ok=False)
+            raise ConfigError(
+                "fallback", fallback, "a plain function for a sync call (it returned a coroutine)"
+            ) from error
         self._fallback_finished(ok=True)
         return value
 
@@ -630,7 +649,7 @@ class _Runner:
                 value = await value
         except FallbackDeclined:
             return self._declined()
-        except BaseException:
+        except Exception:  # not BaseException: a cancelled call has no verdict to publish
             self._fallback_finished(ok=False)
             raise
         self._fallback_finished(ok=True)

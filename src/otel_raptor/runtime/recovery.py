@@ -17,9 +17,10 @@ fail_fast              give the error back at once
 
 The strategy follows the category (:func:`otel_raptor.core.recovery.default_strategy`); then the
 learner may swap a specialised retry for a plain one that has recovered better on this service,
-and skips retries altogether for a (service, category) that has stopped recovering (see
-:mod:`otel_raptor.core.learning`). When retries give up, are futile or impossible, a
-``fallback_func`` turns the result into a failover.
+tries the other one when the chosen one has proved futile (so that it can earn a record at
+all), and skips retries altogether for a (service, category) where both have stopped
+recovering, but for its probes (see :mod:`otel_raptor.core.learning`). When retries give up,
+are futile or impossible, a ``fallback_func`` turns the result into a failover.
 
 Context keys (the seed's, plus a few): ``service_name`` (str, default ``"default"``),
 ``max_retries`` (int >= 0), ``retry_func`` (zero-argument callable, sync or async),
@@ -52,6 +53,7 @@ from otel_raptor.runtime.drive import (
     CallHooks,
     CallPlan,
     TimeoutKwargHooks,
+    is_async_callable,
     recover_async,
     recover_sync,
 )
@@ -141,7 +143,7 @@ class ErrorRecoveryEngine:
         """Recover from ``error``; awaits async callables, sleeps without blocking the loop."""
         if not isinstance(error, Exception):
             raise error  # cancellation is never recovered from, nor swallowed
-        plan = self._plan(error, context)
+        plan = self._plan(error, context, is_async=True)
         run = self._run(plan, is_async=True)
         try:
             value = await recover_async(
@@ -163,7 +165,7 @@ class ErrorRecoveryEngine:
         """The synchronous twin of :meth:`handle_error` (callables must be sync)."""
         if not isinstance(error, Exception):
             raise error
-        plan = self._plan(error, context)
+        plan = self._plan(error, context, is_async=False)
         run = self._run(plan, is_async=False)
         try:
             value = recover_sync(
@@ -175,18 +177,26 @@ class ErrorRecoveryEngine:
 
     # ------------------------------------------------------------------ plan
 
-    def _plan(self, error: Exception, context: Mapping[str, Any] | None) -> _Plan:
+    def _plan(
+        self, error: Exception, context: Mapping[str, Any] | None, *, is_async: bool
+    ) -> _Plan:
         ctx = dict(context or {})
         service = self._runtime.service(_str(ctx, "service_name", "default"))
         critical = _bool(ctx, "critical", False)
-        retry_func = _callable(ctx, "retry_func")
-        fallback = _fallback(_callable(ctx, "fallback_func"))
-        reconnect = _callable(ctx, "reconnect_func")
-        refresher = _callable(ctx, "auth_refresh_func") or self._refreshers.get(service)
+        retry_func = _callable(ctx, "retry_func", is_async=is_async)
+        fallback = _fallback(_callable(ctx, "fallback_func", is_async=is_async))
+        reconnect = _callable(ctx, "reconnect_func", is_async=is_async)
+        refresher = _callable(ctx, "auth_refresh_func", is_async=is_async)
+        if refresher is None:
+            refresher = self._refreshers.get(service)
+            if refresher is not None and not is_async and is_async_callable(refresher):
+                raise ConfigError(
+                    "auth_refresher", refresher, "a plain function for handle_error_sync"
+                )
         policy = self.policy
         if "max_retries" in ctx:
             max_retries = ctx["max_retries"]
-            if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+            if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
                 raise ConfigError("context.max_retries", max_retries, "an integer >= 0")
             policy = replace(policy, max_retries=max_retries)
         timeout = ctx.get("timeout")
@@ -206,9 +216,7 @@ class ErrorRecoveryEngine:
                 candidates: tuple[Strategy, ...] = (strategy,)
                 if strategy is not Strategy.RETRY_WITH_BACKOFF:
                     candidates = (strategy, Strategy.RETRY_WITH_BACKOFF)
-                strategy = self._runtime.best_strategy(service, category, candidates)
-                if not self._runtime.should_retry(service, category, strategy):
-                    strategy = Strategy.FAIL_FAST
+                strategy = self._learned_strategy(service, category, candidates)
         elif strategy is Strategy.AUTH_REFRESH and (refresher is None or retry_func is None):
             strategy = Strategy.FAIL_FAST
         if strategy is Strategy.FAIL_FAST and fallback is not None:
@@ -226,6 +234,21 @@ class ErrorRecoveryEngine:
             replay_safe=_bool(ctx, "idempotent", True),
             critical=critical,
         )
+
+    def _learned_strategy(
+        self, service: str, category: str, candidates: tuple[Strategy, ...]
+    ) -> Strategy:
+        """The candidate that has recovered best here, unless the learner has found it futile;
+        then the next candidate it has not (so an alternative gets tried at all, and its
+        record can make it the best), and ``fail_fast`` when every one is. The learner is
+        asked once per candidate and call: its answer may be the probe it grants now and then
+        to a futile one, which the attempt loop does not ask for again."""
+        runtime = self._runtime
+        best = runtime.best_strategy(service, category, candidates)
+        for strategy in (best, *(c for c in candidates if c is not best)):
+            if runtime.should_retry(service, category, strategy):
+                return strategy
+        return Strategy.FAIL_FAST
 
     def _run(self, plan: _Plan, *, is_async: bool) -> _Run:
         """How the plan's strategy runs on the attempt loop: every strategy is a loop whose
@@ -407,10 +430,15 @@ def _bool(ctx: Mapping[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _callable(ctx: Mapping[str, Any], key: str) -> Callable[..., Any] | None:
+def _callable(ctx: Mapping[str, Any], key: str, *, is_async: bool) -> Callable[..., Any] | None:
     value = ctx.get(key)
     if value is not None and not callable(value):
         raise ConfigError(f"context.{key}", value, "a callable or None")
+    if value is not None and not is_async and is_async_callable(value):
+        # handle_error_sync cannot await it: its coroutine would be taken for a result.
+        raise ConfigError(
+            f"context.{key}", value, "a plain function for handle_error_sync (use handle_error)"
+        )
     return value
 
 
@@ -419,11 +447,21 @@ def _fallback(func: Callable[..., Any] | None) -> Callable[[BaseException], Any]
     if func is None:
         return None
     try:
-        inspect.signature(func).bind(None)
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature (some builtins): assume it takes the error
+        return func
+    try:
+        signature.bind(None)
     except TypeError:
+        try:
+            signature.bind()
+        except TypeError:
+            # Called with neither, it would fail with a TypeError of its own in place of the
+            # error being recovered from.
+            raise ConfigError(
+                "context.fallback_func", func, "a callable taking the error, or no argument"
+            ) from None
         return lambda _error: func()
-    except ValueError:  # no signature (some builtins): assume it takes the error
-        pass
     return func
 
 
