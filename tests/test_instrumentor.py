@@ -346,16 +346,34 @@ def test_each_warning_says_what_takes_the_ignored_values_place(
     tmp_path: Path,
 ) -> None:
     config_file = tmp_path / "raptor.toml"
-    config_file.write_text("[retry]\nmax_retries = -1\n", encoding="utf-8")
+    config_file.write_text("[retry]\nmax_retries = -1\n[breaker]\nthreshold = 3\n", "utf-8")
     monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_CONFIG, str(config_file))
     monkeypatch.setenv("OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRY", "7")
     with caplog.at_level(logging.WARNING, logger="otel_raptor"):
         instrumentor.instrument()
     warnings = [r.getMessage() for r in caplog.records if "configuration" in r.getMessage()]
     endings = sorted(message.rpartition("; ")[2] for message in warnings)
-    # The file's value: the default takes its place. A variable raptor does not read:
-    # nothing does.
-    assert endings == ["ignoring it", "ignoring it (the default applies)"], warnings
+    # The file's value: the default takes its place. A variable or a key raptor does not
+    # read: nothing does.
+    assert endings == ["ignoring it", "ignoring it", "ignoring it (the default applies)"], warnings
+    instrumentor.uninstrument()
+    caplog.clear()
+    config_file.write_text("[retry\n", encoding="utf-8")  # not TOML: the file as a whole
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        instrumentor.instrument()
+    warnings = [r.getMessage() for r in caplog.records if "configuration" in r.getMessage()]
+    assert [w.rpartition("; ")[2] for w in warnings if "valid TOML" in w] == [
+        "ignoring it (the environment and the defaults apply)"
+    ], warnings
+
+
+def test_an_unknown_keyword_lists_every_keyword_instrument_takes(
+    instrumentor: RaptorInstrumentor,
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        instrumentor.instrument(tracer_provder=None)
+    assert "tracer_provider" in raised.value.allowed
+    assert "retry_budget_ratio" in raised.value.allowed
 
 
 def test_the_runtime_is_configured_and_restored(

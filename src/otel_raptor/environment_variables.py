@@ -43,7 +43,7 @@ __all__ = [
 # --- retries (``RetryPolicy``) ----------------------------------------------------------------
 
 OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES = "OTEL_PYTHON_RAPTOR_RECOVERY_MAX_RETRIES"
-"""Retries after the first attempt: an integer >= 0, default ``3``; ``0`` disables retries."""
+"""Retries after the first attempt: an integer >= 0, default ``4``; ``0`` disables retries."""
 
 OTEL_PYTHON_RAPTOR_RECOVERY_BASE_DELAY = "OTEL_PYTHON_RAPTOR_RECOVERY_BASE_DELAY"
 """Backoff before the first retry, seconds >= 0, default ``1.0``."""

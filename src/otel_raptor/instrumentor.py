@@ -67,6 +67,11 @@ __all__ = ["RaptorInstrumentor"]
 
 _logger = logging.getLogger("otel_raptor")
 _PREFIX = "OTEL_PYTHON_RAPTOR_"
+# How the configuration's errors about an unknown key (file) or keyword (code) begin.
+_UNKNOWN_KEY = "a known key"
+_UNKNOWN_KEYWORD = "a known keyword"
+#: ``instrument()`` keywords that are the instrumentor's, not the configuration's.
+_OWN_KEYWORDS = ("tracer_provider", "meter_provider", "logger_provider", "memory")
 
 # Messages of configuration problems already logged: instrument → uninstrument → instrument
 # must not repeat them. Bounded, since values come from outside.
@@ -89,6 +94,10 @@ def _report_config(error: ConfigError) -> None:
 
 def _what_applies(error: ConfigError) -> str:
     """What takes the place of the value ``error`` reports: the next layer down."""
+    if error.key == env_names.OTEL_PYTHON_RAPTOR_CONFIG:
+        return " (the environment and the defaults apply)"  # the file as a whole
+    if error.allowed.startswith(_UNKNOWN_KEY):
+        return ""  # a key raptor does not read: nothing falls back
     if not error.key.upper().startswith(_PREFIX):
         return " (the default applies)"  # a file's value: only the defaults lie below it
     if error.key not in KNOWN_VARIABLES:
@@ -188,7 +197,13 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
         if isinstance(monitor_spec, (MonitorConfig, Mapping)):
             kwargs["monitor"] = monitor_spec  # merged over the environment and the file
         # A bad kwarg raises here, before anything has changed.
-        config = _load_config(kwargs, os.environ)
+        try:
+            config = _load_config(kwargs, os.environ)
+        except ConfigError as error:
+            if not error.allowed.startswith(_UNKNOWN_KEYWORD):
+                raise
+            allowed = f"{error.allowed}, {', '.join(_OWN_KEYWORDS)}"  # taken out above
+            raise ConfigError(error.key, error.value, allowed) from None
         if config is None:  # not even the defaults load: leave the app alone
             return
         try:

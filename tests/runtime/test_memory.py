@@ -112,6 +112,8 @@ def test_stats_shape_with_real_readings() -> None:
     assert isinstance(limit, dict)
     assert limit["source"] in ("cgroup", "physical")
     assert 0 < limit["usage_ratio"] < 1
+    # The usage shown is the one the ratio counts (RSS against physical memory).
+    assert abs(limit["usage_bytes"] / limit["bytes"] - limit["usage_ratio"]) < 0.01
     assert stats["caches"] == {
         "memo": {"entries": 1, "priority": "low", "max_age": 10, "kind": "dict"}
     }

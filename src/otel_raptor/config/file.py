@@ -119,7 +119,11 @@ def config_from_toml(
                 dotted = f"{key}.{sub}"
                 if key == "retry_budget" and dotted not in _TOP_FIELDS:
                     problems.append(
-                        ConfigError(f"{name}:{dotted}", item, "ratio or min_retries_per_second")
+                        ConfigError(
+                            f"{name}:{dotted}",
+                            item,
+                            "a known key, one of ratio, min_retries_per_second",
+                        )
                     )
                     continue
                 overrides[dotted] = item

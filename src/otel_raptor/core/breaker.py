@@ -308,7 +308,9 @@ class CircuitBreakerConfig:
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key not in allowed:
-                raise ConfigError(f"breaker.{key}", value, "one of " + ", ".join(allowed))
+                raise ConfigError(
+                    f"breaker.{key}", value, "a known key, one of " + ", ".join(allowed)
+                )
             kwargs[key] = _categories(value) if key == "ignored_categories" else value
         return cls(**kwargs)
 

@@ -305,7 +305,9 @@ class SimpleMemoryController:
             "limit": {
                 "bytes": limit.bytes,
                 "source": limit.source,
-                "usage_bytes": limit.usage_bytes,
+                # What the ratio counts: the cgroup's working set, else this process's RSS
+                # (the machine's used memory is system_memory.used).
+                "usage_bytes": limit.usage_bytes if limit.source == "cgroup" else int(info.rss),
                 "usage_ratio": ratio,
             },
             "caches": caches,
