@@ -540,11 +540,13 @@ def test_a_fallback_that_raises_is_reported_as_a_failure(
         raise LookupError("no cached copy")
 
     guard = Guard("api", retry=False, fallback=fallback, runtime=runtime)
-    with pytest.raises(LookupError):
+    with pytest.raises(LookupError) as raised:
         guard.call(Flaky(ConnectionResetError(104, "x")))
     (finished,) = of(events, RecoveryFinished)
     assert (finished.strategy, finished.outcome) == (Strategy.FAILOVER, Outcome.FAILED)
     assert finished.give_up_reason == "fallback_failed"
+    # As ``except: fallback()`` would show it: the failure the fallback answered for.
+    assert isinstance(raised.value.__context__, ConnectionResetError)
 
 
 def test_an_async_fallback_on_a_sync_call_is_refused_never_returned(

@@ -623,7 +623,8 @@ class _Runner:
             value = fallback(error)
         except FallbackDeclined:
             return self._declined()
-        except Exception:  # not BaseException: a cancelled call has no verdict to publish
+        except Exception as failure:  # not BaseException: a cancelled call has no verdict
+            _chain(failure, error)
             self._fallback_finished(ok=False)
             raise
         if inspect.iscoroutine(value):
@@ -649,7 +650,8 @@ class _Runner:
                 value = await value
         except FallbackDeclined:
             return self._declined()
-        except Exception:  # not BaseException: a cancelled call has no verdict to publish
+        except Exception as failure:  # not BaseException: a cancelled call has no verdict
+            _chain(failure, error)
             self._fallback_finished(ok=False)
             raise
         self._fallback_finished(ok=True)
@@ -732,6 +734,22 @@ class _Runner:
         report_internal_error(where, bug)
         self._passive = True
         return step
+
+
+def _chain(failure: BaseException, error: BaseException) -> None:
+    """Show ``error`` as the context of the fallback's ``failure``, as ``except: fallback()``
+    would have (the fallback runs outside the ``except`` block, so Python does not); never
+    makes a cycle, never replaces a context the failure has."""
+    if failure is error or failure.__context__ is not None:
+        return
+    seen = error
+    for _ in range(64):  # a bounded walk: a chain can be long, or (badly made) cyclic
+        if seen is failure:
+            return
+        if seen.__context__ is None:
+            failure.__context__ = error
+            return
+        seen = seen.__context__
 
 
 class _SafeScope:
