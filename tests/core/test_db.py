@@ -43,6 +43,8 @@ def table(
         return False
     if failure is FailurePoint.ROLLED_BACK:
         return True
+    if failure is FailurePoint.TIMED_OUT:
+        return False
     if failure is FailurePoint.NOT_SENT:
         return can_send
     if failure is FailurePoint.FAILED:
@@ -73,6 +75,9 @@ def test_the_safety_properties_over_every_combination() -> None:
             assert not verdict
         # A write whose outcome is unknown is never sent again.
         if failure is FailurePoint.UNKNOWN and not read_only:
+            assert not verdict
+        # Nor is a statement that ran out of its time.
+        if failure is FailurePoint.TIMED_OUT:
             assert not verdict
         # Knowing more can only allow more: read-only, able to send, outside a transaction.
         for better in ({"read_only": True}, {"can_send": True}, {"in_transaction": False}):

@@ -18,6 +18,8 @@ statement      open         any                   never (the whole transaction m
                                                   redone: :func:`otel_raptor.db.run_transaction`)
 statement      none         ``NOT_SENT``          yes, if the client can still send
 statement      none         ``ROLLED_BACK``       yes (the server undid it and asks for a retry)
+statement      none         ``TIMED_OUT``         never (it ran out of its time, and would
+                                                  most likely run as long again)
 statement      none         ``FAILED``            only a read-only statement
 statement      none         ``UNKNOWN``           only a read-only statement, on a client
                                                   that can still send
@@ -86,6 +88,10 @@ class FailurePoint(str, enum.Enum):
     #: The call was sent and no answer came (connection lost, client-side timeout): the server
     #: may have acted on it.
     UNKNOWN = "unknown"
+    #: The statement ran out of its time and was cancelled on the server (asyncpg's own
+    #: ``timeout=``/``command_timeout``, which is the statement timeout under raptor): run
+    #: again, it would most likely take as long, holding the caller that much longer again.
+    TIMED_OUT = "timed_out"
 
     def __str__(self) -> str:
         return self.value
@@ -95,6 +101,7 @@ _CONNECT: Final = Operation.CONNECT
 _BATCH: Final = Operation.BATCH
 _NOT_SENT: Final = FailurePoint.NOT_SENT
 _ROLLED_BACK: Final = FailurePoint.ROLLED_BACK
+_TIMED_OUT: Final = FailurePoint.TIMED_OUT
 
 
 def replay_safe_after(
@@ -115,7 +122,7 @@ def replay_safe_after(
     """
     if operation is _CONNECT:
         return True
-    if operation is _BATCH or in_transaction:
+    if operation is _BATCH or in_transaction or failure is _TIMED_OUT:
         return False
     if failure is _ROLLED_BACK:
         return True

@@ -155,14 +155,16 @@ async def test_an_applications_command_timeout_is_kept(install: Install) -> None
         await con.close()
 
 
-async def test_a_timed_out_read_is_retried_and_a_timed_out_write_is_not(
+async def test_a_statement_that_ran_out_of_its_time_is_never_run_again(
     install: Install, admin: Any, table: str
 ) -> None:
     installed = install(AsyncpgIntegration, max_retries=1)
-    # asyncpg's own timeout cancels the statement on the server and keeps the connection.
+    # asyncpg's own timeout cancels the statement on the server and keeps the connection: it
+    # is the statement timeout, and a read run again would most likely take as long again
+    # (SQLSTATE 57014 is not replayed either).
     with FaultProxy(POSTGRES) as proxy:
         url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test"
-        for statement, attempts in (("SELECT 1", 2), (f"INSERT INTO {table} VALUES (1)", 1)):
+        for statement, attempts in (("SELECT 1", 1), (f"INSERT INTO {table} VALUES (1)", 1)):
             con = await asyncpg.connect(url)
             proxy.latency(0.3)
             try:

@@ -82,9 +82,10 @@ def failure_point(
     error: BaseException, classification: Classification
 ) -> tuple[FailurePoint, bool]:
     """As for every PostgreSQL driver, except that asyncpg's own timeout (``timeout=``,
-    ``command_timeout``) cancels the statement on the server and keeps the connection."""
+    ``command_timeout``) cancels the statement on the server and keeps the connection: it is
+    the statement timeout (raptor's default one included), never replayed, like ``57014``."""
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
-        return FailurePoint.UNKNOWN, True
+        return FailurePoint.TIMED_OUT, True
     return postgres_failure_point(error, classification)
 
 
