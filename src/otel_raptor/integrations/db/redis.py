@@ -9,34 +9,52 @@ applied. So while raptor runs a command, redis-py's ``Retry.call_with_retry`` ma
 attempt (it still runs its failure callback, which disconnects the broken connection), and
 raptor's loop decides what to retry, with the server's breaker, retry budget and telemetry:
 
-- a command whose connection could not be opened (refused, timed out, failed ``AUTH``) never
-  reached the server: it may be sent again, write or not;
+- a command whose connection could not be opened (refused, timed out, failed ``AUTH``), or
+  whose connection failed its health check (``health_check_interval``'s ``PING``, sent before
+  the command), never reached the server: it may be sent again, write or not;
 - a reply saying the command was not executed (``LOADING``, ``TRYAGAIN``, ``MASTERDOWN``,
-  ``CLUSTERDOWN``): sent again;
+  ``CLUSTERDOWN``) to a command that runs no code of its own: sent again. Not after ``EVAL``,
+  ``EVALSHA``, ``FCALL`` (and their ``_RO`` forms) or a module command (``JSON.SET``, ...):
+  a script, a function or a module may write and then reply with any error;
 - a connection lost or timed out after sending: only a read-only command
   (:data:`~otel_raptor.core.db.REDIS_READ_ONLY_COMMANDS`) is sent again; ``INCR``, ``SET``,
   ``LPUSH``, ... are not.
 
 Pipelines: one that only reads is a read-only command; a transaction (``MULTI``/``EXEC``,
-the default) that writes may be sent again only when it was never sent or was rejected whole;
-a non-transactional pipeline that writes, or one that is ``WATCH``ing, is never sent again.
-A ``WatchError`` is a conflict, not a fault: it reaches the application as always (its
-optimistic-locking loop retries), and counts neither as a failure nor against the breaker.
+the default) that writes may be sent again only when it was never sent or was rejected whole
+(at ``MULTI``, while queueing, which makes ``EXEC`` abort, or by ``EXEC`` itself), never after
+an error taken from ``EXEC``'s results (``EXEC`` ran); a non-transactional pipeline that
+writes, or one that is ``WATCH``ing, is never sent again. A ``WatchError`` is a conflict, not
+a fault: it reaches the application as always (its optimistic-locking loop retries), and
+counts neither as a failure nor against the breaker.
+
+The connection pool's own refusals (``MaxConnectionsError``, ``BlockingConnectionPool``'s
+"No connection available.") say nothing about the server: they reach the application as they
+would without raptor, neither counted by the breaker nor retried.
 
 ``RedisCluster`` runs its own retry loop (redirections, slot-table refreshes, and retries of
 connection errors that include writes): raptor adds no retries on top, and puts a breaker per
-cluster (named after its first startup node) around each call.
+cluster (named after its first startup node) around each call. The node clients the cluster
+client creates for itself (which refresh its slot table) are left alone.
+
+Servers: ``redis://host:port/db`` (``redis:///path/to/socket/db``); a Sentinel-managed pool
+is named after its service, ``redis-sentinel://service/db`` for the master and
+``redis-sentinel://service/db/replicas`` for the replicas, wherever Sentinel says they are.
+A pool whose server cannot be told is left alone.
 
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
 ``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, plus ``Retry.call_with_retry``
 and ``AbstractConnection.connect_check_health`` (``connect`` before redis-py 6), to turn
-retries off and to mark failures to connect. See ``docs/databases.md``.
+retries off and to mark failures to connect, and ``NodesManager.create_redis_node``, to know
+the cluster's node clients. See ``docs/databases.md``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.core.classification import Classification
@@ -57,6 +75,7 @@ from otel_raptor.integrations.db._common import (
 )
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.telemetry.instruments import ATTR_DB_NAMESPACE, ATTR_DB_SYSTEM_NAME
 
 if TYPE_CHECKING:
     import redis as _redis
@@ -70,9 +89,33 @@ __all__ = ["RedisCircuitOpen", "RedisIntegration", "circuit_open_error_type"]
 SYSTEM: Final = "redis"
 #: The attribute under which a connection pool (or a cluster client) keeps its target.
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
+#: Set on the connection pool of a node client that ``RedisCluster`` created for itself.
+CLUSTER_NODE_ATTRIBUTE: Final = "_otel_raptor_cluster_node"
+#: Set on a "not executed" reply (``LOADING``, ``TRYAGAIN``, ...) that stands for the whole
+#: call: a command that runs no code of its own, or a transaction rejected before ``EXEC`` ran.
+REFUSED_WHOLE_ATTRIBUTE: Final = "_otel_raptor_refused_whole"
 
 # Set while raptor runs a command: redis-py's Retry then makes one attempt.
 _driving: ContextVar[bool] = ContextVar("otel_raptor_redis_driving", default=False)
+
+# Commands that run code of their own (a script, a function, a trigger), which may write
+# before replying with any error. Module commands are named ``MODULE.COMMAND``.
+_CODE_COMMANDS: Final = frozenset(
+    {"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO", "TFCALL", "TFCALLASYNC"}
+)
+# Where a connection pool hands out a connection; an error raised there itself (not by the
+# connection it opens, which is marked not sent) is the pool's own refusal.
+_POOL_FUNCTIONS: Final = frozenset(
+    {"get_connection", "make_connection", "get_available_connection"}
+)
+# The frame that raises the first error of a pipeline's results (EXEC's, for a transaction).
+_RESULT_ERROR_FUNCTION: Final = "raise_first_error"
+# The prefix redis-py puts on the error of one of a pipeline's commands.
+_ANNOTATION: Final = "Command # "
+# redis-py's health check (``check_health``) sends ``PING`` with this function.
+_HEALTH_CHECK_PING: Final = "_send_ping"
+# The keyword arguments the loop hands to an attempt that takes its own (never mutated).
+_NO_KWARGS: Final[dict[str, Any]] = {}
 
 
 class _Marker:
@@ -89,10 +132,23 @@ _WRITES: Final = _Marker(read_only=False)
 
 
 def _read_only(args: tuple[Any, ...]) -> bool:
+    """``args``: a pipeline's ``(marker, ...)``, or a command's ``(client, args, options)``."""
     first = args[0] if args else None
     if isinstance(first, _Marker):
         return first.read_only
-    return len(args) > 1 and redis_read_only(args[1])
+    command: tuple[Any, ...] = args[1] if len(args) > 1 else ()
+    return bool(command) and redis_read_only(command[0])
+
+
+def _runs_code(command: object) -> bool:
+    """Whether the command named ``command`` may run code of its own (a script, a function,
+    a module command): unknown counts as yes."""
+    if isinstance(command, bytes):
+        command = command.decode("latin-1")
+    if not isinstance(command, str):
+        return True
+    name = command.partition(" ")[0].upper()
+    return name in _CODE_COMMANDS or "." in name
 
 
 class _Conflict:
@@ -101,6 +157,17 @@ class _Conflict:
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _PassThrough(BaseException):
+    """Carries an error that raptor must neither count nor retry (a connection pool's own
+    refusal) out of the attempt loop. The loop ends a call whose attempt raised a
+    ``BaseException`` that is not an ``Exception`` without a verdict (nothing counted, retried
+    or published, a probe's slot given back); the hook then raises the error itself."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
         self.error = error
 
 
@@ -136,7 +203,9 @@ def failure_point_for(redis: Any) -> PointOf:
         if is_not_sent(error):
             return FailurePoint.NOT_SENT, True
         if isinstance(error, not_executed):
-            return FailurePoint.ROLLED_BACK, True
+            if getattr(error, REFUSED_WHOLE_ATTRIBUTE, False) is True:
+                return FailurePoint.ROLLED_BACK, True
+            return FailurePoint.FAILED, True  # a script, a module or EXEC may have written
         if isinstance(error, transport):
             return FailurePoint.UNKNOWN, True  # the pool reconnects for the next attempt
         return FailurePoint.FAILED, True  # the server answered
@@ -144,37 +213,183 @@ def failure_point_for(redis: Any) -> PointOf:
     return failure_point
 
 
+def _mark(error: BaseException, attribute: str) -> None:
+    try:
+        setattr(error, attribute, True)
+    except Exception:  # noqa: BLE001 - an exception refusing attributes: simply unmarked
+        return
+
+
+def _innermost_frame(error: BaseException) -> Any:
+    tb = error.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame
+
+
+def _raised_in(error: BaseException, function: str) -> bool:
+    """Whether a redis-py function named ``function`` is on ``error``'s traceback."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _refused_by_pool(error: BaseException, max_connections: tuple[type, ...]) -> bool:
+    """Whether ``error`` is the connection pool's own refusal, raised before any connection
+    was opened: ``MaxConnectionsError``, or an error raised by the pool's code itself."""
+    try:
+        if is_not_sent(error):
+            return False  # opening the connection failed: that is the server's doing
+        if isinstance(error, max_connections):
+            return True
+        frame = _innermost_frame(error)
+        return (
+            frame is not None
+            and frame.f_code.co_name in _POOL_FUNCTIONS
+            and str(frame.f_globals.get("__name__", "")).startswith("redis.")
+        )
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("redis.pool_refusal", bug)
+        return False
+
+
+def _transaction_refused_whole(error: BaseException, exec_abort: type[BaseException]) -> bool:
+    """Whether a transaction's error means none of it ran: rejected at ``MULTI`` or while
+    queueing (``EXEC`` then aborts: the error comes with an ``ExecAbortError`` as its cause or
+    context), or by ``EXEC`` itself. An error taken from ``EXEC``'s results means it ran."""
+    if isinstance(error.__cause__, exec_abort) or isinstance(error.__context__, exec_abort):
+        return True
+    if _raised_in(error, _RESULT_ERROR_FUNCTION):
+        return False
+    message = error.args[0] if error.args else ""
+    return not (isinstance(message, str) and message.startswith(_ANNOTATION))
+
+
 class _State(DbState):
-    __slots__ = ("watch_error",)
+    __slots__ = ("exec_abort", "max_connections", "watch_error")
 
     def __init__(
-        self, settings: IntegrationSettings, watch_error: type[BaseException], **options: Any
+        self,
+        settings: IntegrationSettings,
+        watch_error: type[BaseException],
+        exec_abort: type[BaseException],
+        max_connections: tuple[type[BaseException], ...],
+        **options: Any,
     ) -> None:
         super().__init__(settings, **options)
         self.watch_error = watch_error
+        self.exec_abort = exec_abort
+        self.max_connections = max_connections
 
 
 _installed: _State | None = None
 
 
-def _server_of_pool(pool: Any) -> Server:
+def _passes_through(error: Exception, args: tuple[Any, ...]) -> bool:
+    """Sort out a command's failed attempt (``args``: the command and its arguments): whether
+    it is a connection pool's own refusal, which leaves the loop uncounted. A "not executed"
+    reply to a command that runs no code of its own is marked as standing for the whole
+    command."""
+    state = _installed
+    if state is None:
+        return False
+    if _refused_by_pool(error, state.max_connections):
+        return True
+    try:
+        if args and not _runs_code(args[0]):
+            _mark(error, REFUSED_WHOLE_ATTRIBUTE)
+    except Exception as bug:  # noqa: BLE001 - unmarked: never replayed, the safe side
+        report_internal_error("redis.judge_failure", bug)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _SentinelService(Server):
+    """A Sentinel-managed Redis service as a breaker sees it: its master (or, with
+    ``replicas``, its replicas) wherever Sentinel says it is now. ``host`` is the service
+    name; ``port`` is ``None``."""
+
+    replicas: bool = False
+
+    @property
+    def name(self) -> str:
+        """``redis-sentinel://service/db``, ``.../db/replicas`` for the replicas."""
+        role = "/replicas" if self.replicas else ""
+        return f"{self.system}-sentinel://{self.host}/{self.database or ''}{role}"
+
+    @property
+    def attributes(self) -> dict[str, str | int]:
+        """``db.system.name`` and ``db.namespace``: the address changes with failovers."""
+        attributes: dict[str, str | int] = {ATTR_DB_SYSTEM_NAME: self.system}
+        if self.database:
+            attributes[ATTR_DB_NAMESPACE] = self.database
+        return attributes
+
+
+def _default_address(connection_class: Any) -> tuple[str, int] | None:
+    """The host and port a connection class uses when given none (``localhost:6379`` for
+    redis-py's ``Connection``), or ``None`` when its ``__init__`` declares no default (one
+    taking ``**kwargs`` may set its own: Sentinel's does)."""
+    for klass in getattr(connection_class, "__mro__", ()):
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters
+        except (TypeError, ValueError):  # not introspectable: no default to rely on
+            return None
+        host, port = parameters.get("host"), parameters.get("port")
+        if host is None or port is None:
+            return None
+        if isinstance(host.default, str) and isinstance(port.default, int):
+            return host.default, port.default
+        return None
+    return None
+
+
+def _server_of_pool(pool: Any) -> Server | None:
+    """The server of a connection pool, or ``None`` when it cannot be told."""
     kwargs = pool.connection_kwargs
     database = str(kwargs.get("db", 0))
+    service = getattr(pool, "service_name", None)
+    if service is not None and hasattr(pool, "is_master"):
+        return _SentinelService(SYSTEM, str(service), None, database, replicas=not pool.is_master)
     path = kwargs.get("path")
     if path:
         return Server(SYSTEM, str(path), None, database)
-    return Server(
-        SYSTEM,
-        str(kwargs.get("host", "localhost")).lower(),
-        int(kwargs.get("port", 6379)),
-        database,
-    )
+    host = kwargs.get("host")
+    port = kwargs.get("port")
+    if host is None:
+        default = _default_address(getattr(pool, "connection_class", None))
+        if default is None:
+            return None
+        host, port = default[0], port or default[1]
+    return Server(SYSTEM, str(host).lower(), int(port or 6379), database)
 
 
-def _target(state: _State, pool: Any) -> DbTarget:
-    target: DbTarget | None = getattr(pool, TARGET_ATTRIBUTE, None)
+class _Untouched:
+    """The target of a pool whose calls raptor leaves alone: a node client ``RedisCluster``
+    made (the cluster client's own calls are guarded), or a pool whose server is unknown."""
+
+    __slots__ = ("owner",)
+
+    enabled: Final = False
+    statement: Final = None
+
+    def __init__(self, owner: _State) -> None:
+        self.owner = owner
+
+
+def _target(state: _State, pool: Any) -> DbTarget | _Untouched:
+    target: DbTarget | _Untouched | None = getattr(pool, TARGET_ATTRIBUTE, None)
     if target is None or target.owner is not state:
-        target = state.target(_server_of_pool(pool))
+        server = None if getattr(pool, CLUSTER_NODE_ATTRIBUTE, False) else _server_of_pool(pool)
+        target = _Untouched(state) if server is None else state.target(server)
         setattr(pool, TARGET_ATTRIBUTE, target)
     return target
 
@@ -200,6 +415,12 @@ def _failure_handling(
     return is_retryable, with_failure_count
 
 
+def _is_health_check(do: Any) -> bool:
+    """Whether ``do`` is redis-py's health-check ``PING`` (``check_health`` runs it before the
+    command is written: a failure there leaves the command unsent)."""
+    return getattr(do, "__name__", None) == _HEALTH_CHECK_PING
+
+
 def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives.
     ``do`` and ``fail`` are named as in redis-py, so a success reads nothing else."""
@@ -209,7 +430,11 @@ def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, do, fail, *args, **kwargs)
         try:
             return do()
-        except self._supported_errors as error:
+        except Exception as error:
+            if _is_health_check(do):
+                mark_not_sent(error)
+            if not isinstance(error, self._supported_errors):
+                raise
             is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
             if is_retryable is None or is_retryable(error):
                 if with_failure_count:
@@ -229,7 +454,11 @@ def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., 
             return await original(self, do, fail, *args, **kwargs)
         try:
             return await do()
-        except self._supported_errors as error:
+        except Exception as error:
+            if _is_health_check(do):
+                mark_not_sent(error)
+            if not isinstance(error, self._supported_errors):
+                raise
             is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
             if is_retryable is None or is_retryable(error):
                 if with_failure_count:
@@ -268,11 +497,39 @@ def _async_connect_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
     return connect_check_health
 
 
+def _node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``NodesManager.create_redis_node``: the node clients ``RedisCluster``
+    creates for itself (built with ``retries=0``: the cluster client retries) are left alone."""
+
+    def create_redis_node(self: Any, *args: Any, **kwargs: Any) -> Any:
+        node = original(self, *args, **kwargs)
+        try:
+            setattr(node.connection_pool, CLUSTER_NODE_ATTRIBUTE, True)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("redis.cluster_node", bug)
+        return node
+
+    return create_redis_node
+
+
 # --- commands ---------------------------------------------------------------------------------
+#
+# The loop runs an *attempt* function rather than the library's own: it sorts a failure out
+# before the loop sees it (a pool's refusal leaves the loop uncounted; a "not executed" reply
+# is marked when it stands for the whole command). It takes the command's arguments and
+# options as two values, so a call builds no more objects than it would without it.
 
 
 def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Redis.execute_command``."""
+
+    def attempt(client: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        try:
+            return original(client, *args, **options)
+        except Exception as error:
+            if _passes_through(error, args):
+                raise _PassThrough(error) from None
+            raise
 
     def execute_command(self: Any, *args: Any, **options: Any) -> Any:
         state = _installed
@@ -291,15 +548,26 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **options)
         token = _driving.set(True)
         try:
-            return call(plan, original, (self, *args), options)
+            return call(plan, attempt, (self, args, options), _NO_KWARGS)
+        except _PassThrough as passed:
+            error = passed.error
         finally:
             _driving.reset(token)
+        raise error  # outside the except block: as redis-py raised it, with no context added
 
     return execute_command
 
 
 def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio`` ``Redis.execute_command``."""
+
+    async def attempt(client: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        try:
+            return await original(client, *args, **options)
+        except Exception as error:
+            if _passes_through(error, args):
+                raise _PassThrough(error) from None
+            raise
 
     async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
         state = _installed
@@ -317,18 +585,30 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             return await original(self, *args, **options)
         token = _driving.set(True)
         try:
-            return await call_async(plan, original, (self, *args), options)
+            return await call_async(plan, attempt, (self, args, options), _NO_KWARGS)
+        except _PassThrough as passed:
+            error = passed.error
         finally:
             _driving.reset(token)
+        raise error
 
     return execute_command
 
 
-def _pipeline_plan(target: DbTarget, pipe: Any) -> tuple[CallPlan, _Marker]:
+def _is_transaction(pipe: Any) -> bool:
+    """Whether ``pipe`` runs in ``MULTI``/``EXEC``. ``redis.asyncio`` keeps the flag in
+    ``is_transaction`` (its ``transaction`` is a method); redis-py in ``transaction``."""
+    flag = getattr(pipe, "is_transaction", None)
+    if not isinstance(flag, bool):
+        flag = pipe.transaction
+    return flag is True or bool(pipe.explicit_transaction)
+
+
+def _pipeline_plan(target: DbTarget, pipe: Any, transaction: bool) -> tuple[CallPlan, _Marker]:
     stack = pipe.command_stack
     if all(redis_read_only(args[0]) for args, _ in stack if args):
         return target.statement, _READS
-    if pipe.watching or not (pipe.transaction or pipe.explicit_transaction):
+    if pipe.watching or not transaction:
         return target.locked, _WRITES
     return target.statement, _WRITES
 
@@ -337,10 +617,19 @@ class _PipelineRun:
     """One ``Pipeline.execute`` as the loop runs it: each attempt after the first puts back
     what the previous one's ``reset()`` cleared (the commands, the scripts, ``MULTI``)."""
 
-    __slots__ = ("explicit", "original", "pipe", "scripts", "stack", "started", "watch_error")
+    __slots__ = (
+        "explicit",
+        "original",
+        "pipe",
+        "scripts",
+        "stack",
+        "started",
+        "state",
+        "transaction",
+    )
 
     def __init__(
-        self, original: Callable[..., Any], pipe: Any, watch_error: type[BaseException]
+        self, original: Callable[..., Any], pipe: Any, state: _State, *, transaction: bool
     ) -> None:
         self.original = original
         self.pipe = pipe
@@ -348,7 +637,8 @@ class _PipelineRun:
         self.scripts = set(pipe.scripts)
         self.explicit = pipe.explicit_transaction
         self.started = False
-        self.watch_error = watch_error
+        self.state = state
+        self.transaction = transaction
 
     def restore(self) -> None:
         if self.started:
@@ -358,12 +648,30 @@ class _PipelineRun:
             pipe.explicit_transaction = self.explicit
         self.started = True
 
+    def passes_through(self, error: Exception) -> bool:
+        """Sort out a failed attempt (see ``_passes_through``): a "not executed" reply stands
+        for the whole pipeline only when it is a transaction rejected before ``EXEC`` ran. A
+        pipeline without ``MULTI`` may have run every command before the one refused."""
+        state = self.state
+        if _refused_by_pool(error, state.max_connections):
+            return True
+        try:
+            if self.transaction and _transaction_refused_whole(error, state.exec_abort):
+                _mark(error, REFUSED_WHOLE_ATTRIBUTE)
+        except Exception as bug:  # noqa: BLE001 - unmarked: never replayed, the safe side
+            report_internal_error("redis.judge_pipeline_failure", bug)
+        return False
+
     def __call__(self, marker: _Marker, *args: Any, **kwargs: Any) -> Any:
         self.restore()
         try:
             return self.original(self.pipe, *args, **kwargs)
-        except self.watch_error as conflict:
+        except self.state.watch_error as conflict:
             return _Conflict(conflict)
+        except Exception as error:
+            if self.passes_through(error):
+                raise _PassThrough(error) from None
+            raise
 
 
 class _AsyncPipelineRun(_PipelineRun):
@@ -373,8 +681,12 @@ class _AsyncPipelineRun(_PipelineRun):
         self.restore()
         try:
             return await self.original(self.pipe, *args, **kwargs)
-        except self.watch_error as conflict:
+        except self.state.watch_error as conflict:
             return _Conflict(conflict)
+        except Exception as error:
+            if self.passes_through(error):
+                raise _PassThrough(error) from None
+            raise
 
 
 def _settled(result: Any) -> Any:
@@ -392,18 +704,22 @@ def _pipeline_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **kwargs)
         try:
             target = _target(state, self.connection_pool)
-            if not target.enabled:
+            if not isinstance(target, DbTarget) or not target.enabled:
                 return original(self, *args, **kwargs)
-            plan, marker = _pipeline_plan(target, self)
-            run = _PipelineRun(original, self, state.watch_error)
+            transaction = _is_transaction(self)
+            plan, marker = _pipeline_plan(target, self, transaction)
+            run = _PipelineRun(original, self, state, transaction=transaction)
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe_pipeline", bug)
             return original(self, *args, **kwargs)
         token = _driving.set(True)
         try:
             return _settled(call(plan, run, (marker, *args), kwargs))
+        except _PassThrough as passed:
+            error = passed.error
         finally:
             _driving.reset(token)
+        raise error
 
     return execute
 
@@ -417,25 +733,44 @@ def _async_pipeline_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..
             return await original(self, *args, **kwargs)
         try:
             target = _target(state, self.connection_pool)
-            if not target.enabled:
+            if not isinstance(target, DbTarget) or not target.enabled:
                 return await original(self, *args, **kwargs)
-            plan, marker = _pipeline_plan(target, self)
-            run = _AsyncPipelineRun(original, self, state.watch_error)
+            transaction = _is_transaction(self)
+            plan, marker = _pipeline_plan(target, self, transaction)
+            run = _AsyncPipelineRun(original, self, state, transaction=transaction)
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe_pipeline", bug)
             return await original(self, *args, **kwargs)
         token = _driving.set(True)
         try:
             return _settled(await call_async(plan, run, (marker, *args), kwargs))
+        except _PassThrough as passed:
+            error = passed.error
         finally:
             _driving.reset(token)
+        raise error
 
     return execute
+
+
+def _cluster_passes_through(error: Exception) -> bool:
+    """Whether a cluster call's failure is a connection pool's refusal, which leaves the loop
+    uncounted (redis-py's cluster client does not count it against the node either)."""
+    state = _installed
+    return state is not None and _refused_by_pool(error, state.max_connections)
 
 
 def _cluster_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``RedisCluster.execute_command`` and ``ClusterPipeline.execute``: a breaker,
     no retries of ours (the cluster client runs its own)."""
+
+    def attempt(cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return original(cluster, *args, **kwargs)
+        except Exception as error:
+            if _cluster_passes_through(error):
+                raise _PassThrough(error) from None
+            raise
 
     def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -449,13 +784,25 @@ def _cluster_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             plan = None
         if plan is None:
             return original(self, *args, **kwargs)
-        return call(plan, original, (self, *args), kwargs)
+        try:
+            return call(plan, attempt, (self, args, kwargs), _NO_KWARGS)
+        except _PassThrough as passed:
+            error = passed.error
+        raise error
 
     return execute
 
 
 def _async_cluster_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio`` ``RedisCluster.execute_command``."""
+
+    async def attempt(cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return await original(cluster, *args, **kwargs)
+        except Exception as error:
+            if _cluster_passes_through(error):
+                raise _PassThrough(error) from None
+            raise
 
     async def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -469,7 +816,11 @@ def _async_cluster_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             plan = None
         if plan is None:
             return await original(self, *args, **kwargs)
-        return await call_async(plan, original, (self, *args), kwargs)
+        try:
+            return await call_async(plan, attempt, (self, args, kwargs), _NO_KWARGS)
+        except _PassThrough as passed:
+            error = passed.error
+        raise error
 
     return execute
 
@@ -503,6 +854,7 @@ def _patched(redis: Any) -> list[tuple[type, str, Any]]:
         (aio.client.Pipeline, "execute", _async_pipeline_hook),
         (redis.cluster.RedisCluster, "execute_command", _cluster_hook),
         (redis.cluster.ClusterPipeline, "execute", _cluster_hook),
+        (redis.cluster.NodesManager, "create_redis_node", _node_hook),
         (aio.cluster.RedisCluster, "execute_command", _async_cluster_hook),
     ]
 
@@ -516,9 +868,13 @@ class RedisIntegration(DbIntegration):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(library.exceptions.ConnectionError, "RedisCircuitOpen", __name__)
+        exceptions = library.exceptions
+        max_connections = getattr(exceptions, "MaxConnectionsError", None)
         return _State(
             settings,
-            library.exceptions.WatchError,
+            exceptions.WatchError,
+            exceptions.ExecAbortError,
+            () if max_connections is None else (max_connections,),
             error=error,
             point=failure_point_for(library),
             read_only=_read_only,

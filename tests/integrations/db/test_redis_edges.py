@@ -1,0 +1,434 @@
+"""The redis-py integration at its edges, against real servers: Sentinel-managed services,
+connection pools that run out, the cluster client's own node clients, health checks, "not
+executed" replies after a script ran, and asyncio pipelines without ``MULTI``."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+import redis.cluster
+from redis.cluster import ClusterNode, RedisCluster
+from redis.sentinel import Sentinel
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import (
+    BreakerTransitioned,
+    ErrorClassified,
+    RecoveryFinished,
+    RetryScheduled,
+)
+from otel_raptor.core.recovery import Outcome
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations.db.redis import TARGET_ATTRIBUTE, RedisIntegration
+from tests.integrations.db.conftest import Install, Installed
+from tests.support.dbservers import PrivateRedis, find_binary, free_port
+from tests.support.services import REDIS
+from tests.support.tcp_proxy import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("redis_server")
+
+OPEN = CircuitState.OPEN
+SERVICE = f"redis://{REDIS[0]}:{REDIS[1]}/0"
+# A script that writes, then answers with a "try again" error reply.
+INCR_THEN_TRYAGAIN = "redis.call('INCR', KEYS[1]); return redis.error_reply('TRYAGAIN later')"
+TRYAGAIN = "return redis.error_reply('TRYAGAIN later')"
+
+
+def shared() -> redis.Redis:
+    return redis.Redis(host=REDIS[0], port=REDIS[1])
+
+
+@pytest.fixture
+def key(unique_name: str) -> Iterator[str]:
+    yield unique_name
+    shared().delete(unique_name)
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultProxy]:
+    with FaultProxy(REDIS) as started:
+        yield started
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def opened(installed: Installed) -> set[str]:
+    return {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
+
+
+def attempts(installed: Installed) -> list[int]:
+    return [f.attempts for f in installed.of(RecoveryFinished)]
+
+
+# --- Sentinel: a breaker per service, never localhost's --------------------------------------
+
+
+class PrivateSentinel:
+    """A Sentinel of our own watching ``masters`` (service name -> port on 127.0.0.1); it
+    never fails over during a test (a master is down only after 60 s)."""
+
+    def __init__(self, root: Path, masters: dict[str, int]) -> None:
+        binary = find_binary("redis-server")
+        self.port = free_port()
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {root}", "protected-mode no"]
+        for name, port in masters.items():
+            lines.append(f"sentinel monitor {name} 127.0.0.1 {port} 1")
+            lines.append(f"sentinel down-after-milliseconds {name} 60000")
+        config = root / "sentinel.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(
+            [binary, str(config), "--sentinel", "--logfile", str(root / "sentinel.log")]
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("the sentinel never listened")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            with contextlib.suppress(Exception):
+                self.process.wait(timeout=30)
+
+
+def test_sentinel_services_have_breakers_of_their_own(install: Install, tmp_path: Path) -> None:
+    one, two = PrivateRedis(), PrivateRedis()
+    sentinel_server: PrivateSentinel | None = None
+    try:
+        one.start()
+        two.start()
+        sentinel_server = PrivateSentinel(tmp_path, {"svc_one": one.port, "svc_two": two.port})
+        installed = install(RedisIntegration, max_retries=0, failure_threshold=3)
+        sentinel = Sentinel([("127.0.0.1", sentinel_server.port)], socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:  # until the sentinel has looked at both masters
+            try:
+                sentinel.discover_master("svc_one")
+                sentinel.discover_master("svc_two")
+                break
+            except redis.sentinel.MasterNotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        first = sentinel.master_for("svc_one", socket_timeout=2)
+        second = sentinel.master_for("svc_two", socket_timeout=2)
+        replicas = sentinel.slave_for("svc_one", socket_timeout=2)
+        local = redis.Redis()  # localhost:6379, the name a Sentinel pool used to get
+        assert [first.ping(), second.ping(), replicas.ping()] == [True, True, True]
+        names = [
+            getattr(client.connection_pool, TARGET_ATTRIBUTE).service
+            for client in (first, second, replicas)
+        ]
+        assert names == [
+            "redis-sentinel://svc_one/0",
+            "redis-sentinel://svc_two/0",
+            "redis-sentinel://svc_one/0/replicas",
+        ]
+        one.shutdown_nosave()  # svc_one's master is gone; the sentinel does not know yet
+        for _ in range(3):
+            with pytest.raises(redis.ConnectionError):
+                first.get("x")
+        with pytest.raises(CircuitOpenError):
+            first.get("x")
+        # The other service, and a plain client of localhost, are not shut out.
+        assert second.get("x") is None
+        with contextlib.suppress(redis.ConnectionError):  # absent when REDIS is elsewhere
+            assert local.get("x") is None
+        assert opened(installed) == {"redis-sentinel://svc_one/0"}
+    finally:
+        if sentinel_server is not None:
+            sentinel_server.close()
+        one.close()
+        two.close()
+
+
+def test_a_pool_whose_server_is_unknown_is_left_alone(install: Install, key: str) -> None:
+    class Anywhere(redis.Connection):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**{"host": REDIS[0], "port": REDIS[1], **kwargs})
+
+    install(RedisIntegration)
+    client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=Anywhere))
+    assert client.incr(key) == 1
+    assert getattr(client.connection_pool, TARGET_ATTRIBUTE).enabled is False
+    # redis-py's own Connection, given no host, goes to its default: localhost:6379.
+    default = redis.Redis(connection_pool=redis.ConnectionPool())
+    with contextlib.suppress(redis.ConnectionError):  # absent when REDIS is elsewhere
+        default.ping()
+    assert getattr(default.connection_pool, TARGET_ATTRIBUTE).service == (
+        "redis://localhost:6379/0"
+    )
+
+
+# --- a pool that runs out is the application's business, not the server's ----------------------
+
+
+def assert_untouched(installed: Installed) -> None:
+    """Nothing counted, retried or published: as if raptor were not there."""
+    assert not installed.of(ErrorClassified)
+    assert not installed.of(RetryScheduled)
+    assert not installed.of(RecoveryFinished)
+    assert not installed.of(BreakerTransitioned)
+
+
+def test_a_blocking_pool_that_runs_out_opens_no_breaker(install: Install, key: str) -> None:
+    installed = install(RedisIntegration, failure_threshold=3)
+    pool = redis.BlockingConnectionPool(
+        host=REDIS[0], port=REDIS[1], max_connections=1, timeout=0.01
+    )
+    client = redis.Redis(connection_pool=pool)
+    held = pool.get_connection()
+    try:
+        for _ in range(5):
+            with pytest.raises(redis.ConnectionError, match="No connection available") as raised:
+                client.incr(key)
+            assert not isinstance(raised.value, CircuitOpenError)
+        with pytest.raises(redis.ConnectionError, match="No connection available"):
+            client.pipeline().incr(key).execute()
+    finally:
+        pool.release(held)
+    assert client.incr(key) == 1
+    assert_untouched(installed)
+
+
+def test_a_pool_at_max_connections_opens_no_breaker(install: Install, key: str) -> None:
+    installed = install(RedisIntegration, failure_threshold=3)
+    pool = redis.ConnectionPool(host=REDIS[0], port=REDIS[1], max_connections=1)
+    client = redis.Redis(connection_pool=pool)
+    held = pool.get_connection()
+    try:
+        for _ in range(5):
+            with pytest.raises(redis.exceptions.MaxConnectionsError):
+                client.get(key)
+    finally:
+        pool.release(held)
+    assert client.incr(key) == 1
+    assert_untouched(installed)
+
+
+async def test_asyncio_pools_that_run_out_open_no_breaker(install: Install, key: str) -> None:
+    installed = install(RedisIntegration, failure_threshold=3)
+    plain = redis.asyncio.ConnectionPool(host=REDIS[0], port=REDIS[1], max_connections=1)
+    blocking = redis.asyncio.BlockingConnectionPool(
+        host=REDIS[0], port=REDIS[1], max_connections=1, timeout=0.01
+    )
+    for pool, error in (
+        (plain, redis.exceptions.MaxConnectionsError),
+        (blocking, redis.ConnectionError),
+    ):
+        client = redis.asyncio.Redis(connection_pool=pool)
+        held = await pool.get_connection()
+        try:
+            for _ in range(4):
+                with pytest.raises(error) as raised:
+                    await client.incr(key)
+                assert not isinstance(raised.value, CircuitOpenError)
+            with pytest.raises(error):
+                await client.pipeline().incr(key).execute()
+        finally:
+            await pool.release(held)
+        await client.incr(key)
+        await client.aclose()
+    assert int(shared().get(key) or 0) == 2
+    assert_untouched(installed)
+
+
+# --- the cluster client's node clients are the cluster client's business -------------------------
+
+
+def test_a_dead_startup_node_costs_the_cluster_client_no_retries_of_ours(
+    install: Install, monkeypatch: pytest.MonkeyPatch, unique_name: str
+) -> None:
+    server = PrivateRedis(cluster=True)
+    try:
+        server.start()
+        installed = install(RedisIntegration, max_retries=3)
+        # redis-py shuffles the startup nodes: keep the dead one first.
+        monkeypatch.setattr(redis.cluster.random, "shuffle", lambda nodes: None)
+        dead = free_port()
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", dead), ClusterNode("127.0.0.1", server.port)]
+        )
+        try:
+            cluster.set(unique_name, "1")
+            assert cluster.get(unique_name) == b"1"
+        finally:
+            cluster.close()
+        # The node client asking the dead node for the slot table was left alone: no
+        # retries, no breaker, nothing counted (the cluster client moved on at once).
+        assert not [e for e in installed.events if f":{dead}/" in str(e)]
+        assert not installed.of(RetryScheduled)
+    finally:
+        server.close()
+
+
+# --- a failed health check leaves the command unsent ---------------------------------------------
+
+
+def test_a_command_whose_health_check_failed_is_sent_on_a_new_connection(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=100)
+    client = redis.Redis(
+        host="127.0.0.1", port=proxy.port, health_check_interval=0.05, socket_timeout=0.3
+    )
+    assert client.incr(key) == 1
+    time.sleep(0.1)  # the next command's connection gets a health check (PING) first
+    proxy.latency(2.0)  # that PING's answer comes too late: the connection looks dead
+    healer = threading.Timer(0.1, proxy.latency, (0.0,))  # new connections are fine
+    healer.start()
+    try:
+        assert client.incr(key) == 2  # plain redis-py reconnects and sends it too
+    finally:
+        healer.join()
+    assert shared().get(key) == b"2"
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.outcome, finished.attempts) == (Outcome.RECOVERED, 2)
+
+
+async def test_an_asyncio_command_whose_health_check_failed_is_sent_again(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=100)
+    client = redis.asyncio.Redis(
+        host="127.0.0.1", port=proxy.port, health_check_interval=0.05, socket_timeout=0.3
+    )
+    try:
+        assert await client.incr(key) == 1
+        time.sleep(0.1)
+        proxy.latency(2.0)
+        healer = threading.Timer(0.1, proxy.latency, (0.0,))
+        healer.start()
+        try:
+            assert await client.incr(key) == 2
+        finally:
+            healer.join()
+    finally:
+        await client.aclose()
+    assert shared().get(key) == b"2"
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.outcome, finished.attempts) == (Outcome.RECOVERED, 2)
+
+
+# --- "not executed" replies: only when nothing of the call ran -----------------------------------
+
+
+def test_a_script_that_wrote_then_asked_to_try_again_is_not_sent_again(
+    install: Install, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=100)
+    client = shared()
+    with pytest.raises(redis.exceptions.TryAgainError):
+        client.eval(INCR_THEN_TRYAGAIN, 1, key)
+    sha = client.script_load(INCR_THEN_TRYAGAIN)
+    with pytest.raises(redis.exceptions.TryAgainError):
+        client.evalsha(sha, 1, key)
+    assert client.get(key) == b"2"  # once each
+    assert attempts(installed) == [1, 1]
+
+
+def test_a_transaction_with_an_error_in_exec_results_is_not_sent_again(
+    install: Install, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=100)
+    client = shared()
+    pipe = client.pipeline()  # MULTI/EXEC: EXEC ran the INCR, then the script's error
+    pipe.incr(key).eval(TRYAGAIN, 0)
+    with pytest.raises(redis.exceptions.TryAgainError):
+        pipe.execute()
+    assert client.get(key) == b"1"
+    assert attempts(installed) == [1]
+
+
+async def test_an_asyncio_transaction_with_an_error_in_exec_results_is_not_sent_again(
+    install: Install, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=100)
+    client = redis.asyncio.Redis(host=REDIS[0], port=REDIS[1])
+    try:
+        pipe = client.pipeline()
+        pipe.incr(key).eval(TRYAGAIN, 0)
+        with pytest.raises(redis.exceptions.TryAgainError):
+            await pipe.execute()
+    finally:
+        await client.aclose()
+    assert shared().get(key) == b"1"
+    assert attempts(installed) == [1]
+
+
+def test_not_executed_replies_are_retried_only_when_nothing_ran(
+    install: Install, private_redis: PrivateRedis
+) -> None:
+    admin = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    admin.function_load(
+        "#!lua name=raptor_edges\n"
+        "redis.register_function('incr_then_tryagain', function(keys, args)\n"
+        "  redis.call('INCR', keys[1]); return redis.error_reply('TRYAGAIN later') end)"
+    )
+    installed = install(RedisIntegration, max_retries=2, failure_threshold=100)
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    # A function that wrote: never sent again (FCALL runs code of its own).
+    with pytest.raises(redis.exceptions.TryAgainError):
+        client.fcall("incr_then_tryagain", 1, "counter")
+    assert admin.get("counter") == b"1"
+    # A replica whose primary is gone refuses every command with MASTERDOWN: a plain
+    # command, and a transaction rejected while queueing (EXEC aborts), ran nowhere and are
+    # sent again; a script is not (it might have run: it is not told apart).
+    admin.config_set("replica-serve-stale-data", "no")
+    admin.config_set("replica-read-only", "no")
+    admin.replicaof("127.0.0.1", free_port())
+    with pytest.raises(redis.exceptions.MasterDownError):
+        client.incr("counter")
+    with pytest.raises(redis.exceptions.MasterDownError):
+        client.pipeline().incr("counter").execute()
+    with pytest.raises(redis.exceptions.MasterDownError):
+        client.eval("return 1", 0)
+    assert attempts(installed) == [1, 3, 3, 1]
+
+
+# --- asyncio pipelines without MULTI -------------------------------------------------------------
+
+
+async def test_an_asyncio_pipeline_without_multi_that_writes_is_never_sent_again(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=100)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    try:
+        proxy.refuse()  # never sent: a transaction may go again, a plain pipeline may not
+        for transaction in (True, False):
+            pipe = client.pipeline(transaction=transaction)
+            pipe.incr(key)
+            with pytest.raises(redis.ConnectionError):
+                await pipe.execute()
+    finally:
+        await client.aclose()
+    finished = installed.of(RecoveryFinished)
+    assert [(f.attempts, f.give_up_reason) for f in finished] == [
+        (4, finished[0].give_up_reason),
+        (1, "not_replay_safe"),
+    ]
