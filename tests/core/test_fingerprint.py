@@ -90,6 +90,82 @@ def test_secrets_never_reach_a_template(message: str) -> None:
     assert "<redacted>" in template
 
 
+@pytest.mark.parametrize(
+    ("message", "template"),
+    [
+        # A credential after its scheme word, with no key in front: the scheme word stays.
+        (
+            "Authorization header: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.sflKxwRJSM",
+            "Authorization header: Bearer <redacted>",
+        ),
+        ("auth with Basic dXNlcjpwYXNz failed", "auth with Basic <redacted> failed"),
+        ("token abcdefXYZ123ghijk expired", "token <redacted> expired"),
+        ("refresh_token a1b2c3 revoked", "refresh_token <redacted> revoked"),
+        # A JSON Web Token wherever it is (``bearer token`` is two words, then the token).
+        (
+            "401 Unauthorized: invalid bearer token"
+            " eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.sflKxwRJSMeKKF2QT4fwpM",
+            "<int> Unauthorized: invalid bearer token <redacted>",
+        ),
+        # Opaque tokens: 20+ characters mixing letters and digits, or changing case often.
+        (
+            "AWS AccessKeyId AKIAIOSFODNN7EXAMPLE is invalid",
+            "AWS AccessKeyId <redacted> is invalid",
+        ),
+        (
+            "Incorrect API key provided: sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz. See the docs",
+            "Incorrect API key provided: <redacted>. See the docs",
+        ),
+        ("session abcDEF123xyzSESSIONVALUE expired", "session <redacted> expired"),
+    ],
+)
+def test_credentials_without_a_key_are_redacted(message: str, template: str) -> None:
+    assert normalize_message(message) == template
+
+
+@pytest.mark.parametrize(
+    ("message", "template"),
+    [
+        # Words after a scheme word are words of the sentence.
+        ("Token expired", "Token expired"),
+        ("invalid token provided", "invalid token provided"),
+        ("Bearer realm=api rejected the request", "Bearer realm=api rejected the request"),
+        ("basic auth failed for user bob", "basic auth failed for user bob"),
+        ("Tokenizer failed at 3", "Tokenizer failed at <int>"),
+        # Long names are names: class names, constants, lower-case words and numbers.
+        ("HTTPSConnectionPoolTimeout occurred", "HTTPSConnectionPoolTimeout occurred"),
+        ("ERR_CONNECTION_REFUSED_BY_UPSTREAM", "ERR_CONNECTION_REFUSED_BY_UPSTREAM"),
+        ("shard_replica_set_0001 is down", "shard_replica_set_0001 is down"),
+        (
+            "connection-pool-exhausted-for-db-replica-2",
+            "connection-pool-exhausted-for-db-replica-<int>",
+        ),
+        ("user-12345678901234567890 missing", "user-<int> missing"),
+        (
+            "module psycopg2.errors.UniqueViolation raised",
+            "module psycopg2.errors.UniqueViolation raised",
+        ),
+        # Ids keep their own placeholders.
+        ("sha a94a8fe5ccb19ba61c4c0873d391e987982fbbd3", "sha <hex>"),
+        (
+            "GET /v1/users/8f14e45fceea167a5a36dedd4bea2543/orders failed",
+            "GET /v1/users/<hex>/orders failed",
+        ),
+    ],
+)
+def test_ordinary_words_and_names_are_not_taken_for_credentials(
+    message: str, template: str
+) -> None:
+    assert normalize_message(message) == template
+
+
+def test_opaque_tokens_share_one_pattern() -> None:
+    # Two sessions, one bug: the token is a value like any other.
+    first = normalize_message("session abcDEF123xyzSESSIONVALUE expired")
+    second = normalize_message("session Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2 expired")
+    assert first == second == "session <redacted> expired"
+
+
 def test_messages_differing_only_in_values_share_a_fingerprint() -> None:
     first = normalize_message("user 4711 not found at 10.0.0.7")
     second = normalize_message("user 815 not found at 10.0.0.9")

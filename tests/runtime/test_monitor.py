@@ -8,12 +8,13 @@ monitor and fork.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -32,6 +33,7 @@ from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState, TransitionReason
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime import monitor as monitor_module
+from otel_raptor.runtime import safety
 from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.monitor import (
     RULE_ERROR_FREQUENCY,
@@ -227,20 +229,59 @@ def test_the_seeds_recording_api(runtime: Runtime) -> None:
     monitor.close()
 
 
+LEAKY = "could not connect to postgres://app:hunter2@db.internal:5432/orders?sslmode=require"
+
+
 @pytest.mark.parametrize(
-    ("arguments", "key"),
+    ("arguments", "options", "key"),
     [
-        (("", 1.0, True, "reconnect"), "error_type"),
-        (("E", -1.0, True, "reconnect"), "recovery_time"),
-        (("E", 1.0, True, "pray"), "strategy"),
+        (("", 1.0, True, "reconnect"), {}, "error_type"),
+        # error.type is a metric attribute: a class name or a status code, never a message.
+        ((LEAKY, 1.0, False, "reconnect"), {}, "error_type"),
+        (("TimeoutError: read timed out", 1.0, True, "reconnect"), {}, "error_type"),
+        (("HTTP 503", 1.0, True, "reconnect"), {}, "error_type"),
+        (("E" * 129, 1.0, True, "reconnect"), {}, "error_type"),
+        ((None, 1.0, True, "reconnect"), {}, "error_type"),
+        (("E", -1.0, True, "reconnect"), {}, "recovery_time"),
+        (("E", 1.0, True, "pray"), {}, "strategy"),
+        (("E", 1.0, True, "reconnect"), {"category": "nope"}, "category"),
+        (("E", 1.0, True, "reconnect"), {"attempts": True}, "attempts"),
     ],
 )
 def test_bad_recording_arguments_raise(
-    runtime: Runtime, arguments: tuple[object, ...], key: str
+    runtime: Runtime, arguments: tuple[object, ...], options: dict[str, object], key: str
 ) -> None:
     monitor, _ = make(runtime)
-    with pytest.raises(ConfigError, match=key):
-        monitor.record_recovery_attempt_sync(*arguments)  # type: ignore[arg-type]
+    published: list[object] = []
+    runtime.bus.subscribe(published.append)
+    with pytest.raises(ConfigError, match=key) as raised:
+        monitor.record_recovery_attempt_sync(*arguments, **options)  # type: ignore[arg-type]
+    assert raised.value.key == key
+    assert published == []  # nothing reached the bus, so nothing reached telemetry
+    monitor.close()
+
+
+def test_a_bad_category_names_the_allowed_values(runtime: Runtime) -> None:
+    monitor, _ = make(runtime)
+    with pytest.raises(ConfigError) as raised:
+        monitor.record_recovery_attempt_sync("E", 1.0, True, "reconnect", category="nope")
+    assert (raised.value.key, raised.value.value) == ("category", "nope")
+    assert "rate_limit" in raised.value.allowed
+    assert "timeout" in raised.value.allowed
+    monitor.close()
+
+
+@pytest.mark.parametrize(
+    "error_type",
+    ["TimeoutError", "httpx.ConnectTimeout", "503", "app.jobs.<locals>.StaleJob", "E" * 128],
+)
+def test_class_names_and_status_codes_are_error_types(runtime: Runtime, error_type: str) -> None:
+    monitor, _ = make(runtime)
+    published: list[object] = []
+    runtime.bus.subscribe(published.append)
+    monitor.record_recovery_attempt_sync(error_type, 10.0, True, "reconnect", category="timeout")
+    classified = [e for e in published if isinstance(e, ErrorClassified)]
+    assert [e.classification.error_type for e in classified] == [error_type]
     monitor.close()
 
 
@@ -341,6 +382,23 @@ def test_rejections_are_left_to_the_breakers(runtime: Runtime) -> None:
     monitor.close()
 
 
+def test_a_resolved_alert_without_recoveries_says_so(runtime: Runtime, clock: FakeClock) -> None:
+    monitor, recorder = make(runtime, **QUIET)
+    for _ in range(20):
+        recover(runtime, "svc", outcome=Outcome.FAILED)
+    assert {a.name for a in monitor.get_active_alerts()} == {RULE_SUCCESS_RATE}
+    clock.advance(400)  # the window empties: no recovery left to measure...
+    monitor.get_active_alerts()
+    clock.advance(60)  # ...for alert_resolve_after
+    assert monitor.get_active_alerts() == []
+    resolved = [n.alert.message for n in recorder.alerts if n.state is AlertState.RESOLVED]
+    assert resolved == [
+        "no recoveries at svc to measure over the last 5 min (threshold 80 %)",
+        "no recoveries at svc to measure over the last 5 min (threshold 60 %)",
+    ]
+    monitor.close()
+
+
 def test_memory_usage_alerts_for_the_process(runtime: Runtime) -> None:
     monitor, _ = make(runtime, memory=0.8, **QUIET)
     [alert] = monitor.get_active_alerts()
@@ -350,16 +408,143 @@ def test_memory_usage_alerts_for_the_process(runtime: Runtime) -> None:
 
 def test_an_async_callback_runs(runtime: Runtime) -> None:
     monitor, _ = make(runtime, memory=0.9, **QUIET)
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
+    ran = threading.Event()
 
     async def notify(alert: Alert) -> None:
         await asyncio.sleep(0)
-        seen.append(alert.name)
+        seen.append((alert.name, threading.current_thread().name))
+        ran.set()
 
     monitor.add_alert_callback(notify)
-    monitor.get_active_alerts()  # no loop in this thread: a private one runs it
-    assert seen == [RULE_MEMORY_USAGE]
+    monitor.get_active_alerts()  # no loop in this thread: the monitor's own loop runs it
+    assert ran.wait(5)
+    assert seen == [(RULE_MEMORY_USAGE, "otel-raptor-monitor-callbacks")]
     monitor.close()
+
+
+def _frequent_errors(runtime: Runtime, service: str) -> None:
+    """Enough failed attempts at ``service`` for ``RaptorErrorFrequencyHigh`` over a 60 s
+    window."""
+    for _ in range(15):
+        runtime.bus.publish(ErrorClassified(service, classification(ErrorCategory.TIMEOUT), 1))
+
+
+def _in_thread(fn: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_async_callbacks_delivered_from_two_threads_at_once_all_run(runtime: Runtime) -> None:
+    # Two threads deliver alerts while the first callback is still running: one loop driven
+    # by run_until_complete from both threads lost the second ("already running").
+    monitor, recorder = make(runtime, evaluation_window=60, **QUIET)
+    first_running = threading.Event()
+    release = threading.Event()
+    done = threading.Semaphore(0)
+    seen: list[str] = []
+
+    async def notify(alert: Alert) -> None:
+        first_running.set()
+        while not release.is_set():
+            await asyncio.sleep(0.001)
+        seen.append(alert.service)
+        done.release()
+
+    monitor.add_alert_callback(notify)
+    _frequent_errors(runtime, "a")
+    first = _in_thread(monitor.get_active_alerts)
+    assert first_running.wait(5)
+    _frequent_errors(runtime, "b")
+    second = _in_thread(monitor.get_active_alerts)
+    second.join(5)
+    release.set()
+    first.join(5)
+    assert not first.is_alive()
+    assert not second.is_alive()
+    assert done.acquire(timeout=5)
+    assert done.acquire(timeout=5)
+    assert sorted(seen) == ["a", "b"]
+    assert [n.alert.service for n in recorder.alerts] == ["a", "b"]
+    monitor.close()
+
+
+def test_an_async_callback_that_never_ends_is_cancelled_and_never_waited_for(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(monitor_module, "_ASYNC_TIMEOUT_S", 0.05)
+    safety._reset_for_tests()
+    monitor, _ = make(runtime, evaluation_window=60, **QUIET)
+    cancelled = threading.Event()
+    later = threading.Event()
+
+    async def hangs(alert: Alert) -> None:
+        if alert.service != "a":
+            later.set()  # a later alert still gets its callback
+            return
+        try:
+            await asyncio.Event().wait()  # never set
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monitor.add_alert_callback(hangs)
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        _frequent_errors(runtime, "a")
+        delivering = _in_thread(monitor.tick)  # the monitor thread's job: it must come back
+        delivering.join(5)
+        assert not delivering.is_alive()
+        assert cancelled.wait(5)
+        _frequent_errors(runtime, "b")
+        monitor.get_active_alerts()
+        assert later.wait(5)
+    timeouts = [r for r in caplog.records if "monitor.alert_callback.timeout" in r.getMessage()]
+    assert len(timeouts) == 1
+    monitor.close()
+
+
+def test_the_callback_backlog_is_bounded(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(monitor_module, "_MAX_PENDING_CALLBACKS", 1)
+    safety._reset_for_tests()
+    monitor, _ = make(runtime, evaluation_window=60, **QUIET)
+    release = threading.Event()
+    seen: list[str] = []
+
+    async def blocks(alert: Alert) -> None:
+        release.wait(5)  # blocks the callback loop's thread: later ones must not pile up
+        seen.append(alert.service)
+
+    monitor.add_alert_callback(blocks)
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        _frequent_errors(runtime, "a")
+        monitor.get_active_alerts()
+        _frequent_errors(runtime, "b")
+        monitor.get_active_alerts()  # the backlog is full: dropped and reported
+    release.set()
+    assert "monitor.alert_callback.backlog" in caplog.text
+    monitor.close()  # waits for the loop's thread
+    assert seen == ["a"]
+
+
+def test_close_stops_the_callback_thread(runtime: Runtime) -> None:
+    monitor, _ = make(runtime, memory=0.9, **QUIET)
+    ran = threading.Event()
+
+    async def notify(alert: Alert) -> None:
+        ran.set()
+
+    monitor.add_alert_callback(notify)
+    monitor.get_active_alerts()
+    assert ran.wait(5)
+    own = monitor._callback_loop
+    assert own is not None
+    assert own.thread.is_alive()
+    monitor.close()
+    assert not own.thread.is_alive()
+    assert own.loop.is_closed()
 
 
 def test_a_failing_callback_or_listener_never_stops_the_monitor(runtime: Runtime) -> None:
@@ -458,6 +643,37 @@ def test_effectiveness_and_abandoned_strategies(runtime: Runtime) -> None:
     assert row.attempts_mean == pytest.approx((18 + 2 + 4) / 11)
     [abandoned] = monitor.analytics.abandoned_strategies()
     assert (abandoned.refused, abandoned.retried, abandoned.succeeded) == (4, 7, 1)
+    monitor.close()
+
+
+def test_a_probe_that_retried_is_not_counted_as_given_up_without_a_retry(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    monitor, recorder = make(runtime)
+    for _ in range(3):  # given up at once: the learner refused the retry
+        recover(
+            runtime,
+            "orders",
+            attempts=1,
+            outcome=Outcome.FAILED,
+            strategy=Strategy.RECONNECT,
+            reason="learned_futile",
+        )
+    for _ in range(5):  # probes: one retry let through, then given up as futile
+        recover(
+            runtime,
+            "orders",
+            attempts=2,
+            outcome=Outcome.FAILED,
+            strategy=Strategy.RECONNECT,
+            reason="learned_futile",
+        )
+    [abandoned] = monitor.analytics.abandoned_strategies()
+    assert (abandoned.refused, abandoned.retried, abandoned.succeeded) == (3, 5, 0)
+    clock.advance(60)
+    monitor.tick()
+    [insight] = [i for i in recorder.insights if i.kind is InsightKind.STRATEGY_ABANDONED]
+    assert "3 calls were given up without a retry" in insight.summary
     monitor.close()
 
 
@@ -657,6 +873,62 @@ FORK = textwrap.dedent(
 def test_fork_gives_the_child_a_working_monitor() -> None:
     result = subprocess.run(
         [sys.executable, "-c", FORK], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+FORK_CALLBACKS = textwrap.dedent(
+    """
+    import os, sys, threading
+    from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+    from otel_raptor.core.events import ErrorClassified
+    from otel_raptor.runtime.monitor import ErrorRecoveryMonitor
+    from otel_raptor.runtime.state import Runtime
+
+    runtime = Runtime()
+    monitor = ErrorRecoveryMonitor(
+        {"alert_for": 0, "evaluation_window": 60}, runtime=runtime, memory_reader=lambda: None
+    )
+    error = Classification(ErrorCategory.TIMEOUT, Severity.LOW, True, "TimeoutError")
+    ran = {}
+
+    async def notify(alert):
+        ran[alert.service] = threading.current_thread().ident
+        ran.setdefault("events", {})[alert.service].set()
+
+    monitor.add_alert_callback(notify)
+
+    def alert(service):
+        ran.setdefault("events", {})[service] = threading.Event()
+        for _ in range(15):
+            runtime.bus.publish(ErrorClassified(service, error, 1))
+        monitor.get_active_alerts()
+        return ran["events"][service].wait(5)
+
+    ok = alert("parent")  # the parent's callback thread now exists
+    parent_thread = monitor._callback_loop.thread
+    pid = os.fork()
+    if pid == 0:
+        # The parent's loop thread is gone: a fresh one runs the child's callbacks.
+        child_ok = alert("child") and monitor._callback_loop.thread is not parent_thread
+        monitor.close()
+        os._exit(0 if child_ok else 3)
+    _, status = os.waitpid(pid, 0)
+    ok = ok and alert("parent-again")
+    monitor.close()
+    sys.exit(os.waitstatus_to_exitcode(status) or (0 if ok else 4))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork")
+def test_async_callbacks_run_in_a_forked_child() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CALLBACKS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -176,6 +176,23 @@ def test_sync_and_async_alert_callbacks_without_a_loop() -> None:
     assert ("async", first) in got  # ran to completion on the private loop
 
 
+def test_an_async_callback_that_never_ends_does_not_hold_the_predictor(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(predictor_module, "_ASYNC_TIMEOUT_S", 0.05)
+    h = Harness()
+
+    async def hangs(prediction: FailurePredicted) -> None:
+        await asyncio.Event().wait()
+
+    h.predictor.add_alert_callback(hangs)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        leak(h)  # ticks on: each hanging callback is cut off
+    assert time.monotonic() - started < 5.0
+    assert any("callback" in r.getMessage() for r in caplog.records)
+
+
 def test_a_failing_callback_does_not_stop_the_predictor() -> None:
     h = Harness()
     h.predictor.add_alert_callback(lambda p: 1 / 0)

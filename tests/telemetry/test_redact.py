@@ -141,12 +141,14 @@ _FORM = st.sampled_from(["{k}={v}", "{k}: {v}", '"{k}": "{v}"', "{k}='{v}'", "{k
 @given(_KEY, _SECRET, _FORM, st.text(max_size=20), st.text(max_size=20))
 def test_secret_pairs_never_survive(key: str, secret: str, form: str, pre: str, post: str) -> None:
     assume(secret not in pre and secret not in post)
+    assume(secret not in REDACTED)  # the placeholder itself is what a secret turns into
     message = f"{pre} {form.format(k=key, v=secret)} {post}"
     assert secret not in safe_exception_message(ValueError(message))
 
 
 @given(_SECRET, _SECRET, st.sampled_from(["http", "https", "postgresql", "redis", "amqp"]))
 def test_url_credentials_and_queries_never_survive(user: str, secret: str, scheme: str) -> None:
+    assume(secret not in REDACTED)
     message = f"failed: {scheme}://{user}:{secret}@host.example:1234/path?q={secret}#x{secret}"
     scrubbed = safe_exception_message(OSError(message))
     assert secret not in scrubbed

@@ -12,6 +12,8 @@ placeholders here follow its names.
 what                    example                                                placeholder
 ======================  =====================================================  ===============
 secret ``key=value``    ``password=hunter2``, ``token: abc``, ``PASSWORD 'x'``  ``<redacted>`` value
+credential after its    ``Bearer eyJhbGci...``, ``token a1b2c3``                ``<redacted>``
+scheme word
 statement echo          PostgreSQL's ``LINE 1: SELECT ...`` (to the end),       ``<sql>``
                         MySQL's ``near 'SELECT ...' at line 1``
 query string            ``/orders?sig=abc&code=xyz`` (a path's, after ``?``)   ``?<query>``
@@ -21,6 +23,8 @@ timestamp               ``2024-05-01T12:00:00Z``, ``2024-05-01 12:00:00.123``  `
 UUID                    ``6f1c6c4e-5e8f-4a57-9a89-2b1d2f6f3d7a``               ``<uuid>``
 IPv4 / IPv6             ``10.0.0.7``, ``::1``, ``fe80::1ff:fe23:4567:890a``    ``<ip>``
 hex                     ``0x7f3a``, ``9f86d081884c7d65`` (8+ digits, a digit)  ``<hex>``
+JSON Web Token          ``eyJhbGciOiJIUzI1NiJ9.eyJzdWIi...``                   ``<redacted>``
+opaque token            ``AKIAIOSFODNN7EXAMPLE`` (20+ characters)              ``<redacted>``
 duration                ``30s``, ``2.5ms``, ``10min`` (a number and its unit)  ``<duration>``
 quoted value            ``'users_123'``, ``"abc"``, ``'bob smith'``             ``<quoted>``
 number                  ``42``, ``-3.5``, ``1e-3``                             ``<int>``/``<float>``
@@ -32,6 +36,18 @@ Numbers glued to letters (``utf8``, ``v2``, ``Errno``) are kept: they are part o
 value. Whitespace runs collapse to one space, and the message is cut to ``MAX_MESSAGE_CHARS``
 before any of this, so the work per message is bounded. A secret's value never survives into a
 template (templates appear in log events); the key stays so the pattern still reads.
+
+Credentials with no key in front of them are found by their shape. After ``Bearer``, ``Basic``
+or ``Token`` (any case) a word that looks like a credential (a digit, one of ``+/=``, or mixed
+case: ``token abc123`` but not ``token expired``) is redacted, the scheme word kept. A JSON Web
+Token (``eyJ...`` header, ``.``-separated parts) is redacted wherever it is. So is an *opaque
+token*: a run of 20 or more of ``A-Z a-z 0-9 _ + -`` (and ``=`` padding) that mixes letters and
+digits, or changes case at least every third character (``sk-proj-AbCdEf...``), unless its
+parts are words in one case, numbers and short names (``shard_replica_set_0001``,
+``ERR_TLS_V2``: names). A run that is not one is normalised like any other text; hex ids and
+UUIDs keep their own placeholders (they come first). A long CamelCase name with a digit in it
+(``Http2ConnectionTerminated``) is taken for a token: a coarser pattern, never a leak. This is
+a net, not a guarantee: a short password in free text (``pw hunter2``) has no shape to find.
 
 ``fingerprint(error_type, category, template)`` is a 16-hex-digit BLAKE2b digest of the three:
 stable across processes and versions, and short enough to be a bounded, opaque id.
@@ -112,35 +128,48 @@ _SECRET_PAIR: Final = re.compile(
 # lookbehind, not ``\b``, so `_` and `.` count as part of a word where they should), nests no
 # repetition and bounds every run it scans before it can fail: a message of n characters costs
 # O(n) however it is built (``a.a.a.a...`` included).
-_PATTERN: Final = re.compile(
+_BRANCHES: Final = (
+    r"(?P<email>(?<![.+-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8})",
+    r"(?P<url>(?<![+.-])[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>)\]},]{1,512})",
+    r"(?P<timestamp>(?<![.:-])\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?"
+    r"(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?)?(?![\w:]))",
+    r"(?P<uuid>(?<!-)[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}"
+    r"-[0-9A-Fa-f]{12}(?![\w-]))",
+    rf"(?P<ip>(?<![.:])(?:{_IPV4}(?!\w|\.\d)|(?:{_IPV6})(?![\w:])))",
+    r"(?P<hex>(?<!\.)(?:0[xX][0-9A-Fa-f]{1,64}|[0-9A-Fa-f]{8,128})(?![\w.]))",
+    # A JSON Web Token: a base64url JSON header (``{"`` is ``eyJ``), two or more
+    # ``.``-separated parts (the signature may be empty, a JWE has five).
+    r"(?P<jwt>(?<!\.)eyJ[A-Za-z0-9_-]{1,512}(?:\.[A-Za-z0-9_-]{0,512}){2,4}(?![\w.<-]))",
+    # A run of 20+ token characters: an API key, a session id, a base64 secret, or a
+    # long name (``_replace`` tells which). Not glued to a placeholder (``<``), so that a
+    # template normalises to itself.
+    r"(?P<token>[A-Za-z0-9][A-Za-z0-9_+-]{19,511}={0,2}(?![\w+=<-]))",
+    r"(?P<duration>(?<!\.)\d{1,20}(?:\.\d{1,20})?(?:ms|us|µs|ns|s|sec|secs|seconds?"
+    r"|m|min|minutes?|h|hours?)(?!\w))",
+    # A double-quoted sentence (``(1062, "Duplicate entry '42' for key 'PRIMARY'")``)
+    # is text: kept, and its own values replaced. Single quotes hold values, blanks
+    # or not: SQL literals (``'bob smith'``), Python reprs.
+    # An HTTP status line (httpx: ``Server error '503 Service Unavailable'``) keeps
+    # its reason phrase: 500 and 503 are different failures.
+    r"(?P<status>'(?:[1-5]\d\d) (?P<reason>[A-Z][A-Za-z -]{0,40})'(?!\w))",
+    r"(?P<quoted>\"[^\"\s]{0,200}\"|'[^']{0,200}'(?!\w))",
+    r"(?P<float>(?<!\.)[-+]?(?:\d{1,64}\.\d{1,64}(?:[eE][-+]?\d{1,4})?"
+    r"|\d{1,64}[eE][-+]?\d{1,4})(?![\w.]))",
+    r"(?P<int>(?<!\.)[-+]?\d{1,64}(?![\w]|\.\d))",
+)
+
+
+def _alternation(branches: tuple[str, ...]) -> re.Pattern[str]:
     # Every branch starts where no word character precedes: said once up front, this rejects
     # the positions inside words with one check instead of one per branch.
-    r"(?<!\w)(?:"
-    + "|".join(
-        (
-            r"(?P<email>(?<![.+-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8})",
-            r"(?P<url>(?<![+.-])[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>)\]},]{1,512})",
-            r"(?P<timestamp>(?<![.:-])\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?"
-            r"(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?)?(?![\w:]))",
-            r"(?P<uuid>(?<!-)[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}"
-            r"-[0-9A-Fa-f]{12}(?![\w-]))",
-            rf"(?P<ip>(?<![.:])(?:{_IPV4}(?!\w|\.\d)|(?:{_IPV6})(?![\w:])))",
-            r"(?P<hex>(?<!\.)(?:0[xX][0-9A-Fa-f]{1,64}|[0-9A-Fa-f]{8,128})(?![\w.]))",
-            r"(?P<duration>(?<!\.)\d{1,20}(?:\.\d{1,20})?(?:ms|us|µs|ns|s|sec|secs|seconds?"
-            r"|m|min|minutes?|h|hours?)(?!\w))",
-            # A double-quoted sentence (``(1062, "Duplicate entry '42' for key 'PRIMARY'")``)
-            # is text: kept, and its own values replaced. Single quotes hold values, blanks
-            # or not: SQL literals (``'bob smith'``), Python reprs.
-            # An HTTP status line (httpx: ``Server error '503 Service Unavailable'``) keeps
-            # its reason phrase: 500 and 503 are different failures.
-            r"(?P<status>'(?:[1-5]\d\d) (?P<reason>[A-Z][A-Za-z -]{0,40})'(?!\w))",
-            r"(?P<quoted>\"[^\"\s]{0,200}\"|'[^']{0,200}'(?!\w))",
-            r"(?P<float>(?<!\.)[-+]?(?:\d{1,64}\.\d{1,64}(?:[eE][-+]?\d{1,4})?"
-            r"|\d{1,64}[eE][-+]?\d{1,4})(?![\w.]))",
-            r"(?P<int>(?<!\.)[-+]?\d{1,64}(?![\w]|\.\d))",
-        )
-    )
-    + ")"
+    return re.compile(r"(?<!\w)(?:" + "|".join(branches) + ")")
+
+
+_PATTERN: Final = _alternation(_BRANCHES)
+# The same without the opaque-token branch: what a run of token characters that is a name,
+# not a token, is normalised with (its numbers still become placeholders).
+_PATTERN_NO_TOKEN: Final = _alternation(
+    tuple(branch for branch in _BRANCHES if not branch.startswith("(?P<token>"))
 )
 _SPACES: Final = re.compile(r"\s+")
 # The statement a server echoes back holds its literals (and, in ``ALTER USER ... PASSWORD``,
@@ -153,8 +182,75 @@ _MYSQL_ECHO: Final = re.compile(r"\bnear '.{0,512}' at line \d{1,9}")
 _QUERY: Final = re.compile(r"(?<=[\w/>])\?(?=[\w.\[\]-]{1,64}=)[^\s'\"()]{1,512}")
 
 
+# A credential after its scheme word, without a key (``invalid bearer token eyJ...``,
+# ``token abc123 expired``, ``refresh_token abc123``): the word after it, dotted parts and
+# ``=`` padding included. The value may not itself be a scheme word, so that in
+# ``bearer token X`` the scan moves on to ``token X``; ``_credential`` decides whether the
+# value is a credential or a word of the sentence. Not glued to a placeholder (``<``), so
+# that a template normalises to itself.
+_SCHEME: Final = re.compile(
+    r"(?<![A-Za-z0-9])(?P<scheme>bearer|basic|token)(?P<gap>\s{1,5})"
+    r"(?!(?:bearer|basic|token)(?![\w~+/=-]))"
+    r"(?P<value>[A-Za-z0-9_~+/-]{1,512}(?:\.[A-Za-z0-9_~+/-]{1,512}){0,4}={0,2})(?![\w~+/=<-])",
+    re.IGNORECASE,
+)
+_SCHEME_WORD: Final = re.compile(r"bearer|basic|token", re.IGNORECASE)
+# How often an opaque token changes case at least (one change every this many characters):
+# random base62 changes every second character, ``ConnectionRefusedError`` every fourth.
+_CASE_CHANGE_EVERY: Final = 3
+# Separators of the parts of a long name (``shard_replica_set_0001``, ``ERR_TLS_V2``), and the
+# length up to which a part mixing letters and digits in one case is a name (``utf8``, ``v2``).
+_TOKEN_SEPARATORS: Final = re.compile(r"[_+=-]")
+_SHORT_NAME: Final = 4
+
+
 def _redact(match: re.Match[str]) -> str:
     return f"{match.group('key')}<redacted>"
+
+
+def _case_changes(text: str) -> int:
+    changes = 0
+    previous = 0  # 1 upper, -1 lower, 0 neither
+    for char in text:
+        case = 1 if char.isupper() else -1 if char.islower() else 0
+        if case and previous and case != previous:
+            changes += 1
+        if case:
+            previous = case
+    return changes
+
+
+def _credential(value: str) -> bool:
+    """Whether the word after ``Bearer``/``Basic``/``Token`` looks like a credential rather
+    than a word of the sentence (``token expired``)."""
+    if any(char.isdigit() or char in "+/=" for char in value):
+        return True
+    return any(char.isupper() for char in value[1:]) and any(char.islower() for char in value)
+
+
+def _redact_scheme(match: re.Match[str]) -> str:
+    if not _credential(match.group("value")):
+        return match.group(0)
+    return f"{match.group('scheme')}{match.group('gap')}<redacted>"
+
+
+def _is_word(part: str) -> bool:
+    """A number, a word in one case (``replica``, ``ERROR``), or a short name (``v2``)."""
+    if part.isdigit():
+        return True
+    one_case = part.islower() or part.isupper()
+    return one_case and (part.isalpha() or len(part) <= _SHORT_NAME)
+
+
+def _opaque(token: str) -> bool:
+    """Whether a run of 20+ token characters is a key or a token rather than a name: letters
+    and digits mixed, or frequent changes of case, and not only lower-case words and
+    numbers (``shard_replica_set_0001``)."""
+    if all(_is_word(part) for part in _TOKEN_SEPARATORS.split(token) if part):
+        return False
+    if any(char.isdigit() for char in token) and any(char.isalpha() for char in token):
+        return True
+    return _case_changes(token) * _CASE_CHANGE_EVERY >= len(token)
 
 
 def _replace(match: re.Match[str]) -> str:
@@ -170,6 +266,11 @@ def _replace(match: re.Match[str]) -> str:
         if not any(char.isdigit() for char in text):
             return text  # a word made of the letters a-f (`deadbeef`, `defaced`)
         return "<hex>"
+    if kind == "jwt":
+        return "<redacted>"
+    if kind == "token":
+        text = match.group(0)
+        return "<redacted>" if _opaque(text) else _PATTERN_NO_TOKEN.sub(_replace, text)
     return f"<{kind}>"
 
 
@@ -188,6 +289,8 @@ def normalize_message(message: str) -> str:
         text = _MYSQL_ECHO.sub("near <sql> at line <int>", text)
     if _SECRET_WORD.search(text) is not None:
         text = _SECRET_PAIR.sub(_redact, text)
+    if _SCHEME_WORD.search(text) is not None:
+        text = _SCHEME.sub(_redact_scheme, text)
     text = _PATTERN.sub(_replace, text)
     if "?" in text:  # after the URLs have become <url>: what is left is a bare path's
         text = _QUERY.sub("?<query>", text)

@@ -105,7 +105,9 @@ class StrategyEffectiveness:
 class AbandonedStrategy:
     """A strategy the learner stopped using for a category at a service, and why: of the
     ``retried`` calls it retried in the period, ``succeeded`` recovered (below the learner's
-    futility rate), so ``refused`` calls were given up without a retry (``learned_futile``)."""
+    futility rate), so ``refused`` calls were given up without a retry (``learned_futile``
+    at their first attempt; a probe the learner let retry before giving it up counts among
+    the ``retried``, not the ``refused``)."""
 
     service: str
     category: str

@@ -30,7 +30,8 @@ Time comes from ``runtime.clock``, so tests drive everything with a fake clock a
 :meth:`ErrorRecoveryMonitor.tick`. Memory is bounded whatever the traffic: windows are rings of
 slices, the report period's rows and the sketches are capped per key, the insights and the
 finished reports are capped in number. Thread-safe (one lock, never held while calling out),
-asyncio-friendly (async callbacks run on the loop that started monitoring) and fork-safe (the
+asyncio-friendly (async callbacks run on the loop that started monitoring, else on the
+monitor's own callback thread, never waited for and cancelled after 10 s) and fork-safe (the
 child gets fresh locks and, if the parent was monitoring, its own thread).
 """
 
@@ -42,6 +43,7 @@ import collections
 import contextlib
 import inspect
 import math
+import re
 import threading
 import weakref
 from array import array
@@ -162,8 +164,28 @@ _MAX_REPORTS: Final = 48
 _FUTILE_RATE: Final = 0.05
 #: Breaker trips in one evaluation window that make it flapping.
 _FLAPPING_TRIPS: Final = 3
-#: How long a thread waits for an async callback on the application's loop.
+#: How long an async alert callback may run (seconds, real time); past it, it is cancelled
+#: and reported. Nobody waits for it: the thread that delivers the alert hands it over.
 _ASYNC_TIMEOUT_S: Final = 10.0
+#: Async callbacks queued or running on the monitor's own callback loop at most: past it new
+#: ones are dropped and reported (a callback that blocks that loop's thread must not make the
+#: rest pile up).
+_MAX_PENDING_CALLBACKS: Final = 256
+#: On ``close()``, how long the async callbacks still queued or running get to finish, then
+#: to end once cancelled (seconds each); ``close()`` waits three times as long at most.
+_CALLBACK_CLOSE_S: Final = 1.0
+#: What ``error_type`` of the seed's API may be (docs/telemetry.md: an exception class or an
+#: HTTP status code): a dotted name (``httpx.ConnectTimeout``; ``<locals>`` as in a
+#: ``__qualname__``) or three digits (``503``), at most ``_MAX_ERROR_TYPE`` characters. It
+#: becomes the ``error.type`` attribute of metrics and spans: never a message (rule 5).
+_ERROR_TYPE: Final = re.compile(
+    r"(?:[^\W\d]\w*|<locals>)(?:\.(?:[^\W\d]\w*|<locals>))*|[1-5][0-9][0-9]"
+)
+_MAX_ERROR_TYPE: Final = 128
+_ERROR_TYPE_ALLOWED: Final = (
+    f"an exception class name ('TimeoutError', 'httpx.ConnectTimeout') or an HTTP status code"
+    f" ('503'), at most {_MAX_ERROR_TYPE} characters; not a message"
+)
 
 #: Rule names: the ``alertname`` of the same rules in ``collector/rules/``.
 RULE_RECOVERY_TIME: Final = "RaptorRecoveryTimeHigh"
@@ -306,9 +328,17 @@ def _metric(rule: AlertRule, summary: RecoverySummary) -> tuple[float | None, fl
 
 
 def _alert_message(
-    rule: AlertRule, service: str, value: float, volume: float, window: float
+    rule: AlertRule, service: str, value: float | None, volume: float, window: float
 ) -> str:
     minutes = f"{window / 60:g} min"
+    if value is None:  # nothing to measure: say so rather than print a made-up 0
+        if rule.metric == "memory_usage":
+            return f"memory use is unknown (threshold {rule.threshold:g} %)"
+        unit = "s" if rule.metric == "recovery_time_p95" else "%"
+        return (
+            f"no recoveries at {service} to measure over the last {minutes}"
+            f" (threshold {rule.threshold:g} {unit})"
+        )
     if rule.metric == "recovery_time_p95":
         return (
             f"p95 recovery time of {service} is {value:.1f} s (threshold {rule.threshold:g} s)"
@@ -368,7 +398,11 @@ class ErrorRecoveryMonitor:
         self._thread: threading.Thread | None = None
         self._wanted = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._private_loop: asyncio.AbstractEventLoop | None = None
+        # The loop thread for async callbacks when the application runs no loop: started on
+        # first use, guarded by its own lock (never held while calling out).
+        self._callback_lock = threading.Lock()
+        register_lock(self, "_callback_lock")
+        self._callback_loop: _CallbackLoop | None = None
         self._callbacks: tuple[AlertCallback, ...] = ()
         self._listeners: tuple[MonitorListener, ...] = ()
         self._rules = _rules(config)
@@ -444,8 +478,12 @@ class ErrorRecoveryMonitor:
     def add_alert_callback(self, fn: AlertCallback) -> None:
         """Call ``fn(alert)`` when an alert fires (and its notification is sent) and when it
         resolves (``alert.state``). Sync or async; one that raises is reported once and
-        skipped. Async callbacks run on the loop that called :meth:`start_monitoring` or
-        :meth:`record_recovery_attempt`, else on a private loop in the monitor's thread."""
+        skipped. A sync callback runs in the thread that delivers the alert (the monitor's,
+        or one reading alerts). An async one is handed over and not waited for: it runs on
+        the loop of the delivering thread, else on the loop that called
+        :meth:`start_monitoring` or :meth:`record_recovery_attempt`, else on the monitor's
+        own loop thread (``otel-raptor-monitor-callbacks``, started on first use); after 10 s
+        it is cancelled and reported."""
         if not callable(fn):
             raise ConfigError("monitor.alert_callback", fn, "a callable taking an Alert")
         with self._lock:
@@ -493,15 +531,19 @@ class ErrorRecoveryMonitor:
     ) -> None:
         """Record a recovery made outside the guard (the seed's API).
 
-        ``error_type``: the error's name (``TimeoutError``, ``503``); ``recovery_time``: how
-        long the recovery took, in **milliseconds**; ``success``: whether it recovered;
-        ``strategy``: a ``Strategy`` value; ``context``: ``{"service": ...}`` (or
-        ``service_name``; default ``default``). ``attempts`` defaults to 2 (one failure, one
-        successful or failed retry), 1 for ``fail_fast`` and ``failover``; ``category``
-        defaults to what the error's name says (``classify`` of the built-in exception of
-        that name, else ``unknown``). It is published on the runtime's bus as the guard
-        would publish it (an ``ErrorClassified`` per failed attempt, then a
-        ``RecoveryFinished``), so telemetry counts it too.
+        ``error_type``: the error's name, an exception class (``TimeoutError``,
+        ``httpx.ConnectTimeout``) or an HTTP status code (``503``), at most 128 characters
+        (it becomes the ``error.type`` attribute of metrics and spans, so a message such as
+        ``str(error)`` raises ``ConfigError``); ``recovery_time``: how long the recovery
+        took, in **milliseconds**; ``success``: whether it recovered; ``strategy``: a
+        ``Strategy`` value; ``context``: ``{"service": ...}`` (or ``service_name``; default
+        ``default``). ``attempts`` defaults to 2 (one failure, one successful or failed
+        retry), 1 for ``fail_fast`` and ``failover``; ``category`` (an ``ErrorCategory``
+        value) defaults to what the error's name says (``classify`` of the built-in
+        exception of that name, else ``unknown``). A bad argument raises ``ConfigError``
+        naming it. It is published on the runtime's bus as the guard would publish it (an
+        ``ErrorClassified`` per failed attempt, then a ``RecoveryFinished``), so telemetry
+        counts it too.
         """
         self._remember_loop()
         self.record_recovery_attempt_sync(
@@ -527,8 +569,12 @@ class ErrorRecoveryMonitor:
     ) -> None:
         """The synchronous twin of :meth:`record_recovery_attempt`."""
         name_given: object = error_type  # typed str, but callers pass anything
-        if not isinstance(name_given, str) or not name_given:
-            raise ConfigError("error_type", error_type, "a non-empty string")
+        if (
+            not isinstance(name_given, str)
+            or len(name_given) > _MAX_ERROR_TYPE
+            or _ERROR_TYPE.fullmatch(name_given) is None
+        ):
+            raise ConfigError("error_type", error_type, _ERROR_TYPE_ALLOWED)
         duration: object = recovery_time
         if (
             isinstance(duration, bool)
@@ -548,7 +594,14 @@ class ErrorRecoveryMonitor:
             raise ConfigError("attempts", attempts, "an integer >= 0")
         else:
             attempts = count
-        found = _category(error_type) if category is None else ErrorCategory(category)
+        if category is None:
+            found = _category(error_type)
+        else:
+            try:
+                found = ErrorCategory(category)
+            except (ValueError, TypeError):
+                allowed = ", ".join(c.value for c in ErrorCategory)
+                raise ConfigError("category", category, f"one of {allowed}") from None
         name = (context or {}).get("service") or (context or {}).get("service_name")
         service = self._runtime.service(str(name) if name else "default")
         classification = Classification(
@@ -775,7 +828,9 @@ class ErrorRecoveryMonitor:
     ) -> None:
         key = (event.service, event.strategy.value, event.category)
         recent, period = self._rows(key, now)
-        futile = event.give_up_reason == "learned_futile"
+        # Only a call given up at its first attempt was refused a retry: a probe the learner
+        # let through retried (attempts >= 2) before it gave up.
+        futile = event.give_up_reason == "learned_futile" and event.attempts == 1
         outcome = event.outcome.value
         for row in (recent, period):
             if row is not None:
@@ -1053,7 +1108,7 @@ class ErrorRecoveryMonitor:
             breached=breached,
             value=shown,
             threshold=rule.threshold,
-            message=_alert_message(rule, service or "the process", shown, volume, window),
+            message=_alert_message(rule, service or "the process", value, volume, window),
             now=now,
         )
         if notification is not None:
@@ -1195,25 +1250,34 @@ class ErrorRecoveryMonitor:
             self._run_coroutine(result)
 
     def _run_coroutine(self, coro: Coroutine[Any, Any, object]) -> None:
+        """Hand an async callback's coroutine over to a loop and return at once: the loop
+        running in this thread, else the application's (``start_monitoring``), else the
+        monitor's own callback loop. Whichever runs it cancels it after ``_ASYNC_TIMEOUT_S``
+        and reports what went wrong, so no delivering thread (the monitor's, or the
+        application's reading alerts) ever waits for it, and concurrent deliveries each
+        get their turn."""
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is not None:  # on a loop's thread: never block it
-            task = running.create_task(coro)
-            task.add_done_callback(_report_task)
+            running.create_task(_bounded(coro))
             return
         loop = self._loop
-        try:
-            if loop is not None and loop.is_running() and not loop.is_closed():
-                asyncio.run_coroutine_threadsafe(coro, loop).result(_ASYNC_TIMEOUT_S)
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            bounded = _bounded(coro)
+            try:
+                asyncio.run_coroutine_threadsafe(bounded, loop)
                 return
-            private = self._private_loop
-            if private is None or private.is_closed():
-                private = self._private_loop = asyncio.new_event_loop()
-            private.run_until_complete(coro)
-        except Exception as error:  # noqa: BLE001
-            report_internal_error("monitor.alert_callback", error)
+            except RuntimeError:  # closed since we looked: our own loop runs it
+                bounded.close()
+        with self._callback_lock:
+            own = self._callback_loop
+            if own is None or not own.alive:
+                own = self._callback_loop = _CallbackLoop()
+        if not own.submit(coro):
+            coro.close()  # never started: no "never awaited" warning
+            report_internal_error("monitor.alert_callback.backlog")
 
     def _remember_loop(self) -> None:
         with contextlib.suppress(RuntimeError):  # not on a loop: keep the one we had
@@ -1258,9 +1322,10 @@ class ErrorRecoveryMonitor:
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if unsubscribe is not None:
             unsubscribe()
-        private, self._private_loop = self._private_loop, None
-        if private is not None and not private.is_running():
-            private.close()
+        with self._callback_lock:
+            own, self._callback_loop = self._callback_loop, None
+        if own is not None:
+            own.close(3 * _CALLBACK_CLOSE_S)
 
     @property
     def running(self) -> bool:
@@ -1277,12 +1342,12 @@ class ErrorRecoveryMonitor:
             self.tick()
 
     def _after_fork_in_child(self) -> None:
-        # The lock is fresh already (forksafe); the thread and the loop are the parent's.
+        # The locks are fresh already (forksafe); the threads and the loops are the parent's.
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None  # the parent's thread does not exist here
         self._loop = None  # nor does the parent's event loop
-        self._private_loop = None
+        self._callback_loop = None  # nor its callback thread (a new one starts on first use)
         if self._wanted:
             self.start()
 
@@ -1389,9 +1454,110 @@ def _safely(where: str, fn: Callable[[Any], object], argument: object) -> None:
         report_internal_error(where, error)
 
 
-def _report_task(task: asyncio.Task[object]) -> None:
+def _report_task(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         report_internal_error("monitor.alert_callback", task.exception())
+
+
+async def _bounded(coro: Coroutine[Any, Any, object]) -> None:
+    """Run an async alert callback for at most ``_ASYNC_TIMEOUT_S`` (read now, so tests can
+    shorten it), then cancel it; report a failure or a timeout (each logged once), never
+    raise. The callback runs as a task of its own: one that ignores its cancellation holds
+    neither this wrapper nor the loop."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=_ASYNC_TIMEOUT_S)
+    except asyncio.CancelledError:  # the loop is closing: take the callback along
+        task.cancel()
+        raise
+    if done:
+        _report_task(task)
+        return
+    task.cancel()
+    task.add_done_callback(_report_task)  # what it raises on its way out, if not cancelled
+    report_internal_error(
+        "monitor.alert_callback.timeout",
+        TimeoutError(f"an async alert callback ran for {_ASYNC_TIMEOUT_S:g} s; cancelled"),
+    )
+
+
+class _CallbackLoop:
+    """An event loop on a daemon thread of its own (``otel-raptor-monitor-callbacks``) that
+    runs a monitor's async alert callbacks when the application runs no loop.
+
+    Whichever thread delivers an alert submits the coroutine and returns at once, so two
+    threads delivering at the same time both get their callbacks run (one shared loop driven
+    by ``run_until_complete`` from each thread lost one of them), and a callback that never
+    ends is cancelled by ``_bounded`` instead of freezing the monitor's thread. At most
+    ``_MAX_PENDING_CALLBACKS`` are queued or running. After a fork the child drops this object
+    (its thread is gone) and makes a new one on first use; its lock is therefore not
+    registered with ``forksafe``.
+    """
+
+    __slots__ = ("_lock", "_pending", "loop", "thread")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self._serve, name="otel-raptor-monitor-callbacks", daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.loop.is_closed()
+
+    def submit(self, coro: Coroutine[Any, Any, object]) -> bool:
+        """Schedule ``coro`` (bounded by ``_bounded``); ``False`` when the backlog is full or
+        the loop has closed, and then ``coro`` was not started."""
+        with self._lock:
+            if self._pending >= _MAX_PENDING_CALLBACKS:
+                return False
+            self._pending += 1
+        bounded = _bounded(coro)
+        try:
+            future = asyncio.run_coroutine_threadsafe(bounded, self.loop)
+        except RuntimeError:  # closed meanwhile (a racing close())
+            bounded.close()
+            self._finished(None)
+            return False
+        future.add_done_callback(self._finished)
+        return True
+
+    def _finished(self, _future: object) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def close(self, timeout: float) -> None:
+        """Stop the loop (cancelling what still runs) and wait ``timeout`` seconds for the
+        thread."""
+        with contextlib.suppress(RuntimeError):  # closed already
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def _serve(self) -> None:
+        loop = self.loop
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                # Stopped by close(): what was handed over gets a last moment to finish (no
+                # alert is lost to a close right after it fired), then is cancelled.
+                pending = asyncio.all_tasks(loop)
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=_CALLBACK_CLOSE_S))
+                pending = {task for task in pending if not task.done()}
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=_CALLBACK_CLOSE_S))
+            except Exception as error:  # noqa: BLE001 - a daemon thread must end quietly
+                report_internal_error("monitor.callback_loop", error)
+            finally:
+                loop.close()
 
 
 _CATEGORY_WORDS: Final = (

@@ -260,10 +260,14 @@ class PredictiveFailure:
         self._interval = self._options.interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
+        # One thread at a time drives the private loop (a second run_until_complete on a
+        # running loop fails, and its coroutine would be lost).
+        self._private_lock = threading.Lock()
         if self._options.builtin_actions:
             self._add_builtin_actions()
         _live.add(self)
         register_lock(self, "_lock")
+        register_lock(self, "_private_lock")
         after_fork_in_child(self, PredictiveFailure._after_fork_in_child)
 
     def _reset_state(self) -> None:
@@ -565,11 +569,14 @@ class PredictiveFailure:
             else:
                 on_done(None)
             return
-        private = self._private_loop
-        if private is None or private.is_closed():
-            private = self._private_loop = asyncio.new_event_loop()
         try:
-            private.run_until_complete(coro)
+            with self._private_lock:
+                private = self._private_loop
+                if private is None or private.is_closed():
+                    private = self._private_loop = asyncio.new_event_loop()
+                # Bounded like the other paths: an action that never ends must not stop the
+                # predictor's thread for good.
+                private.run_until_complete(asyncio.wait_for(coro, _ASYNC_TIMEOUT_S))
         except Exception as error:  # noqa: BLE001
             on_done(error)
         else:
