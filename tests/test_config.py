@@ -623,6 +623,41 @@ def test_first_matching_override_wins() -> None:
     assert config.policy_for("b.example").timeout == 2.0
 
 
+def test_an_override_an_earlier_one_hides_is_refused_in_code_and_dropped_from_a_file(
+    tmp_path: Path,
+) -> None:
+    # First match wins: after "*.internal", an override for reports-db.internal never applies.
+    with pytest.raises(ConfigError) as raised:
+        RaptorConfig(
+            downstreams=(
+                DownstreamOverride(pattern="*.internal", timeout=5.0),
+                DownstreamOverride(pattern="reports-db.internal:5432", statement_timeout=0),
+            )
+        )
+    assert raised.value.key == "downstreams[1].pattern"
+    assert "'*.internal'" in raised.value.allowed
+    path = write(
+        tmp_path,
+        '[[downstreams]]\npattern = "*.internal"\ntimeout = 5.0\n'
+        '[[downstreams]]\npattern = "reports-db.internal:5432"\nstatement_timeout = 0\n'
+        '[[downstreams]]\npattern = "api.example.com"\ntimeout = 2.0\n',
+    )
+    config, reports = load(kwargs={"config_file": str(path)})
+    assert reports.keys == [f"{path}:downstreams[1].pattern"]
+    assert [d.pattern for d in config.downstreams] == ["*.internal", "api.example.com"]
+    assert config.policy_for("reports-db.internal", 5432).statement_timeout == 30.0
+    # Overlaps that leave the later one some calls are fine: narrow first, a port the
+    # earlier one does not name, a pattern with wildcards.
+    RaptorConfig(
+        downstreams=(
+            DownstreamOverride(pattern="reports-db.internal:5432", statement_timeout=0),
+            DownstreamOverride(pattern="*.internal:8443", timeout=1.0),
+            DownstreamOverride(pattern="*.internal", timeout=5.0),
+            DownstreamOverride(pattern="db-*.internal", timeout=2.0),
+        )
+    )
+
+
 # --- the option values themselves --------------------------------------------------------------
 
 

@@ -152,3 +152,31 @@ class _Matcher:
             pattern = f"[[]{head[1:-1]}[]]:{tail}"
         self.regex = re.compile(fnmatch.translate(pattern))
         self.override = override
+
+    def hides(self, later: _Matcher) -> bool:
+        """Whether this matcher, listed first, takes every call that ``later`` names, so
+        that ``later`` can never apply (first match wins). Told only for a ``later`` that
+        names one host (or ``host:port``) outright; a pattern with wildcards is assumed to
+        keep some calls of its own."""
+        pattern = later.override.pattern.lower().rstrip(".")
+        if any(c in "*?[]" for c in pattern):
+            return False
+        host = pattern.rpartition(":")[0] if later.with_port else pattern
+        if self.with_port:
+            if not later.with_port:
+                return False  # which port the call uses is not known here
+            return self.regex.match(pattern) is not None
+        return self.regex.match(host) is not None
+
+
+def hidden_overrides(overrides: tuple[DownstreamOverride, ...]) -> list[tuple[int, str]]:
+    """``(index, pattern of the earlier override that hides it)`` for every override that can
+    never apply, because an earlier one matches every call it names."""
+    matchers = [_Matcher(o) for o in overrides]
+    found = []
+    for index, later in enumerate(matchers):
+        for earlier in matchers[:index]:
+            if earlier.hides(later):
+                found.append((index, earlier.override.pattern))
+                break
+    return found

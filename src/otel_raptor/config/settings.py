@@ -22,7 +22,12 @@ from otel_raptor.config._values import (
     _check_statement_timeout,
     _integrations,
 )
-from otel_raptor.config.downstream import DownstreamOverride, DownstreamPolicy, _Matcher
+from otel_raptor.config.downstream import (
+    DownstreamOverride,
+    DownstreamPolicy,
+    _Matcher,
+    hidden_overrides,
+)
 from otel_raptor.config.environment import _ENV, _ENV_NAMES, config_from_env
 from otel_raptor.config.file import config_from_toml
 from otel_raptor.config.monitor import (
@@ -120,6 +125,10 @@ class RaptorConfig:
         overrides = tuple(downstreams)
         if not all(isinstance(o, DownstreamOverride) for o in overrides):
             raise ConfigError("downstreams", downstreams, "a sequence of DownstreamOverride")
+        for index, earlier in hidden_overrides(overrides):
+            raise ConfigError(
+                f"downstreams[{index}].pattern", overrides[index].pattern, _hidden_allowed(earlier)
+            )
         setattr_(self, "downstreams", overrides)
         setattr_(self, "_matchers", tuple(_Matcher(o) for o in overrides))
         setattr_(
@@ -282,28 +291,56 @@ class RaptorConfig:
             # The seed had no request timeout of its own: its breaker ``timeout`` was it.
             top["request_timeout"] = breaker.timeout
 
-        downstreams = [
-            _downstream(spec, where, retry, breaker, None) for where, spec in code.downstreams
-        ]
+        downstreams: list[DownstreamOverride] = []
+        for where, spec in code.downstreams:
+            strict = _downstream(spec, where, retry, breaker, None)  # raises, or is one
+            assert strict is not None
+            downstreams.append(strict)
+        in_code = len(downstreams)
         raw = file_values.get("downstreams", ())
+        file_places = []
         for index, spec in enumerate(raw if isinstance(raw, (list, tuple)) else ()):
             where = f"{file_name}:downstreams[{index}]"
             override = _downstream(spec, where, retry, breaker, shown)
             if override is not None:
                 downstreams.append(override)
+                file_places.append(where)
         monitor = code.monitor_config
         if monitor is None:
             monitor = _monitor(
                 code.groups["monitor"], file_values.get("monitor"), file_name, environ, shown
             )
+        # An override no call can reach (an earlier one matches all of its calls) is a
+        # mistake: in code it raises (__post_init__); in the file it is reported and dropped,
+        # so that the rest still loads.
+        hidden = {
+            index: earlier
+            for index, earlier in hidden_overrides(tuple(downstreams))
+            if index >= in_code
+        }
+        for index, earlier in hidden.items():
+            pattern = downstreams[index].pattern
+            shown(
+                ConfigError(
+                    f"{file_places[index - in_code]}.pattern", pattern, _hidden_allowed(earlier)
+                )
+            )
+        downstreams = [d for index, d in enumerate(downstreams) if index not in hidden]
         values: dict[str, Any] = {  # Any: every value is validated by __post_init__
             **top,
             "retry": retry,
             "breaker": breaker,
-            "downstreams": tuple(d for d in downstreams if d is not None),
+            "downstreams": tuple(downstreams),
             "monitor": monitor,
         }
         return cls(**values)
+
+
+def _hidden_allowed(earlier: str) -> str:
+    return (
+        f"a pattern that some call reaches: {earlier!r}, listed before it, matches every call"
+        " it names, and the first match wins (list the narrower override first)"
+    )
 
 
 def _build_top(values: Mapping[str, object]) -> RaptorConfig:
