@@ -308,7 +308,11 @@ class TestSignals:
             ("42601", C.QUERY, False),
             ("42P01", C.QUERY, False),
             ("42501", C.AUTHORIZATION, False),
-            ("57014", C.TIMEOUT, False),
+            ("57014", C.CANCELLED, False),  # a statement timeout or cancel: the caller's limit
+            ("25P03", C.CANCELLED, False),
+            ("P0001", C.QUERY, False),  # RAISE EXCEPTION in PL/pgSQL
+            ("2BP01", C.QUERY, False),
+            ("55006", C.QUERY, False),  # psycopg raises it as OperationalError: not a lost link
             ("40P01", C.CONCURRENCY, True),
             ("40001", C.CONCURRENCY, True),
             ("55P03", C.CONCURRENCY, True),
@@ -320,7 +324,7 @@ class TestSignals:
             ("57P01", C.CONNECTION, True),
             ("57P02", C.CONNECTION, True),
             ("57P03", C.UNAVAILABLE, True),
-            ("XX000", C.UNKNOWN, False),
+            ("XX000", C.SERVER_ERROR, False),
         ],
     )
     def test_sqlstate(

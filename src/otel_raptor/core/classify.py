@@ -414,18 +414,23 @@ _TABLE: tuple[Rule | None, ...] = (
     _mysql("out_of_resources", _C.RESOURCE_EXHAUSTED, 1021, 1037, 1038, 1041, 1114),
     _mysql("timeout", _C.TIMEOUT, 1159, 1161),
     # The server stopped a statement that ran past its time limit (MariaDB max_statement_time,
-    # MySQL max_execution_time): the same statement would most likely run as long again.
-    _mysql("statement_timeout", _C.TIMEOUT, 1969, 3024, retryable=False),
+    # MySQL max_execution_time): the same statement would most likely run as long again. The
+    # limit is the caller's (as SQLite's interrupt): cancelled, and no sign the server is out.
+    _mysql("statement_timeout", _C.CANCELLED, 1969, 3024, retryable=False),
     _mysql("server_shutdown", _C.UNAVAILABLE, 1053),
     _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927),
     _mysql("unknown_host", _C.DNS, 2005),
     # Client side "can't connect" / "lost": the OSError in __context__ tells refused/DNS/timeout.
     _mysql("connect", _C.CONNECTION, 2002, 2003, 2006, 2013, 2055, defer_to_cause=True),
+    # What the statement itself brought on: SIGNAL (1644), a subquery of many rows (1242), a
+    # column count (1136), an unknown variable (1193).
+    _mysql("statement", _C.QUERY, 1136, 1193, 1242, 1644),
     # -- SQLSTATEs (PostgreSQL, and the standard classes) -----------------------------------------
     # A statement timeout or a cancel request: sent again, the statement would most likely run
     # as long again (or be cancelled again), holding a connection for another full timeout.
-    _sqlstate("query_canceled", _C.TIMEOUT, "57014", retryable=False),
-    _sqlstate("idle_in_transaction_timeout", _C.TIMEOUT, "25P03"),
+    # The limit or the cancel is the caller's: cancelled, and no sign the server is out.
+    _sqlstate("query_canceled", _C.CANCELLED, "57014", retryable=False),
+    _sqlstate("idle_in_transaction_timeout", _C.CANCELLED, "25P03"),  # the session's own limit
     _sqlstate("admin_shutdown", _C.CONNECTION, "57P01", "57P02", "57P05"),
     _sqlstate("cannot_connect_now", _C.UNAVAILABLE, "57P03"),
     _sqlstate("transaction_integrity", _C.INTEGRITY, "40002"),
@@ -438,11 +443,19 @@ _TABLE: tuple[Rule | None, ...] = (
     _sqlstate("integrity", _C.INTEGRITY, "23", "44"),
     _sqlstate("query", _C.QUERY, "42", "22", "0A", "3D", "3F", "25", "54"),
     _sqlstate("system_error", _C.SERVER_ERROR, "58"),
+    # Every other class the server answers with is about the statement, the transaction or
+    # the session it ran in, not about the server being reachable (psycopg raises some of
+    # them as OperationalError, which alone would read as a lost connection).
+    _sqlstate("statement", _C.QUERY, "09", "0B", "0F", "0L", "0P", "0Z", "20", "21", "24",
+              "26", "27", "2B", "2D", "2F", "34", "38", "39", "3B", "45", "55", "72", "HV", "P0"),
+    _sqlstate("internal_error", _C.SERVER_ERROR, "XX", "F0", retryable=False),
     # -- SQLite error names (Python 3.11+; older versions fall back to messages below) ------------
     _sqlite("busy", _C.CONCURRENCY, "SQLITE_BUSY", "SQLITE_LOCKED"),
     _sqlite("constraint", _C.INTEGRITY, "SQLITE_CONSTRAINT"),
     _sqlite("full", _C.RESOURCE_EXHAUSTED, "SQLITE_FULL", "SQLITE_NOMEM"),
     _sqlite("interrupt", _C.CANCELLED, "SQLITE_INTERRUPT"),
+    # The database file cannot be opened (gone, its directory or disk away): SQLite's "out".
+    _sqlite("cantopen", _C.UNAVAILABLE, "SQLITE_CANTOPEN"),
     # -- errno (OSError) --------------------------------------------------------------------------
     _errno_rule("dns.EAI_AGAIN", _C.DNS, "EAI_AGAIN", types=_GAI, retryable=True),
     _errno_rule("dns.not_found", _C.DNS, "EAI_NONAME", "EAI_NODATA", "EAI_FAIL",
@@ -485,6 +498,8 @@ _TABLE: tuple[Rule | None, ...] = (
     # -- sqlite3 messages -------------------------------------------------------------------------
     _types("sqlite.locked", _C.CONCURRENCY, "sqlite3.OperationalError",
            message=r"database( table| schema)? is locked|database is busy"),
+    _types("sqlite.unopenable", _C.UNAVAILABLE, "sqlite3.OperationalError",
+           message=r"unable to open database file"),
     _types("sqlite.query", _C.QUERY, "sqlite3.OperationalError",
            message=r"syntax error|no such (table|column|function|index|collation)"
                    r"|has no column named|incomplete input|ambiguous column|already exists"),
@@ -556,6 +571,10 @@ _TABLE: tuple[Rule | None, ...] = (
     # -- PostgreSQL drivers -----------------------------------------------------------------------
     _types("psycopg.ConnectionTimeout", _C.TIMEOUT, "psycopg.errors.ConnectionTimeout"),
     _types("pg.OperationalError", _C.CONNECTION, *_PG_CONNECT, defer=True),
+    # The drivers' own checks, made in the client (a closed cursor or connection): the app's
+    # doing, never a sign that the server is unwell.
+    _types("dbapi.InterfaceError", _C.CLIENT_ERROR, "psycopg.InterfaceError",
+           "psycopg2.InterfaceError", "pymysql.err.InterfaceError", "sqlite3.InterfaceError"),
     # asyncpg's own checks, made in the client before anything is sent (another operation in
     # progress on the connection, a closed connection, a bad argument): the app's doing, and
     # never a sign that the server is unwell.

@@ -83,7 +83,6 @@ __all__ = [
 #: the connection being opened, e.g. redis-py reconnecting for a command).
 NOT_SENT_ATTRIBUTE: Final = "_otel_raptor_not_sent"
 
-_CONCURRENCY: Final = ErrorCategory.CONCURRENCY
 _STATEMENT: Final = Operation.STATEMENT
 
 #: ``(failure, classification) -> (failure point, can the client send again)``.
@@ -236,10 +235,29 @@ class _Policy:
     breaker: CircuitBreakerConfig
 
 
+#: What a database failure must be to count against its server's breaker: evidence that the
+#: server cannot be reached or cannot serve (refused, lost, timed out, shutting down, out of
+#: connections). Anything else the server answers with (a bad statement, a conflict, a
+#: cancelled or timed-out statement, an internal error) and anything the client refused by
+#: itself (a closed cursor, a bad argument: ``unknown``) says the server is up: an app that
+#: makes the same mistake five times must not shut every caller out of a healthy server.
+DB_HEALTH_CATEGORIES: Final = frozenset(
+    {
+        ErrorCategory.CONNECTION,
+        ErrorCategory.DNS,
+        ErrorCategory.TLS,
+        ErrorCategory.TIMEOUT,
+        ErrorCategory.UNAVAILABLE,
+        ErrorCategory.RESOURCE_EXHAUSTED,
+    }
+)
+_NOT_DB_HEALTH: Final = frozenset(ErrorCategory) - DB_HEALTH_CATEGORIES
+
+
 def _db_breaker(config: CircuitBreakerConfig) -> CircuitBreakerConfig:
-    if _CONCURRENCY in config.ignored_categories:
+    if config.ignored_categories >= _NOT_DB_HEALTH:
         return config
-    return replace(config, ignored_categories=config.ignored_categories | {_CONCURRENCY})
+    return replace(config, ignored_categories=config.ignored_categories | _NOT_DB_HEALTH)
 
 
 class DbTarget:

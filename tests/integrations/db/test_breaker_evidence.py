@@ -1,0 +1,125 @@
+"""What counts against a database server's breaker: only evidence that the server is out.
+
+An application that makes the same mistake again and again (a PL/pgSQL ``RAISE``, a MySQL
+``SIGNAL``, statements its own statement timeout stops, a closed cursor, a bad argument) gets
+its errors as always, and every other caller of the same healthy server goes on working:
+the breaker stays closed (``failure_threshold`` is 3 here, so six mistakes would trip it if
+they counted)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg2
+import pymysql
+import pytest
+
+from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.integrations.db.psycopg import PsycopgIntegration
+from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
+from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
+from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
+from tests.integrations.db.conftest import MYSQL_KWARGS, PG_DSN, Install
+
+MISTAKES = 6
+
+
+def make_mistakes(mistake: Callable[[], object], expected: type[BaseException]) -> None:
+    for _ in range(MISTAKES):
+        with pytest.raises(expected):
+            mistake()
+
+
+def raise_in_plpgsql(cur: Any) -> None:
+    cur.execute("DO $$ BEGIN RAISE EXCEPTION 'insufficient funds'; END $$")
+
+
+@pytest.mark.usefixtures("postgres")
+def test_psycopg_app_errors_leave_the_breaker_closed(install: Install) -> None:
+    installed = install(PsycopgIntegration, failure_threshold=3)
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        make_mistakes(lambda: raise_in_plpgsql(conn.cursor()), psycopg.errors.RaiseException)
+        conn.execute("SET statement_timeout = '10ms'")
+        make_mistakes(lambda: conn.execute("SELECT pg_sleep(0.2)"), psycopg.errors.QueryCanceled)
+        closed = conn.cursor()
+        closed.close()
+        make_mistakes(lambda: closed.execute("SELECT 1"), psycopg.InterfaceError)
+        make_mistakes(lambda: conn.execute("SELECT %s", (1, 2)), psycopg.ProgrammingError)
+    with psycopg.connect(PG_DSN) as other:  # another caller of the same server
+        assert other.execute("SELECT 1").fetchone() == (1,)
+    assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("postgres")
+def test_psycopg2_app_errors_leave_the_breaker_closed(install: Install) -> None:
+    installed = install(Psycopg2Integration, failure_threshold=3)
+    conn = psycopg2.connect(PG_DSN)
+    conn.autocommit = True
+    try:
+        make_mistakes(lambda: raise_in_plpgsql(conn.cursor()), psycopg2.errors.RaiseException)
+        make_mistakes(lambda: conn.cursor().execute("SELECT %s", (1, 2)), TypeError)
+        closed = conn.cursor()
+        closed.close()
+        make_mistakes(lambda: closed.execute("SELECT 1"), psycopg2.InterfaceError)
+    finally:
+        conn.close()
+    other = psycopg2.connect(PG_DSN)
+    try:
+        cur = other.cursor()
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    finally:
+        other.close()
+    assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("mysql")
+def test_pymysql_app_errors_leave_the_breaker_closed(install: Install) -> None:
+    installed = install(PyMySQLIntegration, failure_threshold=3)
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        cur = conn.cursor()
+        make_mistakes(
+            lambda: cur.execute("SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'no'"),
+            pymysql.err.OperationalError,
+        )
+        make_mistakes(
+            lambda: cur.execute("SELECT (SELECT 1 UNION SELECT 2)"),
+            pymysql.err.OperationalError,
+        )
+        cur.execute("SET SESSION max_statement_time = 0.01")
+        make_mistakes(lambda: cur.execute("SELECT SLEEP(0.2)"), pymysql.err.OperationalError)
+    finally:
+        conn.close()
+    make_mistakes(lambda: conn.cursor().execute("SELECT 1"), pymysql.err.Error)  # closed
+    other = pymysql.connect(**MYSQL_KWARGS)
+    try:
+        with other.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        other.close()
+    assert installed.of(BreakerTransitioned) == []
+
+
+def test_sqlite3_app_errors_leave_the_breaker_closed(install: Install, tmp_path: Path) -> None:
+    installed = install(SQLiteIntegration, failure_threshold=3)
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    try:
+        make_mistakes(
+            lambda: conn.execute("SELECT json_extract('{not json', '$.a')"),
+            sqlite3.OperationalError,
+        )
+    finally:
+        conn.close()
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        other.close()
+    assert installed.of(BreakerTransitioned) == []
