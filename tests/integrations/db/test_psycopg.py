@@ -32,7 +32,7 @@ from otel_raptor.integrations.db import psycopg as integration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration, circuit_open_error_type
 from otel_raptor.runtime.safety import _reset_for_tests
 from tests.integrations.db.conftest import PG_DSN, Install
-from tests.support.dbservers import free_port
+from tests.support.dbservers import PrivatePostgres, free_port
 from tests.support.services import POSTGRES
 from tests.support.tcp_proxy import FaultProxy
 
@@ -149,6 +149,72 @@ def test_the_default_statement_timeout_is_set_where_none_is(install: Install) ->
         assert statement_timeout(conn) == "12500ms"
     with psycopg.connect(PG_DSN, options="-c statement_timeout=4s") as conn:
         assert statement_timeout(conn) == "4s"  # the application's own wins
+
+
+def test_a_session_that_chose_no_statement_timeout_keeps_none(
+    install: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install(PsycopgIntegration, statement_timeout=12.5)
+    # ``0`` on purpose reads the same as no setting at all: pg_settings' source tells them apart.
+    with psycopg.connect(PG_DSN, options="-c statement_timeout=0") as conn:
+        assert statement_timeout(conn) == "0"
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=0")
+    with psycopg.connect(PG_DSN) as conn:
+        assert statement_timeout(conn) == "0"
+    monkeypatch.delenv("PGOPTIONS")
+    with psycopg.connect(PG_DSN) as conn:
+        assert statement_timeout(conn) == "12500ms"
+
+
+async def test_an_async_session_that_chose_no_statement_timeout_keeps_none(
+    install: Install,
+) -> None:
+    install(PsycopgIntegration, statement_timeout=12.5)
+    async with await psycopg.AsyncConnection.connect(
+        PG_DSN, options="-c statement_timeout=0"
+    ) as conn:
+        cur = await conn.execute("SHOW statement_timeout")
+        assert await cur.fetchone() == ("0",)
+
+
+def test_a_role_database_or_server_that_chose_no_statement_timeout_keeps_none(
+    install: Install,
+) -> None:
+    # ALTER ROLE/DATABASE/SYSTEM are for a private server: the shared one is left as it is.
+    server = PrivatePostgres()
+    try:
+        server.start()
+        with psycopg.connect(server.dsn, autocommit=True) as admin:  # not guarded yet
+            admin.execute("CREATE ROLE raptor_zero LOGIN")
+            admin.execute("ALTER ROLE raptor_zero SET statement_timeout = 0")
+            admin.execute("CREATE ROLE raptor_plain LOGIN")
+            admin.execute("CREATE DATABASE raptor_zero")
+            admin.execute("ALTER DATABASE raptor_zero SET statement_timeout = 0")
+        install(PsycopgIntegration, statement_timeout=12.5)
+        dsn = f"host=127.0.0.1 port={server.port}"
+        for user, database, expected in (
+            ("raptor_plain", "postgres", "12500ms"),  # nothing chose one: the default
+            ("raptor_zero", "postgres", "0"),  # the role's
+            ("raptor_plain", "raptor_zero", "0"),  # the database's
+        ):
+            with psycopg.connect(f"{dsn} user={user} dbname={database}") as conn:
+                assert (user, database, statement_timeout(conn)) == (user, database, expected)
+        with psycopg.connect(server.dsn, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET statement_timeout = 0")  # postgresql.auto.conf
+            admin.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while True:  # the postmaster rereads its configuration asynchronously
+            with psycopg.connect(f"{dsn} user=raptor_plain dbname=postgres") as conn:
+                source = conn.execute(
+                    "SELECT source FROM pg_settings WHERE name = 'statement_timeout'"
+                ).fetchone()
+                if source == ("configuration file",) or time.monotonic() > deadline:
+                    assert source == ("configuration file",)
+                    assert statement_timeout(conn) == "0"
+                    break
+            time.sleep(0.05)
+    finally:
+        server.close()
 
 
 def test_a_statement_timeout_of_zero_sets_none(install: Install) -> None:

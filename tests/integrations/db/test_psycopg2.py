@@ -62,6 +62,8 @@ def test_connections_and_cursors_are_real_and_register_type_accepts_them(
     conn = psycopg2.connect(PG_DSN)
     try:
         assert isinstance(conn, psycopg2.extensions.connection)
+        # Named as the class it stands for, as without raptor.
+        assert (type(conn).__module__, type(conn).__name__) == ("psycopg2.extensions", "connection")
         cursor = conn.cursor()
         assert isinstance(cursor, psycopg2.extensions.cursor)
         # What Django and SQLAlchemy call: C functions that refuse proxies.
@@ -81,6 +83,7 @@ def test_the_applications_factories_are_honoured(install: Install) -> None:
     conn = psycopg2.connect(PG_DSN, connection_factory=psycopg2.extras.RealDictConnection)
     try:
         assert isinstance(conn, psycopg2.extras.RealDictConnection)
+        assert type(conn).__name__ == "RealDictConnection"
         cursor = conn.cursor()  # RealDictConnection's own default cursor class
         assert isinstance(cursor, psycopg2.extras.RealDictCursor)
         cursor.execute("SELECT 1 AS x")
@@ -127,6 +130,37 @@ def test_the_default_statement_timeout_leaves_no_transaction_open(install: Insta
         cursor = conn.cursor()
         cursor.execute("SHOW statement_timeout")
         assert cursor.fetchone() == ("7s",)
+    finally:
+        conn.close()
+
+
+def show_statement_timeout(conn: Any) -> str:
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        return str(cursor.fetchone()[0])
+
+
+def test_a_session_that_chose_its_statement_timeout_keeps_it(
+    install: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install(Psycopg2Integration, statement_timeout=7)
+    # ``0`` on purpose reads the same as no setting at all: pg_settings' source tells them apart.
+    for options, expected in (("-c statement_timeout=0", "0"), ("-c statement_timeout=4s", "4s")):
+        conn = psycopg2.connect(PG_DSN, options=options)
+        try:
+            assert show_statement_timeout(conn) == expected
+        finally:
+            conn.close()
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=0")
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        assert show_statement_timeout(conn) == "0"
+    finally:
+        conn.close()
+    monkeypatch.delenv("PGOPTIONS")
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        assert show_statement_timeout(conn) == "7s"
     finally:
         conn.close()
 

@@ -85,6 +85,31 @@ def test_the_default_statement_timeout_where_the_session_has_none(install: Insta
         conn.close()
 
 
+def test_an_init_command_that_chose_no_statement_timeout_keeps_none(install: Install) -> None:
+    install(PyMySQLIntegration, statement_timeout=2.5)
+    # ``0`` on purpose reads the same as no setting at all: the init_command tells them apart.
+    for command in ("SET max_statement_time = 0", "SET SESSION MAX_STATEMENT_TIME=0"):
+        conn = pymysql.connect(**MYSQL_KWARGS, init_command=command)
+        try:
+            assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 0.0
+        finally:
+            conn.close()
+    # Reconnecting (what ``ping(reconnect=True)`` calls) honours it as well.
+    conn = pymysql.connect(**MYSQL_KWARGS, init_command="SET max_statement_time = 0")
+    try:
+        conn.close()
+        conn.connect()
+        assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 0.0
+    finally:
+        conn.close()
+    # An init_command about something else: the default still applies.
+    conn = pymysql.connect(**MYSQL_KWARGS, init_command="SET @raptor_unrelated = 1")
+    try:
+        assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 2.5
+    finally:
+        conn.close()
+
+
 def test_replay_in_autocommit_only_and_never_for_executemany(install: Install, table: str) -> None:
     installed = install(PyMySQLIntegration)
     conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
@@ -113,7 +138,7 @@ def test_replay_in_autocommit_only_and_never_for_executemany(install: Install, t
         (Outcome.RECOVERED, 2, ""),
         (Outcome.RECOVERED, 2, ""),
         (Outcome.FAILED, 1, "not_replay_safe"),  # the write
-        (Outcome.FAILED, 1, "not_retryable"),  # the statement timeout
+        (Outcome.FAILED, 1, "cancelled"),  # the statement timeout: the caller's limit
         (Outcome.FAILED, 1, "not_replay_safe"),  # executemany
         (Outcome.FAILED, 1, "not_replay_safe"),  # inside a transaction
     ]

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,44 @@ def test_connections_are_real_and_backup_accepts_them(install: Install, path: Pa
         assert cursor.execute("SELECT v FROM t").fetchall() == [(1,)]
     finally:
         conn.close()
+
+
+class DictCursor(sqlite3.Cursor):
+    """Rows as dicts."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        super().__init__(connection)
+        self.row_factory = lambda cursor, row: {
+            column[0]: value for column, value in zip(cursor.description, row, strict=True)
+        }
+
+
+class DictConnection(sqlite3.Connection):
+    """A connection whose ``cursor()`` picks its own default cursor class."""
+
+    def cursor(self, factory: Any = DictCursor) -> Any:
+        return super().cursor(factory)
+
+
+def test_the_applications_default_cursor_class_is_kept_and_guarded(
+    install: Install, path: Path
+) -> None:
+    installed = install(SQLiteIntegration, max_retries=50, failure_threshold=100)
+    conn = sqlite3.connect(path, timeout=0.01, isolation_level=None, factory=DictConnection)
+    try:
+        assert type(conn).__name__ == "DictConnection"
+        cursor = conn.cursor()  # the application's default: a DictCursor, not sqlite3.Cursor
+        assert isinstance(cursor, DictCursor)
+        holder = writer_holds_the_lock(path, 0.2)
+        try:
+            cursor.execute("INSERT INTO t VALUES (1)")  # locked, then retried until the lock goes
+        finally:
+            holder.join()
+        assert cursor.execute("SELECT v FROM t ORDER BY v").fetchall() == [{"v": 0}, {"v": 1}]
+    finally:
+        conn.close()
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.outcome, finished.attempts > 1) == (Outcome.RECOVERED, True)
 
 
 def test_a_busy_database_is_retried_in_autocommit(install: Install, path: Path) -> None:

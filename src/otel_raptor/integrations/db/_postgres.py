@@ -82,14 +82,17 @@ def server_of_params(params: Mapping[str, Any]) -> Server:
 def statement_timeout_query(target: DbTarget) -> bytes | None:
     """The query that sets ``target``'s default statement timeout, or ``None`` (none set).
 
-    One round trip, and only where nothing set a timeout already: the application (libpq
-    ``options``, ``PGOPTIONS``), the role or the database (``ALTER ROLE``/``ALTER DATABASE
-    ... SET statement_timeout``): the server then reports a value other than ``0``.
+    One round trip, and only where nothing chose a timeout, not even ``0`` ("none", on
+    purpose): the application (libpq ``options``, ``PGOPTIONS``: source ``client``), the role
+    or the database (``ALTER ROLE``/``ALTER DATABASE ... SET statement_timeout``: ``user``,
+    ``database``, ``database user``), the server's configuration (``configuration file``,
+    ``command line``, ...). ``pg_settings`` tells these from PostgreSQL's built-in default
+    (source ``default``); the value alone cannot, as an explicit ``0`` reads the same.
     """
     ms = policy_timeout_ms(target)
     if not ms:
         return None
     return (
-        b"SELECT set_config('statement_timeout', '%dms', false) "
-        b"WHERE current_setting('statement_timeout') = '0'" % ms
+        b"SELECT set_config('statement_timeout', '%dms', false) FROM pg_settings "
+        b"WHERE name = 'statement_timeout' AND source = 'default'" % ms
     )

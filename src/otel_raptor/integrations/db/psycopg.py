@@ -6,9 +6,9 @@ getting real ``psycopg.Connection`` and cursor objects, which every type check a
 
 - ``psycopg.connect``, ``Connection.connect`` and ``AsyncConnection.connect`` (the class
   methods psycopg_pool calls, and subclasses inherit): the ``connect`` plan, always replay
-  safe. After a connection opens, its server's default statement timeout is set where the
-  server reports none (``statement_timeout = 0``), in one round trip that bypasses cursors
-  (so no tracing instrumentation sees it).
+  safe. After a connection opens, its server's default statement timeout is set where
+  nothing chose one, not even ``0`` (``pg_settings`` reports PostgreSQL's built-in default),
+  in one round trip that bypasses cursors (so no tracing instrumentation sees it).
 - ``Cursor.execute``/``executemany`` and ``AsyncCursor.execute``/``executemany`` (and so
   ``Connection.execute``, ``ClientCursor``, ``RawCursor``): ``execute`` on an autocommit
   connection with no transaction open and no pipeline runs under the ``statement`` plan

@@ -226,15 +226,16 @@ def guarded_connection_factory(factory: Any) -> Any:
         return found
     if _mixin is None:
         _mixin = _connection_mixin()
-    mixin = _mixin
-    if factory is base:
-        built: type = mixin
-    else:
-        # The mixin comes *after* the application's class: its own ``cursor()`` (which may pick
-        # a default factory, as RealDictConnection's does) runs first, then ours wraps the
-        # factory that was chosen.
-        built = type(factory.__name__, (factory, mixin), {"__module__": factory.__module__})
-        setattr(built, _GUARDED, True)
+    # Built under the name of the class it stands for (``type(conn).__name__`` stays
+    # ``connection``, ``RealDictConnection``, ...). The mixin comes *after* the application's
+    # class: its own ``cursor()`` (which may pick a default factory, as RealDictConnection's
+    # does) runs first, then ours wraps the factory that was chosen.
+    bases = (_mixin,) if factory is base else (factory, _mixin)
+    built = type(
+        factory.__name__,
+        bases,
+        {"__module__": factory.__module__, "__doc__": factory.__doc__, _GUARDED: True},
+    )
     with _classes.lock:
         return _connection_classes.setdefault(factory, built)
 

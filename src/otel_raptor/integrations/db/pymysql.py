@@ -7,7 +7,7 @@ real ``pymysql.connections.Connection`` and cursor objects):
   and ``ping(reconnect=True)`` calls to reconnect): the ``connect`` plan, always replay safe.
   After connecting, the server's default statement timeout is set where the session has none
   (MariaDB ``max_statement_time``, MySQL ``max_execution_time``, which MySQL applies to
-  ``SELECT`` only).
+  ``SELECT`` only) and the application's ``init_command`` chose none, ``0`` included.
 - ``Cursor.execute`` (every cursor class derives from it): the ``statement`` plan in
   autocommit mode with no transaction open, else the ``locked`` plan. PyMySQL's default is
   ``autocommit=False``, where every statement is inside a transaction: then nothing is
@@ -131,19 +131,38 @@ def _target(state: _State, conn: Any) -> DbTarget:
     return target
 
 
+# The session variables that bound a statement's time: MariaDB's, MySQL's.
+_TIMEOUT_VARIABLES: Final = ("max_statement_time", "max_execution_time")
+
+
+def _chose_a_timeout(conn: Any) -> bool:
+    """Whether the application's ``init_command`` sets a statement timeout, ``0`` included:
+    the session's value alone cannot tell an explicit ``0`` ("none", on purpose) from none."""
+    command = getattr(conn, "init_command", None)
+    if isinstance(command, bytes):
+        command = command.decode("utf-8", "replace")
+    if not isinstance(command, str):
+        return False
+    command = command.lower()
+    return any(name in command for name in _TIMEOUT_VARIABLES)
+
+
 def _statement_timeout_query(conn: Any, target: DbTarget) -> str | None:
     seconds = target.statement_timeout
-    if seconds <= 0:
+    if seconds <= 0 or _chose_a_timeout(conn):
         return None
+    # Only where both the session and the server's global value are 0: a session at 0 under a
+    # non-zero global was set so on purpose (the server's ``init_connect``, say). A global 0
+    # set in the server's configuration reads the same as the built-in default, though.
     if "mariadb" in str(conn.get_server_info()).lower():
         return (
-            "SET @@SESSION.max_statement_time = IF(@@SESSION.max_statement_time = 0, "
-            f"{seconds:.6f}, @@SESSION.max_statement_time)"
+            "SET @@SESSION.max_statement_time = IF(@@SESSION.max_statement_time = 0 "
+            f"AND @@GLOBAL.max_statement_time = 0, {seconds:.6f}, @@SESSION.max_statement_time)"
         )
     ms = max(1, round(seconds * 1000))
     return (
-        "SET @@SESSION.max_execution_time = IF(@@SESSION.max_execution_time = 0, "
-        f"{ms}, @@SESSION.max_execution_time)"
+        "SET @@SESSION.max_execution_time = IF(@@SESSION.max_execution_time = 0 "
+        f"AND @@GLOBAL.max_execution_time = 0, {ms}, @@SESSION.max_execution_time)"
     )
 
 

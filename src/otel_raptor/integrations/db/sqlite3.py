@@ -180,25 +180,15 @@ def _guarded_cursor(factory: type) -> type:
         return _cursor_classes.setdefault(factory, Guarded)
 
 
-def guarded_connection_factory(factory: Any) -> Any:
-    """A subclass of the connection class ``factory`` (``None``: ``sqlite3.Connection``) whose
-    statements are guarded; anything that is not a ``sqlite3.Connection`` class is returned
-    unchanged."""
+def _connection_mixin() -> type:
     import sqlite3  # noqa: PLC0415 - imported by install()
 
-    base = sqlite3.Connection
-    if factory is None:
-        factory = base
-    if not (isinstance(factory, type) and issubclass(factory, base)):
-        return factory
-    if getattr(factory, _GUARDED, False):
-        return factory
-    found = _connection_classes.get(factory)
-    if found is not None:
-        return found
     cursor_type = sqlite3.Cursor
 
-    class Guarded(factory):  # type: ignore[misc]
+    class GuardedConnection(sqlite3.Connection):
+        """Guards the connection's own statements, and hands out guarded cursors of the class
+        it would have used."""
+
         def execute(self, *args: Any, **kwargs: Any) -> Any:
             return _guard(self, super().execute, args, kwargs, False)
 
@@ -221,11 +211,43 @@ def guarded_connection_factory(factory: Any) -> Any:
                 report_internal_error("sqlite3.cursor", bug)
             return super().cursor(*args, **kwargs)
 
-    Guarded.__name__ = Guarded.__qualname__ = factory.__name__
-    Guarded.__module__ = factory.__module__
-    setattr(Guarded, _GUARDED, True)
+    setattr(GuardedConnection, _GUARDED, True)
+    return GuardedConnection
+
+
+_mixin: type | None = None
+
+
+def guarded_connection_factory(factory: Any) -> Any:
+    """A subclass of the connection class ``factory`` (``None``: ``sqlite3.Connection``) whose
+    statements are guarded; anything that is not a ``sqlite3.Connection`` class is returned
+    unchanged."""
+    global _mixin  # noqa: PLW0603 - built once, on first use (sqlite3 is imported lazily)
+    import sqlite3  # noqa: PLC0415 - imported by install()
+
+    base = sqlite3.Connection
+    if factory is None:
+        factory = base
+    if not (isinstance(factory, type) and issubclass(factory, base)):
+        return factory
+    if getattr(factory, _GUARDED, False):
+        return factory
+    found = _connection_classes.get(factory)
+    if found is not None:
+        return found
+    if _mixin is None:
+        _mixin = _connection_mixin()
+    # The mixin comes *after* the application's class: its own ``cursor()`` (which may pick
+    # a default cursor class) and ``execute()`` run first, then ours guard what they chose.
+    # Built under the name of the class it stands for.
+    bases = (_mixin,) if factory is base else (factory, _mixin)
+    built = type(
+        factory.__name__,
+        bases,
+        {"__module__": factory.__module__, "__doc__": factory.__doc__, _GUARDED: True},
+    )
     with _classes.lock:
-        return _connection_classes.setdefault(factory, Guarded)
+        return _connection_classes.setdefault(factory, built)
 
 
 # ``sqlite3.connect``'s parameters, in order, for arguments given by position.
