@@ -75,8 +75,8 @@ class CircuitOpenError(RaptorError):
 class ThrottledError(RaptorError):
     """The downstream is cooling down (pervasive rate limiting: a ``Retry-After`` that became
     a pause for every call, see ``RetryPolicy.cooldown_share``), and the rest of the pause
-    does not fit the call's ``max_retry_after`` (``max_delay`` when unset) or its deadline, so
-    the call was refused without an attempt.
+    does not fit the call's ``max_retry_after`` (the larger of ``max_delay`` and 60 s when
+    unset) or its deadline, so the call was refused without an attempt.
 
     ``service`` names the downstream and ``retry_after`` the seconds left of its pause. The
     HTTP integrations never raise it: they hand the caller a ``429`` response instead, as the

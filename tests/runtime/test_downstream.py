@@ -3,6 +3,9 @@ throttled calls, and the runtime's one-writer rules for the budget's shape."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from otel_raptor import CircuitBreakerConfig, Guard, RetryPolicy
@@ -98,6 +101,35 @@ def test_each_owner_ends_only_its_own_shedding_and_the_smallest_factor_applies()
     assert budget.ratio == pytest.approx(0.4)
 
 
+def test_concurrent_owners_never_leave_a_budget_on_a_stale_ratio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread preempted between reading the ratio in force and applying it must not land
+    # its stale ratio after another thread's newer one (a reshape is slowed down to show it).
+    reshape = Downstream.reshape
+
+    def slow(self: Downstream, ratio: float, floor: float, now: float) -> None:
+        time.sleep(0.0005)
+        reshape(self, ratio, floor, now)
+
+    monkeypatch.setattr(Downstream, "reshape", slow)
+    for _ in range(5):
+        runtime = Runtime(budget_ratio=0.2)
+        budgets = [runtime.downstream(runtime.service(f"s{i}")).budget for i in range(2)]
+
+        def shed_and_stop(owner: str, runtime: Runtime = runtime) -> None:
+            for _ in range(10):
+                runtime.shed_load(0.1, 100.0, owner=owner)
+                runtime.stop_shedding(owner=owner)
+
+        threads = [threading.Thread(target=shed_and_stop, args=(f"o{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [b.ratio for b in budgets] == [0.2, 0.2]
+
+
 def test_the_shedding_table_is_bounded() -> None:
     clock = FakeClock()
     runtime = Runtime(clock=clock, budget_ratio=0.4)
@@ -122,7 +154,7 @@ def test_pervasive_throttling_pauses_every_call_and_refuses_what_cannot_wait() -
 
     short = Guard(
         "api",
-        retry=RetryPolicy(max_retries=0, max_delay=5.0, cooldown_share=0.5),
+        retry=RetryPolicy(max_retries=0, max_delay=5.0, max_retry_after=10.0, cooldown_share=0.5),
         breaker=CircuitBreakerConfig(),
         runtime=runtime,
     )
@@ -135,9 +167,9 @@ def test_pervasive_throttling_pauses_every_call_and_refuses_what_cannot_wait() -
     assert runtime.downstream("api").cooldown_until == pytest.approx(clock.now + 30.0)
     calls_made = []
     with pytest.raises(ThrottledError) as refused:
-        short.call(lambda: calls_made.append(1))  # 30 s > max_delay: refused at once
+        short.call(lambda: calls_made.append(1))  # 30 s > max_retry_after: refused at once
     assert calls_made == []
     assert refused.value.retry_after == pytest.approx(30.0)
-    patient = Guard("api", retry=RetryPolicy(max_retries=0, max_delay=60.0), runtime=runtime)
+    patient = Guard("api", retry=RetryPolicy(max_retries=0, max_delay=5.0), runtime=runtime)
     assert patient.call(lambda: "after the pause") == "after the pause"
     assert clock.sleeps == [pytest.approx(30.0)]

@@ -161,6 +161,30 @@ async def test_auth_refresh_calls_the_refresher_then_retries_once(
     assert result.strategy is Strategy.FAIL_FAST  # no refresher for that service
 
 
+def test_a_refresher_that_never_helps_is_given_up_on(clock: FakeClock) -> None:
+    from otel_raptor import Classification, Severity
+
+    runtime = Runtime(clock=clock, learner=LearnerOptions(min_samples=3))
+    engine = ErrorRecoveryEngine(runtime=runtime, rnd=lambda: 0.0)
+    refreshed: list[bool] = []
+    engine.register_auth_refresher("billing", lambda: refreshed.append(True))
+
+    def unauthorized(exc: BaseException, *, context: Any = None) -> Classification:
+        return Classification(ErrorCategory.AUTHENTICATION, Severity.HIGH, False, "401")
+
+    def still_unauthorized() -> str:
+        raise PermissionError("401")
+
+    engine._classify = unauthorized
+    for _ in range(100):
+        clock.advance(1.0)
+        engine.handle_error_sync(
+            PermissionError("401"), {"service_name": "billing", "retry_func": still_unauthorized}
+        )
+    # A few to learn it is futile, then one probe in ten: not one refresh per 401.
+    assert 3 <= len(refreshed) <= 20
+
+
 def test_the_learner_prefers_the_strategy_that_recovers(clock: FakeClock) -> None:
     runtime = Runtime(clock=clock, learner=LearnerOptions(min_samples=3))
     engine = ErrorRecoveryEngine(runtime=runtime, policy=RetryPolicy(max_retries=1, base_delay=0))

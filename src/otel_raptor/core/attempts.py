@@ -39,8 +39,8 @@ once the driver reports it. Every path publishes exactly one ``RecoveryFinished`
 cancelled call (abandoned, not failed) and a call that succeeded without ever failing.
 
 Waiting for a cooldown at the start of a call (before the first attempt) happens when the
-wait fits both ``max_retry_after`` (``max_delay`` when unset) and the deadline; otherwise the
-call is refused at once with a ``THROTTLED`` refusal, which integrations turn into the
+wait fits both ``RetryPolicy.retry_after_limit`` and the deadline; otherwise the call is
+refused at once with a ``THROTTLED`` refusal, which integrations turn into the
 library's own rate-limit answer (HTTP: a ``429`` response).
 """
 
@@ -181,8 +181,9 @@ class LoopSpec:
 
     ``replay_safe``: the operation may be repeated. ``has_fallback``: give-ups and refusals go
     to the fallback. ``fixed_strategy``: the recovery engine's chosen strategy, reported
-    instead of the per-failure default; the engine asked the learner whether the first retry
-    is worth it when it chose (asking again would spend the learner's probe twice).
+    instead of the per-failure default. ``learner_asked``: whoever built the loop asked the
+    learner whether the first retry is worth it (the engine, choosing its strategy), so the
+    loop does not ask again: that would spend the probe the learner grants now and then.
     ``force_retryable``: the first failure is retried even when it is not retryable as it
     stands (the recovery engine refreshed credentials after a 401). ``first_timeout`` is the
     first attempt's timeout (``policy.timeout_for_attempt(1, 0)``), precomputed for the fast
@@ -197,6 +198,7 @@ class LoopSpec:
     replay_safe: bool = True
     has_fallback: bool = False
     fixed_strategy: Strategy | None = None
+    learner_asked: bool = False
     force_retryable: bool = False
     first_timeout: float | None = None
 
@@ -208,6 +210,7 @@ class LoopSpec:
         replay_safe: bool = True,
         has_fallback: bool = False,
         fixed_strategy: Strategy | None = None,
+        learner_asked: bool = False,
         force_retryable: bool = False,
     ) -> LoopSpec:
         return cls(
@@ -215,6 +218,7 @@ class LoopSpec:
             replay_safe=replay_safe,
             has_fallback=has_fallback,
             fixed_strategy=fixed_strategy,
+            learner_asked=learner_asked,
             force_retryable=force_retryable,
             first_timeout=policy.timeout_for_attempt(1, 0.0),
         )
@@ -388,9 +392,7 @@ class AttemptLoop:
             if attempts == 1 and spec.fixed_strategy is None:
                 self.strategy = Strategy.FAIL_FAST
             return self._give_up(decision.reason.value, now)
-        if (attempts > 1 or spec.fixed_strategy is None) and not port.should_retry(
-            value, strategy, now
-        ):
+        if (attempts > 1 or not spec.learner_asked) and not port.should_retry(value, strategy, now):
             return self._give_up(_LEARNED_FUTILE, now)
         if not port.withdraw(now):
             self.outcome = Outcome.BUDGET_EXHAUSTED
@@ -467,8 +469,7 @@ class AttemptLoop:
 
     def _may_wait(self, wait: float, now: float) -> bool:
         policy = self._spec.policy
-        limit = policy.max_retry_after if policy.max_retry_after is not None else policy.max_delay
-        if wait > limit:
+        if wait > policy.retry_after_limit:
             return False
         deadline = policy.deadline
         return deadline is None or (now - self.started) + wait < deadline

@@ -13,8 +13,7 @@ up, and why. The order of its checks (the first that applies wins):
 4. ``attempts_exhausted``: ``max_retries`` retries have been made already;
 5. the delay is the jittered exponential backoff, raised to the server's ``Retry-After`` when
    there is one (never below it);
-6. ``retry_after_too_long``: the server asks for more than ``max_retry_after`` (else
-   ``max_delay``);
+6. ``retry_after_too_long``: the server asks for more than :attr:`RetryPolicy.retry_after_limit`;
 7. ``retry_after_beyond_deadline``: the server's ``Retry-After`` ends at or after the deadline;
 8. ``deadline``: the delayed attempt could not start before the deadline.
 
@@ -29,7 +28,7 @@ import enum
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.numbers import MAX_SECONDS_TEXT, as_finite, as_seconds
@@ -44,6 +43,7 @@ __all__ = [
     "GiveUpReason",
     "JitterMode",
     "Retry",
+    "RETRY_AFTER_FLOOR_S",
     "RetryPolicy",
     "adjusted_timeout",
 ]
@@ -52,6 +52,11 @@ __all__ = [
 #: ``full`` → ``d * r`` (uniform in ``[0, d)``, the AWS "full jitter");
 #: ``equal`` → ``d/2 + d/2 * r`` (uniform in ``[d/2, d)``); ``none`` → ``d``.
 JitterMode = Literal["full", "equal", "none"]
+
+#: With ``max_retry_after`` unset, the longest ``Retry-After`` waited out is the larger of
+#: ``max_delay`` and this: a policy with sub-second backoff still waits a server's "1" (it
+#: speaks in whole seconds), and none waits a server's "86400".
+RETRY_AFTER_FLOOR_S: Final = 60.0
 
 _JITTER_MODES: frozenset[str] = frozenset({"full", "equal", "none"})
 _JITTER_ALLOWED = "one of 'full', 'equal', 'none'"
@@ -261,7 +266,7 @@ class RetryPolicy:
       a set of categories retries only failures that are retryable *and* in the set.
     - ``respect_retry_after``: wait at least the server's ``Retry-After``, default ``True``.
     - ``max_retry_after``: give up when the server asks for a longer wait than this, > 0, or
-      ``None`` (default: ``max_delay``).
+      ``None`` (default: the larger of ``max_delay`` and 60 s, :attr:`retry_after_limit`).
     - ``cooldown_share``: when a rate-limit answer (429) carries a ``Retry-After``, the retry
       of that call always waits it out; the pause becomes the whole downstream's *cooldown*
       (every call to it waits, or is refused when the wait does not fit its ``max_retry_after``,
@@ -401,12 +406,7 @@ class RetryPolicy:
         deadline = self.deadline
         retry_after = classification.retry_after
         if retry_after is not None and self.respect_retry_after:
-            # Unset, the cap is max_delay, as for the downstream's cooldown: an unbounded
-            # wait would hold a caller for as long as a server cares to ask (a day, say).
-            max_retry_after = self.max_retry_after
-            if max_retry_after is None:
-                max_retry_after = self.max_delay
-            if not retry_after <= max_retry_after:  # also refuses nan and inf
+            if not retry_after <= self.retry_after_limit:  # also refuses nan and inf
                 return _RETRY_AFTER_TOO_LONG
             if deadline is not None and elapsed + retry_after >= deadline:
                 return _RETRY_AFTER_BEYOND_DEADLINE
@@ -414,6 +414,14 @@ class RetryPolicy:
         if deadline is not None and elapsed + delay >= deadline:
             return _DEADLINE
         return Retry(delay)
+
+    @property
+    def retry_after_limit(self) -> float:
+        """The longest server-requested wait (``Retry-After``, a cooldown) a call waits out:
+        ``max_retry_after``, else the larger of ``max_delay`` and ``RETRY_AFTER_FLOOR_S``.
+        Never unbounded: a server asking for a day must not hold a caller for a day."""
+        limit = self.max_retry_after
+        return max(self.max_delay, RETRY_AFTER_FLOOR_S) if limit is None else limit
 
     def timeout_for_attempt(self, attempt: int, elapsed: float) -> float | None:
         """The timeout for attempt number ``attempt`` (1 = the first), in seconds.

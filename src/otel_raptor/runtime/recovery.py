@@ -293,6 +293,7 @@ class ErrorRecoveryEngine:
             replay_safe=plan.replay_safe,
             has_fallback=plan.fallback is not None,
             fixed_strategy=strategy,
+            learner_asked=strategy in _RETRY_FAMILY,  # _learned_strategy asked for these
             force_retryable=strategy is Strategy.AUTH_REFRESH,
         )
         call_plan = CallPlan(

@@ -113,6 +113,11 @@ class Runtime:
         self._next_shed_end = math.inf
         self._lock = threading.Lock()
         register_lock(self, "_lock")
+        # Reading the ratio in force and applying it are one step: otherwise a reshape worked
+        # out before another thread's change could land after that thread's own, and leave
+        # every budget on a ratio nobody holds any more.
+        self._reshape_lock = threading.Lock()
+        register_lock(self, "_reshape_lock")
         self.recovery_scope: RecoveryScope = _no_scope
         self.resource_snapshot: ResourceSnapshotProvider = _no_resources
 
@@ -224,10 +229,11 @@ class Runtime:
         self._reshape_budgets()
 
     def _reshape_budgets(self) -> None:
-        now = self.clock.monotonic()
-        ratio = self.effective_budget_ratio
-        for downstream in list(self._downstreams.values()):
-            downstream.reshape(ratio, self._budget_floor, now)
+        with self._reshape_lock:
+            now = self.clock.monotonic()
+            ratio = self.effective_budget_ratio
+            for downstream in list(self._downstreams.values()):
+                downstream.reshape(ratio, self._budget_floor, now)
 
     def service(self, name: str) -> str:
         """``name`` itself, or ``other`` once ``max_services`` distinct names are in use."""
