@@ -93,6 +93,13 @@ SAFE = [
 ]
 
 UNSAFE = [
+    "SELECT NEXT VALUE FOR s",
+    "select next value for s",
+    "SELECT * FROM pg_logical_slot_get_changes('slot', NULL, NULL)",
+    "SELECT pg_logical_emit_message(true, 'p', 'x')",
+    "SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+    "SELECT pg_drop_replication_slot('s')",
+    "SELECT pg_replication_origin_advance('o', '0/0')",
     "INSERT INTO t VALUES (1)",
     "UPDATE t SET a = 1",
     "DELETE FROM t",

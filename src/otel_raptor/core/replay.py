@@ -116,13 +116,21 @@ _READ_ONLY_FIRST_WORDS = frozenset({"select", "show", "explain", "values", "with
 _WORDS = frozenset(
     {
         "insert", "update", "delete", "merge", "upsert", "into", "lock", "nextval", "setval",
+        "next",  # NEXT VALUE FOR s (MariaDB, standard SQL): nextval by another name
         "pg_notify", "pg_terminate_backend", "pg_cancel_backend", "get_lock", "release_lock",
         "release_all_locks",
     }
 )  # fmt: skip
 # ``pg_try_advisory`` too: a lock taken by a statement the client gave up on stays taken, and
-# a replay takes it again (advisory locks stack, so one unlock no longer frees it).
-_PREFIXES = frozenset({"pg_advisory", "pg_try_advisory", "dblink", "lo_"})
+# a replay takes it again (advisory locks stack, so one unlock no longer frees it). Logical
+# decoding's ``get`` consumes what it returns (a replay loses the first batch); ``emit``,
+# ``create``, ``drop`` and the replication-origin functions change server state.
+_PREFIXES = frozenset(
+    {
+        "pg_advisory", "pg_try_advisory", "dblink", "lo_", "pg_logical_slot_get",
+        "pg_logical_emit", "pg_create_", "pg_drop_", "pg_replication_",
+    }
+)  # fmt: skip
 # One alternation of plain literals, so the engine can skip ahead on their first characters;
 # word boundaries are checked in Python for the few candidates it finds (``\b`` in the pattern
 # makes the search about 20 times slower).
