@@ -8,13 +8,15 @@ monitor and fork.
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import logging
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 
 import pytest
 
@@ -545,6 +547,58 @@ def test_close_stops_the_callback_thread(runtime: Runtime) -> None:
     monitor.close()
     assert not own.thread.is_alive()
     assert own.loop.is_closed()
+
+
+def test_a_monitor_dropped_without_close_stops_its_callback_thread() -> None:
+    # Each dropped monitor used to leave its thread and its loop's three fds behind.
+    runtime = Runtime(clock=FakeClock())  # its bus is the only other holder of the monitor
+    monitor, _ = make(runtime, memory=0.9, **QUIET)
+    ran = threading.Event()
+
+    async def notify(alert: Alert) -> None:
+        ran.set()
+
+    monitor.add_alert_callback(notify)
+    monitor.get_active_alerts()
+    assert ran.wait(5)
+    own = monitor._callback_loop
+    assert own is not None
+    assert own.thread.is_alive()
+    del monitor, runtime
+    gc.collect()
+    own.thread.join(5)
+    assert not own.thread.is_alive()
+    assert own.loop.is_closed()
+
+
+def test_an_alert_after_close_starts_no_callback_thread(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    safety._reset_for_tests()
+    monitor, _ = make(runtime, memory=0.9, **QUIET)
+    made: list[Coroutine[object, object, None]] = []
+
+    async def notify(alert: Alert) -> None:
+        raise AssertionError("never run: the monitor is closed")
+
+    def deliver(alert: Alert) -> Coroutine[object, object, None]:
+        made.append(notify(alert))
+        return made[-1]
+
+    monitor.add_alert_callback(deliver)
+    monitor.close()
+    before = _callback_threads()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        assert monitor.get_active_alerts()  # still evaluated: the memory alert fires
+    assert len(made) == 1
+    assert inspect.getcoroutinestate(made[0]) == inspect.CORO_CLOSED  # dropped, not leaked
+    assert monitor._callback_loop is None
+    assert _callback_threads() <= before
+    assert "monitor.alert_callback.closed" in caplog.text
+
+
+def _callback_threads() -> int:
+    return sum(t.name == "otel-raptor-monitor-callbacks" for t in threading.enumerate())
 
 
 def test_a_failing_callback_or_listener_never_stops_the_monitor(runtime: Runtime) -> None:

@@ -18,6 +18,7 @@ from otel_raptor.core.classification import Severity
 from otel_raptor.core.events import Event, FailurePredicted, PreventionActionRun
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime import predictor as predictor_module
+from otel_raptor.runtime import safety
 from otel_raptor.runtime.predictor import (
     _RANK,
     PredictiveFailure,
@@ -191,6 +192,118 @@ def test_an_async_callback_that_never_ends_does_not_hold_the_predictor(
         leak(h)  # ticks on: each hanging callback is cut off
     assert time.monotonic() - started < 5.0
     assert any("callback" in r.getMessage() for r in caplog.records)
+
+
+class Stubborn:
+    """An async callback or action that swallows its cancellation: it awaits for good in
+    its ``except CancelledError`` (a "clean up on cancel" handler that never finishes)."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.__name__ = "stubborn"
+
+    async def __call__(self, prediction: FailurePredicted) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            await asyncio.Event().wait()  # never re-raises, never ends
+
+
+def _ticks_in_a_thread(h: Harness) -> threading.Thread:
+    # A stuck predictor must fail the test, not hang it: the thread is a daemon.
+    ticking = threading.Thread(target=leak, args=(h,), daemon=True)
+    ticking.start()
+    ticking.join(5)
+    return ticking
+
+
+def test_a_private_loop_callback_that_swallows_its_cancellation_is_abandoned(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncio.wait_for waited for the cancelled callback to end: forever, holding the
+    # predictor's thread and the private loop's lock.
+    monkeypatch.setattr(predictor_module, "_ASYNC_TIMEOUT_S", 0.05)
+    safety._reset_for_tests()
+    h = Harness()
+    stubborn = Stubborn()
+    after: list[FailurePredicted] = []
+
+    async def polite(prediction: FailurePredicted) -> None:
+        after.append(prediction)
+
+    h.predictor.add_alert_callback(stubborn)
+    h.predictor.add_alert_callback(polite)
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        assert not _ticks_in_a_thread(h).is_alive()
+    assert stubborn.cancelled.is_set()
+    assert after  # the abandoned task does not block the private loop's next run
+    assert h.predictor._private_lock.acquire(timeout=1)
+    h.predictor._private_lock.release()
+    assert any(
+        "prediction.alert_callback" in r.getMessage()
+        and isinstance(r.exc_info and r.exc_info[1], TimeoutError)
+        for r in caplog.records
+    )
+
+
+def test_an_async_action_that_swallows_its_cancellation_is_recorded_as_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(predictor_module, "_ASYNC_TIMEOUT_S", 0.05)
+    h = Harness()
+    stubborn = Stubborn()
+    h.predictor.add_prevention_action("process_memory", stubborn, min_severity="low")
+    assert not _ticks_in_a_thread(h).is_alive()
+    assert ("stubborn", "failed") in h.actions()
+    assert stubborn.cancelled.is_set()
+
+
+def test_a_callback_on_the_apps_loop_is_cancelled_at_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # future.result(timeout) gave up waiting but left the callback running on the app's loop.
+    monkeypatch.setattr(predictor_module, "_ASYNC_TIMEOUT_S", 0.05)
+    h = Harness()
+    stubborn = Stubborn()
+    h.predictor.add_alert_callback(stubborn)
+
+    async def main() -> tuple[bool, bool]:
+        h.predictor._loop = asyncio.get_running_loop()  # what start_monitoring records
+        worker = threading.Thread(target=leak, args=(h,), daemon=True)
+        worker.start()
+        for _ in range(500):
+            if not worker.is_alive() and stubborn.cancelled.is_set():
+                break
+            await asyncio.sleep(0.01)
+        # Checked before asyncio.run() cancels what is left on its way out.
+        return worker.is_alive(), stubborn.cancelled.is_set()
+
+    assert asyncio.run(main()) == (False, True)
+
+
+def test_a_callback_handed_to_the_running_loop_is_cancelled_at_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # create_task() alone let it run for good.
+    monkeypatch.setattr(predictor_module, "_ASYNC_TIMEOUT_S", 0.05)
+    h = Harness()
+    stubborn = Stubborn()
+    outcomes: list[BaseException | None] = []
+    h.predictor.add_alert_callback(stubborn)
+    monkeypatch.setattr(predictor_module, "_report_callback_failure", outcomes.append)
+
+    async def main() -> bool:
+        leak(h)  # on the loop's thread: handed over as tasks, never waited for
+        for _ in range(500):
+            if stubborn.cancelled.is_set() and outcomes:
+                break
+            await asyncio.sleep(0.01)
+        return stubborn.cancelled.is_set()
+
+    assert asyncio.run(main())
+    assert outcomes
+    assert isinstance(outcomes[0], TimeoutError)
 
 
 def test_a_failing_callback_does_not_stop_the_predictor() -> None:

@@ -31,8 +31,9 @@ Time comes from ``runtime.clock``, so tests drive everything with a fake clock a
 slices, the report period's rows and the sketches are capped per key, the insights and the
 finished reports are capped in number. Thread-safe (one lock, never held while calling out),
 asyncio-friendly (async callbacks run on the loop that started monitoring, else on the
-monitor's own callback thread, never waited for and cancelled after 10 s) and fork-safe (the
-child gets fresh locks and, if the parent was monitoring, its own thread).
+monitor's own callback thread, never waited for and cancelled after 10 s; that thread stops
+with ``close()`` or when the monitor is garbage-collected, and none starts once it is closed)
+and fork-safe (the child gets fresh locks and, if the parent was monitoring, its own thread).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ from otel_raptor.core.states import CircuitState
 from otel_raptor.core.timeseries import SlicedCounters
 from otel_raptor.core.trends import AnomalyKind, SeriesKind, TrendOptions, TrendSeries
 from otel_raptor.errors import ConfigError
+from otel_raptor.runtime._bounded import BoundExceeded, run_bounded
 from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime, get_runtime
@@ -399,10 +401,12 @@ class ErrorRecoveryMonitor:
         self._wanted = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # The loop thread for async callbacks when the application runs no loop: started on
-        # first use, guarded by its own lock (never held while calling out).
+        # first use (never once closed), guarded by its own lock (never held while calling
+        # out), stopped by close() or when the monitor is garbage-collected.
         self._callback_lock = threading.Lock()
         register_lock(self, "_callback_lock")
         self._callback_loop: _CallbackLoop | None = None
+        self._callbacks_closed = False
         self._callbacks: tuple[AlertCallback, ...] = ()
         self._listeners: tuple[MonitorListener, ...] = ()
         self._rules = _rules(config)
@@ -1273,8 +1277,14 @@ class ErrorRecoveryMonitor:
                 bounded.close()
         with self._callback_lock:
             own = self._callback_loop
-            if own is None or not own.alive:
-                own = self._callback_loop = _CallbackLoop()
+            if self._callbacks_closed:
+                own = None
+            elif own is None or not own.alive:
+                own = self._callback_loop = _CallbackLoop(self)
+        if own is None:  # closed: a thread started now would outlive the monitor
+            coro.close()  # never started: no "never awaited" warning
+            report_internal_error("monitor.alert_callback.closed")
+            return
         if not own.submit(coro):
             coro.close()  # never started: no "never awaited" warning
             report_internal_error("monitor.alert_callback.backlog")
@@ -1323,6 +1333,7 @@ class ErrorRecoveryMonitor:
         if unsubscribe is not None:
             unsubscribe()
         with self._callback_lock:
+            self._callbacks_closed = True
             own, self._callback_loop = self._callback_loop, None
         if own is not None:
             own.close(3 * _CALLBACK_CLOSE_S)
@@ -1347,7 +1358,9 @@ class ErrorRecoveryMonitor:
         self._stop = threading.Event()
         self._thread = None  # the parent's thread does not exist here
         self._loop = None  # nor does the parent's event loop
-        self._callback_loop = None  # nor its callback thread (a new one starts on first use)
+        own, self._callback_loop = self._callback_loop, None
+        if own is not None:  # nor its callback thread (a new one starts on first use)
+            own.forget()
         if self._wanted:
             self.start()
 
@@ -1454,31 +1467,22 @@ def _safely(where: str, fn: Callable[[Any], object], argument: object) -> None:
         report_internal_error(where, error)
 
 
-def _report_task(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        report_internal_error("monitor.alert_callback", task.exception())
+def _report_callback_error(error: BaseException) -> None:
+    report_internal_error("monitor.alert_callback", error)
 
 
 async def _bounded(coro: Coroutine[Any, Any, object]) -> None:
     """Run an async alert callback for at most ``_ASYNC_TIMEOUT_S`` (read now, so tests can
     shorten it), then cancel it; report a failure or a timeout (each logged once), never
-    raise. The callback runs as a task of its own: one that ignores its cancellation holds
-    neither this wrapper nor the loop."""
-    task = asyncio.ensure_future(coro)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=_ASYNC_TIMEOUT_S)
-    except asyncio.CancelledError:  # the loop is closing: take the callback along
-        task.cancel()
-        raise
-    if done:
-        _report_task(task)
-        return
-    task.cancel()
-    task.add_done_callback(_report_task)  # what it raises on its way out, if not cancelled
-    report_internal_error(
-        "monitor.alert_callback.timeout",
-        TimeoutError(f"an async alert callback ran for {_ASYNC_TIMEOUT_S:g} s; cancelled"),
+    raise. The callback runs as a task of its own (``run_bounded``): one that ignores its
+    cancellation holds neither this wrapper nor the loop."""
+    error = await run_bounded(
+        coro, _ASYNC_TIMEOUT_S, what="an async alert callback", late=_report_callback_error
     )
+    if isinstance(error, BoundExceeded):
+        report_internal_error("monitor.alert_callback.timeout", error)
+    elif error is not None:
+        _report_callback_error(error)
 
 
 class _CallbackLoop:
@@ -1489,17 +1493,25 @@ class _CallbackLoop:
     threads delivering at the same time both get their callbacks run (one shared loop driven
     by ``run_until_complete`` from each thread lost one of them), and a callback that never
     ends is cancelled by ``_bounded`` instead of freezing the monitor's thread. At most
-    ``_MAX_PENDING_CALLBACKS`` are queued or running. After a fork the child drops this object
-    (its thread is gone) and makes a new one on first use; its lock is therefore not
-    registered with ``forksafe``.
+    ``_MAX_PENDING_CALLBACKS`` are queued or running.
+
+    It stops when ``owner`` (its monitor) is garbage-collected, as :meth:`close` does without
+    waiting: a monitor dropped without ``close()`` must not leave its thread and its loop's
+    file descriptors behind. Hence it never refers to its monitor, nor does its thread. After
+    a fork the child drops this object (its thread is gone; :meth:`forget`) and makes a new
+    one on first use; its lock is therefore not registered with ``forksafe``.
     """
 
-    __slots__ = ("_lock", "_pending", "loop", "thread")
+    __slots__ = ("_lock", "_pending", "_reaper", "loop", "thread")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: object) -> None:
         self._lock = threading.Lock()
         self._pending = 0
         self.loop = asyncio.new_event_loop()
+        # Holds this object (not the owner) until the owner dies or close() runs. Not at exit:
+        # the thread is a daemon, and stopping it then would only race the shutdown.
+        self._reaper = weakref.finalize(owner, self.close, 0.0)
+        self._reaper.atexit = False
         self.thread = threading.Thread(
             target=self._serve, name="otel-raptor-monitor-callbacks", daemon=True
         )
@@ -1530,9 +1542,16 @@ class _CallbackLoop:
         with self._lock:
             self._pending -= 1
 
+    def forget(self) -> None:
+        """In a forked child: the thread and the loop are the parent's, so there is nothing
+        to stop when the monitor dies (writing to the loop's wake-up socket, shared with the
+        parent, would wake the parent's loop)."""
+        self._reaper.detach()
+
     def close(self, timeout: float) -> None:
         """Stop the loop (cancelling what still runs) and wait ``timeout`` seconds for the
         thread."""
+        self._reaper.detach()  # the owner's death has nothing left to stop
         with contextlib.suppress(RuntimeError):  # closed already
             self.loop.call_soon_threadsafe(self.loop.stop)
         if self.thread is not threading.current_thread():

@@ -25,7 +25,8 @@ Built-in actions (``PredictorOptions.builtin_actions``, on by default):
 Threads and processes: ``start_monitoring`` returns at once; the thread is a daemon, stopped by
 ``stop_monitoring()`` and at interpreter exit (``atexit``), and restarted with fresh state in a
 forked child (``os.register_at_fork``). Async callbacks and actions run on the loop that called
-``start_monitoring`` (``run_coroutine_threadsafe``), or on a private loop when there is none.
+``start_monitoring`` (``run_coroutine_threadsafe``), or on a private loop when there is none;
+each is cancelled after 30 s (and then abandoned, never waited for) and counted as failed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import gc
 import inspect
@@ -57,6 +59,7 @@ from otel_raptor.core.prediction import (
     is_number,
 )
 from otel_raptor.errors import ConfigError
+from otel_raptor.runtime._bounded import BoundExceeded, run_bounded
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
 from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.memory import get_memory_controller
@@ -92,7 +95,8 @@ _CLEANUP_LEVEL: Final = {
 _MEMORY_RESOURCES: Final = ("memory", "process_memory")
 # How long start_monitoring() waits for the first sample at most (seconds).
 _FIRST_SAMPLE_TIMEOUT_S = 5.0
-# How long a monitor thread may wait for an async callback or action on the app's loop.
+# How long an async callback or action may run, on whichever loop (seconds, real time); past
+# it, it is cancelled and abandoned (never waited for) and counts as failed.
 _ASYNC_TIMEOUT_S: Final = 30.0
 
 #: Called with each ``FailurePredicted`` (raised, escalated or cleared); may be ``async``.
@@ -551,36 +555,49 @@ class PredictiveFailure:
         coro: Coroutine[Any, Any, object],
         on_done: Callable[[BaseException | None], None],
     ) -> None:
+        """Run an async callback or action on the loop running in this thread (not waited
+        for), else on the app's loop (``start_monitoring``), else on the private loop, and
+        call ``on_done`` with how it ended. Every path bounds it with ``run_bounded`` (the
+        monitor's bound): past ``_ASYNC_TIMEOUT_S`` (read now, so tests can shorten it) it is
+        cancelled and abandoned, never waited for, so one that swallows its cancellation
+        holds neither the predictor's thread nor the private loop."""
+        timeout = _ASYNC_TIMEOUT_S
+
+        def bounded() -> Coroutine[Any, Any, BaseException | None]:
+            return run_bounded(
+                coro, timeout, what="an async prediction callback or action", late=_report_late
+            )
+
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is not None:  # called on a loop's thread: never block it
-            task = running.create_task(coro)
-            task.add_done_callback(lambda t: on_done(None if t.cancelled() else t.exception()))
+            task = running.create_task(bounded())
+            task.add_done_callback(lambda t: on_done(None if t.cancelled() else t.result()))
             return
         loop = self._loop
         if loop is not None and loop.is_running() and not loop.is_closed():
-            future = asyncio.run_coroutine_threadsafe(coro, loop)
+            handed = bounded()
             try:
-                future.result(_ASYNC_TIMEOUT_S)
-            except Exception as error:  # noqa: BLE001
-                on_done(error)
+                future = asyncio.run_coroutine_threadsafe(handed, loop)
+            except RuntimeError:  # closed since we looked: the private loop runs it
+                handed.close()  # never started, and ``coro`` with it
             else:
-                on_done(None)
-            return
+                on_done(_wait_for_app_loop(future, timeout))
+                return
+        outcome: BaseException | None
         try:
             with self._private_lock:
                 private = self._private_loop
                 if private is None or private.is_closed():
                     private = self._private_loop = asyncio.new_event_loop()
-                # Bounded like the other paths: an action that never ends must not stop the
-                # predictor's thread for good.
-                private.run_until_complete(asyncio.wait_for(coro, _ASYNC_TIMEOUT_S))
+                # Returns at the bound: a task cut off there stays behind on this loop,
+                # cancelled, and ends (or not) whenever the loop runs again.
+                outcome = private.run_until_complete(bounded())
         except Exception as error:  # noqa: BLE001
-            on_done(error)
-        else:
-            on_done(None)
+            outcome = error
+        on_done(outcome)
 
     # --- built-in actions ---------------------------------------------------------------
 
@@ -676,6 +693,27 @@ def _prediction(
         severity=severity,
         cleared=cleared,
     )
+
+
+def _wait_for_app_loop(
+    future: concurrent.futures.Future[BaseException | None], timeout: float
+) -> BaseException | None:
+    """Wait for ``run_bounded`` on the app's loop: it returns at the bound, unless that loop
+    is too busy to even start it; then cancel it there (which cancels the coroutine) rather
+    than leave it to run unbounded."""
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return BoundExceeded("an async prediction callback or action", timeout)
+    except Exception as error:  # noqa: BLE001 - e.g. cancelled by the app's loop closing
+        return error
+
+
+def _report_late(error: BaseException) -> None:
+    # What a callback or action cut off at its bound raised on its way out (``on_done`` has
+    # reported the timeout already).
+    report_internal_error("prediction.async.after_timeout", error)
 
 
 def _report_callback_failure(error: BaseException | None) -> None:
