@@ -75,7 +75,7 @@ class CircuitOpenError(RaptorError):
 class ThrottledError(RaptorError):
     """The downstream is cooling down (pervasive rate limiting: a ``Retry-After`` that became
     a pause for every call, see ``RetryPolicy.cooldown_share``), and the rest of the pause
-    does not fit the call's ``max_retry_after`` (the larger of ``max_delay`` and 60 s when
+    does not fit the call's ``max_retry_after`` (the larger of ``max_delay`` and 5 s when
     unset) or its deadline, so the call was refused without an attempt.
 
     ``service`` names the downstream and ``retry_after`` the seconds left of its pause. The

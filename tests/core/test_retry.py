@@ -338,12 +338,12 @@ def test_an_unset_max_retry_after_is_bounded_never_unbounded() -> None:
     # A server asking for a day must not hold the caller for a day (four, with four retries).
     day = classified(ErrorCategory.RATE_LIMIT, retry_after=86400.0)
     assert decide(RetryPolicy(), classification=day) is GiveUp.of(GiveUpReason.RETRY_AFTER_TOO_LONG)
-    # The limit is max_delay, but never below a minute: a sub-second backoff still waits the
-    # whole seconds a server speaks in.
-    assert RetryPolicy(base_delay=0.01, max_delay=0.2).retry_after_limit == 60.0
+    # The limit is max_delay, but never below 5 s: a sub-second backoff still waits the whole
+    # seconds a server speaks in.
+    assert RetryPolicy(base_delay=0.01, max_delay=0.2).retry_after_limit == 5.0
     fast = RetryPolicy(base_delay=0.01, max_delay=0.2)
     assert decide(fast, classification=classified(retry_after=1.0), rnd=fixed(0.0)) == Retry(1.0)
-    assert decide(fast, classification=classified(retry_after=61.0)) is GiveUp.of(
+    assert decide(fast, classification=classified(retry_after=6.0)) is GiveUp.of(
         GiveUpReason.RETRY_AFTER_TOO_LONG
     )
     policy = RetryPolicy(max_delay=120.0)

@@ -55,8 +55,9 @@ JitterMode = Literal["full", "equal", "none"]
 
 #: With ``max_retry_after`` unset, the longest ``Retry-After`` waited out is the larger of
 #: ``max_delay`` and this: a policy with sub-second backoff still waits a server's "1" (it
-#: speaks in whole seconds), and none waits a server's "86400".
-RETRY_AFTER_FLOOR_S: Final = 60.0
+#: speaks in whole seconds), and none waits a server's "86400". Small on purpose: a caller
+#: that chose short delays gets a long pause as the server's answer, at once.
+RETRY_AFTER_FLOOR_S: Final = 5.0
 
 _JITTER_MODES: frozenset[str] = frozenset({"full", "equal", "none"})
 _JITTER_ALLOWED = "one of 'full', 'equal', 'none'"
@@ -266,7 +267,7 @@ class RetryPolicy:
       a set of categories retries only failures that are retryable *and* in the set.
     - ``respect_retry_after``: wait at least the server's ``Retry-After``, default ``True``.
     - ``max_retry_after``: give up when the server asks for a longer wait than this, > 0, or
-      ``None`` (default: the larger of ``max_delay`` and 60 s, :attr:`retry_after_limit`).
+      ``None`` (default: the larger of ``max_delay`` and 5 s, :attr:`retry_after_limit`).
     - ``cooldown_share``: when a rate-limit answer (429) carries a ``Retry-After``, the retry
       of that call always waits it out; the pause becomes the whole downstream's *cooldown*
       (every call to it waits, or is refused when the wait does not fit its ``max_retry_after``,

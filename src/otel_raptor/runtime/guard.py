@@ -12,7 +12,7 @@ the return value is the same object, and when recovery gives up the last excepti
 wrapped call raised is raised again, unchanged. A refusal by an open breaker raises
 :class:`~otel_raptor.errors.CircuitOpenError` (or calls the fallback); a call that would have
 to wait out a downstream's ``Retry-After`` cooldown for longer than its policy allows
-(``max_retry_after``, else the larger of ``max_delay`` and 60 s, and the deadline) raises
+(``max_retry_after``, else the larger of ``max_delay`` and 5 s, and the deadline) raises
 :class:`~otel_raptor.errors.ThrottledError`. Cancellation, ``KeyboardInterrupt`` and
 ``SystemExit`` are never retried, never counted as a failure and never swallowed.
 
