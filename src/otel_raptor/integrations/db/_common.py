@@ -31,6 +31,7 @@ Refusals: an open breaker raises the driver's own error class mixed with
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -52,7 +53,7 @@ from otel_raptor.integrations._kit import (
 )
 from otel_raptor.integrations._wrapping import HookSet
 from otel_raptor.runtime.drive import CallHooks, CallPlan
-from otel_raptor.runtime.forksafe import register_lock
+from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.telemetry.instruments import (
     ATTR_DB_NAMESPACE,
     ATTR_DB_SYSTEM_NAME,
@@ -61,11 +62,13 @@ from otel_raptor.telemetry.instruments import (
 )
 
 __all__ = [
+    "GUARDED_ATTRIBUTE",
     "NOT_SENT_ATTRIBUTE",
     "DbHooks",
     "DbIntegration",
     "DbState",
     "DbTarget",
+    "GuardedConnectionClasses",
     "HookSet",
     "PointOf",
     "ReadOnlyOf",
@@ -375,3 +378,50 @@ class DbIntegration(HookedIntegration[DbState]):
     """A database integration: a subclass names its ``library``, builds its
     :class:`DbState` (:meth:`new_state`) and says what to hook (:meth:`hooks`); installing
     and uninstalling are :class:`~otel_raptor.integrations._kit.HookedIntegration`'s."""
+
+
+#: Set on every class raptor builds to guard a driver's connections or cursors.
+GUARDED_ATTRIBUTE: Final = "_otel_raptor_guarded"
+
+
+class GuardedConnectionClasses:
+    """Subclasses of a driver's connection class (psycopg2, sqlite3) whose statements are
+    guarded by ``mixin()`` (built once, on first use: the driver is imported lazily), one per
+    application class, kept as long as that class lives.
+
+    The mixin comes *after* the application's class: its own ``cursor()`` (which may pick a
+    default cursor class, as psycopg2's ``RealDictConnection`` or an app's sqlite3 subclass
+    does) runs first, then the mixin guards what it chose. Each is built under the name and
+    module of the class it stands for, so ``type(conn).__name__`` stays ``connection``,
+    ``RealDictConnection``, ..."""
+
+    __slots__ = ("_box", "_built", "_make_mixin", "_mixin")
+
+    def __init__(self, make_mixin: Callable[[], type]) -> None:
+        self._make_mixin = make_mixin
+        self._mixin: type | None = None
+        self._built: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+        self._box = LockBox()
+
+    def of(self, factory: Any, base: type) -> Any:
+        """The guarded subclass of ``factory`` (``None``: ``base``, the driver's own class);
+        anything that is not a subclass of ``base`` is returned unchanged."""
+        if factory is None:
+            factory = base
+        if not (isinstance(factory, type) and issubclass(factory, base)):
+            return factory
+        if getattr(factory, GUARDED_ATTRIBUTE, False):
+            return factory
+        found = self._built.get(factory)
+        if found is not None:
+            return found
+        if self._mixin is None:
+            self._mixin = self._make_mixin()
+        bases = (self._mixin,) if factory is base else (factory, self._mixin)
+        built = type(
+            factory.__name__,
+            bases,
+            {"__module__": factory.__module__, "__doc__": factory.__doc__, GUARDED_ATTRIBUTE: True},
+        )
+        with self._box.lock:
+            return self._built.setdefault(factory, built)

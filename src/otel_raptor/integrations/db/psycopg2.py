@@ -32,9 +32,11 @@ from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, library_error
 from otel_raptor.integrations.db._common import (
+    GUARDED_ATTRIBUTE,
     DbIntegration,
     DbState,
     DbTarget,
+    GuardedConnectionClasses,
     HookSet,
     refusal_factory,
 )
@@ -67,7 +69,7 @@ __all__ = [
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
 _IDLE: Final = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
 #: Marks the classes this module builds.
-_GUARDED: Final = "_otel_raptor_guarded"
+_GUARDED: Final = GUARDED_ATTRIBUTE
 
 
 def circuit_open_error_type() -> type[CircuitOpenError]:
@@ -94,7 +96,6 @@ _installed: _State | None = None
 
 # Subclasses built per factory class, held weakly (an application's classes may come and go).
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
-_connection_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _classes = LockBox()
 #: Set on a connection while it is inside the app's ``with conn`` block (``otel_raptor.db``
 #: reads it too).
@@ -205,39 +206,15 @@ def _connection_mixin() -> type:
     return GuardedConnection
 
 
-_mixin: type | None = None
+_guarded_classes = GuardedConnectionClasses(_connection_mixin)
 
 
 def guarded_connection_factory(factory: Any) -> Any:
     """A subclass of the connection class ``factory`` (``None``: psycopg2's own) whose cursors
     are guarded; anything that is not a connection class is returned unchanged."""
-    global _mixin  # noqa: PLW0603 - built once, on first use (psycopg2 is imported lazily)
     import psycopg2.extensions  # noqa: PLC0415 - imported by install()
 
-    base = psycopg2.extensions.connection
-    if factory is None:
-        factory = base
-    if not (isinstance(factory, type) and issubclass(factory, base)):
-        return factory
-    if getattr(factory, _GUARDED, False):
-        return factory
-    found = _connection_classes.get(factory)
-    if found is not None:
-        return found
-    if _mixin is None:
-        _mixin = _connection_mixin()
-    # Built under the name of the class it stands for (``type(conn).__name__`` stays
-    # ``connection``, ``RealDictConnection``, ...). The mixin comes *after* the application's
-    # class: its own ``cursor()`` (which may pick a default factory, as RealDictConnection's
-    # does) runs first, then ours wraps the factory that was chosen.
-    bases = (_mixin,) if factory is base else (factory, _mixin)
-    built = type(
-        factory.__name__,
-        bases,
-        {"__module__": factory.__module__, "__doc__": factory.__doc__, _GUARDED: True},
-    )
-    with _classes.lock:
-        return _connection_classes.setdefault(factory, built)
+    return _guarded_classes.of(factory, psycopg2.extensions.connection)
 
 
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:

@@ -37,9 +37,11 @@ from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, library_error
 from otel_raptor.integrations.db._common import (
+    GUARDED_ATTRIBUTE,
     DbIntegration,
     DbState,
     DbTarget,
+    GuardedConnectionClasses,
     HookSet,
     Server,
     is_not_sent,
@@ -66,7 +68,7 @@ __all__ = [
 SYSTEM: Final = "sqlite"
 #: The attribute under which a connection keeps its target.
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
-_GUARDED: Final = "_otel_raptor_guarded"
+_GUARDED: Final = GUARDED_ATTRIBUTE
 # ``Connection.autocommit`` (3.12+) when the legacy transaction control is in force.
 _LEGACY: Final = getattr(sys.modules.get("sqlite3"), "LEGACY_TRANSACTION_CONTROL", -1)
 
@@ -103,7 +105,6 @@ class _State(DbState):
 
 _installed: _State | None = None
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
-_connection_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _classes = LockBox()
 
 
@@ -215,39 +216,16 @@ def _connection_mixin() -> type:
     return GuardedConnection
 
 
-_mixin: type | None = None
+_guarded_classes = GuardedConnectionClasses(_connection_mixin)
 
 
 def guarded_connection_factory(factory: Any) -> Any:
     """A subclass of the connection class ``factory`` (``None``: ``sqlite3.Connection``) whose
     statements are guarded; anything that is not a ``sqlite3.Connection`` class is returned
     unchanged."""
-    global _mixin  # noqa: PLW0603 - built once, on first use (sqlite3 is imported lazily)
     import sqlite3  # noqa: PLC0415 - imported by install()
 
-    base = sqlite3.Connection
-    if factory is None:
-        factory = base
-    if not (isinstance(factory, type) and issubclass(factory, base)):
-        return factory
-    if getattr(factory, _GUARDED, False):
-        return factory
-    found = _connection_classes.get(factory)
-    if found is not None:
-        return found
-    if _mixin is None:
-        _mixin = _connection_mixin()
-    # The mixin comes *after* the application's class: its own ``cursor()`` (which may pick
-    # a default cursor class) and ``execute()`` run first, then ours guard what they chose.
-    # Built under the name of the class it stands for.
-    bases = (_mixin,) if factory is base else (factory, _mixin)
-    built = type(
-        factory.__name__,
-        bases,
-        {"__module__": factory.__module__, "__doc__": factory.__doc__, _GUARDED: True},
-    )
-    with _classes.lock:
-        return _connection_classes.setdefault(factory, built)
+    return _guarded_classes.of(factory, sqlite3.Connection)
 
 
 # ``sqlite3.connect``'s parameters, in order, for arguments given by position.
