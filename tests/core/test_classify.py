@@ -325,6 +325,8 @@ class TestSignals:
             ("57P02", C.CONNECTION, True),
             ("57P03", C.UNAVAILABLE, True),
             ("XX000", C.SERVER_ERROR, False),
+            ("57P04", C.UNAVAILABLE, True),  # the database was dropped: out, for this session
+            ("58030", C.UNAVAILABLE, True),  # the server's disk fails
         ],
     )
     def test_sqlstate(

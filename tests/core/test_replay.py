@@ -71,6 +71,8 @@ def test_http_replay_safety(
 
 SAFE = [
     "SELECT 1",
+    "SELECT * FROM orders ORDER BY id OFFSET 20 ROWS FETCH NEXT 10 ROWS ONLY",
+    "SELECT id, next FROM nodes",
     "select * from users where id = %s",
     "  \n\tSELECT id FROM t;",
     "SELECT 1;;  ",
@@ -94,6 +96,7 @@ SAFE = [
 
 UNSAFE = [
     "SELECT NEXT VALUE FOR s",
+    "SELECT NEXT  VALUE\n FOR s",
     "select next value for s",
     "SELECT * FROM pg_logical_slot_get_changes('slot', NULL, NULL)",
     "SELECT pg_logical_emit_message(true, 'p', 'x')",

@@ -418,6 +418,8 @@ _TABLE: tuple[Rule | None, ...] = (
     # limit is the caller's (as SQLite's interrupt): cancelled, and no sign the server is out.
     _mysql("statement_timeout", _C.CANCELLED, 1969, 3024, retryable=False),
     _mysql("server_shutdown", _C.UNAVAILABLE, 1053),
+    # Read-only after a failover (--read-only, super_read_only), a Galera node not ready.
+    _mysql("read_only", _C.UNAVAILABLE, 1290, 1836, 1047),
     _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927),
     _mysql("unknown_host", _C.DNS, 2005),
     # Client side "can't connect" / "lost": the OSError in __context__ tells refused/DNS/timeout.
@@ -433,6 +435,8 @@ _TABLE: tuple[Rule | None, ...] = (
     _sqlstate("idle_in_transaction_timeout", _C.CANCELLED, "25P03"),  # the session's own limit
     _sqlstate("admin_shutdown", _C.CONNECTION, "57P01", "57P02", "57P05"),
     _sqlstate("cannot_connect_now", _C.UNAVAILABLE, "57P03"),
+    # The database was dropped under the session; the server's disk fails.
+    _sqlstate("database_gone", _C.UNAVAILABLE, "57P04", "58030"),
     _sqlstate("transaction_integrity", _C.INTEGRITY, "40002"),
     _sqlstate("concurrency", _C.CONCURRENCY, "40001", "40P01", "55P03", "40"),
     _sqlstate("insufficient_privilege", _C.AUTHORIZATION, "42501"),
@@ -454,8 +458,10 @@ _TABLE: tuple[Rule | None, ...] = (
     _sqlite("constraint", _C.INTEGRITY, "SQLITE_CONSTRAINT"),
     _sqlite("full", _C.RESOURCE_EXHAUSTED, "SQLITE_FULL", "SQLITE_NOMEM"),
     _sqlite("interrupt", _C.CANCELLED, "SQLITE_INTERRUPT"),
-    # The database file cannot be opened (gone, its directory or disk away): SQLite's "out".
-    _sqlite("cantopen", _C.UNAVAILABLE, "SQLITE_CANTOPEN"),
+    # The database file cannot be opened, was moved or removed under an open connection, or
+    # its disk fails: SQLite's "out".
+    _sqlite("cantopen", _C.UNAVAILABLE,
+            "SQLITE_CANTOPEN", "SQLITE_READONLY_DBMOVED", "SQLITE_IOERR"),
     # -- errno (OSError) --------------------------------------------------------------------------
     _errno_rule("dns.EAI_AGAIN", _C.DNS, "EAI_AGAIN", types=_GAI, retryable=True),
     _errno_rule("dns.not_found", _C.DNS, "EAI_NONAME", "EAI_NODATA", "EAI_FAIL",
@@ -572,7 +578,9 @@ _TABLE: tuple[Rule | None, ...] = (
     _types("psycopg.ConnectionTimeout", _C.TIMEOUT, "psycopg.errors.ConnectionTimeout"),
     _types("pg.OperationalError", _C.CONNECTION, *_PG_CONNECT, defer=True),
     # The drivers' own checks, made in the client (a closed cursor or connection): the app's
-    # doing, never a sign that the server is unwell.
+    # doing, never a sign that the server is unwell. (PyMySQL's InterfaceError(0, '') is also
+    # what a connection lost earlier says on its next use; that loss counted when it
+    # happened, and new connections to a dead server count by themselves.)
     _types("dbapi.InterfaceError", _C.CLIENT_ERROR, "psycopg.InterfaceError",
            "psycopg2.InterfaceError", "pymysql.err.InterfaceError", "sqlite3.InterfaceError"),
     # asyncpg's own checks, made in the client before anything is sent (another operation in

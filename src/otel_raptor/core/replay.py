@@ -116,7 +116,7 @@ _READ_ONLY_FIRST_WORDS = frozenset({"select", "show", "explain", "values", "with
 _WORDS = frozenset(
     {
         "insert", "update", "delete", "merge", "upsert", "into", "lock", "nextval", "setval",
-        "next",  # NEXT VALUE FOR s (MariaDB, standard SQL): nextval by another name
+        "next",  # only as NEXT VALUE FOR s (MariaDB, standard SQL): nextval by another name
         "pg_notify", "pg_terminate_backend", "pg_cancel_backend", "get_lock", "release_lock",
         "release_all_locks",
     }
@@ -138,6 +138,8 @@ _CANDIDATES = re.compile(
     "|".join(sorted((*_WORDS, *_PREFIXES, "share", ":="), key=lambda w: (-len(w), w)))
 )
 _FOR_SHARE = re.compile(r"for\s+(?:key\s+)?share(?!\w)")
+# ``next`` alone is a read too (``FETCH NEXT 10 ROWS ONLY``, a column named ``next``).
+_VALUE_FOR = re.compile(r"\s+value\s+for(?!\w)")
 
 
 def _is_word_char(char: str) -> bool:
@@ -160,7 +162,13 @@ def _has_side_effect(text: str, position: int) -> bool:
             return True
         if end < end_of_text and _is_word_char(text[end]):
             continue
-        if word != "share" or _FOR_SHARE.search(text, position) is not None:
+        if word == "share":
+            if _FOR_SHARE.search(text, position) is not None:
+                return True
+        elif word == "next":
+            if _VALUE_FOR.match(text, end) is not None:
+                return True
+        else:
             return True
     return False
 

@@ -123,6 +123,11 @@ class CallHooks:
     #: Whether :meth:`attempt_kwargs` applies the attempt timeout itself.
     applies_timeouts: bool = False
 
+    #: ``(failure, classification) -> classification``: what the integration knows about a
+    #: failure better than the classifier can (asyncpg's own statement timeout arrives as a
+    #: bare ``TimeoutError``). Failure path only; ``None`` (the default): as classified.
+    refine: Callable[[BaseException, Classification], Classification] | None = None
+
     #: Whether the async driver may bound an attempt with ``asyncio.wait_for`` when the hooks
     #: do not apply the timeout themselves. ``False`` for calls whose library has timeouts of
     #: its own that mean something (a database's statement timeout): cutting those calls off
@@ -508,7 +513,7 @@ class _Runner:
             return _GIVE_UP  # cancellation and friends (or None): never ours to count or retry
         self._open_scope()
         try:
-            classification = self.plan.route.classify(failure)
+            classification = self._classify(failure)
             return self.loop.first_failed(
                 _CALL,
                 started,
@@ -670,7 +675,7 @@ class _Runner:
     def _failed(self, failure: Exception) -> Step:
         self._open_scope()
         try:
-            classification = self.plan.route.classify(failure)
+            classification = self._classify(failure)
             return self.loop.failed(
                 classification,
                 self.plan.monotonic(),
@@ -679,6 +684,11 @@ class _Runner:
             )
         except Exception as bug:  # noqa: BLE001 - our bug must not change the app's error
             return self._bug("drive.failed", bug, _GIVE_UP)
+
+    def _classify(self, failure: BaseException) -> Classification:
+        classification = self.plan.route.classify(failure)
+        refine = self.plan.hooks.refine
+        return classification if refine is None else refine(failure, classification)
 
     def _replay_after(self, failure: BaseException, classification: Classification) -> bool | None:
         judge = self.plan.hooks.replay_after

@@ -8,22 +8,25 @@ they counted)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import psycopg2
 import pymysql
 import pytest
 
 from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
 from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
 from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
-from tests.integrations.db.conftest import MYSQL_KWARGS, PG_DSN, Install
+from tests.integrations.db.conftest import MYSQL_KWARGS, PG_DSN, PG_URL, Install
 
 MISTAKES = 6
 
@@ -51,6 +54,26 @@ def test_psycopg_app_errors_leave_the_breaker_closed(install: Install) -> None:
         make_mistakes(lambda: conn.execute("SELECT %s", (1, 2)), psycopg.ProgrammingError)
     with psycopg.connect(PG_DSN) as other:  # another caller of the same server
         assert other.execute("SELECT 1").fetchone() == (1,)
+    assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("postgres")
+async def test_asyncpg_statement_timeouts_leave_the_breaker_closed(install: Install) -> None:
+    # asyncpg's own timeout is its statement timeout: a bare TimeoutError, which must count no
+    # more than the other drivers' 57014 (in a transaction or not).
+    installed = install(AsyncpgIntegration, failure_threshold=3)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        for _ in range(MISTAKES):
+            with pytest.raises(asyncio.TimeoutError):
+                await con.fetchval("SELECT pg_sleep(0.2)", timeout=0.02)
+        for _ in range(MISTAKES):
+            with pytest.raises(asyncio.TimeoutError):
+                async with con.transaction():
+                    await con.fetchval("SELECT pg_sleep(0.2)", timeout=0.02)
+        assert await con.fetchval("SELECT 1") == 1
+    finally:
+        await con.close()
     assert installed.of(BreakerTransitioned) == []
 
 

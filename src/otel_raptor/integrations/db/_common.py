@@ -187,12 +187,17 @@ class DbHooks(CallHooks):
     policy's ``attempt_timeout`` is not applied (the statement timeout bounds a statement,
     sync or async alike; a blocking command such as ``BLPOP`` waits as long as it was told)."""
 
-    __slots__ = ("_error",)
+    __slots__ = ("_error", "refine")
 
     wait_for_attempts = False
 
-    def __init__(self, error: Callable[[Refusal], BaseException]) -> None:
+    def __init__(
+        self,
+        error: Callable[[Refusal], BaseException],
+        refine: Callable[[BaseException, Classification], Classification] | None = None,
+    ) -> None:
         self._error = error
+        self.refine = refine
 
     def refusal(self, refusal: Refusal) -> BaseException:
         return self._error(refusal)
@@ -214,8 +219,9 @@ class StatementHooks(DbHooks):
         read_only: ReadOnlyOf,
         *,
         writes_in_transaction: bool = False,
+        refine: Callable[[BaseException, Classification], Classification] | None = None,
     ) -> None:
-        super().__init__(error)
+        super().__init__(error, refine)
         self._point = point
         self._read_only = read_only
         self._writes_in_transaction = writes_in_transaction
@@ -301,7 +307,13 @@ class DbTarget:
         )
         self.service = target.service
         self.connect = target.plan(replay_safe=True)
-        self.locked = target.plan(replay_safe=False)
+        self.locked = CallPlan(
+            target.route,
+            LoopSpec.of(policy.retry, replay_safe=False),
+            runtime=runtime,
+            clock=runtime.clock,
+            hooks=owner.locked_hooks,
+        )
         spec = LoopSpec.of(policy.retry, replay_safe=True)
         self.statement = CallPlan(
             target.route, spec, runtime=runtime, clock=runtime.clock, hooks=owner.statement_hooks
@@ -326,6 +338,7 @@ class DbState:
         "_targets",
         "config",
         "connect_hooks",
+        "locked_hooks",
         "reads_hooks",
         "runtime",
         "settings",
@@ -339,13 +352,18 @@ class DbState:
         error: Callable[[Refusal], BaseException],
         point: PointOf,
         read_only: ReadOnlyOf = sql_read_only,
+        refine: Callable[[BaseException, Classification], Classification] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = settings.runtime
         self.config = settings.config
         self.connect_hooks = DbHooks(error)
-        self.statement_hooks = StatementHooks(error, point, read_only)
-        self.reads_hooks = StatementHooks(error, point, read_only, writes_in_transaction=True)
+        # Statements, in a transaction or not, get ``refine``; connecting never does.
+        self.locked_hooks = DbHooks(error, refine)
+        self.statement_hooks = StatementHooks(error, point, read_only, refine=refine)
+        self.reads_hooks = StatementHooks(
+            error, point, read_only, writes_in_transaction=True, refine=refine
+        )
         self._targets: dict[Server, DbTarget] = {}
         self._lock = threading.Lock()
         register_lock(self, "_lock")

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from otel_raptor.core.classification import Classification
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.db import FailurePoint
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -87,6 +88,26 @@ def failure_point(
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return FailurePoint.TIMED_OUT, True
     return postgres_failure_point(error, classification)
+
+
+def statement_timed_out(failure: BaseException, classification: Classification) -> Classification:
+    """asyncpg's own timeout on a statement (``timeout=``, ``command_timeout``: the statement
+    timeout, raptor's default one included) arrives as a bare ``TimeoutError``: it is what
+    SQLSTATE ``57014`` is to the other drivers, ``cancelled`` (the caller's own limit), so it
+    never counts against the server's breaker on asyncpg either. Connecting is not refined:
+    a connect timeout is the server out of reach."""
+    if (
+        isinstance(failure, (asyncio.TimeoutError, TimeoutError))
+        and classification.category is ErrorCategory.TIMEOUT
+    ):
+        return replace(
+            classification,
+            category=ErrorCategory.CANCELLED,
+            severity=Severity.LOW,
+            retryable=False,
+            rule="asyncpg.statement_timeout",
+        )
+    return classification
 
 
 class _State(DbState):
@@ -275,7 +296,13 @@ class AsyncpgIntegration(DbIntegration):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(library.PostgresConnectionError, "AsyncpgCircuitOpen", __name__)
-        return _State(settings, error=error, point=failure_point, read_only=method_read_only)
+        return _State(
+            settings,
+            error=error,
+            point=failure_point,
+            read_only=method_read_only,
+            refine=statement_timed_out,
+        )
 
     def hooks(self, library: Any) -> HookSet:
         return _wrapped(library), _patched(library)
