@@ -260,6 +260,7 @@ def test_bad_recording_arguments_raise(
         monitor.record_recovery_attempt_sync(*arguments, **options)  # type: ignore[arg-type]
     assert raised.value.key == key
     assert published == []  # nothing reached the bus, so nothing reached telemetry
+    assert "hunter2" not in str(raised.value)  # nor the password into the caller's logs
     monitor.close()
 
 

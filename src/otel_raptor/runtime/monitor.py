@@ -578,7 +578,10 @@ class ErrorRecoveryMonitor:
             or len(name_given) > _MAX_ERROR_TYPE
             or _ERROR_TYPE.fullmatch(name_given) is None
         ):
-            raise ConfigError("error_type", error_type, _ERROR_TYPE_ALLOWED)
+            # Shown as a template: a message given here by mistake (``str(error)``) may carry a
+            # password, and the error would carry it on into the caller's logs.
+            shown = normalize_message(name_given) if isinstance(name_given, str) else name_given
+            raise ConfigError("error_type", shown, _ERROR_TYPE_ALLOWED)
         duration: object = recovery_time
         if (
             isinstance(duration, bool)
