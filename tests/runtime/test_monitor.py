@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 
@@ -532,8 +533,9 @@ def test_the_callback_backlog_is_bounded(
     assert seen == ["a"]
 
 
-def test_close_stops_the_callback_thread(runtime: Runtime) -> None:
-    monitor, _ = make(runtime, memory=0.9, **QUIET)
+def callback_loop_running(monitor: ErrorRecoveryMonitor) -> Any:
+    """Deliver one async alert callback (the app runs no loop), so that the monitor's own
+    callback loop starts; returns that loop once the callback has run on it."""
     ran = threading.Event()
 
     async def notify(alert: Alert) -> None:
@@ -545,6 +547,12 @@ def test_close_stops_the_callback_thread(runtime: Runtime) -> None:
     own = monitor._callback_loop
     assert own is not None
     assert own.thread.is_alive()
+    return own
+
+
+def test_close_stops_the_callback_thread(runtime: Runtime) -> None:
+    monitor, _ = make(runtime, memory=0.9, **QUIET)
+    own = callback_loop_running(monitor)
     monitor.close()
     assert not own.thread.is_alive()
     assert own.loop.is_closed()
@@ -554,17 +562,7 @@ def test_a_monitor_dropped_without_close_stops_its_callback_thread() -> None:
     # Each dropped monitor used to leave its thread and its loop's three fds behind.
     runtime = Runtime(clock=FakeClock())  # its bus is the only other holder of the monitor
     monitor, _ = make(runtime, memory=0.9, **QUIET)
-    ran = threading.Event()
-
-    async def notify(alert: Alert) -> None:
-        ran.set()
-
-    monitor.add_alert_callback(notify)
-    monitor.get_active_alerts()
-    assert ran.wait(5)
-    own = monitor._callback_loop
-    assert own is not None
-    assert own.thread.is_alive()
+    own = callback_loop_running(monitor)
     del monitor, runtime
     gc.collect()
     own.thread.join(5)
