@@ -135,6 +135,15 @@ class CallHooks:
     #: for async callers, since nothing can do the same to a sync call.
     wait_for_attempts: bool = True
 
+    #: ``(failure, args) -> bool``: whether a failure of the call (made with positional
+    #: arguments ``args``) is no verdict on the downstream nor on the call, such as a client
+    #: connection pool refusing to hand out a connection. The call then ends at once, as a
+    #: cancelled one does (nothing counted, retried or published; a probe's slot given back),
+    #: and the failure is raised unchanged. It runs first on every failure, so it may also
+    #: mark the failure for :attr:`replay_after`. Failure path only; ``None`` (the default):
+    #: every failure is judged.
+    unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None
+
     #: ``(failure, classification, args) -> bool``: whether the call (made with positional
     #: arguments ``args``) may be sent again after *this* failure, for integrations whose
     #: replay safety depends on how far the call got (a database statement the server rolled
@@ -463,6 +472,7 @@ class _Runner:
         "_args",
         "_attempt_token",
         "_fallback",
+        "_no_verdict",
         "_observe",
         "_passive",
         "_scope",
@@ -493,6 +503,7 @@ class _Runner:
         self._passive = False
         self._scope: AbstractContextManager[None] | None = None
         self._attempt_token: Any = None
+        self._no_verdict: BaseException | None = None
         self.failure: BaseException | None = None
         self.result: Any = None
         self.step = self.admit(started) if failure is None else self.first_failed(failure, started)
@@ -509,7 +520,7 @@ class _Runner:
         """The first attempt (admitted on the fast path, so with a plain CALL permit), which
         started at ``started``, ended with ``failure``."""
         self.failure = failure
-        if not isinstance(failure, Exception):
+        if not isinstance(failure, Exception) or self._unjudged(failure):
             return _GIVE_UP  # cancellation and friends (or None): never ours to count or retry
         self._open_scope()
         try:
@@ -551,7 +562,7 @@ class _Runner:
         self.failure = exc
         if self._passive:
             return _GIVE_UP
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, Exception) or self._unjudged(exc):
             try:
                 return self.loop.cancelled()
             except Exception as bug:  # noqa: BLE001
@@ -615,7 +626,7 @@ class _Runner:
             if refusal is not None and not self._passive:
                 raise self._refusal_error(refusal)
             return self.result
-        if self._passive or not isinstance(failure, Exception):
+        if self._passive or not isinstance(failure, Exception) or failure is self._no_verdict:
             raise failure
         return self.plan.hooks.give_up(failure)
 
@@ -684,6 +695,19 @@ class _Runner:
             )
         except Exception as bug:  # noqa: BLE001 - our bug must not change the app's error
             return self._bug("drive.failed", bug, _GIVE_UP)
+
+    def _unjudged(self, failure: Exception) -> bool:
+        judge = self.plan.hooks.unjudged
+        if judge is None:
+            return False
+        try:
+            unjudged = judge(failure, self._args)
+        except Exception as bug:  # noqa: BLE001 - judged, as without the hook
+            report_internal_error("drive.unjudged", bug)
+            return False
+        if unjudged:
+            self._no_verdict = failure
+        return unjudged
 
     def _classify(self, failure: BaseException) -> Classification:
         classification = self.plan.route.classify(failure)

@@ -187,7 +187,7 @@ class DbHooks(CallHooks):
     policy's ``attempt_timeout`` is not applied (the statement timeout bounds a statement,
     sync or async alike; a blocking command such as ``BLPOP`` waits as long as it was told)."""
 
-    __slots__ = ("_error", "refine")
+    __slots__ = ("_error", "refine", "unjudged")
 
     wait_for_attempts = False
 
@@ -195,9 +195,11 @@ class DbHooks(CallHooks):
         self,
         error: Callable[[Refusal], BaseException],
         refine: Callable[[BaseException, Classification], Classification] | None = None,
+        unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self._error = error
         self.refine = refine
+        self.unjudged = unjudged
 
     def refusal(self, refusal: Refusal) -> BaseException:
         return self._error(refusal)
@@ -220,8 +222,9 @@ class StatementHooks(DbHooks):
         *,
         writes_in_transaction: bool = False,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
+        unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
     ) -> None:
-        super().__init__(error, refine)
+        super().__init__(error, refine, unjudged)
         self._point = point
         self._read_only = read_only
         self._writes_in_transaction = writes_in_transaction
@@ -327,9 +330,11 @@ class DbState:
     """The state of one installed database integration: settings, hooks and targets.
 
     ``error`` builds the driver's fail-fast error from a refusal; ``point`` and ``read_only``
-    feed the per-failure replay judgement (:class:`StatementHooks`). Targets are kept per
-    :class:`Server` (at most :data:`~otel_raptor.integrations._kit.MAX_TARGETS`, then the
-    table starts over; breakers and budgets live in the runtime, so nothing is lost).
+    feed the per-failure replay judgement (:class:`StatementHooks`); ``refine`` and
+    ``unjudged`` are the statements' :class:`~otel_raptor.runtime.drive.CallHooks` hooks.
+    Targets are kept per :class:`Server` (at most
+    :data:`~otel_raptor.integrations._kit.MAX_TARGETS`, then the table starts over; breakers
+    and budgets live in the runtime, so nothing is lost).
     """
 
     __slots__ = (
@@ -353,16 +358,20 @@ class DbState:
         point: PointOf,
         read_only: ReadOnlyOf = sql_read_only,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
+        unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = settings.runtime
         self.config = settings.config
         self.connect_hooks = DbHooks(error)
-        # Statements, in a transaction or not, get ``refine``; connecting never does.
-        self.locked_hooks = DbHooks(error, refine)
-        self.statement_hooks = StatementHooks(error, point, read_only, refine=refine)
+        # Statements, in a transaction or not, get ``refine`` and ``unjudged``; connecting
+        # never does.
+        self.locked_hooks = DbHooks(error, refine, unjudged)
+        self.statement_hooks = StatementHooks(
+            error, point, read_only, refine=refine, unjudged=unjudged
+        )
         self.reads_hooks = StatementHooks(
-            error, point, read_only, writes_in_transaction=True, refine=refine
+            error, point, read_only, writes_in_transaction=True, refine=refine, unjudged=unjudged
         )
         self._targets: dict[Server, DbTarget] = {}
         self._lock = threading.Lock()

@@ -114,8 +114,6 @@ _RESULT_ERROR_FUNCTION: Final = "raise_first_error"
 _ANNOTATION: Final = "Command # "
 # redis-py's health check (``check_health``) sends ``PING`` with this function.
 _HEALTH_CHECK_PING: Final = "_send_ping"
-# The keyword arguments the loop hands to an attempt that takes its own (never mutated).
-_NO_KWARGS: Final[dict[str, Any]] = {}
 
 
 class _Marker:
@@ -132,12 +130,11 @@ _WRITES: Final = _Marker(read_only=False)
 
 
 def _read_only(args: tuple[Any, ...]) -> bool:
-    """``args``: a pipeline's ``(marker, ...)``, or a command's ``(client, args, options)``."""
+    """``args``: a pipeline's ``(marker, ...)``, or a command's ``(client, name, ...)``."""
     first = args[0] if args else None
     if isinstance(first, _Marker):
         return first.read_only
-    command: tuple[Any, ...] = args[1] if len(args) > 1 else ()
-    return bool(command) and redis_read_only(command[0])
+    return len(args) > 1 and redis_read_only(args[1])
 
 
 def _runs_code(command: object) -> bool:
@@ -157,17 +154,6 @@ class _Conflict:
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class _PassThrough(BaseException):
-    """Carries an error that raptor must neither count nor retry (a connection pool's own
-    refusal) out of the attempt loop. The loop ends a call whose attempt raised a
-    ``BaseException`` that is not an ``Exception`` without a verdict (nothing counted, retried
-    or published, a probe's slot given back); the hook then raises the error itself."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__()
         self.error = error
 
 
@@ -290,18 +276,20 @@ class _State(DbState):
 _installed: _State | None = None
 
 
-def _passes_through(error: Exception, args: tuple[Any, ...]) -> bool:
-    """Sort out a command's failed attempt (``args``: the command and its arguments): whether
-    it is a connection pool's own refusal, which leaves the loop uncounted. A "not executed"
-    reply to a command that runs no code of its own is marked as standing for the whole
-    command."""
+def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
+    """The loop's first look at a failed attempt (``CallHooks.unjudged``; ``args``: a
+    command's ``(client, name, ...)``, a pipeline's ``(marker, ...)``, a cluster call's
+    ``(cluster, ...)``): whether it is a connection pool's own refusal, which ends the call
+    uncounted (redis-py's cluster client does not count it against a node either). A "not
+    executed" reply to a command that runs no code of its own is marked as standing for the
+    whole command (a pipeline's run marks its own)."""
     state = _installed
     if state is None:
         return False
     if _refused_by_pool(error, state.max_connections):
         return True
     try:
-        if args and not _runs_code(args[0]):
+        if len(args) > 1 and not isinstance(args[0], _Marker) and not _runs_code(args[1]):
             _mark(error, REFUSED_WHOLE_ATTRIBUTE)
     except Exception as bug:  # noqa: BLE001 - unmarked: never replayed, the safe side
         report_internal_error("redis.judge_failure", bug)
@@ -514,22 +502,13 @@ def _node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 
 # --- commands ---------------------------------------------------------------------------------
 #
-# The loop runs an *attempt* function rather than the library's own: it sorts a failure out
-# before the loop sees it (a pool's refusal leaves the loop uncounted; a "not executed" reply
-# is marked when it stands for the whole command). It takes the command's arguments and
-# options as two values, so a call builds no more objects than it would without it.
+# The loop calls the library's own function; a failure is sorted out by ``_unjudged`` (the
+# plans' ``CallHooks.unjudged``) before the loop judges it, so a success runs no code of ours
+# beyond the hook itself.
 
 
 def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Redis.execute_command``."""
-
-    def attempt(client: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-        try:
-            return original(client, *args, **options)
-        except Exception as error:
-            if _passes_through(error, args):
-                raise _PassThrough(error) from None
-            raise
 
     def execute_command(self: Any, *args: Any, **options: Any) -> Any:
         state = _installed
@@ -548,26 +527,15 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **options)
         token = _driving.set(True)
         try:
-            return call(plan, attempt, (self, args, options), _NO_KWARGS)
-        except _PassThrough as passed:
-            error = passed.error
+            return call(plan, original, (self, *args), options)
         finally:
             _driving.reset(token)
-        raise error  # outside the except block: as redis-py raised it, with no context added
 
     return execute_command
 
 
 def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio`` ``Redis.execute_command``."""
-
-    async def attempt(client: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-        try:
-            return await original(client, *args, **options)
-        except Exception as error:
-            if _passes_through(error, args):
-                raise _PassThrough(error) from None
-            raise
 
     async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
         state = _installed
@@ -585,12 +553,9 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             return await original(self, *args, **options)
         token = _driving.set(True)
         try:
-            return await call_async(plan, attempt, (self, args, options), _NO_KWARGS)
-        except _PassThrough as passed:
-            error = passed.error
+            return await call_async(plan, original, (self, *args), options)
         finally:
             _driving.reset(token)
-        raise error
 
     return execute_command
 
@@ -648,19 +613,16 @@ class _PipelineRun:
             pipe.explicit_transaction = self.explicit
         self.started = True
 
-    def passes_through(self, error: Exception) -> bool:
-        """Sort out a failed attempt (see ``_passes_through``): a "not executed" reply stands
-        for the whole pipeline only when it is a transaction rejected before ``EXEC`` ran. A
-        pipeline without ``MULTI`` may have run every command before the one refused."""
-        state = self.state
-        if _refused_by_pool(error, state.max_connections):
-            return True
+    def judge(self, error: Exception) -> None:
+        """Mark a failed attempt (see ``_unjudged``, which then sorts out a pool's refusal): a
+        "not executed" reply stands for the whole pipeline only when it is a transaction
+        rejected before ``EXEC`` ran. A pipeline without ``MULTI`` may have run every command
+        before the one refused."""
         try:
-            if self.transaction and _transaction_refused_whole(error, state.exec_abort):
+            if self.transaction and _transaction_refused_whole(error, self.state.exec_abort):
                 _mark(error, REFUSED_WHOLE_ATTRIBUTE)
         except Exception as bug:  # noqa: BLE001 - unmarked: never replayed, the safe side
             report_internal_error("redis.judge_pipeline_failure", bug)
-        return False
 
     def __call__(self, marker: _Marker, *args: Any, **kwargs: Any) -> Any:
         self.restore()
@@ -669,8 +631,7 @@ class _PipelineRun:
         except self.state.watch_error as conflict:
             return _Conflict(conflict)
         except Exception as error:
-            if self.passes_through(error):
-                raise _PassThrough(error) from None
+            self.judge(error)
             raise
 
 
@@ -684,8 +645,7 @@ class _AsyncPipelineRun(_PipelineRun):
         except self.state.watch_error as conflict:
             return _Conflict(conflict)
         except Exception as error:
-            if self.passes_through(error):
-                raise _PassThrough(error) from None
+            self.judge(error)
             raise
 
 
@@ -715,11 +675,8 @@ def _pipeline_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         token = _driving.set(True)
         try:
             return _settled(call(plan, run, (marker, *args), kwargs))
-        except _PassThrough as passed:
-            error = passed.error
         finally:
             _driving.reset(token)
-        raise error
 
     return execute
 
@@ -744,33 +701,15 @@ def _async_pipeline_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..
         token = _driving.set(True)
         try:
             return _settled(await call_async(plan, run, (marker, *args), kwargs))
-        except _PassThrough as passed:
-            error = passed.error
         finally:
             _driving.reset(token)
-        raise error
 
     return execute
-
-
-def _cluster_passes_through(error: Exception) -> bool:
-    """Whether a cluster call's failure is a connection pool's refusal, which leaves the loop
-    uncounted (redis-py's cluster client does not count it against the node either)."""
-    state = _installed
-    return state is not None and _refused_by_pool(error, state.max_connections)
 
 
 def _cluster_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``RedisCluster.execute_command`` and ``ClusterPipeline.execute``: a breaker,
     no retries of ours (the cluster client runs its own)."""
-
-    def attempt(cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        try:
-            return original(cluster, *args, **kwargs)
-        except Exception as error:
-            if _cluster_passes_through(error):
-                raise _PassThrough(error) from None
-            raise
 
     def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -784,25 +723,13 @@ def _cluster_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             plan = None
         if plan is None:
             return original(self, *args, **kwargs)
-        try:
-            return call(plan, attempt, (self, args, kwargs), _NO_KWARGS)
-        except _PassThrough as passed:
-            error = passed.error
-        raise error
+        return call(plan, original, (self, *args), kwargs)
 
     return execute
 
 
 def _async_cluster_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio`` ``RedisCluster.execute_command``."""
-
-    async def attempt(cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        try:
-            return await original(cluster, *args, **kwargs)
-        except Exception as error:
-            if _cluster_passes_through(error):
-                raise _PassThrough(error) from None
-            raise
 
     async def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -816,11 +743,7 @@ def _async_cluster_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             plan = None
         if plan is None:
             return await original(self, *args, **kwargs)
-        try:
-            return await call_async(plan, attempt, (self, args, kwargs), _NO_KWARGS)
-        except _PassThrough as passed:
-            error = passed.error
-        raise error
+        return await call_async(plan, original, (self, *args), kwargs)
 
     return execute
 
@@ -878,6 +801,7 @@ class RedisIntegration(DbIntegration):
             error=error,
             point=failure_point_for(library),
             read_only=_read_only,
+            unjudged=_unjudged,
         )
 
     def hooks(self, library: Any) -> HookSet:
