@@ -73,6 +73,7 @@ def table(admin: Any, unique_name: str) -> Iterator[str]:
     yield unique_name
     with admin.cursor() as cur:
         cur.execute(f"DROP TABLE IF EXISTS {unique_name}")
+        cur.execute(f"DROP FUNCTION IF EXISTS {unique_name}_planned()")
         cur.execute(f"DROP FUNCTION IF EXISTS {unique_name}_flaky(int, text)")
         cur.execute(f"DROP SEQUENCE IF EXISTS {unique_name}_seq")
 
@@ -320,6 +321,55 @@ def test_a_write_whose_answer_was_lost_is_not_replayed(
     assert rows(admin, table) == 1  # executed once: not lost, not doubled
     [finished] = [f for f in installed.of(RecoveryFinished) if f.service.startswith("postgresql")]
     assert finished.attempts == 1
+
+
+def planned_flaky(admin: Any, table: str) -> str:
+    """A query that calls the flaky function while it is planned (an immutable function of
+    constants is folded then), so a named cursor's ``DECLARE`` fails, not its ``FETCH``."""
+    with admin.cursor() as cur:
+        cur.execute(
+            f"""CREATE FUNCTION {table}_planned() RETURNS int IMMUTABLE LANGUAGE plpgsql
+            AS $$ BEGIN RETURN {table}_flaky(1, '40001'); END $$"""
+        )
+    return f"SELECT {table}_planned()"
+
+
+def test_a_server_side_cursor_is_guarded_and_never_replayed(
+    install: Install, admin: Any, table: str
+) -> None:
+    installed = install(PsycopgIntegration)
+    declared = planned_flaky(admin, table)
+    with psycopg.connect(PG_DSN) as conn:
+        with pytest.raises(psycopg.errors.SerializationFailure), conn.transaction():
+            conn.cursor(name="c").execute(declared)
+        assert calls(admin, table) == 1  # its DECLARE ran once
+        [failed] = installed.of(ErrorClassified, SERVICE)
+        assert isinstance(failed.error, psycopg.errors.SerializationFailure)
+        with conn.transaction():
+            cur = conn.cursor(name="c")
+            cur.execute("SELECT generate_series(1, 3)")
+            assert cur.fetchall() == [(1,), (2,), (3,)]
+        installed.runtime.breakers.get(SERVICE).force_open()
+        with pytest.raises(psycopg.OperationalError) as refused, conn.transaction():
+            conn.cursor(name="d").execute("SELECT 1")
+        assert isinstance(refused.value, circuit_open_error_type())
+
+
+async def test_an_async_server_side_cursor_is_guarded(
+    install: Install, admin: Any, table: str
+) -> None:
+    installed = install(PsycopgIntegration)
+    declared = planned_flaky(admin, table)
+    async with await psycopg.AsyncConnection.connect(PG_DSN) as conn:
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            async with conn.transaction():
+                await conn.cursor(name="c").execute(declared)
+        assert calls(admin, table) == 1
+        installed.runtime.breakers.get(SERVICE).force_open()
+        with pytest.raises(psycopg.OperationalError) as refused:
+            async with conn.transaction():
+                await conn.cursor(name="d").execute("SELECT 1")
+        assert isinstance(refused.value, circuit_open_error_type())
 
 
 # --- the breaker --------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ getting real ``psycopg.Connection`` and cursor objects, which every type check a
   ``Connection.execute``, ``ClientCursor``, ``RawCursor``): ``execute`` on an autocommit
   connection with no transaction open and no pipeline runs under the ``statement`` plan
   (replay judged per failure); anything else under the ``locked`` plan (never replayed).
+- ``ServerCursor.execute`` and ``AsyncServerCursor.execute`` (the ``DECLARE`` of a named
+  cursor): the ``locked`` plan. The ``FETCH`` commands that follow it, ``Cursor.stream``
+  and ``copy`` are not guarded.
 
 A connection's target is found once (from the connect arguments, or from ``conn.info`` for a
 connection opened before instrumentation) and kept on the connection. See
@@ -241,7 +244,8 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _executemany_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``Cursor.executemany``: never replayed."""
+    """The hook on ``Cursor.executemany`` and ``ServerCursor.execute`` (a ``DECLARE``, in a
+    transaction or ``WITH HOLD``): never replayed."""
 
     def executemany(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -282,7 +286,8 @@ def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
 
 
 def _async_executemany_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """The hook on ``AsyncCursor.executemany``: never replayed."""
+    """The hook on ``AsyncCursor.executemany`` and ``AsyncServerCursor.execute``: never
+    replayed."""
     return _async_hook(original, batch=True)
 
 
@@ -302,6 +307,9 @@ def _patched(psycopg: Any) -> list[tuple[type, str, Any]]:
         (psycopg.Cursor, "executemany", _executemany_hook),
         (psycopg.AsyncCursor, "execute", _async_execute_hook),
         (psycopg.AsyncCursor, "executemany", _async_executemany_hook),
+        # A server-side cursor's own execute (it does not call Cursor.execute).
+        (psycopg.ServerCursor, "execute", _executemany_hook),
+        (psycopg.AsyncServerCursor, "execute", _async_executemany_hook),
     ]
 
 
