@@ -178,6 +178,31 @@ async def test_a_statement_that_ran_out_of_its_time_is_never_run_again(
             installed.events.clear()
 
 
+async def test_copies_are_guarded_and_never_replayed(install: Install, admin: Any) -> None:
+    installed = install(AsyncpgIntegration)
+    name = f"copies_{time.monotonic_ns()}"
+    admin.execute(f"CREATE TABLE {name} (v int PRIMARY KEY)")
+    try:
+        con = await asyncpg.connect(PG_URL)
+        try:
+            await con.copy_records_to_table(name, records=[(1,), (2,)])
+            with pytest.raises(asyncpg.UniqueViolationError):  # once: a replay would say so too
+                await con.copy_records_to_table(name, records=[(3,), (1,)])
+            [failed] = [
+                f for f in installed.of(RecoveryFinished, SERVICE) if f.outcome is Outcome.FAILED
+            ]
+            assert failed.attempts == 1
+            installed.runtime.breakers.get(SERVICE).force_open()
+            with pytest.raises(asyncpg.PostgresConnectionError) as refused:
+                await con.copy_from_query("SELECT 1", output=lambda data: None)
+            assert isinstance(refused.value, circuit_open_error_type())
+        finally:
+            await con.close()
+        assert admin.execute(f"SELECT count(*) FROM {name}").fetchone() == (2,)
+    finally:
+        admin.execute(f"DROP TABLE {name}")
+
+
 async def test_an_open_breaker_fails_fast_as_an_asyncpg_connection_error(
     install: Install,
 ) -> None:

@@ -11,8 +11,9 @@ application keeps its real ``asyncpg.Connection`` objects):
   ``fetchval``/``fetchrow`` (and so ``Pool.execute``/``fetch``/..., which acquire a connection
   and call these): the ``statement`` plan outside a transaction (``con.transaction()``), the
   ``locked`` plan inside one;
-- ``Connection.executemany``/``fetchmany`` and ``PreparedStatement.executemany``/``fetchmany``:
-  the ``locked`` plan (never replayed).
+- ``Connection.executemany``/``fetchmany``, ``PreparedStatement.executemany``/``fetchmany``
+  and ``Connection.copy_from_table``/``copy_from_query``/``copy_to_table``/
+  ``copy_records_to_table``: the ``locked`` plan (never replayed).
 
 The contrib asyncpg instrumentation wraps the same ``Connection`` methods: whichever is
 installed last is the outer layer, so with raptor installed after it each attempt is its own
@@ -58,6 +59,8 @@ __all__ = ["AsyncpgCircuitOpen", "AsyncpgIntegration", "circuit_open_error_type"
 
 _STATEMENTS: Final = ("execute", "fetch", "fetchval", "fetchrow")
 _BATCHES: Final = ("executemany", "fetchmany")
+# COPY in either direction: the rows sent or the output written would be doubled by a replay.
+_COPIES: Final = ("copy_from_table", "copy_from_query", "copy_to_table", "copy_records_to_table")
 _PREPARED_STATEMENTS: Final = ("fetch", "fetchval", "fetchrow")
 _PREPARED_BATCHES: Final = ("executemany", "fetchmany")
 
@@ -281,7 +284,7 @@ def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
     statement = prepared_stmt.PreparedStatement
     return [
         *[(con, name, _statement_hook) for name in _STATEMENTS],
-        *[(con, name, _batch_hook) for name in _BATCHES],
+        *[(con, name, _batch_hook) for name in (*_BATCHES, *_COPIES)],
         *[(statement, name, _prepared_hook) for name in _PREPARED_STATEMENTS],
         *[(statement, name, _prepared_batch_hook) for name in _PREPARED_BATCHES],
     ]
