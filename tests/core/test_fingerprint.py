@@ -58,6 +58,23 @@ from otel_raptor.core.fingerprint import (
             '(<int>, "You have an error in your SQL syntax; check the manual for the right syntax'
             ' to use near <sql> at line <int>")',
         ),
+        # PostgreSQL's fields after the message carry the rows and statements themselves.
+        (
+            'duplicate key value violates unique constraint "users_pkey"\n'
+            "DETAIL:  Key (email_name)=(Alice Smith) already exists.",
+            "duplicate key value violates unique constraint <quoted> <detail>",
+        ),
+        (
+            'null value in column "email" of relation "users" violates not-null constraint\n'
+            "DETAIL:  Failing row contains (null, hunter2pass).",
+            "null value in column <quoted> of relation <quoted> violates not-null constraint"
+            " <detail>",
+        ),
+        (
+            "division by zero\nCONTEXT:  SQL statement \"SELECT 'secret' / 0\"\n"
+            "PL/pgSQL function f() line 3 at PERFORM",
+            "division by zero <detail>",
+        ),
         # A bare path's query string goes whole (urllib3 prints the path without the host).
         (
             "Max retries exceeded with url: /orders?sig=AbC&code=xyz (Caused by X)",

@@ -14,6 +14,9 @@ what                    example                                                p
 secret ``key=value``    ``password=hunter2``, ``token: abc``, ``PASSWORD 'x'``  ``<redacted>`` value
 credential after its    ``Bearer eyJhbGci...``, ``token a1b2c3``                ``<redacted>``
 scheme word
+server's fields         PostgreSQL's ``DETAIL: Key (id)=(7) ...``,           ``<detail>``
+                        ``HINT:``, ``CONTEXT:``, ``QUERY:``, ``WHERE:`` (all
+                        that follows)
 statement echo          PostgreSQL's ``LINE 1: SELECT ...`` (to the end),       ``<sql>``
                         MySQL's ``near 'SELECT ...' at line 1``
 query string            ``/orders?sig=abc&code=xyz`` (a path's, after ``?``)   ``?<query>``
@@ -77,6 +80,7 @@ MAX_TEMPLATE_CHARS: Final = 256
 #: Every placeholder ``normalize_message`` can write.
 PLACEHOLDERS: Final = (
     "<redacted>",
+    "<detail>",
     "<sql>",
     "<query>",
     "<email>",
@@ -176,6 +180,11 @@ _SPACES: Final = re.compile(r"\s+")
 # secrets): PostgreSQL's ``LINE n:`` runs to the end of the message (the caret line follows),
 # MySQL's ``near '...' at line n`` quotes it, nested quotes and all.
 _PG_ECHO: Final = re.compile(r"\bLINE \d{1,9}: .*")
+# PostgreSQL's fields after the message hold the data itself: ``DETAIL: Key (email)=(...)``,
+# ``Failing row contains (...)``, the statement a function ran (``CONTEXT: SQL statement``),
+# the query (``QUERY:``). psycopg and psycopg2 put them in the exception's text; the
+# message's first line says what went wrong, so the fields go whole.
+_PG_FIELDS: Final = re.compile(r"\b(?:DETAIL|HINT|CONTEXT|QUERY|WHERE):\s.*")
 _MYSQL_ECHO: Final = re.compile(r"\bnear '.{0,512}' at line \d{1,9}")
 # A query string after a path or a host (``url: /orders?sig=abc``): a full URL is the
 # ``<url>`` branch's, but urllib3 prints the path alone.
@@ -283,6 +292,8 @@ def normalize_message(message: str) -> str:
     text = _SPACES.sub(" ", message[:MAX_MESSAGE_CHARS]).strip()
     if not text:
         return ""
+    if ": " in text:
+        text = _PG_FIELDS.sub("<detail>", text)
     if "LINE " in text:
         text = _PG_ECHO.sub("LINE <int>: <sql>", text)
     if "near '" in text:
