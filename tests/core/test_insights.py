@@ -155,6 +155,20 @@ def test_a_summary_leaves_rejections_out_of_the_rates_and_times() -> None:
     assert sum(row[F_BUCKETS:]) == 10
 
 
+def test_a_summary_leaves_errors_nothing_could_recover_out_of_the_rates_and_times() -> None:
+    row = [0.0] * ROW_FIELDS
+    add_recovery(row, "recovered", 2, 0.4)
+    for _ in range(3):
+        add_recovery(row, "failed", 1, 0.001, give_up_reason="not_retryable")
+    add_recovery(row, "failed", 1, 0.001, give_up_reason="not_replay_safe")
+    summary = summarize(row, 60.0)
+    assert (summary.recoveries, summary.failed, summary.not_retryable) == (5, 4, 3)
+    assert summary.judged == 2
+    assert summary.success_rate == pytest.approx(0.5)
+    assert summary.recovery_time_mean_s == pytest.approx((0.4 + 4 * 0.001) / 5)
+    assert summary.failed_without_retry == 4
+
+
 def test_an_empty_summary_has_no_rates() -> None:
     summary = summarize([0.0] * ROW_FIELDS, 60.0)
     assert summary.success_rate is None

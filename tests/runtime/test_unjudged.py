@@ -48,9 +48,7 @@ class Hooks(CallHooks):
         return True
 
 
-def plan(
-    hooks: CallHooks, clock: FakeClock | None = None
-) -> tuple[CallPlan, Runtime, list[Any]]:
+def plan(hooks: CallHooks, clock: FakeClock | None = None) -> tuple[CallPlan, Runtime, list[Any]]:
     clock = clock or FakeClock()
     runtime = Runtime(clock=clock)
     events: list[Any] = []

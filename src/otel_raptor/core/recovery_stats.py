@@ -7,12 +7,17 @@ kinds of result. ``summarize(row, window_s)`` turns a row into the numbers peopl
 
 Definitions (the Prometheus recording rules in ``collector/rules/`` compute the same):
 
-* **success rate** — recoveries that ended ``recovered`` or ``fallback``, over every recovery
-  except those ``rejected`` by an open breaker (the breaker's own alert covers those; counting
-  them would fire two alerts for one cause). ``None`` without recoveries.
-* **recovery time** — ``RecoveryFinished.duration_s`` of the same recoveries (rejections take
-  no time and would drag the percentiles to 0); p50 and p95 are estimated from the histogram
-  with PromQL's ``histogram_quantile``, the mean is exact.
+* **success rate** — recoveries that ended ``recovered`` or ``fallback``, over the *judged*
+  ones: every recovery except those ``rejected`` by an open breaker (the breaker's own alert
+  covers those; counting them would fire two alerts for one cause) and those ``failed``
+  because the error is not retryable (``give_up_reason`` ``not_retryable``: a duplicate key, a
+  bad statement, a refused login, which nothing could have recovered; an app that catches
+  duplicate keys on purpose would otherwise page about a healthy database). ``None`` without
+  judged recoveries.
+* **recovery time** — ``RecoveryFinished.duration_s`` of every recovery but the rejected
+  ones (rejections take no time and would drag the percentiles to 0; ``raptor.recovery.duration``
+  has no give-up reason to leave the others out by); p50 and p95 are estimated from the
+  histogram with PromQL's ``histogram_quantile``, the mean is exact.
 * **error frequency** — failed attempts (``ErrorClassified``) per minute over the window.
 * **the four kinds** (resilience4j's ``Retry`` metrics), over the logical calls that needed
   recovery — the success path records nothing, so a call that succeeded at once is not seen:
@@ -42,6 +47,7 @@ __all__ = [
     "F_DURATION_SUM",
     "F_ERRORS",
     "F_LEARNED_FUTILE",
+    "F_NOT_RETRYABLE",
     "F_OUTCOMES",
     "F_RECOVERIES",
     "F_REJECTIONS",
@@ -53,6 +59,7 @@ __all__ = [
     "RecoverySummary",
     "ResultKind",
     "add_recovery",
+    "judged",
     "result_kind",
     "summarize",
 ]
@@ -60,6 +67,8 @@ __all__ = [
 #: ``Outcome`` values, in row order.
 OUTCOMES: Final = ("recovered", "fallback", "failed", "rejected", "budget_exhausted")
 _SUCCESSES: Final = frozenset({"recovered", "fallback"})
+#: The give-up reason of a recovery that nothing could have made succeed.
+NOT_RETRYABLE: Final = "not_retryable"
 
 
 class ResultKind(str, enum.Enum):
@@ -90,8 +99,10 @@ F_REJECTIONS: Final = 13
 #: Index of each result kind's count.
 F_RESULTS: Final = {kind: 14 + index for index, kind in enumerate(_KINDS)}
 F_LEARNED_FUTILE: Final = 18
+#: ``failed`` recoveries given up because the error is not retryable (not judged).
+F_NOT_RETRYABLE: Final = 19
 #: First of the ``len(DURATION_BUCKETS) + 1`` bucket counts (the last is ``+Inf``).
-F_BUCKETS: Final = 19
+F_BUCKETS: Final = 20
 ROW_FIELDS: Final = F_BUCKETS + len(DURATION_BUCKETS) + 1
 
 
@@ -111,6 +122,7 @@ def add_recovery(
     duration_s: float,
     *,
     learned_futile: bool = False,
+    give_up_reason: str = "",
 ) -> None:
     """Add one finished recovery to ``row`` (a mutable sequence of ``ROW_FIELDS`` numbers)."""
     index = F_OUTCOMES.get(outcome)
@@ -122,11 +134,19 @@ def add_recovery(
     row[F_RESULTS[result_kind(outcome, attempts)]] += 1
     if learned_futile:
         row[F_LEARNED_FUTILE] += 1
+    if outcome == "failed" and give_up_reason == NOT_RETRYABLE:
+        row[F_NOT_RETRYABLE] += 1
     if outcome != "rejected":
         duration = duration_s if math.isfinite(duration_s) and duration_s > 0 else 0.0
         row[F_TIMED] += 1
         row[F_DURATION_SUM] += duration
         row[F_BUCKETS + bucket_index(duration)] += 1
+
+
+def judged(row: Sequence[float]) -> float:
+    """The recoveries of ``row`` that count towards the success rate: all but the
+    ``rejected`` ones and the ``failed`` ones whose error is not retryable."""
+    return row[F_RECOVERIES] - row[F_OUTCOMES["rejected"]] - row[F_NOT_RETRYABLE]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +161,7 @@ class RecoverySummary:
     failed: int
     rejected: int
     budget_exhausted: int
+    not_retryable: int
     success_rate: float | None
     recovery_time_p50_s: float | None
     recovery_time_p95_s: float | None
@@ -161,8 +182,9 @@ class RecoverySummary:
 
     @property
     def judged(self) -> int:
-        """Recoveries that count towards the success rate (all but ``rejected``)."""
-        return self.recoveries - self.rejected
+        """Recoveries that count towards the success rate (all but the ``rejected`` ones and
+        the ``not_retryable`` failures)."""
+        return self.recoveries - self.rejected - self.not_retryable
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -176,7 +198,8 @@ def summarize(row: Sequence[float], window_s: float) -> RecoverySummary:
 
     recoveries = count(F_RECOVERIES)
     rejected = count(F_OUTCOMES["rejected"])
-    judged = recoveries - rejected
+    not_retryable = count(F_NOT_RETRYABLE)
+    judged = recoveries - rejected - not_retryable
     successes = count(F_OUTCOMES["recovered"]) + count(F_OUTCOMES["fallback"])
     timed = row[F_TIMED]
     buckets = row[F_BUCKETS : F_BUCKETS + len(DURATION_BUCKETS) + 1]
@@ -189,6 +212,7 @@ def summarize(row: Sequence[float], window_s: float) -> RecoverySummary:
         failed=count(F_OUTCOMES["failed"]),
         rejected=rejected,
         budget_exhausted=count(F_OUTCOMES["budget_exhausted"]),
+        not_retryable=not_retryable,
         success_rate=successes / judged if judged > 0 else None,
         recovery_time_p50_s=histogram_quantile(0.5, buckets) if timed > 0 else None,
         recovery_time_p95_s=histogram_quantile(0.95, buckets) if timed > 0 else None,

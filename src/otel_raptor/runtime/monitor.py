@@ -107,6 +107,9 @@ from otel_raptor.core.recovery_stats import (
     add_recovery,
     summarize,
 )
+from otel_raptor.core.recovery_stats import (
+    judged as judged_recoveries,
+)
 from otel_raptor.core.reports import (
     AbandonedStrategy,
     ErrorPattern,
@@ -841,7 +844,14 @@ class ErrorRecoveryMonitor:
         outcome = event.outcome.value
         for row in (recent, period):
             if row is not None:
-                add_recovery(row, outcome, event.attempts, event.duration_s, learned_futile=futile)
+                add_recovery(
+                    row,
+                    outcome,
+                    event.attempts,
+                    event.duration_s,
+                    learned_futile=futile,
+                    give_up_reason=event.give_up_reason,
+                )
         out.append(event)
 
     def _on_memory(
@@ -916,7 +926,7 @@ class ErrorRecoveryMonitor:
         minimum = options.min_volume
         for service, row in services.items():
             timed = row[F_TIMED]
-            judged = row[F_RECOVERIES] - row[F_OUTCOMES["rejected"]]
+            judged = judged_recoveries(row)
             levels = (
                 ("recovery_time", row[F_DURATION_SUM] / timed if timed else 0.0, timed),
                 ("failure_ratio", 1.0 - _successes(row) / judged if judged else 0.0, judged),
