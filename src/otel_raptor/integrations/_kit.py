@@ -25,20 +25,23 @@ import importlib
 import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import replace
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from otel_raptor.core.attempts import LoopSpec
 from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.classification import ErrorCategory
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._wrapping import HookSet, install_hooks, remove_hooks
+from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
 from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.safety import report_internal_error
-from otel_raptor.runtime.state import Runtime
+from otel_raptor.runtime.state import OTHER_SERVICE, Runtime
 
 __all__ = [
     "MAX_TARGETS",
@@ -79,9 +82,14 @@ class TargetPolicy(Protocol):
 class Target:
     """One downstream of an integration: its service name, breaker and call plans.
 
-    ``service`` is the name the runtime gave it (folded into ``other`` past the runtime's
-    ``max_services``); the breaker is the service's shared one, created with ``policy.breaker``
-    if it is new. ``hooks`` are the integration's. ``attributes`` describe the downstream in
+    ``service`` is the name the runtime gave it; the breaker is the service's shared one,
+    created with ``policy.breaker`` if it is new, and it never counts an ``unknown`` failure
+    (an exception the library did not raise itself, such as the app's own ``TypeError`` from
+    an unserialisable body or a failing auth callable: the downstream never saw the call).
+    Past the runtime's ``max_services`` the name folds into ``other``, and the target gets no
+    breaker and a downstream (cooldown, retry budget) of its own: a breaker or cooldown shared
+    by every folded downstream would let one dead host refuse calls to healthy ones.
+    ``hooks`` are the integration's. ``attributes`` describe the downstream in
     semantic-convention terms (``server.address``, ``db.system.name``, ...): telemetry adds
     them to its metric points and spans (:meth:`Runtime.describe`). ``plan(replay_safe=...,
     with_fallback=...)`` returns one of four plans, each built on first use and then shared.
@@ -109,11 +117,16 @@ class Target:
     ) -> None:
         self.policy = policy
         self.service = runtime.service(name)
-        if attributes:
-            runtime.describe(self.service, attributes)
-        breaker = runtime.breakers.get(self.service, policy.breaker)
-        self.breaker_name = breaker.name
-        self.route = Route(runtime.downstream(self.service), breaker, runtime, classify)
+        breaker: CircuitBreaker | None
+        if self.service == OTHER_SERVICE:
+            breaker, downstream = None, runtime.private_downstream()
+        else:
+            if attributes:
+                runtime.describe(self.service, attributes)
+            breaker = runtime.breakers.get(self.service, _counting_known(policy.breaker))
+            downstream = runtime.downstream(self.service)
+        self.breaker_name = "" if breaker is None else breaker.name
+        self.route = Route(downstream, breaker, runtime, classify)
         self._runtime = runtime
         self._hooks = hooks
         self._plans: dict[tuple[bool, bool], CallPlan] = {}
@@ -135,6 +148,12 @@ class Target:
             with self._lock:  # two threads may build it; one is kept
                 plan = self._plans.setdefault(key, plan)
         return plan
+
+
+def _counting_known(config: CircuitBreakerConfig) -> CircuitBreakerConfig:
+    if ErrorCategory.UNKNOWN in config.ignored_categories:
+        return config
+    return replace(config, ignored_categories=config.ignored_categories | {ErrorCategory.UNKNOWN})
 
 
 class TargetTable(Generic[K]):

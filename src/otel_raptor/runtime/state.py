@@ -264,6 +264,17 @@ class Runtime:
                     downstream = self._downstreams[service] = Downstream(service, budget)
         return downstream
 
+    def private_downstream(self) -> Downstream:
+        """A downstream of its own for one caller (named ``other``): never shared, never
+        registered, so one folded downstream's cooldown or spent budget never reaches
+        another's. Its budget follows the ratio in force when it is made."""
+        budget = RetryBudget(
+            ratio=self.effective_budget_ratio,
+            min_retries_per_second=self._budget_floor,
+            now=self.clock.monotonic(),
+        )
+        return Downstream(OTHER_SERVICE, budget)
+
     def describe(self, service: str, attributes: Mapping[str, str | int]) -> None:
         """Attach semantic-convention attributes to ``service`` (``server.address``,
         ``server.port``, ``db.system.name``, ...): telemetry adds them to the service's metric
