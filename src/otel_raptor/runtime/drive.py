@@ -418,7 +418,11 @@ def _drive_sync(
                 else:
                     step = runner.on_result(result)
             elif step is _SLEEP:
-                runner.plan.clock.sleep(runner.loop.delay)
+                try:
+                    runner.plan.clock.sleep(runner.loop.delay)
+                except BaseException:
+                    runner.discard()  # interrupted: the failing result will never be resent
+                    raise
                 step = runner.slept()
             elif step is _DONE:
                 return runner.result
@@ -448,7 +452,13 @@ async def _drive_async(
                 else:
                     step = runner.on_result(result)
             elif step is _SLEEP:
-                await runner.plan.clock.sleep_async(runner.loop.delay)
+                try:
+                    await runner.plan.clock.sleep_async(runner.loop.delay)
+                except BaseException:
+                    # Cancelled mid-backoff: release the failing response (its pooled
+                    # connection) that the next attempt would have released.
+                    await runner.discard_async()
+                    raise
                 step = runner.slept()
             elif step is _DONE:
                 return runner.result
