@@ -217,3 +217,8 @@ async def test_an_open_breaker_fails_fast_as_an_asyncpg_connection_error(
     assert time.perf_counter() - started < 0.05
     assert isinstance(refused.value, CircuitOpenError)
     assert isinstance(refused.value, circuit_open_error_type())
+    # What the app caught while the server refused connections still catches the refusal.
+    with pytest.raises(OSError) as caught:
+        await asyncpg.connect(url)
+    assert isinstance(caught.value, ConnectionRefusedError)
+    assert isinstance(caught.value, asyncpg.PostgresConnectionError)

@@ -65,14 +65,34 @@ _PREPARED_STATEMENTS: Final = ("fetch", "fetchval", "fetchrow")
 _PREPARED_BATCHES: Final = ("executemany", "fetchmany")
 
 
+_unreachable: type[BaseException] | None = None
+
+
+def _unreachable_type(asyncpg: Any) -> type[BaseException]:
+    """``asyncpg.PostgresConnectionError`` and ``ConnectionRefusedError`` at once: a server
+    that is down makes asyncpg raise the socket's own ``OSError`` (connecting) or its
+    connection errors (a statement), so the refusal must be caught by either kind of
+    ``except``. One class, made once, so the refusal's class is the same every time."""
+    global _unreachable  # noqa: PLW0603 - a cache of one class
+    if _unreachable is None:
+        _unreachable = type(
+            "PostgresUnreachable",
+            (asyncpg.PostgresConnectionError, ConnectionRefusedError),
+            {"__module__": __name__, "__doc__": "A connection error that is also an OSError."},
+        )
+    return _unreachable
+
+
 def circuit_open_error_type() -> type[CircuitOpenError]:
-    """The class of the error raised when a PostgreSQL server's breaker is open: both
-    :class:`~otel_raptor.errors.CircuitOpenError` and ``asyncpg.PostgresConnectionError``
-    (SQLSTATE ``08000``, the base of asyncpg's connection errors)."""
+    """The class of the error raised when a PostgreSQL server's breaker is open: at once
+    :class:`~otel_raptor.errors.CircuitOpenError`, ``asyncpg.PostgresConnectionError``
+    (SQLSTATE ``08000``, the base of asyncpg's connection errors) and
+    ``ConnectionRefusedError`` (so ``except OSError`` catches it, as it catches asyncpg's
+    failure to connect to a server that is down)."""
     import asyncpg  # noqa: PLC0415 - the library is imported only when needed
 
     return library_error(
-        CircuitOpenError, asyncpg.PostgresConnectionError, "AsyncpgCircuitOpen", __name__
+        CircuitOpenError, _unreachable_type(asyncpg), "AsyncpgCircuitOpen", __name__
     )
 
 
@@ -298,7 +318,7 @@ class AsyncpgIntegration(DbIntegration):
     library = "asyncpg"
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
-        error = refusal_factory(library.PostgresConnectionError, "AsyncpgCircuitOpen", __name__)
+        error = refusal_factory(_unreachable_type(library), "AsyncpgCircuitOpen", __name__)
         return _State(
             settings,
             error=error,
