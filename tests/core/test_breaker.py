@@ -134,6 +134,21 @@ def test_retries_refused_by_the_downstream_trip_on_their_own() -> None:
     assert transition.reason is R.CONSECUTIVE_FAILURES
 
 
+def test_one_calls_503s_alone_do_not_trip_the_consecutive_rule() -> None:
+    # A 503 is an answer: one route of a live origin may give it to every attempt (its
+    # backend is down) while every other route answers.
+    core = make(failure_threshold=3, minimum_calls=100)
+    permit, _ = core.acquire(1.0)
+    assert core.on_failure(permit, 1.0, 0.01, ErrorCategory.UNAVAILABLE) is None
+    for at in (2.0, 3.0, 4.0, 5.0):
+        assert retry_fails(core, at, ErrorCategory.UNAVAILABLE) is None
+    assert core.state is CLOSED
+    permit, _ = core.acquire(6.0)  # a second call answered 503 as well: evidence
+    transition = core.on_failure(permit, 6.0, 0.01, ErrorCategory.UNAVAILABLE)
+    assert transition is not None
+    assert transition.reason is R.CONSECUTIVE_FAILURES
+
+
 def test_trips_on_failure_rate_only_with_minimum_calls() -> None:
     core = make(failure_threshold=100, window_size=10, minimum_calls=10)
     # 9 failures in 9 calls: 100 % failures but below minimum_calls.

@@ -113,10 +113,10 @@ _HALF_OPEN: Final = CircuitState.HALF_OPEN
 
 #: The failures that say the downstream as a whole is out of reach, not one request: a run of
 #: them may open the breaker even when one call's retries made it (see
-#: ``BreakerCore.on_failure``).
-UNREACHABLE: Final = frozenset(
-    {ErrorCategory.CONNECTION, ErrorCategory.DNS, ErrorCategory.TLS, ErrorCategory.UNAVAILABLE}
-)
+#: ``BreakerCore.on_failure``). Not ``unavailable``: a 503 is an answer, and one route of a
+#: live origin may give it to every attempt (a backend of an ingress is down) while every
+#: other route answers.
+UNREACHABLE: Final = frozenset({ErrorCategory.CONNECTION, ErrorCategory.DNS, ErrorCategory.TLS})
 # Preallocated answers, so that admitting or refusing a call without a transition allocates
 # nothing.
 _ADMIT_CALL: Final[Admission] = (Permit.CALL, None)
@@ -571,9 +571,10 @@ class BreakerCore:
         later attempt of a call whose first attempt failed already. The consecutive rule trips
         only on a run of failures from two calls or more (one with ``failure_threshold=1``),
         or on one whose latest failure says
-        the downstream is out of reach (``UNREACHABLE``: refused, DNS, TLS, 503): a timeout or
-        a 500 is about one request as often as about the server, and one call's retries of a
-        slow request must not open the breaker of a downstream that answers every other.
+        the downstream is out of reach (``UNREACHABLE``: refused, DNS, TLS): a timeout, a 500
+        or a 503 is about one request as often as about the server, and one call's retries of
+        a slow or broken request must not open the breaker of a downstream that answers every
+        other.
         """
         self._failure_counts[category] += 1
         if category in self._ignored:
