@@ -83,6 +83,7 @@ def test_every_environment_variable_is_parsed() -> None:
         ev.OTEL_PYTHON_RAPTOR_RETRY_BUDGET_MIN_RETRIES_PER_SECOND: "2",
         ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES: "32",
         ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS: " requests , asyncio ",
+        ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: "On",
     }
     config, reports = load(environ=environ)
     assert reports.errors == []
@@ -112,6 +113,7 @@ def test_every_environment_variable_is_parsed() -> None:
     assert config.retry_budget_min_retries_per_second == 2.0
     assert config.max_services == 32
     assert config.integrations == frozenset({"requests", "asyncio"})
+    assert config.asyncio_timeouts is True
     # The breaker timeout is the default request timeout.
     assert config.policy_for("a.example", 80).timeout == 4.5
     assert config.policy_for("a.example", 80).retry_non_idempotent is True
@@ -353,6 +355,8 @@ def test_the_seed_dict_shapes_are_accepted() -> None:
         ({"retry_budget_ratio": -0.1}, "retry_budget.ratio", -0.1),
         ({"retry_budget": {"ttl": 3}}, "retry_budget", {"ttl": 3}),
         ({"retry_non_idempotent": "yes"}, "retry_non_idempotent", "yes"),
+        ({"asyncio_timeouts": 1}, "asyncio_timeouts", 1),
+        ({"asyncio_timeouts": None}, "asyncio_timeouts", None),
         ({"unknown_option": 1}, "unknown_option", 1),
         (
             {"retry": {"max_retries": 1}, "recovery_config": {"max_retries": 2}},
@@ -768,6 +772,66 @@ def test_a_bad_statement_timeout_in_the_environment_falls_back() -> None:
     config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT: "-3"})
     assert config.statement_timeout == 30.0
     assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_STATEMENT_TIMEOUT]
+
+
+# --- recording asyncio timeouts -----------------------------------------------------------------
+
+
+def test_asyncio_timeouts_is_off_by_default_and_set_from_every_layer(tmp_path: Path) -> None:
+    assert RaptorConfig().asyncio_timeouts is False
+    config, reports = load(kwargs={"asyncio_timeouts": True})
+    assert (config.asyncio_timeouts, reports.errors) == (True, [])
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: "TRUE"})
+    assert (config.asyncio_timeouts, reports.errors) == (True, [])
+    path = write(tmp_path, "asyncio_timeouts = true\n")
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_CONFIG: str(path)})
+    assert (config.asyncio_timeouts, reports.errors) == (True, [])
+    # Code over the environment over the file.
+    config, _ = load(
+        kwargs={"config_file": path},
+        environ={ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: "off"},
+    )
+    assert config.asyncio_timeouts is False
+    config, _ = load(
+        kwargs={"asyncio_timeouts": False},
+        environ={ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: "on"},
+    )
+    assert config.asyncio_timeouts is False
+
+
+def test_a_bad_asyncio_timeouts_is_reported_and_falls_back(tmp_path: Path) -> None:
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: "sometimes"})
+    assert config.asyncio_timeouts is False
+    [error] = reports.errors
+    assert (error.key, error.value) == (ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS, "sometimes")
+    assert "true/false" in error.allowed
+
+    path = write(tmp_path, 'asyncio_timeouts = "yes"\nmax_services = 12\n')
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_CONFIG: str(path)})
+    assert (config.asyncio_timeouts, config.max_services) == (False, 12)
+    [error] = reports.errors
+    assert (error.key, error.value, error.allowed) == (f"{path}:asyncio_timeouts", "yes", "a bool")
+
+    # A bad variable falls back to the file's value, not straight to the default.
+    good = write(tmp_path, "asyncio_timeouts = true\n")
+    config, reports = load(
+        environ={
+            ev.OTEL_PYTHON_RAPTOR_CONFIG: str(good),
+            ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: "2",
+        }
+    )
+    assert config.asyncio_timeouts is True
+    assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS]
+
+
+def test_a_bad_asyncio_timeouts_in_code_raises() -> None:
+    with pytest.raises(ConfigError) as raised:
+        RaptorConfig(asyncio_timeouts="true")  # type: ignore[arg-type]
+    assert (raised.value.key, raised.value.value, raised.value.allowed) == (
+        "asyncio_timeouts",
+        "true",
+        "a bool",
+    )
 
 
 # --- layers are merged before values are checked against each other -----------------------------

@@ -12,6 +12,7 @@ Durations are seconds (decimals allowed). Booleans accept ``true``/``false``, ``
 from __future__ import annotations
 
 __all__ = [
+    "OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS",
     "OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_RATE_THRESHOLD",
     "OTEL_PYTHON_RAPTOR_BREAKER_FAILURE_THRESHOLD",
     "OTEL_PYTHON_RAPTOR_BREAKER_HALF_OPEN_MAX_CALLS",
@@ -136,6 +137,12 @@ OTEL_PYTHON_RAPTOR_INTEGRATIONS = "OTEL_PYTHON_RAPTOR_INTEGRATIONS"
 """Comma-separated integrations to install, from ``requests``, ``httpx``, ``asyncio``,
 ``psycopg``, ``psycopg2``, ``asyncpg``, ``pymysql``, ``redis``, ``sqlite3``; ``all`` (the
 default: each one whose library is installed) or ``none``."""
+
+OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS = "OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS"
+"""Record a ``TimeoutError`` leaving ``asyncio.wait_for`` or ``asyncio.timeout`` as an
+``asyncio`` timeout error: a boolean, default ``false``. A handled timeout is usually a polling
+loop's normal path, so by default those two are not even hooked; a task's timeout that nothing
+retrieves reaches the loop's exception handler and is recorded either way."""
 
 OTEL_PYTHON_RAPTOR_CONFIG = "OTEL_PYTHON_RAPTOR_CONFIG"
 """Path of a TOML file with the same settings and per-downstream overrides (``[[downstreams]]``);

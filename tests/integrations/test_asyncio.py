@@ -3,19 +3,23 @@ from __future__ import annotations
 import asyncio
 import asyncio.tasks
 import gc
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_raptor import ErrorCategory, RetryPolicy, resilient
+from otel_raptor import ErrorCategory, RaptorInstrumentor, RetryPolicy, resilient
+from otel_raptor import environment_variables as ev
 from otel_raptor.config import RaptorConfig
 from otel_raptor.core.events import ErrorClassified, Event
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations.asyncio import AsyncioIntegration
 from otel_raptor.runtime import safety
-from otel_raptor.runtime.state import Runtime
+from otel_raptor.runtime.state import Runtime, set_runtime
 
 ORIGINAL_WAIT_FOR = asyncio.wait_for
 ORIGINAL_HANDLER = vars(asyncio.BaseEventLoop)["call_exception_handler"]
@@ -45,11 +49,29 @@ def recorder(runtime: Runtime) -> Recorder:
 
 @pytest.fixture
 def integration(runtime: Runtime) -> Iterator[AsyncioIntegration]:
+    """Installed with the defaults: timeouts are not recorded."""
     subject = AsyncioIntegration()
     subject.install(IntegrationSettings(runtime=runtime, config=RaptorConfig()))
     yield subject
     subject.uninstall()
     assert asyncio.wait_for is ORIGINAL_WAIT_FOR
+
+
+def timing(runtime: Runtime) -> IntegrationSettings:
+    return IntegrationSettings(runtime=runtime, config=RaptorConfig(asyncio_timeouts=True))
+
+
+@pytest.fixture
+def timed(runtime: Runtime) -> Iterator[AsyncioIntegration]:
+    """Installed with ``asyncio_timeouts=True``."""
+    subject = AsyncioIntegration()
+    subject.install(timing(runtime))
+    yield subject
+    subject.uninstall()
+    assert asyncio.wait_for is ORIGINAL_WAIT_FOR
+    assert vars(asyncio.BaseEventLoop)["call_exception_handler"] is ORIGINAL_HANDLER
+    if ORIGINAL_AEXIT is not None:
+        assert vars(asyncio.timeouts.Timeout)["__aexit__"] is ORIGINAL_AEXIT
 
 
 def run(coro: Any) -> Any:
@@ -125,7 +147,7 @@ def test_a_loop_created_before_install_is_covered(runtime: Runtime, recorder: Re
 
 
 def test_our_own_failure_never_reaches_the_app(
-    integration: AsyncioIntegration,
+    timed: AsyncioIntegration,
     runtime: Runtime,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -140,7 +162,7 @@ def test_our_own_failure_never_reaches_the_app(
     def broken_publish(exc: BaseException) -> None:
         raise RuntimeError("our bug")
 
-    monkeypatch.setattr(integration, "_publish", broken_publish)
+    monkeypatch.setattr(timed, "_publish", broken_publish)
     seen: list[str] = []
     loop = asyncio.new_event_loop()
     try:
@@ -160,10 +182,63 @@ def test_our_own_failure_never_reaches_the_app(
     assert "asyncio.timeout" in caplog.text
 
 
-# --- timeouts ------------------------------------------------------------------------------------
+# --- timeouts: not recorded by default -----------------------------------------------------------
 
 
 @pytest.mark.usefixtures("integration")
+def test_by_default_a_handled_timeout_is_not_recorded_and_asyncio_is_untouched(
+    recorder: Recorder,
+) -> None:
+    # Only the loop's exception handler is hooked: wait_for and Timeout are asyncio's own.
+    assert vars(asyncio.BaseEventLoop)["call_exception_handler"] is not ORIGINAL_HANDLER
+    assert asyncio.wait_for is ORIGINAL_WAIT_FOR
+    assert asyncio.tasks.wait_for is ORIGINAL_WAIT_FOR
+    if ORIGINAL_AEXIT is not None:
+        assert vars(asyncio.timeouts.Timeout)["__aexit__"] is ORIGINAL_AEXIT
+
+    async def main() -> int:
+        # The idiomatic polling loop: a timeout is its normal path, not a failure.
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        idle = 0
+        for _ in range(5):
+            try:
+                await asyncio.wait_for(queue.get(), 0.001)
+            except asyncio.TimeoutError:
+                idle += 1
+        if sys.version_info >= (3, 11):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.001):
+                    await asyncio.sleep(1)
+        return idle
+
+    assert run(main()) == 5
+    assert recorder.classified() == []
+
+
+@pytest.mark.usefixtures("integration")
+def test_by_default_a_timeout_nothing_retrieves_is_still_recorded_once(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def polls() -> None:
+        await asyncio.wait_for(asyncio.sleep(1), 0.001)  # nothing handles it
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(polls())
+        while not task.done():
+            await asyncio.sleep(0.001)
+        del task
+        gc.collect()
+
+    run(main())
+    [event] = recorder.classified()
+    assert event.classification.category is ErrorCategory.TIMEOUT
+    assert "Task exception was never retrieved" in caplog.text
+
+
+# --- timeouts, with asyncio_timeouts=True --------------------------------------------------------
+
+
+@pytest.mark.usefixtures("timed")
 def test_a_wait_for_timeout_is_recorded_and_re_raised_unchanged(recorder: Recorder) -> None:
     caught: list[BaseException] = []
 
@@ -181,7 +256,7 @@ def test_a_wait_for_timeout_is_recorded_and_re_raised_unchanged(recorder: Record
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
-@pytest.mark.usefixtures("integration")
+@pytest.mark.usefixtures("timed")
 def test_an_asyncio_timeout_is_recorded_once(recorder: Recorder) -> None:
     async def main() -> None:
         with pytest.raises(TimeoutError):
@@ -198,10 +273,14 @@ def test_an_asyncio_timeout_is_recorded_once(recorder: Recorder) -> None:
     assert [e.classification.category for e in recorder.classified()] == [ErrorCategory.TIMEOUT] * 2
 
 
-@pytest.mark.usefixtures("integration")
+@pytest.mark.parametrize("asyncio_timeouts", [True, False])
 def test_a_guarded_attempt_timeout_is_left_to_the_guard(
-    runtime: Runtime, recorder: Recorder
+    runtime: Runtime, recorder: Recorder, asyncio_timeouts: bool
 ) -> None:
+    subject = AsyncioIntegration()
+    config = RaptorConfig(asyncio_timeouts=asyncio_timeouts)
+    subject.install(IntegrationSettings(runtime=runtime, config=config))
+
     @resilient(
         service="slow-service",
         retry=RetryPolicy(max_retries=1, base_delay=0.0, attempt_timeout=0.001),
@@ -214,14 +293,17 @@ def test_a_guarded_attempt_timeout_is_left_to_the_guard(
         with pytest.raises(asyncio.TimeoutError):
             await slow()
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        subject.uninstall()
     assert recorder.classified() == []
     assert len(recorder.classified("slow-service")) == 2
 
 
 def test_nothing_is_recorded_without_subscribers(runtime: Runtime) -> None:
     subject = AsyncioIntegration()
-    subject.install(IntegrationSettings(runtime=runtime, config=RaptorConfig()))
+    subject.install(timing(runtime))
     try:
 
         async def main() -> None:
@@ -239,7 +321,7 @@ def test_nothing_is_recorded_without_subscribers(runtime: Runtime) -> None:
 
 def test_uninstall_restores_every_original(runtime: Runtime) -> None:
     subject = AsyncioIntegration()
-    settings = IntegrationSettings(runtime=runtime, config=RaptorConfig())
+    settings = timing(runtime)
     subject.install(settings)
     assert asyncio.wait_for is not ORIGINAL_WAIT_FOR
     assert asyncio.tasks.wait_for is asyncio.wait_for
@@ -258,13 +340,18 @@ def test_uninstall_restores_every_original(runtime: Runtime) -> None:
     assert asyncio.wait_for is not ORIGINAL_WAIT_FOR
     subject.uninstall()
     assert asyncio.wait_for is ORIGINAL_WAIT_FOR
+    # Each install reads the config afresh: reinstalled with the defaults, no timeout hook.
+    subject.install(IntegrationSettings(runtime=runtime, config=RaptorConfig()))
+    assert asyncio.wait_for is ORIGINAL_WAIT_FOR
+    subject.uninstall()
+    assert vars(asyncio.BaseEventLoop)["call_exception_handler"] is ORIGINAL_HANDLER
 
 
 def test_a_wrapper_installed_over_ours_is_kept_and_ours_passes_through(
     runtime: Runtime, recorder: Recorder
 ) -> None:
     subject = AsyncioIntegration()
-    subject.install(IntegrationSettings(runtime=runtime, config=RaptorConfig()))
+    subject.install(timing(runtime))
     ours = asyncio.wait_for
 
     async def theirs(*args: Any, **kwargs: Any) -> Any:
@@ -290,7 +377,7 @@ def test_from_import_before_install_is_not_affected(runtime: Runtime, recorder: 
     from asyncio import wait_for  # bound before the hook exists
 
     subject = AsyncioIntegration()
-    subject.install(IntegrationSettings(runtime=runtime, config=RaptorConfig()))
+    subject.install(timing(runtime))
     try:
 
         async def main() -> None:
@@ -303,6 +390,65 @@ def test_from_import_before_install_is_not_affected(runtime: Runtime, recorder: 
     # On 3.12+ wait_for is built on asyncio.timeout, whose hook still sees it.
     expected = 1 if sys.version_info >= (3, 12) else 0
     assert len(recorder.classified()) == expected
+
+
+# --- through the instrumentor --------------------------------------------------------------------
+
+
+def errors_by_service(reader: InMemoryMetricReader) -> dict[str, int]:
+    """``raptor.errors`` summed by ``raptor.service``."""
+    counts: dict[str, int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != "raptor.errors":
+                    continue
+                for point in metric.data.data_points:
+                    service = str((point.attributes or {}).get("raptor.service"))
+                    value = int(point.value)  # type: ignore[union-attr]  # a counter's points
+                    counts[service] = counts.get(service, 0) + value
+    return counts
+
+
+@pytest.mark.parametrize(("variable", "recorded"), [(None, 0), ("true", 3), ("maybe", 0)])
+def test_an_idle_polling_consumer_counts_no_errors_unless_opted_in(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, recorded: int
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_PYTHON_RAPTOR_"):
+            monkeypatch.delenv(name)
+    if variable is not None:
+        monkeypatch.setenv(ev.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS, variable)
+    previous = set_runtime(Runtime())
+    reader = InMemoryMetricReader()
+    instrumentor = RaptorInstrumentor()
+    instrumentor.instrument(
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        integrations=["asyncio"],
+        monitor=False,
+        memory=False,
+    )
+    try:
+        assert instrumentor.installed_integrations == ("asyncio",)
+        assert (asyncio.wait_for is ORIGINAL_WAIT_FOR) is (recorded == 0)
+
+        async def consumer() -> int:
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            idle = 0
+            for _ in range(3):
+                try:
+                    await asyncio.wait_for(queue.get(), 0.001)
+                except asyncio.TimeoutError:
+                    idle += 1  # nothing queued yet: this loop's normal path
+            return idle
+
+        assert run(consumer()) == 3
+        assert errors_by_service(reader).get("asyncio", 0) == recorded
+    finally:
+        instrumentor.uninstrument()
+        set_runtime(previous)
+    assert asyncio.wait_for is ORIGINAL_WAIT_FOR
 
 
 # --- @resilient on coroutine functions, through a real loop --------------------------------------

@@ -39,9 +39,9 @@ Fallback = Callable[[Any], Any]
 
 #: Settings read from the environment or a file, by dotted key (``retry.max_delay``,
 #: ``request_timeout``, ``retry_budget.ratio``, ``integrations``, ``breaker_key``,
-#: ``max_services``, ``retry_non_idempotent``; ``downstreams`` holds the file's raw
-#: ``[[downstreams]]`` tables). Values are parsed but not yet validated against each other:
-#: :meth:`RaptorConfig.load` does that.
+#: ``max_services``, ``retry_non_idempotent``, ``asyncio_timeouts``; ``downstreams`` holds
+#: the file's raw ``[[downstreams]]`` tables). Values are parsed but not yet validated against
+#: each other: :meth:`RaptorConfig.load` does that.
 Overrides: TypeAlias = dict[str, object]
 
 #: Reports one bad value from the environment or the file.
@@ -84,6 +84,7 @@ _TOP_FIELDS: Final = {
     "request_timeout": "request_timeout",
     "health_check_path": "health_check_path",
     "statement_timeout": "statement_timeout",
+    "asyncio_timeouts": "asyncio_timeouts",
 }
 _TOP_DOTTED: Final = {field_: dotted for dotted, field_ in _TOP_FIELDS.items()}
 

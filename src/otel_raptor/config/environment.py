@@ -64,6 +64,7 @@ _ENV: Final[dict[str, tuple[str, Callable[[str], object]]]] = {
     ),
     env.OTEL_PYTHON_RAPTOR_MAX_SERVICES: ("max_services", _parse_int),
     env.OTEL_PYTHON_RAPTOR_INTEGRATIONS: ("integrations", _parse_integrations),
+    env.OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS: ("asyncio_timeouts", _parse_bool),
 }
 _ENV_NAMES: Final = {dotted: name for name, (dotted, _) in _ENV.items()}
 _PREFIX: Final = "OTEL_PYTHON_RAPTOR_"

@@ -24,6 +24,7 @@ _TOP_SCALARS: Final = (
     "request_timeout",
     "health_check_path",
     "statement_timeout",
+    "asyncio_timeouts",
 )
 _FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams", "monitor")
 
@@ -55,6 +56,7 @@ def config_from_toml(
         retry_non_idempotent = false
         request_timeout = 30.0           # the request timeout where the caller set none
         health_check_path = "/health"    # actively check open HTTP origins
+        asyncio_timeouts = false         # record wait_for/asyncio.timeout timeouts
 
         [retry]                          # RetryPolicy fields
         max_retries = 3

@@ -67,6 +67,10 @@ class RaptorConfig:
     ``statement_timeout`` (seconds >= 0, default 30.0; 0 turns it off) is the statement
     timeout the database integrations set where neither the application nor the server set
     one (per server through ``downstreams``; see ``docs/databases.md``).
+    ``asyncio_timeouts`` (default False) makes the asyncio integration record a
+    ``TimeoutError`` leaving ``asyncio.wait_for`` or ``asyncio.timeout`` as an error; off,
+    those two are not hooked at all, since a handled timeout is usually control flow (a
+    polling loop), not a failure.
 
     Build one with :meth:`load` to apply kwargs, environment and file with their precedence.
     """
@@ -82,6 +86,7 @@ class RaptorConfig:
     request_timeout: float | None = 30.0
     health_check_path: str | None = None
     statement_timeout: float = 30.0
+    asyncio_timeouts: bool = False
     downstreams: tuple[DownstreamOverride, ...] = ()
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Derived in __post_init__; the cache makes ``policy_for`` one dict lookup per request.
@@ -119,6 +124,7 @@ class RaptorConfig:
         _check_path("health_check_path", self.health_check_path)
         _check_statement_timeout("statement_timeout", self.statement_timeout, optional=False)
         setattr_(self, "statement_timeout", float(self.statement_timeout))
+        _check_flag("asyncio_timeouts", self.asyncio_timeouts, optional=False)
         downstreams: object = self.downstreams
         if isinstance(downstreams, (str, bytes, Mapping)) or not isinstance(downstreams, Iterable):
             raise ConfigError("downstreams", downstreams, "a sequence of DownstreamOverride")
@@ -226,7 +232,8 @@ class RaptorConfig:
         - ``retry_budget``: a mapping with ``ratio`` and/or ``min_retries_per_second``;
         - ``retry_budget_ratio``, ``retry_budget_min_retries_per_second``,
           ``integrations``, ``breaker_key``, ``max_services``, ``retry_non_idempotent``,
-          ``request_timeout``, ``health_check_path``, ``statement_timeout``;
+          ``request_timeout``, ``health_check_path``, ``statement_timeout``,
+          ``asyncio_timeouts``;
         - ``downstreams``: ``{pattern: mapping or DownstreamOverride}`` or a sequence of
           :class:`DownstreamOverride` (or mappings with a ``pattern``); a mapping's
           ``retry``/``breaker`` may be partial mappings, completed from the global ones.
@@ -502,6 +509,7 @@ class _Code:
 
 
 _KWARGS: Final = (
+    "asyncio_timeouts",
     "breaker",
     "breaker_key",
     "circuit_breaker_config",

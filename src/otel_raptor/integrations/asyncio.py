@@ -1,4 +1,5 @@
-"""The asyncio integration: unhandled loop exceptions and timeouts become classified events.
+"""The asyncio integration: unhandled loop exceptions (and, opted in, timeouts) become
+classified events.
 
 What it hooks, and why this way:
 
@@ -11,7 +12,18 @@ What it hooks, and why this way:
   the original method, which runs the handler set with ``loop.set_exception_handler`` or the
   default one exactly as before. Setting a handler on each loop instead would miss existing
   loops and change what ``loop.get_exception_handler()`` returns. Loops that do not derive
-  from ``BaseEventLoop`` (uvloop's) are not covered.
+  from ``BaseEventLoop`` (uvloop's) are not covered. This is the only hook by default.
+
+The two below are installed only with ``asyncio_timeouts`` set
+(``OTEL_PYTHON_RAPTOR_ASYNCIO_TIMEOUTS``). A ``TimeoutError`` leaving ``wait_for`` is usually
+no failure: the polling loop ``await asyncio.wait_for(queue.get(), 1.0)`` / ``except
+TimeoutError: continue`` (or an idle ``redis.asyncio`` pubsub's ``get_message(timeout=...)``)
+times out on its normal path, and recording each would count an idle consumer as a failing
+service and fire the error alerts. Without them, a timeout that escapes a task nobody awaits
+still reaches the loop's exception handler ("Task exception was never retrieved") and the
+hook above records it, and a guarded call's attempt timeout is recorded by its guard; nothing
+in ``asyncio`` is replaced, so there is no cost either.
+
 - ``asyncio.wait_for`` (and ``asyncio.tasks.wait_for``): a ``TimeoutError`` leaving it is
   published as a classified timeout and re-raised unchanged. It is looked up as a module
   attribute, so code that ran ``from asyncio import wait_for`` before instrumentation keeps
@@ -76,7 +88,8 @@ def _caller_code(frame: FrameType | None) -> CodeType | None:
 
 
 class AsyncioIntegration:
-    """Records unhandled event-loop exceptions and asyncio timeouts (see the module doc)."""
+    """Records unhandled event-loop exceptions, and asyncio timeouts when the config's
+    ``asyncio_timeouts`` is set (see the module doc)."""
 
     name = "asyncio"
     library = "asyncio"
@@ -99,11 +112,11 @@ class AsyncioIntegration:
         return self._active
 
     def install(self, settings: IntegrationSettings) -> None:
-        """Hook the event loop class, ``wait_for`` and ``Timeout``; a no-op if installed."""
+        """Hook the event loop class, and ``wait_for`` and ``Timeout`` when
+        ``settings.config.asyncio_timeouts`` is set; a no-op if installed."""
         if self._active:
             return
         import asyncio  # noqa: PLC0415 - the library is imported only when it is hooked
-        import asyncio.tasks  # noqa: PLC0415
 
         self._runtime = settings.runtime
         self._service = settings.runtime.service(SERVICE)
@@ -120,6 +133,19 @@ class AsyncioIntegration:
             )
         )
 
+        if settings.config.asyncio_timeouts:
+            patches.extend(self._timeout_patches())
+
+        self._patches = patches
+        self._active = True
+        for patch in patches:
+            patch.apply()
+
+    def _timeout_patches(self) -> list[_Patch]:
+        import asyncio  # noqa: PLC0415
+        import asyncio.tasks  # noqa: PLC0415
+
+        patches: list[_Patch] = []
         wait_for = asyncio.wait_for
         wrapped_wait_for = self._wrap_wait_for(wait_for)
         self._wait_for_code = getattr(wait_for, "__code__", None)
@@ -135,11 +161,7 @@ class AsyncioIntegration:
             patches.append(
                 _Patch(timeouts.Timeout, "__aexit__", aexit, self._wrap_timeout_aexit(aexit))
             )
-
-        self._patches = patches
-        self._active = True
-        for patch in patches:
-            patch.apply()
+        return patches
 
     def uninstall(self) -> None:
         """Put every original back; a no-op when not installed."""
