@@ -27,7 +27,18 @@ side effects inside the transaction.
 The connection must not be inside a transaction already (a psycopg or psycopg2 connection in
 non-autocommit mode that ran a statement since its last commit, say): a transaction cannot be
 redone from its middle, so that raises :class:`TransactionInProgressError` without running
-``fn``.
+``fn``. A sqlite3 connection opened with ``autocommit=False`` (3.12+) is always inside a
+transaction, and SQLite cannot say whether that transaction holds writes: it counts as idle
+while no row has changed on it (``total_changes``) since it was opened or since
+``run_transaction`` last committed or rolled back on it, since a rollback would otherwise
+discard the application's own uncommitted writes. The writes the application commits itself
+on such a connection make it refuse too (its ``commit()`` cannot be seen), and schema changes,
+which SQLite does not count, go unseen.
+
+``fn`` must be a plain function for ``run_transaction`` and return an awaitable for
+``run_transaction_async``; anything else raises :class:`~otel_raptor.errors.ConfigError`
+(``run_transaction`` checks an ``async def`` before it opens the transaction, and rolls back
+when ``fn`` returns an awaitable all the same).
 
 Retries come out of the server's retry budget and are published as events (``raptor.retries``,
 ``raptor.recoveries`` with the server's ``db.*`` attributes) like every other retry. The
@@ -40,6 +51,7 @@ installed), not the transaction itself, so nothing is counted twice.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -53,7 +65,7 @@ from otel_raptor.integrations.db._common import DbTarget, Server
 from otel_raptor.integrations.db.psycopg2 import IN_WITH_BLOCK
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
-from otel_raptor.runtime.drive import CallHooks, CallPlan, run_async, run_sync
+from otel_raptor.runtime.drive import CallHooks, CallPlan, is_async_callable, run_async, run_sync
 from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.state import Runtime, get_runtime
 
@@ -70,6 +82,13 @@ _IDLE: Final = 0  # libpq's PQTRANS_IDLE, psycopg2's TRANSACTION_STATUS_IDLE
 _MYSQL_IN_TRANSACTION: Final = 1  # SERVER_STATUS_IN_TRANS
 _MAX_PLANS: Final = 256
 _TARGET: Final = "_otel_raptor_db"
+# sqlite3 with ``autocommit=False``: ``total_changes`` when the connection was last known to
+# hold no uncommitted rows. On the connection when it takes attributes (a subclass, such as
+# the integration's), else by ``id``: a plain ``sqlite3.Connection`` takes neither
+# attributes nor weak references.
+_CLEAN_CHANGES: Final = "_otel_raptor_clean_changes"
+_MAX_CLEAN_MARKS: Final = 4096
+_clean_changes: dict[int, int] = {}
 
 
 class TransactionInProgressError(ValueError):
@@ -175,6 +194,34 @@ def _in_progress(conn: Any) -> TransactionInProgressError:
     )
 
 
+def _call(fn: Callable[[Any], T], conn: Any) -> T:
+    """``fn(conn)`` for a sync transaction, inside it: an awaitable result rolls it back."""
+    result = fn(conn)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never started: no "never awaited" warning
+        raise _not_plain(fn)
+    return result
+
+
+async def _await(fn: Callable[[Any], Awaitable[T]], conn: Any) -> T:
+    """``await fn(conn)`` for an async transaction, inside it: a plain result rolls it back."""
+    result = fn(conn)
+    if not inspect.isawaitable(result):
+        raise ConfigError(
+            "fn",
+            fn,
+            "a function returning an awaitable for run_transaction_async (use run_transaction "
+            f"for a plain one; it returned {type(result).__name__})",
+        )
+    return await result
+
+
+def _not_plain(fn: object) -> ConfigError:
+    # Its coroutine would be committed as an empty transaction and returned as the result.
+    return ConfigError("fn", fn, "a plain function for run_transaction (use run_transaction_async)")
+
+
 class _Psycopg(_Adapter):
     module = "psycopg"
 
@@ -193,11 +240,11 @@ class _Psycopg(_Adapter):
 
     def attempt(self, conn: Any, fn: Callable[[Any], Any]) -> Any:
         with conn.transaction():
-            return fn(conn)
+            return _call(fn, conn)
 
     async def attempt_async(self, conn: Any, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         async with conn.transaction():
-            return await fn(conn)
+            return await _await(fn, conn)
 
 
 class _Psycopg2(_Adapter):
@@ -221,7 +268,7 @@ class _Psycopg2(_Adapter):
         # ``with conn`` begins a transaction even in autocommit mode (psycopg2 >= 2.9), and
         # commits or rolls back at its end.
         with conn:
-            return fn(conn)
+            return _call(fn, conn)
 
 
 class _PyMySQL(_Adapter):
@@ -239,7 +286,7 @@ class _PyMySQL(_Adapter):
     def attempt(self, conn: Any, fn: Callable[[Any], Any]) -> Any:
         conn.begin()
         try:
-            result = fn(conn)
+            result = _call(fn, conn)
             conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):  # a dead connection: the error that killed it
@@ -265,26 +312,72 @@ class _SQLite(_Adapter):
         return server_of(path)
 
     def check_idle(self, conn: Any) -> None:
-        if getattr(conn, "autocommit", None) is not False and conn.in_transaction:
-            raise _in_progress(conn)
+        if getattr(conn, "autocommit", None) is not False:
+            if conn.in_transaction:
+                raise _in_progress(conn)
+            return
+        # ``autocommit=False`` (3.12+): always in a transaction, and SQLite does not say
+        # whether it holds writes. Rows changed since the last commit or rollback seen here
+        # may be uncommitted, and a retry's rollback would discard them.
+        changes = conn.total_changes
+        if changes and changes != _clean_mark(conn):
+            raise TransactionInProgressError(
+                f"{type(conn).__name__} (autocommit=False) has changed rows since "
+                "run_transaction() last ended on it, which a retry could roll back: SQLite "
+                "cannot say whether they are committed. Give run_transaction() a connection "
+                "of its own, or use autocommit=True or the default transaction control"
+            )
 
     def attempt(self, conn: Any, fn: Callable[[Any], Any]) -> Any:
-        if getattr(conn, "autocommit", None) is not False:
+        autocommit = getattr(conn, "autocommit", None)
+        if autocommit is not False:
             # Legacy transaction control or autocommit: open the transaction ourselves, with
             # the isolation the connection asks for (IMMEDIATE/EXCLUSIVE take the write lock
             # at once, which avoids upgrade deadlocks).
             level = conn.isolation_level
             mode = level.upper() if isinstance(level, str) else ""
             conn.execute("BEGIN " + mode if mode in ("IMMEDIATE", "EXCLUSIVE") else "BEGIN")
-        # With ``autocommit=False`` (3.12+) a transaction is always open.
+        # With ``autocommit=False`` (3.12+) a transaction is always open. With
+        # ``autocommit=True`` commit() and rollback() do nothing: ours ends by SQL.
         try:
-            result = fn(conn)
-            conn.commit()
+            result = _call(fn, conn)
+            if autocommit is True:
+                conn.execute("COMMIT")
+            else:
+                conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):
-                conn.rollback()
+                if autocommit is not True:
+                    conn.rollback()
+                elif conn.in_transaction:  # SQLite may have rolled it back already
+                    conn.execute("ROLLBACK")
+                if autocommit is False:
+                    _mark_clean(conn)
             raise
+        if autocommit is False:
+            _mark_clean(conn)
         return result
+
+
+def _clean_mark(conn: Any) -> int | None:
+    mark = getattr(conn, _CLEAN_CHANGES, None)
+    return mark if isinstance(mark, int) else _clean_changes.get(id(conn))
+
+
+def _mark_clean(conn: Any) -> None:
+    """Remember that ``conn`` holds no uncommitted row now (it was just committed or rolled
+    back)."""
+    changes = conn.total_changes
+    try:
+        setattr(conn, _CLEAN_CHANGES, changes)
+    except (AttributeError, TypeError):
+        with _plans_box.lock:
+            # By id: another connection may come to have it, but its own changes would
+            # have to reach this count exactly for the mark to let it through.
+            _clean_changes.pop(id(conn), None)
+            if len(_clean_changes) >= _MAX_CLEAN_MARKS:
+                del _clean_changes[next(iter(_clean_changes))]
+            _clean_changes[id(conn)] = changes
 
 
 class _Asyncpg(_Adapter):
@@ -306,7 +399,7 @@ class _Asyncpg(_Adapter):
 
     async def attempt_async(self, conn: Any, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         async with conn.transaction():
-            return await fn(conn)
+            return await _await(fn, conn)
 
 
 def _adapter(conn: Any, *, asynchronous: bool) -> _Adapter:
@@ -357,10 +450,13 @@ def run_transaction(
     ``max_retries`` (integer >= 0, default 5) bounds the runs after the first;
     ``base_delay`` (seconds >= 0, default 0.01) and ``max_delay`` (seconds >= base_delay,
     default 1.0) shape the full-jitter exponential backoff between runs. Bad values raise
-    :class:`~otel_raptor.errors.ConfigError`. Returns ``fn``'s result; raises ``fn``'s (or
-    the commit's) error unchanged, :class:`TransactionInProgressError` when ``conn`` is in a
-    transaction already, ``TypeError`` for a connection of another driver.
+    :class:`~otel_raptor.errors.ConfigError`, and so does an ``async def`` ``fn`` (before
+    any transaction is opened). Returns ``fn``'s result; raises ``fn``'s (or the commit's)
+    error unchanged, :class:`TransactionInProgressError` when ``conn`` is in a transaction
+    already, ``TypeError`` for a connection of another driver.
     """
+    if is_async_callable(fn):
+        raise _not_plain(fn)
     adapter = _adapter(conn, asynchronous=False)
     adapter.check_idle(conn)
     plan = _plan(
@@ -383,7 +479,9 @@ async def run_transaction_async(
     max_delay: float = 1.0,
 ) -> T:
     """:func:`run_transaction` for a psycopg ``AsyncConnection`` or an asyncpg ``Connection``
-    (or a pool's connection): ``fn(conn)`` is awaited, and so are the backoffs."""
+    (or a pool's connection): ``fn(conn)`` is awaited, and so are the backoffs. When it
+    returns no awaitable, the transaction is rolled back and
+    :class:`~otel_raptor.errors.ConfigError` raised."""
     adapter = _adapter(conn, asynchronous=True)
     adapter.check_idle(conn)
     plan = _plan(

@@ -4,9 +4,12 @@ lost update; every other error rolled back and raised unchanged."""
 
 from __future__ import annotations
 
+import gc
 import sqlite3
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,13 +35,27 @@ from tests.integrations.db.conftest import (
     create_pg_flaky,
     drop_pg_flaky,
 )
+from tests.support.clock import FakeClock
 from tests.support.services import MYSQL, POSTGRES, require_service
+
+NEEDS_AUTOCOMMIT = pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="sqlite3 autocommit= is 3.12+"
+)
 
 
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
     """A fresh process-wide runtime (what run_transaction uses without an integration)."""
     fresh = Runtime()
+    previous = set_runtime(fresh)
+    yield fresh
+    set_runtime(previous)
+
+
+@pytest.fixture
+def fake_runtime() -> Iterator[Runtime]:
+    """:func:`runtime` on a fake clock: the backoffs take no time."""
+    fresh = Runtime(clock=FakeClock())
     previous = set_runtime(fresh)
     yield fresh
     set_runtime(previous)
@@ -356,3 +373,192 @@ def test_bad_arguments_are_refused_even_after_a_good_call_like_them(
         assert caught.value.value is value
     finally:
         conn.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    path = tmp_path / "tx.db"
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE t (x TEXT)")
+    setup.commit()
+    setup.close()
+    return path
+
+
+def rows(path: Path) -> list[str]:
+    check = sqlite3.connect(path)
+    try:
+        return [x for (x,) in check.execute("SELECT x FROM t ORDER BY rowid")]
+    finally:
+        check.close()
+
+
+def lock_holder(path: Path) -> sqlite3.Connection:
+    """Another connection holding the write lock until it commits."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+@NEEDS_AUTOCOMMIT
+def test_sqlite_autocommit_true_commits_and_rolls_back_by_sql(
+    fake_runtime: Runtime, db_path: Path
+) -> None:
+    # commit() and rollback() do nothing in autocommit=True: the transaction stayed open,
+    # and a conflict's retry failed to BEGIN inside it.
+    conn = sqlite3.connect(db_path, timeout=0, autocommit=True)  # type: ignore[call-overload]
+    try:
+        run_transaction(conn, lambda c: c.execute("INSERT INTO t VALUES ('first')"))
+        assert not conn.in_transaction
+        assert rows(db_path) == ["first"]
+
+        holder = lock_holder(db_path)
+        runs: list[int] = []
+
+        def insert(c: Any) -> None:
+            runs.append(1)
+            if len(runs) == 2:
+                holder.execute("COMMIT")  # the lock is free for the rerun
+            c.execute("INSERT INTO t VALUES ('after a conflict')")
+
+        run_transaction(conn, insert)
+        assert len(runs) == 2
+        assert not conn.in_transaction
+        assert rows(db_path) == ["first", "after a conflict"]
+
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                run_transaction(
+                    conn, lambda c: c.execute("INSERT INTO t VALUES ('never')"), max_retries=2
+                )
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        assert not conn.in_transaction
+        assert rows(db_path) == ["first", "after a conflict"]
+    finally:
+        conn.close()
+
+
+class _SQLiteSubclass(sqlite3.Connection):
+    """A connection class that takes attributes (like the integration's)."""
+
+
+@NEEDS_AUTOCOMMIT
+@pytest.mark.parametrize("factory", [sqlite3.Connection, _SQLiteSubclass])
+def test_sqlite_autocommit_false_refuses_rows_it_cannot_know_committed(
+    fake_runtime: Runtime, db_path: Path, factory: type
+) -> None:
+    # autocommit=False is always in a transaction: the app's uncommitted write was rolled
+    # back with a conflict's retry, and run_transaction returned success.
+    conn = sqlite3.connect(  # type: ignore[call-overload]
+        db_path, timeout=0, autocommit=False, factory=factory
+    )
+    holder = lock_holder(db_path)
+    runs: list[int] = []
+
+    def insert(c: Any) -> None:
+        runs.append(1)
+        if len(runs) == 2:
+            holder.execute("COMMIT")
+        c.execute("INSERT INTO t VALUES ('run_transaction')")
+
+    try:
+        run_transaction(conn, insert)  # no row changed since it was opened: idle
+        assert len(runs) == 2
+        run_transaction(conn, lambda c: c.execute("INSERT INTO t VALUES ('again')"))
+        assert rows(db_path) == ["run_transaction", "again"]
+
+        conn.execute("INSERT INTO t VALUES ('the app, not committed')")
+        with pytest.raises(TransactionInProgressError, match="autocommit=False"):
+            run_transaction(conn, insert)
+        assert len(runs) == 2  # fn did not run
+        conn.commit()  # the app's write is still there to commit
+        assert rows(db_path) == ["run_transaction", "again", "the app, not committed"]
+        with pytest.raises(TransactionInProgressError):
+            run_transaction(conn, insert)  # its commit() cannot be seen (documented)
+    finally:
+        conn.close()
+        holder.close()
+
+
+def test_an_async_fn_is_refused_before_any_transaction(runtime: Runtime, db_path: Path) -> None:
+    # It was called for its coroutine, an empty transaction committed, and the coroutine
+    # returned as the result.
+    ran: list[int] = []
+
+    async def transfer(c: Any) -> str:
+        ran.append(1)
+        return "done"
+
+    class AsyncCallable:
+        async def __call__(self, c: Any) -> str:
+            ran.append(1)
+            return "done"
+
+    conn = sqlite3.connect(db_path)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        for fn in (transfer, AsyncCallable()):
+            with pytest.raises(ConfigError) as caught:
+                run_transaction(conn, fn)  # type: ignore[unused-coroutine]
+            assert (caught.value.key, caught.value.value) == ("fn", fn)
+            assert "run_transaction_async" in caught.value.allowed
+        assert statements == []  # not even a BEGIN
+
+        def returns_a_coroutine(c: Any) -> Any:
+            c.execute("INSERT INTO t VALUES ('rolled back')")
+            return transfer(c)
+
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            warnings.simplefilter("always")
+            with pytest.raises(ConfigError):
+                run_transaction(conn, returns_a_coroutine)
+            gc.collect()
+        assert not [w for w in caught_warnings if "never awaited" in str(w.message)]
+        assert not conn.in_transaction
+        assert ran == []
+        assert rows(db_path) == []
+        assert run_transaction(conn, lambda c: "still usable") == "still usable"
+    finally:
+        conn.close()
+
+
+def test_psycopg_rolls_back_an_fn_that_returns_an_awaitable(
+    runtime: Runtime, pg_table: str
+) -> None:
+    async def later() -> None:
+        pass
+
+    def work(conn: Any) -> Any:
+        conn.execute(f"INSERT INTO {pg_table} VALUES (1)")
+        return later()
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with pytest.raises(ConfigError):
+            run_transaction(conn, work)
+        assert conn.info.transaction_status == 0  # idle
+    assert pg_scalar(f"SELECT count(*) FROM {pg_table}") == 0
+
+
+async def test_async_fn_must_return_an_awaitable(runtime: Runtime, pg_table: str) -> None:
+    # A plain result used to fail in ``await`` with a bare TypeError.
+    def plain(conn: Any) -> int:
+        return 1
+
+    async with await psycopg.AsyncConnection.connect(PG_DSN) as conn:
+        with pytest.raises(ConfigError) as caught:
+            await run_transaction_async(conn, plain)  # type: ignore[arg-type]
+        assert (caught.value.key, caught.value.value) == ("fn", plain)
+        # A plain function returning an awaitable is fine.
+        await run_transaction_async(conn, lambda c: c.execute(f"INSERT INTO {pg_table} VALUES (1)"))
+    con = await asyncpg.connect(PG_URL)
+    try:
+        with pytest.raises(ConfigError):
+            await run_transaction_async(con, plain)  # type: ignore[arg-type]
+        assert not con.is_in_transaction()
+    finally:
+        await con.close()
+    assert pg_scalar(f"SELECT count(*) FROM {pg_table}") == 1
