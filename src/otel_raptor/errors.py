@@ -71,6 +71,12 @@ class CircuitOpenError(RaptorError):
             message += f"; next probe in {retry_after:.3g}s"
         super().__init__(message, *args, **kwargs)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its own arguments (its ``args`` hold the message, which ``__init__``
+        # would take for the breaker's name); the rest, a library's ``request`` or ``args``
+        # included, comes back as state.
+        return (type(self), (self.breaker, self.retry_after), _state(self))
+
 
 class ThrottledError(RaptorError):
     """The downstream is cooling down (pervasive rate limiting: a ``Retry-After`` that became
@@ -96,3 +102,10 @@ class ThrottledError(RaptorError):
         if retry_after is not None:
             message += f" of {retry_after:.3g}s more"
         super().__init__(message, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.retry_after), _state(self))
+
+
+def _state(error: BaseException) -> dict[str, Any]:
+    return {**vars(error), "args": error.args}
