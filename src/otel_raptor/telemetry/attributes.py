@@ -71,7 +71,8 @@ def _check_limit(key: str, value: object) -> int:
 
 class BoundedValues:
     """Lets the first ``limit`` distinct values through unchanged; any later new value becomes
-    ``overflow``. A value seen before keeps passing (one set lookup, no lock).
+    ``overflow``. A value seen before keeps passing (one set lookup, no lock). ``overflow``
+    itself passes too and takes none of the ``limit`` slots.
 
     ``limit`` is an integer >= 1; ``key`` names the setting in a ``ConfigError``.
     """
@@ -91,6 +92,12 @@ class BoundedValues:
 
     def __call__(self, value: str) -> str:
         if value in self._seen:
+            return value
+        if value == self._overflow:
+            # The runtime folds into the same name (its shared ``other`` breaker and service)
+            # and keeps ``limit`` names of its own besides: were ``other`` to take a slot, the
+            # last of those names would fold into it here, and its points would collide with
+            # the real ``other``'s.
             return value
         with self._lock:
             if value in self._seen:

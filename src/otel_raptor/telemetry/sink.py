@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import errno
 import math
+import operator
 import threading
 import time
 import weakref
@@ -807,6 +808,86 @@ class _ResourceNames:
 
 
 _Observer: TypeAlias = "Callable[[TelemetrySink], list[Observation]]"
+_Merge: TypeAlias = "Callable[[list[Observation]], list[Observation]]"
+_AttributeSet: TypeAlias = "frozenset[tuple[str, AttributeValue]]"
+
+
+def _attribute_set(observation: Observation) -> _AttributeSet:
+    return frozenset((observation.attributes or {}).items())
+
+
+def _keeping(prefer: Callable[[float, float], bool]) -> _Merge:
+    """One observation per attribute set: of several, the one whose value ``prefer(new,
+    kept)`` picks (the first of equals)."""
+
+    def merge(observations: list[Observation]) -> list[Observation]:
+        kept: dict[_AttributeSet, Observation] = {}
+        for observation in observations:
+            key = _attribute_set(observation)
+            found = kept.get(key)
+            if found is None or prefer(observation.value, found.value):
+                kept[key] = observation
+        return list(kept.values())
+
+    return merge
+
+
+def _one_hot(label: str, ranks: Mapping[AttributeValue, float], unknown: float) -> _Merge:
+    """For a gauge with one point per value of ``label``, the current one 1: one point per
+    attribute set, and among the sets that differ only in ``label``, exactly one 1, for the
+    highest-ranked value reported current (``ranks``; ``unknown`` for a value not in it)."""
+
+    def merge(observations: list[Observation]) -> list[Observation]:
+        groups: dict[_AttributeSet, dict[AttributeValue, Observation]] = {}
+        current: dict[_AttributeSet, AttributeValue] = {}
+        for observation in observations:
+            attributes = observation.attributes or {}
+            value = attributes.get(label, "")
+            group = frozenset(attributes.items()) - {(label, value)}
+            points = groups.get(group)
+            if points is None:
+                points = groups[group] = {}
+            points.setdefault(value, observation)
+            if observation.value == 1:
+                best = current.get(group)
+                if best is None or ranks.get(value, unknown) > ranks.get(best, unknown):
+                    current[group] = value
+        merged = []
+        for group, points in groups.items():
+            winner = current.get(group)
+            for value, observation in points.items():
+                one = 1 if value == winner else 0
+                merged.append(
+                    observation
+                    if observation.value == one
+                    else Observation(one, observation.attributes)
+                )
+        return merged
+
+    return merge
+
+
+# Readings that land on one attribute set in one collection (names folded into ``other`` by
+# a sink whose cap is below its runtime's, resources past their cap, or two sinks on one
+# meter provider reporting the same name) must be merged: the SDK keeps only the last
+# observation of a set, so a closed ``other`` read after an open breaker folded into it would
+# hide the open one. Each gauge keeps the reading that keeps its alert truthful.
+# The worst state: an open breaker shows, whatever shares its name (RaptorCircuitBreakerOpen).
+_worst_state: Final = _one_hot(
+    ATTR_BREAKER_STATE,
+    {CircuitState.CLOSED.value: 0, CircuitState.HALF_OPEN.value: 1, CircuitState.OPEN.value: 2},
+    0,
+)
+# The worst level; one outside the four (a publisher's own) ranks above normal, below alarms.
+_worst_pressure_level: Final = _one_hot(
+    ATTR_MEMORY_PRESSURE_LEVEL, {level: rank for rank, level in enumerate(_PRESSURE_LEVELS)}, 0.5
+)
+# Health, budget tokens and time to exhaustion alarm when low: the lowest is the one in trouble.
+_lowest: Final = _keeping(operator.lt)
+# Utilization, probability and memory pressure alarm when high. A failure-rate threshold is
+# only ever raised from the configured one (by the adaptive baseline): the highest shows how
+# far any breaker sharing the name has been loosened, where a dashboard looks for it.
+_highest: Final = _keeping(operator.gt)
 
 
 class _GaugeHub:
@@ -815,7 +896,8 @@ class _GaugeHub:
     An SDK meter ignores a second registration of an instrument name (and its callbacks), so
     a sink installed after another was uninstalled would otherwise report no gauge at all.
     The first install registers the gauges once; each callback then asks every installed
-    sink, skipping (and reporting) one that fails.
+    sink, skipping (and reporting) one that fails, and merges the readings that share an
+    attribute set into one.
     """
 
     __slots__ = ("__weakref__", "_lock", "_registered", "_sinks")
@@ -845,37 +927,41 @@ class _GaugeHub:
     def _callbacks(self) -> dict[InstrumentSpec, GaugeCallback]:
         return {
             METRIC_BREAKER_STATE: self._callback(
-                METRIC_BREAKER_STATE.name, TelemetrySink._observe_breaker_state
+                METRIC_BREAKER_STATE.name, TelemetrySink._observe_breaker_state, _worst_state
             ),
             METRIC_BREAKER_HEALTH: self._callback(
-                METRIC_BREAKER_HEALTH.name, TelemetrySink._observe_breaker_health
+                METRIC_BREAKER_HEALTH.name, TelemetrySink._observe_breaker_health, _lowest
             ),
             METRIC_BREAKER_FAILURE_RATE_THRESHOLD: self._callback(
                 METRIC_BREAKER_FAILURE_RATE_THRESHOLD.name,
                 TelemetrySink._observe_failure_rate_threshold,
+                _highest,
             ),
             METRIC_RETRY_BUDGET_TOKENS: self._callback(
-                METRIC_RETRY_BUDGET_TOKENS.name, TelemetrySink._observe_budget_tokens
+                METRIC_RETRY_BUDGET_TOKENS.name, TelemetrySink._observe_budget_tokens, _lowest
             ),
             METRIC_RESOURCE_UTILIZATION: self._callback(
-                METRIC_RESOURCE_UTILIZATION.name, TelemetrySink._observe_utilization
+                METRIC_RESOURCE_UTILIZATION.name, TelemetrySink._observe_utilization, _highest
             ),
             METRIC_PREDICTION_TIME_TO_EXHAUSTION: self._callback(
                 METRIC_PREDICTION_TIME_TO_EXHAUSTION.name,
                 TelemetrySink._observe_time_to_exhaustion,
+                _lowest,
             ),
             METRIC_PREDICTION_PROBABILITY: self._callback(
-                METRIC_PREDICTION_PROBABILITY.name, TelemetrySink._observe_probability
+                METRIC_PREDICTION_PROBABILITY.name, TelemetrySink._observe_probability, _highest
             ),
             METRIC_MEMORY_PRESSURE: self._callback(
-                METRIC_MEMORY_PRESSURE.name, TelemetrySink._observe_memory_pressure
+                METRIC_MEMORY_PRESSURE.name, TelemetrySink._observe_memory_pressure, _highest
             ),
             METRIC_MEMORY_PRESSURE_LEVEL: self._callback(
-                METRIC_MEMORY_PRESSURE_LEVEL.name, TelemetrySink._observe_memory_pressure_level
+                METRIC_MEMORY_PRESSURE_LEVEL.name,
+                TelemetrySink._observe_memory_pressure_level,
+                _worst_pressure_level,
             ),
         }
 
-    def _callback(self, name: str, observe: _Observer) -> GaugeCallback:
+    def _callback(self, name: str, observe: _Observer, merge: _Merge) -> GaugeCallback:
         where = f"telemetry.gauge {name}"
 
         def callback(options: CallbackOptions) -> Iterable[Observation]:
@@ -887,7 +973,11 @@ class _GaugeHub:
                     observations.extend(observe(sink))
                 except Exception as error:  # noqa: BLE001 - a gauge must not fail a collection
                     report_internal_error(where, error)
-            return observations
+            try:
+                return merge(observations)
+            except Exception as error:  # noqa: BLE001
+                report_internal_error(where, error)
+                return []
 
         return callback
 
