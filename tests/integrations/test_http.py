@@ -37,6 +37,7 @@ from otel_raptor.integrations._http import (
     parse_origin,
     resend_count,
     stale_headers,
+    stale_key_headers,
 )
 from otel_raptor.integrations._kit import MAX_TARGETS
 from otel_raptor.runtime.drive import run_sync
@@ -326,6 +327,29 @@ def test_stale_headers_mark_the_response_and_add_up_its_age() -> None:
         now=12.5,
     )
     assert headers == [("ETag", '"v"'), ("Age", "17"), (STALE_HEADER, "1")]
+
+
+def test_every_header_but_the_unkeyed_ones_enters_a_stale_key() -> None:
+    headers = [
+        ("X-Tenant", "a"),
+        (b"X-API-Key", "k"),
+        ("Host", "vhost.test"),
+        ("Baggage", "user.id=7"),
+        ("Accept", "text/html"),
+        ("accept", "application/json"),
+        ("User-Agent", "python-requests"),
+        ("traceparent", "00-1-2-01"),
+        ("X-Request-ID", "r1"),
+        ("Content-Length", "0"),
+    ]
+    assert stale_key_headers(headers) == (
+        ("accept", "text/html"),
+        ("accept", "application/json"),
+        ("baggage", "user.id=7"),
+        ("host", "vhost.test"),
+        ("x-api-key", "k"),
+        ("x-tenant", "a"),
+    )
 
 
 # --- resend marking -----------------------------------------------------------------------------

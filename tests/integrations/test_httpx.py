@@ -7,6 +7,7 @@ Most tests run twice through :class:`Driver`: with ``httpx.Client`` and with
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
 import logging
 import time
@@ -26,7 +27,7 @@ from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations import httpx as integration
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._http import STALE_HEADER, OriginTable
+from otel_raptor.integrations._http import STALE_HEADER, THROTTLED_HEADER, OriginTable
 from otel_raptor.integrations.httpx import HttpxIntegration, circuit_open_error_type
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.safety import _reset_for_tests
@@ -502,6 +503,155 @@ def test_stale_if_error_serves_the_last_good_response(
     assert driver.get(server.url("/other")).status_code == 503
     other_user = driver.get(server.url("/doc"), headers={"Authorization": "Bearer other"})
     assert other_user.status_code == 503
+
+
+def test_stale_if_error_keys_on_the_request_as_sent(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    trace = {"traceparent": f"00-{'1' * 32}-{'1' * 16}-01"}
+    key_a = {"headers": {"X-API-Key": "key-A"}}
+    server.push(ok("key A's data"), ok("search a"), ok("alice's data"))
+    assert driver.get(server.url("/me"), client=key_a, headers=trace).text == "key A's data"
+    assert driver.request("GET", server.url("/search"), content=b"a").text == "search a"
+    assert driver.get(server.url("/account"), client={"params": {"tenant": "alice"}}).is_success
+    server.default = status(503)
+    # Any header may select what the answer is, or for whom; a trace context does not.
+    key_b = {"headers": {"X-API-Key": "key-B"}}
+    assert driver.get(server.url("/me"), client=key_b, headers=trace).status_code == 503
+    served = driver.get(
+        server.url("/me"), client=key_a, headers={"traceparent": f"00-{'2' * 32}-{'2' * 16}-01"}
+    )
+    assert (served.text, served.headers[STALE_HEADER]) == ("key A's data", "1")
+    # So do the body of a GET and the client's params.
+    assert driver.request("GET", server.url("/search"), content=b"b").status_code == 503
+    assert driver.request("GET", server.url("/search"), content=b"a").text == "search a"
+    assert (
+        driver.get(server.url("/account"), client={"params": {"tenant": "bob"}}).status_code == 503
+    )
+
+
+def test_the_responses_raptor_builds_have_an_elapsed_time(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(ok("fresh"))
+    driver.get(server.url("/doc"))
+    server.default = status(503)
+    stale = driver.get(server.url("/doc"))
+    assert stale.headers[STALE_HEADER] == "1"
+    assert stale.elapsed == datetime.timedelta(0)
+    server.default = status(429, {"Retry-After": "30"})
+    for _ in range(10):  # every call throttled: the origin cools down
+        driver.get(server.url("/limited"))
+    throttled = driver.get(server.url("/limited"))
+    assert throttled.headers[THROTTLED_HEADER] == "1"
+    assert throttled.elapsed == datetime.timedelta(0)
+
+
+def failover_to(primary: FaultyHTTPServer, *backups: FaultyHTTPServer) -> DownstreamOverride:
+    return DownstreamOverride(
+        pattern=f"127.0.0.1:{primary.port}",
+        failover_urls=tuple(backup.url() for backup in backups),
+    )
+
+
+@pytest.mark.parametrize("answer", [hang(1.0), status(503)], ids=["timeout", "503"])
+def test_a_post_that_reached_a_failover_url_goes_to_no_other(
+    install: Install, server: FaultyHTTPServer, driver: Driver, answer: Any
+) -> None:
+    with FaultyHTTPServer() as backup, FaultyHTTPServer() as spare:
+        install(
+            max_retries=0, failure_threshold=1, downstreams=(failover_to(server, backup, spare),)
+        )
+        server.default = status(503)
+        # A POST that fails is not failed over; the primary's breaker opens.
+        assert driver.post(server.url("/warm-up")).status_code == 503
+        backup.push(answer)
+        # Refused by the primary's breaker: the backup may have it, but it may have acted on
+        # it too, so the spare must not get it. The call ends as it would without failover.
+        with pytest.raises(circuit_open_error_type()):
+            driver.post(server.url("/pay"), content=b"1", timeout=0.3)
+        assert [each.count("POST", "/pay") for each in (server, backup, spare)] == [0, 1, 0]
+
+
+def test_a_post_refused_by_a_failover_urls_own_breaker_goes_on_to_the_next(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    with FaultyHTTPServer() as backup, FaultyHTTPServer() as spare:
+        install(
+            max_retries=0, failure_threshold=1, downstreams=(failover_to(server, backup, spare),)
+        )
+        server.default = backup.default = status(503)
+        assert driver.post(server.url("/warm-up")).status_code == 503
+        assert driver.get(backup.url("/warm-up")).status_code == 503  # both breakers open
+        spare.push(ok("paid"))
+        assert driver.post(server.url("/pay"), content=b"1").text == "paid"
+        assert [each.count("POST", "/pay") for each in (server, backup, spare)] == [0, 0, 1]
+
+
+def test_a_fallback_function_that_raises_releases_the_streamed_primary(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    class Unavailable(Exception):
+        pass
+
+    raised = Unavailable("try later")
+
+    def fallback(failure: Any) -> Any:
+        raise raised
+
+    install(
+        max_retries=0, downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),)
+    )
+    # One connection, and a short wait for it: an unreleased response would hold it.
+    options: dict[str, Any] = {
+        "limits": httpx.Limits(max_connections=1),
+        "timeout": httpx.Timeout(5.0, pool=0.5),
+    }
+    server.push(status(503))
+    if not driver.is_async:
+        with httpx.Client(**options) as client:
+            with pytest.raises(Unavailable) as caught:
+                client.send(client.build_request("GET", server.url("/a")), stream=True)
+            assert caught.value is raised
+            assert client.get(server.url("/b")).status_code == 200
+        return
+
+    async def run() -> None:
+        async with httpx.AsyncClient(**options) as client:
+            with pytest.raises(Unavailable) as caught:
+                await client.send(client.build_request("GET", server.url("/a")), stream=True)
+            assert caught.value is raised
+            assert (await client.get(server.url("/b"))).status_code == 200
+
+    asyncio.run(run())
+
+
+def test_an_async_fallback_function_serves_async_clients_only(
+    install: Install, server: FaultyHTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def cached_answer(failure: Any) -> httpx.Response:
+        return httpx.Response(200, text="from the cache")
+
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=cached_answer),),
+    )
+    server.default = status(503)
+    assert Driver("async").get(server.url("/a")).text == "from the cache"
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        answers = [Driver("sync").get(server.url("/a")).status_code for _ in range(2)]
+    assert answers == [503, 503]  # as without a fallback
+    (warning,) = caplog.records
+    assert "cached_answer" in warning.getMessage()
+    assert "async clients" in warning.getMessage()
 
 
 # --- staying out of the way ---------------------------------------------------------------------

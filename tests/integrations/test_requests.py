@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -555,6 +557,164 @@ def test_stale_entries_expire(install: Install, server: FaultyHTTPServer) -> Non
     time.sleep(0.15)
     server.default = status(503)
     assert requests.get(server.url("/doc")).status_code == 503
+
+
+def test_stale_if_error_keys_on_the_request_as_sent(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    alice, bob = requests.Session(), requests.Session()
+    alice.params = {"tenant": "alice"}
+    bob.params = {"tenant": "bob"}
+    keyed = {"X-API-Key": "key-A", "traceparent": f"00-{'1' * 32}-{'1' * 16}-01"}
+    server.push(ok("alice's data"), ok("key A's data"), ok("search a"))
+    assert alice.get(server.url("/account")).text == "alice's data"
+    assert requests.get(server.url("/me"), headers=keyed).text == "key A's data"
+    assert requests.get(server.url("/search"), json={"q": "a"}).text == "search a"
+    server.default = status(503)
+    # The session's params are part of the URL sent: bob's request is another request.
+    assert bob.get(server.url("/account")).status_code == 503
+    assert server.requests[-1].path == "/account?tenant=bob"
+    assert alice.get(server.url("/account")).text == "alice's data"
+    # Any header may select what the answer is, or for whom; a trace context does not.
+    assert requests.get(server.url("/me"), headers={"X-API-Key": "key-B"}).status_code == 503
+    served = requests.get(
+        server.url("/me"),
+        headers={**keyed, "traceparent": f"00-{'2' * 32}-{'2' * 16}-01"},
+    )
+    assert (served.text, served.headers[STALE_HEADER]) == ("key A's data", "1")
+    # So does the body of a GET.
+    assert requests.get(server.url("/search"), json={"q": "b"}).status_code == 503
+    assert requests.get(server.url("/search"), json={"q": "a"}).text == "search a"
+
+
+def test_a_stale_copy_looks_like_a_received_response(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(ok("fresh"))
+    fresh = requests.get(server.url("/doc?v=1"))
+    server.default = status(503)
+    stale = requests.get(server.url("/doc?v=1"))
+    assert stale.headers[STALE_HEADER] == "1"
+    assert (stale.request.method, stale.request.url) == ("GET", fresh.url)
+    assert (stale.url, stale.reason) == (fresh.url, fresh.reason)
+    assert stale.elapsed == datetime.timedelta(0)
+    assert stale.history == []
+    stale.close()
+
+
+def failover_to(primary: FaultyHTTPServer, *backups: FaultyHTTPServer) -> DownstreamOverride:
+    return DownstreamOverride(
+        pattern=f"127.0.0.1:{primary.port}",
+        failover_urls=tuple(backup.url() for backup in backups),
+    )
+
+
+@pytest.mark.parametrize("answer", [hang(1.0), status(503)], ids=["timeout", "503"])
+def test_a_post_that_reached_a_failover_url_goes_to_no_other(
+    install: Install, server: FaultyHTTPServer, answer: Any
+) -> None:
+    with FaultyHTTPServer() as backup, FaultyHTTPServer() as spare:
+        install(
+            max_retries=0,
+            failure_threshold=1,
+            timeout=0.3,
+            downstreams=(failover_to(server, backup, spare),),
+        )
+        server.default = status(503)
+        # A POST that fails is not failed over; the primary's breaker opens.
+        assert requests.post(server.url("/warm-up")).status_code == 503
+        backup.push(answer)
+        # Refused by the primary's breaker: the backup may have it, but it may have acted on
+        # it too, so the spare must not get it. The call ends as it would without failover.
+        with pytest.raises(circuit_open_error_type()):
+            requests.post(server.url("/pay"), json={"amount": 1})
+        assert [each.count("POST", "/pay") for each in (server, backup, spare)] == [0, 1, 0]
+
+
+def test_a_post_refused_by_a_failover_urls_own_breaker_goes_on_to_the_next(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    with FaultyHTTPServer() as backup, FaultyHTTPServer() as spare:
+        install(
+            max_retries=0,
+            failure_threshold=1,
+            downstreams=(failover_to(server, backup, spare),),
+        )
+        server.default = backup.default = status(503)
+        assert requests.post(server.url("/warm-up")).status_code == 503
+        assert requests.get(backup.url("/warm-up")).status_code == 503  # both breakers open
+        spare.push(ok("paid"))
+        assert requests.post(server.url("/pay"), json={"amount": 1}).text == "paid"
+        assert [each.count("POST", "/pay") for each in (server, backup, spare)] == [0, 0, 1]
+
+
+def test_a_fallback_function_that_raises_releases_the_streamed_primary(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    class Unavailable(Exception):
+        pass
+
+    raised = Unavailable("try later")
+
+    def fallback(failure: Any) -> Any:
+        raise raised
+
+    install(
+        max_retries=0, downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),)
+    )
+    session = requests.Session()
+    # One connection, and waiting for it blocks: an unreleased response would hold it.
+    session.mount(
+        "http://",
+        requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1, pool_block=True),
+    )
+    server.push(status(503))
+    with pytest.raises(Unavailable) as caught:
+        session.get(server.url("/a"), stream=True)
+    assert caught.value is raised
+    answers: list[int] = []
+    second = threading.Thread(
+        target=lambda: answers.append(session.get(server.url("/b")).status_code), daemon=True
+    )
+    second.start()
+    second.join(5.0)
+    assert answers == [200]
+
+
+def test_an_async_fallback_function_is_passed_over_by_sync_calls(
+    install: Install, server: FaultyHTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def cached_answer(failure: Any) -> str:
+        return "from the cache"
+
+    def wrapped(failure: Any) -> Any:  # async, though it does not look it
+        return cached_answer(failure)
+
+    for fallback in (cached_answer, wrapped):
+        install(
+            max_retries=0,
+            downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),),
+        )
+        server.default = status(503)
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            first = requests.get(server.url("/a"))
+            second = requests.get(server.url("/a"))
+        assert (first.status_code, second.status_code) == (503, 503)  # as without a fallback
+        (warning,) = [r for r in caplog.records if fallback.__qualname__ in r.getMessage()]
+        assert "async" in warning.getMessage()
+        assert not any(
+            done.outcome is Outcome.FALLBACK
+            for done in finished(install.events)  # type: ignore[attr-defined]
+        )
+        caplog.clear()
 
 
 # --- staying out of the way ---------------------------------------------------------------------

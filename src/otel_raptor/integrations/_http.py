@@ -27,12 +27,14 @@ client spans that the contrib instrumentations start during a retry.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import math
 import threading
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -48,8 +50,14 @@ from otel_raptor.core.replay import IDEMPOTENT_METHODS, http_replay_safe, names_
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import MAX_TARGETS, Target, manage_cache
-from otel_raptor.runtime.drive import CallHooks, CallPlan, FallbackDeclined, current_attempt
-from otel_raptor.runtime.forksafe import after_fork_in_child, register_lock
+from otel_raptor.runtime.drive import (
+    CallHooks,
+    CallPlan,
+    FallbackDeclined,
+    current_attempt,
+    is_async_callable,
+)
+from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime
 from otel_raptor.telemetry.instruments import ATTR_HTTP_REQUEST_RESEND_COUNT
@@ -61,6 +69,7 @@ __all__ = [
     "STALE_ENTRIES",
     "STALE_HEADER",
     "STALE_TOTAL_BYTES",
+    "STALE_UNKEYED_HEADERS",
     "THROTTLED_HEADER",
     "AsyncHttpHooks",
     "FailingResponse",
@@ -80,6 +89,7 @@ __all__ = [
     "replay_safe",
     "resend_count",
     "stale_headers",
+    "stale_key_headers",
     "throttled_headers",
 ]
 
@@ -102,6 +112,57 @@ STALE_BODY_LIMIT: Final = 1024 * 1024
 
 #: Bytes (bodies and headers) the stale-if-error cache of one integration keeps at most.
 STALE_TOTAL_BYTES: Final = 32 * 1024 * 1024
+
+#: Request headers left out of a stale-if-error key (lower case); every other header enters
+#: it. A header belongs here only when it can select neither what the server answers nor who
+#: it answers for, since a header wrongly left out serves one caller's response to another,
+#: while one wrongly kept in only costs a stale copy that is never found. So:
+#:
+#: - the connection and the message framing: ``connection``, ``keep-alive``, ``te``;
+#:   ``content-length`` (the body itself enters the key);
+#: - ``accept-encoding``: the copy kept is the decoded body, the same whatever coding the
+#:   transfer used;
+#: - ``user-agent``: it names the client software, the same for every caller of a process;
+#: - ids drawn afresh for every request, which would make every key new: trace context
+#:   (W3C, B3, Jaeger, OpenTracing, X-Ray, Google Cloud, Datadog's ids, Sentry) and request
+#:   or correlation ids. A tracing header that may carry application data stays keyed:
+#:   ``baggage`` (often a user or tenant id, which a server may act on) and Datadog's
+#:   ``x-datadog-tags``.
+#:
+#: ``host`` stays keyed: unless the caller sets it, it follows from the URL (so it costs
+#: nothing), and when the caller does set it, it picks the virtual host that answers.
+STALE_UNKEYED_HEADERS: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "content-length",
+        "accept-encoding",
+        "user-agent",
+        "traceparent",
+        "tracestate",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "uber-trace-id",
+        "ot-tracer-traceid",
+        "ot-tracer-spanid",
+        "ot-tracer-sampled",
+        "x-amzn-trace-id",
+        "x-cloud-trace-context",
+        "x-datadog-trace-id",
+        "x-datadog-parent-id",
+        "x-datadog-sampling-priority",
+        "x-datadog-origin",
+        "sentry-trace",
+        "x-request-id",
+        "request-id",
+        "x-correlation-id",
+    }
+)
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
@@ -580,9 +641,10 @@ class StaleCache:
 
     Bounded by count (``max_entries``, default :data:`STALE_ENTRIES`) and by bytes
     (``max_bytes``, default :data:`STALE_TOTAL_BYTES`); bodies over ``max_body`` bytes
-    (default :data:`STALE_BODY_LIMIT`) are not kept. Keys are private digests of the URL and
-    every credential the request carries (see :mod:`otel_raptor.runtime.keys`), so one user's
-    response is never served to another and no credential is kept raw. The memory controller
+    (default :data:`STALE_BODY_LIMIT`) are not kept. Keys are private digests of the request
+    as sent (its URL, body, headers but :data:`STALE_UNKEYED_HEADERS`, and credentials; see
+    :mod:`otel_raptor.runtime.keys`), so one user's response is never served to another and
+    no credential is kept raw. The memory controller
     can evict it (:meth:`evict`, registered by the integrations). Thread-safe and fork-safe
     (a forked child starts empty: its key secret is new).
     """
@@ -703,6 +765,23 @@ class HttpInstallation:
             report_internal_error(f"{self.name}.stale_store", bug)
 
 
+def stale_key_headers(headers: Iterable[tuple[Any, Any]]) -> tuple[tuple[str, Any], ...]:
+    """The part of a request's ``(name, value)`` headers that enters its stale-if-error key:
+    all but :data:`STALE_UNKEYED_HEADERS`, names in lower case, in name order (the values of
+    a repeated header keep theirs)."""
+    kept = []
+    for name, value in headers:
+        lowered = (name.decode("latin-1") if isinstance(name, bytes) else str(name)).lower()
+        if lowered not in STALE_UNKEYED_HEADERS:
+            kept.append((lowered, value))
+    kept.sort(key=_first)
+    return tuple(kept)
+
+
+def _first(pair: tuple[str, Any]) -> str:
+    return pair[0]
+
+
 def stale_headers(entry: StaleEntry, now: float) -> list[tuple[str, str]]:
     """The entry's headers marked stale: ``X-Raptor-Stale: 1`` and ``Age`` (RFC 9111 §5.1,
     whole seconds, added to any ``Age`` the response already had)."""
@@ -726,18 +805,63 @@ def stale_headers(entry: StaleEntry, now: float) -> list[tuple[str, str]]:
 
 _NOTHING: Final = object()
 
+#: The exact types of raptor's plain refusals: a failover request that raised one was refused
+#: by its origin's own breaker or cooldown, so that origin never saw it.
+_REFUSALS: Final = (CircuitOpenError, ThrottledError)
+
+_logger = logging.getLogger("otel_raptor")
+
+# Async fallback functions already reported for a sync call (by name and downstream): each
+# is reported once. Bounded, since the names come from the application.
+_MAX_WARNED = 256
+_warned: set[str] = set()
+_warned_box = LockBox()
+
+
+def _callable_name(function: object) -> str:
+    qualname = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None)
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def _warn_async_fallback(function: object, service: str) -> None:
+    """Say once per function and downstream that an async fallback function was passed over
+    on a sync call. Never raises: the call goes on without the fallback either way."""
+    try:
+        name = _callable_name(function)
+        key = f"{name} {service}"
+        with _warned_box.lock:
+            if key in _warned:
+                return
+            if len(_warned) >= _MAX_WARNED:
+                _warned.clear()
+            _warned.add(key)
+        _logger.warning(
+            "otel_raptor: the fallback %s of %s is an async function, so it serves async "
+            "clients (httpx.AsyncClient) only; sync calls to %s end as they would without "
+            "a fallback function",
+            name,
+            service,
+            service,
+        )
+    except Exception as bug:  # noqa: BLE001 - a warning is not worth breaking the call
+        report_internal_error("http.async_fallback_warning", bug)
+
 
 class FallbackCall:
     """One request's fallbacks, in order: failover base URLs, the stale response, the
-    origin's fallback function. Subclassed per library (the ``failover``, ``stale_response``,
-    ``refusal`` and ``throttled`` hooks); the loop calls :meth:`__call__` with the last error
+    origin's fallback function. Subclassed per library (the ``failover``, ``stale_response``
+    and ``refusal`` hooks); the loop calls :meth:`__call__` with the last error
     (or the plain refusal) when it gives up or is refused.
 
     ``call`` is the integration's description of the request (it has ``origin`` and
     ``stale_key``; ``None`` when the request may not be served stale), ``wrapped`` the
     library's own send, ``installation`` the integration's state. ``replay_safe`` says whether
     the primary request may be sent again: failover after the primary gave up needs it;
-    after a refusal the primary was never sent, so failover is always allowed.
+    after a refusal the primary was never sent, so failover is allowed. A request that is not
+    replay safe then goes on to the next failover URL only when the previous one refused it
+    unsent (its own breaker or cooldown): one that may have reached a failover origin is never
+    sent anywhere else.
     """
 
     __slots__ = (
@@ -775,7 +899,11 @@ class FallbackCall:
 
     def failover(self, base_url: str) -> Any:
         """Send the request again with its origin replaced by ``base_url``, under that origin's
-        own plan (without its fallbacks); the response, or raises."""
+        own plan (without its fallbacks); the response, or raises. A refusal by that origin's
+        breaker or cooldown must be raised as raptor's plain
+        :class:`~otel_raptor.errors.CircuitOpenError` or
+        :class:`~otel_raptor.errors.ThrottledError` (not the library's answer to it): it is
+        how the chain knows the request was not sent."""
         raise NotImplementedError
 
     async def failover_async(self, base_url: str) -> Any:
@@ -802,13 +930,26 @@ class FallbackCall:
             for base_url in self.origin.failover_urls:
                 try:
                     response = self.failover(base_url)
-                except Exception:  # noqa: BLE001 - the next fallback's turn
-                    continue
+                except Exception as failure:  # noqa: BLE001 - the next fallback's turn
+                    if self._goes_on(failure):
+                        continue
+                    break
                 if not is_failing_status(getattr(response, "status_code", None)):
                     result = response
                     break
                 _close_quietly(response)
-        result = self._choose(error, primary, result)
+                if not self._goes_on(None):
+                    break
+        try:
+            result = self._choose(error, primary, result)
+        except FallbackDeclined:
+            raise  # the caller gets the primary outcome, the primary response open
+        except BaseException:
+            # The fallback function failed: its error is the caller's, and nobody else will
+            # release the primary response's connection.
+            if primary is not _NOTHING:
+                _close_quietly(primary)
+            raise
         if primary is not _NOTHING and result is not primary:
             _close_quietly(primary)
         return result
@@ -822,15 +963,26 @@ class FallbackCall:
             for base_url in self.origin.failover_urls:
                 try:
                     response = await self.failover_async(base_url)
-                except Exception:  # noqa: BLE001 - the next fallback's turn
-                    continue
+                except Exception as failure:  # noqa: BLE001 - the next fallback's turn
+                    if self._goes_on(failure):
+                        continue
+                    break
                 if not is_failing_status(getattr(response, "status_code", None)):
                     result = response
                     break
                 await _aclose_quietly(response)
-        result = self._choose(error, primary, result)
-        if hasattr(result, "__await__"):
-            result = await result
+                if not self._goes_on(None):
+                    break
+        try:
+            result = self._choose(error, primary, result)
+            if hasattr(result, "__await__"):
+                result = await result
+        except FallbackDeclined:
+            raise
+        except BaseException:
+            if primary is not _NOTHING:
+                await _aclose_quietly(primary)
+            raise
         if primary is not _NOTHING and result is not primary:
             await _aclose_quietly(primary)
         return result
@@ -838,10 +990,17 @@ class FallbackCall:
     def _may_fail_over(self, rejected: bool) -> bool:
         return bool(self.origin.failover_urls) and (self.replay_safe or rejected)
 
+    def _goes_on(self, failure: BaseException | None) -> bool:
+        """Whether the next failover URL may be tried after one that failed with ``failure``
+        (``None``: it answered with a failing response). A request that is not replay safe
+        may have been received by that one, so it goes nowhere else unless that origin
+        refused it without sending it."""
+        return self.replay_safe or type(failure) in _REFUSALS
+
     def _start(self, error: BaseException) -> tuple[BaseException, Any, bool]:
         """The error as the library shows it, the primary response (or nothing), and
         whether the primary was refused without being sent."""
-        rejected = type(error) in (CircuitOpenError, ThrottledError)
+        rejected = type(error) in _REFUSALS
         if rejected:
             try:
                 answer = self.refusal(error)  # type: ignore[arg-type]  # checked above
@@ -873,4 +1032,17 @@ class FallbackCall:
             # Nothing to offer: the caller gets what it would have got without fallbacks, and
             # the call is reported as it ended (not as a fallback).
             raise FallbackDeclined
-        return function(error if primary is _NOTHING else primary)
+        if self.is_async:
+            return function(error if primary is _NOTHING else primary)
+        # One downstream's fallback serves sync and async clients alike, so an async one is
+        # no mistake in the configuration; a sync call just cannot await it, and ends as it
+        # would without it.
+        if is_async_callable(function):
+            _warn_async_fallback(function, self.origin.service)
+            raise FallbackDeclined
+        value = function(error if primary is _NOTHING else primary)
+        if inspect.iscoroutine(value):  # async, though it did not look it (a wrapper)
+            value.close()
+            _warn_async_fallback(function, self.origin.service)
+            raise FallbackDeclined
+        return value

@@ -30,6 +30,7 @@ by that function. See ``docs/http.md``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable
+from datetime import timedelta
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,6 +48,7 @@ from otel_raptor.integrations._http import (
     http_enabled,
     replay_safe,
     stale_headers,
+    stale_key_headers,
     throttled_headers,
 )
 from otel_raptor.integrations._kit import (
@@ -71,7 +73,9 @@ if TYPE_CHECKING:
 
 __all__ = ["HttpxCircuitOpen", "HttpxIntegration", "circuit_open_error_type"]
 
-_CREDENTIAL_HEADERS: Final = ("authorization", "proxy-authorization", "cookie")
+# ``elapsed`` of the responses raptor builds: httpx sets it only on a response its transport
+# streamed, and raises on reading it otherwise; nothing was waited for.
+_NO_TIME: Final = timedelta(0)
 # Describe the body as httpx encoded it; a stale copy gets a fresh Content-Length and no
 # Content-Encoding, since the body kept is the decoded one.
 _NOT_REPLAYED_HEADERS: Final = frozenset(
@@ -106,7 +110,11 @@ def _refusal(error: RaptorError, request: Any) -> Any:
     if isinstance(error, ThrottledError):
         import httpx  # noqa: PLC0415 - imported by install() already
 
-        return httpx.Response(429, headers=throttled_headers(error.retry_after), request=request)
+        response = httpx.Response(
+            429, headers=throttled_headers(error.retry_after), request=request
+        )
+        response.elapsed = _NO_TIME
+        return response
     assert isinstance(error, CircuitOpenError)
     return circuit_open_error_type()(error.breaker, error.retry_after, request=request)
 
@@ -251,8 +259,11 @@ class _Installed(HttpInstallation):
             }
 
     def _stale_key(self, client: Any, request: Any, kwargs: dict[str, Any]) -> Hashable | None:
-        """The stale-cache key of a GET: a private digest of its URL and every credential we
-        can see; ``None`` (never served stale) with an auth flow other than basic auth."""
+        """The stale-cache key of a GET: a private digest of the request as it will be sent
+        (its URL, with the client's params, its body, and its headers, with the client's and
+        the cookies, all but :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`)
+        and of its auth; ``None`` (never served stale) with an auth flow other than basic
+        auth, or a body that can be read only once."""
         import httpx  # noqa: PLC0415 - imported by install() already
 
         auth = kwargs.get("auth", self.use_client_default)
@@ -267,9 +278,15 @@ class _Installed(HttpInstallation):
                 return None
         elif auth is not None:
             return None
-        headers = request.headers
-        credentials = tuple(headers.get(name) for name in _CREDENTIAL_HEADERS)
-        return private_digest(str(request.url), token, credentials)
+        stream = request.stream
+        if not isinstance(stream, self.byte_stream):
+            return None
+        return private_digest(
+            str(request.url),
+            b"".join(stream),  # a ByteStream is the body in memory, iterated afresh each time
+            token,
+            stale_key_headers(request.headers.multi_items()),
+        )
 
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
         return StaleEntry(
@@ -343,27 +360,32 @@ class _Fallback(FallbackCall):
 
     __slots__ = ()
 
+    # A refusal by the failover origin is raised as raptor's plain one (not turned into
+    # httpx's answer, as ``send`` would): see FallbackCall.failover.
+
     def failover(self, base_url: str) -> Any:
         request, moved = self.installed.failover_call(self.call, base_url, is_async=False)
         if moved is None:
             return self.wrapped(request, **self.call.kwargs)
-        return self.installed.send(self.wrapped, moved)
+        return call(moved.plan, self.wrapped, (request,), moved.kwargs)
 
     async def failover_async(self, base_url: str) -> Any:
         request, moved = self.installed.failover_call(self.call, base_url, is_async=True)
         if moved is None:
             return await self.wrapped(request, **self.call.kwargs)
-        return await self.installed.send_async(self.wrapped, moved)
+        return await call_async(moved.plan, self.wrapped, (request,), moved.kwargs)
 
     def stale_response(self, entry: StaleEntry) -> Any:
         import httpx  # noqa: PLC0415 - imported by install() already
 
-        return httpx.Response(
+        response = httpx.Response(
             entry.status,
             headers=stale_headers(entry, self.now()),
             content=entry.body,
             request=self.call.request,
         )
+        response.elapsed = _NO_TIME
+        return response
 
     def refusal(self, error: RaptorError) -> Any:
         return _refusal(error, self.call.request)

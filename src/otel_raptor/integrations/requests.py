@@ -44,6 +44,7 @@ from otel_raptor.integrations._http import (
     origin_end,
     replay_safe,
     stale_headers,
+    stale_key_headers,
     throttled_headers,
 )
 from otel_raptor.integrations._kit import HookedIntegration, call, is_refusal_of, library_error
@@ -81,7 +82,6 @@ _PARAMETERS: Final = (
     "cert",
     "json",
 )
-_CREDENTIAL_HEADERS: Final = ("authorization", "proxy-authorization", "cookie")
 _REPLAYABLE_DATA: Final = (str, bytes, bytearray, dict)
 
 
@@ -157,24 +157,23 @@ def _body_replayable(kwargs: Mapping[str, Any]) -> bool:
     return False  # a file, a generator, an iterator: read once
 
 
-def _header(headers: Any, lowered: str) -> str | None:
-    if headers is None:
-        return None
-    for name, value in headers.items():
-        key = name.decode("latin-1") if isinstance(name, bytes) else name
-        if isinstance(key, str) and key.lower() == lowered:
-            return str(value)
-    return None
-
-
 def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | None:
-    """The stale-cache key of a GET: a private digest of its URL and params and every
-    credential we can see (see :mod:`otel_raptor.runtime.keys`).
+    """The stale-cache key of a GET: a private digest (see :mod:`otel_raptor.runtime.keys`)
+    of the request as ``Session.request`` will send it: its URL with the session's params
+    merged in, its body, its headers merged with the session's (all but
+    :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`), and every credential we
+    can see (auth, cookies, the client certificate).
 
-    ``None`` (never served stale) when it carries credentials we cannot fold into a key:
-    an auth object other than a ``(user, password)`` tuple, or cookies not given as a
-    dict of strings.
+    ``None`` (never served stale) when it carries something we cannot fold into a key: an
+    auth object other than a ``(user, password)`` tuple, cookies not given as a dict of
+    strings, a body that can be read only once, or a URL requests cannot prepare.
     """
+    from requests.models import PreparedRequest  # noqa: PLC0415 - imported by install()
+    from requests.sessions import merge_setting  # noqa: PLC0415
+    from requests.structures import CaseInsensitiveDict  # noqa: PLC0415
+
+    merge: Callable[..., Any] = merge_setting  # untyped in the stubs
+
     auth = kwargs.get("auth")
     if auth is None:
         auth = getattr(session, "auth", None)
@@ -191,14 +190,35 @@ def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | 
         cookies = tuple(sorted(cookies.items()))
     jar = getattr(session, "cookies", None)
     jar_items = tuple(sorted((c.domain, c.path, c.name, c.value or "") for c in jar)) if jar else ()
-    credentials = tuple(
-        _header(source, name)
-        for source in (getattr(session, "headers", None), kwargs.get("headers"))
-        for name in _CREDENTIAL_HEADERS
+    if kwargs.get("files") or not _body_replayable(kwargs):
+        return None
+    # Merged as Session.request merges them: a request's own value wins, a None drops the
+    # session's, and params that are not a mapping replace the session's.
+    params = merge(kwargs.get("params") or {}, getattr(session, "params", None))
+    if params:
+        try:
+            prepared = PreparedRequest()
+            prepared.prepare_url(url, params)
+        except Exception:  # noqa: BLE001 - a bad URL: requests reports it itself
+            return None
+        url = prepared.url or url
+    headers = merge(
+        kwargs.get("headers"),
+        getattr(session, "headers", None),
+        dict_class=CaseInsensitiveDict,
     )
-    params = kwargs.get("params")
+    if headers is not None and not isinstance(headers, Mapping):
+        return None
+    cert = merge(kwargs.get("cert"), getattr(session, "cert", None))
     return private_digest(
-        url, None if params is None else repr(params), auth, cookies, jar_items, credentials
+        url,
+        kwargs.get("data") or None,
+        kwargs.get("json"),
+        auth,
+        cookies,
+        jar_items,
+        stale_key_headers(headers.items()) if headers else (),
+        cert,
     )
 
 
@@ -339,7 +359,9 @@ class _Installed(HttpInstallation):
         return described
 
     def failover(self, wrapped: Callable[..., Any], failed: _Call, base_url: str) -> Any:
-        """Send ``failed`` to ``base_url`` under that origin's plan, without fallbacks."""
+        """Send ``failed`` to ``base_url`` under that origin's plan, without fallbacks. A
+        refusal by that origin is raised as raptor's plain one (see
+        :meth:`FallbackCall.failover`)."""
         text = failed.url if type(failed.url) is str else _text(failed.url)
         target = base_url.rstrip("/") + text[failed.end :]
         end = origin_end(target)
@@ -347,9 +369,7 @@ class _Installed(HttpInstallation):
         if origin is None or not origin.enabled:
             return wrapped(failed.method, target, **failed.kwargs)
         plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
-        return self.send(
-            wrapped, _Call(origin, plan, failed.method, target, failed.kwargs, end, None)
-        )
+        return call(plan, wrapped, (failed.method, target), failed.kwargs)
 
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
         return StaleEntry(
@@ -398,6 +418,9 @@ class _Fallback(FallbackCall):
         response._content_consumed = True  # type: ignore[attr-defined]  # untyped in the stubs
         response.encoding = entry.encoding
         response.url = entry.url
+        # As on a response requests received: the request (the final one, so its URL is the
+        # response's) and ``elapsed`` (Response() sets it to 0: nothing was waited for).
+        response.request = _prepared(self.call.method, entry.url, None)
         return response
 
     def refusal(self, error: RaptorError) -> Any:
