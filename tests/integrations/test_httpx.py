@@ -398,6 +398,19 @@ async def test_an_attempt_timeout_bounds_async_attempts(
     assert server.count() == 2
 
 
+async def test_an_attempt_out_of_time_is_an_httpx_timeout_and_a_timeout_error(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(attempt_timeout=0.2, max_retries=1)
+    server.push(hang(2.0), hang(2.0))
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.TimeoutException) as raised:  # what `except` clauses expect
+            await client.get(server.url("/t"))
+    assert isinstance(raised.value, TimeoutError)
+    assert isinstance(raised.value, integration.attempt_timeout_error_type())
+    assert raised.value.request.url == server.url("/t")
+
+
 # --- fallbacks ----------------------------------------------------------------------------------
 
 

@@ -70,8 +70,17 @@ if TYPE_CHECKING:
     class HttpxCircuitOpen(CircuitOpenError, _httpx.ConnectError):
         """A refusal by an open breaker; see :func:`circuit_open_error_type`."""
 
+    class HttpxAttemptTimeout(_httpx.TimeoutException, TimeoutError):
+        """An attempt out of its time; see :func:`attempt_timeout_error_type`."""
 
-__all__ = ["HttpxCircuitOpen", "HttpxIntegration", "circuit_open_error_type"]
+
+__all__ = [
+    "HttpxAttemptTimeout",
+    "HttpxCircuitOpen",
+    "HttpxIntegration",
+    "attempt_timeout_error_type",
+    "circuit_open_error_type",
+]
 
 # ``elapsed`` of the responses raptor builds: httpx sets it only on a response its transport
 # streamed, and raises on reading it otherwise; nothing was waited for.
@@ -98,9 +107,48 @@ def circuit_open_error_type() -> type[CircuitOpenError]:
     return library_error(CircuitOpenError, httpx.ConnectError, "HttpxCircuitOpen", __name__)
 
 
+_attempt_timeout: type[BaseException] | None = None
+
+
+def attempt_timeout_error_type() -> type[BaseException]:
+    """The class of the error an ``AsyncClient`` call raises when an attempt ran out of the
+    policy's ``retry.attempt_timeout``/``deadline`` (raptor bounds it with
+    ``asyncio.wait_for``): both ``httpx.TimeoutException`` (so ``except httpx.HTTPError``
+    and ``httpx.TimeoutException`` keep catching it, as they catch httpx's own timeouts) and
+    the built-in ``TimeoutError``. The same class every time; ``HttpxAttemptTimeout`` from
+    this module gives it too."""
+    global _attempt_timeout  # noqa: PLW0603 - a cache of one class
+    if _attempt_timeout is None:
+        import httpx  # noqa: PLC0415 - the library is imported only when needed
+
+        _attempt_timeout = type(
+            "HttpxAttemptTimeout",
+            (httpx.TimeoutException, TimeoutError),
+            {
+                "__module__": __name__,
+                "__doc__": "An attempt that ran out of raptor's attempt timeout or deadline.",
+            },
+        )
+    return _attempt_timeout
+
+
+def _timed_out(error: TimeoutError, request: Any) -> BaseException:
+    """``error`` (``asyncio.wait_for``'s, or a transport's own built-in one) as httpx shows a
+    timeout; it stays a ``TimeoutError`` too."""
+    if isinstance(error, attempt_timeout_error_type()):
+        return error
+    timed_out: BaseException = attempt_timeout_error_type()(
+        "the attempt timed out",
+        request=request,  # type: ignore[call-arg]  # httpx's __init__
+    )
+    return timed_out
+
+
 def __getattr__(name: str) -> Any:
     if name == "HttpxCircuitOpen":
         return circuit_open_error_type()
+    if name == "HttpxAttemptTimeout":
+        return attempt_timeout_error_type()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -321,6 +369,8 @@ class _Installed(HttpInstallation):
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.request)
+        except TimeoutError as error:  # httpx's own timeouts are not TimeoutError
+            raise _timed_out(error, described.request) from error
         return self.kept(described.stale_key, response)
 
     # -- failover -----------------------------------------------------------------------------
@@ -447,6 +497,8 @@ def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
                 return await call_async(described, original, (self, request), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
                 return refused(error, described, request)
+            except TimeoutError as error:  # httpx's own timeouts are not TimeoutError
+                raise _timed_out(error, request) from error
         if described is None:
             return await original(self, request, **kwargs)
         return await installed.send_async(MethodType(original, self), described)  # type: ignore[arg-type]
@@ -463,6 +515,7 @@ class HttpxIntegration(HookedIntegration[_Installed]):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _Installed:
         circuit_open_error_type()  # made once, before any call needs it
+        attempt_timeout_error_type()
         return _Installed(settings)
 
     def hooks(self, library: Any) -> HookSet:
