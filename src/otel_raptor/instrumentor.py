@@ -4,7 +4,8 @@
 ``OTEL_PYTHON_RAPTOR_*`` > the TOML file > defaults, see :mod:`otel_raptor.config`),
 reconfigures the process-wide runtime, installs the telemetry sink (spans and metrics for
 every runtime event) and then each enabled integration whose library is installed.
-``uninstrument()`` undoes all of it, integrations first, in reverse order.
+``uninstrument()`` undoes all of it, integrations first, in reverse order, and forgets the
+circuit breakers and health checks they made, so a later ``instrument()`` starts afresh.
 
 An integration whose library the app has not imported yet is *deferred*: a wrapt post-import
 hook installs it when the app imports the library (before that ``import`` statement returns),
@@ -21,6 +22,7 @@ after this one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -47,7 +49,9 @@ from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
 from otel_raptor.integrations._base import Integration, IntegrationSettings
 from otel_raptor.integrations._http import ResendCountSpanProcessor
+from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.forksafe import LockBox, register_lock
+from otel_raptor.runtime.health import HealthCheck
 from otel_raptor.runtime.memory import (
     SimpleMemoryController,
     get_memory_controller,
@@ -72,6 +76,14 @@ _UNKNOWN_KEY = "a known key"
 _UNKNOWN_KEYWORD = "a known keyword"
 #: ``instrument()`` keywords that are the instrumentor's, not the configuration's.
 _OWN_KEYWORDS = ("tracer_provider", "meter_provider", "logger_provider", "memory")
+#: The provider keywords: the method each provider must have, and what it is.
+_PROVIDERS = {
+    "tracer_provider": ("get_tracer", "TracerProvider"),
+    "meter_provider": ("get_meter", "MeterProvider"),
+    "logger_provider": ("get_logger", "LoggerProvider"),
+}
+#: The keyword that names the TOML file in code.
+_CONFIG_FILE = "config_file"
 
 # Messages of configuration problems already logged: instrument → uninstrument → instrument
 # must not repeat them. Bounded, since values come from outside.
@@ -94,7 +106,7 @@ def _report_config(error: ConfigError) -> None:
 
 def _what_applies(error: ConfigError) -> str:
     """What takes the place of the value ``error`` reports: the next layer down."""
-    if error.key == env_names.OTEL_PYTHON_RAPTOR_CONFIG:
+    if error.key in (env_names.OTEL_PYTHON_RAPTOR_CONFIG, _CONFIG_FILE):
         return " (the environment and the defaults apply)"  # the file as a whole
     if error.allowed.startswith(_UNKNOWN_KEY):
         return ""  # a key raptor does not read: nothing falls back
@@ -115,6 +127,9 @@ class _Installed:
     previous_scope: RecoveryScope
     previous_budget: tuple[float, float]
     previous_max_services: int
+    #: The runtime's breakers and health checks (by breaker name) before: the app's.
+    previous_breakers: dict[str, CircuitBreaker]
+    previous_checks: dict[str, HealthCheck]
     integrations: list[Integration]
     #: What every integration is handed, deferred ones included.
     settings: IntegrationSettings
@@ -144,8 +159,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     ``recovery_config``, ``breaker`` / ``circuit_breaker_config``, ``retry_budget``,
     ``retry_budget_ratio``, ``integrations``, ``breaker_key``, ``max_services``,
     ``retry_non_idempotent``, ``request_timeout``, ``health_check_path``, ``statement_timeout``,
-    ``downstreams``,
-    ``config_file``). With no arguments it does
+    ``asyncio_timeouts``, ``downstreams``, ``config_file``). With no arguments it does
     exactly what ``opentelemetry-instrument`` does.
 
     Like every ``BaseInstrumentor`` it is a singleton: ``RaptorInstrumentor()`` returns the
@@ -156,6 +170,8 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
     # ``RaptorInstrumentor()``, so instance state must not be (re)set there.
     _installed: _Installed | None = None
     _memory: SimpleMemoryController | None = None
+    #: Whether ``instrument()`` started ``_memory`` (else the app runs it: left running).
+    _memory_started: bool = False
     _monitoring: _Monitoring | None = None
     _lock = threading.Lock()
 
@@ -192,6 +208,9 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
         logger_provider = kwargs.pop("logger_provider", None)
+        _check_provider("tracer_provider", tracer_provider)
+        _check_provider("meter_provider", meter_provider)
+        _check_provider("logger_provider", logger_provider)
         memory_spec = kwargs.pop("memory", True)
         monitor_spec = _monitor_spec(kwargs.pop("monitor", True))
         if isinstance(monitor_spec, (MonitorConfig, Mapping)):
@@ -221,6 +240,7 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
             except Exception as error:  # noqa: BLE001 - never stop the app (or the launcher)
                 report_internal_error("instrumentor.instrument", error)
             self._memory = memory
+            self._memory_started = memory is not None and not memory.running
             if memory is not None:
                 try:
                     memory.start()
@@ -243,6 +263,8 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
             previous_scope=runtime.recovery_scope,
             previous_budget=(runtime.budget_ratio, runtime.budget_min_retries_per_second),
             previous_max_services=runtime.max_services,
+            previous_breakers=dict(runtime.breakers.items()),
+            previous_checks={breaker.name: check for breaker, check in runtime.health.items()},
             integrations=[],
             settings=IntegrationSettings(runtime=runtime, config=config, memory=memory),
         )
@@ -301,7 +323,8 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
 
     @property
     def memory_controller(self) -> SimpleMemoryController | None:
-        """The memory controller ``instrument()`` started (``memory=False``: none)."""
+        """The memory controller ``instrument()`` runs (``memory=False``: none).
+        ``uninstrument()`` stops it only if ``instrument()`` started it."""
         return self._memory
 
     @property
@@ -316,7 +339,8 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
             if monitoring is not None:
                 monitoring.stop()
             memory, self._memory = self._memory, None
-            if memory is not None:
+            started, self._memory_started = self._memory_started, False
+            if memory is not None and started:
                 try:
                     memory.stop(timeout=1.0)
                 except Exception as error:  # noqa: BLE001
@@ -329,6 +353,10 @@ class RaptorInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # BaseInstrum
                 integrations = list(installed.integrations)
             for integration in reversed(integrations):
                 _uninstall_integration(integration)
+            try:
+                _forget_what_integrations_made(installed)
+            except Exception as error:  # noqa: BLE001
+                report_internal_error("instrumentor.forget", error)
             runtime = installed.runtime
             sink = installed.sink
             if sink is not None:
@@ -359,17 +387,21 @@ def _load_config(kwargs: Mapping[str, Any], environ: Mapping[str, str]) -> Rapto
     environment variable, else the file, else the environment, else both (the kwargs
     alone). Never raises anything else; ``None`` only if not even the defaults load.
     """
+    # Checked here, not by the strict pass below: that pass cannot read the file (should
+    # reading it be what fails, it would take every layer with it), so it leaves it out.
+    in_code = _code_config_file(kwargs.get(_CONFIG_FILE))
+    report = _report_config if in_code is None else _report_code_file
     environ = dict(environ)  # one snapshot for every attempt
     try:
-        return RaptorConfig.load(kwargs=kwargs, environ=environ, report=_report_config)
+        return RaptorConfig.load(kwargs=kwargs, environ=environ, report=report)
     except Exception as error:  # noqa: BLE001 - sorted out below
         failure = error
     config_env = env_names.OTEL_PYTHON_RAPTOR_CONFIG
-    code = {key: value for key, value in kwargs.items() if key != "config_file"}
+    code = {key: value for key, value in kwargs.items() if key != _CONFIG_FILE}
     without_file = {key: value for key, value in environ.items() if key != config_env}
     raptor_env = {key: value for key, value in without_file.items() if key.startswith(_PREFIX)}
     try:
-        alone = RaptorConfig.load(kwargs=code, environ={}, report=_report_config)
+        alone = RaptorConfig.load(kwargs=code, environ={}, report=report)
     except ConfigError:
         # The kwargs fail without any environment or file: the caller's mistake.
         if isinstance(failure, ConfigError):
@@ -392,7 +424,7 @@ def _load_config(kwargs: Mapping[str, Any], environ: Mapping[str, str]) -> Rapto
     for dropped, attempt_kwargs, attempt_environ in attempts:
         try:
             config = RaptorConfig.load(
-                kwargs=attempt_kwargs, environ=attempt_environ, report=_report_config
+                kwargs=attempt_kwargs, environ=attempt_environ, report=report
             )
         except Exception:  # noqa: BLE001 - try dropping more
             continue
@@ -402,6 +434,68 @@ def _load_config(kwargs: Mapping[str, Any], environ: Mapping[str, str]) -> Rapto
         "otel_raptor configuration: ignoring the environment and the file (%s)", failure
     )
     return alone
+
+
+def _code_config_file(value: object) -> str | None:
+    """``config_file=``: the path of an existing file, or ``None`` (also for ``""``, as an
+    empty ``OTEL_PYTHON_RAPTOR_CONFIG`` counts as unset). A path given in code that names no
+    file is the caller's mistake and raises; the same path in the variable is reported by
+    ``RaptorConfig.load`` and the rest loads."""
+    if value is None:
+        return None
+    path: object = None
+    if isinstance(value, (str, os.PathLike)):
+        # TypeError: a __fspath__ that returns neither str nor bytes.
+        with contextlib.suppress(TypeError):
+            path = os.fspath(value)
+    if not isinstance(path, str):
+        raise ConfigError(_CONFIG_FILE, value, "a path (a str or an os.PathLike), or None")
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(_CONFIG_FILE, value, "the path of an existing TOML file")
+    return path
+
+
+def _report_code_file(error: ConfigError) -> None:
+    """``_report_config`` for a load whose file ``config_file=`` names: the file's problems
+    as a whole (unreadable, not TOML) are that keyword's, not the variable's (maybe unset)."""
+    if error.key == env_names.OTEL_PYTHON_RAPTOR_CONFIG:
+        error = ConfigError(_CONFIG_FILE, error.value, error.allowed)
+    _report_config(error)
+
+
+def _check_provider(key: str, provider: object) -> None:
+    """A provider keyword is ``None`` (the global provider) or has its ``get_*`` method: any
+    other value would only fail later, inside telemetry, where it is logged and telemetry is
+    silently off."""
+    method, kind = _PROVIDERS[key]
+    if provider is not None and not callable(getattr(provider, method, None)):
+        raise ConfigError(key, provider, f"a {kind} (an object with {method}()), or None")
+
+
+def _forget_what_integrations_made(installed: _Installed) -> None:
+    """Forget the circuit breakers and health checks the integrations made, so that the next
+    ``instrument()`` applies its own settings and nothing stays open from this one.
+
+    The runtime is process-wide and the app's guards share its breaker registry and health
+    checker, so only what the integrations made goes: what is new since ``instrument()``
+    and belongs to a downstream an integration met (integrations name each one with
+    ``Runtime.describe``; guards never do). A guard the app made meanwhile under the very
+    name of such a downstream keeps the breaker it shares with it, but later guards of that
+    name get a new one. The downstreams (retry budget, ``Retry-After`` cooldown) stay: their
+    budget shape is the runtime's, restored by ``uninstrument()`` and set by each
+    ``instrument()``, while the balance and the cooldown are what the downstream did and
+    said; and guards keep a downstream for their lifetime (it is never replaced).
+    """
+    runtime = installed.runtime
+    for breaker, check in runtime.health.items():
+        name = breaker.name
+        if installed.previous_checks.get(name) is not check and runtime.description(name):
+            runtime.health.unregister(breaker, check)
+    for name, breaker in runtime.breakers.items():
+        if installed.previous_breakers.get(name) is not breaker and runtime.description(name):
+            runtime.breakers.forget(breaker)
 
 
 def _memory_controller(spec: object) -> SimpleMemoryController | None:

@@ -421,8 +421,8 @@ class BreakerRegistry:
     memory or metric series without limit. Existing names keep their own breakers.
 
     ``config`` is the default config for new breakers; the one given to ``get`` is used only
-    when that call creates the breaker. ``clock``, ``sink``, ``rnd`` and ``classifier`` are
-    passed to every breaker.
+    when that call creates the breaker (:meth:`forget` one to have the next ``get`` create it
+    afresh). ``clock``, ``sink``, ``rnd`` and ``classifier`` are passed to every breaker.
     """
 
     __slots__ = (
@@ -473,7 +473,7 @@ class BreakerRegistry:
         return self._create(name, config)
 
     def _create(self, name: str, config: CircuitBreakerConfig | None) -> CircuitBreaker:
-        # ``_other`` is set only once the registry is full, and it never empties again.
+        # ``_other`` is set only once the registry is full, and only ``forget`` unsets it.
         other = self._other
         if other is not None:
             return other
@@ -500,6 +500,18 @@ class BreakerRegistry:
             rnd=self._rnd,
             classifier=self._classifier,
         )
+
+    def forget(self, breaker: CircuitBreaker) -> bool:
+        """Drop ``breaker``, so that the next ``get`` of its name creates a new one with the
+        config given then; ``False`` when its name holds another breaker (or none) by now.
+        Whoever holds ``breaker`` keeps using it: it is only no longer shared."""
+        with self._lock:
+            if self._breakers.get(breaker.name) is not breaker:
+                return False
+            del self._breakers[breaker.name]
+            if len(self._breakers) < self._max:
+                self._other = None  # room again: new names get breakers of their own
+            return True
 
     def items(self) -> list[tuple[str, CircuitBreaker]]:
         """Every breaker by name (a copy), the shared ``"other"`` last if it exists. Takes no

@@ -8,9 +8,10 @@ per :class:`HealthChecker` runs the checks of the breakers that are OPEN, each a
 (``CircuitBreaker.health_check``): ``success_threshold`` passes in a row close it. A closed
 breaker is never checked, so a healthy system costs nothing.
 
-The thread starts with the first registered check, stops with :meth:`HealthChecker.stop` or
-at interpreter exit, and restarts in a forked child when it was running in the parent. At most
-``max_checks`` checks are kept (one per breaker; registering again replaces).
+The thread starts with the first registered check, stops when the last one is unregistered,
+with :meth:`HealthChecker.stop` or at interpreter exit, and restarts in a forked child when it
+was running in the parent. At most ``max_checks`` checks are kept (one per breaker;
+registering again replaces).
 """
 
 from __future__ import annotations
@@ -71,9 +72,28 @@ class HealthChecker:
         self._ensure_running()
         return True
 
-    def unregister(self, breaker: CircuitBreaker) -> None:
+    def unregister(self, breaker: CircuitBreaker, check: HealthCheck | None = None) -> bool:
+        """Stop checking ``breaker`` (only if its check is ``check``, when given); ``False``
+        when another breaker of its name, or another check, was registered since. The thread
+        stops with the last check: nothing is left for it to do."""
         with self._lock:
-            self._checks.pop(breaker.name, None)
+            entry = self._checks.get(breaker.name)
+            if entry is None or entry.breaker is not breaker:
+                return False
+            if check is not None and entry.check is not check:
+                return False
+            del self._checks[breaker.name]
+            if not self._checks and self._thread is not None:
+                # Not joined: a check in flight may take its whole timeout, and the caller
+                # (``uninstrument()``) must not wait for it. The loop ends at its next wake.
+                self._stop.set()
+                self._thread = None
+        return True
+
+    def items(self) -> list[tuple[CircuitBreaker, HealthCheck]]:
+        """Every registered check with its breaker (a copy)."""
+        with self._lock:
+            return [(entry.breaker, entry.check) for entry in self._checks.values()]
 
     def run_due(self) -> int:
         """Run every due check of an open breaker now; how many ran. (The thread calls it;
@@ -87,7 +107,11 @@ class HealthChecker:
             ]
             for entry in due:
                 entry.next_at = now + entry.breaker.config.health_check_interval
+        ran = 0
         for entry in due:
+            if self._checks.get(entry.breaker.name) is not entry:
+                continue  # unregistered while an earlier check of this round ran
+            ran += 1
             try:
                 passed = bool(entry.check())
             except Exception:  # noqa: BLE001 - a failing check means unhealthy
@@ -96,7 +120,7 @@ class HealthChecker:
                 entry.breaker.health_check(passed=passed)
             except Exception as bug:  # noqa: BLE001
                 report_internal_error("health.report", bug)
-        return len(due)
+        return ran
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()

@@ -508,8 +508,8 @@ _default_box = LockBox()
 def get_memory_controller() -> SimpleMemoryController:
     """The process-wide controller (created, not started, on first use).
 
-    ``RaptorInstrumentor`` starts it on ``instrument()`` and stops it on ``uninstrument()``;
-    register your caches on it to have them cleaned under memory pressure.
+    ``RaptorInstrumentor`` starts it on ``instrument()`` and, if it started it, stops it on
+    ``uninstrument()``; register your caches on it to have them cleaned under memory pressure.
     """
     global _default_controller  # noqa: PLW0603 - a lazily created process-wide singleton
     with _default_box.lock:
