@@ -46,12 +46,14 @@ from otel_raptor.core.recovery_stats import (
     F_DURATION_SUM,
     F_ERRORS,
     F_LEARNED_FUTILE,
+    F_NOT_RETRYABLE,
     F_OUTCOMES,
     F_RECOVERIES,
     F_REJECTIONS,
     F_RESULTS,
     F_RETRIES,
     F_TIMED,
+    NOT_RETRYABLE,
     ROW_FIELDS,
     ResultKind,
     summarize,
@@ -225,8 +227,11 @@ def fleet_report(
             row[F_RECOVERIES] += count
             if index is not None:
                 row[index] += count
-            if labels.get("raptor_recovery_give_up_reason") == "learned_futile":
+            reason = labels.get("raptor_recovery_give_up_reason")
+            if reason == "learned_futile":
                 row[F_LEARNED_FUTILE] += count
+            elif reason == NOT_RETRYABLE and outcome == "failed":
+                row[F_NOT_RETRYABLE] += count
     not_rejected = 'raptor_recovery_outcome!="rejected"'
     buckets: dict[str, dict[float, float]] = {}
     bucket_metric = _selector(

@@ -54,6 +54,7 @@ __all__ = [
     "F_RESULTS",
     "F_RETRIES",
     "F_TIMED",
+    "NOT_RETRYABLE",
     "OUTCOMES",
     "ROW_FIELDS",
     "RecoverySummary",
