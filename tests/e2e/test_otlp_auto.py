@@ -7,9 +7,10 @@ beyond one span per call) under ``opentelemetry-instrument`` against a scripted
 app simply returns: the SDK's ``atexit`` shutdown flushes both providers.
 
 The script the server plays: ``/recover`` 503, 503, 200 (recovered by two retries);
-``/outage`` 503, 503, 503 (retries give up and the third consecutive failure opens the
-breaker); ``/outage`` again (refused by the open breaker, never reaching the server); and,
-after the breaker's recovery timeout, ``/healed`` 200 (the half-open probe closes it).
+``/outage`` 503, 503, 503 (retries give up; one call's 503s alone are no outage); ``/outage``
+again, 503 (``tripped``: the second call failing in a row opens the breaker, which refuses
+its retry); ``/outage`` once more (refused by the open breaker, never reaching the server);
+and, after the breaker's recovery timeout, ``/healed`` 200 (the half-open probe closes it).
 
 The SDK configurator. ``opentelemetry-instrument`` configures the SDK only through an
 ``opentelemetry_configurator`` entry point: ``opentelemetry-distro``'s, which otel-raptor
@@ -110,6 +111,7 @@ SCRIPT: tuple[Action, ...] = (
     status(503),
     status(503),
     ok("recovered"),
+    status(503),
     status(503),
     status(503),
     status(503),
@@ -256,17 +258,18 @@ def _total(run: AppRun, name: str, **attributes: Any) -> float:
 
 
 def test_the_app_recovers_fails_fast_and_heals(run: AppRun) -> None:
-    recover, outage, rejected, healed = run.results
+    recover, outage, tripped, rejected, healed = run.results
     assert recover == {"phase": "recover", "status": 200}
     assert outage == {"phase": "outage", "status": 503}  # the last response, as the caller's
+    assert tripped == {"phase": "tripped", "status": 503}
     assert rejected["phase"] == "rejected"
     assert rejected["library_connection_error"] is True  # caught by the library's own except
     assert rejected["circuit_open"] is True
     assert healed == {"phase": "healed", "status": 200}
     assert run.server.count("GET", "/recover") == 3
-    assert run.server.count("GET", "/outage") == 3  # the refused call never reached it
+    assert run.server.count("GET", "/outage") == 4  # the refused call never reached it
     assert run.server.count("GET", "/healed") == 1
-    assert run.server.count() == 7
+    assert run.server.count() == 8
 
 
 # ------------------------------------------------------------------------------------ spans
@@ -305,12 +308,23 @@ def test_exhausted_call_records_the_failure_and_the_breaker_opening(run: AppRun)
     assert span.attributes[ATTR_RECOVERY_ATTEMPTS] == 3
     assert span.attributes[ATTR_RECOVERY_GIVE_UP_REASON] == GiveUpReason.ATTEMPTS_EXHAUSTED.value
     assert span.attributes[ATTR_ERROR_TYPE] == "503"
+    assert span.event_names().count(EVENT_ERROR.name) == 3
+    assert EVENT_BREAKER_TRANSITION.name not in span.event_names()  # one call is no outage
+    # The next call's failure is the second call failing in a row: the breaker opens, and
+    # refuses that call's retry (a call stopped mid-way by the breaker is `rejected`); the
+    # caller gets its 503.
+    span = run.recovery_span("tripped")
+    assert span.status == "ERROR"
+    assert span.attributes[ATTR_RECOVERY_OUTCOME] == Outcome.REJECTED.value
+    assert span.attributes[ATTR_RECOVERY_ATTEMPTS] == 1
+    assert span.attributes[ATTR_RECOVERY_GIVE_UP_REASON] == "breaker_rejected"
+    assert span.attributes[ATTR_ERROR_TYPE] == "503"
     [opened] = [e.attributes for e in span.events if e.name == EVENT_BREAKER_TRANSITION.name]
     assert opened[ATTR_BREAKER_NAME] == run.origin
     assert opened[ATTR_BREAKER_FROM_STATE] == CircuitState.CLOSED.value
     assert opened[ATTR_BREAKER_TO_STATE] == CircuitState.OPEN.value
     assert opened[ATTR_BREAKER_TRANSITION_REASON] == TransitionReason.CONSECUTIVE_FAILURES.value
-    assert span.event_names().count(EVENT_ERROR.name) == 3
+    assert span.event_names().count(EVENT_ERROR.name) == 1
 
 
 def test_refused_call_is_a_rejected_recovery_span(run: AppRun) -> None:
@@ -383,9 +397,10 @@ def test_the_documented_metrics_arrive_with_their_values(run: AppRun) -> None:
     assert arrived >= {spec.name for spec in HTTP_INSTRUMENTS}
     assert METRIC_RETRY_BUDGET_EXHAUSTED.name not in arrived
     service = {ATTR_SERVICE: run.origin}
-    assert _total(run, METRIC_ERRORS.name, **service) == 5  # 2 + 3 failed attempts
-    assert _total(run, METRIC_ERRORS.name, **service, **{ATTR_ERROR_TYPE: "503"}) == 5
-    assert _total(run, METRIC_RETRIES.name, **service) == 4
+    assert _total(run, METRIC_ERRORS.name, **service) == 6  # 2 + 3 + 1 failed attempts
+    assert _total(run, METRIC_ERRORS.name, **service, **{ATTR_ERROR_TYPE: "503"}) == 6
+    # 2 + 2, and the one the tripped call scheduled before the breaker refused it.
+    assert _total(run, METRIC_RETRIES.name, **service) == 5
     by_outcome = {
         outcome: _total(run, METRIC_RECOVERIES.name, **service, **{ATTR_RECOVERY_OUTCOME: outcome})
         for outcome in ("recovered", "failed", "rejected", "fallback", "budget_exhausted")
@@ -393,12 +408,12 @@ def test_the_documented_metrics_arrive_with_their_values(run: AppRun) -> None:
     assert by_outcome == {
         "recovered": 1,
         "failed": 1,
-        "rejected": 1,
+        "rejected": 2,  # the call the breaker stopped mid-way, and the one it refused
         "fallback": 0,
         "budget_exhausted": 0,
     }
     durations = run.receiver.series(METRIC_RECOVERY_DURATION.name).values()
-    assert sum(p.count for p in durations) == 3
+    assert sum(p.count for p in durations) == 4
     assert all(p.explicit_bounds == METRIC_RECOVERY_DURATION.bucket_boundaries for p in durations)
     recovered = run.receiver.last(
         METRIC_RECOVERY_DURATION.name, **{ATTR_RECOVERY_OUTCOME: "recovered"}
@@ -423,7 +438,7 @@ def test_breaker_metrics_tell_the_story(run: AppRun) -> None:
         ("open", "half_open", TransitionReason.RECOVERY_TIMEOUT_ELAPSED.value): 1,
         ("half_open", "closed", TransitionReason.PROBES_SUCCEEDED.value): 1,
     }
-    assert _total(run, METRIC_BREAKER_REJECTIONS.name, **breaker) == 1
+    assert _total(run, METRIC_BREAKER_REJECTIONS.name, **breaker) == 2  # a retry, a call
     assert _total(run, METRIC_BREAKER_REJECTIONS.name, **breaker, **{ATTR_BREAKER_STATE: "open"})
     # The gauge's last reading, at the final collection: closed.
     state = {
@@ -495,8 +510,8 @@ def test_disabled_instrumentation_sends_no_raptor_telemetry(
         extra_env={"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "raptor"},
     )
     # Without raptor each call meets the next scripted answer once, failures included.
-    assert [r.get("status") for r in run.results] == [503, 503, 200, 503]
-    assert run.server.count() == 4
+    assert [r.get("status") for r in run.results] == [503, 503, 200, 503, 503]
+    assert run.server.count() == 5
     assert raptor_telemetry(run.receiver) == []
     # ...while the app's own spans did arrive: the receiver was listening.
     assert {s.name for s in run.receiver.spans()} >= {f"app {p}" for p in ("recover", "healed")}

@@ -1,14 +1,17 @@
 """An application with no resilience code of its own, run by the e2e tests.
 
 ``python flaky_client.py URL [--client requests|httpx|httpx-async] [--breaker-wait S]`` makes
-four GETs against ``URL`` (a ``tests/support/faulty_http.py`` server the test scripts), each
+five GETs against ``URL`` (a ``tests/support/faulty_http.py`` server the test scripts), each
 inside an application span ``app <phase>``:
 
 1. ``/recover``: the server answers 503, 503, then 200: recovered by retries under raptor;
-2. ``/outage``: 503, 503, 503: retries give up and the breaker opens;
-3. ``/outage`` again: refused at once by the open breaker, with an error the library's own
-   ``except`` clause catches;
-4. after ``--breaker-wait`` seconds, ``/healed``: the half-open probe succeeds, the breaker
+2. ``/outage``: 503, 503, 503: retries give up (one call's 503s alone are not an outage: one
+   route may be broken);
+3. ``/outage`` again (``tripped``): its 503 is the second call's failure in a row, which opens
+   the breaker; its retry is refused and the caller gets that 503;
+4. ``/outage`` once more (``rejected``): refused at once by the open breaker, with an error the
+   library's own ``except`` clause catches;
+5. after ``--breaker-wait`` seconds, ``/healed``: the half-open probe succeeds, the breaker
    closes.
 
 It prints one line ``RESULT <json>``: per call the status code, or the exception's type and
@@ -29,7 +32,12 @@ from typing import Any
 
 from opentelemetry import trace
 
-PHASES = (("recover", "/recover"), ("outage", "/outage"), ("rejected", "/outage"))
+PHASES = (
+    ("recover", "/recover"),
+    ("outage", "/outage"),
+    ("tripped", "/outage"),
+    ("rejected", "/outage"),
+)
 HEALED = ("healed", "/healed")
 
 

@@ -6,7 +6,7 @@
 function the integrations hook, and then:
 
 1. ``RaptorInstrumentor().instrument(tracer_provider=..., meter_provider=..., retry=...,
-   breaker=...)``;
+   breaker=..., asyncio_timeouts=True)``;
 2. against ``URL`` (scripted by the test: 503, 503, 200, 503, 200, 503, 200): a requests GET
    ``/requests``, an httpx GET ``/httpx`` and an httpx ``AsyncClient`` GET ``/async``, each
    recovered by retries; and one ``asyncio.wait_for`` that times out; then it flushes the
@@ -96,6 +96,7 @@ def main() -> None:
         meter_provider=meter_provider,
         retry=RetryPolicy(max_retries=2, base_delay=0.01, max_delay=0.05, jitter="none"),
         breaker=CircuitBreakerConfig(failure_threshold=5, recovery_timeout=0.3),
+        asyncio_timeouts=True,  # record the wait_for timeout below (off by default)
     )
     hooked_now = sorted(name for name, value in snapshot().items() if value is not before[name])
     result: dict[str, Any] = {"hooked": hooked_now}
