@@ -14,6 +14,7 @@ from otel_raptor.errors import CircuitOpenError, ConfigError, ThrottledError
 from otel_raptor.integrations.db import pymysql as pymysql_integration
 from otel_raptor.integrations.db._common import refusal_factory
 from otel_raptor.integrations.requests import circuit_open_error_type
+from otel_raptor.runtime.classifying import classify
 
 
 def round_trip(error: BaseException) -> BaseException:
@@ -55,3 +56,27 @@ def test_a_refusal_with_driver_args_keeps_them() -> None:
     copy = round_trip(error)
     assert isinstance(copy, pymysql.err.OperationalError)
     assert copy.args[0] == 2003
+
+
+def test_every_refusal_is_classified_as_a_refusal_not_a_lost_connection() -> None:
+    # The driver-flavoured refusals carry the driver's SQLSTATE (asyncpg's 08000) or error
+    # number (PyMySQL's 2003): a guard around the app's database code must still see a refusal
+    # (never retried), not a retryable lost connection.
+    from otel_raptor.integrations.db.asyncpg import (
+        circuit_open_error_type as asyncpg_refusal,
+    )
+
+    refusals: list[BaseException] = [
+        CircuitOpenError("svc", 1.0),
+        asyncpg_refusal()("postgresql://db:5432/shop", 1.0),
+        refusal_factory(
+            pymysql.err.OperationalError,
+            "PyMySQLCircuitOpen",
+            pymysql_integration.__name__,
+            args=lambda message: (pymysql_integration.CONNECT_ERROR, message),
+        )(Refusal(RefusalKind.CIRCUIT_OPEN, "mysql://db:3306/shop", 1.0)),
+        circuit_open_error_type()("http://api:80", 1.0),
+    ]
+    for refusal in refusals:
+        verdict = classify(refusal)
+        assert (verdict.rule, verdict.retryable) == ("circuit_open", False), type(refusal)

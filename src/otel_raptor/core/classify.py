@@ -390,6 +390,14 @@ _DNS_TEXT = (
 
 # The table is laid out by hand, one rule per entry; the formatter would stretch it fourfold.
 # fmt: off
+# raptor's own refusal. Its driver-flavoured subclasses inherit the driver's SQLSTATE (asyncpg's
+# ``08000``) or carry its error number (PyMySQL's 2003), signals that would read as a lost
+# connection, retryable: it competes as a user rule does (registered ``first=True`` rules
+# still win), so a refusal is never retried nor counted by a guard around the driver's code.
+_CIRCUIT_OPEN: Final = _types(
+    "circuit_open", _C.UNAVAILABLE, "otel_raptor.errors.CircuitOpenError", retryable=False
+)
+
 _TABLE: tuple[Rule | None, ...] = (
     # -- HTTP statuses ----------------------------------------------------------------------------
     _status("429", _C.RATE_LIMIT, (429,)),
@@ -525,8 +533,7 @@ _TABLE: tuple[Rule | None, ...] = (
     _types("tls", _C.TLS, "ssl.SSLError"),
     _types("memory", _C.RESOURCE_EXHAUSTED, "builtins.MemoryError"),
     _types("urllib.URLError", _C.CONNECTION, "urllib.error.URLError", defer=True),
-    _types("circuit_open", _C.UNAVAILABLE, "otel_raptor.errors.CircuitOpenError",
-           retryable=False),
+    _CIRCUIT_OPEN,
     # -- requests ---------------------------------------------------------------------------------
     _types("requests.ConnectionError", _C.CONNECTION, "requests.exceptions.ConnectionError",
            "requests.exceptions.ProxyError", defer=True),
@@ -820,7 +827,9 @@ class Classifier:
     ) -> _State:
         entries: list[_Entry] = []
         for position, rule in enumerate((*user_first, *builtin, *user_last)):
-            group = _USER if position < len(user_first) else rule.specificity
+            group = (
+                _USER if position < len(user_first) or rule is _CIRCUIT_OPEN else rule.specificity
+            )
             strength = _DEFERRED if rule.defer_to_cause and group != _USER else group
             retryable = rule.retryable
             if retryable is None:
