@@ -112,6 +112,21 @@ def test_forget_lets_the_next_get_create_the_breaker_with_its_config(clock: Fake
     assert registry.get("c").name == "c"
 
 
+def test_forget_never_drops_the_shared_other_breaker(clock: FakeClock) -> None:
+    # Those who hold "other" keep sharing it (and seeing it in the gauges) after room is made.
+    registry = BreakerRegistry(max_breakers=2, clock=clock)
+    a = registry.get("a")
+    registry.get("b")
+    other = registry.get("c")
+    assert other.name == OTHER_BREAKER
+    other.force_open()
+    assert not registry.forget(other)
+    assert registry.forget(a)
+    assert registry.get("d").name == "d"  # room again: a new name gets its own
+    assert registry.get(OTHER_BREAKER) is other  # a name folded by the runtime: the same one
+    assert (OTHER_BREAKER, other) in registry.items()
+
+
 # --- health checks ------------------------------------------------------------------------------
 
 
@@ -155,6 +170,25 @@ def test_uninstrument_keeps_the_health_checks_of_the_apps_guards(
     instrumentor.uninstrument()
     assert runtime.health.items() == [(guard.breaker, ping)]
     assert runtime.health.running
+
+
+def test_uninstrument_keeps_an_app_guards_check_under_an_integrations_name(
+    instrumentor: RaptorInstrumentor, runtime: Runtime, server: FaultyHTTPServer
+) -> None:
+    # With breaker_key="host" an origin's breaker is named after the host, as the app's own
+    # guard for that host may be: its check is the app's, whatever the name.
+    instrumentor.instrument(integrations=["requests"], breaker_key="host", **QUIET)
+    assert requests.get(server.url(), timeout=5).status_code == 200
+
+    def ping() -> bool:
+        return True
+
+    guard = Guard(server.host, health_check=ping)
+    assert guard.breaker is dict(runtime.breakers.items())[server.host]
+    instrumentor.uninstrument()
+    assert [(breaker.name, check) for breaker, check in runtime.health.items()] == [
+        (server.host, ping)
+    ]
 
 
 def test_unregister_takes_only_that_check_and_the_last_one_stops_the_thread(

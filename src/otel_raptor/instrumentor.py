@@ -48,7 +48,7 @@ from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations import INTEGRATIONS
 from otel_raptor.integrations._base import Integration, IntegrationSettings
-from otel_raptor.integrations._http import ResendCountSpanProcessor
+from otel_raptor.integrations._http import INTEGRATION_CHECK, ResendCountSpanProcessor
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.health import HealthCheck
@@ -479,9 +479,10 @@ def _forget_what_integrations_made(installed: _Installed) -> None:
     ``instrument()`` applies its own settings and nothing stays open from this one.
 
     The runtime is process-wide and the app's guards share its breaker registry and health
-    checker, so only what the integrations made goes: what is new since ``instrument()``
-    and belongs to a downstream an integration met (integrations name each one with
-    ``Runtime.describe``; guards never do). A guard the app made meanwhile under the very
+    checker, so only what the integrations made goes: the health checks they registered
+    (marked ``INTEGRATION_CHECK``), and the breakers new since ``instrument()`` that belong
+    to a downstream an integration met (integrations name each one with
+    ``Runtime.describe``; guards never do; the shared ``other`` is never forgotten). A guard the app made meanwhile under the very
     name of such a downstream keeps the breaker it shares with it, but later guards of that
     name get a new one. The downstreams (retry budget, ``Retry-After`` cooldown) stay: their
     budget shape is the runtime's, restored by ``uninstrument()`` and set by each
@@ -490,8 +491,9 @@ def _forget_what_integrations_made(installed: _Installed) -> None:
     """
     runtime = installed.runtime
     for breaker, check in runtime.health.items():
-        name = breaker.name
-        if installed.previous_checks.get(name) is not check and runtime.description(name):
+        if installed.previous_checks.get(breaker.name) is not check and getattr(
+            check, INTEGRATION_CHECK, False
+        ):
             runtime.health.unregister(breaker, check)
     for name, breaker in runtime.breakers.items():
         if installed.previous_breakers.get(name) is not breaker and runtime.description(name):

@@ -173,3 +173,17 @@ def test_pervasive_throttling_pauses_every_call_and_refuses_what_cannot_wait() -
     patient = Guard("api", retry=RetryPolicy(max_retries=0, max_delay=60.0), runtime=runtime)
     assert patient.call(lambda: "after the pause") == "after the pause"
     assert clock.sleeps == [pytest.approx(30.0)]
+
+
+def test_private_downstreams_follow_load_shedding_while_they_live() -> None:
+    # The downstreams of targets past max_services are nobody's to share, but a shed budget
+    # must reach them, and end for them, like every other.
+    runtime = Runtime(max_services=1)
+    tracked = runtime.downstream(runtime.service("tracked"))
+    private = runtime.private_downstream()
+    runtime.shed_load(0.1, 60.0)
+    during = runtime.private_downstream()
+    assert private.budget._ratio == tracked.budget._ratio == during.budget._ratio
+    assert tracked.budget._ratio < 0.2
+    runtime.stop_shedding()
+    assert private.budget._ratio == tracked.budget._ratio == during.budget._ratio == 0.2

@@ -72,6 +72,7 @@ __all__ = [
     "STALE_UNKEYED_HEADERS",
     "THROTTLED_HEADER",
     "AsyncHttpHooks",
+    "INTEGRATION_CHECK",
     "FailingResponse",
     "FallbackCall",
     "HttpHooks",
@@ -97,6 +98,10 @@ __all__ = [
 RESEND_COUNT_ATTRIBUTE: Final = ATTR_HTTP_REQUEST_RESEND_COUNT
 ATTR_SERVER_ADDRESS: Final = "server.address"
 ATTR_SERVER_PORT: Final = "server.port"
+
+#: Set on every health check an HTTP integration registers (``uninstrument()`` removes those,
+#: and only those: an app's own guard may have a check under the same name).
+INTEGRATION_CHECK: Final = "_otel_raptor_integration_check"
 
 #: Header added to a response served from the stale cache (value ``"1"``); ``Age`` is set too.
 STALE_HEADER: Final = "X-Raptor-Stale"
@@ -444,6 +449,7 @@ def http_health_check(url: str, *, timeout: float) -> Callable[[], bool]:
         except (OSError, ValueError):
             return False
 
+    setattr(check, INTEGRATION_CHECK, True)  # uninstrument() removes what integrations made
     return check
 
 

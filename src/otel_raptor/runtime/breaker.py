@@ -434,6 +434,7 @@ class BreakerRegistry:
         "_lock",
         "_max",
         "_other",
+        "_overflow",
         "_rnd",
         "_sink",
     )
@@ -458,7 +459,11 @@ class BreakerRegistry:
         self._classifier = classifier
         self._lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}
+        # ``_other``: the shared breaker while the registry is full (the fast path's check);
+        # ``_overflow``: the same breaker, kept once made, so that those who hold it stay
+        # visible and share it with whoever overflows later, even after room was made.
         self._other: CircuitBreaker | None = None
+        self._overflow: CircuitBreaker | None = None
         register_lock(self, "_lock")
 
     @property
@@ -477,6 +482,8 @@ class BreakerRegistry:
         other = self._other
         if other is not None:
             return other
+        if name == OTHER_BREAKER and self._overflow is not None:
+            return self._overflow  # a name folded elsewhere (the runtime's services)
         with self._lock:
             breaker = self._breakers.get(name)
             if breaker is not None:
@@ -485,10 +492,10 @@ class BreakerRegistry:
                 breaker = self._new(name, config if config is not None else self._config)
                 self._breakers[name] = breaker
                 return breaker
-            other = self._breakers.get(OTHER_BREAKER)
+            other = self._overflow or self._breakers.get(OTHER_BREAKER)
             if other is None:
                 other = self._new(OTHER_BREAKER, self._config)
-            self._other = other
+            self._overflow = self._other = other
             return other
 
     def _new(self, name: str, config: CircuitBreakerConfig) -> CircuitBreaker:
@@ -506,7 +513,7 @@ class BreakerRegistry:
         config given then; ``False`` when its name holds another breaker (or none) by now.
         Whoever holds ``breaker`` keeps using it: it is only no longer shared."""
         with self._lock:
-            if self._breakers.get(breaker.name) is not breaker:
+            if breaker is self._overflow or self._breakers.get(breaker.name) is not breaker:
                 return False
             del self._breakers[breaker.name]
             if len(self._breakers) < self._max:
@@ -518,7 +525,7 @@ class BreakerRegistry:
         lock (gauges call it; see :meth:`CircuitBreaker.try_snapshot`): copying a dict of
         ``str`` keys runs no Python code, so no other thread can change it half-way."""
         items = list(self._breakers.items())
-        other = self._other
+        other = self._overflow
         if other is not None and OTHER_BREAKER not in self._breakers:
             items.append((OTHER_BREAKER, other))
         return items
@@ -530,5 +537,5 @@ class BreakerRegistry:
 
     def __len__(self) -> int:
         return len(self._breakers) + (
-            1 if self._other is not None and OTHER_BREAKER not in self._breakers else 0
+            1 if self._overflow is not None and OTHER_BREAKER not in self._breakers else 0
         )

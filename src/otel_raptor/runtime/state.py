@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from types import MappingProxyType
@@ -103,6 +104,9 @@ class Runtime:
         RetryBudget(ratio=budget_ratio, min_retries_per_second=budget_min_retries_per_second)
         self._services: set[str] = set()
         self._downstreams: dict[str, Downstream] = {}
+        # The downstreams of one caller each (past ``max_services``): not shared, not named,
+        # but their budgets follow load shedding like every other's while they live.
+        self._private: weakref.WeakSet[Downstream] = weakref.WeakSet()
         self._descriptions: dict[str, Mapping[str, str | int]] = {}
         self._recent: dict[tuple[str, str], list[float]] = {}
         self._learner = StrategyLearner(learner or LearnerOptions())
@@ -232,7 +236,7 @@ class Runtime:
         with self._reshape_lock:
             now = self.clock.monotonic()
             ratio = self.effective_budget_ratio
-            for downstream in list(self._downstreams.values()):
+            for downstream in [*self._downstreams.values(), *list(self._private)]:
                 downstream.reshape(ratio, self._budget_floor, now)
 
     def service(self, name: str) -> str:
@@ -267,13 +271,16 @@ class Runtime:
     def private_downstream(self) -> Downstream:
         """A downstream of its own for one caller (named ``other``): never shared, never
         registered, so one folded downstream's cooldown or spent budget never reaches
-        another's. Its budget follows the ratio in force when it is made."""
-        budget = RetryBudget(
-            ratio=self.effective_budget_ratio,
-            min_retries_per_second=self._budget_floor,
-            now=self.clock.monotonic(),
-        )
-        return Downstream(OTHER_SERVICE, budget)
+        another's. Its budget is reshaped with every other's (load shedding) while it lives."""
+        with self._reshape_lock:  # a reshape in progress either sees it or made its ratio
+            budget = RetryBudget(
+                ratio=self.effective_budget_ratio,
+                min_retries_per_second=self._budget_floor,
+                now=self.clock.monotonic(),
+            )
+            downstream = Downstream(OTHER_SERVICE, budget)
+            self._private.add(downstream)
+        return downstream
 
     def describe(self, service: str, attributes: Mapping[str, str | int]) -> None:
         """Attach semantic-convention attributes to ``service`` (``server.address``,
