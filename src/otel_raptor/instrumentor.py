@@ -482,12 +482,13 @@ def _forget_what_integrations_made(installed: _Installed) -> None:
     checker, so only what the integrations made goes: the health checks they registered
     (marked ``INTEGRATION_CHECK``), and the breakers new since ``instrument()`` that belong
     to a downstream an integration met (integrations name each one with
-    ``Runtime.describe``; guards never do; the shared ``other`` is never forgotten). A guard the app made meanwhile under the very
-    name of such a downstream keeps the breaker it shares with it, but later guards of that
-    name get a new one. The downstreams (retry budget, ``Retry-After`` cooldown) stay: their
-    budget shape is the runtime's, restored by ``uninstrument()`` and set by each
-    ``instrument()``, while the balance and the cooldown are what the downstream did and
-    said; and guards keep a downstream for their lifetime (it is never replaced).
+    ``Runtime.describe``; guards never do; the shared ``other`` is never forgotten). A guard
+    the app made meanwhile under the very name of such a downstream keeps the breaker it
+    shares with it, but later guards of that name get a new one. The downstreams (retry
+    budget, ``Retry-After`` cooldown) stay: their budget shape is the runtime's, restored by
+    ``uninstrument()`` and set by each ``instrument()``, while the balance and the cooldown
+    are what the downstream did and said; and guards keep a downstream for their lifetime
+    (it is never replaced).
     """
     runtime = installed.runtime
     for breaker, check in runtime.health.items():
