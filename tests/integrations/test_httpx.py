@@ -398,6 +398,46 @@ async def test_an_attempt_timeout_bounds_async_attempts(
     assert server.count() == 2
 
 
+class AuditTimeout(TimeoutError):
+    """An app's own timeout, raised by its response hook."""
+
+
+async def test_a_timeout_error_the_call_raises_itself_reaches_the_caller_unchanged(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(attempt_timeout=5.0, max_retries=0)
+
+    async def audit(response: httpx.Response) -> None:
+        raise AuditTimeout("the audit log timed out")
+
+    async with httpx.AsyncClient(event_hooks={"response": [audit]}) as client:
+        with pytest.raises(AuditTimeout) as raised:
+            await client.get(server.url("/t"))
+    assert type(raised.value) is AuditTimeout
+
+
+async def test_a_fallback_is_handed_the_attempt_timeout_as_httpx_shows_it(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    seen: list[BaseException] = []
+
+    def fallback(error: BaseException) -> httpx.Response:
+        seen.append(error)
+        return httpx.Response(200, text="cached")
+
+    install(
+        attempt_timeout=0.2,
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", fallback=fallback),),
+    )
+    server.push(hang(2.0))
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(server.url("/t"))).text == "cached"
+    [error] = seen
+    assert isinstance(error, httpx.TimeoutException)
+    assert error.__cause__ is not error
+
+
 async def test_an_attempt_out_of_time_is_an_httpx_timeout_and_a_timeout_error(
     install: Install, server: FaultyHTTPServer
 ) -> None:

@@ -104,7 +104,7 @@ class AsyncioIntegration:
         self._wrapper_code: CodeType | None = None
         # The drivers that await ``asyncio.wait_for`` for a guarded call's attempt timeout.
         self._guard_codes: frozenset[CodeType] = frozenset(
-            (drive.run_async.__code__, drive._drive_async.__code__)
+            (drive.run_async.__code__, drive._drive_async.__code__, drive._within.__code__)
         )
 
     @property

@@ -29,6 +29,7 @@ by that function. See ``docs/http.md``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import timedelta
 from types import MethodType
@@ -123,7 +124,8 @@ def attempt_timeout_error_type() -> type[BaseException]:
 
         _attempt_timeout = type(
             "HttpxAttemptTimeout",
-            (httpx.TimeoutException, TimeoutError),
+            # asyncio's (the built-in TimeoutError since Python 3.11), which wait_for raises.
+            (httpx.TimeoutException, asyncio.TimeoutError),
             {
                 "__module__": __name__,
                 "__doc__": "An attempt that ran out of raptor's attempt timeout or deadline.",
@@ -132,16 +134,22 @@ def attempt_timeout_error_type() -> type[BaseException]:
     return _attempt_timeout
 
 
-def _timed_out(error: TimeoutError, request: Any) -> BaseException:
-    """``error`` (``asyncio.wait_for``'s, or a transport's own built-in one) as httpx shows a
-    timeout; it stays a ``TimeoutError`` too."""
-    if isinstance(error, attempt_timeout_error_type()):
-        return error
+def _timed_out(error: BaseException, args: tuple[Any, ...]) -> BaseException:
+    """An ``AsyncClient`` attempt cut off at raptor's attempt timeout (``args`` end with the
+    request: ``(client, request)`` or ``(request,)``), as httpx shows a timeout."""
     timed_out: BaseException = attempt_timeout_error_type()(
         "the attempt timed out",
-        request=request,  # type: ignore[call-arg]  # httpx's __init__
+        request=args[-1],  # type: ignore[call-arg]  # httpx's __init__
     )
     return timed_out
+
+
+class _AsyncHooks(AsyncHttpHooks):
+    """``AsyncClient`` attempts: raptor's attempt timeout is an ``HttpxAttemptTimeout``."""
+
+    __slots__ = ()
+
+    timed_out = staticmethod(_timed_out)
 
 
 def __getattr__(name: str) -> Any:
@@ -220,7 +228,7 @@ class _Installed(HttpInstallation):
         # Sync and async clients differ in how a failed response is closed, so their plans
         # have their own hooks; both share each origin's breaker and downstream.
         self.sync_table = OriginTable(settings.runtime, settings.config, HttpHooks())
-        self.async_table = OriginTable(settings.runtime, settings.config, AsyncHttpHooks())
+        self.async_table = OriginTable(settings.runtime, settings.config, _AsyncHooks())
         self.byte_stream = httpx.ByteStream
         self.use_client_default = httpx.USE_CLIENT_DEFAULT
         self.timeout_type = httpx.Timeout
@@ -369,8 +377,6 @@ class _Installed(HttpInstallation):
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.request)
-        except TimeoutError as error:  # httpx's own timeouts are not TimeoutError
-            raise _timed_out(error, described.request) from error
         return self.kept(described.stale_key, response)
 
     # -- failover -----------------------------------------------------------------------------
@@ -497,8 +503,6 @@ def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
                 return await call_async(described, original, (self, request), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
                 return refused(error, described, request)
-            except TimeoutError as error:  # httpx's own timeouts are not TimeoutError
-                raise _timed_out(error, request) from error
         if described is None:
             return await original(self, request, **kwargs)
         return await installed.send_async(MethodType(original, self), described)  # type: ignore[arg-type]

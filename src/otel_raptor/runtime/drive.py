@@ -135,6 +135,13 @@ class CallHooks:
     #: for async callers, since nothing can do the same to a sync call.
     wait_for_attempts: bool = True
 
+    #: ``(timeout_error, args) -> error``: what an attempt of the call (made with positional
+    #: arguments ``args``) that the async driver cut off at its attempt timeout raises instead
+    #: of ``asyncio.wait_for``'s ``TimeoutError``: the library's own timeout, so that its
+    #: ``except`` clauses keep working. Only the driver's own cut-off is converted, never a
+    #: ``TimeoutError`` the call raised itself. ``None`` (the default): the ``TimeoutError``.
+    timed_out: Callable[[BaseException, tuple[Any, ...]], BaseException] | None = None
+
     #: ``(failure, args) -> bool``: whether a failure of the call (made with positional
     #: arguments ``args``) is no verdict on the downstream nor on the call, such as a client
     #: connection pool refusing to hand out a connection. The call then ends at once, as a
@@ -376,8 +383,39 @@ def _first_attempt(
     if plan.first_kwargs:
         kwargs = plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
     if plan.wait_for:
-        return asyncio.wait_for(fn(*args, **kwargs), plan.spec.first_timeout)
+        return _within(fn(*args, **kwargs), plan.spec.first_timeout, plan.hooks, args)
     return fn(*args, **kwargs)
+
+
+async def _within(
+    awaitable: Awaitable[Any], timeout: float | None, hooks: CallHooks, args: tuple[Any, ...]
+) -> Any:
+    """``awaitable`` cut off after ``timeout`` seconds (``asyncio.wait_for``); the cut-off,
+    and only the cut-off, raises the hooks' ``timed_out`` error."""
+    raised_itself = False
+
+    async def attempt() -> Any:
+        nonlocal raised_itself
+        try:
+            return await awaitable
+        except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
+            raised_itself = True
+            raise
+
+    try:
+        return await asyncio.wait_for(attempt(), timeout)
+    except (TimeoutError, asyncio.TimeoutError) as error:
+        convert = hooks.timed_out
+        if raised_itself or convert is None:
+            raise
+        try:
+            replacement = convert(error, args)
+        except Exception as bug:  # noqa: BLE001 - keep the TimeoutError
+            report_internal_error("drive.timed_out", bug)
+            replacement = error
+        if replacement is error:
+            raise
+        raise replacement from error
 
 
 def _succeeded(plan: CallPlan, start: float, result: Any) -> Exception | None:
@@ -565,7 +603,7 @@ class _Runner:
         timeout = self.loop.timeout
         if timeout is None or not self.plan.wait_for or self._passive:
             return awaitable
-        return asyncio.wait_for(awaitable, timeout)
+        return _within(awaitable, timeout, self.plan.hooks, self._args)
 
     def on_error(self, exc: BaseException) -> Step:
         self._end_attempt()
