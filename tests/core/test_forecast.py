@@ -83,6 +83,28 @@ def test_a_value_already_at_the_limit_is_exhausted_now() -> None:
     assert f.probability > 0.99
 
 
+def test_a_level_at_the_limit_within_rounding_is_exhausted_now() -> None:
+    # A leak sampled every 5 s that reaches the limit exactly: the fitted level came out a
+    # third of a byte short (integer byte counts), so the time to exhaustion was 3e-7 s, not 0.
+    limit = 1_000_000_000
+    samples = [
+        (float(t), float(int((0.3 + 0.7 * (t - 3600) / 600) * limit)))
+        for t in range(4200 - 59 * 5, 4201, 5)
+    ]
+    assert forecast(samples, float(limit), horizon=1800.0).time_to_exhaustion_s == 0.0
+
+
+def test_a_ramp_that_stays_at_the_limit_is_exhausted_now() -> None:
+    # A disk that filled and stays full: the newest half is flat (slope 0) and the whole
+    # window's median level lags at 0.91, so the trend said "never" while every write failed.
+    samples = [(i * 30.0, min(1.0, 0.6 + 0.4 * i / 38)) for i in range(60)]
+    f = forecast(samples, 1.0, horizon=1800.0)
+    assert f.time_to_exhaustion_s == 0.0
+    # Not at the limit: a single sample there (a spike) is not enough.
+    spike = [*[(i * 30.0, 0.5) for i in range(59)], (59 * 30.0, 1.0)]
+    assert forecast(spike, 1.0, horizon=1800.0).time_to_exhaustion_s is None
+
+
 def test_too_few_samples_give_no_trend() -> None:
     assert forecast([], 10.0, horizon=1.0) == Forecast(
         time_to_exhaustion_s=None, probability=0.0, confidence=0.0, slope=0.0, level=0.0

@@ -39,6 +39,21 @@ def test_raises_on_time_to_exhaustion_only_with_confidence() -> None:
     assert result.severity is Severity.MEDIUM
 
 
+def test_a_level_at_the_limit_raises_whatever_the_confidence_and_never_clears() -> None:
+    # At the limit there is no extrapolation to distrust: a short window (low confidence) or
+    # a flat series at the limit (probability about 0.5) must still raise, and stay raised.
+    options = AlarmOptions(horizon_s=1000.0, clear_threshold=0.6, raise_threshold=0.9)
+    alarm = Alarm(options)
+    at_limit = fc(0.5, tte=0.0, confidence=0.0)
+    result = alarm.evaluate(at_limit)
+    assert isinstance(result, Raised)
+    assert result.severity is Severity.CRITICAL
+    for _ in range(10):
+        assert alarm.evaluate(at_limit) is None
+    assert alarm.raised
+    assert Alarm(options).evaluate(fc(0.5, tte=1.0, confidence=0.0)) is None
+
+
 def test_clears_only_after_k_quiet_evaluations() -> None:
     alarm = Alarm(OPTIONS)
     alarm.evaluate(fc(0.9))

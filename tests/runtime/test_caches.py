@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
 
@@ -100,6 +103,89 @@ def test_tracked_dict_has_exact_ages() -> None:
     assert list(cache.stamps) == ["d"]
     assert adapter.clear(now=50.0) == 1
     assert cache.stamps == {}
+
+
+class Ticking:
+    """A picklable clock (a FakeClock's bound method pickles with it)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tracked_dict_is_a_drop_in_dict() -> None:
+    # update() took only a mapping, TrackedDict() needed a clock (so fromkeys failed),
+    # pickling lost _clock, and |= wrote past __setitem__ unstamped.
+    clock = Ticking()
+    cache: TrackedDict[str, int] = TrackedDict(clock)
+    cache.update([("a", 1)], b=2)
+    clock.now = 10.0
+    cache.update({"c": 3}.items())
+    cache |= {"d": 4}
+    assert cache.stamps == {"a": 0.0, "b": 0.0, "c": 10.0, "d": 10.0}
+    assert cache == {"a": 1, "b": 2, "c": 3, "d": 4}  # equal to a dict with the same items
+
+    plain: TrackedDict[str, int] = TrackedDict()  # the default clock: time.monotonic
+    plain["x"] = 1
+    assert 0 < plain.stamps["x"] <= time.monotonic()
+    assert TrackedDict({"x": 1}, y=2) == {"x": 1, "y": 2}  # as dict(mapping, **kwargs)
+    assert TrackedDict([("x", 1)]) == {"x": 1}
+    made = TrackedDict.fromkeys(["p", "q"], 0)
+    assert isinstance(made, TrackedDict)
+    assert made == {"p": 0, "q": 0}
+    assert set(made.stamps) == {"p", "q"}
+
+    twin = cache.copy()
+    assert type(twin) is TrackedDict
+    assert twin == cache
+    assert twin.stamps == cache.stamps
+    twin["e"] = 5
+    assert "e" not in cache
+    assert "e" not in cache.stamps
+    assert copy.copy(cache).stamps == cache.stamps
+
+    clock.now = 20.0
+    merged = cache | {"a": 9}
+    assert isinstance(merged, TrackedDict)
+    assert merged["a"] == 9
+    assert merged.stamps["a"] == 20.0  # rewritten
+    assert merged.stamps["c"] == 10.0  # kept
+    assert "a" in cache.stamps
+    assert cache["a"] == 1
+    left = {"z": 0, "c": 0} | cache
+    assert isinstance(left, TrackedDict)
+    assert left == {"z": 0, "a": 1, "b": 2, "c": 3, "d": 4}
+    assert left.stamps["c"] == 10.0
+    assert left.stamps["z"] == 20.0
+
+    assert cache.setdefault("a", 7) == 1
+    assert cache.setdefault("f", 6) == 6
+    assert cache.stamps["f"] == 20.0
+    assert cache.pop("f") == 6
+    assert cache.pop("f", None) is None
+    assert "f" not in cache.stamps
+
+    for restored in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)):
+        assert type(restored) is TrackedDict
+        assert restored == cache
+        assert restored.stamps == cache.stamps
+        restored["g"] = 7  # its clock came along
+        assert restored.stamps["g"] == 20.0
+
+
+def test_an_unpickled_stamp_later_than_its_clock_reads_becomes_the_load_time() -> None:
+    # time.monotonic() pickled on one boot and loaded on another may read less: a stamp in
+    # the future would never expire.
+    later, earlier = Ticking(), Ticking()
+    later.now, earlier.now = 5000.0, 100.0
+    cache: TrackedDict[str, int] = TrackedDict(later, {"a": 1})
+    rebuild, _, state = cache.__reduce__()
+    restored = rebuild(TrackedDict, earlier)  # type: ignore[operator]  # as pickle.loads does
+    restored.__setstate__(state)
+    assert restored == {"a": 1}
+    assert restored.stamps == {"a": 100.0}
 
 
 def test_lru_cache_expires_whole_after_max_age_since_its_last_clear() -> None:

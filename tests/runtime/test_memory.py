@@ -17,6 +17,7 @@ import pytest
 from otel_raptor.core.events import Event, MemoryCleanupFinished, MemoryPressureChanged
 from otel_raptor.core.memory import CleanupLevel, MemoryOptions, PressureLevel
 from otel_raptor.errors import ConfigError
+from otel_raptor.runtime import memory as memory_module
 from otel_raptor.runtime.memory import (
     MemoryLimit,
     SimpleMemoryController,
@@ -282,6 +283,66 @@ def test_auto_cleanup_off_skips_automatic_runs(runtime: Runtime, readings: Readi
     assert controller.cleanup("emergency").skipped == ""
     controller.start()
     assert not controller.running
+
+
+def test_a_prediction_escalating_past_the_last_automatic_run_skips_the_cooldown(
+    controller: SimpleMemoryController, clock: FakeClock, readings: Readings
+) -> None:
+    # The predictor's escalation to a stronger cleanup landed in the cooldown of a pressure
+    # run and was dropped: "an escalation gets its stronger cleanup at once".
+    cache = {i: i for i in range(3)}
+    controller.register_cache("low", cache, priority="low")
+    readings.rss = int(0.75 * GIB)
+    first = controller.check()  # warning: a standard pressure cleanup
+    assert first is not None
+    assert (first.level, first.skipped) == ("standard", "")
+    clock.advance(10)  # within the 30 s cooldown
+    assert controller.cleanup("standard", "prediction").skipped == "cooldown"  # no stronger
+    assert controller.cleanup("critical", "pressure").skipped == "cooldown"  # not a prediction
+    stronger = controller.cleanup("critical", "prediction")
+    assert stronger.skipped == ""
+    assert cache == {}  # the critical level cleared the low-priority cache
+    clock.advance(10)
+    assert controller.cleanup("critical", "prediction").skipped == "cooldown"
+    assert controller.cleanup("emergency", "prediction").skipped == ""
+
+
+def test_an_automatic_cleanup_does_not_wait_for_one_that_hangs(
+    controller: SimpleMemoryController, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An evictor that blocks held the cleanup lock for good, and every automatic cleanup
+    # (the predictor's too) queued behind it for good.
+    monkeypatch.setattr(memory_module, "_BUSY_WAIT_S", 0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def hangs(level: str, max_age: float) -> int:
+        entered.set()
+        release.wait(10)
+        return 0
+
+    controller.register_cache("remote", hangs)
+    manual = threading.Thread(target=controller.cleanup, args=("standard",), daemon=True)
+    manual.start()
+    assert entered.wait(5)
+    try:
+        busy = controller.cleanup("critical", trigger="prediction")
+        assert busy.skipped == "busy"
+        assert controller.cleanup("critical", trigger="pressure").skipped == "busy"
+    finally:
+        release.set()
+        manual.join(5)
+    # A run that could not start did not take the cooldown: the next one runs at once.
+    controller.unregister_cache("remote")
+    assert controller.cleanup("critical", trigger="pressure").skipped == ""
+
+
+def test_a_check_interval_longer_than_a_day_is_refused() -> None:
+    # threading's wait raised OverflowError above TIMEOUT_MAX (about 292 years on Linux) and
+    # the background thread died with a traceback.
+    with pytest.raises(ConfigError) as caught:
+        SimpleMemoryController(check_interval=1e10)
+    assert caught.value.key == "memory.check_interval"
+    assert SimpleMemoryController(check_interval=86400).options.check_interval == 86400
 
 
 def test_on_prediction_maps_severity(controller: SimpleMemoryController) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import subprocess
 import sys
@@ -17,8 +19,10 @@ import pytest
 from otel_raptor.core.classification import Severity
 from otel_raptor.core.events import Event, FailurePredicted, PreventionActionRun
 from otel_raptor.errors import ConfigError
+from otel_raptor.runtime import memory as memory_module
 from otel_raptor.runtime import predictor as predictor_module
 from otel_raptor.runtime import safety
+from otel_raptor.runtime.memory import CleanupResult, SimpleMemoryController
 from otel_raptor.runtime.predictor import (
     _RANK,
     PredictiveFailure,
@@ -26,7 +30,7 @@ from otel_raptor.runtime.predictor import (
     get_predictive_failure,
     readings,
 )
-from otel_raptor.runtime.sampler import ResourceSample, ResourceSampler
+from otel_raptor.runtime.sampler import DiskUsage, ResourceSample, ResourceSampler
 from otel_raptor.runtime.state import Runtime
 from tests.support.clock import FakeClock
 
@@ -160,6 +164,77 @@ def test_actions_run_by_severity_and_cooldown() -> None:
     assert ranks == sorted(set(ranks))
     assert [p.severity for p in drastic] == [Severity.CRITICAL]
     assert seen[0].resource == "process_memory"
+
+
+def test_actions_sharing_a_label_have_cooldowns_of_their_own() -> None:
+    # The cooldown was keyed by (resource, label): two lambdas, two partials, or an app's
+    # action named like a built-in shared one slot, and only the first of them ever ran.
+    h = Harness(builtin_actions=True)
+    h.predictor.use_memory_controller(Recorder())
+    ran: list[str] = []
+
+    def note(what: str, prediction: FailurePredicted) -> None:
+        ran.append(what)
+
+    def shed_load(prediction: FailurePredicted) -> None:  # the app's own, named like ours
+        ran.append("app shed_load")
+
+    add = h.predictor.add_prevention_action
+    add("process_memory", lambda p: ran.append("sessions"), min_severity="medium")
+    add("process_memory", lambda p: ran.append("images"), min_severity="medium")
+    add("process_memory", functools.partial(note, "partial sessions"), min_severity="medium")
+    add("process_memory", functools.partial(note, "partial images"), min_severity="medium")
+    add("process_memory", shed_load, min_severity="critical")
+    h.run(30)
+    h.sampler.growth = 0.7 * LIMIT / 1200  # escalates to critical
+    h.run(40)
+    assert {"sessions", "images", "partial sessions", "partial images", "app shed_load"} <= set(ran)
+    assert ran.count("sessions") == ran.count("images")
+    assert h.actions().count(("shed_load", "ok")) == 2  # ours and the app's
+    assert ("<lambda>", "skipped") not in h.actions()
+
+
+class Recorder:
+    """A memory controller that records the cleanups asked of it; the first ``skips`` say
+    ``skipped`` (as a controller in its cooldown does)."""
+
+    def __init__(self, skips: int = 0, reason: str = "cooldown") -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.skips = skips
+        self.reason = reason
+
+    def cleanup(self, level: str, trigger: str = "manual") -> CleanupResult:
+        self.calls.append((level, trigger))
+        skipped = self.reason if len(self.calls) <= self.skips else ""
+        return CleanupResult(level=level, trigger=trigger, skipped=skipped)
+
+
+def test_a_cleanup_the_controller_skipped_is_reported_skipped_and_retried() -> None:
+    # The controller's result was ignored: a cleanup it skipped (its cooldown, its learner,
+    # auto_cleanup off) was recorded "ok" and started the predictor's own cooldown, so the
+    # predicted cleanup never happened.
+    h = Harness(builtin_actions=True, action_cooldown_s=86400.0)
+    controller = Recorder(skips=1)
+    h.predictor.use_memory_controller(controller)
+    leak(h)  # medium: a standard cleanup, which the controller skips
+    assert controller.calls == [("standard", "prediction")]
+    assert ("memory_cleanup", "skipped") in h.actions()
+    assert ("memory_cleanup", "ok") not in h.actions()
+    h.sampler.growth = 0.0
+    h.sampler.level = 0.3 * LIMIT
+    assert [p for p in h.run(90) if p.cleared]
+    leak(h)  # back within the hour, at the same severity: the skipped run held nothing back
+    assert controller.calls == [("standard", "prediction")] * 2
+    assert ("memory_cleanup", "ok") in h.actions()
+
+
+def test_a_cleanup_with_auto_cleanup_off_is_reported_skipped() -> None:
+    h = Harness(builtin_actions=True)
+    controller = SimpleMemoryController(runtime=h.runtime, clock=h.clock, auto_cleanup=False)
+    h.predictor.use_memory_controller(controller)
+    leak(h)
+    assert ("memory_cleanup", "skipped") in h.actions()
+    assert ("memory_cleanup", "ok") not in h.actions()
 
 
 def test_sync_and_async_alert_callbacks_without_a_loop() -> None:
@@ -306,6 +381,159 @@ def test_a_callback_handed_to_the_running_loop_is_cancelled_at_the_bound(
     assert isinstance(outcomes[0], TimeoutError)
 
 
+def test_a_sync_callback_or_action_that_blocks_does_not_stop_the_monitoring(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sync ones ran on the monitor thread, unbounded: a webhook call without a timeout
+    # stopped every later sample, forecast and alarm, and nothing was logged.
+    monkeypatch.setattr(predictor_module, "_SYNC_TIMEOUT_S", 0.05)
+    safety._reset_for_tests()
+    h = Harness()
+    release = threading.Event()
+
+    def notify(prediction: FailurePredicted) -> None:
+        release.wait(30)
+
+    def drain(prediction: FailurePredicted) -> None:
+        release.wait(30)
+
+    h.predictor.add_alert_callback(notify)
+    h.predictor.add_prevention_action("process_memory", drain, min_severity="medium")
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            assert not _ticks_in_a_thread(h).is_alive()
+    finally:
+        release.set()
+    assert ("drain", "failed") in h.actions()
+    assert any(
+        "prediction.alert_callback" in r.getMessage()
+        and isinstance(r.exc_info and r.exc_info[1], TimeoutError)
+        for r in caplog.records
+    )
+
+
+def test_sync_calls_left_running_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each abandoned call keeps its thread: past a few still running, new ones are skipped
+    # rather than leaving one more thread behind at every prediction.
+    monkeypatch.setattr(predictor_module, "_SYNC_TIMEOUT_S", 0.01)
+    h = Harness()
+    release = threading.Event()
+    outcomes: list[BaseException | None] = []
+    prediction = FailurePredicted("process_memory", 0.9, 60.0, 0.9, Severity.HIGH)
+    for _ in range(predictor_module._MAX_OVERRUNNING + 2):
+        h.predictor._call(lambda p: release.wait(30), prediction, on_done=outcomes.append)
+    release.set()
+    overran = predictor_module._MAX_OVERRUNNING
+    assert all(isinstance(o, TimeoutError) for o in outcomes[:overran])
+    assert all(isinstance(o, predictor_module._Skip) for o in outcomes[overran:])
+    for _ in range(500):  # the abandoned calls end once released
+        if h.predictor._overrunning == 0:
+            break
+        time.sleep(0.01)
+    assert h.predictor._overrunning == 0
+    monkeypatch.setattr(predictor_module, "_SYNC_TIMEOUT_S", 5.0)  # a slow CI is no overrun
+    h.predictor._call(lambda p: None, prediction, on_done=outcomes.append)
+    assert outcomes[-1] is None
+
+
+def test_stop_monitoring_does_not_wait_for_a_callback_that_hangs() -> None:
+    h = Harness(min_samples=3)
+    h.sampler.level = 1.5 * LIMIT  # over the limit: raised at the third sample
+    entered, never = threading.Event(), threading.Event()
+
+    def hangs(prediction: FailurePredicted) -> None:
+        entered.set()
+        never.wait(60)
+
+    h.predictor.add_alert_callback(hangs)
+    h.predictor.start(interval=0.01)
+    thread = h.predictor._thread
+    assert thread is not None
+    try:
+        assert entered.wait(5)
+        started = time.monotonic()
+        h.predictor.stop_monitoring(timeout=5.0)
+        assert time.monotonic() - started < 2.0
+        assert not thread.is_alive()
+    finally:
+        never.set()
+
+
+def test_a_callback_may_stop_the_monitoring(caplog: pytest.LogCaptureFixture) -> None:
+    safety._reset_for_tests()
+    h = Harness(min_samples=3)
+    h.sampler.level = 1.5 * LIMIT
+    stopped = threading.Event()
+
+    def stop(prediction: FailurePredicted) -> None:
+        h.predictor.stop_monitoring()
+        stopped.set()
+
+    h.predictor.add_alert_callback(stop)
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        h.predictor.start(interval=0.01)
+        thread = h.predictor._thread
+        assert thread is not None
+        assert stopped.wait(5)
+        thread.join(5)
+    assert not thread.is_alive()
+    assert not caplog.records  # it ended normally: no overrun, no failure
+
+
+def test_the_memory_cleanup_does_not_wait_for_a_controller_cleanup_that_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cache evictor that blocks held the controller's cleanup lock, and the predictor's
+    # memory_cleanup action waited on it for good, on the monitor thread.
+    monkeypatch.setattr(memory_module, "_BUSY_WAIT_S", 0.05)
+    h = Harness(builtin_actions=True)
+    controller = SimpleMemoryController(runtime=h.runtime, clock=h.clock, cooldown=0)
+    entered, release = threading.Event(), threading.Event()
+
+    def hangs(level: str, max_age: float) -> int:
+        entered.set()
+        release.wait(30)
+        return 0
+
+    controller.register_cache("remote", hangs)
+    threading.Thread(target=controller.cleanup, args=("standard",), daemon=True).start()
+    assert entered.wait(5)
+    h.predictor.use_memory_controller(controller)
+    try:
+        assert not _ticks_in_a_thread(h).is_alive()
+    finally:
+        release.set()
+    assert ("memory_cleanup", "skipped") in h.actions()
+
+
+def test_a_short_interval_keeps_a_window_spanning_the_horizon() -> None:
+    # A 60-sample window at 5 s spans 5 minutes of a 30-minute horizon: the span factor
+    # capped the confidence at 0.17, and a leak was never raised, even at the limit.
+    h = Harness(interval_s=5.0)
+    h.sampler.step = 5.0
+    h.run(360)  # half an hour of a stable baseline
+    h.sampler.growth = 0.7 * LIMIT / 1800  # reaches the limit half an hour from now
+    for _ in range(360):
+        raised = [p for p in h.predictor.tick() if not p.cleared]
+        if raised:
+            break
+    else:
+        raise AssertionError("the leak was not predicted")
+    assert h.sampler.level < 0.8 * LIMIT  # well before the limit
+    assert raised[0].confidence >= 0.5
+
+
+def test_the_series_is_thinned_to_a_bounded_length_at_a_tiny_interval() -> None:
+    h = Harness(horizon_s=60.0, window=10, min_samples=5)
+    series = h.predictor._series["process_memory"]
+    for i in range(60_000):  # every millisecond for a minute
+        h.predictor._append(series, i / 1000.0, 1.0)
+    assert len(series) <= predictor_module._SERIES_POINTS + 2
+    newest, oldest = series[-1][0], series[0][0]
+    assert newest == 59.999  # the newest sample is always kept
+    assert newest - oldest >= 59.0  # and the series still spans the horizon
+
+
 def test_a_failing_callback_does_not_stop_the_predictor() -> None:
     h = Harness()
     h.predictor.add_alert_callback(lambda p: 1 / 0)
@@ -395,9 +623,21 @@ def test_metrics_and_snapshot() -> None:
     assert utilization["file_descriptors"] == pytest.approx(10 / 1024)
     snap = h.predictor.snapshot()
     assert snap.utilization["process_memory"] == pytest.approx(0.3)
-    assert snap.memory_pressure == pytest.approx(0.25)
+    # The controller's figure: this process's RSS over physical memory (no cgroup limit);
+    # the machine's used memory over it is the "memory" utilization.
+    assert snap.memory_pressure == pytest.approx(0.3 / 4)
+    assert snap.utilization["memory"] == pytest.approx(0.25)
     assert set(snap.probability) == {"process_memory"}
     assert readings(sample(0, 5))["process_memory"] == (5.0, float(LIMIT))
+    # In a memory-limited cgroup, the cgroup's working set over its limit.
+    limited = dataclasses.replace(sample(0, 5), cgroup_limited=True)
+    assert limited.pressure_ratio == pytest.approx(0.25)
+
+
+def test_a_disk_is_exhausted_when_an_unprivileged_writer_is_out_of_space() -> None:
+    # used / total reads 0.95 on a full default ext4 (5 % reserved for root): never "full".
+    full = DiskUsage(mount="/", used=95, free=0, total=100)
+    assert readings(dataclasses.replace(sample(0, 5), disks=(full,)))["disk"] == (1.0, 1.0)
 
 
 def test_start_monitoring_in_a_process_psutil_cannot_read_reports_and_carries_on(
@@ -495,6 +735,7 @@ def test_the_singleton() -> None:
     ("kwargs", "key"),
     [
         ({"interval_s": 0}, "prediction.interval_s"),
+        ({"interval_s": 1e10}, "prediction.interval_s"),
         ({"horizon_s": -1}, "prediction.horizon_s"),
         ({"window": 2}, "prediction.window"),
         ({"window": 10, "min_samples": 11}, "prediction.min_samples"),
@@ -523,6 +764,9 @@ def test_bad_registrations_are_refused() -> None:
         predictor.add_alert_callback("not callable")  # type: ignore[arg-type]  # deliberately wrong
     with pytest.raises(ConfigError, match=r"prediction\.interval_s"):
         predictor.start(interval=-1)
+    # Above threading.TIMEOUT_MAX the monitor thread died of an OverflowError.
+    with pytest.raises(ConfigError, match=r"prediction\.interval_s=.*\(0, 86400\]"):
+        predictor.start(interval=1e10)
 
 
 # --- a real leak in a child process --------------------------------------------------------

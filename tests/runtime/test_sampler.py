@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 
 from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.events import ErrorClassified
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime.bus import EventBus
-from otel_raptor.runtime.sampler import ResourceSampler, cgroup_memory
+from otel_raptor.runtime.sampler import DiskUsage, ResourceSampler, cgroup_memory
 from tests.support.clock import FakeClock
 
 
@@ -31,9 +32,22 @@ def test_readings_are_plausible() -> None:
     (disk,) = sample.disks
     assert disk.mount == "/"
     assert 0 < disk.used < disk.total
+    assert disk.free is not None
+    assert 0 < disk.used + disk.free <= disk.total
+    # What df and psutil call the use percentage: the app's own view of how full it is.
+    assert disk.ratio == pytest.approx(psutil.disk_usage("/").percent / 100, abs=0.01)
     assert 0.0 <= sample.cpu_percent <= 100.0
     assert sample.net_errors_per_s == 0.0  # the first sample has no delta yet
     assert sample.process_memory_limit == sample.memory_limit
+
+
+def test_a_disk_is_full_when_an_unprivileged_writer_can_write_no_more() -> None:
+    # used / total put a full default ext4 (5 % reserved for root) at 0.95: never exhausted.
+    full = DiskUsage(mount="/", used=95, free=0, total=100)
+    assert full.ratio == 1.0
+    assert DiskUsage(mount="/", used=45, free=45, total=100).ratio == 0.5
+    assert DiskUsage(mount="/", used=45, total=100).ratio == 0.45  # free unknown
+    assert DiskUsage(mount="/", used=0, free=0, total=0).ratio == 0.0
 
 
 def test_sockets_are_counted_from_proc() -> None:

@@ -17,7 +17,12 @@ The method, in order:
 6. Confidence: fit quality (1 minus the squared ratio of residual spread to value spread,
    both MAD-based) times a sample-count factor ``1 - exp(-(n - 2) / 8)`` times a span factor
    ``min(1, window span / horizon)`` (a forecast reaching far past the data it saw is weak).
-7. Probability of reaching ``limit`` within ``horizon``: the fitted value at the horizon (or
+   A caller that samples often must therefore keep a window spanning the horizon (the
+   predictor does), not a fixed count of samples.
+7. Time to exhaustion: from the fitted level along the slope; 0 when the resource is at the
+   limit now (the fitted level, or the median of the newest half of the window, reaches it),
+   which an alarm takes whatever the confidence.
+8. Probability of reaching ``limit`` within ``horizon``: the fitted value at the horizon (or
    now, whichever is higher) is treated as normal with the residual and slope uncertainties
    combined; that probability is mixed with the no-trend one (the current level plus noise
    reaching the limit), weighted by the confidence.
@@ -50,7 +55,8 @@ class Forecast:
     """What the trend says about one resource.
 
     ``time_to_exhaustion_s``: seconds from the newest sample until the trend reaches the
-    limit (0 when it is already there), ``None`` when the trend does not rise.
+    limit (0 when it is there now: the fitted level, or the median of the newest half of the
+    window, within a relative 1e-9), ``None`` when the trend does not rise.
     ``probability``: of the value reaching the limit within the horizon, in [0, 1].
     ``confidence``: how much to trust the trend, in [0, 1] (fit quality times sample count).
     ``slope``: the trend, in value units per second. ``level``: the fitted value at the
@@ -129,10 +135,11 @@ def forecast(
             level=last_value,
         )
     n = len(points)
+    newest = points[n // 2 :] if n >= 2 * MIN_POINTS else points
     if n >= 2 * MIN_POINTS:
         # The trend must hold in the newest half too: after a step change (or a collection)
         # the newest half is flat (or falling) while the whole window still rises.
-        recent = _theil_sen(points[n // 2 :])
+        recent = _theil_sen(newest)
         if recent is not None:
             slope = min(slope, recent)
     t_last = points[-1][0]
@@ -146,7 +153,12 @@ def forecast(
     t_spread = math.sqrt(sum((t - t_mean) ** 2 for t, _ in points))
     slope_se = sigma / t_spread if t_spread > 0 else 0.0
 
-    if level >= limit:
+    # At the limit now, give or take rounding (a fitted level a few ulps short of a full disk
+    # reads as full): 0 is what tells the alarm to raise whatever the confidence. The newest
+    # half's median counts too: once a ramp turns flat at the limit (a full disk) the slope
+    # is the newest half's, 0, and the whole window's median level lags far behind it.
+    at_limit = limit - 1e-9 * scale
+    if level >= at_limit or statistics.median(v for _, v in newest) >= at_limit:
         tte: float | None = 0.0
     elif slope > 0:
         tte = (limit - level) / slope

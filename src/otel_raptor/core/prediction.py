@@ -1,10 +1,11 @@
 """When a forecast becomes an alarm: thresholds with hysteresis, one state machine per resource.
 
 Raise when ``probability >= raise_threshold``, or when the time to exhaustion is under the
-horizon with ``confidence >= min_confidence``. Clear only after ``clear_after`` consecutive
-evaluations with ``probability < clear_threshold`` *and* no time to exhaustion under
-``clear_margin x horizon``. The gap between the two thresholds and the run of quiet
-evaluations keep a noisy but stable series from flapping.
+horizon with ``confidence >= min_confidence``, or when it is 0 (the level is at the limit now:
+no extrapolation to distrust, so whatever the confidence). Clear only after ``clear_after``
+consecutive evaluations with ``probability < clear_threshold`` *and* no time to exhaustion
+under ``clear_margin x horizon`` (never while at the limit). The gap between the two
+thresholds and the run of quiet evaluations keep a noisy but stable series from flapping.
 
 Severity of a raised alarm, by time to exhaustion: ``critical`` under a quarter of the horizon,
 ``high`` under half of it, else ``medium``. Without a rising trend (no time to exhaustion, the
@@ -120,6 +121,13 @@ def severity_of(forecast: Forecast, horizon_s: float) -> Severity:
     return Severity.HIGH if forecast.probability >= 0.95 else Severity.MEDIUM
 
 
+def _at_limit(forecast: Forecast) -> bool:
+    # The confidence weighs a trend's extrapolation; a level at the limit is no forecast.
+    # Without this, a short window (low confidence) or a flat series at the limit (a full
+    # disk: probability 0.5 with no trend) never raised at all.
+    return forecast.time_to_exhaustion_s == 0.0
+
+
 class Alarm:
     """The alarm of one resource. Not thread-safe: the caller serialises ``evaluate``."""
 
@@ -141,7 +149,7 @@ class Alarm:
 
     def _should_raise(self, forecast: Forecast) -> bool:
         opts = self._options
-        if forecast.probability >= opts.raise_threshold:
+        if forecast.probability >= opts.raise_threshold or _at_limit(forecast):
             return True
         tte = forecast.time_to_exhaustion_s
         return (
@@ -151,10 +159,14 @@ class Alarm:
     def _is_quiet(self, forecast: Forecast) -> bool:
         opts = self._options
         tte = forecast.time_to_exhaustion_s
-        return forecast.probability < opts.clear_threshold and (
-            tte is None
-            or tte > opts.horizon_s * opts.clear_margin
-            or forecast.confidence < opts.min_confidence
+        return (
+            not _at_limit(forecast)
+            and forecast.probability < opts.clear_threshold
+            and (
+                tte is None
+                or tte > opts.horizon_s * opts.clear_margin
+                or forecast.confidence < opts.min_confidence
+            )
         )
 
     def evaluate(self, forecast: Forecast) -> Raised | Cleared | None:

@@ -4,7 +4,8 @@ Each adapter answers three questions: how many entries (:meth:`CacheAdapter.entr
 the entries older than an age (:meth:`CacheAdapter.evict_expired`, in batches), and empty the
 cache (:meth:`CacheAdapter.clear`). :func:`adapt` picks one for an object:
 
-- :class:`TrackedDict` (ours): a ``dict`` that stamps each key when it is set, so ages are exact.
+- :class:`TrackedDict` (ours): a ``dict`` (a drop-in one) that stamps each key when it is set,
+  so ages are exact.
 - a plain ``dict`` / ``OrderedDict`` / any mutable mapping: a plain dict cannot say how old an
   entry is, so the adapter keeps a side table of the time each key was *first seen by a scan*
   (scans happen at registration and at every cleanup). An entry is therefore evicted between
@@ -24,12 +25,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from otel_raptor.core.memory import CachePriority, CleanupLevel
 from otel_raptor.runtime.forksafe import register_lock
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsKeysAndGetItem
 
 __all__ = [
     "CacheAdapter",
@@ -48,6 +52,7 @@ __all__ = [
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class CacheAdapter(Protocol):
@@ -81,17 +86,50 @@ Evictor = Callable[[str, float], int]
 class TrackedDict(dict[K, V]):
     """A ``dict`` that records when each key was last set (monotonic seconds, via ``clock``).
 
-    ``d[k] = v``, ``setdefault`` and ``update`` (with a mapping) stamp a key. Reads do not
-    refresh an entry: the age is the age of the value. ``clock`` is usually
-    ``time.monotonic``, the controller's clock.
+    A drop-in for a ``dict``: ``TrackedDict()``, ``TrackedDict(clock)``,
+    ``TrackedDict(clock, initial, **kwargs)`` or, as ``dict(...)`` takes them,
+    ``TrackedDict(mapping_or_pairs, **kwargs)``. ``clock`` defaults to ``time.monotonic``, the
+    controller's clock. Every write stamps its key: ``d[k] = v``, ``setdefault``, ``update``
+    (a mapping, pairs and keywords), ``|=``, ``fromkeys``. Reads do not refresh an entry: the
+    age is the age of the value. ``copy()``, ``copy.copy`` and ``|`` give a ``TrackedDict``
+    keeping the stamps; pickling and ``deepcopy`` keep them too (a stamp from a clock that
+    reads later than this one, another boot's, becomes the time of loading). It compares
+    equal to a ``dict`` with the same items.
     """
 
-    def __init__(self, clock: Callable[[], float], initial: Mapping[K, V] | None = None) -> None:
+    @overload
+    def __init__(
+        self,
+        clock: Callable[[], float] = ...,
+        initial: SupportsKeysAndGetItem[K, V] | Iterable[tuple[K, V]] | None = ...,
+        /,
+        **kwargs: V,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self, initial: SupportsKeysAndGetItem[K, V] | Iterable[tuple[K, V]], /, **kwargs: V
+    ) -> None: ...
+
+    def __init__(
+        self,
+        clock: object = time.monotonic,
+        initial: object = None,
+        /,
+        **kwargs: V,
+    ) -> None:
         super().__init__()
-        self._clock = clock
+        if not callable(clock):
+            if initial is not None:
+                raise TypeError(f"TrackedDict clock must be callable, not {type(clock).__name__}")
+            # TrackedDict(mapping) as dict(mapping): what swapping the type in leaves behind.
+            clock, initial = time.monotonic, clock
+        self._clock: Callable[[], float] = clock
         self.stamps: dict[K, float] = {}
         if initial is not None:
-            self.update(initial)
+            self.update(initial)  # type: ignore[arg-type]  # dict.update checks it as dict() does
+        if kwargs:
+            self.update(**kwargs)
 
     def __setitem__(self, key: K, value: V) -> None:
         super().__setitem__(key, value)
@@ -101,16 +139,40 @@ class TrackedDict(dict[K, V]):
         super().__delitem__(key)
         self.stamps.pop(key, None)
 
-    def update(self, other: Mapping[K, V]) -> None:  # type: ignore[override]  # mappings only
-        for key, value in other.items():
-            self[key] = value
+    def update(
+        self,
+        other: SupportsKeysAndGetItem[K, V] | Iterable[tuple[K, V]] = (),
+        /,
+        **kwargs: V,
+    ) -> None:
+        # dict.update would write past __setitem__ (its C code never calls it): stamp here.
+        # The argument rules are dict's: anything with keys() is a mapping, else pairs.
+        if hasattr(other, "keys"):
+            mapping: SupportsKeysAndGetItem[K, V] = other  # type: ignore[assignment]
+            for key in mapping.keys():  # noqa: SIM118 - keys() is what marks a mapping here
+                self[key] = mapping[key]
+        else:
+            for pair in other:  # not a mapping: pairs, as dict.update takes them
+                key, value = pair
+                self[key] = value
+        for name, value in kwargs.items():
+            self[name] = value  # type: ignore[index]  # keyword keys are str, as for dict
 
     def setdefault(self, key: K, default: V = None) -> V:  # type: ignore[assignment]
         if key not in self:
             self[key] = default
         return self[key]
 
-    def pop(self, key: K, *default: V) -> V:  # type: ignore[override]
+    @overload
+    def pop(self, key: K, /) -> V: ...
+
+    @overload
+    def pop(self, key: K, default: V, /) -> V: ...
+
+    @overload
+    def pop(self, key: K, default: T, /) -> V | T: ...
+
+    def pop(self, key: K, /, *default: object) -> object:
         self.stamps.pop(key, None)
         return super().pop(key, *default)
 
@@ -122,6 +184,73 @@ class TrackedDict(dict[K, V]):
     def clear(self) -> None:
         super().clear()
         self.stamps.clear()
+
+    def copy(self) -> TrackedDict[K, V]:
+        """A ``TrackedDict`` with the same items, stamps and clock (``dict.copy`` would give a
+        plain ``dict``)."""
+        twin = _empty_like(self)
+        twin._take(self)
+        return twin
+
+    __copy__ = copy
+
+    def __or__(self, other: object) -> TrackedDict[K, V]:  # type: ignore[override]
+        if not isinstance(other, dict):
+            return NotImplemented
+        merged = self.copy()
+        merged.update(other)
+        return merged
+
+    def __ror__(self, other: object) -> TrackedDict[K, V]:  # type: ignore[override]
+        if not isinstance(other, dict):
+            return NotImplemented
+        merged = _empty_like(self)
+        merged.update(other)
+        merged._take(self)
+        return merged
+
+    def __ior__(self, other: object) -> TrackedDict[K, V]:  # type: ignore[override]
+        # dict's |= merges in C, past __setitem__: its keys would never be stamped.
+        self.update(other)  # type: ignore[arg-type]  # update refuses what |= refuses
+        return self
+
+    def _take(self, source: TrackedDict[K, V]) -> None:
+        """Copy ``source``'s items with their stamps (not restamped: it is the same data)."""
+        now = self._clock()
+        for key, value in source.items():
+            dict.__setitem__(self, key, value)
+            self.stamps[key] = source.stamps.get(key, now)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # dict's pickling would rebuild it with TrackedDict() and then fill it past
+        # __setitem__ and without _clock; the items travel in the state instead.
+        extra = {k: v for k, v in vars(self).items() if k not in ("_clock", "stamps")}
+        return (_empty_tracked_dict, (type(self), self._clock), (dict(self), self.stamps, extra))
+
+    def __setstate__(self, state: tuple[dict[K, V], dict[K, float], dict[str, object]]) -> None:
+        items, stamps, extra = state
+        vars(self).update(extra)
+        now = self._clock()
+        for key, value in items.items():
+            dict.__setitem__(self, key, value)
+            # A monotonic stamp from another boot may read later than now: it would never
+            # expire. Clamped, it expires at worst early, which costs a cache one miss.
+            self.stamps[key] = min(stamps.get(key, now), now)
+
+
+def _empty_tracked_dict(
+    cls: type[TrackedDict[K, V]], clock: Callable[[], float]
+) -> TrackedDict[K, V]:
+    """An empty ``cls`` with ``clock``, built without its ``__init__`` (a subclass may take
+    other arguments): what unpickling and copying start from."""
+    made = dict.__new__(cls)
+    made._clock = clock
+    made.stamps = {}
+    return made
+
+
+def _empty_like(source: TrackedDict[K, V]) -> TrackedDict[K, V]:
+    return _empty_tracked_dict(type(source), source._clock)
 
 
 def _list_keys(mapping: MutableMapping[K, V]) -> list[K]:

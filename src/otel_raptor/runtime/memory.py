@@ -135,7 +135,8 @@ class CleanupResult:
     bytes; ``evicted`` maps each cache touched to the entries it lost, ``cleared`` names the
     caches emptied outright; ``gc_collected`` is the objects ``gc.collect`` found;
     ``malloc_trim`` whether heap was returned to the OS; ``duration_s`` seconds. ``skipped``
-    is set (``cooldown``, ``ineffective``, ``disabled``) when an automatic run did nothing.
+    is set (``cooldown``, ``ineffective``, ``disabled``, ``busy``) when an automatic run did
+    nothing.
     """
 
     level: str
@@ -158,6 +159,14 @@ class CleanupResult:
 _LEVELS = {level.value: level for level in CleanupLevel}
 _PRIORITIES = {priority.value: priority for priority in CachePriority}
 _TRIGGERS = ("manual", "pressure", "prediction", "scheduled")
+# ``check_interval`` is a wait timeout of the background thread: above threading.TIMEOUT_MAX
+# the wait raises OverflowError and the thread dies; and memory sampled less than daily is not
+# being watched.
+_MAX_CHECK_INTERVAL_S = 86400.0
+# How long an automatic cleanup waits for a cleanup already running (a cache's evictor that
+# blocks holds it): past it, the run is skipped as ``busy`` rather than queued behind it for
+# good. Below the predictor's bound on its actions, so a prediction reports ``skipped``.
+_BUSY_WAIT_S = 5.0
 
 
 def _cleanup_level(level: str | CleanupLevel) -> CleanupLevel:
@@ -196,6 +205,12 @@ class SimpleMemoryController:
             base = dict(config or {})
         base.update(options)
         self.options = MemoryOptions.from_mapping(base)
+        if self.options.check_interval > _MAX_CHECK_INTERVAL_S:
+            raise ConfigError(
+                "memory.check_interval",
+                self.options.check_interval,
+                f"a finite number of seconds in (0, {_MAX_CHECK_INTERVAL_S:g}]",
+            )
         self._runtime = runtime
         self._clock = clock
         self._limit_reader = limit_reader
@@ -207,6 +222,7 @@ class SimpleMemoryController:
         self._lock = threading.Lock()  # guards learner, cooldown, last results
         self._cleanup_lock = threading.Lock()  # one cleanup at a time
         self._last_auto = -float("inf")
+        self._last_auto_level: CleanupLevel | None = None
         self._last_scheduled = clock.monotonic()
         self._history: list[CleanupResult] = []
         self._thread: threading.Thread | None = None
@@ -329,20 +345,33 @@ class SimpleMemoryController:
 
         ``trigger`` is ``manual`` (always runs), or ``pressure``, ``prediction``,
         ``scheduled``: those are automatic runs, skipped while the cooldown lasts, when
-        ``auto_cleanup`` is off, or while the learner backs off a level that freed nothing
-        lately (the result then says ``skipped``). Never raises for a failing cache: it is
-        reported and skipped.
+        ``auto_cleanup`` is off, while the learner backs off a level that freed nothing
+        lately, or when another cleanup is still running after ``_BUSY_WAIT_S`` (the result
+        then says ``skipped``: ``cooldown``, ``disabled``, ``ineffective``, ``busy``). A
+        ``prediction`` at a stronger level than the last automatic run is not held back by
+        the cooldown: an escalation gets its stronger cleanup at once. Never raises for a
+        failing cache: it is reported and skipped.
         """
         chosen = _cleanup_level(level)
         if trigger not in _TRIGGERS:
             raise ConfigError("memory.cleanup.trigger", trigger, "one of " + ", ".join(_TRIGGERS))
-        now = self._clock.monotonic()
-        if trigger != "manual":
-            skipped = self._skip_reason(chosen, now)
-            if skipped:
-                return CleanupResult(level=chosen.value, trigger=trigger, skipped=skipped)
-        with self._cleanup_lock:
-            result = self._run(chosen, trigger)
+        if trigger == "manual":
+            with self._cleanup_lock:
+                result = self._run(chosen, trigger)
+        else:
+            now = self._clock.monotonic()
+            claimed = self._claim(chosen, trigger, now)
+            if isinstance(claimed, str):
+                return CleanupResult(level=chosen.value, trigger=trigger, skipped=claimed)
+            # Never queue for good behind a cleanup that hangs (an evictor that blocks): the
+            # caller is a monitoring thread that must go on sampling.
+            if not self._cleanup_lock.acquire(timeout=_BUSY_WAIT_S):
+                self._unclaim(claimed, now)
+                return CleanupResult(level=chosen.value, trigger=trigger, skipped="busy")
+            try:
+                result = self._run(chosen, trigger)
+            finally:
+                self._cleanup_lock.release()
         with self._lock:
             self._learner.record(
                 chosen,
@@ -367,16 +396,33 @@ class SimpleMemoryController:
         keeps running."""
         return await asyncio.to_thread(self.cleanup, level, "manual")
 
-    def _skip_reason(self, level: CleanupLevel, now: float) -> str:
+    def _claim(
+        self, level: CleanupLevel, trigger: str, now: float
+    ) -> str | tuple[float, CleanupLevel | None]:
+        """Take the automatic-run slot for ``level``: the reason to skip, or what the slot
+        held before (to give it back with :meth:`_unclaim` if the run cannot start)."""
         with self._lock:
             if not self.options.auto_cleanup:
                 return "disabled"
-            if now - self._last_auto < self.options.cooldown:
+            last = self._last_auto_level
+            # The cooldown paces repeated runs; a prediction that escalates asks for a
+            # stronger cleanup than the one that started it, which must not wait a minute.
+            escalates = trigger == "prediction" and (last is None or level.rank > last.rank)
+            if now - self._last_auto < self.options.cooldown and not escalates:
                 return "cooldown"
             if not self._learner.decide(level, now).run:
                 return "ineffective"
+            previous = (self._last_auto, last)
             self._last_auto = now
-            return ""
+            self._last_auto_level = level
+            return previous
+
+    def _unclaim(self, previous: tuple[float, CleanupLevel | None], claimed_at: float) -> None:
+        # A run that never started must not hold the next one back; unless another run
+        # claimed the slot meanwhile.
+        with self._lock:
+            if self._last_auto == claimed_at:
+                self._last_auto, self._last_auto_level = previous
 
     def _run(self, level: CleanupLevel, trigger: str) -> CleanupResult:
         started = self._clock.monotonic()

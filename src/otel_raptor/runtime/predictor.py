@@ -24,9 +24,11 @@ Built-in actions (``PredictorOptions.builtin_actions``, on by default):
 
 Threads and processes: ``start_monitoring`` returns at once; the thread is a daemon, stopped by
 ``stop_monitoring()`` and at interpreter exit (``atexit``), and restarted with fresh state in a
-forked child (``os.register_at_fork``). Async callbacks and actions run on the loop that called
-``start_monitoring`` (``run_coroutine_threadsafe``), or on a private loop when there is none;
-each is cancelled after 30 s (and then abandoned, never waited for) and counted as failed.
+forked child (``os.register_at_fork``). No callback or action runs on the monitor thread: a
+sync one runs in a daemon worker thread the monitor waits for at most 30 s, then abandons
+(still running; counted as failed, reported once); async ones run on the loop that called
+``start_monitoring`` (``run_coroutine_threadsafe``), or on a private loop when there is none,
+and are cancelled after 30 s (and then abandoned, never waited for) and counted as failed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import concurrent.futures
 import dataclasses
 import gc
 import inspect
+import math
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
@@ -98,6 +101,20 @@ _FIRST_SAMPLE_TIMEOUT_S = 5.0
 # How long an async callback or action may run, on whichever loop (seconds, real time); past
 # it, it is cancelled and abandoned (never waited for) and counts as failed.
 _ASYNC_TIMEOUT_S: Final = 30.0
+# How long the monitor waits for a sync callback or action (seconds, real time): past it, the
+# call is abandoned in its worker thread (a thread cannot be cancelled) and counts as failed.
+_SYNC_TIMEOUT_S: Final = 30.0
+# How long a sync call still gets once stop_monitoring() cut the wait for it short (seconds).
+_STOP_GRACE_S: Final = 0.1
+# Sync calls abandoned and still running, at most: beyond, new ones are skipped rather than
+# leaving one more thread behind for every prediction (a callback that always hangs).
+_MAX_OVERRUNNING: Final = 4
+# The interval is a wait timeout: above threading.TIMEOUT_MAX the wait raises OverflowError in
+# the monitor thread; and a resource sampled less than daily is not being watched.
+_MAX_INTERVAL_S: Final = 86400.0
+# Samples a series keeps at most beyond ``window``, to cover the horizon at a short interval:
+# closer samples are thinned (the forecast subsamples to MAX_POINTS anyway).
+_SERIES_POINTS: Final = 1000
 
 #: Called with each ``FailurePredicted`` (raised, escalated or cleared); may be ``async``.
 AlertCallback = Callable[[FailurePredicted], object]
@@ -111,21 +128,36 @@ class Sampler(Protocol):
     def sample(self) -> ResourceSample: ...
 
 
-def _number(key: str, value: object, *, low: float, allowed: str, strict: bool = True) -> None:
-    if not is_number(value) or (value <= low if strict else value < low):  # type: ignore[operator]  # is_number checked it
+def _number(
+    key: str,
+    value: object,
+    *,
+    low: float,
+    allowed: str,
+    strict: bool = True,
+    high: float = math.inf,
+) -> None:
+    if not is_number(value) or (value <= low if strict else value < low) or value > high:  # type: ignore[operator]  # is_number checked it
         raise ConfigError(key, value, allowed)
+
+
+def _interval(key: str, value: object) -> None:
+    _number(key, value, low=0, high=_MAX_INTERVAL_S, allowed=f"seconds in (0, {_MAX_INTERVAL_S:g}]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PredictorOptions:
     """Settings of the predictor; bad values raise ``ConfigError`` naming the field.
 
-    ``interval_s`` (> 0, default 30): seconds between samples. ``horizon_s`` (> 0, default
-    1800): how far ahead the forecast looks. ``window`` (integer 3-1000, default 60): samples
-    per resource the forecast uses (30 minutes at the default interval; beyond 120 they are
-    subsampled). ``min_samples`` (integer 3..window, default 30): samples needed before an
-    alarm may be raised. ``raise_threshold`` (0.8), ``clear_threshold`` (0.4),
-    ``min_confidence`` (0.5), ``clear_after`` (3), ``clear_margin`` (1.5): see
+    ``interval_s`` (in (0, 86400], default 30): seconds between samples. ``horizon_s`` (> 0,
+    default 1800): how far ahead the forecast looks. ``window`` (integer 3-1000, default 60):
+    samples per resource the forecast uses at least (30 minutes at the default interval);
+    the series also keeps every sample of the last ``horizon_s`` (a trend is only trusted
+    over a span as long as the horizon, so a shorter interval must not shorten it), thinned
+    to about 1000 samples; beyond 120 the forecast subsamples them. ``min_samples`` (integer
+    3..window, default 30): samples needed before an alarm may be raised.
+    ``raise_threshold`` (0.8), ``clear_threshold`` (0.4), ``min_confidence`` (0.5),
+    ``clear_after`` (3), ``clear_margin`` (1.5): see
     :class:`~otel_raptor.core.prediction.AlarmOptions`. ``resources``: which of
     :data:`RESOURCES` to forecast (default :data:`DEFAULT_RESOURCES`). ``action_cooldown_s``
     (>= 0, default 300): minimum seconds between two runs of one action for one resource.
@@ -150,7 +182,7 @@ class PredictorOptions:
     builtin_actions: bool = True
 
     def __post_init__(self) -> None:
-        _number("prediction.interval_s", self.interval_s, low=0, allowed="seconds > 0")
+        _interval("prediction.interval_s", self.interval_s)
         for key, value, low, high in (
             ("prediction.window", self.window, 3, 1000),
             ("prediction.min_samples", self.min_samples, 3, self.window),
@@ -200,7 +232,8 @@ def readings(sample: ResourceSample) -> dict[str, tuple[float, float]]:
     """``(value, limit)`` of each resource in ``sample`` that has a limit.
 
     ``memory``: effective usage and limit (bytes); ``process_memory``: RSS and the process's
-    limit (bytes); ``disk``: the fullest configured mount's used fraction, limit 1;
+    limit (bytes); ``disk``: the fullest configured mount's used fraction of what an
+    unprivileged writer can fill (``DiskUsage.ratio``: root-reserved blocks left out), limit 1;
     ``file_descriptors``: open fds and the soft ``RLIMIT_NOFILE``; ``cpu``: system CPU as a
     fraction, limit 1.
     """
@@ -216,7 +249,8 @@ def readings(sample: ResourceSample) -> dict[str, tuple[float, float]]:
     return out
 
 
-@dataclass(slots=True)
+# eq=False: hashed by identity, the key of its cooldown (two actions may share a name).
+@dataclass(slots=True, eq=False)
 class _Action:
     name: str
     fn: PreventionAction
@@ -225,7 +259,18 @@ class _Action:
 
 
 class _Skip(Exception):
-    """An action had nothing to do (recorded as ``skipped``)."""
+    """An action had nothing to do (recorded as ``skipped``; the message says why)."""
+
+
+class _Overran(TimeoutError):
+    """A sync callback or action ran past its bound; abandoned, still running in its thread."""
+
+    def __init__(self, timeout: float, *, stopped: bool = False) -> None:
+        why = "monitoring stopped" if stopped else f"it ran for {timeout:g} s"
+        super().__init__(
+            f"a sync prediction callback or action was abandoned ({why}); it goes on running "
+            "in its worker thread"
+        )
 
 
 class PredictiveFailure:
@@ -257,6 +302,10 @@ class PredictiveFailure:
         self._lock = threading.Lock()
         self._callbacks: tuple[AlertCallback, ...] = ()
         self._actions: dict[str, tuple[_Action, ...]] = {}
+        # Sync calls abandoned at their bound and still running; and the waits for calls in
+        # flight, which stop_monitoring() cuts short.
+        self._overrunning = 0
+        self._waits: set[threading.Event] = set()
         self._reset_state()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -275,16 +324,18 @@ class PredictiveFailure:
         after_fork_in_child(self, PredictiveFailure._after_fork_in_child)
 
     def _reset_state(self) -> None:
-        window = self._options.window
+        # A hard cap; _append keeps the series far shorter at ordinary intervals.
+        most = max(self._options.window, _SERIES_POINTS) + 2
         self._series: dict[str, collections.deque[tuple[float, float]]] = {
-            r: collections.deque(maxlen=window) for r in self._options.resources
+            r: collections.deque(maxlen=most) for r in self._options.resources
         }
         alarm_options = self._options.alarm_options()
         self._alarms = {r: Alarm(alarm_options) for r in self._options.resources}
         self._predictions: dict[str, ResourcePrediction] = {}
         self._latest: ResourceSample | None = None
-        # (resource, action) -> when it last ran, and at which severity's rank.
-        self._last_run: dict[tuple[str, str], tuple[float, int]] = {}
+        # action -> when it last ran, and at which severity's rank. Keyed by the action itself,
+        # not its label: two lambdas, or an app's own ``shed_load``, are two actions.
+        self._last_run: dict[_Action, tuple[float, int]] = {}
 
     # --- configuration ------------------------------------------------------------------
 
@@ -318,7 +369,8 @@ class PredictiveFailure:
         """Run ``fn(prediction)`` (sync or async) when an alarm on ``resource`` (one of
         :data:`RESOURCES`) is raised at ``min_severity`` or above (default ``high``).
 
-        ``name`` (default: the function's name) labels the ``PreventionActionRun`` events;
+        ``name`` (default: the function's name) labels the ``PreventionActionRun`` events
+        only: each registered action has a cooldown of its own, whatever its label.
         ``cooldown_s`` (>= 0) overrides ``action_cooldown_s`` for this action. An action that
         raises is recorded as ``failed``.
         """
@@ -382,7 +434,7 @@ class PredictiveFailure:
         ``wait`` (the default) it too returns once the first sample is taken (at most 5 s).
         Returns an event set once that first sample is taken."""
         if interval is not None:
-            _number("prediction.interval_s", interval, low=0, allowed="seconds > 0")
+            _interval("prediction.interval_s", interval)
             self._interval = float(interval)
         if loop is not None:
             self._loop = loop
@@ -416,8 +468,15 @@ class PredictiveFailure:
         """Stop the sampler thread (waiting up to ``timeout`` seconds for it), restore a
         shed retry budget, and stop reporting resource gauges. Idempotent."""
         self._stop.set()
+        with self._lock:
+            waits = list(self._waits)
+        for waiting in waits:  # the monitor stops waiting for a callback in flight
+            waiting.set()
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
+        # From a callback or action the monitor waits for, joining the monitor would only
+        # make it give up on the caller.
+        calling = getattr(_in_call, "active", False)
+        if thread is not None and thread is not threading.current_thread() and not calling:
             thread.join(timeout)
         if self._runtime.resource_snapshot == self.snapshot:
             self._runtime.resource_snapshot = _empty_snapshot
@@ -462,7 +521,7 @@ class PredictiveFailure:
                     continue
                 value, limit = reading
                 series = self._series[resource]
-                series.append((now, value))
+                self._append(series, now, value)
                 fc = forecast(series, limit, horizon=options.horizon_s)
                 alarm = self._alarms[resource]
                 previous = alarm.severity
@@ -490,14 +549,33 @@ class PredictiveFailure:
                 self._restore_budget()  # the shedding ends with the last raised prediction
         return published
 
+    def _append(
+        self, series: collections.deque[tuple[float, float]], now: float, value: float
+    ) -> None:
+        """Add a sample: keep ``window`` samples, and beyond them every sample of the last
+        ``horizon_s``, so the trend spans the horizon whatever the interval (the forecast's
+        span factor caps the confidence of a shorter one, and a 5 s interval with a 60-sample
+        window would never raise). Samples closer than ``2 x horizon_s / _SERIES_POINTS`` are
+        thinned: the newest replaces its predecessor while that one is that close to the one
+        before it, so however short the interval, about ``_SERIES_POINTS`` samples remain."""
+        options = self._options
+        spacing = 2.0 * options.horizon_s / _SERIES_POINTS
+        if len(series) >= 2 and now - series[-2][0] < spacing:
+            series[-1] = (now, value)
+        else:
+            series.append((now, value))
+        cutoff = now - options.horizon_s
+        while len(series) > options.window and series[0][0] <= cutoff:
+            series.popleft()
+
     def _run_actions(self, prediction: FailurePredicted, now: float) -> None:
         for action in self._actions.get(prediction.resource, ()):
-            key = (prediction.resource, action.name)
             cooldown = (
                 self._options.action_cooldown_s if action.cooldown_s is None else action.cooldown_s
             )
             rank = _RANK[prediction.severity]
-            last = self._last_run.get(key)
+            with self._lock:
+                last = self._last_run.get(action)
             # An escalation runs the action again within its cooldown: a memory cleanup at
             # ``critical`` is a stronger one than the ``standard`` run of a minute ago.
             if rank < _RANK[action.min_severity] or (
@@ -505,25 +583,43 @@ class PredictiveFailure:
             ):
                 self._record(prediction.resource, action.name, "skipped", 0.0)
                 continue
-            self._last_run[key] = (now, rank)
+            this_run = (now, rank)
+            with self._lock:
+                self._last_run[action] = this_run
             started = self._clock.monotonic()
 
             def done(
                 error: BaseException | None,
                 resource: str = prediction.resource,
-                name: str = action.name,
+                action: _Action = action,
                 started: float = started,
+                this_run: tuple[float, int] = this_run,
+                previous: tuple[float, int] | None = last,
             ) -> None:
                 if error is None:
                     outcome = "ok"
                 elif isinstance(error, _Skip):
                     outcome = "skipped"
+                    # It did nothing (a controller in its cooldown, nothing to clean with): it
+                    # must not hold back the next raise or escalation.
+                    self._unclaim(action, this_run, previous)
                 else:
                     outcome = "failed"
-                    report_internal_error(f"prediction.action {name}", error)
-                self._record(resource, name, outcome, self._clock.monotonic() - started)
+                    report_internal_error(f"prediction.action {action.name}", error)
+                self._record(resource, action.name, outcome, self._clock.monotonic() - started)
 
             self._call(action.fn, prediction, on_done=done)
+
+    def _unclaim(
+        self, action: _Action, this_run: tuple[float, int], previous: tuple[float, int] | None
+    ) -> None:
+        with self._lock:
+            if self._last_run.get(action) is not this_run:
+                return  # a later run, or a reset, took the slot since
+            if previous is None:
+                del self._last_run[action]
+            else:
+                self._last_run[action] = previous
 
     def _record(self, resource: str, action: str, outcome: str, duration: float) -> None:
         self._runtime.bus.publish(
@@ -539,16 +635,69 @@ class PredictiveFailure:
         *,
         on_done: Callable[[BaseException | None], None],
     ) -> None:
-        """Run ``fn`` (sync, or async on the right loop) and report how it ended."""
-        try:
-            result = fn(prediction)
-        except Exception as error:  # noqa: BLE001 - user code must not stop the monitor
-            on_done(error)
+        """Run ``fn`` (sync in a worker thread, async on the right loop), bounded, and report
+        how it ended."""
+        result: object
+        failed: BaseException | None
+        if inspect.iscoroutinefunction(fn):
+            # Calling it only makes the coroutine: none of its code runs yet.
+            try:
+                result, failed = fn(prediction), None
+            except Exception as error:  # noqa: BLE001 - user code must not stop the monitor
+                result, failed = None, error
+        else:
+            result, failed = self._run_sync(fn, prediction)
+        if failed is not None:
+            on_done(failed)
             return
         if not inspect.iscoroutine(result):
             on_done(None)
             return
         self._run_coroutine(result, on_done)
+
+    def _run_sync(
+        self, fn: Callable[[FailurePredicted], object], prediction: FailurePredicted
+    ) -> tuple[object, BaseException | None]:
+        """Run a sync callback or action in a daemon worker thread and wait for it at most
+        ``_SYNC_TIMEOUT_S`` (read now, so tests can shorten it), or until
+        ``stop_monitoring``: one that blocks (a webhook without a timeout) must not stop the
+        monitoring. Past that it is abandoned: a thread cannot be cancelled, so it goes on
+        running, and what it raises when it ends is reported then. Returns what it returned
+        and what it raised."""
+        with self._lock:
+            if self._overrunning >= _MAX_OVERRUNNING:
+                return None, _Skip(f"{self._overrunning} earlier calls are still running")
+        call = _SyncCall(fn, prediction)
+        with self._lock:
+            self._waits.add(call.wake)
+        try:
+            try:
+                threading.Thread(
+                    target=call.run, name="otel-raptor-prediction-call", daemon=True
+                ).start()
+            except RuntimeError as error:  # out of threads: the call fails, the monitor goes on
+                return None, error
+            if call.wake.wait(_SYNC_TIMEOUT_S) and not call.ended.is_set():
+                # Woken by stop_monitoring(): a callback that stopped the monitoring itself
+                # ends a moment later, and is no overrun.
+                call.ended.wait(_STOP_GRACE_S)
+        finally:
+            with self._lock:
+                self._waits.discard(call.wake)
+        if not call.abandon(self._after_overrun):
+            return call.result, call.error
+        with self._lock:
+            self._overrunning += 1
+        return None, _Overran(_SYNC_TIMEOUT_S, stopped=self._stop.is_set())
+
+    def _after_overrun(self, result: object, error: BaseException | None) -> None:
+        """An abandoned sync call ended at last (in its worker thread)."""
+        with self._lock:
+            self._overrunning = max(0, self._overrunning - 1)
+        if inspect.iscoroutine(result):
+            result.close()  # too late to run it: its bound is long past
+        if error is not None:
+            _report_late(error)
 
     def _run_coroutine(
         self,
@@ -606,7 +755,11 @@ class PredictiveFailure:
         cleanup = self._memory_cleanup or _default_memory_cleanup()
         if cleanup is None:
             raise _Skip("no memory controller")
-        return cleanup(level)
+        result = cleanup(level)
+        if inspect.iscoroutine(result):
+            return _unless_skipped(result)
+        _raise_if_skipped(result)
+        return result
 
     def _shed_load(self, prediction: FailurePredicted) -> None:
         # The runtime owns the budget shape: shedding is a temporary factor on top of it, held
@@ -661,7 +814,9 @@ class PredictiveFailure:
                 if p.forecast.time_to_exhaustion_s is not None
             },
             probability={p.resource: p.forecast.probability for p in predictions},
-            memory_pressure=sample.memory_ratio,
+            # The memory controller's figure, which its pressure levels and the monitor's
+            # memory alert are about; the machine's is ``utilization["memory"]``.
+            memory_pressure=sample.pressure_ratio,
         )
 
     # --- fork ---------------------------------------------------------------------------
@@ -672,6 +827,8 @@ class PredictiveFailure:
         was_running = self._thread is not None
         self._thread = None
         self._stop = threading.Event()
+        self._overrunning = 0  # the parent's worker threads do not exist here
+        self._waits = set()
         self._loop = None  # the parent's loop does not run here
         self._private_loop = None
         if self._own_sampler:
@@ -708,6 +865,68 @@ def _wait_for_app_loop(
         return BoundExceeded("an async prediction callback or action", timeout)
     except Exception as error:  # noqa: BLE001 - e.g. cancelled by the app's loop closing
         return error
+
+
+# Set in the worker thread of a sync callback or action.
+_in_call = threading.local()
+
+
+class _SyncCall:
+    """One sync callback or action, run in a worker thread that the monitor waits for."""
+
+    __slots__ = ("_arg", "_fn", "_lock", "_on_late", "_state", "ended", "error", "result", "wake")
+
+    def __init__(self, fn: Callable[[FailurePredicted], object], arg: FailurePredicted) -> None:
+        self._fn = fn
+        self._arg = arg
+        self._lock = threading.Lock()
+        self._state = "running"  # then "ended", or "abandoned" by the monitor
+        self._on_late: Callable[[object, BaseException | None], None] | None = None
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+        # Set when it ends, and by stop_monitoring() to end the monitor's wait early.
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        _in_call.active = True  # this thread runs this call only
+        result: object = None
+        error: BaseException | None = None
+        try:
+            result = self._fn(self._arg)
+        except BaseException as caught:  # noqa: BLE001 - reported by the monitor, not this thread
+            error = caught
+        with self._lock:
+            abandoned = self._state == "abandoned"
+            self._state = "ended"
+            self.result, self.error = result, error
+        self.ended.set()
+        self.wake.set()
+        if abandoned and self._on_late is not None:
+            self._on_late(result, error)
+
+    def abandon(self, on_late: Callable[[object, BaseException | None], None]) -> bool:
+        """Give up on it unless it has ended; ``on_late`` is called when it does end."""
+        with self._lock:
+            if self._state == "ended":
+                return False
+            self._state = "abandoned"
+            self._on_late = on_late
+            return True
+
+
+def _raise_if_skipped(result: object) -> None:
+    """A ``CleanupResult`` whose ``skipped`` says the controller did nothing (its cooldown,
+    ``auto_cleanup`` off, the learner's back-off, a cleanup still running) is no ``ok``."""
+    reason = getattr(result, "skipped", "")
+    if isinstance(reason, str) and reason:
+        raise _Skip(f"memory controller: {reason}")
+
+
+async def _unless_skipped(coro: Coroutine[Any, Any, object]) -> object:
+    result = await coro
+    _raise_if_skipped(result)
+    return result
 
 
 def _report_late(error: BaseException) -> None:

@@ -8,7 +8,8 @@
   usage: inside a cgroup with a memory limit (v2 ``memory.max`` / ``memory.current``, v1
   ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``) those, else physical memory.
   ``max`` (v2) or an absurdly large v1 value means unlimited.
-* Disk usage of each configured mount (default ``/``).
+* Disk usage of each configured mount (default ``/``): used, free (what an unprivileged
+  writer can still use: the root-reserved blocks left out) and total.
 * Network errors and drops per second (deltas of ``net_io_counters``: ``errin + errout`` and
   ``dropin + dropout``), 0 on the first sample.
 * Open sockets of the process, counted by reading ``/proc/<pid>/fd`` links (psutil's
@@ -65,15 +66,25 @@ _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DiskUsage:
-    """One mount: bytes used and total."""
+    """One mount: bytes used, total, and free for an unprivileged writer (psutil's ``free``,
+    ``f_bavail``: the blocks reserved for root, 5 % of an ext4 by default, are neither used
+    nor free); ``None`` when unknown."""
 
     mount: str
     used: int
     total: int
+    free: int | None = None
 
     @property
     def ratio(self) -> float:
-        return self.used / self.total if self.total > 0 else 0.0
+        """How full the mount is for this process: ``used / (used + free)`` (psutil's and
+        ``df``'s percentage), 1 when a write fails with ENOSPC; ``used / total`` when ``free``
+        is unknown. Against ``total``, a full disk would read 0.95 on a default ext4 and
+        never look exhausted."""
+        if self.free is None:
+            return self.used / self.total if self.total > 0 else 0.0
+        usable = self.used + self.free
+        return self.used / usable if usable > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,8 +118,20 @@ class ResourceSample:
 
     @property
     def memory_ratio(self) -> float:
-        """Effective memory usage over the effective limit, 0-1 (can exceed 1 briefly)."""
+        """Effective memory usage over the effective limit, 0-1 (can exceed 1 briefly):
+        outside a memory-limited cgroup, the machine's used memory over physical memory."""
         return self.memory_current / self.memory_limit if self.memory_limit > 0 else 0.0
+
+    @property
+    def pressure_ratio(self) -> float:
+        """The watched process's memory over its effective limit, as the memory controller
+        counts it (``SimpleMemoryController.usage_ratio``): in a memory-limited cgroup the
+        cgroup's working set over its limit (what the OOM killer compares), else the RSS over
+        physical memory. ``raptor.memory.pressure`` and the pressure levels are this."""
+        if self.memory_limit <= 0:
+            return 0.0
+        used = self.memory_current if self.cgroup_limited else self.process_rss
+        return used / self.memory_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +407,14 @@ class ResourceSampler:
                 usage = psutil.disk_usage(mount)
             except OSError:
                 continue
-            disks.append(DiskUsage(mount=mount, used=int(usage.used), total=int(usage.total)))
+            disks.append(
+                DiskUsage(
+                    mount=mount,
+                    used=int(usage.used),
+                    total=int(usage.total),
+                    free=int(usage.free),
+                )
+            )
         net_errors, net_drops = self._net_rates(now)
         return ResourceSample(
             timestamp=now,

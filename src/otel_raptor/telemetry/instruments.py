@@ -757,7 +757,11 @@ METRIC_MEMORY_PRESSURE: Final = InstrumentSpec(
     kind=InstrumentKind.OBSERVABLE_GAUGE,
     unit="1",
     attributes=(),
-    description="Memory use over the effective (cgroup-aware) limit, 0 to 1.",
+    description=(
+        "This process's memory over its effective limit, 0 to 1: the cgroup's working set"
+        " inside a memory-limited cgroup, else the RSS over physical memory (the memory"
+        " controller's ratio; the machine's is `raptor.resource.utilization`)."
+    ),
 )
 METRIC_MEMORY_PRESSURE_LEVEL: Final = InstrumentSpec(
     name="raptor.memory.pressure.level",
