@@ -704,7 +704,7 @@ def test_an_async_fallback_function_serves_async_clients_only(
     assert answers == [503, 503]  # as without a fallback
     (warning,) = caplog.records
     assert "cached_answer" in warning.getMessage()
-    assert "async clients" in warning.getMessage()
+    assert "async calls" in warning.getMessage()
 
 
 # --- staying out of the way ---------------------------------------------------------------------

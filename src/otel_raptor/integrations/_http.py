@@ -56,8 +56,9 @@ from otel_raptor.runtime.drive import (
     FallbackDeclined,
     current_attempt,
     is_async_callable,
+    warn_async_fallback,
 )
-from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
+from otel_raptor.runtime.forksafe import after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.state import Runtime
 from otel_raptor.telemetry.instruments import ATTR_HTTP_REQUEST_RESEND_COUNT
@@ -817,42 +818,6 @@ _REFUSALS: Final = (CircuitOpenError, ThrottledError)
 
 _logger = logging.getLogger("otel_raptor")
 
-# Async fallback functions already reported for a sync call (by name and downstream): each
-# is reported once. Bounded, since the names come from the application.
-_MAX_WARNED = 256
-_warned: set[str] = set()
-_warned_box = LockBox()
-
-
-def _callable_name(function: object) -> str:
-    qualname = getattr(function, "__qualname__", None) or type(function).__qualname__
-    module = getattr(function, "__module__", None)
-    return f"{module}.{qualname}" if module else str(qualname)
-
-
-def _warn_async_fallback(function: object, service: str) -> None:
-    """Say once per function and downstream that an async fallback function was passed over
-    on a sync call. Never raises: the call goes on without the fallback either way."""
-    try:
-        name = _callable_name(function)
-        key = f"{name} {service}"
-        with _warned_box.lock:
-            if key in _warned:
-                return
-            if len(_warned) >= _MAX_WARNED:
-                _warned.clear()
-            _warned.add(key)
-        _logger.warning(
-            "otel_raptor: the fallback %s of %s is an async function, so it serves async "
-            "clients (httpx.AsyncClient) only; sync calls to %s end as they would without "
-            "a fallback function",
-            name,
-            service,
-            service,
-        )
-    except Exception as bug:  # noqa: BLE001 - a warning is not worth breaking the call
-        report_internal_error("http.async_fallback_warning", bug)
-
 
 class FallbackCall:
     """One request's fallbacks, in order: failover base URLs, the stale response, the
@@ -1044,11 +1009,11 @@ class FallbackCall:
         # no mistake in the configuration; a sync call just cannot await it, and ends as it
         # would without it.
         if is_async_callable(function):
-            _warn_async_fallback(function, self.origin.service)
+            warn_async_fallback(function, self.origin.service)
             raise FallbackDeclined
         value = function(error if primary is _NOTHING else primary)
         if inspect.iscoroutine(value):  # async, though it did not look it (a wrapper)
             value.close()
-            _warn_async_fallback(function, self.origin.service)
+            warn_async_fallback(function, self.origin.service)
             raise FallbackDeclined
         return value

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -35,9 +36,10 @@ from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKin
 from otel_raptor.core.breaker import Permit
 from otel_raptor.core.classification import Classification
 from otel_raptor.core.states import CircuitState
-from otel_raptor.errors import CircuitOpenError, ConfigError, ThrottledError
+from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.runtime.clock import Clock
 from otel_raptor.runtime.downstream import Route
+from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "recover_sync",
     "run_async",
     "run_sync",
+    "warn_async_fallback",
 ]
 
 #: A fallback: given the last error (or the refusal), what the caller gets instead. It may
@@ -92,6 +95,44 @@ def current_attempt() -> int:
     """The number of the attempt in flight in this context: 1 outside a retry, 2 during the
     first retry, and so on (telemetry derives ``http.request.resend_count`` from it)."""
     return _ATTEMPT_NUMBER.get()
+
+
+# Async fallback functions already reported for a sync call (by name and service): each is
+# reported once. Bounded, since the names come from the application.
+_MAX_WARNED: Final = 256
+_warned: set[str] = set()
+_warned_box = LockBox()
+_logger = logging.getLogger("otel_raptor")
+
+
+def _callable_name(function: object) -> str:
+    qualname = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None)
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def warn_async_fallback(function: object, service: str) -> None:
+    """Say once per function and service that an async fallback function was passed over on
+    a sync call (a fallback may serve sync and async calls alike: it is no mistake in the
+    configuration, but a sync call cannot await it). Never raises."""
+    try:
+        name = _callable_name(function)
+        key = f"{name} {service}"
+        with _warned_box.lock:
+            if key in _warned:
+                return
+            if len(_warned) >= _MAX_WARNED:
+                _warned.clear()
+            _warned.add(key)
+        _logger.warning(
+            "otel_raptor: the fallback %s of %s is an async function, so it serves async "
+            "calls only; sync calls to %s end as they would without a fallback",
+            name,
+            service,
+            service,
+        )
+    except Exception as bug:  # noqa: BLE001 - a warning is not worth breaking the call
+        report_internal_error("drive.async_fallback_warning", bug)
 
 
 def is_async_callable(func: object) -> bool:
@@ -694,12 +735,10 @@ class _Runner:
         if inspect.iscoroutine(value):
             # An async fallback on a sync call: its coroutine would reach the caller as the
             # result, never run. Guard(fallback=) serves call() and call_async() alike, so
-            # this can only be caught here.
+            # this is found out only here, and the call ends as it would without it.
             value.close()
-            self._fallback_finished(ok=False)
-            raise ConfigError(
-                "fallback", fallback, "a plain function for a sync call (it returned a coroutine)"
-            ) from error
+            warn_async_fallback(fallback, self.plan.route.service)
+            return self._declined()
         self._fallback_finished(ok=True)
         return value
 
