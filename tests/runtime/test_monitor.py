@@ -412,6 +412,28 @@ def test_errors_nothing_could_recover_are_not_judged(runtime: Runtime) -> None:
     monitor.close()
 
 
+def test_slow_recoveries_alert_on_the_volume_their_times_are_over(runtime: Runtime) -> None:
+    # 19 slow recoveries among 100 quick not_retryable failures: the p95 is over all 119, and
+    # so is the volume the alert asks for (the success rate's leaves those failures out).
+    monitor, _ = make(runtime, **QUIET)
+    for _ in range(19):
+        recover(runtime, "db", duration=30.0)
+    for _ in range(100):
+        recover(
+            runtime,
+            "db",
+            outcome=Outcome.FAILED,
+            attempts=1,
+            duration=0.001,
+            category=ErrorCategory.INTEGRITY,
+            strategy=Strategy.FAIL_FAST,
+            reason="not_retryable",
+        )
+    assert monitor.get_current_metrics()["services"]["db"]["recovery_time_p95_s"] > 10
+    assert RULE_RECOVERY_TIME in {a.name for a in monitor.get_active_alerts()}
+    monitor.close()
+
+
 def test_a_resolved_alert_without_recoveries_says_so(runtime: Runtime, clock: FakeClock) -> None:
     monitor, recorder = make(runtime, **QUIET)
     for _ in range(20):

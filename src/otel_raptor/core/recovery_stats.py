@@ -187,6 +187,12 @@ class RecoverySummary:
         the ``not_retryable`` failures)."""
         return self.recoveries - self.rejected - self.not_retryable
 
+    @property
+    def timed(self) -> int:
+        """Recoveries whose times the percentiles are over (all but the ``rejected`` ones):
+        the volume behind the recovery-time figures."""
+        return self.recoveries - self.rejected
+
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 

@@ -325,7 +325,7 @@ def _rules(config: MonitorConfig) -> tuple[AlertRule, ...]:
 def _metric(rule: AlertRule, summary: RecoverySummary) -> tuple[float | None, float]:
     """The value a rule reads from a service's summary, and the volume behind it."""
     if rule.metric == "recovery_time_p95":
-        return summary.recovery_time_p95_s, float(summary.judged)
+        return summary.recovery_time_p95_s, float(summary.timed)
     if rule.metric == "success_rate":
         rate = summary.success_rate
         return (None if rate is None else 100.0 * rate), float(summary.judged)
