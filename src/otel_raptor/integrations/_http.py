@@ -897,6 +897,7 @@ class FallbackCall:
     def run(self, error: BaseException) -> Any:
         error, primary, rejected = self._start(error)
         result: Any = _NOTHING
+        reached: Any = _NOTHING
         if self._may_fail_over(rejected):
             for base_url in self.origin.failover_urls:
                 try:
@@ -904,16 +905,22 @@ class FallbackCall:
                 except Exception as failure:  # noqa: BLE001 - the next fallback's turn
                     if self._goes_on(failure):
                         continue
+                    reached = failure
                     break
                 if not is_failing_status(getattr(response, "status_code", None)):
                     result = response
                     break
-                _close_quietly(response)
                 if not self._goes_on(None):
+                    reached = response
                     break
+                _close_quietly(response)
+        if reached is not _NOTHING:
+            error, primary = self._reached(reached)
         try:
             result = self._choose(error, primary, result)
         except FallbackDeclined:
+            if reached is not _NOTHING:
+                return self._answer(reached)
             raise  # the caller gets the primary outcome, the primary response open
         except BaseException:
             # The fallback function failed: its error is the caller's, and nobody else will
@@ -930,6 +937,7 @@ class FallbackCall:
         awaited."""
         error, primary, rejected = self._start(error)
         result: Any = _NOTHING
+        reached: Any = _NOTHING
         if self._may_fail_over(rejected):
             for base_url in self.origin.failover_urls:
                 try:
@@ -937,18 +945,24 @@ class FallbackCall:
                 except Exception as failure:  # noqa: BLE001 - the next fallback's turn
                     if self._goes_on(failure):
                         continue
+                    reached = failure
                     break
                 if not is_failing_status(getattr(response, "status_code", None)):
                     result = response
                     break
-                await _aclose_quietly(response)
                 if not self._goes_on(None):
+                    reached = response
                     break
+                await _aclose_quietly(response)
+        if reached is not _NOTHING:
+            error, primary = self._reached(reached)
         try:
             result = self._choose(error, primary, result)
             if hasattr(result, "__await__"):
                 result = await result
         except FallbackDeclined:
+            if reached is not _NOTHING:
+                return self._answer(reached)
             raise
         except BaseException:
             if primary is not _NOTHING:
@@ -960,6 +974,24 @@ class FallbackCall:
 
     def _may_fail_over(self, rejected: bool) -> bool:
         return bool(self.origin.failover_urls) and (self.replay_safe or rejected)
+
+    @staticmethod
+    def _reached(outcome: Any) -> tuple[BaseException, Any]:
+        """A request that is not replay safe stopped at a failover URL that may have received
+        it (``outcome``: its error, or its failing response): from then on that URL's answer
+        is the one the chain hands on, as its error and its primary response, since the
+        primary's refusal ("never sent") would no longer be true."""
+        if isinstance(outcome, BaseException):
+            return outcome, _NOTHING
+        return FailingResponse(outcome), outcome
+
+    @staticmethod
+    def _answer(outcome: Any) -> Any:
+        """The caller's answer when nothing after the failover had one: that URL's failing
+        response, or its error raised."""
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def _goes_on(self, failure: BaseException | None) -> bool:
         """Whether the next failover URL may be tried after one that failed with ``failure``
