@@ -80,3 +80,20 @@ def test_every_refusal_is_classified_as_a_refusal_not_a_lost_connection() -> Non
     for refusal in refusals:
         verdict = classify(refusal)
         assert (verdict.rule, verdict.retryable) == ("circuit_open", False), type(refusal)
+
+
+def test_an_error_raised_while_handling_a_refusal_is_that_error() -> None:
+    # The usual fallback: ``except CircuitOpenError: backup()``; the backup's own failure
+    # carries the refusal as its context, and must be classified (and retried) as itself.
+    for raised, rule in (
+        (TimeoutError("backup timed out"), "timeout"),
+        (ConnectionResetError(104, "reset"), "errno.connection"),
+    ):
+        try:
+            try:
+                raise CircuitOpenError("svc", 1.0)
+            except CircuitOpenError:
+                raise raised  # noqa: B904 - as the app's fallback does
+        except OSError as error:
+            verdict = classify(error)
+        assert (verdict.rule, verdict.retryable) == (rule, True), raised

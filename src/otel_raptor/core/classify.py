@@ -392,8 +392,9 @@ _DNS_TEXT = (
 # fmt: off
 # raptor's own refusal. Its driver-flavoured subclasses inherit the driver's SQLSTATE (asyncpg's
 # ``08000``) or carry its error number (PyMySQL's 2003), signals that would read as a lost
-# connection, retryable: it competes as a user rule does (registered ``first=True`` rules
-# still win), so a refusal is never retried nor counted by a guard around the driver's code.
+# connection, retryable: within the refusal it competes as a user rule does (registered
+# ``first=True`` rules still win), so a refusal is never retried nor counted by a guard around
+# the driver's code; along a chain of exceptions it is a class rule.
 _CIRCUIT_OPEN: Final = _types(
     "circuit_open", _C.UNAVAILABLE, "otel_raptor.errors.CircuitOpenError", retryable=False
 )
@@ -831,6 +832,10 @@ class Classifier:
                 _USER if position < len(user_first) or rule is _CIRCUIT_OPEN else rule.specificity
             )
             strength = _DEFERRED if rule.defer_to_cause and group != _USER else group
+            if rule is _CIRCUIT_OPEN:
+                # Along the chain, a class rule: an error the app raised while it handled a
+                # refusal (its fallback's own timeout) carries it as context, and is that error.
+                strength = _CLASS
             retryable = rule.retryable
             if retryable is None:
                 retryable = DEFAULT_RETRYABLE[rule.category]
