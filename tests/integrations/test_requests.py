@@ -641,7 +641,12 @@ def test_a_post_that_reached_a_failover_url_goes_to_no_other(
             with pytest.raises(requests.Timeout) as raised:
                 requests.post(server.url("/pay"), json={"amount": 1})
             assert not isinstance(raised.value, CircuitOpenError)
+            # requests' own context, as without raptor: nothing of ours in the way.
+            assert "FallbackDeclined" not in repr(raised.value.__context__)
         assert [each.count("POST", "/pay") for each in (server, backup, spare)] == [0, 1, 0]
+        # The primary call is reported as it ended (refused), never as a served fallback.
+        primary = [f for f in finished(install.events) if f.service == f"http://{server.authority}"]
+        assert primary[-1].outcome is Outcome.REJECTED
 
 
 def test_a_post_refused_by_a_failover_urls_own_breaker_goes_on_to_the_next(

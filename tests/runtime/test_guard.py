@@ -611,3 +611,18 @@ def test_a_failing_fallback_for_an_open_breaker_is_reported_as_a_failure(
         guard.call(Flaky())  # refused; the fallback fails too
     outcomes = [(e.strategy, e.outcome) for e in of(events, RecoveryFinished)]
     assert outcomes == [(Strategy.FAILOVER, Outcome.FAILED)] * 2
+
+
+def test_a_declined_fallback_leaves_the_callers_error_as_it_was(runtime: Runtime) -> None:
+    from otel_raptor.runtime.drive import FallbackDeclined
+
+    def nothing_to_offer(error: BaseException) -> str:
+        raise FallbackDeclined
+
+    guard = Guard("api", retry=False, fallback=nothing_to_offer, runtime=runtime)
+    with pytest.raises(ConnectionResetError) as raised:
+        guard.call(Flaky(ConnectionResetError(104, "x")))
+    assert not isinstance(raised.value.__context__, FallbackDeclined)
+    with pytest.raises(ConnectionResetError) as raised:
+        asyncio.run(guard.call_async(_failing_async))
+    assert not isinstance(raised.value.__context__, FallbackDeclined)

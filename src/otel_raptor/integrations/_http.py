@@ -914,13 +914,16 @@ class FallbackCall:
                     reached = response
                     break
                 _close_quietly(response)
+        answer: Exception | None = None
         if reached is not _NOTHING:
-            error, primary = self._reached(reached)
+            answer, primary = self._reached(reached)
+            error = answer
         try:
             result = self._choose(error, primary, result)
         except FallbackDeclined:
-            if reached is not _NOTHING:
-                return self._answer(reached)
+            if answer is not None:
+                # Nothing after the failover had an answer: that URL's is the caller's.
+                raise FallbackDeclined(answer) from None
             raise  # the caller gets the primary outcome, the primary response open
         except BaseException:
             # The fallback function failed: its error is the caller's, and nobody else will
@@ -954,15 +957,18 @@ class FallbackCall:
                     reached = response
                     break
                 await _aclose_quietly(response)
+        answer: Exception | None = None
         if reached is not _NOTHING:
-            error, primary = self._reached(reached)
+            answer, primary = self._reached(reached)
+            error = answer
         try:
             result = self._choose(error, primary, result)
             if hasattr(result, "__await__"):
                 result = await result
         except FallbackDeclined:
-            if reached is not _NOTHING:
-                return self._answer(reached)
+            if answer is not None:
+                # Nothing after the failover had an answer: that URL's is the caller's.
+                raise FallbackDeclined(answer) from None
             raise
         except BaseException:
             if primary is not _NOTHING:
@@ -976,22 +982,14 @@ class FallbackCall:
         return bool(self.origin.failover_urls) and (self.replay_safe or rejected)
 
     @staticmethod
-    def _reached(outcome: Any) -> tuple[BaseException, Any]:
+    def _reached(outcome: Any) -> tuple[Exception, Any]:
         """A request that is not replay safe stopped at a failover URL that may have received
         it (``outcome``: its error, or its failing response): from then on that URL's answer
         is the one the chain hands on, as its error and its primary response, since the
         primary's refusal ("never sent") would no longer be true."""
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, Exception):
             return outcome, _NOTHING
         return FailingResponse(outcome), outcome
-
-    @staticmethod
-    def _answer(outcome: Any) -> Any:
-        """The caller's answer when nothing after the failover had one: that URL's failing
-        response, or its error raised."""
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
     def _goes_on(self, failure: BaseException | None) -> bool:
         """Whether the next failover URL may be tried after one that failed with ``failure``

@@ -66,7 +66,17 @@ Fallback = Callable[[BaseException], Any]
 class FallbackDeclined(Exception):
     """Raised by a fallback that has nothing to offer for this call (no cached response, no
     failover that answered): the call then ends as it would have without a fallback, and is
-    reported so (not as a fallback)."""
+    reported so (not as a fallback).
+
+    ``answer``, when given, takes the place of the call's last error or refusal as what the
+    caller gets (handed to the hooks' ``give_up`` like a last error): what a downstream the
+    fallback reached answered (a failover URL that an unsafe request may have reached, whose
+    answer is truer than the primary's "never sent" refusal).
+    """
+
+    def __init__(self, answer: Exception | None = None) -> None:
+        super().__init__()
+        self.answer = answer
 
 
 class ScopeFactory(Protocol):
@@ -724,23 +734,26 @@ class _Runner:
         error = self._fallback_error()
         if fallback is None:
             return self._no_fallback()
+        answer: Exception | None = None
         try:
             value = fallback(error)
-        except FallbackDeclined:
-            return self._declined()
+        except FallbackDeclined as declined:
+            answer = declined.answer
         except Exception as failure:  # not BaseException: a cancelled call has no verdict
             _chain(failure, error)
             self._fallback_finished(ok=False)
             raise
-        if inspect.iscoroutine(value):
+        else:
+            if not inspect.iscoroutine(value):
+                self._fallback_finished(ok=True)
+                return value
             # An async fallback on a sync call: its coroutine would reach the caller as the
             # result, never run. Guard(fallback=) serves call() and call_async() alike, so
             # this is found out only here, and the call ends as it would without it.
             value.close()
             warn_async_fallback(fallback, self.plan.route.service)
-            return self._declined()
-        self._fallback_finished(ok=True)
-        return value
+        # Outside the ``except`` block: the error the caller gets keeps its own context.
+        return self._declined(answer)
 
     async def fallback_async(self) -> Any:
         fallback = self._fallback
@@ -751,14 +764,16 @@ class _Runner:
             value = fallback(error)
             if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
                 value = await value
-        except FallbackDeclined:
-            return self._declined()
+        except FallbackDeclined as declined:
+            answer = declined.answer
         except Exception as failure:  # not BaseException: a cancelled call has no verdict
             _chain(failure, error)
             self._fallback_finished(ok=False)
             raise
-        self._fallback_finished(ok=True)
-        return value
+        else:
+            self._fallback_finished(ok=True)
+            return value
+        return self._declined(answer)  # outside the ``except`` block, as in fallback_sync
 
     def close(self) -> None:
         self._end_attempt()
@@ -812,11 +827,13 @@ class _Runner:
         report_internal_error("drive.no_fallback", RuntimeError("a fallback plan without one"))
         return self._declined()
 
-    def _declined(self) -> Any:
+    def _declined(self, answer: Exception | None = None) -> Any:
         try:
             self.loop.fallback_declined(self.plan.monotonic())
         except Exception as bug:  # noqa: BLE001
             report_internal_error("drive.fallback_declined", bug)
+        if answer is not None and not self._passive:
+            self.failure = answer
         return self.finish()
 
     def _fallback_error(self) -> BaseException:
