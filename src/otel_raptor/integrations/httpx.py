@@ -30,6 +30,7 @@ by that function. See ``docs/http.md``.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import timedelta
 from types import MethodType
@@ -122,10 +123,14 @@ def attempt_timeout_error_type() -> type[BaseException]:
     if _attempt_timeout is None:
         import httpx  # noqa: PLC0415 - the library is imported only when needed
 
+        # The built-in TimeoutError, and asyncio's, which wait_for raises: one class since
+        # Python 3.11, two before.
+        timeouts: tuple[type[BaseException], ...] = (
+            (TimeoutError,) if sys.version_info >= (3, 11) else (asyncio.TimeoutError, TimeoutError)
+        )
         _attempt_timeout = type(
             "HttpxAttemptTimeout",
-            # asyncio's (the built-in TimeoutError since Python 3.11), which wait_for raises.
-            (httpx.TimeoutException, asyncio.TimeoutError),
+            (httpx.TimeoutException, *timeouts),
             {
                 "__module__": __name__,
                 "__doc__": "An attempt that ran out of raptor's attempt timeout or deadline.",
