@@ -22,7 +22,8 @@ from otel_raptor import environment_variables as ev
 from otel_raptor import instrumentor as instrumentor_module
 from otel_raptor.core.events import ErrorClassified
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.runtime.state import Runtime, get_runtime, set_runtime
+from otel_raptor.runtime.state import Runtime, get_runtime
+from tests.support.runtime import process_runtime
 
 # --- fake integrations, loaded by "module:Class" like the real ones ------------------------------
 
@@ -95,10 +96,8 @@ FAKES = {
 
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
-    fresh = Runtime()
-    previous = set_runtime(fresh)
-    yield fresh
-    set_runtime(previous)
+    with process_runtime() as fresh:
+        yield fresh
 
 
 @pytest.fixture

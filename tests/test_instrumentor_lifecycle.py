@@ -26,9 +26,10 @@ from otel_raptor.errors import CircuitOpenError
 from otel_raptor.runtime import memory as memory_module
 from otel_raptor.runtime.breaker import OTHER_BREAKER, BreakerRegistry, CircuitBreaker
 from otel_raptor.runtime.health import HealthChecker
-from otel_raptor.runtime.state import Runtime, set_runtime
+from otel_raptor.runtime.state import Runtime
 from tests.support.clock import FakeClock
 from tests.support.faulty_http import FaultyHTTPServer, ok, status
+from tests.support.runtime import process_runtime
 
 #: Neither the memory controller nor the monitor: threads these tests do not look at.
 QUIET: dict[str, Any] = {"memory": False, "monitor": False}
@@ -36,11 +37,8 @@ QUIET: dict[str, Any] = {"memory": False, "monitor": False}
 
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
-    fresh = Runtime()
-    previous = set_runtime(fresh)
-    yield fresh
-    set_runtime(previous)
-    fresh.health.stop()
+    with process_runtime() as fresh:
+        yield fresh
 
 
 @pytest.fixture

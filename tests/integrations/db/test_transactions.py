@@ -26,7 +26,7 @@ from otel_raptor.core.recovery import Outcome
 from otel_raptor.db import TransactionInProgressError, run_transaction, run_transaction_async
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
-from otel_raptor.runtime.state import Runtime, set_runtime
+from otel_raptor.runtime.state import Runtime
 from tests.integrations.db.conftest import (
     MYSQL_KWARGS,
     PG_DSN,
@@ -36,6 +36,7 @@ from tests.integrations.db.conftest import (
     drop_pg_flaky,
 )
 from tests.support.clock import FakeClock
+from tests.support.runtime import process_runtime
 from tests.support.services import MYSQL, POSTGRES, require_service
 
 NEEDS_AUTOCOMMIT = pytest.mark.skipif(
@@ -46,19 +47,15 @@ NEEDS_AUTOCOMMIT = pytest.mark.skipif(
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
     """A fresh process-wide runtime (what run_transaction uses without an integration)."""
-    fresh = Runtime()
-    previous = set_runtime(fresh)
-    yield fresh
-    set_runtime(previous)
+    with process_runtime() as fresh:
+        yield fresh
 
 
 @pytest.fixture
 def fake_runtime() -> Iterator[Runtime]:
     """:func:`runtime` on a fake clock: the backoffs take no time."""
-    fresh = Runtime(clock=FakeClock())
-    previous = set_runtime(fresh)
-    yield fresh
-    set_runtime(previous)
+    with process_runtime(clock=FakeClock()) as fresh:
+        yield fresh
 
 
 @pytest.fixture
