@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from otel_raptor.config import DownstreamOverride, RaptorConfig
+from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.integrations import _http, _wrapping
 from otel_raptor.integrations._http import (
     RESEND_COUNT_ATTRIBUTE,
@@ -41,6 +42,7 @@ from otel_raptor.integrations._http import (
 )
 from otel_raptor.integrations._kit import MAX_TARGETS
 from otel_raptor.runtime.drive import run_sync
+from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.state import Runtime
 from tests.support.clock import FakeClock
 
@@ -388,6 +390,44 @@ def test_the_span_processor_marks_client_spans_during_a_resend() -> None:
         ("after", None),
     ]
     assert ResendCountSpanProcessor().force_flush() is True
+
+
+def test_http_calls_in_a_retried_function_are_not_resends() -> None:
+    """A retry of a guarded function is not a resend of the requests it makes: only a retry
+    of the request itself (an HTTP integration's plan) marks ``http.request.resend_count``,
+    and a request's own retry inside a retried function counts from its own first attempt."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(ResendCountSpanProcessor())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    runtime = Runtime(clock=FakeClock())
+    origin = OriginTable(runtime, RaptorConfig(), HttpHooks()).for_prefix("http://a.test")
+    assert origin is not None
+    request_plan = origin.plan(replay_safe=True, with_fallback=False)
+    responses = iter([FakeResponse(200), FakeResponse(200), FakeResponse(503), FakeResponse(200)])
+
+    def send() -> FakeResponse:
+        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT):
+            return next(responses)
+
+    calls = iter([ConnectionResetError(104, "reset"), None])
+
+    def job() -> str:
+        run_sync(request_plan, send, (), {})
+        failure = next(calls)
+        if failure is not None:
+            raise failure
+        return run_sync(request_plan, send, (), {}).status_code  # 503, then 200
+
+    guard = Guard("job", retry=RetryPolicy(max_retries=1, base_delay=0.0), runtime=runtime)
+    assert guard.call(job) == 200
+    marks = [
+        (span.attributes or {}).get(RESEND_COUNT_ATTRIBUTE)
+        for span in exporter.get_finished_spans()
+    ]
+    # The function's first try (one GET), its retry: a GET, then a GET retried once.
+    assert marks == [None, None, None, 1]
 
 
 # --- wrapping -----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from otel_raptor.runtime.drive import (
     CallHooks,
     CallPlan,
     FallbackDeclined,
-    current_attempt,
+    current_resend,
     is_async_callable,
     warn_async_fallback,
 )
@@ -254,7 +254,7 @@ def _failing(response: Any) -> FailingResponse | None:
 
 def resend_count() -> int:
     """The ordinal of the resend in flight in this context (1 = first retry), else 0."""
-    return current_attempt() - 1
+    return current_resend()
 
 
 class ResendCountSpanProcessor(SpanProcessor):
@@ -268,7 +268,7 @@ class ResendCountSpanProcessor(SpanProcessor):
     """
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        count = current_attempt() - 1
+        count = current_resend()
         if count and span.kind is SpanKind.CLIENT:
             span.set_attribute(RESEND_COUNT_ATTRIBUTE, count)
 
@@ -304,6 +304,7 @@ class HttpHooks(CallHooks):
     __slots__ = ("timeout_kwarg",)
 
     failure_of = staticmethod(_failing)
+    resends_requests = True
 
     def __init__(self, timeout_kwarg: str | None = None) -> None:
         self.timeout_kwarg = timeout_kwarg

@@ -50,6 +50,7 @@ __all__ = [
     "ScopeFactory",
     "TimeoutKwargHooks",
     "current_attempt",
+    "current_resend",
     "is_async_callable",
     "recover_async",
     "recover_sync",
@@ -98,13 +99,25 @@ _FALLBACK: Final = Step.FALLBACK
 _GIVE_UP: Final = Step.GIVE_UP
 _DONE: Final = Step.DONE
 
-_ATTEMPT_NUMBER: ContextVar[int] = ContextVar("otel_raptor_attempt", default=1)
+# The attempt in flight in this context, and which resend of a request it is: set by the
+# slow path only (a retry), so a first attempt costs nothing. The resend ordinal is set only by
+# calls whose hooks send requests (:attr:`CallHooks.resends_requests`), and is 0 in a retry of
+# anything else: the HTTP calls a retried function makes are not resends of a request.
+_ATTEMPT_IN_FLIGHT: ContextVar[tuple[int, int]] = ContextVar("otel_raptor_attempt", default=(1, 0))
 
 
 def current_attempt() -> int:
     """The number of the attempt in flight in this context: 1 outside a retry, 2 during the
-    first retry, and so on (telemetry derives ``http.request.resend_count`` from it)."""
-    return _ATTEMPT_NUMBER.get()
+    first retry, and so on."""
+    return _ATTEMPT_IN_FLIGHT.get()[0]
+
+
+def current_resend() -> int:
+    """The ordinal of the request resend in flight in this context (1 = its first retry), or
+    0: telemetry's ``http.request.resend_count``. Only a retry of a call whose hooks send a
+    request (an HTTP integration's) counts; a retry of a guarded function that makes HTTP
+    calls does not make them resends."""
+    return _ATTEMPT_IN_FLIGHT.get()[1]
 
 
 # Async fallback functions already reported for a sync call (by name and service): each is
@@ -192,6 +205,10 @@ class CallHooks:
     #: ``except`` clauses keep working. Only the driver's own cut-off is converted, never a
     #: ``TimeoutError`` the call raised itself. ``None`` (the default): the ``TimeoutError``.
     timed_out: Callable[[BaseException, tuple[Any, ...]], BaseException] | None = None
+
+    #: Whether an attempt after the first is a resend of a request (``http.request.resend_count``
+    #: on the client spans started during it): HTTP integrations' hooks say so.
+    resends_requests: bool = False
 
     #: ``(failure, args) -> bool``: whether a failure of the call (made with positional
     #: arguments ``args``) is no verdict on the downstream nor on the call, such as a client
@@ -641,7 +658,8 @@ class _Runner:
         loop = self.loop
         attempt = loop.attempts + 1
         if attempt > 1:
-            self._attempt_token = _ATTEMPT_NUMBER.set(attempt)
+            resend = attempt - 1 if self.plan.hooks.resends_requests else 0
+            self._attempt_token = _ATTEMPT_IN_FLIGHT.set((attempt, resend))
         if self._passive:
             return kwargs
         try:
@@ -866,7 +884,7 @@ class _Runner:
     def _end_attempt(self) -> None:
         token, self._attempt_token = self._attempt_token, None
         if token is not None:
-            _ATTEMPT_NUMBER.reset(token)
+            _ATTEMPT_IN_FLIGHT.reset(token)
 
     def _bug(self, where: str, bug: Exception, step: Step) -> Step:
         report_internal_error(where, bug)
