@@ -32,6 +32,7 @@ import pytest
 
 from otel_raptor.config.monitor import MonitorConfig
 from otel_raptor.core.classification import ErrorCategory, Severity
+from otel_raptor.core.events import SKIP_REASONS
 from otel_raptor.core.insights import InsightKind
 from otel_raptor.core.recovery import Outcome, Strategy
 from otel_raptor.core.recovery_stats import ResultKind
@@ -59,6 +60,7 @@ from otel_raptor.telemetry.instruments import (
     ATTR_MEMORY_PRESSURE_LEVEL,
     ATTR_PREDICTION_SEVERITY,
     ATTR_PREVENTION_OUTCOME,
+    ATTR_PREVENTION_SKIP_REASON,
     ATTR_RECOVERY_GIVE_UP_REASON,
     ATTR_RECOVERY_OUTCOME,
     ATTR_RECOVERY_RESULT,
@@ -214,6 +216,7 @@ ENUM_LABELS: dict[str, frozenset[str]] = {
     # No enums behind these: the values of the attribute table (docs/telemetry.md).
     prometheus_label(ATTR_PREDICTION_SEVERITY): frozenset({"low", "medium", "high", "critical"}),
     prometheus_label(ATTR_PREVENTION_OUTCOME): frozenset({"ok", "failed", "skipped"}),
+    prometheus_label(ATTR_PREVENTION_SKIP_REASON): SKIP_REASONS,
     prometheus_label(ATTR_MEMORY_PRESSURE_LEVEL): frozenset(
         {"normal", "warning", "critical", "emergency", "other"}
     ),

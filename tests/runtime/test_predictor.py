@@ -100,6 +100,12 @@ class Harness:
     def actions(self) -> list[tuple[str, str]]:
         return [(e.action, e.outcome) for e in self.events if isinstance(e, PreventionActionRun)]
 
+    def skips(self) -> set[tuple[str, str]]:
+        """The skipped actions, with their reasons; every other run has none."""
+        runs = [e for e in self.events if isinstance(e, PreventionActionRun)]
+        assert all(bool(e.skip_reason) == (e.outcome == "skipped") for e in runs)
+        return {(e.action, e.skip_reason) for e in runs if e.outcome == "skipped"}
+
 
 def leak(h: Harness) -> FailurePredicted:
     h.run(30)  # a stable baseline fills the minimum window
@@ -156,6 +162,7 @@ def test_actions_run_by_severity_and_cooldown() -> None:
     assert ("append", "ok") in outcomes
     assert ("boom", "failed") in outcomes
     assert ("drastic", "skipped") in outcomes  # the first raise was below critical
+    assert ("drastic", "below_severity") in h.skips()
     assert ("drastic", "ok") in outcomes  # the escalation to critical ran it
     # Within the cooldown an action runs again only for a worse severity than its last run:
     # once per escalation, in rising order.
@@ -194,6 +201,21 @@ def test_actions_sharing_a_label_have_cooldowns_of_their_own() -> None:
     assert ("<lambda>", "skipped") not in h.actions()
 
 
+def test_a_repeat_within_the_cooldown_is_skipped_for_its_cooldown() -> None:
+    h = Harness(action_cooldown_s=86400.0)
+    ran: list[FailurePredicted] = []
+    h.predictor.add_prevention_action(
+        "process_memory", ran.append, min_severity="medium", name="note"
+    )
+    leak(h)
+    h.sampler.growth = 0.0
+    h.sampler.level = 0.3 * LIMIT
+    assert [p for p in h.run(90) if p.cleared]
+    leak(h)  # the same severity again, well within the day
+    assert len(ran) == 1
+    assert h.skips() == {("note", "cooldown")}
+
+
 class Recorder:
     """A memory controller that records the cleanups asked of it; the first ``skips`` say
     ``skipped`` (as a controller in its cooldown does)."""
@@ -219,6 +241,7 @@ def test_a_cleanup_the_controller_skipped_is_reported_skipped_and_retried() -> N
     leak(h)  # medium: a standard cleanup, which the controller skips
     assert controller.calls == [("standard", "prediction")]
     assert ("memory_cleanup", "skipped") in h.actions()
+    assert ("memory_cleanup", "controller_declined") in h.skips()
     assert ("memory_cleanup", "ok") not in h.actions()
     h.sampler.growth = 0.0
     h.sampler.level = 0.3 * LIMIT
@@ -608,6 +631,7 @@ def test_memory_cleanup_without_a_controller_is_skipped(
     h = Harness(builtin_actions=True)
     leak(h)
     assert ("memory_cleanup", "skipped") in h.actions()
+    assert ("memory_cleanup", "no_controller") in h.skips()
 
 
 def test_metrics_and_snapshot() -> None:

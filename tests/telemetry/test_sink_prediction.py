@@ -104,8 +104,9 @@ def test_a_prediction_becomes_a_span_and_a_count(h: Harness) -> None:
 
 
 def test_prevention_actions_are_counted_by_outcome(h: Harness) -> None:
-    for outcome in ("ok", "ok", "skipped"):
+    for outcome in ("ok", "ok"):
         h.runtime.bus.publish(PreventionActionRun("memory", "gc_collect", outcome, 0.01))
+    h.runtime.bus.publish(PreventionActionRun("memory", "gc_collect", "skipped", 0.0, "cooldown"))
     assert h.points("raptor.prevention.actions") == {
         frozenset(
             {
@@ -119,6 +120,7 @@ def test_prevention_actions_are_counted_by_outcome(h: Harness) -> None:
                 ("raptor.resource", "memory"),
                 ("raptor.prevention.action", "gc_collect"),
                 ("raptor.prevention.outcome", "skipped"),
+                ("raptor.prevention.skip_reason", "cooldown"),
             }
         ): 1,
     }

@@ -10,7 +10,7 @@ only a normalised, scrubbed template of its message); telemetry never records it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from otel_raptor.core.classification import Classification, Severity
 from otel_raptor.core.recovery import Outcome, Strategy
@@ -29,6 +29,7 @@ __all__ = [
     "RecoveryFinished",
     "RetryBudgetExhausted",
     "RetryScheduled",
+    "SKIP_REASONS",
 ]
 
 
@@ -127,12 +128,23 @@ class FailurePredicted:
 @dataclass(frozen=True, slots=True)
 class PreventionActionRun:
     """A prevention action ran for ``resource``; ``outcome`` is ``ok``, ``failed`` or
-    ``skipped`` (cooldown, or below its minimum severity)."""
+    ``skipped``, and then ``skip_reason`` says why (one of :data:`SKIP_REASONS`; empty
+    otherwise)."""
 
     resource: str
     action: str
     outcome: str
     duration_s: float
+    skip_reason: str = ""
+
+
+#: Why a prevention action was skipped: within its cooldown (and not an escalation), below its
+#: minimum severity, too many earlier sync calls still running, no memory controller to clean
+#: with, or the controller did nothing (its own cooldown, ``auto_cleanup`` off, a cleanup
+#: already running).
+SKIP_REASONS: Final = frozenset(
+    {"cooldown", "below_severity", "overrunning", "no_controller", "controller_declined"}
+)
 
 
 @dataclass(frozen=True, slots=True)

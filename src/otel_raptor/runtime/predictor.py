@@ -259,7 +259,12 @@ class _Action:
 
 
 class _Skip(Exception):
-    """An action had nothing to do (recorded as ``skipped``; the message says why)."""
+    """An action had nothing to do (recorded as ``skipped``): ``reason`` is one of
+    :data:`~otel_raptor.core.events.SKIP_REASONS`, the message says more."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class _Overran(TimeoutError):
@@ -581,7 +586,8 @@ class PredictiveFailure:
             if rank < _RANK[action.min_severity] or (
                 last is not None and now - last[0] < cooldown and rank <= last[1]
             ):
-                self._record(prediction.resource, action.name, "skipped", 0.0)
+                reason = "below_severity" if rank < _RANK[action.min_severity] else "cooldown"
+                self._record(prediction.resource, action.name, "skipped", 0.0, reason)
                 continue
             this_run = (now, rank)
             with self._lock:
@@ -596,17 +602,19 @@ class PredictiveFailure:
                 this_run: tuple[float, int] = this_run,
                 previous: tuple[float, int] | None = last,
             ) -> None:
+                reason = ""
                 if error is None:
                     outcome = "ok"
                 elif isinstance(error, _Skip):
-                    outcome = "skipped"
+                    outcome, reason = "skipped", error.reason
                     # It did nothing (a controller in its cooldown, nothing to clean with): it
                     # must not hold back the next raise or escalation.
                     self._unclaim(action, this_run, previous)
                 else:
                     outcome = "failed"
                     report_internal_error(f"prediction.action {action.name}", error)
-                self._record(resource, action.name, outcome, self._clock.monotonic() - started)
+                duration = self._clock.monotonic() - started
+                self._record(resource, action.name, outcome, duration, reason)
 
             self._call(action.fn, prediction, on_done=done)
 
@@ -621,10 +629,16 @@ class PredictiveFailure:
             else:
                 self._last_run[action] = previous
 
-    def _record(self, resource: str, action: str, outcome: str, duration: float) -> None:
+    def _record(
+        self, resource: str, action: str, outcome: str, duration: float, skip_reason: str = ""
+    ) -> None:
         self._runtime.bus.publish(
             PreventionActionRun(
-                resource=resource, action=action, outcome=outcome, duration_s=max(0.0, duration)
+                resource=resource,
+                action=action,
+                outcome=outcome,
+                duration_s=max(0.0, duration),
+                skip_reason=skip_reason,
             )
         )
 
@@ -666,7 +680,9 @@ class PredictiveFailure:
         and what it raised."""
         with self._lock:
             if self._overrunning >= _MAX_OVERRUNNING:
-                return None, _Skip(f"{self._overrunning} earlier calls are still running")
+                return None, _Skip(
+                    "overrunning", f"{self._overrunning} earlier calls are still running"
+                )
         call = _SyncCall(fn, prediction)
         with self._lock:
             self._waits.add(call.wake)
@@ -754,7 +770,7 @@ class PredictiveFailure:
         level = _CLEANUP_LEVEL[prediction.severity]
         cleanup = self._memory_cleanup or _default_memory_cleanup()
         if cleanup is None:
-            raise _Skip("no memory controller")
+            raise _Skip("no_controller", "no memory controller")
         result = cleanup(level)
         if inspect.iscoroutine(result):
             return _unless_skipped(result)
@@ -920,7 +936,7 @@ def _raise_if_skipped(result: object) -> None:
     ``auto_cleanup`` off, the learner's back-off, a cleanup still running) is no ``ok``."""
     reason = getattr(result, "skipped", "")
     if isinstance(reason, str) and reason:
-        raise _Skip(f"memory controller: {reason}")
+        raise _Skip("controller_declined", f"memory controller: {reason}")
 
 
 async def _unless_skipped(coro: Coroutine[Any, Any, object]) -> object:

@@ -68,6 +68,7 @@ __all__ = [
     "ATTR_PREDICTION_TIME_TO_EXHAUSTION",
     "ATTR_PREVENTION_ACTION",
     "ATTR_PREVENTION_OUTCOME",
+    "ATTR_PREVENTION_SKIP_REASON",
     "ATTR_RECOVERY_ATTEMPT",
     "ATTR_RECOVERY_ATTEMPTS",
     "ATTR_RECOVERY_GIVE_UP_REASON",
@@ -181,6 +182,7 @@ ATTR_PREDICTION_TIME_TO_EXHAUSTION: Final = "raptor.prediction.time_to_exhaustio
 ATTR_PREDICTION_CONFIDENCE: Final = "raptor.prediction.confidence"
 ATTR_PREVENTION_ACTION: Final = "raptor.prevention.action"
 ATTR_PREVENTION_OUTCOME: Final = "raptor.prevention.outcome"
+ATTR_PREVENTION_SKIP_REASON: Final = "raptor.prevention.skip_reason"
 ATTR_MEMORY_PRESSURE_LEVEL: Final = "raptor.memory.pressure.level"
 ATTR_MEMORY_CLEANUP_LEVEL: Final = "raptor.memory.cleanup.level"
 ATTR_MEMORY_CLEANUP_TRIGGER: Final = "raptor.memory.cleanup.trigger"
@@ -428,6 +430,13 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         type=AttributeType.STRING,
         values="`ok`, `failed`, `skipped`",
         bound="3",
+    ),
+    AttributeSpec(
+        key=ATTR_PREVENTION_SKIP_REASON,
+        type=AttributeType.STRING,
+        values="`cooldown`, `below_severity`, `overrunning`, `no_controller`, "
+        "`controller_declined` (only with outcome `skipped`)",
+        bound="5",
     ),
     AttributeSpec(
         key=ATTR_MEMORY_PRESSURE_LEVEL,
@@ -714,8 +723,14 @@ METRIC_PREVENTION_ACTIONS: Final = InstrumentSpec(
     name="raptor.prevention.actions",
     kind=InstrumentKind.COUNTER,
     unit="{action}",
-    attributes=(ATTR_RESOURCE, ATTR_PREVENTION_ACTION, ATTR_PREVENTION_OUTCOME),
-    description="Prevention actions run (or skipped) after a prediction, by outcome.",
+    attributes=(
+        ATTR_RESOURCE,
+        ATTR_PREVENTION_ACTION,
+        ATTR_PREVENTION_OUTCOME,
+        ATTR_PREVENTION_SKIP_REASON,
+    ),
+    description="Prevention actions run (or skipped) after a prediction, by outcome (and why "
+    "skipped).",
 )
 METRIC_MEMORY_CLEANUPS: Final = InstrumentSpec(
     name="raptor.memory.cleanups",

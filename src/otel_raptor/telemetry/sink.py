@@ -58,6 +58,7 @@ from opentelemetry.util.types import AttributeValue
 
 from otel_raptor.core.breaker import BreakerSnapshot
 from otel_raptor.core.events import (
+    SKIP_REASONS,
     BreakerTransitioned,
     CallRejected,
     ErrorClassified,
@@ -108,6 +109,7 @@ from otel_raptor.telemetry.instruments import (
     ATTR_PREDICTION_TIME_TO_EXHAUSTION,
     ATTR_PREVENTION_ACTION,
     ATTR_PREVENTION_OUTCOME,
+    ATTR_PREVENTION_SKIP_REASON,
     ATTR_RECOVERY_ATTEMPT,
     ATTR_RECOVERY_ATTEMPTS,
     ATTR_RECOVERY_GIVE_UP_REASON,
@@ -543,14 +545,14 @@ class TelemetrySink:
     def _on_prevention_action(self, event: PreventionActionRun) -> None:
         names = self._names
         try:
-            self._instruments.prevention_actions.add(
-                1,
-                {
-                    ATTR_RESOURCE: names.resource(event.resource),
-                    ATTR_PREVENTION_ACTION: names.action(event.action),
-                    ATTR_PREVENTION_OUTCOME: names.outcome(event.outcome),
-                },
-            )
+            attributes = {
+                ATTR_RESOURCE: names.resource(event.resource),
+                ATTR_PREVENTION_ACTION: names.action(event.action),
+                ATTR_PREVENTION_OUTCOME: names.outcome(event.outcome),
+            }
+            if event.skip_reason:
+                attributes[ATTR_PREVENTION_SKIP_REASON] = names.skip_reason(event.skip_reason)
+            self._instruments.prevention_actions.add(1, attributes)
         except Exception as error:  # noqa: BLE001
             report_internal_error("telemetry.metrics", error)
 
@@ -796,12 +798,21 @@ class TelemetrySink:
 class _ResourceNames:
     """Caps on the free-string values of the prediction and memory attributes."""
 
-    __slots__ = ("action", "cleanup_level", "outcome", "pressure_level", "resource", "trigger")
+    __slots__ = (
+        "action",
+        "cleanup_level",
+        "outcome",
+        "pressure_level",
+        "resource",
+        "skip_reason",
+        "trigger",
+    )
 
     def __init__(self) -> None:
         self.resource = BoundedValues(16, _OTHER)
         self.action = BoundedValues(32, _OTHER)
         self.outcome = BoundedValues(3, _OTHER)
+        self.skip_reason = BoundedValues(len(SKIP_REASONS), _OTHER)
         self.pressure_level = BoundedValues(4, _OTHER)
         self.cleanup_level = BoundedValues(3, _OTHER)
         self.trigger = BoundedValues(4, _OTHER)
