@@ -4,6 +4,7 @@ outcome is unknown, reads and never-sent commands retried, WatchError left alone
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -68,12 +69,28 @@ def test_uninstall_restores_the_methods(install: Install) -> None:
         ((lambda error: True,), {"with_failure_count": False}, [("fail",)]),
     ],
 )
+@pytest.mark.parametrize("hook", ["same signature", "any signature"])
 def test_while_raptor_drives_redis_py_makes_one_attempt_whatever_the_call_shape(
-    install: Install, args: tuple[object, ...], kwargs: dict[str, object], expected: list[tuple]
+    install: Install,
+    monkeypatch: pytest.MonkeyPatch,
+    hook: str,
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    expected: list[tuple],
 ) -> None:
-    from otel_raptor.integrations.db.redis import _driving
+    from otel_raptor.integrations.db.redis import _driving, _retry_hook
 
     install(RedisIntegration)
+    installed = redis.retry.Retry.call_with_retry
+    kinds = {p.kind for p in inspect.signature(installed).parameters.values()}
+    # This redis-py's signature is the known one: the hook takes its parameters as they are.
+    assert inspect.Parameter.VAR_KEYWORD not in kinds
+    if hook == "any signature":  # another redis-py's: the hook takes *args and **kwargs
+
+        def other(self: object, do: object, fail: object, *a: object, **k: object) -> object:
+            return installed(self, do, fail, *a, **k)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(redis.retry.Retry, "call_with_retry", _retry_hook(other))
     retry = redis.retry.Retry(redis.backoff.NoBackoff(), retries=5)
     attempts: list[int] = []
     failures: list[tuple] = []
@@ -153,6 +170,30 @@ def test_a_write_that_was_never_sent_is_retried(
     [finished] = installed.of(RecoveryFinished)
     assert finished.outcome is Outcome.RECOVERED
     assert finished.attempts >= 2
+    redis.Redis(host=REDIS[0], port=REDIS[1]).delete(key)
+
+
+async def test_an_asyncio_write_that_was_never_sent_is_retried(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, max_retries=40, failure_threshold=100)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    proxy.refuse()
+    healer = threading.Timer(0.03, proxy.heal)
+    healer.start()
+    try:
+        assert await client.incr(key) == 1
+        pipe = client.pipeline()  # MULTI/EXEC: all or nothing, so replayed when unsent
+        pipe.incr(key)
+        proxy.refuse()
+        healer = threading.Timer(0.03, proxy.heal)
+        healer.start()
+        await client.connection_pool.disconnect()
+        assert await pipe.execute() == [2]
+    finally:
+        healer.join()
+        await client.aclose()
+    assert [f.outcome for f in installed.of(RecoveryFinished)] == [Outcome.RECOVERED] * 2
     redis.Redis(host=REDIS[0], port=REDIS[1]).delete(key)
 
 

@@ -43,10 +43,11 @@ is named after its service, ``redis-sentinel://service/db`` for the master and
 A pool whose server cannot be told is left alone.
 
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
-``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, plus ``Retry.call_with_retry``
-and ``AbstractConnection.connect_check_health`` (``connect`` before redis-py 6), to turn
-retries off and to mark failures to connect, and ``NodesManager.create_redis_node``, to know
-the cluster's node clients. See ``docs/databases.md``.
+``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, plus ``Retry.call_with_retry``,
+to turn retries off, and ``NodesManager.create_redis_node``, to know the cluster's node clients.
+A failure raised through ``AbstractConnection.connect_check_health`` (``connect`` before
+redis-py 6) happened before the command was sent: that is read from its traceback. See
+``docs/databases.md``.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def _transaction_refused_whole(error: BaseException, exec_abort: type[BaseExcept
 
 
 class _State(DbState):
-    __slots__ = ("exec_abort", "max_connections", "watch_error")
+    __slots__ = ("exec_abort", "max_connections", "opening", "watch_error")
 
     def __init__(
         self,
@@ -265,12 +266,34 @@ class _State(DbState):
         watch_error: type[BaseException],
         exec_abort: type[BaseException],
         max_connections: tuple[type[BaseException], ...],
+        opening: frozenset[Any],
         **options: Any,
     ) -> None:
         super().__init__(settings, **options)
         self.watch_error = watch_error
         self.exec_abort = exec_abort
         self.max_connections = max_connections
+        #: The code of the methods that open a connection (see :func:`_opening_code`).
+        self.opening = opening
+
+
+def _opening_code(connection_class: type) -> Any:
+    """The code of the method where ``connection_class`` opens a connection (see
+    :func:`_opening`), under any wrappers: a failure raised through it happened before the
+    command was sent. Read from the traceback on the failure path, instead of a hook on the
+    method, which would cost every command a call: redis-py enters it before each one."""
+    method = inspect.unwrap(vars(connection_class)[_opening(connection_class)])
+    return method.__code__
+
+
+def _opened_in(error: BaseException, opening: frozenset[Any]) -> bool:
+    """Whether ``error`` was raised while a connection was being opened."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in opening:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 _installed: _State | None = None
@@ -286,6 +309,11 @@ def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
     state = _installed
     if state is None:
         return False
+    try:
+        if _opened_in(error, state.opening):
+            mark_not_sent(error)
+    except Exception as bug:  # noqa: BLE001 - unmarked: judged as sent, the safe side
+        report_internal_error("redis.judge_failure", bug)
     if _refused_by_pool(error, state.max_connections):
         return True
     try:
@@ -403,86 +431,125 @@ def _failure_handling(
     return is_retryable, with_failure_count
 
 
+#: ``Retry.call_with_retry``'s parameters in the redis-py versions this was written against
+#: (sync and asyncio alike). A hook with exactly these takes them as they come; one with
+#: ``*args, **kwargs`` would pack them into a new tuple and dict twice per command.
+_RETRY_PARAMETERS: Final = (
+    ("self", inspect.Parameter.empty),
+    ("do", inspect.Parameter.empty),
+    ("fail", inspect.Parameter.empty),
+    ("is_retryable", None),
+    ("with_failure_count", False),
+)
+
+
+def _takes_retry_parameters(original: Callable[..., Any]) -> bool:
+    """Whether ``original`` has exactly the parameters of :data:`_RETRY_PARAMETERS`."""
+    try:
+        parameters = tuple(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return (
+        all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
+        and tuple((p.name, p.default) for p in parameters) == _RETRY_PARAMETERS
+    )
+
+
 def _is_health_check(do: Any) -> bool:
     """Whether ``do`` is redis-py's health-check ``PING`` (``check_health`` runs it before the
     command is written: a failure there leaves the command unsent)."""
     return getattr(do, "__name__", None) == _HEALTH_CHECK_PING
 
 
+def _failed_once(
+    retry: Any,
+    do: Any,
+    fail: Any,
+    error: Exception,
+    is_retryable: Callable[[Exception], bool] | None,
+    with_failure_count: bool,
+) -> Any:
+    """What redis-py's retry loop does after a failed try, without the retry: ``fail`` is
+    called for an error it would have retried (it disconnects, so the next attempt
+    reconnects). Returns what ``fail`` returned (an awaitable under asyncio), or ``None``."""
+    if _is_health_check(do):
+        mark_not_sent(error)
+    if not isinstance(error, retry._supported_errors):
+        return None
+    if is_retryable is not None and not is_retryable(error):
+        return None
+    return fail(error, 1) if with_failure_count else fail(error)
+
+
 def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives.
     ``do`` and ``fail`` are named as in redis-py, so a success reads nothing else."""
+    if _takes_retry_parameters(original):
 
-    def call_with_retry(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def call_with_retry(
+            self: Any,
+            do: Any,
+            fail: Any,
+            is_retryable: Callable[[Exception], bool] | None = None,
+            with_failure_count: bool = False,
+        ) -> Any:
+            if not _driving.get():
+                return original(self, do, fail, is_retryable, with_failure_count)
+            try:
+                return do()
+            except Exception as error:
+                _failed_once(self, do, fail, error, is_retryable, with_failure_count)
+                raise
+
+        return call_with_retry
+
+    def call_with_retry_any(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driving.get():
             return original(self, do, fail, *args, **kwargs)
         try:
             return do()
         except Exception as error:
-            if _is_health_check(do):
-                mark_not_sent(error)
-            if not isinstance(error, self._supported_errors):
-                raise
-            is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
-            if is_retryable is None or is_retryable(error):
-                if with_failure_count:
-                    fail(error, 1)
-                else:
-                    fail(error)
+            _failed_once(self, do, fail, error, *_failure_handling(*args, **kwargs))
             raise
 
-    return call_with_retry
+    return call_with_retry_any
 
 
 def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``redis.asyncio.retry.Retry.call_with_retry``."""
+    if _takes_retry_parameters(original):
 
-    async def call_with_retry(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        async def call_with_retry(
+            self: Any,
+            do: Any,
+            fail: Any,
+            is_retryable: Callable[[Exception], bool] | None = None,
+            with_failure_count: bool = False,
+        ) -> Any:
+            if not _driving.get():
+                return await original(self, do, fail, is_retryable, with_failure_count)
+            try:
+                return await do()
+            except Exception as error:
+                failing = _failed_once(self, do, fail, error, is_retryable, with_failure_count)
+                if failing is not None:
+                    await failing
+                raise
+
+        return call_with_retry
+
+    async def call_with_retry_any(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driving.get():
             return await original(self, do, fail, *args, **kwargs)
         try:
             return await do()
         except Exception as error:
-            if _is_health_check(do):
-                mark_not_sent(error)
-            if not isinstance(error, self._supported_errors):
-                raise
-            is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
-            if is_retryable is None or is_retryable(error):
-                if with_failure_count:
-                    await fail(error, 1)
-                else:
-                    await fail(error)
+            failing = _failed_once(self, do, fail, error, *_failure_handling(*args, **kwargs))
+            if failing is not None:
+                await failing
             raise
 
-    return call_with_retry
-
-
-def _connect_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``AbstractConnection.connect_check_health``: a failure there happened
-    before any command was sent."""
-
-    def connect_check_health(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(self, *args, **kwargs)
-        except Exception as error:
-            mark_not_sent(error)
-            raise
-
-    return connect_check_health
-
-
-def _async_connect_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """The hook on ``redis.asyncio`` ``AbstractConnection.connect_check_health``."""
-
-    async def connect_check_health(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await original(self, *args, **kwargs)
-        except Exception as error:
-            mark_not_sent(error)
-            raise
-
-    return connect_check_health
+    return call_with_retry_any
 
 
 def _node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -763,14 +830,9 @@ def _patched(redis: Any) -> list[tuple[type, str, Any]]:
     import redis.retry  # noqa: PLC0415
 
     aio = redis.asyncio
-    sync_connection = redis.connection.AbstractConnection
-    async_connection = aio.connection.AbstractConnection
     return [
         (redis.retry.Retry, "call_with_retry", _retry_hook),
         (aio.retry.Retry, "call_with_retry", _async_retry_hook),
-        # Where a connection is opened: connect_check_health since redis-py 6, connect before.
-        (sync_connection, _opening(sync_connection), _connect_hook),
-        (async_connection, _opening(async_connection), _async_connect_hook),
         (redis.client.Redis, "execute_command", _command_hook),
         (redis.client.Pipeline, "execute", _pipeline_hook),
         (aio.client.Redis, "execute_command", _async_command_hook),
@@ -790,6 +852,9 @@ class RedisIntegration(DbIntegration):
     library = "redis"
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
+        import redis.asyncio.connection  # noqa: PLC0415 - imported by install()
+        import redis.connection  # noqa: PLC0415
+
         error = refusal_factory(library.exceptions.ConnectionError, "RedisCircuitOpen", __name__)
         exceptions = library.exceptions
         max_connections = getattr(exceptions, "MaxConnectionsError", None)
@@ -798,6 +863,10 @@ class RedisIntegration(DbIntegration):
             exceptions.WatchError,
             exceptions.ExecAbortError,
             () if max_connections is None else (max_connections,),
+            frozenset(
+                _opening_code(connection.AbstractConnection)
+                for connection in (redis.connection, redis.asyncio.connection)
+            ),
             error=error,
             point=failure_point_for(library),
             read_only=_read_only,
