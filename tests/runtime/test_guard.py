@@ -32,6 +32,7 @@ from otel_raptor.core.breaker import Permit
 from otel_raptor.core.learning import LearnerOptions
 from otel_raptor.core.states import TransitionReason
 from otel_raptor.runtime import safety
+from otel_raptor.runtime.classifying import classify
 from tests.support.clock import FakeClock
 
 
@@ -328,6 +329,57 @@ def test_a_bug_in_our_code_never_changes_the_apps_error(
     assert caught.value is error
     assert flaky.calls == 1
     assert "drive.failed" in caplog.text
+
+
+class _Odd(Exception):
+    pass
+
+
+def _classifier_with_a_bug(exc: BaseException, *, context: Any = None) -> Classification:
+    if isinstance(exc, _Odd):
+        raise KeyError("our bug")
+    return classify(exc, context=context)
+
+
+def _raise_odd() -> None:
+    raise _Odd
+
+
+async def _raise_odd_async() -> None:
+    raise _Odd
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_bug_during_a_probe_gives_the_probe_slot_back(
+    runtime: Runtime, clock: FakeClock, is_async: bool
+) -> None:
+    # A probe whose failure our code failed to judge used to keep its half-open slot for
+    # ever: the breaker then refused every call, however healthy the downstream.
+    safety._reset_for_tests()
+    guard = Guard(
+        "svc",
+        runtime=runtime,
+        retry=0,
+        classifier=_classifier_with_a_bug,
+        breaker=CircuitBreakerConfig(failure_threshold=1, recovery_timeout=1, recovery_jitter=0),
+    )
+    breaker = guard.breaker
+    assert breaker is not None
+    with pytest.raises(ConnectionRefusedError):
+        guard.call(Flaky(ConnectionRefusedError(111, "refused")))
+    assert breaker.state is CircuitState.OPEN
+    clock.advance(2)
+
+    def probe() -> object:
+        if is_async:
+            return asyncio.run(guard.call_async(_raise_odd_async))
+        return guard.call(_raise_odd)
+
+    with pytest.raises(_Odd):  # the probe: its error reaches the app unchanged
+        probe()
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.snapshot().probes_in_flight == 0
+    assert guard.call(lambda: "ok") == "ok"  # the next probe is admitted
 
 
 def test_keyboard_interrupt_is_neither_retried_nor_counted(runtime: Runtime) -> None:

@@ -327,6 +327,7 @@ class AttemptLoop:
         port = self._port
         self.attempts += 1
         port.record_success(self._permit, now, now - self.attempt_started)
+        self._permit = _CALL  # the probe's slot, if it held one, is given back
         if self.classification is None:
             return _DONE  # nothing had failed: a call that only waited (cooldown, half-open)
         if self.attempts > 1:
@@ -412,6 +413,15 @@ class AttemptLoop:
         self._finished = True
         self.give_up_reason = "cancelled"
         return _GIVE_UP
+
+    def abandon(self) -> None:
+        """The driver stops reporting to the loop (a bug of ours turned it passive): give
+        back the probe slot that the attempt in flight (or the last one) holds, if any, so
+        that a half-open breaker is not left waiting for an outcome that never comes.
+        Nothing is counted and nothing is published."""
+        permit, self._permit = self._permit, _CALL
+        self._finished = True
+        self._port.release(permit)
 
     # --- between attempts -------------------------------------------------------------------
 

@@ -781,6 +781,13 @@ class _Runner:
 
     def close(self) -> None:
         self._end_attempt()
+        if self._passive:
+            # The loop was told nothing since our bug: a probe slot it holds is never freed
+            # otherwise, and a half-open breaker would refuse every call for ever.
+            try:
+                self.loop.abandon()
+            except Exception as bug:  # noqa: BLE001
+                report_internal_error("drive.abandon", bug)
         scope, self._scope = self._scope, None
         if scope is not None:
             scope.__exit__(None, None, None)
