@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import requests
 
 from otel_raptor import CircuitBreakerConfig, Guard, RaptorInstrumentor, RetryPolicy
+from otel_raptor.core.classification import ErrorCategory
 from otel_raptor.core.states import CircuitState, TransitionReason
 from otel_raptor.errors import ConfigError
 from otel_raptor.integrations._http import http_health_check
@@ -126,6 +128,34 @@ def test_a_guard_registers_its_check(clock: FakeClock) -> None:
     assert guard.breaker.state is CLOSED
     with pytest.raises(ConfigError, match="health_check"):
         Guard("svc", runtime=runtime, health_check="/health")  # type: ignore[arg-type]
+
+
+async def _async_ping() -> bool:
+    return False
+
+
+def test_an_async_check_is_refused_not_taken_for_a_pass(clock: FakeClock) -> None:
+    # Its coroutine is truthy: every check "passed", and closed the breaker of a downstream
+    # that was still down.
+    runtime = Runtime(clock=clock)
+    with pytest.raises(ConfigError, match=r"health_check.*not async"):
+        Guard("svc", runtime=runtime, health_check=_async_ping)
+    assert len(runtime.health) == 0
+
+
+def test_a_check_that_returns_an_awaitable_fails(clock: FakeClock) -> None:
+    checker = HealthChecker(clock=clock)
+    breaker = CircuitBreaker(
+        "svc", CircuitBreakerConfig(failure_threshold=1, success_threshold=1), clock=clock
+    )
+    checker.register(breaker, _async_ping)  # type: ignore[arg-type]
+    checker.stop()
+    breaker.record_failure(breaker.acquire(), 0.1, ErrorCategory.CONNECTION)
+    assert breaker.state is OPEN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the coroutine is closed, never left unawaited
+        assert checker.run_due() == 1
+    assert breaker.state is OPEN
 
 
 def _timeout() -> None:

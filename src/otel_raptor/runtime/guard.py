@@ -37,6 +37,7 @@ from otel_raptor.runtime.drive import (
     CallHooks,
     CallPlan,
     TimeoutKwargHooks,
+    is_async_callable,
     run_async,
     run_sync,
 )
@@ -129,8 +130,15 @@ class Guard:
             raise ConfigError("service", service, "a non-empty string")
         if fallback is not None and not callable(fallback):
             raise ConfigError("fallback", fallback, "a callable taking the error, or None")
-        if health_check is not None and not callable(health_check):
-            raise ConfigError("health_check", health_check, "a callable returning a bool, or None")
+        # An async check's coroutine is truthy: it would pass every check, closing the
+        # breaker of a downstream that is still down.
+        check: object = health_check  # typed, but callers pass anything
+        if check is not None and (not callable(check) or is_async_callable(check)):
+            raise ConfigError(
+                "health_check",
+                health_check,
+                "a plain (not async) callable returning a bool, or None",
+            )
         if timeout_kwarg is not None and not _is_name(timeout_kwarg):
             raise ConfigError("timeout_kwarg", timeout_kwarg, "a keyword argument's name, or None")
         # Flags decide whether a call may be replayed: "false" must not read as True.

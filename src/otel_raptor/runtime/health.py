@@ -17,6 +17,8 @@ registering again replaces).
 from __future__ import annotations
 
 import atexit
+import inspect
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -113,7 +115,7 @@ class HealthChecker:
                 continue  # unregistered while an earlier check of this round ran
             ran += 1
             try:
-                passed = bool(entry.check())
+                passed = _passed(entry.check())
             except Exception:  # noqa: BLE001 - a failing check means unhealthy
                 passed = False
             try:
@@ -162,6 +164,30 @@ class HealthChecker:
             self._ensure_running()
 
 
+def _passed(result: object) -> bool:
+    """Whether a check's result is a pass. An awaitable (a check that is a coroutine
+    function in disguise) is truthy but says nothing: it fails, and is closed unawaited."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        _warn_awaitable()
+        return False
+    return bool(result)
+
+
+def _warn_awaitable() -> None:
+    global _warned_awaitable  # noqa: PLW0603 - said once per process
+    if _warned_awaitable:
+        return
+    _warned_awaitable = True
+    logging.getLogger("otel_raptor").warning(
+        "otel_raptor: a health check returned an awaitable; checks must be plain functions "
+        "returning a bool, so it counts as failing"
+    )
+
+
+_warned_awaitable = False
 _live: weakref.WeakSet[HealthChecker] = weakref.WeakSet()
 
 
