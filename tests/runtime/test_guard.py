@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -560,6 +561,24 @@ def test_resilient_rejects_bad_config_when_decorating() -> None:
 
         @resilient(retry={"base_delay": -1})
         def never() -> None: ...
+
+
+def _items() -> Iterator[int]:
+    yield 1
+    raise ConnectionResetError(104, "reset")
+
+
+async def _items_async() -> AsyncIterator[int]:
+    yield 1
+    raise ConnectionResetError(104, "reset")
+
+
+@pytest.mark.parametrize("generator", [_items, _items_async])
+def test_resilient_refuses_generator_functions(runtime: Runtime, generator: Any) -> None:
+    # Calling one returns at once: the guard counted a success and the failure came later,
+    # while iterating, unretried and unseen by the breaker.
+    with pytest.raises(ConfigError, match="not a generator function"):
+        resilient(service="svc", runtime=runtime)(generator)
 
 
 def test_repeated_failures_raise_the_severity(runtime: Runtime, events: list[Event]) -> None:

@@ -57,10 +57,21 @@ def resilient(
     import time rather than at the first call. The guard is reachable as ``wrapper.guard``.
 
     Retrying repeats the function: leave ``replay_safe=True`` (the default) only for
-    functions whose repetition cannot duplicate a side effect.
+    functions whose repetition cannot duplicate a side effect. Generator functions (sync or
+    async) are refused with :class:`~otel_raptor.ConfigError`: their work runs while they are
+    iterated, after the call the guard sees has returned.
     """
 
     def decorate(fn: F) -> F:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            # Calling one only builds the generator: its body (the work, and its failures)
+            # runs as it is iterated, after the guard has counted a success and returned.
+            raise ConfigError(
+                "resilient",
+                fn,
+                "a plain or async function, not a generator function (guard the call that "
+                "fetches the items, or collect them in a function to decorate)",
+            )
         guard = Guard(
             service or f"{fn.__module__}.{fn.__qualname__}",
             retry=retry,
