@@ -307,6 +307,30 @@ def test_engine_accepts_the_seed_recovery_config() -> None:
     assert engine.policy.backoff_multiplier == 3
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"policy": 3}, "policy"),
+        ({"policy": "fast"}, "policy"),
+        ({"runtime": "rt"}, "runtime"),
+        ({"classifier": 5}, "classifier"),
+        ({"rnd": None}, "rnd"),
+    ],
+)
+def test_engine_refuses_bad_arguments_when_built(kwargs: dict[str, Any], key: str) -> None:
+    # They used to be accepted, and the first handle_error failed with an AttributeError or
+    # TypeError (or, for rnd, turned into an internal error that dropped every retry).
+    with pytest.raises(ConfigError, match=rf"^invalid {key}="):
+        ErrorRecoveryEngine(**kwargs)
+
+
+def test_auth_refreshers_and_clients_refuse_bad_arguments(engine: ErrorRecoveryEngine) -> None:
+    with pytest.raises(ConfigError, match="service"):
+        engine.register_auth_refresher(None, lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="runtime"):
+        ResilientClient("rt")  # type: ignore[arg-type]
+
+
 def test_singletons_are_shared() -> None:
     assert get_production_error_recovery() is get_production_error_recovery()
     assert get_resilient_client() is get_resilient_client()

@@ -125,6 +125,14 @@ class ErrorRecoveryEngine:
     ) -> None:
         if isinstance(policy, Mapping):
             policy = RetryPolicy.from_mapping(policy)
+        elif policy is not None and not isinstance(policy, RetryPolicy):
+            raise ConfigError("policy", policy, "a RetryPolicy, a mapping of its fields, or None")
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise ConfigError("runtime", runtime, "a Runtime, or None (the process's)")
+        if classifier is not None and not callable(classifier):
+            raise ConfigError("classifier", classifier, "a callable taking the error, or None")
+        if not callable(rnd):
+            raise ConfigError("rnd", rnd, "a callable returning a float in [0, 1)")
         self.policy = policy if policy is not None else RetryPolicy()
         self._runtime = runtime if runtime is not None else get_runtime()
         self._classify: ClassifyFunction = classifier or default_classify
@@ -133,6 +141,8 @@ class ErrorRecoveryEngine:
 
     def register_auth_refresher(self, service: str, refresher: Callable[[], Any]) -> None:
         """Make ``refresher`` (sync or async) renew ``service``'s credentials on a 401."""
+        if not _is_name(service):
+            raise ConfigError("service", service, "a non-empty string")
         if not callable(refresher):
             raise ConfigError("auth_refresher", refresher, "a callable taking no argument")
         self._refreshers[service] = refresher
@@ -359,6 +369,8 @@ class ResilientClient:
     """
 
     def __init__(self, runtime: Runtime | None = None) -> None:
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise ConfigError("runtime", runtime, "a Runtime, or None (the process's)")
         self._runtime = runtime if runtime is not None else get_runtime()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
