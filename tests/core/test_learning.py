@@ -85,6 +85,14 @@ def test_the_table_stays_bounded(records: list[tuple[str, bool]]) -> None:
         ("probe_every", 0),
         ("probe_after_s", -1),
         ("max_entries", 0),
+        # Wrong types: a bare TypeError, or (True, 2.5) accepted without a word.
+        ("half_life_s", "600"),
+        ("min_samples", None),
+        ("min_samples", True),
+        ("futile_below", "0.1"),
+        ("probe_every", 2.5),
+        ("probe_after_s", None),
+        ("max_entries", True),
     ],
 )
 def test_invalid_options_name_the_key(field: str, value: float) -> None:

@@ -187,3 +187,22 @@ def test_private_downstreams_follow_load_shedding_while_they_live() -> None:
     assert tracked.budget._ratio < 0.2
     runtime.stop_shedding()
     assert private.budget._ratio == tracked.budget._ratio == during.budget._ratio == 0.2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"max_services": 0}, "max_services"),
+        ({"max_services": 2.5}, "max_services"),
+        ({"max_services": True}, "max_services"),
+        ({"learner": "fast"}, "learner"),
+        ({"clock": "system"}, "clock"),
+    ],
+)
+def test_a_runtime_refuses_bad_arguments_under_their_own_names(
+    kwargs: dict[str, object], key: str
+) -> None:
+    # max_services was reported as breaker.max_breakers; learner and clock were accepted and
+    # broke the first failing call instead.
+    with pytest.raises(ConfigError, match=rf"^invalid {key}="):
+        Runtime(**kwargs)  # type: ignore[arg-type]

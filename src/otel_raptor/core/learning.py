@@ -23,9 +23,9 @@ Pure: time is a parameter, and nothing here is thread-safe by itself (the runtim
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from otel_raptor.core.numbers import as_finite
 from otel_raptor.core.recovery import Strategy
 from otel_raptor.errors import ConfigError
 
@@ -44,20 +44,30 @@ class LearnerOptions:
     max_entries: int = 4096
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.half_life_s) and self.half_life_s > 0):
+        # Checked by what they are (a string, None or True used to pass, or fail with a bare
+        # TypeError): ``True`` is a bug, not 1.
+        half_life = as_finite(self.half_life_s)
+        if half_life is None or half_life <= 0:
             raise ConfigError("learning.half_life_s", self.half_life_s, "a number > 0 (seconds)")
-        if not (math.isfinite(self.min_samples) and self.min_samples >= 1):
+        min_samples = as_finite(self.min_samples)
+        if min_samples is None or min_samples < 1:
             raise ConfigError("learning.min_samples", self.min_samples, "a number >= 1")
-        if not 0.0 <= self.futile_below < 1.0:
+        futile_below = as_finite(self.futile_below)
+        if futile_below is None or not 0.0 <= futile_below < 1.0:
             raise ConfigError("learning.futile_below", self.futile_below, "a number in [0, 1)")
-        if self.probe_every < 1:
+        if not _is_int(self.probe_every) or self.probe_every < 1:
             raise ConfigError("learning.probe_every", self.probe_every, "an integer >= 1")
-        if not (math.isfinite(self.probe_after_s) and self.probe_after_s >= 0):
+        probe_after = as_finite(self.probe_after_s)
+        if probe_after is None or probe_after < 0:
             raise ConfigError(
                 "learning.probe_after_s", self.probe_after_s, "a number >= 0 (seconds)"
             )
-        if self.max_entries < 1:
+        if not _is_int(self.max_entries) or self.max_entries < 1:
             raise ConfigError("learning.max_entries", self.max_entries, "an integer >= 1")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)

@@ -72,6 +72,9 @@ _MAX_SHED_OWNERS = 16
 
 _NO_DESCRIPTION: Mapping[str, str | int] = MappingProxyType({})
 
+#: What a clock must have (``otel_raptor.runtime.clock.Clock``).
+_CLOCK_METHODS = ("monotonic", "wall", "sleep", "sleep_async")
+
 
 class Runtime:
     """Shared resilience state: one per process unless a test builds its own.
@@ -92,6 +95,15 @@ class Runtime:
         budget_min_retries_per_second: float = 10.0,
         learner: LearnerOptions | None = None,
     ) -> None:
+        # Checked here, under their own names: a bad one used to surface later, as another
+        # key (``breaker.max_breakers``) or as an AttributeError in the first failing call.
+        if not all(callable(getattr(clock, name, None)) for name in _CLOCK_METHODS):
+            raise ConfigError("clock", clock, "a Clock: " + ", ".join(_CLOCK_METHODS))
+        limit: object = max_services  # typed int, but callers pass anything
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError("max_services", limit, "an integer >= 1")
+        if learner is not None and not isinstance(learner, LearnerOptions):
+            raise ConfigError("learner", learner, "a LearnerOptions, or None (the defaults)")
         self.clock = clock
         self.bus = EventBus()
         self.max_services = max_services
