@@ -581,6 +581,31 @@ def test_resilient_refuses_generator_functions(runtime: Runtime, generator: Any)
         resilient(service="svc", runtime=runtime)(generator)
 
 
+def test_a_breaker_config_the_services_breaker_does_not_have_is_refused(
+    runtime: Runtime,
+) -> None:
+    # The breaker is the service's, shared: a second config used to be dropped without a
+    # word, so failure_threshold=1 silently meant 5.
+    first = Guard("inventory", runtime=runtime)
+    same = Guard("inventory", runtime=runtime, breaker=CircuitBreakerConfig())
+    assert same.breaker is first.breaker
+    with pytest.raises(ConfigError, match=r"failure_threshold=5.*another service") as caught:
+        Guard("inventory", runtime=runtime, breaker={"failure_threshold": 1})
+    assert caught.value.value == {"failure_threshold": 1}
+    with pytest.raises(ConfigError, match="recovery_timeout=60"):
+
+        @resilient(
+            service="inventory", runtime=runtime, breaker=CircuitBreakerConfig(recovery_timeout=5)
+        )
+        def fetch() -> None: ...
+
+    # Past max_services the name shares the "other" breaker: that is no conflict.
+    small = Runtime(max_services=1)
+    Guard("a", runtime=small)
+    folded = Guard("b", runtime=small, breaker=CircuitBreakerConfig(failure_threshold=1))
+    assert folded.service == "other"
+
+
 def test_repeated_failures_raise_the_severity(runtime: Runtime, events: list[Event]) -> None:
     guard = Guard("svc", retry=False, breaker=False, runtime=runtime)
     for _ in range(6):

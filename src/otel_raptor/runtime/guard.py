@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import fields
 from typing import Any, TypeAlias, TypeVar
 
 from otel_raptor.core.attempts import LoopSpec
@@ -42,7 +43,7 @@ from otel_raptor.runtime.drive import (
     run_sync,
 )
 from otel_raptor.runtime.health import HealthCheck
-from otel_raptor.runtime.state import Runtime, get_runtime
+from otel_raptor.runtime.state import OTHER_SERVICE, Runtime, get_runtime
 
 __all__ = ["BreakerSpec", "ClassifyFunction", "Guard", "RetrySpec"]
 
@@ -82,12 +83,32 @@ def _breaker(spec: BreakerSpec, service: str, runtime: Runtime) -> CircuitBreake
     if spec is None or spec is True:
         return runtime.breakers.get(service)
     if isinstance(spec, CircuitBreakerConfig):
-        return runtime.breakers.get(service, spec)
+        return _shared(runtime.breakers.get(service, spec), spec, service)
     if isinstance(spec, Mapping):
-        return runtime.breakers.get(service, CircuitBreakerConfig.from_mapping(spec))
+        config = CircuitBreakerConfig.from_mapping(spec)
+        return _shared(runtime.breakers.get(service, config), config, service)
     raise ConfigError(
         "breaker", spec, "a CircuitBreakerConfig, a mapping, a CircuitBreaker, a bool or None"
     )
+
+
+def _shared(breaker: CircuitBreaker, config: CircuitBreakerConfig, service: str) -> CircuitBreaker:
+    """``breaker``, the service's shared one, unless it exists already with another config:
+    that config would be ignored without a word. (A name folded into the shared ``other``
+    breaker, past ``max_services``, is no conflict: it never had a breaker of its own.)"""
+    existing = breaker.config
+    if breaker.name == service and service != OTHER_SERVICE and existing != config:
+        names = [
+            f.name for f in fields(config) if getattr(config, f.name) != getattr(existing, f.name)
+        ]
+        raise ConfigError(
+            "breaker",
+            {name: getattr(config, name) for name in names},
+            f"what service {service!r}'s breaker, which exists already, has: "
+            + ", ".join(f"{name}={getattr(existing, name)!r}" for name in names)
+            + " (or another service name)",
+        )
+    return breaker
 
 
 class Guard:
