@@ -196,3 +196,60 @@ sys.exit(1 if failures else 0)
 def test_children_forked_from_busy_threads_see_whole_state() -> None:
     result = run_script(BUSY_THREADS)
     assert result.returncode == 0, result.stderr
+
+
+PROBE_IN_FLIGHT = """
+import os, signal, sys, threading, time, traceback
+from otel_raptor import CircuitBreakerConfig, CircuitOpenError, CircuitState, Guard
+from otel_raptor.runtime.state import Runtime
+
+runtime = Runtime()
+guard = Guard(
+    "probed",
+    retry=0,
+    breaker=CircuitBreakerConfig(failure_threshold=1, recovery_timeout=0.05, recovery_jitter=0),
+    runtime=runtime,
+)
+
+def refused():
+    raise ConnectionRefusedError(111, "refused")
+
+try:
+    guard.call(refused)
+except ConnectionRefusedError:
+    pass
+time.sleep(0.1)
+probing, release = threading.Event(), threading.Event()
+
+def probe():
+    probing.set()
+    release.wait(10)
+    return "late"
+
+thread = threading.Thread(target=guard.call, args=(probe,))
+thread.start()
+probing.wait(10)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)
+    try:
+        # The probe runs in a thread the child does not have: its slot must not stay taken,
+        # or the half-open breaker refuses every call of the child for ever.
+        assert guard.breaker.state is CircuitState.HALF_OPEN
+        assert guard.call(lambda: "ok") == "ok"
+        assert guard.call(lambda: "ok") == "ok"
+        assert guard.breaker.state is CircuitState.CLOSED
+        os._exit(0)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+release.set()
+thread.join()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_probe_in_flight_at_the_fork_does_not_wedge_the_childs_breaker() -> None:
+    result = run_script(PROBE_IN_FLIGHT)
+    assert result.returncode == 0, result.stderr

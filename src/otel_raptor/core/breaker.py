@@ -628,6 +628,12 @@ class BreakerCore:
             return self._close(TransitionReason.HEALTH_CHECK_PASSED, now)
         return None
 
+    def forget_probes(self) -> None:
+        """Free every probe slot without a verdict: the probes in flight will never report
+        (in a forked child, they belong to threads the child does not have). Nothing is
+        counted; a probe that does end later finds no slot to give back."""
+        self._probes = 0
+
     # --- manual control -----------------------------------------------------------------
 
     def force_open(self, now: float) -> Transition | None:

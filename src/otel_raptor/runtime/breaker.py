@@ -13,7 +13,8 @@ or not at all while the breaker is quiet (``BreakerCore.quiet``: a window full o
 nothing due), since recording it would change nothing.
 
 Every lock here is registered with :mod:`otel_raptor.runtime.forksafe`: taken before
-``os.fork`` (so the child sees whole state) and fresh in the child.
+``os.fork`` (so the child sees whole state) and fresh in the child. A forked child forgets
+the probes in flight at the fork: they run in threads it does not have.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from otel_raptor.core.states import CircuitState, Transition
 from otel_raptor.errors import CircuitOpenError, ConfigError
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
-from otel_raptor.runtime.forksafe import register_lock
+from otel_raptor.runtime.forksafe import after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = ["OTHER_BREAKER", "BreakerRegistry", "CircuitBreaker", "Classifier"]
@@ -113,6 +114,7 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._core = BreakerCore(config, now=self._monotonic(), rnd=rnd)
         register_lock(self, "_lock")
+        after_fork_in_child(self, CircuitBreaker._after_fork_in_child)
 
     # --- low level ----------------------------------------------------------------------
 
@@ -355,6 +357,11 @@ class CircuitBreaker:
         return f"CircuitBreaker({self._name!r}, state={self._core.state.value})"
 
     # --- internals ----------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        # Probes in flight at the fork run in the parent's other threads: in the child their
+        # outcomes never come, and a half-open breaker would refuse every call for ever.
+        self._core.forget_probes()
 
     def _record_failure(
         self,
