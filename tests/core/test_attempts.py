@@ -376,6 +376,49 @@ def test_every_outcome_sequence_ends_within_the_policy(
         assert len(finished) == 1
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=policies,
+    overruns=st.lists(st.floats(0.0, 5.0), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_no_retry_starts_at_or_after_the_deadline_however_late_the_sleep_ends(
+    policy: RetryPolicy, overruns: list[float], seed: int
+) -> None:
+    # A sleep can end late (a busy event loop, a stalled process): the retry after it used to
+    # start anyway, past the deadline, with a 1 ms timeout or none at all.
+    port = FakePort()
+    rng = random.Random(seed)
+    run = AttemptLoop(LoopSpec.of(policy), port, started=0.0, rnd=rng.random)
+    now = 0.0
+    step = run.admit(now)
+    for index in range(50):
+        if step is Step.ATTEMPT:
+            if run.attempts and policy.deadline is not None:
+                assert now < policy.deadline
+            now += 0.01
+            step = run.failed(failure(), now)
+        elif step is Step.SLEEP:
+            now += run.delay + overruns[index % len(overruns)]
+            step = run.slept(now)
+        else:
+            break
+    assert step is Step.GIVE_UP
+    if policy.deadline is not None and now >= policy.deadline:
+        assert run.give_up_reason == "deadline"
+
+
+def test_a_retry_whose_sleep_overran_the_deadline_gives_up() -> None:
+    port = FakePort()
+    run = loop(port, RetryPolicy(base_delay=0.3, jitter="none", deadline=1.0))
+    assert run.first_failed(Permit.CALL, 0.0, failure(), 0.1) is Step.SLEEP
+    assert run.slept(1.2) is Step.GIVE_UP
+    assert (run.attempts, run.give_up_reason) == (1, "deadline")
+    [finished] = port.of(RecoveryFinished)
+    assert isinstance(finished, RecoveryFinished)
+    assert finished.give_up_reason == "deadline"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.booleans(), min_size=1, max_size=60))
 def test_productive_retries_keep_the_budget_and_futile_ones_drain_it(script: list[bool]) -> None:

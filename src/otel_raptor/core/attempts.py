@@ -61,7 +61,7 @@ from otel_raptor.core.events import (
     RetryScheduled,
 )
 from otel_raptor.core.recovery import Outcome, Strategy, default_strategy
-from otel_raptor.core.retry import GiveUp, RetryPolicy, adjusted_timeout
+from otel_raptor.core.retry import GiveUp, GiveUpReason, RetryPolicy, adjusted_timeout
 
 __all__ = [
     "AttemptLoop",
@@ -236,6 +236,7 @@ _RATE_LIMIT: Final = ErrorCategory.RATE_LIMIT
 _BREAKER_REJECTED: Final = "breaker_rejected"
 _LEARNED_FUTILE: Final = "learned_futile"
 _THROTTLED: Final = "throttled"
+_DEADLINE: Final = GiveUpReason.DEADLINE.value
 
 
 class AttemptLoop:
@@ -426,7 +427,11 @@ class AttemptLoop:
     # --- between attempts -------------------------------------------------------------------
 
     def slept(self, now: float) -> Step:
-        """The SLEEP ended at ``now``."""
+        """The SLEEP ended at ``now``. A retry whose sleep overran the deadline (a busy event
+        loop, a stalled process) is not made: no retry starts at or after the deadline."""
+        deadline = self._spec.policy.deadline
+        if self.attempts and deadline is not None and now - self.started >= deadline:
+            return self._give_up(_DEADLINE, now)
         return self._admit(now)
 
     def fallback_finished(self, *, ok: bool, now: float) -> None:
