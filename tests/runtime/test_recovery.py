@@ -161,6 +161,27 @@ async def test_auth_refresh_calls_the_refresher_then_retries_once(
     assert result.strategy is Strategy.FAIL_FAST  # no refresher for that service
 
 
+def test_a_refresher_is_found_by_its_service_name_past_max_services(clock: FakeClock) -> None:
+    from otel_raptor import Classification, Severity
+
+    runtime = Runtime(clock=clock, max_services=1)
+    runtime.service("first")  # "billing" is folded into "other" from now on
+
+    def unauthorized(exc: BaseException, *, context: Any = None) -> Classification:
+        return Classification(ErrorCategory.AUTHENTICATION, Severity.HIGH, False, "401")
+
+    engine = ErrorRecoveryEngine(runtime=runtime, classifier=unauthorized)
+    refreshed: list[str] = []
+    engine.register_auth_refresher("billing", lambda: refreshed.append("billing"))
+    engine.register_auth_refresher("crm", lambda: refreshed.append("crm"))
+    result = engine.handle_error_sync(
+        PermissionError("401"), {"service_name": "billing", "retry_func": lambda: "fresh"}
+    )
+    # It was looked up as "other" and not found: the 401 failed fast, credentials stale.
+    assert (result.success, result.strategy, result.value) == (True, Strategy.AUTH_REFRESH, "fresh")
+    assert refreshed == ["billing"]  # its own refresher, not another folded service's
+
+
 def test_a_refresher_that_never_helps_is_given_up_on(clock: FakeClock) -> None:
     from otel_raptor import Classification, Severity
 

@@ -191,14 +191,17 @@ class ErrorRecoveryEngine:
         self, error: Exception, context: Mapping[str, Any] | None, *, is_async: bool
     ) -> _Plan:
         ctx = dict(context or {})
-        service = self._runtime.service(_str(ctx, "service_name", "default"))
+        name = _str(ctx, "service_name", "default")
+        service = self._runtime.service(name)  # ``other`` past ``max_services``
         critical = _bool(ctx, "critical", False)
         retry_func = _callable(ctx, "retry_func", is_async=is_async)
         fallback = _fallback(_callable(ctx, "fallback_func", is_async=is_async))
         reconnect = _callable(ctx, "reconnect_func", is_async=is_async)
         refresher = _callable(ctx, "auth_refresh_func", is_async=is_async)
         if refresher is None:
-            refresher = self._refreshers.get(service)
+            # By the name it was registered under: a folded name must still find its own
+            # refresher (and never another folded service's).
+            refresher = self._refreshers.get(name)
             if refresher is not None and not is_async and is_async_callable(refresher):
                 raise ConfigError(
                     "auth_refresher", refresher, "a plain function for handle_error_sync"
