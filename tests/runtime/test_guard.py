@@ -563,6 +563,19 @@ def test_resilient_rejects_bad_config_when_decorating() -> None:
         def never() -> None: ...
 
 
+def test_resilient_refuses_what_is_not_a_function(runtime: Runtime) -> None:
+    # These used to fail with "'str' object has no attribute '__module__'", or (a class)
+    # to replace the class with a function.
+    with pytest.raises(ConfigError, match=r"service=\.\.\."):
+        resilient("inventory")  # type: ignore[call-overload]
+    with pytest.raises(ConfigError, match="function"):
+        resilient(5)  # type: ignore[call-overload]
+    with pytest.raises(ConfigError, match="not a class"):
+
+        @resilient(service="svc", runtime=runtime)
+        class Client: ...
+
+
 def _items() -> Iterator[int]:
     yield 1
     raise ConnectionResetError(104, "reset")

@@ -63,6 +63,15 @@ def resilient(
     """
 
     def decorate(fn: F) -> F:
+        target: object = fn  # typed, but callers pass anything
+        if isinstance(target, str):
+            # ``@resilient("inventory")``: the service must be named.
+            raise ConfigError(
+                "resilient", target, "a function; name the service with @resilient(service=...)"
+            )
+        if not callable(target) or inspect.isclass(target):
+            # A class would be replaced by a function (``isinstance`` and subclassing break).
+            raise ConfigError("resilient", target, "a plain or async function (not a class)")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             # Calling one only builds the generator: its body (the work, and its failures)
             # runs as it is iterated, after the guard has counted a success and returned.
