@@ -650,6 +650,20 @@ def test_an_override_an_earlier_one_hides_is_refused_in_code_and_dropped_from_a_
     assert reports.keys == [f"{path}:downstreams[1].pattern"]
     assert [d.pattern for d in config.downstreams] == ["*.internal", "api.example.com"]
     assert config.policy_for("reports-db.internal", 5432).statement_timeout == 30.0
+    # A wildcard pattern listed twice, or anything after "*", is just as unreachable (it
+    # was accepted without a word).
+    for first, second in (("*.internal", "*.INTERNAL."), ("*", "db-*.internal:5432")):
+        with pytest.raises(ConfigError, match=r"downstreams\[1\]\.pattern"):
+            RaptorConfig(
+                downstreams=(
+                    DownstreamOverride(pattern=first, timeout=5.0),
+                    DownstreamOverride(pattern=second, timeout=1.0),
+                )
+            )
+    path = write(tmp_path, '[[downstreams]]\npattern = "*"\n[[downstreams]]\npattern = "*"\n')
+    config, reports = load(kwargs={"config_file": str(path)})
+    assert reports.keys == [f"{path}:downstreams[1].pattern"]
+    assert [d.pattern for d in config.downstreams] == ["*"]
     # Overlaps that leave the later one some calls are fine: narrow first, a port the
     # earlier one does not name, a pattern with wildcards.
     RaptorConfig(

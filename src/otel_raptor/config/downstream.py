@@ -157,8 +157,11 @@ class _Matcher:
         """Whether this matcher, listed first, takes every call that ``later`` names, so
         that ``later`` can never apply (first match wins). Told only for a ``later`` that
         names one host (or ``host:port``) outright; a pattern with wildcards is assumed to
-        keep some calls of its own."""
+        keep some calls of its own, unless it is this very pattern or this one is ``*``."""
         pattern = later.override.pattern.lower().rstrip(".")
+        own = self.override.pattern.lower().rstrip(".")
+        if own in (pattern, "*"):
+            return True
         if any(c in "*?[]" for c in pattern):
             return False
         host = pattern.rpartition(":")[0] if later.with_port else pattern
