@@ -128,6 +128,9 @@ def test_a_guard_registers_its_check(clock: FakeClock) -> None:
     assert guard.breaker.state is CLOSED
     with pytest.raises(ConfigError, match="health_check"):
         Guard("svc", runtime=runtime, health_check="/health")  # type: ignore[arg-type]
+    # Without a breaker the check would never run: it was accepted without a word.
+    with pytest.raises(ConfigError, match="breaker=False"):
+        Guard("other-svc", runtime=runtime, breaker=False, health_check=lambda: True)
 
 
 async def _async_ping() -> bool:

@@ -184,7 +184,12 @@ class Guard:
             classifier or default_classify,
             critical=critical,
         )
-        if health_check is not None and route.breaker is not None:
+        if health_check is not None:
+            if route.breaker is None:
+                # It would never run: a check only ever closes an open breaker.
+                raise ConfigError(
+                    "health_check", health_check, "None when breaker=False (it closes a breaker)"
+                )
             runtime.health.register(route.breaker, health_check)
         hooks = CallHooks() if timeout_kwarg is None else TimeoutKwargHooks(timeout_kwarg)
         spec = LoopSpec.of(policy, replay_safe=replay_safe, has_fallback=fallback is not None)
