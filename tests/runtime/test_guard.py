@@ -735,3 +735,11 @@ def test_a_declined_fallback_leaves_the_callers_error_as_it_was(runtime: Runtime
     with pytest.raises(ConnectionResetError) as raised:
         asyncio.run(guard.call_async(_failing_async))
     assert not isinstance(raised.value.__context__, FallbackDeclined)
+
+
+def test_resilient_refuses_an_empty_service_name() -> None:
+    with pytest.raises(ConfigError, match="service"):
+
+        @resilient(service="")
+        def job() -> None:
+            return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -236,3 +237,13 @@ def test_the_transition_says_why(clock: FakeClock) -> None:
     runtime.health.run_due()
     reasons = [getattr(e, "reason", None) for e in seen]
     assert TransitionReason.HEALTH_CHECK_PASSED in reasons
+
+
+def test_a_health_check_the_full_checker_cannot_take_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime = Runtime(clock=FakeClock(), max_services=1)
+    Guard("first", runtime=runtime, health_check=lambda: True)
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        Guard("second", runtime=runtime, health_check=lambda: True)
+    assert "health check of 'second' is not registered" in caplog.text

@@ -82,7 +82,7 @@ def resilient(
                 "fetches the items, or collect them in a function to decorate)",
             )
         guard = Guard(
-            service or f"{fn.__module__}.{fn.__qualname__}",
+            service if service is not None else f"{fn.__module__}.{fn.__qualname__}",
             retry=retry,
             breaker=breaker,
             fallback=fallback,

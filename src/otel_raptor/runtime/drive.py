@@ -356,18 +356,19 @@ def run_sync(
     start = plan.monotonic()
     if (core is None or core._state is _CLOSED) and start >= plan.downstream.cooldown_until:
         # The fast path, inlined (this is every successful call's whole cost).
-        call_kwargs = (
-            plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
-            if plan.first_kwargs
-            else kwargs
-        )
+        call_kwargs = _first_kwargs(plan, kwargs) if plan.first_kwargs else kwargs
         try:
             result = fn(*args, **call_kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below
             failure: BaseException | None = exc
         else:
             failure_of = plan.failure_of
-            failure = None if failure_of is None else failure_of(result)
+            failure = None
+            if failure_of is not None:
+                try:
+                    failure = failure_of(result)
+                except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                    report_internal_error("drive.failure_of", bug)
             if failure is None:
                 try:
                     plan.budget._calls += 1  # RetryBudget.record_call, inlined
@@ -405,7 +406,12 @@ async def run_async(
             failure: BaseException | None = exc
         else:
             failure_of = plan.failure_of
-            failure = None if failure_of is None else failure_of(result)
+            failure = None
+            if failure_of is not None:
+                try:
+                    failure = failure_of(result)
+                except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                    report_internal_error("drive.failure_of", bug)
             if failure is None:
                 try:
                     plan.budget._calls += 1  # RetryBudget.record_call, inlined
@@ -449,13 +455,23 @@ async def recover_async(
     return await _drive_async(runner, fn, args, kwargs or {})
 
 
+def _first_kwargs(plan: CallPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The first attempt's keyword arguments, with its timeout applied by the hooks; as the
+    caller gave them if the hooks fail (our bug must not stop the call)."""
+    try:
+        return plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
+    except Exception as bug:  # noqa: BLE001
+        report_internal_error("drive.attempt_kwargs", bug)
+        return kwargs
+
+
 def _first_attempt(
     plan: CallPlan, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: Any
 ) -> Awaitable[Any]:
     """The fast path's attempt, bounded by the first attempt's timeout when the hooks do not
     apply it themselves."""
     if plan.first_kwargs:
-        kwargs = plan.hooks.attempt_kwargs(kwargs, plan.spec.first_timeout, 1)
+        kwargs = _first_kwargs(plan, kwargs)
     if plan.wait_for:
         return _within(fn(*args, **kwargs), plan.spec.first_timeout, plan.hooks, args)
     return fn(*args, **kwargs)

@@ -22,6 +22,7 @@ proceeds as if the guard were not there.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields
@@ -46,6 +47,8 @@ from otel_raptor.runtime.health import HealthCheck
 from otel_raptor.runtime.state import OTHER_SERVICE, Runtime, get_runtime
 
 __all__ = ["BreakerSpec", "ClassifyFunction", "Guard", "RetrySpec"]
+
+_logger = logging.getLogger("otel_raptor")
 
 T = TypeVar("T")
 
@@ -190,7 +193,13 @@ class Guard:
                 raise ConfigError(
                     "health_check", health_check, "None when breaker=False (it closes a breaker)"
                 )
-            runtime.health.register(route.breaker, health_check)
+            if not runtime.health.register(route.breaker, health_check):
+                _logger.warning(
+                    "otel_raptor: the health checker already checks its maximum of breakers; "
+                    "the health check of %r is not registered (its breaker reopens on its "
+                    "recovery timeout)",
+                    service,
+                )
         hooks = CallHooks() if timeout_kwarg is None else TimeoutKwargHooks(timeout_kwarg)
         spec = LoopSpec.of(policy, replay_safe=replay_safe, has_fallback=fallback is not None)
         self._plan = CallPlan(
