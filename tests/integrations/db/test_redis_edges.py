@@ -432,3 +432,55 @@ async def test_an_asyncio_pipeline_without_multi_that_writes_is_never_sent_again
         (4, finished[0].give_up_reason),
         (1, "not_replay_safe"),
     ]
+
+
+# --- blocking commands: a socket timeout while the server is told to wait ----------------------
+
+
+def test_a_blocking_command_outwaiting_the_socket_timeout_opens_no_breaker(
+    install: Install, key: str
+) -> None:
+    """``BLPOP key 1`` on a client whose socket timeout is 0.1 s: the server is healthy and
+    waits as it was told; the client's timeout says nothing about the server, and must not
+    shut the other commands out (without raptor they succeed)."""
+    installed = install(RedisIntegration, failure_threshold=3)
+    client = redis.Redis(host=REDIS[0], port=REDIS[1], socket_timeout=0.1)
+    for _ in range(5):
+        with pytest.raises(redis.TimeoutError) as raised:
+            client.blpop([key], timeout=1)
+        assert not isinstance(raised.value, CircuitOpenError)
+    with pytest.raises(redis.TimeoutError):
+        client.execute_command("XREAD", "BLOCK", 1000, "STREAMS", key, "$")
+    assert client.get(key) is None
+    assert not opened(installed)
+    assert attempts(installed) == [1] * 6  # never sent again
+    [classified, *_] = installed.of(ErrorClassified)
+    assert classified.classification.category.value == "cancelled"
+
+
+async def test_an_asyncio_blocking_command_outwaiting_the_socket_timeout_opens_no_breaker(
+    install: Install, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=3)
+    client = redis.asyncio.Redis(host=REDIS[0], port=REDIS[1], socket_timeout=0.1)
+    try:
+        for _ in range(5):
+            with pytest.raises(redis.TimeoutError):
+                await client.brpop([key], timeout=1)
+        assert await client.get(key) is None
+    finally:
+        await client.aclose()
+    assert not opened(installed)
+
+
+def test_a_blocking_command_whose_server_is_unreachable_still_counts(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    """Only the wait counts as the caller's: a timeout connecting is the server's doing."""
+    installed = install(RedisIntegration, failure_threshold=3, max_retries=0)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, socket_timeout=0.1)
+    proxy.refuse()
+    for _ in range(3):
+        with pytest.raises(redis.ConnectionError):
+            client.blpop([key], timeout=1)
+    assert opened(installed) == {f"redis://127.0.0.1:{proxy.port}/0"}

@@ -55,10 +55,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from otel_raptor.core.classification import Classification
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.db import REDIS_NOT_EXECUTED, FailurePoint, redis_read_only
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -111,6 +111,17 @@ _POOL_FUNCTIONS: Final = frozenset(
 )
 # The frame that raises the first error of a pipeline's results (EXEC's, for a transaction).
 _RESULT_ERROR_FUNCTION: Final = "raise_first_error"
+# Commands the server holds until their own timeout (``XREAD``/``XREADGROUP`` with ``BLOCK``):
+# a socket timeout during one is the client giving up on a wait it asked for.
+_BLOCKING_COMMANDS: Final = frozenset(
+    {
+        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
+        "WAIT", "WAITAOF",
+    }
+)  # fmt: skip
+_BLOCK_OPTION_COMMANDS: Final = frozenset({"XREAD", "XREADGROUP"})
+#: Set on a socket timeout that ended a blocking command's wait (see ``_waited_too_long``).
+WAITED_ATTRIBUTE: Final = "_otel_raptor_waited"
 # The prefix redis-py puts on the error of one of a pipeline's commands.
 _ANNOTATION: Final = "Command # "
 # redis-py's health check (``check_health``) sends ``PING`` with this function.
@@ -147,6 +158,43 @@ def _runs_code(command: object) -> bool:
         return True
     name = command.partition(" ")[0].upper()
     return name in _CODE_COMMANDS or "." in name
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.upper() if isinstance(value, str) else None
+
+
+def _blocks(args: tuple[Any, ...]) -> bool:
+    """Whether the command of ``args`` (a command's ``(client, name, ...)``) is one the server
+    holds until its own timeout: ``BLPOP``, ``BZPOPMIN``, ``WAIT``, ``XREAD ... BLOCK``, ..."""
+    name = _text(args[1]) if len(args) > 1 else None
+    if name is None:
+        return False
+    name = name.partition(" ")[0]
+    if name in _BLOCKING_COMMANDS:
+        return True
+    return name in _BLOCK_OPTION_COMMANDS and any(_text(arg) == "BLOCK" for arg in args[2:])
+
+
+def _waited_too_long(failure: BaseException, classification: Classification) -> Classification:
+    """A socket timeout that ended a blocking command's wait (``BLPOP key 30`` on a client
+    with ``socket_timeout=5``) is the caller's own limit, not a sign of the server's health:
+    ``cancelled``, as a statement timeout is to SQL drivers, so it never counts against the
+    breaker (the command is a write or a stream read: it is never sent again either)."""
+    if (
+        getattr(failure, WAITED_ATTRIBUTE, False) is True
+        and classification.category is ErrorCategory.TIMEOUT
+    ):
+        return replace(
+            classification,
+            category=ErrorCategory.CANCELLED,
+            severity=Severity.LOW,
+            retryable=False,
+            rule="redis.blocking_timeout",
+        )
+    return classification
 
 
 class _Conflict:
@@ -258,7 +306,7 @@ def _transaction_refused_whole(error: BaseException, exec_abort: type[BaseExcept
 
 
 class _State(DbState):
-    __slots__ = ("exec_abort", "max_connections", "opening", "watch_error")
+    __slots__ = ("exec_abort", "max_connections", "opening", "timeout_error", "watch_error")
 
     def __init__(
         self,
@@ -267,12 +315,14 @@ class _State(DbState):
         exec_abort: type[BaseException],
         max_connections: tuple[type[BaseException], ...],
         opening: frozenset[Any],
+        timeout_error: type[BaseException],
         **options: Any,
     ) -> None:
         super().__init__(settings, **options)
         self.watch_error = watch_error
         self.exec_abort = exec_abort
         self.max_connections = max_connections
+        self.timeout_error = timeout_error
         #: The code of the methods that open a connection (see :func:`_opening_code`).
         self.opening = opening
 
@@ -305,7 +355,8 @@ def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
     ``(cluster, ...)``): whether it is a connection pool's own refusal, which ends the call
     uncounted (redis-py's cluster client does not count it against a node either). A "not
     executed" reply to a command that runs no code of its own is marked as standing for the
-    whole command (a pipeline's run marks its own)."""
+    whole command (a pipeline's run marks its own), and a socket timeout that ended a blocking
+    command's wait (sent: not one connecting) as the caller's limit (``_waited_too_long``)."""
     state = _installed
     if state is None:
         return False
@@ -317,8 +368,11 @@ def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
     if _refused_by_pool(error, state.max_connections):
         return True
     try:
-        if len(args) > 1 and not isinstance(args[0], _Marker) and not _runs_code(args[1]):
-            _mark(error, REFUSED_WHOLE_ATTRIBUTE)
+        if len(args) > 1 and not isinstance(args[0], _Marker):
+            if not _runs_code(args[1]):
+                _mark(error, REFUSED_WHOLE_ATTRIBUTE)
+            if isinstance(error, state.timeout_error) and not is_not_sent(error) and _blocks(args):
+                _mark(error, WAITED_ATTRIBUTE)
     except Exception as bug:  # noqa: BLE001 - unmarked: never replayed, the safe side
         report_internal_error("redis.judge_failure", bug)
     return False
@@ -867,9 +921,11 @@ class RedisIntegration(DbIntegration):
                 _opening_code(connection.AbstractConnection)
                 for connection in (redis.connection, redis.asyncio.connection)
             ),
+            exceptions.TimeoutError,
             error=error,
             point=failure_point_for(library),
             read_only=_read_only,
+            refine=_waited_too_long,
             unjudged=_unjudged,
         )
 
