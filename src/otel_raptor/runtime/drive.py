@@ -219,6 +219,14 @@ class CallHooks:
     #: every failure is judged.
     unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None
 
+    #: ``args -> bool``: whether a call (made with positional arguments ``args``) that meets
+    #: a breaker that is not closed runs as it would without raptor, neither refused nor
+    #: admitted as a probe, and with nothing counted, retried or published: a call that waits
+    #: as long as its caller asked (a Redis ``BLPOP``) would hold a half-open breaker's probe
+    #: slot for that long, refusing every other call meanwhile. Asked only off the fast path
+    #: (an open or half-open breaker, a cooldown); ``None`` (the default): never.
+    unguarded: Callable[[tuple[Any, ...]], bool] | None = None
+
     #: ``(failure, classification, args) -> bool``: whether the call (made with positional
     #: arguments ``args``) may be sent again after *this* failure, for integrations whose
     #: replay safety depends on how far the call got (a database statement the server rolled
@@ -629,6 +637,14 @@ class _Runner:
     # --- entering the loop ----------------------------------------------------------------------
 
     def admit(self, now: float) -> Step:
+        unguarded = self.plan.hooks.unguarded
+        if unguarded is not None:
+            try:
+                if unguarded(self._args):
+                    self._passive = True
+                    return _ATTEMPT
+            except Exception as bug:  # noqa: BLE001 - guarded, as without the hook
+                report_internal_error("drive.unguarded", bug)
         try:
             return self.loop.admit(now)
         except Exception as bug:  # noqa: BLE001

@@ -4,6 +4,7 @@ executed" replies after a script ran, and asyncio pipelines without ``MULTI``.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
@@ -484,3 +485,61 @@ def test_a_blocking_command_whose_server_is_unreachable_still_counts(
         with pytest.raises(redis.ConnectionError):
             client.blpop([key], timeout=1)
     assert opened(installed) == {f"redis://127.0.0.1:{proxy.port}/0"}
+
+
+def test_a_blocking_command_never_holds_the_half_open_probe(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    """After a heal, a worker's ``BLPOP queue 0`` must not become the breaker's only probe:
+    it would hold the probe slot until an item arrives, and the producer's ``RPUSH`` (refused
+    while the slot is held) never pushes one. Without raptor both recover at once."""
+    installed = install(RedisIntegration, failure_threshold=2, max_retries=0)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)
+    proxy.refuse()
+    for _ in range(2):
+        with pytest.raises(redis.ConnectionError):
+            client.get(key)
+    assert opened(installed)
+    proxy.heal()
+    time.sleep(0.6)  # past the open duration: the next call would be the probe
+    popped: list[object] = []
+    consumer = threading.Thread(target=lambda: popped.append(client.blpop([key], timeout=0)))
+    consumer.start()
+    try:
+        time.sleep(0.2)  # the consumer waits inside BLPOP
+        assert client.rpush(key, "job") >= 0  # the producer is let through
+        consumer.join(5)
+        assert popped == [(key.encode(), b"job")]
+    finally:
+        if consumer.is_alive():
+            shared().rpush(key, "wake")
+            consumer.join(5)
+    assert client.get(key) is None
+
+
+async def test_an_asyncio_blocking_command_never_holds_the_half_open_probe(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=2, max_retries=0)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    producer = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    try:
+        proxy.refuse()
+        for _ in range(2):
+            with pytest.raises(redis.ConnectionError):
+                await client.get(key)
+        assert opened(installed)
+        proxy.heal()
+        await asyncio.sleep(0.6)
+        waiting = asyncio.ensure_future(client.blpop([key], timeout=0))
+        await asyncio.sleep(0.2)
+        try:
+            await producer.rpush(key, "job")
+            assert tuple(await asyncio.wait_for(waiting, 5)) == (key.encode(), b"job")
+        finally:
+            if not waiting.done():
+                shared().rpush(key, "wake")
+                await asyncio.wait_for(waiting, 5)
+    finally:
+        await client.aclose()
+        await producer.aclose()

@@ -187,7 +187,7 @@ class DbHooks(CallHooks):
     policy's ``attempt_timeout`` is not applied (the statement timeout bounds a statement,
     sync or async alike; a blocking command such as ``BLPOP`` waits as long as it was told)."""
 
-    __slots__ = ("_error", "refine", "unjudged")
+    __slots__ = ("_error", "refine", "unguarded", "unjudged")
 
     wait_for_attempts = False
 
@@ -196,10 +196,12 @@ class DbHooks(CallHooks):
         error: Callable[[Refusal], BaseException],
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
+        unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self._error = error
         self.refine = refine
         self.unjudged = unjudged
+        self.unguarded = unguarded
 
     def refusal(self, refusal: Refusal) -> BaseException:
         return self._error(refusal)
@@ -223,8 +225,9 @@ class StatementHooks(DbHooks):
         writes_in_transaction: bool = False,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
+        unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
     ) -> None:
-        super().__init__(error, refine, unjudged)
+        super().__init__(error, refine, unjudged, unguarded)
         self._point = point
         self._read_only = read_only
         self._writes_in_transaction = writes_in_transaction
@@ -331,7 +334,8 @@ class DbState:
 
     ``error`` builds the driver's fail-fast error from a refusal; ``point`` and ``read_only``
     feed the per-failure replay judgement (:class:`StatementHooks`); ``refine`` and
-    ``unjudged`` are the statements' :class:`~otel_raptor.runtime.drive.CallHooks` hooks.
+    ``unjudged`` (and ``unguarded``) are the statements'
+    :class:`~otel_raptor.runtime.drive.CallHooks` hooks.
     Targets are kept per :class:`Server` (at most
     :data:`~otel_raptor.integrations._kit.MAX_TARGETS`, then the table starts over; breakers
     and budgets live in the runtime, so nothing is lost).
@@ -359,6 +363,7 @@ class DbState:
         read_only: ReadOnlyOf = sql_read_only,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
+        unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = settings.runtime
@@ -366,12 +371,18 @@ class DbState:
         self.connect_hooks = DbHooks(error)
         # Statements, in a transaction or not, get ``refine`` and ``unjudged``; connecting
         # never does.
-        self.locked_hooks = DbHooks(error, refine, unjudged)
+        self.locked_hooks = DbHooks(error, refine, unjudged, unguarded)
         self.statement_hooks = StatementHooks(
-            error, point, read_only, refine=refine, unjudged=unjudged
+            error, point, read_only, refine=refine, unjudged=unjudged, unguarded=unguarded
         )
         self.reads_hooks = StatementHooks(
-            error, point, read_only, writes_in_transaction=True, refine=refine, unjudged=unjudged
+            error,
+            point,
+            read_only,
+            writes_in_transaction=True,
+            refine=refine,
+            unjudged=unjudged,
+            unguarded=unguarded,
         )
         self._targets: dict[Server, DbTarget] = {}
         self._lock = threading.Lock()

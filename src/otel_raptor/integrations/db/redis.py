@@ -178,6 +178,14 @@ def _blocks(args: tuple[Any, ...]) -> bool:
     return name in _BLOCK_OPTION_COMMANDS and any(_text(arg) == "BLOCK" for arg in args[2:])
 
 
+def _unguarded(args: tuple[Any, ...]) -> bool:
+    """``CallHooks.unguarded``: a blocking command meeting a breaker that is not closed runs
+    as without raptor. Admitted as the half-open probe, ``BLPOP queue 0`` would hold the only
+    probe slot until an item arrives, while the producers' commands, refused meanwhile, never
+    push one; refused, a consumer alone would never let the breaker close."""
+    return not isinstance(args[0], _Marker) and _blocks(args) if args else False
+
+
 def _waited_too_long(failure: BaseException, classification: Classification) -> Classification:
     """A socket timeout that ended a blocking command's wait (``BLPOP key 30`` on a client
     with ``socket_timeout=5``) is the caller's own limit, not a sign of the server's health:
@@ -927,6 +935,7 @@ class RedisIntegration(DbIntegration):
             read_only=_read_only,
             refine=_waited_too_long,
             unjudged=_unjudged,
+            unguarded=_unguarded,
         )
 
     def hooks(self, library: Any) -> HookSet:
