@@ -70,6 +70,9 @@ pytestmark = pytest.mark.timeout(60)
 
 DOWN = "payments.internal:443"  # refuses every connection: its breaker opens
 FLAKY = "search.internal:443"  # fails once, then answers
+#: The application's service.name, and so its `job` (collector/prometheus.yml's direct job
+#: sets it with a target label: that exporter writes none).
+APP = "raptor-e2e"
 #: How long the test waits for Prometheus to start, scrape and fire (seconds).
 DEADLINE_S = 25.0
 #: `for:` of every rule in the test's copy of the rules (evaluated every second).
@@ -107,7 +110,7 @@ def telemetry() -> Iterator[Telemetry]:
     registry = CollectorRegistry()
     provider = MeterProvider(
         metric_readers=[PrometheusMetricReader(registry=registry)],
-        resource=Resource.create({"service.name": "raptor-e2e"}),
+        resource=Resource.create({"service.name": APP}),
     )
     # No retry-budget floor beyond the first token: the second retry to DOWN is refused.
     clock = FakeClock()
@@ -334,7 +337,9 @@ def test_a_real_prometheus_scrapes_raptor_metrics_and_fires_the_breaker_alert(
             "scrape_configs": [
                 {
                     "job_name": DIRECT_JOB,
-                    "static_configs": [{"targets": [endpoint.address]}],
+                    # One target group per application, `job` its service.name: the
+                    # recipe of collector/prometheus.yml's commented example.
+                    "static_configs": [{"targets": [endpoint.address], "labels": {"job": APP}}],
                     "metric_relabel_configs": direct_relabel_configs(),
                 }
             ],
@@ -367,7 +372,7 @@ def test_a_real_prometheus_scrapes_raptor_metrics_and_fires_the_breaker_alert(
             "__name__": "ALERTS",
             "alertname": "RaptorCircuitBreakerOpen",
             "alertstate": "firing",
-            "job": DIRECT_JOB,
+            "job": APP,
             "raptor_circuit_breaker_name": DOWN,
             "severity": "critical",
         }
@@ -383,7 +388,7 @@ def test_a_real_prometheus_scrapes_raptor_metrics_and_fires_the_breaker_alert(
     for item in series:
         labels = set(item["metric"]) - {"__name__"}
         assert labels <= known[item["metric"]["__name__"]].labels, item["metric"]
-        assert item["metric"]["job"] == DIRECT_JOB
+        assert item["metric"]["job"] == APP
     assert [(i["metric"]["raptor_circuit_breaker_name"], i["value"][1]) for i in state] == [
         (DOWN, "1")
     ]
