@@ -918,6 +918,74 @@ def test_monitoring_doc_lists_every_instrument_with_its_prometheus_names_and_lab
         assert labels == [prometheus_label(key) for key in spec.attributes], spec.name
 
 
+#: The prose a user reads for series names: the docs, the READMEs, and the alert rules (whose
+#: annotations name the series to look at next).
+PROSE = (
+    ROOT / "README.md",
+    COLLECTOR_DIR / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    RULES,
+    ANALYTICS_RULES,
+)
+
+
+def test_promql_in_the_docs_names_only_series_and_labels_the_instruments_produce() -> None:
+    blocks = [
+        (path, block)
+        for path in PROSE
+        if path.suffix == ".md"
+        for block in re.findall(r"```promql\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+    ]
+    assert blocks, "docs/telemetry.md has example alert rules"
+    for path, block in blocks:
+        # One expression per statement; comments and line breaks inside one are allowed.
+        text = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("#"))
+        for expr in re.split(r"\n(?=\S)", text.strip()):
+            check_query(f"{path.relative_to(ROOT)}", expr)
+
+
+def test_series_named_in_the_docs_and_annotations_exist() -> None:
+    # A series named in prose (`raptor_memory_freed_bytes_total`, "look at
+    # raptor_resource_utilization_ratio") must be one a query could select, under the exact
+    # exported name: check_query only sees the expressions.
+    known = known_series()
+    python_names = {
+        name for spec in INSTRUMENTS for name in prometheus_series(spec, ratio_suffix=False)
+    }
+    families = {prometheus_metric_name(spec) for spec in INSTRUMENTS}  # a histogram's too
+    labels = {prometheus_label(key) for spec in INSTRUMENTS for key in spec.attributes}
+    labels |= {loki_name(key) for spec in LOG_EVENTS for key in spec.attributes}  # Loki's
+    # Recording rules are named `level:metric:operations`; a name's parts are not series.
+    token = re.compile(r"(?<![\w:.])raptor_[a-z0-9_]+(?![\w:])")
+    for path in PROSE:
+        text = path.read_text(encoding="utf-8")
+        for match in token.finditer(text):
+            name = match.group()
+            line = text.count("\n", 0, match.start()) + 1
+            assert name in {*known, *python_names, *families, *labels}, (
+                f"{path.relative_to(ROOT)}:{line}: {name} is neither a series nor a label"
+            )
+
+
+def test_dashboard_legends_use_labels_their_query_keeps() -> None:
+    # `{{label}}` in a legend renders empty when the aggregation dropped that label.
+    known = known_series()
+    for panel in dashboard_panels(dashboard()):
+        for target in panel.get("targets", []):
+            if target["datasource"]["type"] != "prometheus":
+                continue
+            used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            query = read_promql(target["expr"])
+            if re.search(r"\b(?:sum|max|min|avg|count|topk|bottomk)\b", target["expr"]):
+                kept = query.grouping
+            else:  # a plain selector (of a recording rule) keeps its series' labels
+                kept = set().union(*(known[s.name].labels for s in query.selectors if s.name))
+            assert used <= kept, (
+                f"panel {panel['title']!r} {target['refId']}: legend uses {sorted(used - kept)},"
+                f" which {target['expr']!r} does not keep"
+            )
+
+
 # ----------------------------------------------------------------- promtool
 
 
