@@ -183,3 +183,39 @@ def test_pressure_changes_drive_the_level_gauge_and_the_fallback_ratio(h: Harnes
         frozenset({(key, "emergency")}): 0,
     }
     assert h.points("raptor.memory.pressure") == {frozenset(): 0.87}
+
+
+def test_memory_pressure_is_the_running_controllers_ratio_not_the_last_level_change(
+    h: Harness,
+) -> None:
+    # The gauge the server-side RaptorMemoryUsageHigh (> 0.75) reads. With the memory
+    # controller running and no predictor, it reported the ratio of the last level change:
+    # 0.72 at the crossing into `warning` (70 %), and still 0.72 at 84 %, where the
+    # in-process monitor (which reads the controller's live ratio) was firing.
+    from otel_raptor.runtime.memory import MemoryLimit, SimpleMemoryController
+
+    usage = [0.60]
+    limit = 1 << 30
+    controller = SimpleMemoryController(
+        runtime=h.runtime,
+        clock=h.runtime.clock,
+        auto_cleanup=False,
+        limit_reader=lambda: MemoryLimit(limit, "cgroup", int(usage[0] * limit)),
+    )
+    assert h.points("raptor.memory.pressure") == {}  # not running: nothing to read
+    controller.start()
+    try:
+        assert h.points("raptor.memory.pressure") == {frozenset(): pytest.approx(0.60)}
+        usage[0] = 0.72
+        controller.check()  # normal -> warning: a MemoryPressureChanged at 0.72
+        usage[0] = 0.84
+        controller.check()  # still warning: no event
+        assert h.points("raptor.memory.pressure") == {frozenset(): pytest.approx(0.84)}
+        # A predictor's snapshot, when there is one, still comes first.
+        h.runtime.resource_snapshot = lambda: ResourceSnapshot(memory_pressure=0.5)
+        assert h.points("raptor.memory.pressure") == {frozenset(): 0.5}
+    finally:
+        controller.stop()
+    h.runtime.resource_snapshot = ResourceSnapshot
+    # Stopped: the last level change's ratio, as before.
+    assert h.points("raptor.memory.pressure") == {frozenset(): pytest.approx(0.72)}

@@ -50,7 +50,7 @@ from otel_raptor.runtime.clock import SYSTEM_CLOCK, Clock
 from otel_raptor.runtime.forksafe import LockBox, after_fork_in_child, register_lock
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.runtime.sampler import cgroup_limit, cgroup_memory, cgroup_working_set
-from otel_raptor.runtime.state import Runtime, get_runtime
+from otel_raptor.runtime.state import Runtime, get_runtime, no_memory_ratio
 
 __all__ = [
     "CleanupResult",
@@ -501,8 +501,10 @@ class SimpleMemoryController:
         return None
 
     def start(self) -> None:
-        """Start the background thread (a no-op when running or ``auto_cleanup`` is off)."""
+        """Start the background thread (a no-op when running or ``auto_cleanup`` is off), and
+        report the live usage ratio as ``raptor.memory.pressure`` until :meth:`stop`."""
         self._wanted = True
+        (self._runtime or get_runtime()).memory_ratio = self._live_ratio
         if not self.options.auto_cleanup:
             return
         if self._thread is not None and self._thread.is_alive():
@@ -513,11 +515,20 @@ class SimpleMemoryController:
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the background thread and wait for it (``timeout`` seconds)."""
+        runtime = self._runtime or get_runtime()
+        if runtime.memory_ratio == self._live_ratio:
+            runtime.memory_ratio = no_memory_ratio
+        self._halt(timeout)
+
+    def _halt(self, timeout: float | None) -> None:
         self._wanted = False
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def _live_ratio(self) -> float:
+        return self.usage_ratio()[0]
 
     @property
     def running(self) -> bool:
@@ -572,8 +583,10 @@ def set_memory_controller(controller: SimpleMemoryController | None) -> None:
 
 
 def _stop_all() -> None:
+    # The threads only: the ratio stays readable for the meter provider's last export, which
+    # an SDK set up before raptor was imported runs after this.
     for controller in list(_live):
-        controller.stop(timeout=1.0)
+        controller._halt(timeout=1.0)
 
 
 atexit.register(_stop_all)

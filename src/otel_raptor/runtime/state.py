@@ -32,6 +32,7 @@ from otel_raptor.runtime.health import HealthChecker
 __all__ = [
     "OTHER_SERVICE",
     "REPEAT_WINDOW_S",
+    "MemoryRatioProvider",
     "RecoveryScope",
     "ResourceSnapshotProvider",
     "Runtime",
@@ -59,6 +60,17 @@ ResourceSnapshotProvider = Callable[[], ResourceSnapshot]
 
 def _no_resources() -> ResourceSnapshot:
     return EMPTY_SNAPSHOT
+
+
+#: Returns this process's memory over its effective limit, now; the memory controller installs
+#: one while it runs (``otel_raptor.runtime.memory``), for the ``raptor.memory.pressure`` gauge.
+#: Called at collection time, like ``ResourceSnapshotProvider``.
+MemoryRatioProvider = Callable[[], float | None]
+
+
+def no_memory_ratio() -> float | None:
+    """The ``Runtime.memory_ratio`` of a runtime whose memory controller is not running."""
+    return None
 
 
 #: The window over which repeated failures of one category raise their severity.
@@ -136,6 +148,7 @@ class Runtime:
         register_lock(self, "_reshape_lock")
         self.recovery_scope: RecoveryScope = _no_scope
         self.resource_snapshot: ResourceSnapshotProvider = _no_resources
+        self.memory_ratio: MemoryRatioProvider = no_memory_ratio
 
     @property
     def budget_ratio(self) -> float:

@@ -266,8 +266,8 @@ class TelemetrySink:
         self._unsubscribe: Callable[[], None] | None = None
         self._hub: _GaugeHub | None = None
         self._names = _ResourceNames()
-        # The latest MemoryPressureChanged: the level gauge, and the ratio when no predictor
-        # provides a fresher one.
+        # The latest MemoryPressureChanged: the level gauge, and the ratio when neither a
+        # predictor nor a running memory controller provides a fresher one.
         self._memory_level: str | None = None
         self._memory_ratio: float | None = None
         # Dispatch by exact type: one dict lookup, no isinstance chain.
@@ -779,8 +779,14 @@ class TelemetrySink:
         ]
 
     def _observe_memory_pressure(self) -> list[Observation]:
-        ratio = self._runtime.resource_snapshot().memory_pressure
+        runtime = self._runtime
+        ratio = runtime.resource_snapshot().memory_pressure
         if ratio is None:
+            # The running memory controller's ratio now; the last level change's is stale
+            # for as long as the level holds (0.72 at the crossing into warning, still 0.72
+            # at 84 %, where RaptorMemoryUsageHigh should fire).
+            ratio = runtime.memory_ratio()
+        if ratio is None or not math.isfinite(ratio):
             ratio = self._memory_ratio
         return [] if ratio is None else [Observation(ratio)]
 
