@@ -39,7 +39,7 @@ from typing import Any, Final
 from otel_raptor.config import DownstreamPolicy
 from otel_raptor.core.attempts import LoopSpec, Refusal
 from otel_raptor.core.breaker import CircuitBreakerConfig
-from otel_raptor.core.classification import Classification, ErrorCategory
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.db import FailurePoint, Operation, replay_safe_after
 from otel_raptor.core.replay import sql_replay_safe
 from otel_raptor.core.retry import RetryPolicy
@@ -74,6 +74,7 @@ __all__ = [
     "ReadOnlyOf",
     "Server",
     "StatementHooks",
+    "callers_limit",
     "is_not_sent",
     "mark_not_sent",
     "method_read_only",
@@ -92,6 +93,19 @@ _STATEMENT: Final = Operation.STATEMENT
 PointOf = Callable[[BaseException, Classification], tuple[FailurePoint, bool]]
 #: ``positional args of the call -> is it free of side effects``.
 ReadOnlyOf = Callable[[tuple[Any, ...]], bool]
+
+
+def callers_limit(classification: Classification, rule: str) -> Classification:
+    """``classification`` of a timeout that is the caller's own limit (a statement timeout, a
+    blocking command's wait), not a sign of the server's health: ``cancelled``, never counted
+    against the breaker nor retried; ``rule`` says which."""
+    return replace(
+        classification,
+        category=ErrorCategory.CANCELLED,
+        severity=Severity.LOW,
+        retryable=False,
+        rule=rule,
+    )
 
 
 def mark_not_sent(error: BaseException) -> None:

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.db import FailurePoint
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -40,6 +39,7 @@ from otel_raptor.integrations.db._common import (
     DbTarget,
     HookSet,
     Server,
+    callers_limit,
     method_read_only,
     refusal_factory,
 )
@@ -123,13 +123,7 @@ def statement_timed_out(failure: BaseException, classification: Classification) 
         isinstance(failure, (asyncio.TimeoutError, TimeoutError))
         and classification.category is ErrorCategory.TIMEOUT
     ):
-        return replace(
-            classification,
-            category=ErrorCategory.CANCELLED,
-            severity=Severity.LOW,
-            retryable=False,
-            rule="asyncpg.statement_timeout",
-        )
+        return callers_limit(classification, "asyncpg.statement_timeout")
     return classification
 
 

@@ -55,10 +55,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.db import REDIS_NOT_EXECUTED, FailurePoint, redis_read_only
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -70,6 +70,7 @@ from otel_raptor.integrations.db._common import (
     HookSet,
     PointOf,
     Server,
+    callers_limit,
     is_not_sent,
     mark_not_sent,
     refusal_factory,
@@ -195,13 +196,7 @@ def _waited_too_long(failure: BaseException, classification: Classification) -> 
         getattr(failure, WAITED_ATTRIBUTE, False) is True
         and classification.category is ErrorCategory.TIMEOUT
     ):
-        return replace(
-            classification,
-            category=ErrorCategory.CANCELLED,
-            severity=Severity.LOW,
-            retryable=False,
-            rule="redis.blocking_timeout",
-        )
+        return callers_limit(classification, "redis.blocking_timeout")
     return classification
 
 
