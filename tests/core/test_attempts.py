@@ -86,8 +86,11 @@ class FakePort:
         category: ErrorCategory,
         *,
         retry: bool = False,
+        live_refusal: bool = False,
     ) -> None:
-        self.breaker.on_failure(permit, now, duration, category, retry=retry)
+        self.breaker.on_failure(
+            permit, now, duration, category, retry=retry, live_refusal=live_refusal
+        )
 
     def release(self, permit: Permit) -> None:
         self.breaker.release(permit)

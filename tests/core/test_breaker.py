@@ -266,6 +266,25 @@ def test_ignored_categories_never_trip_and_count_as_neither() -> None:
     assert core.failure_counts == {ErrorCategory.CLIENT_ERROR: 20, TIMEOUT: 1}
 
 
+def test_live_refusals_never_trip_whatever_their_category() -> None:
+    core = make(failure_threshold=1, window_size=10, minimum_calls=1)
+    for i in range(20):
+        permit, _ = core.acquire(float(i))
+        category = ErrorCategory.RESOURCE_EXHAUSTED  # a Redis at maxmemory: OOM
+        assert category not in NON_HEALTH_CATEGORIES
+        assert core.on_failure(permit, float(i), 0.01, category, live_refusal=True) is None
+    assert core.state is CLOSED
+    assert core.snapshot(20.0).window_calls == 0
+    assert core.failure_counts == {ErrorCategory.RESOURCE_EXHAUSTED: 20}
+    # A probe that meets one gives its slot back, as an ignored category does.
+    trip(core, 21.0)
+    permit, _ = core.acquire(100.0)
+    assert permit is PROBE
+    category = ErrorCategory.UNAVAILABLE  # a read-only replica: READONLY
+    assert core.on_failure(permit, 100.0, 0.0, category, live_refusal=True) is None
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 0)
+
+
 def test_ignored_categories_are_configurable() -> None:
     core = make(failure_threshold=1, ignored_categories=frozenset({TIMEOUT}))
     assert fail(core, 1.0) is None  # TIMEOUT ignored now

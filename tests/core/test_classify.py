@@ -19,7 +19,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+from otel_raptor.core.classification import (
+    NON_HEALTH_CATEGORIES,
+    Classification,
+    ErrorCategory,
+    Severity,
+)
 from otel_raptor.core.classify import (
     BASE_SEVERITY,
     BUILTIN_RULES,
@@ -430,6 +435,45 @@ class TestSignals:
     ) -> None:
         result = classify(classifier, exc)
         assert (result.category, result.retryable) == (category, retryable)
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            RedisResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+            RedisResponseError("READONLY You can't write against a read only replica."),
+            fake("redis.exceptions.OutOfMemoryError", RedisResponseError)("command not allowed"),
+            fake("redis.exceptions.ReadOnlyError", RedisResponseError)("read only replica"),
+            PyMySQLOperationalError(1290, "The MariaDB server is running with --read-only"),
+            with_attrs(PsycopgOperationalError("could not extend file"), sqlstate="53100"),
+        ],
+    )  # fmt: skip
+    def test_writes_refused_by_a_live_server_are_live_refusals(
+        self, classifier: Classifier, exc: BaseException
+    ) -> None:
+        result = classify(classifier, exc)
+        assert result.live_refusal
+        assert not result.counts_against_health
+        assert result.category not in NON_HEALTH_CATEGORIES  # the category stays what it is
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            RedisResponseError("BUSY Redis is busy running a script"),
+            RedisResponseError("LOADING Redis is loading the dataset"),
+            PyMySQLOperationalError(1047, "WSREP has not yet prepared node"),
+            with_attrs(PsycopgOperationalError("too many clients"), sqlstate="53300"),
+        ],
+    )
+    def test_a_server_refusing_everything_is_no_live_refusal(
+        self, classifier: Classifier, exc: BaseException
+    ) -> None:
+        result = classify(classifier, exc)
+        assert not result.live_refusal
+        assert result.counts_against_health
+
+    def test_a_rule_live_refusal_must_be_a_bool(self) -> None:
+        with pytest.raises(ConfigError, match=r"rule\.live_refusal.*'yes'.*True or False"):
+            Rule(name="x", category=C.QUERY, message="x", live_refusal="yes")  # type: ignore[arg-type]
 
     def test_private_module_segments_may_be_left_out(self, classifier: Classifier) -> None:
         result = classify(classifier, caused(HttpxPrivateConnectError(), TimeoutError()))

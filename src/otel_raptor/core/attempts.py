@@ -145,6 +145,7 @@ class DownstreamPort(Protocol):
         category: ErrorCategory,
         *,
         retry: bool = False,
+        live_refusal: bool = False,
     ) -> None: ...
 
     def release(self, permit: Permit) -> None: ...
@@ -359,7 +360,12 @@ class AttemptLoop:
         attempts = self.attempts
         category = classification.category
         port.record_failure(
-            self._permit, now, now - self.attempt_started, category, retry=attempts > 1
+            self._permit,
+            now,
+            now - self.attempt_started,
+            category,
+            retry=attempts > 1,
+            live_refusal=classification.live_refusal,
         )
         self._permit = _CALL
         self.classification = classification

@@ -563,10 +563,13 @@ class BreakerCore:
         category: ErrorCategory,
         *,
         retry: bool = False,
+        live_refusal: bool = False,
     ) -> Transition | None:
         """The call admitted with ``permit`` failed after ``duration`` seconds.
 
-        Failures in ``ignored_categories`` count as neither success nor failure (a probe's
+        Failures in ``ignored_categories``, and live refusals (``live_refusal``: a server
+        refusing what its state cannot serve while it serves the rest, see
+        ``Classification.live_refusal``), count as neither success nor failure (a probe's
         slot is given back); every failure is tallied in ``failure_counts``. ``retry``: a
         later attempt of a call whose first attempt failed already. The consecutive rule trips
         only on a run of failures from two calls or more (one with ``failure_threshold=1``),
@@ -577,7 +580,7 @@ class BreakerCore:
         other.
         """
         self._failure_counts[category] += 1
-        if category in self._ignored:
+        if category in self._ignored or live_refusal:
             if permit is _PROBE:
                 self._end_probe()
             return None

@@ -89,7 +89,11 @@ class Classification:
     ``retry_after`` is the server's requested wait in seconds (``Retry-After`` or a rate-limit
     reset header), or ``None``. ``error_type`` is the value for the OTel ``error.type``
     attribute: the exception's fully qualified class name, or the HTTP status code as a string.
-    ``rule`` names the rule that matched, for debugging.
+    ``rule`` names the rule that matched, for debugging. ``live_refusal``: the downstream
+    answered and refused this call for a state of its own that lets other calls through (a
+    Redis at ``maxmemory`` refusing writes with ``OOM``, a read-only replica refusing writes):
+    evidence of degradation, not of an outage, so it never counts toward opening a breaker,
+    which would refuse the reads that still succeed.
     """
 
     category: ErrorCategory
@@ -100,8 +104,9 @@ class Classification:
     status_code: int | None = None
     code: str | None = None
     rule: str = ""
+    live_refusal: bool = False
 
     @property
     def counts_against_health(self) -> bool:
         """Whether this failure should count towards tripping a circuit breaker."""
-        return self.category not in NON_HEALTH_CATEGORIES
+        return not self.live_refusal and self.category not in NON_HEALTH_CATEGORIES

@@ -196,6 +196,9 @@ class Rule:
     * ``message``: a regular expression searched (case-insensitively) in ``str(exc)``.
 
     ``retryable`` and ``severity`` override the category's defaults when set.
+    ``live_refusal`` marks a refusal by a live downstream of calls its state cannot serve
+    (full memory, read-only) while it serves others: never counted toward opening a breaker
+    (see :attr:`Classification.live_refusal`).
     ``defer_to_cause`` marks a wrapper whose cause is the better witness: its match only
     counts when nothing in the chain matches a real rule (strength 1, see the module doc).
     """
@@ -213,6 +216,7 @@ class Rule:
     sqlite_codes: tuple[str, ...] = ()
     message: str | None = None
     defer_to_cause: bool = False
+    live_refusal: bool = False
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +236,8 @@ class Rule:
                 raise ConfigError("rule.severity", self.severity, "a Severity or None") from None
         if self.retryable is not None and not isinstance(self.retryable, bool):
             raise ConfigError("rule.retryable", self.retryable, "True, False or None")
+        if not isinstance(self.live_refusal, bool):
+            raise ConfigError("rule.live_refusal", self.live_refusal, "True or False")
         self._normalise("exception_types", str, bool, "class names like 'a.B'")
         self._normalise("status_codes", int, lambda v: 100 <= v <= 599, "HTTP statuses 100-599")
         self._normalise("sqlstates", str, _SQLSTATE.fullmatch, "5-character SQLSTATEs")
@@ -305,7 +311,11 @@ def _status(
 
 
 def _sqlstate(
-    name: str, category: ErrorCategory, *codes: str, retryable: bool | None = None
+    name: str,
+    category: ErrorCategory,
+    *codes: str,
+    retryable: bool | None = None,
+    live_refusal: bool = False,
 ) -> Rule:
     """Five characters: a SQLSTATE; two: a SQLSTATE class."""
     return Rule(
@@ -314,6 +324,7 @@ def _sqlstate(
         sqlstates=tuple(c for c in codes if len(c) == 5),
         sqlstate_classes=tuple(c for c in codes if len(c) == 2),
         retryable=retryable,
+        live_refusal=live_refusal,
     )
 
 
@@ -323,6 +334,7 @@ def _mysql(
     *errnos: int,
     retryable: bool | None = None,
     defer_to_cause: bool = False,
+    live_refusal: bool = False,
 ) -> Rule:
     return Rule(
         name=f"mysql.{name}",
@@ -330,6 +342,7 @@ def _mysql(
         mysql_errnos=errnos,
         retryable=retryable,
         defer_to_cause=defer_to_cause,
+        live_refusal=live_refusal,
     )
 
 
@@ -362,6 +375,7 @@ def _types(
     message: str | None = None,
     retryable: bool | None = None,
     defer: bool = False,
+    live_refusal: bool = False,
 ) -> Rule:
     return Rule(
         name=name,
@@ -370,6 +384,7 @@ def _types(
         message=message,
         retryable=retryable,
         defer_to_cause=defer,
+        live_refusal=live_refusal,
     )
 
 
@@ -427,8 +442,11 @@ _TABLE: tuple[Rule | None, ...] = (
     # limit is the caller's (as SQLite's interrupt): cancelled, and no sign the server is out.
     _mysql("statement_timeout", _C.CANCELLED, 1969, 3024, retryable=False),
     _mysql("server_shutdown", _C.UNAVAILABLE, 1053),
-    # Read-only after a failover (--read-only, super_read_only), a Galera node not ready.
-    _mysql("read_only", _C.UNAVAILABLE, 1290, 1836, 1047),
+    # Read-only after a failover (--read-only, super_read_only): the server still answers
+    # reads, so a refused write is not evidence of an outage. A Galera node not ready refuses
+    # everything.
+    _mysql("read_only", _C.UNAVAILABLE, 1290, 1836, live_refusal=True),
+    _mysql("node_not_ready", _C.UNAVAILABLE, 1047),
     _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927),
     _mysql("unknown_host", _C.DNS, 2005),
     # Client side "can't connect" / "lost": the OSError in __context__ tells refused/DNS/timeout.
@@ -451,6 +469,8 @@ _TABLE: tuple[Rule | None, ...] = (
     _sqlstate("insufficient_privilege", _C.AUTHORIZATION, "42501"),
     _sqlstate("authentication", _C.AUTHENTICATION, "28"),
     _sqlstate("too_many_connections", _C.RESOURCE_EXHAUSTED, "53300", retryable=True),
+    # A full disk refuses writes; reads go on.
+    _sqlstate("disk_full", _C.RESOURCE_EXHAUSTED, "53100", live_refusal=True),
     _sqlstate("insufficient_resources", _C.RESOURCE_EXHAUSTED, "53"),
     _sqlstate("connection", _C.CONNECTION, "08"),
     _sqlstate("integrity", _C.INTEGRITY, "23", "44"),
@@ -489,9 +509,13 @@ _TABLE: tuple[Rule | None, ...] = (
     _types("redis.NOPERM", _C.AUTHORIZATION, _RESPONSE, message=r"^NOPERM\b"),
     _types("redis.WRONGPASS", _C.AUTHENTICATION, _RESPONSE,
            message=r"^(WRONGPASS|NOAUTH)\b|invalid password"),
-    _types("redis.OOM", _C.RESOURCE_EXHAUSTED, _RESPONSE, message=r"^OOM\b"),
+    # A server at maxmemory refuses writes (OOM), a replica refuses them (READONLY): reads go
+    # on, so neither is evidence of an outage.
+    _types("redis.OOM", _C.RESOURCE_EXHAUSTED, _RESPONSE, message=r"^OOM\b", live_refusal=True),
+    _types("redis.READONLY", _C.UNAVAILABLE, _RESPONSE, message=r"^READONLY\b",
+           live_refusal=True),
     _types("redis.LOADING", _C.UNAVAILABLE, _RESPONSE,
-           message=r"^(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|READONLY)\b"),
+           message=r"^(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b"),
     # -- psycopg / psycopg2 connection failures (no SQLSTATE; the message is all there is) --------
     _types("pg.dns_again", _C.DNS, *_PG_CONNECT,
            message=r"temporary failure in name resolution", retryable=True),
@@ -612,8 +636,11 @@ _TABLE: tuple[Rule | None, ...] = (
            "redis.exceptions.NoPermissionError"),
     _types("redis.unavailable", _C.UNAVAILABLE, "redis.exceptions.BusyLoadingError",
            "redis.exceptions.MasterDownError", "redis.exceptions.ClusterDownError",
-           "redis.exceptions.TryAgainError", "redis.exceptions.ReadOnlyError"),
-    _types("redis.OutOfMemoryError", _C.RESOURCE_EXHAUSTED, "redis.exceptions.OutOfMemoryError"),
+           "redis.exceptions.TryAgainError"),
+    _types("redis.ReadOnlyError", _C.UNAVAILABLE, "redis.exceptions.ReadOnlyError",
+           live_refusal=True),
+    _types("redis.OutOfMemoryError", _C.RESOURCE_EXHAUSTED, "redis.exceptions.OutOfMemoryError",
+           live_refusal=True),
     _types("redis.MaxConnectionsError", _C.RESOURCE_EXHAUSTED,
            "redis.exceptions.MaxConnectionsError", retryable=True),
     _types("redis.TimeoutError", _C.TIMEOUT, "redis.exceptions.TimeoutError"),
@@ -1089,6 +1116,7 @@ def _verdict(
         status_code=status,
         code=code,
         rule=entry.rule.name,
+        live_refusal=entry.rule.live_refusal,
     )
 
 
@@ -1139,6 +1167,7 @@ def _rebuilt(base: Classification, retry_after: float | None, steps: int) -> Cla
         status_code=base.status_code,
         code=base.code,
         rule=base.rule,
+        live_refusal=base.live_refusal,
     )
 
 

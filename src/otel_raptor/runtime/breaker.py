@@ -182,15 +182,21 @@ class CircuitBreaker:
         now: float | None = None,
         *,
         retry: bool = False,
+        live_refusal: bool = False,
     ) -> None:
         """The call admitted with ``permit`` failed after ``duration`` seconds, classified as
-        ``classification`` (only its category matters here, so a category will do).
-        ``retry``: a later attempt of a call that failed already (see
+        ``classification`` (its category and ``live_refusal`` matter here; a category will do,
+        with ``live_refusal`` given apart). ``retry``: a later attempt of a call that failed
+        already (see
         :meth:`BreakerCore.on_failure <otel_raptor.core.breaker.BreakerCore.on_failure>`)."""
-        category = (
-            classification if isinstance(classification, ErrorCategory) else classification.category
+        if isinstance(classification, ErrorCategory):
+            category = classification
+        else:
+            category = classification.category
+            live_refusal = live_refusal or classification.live_refusal
+        self._record_failure(
+            permit, duration, category, now, retry=retry, live_refusal=live_refusal
         )
-        self._record_failure(permit, duration, category, now, retry=retry)
 
     def health_check(self, *, passed: bool, now: float | None = None) -> Transition | None:
         """Report an active health check of the downstream (see
@@ -371,23 +377,29 @@ class CircuitBreaker:
         now: float | None = None,
         *,
         retry: bool = False,
+        live_refusal: bool = False,
     ) -> None:
         if now is None:
             now = self._monotonic()
         with self._lock:
-            transition = self._core.on_failure(permit, now, duration, category, retry=retry)
+            transition = self._core.on_failure(
+                permit, now, duration, category, retry=retry, live_refusal=live_refusal
+            )
         if transition is not None:
             self._publish_transition(transition)
 
     def _failed(self, permit: Permit, duration: float, exc: Exception) -> None:
         # Runs while the caller's exception propagates: nothing here may replace it.
         try:
+            live_refusal = False
             try:
-                category = self._classifier(exc).category
+                classification = self._classifier(exc)
+                category = classification.category
+                live_refusal = getattr(classification, "live_refusal", False) is True
             except Exception as error:  # noqa: BLE001 - a broken classifier must not hide exc
                 report_internal_error("breaker.classify", error)
                 category = ErrorCategory.UNKNOWN
-            self._record_failure(permit, duration, category)
+            self._record_failure(permit, duration, category, live_refusal=live_refusal)
         except Exception as error:  # noqa: BLE001
             report_internal_error("breaker.record_failure", error)
 

@@ -258,10 +258,13 @@ class Route:
         category: ErrorCategory,
         *,
         retry: bool = False,
+        live_refusal: bool = False,
     ) -> None:
         breaker = self.breaker
         if breaker is not None:
-            breaker.record_failure(permit, duration, category, now, retry=retry)
+            breaker.record_failure(
+                permit, duration, category, now, retry=retry, live_refusal=live_refusal
+            )
 
     def release(self, permit: Permit) -> None:
         breaker = self.breaker

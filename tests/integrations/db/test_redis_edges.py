@@ -258,6 +258,48 @@ async def test_asyncio_pools_that_run_out_open_no_breaker(install: Install, key:
     assert_untouched(installed)
 
 
+# --- a server refusing writes while it serves reads is degraded, not out -------------------------
+
+
+def _refusing_writes(server: PrivateRedis, how: str) -> PrivateRedis | None:
+    """Make ``server`` refuse writes: at ``maxmemory`` with ``noeviction`` (``OOM``), or as the
+    read-only replica of a second private server (``READONLY``), which is returned."""
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    if how == "oom":
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        return None
+    master = PrivateRedis()
+    master.start()
+    admin.replicaof("127.0.0.1", master.port)
+    return master
+
+
+@pytest.mark.parametrize(
+    ("how", "refusal"),
+    [("oom", redis.exceptions.OutOfMemoryError), ("readonly", redis.exceptions.ReadOnlyError)],
+)
+def test_a_server_refusing_writes_keeps_serving_reads(
+    install: Install, private_redis: PrivateRedis, how: str, refusal: type[Exception]
+) -> None:
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    client.set("present", "yes")
+    master = _refusing_writes(private_redis, how)
+    try:
+        installed = install(RedisIntegration, max_retries=0, failure_threshold=3)
+        for _ in range(30):  # a burst of writes, every one refused
+            with pytest.raises(refusal):
+                client.set("new", "x")
+        # Without raptor the reads go on: they must under raptor too.
+        # (a replica drops its data for its master's, which may not have arrived yet)
+        assert client.get("present") in ((b"yes",) if how == "oom" else (b"yes", None))
+        assert not installed.of(BreakerTransitioned)
+        assert {e.classification.live_refusal for e in installed.of(ErrorClassified)} == {True}
+    finally:
+        if master is not None:
+            master.close()
+
+
 # --- the cluster client's node clients are the cluster client's business -------------------------
 
 
