@@ -487,6 +487,30 @@ async def test_async_calls_retry_without_blocking_and_return_the_value(
     assert clock.sleeps == [0.5, 1.0]
 
 
+async def test_call_given_a_coroutine_function_guards_its_attempts(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    attempts = 0
+
+    class Client:
+        async def fetch(self, suffix: str) -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts % 3:
+                raise ConnectionResetError(104, "reset")
+            return "body" + suffix
+
+    async def fetch(suffix: str) -> str:
+        return await Client.fetch(Client(), suffix)
+
+    guard = Guard("svc", runtime=runtime, rnd=lambda: 0.5)
+    # Awaited as the bare call would be; a plain function and a bound method alike.
+    assert await guard.call(fetch, "!") == "body!"
+    assert await guard.call(Client().fetch, suffix="?") == "body?"
+    assert attempts == 6
+    assert clock.sleeps == [0.5, 1.0, 0.5, 1.0]
+
+
 async def test_cancellation_propagates_at_once_and_is_not_a_failure(
     runtime: Runtime, events: list[Event]
 ) -> None:

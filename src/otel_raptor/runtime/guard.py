@@ -26,6 +26,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields
+from inspect import CO_COROUTINE, CO_ITERABLE_COROUTINE
 from typing import Any, TypeAlias, TypeVar
 
 from otel_raptor.core.attempts import LoopSpec
@@ -51,6 +52,8 @@ __all__ = ["BreakerSpec", "ClassifyFunction", "Guard", "RetrySpec"]
 _logger = logging.getLogger("otel_raptor")
 
 T = TypeVar("T")
+# ``async def`` functions, and generator-based coroutines (``@types.coroutine``).
+_COROUTINE_FLAGS = CO_COROUTINE | CO_ITERABLE_COROUTINE
 
 #: What ``retry=`` accepts: a policy, the seed's dict shape, a number of retries, or
 #: ``False``/``0`` for none. ``None`` means the default policy.
@@ -226,7 +229,14 @@ class Guard:
         return self._plan
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` under the guard (sync; see :meth:`call_async`)."""
+        """Run ``fn(*args, **kwargs)`` under the guard (sync; see :meth:`call_async`).
+
+        Given a coroutine function (``async def``, plain or bound), it hands back
+        ``call_async``'s awaitable: awaited as the bare call would be, the attempts run
+        guarded, where running ``fn`` here would guard only the coroutine's creation."""
+        code = getattr(fn, "__code__", None)  # a bound method forwards it from its function
+        if code is not None and code.co_flags & _COROUTINE_FLAGS:
+            return self.call_async(fn, *args, **kwargs)  # type: ignore[arg-type,return-value]
         return run_sync(self._plan, fn, args, kwargs)  # type: ignore[no-any-return]
 
     async def call_async(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
