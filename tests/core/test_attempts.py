@@ -6,6 +6,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +61,7 @@ class FakePort:
     calls_recorded: int = 0
     refunds: int = 0
     withdrawals: int = 0
+    outcomes: list[bool] = field(default_factory=list)  # what the learner was taught
 
     @property
     def breaker_open(self) -> bool:
@@ -118,7 +120,7 @@ class FakePort:
     def record_outcome(
         self, category: str, strategy: Strategy, *, recovered: bool, now: float
     ) -> None:
-        pass
+        self.outcomes.append(recovered)
 
     def publish(self, event: Event) -> None:
         self.events.append(event)
@@ -255,6 +257,47 @@ def test_learned_futility_ends_the_call() -> None:
     run = loop(port)
     assert run.first_failed(Permit.CALL, 0.0, failure(), 0.1) is Step.GIVE_UP
     assert run.give_up_reason == "learned_futile"
+
+
+@pytest.mark.parametrize(
+    ("second", "throttle_share", "futile", "reason"),
+    [
+        (failure(retry_after=500.0), 0.0, False, "retry_after_too_long"),
+        (failure(ErrorCategory.RATE_LIMIT, retry_after=500.0), 1.0, False, "retry_after_too_long"),
+        (failure(), 0.0, True, "learned_futile"),
+    ],
+)
+def test_a_retry_cut_short_by_the_policy_teaches_the_learner_nothing(
+    second: Classification, throttle_share: float, futile: bool, reason: str
+) -> None:
+    port = FakePort(throttle_share=throttle_share)
+    run = loop(port)
+    assert run.first_failed(Permit.CALL, 0.0, failure(), 0.1) is Step.SLEEP
+    assert run.slept(0.6) is Step.ATTEMPT
+    port.futile = futile
+    assert run.failed(second, 0.7) is Step.GIVE_UP
+    assert (run.give_up_reason, run.outcome) == (reason, Outcome.FAILED)
+    assert port.outcomes == []
+
+
+def test_a_retry_that_ran_its_course_teaches_the_learner() -> None:
+    port = FakePort()
+    run = loop(port, RetryPolicy(max_retries=1, base_delay=1.0))
+    assert run.first_failed(Permit.CALL, 0.0, failure(), 0.1) is Step.SLEEP
+    assert run.slept(0.6) is Step.ATTEMPT
+    assert run.failed(failure(), 0.7) is Step.GIVE_UP
+    assert run.give_up_reason == "attempts_exhausted"
+    assert port.outcomes == [False]
+
+
+def test_a_throttled_retry_teaches_the_learner_nothing() -> None:
+    port = FakePort()
+    run = loop(port)
+    assert run.first_failed(Permit.CALL, 0.0, failure(), 0.1) is Step.SLEEP
+    port.cooldown_until = 100.0  # another call's 429 paused the downstream meanwhile
+    assert run.slept(0.6) is Step.GIVE_UP
+    assert run.give_up_reason == "throttled"
+    assert port.outcomes == []
 
 
 def test_a_breaker_that_opens_between_retries_ends_the_call_with_its_last_error() -> None:

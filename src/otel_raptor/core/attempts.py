@@ -238,6 +238,19 @@ _BREAKER_REJECTED: Final = "breaker_rejected"
 _LEARNED_FUTILE: Final = "learned_futile"
 _THROTTLED: Final = "throttled"
 _DEADLINE: Final = GiveUpReason.DEADLINE.value
+#: Give-ups that cut a strategy short by the policy's choice (the downstream's cooldown, the
+#: server's Retry-After longer than the caller will wait, the learner's own verdict): they
+#: say nothing of whether the strategy works, and teaching the learner with them would let a
+#: throttled or futile-judged downstream talk it out of retrying.
+_NOT_A_VERDICT: Final = frozenset(
+    {
+        _THROTTLED,
+        _LEARNED_FUTILE,
+        GiveUpReason.RETRY_AFTER_TOO_LONG.value,
+        GiveUpReason.RETRY_AFTER_BEYOND_DEADLINE.value,
+        GiveUpReason.BUDGET_EXHAUSTED.value,
+    }
+)
 
 
 class AttemptLoop:
@@ -550,7 +563,11 @@ class AttemptLoop:
             else ErrorCategory.UNAVAILABLE.value
         )
         outcome = self.outcome
-        if self.attempts > 1 and outcome in (Outcome.RECOVERED, Outcome.FAILED):
+        if (
+            self.attempts > 1
+            and outcome in (Outcome.RECOVERED, Outcome.FAILED)
+            and self.give_up_reason not in _NOT_A_VERDICT
+        ):
             port.record_outcome(
                 category, self.strategy, recovered=outcome is Outcome.RECOVERED, now=now
             )

@@ -2,9 +2,11 @@
 
 The rule, in full:
 
-* Every finished recovery records one outcome (recovered or not) for its
-  ``(service, category, strategy)``. Outcomes decay exponentially with a half-life of
-  ``half_life_s`` (default 10 minutes), so the learner follows a downstream that changes.
+* Every finished recovery that retried records one outcome (recovered or not) for its
+  ``(service, category, strategy)``, unless the policy cut it short (a cooldown, a
+  ``Retry-After`` too long to wait, an empty budget, this learner's own verdict).
+  Outcomes decay exponentially with a half-life of ``half_life_s`` (default 10 minutes),
+  so the learner follows a downstream that changes.
 * A strategy's score is its smoothed success rate ``(successes + 1) / (attempts + 2)``
   (Laplace's rule: an unknown strategy scores 0.5).
 * **Preferring what works** — ``best_strategy`` returns, among the candidates that have at
