@@ -52,6 +52,7 @@ def make_settings(
     max_retries: int = 3,
     failure_threshold: int = 5,
     attempt_timeout: float | None = None,
+    recovery_timeout: float = 0.3,
     downstreams: tuple[DownstreamOverride, ...] = (),
     **config: Any,
 ) -> IntegrationSettings:
@@ -66,7 +67,9 @@ def make_settings(
                 attempt_timeout=attempt_timeout,
             ),
             breaker=CircuitBreakerConfig(
-                failure_threshold=failure_threshold, recovery_timeout=0.3, recovery_jitter=0.0
+                failure_threshold=failure_threshold,
+                recovery_timeout=recovery_timeout,
+                recovery_jitter=0.0,
             ),
             downstreams=downstreams,
             **config,
@@ -351,7 +354,8 @@ def test_the_breaker_opens_fails_fast_half_opens_and_closes(
 def test_except_clauses_for_httpx_errors_catch_the_refusal(
     install: Install, server: FaultyHTTPServer, driver: Driver
 ) -> None:
-    install(max_retries=0, failure_threshold=1)
+    # Open for longer than four refusals take on a loaded machine (a client is built per call).
+    install(max_retries=0, failure_threshold=1, recovery_timeout=60.0)
     server.push(status(500))
     driver.get(server.url("/"))
     caught = []
