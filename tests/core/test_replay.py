@@ -8,6 +8,7 @@ from otel_raptor.core.replay import (
     IDEMPOTENT_METHODS,
     SQL_SCAN_LIMIT,
     http_replay_safe,
+    sql_ends_transaction,
     sql_replay_safe,
 )
 
@@ -194,3 +195,28 @@ def test_the_scan_is_bounded_on_hostile_input() -> None:
         for _ in range(100):
             assert sql_replay_safe(text, in_transaction=False) is False
         assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ROLLBACK",
+        "rollback;",
+        "COMMIT;",
+        b"COMMIT",
+        "  -- done\n END",
+        "/* x */ abort",
+        "ROLLBACK TO SAVEPOINT s",
+        "commit work",
+    ],
+)
+def test_statements_that_end_a_transaction(statement: str | bytes) -> None:
+    assert sql_ends_transaction(statement) is True
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["BEGIN", "SELECT 'rollback'", "committed", "INSERT INTO t VALUES (1); COMMIT", "", None, 7],
+)
+def test_statements_that_do_not_end_a_transaction(statement: object) -> None:
+    assert sql_ends_transaction(statement) is False

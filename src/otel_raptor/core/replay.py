@@ -27,6 +27,7 @@ __all__ = [
     "SQL_SCAN_LIMIT",
     "http_replay_safe",
     "names_idempotency_key",
+    "sql_ends_transaction",
     "sql_replay_safe",
 ]
 
@@ -213,3 +214,26 @@ def sql_replay_safe(
     if ";" in text.rstrip("; \t\r\n"):
         return False
     return not _has_side_effect(text, position)
+
+
+# The statements that end a transaction: COMMIT and ROLLBACK (``ROLLBACK TO SAVEPOINT`` too),
+# and PostgreSQL's END and ABORT.
+_TRANSACTION_ENDS: Final = frozenset({"commit", "rollback", "end", "abort"})
+
+
+def sql_ends_transaction(statement: object) -> bool:
+    """Whether ``statement`` (``str`` or ``bytes``; anything else is not) begins, after
+    whitespace and comments, with ``COMMIT``, ``ROLLBACK``, ``END`` or ``ABORT`` (any case).
+
+    Such a statement must never be refused by a breaker: refused, it leaves the connection
+    inside its transaction (asyncpg's ``Transaction``, a pool's reset and raptor's own
+    ``run_transaction`` send them as plain statements), and everything the application runs
+    on that connection afterwards joins a transaction nobody commits."""
+    if isinstance(statement, bytes):
+        statement = statement[:SQL_SCAN_LIMIT].decode("utf-8", "replace")
+    if not isinstance(statement, str):
+        return False
+    text = statement[:SQL_SCAN_LIMIT].lower()
+    start = _LEADING_NOISE.match(text)
+    first = _FIRST_WORD.match(text, 0 if start is None else start.end())
+    return first is not None and first.group() in _TRANSACTION_ENDS

@@ -222,3 +222,54 @@ async def test_an_open_breaker_fails_fast_as_an_asyncpg_connection_error(
         await asyncpg.connect(url)
     assert isinstance(caught.value, ConnectionRefusedError)
     assert isinstance(caught.value, asyncpg.PostgresConnectionError)
+
+
+async def test_a_transaction_refused_midway_is_still_rolled_back(install: Install) -> None:
+    # asyncpg's Transaction sends ROLLBACK through Connection.execute: refused as well, it
+    # left the connection inside the transaction for good (every later statement joined it,
+    # never committed, and con.transaction() raised InterfaceError).
+    installed = install(AsyncpgIntegration)
+    breaker = installed.runtime.breakers.get(SERVICE)
+    con = await asyncpg.connect(PG_URL)
+    try:
+
+        async def refused_midway() -> None:
+            async with con.transaction():
+                await con.execute("SELECT 1")
+                breaker.force_open()
+                await con.execute("SELECT 2")
+
+        with pytest.raises(asyncpg.PostgresConnectionError):
+            await refused_midway()
+        assert not con.is_in_transaction()
+        breaker.force_close()
+        await con.execute("CREATE TEMP TABLE refused_midway (v int)")
+        async with con.transaction():  # a COMMIT passes the open breaker too
+            await con.execute("INSERT INTO refused_midway VALUES (1)")
+            breaker.force_open()
+        assert not con.is_in_transaction()
+        breaker.force_close()
+        assert await con.fetchval("SELECT count(*) FROM refused_midway") == 1
+    finally:
+        breaker.force_close()
+        await con.close()
+
+
+async def test_a_pool_releases_its_connection_past_an_open_breaker(install: Install) -> None:
+    # The pool's reset query on release was refused: the acquire() block raised although its
+    # statements had succeeded, and the pool dropped a healthy connection.
+    installed = install(AsyncpgIntegration)
+    breaker = installed.runtime.breakers.get(SERVICE)
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT 1") == 1
+            breaker.force_open()  # other callers' failures open it meanwhile
+        async with pool.acquire() as con:
+            with pytest.raises(asyncpg.PostgresConnectionError):
+                await con.fetchval("SELECT 1")
+        assert pool.get_size() == 1
+        assert pool.get_idle_size() == 1
+    finally:
+        breaker.force_close()
+        await pool.close()

@@ -41,7 +41,7 @@ from otel_raptor.core.attempts import LoopSpec, Refusal
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.db import FailurePoint, Operation, replay_safe_after
-from otel_raptor.core.replay import sql_replay_safe
+from otel_raptor.core.replay import sql_ends_transaction, sql_replay_safe
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -78,9 +78,11 @@ __all__ = [
     "is_not_sent",
     "mark_not_sent",
     "method_read_only",
+    "method_unguarded",
     "policy_timeout_ms",
     "refusal_factory",
     "sql_read_only",
+    "sql_unguarded",
 ]
 
 #: Marks an exception raised before anything reached the server (set by the hooks that see
@@ -135,6 +137,20 @@ def method_read_only(args: tuple[Any, ...]) -> bool:
     """:func:`sql_read_only` for the arguments of an unbound method call
     (``(cursor, statement, ...)``): the statement is ``args[1]``."""
     return sql_read_only(args[1:])
+
+
+def sql_unguarded(args: tuple[Any, ...]) -> bool:
+    """``CallHooks.unguarded`` of SQL statements: the statement in ``args[0]`` ends a
+    transaction (:func:`~otel_raptor.core.replay.sql_ends_transaction`), so a breaker that is
+    not closed lets it through unrefused and uncounted, as without raptor. Refused, a
+    ``ROLLBACK`` or ``COMMIT`` would leave the connection inside its transaction."""
+    return bool(args) and sql_ends_transaction(args[0])
+
+
+def method_unguarded(args: tuple[Any, ...]) -> bool:
+    """:func:`sql_unguarded` for the arguments of an unbound method call
+    (``(cursor, statement, ...)``): the statement is ``args[1]``."""
+    return sql_unguarded(args[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +364,7 @@ class DbState:
 
     ``error`` builds the driver's fail-fast error from a refusal; ``point`` and ``read_only``
     feed the per-failure replay judgement (:class:`StatementHooks`); ``refine`` and
-    ``unjudged`` (and ``unguarded``) are the statements'
+    ``unjudged`` (and ``unguarded``, by default :func:`sql_unguarded`) are the statements'
     :class:`~otel_raptor.runtime.drive.CallHooks` hooks.
     Targets are kept per :class:`Server` (at most
     :data:`~otel_raptor.integrations._kit.MAX_TARGETS`, then the table starts over; breakers
@@ -377,7 +393,7 @@ class DbState:
         read_only: ReadOnlyOf = sql_read_only,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
-        unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
+        unguarded: Callable[[tuple[Any, ...]], bool] | None = sql_unguarded,
     ) -> None:
         self.settings = settings
         self.runtime = settings.runtime

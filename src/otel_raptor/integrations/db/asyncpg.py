@@ -41,6 +41,7 @@ from otel_raptor.integrations.db._common import (
     Server,
     callers_limit,
     method_read_only,
+    method_unguarded,
     refusal_factory,
 )
 from otel_raptor.integrations.db._postgres import failure_point as postgres_failure_point
@@ -125,6 +126,18 @@ def statement_timed_out(failure: BaseException, classification: Classification) 
     ):
         return callers_limit(classification, "asyncpg.statement_timeout")
     return classification
+
+
+def _unguarded(args: tuple[Any, ...]) -> bool:
+    """``CallHooks.unguarded``: a statement ending a transaction (asyncpg's ``Transaction``
+    sends ``COMMIT``/``ROLLBACK`` through ``Connection.execute``) or the reset query a pool
+    sends on release is never refused. Refused, the first leaves the connection inside its
+    transaction for good; the second makes the pool discard a healthy connection and raise
+    out of an ``acquire()`` block whose statements all succeeded."""
+    if method_unguarded(args):
+        return True
+    reset = getattr(args[0], "_reset_query", None) if len(args) > 1 else None
+    return bool(reset) and args[1] == reset
 
 
 class _State(DbState):
@@ -319,6 +332,7 @@ class AsyncpgIntegration(DbIntegration):
             point=failure_point,
             read_only=method_read_only,
             refine=statement_timed_out,
+            unguarded=_unguarded,
         )
 
     def hooks(self, library: Any) -> HookSet:

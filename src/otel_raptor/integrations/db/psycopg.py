@@ -37,6 +37,7 @@ from otel_raptor.integrations.db._common import (
     HookSet,
     Server,
     method_read_only,
+    method_unguarded,
     refusal_factory,
 )
 from otel_raptor.integrations.db._postgres import (
@@ -322,7 +323,13 @@ class PsycopgIntegration(DbIntegration):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(library.OperationalError, "PsycopgCircuitOpen", __name__)
-        return _State(settings, error=error, point=failure_point, read_only=method_read_only)
+        return _State(
+            settings,
+            error=error,
+            point=failure_point,
+            read_only=method_read_only,
+            unguarded=method_unguarded,
+        )
 
     def hooks(self, library: Any) -> HookSet:
         return _wrapped(library), _patched(library)

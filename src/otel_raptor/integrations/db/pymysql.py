@@ -40,6 +40,7 @@ from otel_raptor.integrations.db._common import (
     Server,
     is_not_sent,
     method_read_only,
+    method_unguarded,
     refusal_factory,
 )
 from otel_raptor.runtime.drive import CallPlan
@@ -294,7 +295,13 @@ class PyMySQLIntegration(DbIntegration):
             __name__,
             args=lambda message: (CONNECT_ERROR, message),
         )
-        return _State(settings, error=error, point=failure_point, read_only=method_read_only)
+        return _State(
+            settings,
+            error=error,
+            point=failure_point,
+            read_only=method_read_only,
+            unguarded=method_unguarded,
+        )
 
     def hooks(self, library: Any) -> HookSet:
         return _wrapped(library), _patched(library)
