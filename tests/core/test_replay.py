@@ -9,6 +9,7 @@ from otel_raptor.core.replay import (
     SQL_SCAN_LIMIT,
     http_replay_safe,
     sql_ends_transaction,
+    sql_may_commit_partway,
     sql_replay_safe,
 )
 
@@ -220,3 +221,20 @@ def test_statements_that_end_a_transaction(statement: str | bytes) -> None:
 )
 def test_statements_that_do_not_end_a_transaction(statement: object) -> None:
     assert sql_ends_transaction(statement) is False
+
+
+@pytest.mark.parametrize(
+    ("statement", "partway"),
+    [
+        ("CALL p()", True),
+        (b" /* batch */ call p(1)", True),
+        ("DO $$ BEGIN COMMIT; END $$", True),
+        (object(), True),  # a composed query: cannot be read
+        (None, True),
+        ("INSERT INTO t VALUES (1)", False),
+        ("SELECT do_it()", False),
+        ("UPDATE calls SET n = n + 1", False),
+    ],
+)
+def test_statements_that_may_commit_partway(statement: object, partway: bool) -> None:
+    assert sql_may_commit_partway(statement) is partway

@@ -13,7 +13,8 @@ operation      transaction  failure               replayed
 =============  ===========  ====================  =========================================
 connect        any          any                   yes (nothing was executed)
 batch          any          any                   never (``executemany``, a pipeline that
-                                                  writes: part of it may have run)
+                                                  writes, a SQL ``CALL``: part of it may
+                                                  have run, or been committed)
 statement      open         any                   never (the whole transaction must be
                                                   redone: :func:`otel_raptor.db.run_transaction`)
 statement      none         ``NOT_SENT``          yes, if the client can still send

@@ -28,6 +28,7 @@ __all__ = [
     "http_replay_safe",
     "names_idempotency_key",
     "sql_ends_transaction",
+    "sql_may_commit_partway",
     "sql_replay_safe",
 ]
 
@@ -237,3 +238,25 @@ def sql_ends_transaction(statement: object) -> bool:
     start = _LEADING_NOISE.match(text)
     first = _FIRST_WORD.match(text, 0 if start is None else start.end())
     return first is not None and first.group() in _TRANSACTION_ENDS
+
+
+# Statements that run a procedure or a code block, which may commit as it goes.
+_PARTWAY: Final = frozenset({"call", "do"})
+
+
+def sql_may_commit_partway(statement: object) -> bool:
+    """Whether ``statement`` may have committed part of its work when it fails: it begins,
+    after whitespace and comments, with ``CALL`` or ``DO`` (a procedure or block, which may
+    ``COMMIT`` inside; in MySQL's autocommit every statement of a procedure commits on its
+    own), or it cannot be read (not ``str`` or ``bytes``: a composed query object).
+
+    Such a statement is never replayed, not even after a deadlock or a serialization failure:
+    the server rolled back only the work since the last commit inside it."""
+    if isinstance(statement, bytes):
+        statement = statement[:SQL_SCAN_LIMIT].decode("utf-8", "replace")
+    if not isinstance(statement, str):
+        return True
+    text = statement[:SQL_SCAN_LIMIT].lower()
+    start = _LEADING_NOISE.match(text)
+    first = _FIRST_WORD.match(text, 0 if start is None else start.end())
+    return first is not None and first.group() in _PARTWAY

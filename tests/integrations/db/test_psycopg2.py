@@ -237,3 +237,30 @@ def test_async_connections_and_earlier_connections_are_left_alone(install: Insta
         assert type(conn) is psycopg2.extensions.connection
     finally:
         conn.close()
+
+
+def test_a_procedure_that_committed_partway_is_not_replayed(
+    install: Install, admin: Any, table: str
+) -> None:
+    # A CALL in autocommit may COMMIT inside: a serialization failure after that rolls back
+    # only what followed, and replaying the CALL did the committed part twice.
+    admin.execute(
+        f"""CREATE PROCEDURE {table}_p() LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {table} VALUES (1);
+            COMMIT;
+            PERFORM {table}_flaky(1, '40001');
+        END $$"""
+    )
+    installed = install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        conn.autocommit = True
+        with pytest.raises(psycopg2.errors.SerializationFailure):
+            conn.cursor().execute(f"CALL {table}_p()")
+    finally:
+        conn.close()
+        admin.execute(f"DROP PROCEDURE {table}_p()")
+    assert count(admin, f"SELECT count(*) FROM {table}") == 1
+    outcomes = [(f.outcome, f.attempts) for f in installed.of(RecoveryFinished, SERVICE)]
+    assert outcomes == [(Outcome.FAILED, 1)]

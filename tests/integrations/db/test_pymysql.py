@@ -174,3 +174,30 @@ def test_an_open_breaker_fails_fast_with_pymysqls_connect_error(install: Install
     assert time.perf_counter() - started < 0.05
     assert isinstance(refused.value, CircuitOpenError)
     assert refused.value.args[0] == integration.CONNECT_ERROR
+
+
+def test_a_procedure_that_deadlocks_partway_is_not_replayed(install: Install, table: str) -> None:
+    # In autocommit each statement of a procedure commits on its own: the INSERT before the
+    # deadlock stays, and replaying the CALL inserted it a second time.
+    installed = install(PyMySQLIntegration)
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"""CREATE PROCEDURE {table}_p()
+                BEGIN
+                    INSERT INTO {table} VALUES (1);
+                    SELECT {table}_deadlock(1) INTO @ignored;
+                END"""
+            )
+            try:
+                with pytest.raises(pymysql.err.OperationalError) as raised:
+                    cur.execute(f"CALL {table}_p()")
+                assert raised.value.args[0] == 1213
+            finally:
+                cur.execute(f"DROP PROCEDURE {table}_p")
+        assert scalar(conn, f"SELECT count(*) FROM {table}") == 1
+    finally:
+        conn.close()
+    [finished] = installed.of(RecoveryFinished, SERVICE)
+    assert (finished.attempts, finished.give_up_reason) == (1, "not_replay_safe")

@@ -41,7 +41,11 @@ from otel_raptor.core.attempts import LoopSpec, Refusal
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.db import FailurePoint, Operation, replay_safe_after
-from otel_raptor.core.replay import sql_ends_transaction, sql_replay_safe
+from otel_raptor.core.replay import (
+    sql_ends_transaction,
+    sql_may_commit_partway,
+    sql_replay_safe,
+)
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -77,10 +81,12 @@ __all__ = [
     "callers_limit",
     "is_not_sent",
     "mark_not_sent",
+    "method_commits_partway",
     "method_read_only",
     "method_unguarded",
     "policy_timeout_ms",
     "refusal_factory",
+    "sql_commits_partway",
     "sql_read_only",
     "sql_unguarded",
 ]
@@ -90,6 +96,8 @@ __all__ = [
 NOT_SENT_ATTRIBUTE: Final = "_otel_raptor_not_sent"
 
 _STATEMENT: Final = Operation.STATEMENT
+_BATCH: Final = Operation.BATCH
+_ROLLED_BACK: Final = FailurePoint.ROLLED_BACK
 
 #: ``(failure, classification) -> (failure point, can the client send again)``.
 PointOf = Callable[[BaseException, Classification], tuple[FailurePoint, bool]]
@@ -137,6 +145,19 @@ def method_read_only(args: tuple[Any, ...]) -> bool:
     """:func:`sql_read_only` for the arguments of an unbound method call
     (``(cursor, statement, ...)``): the statement is ``args[1]``."""
     return sql_read_only(args[1:])
+
+
+def sql_commits_partway(args: tuple[Any, ...]) -> bool:
+    """Whether the statement in ``args[0]`` may have committed part of its work when it
+    failed (a ``CALL``, a ``DO`` block, or a statement that cannot be read:
+    :func:`~otel_raptor.core.replay.sql_may_commit_partway`): a batch, never replayed."""
+    return sql_may_commit_partway(args[0] if args else None)
+
+
+def method_commits_partway(args: tuple[Any, ...]) -> bool:
+    """:func:`sql_commits_partway` for the arguments of an unbound method call
+    (``(cursor, statement, ...)``): the statement is ``args[1]``."""
+    return sql_commits_partway(args[1:])
 
 
 def sql_unguarded(args: tuple[Any, ...]) -> bool:
@@ -242,9 +263,11 @@ class StatementHooks(DbHooks):
     (see the module docstring). ``point`` tells how far the failed call got; ``read_only``
     whether it was free of side effects (asked only when that matters). With
     ``writes_in_transaction`` a statement that is not read-only counts as inside a
-    transaction (sqlite3's legacy mode opens one implicitly before a write)."""
+    transaction (sqlite3's legacy mode opens one implicitly before a write). ``partway``
+    tells a statement that may have committed part of its work before failing (a
+    ``CALL``; ``None``: none does): a batch, never replayed."""
 
-    __slots__ = ("_point", "_read_only", "_writes_in_transaction")
+    __slots__ = ("_partway", "_point", "_read_only", "_writes_in_transaction")
 
     def __init__(
         self,
@@ -252,6 +275,7 @@ class StatementHooks(DbHooks):
         point: PointOf,
         read_only: ReadOnlyOf,
         *,
+        partway: ReadOnlyOf | None = None,
         writes_in_transaction: bool = False,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
@@ -260,6 +284,7 @@ class StatementHooks(DbHooks):
         super().__init__(error, refine, unjudged, unguarded)
         self._point = point
         self._read_only = read_only
+        self._partway = partway
         self._writes_in_transaction = writes_in_transaction
 
     def replay_after(
@@ -269,8 +294,14 @@ class StatementHooks(DbHooks):
             return False
         point, can_send = self._point(failure, classification)
         read_only = point in (FailurePoint.FAILED, FailurePoint.UNKNOWN) and self._read_only(args)
+        partway = self._partway
+        operation = (
+            _BATCH
+            if point is _ROLLED_BACK and partway is not None and partway(args)
+            else _STATEMENT
+        )
         return replay_safe_after(
-            _STATEMENT, point, in_transaction=False, read_only=read_only, can_send=can_send
+            operation, point, in_transaction=False, read_only=read_only, can_send=can_send
         )
 
 
@@ -362,8 +393,8 @@ class DbTarget:
 class DbState:
     """The state of one installed database integration: settings, hooks and targets.
 
-    ``error`` builds the driver's fail-fast error from a refusal; ``point`` and ``read_only``
-    feed the per-failure replay judgement (:class:`StatementHooks`); ``refine`` and
+    ``error`` builds the driver's fail-fast error from a refusal; ``point``, ``read_only`` and
+    ``partway`` feed the per-failure replay judgement (:class:`StatementHooks`); ``refine`` and
     ``unjudged`` (and ``unguarded``, by default :func:`sql_unguarded`) are the statements'
     :class:`~otel_raptor.runtime.drive.CallHooks` hooks.
     Targets are kept per :class:`Server` (at most
@@ -391,6 +422,7 @@ class DbState:
         error: Callable[[Refusal], BaseException],
         point: PointOf,
         read_only: ReadOnlyOf = sql_read_only,
+        partway: ReadOnlyOf | None = None,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...]], bool] | None = sql_unguarded,
@@ -403,12 +435,19 @@ class DbState:
         # never does.
         self.locked_hooks = DbHooks(error, refine, unjudged, unguarded)
         self.statement_hooks = StatementHooks(
-            error, point, read_only, refine=refine, unjudged=unjudged, unguarded=unguarded
+            error,
+            point,
+            read_only,
+            partway=partway,
+            refine=refine,
+            unjudged=unjudged,
+            unguarded=unguarded,
         )
         self.reads_hooks = StatementHooks(
             error,
             point,
             read_only,
+            partway=partway,
             writes_in_transaction=True,
             refine=refine,
             unjudged=unjudged,

@@ -40,6 +40,7 @@ from otel_raptor.integrations.db._common import (
     HookSet,
     Server,
     callers_limit,
+    method_commits_partway,
     method_read_only,
     method_unguarded,
     refusal_factory,
@@ -331,6 +332,7 @@ class AsyncpgIntegration(DbIntegration):
             error=error,
             point=failure_point,
             read_only=method_read_only,
+            partway=method_commits_partway,
             refine=statement_timed_out,
             unguarded=_unguarded,
         )

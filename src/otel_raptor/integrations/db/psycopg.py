@@ -36,6 +36,7 @@ from otel_raptor.integrations.db._common import (
     DbTarget,
     HookSet,
     Server,
+    method_commits_partway,
     method_read_only,
     method_unguarded,
     refusal_factory,
@@ -328,6 +329,7 @@ class PsycopgIntegration(DbIntegration):
             error=error,
             point=failure_point,
             read_only=method_read_only,
+            partway=method_commits_partway,
             unguarded=method_unguarded,
         )
 

@@ -39,6 +39,7 @@ from otel_raptor.integrations.db._common import (
     GuardedConnectionClasses,
     HookSet,
     refusal_factory,
+    sql_commits_partway,
 )
 from otel_raptor.integrations.db._postgres import (
     failure_point,
@@ -300,7 +301,7 @@ class Psycopg2Integration(DbIntegration):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(library.OperationalError, "Psycopg2CircuitOpen", __name__)
-        return _State(settings, error=error, point=failure_point)
+        return _State(settings, error=error, point=failure_point, partway=sql_commits_partway)
 
     def hooks(self, library: Any) -> HookSet:
         return [(library, "connect", _connect_wrapper)], ()

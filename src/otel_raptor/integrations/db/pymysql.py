@@ -39,6 +39,7 @@ from otel_raptor.integrations.db._common import (
     HookSet,
     Server,
     is_not_sent,
+    method_commits_partway,
     method_read_only,
     method_unguarded,
     refusal_factory,
@@ -300,6 +301,7 @@ class PyMySQLIntegration(DbIntegration):
             error=error,
             point=failure_point,
             read_only=method_read_only,
+            partway=method_commits_partway,
             unguarded=method_unguarded,
         )
 
