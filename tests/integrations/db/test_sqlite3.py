@@ -18,6 +18,7 @@ from otel_raptor.core.recovery import Outcome
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations.db import sqlite3 as integration
 from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
+from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.state import Runtime
 from tests.integrations.db.conftest import Install, fast_config
 
@@ -216,3 +217,19 @@ def test_an_unopenable_database_opens_the_breaker(install: Install, tmp_path: Pa
         sqlite3.connect(missing)
     assert isinstance(refused.value, CircuitOpenError)
     assert len(installed.of(ErrorClassified)) == 3
+
+
+def test_the_refusal_carries_a_sqlite_result_code(install: Install, tmp_path: Path) -> None:
+    # Every error sqlite3 raises has sqlite_errorcode/sqlite_errorname (3.11+); an except
+    # clause reading them failed with AttributeError on a refusal.
+    install(SQLiteIntegration, max_retries=0)
+    missing = tmp_path / "no" / "such" / "dir" / "x.db"
+    for _ in range(3):
+        with pytest.raises(sqlite3.OperationalError) as real:
+            sqlite3.connect(missing)
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        sqlite3.connect(missing)
+    assert isinstance(refused.value, CircuitOpenError)
+    assert refused.value.sqlite_errorcode == real.value.sqlite_errorcode == sqlite3.SQLITE_CANTOPEN
+    assert refused.value.sqlite_errorname == real.value.sqlite_errorname == "SQLITE_CANTOPEN"
+    assert classify(refused.value).rule == "circuit_open"  # still raptor's refusal

@@ -73,12 +73,30 @@ _GUARDED: Final = GUARDED_ATTRIBUTE
 _LEGACY: Final = getattr(sys.modules.get("sqlite3"), "LEGACY_TRANSACTION_CONTROL", -1)
 
 
+#: ``SQLITE_CANTOPEN``: what sqlite3 says when a database cannot be opened; the fail-fast
+#: error carries it too, for code that reads ``error.sqlite_errorcode``/``sqlite_errorname``.
+CANTOPEN: Final = 14
+CANTOPEN_NAME: Final = "SQLITE_CANTOPEN"
+
+
+def _error_type(sqlite3: Any) -> type[CircuitOpenError]:
+    error_type: type[CircuitOpenError] = library_error(
+        CircuitOpenError, sqlite3.OperationalError, "SQLiteCircuitOpen", __name__
+    )
+    # Every error sqlite3 raises has these (3.11+), and an ``except`` clause may read them:
+    # missing, they raised AttributeError there. Class attributes: the refusal's own.
+    error_type.sqlite_errorcode = CANTOPEN  # type: ignore[attr-defined]
+    error_type.sqlite_errorname = CANTOPEN_NAME  # type: ignore[attr-defined]
+    return error_type
+
+
 def circuit_open_error_type() -> type[CircuitOpenError]:
     """The class of the error raised when a database's breaker is open: both
-    :class:`~otel_raptor.errors.CircuitOpenError` and ``sqlite3.OperationalError``."""
+    :class:`~otel_raptor.errors.CircuitOpenError` and ``sqlite3.OperationalError``, with
+    ``sqlite_errorcode`` ``14`` and ``sqlite_errorname`` ``"SQLITE_CANTOPEN"``."""
     import sqlite3  # noqa: PLC0415 - the library is imported only when needed
 
-    return library_error(CircuitOpenError, sqlite3.OperationalError, "SQLiteCircuitOpen", __name__)
+    return _error_type(sqlite3)
 
 
 def __getattr__(name: str) -> Any:
@@ -282,6 +300,7 @@ class SQLiteIntegration(DbIntegration):
     library = "sqlite3"
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
+        _error_type(library)  # the same class refusal_factory builds, with its result code
         error = refusal_factory(library.OperationalError, "SQLiteCircuitOpen", __name__)
         return _State(settings, error=error, point=failure_point)
 
