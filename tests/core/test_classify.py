@@ -368,6 +368,25 @@ class TestSignals:
         result = classify(classifier, PyMySQLOperationalError(number, "message"))
         assert (result.category, result.code) == (category, str(number))
 
+    @pytest.mark.parametrize(
+        ("message", "category"),
+        [
+            ("The MariaDB server is running with the --read-only option so it cannot execute "
+             "this statement", C.UNAVAILABLE),
+            ("The MySQL server is running with the --super-read-only option so it cannot "
+             "execute this statement", C.UNAVAILABLE),
+            # The statement's doing (SELECT ... INTO OUTFILE, LOAD DATA outside the allowed
+            # directory): it opened the breaker of a healthy server.
+            ("The MySQL server is running with the --secure-file-priv option so it cannot "
+             "execute this statement", C.QUERY),
+        ],
+    )  # fmt: skip
+    def test_mysql_1290_is_unavailable_only_when_read_only(
+        self, classifier: Classifier, message: str, category: ErrorCategory
+    ) -> None:
+        result = classify(classifier, PyMySQLOperationalError(1290, message))
+        assert (result.category, result.code) == (category, "1290")
+
     def test_mysql_errno_beats_its_sqlstate(self, classifier: Classifier) -> None:
         # MariaDB reports 1142 (table access denied) with SQLSTATE 42000, a syntax-error class.
         exc = with_attrs(PyMySQLOperationalError(1142, "denied"), sqlstate="42000")

@@ -442,10 +442,15 @@ _TABLE: tuple[Rule | None, ...] = (
     # limit is the caller's (as SQLite's interrupt): cancelled, and no sign the server is out.
     _mysql("statement_timeout", _C.CANCELLED, 1969, 3024, retryable=False),
     _mysql("server_shutdown", _C.UNAVAILABLE, 1053),
-    # Read-only after a failover (--read-only, super_read_only): the server still answers
-    # reads, so a refused write is not evidence of an outage. A Galera node not ready refuses
-    # everything.
-    _mysql("read_only", _C.UNAVAILABLE, 1290, 1836, live_refusal=True),
+    # Read-only after a failover (--read-only, super_read_only, 1836 read-only mode): the
+    # server still answers reads, so a refused write is not evidence of an outage.
+    _mysql("read_only", _C.UNAVAILABLE, 1836, live_refusal=True),
+    Rule(name="mysql.read_only_option", category=_C.UNAVAILABLE, mysql_errnos=(1290,),
+         message=r"read.only", live_refusal=True),
+    # 1290 names whichever option prevents the statement: --secure-file-priv refusing a
+    # SELECT ... INTO OUTFILE or a LOAD DATA is the statement's doing, not the server's state.
+    _mysql("option_prevents", _C.QUERY, 1290),
+    # A Galera node not ready refuses everything.
     _mysql("node_not_ready", _C.UNAVAILABLE, 1047),
     _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927),
     _mysql("unknown_host", _C.DNS, 2005),
