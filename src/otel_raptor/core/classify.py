@@ -476,6 +476,9 @@ _TABLE: tuple[Rule | None, ...] = (
     _sqlstate("too_many_connections", _C.RESOURCE_EXHAUSTED, "53300", retryable=True),
     # A full disk refuses writes; reads go on.
     _sqlstate("disk_full", _C.RESOURCE_EXHAUSTED, "53100", live_refusal=True),
+    # A limit the configuration sets on one statement or session (temp_file_limit): the
+    # query's doing, like a statement timeout, not the server running out.
+    _sqlstate("configuration_limit", _C.QUERY, "53400"),
     _sqlstate("insufficient_resources", _C.RESOURCE_EXHAUSTED, "53"),
     _sqlstate("connection", _C.CONNECTION, "08"),
     _sqlstate("integrity", _C.INTEGRITY, "23", "44"),

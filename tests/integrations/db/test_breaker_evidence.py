@@ -100,6 +100,29 @@ def test_psycopg2_app_errors_leave_the_breaker_closed(install: Install) -> None:
     assert installed.of(BreakerTransitioned) == []
 
 
+@pytest.mark.usefixtures("postgres")
+def test_a_query_past_its_configured_limit_leaves_the_breaker_closed(install: Install) -> None:
+    # 53400 configuration_limit_exceeded: a heavy report query spilling past temp_file_limit
+    # (set by many managed services) is that query's doing; as insufficient_resources it
+    # counted, and a report rerun a few times shut every caller out of a healthy server.
+    installed = install(Psycopg2Integration, failure_threshold=3)
+    conn = psycopg2.connect(PG_DSN)
+    conn.autocommit = True
+    try:
+        cur = conn.cursor()
+        cur.execute("SET work_mem = '64kB'")
+        cur.execute("SET temp_file_limit = '100kB'")
+        make_mistakes(
+            lambda: cur.execute("SELECT g FROM generate_series(1, 200000) g ORDER BY g DESC"),
+            psycopg2.errors.ConfigurationLimitExceeded,
+        )
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+    assert installed.of(BreakerTransitioned) == []
+
+
 @pytest.mark.usefixtures("mysql")
 def test_pymysql_app_errors_leave_the_breaker_closed(install: Install) -> None:
     installed = install(PyMySQLIntegration, failure_threshold=3)
