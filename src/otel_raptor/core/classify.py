@@ -435,7 +435,10 @@ _TABLE: tuple[Rule | None, ...] = (
     _mysql("lock_wait_timeout", _C.CONCURRENCY, 1205),
     _mysql("too_many_connections", _C.RESOURCE_EXHAUSTED, 1040, 1203, retryable=True),
     _mysql("user_limit", _C.RATE_LIMIT, 1226),
-    _mysql("out_of_resources", _C.RESOURCE_EXHAUSTED, 1021, 1037, 1038, 1041, 1114),
+    _mysql("out_of_resources", _C.RESOURCE_EXHAUSTED, 1021, 1037, 1041),
+    # One table at its size limit (a MEMORY or temporary table: 1114), one query out of its
+    # sort buffer (1038): that table's or query's doing, not the server running out.
+    _mysql("statement_limit", _C.QUERY, 1038, 1114),
     _mysql("timeout", _C.TIMEOUT, 1159, 1161),
     # The server stopped a statement that ran past its time limit (MariaDB max_statement_time,
     # MySQL max_execution_time): the same statement would most likely run as long again. The

@@ -152,6 +152,28 @@ def test_pymysql_app_errors_leave_the_breaker_closed(install: Install) -> None:
     assert installed.of(BreakerTransitioned) == []
 
 
+@pytest.mark.usefixtures("mysql")
+def test_a_full_table_leaves_the_breaker_closed(install: Install) -> None:
+    # 1114 "The table is full": a MEMORY table (or an in-memory temporary table) at its size
+    # limit is that table's, and 1038 (out of sort memory) that query's: as out_of_resources
+    # they counted, and an app filling one table shut every caller out of a healthy server.
+    installed = install(PyMySQLIntegration, failure_threshold=3)
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("SET SESSION max_heap_table_size = 16384")
+        cur.execute("CREATE TEMPORARY TABLE full_table (v CHAR(200)) ENGINE=MEMORY")
+        make_mistakes(
+            lambda: cur.execute("INSERT INTO full_table SELECT REPEAT('x', 200) FROM seq_1_to_500"),
+            pymysql.err.OperationalError,
+        )
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+    assert installed.of(BreakerTransitioned) == []
+
+
 def test_sqlite3_app_errors_leave_the_breaker_closed(install: Install, tmp_path: Path) -> None:
     installed = install(SQLiteIntegration, failure_threshold=3)
     path = tmp_path / "app.db"
