@@ -105,6 +105,23 @@ def test_the_applications_factories_are_honoured(install: Install) -> None:
         conn.close()
 
 
+def test_cursor_arguments_given_by_position_keep_their_places(install: Install) -> None:
+    # cursor(name, cursor_factory, withhold, scrollable): with the factory moved to a keyword,
+    # a positional withhold slid into the factory's place and psycopg2 raised TypeError.
+    install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN)
+    try:
+        held = conn.cursor("raptor_held", None, True)
+        assert (held.withhold, held.scrollable) == (True, None)
+        scrolling = conn.cursor("raptor_scrolling", psycopg2.extras.DictCursor, False, True)
+        assert isinstance(scrolling, psycopg2.extras.DictCursor)
+        assert (scrolling.withhold, scrolling.scrollable) == (False, True)
+        scrolling.execute("SELECT 1 AS x")
+        assert scrolling.fetchone()["x"] == 1
+    finally:
+        conn.close()
+
+
 def test_a_factory_that_is_not_a_class_keeps_the_connect_guarded(install: Install) -> None:
     install(Psycopg2Integration, max_retries=0, failure_threshold=2)
 

@@ -192,7 +192,12 @@ def _connection_mixin() -> type:
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             try:
                 if len(args) > 1:
-                    factory, args = args[1], (args[0], *args[2:])
+                    # ``cursor(name, cursor_factory, withhold, scrollable)``: the factory goes
+                    # by keyword below, so what followed it must too, or it would shift into
+                    # its place.
+                    factory, rest = args[1], args[2:]
+                    kwargs.update(zip(("withhold", "scrollable"), rest, strict=False))
+                    args = (args[0], *rest[2:])
                 else:
                     factory = kwargs.pop("cursor_factory", None)
                 chosen = factory or self.cursor_factory or cursor_type
