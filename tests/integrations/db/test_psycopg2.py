@@ -122,6 +122,18 @@ def test_cursor_arguments_given_by_position_keep_their_places(install: Install) 
         conn.close()
 
 
+def test_a_connection_asked_not_to_be_async_is_guarded(install: Install) -> None:
+    # psycopg2.connect(..., async_=False): the flag went into the DSN raptor parsed, which
+    # was then invalid: an internal error was logged and the connection went unguarded.
+    install(Psycopg2Integration)
+    conn = psycopg2.connect(PG_DSN, async_=False)
+    try:
+        assert getattr(type(conn), "_otel_raptor_guarded", False) is True
+        assert getattr(type(conn.cursor()), "_otel_raptor_guarded", False) is True
+    finally:
+        conn.close()
+
+
 def test_a_factory_that_is_not_a_class_keeps_the_connect_guarded(install: Install) -> None:
     install(Psycopg2Integration, max_retries=0, failure_threshold=2)
 

@@ -244,6 +244,11 @@ def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
             report_internal_error("psycopg2.statement_timeout", undo)
 
 
+# ``psycopg2.connect``'s own keywords, which it takes out before building the DSN from the
+# rest (``async_=False`` in the DSN made it invalid: the connection went unguarded).
+_NOT_DSN: Final = frozenset({"dsn", "connection_factory", "cursor_factory", "async", "async_"})
+
+
 def _describe(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[DbTarget, tuple[Any, ...], dict[str, Any]] | None:
@@ -255,9 +260,7 @@ def _describe(
     import psycopg2.extensions  # noqa: PLC0415 - imported by install()
 
     dsn = args[0] if args else kwargs.get("dsn")
-    params = {
-        k: v for k, v in kwargs.items() if k not in ("dsn", "connection_factory", "cursor_factory")
-    }
+    params = {k: v for k, v in kwargs.items() if k not in _NOT_DSN}
     parsed = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **params))
     target = state.target(server_of_params(parsed))
     if not target.enabled:
