@@ -626,6 +626,12 @@ _TABLE: tuple[Rule | None, ...] = (
     # happened, and new connections to a dead server count by themselves.)
     _types("dbapi.InterfaceError", _C.CLIENT_ERROR, "psycopg.InterfaceError",
            "psycopg2.InterfaceError", "pymysql.err.InterfaceError", "sqlite3.InterfaceError"),
+    # psycopg's own check of the same kind, raised as an OperationalError: what a connection
+    # the app closed, or lost earlier, says on its next use (psycopg2 says it with an
+    # InterfaceError). Counted, a worker looping on its dead connection kept a healthy
+    # server's breaker open for every caller.
+    _types("psycopg.connection_closed", _C.CLIENT_ERROR, "psycopg.OperationalError",
+           message=r"^the connection is closed$"),
     # asyncpg's own checks, made in the client before anything is sent (another operation in
     # progress on the connection, a closed connection, a bad argument): the app's doing, and
     # never a sign that the server is unwell.

@@ -58,6 +58,22 @@ def test_psycopg_app_errors_leave_the_breaker_closed(install: Install) -> None:
 
 
 @pytest.mark.usefixtures("postgres")
+def test_a_closed_psycopg_connection_reused_leaves_the_breaker_closed(install: Install) -> None:
+    # psycopg says "the connection is closed" (an OperationalError, from its own check in the
+    # client) to a connection the app closed, or lost earlier (that loss counted when it
+    # happened). Counted as a lost connection, a worker looping on its dead connection kept
+    # every other caller of the healthy server out, and failed the half-open probes too.
+    installed = install(PsycopgIntegration, failure_threshold=3)
+    dead = psycopg.connect(PG_DSN, autocommit=True)
+    cursor = dead.cursor()  # a worker's cursor, kept across calls
+    dead.close()
+    make_mistakes(lambda: cursor.execute("SELECT 1"), psycopg.OperationalError)
+    with psycopg.connect(PG_DSN) as other:
+        assert other.execute("SELECT 1").fetchone() == (1,)
+    assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("postgres")
 async def test_asyncpg_statement_timeouts_leave_the_breaker_closed(install: Install) -> None:
     # asyncpg's own timeout is its statement timeout: a bare TimeoutError, which must count no
     # more than the other drivers' 57014 (in a transaction or not).
