@@ -468,7 +468,10 @@ _TABLE: tuple[Rule | None, ...] = (
     # The limit or the cancel is the caller's: cancelled, and no sign the server is out.
     _sqlstate("query_canceled", _C.CANCELLED, "57014", retryable=False),
     _sqlstate("idle_in_transaction_timeout", _C.CANCELLED, "25P03"),  # the session's own limit
-    _sqlstate("admin_shutdown", _C.CONNECTION, "57P01", "57P02", "57P05"),
+    # So is idle_session_timeout: the server ended a session left idle (a pool's stale
+    # connection learns it on its next use); it is up and answering.
+    _sqlstate("idle_session_timeout", _C.CANCELLED, "57P05"),
+    _sqlstate("admin_shutdown", _C.CONNECTION, "57P01", "57P02"),
     _sqlstate("cannot_connect_now", _C.UNAVAILABLE, "57P03"),
     # The database was dropped under the session; the server's disk fails.
     _sqlstate("database_gone", _C.UNAVAILABLE, "57P04", "58030"),

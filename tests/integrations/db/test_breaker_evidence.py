@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,30 @@ def test_a_closed_psycopg_connection_reused_leaves_the_breaker_closed(install: I
     cursor = dead.cursor()  # a worker's cursor, kept across calls
     dead.close()
     make_mistakes(lambda: cursor.execute("SELECT 1"), psycopg.OperationalError)
+    with psycopg.connect(PG_DSN) as other:
+        assert other.execute("SELECT 1").fetchone() == (1,)
+    assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("postgres")
+def test_idle_session_timeouts_leave_the_breaker_closed(install: Install) -> None:
+    # 57P05: the server ended a session idle past idle_session_timeout (a DBA's reaper of
+    # idle connections), which its next statement learns. The session's own limit, as 25P03
+    # is: counted as a lost connection, a burst on a pool's stale connections after a quiet
+    # spell shut every caller out of a healthy server.
+    installed = install(PsycopgIntegration, failure_threshold=3)
+    idle = [psycopg.connect(PG_DSN, autocommit=True) for _ in range(MISTAKES)]
+    try:
+        for conn in idle:
+            conn.execute("SET idle_session_timeout = '50ms'")
+        cursors = [conn.cursor() for conn in idle]
+        time.sleep(0.3)
+        for cursor in cursors:
+            with pytest.raises(psycopg.errors.IdleSessionTimeout):
+                cursor.execute("SELECT 1")
+    finally:
+        for conn in idle:
+            conn.close()
     with psycopg.connect(PG_DSN) as other:
         assert other.execute("SELECT 1").fetchone() == (1,)
     assert installed.of(BreakerTransitioned) == []
