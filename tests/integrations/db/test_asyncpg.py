@@ -155,6 +155,31 @@ async def test_an_applications_command_timeout_is_kept(install: Install) -> None
         await con.close()
 
 
+async def test_the_default_statement_timeout_bounds_each_statement_of_a_batch_not_the_batch(
+    install: Install,
+) -> None:
+    install(AsyncpgIntegration, statement_timeout=0.2)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        await con.execute("CREATE TEMP TABLE batch (x int)")
+        insert = "INSERT INTO batch SELECT $1 FROM pg_sleep(0.002)"  # each well within 0.2 s
+        rows = [(i,) for i in range(150)]  # ~0.3 s in all, past the default
+        await con.executemany(insert, rows)
+        await con.executemany(insert, iter(rows))
+        await (await con.prepare(insert)).executemany(rows)
+        select = "SELECT $1::int FROM pg_sleep(0.002)"
+        assert len(await con.fetchmany(select, rows)) == 150
+        assert len(await (await con.prepare(select)).fetchmany(rows)) == 150
+        assert await con.fetchval("SELECT count(*) FROM batch") == 450
+        # The caller's own timeout on a batch, and the default on one statement, still hold.
+        with pytest.raises(asyncio.TimeoutError):
+            await con.executemany(insert, rows, timeout=0.1)
+        with pytest.raises(asyncio.TimeoutError):
+            await con.execute("SELECT pg_sleep(0.5)")
+    finally:
+        await con.close()
+
+
 async def test_a_statement_that_ran_out_of_its_time_is_never_run_again(
     install: Install, admin: Any, table: str
 ) -> None:

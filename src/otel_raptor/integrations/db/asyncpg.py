@@ -6,7 +6,11 @@ application keeps its real ``asyncpg.Connection`` objects):
 - ``asyncpg.connect`` and ``asyncpg.connection.connect`` (which a pool created after
   instrumentation calls for each new connection): the ``connect`` plan, always replay safe.
   Where the caller gave no ``command_timeout``, the server's statement timeout becomes it:
-  asyncpg's own per-statement timeout, which cancels the statement on the server.
+  asyncpg's own per-statement timeout, which cancels the statement on the server. asyncpg
+  applies it to a whole ``executemany``/``fetchmany`` batch, not to each statement in it, so
+  on such a connection a batch without a ``timeout=`` of the caller's runs unbounded, as
+  without raptor (a batch of 600 000 rows would otherwise fail once it ran past the
+  statement timeout, where each statement took under a millisecond).
 - ``Connection.execute``/``fetch``/``fetchval``/``fetchrow`` and ``PreparedStatement.fetch``/
   ``fetchval``/``fetchrow`` (and so ``Pool.execute``/``fetch``/..., which acquire a connection
   and call these): the ``statement`` plan outside a transaction (``con.transaction()``), the
@@ -24,6 +28,8 @@ either way. See ``docs/databases.md``.
 from __future__ import annotations
 
 import asyncio
+import math
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -145,11 +151,13 @@ class _State(DbState):
     """Targets are also kept by a connection's address and database (asyncpg connections
     take no attributes)."""
 
-    __slots__ = ("by_address",)
+    __slots__ = ("by_address", "default_timeout")
 
     def __init__(self, settings: IntegrationSettings, **options: Any) -> None:
         super().__init__(settings, **options)
         self.by_address: dict[object, dict[str | None, DbTarget]] = {}
+        #: The connections whose ``command_timeout`` is raptor's default statement timeout.
+        self.default_timeout: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def remember(self, con: Any, target: DbTarget) -> None:
         by_address = self.by_address
@@ -209,14 +217,19 @@ def _connect_wrapper(
         return wrapped(*args, **kwargs)
     try:
         target = state.target(_server_of_connect(args, kwargs))
-        if target.enabled and kwargs.get("command_timeout") is None and target.statement_timeout:
+        defaulted = (
+            target.enabled
+            and kwargs.get("command_timeout") is None
+            and bool(target.statement_timeout)
+        )
+        if defaulted:
             kwargs = {**kwargs, "command_timeout": target.statement_timeout}
     except Exception as bug:  # noqa: BLE001 - never break the host app
         report_internal_error("asyncpg.describe_connect", bug)
         return wrapped(*args, **kwargs)
     if not target.enabled:
         return wrapped(*args, **kwargs)
-    return _connect(state, target, wrapped, args, kwargs)
+    return _connect(state, target, wrapped, args, kwargs, defaulted=defaulted)
 
 
 async def _connect(
@@ -225,10 +238,14 @@ async def _connect(
     wrapped: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    *,
+    defaulted: bool,
 ) -> Any:
     con = await call_async(target.connect, wrapped, args, kwargs)
     try:
         state.remember(con, target)
+        if defaulted:
+            state.default_timeout.add(con)
     except Exception as bug:  # noqa: BLE001
         report_internal_error("asyncpg.remember_target", bug)
     return con
@@ -258,13 +275,21 @@ def _run_prepared(
     return original(statement, *args, **kwargs)
 
 
-def _hook(original: Callable[..., Awaitable[Any]], *, batch: bool, prepared: bool) -> Any:
+def _hook(
+    original: Callable[..., Awaitable[Any]], *, batch: bool, prepared: bool, many: bool = False
+) -> Any:
+    """``many``: ``executemany``/``fetchmany``, one statement per set of arguments."""
+
     async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
         if state is None:
             return await original(self, *args, **kwargs)
         try:
-            plan = _plan(state, self._connection if prepared else self, batch=batch)
+            con = self._connection if prepared else self
+            plan = _plan(state, con, batch=batch)
+            if many and kwargs.get("timeout") is None and con in state.default_timeout:
+                # Our default bounds each statement; asyncpg would apply it to the batch.
+                kwargs = {**kwargs, "timeout": math.inf}
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("asyncpg.describe", bug)
             plan = None
@@ -286,6 +311,11 @@ def _statement_hook(original: Callable[..., Awaitable[Any]]) -> Any:
 
 def _batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
     """The hook on ``Connection.executemany``/``fetchmany``: never replayed."""
+    return _hook(original, batch=True, prepared=False, many=True)
+
+
+def _copy_hook(original: Callable[..., Awaitable[Any]]) -> Any:
+    """The hook on ``Connection.copy_*``: never replayed; one statement."""
     return _hook(original, batch=True, prepared=False)
 
 
@@ -296,7 +326,7 @@ def _prepared_hook(original: Callable[..., Awaitable[Any]]) -> Any:
 
 def _prepared_batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
     """The hook on ``PreparedStatement.executemany``/``fetchmany``: never replayed."""
-    return _hook(original, batch=True, prepared=True)
+    return _hook(original, batch=True, prepared=True, many=True)
 
 
 def _wrapped(asyncpg: Any) -> list[tuple[object, str, Any]]:
@@ -312,7 +342,8 @@ def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
     statement = prepared_stmt.PreparedStatement
     return [
         *[(con, name, _statement_hook) for name in _STATEMENTS],
-        *[(con, name, _batch_hook) for name in (*_BATCHES, *_COPIES)],
+        *[(con, name, _batch_hook) for name in _BATCHES],
+        *[(con, name, _copy_hook) for name in _COPIES],
         *[(statement, name, _prepared_hook) for name in _PREPARED_STATEMENTS],
         *[(statement, name, _prepared_batch_hook) for name in _PREPARED_BATCHES],
     ]
