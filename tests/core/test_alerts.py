@@ -75,6 +75,20 @@ def test_the_cooldown_allows_one_notification_per_alert_per_cooldown() -> None:
     assert states.count("resolved") == 2
 
 
+def test_a_firing_held_back_by_the_cooldown_is_announced_once_the_cooldown_ends() -> None:
+    tracker = AlertTracker(AlertOptions(for_s=0, resolve_after_s=0, cooldown_s=300))
+    assert _step(tracker, 0, True) == "firing"
+    assert _step(tracker, 10, False) == "resolved"
+    assert _step(tracker, 20, True) is None  # fires again within the cooldown: held back
+    # ...and then goes on firing for good: the world's last word must not stay "resolved".
+    assert [_step(tracker, now, True) for now in range(30, 300, 30)] == [None] * 9
+    assert _step(tracker, 300, True) == "firing"
+    [firing] = tracker.firing()
+    assert firing.notified
+    assert _step(tracker, 330, True) is None  # once
+    assert _step(tracker, 340, False) == "resolved"
+
+
 def test_other_labels_are_other_alerts() -> None:
     tracker = AlertTracker(AlertOptions(for_s=0, cooldown_s=300))
     other = AlertKey("RaptorRecoverySuccessRateLow", "warning", "db")

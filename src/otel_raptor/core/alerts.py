@@ -13,9 +13,10 @@ whose condition holds again before ``resolve_after_s`` keeps firing: one inciden
 
 Notifications follow Alertmanager's rules of thumb: a **firing** notification when an alert
 starts firing, but at most one per key per ``cooldown_s`` (an alert that resolves and fires
-again within the cooldown is not announced twice; its firing is counted as *suppressed*), and a
-**resolved** notification when an alert whose firing was announced resolves. The tracker
-returns what happened; the caller publishes it (after releasing its lock).
+again within the cooldown is not announced twice; its firing is counted as *suppressed*, and
+announced when the cooldown ends should it still be firing then), and a **resolved**
+notification when an alert whose firing was announced resolves. The tracker returns what
+happened; the caller publishes it (after releasing its lock).
 
 Rules state the *minimum volume* their condition needs (``AlertRule.min_volume``): below it the
 condition is false, so a success rate of 1 in 4 on a quiet service never pages anybody
@@ -230,6 +231,15 @@ class AlertTracker:
                 alert = replace(alert, value=value, threshold=threshold, message=message)
             if alert.state is AlertState.PENDING and now - alert.active_since >= options.for_s:
                 return self._fire(entry, alert, now)
+            if (
+                alert.state is AlertState.FIRING
+                and not alert.notified
+                and now - entry.last_notified >= options.cooldown_s
+            ):
+                # Its firing was held back by the cooldown (it had just resolved, and that
+                # was announced): still firing once the cooldown is over, it is announced
+                # now, or the world's last word stays "resolved" for as long as it fires.
+                return self._announce(entry, alert, now)
             entry.alert = alert
             return None
         # The condition does not hold.
@@ -266,6 +276,11 @@ class AlertTracker:
         if not announce:
             self.suppressed += 1
             return None
+        return self._announce(entry, alert, now)
+
+    def _announce(self, entry: _Entry, alert: Alert, now: float) -> AlertNotification:
+        alert = replace(alert, notified=True)
+        entry.alert = alert
         entry.last_notified = now
         return AlertNotification(AlertState.FIRING, alert)
 
