@@ -5,15 +5,17 @@ this module builds the same :class:`~otel_raptor.core.reports.MonitorReport` tha
 ``monitor.report()`` gives, from the series documented in ``docs/monitoring.md``, with the
 standard library only (``urllib``).
 
-How a counter's increase over the range ``[end - range, end]`` is computed: the value of each
-series at ``end`` minus its value at ``end - range`` (two instant queries of Prometheus' HTTP
-API), a series absent at the start counting from 0 (it was created, at its first increment,
-during the range). This is exact, where PromQL's ``increase()`` extrapolates to the range's
-edges and ignores a series' first increment; it assumes no counter reset inside the range (a
-restarted process is a new series: ``service.instance.id`` changes). The sums per service are
-then put into the same rows as the in-process monitor keeps (``core.recovery_stats``), so the
-success rate, the recovery-time percentiles (``histogram_quantile`` over the same buckets) and
-the means are computed by the same code, and agree with the processes' own reports.
+How a counter's increase over the range ``[end - range, end]`` is computed: the last value of
+each series in the range (``last_over_time``, so a process that ended during the range, whose
+series is stale at ``end``, still counts) minus its value at ``end - range`` (two instant
+queries of Prometheus' HTTP API), a series absent at the start counting from 0 (it was
+created, at its first increment, during the range). This is exact, where PromQL's
+``increase()`` extrapolates to the range's edges and ignores a series' first increment; it
+assumes no counter reset inside the range (a restarted process is a new series:
+``service.instance.id`` changes). The sums per service are then put into the same rows as
+the in-process monitor keeps (``core.recovery_stats``), so the success rate, the
+recovery-time percentiles (``histogram_quantile`` over the same buckets) and the means are
+computed by the same code, and agree with the processes' own reports.
 
 What a fleet report cannot have: error *patterns* (normalised messages are deliberately not
 metric labels: unbounded); their place is taken by the top ``error.type`` values of
@@ -171,10 +173,16 @@ class _Window:
     end: float
 
     def increase(self, promql: str) -> list[Sample]:
-        """Per series: value at ``end`` minus value at ``start`` (0 when absent then)."""
+        """Per series: its last value in the range minus its value at ``start`` (0 when
+        absent then). The last value, not the value at ``end``: a series whose process ended
+        during the range (a deploy, a scale-in) is stale at ``end``, and an instant query
+        there would drop everything it counted."""
         before = {_key(labels): value for labels, value in self.client.query(promql, self.start)}
+        # Whole milliseconds: a Prometheus duration takes no fractions.
+        span = max(1, round((self.end - self.start) * 1000))
+        last = f"last_over_time({promql}[{span}ms])"
         result: list[Sample] = []
-        for labels, value in self.client.query(promql, self.end):
+        for labels, value in self.client.query(last, self.end):
             delta = value - before.get(_key(labels), 0.0)
             if delta < 0:  # a reset the instance label did not reveal: count from 0
                 delta = value

@@ -255,6 +255,43 @@ def test_the_fleet_report_from_prometheus_matches_the_process_report(
     assert direct.as_dict()["overall"] == theirs["overall"]
 
 
+def test_a_process_that_stopped_during_the_range_still_counts(
+    fed: tuple[Telemetry, ErrorRecoveryMonitor, Runtime], tmp_path: Path
+) -> None:
+    # A deploy or a scale-in ends processes: their series go stale, and an instant query at
+    # the end of the range no longer sees them. What they did within the range still counts.
+    telemetry, monitor, _ = fed
+    ours = monitor.report().as_dict()["overall"]
+    total = ours["recoveries"]
+    binary = require_tool("prometheus")
+    deadline = time.monotonic() + DEADLINE_S
+    endpoint = _MetricsEndpoint(telemetry)
+    with endpoint:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": DIRECT_JOB,
+                    "static_configs": [{"targets": [endpoint.address]}],
+                    "metric_relabel_configs": direct_relabel_configs(),
+                }
+            ],
+        }
+        with _Prometheus(binary, tmp_path, config) as prometheus:
+            prometheus.wait_ready(deadline)
+            prometheus.wait_for(f"sum(raptor_recoveries_total) == {total}", deadline)
+            prometheus.wait_for(f"sum(raptor_recovery_results_total) == {total}", deadline)
+            # The process is gone (closing it twice, here and on leaving the block, is fine).
+            endpoint.__exit__(None, None, None)
+            prometheus.wait_for("absent(raptor_recoveries_total)", deadline)
+            prometheus.wait_for("absent(raptor_errors_total)", deadline)
+            report = fleet_report(PrometheusClient(f"http://127.0.0.1:{prometheus.port}"))
+    theirs = report.as_dict()["overall"]
+    for key in ("recoveries", "recovered", "rejected", "errors", "retries", "breaker_trips"):
+        assert theirs[key] == ours[key], key
+    assert theirs["recoveries"] > 0
+
+
 def test_an_unreachable_prometheus_is_one_line_and_exit_status_1(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
