@@ -770,6 +770,10 @@ def test_the_singleton() -> None:
         ({"action_cooldown_s": -1}, "prediction.action_cooldown_s"),
         ({"shed_factor": 1.0}, "prediction.shed_factor"),
         ({"shed_duration_s": 0}, "prediction.shed_duration_s"),
+        # "no" is truthy: taken as is, it turned on the cache clearing and the load shedding
+        # the caller asked to keep off.
+        ({"builtin_actions": "no"}, "prediction.builtin_actions"),
+        ({"builtin_actions": 0}, "prediction.builtin_actions"),
     ],
 )
 def test_bad_options_name_the_field(kwargs: dict[str, object], key: str) -> None:

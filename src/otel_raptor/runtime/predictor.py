@@ -204,6 +204,11 @@ class PredictorOptions:
         _number("prediction.shed_factor", self.shed_factor, low=0, allowed="a number in (0, 1)")
         if self.shed_factor >= 1:
             raise ConfigError("prediction.shed_factor", self.shed_factor, "a number in (0, 1)")
+        flag: object = self.builtin_actions  # typed bool, but callers pass anything
+        if not isinstance(flag, bool):
+            # "no" or "false" from an environment would be truthy: the cache clearing and
+            # load shedding the caller turned off would run.
+            raise ConfigError("prediction.builtin_actions", flag, "True or False")
 
     def alarm_options(self) -> AlarmOptions:
         return AlarmOptions(
