@@ -782,6 +782,22 @@ def test_bad_options_name_the_field(kwargs: dict[str, object], key: str) -> None
     assert caught.value.key == key
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"options": {"interval_s": 5}}, "prediction.options"),
+        ({"sampler": 5}, "prediction.sampler"),
+        ({"memory_cleanup": "emergency"}, "prediction.memory_cleanup"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs: dict[str, object], key: str) -> None:
+    # Each used to be taken, then fail on the monitor thread (an AttributeError for the
+    # mapping): reported there, with no prediction or no cleanup ever made.
+    with pytest.raises(ConfigError) as caught:
+        PredictiveFailure(runtime=Runtime(), **kwargs)  # type: ignore[arg-type]  # deliberately wrong
+    assert caught.value.key == key
+
+
 def test_bad_registrations_are_refused() -> None:
     predictor = PredictiveFailure(PredictorOptions(builtin_actions=False), runtime=Runtime())
     with pytest.raises(ConfigError, match=r"prediction\.action\.resource"):

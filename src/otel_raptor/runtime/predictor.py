@@ -303,6 +303,19 @@ class PredictiveFailure:
         clock: Clock = SYSTEM_CLOCK,
         memory_cleanup: Callable[[str], object] | None = None,
     ) -> None:
+        # Checked now: each of these would only fail later, on the monitor thread, where the
+        # failure is reported and monitoring (or the action) silently does nothing.
+        given: object = options  # typed, but callers pass anything (a mapping, as elsewhere)
+        if given is not None and not isinstance(given, PredictorOptions):
+            raise ConfigError(
+                "prediction.options", given, "a PredictorOptions (PredictorOptions(**mapping))"
+            )
+        if sampler is not None and not callable(getattr(sampler, "sample", None)):
+            raise ConfigError("prediction.sampler", sampler, "an object with sample(), or None")
+        if memory_cleanup is not None and not callable(memory_cleanup):
+            raise ConfigError(
+                "prediction.memory_cleanup", memory_cleanup, "a callable taking a level, or None"
+            )
         self._options = options or PredictorOptions()
         self._runtime = runtime if runtime is not None else get_runtime()
         self._clock = clock
