@@ -405,10 +405,11 @@ def _abandoned(
 
 
 def _active_alerts(client: PrometheusClient, at: float, service: str | None) -> tuple[Alert, ...]:
-    """Alerts firing at ``at``: Prometheus' own (``ALERTS``, from ``collector/rules/``) and
+    """Alerts firing at ``at``: Prometheus' own (``ALERTS``, from ``collector/rules/``, whose
+    names all start with ``Raptor``: a shared Prometheus fires other teams' alerts too) and
     those the processes' monitors report (``raptor_alerts_active``)."""
     alerts: list[Alert] = []
-    for labels, _ in client.query('ALERTS{alertstate="firing"}', at):
+    for labels, _ in client.query('ALERTS{alertstate="firing", alertname=~"Raptor.+"}', at):
         name = labels.get("raptor_service") or labels.get(_BREAKER) or ""
         if service is not None and name != service:
             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,6 +291,53 @@ def test_a_process_that_stopped_during_the_range_still_counts(
     for key in ("recoveries", "recovered", "rejected", "errors", "retries", "breaker_trips"):
         assert theirs[key] == ours[key], key
     assert theirs["recoveries"] > 0
+
+
+def test_only_raptor_alerts_are_listed_as_firing(tmp_path: Path) -> None:
+    # A Prometheus shared with other teams fires their alerts too (kube-prometheus' Watchdog
+    # fires for ever): they are not raptor's and must not fill its report.
+    binary = require_tool("prometheus")
+    rules = {
+        "groups": [
+            {
+                "name": "mixed",
+                "rules": [
+                    {"alert": "Watchdog", "expr": "vector(1)"},
+                    {
+                        "alert": "RaptorCircuitBreakerOpen",
+                        "expr": "vector(1)",
+                        "labels": {"raptor_circuit_breaker_name": "payments.internal:443"},
+                    },
+                ],
+            }
+        ]
+    }
+    (tmp_path / "rules.json").write_text(json.dumps(rules), encoding="utf-8")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["rules.json"],
+    }
+    deadline = time.monotonic() + DEADLINE_S
+    with _Prometheus(binary, tmp_path, config) as prometheus:
+        prometheus.wait_ready(deadline)
+        prometheus.wait_for('ALERTS{alertstate="firing"}', deadline, minimum=2)
+        report = fleet_report(PrometheusClient(f"http://127.0.0.1:{prometheus.port}"))
+    assert [(a.name, a.service) for a in report.active_alerts] == [
+        ("RaptorCircuitBreakerOpen", "payments.internal:443")
+    ]
+    # What the report selects by: every alert raptor ships is named Raptor*.
+    shipped = Path(__file__).parents[2] / "collector" / "rules"
+    names = re.findall(r"^\s*- alert: (\S+)$", _rules_text(shipped), flags=re.M)
+    assert names
+    assert all(name.startswith("Raptor") for name in names), names
+
+
+def _rules_text(directory: Path) -> str:
+    return "".join(
+        path.read_text(encoding="utf-8")
+        for path in sorted(directory.glob("*.yml"))
+        if not path.name.endswith(".test.yml")
+    )
 
 
 def test_an_unreachable_prometheus_is_one_line_and_exit_status_1(
