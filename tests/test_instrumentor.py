@@ -612,6 +612,34 @@ def test_instrument_runs_the_monitor_on_the_runtime_and_uninstrument_closes_it(
     assert not runtime.bus.has_subscribers
 
 
+def test_the_apps_monitor_taken_before_instrument_is_configured_not_replaced(
+    instrumentor: RaptorInstrumentor, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's pattern: take the process-wide monitor and add a callback, at import
+    # time; instrument() runs later, with monitor settings in the environment. The monitor
+    # was replaced (and the app's closed): its callback never heard of an alert again.
+    from otel_raptor import get_error_recovery_monitor
+
+    monitor = get_error_recovery_monitor()
+    heard: list[str] = []
+    monitor.add_alert_callback(lambda alert: heard.append(alert.name))
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_ALERT_FOR", "0")
+    monkeypatch.setenv("OTEL_PYTHON_RAPTOR_MONITOR_EVALUATION_WINDOW", "60")
+    instrumentor.instrument()
+    try:
+        assert instrumentor.error_recovery_monitor is monitor
+        assert not monitor.closed
+        assert (monitor.config.alert_for, monitor.config.evaluation_window) == (0, 60)
+        for _ in range(15):  # 15 failed attempts a minute: RaptorErrorFrequencyHigh
+            classified = classify(TimeoutError("slow"))
+            runtime.bus.publish(ErrorClassified("api.internal:443", classified, 1))
+        assert [alert.name for alert in monitor.get_active_alerts()] == ["RaptorErrorFrequencyHigh"]
+        assert heard == ["RaptorErrorFrequencyHigh"]
+    finally:
+        instrumentor.uninstrument()
+        monitor.close()
+
+
 def test_the_monitor_can_be_turned_off_by_kwarg_or_environment(
     instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, runtime: Runtime
 ) -> None:

@@ -469,6 +469,15 @@ class ErrorRecoveryMonitor:
 
     # --- configuration ----------------------------------------------------------------------
 
+    def _reconfigure(self, config: MonitorConfig) -> None:
+        """Apply ``config``: its rules and windows, with what was recorded so far dropped
+        (it was counted against the old windows). Callbacks, listeners, the thread and the
+        subscription stay."""
+        with self._lock:
+            self._config = config
+            self._rules = _rules(config)
+            self._reset_state()
+
     @property
     def config(self) -> MonitorConfig:
         return self._config
@@ -1650,22 +1659,22 @@ def get_error_recovery_monitor() -> ErrorRecoveryMonitor:
 
 
 def process_monitor(config: MonitorConfig | None = None) -> ErrorRecoveryMonitor:
-    """The process-wide monitor, not started: created on first use, and replaced (the old one
-    closed) when it was closed, the process-wide runtime changed or ``config`` differs from
-    its config."""
+    """The process-wide monitor, not started: created on first use, replaced (the old one
+    closed) when it was closed or the process-wide runtime changed, and reconfigured in place
+    (what it recorded starts afresh) when ``config`` differs from its config."""
     global _default  # noqa: PLW0603 - the one process-wide monitor, created lazily
     runtime = get_runtime()
     with _default_box.lock:
         monitor = _default
-        if (
-            monitor is None
-            or monitor.closed
-            or monitor.runtime is not runtime
-            or (config is not None and monitor.config != config)
-        ):
+        if monitor is None or monitor.closed or monitor.runtime is not runtime:
             if monitor is not None:
                 monitor.close()
             monitor = _default = ErrorRecoveryMonitor(config, runtime=runtime)
+        elif config is not None and monitor.config != config:
+            # In place, not replaced: an app that took this monitor before instrument() (at
+            # import time, as the README does) and added its alert callbacks would be left
+            # holding a closed monitor that no alert ever reaches.
+            monitor._reconfigure(config)
     return monitor
 
 
