@@ -83,6 +83,22 @@ def test_config_mapping_kwargs_and_errors() -> None:
     assert caught.value.key == "memory.max_cache_agee"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"config": 70}, "memory"),
+        ({"limit_reader": 2**30}, "memory.limit_reader"),
+        ({"rss_reader": "rss"}, "memory.rss_reader"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs: dict[str, object], key: str) -> None:
+    # A bare TypeError for the config; the readers were taken and failed at every sample on
+    # the background thread, memory unwatched.
+    with pytest.raises(ConfigError) as caught:
+        SimpleMemoryController(**kwargs)  # type: ignore[arg-type]  # deliberately wrong
+    assert caught.value.key == key
+
+
 def test_register_validates(controller: SimpleMemoryController) -> None:
     with pytest.raises(ConfigError, match=r"memory\.cache\.priority"):
         controller.register_cache("c", {}, priority="urgent")

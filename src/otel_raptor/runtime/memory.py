@@ -201,8 +201,18 @@ class SimpleMemoryController:
             base: dict[str, object] = {
                 name: getattr(config, name) for name in MemoryOptions.__dataclass_fields__
             }
-        else:
+        elif config is None or isinstance(config, Mapping):
             base = dict(config or {})
+        else:
+            raise ConfigError("memory", config, "a MEMORY_CONFIG-style mapping or MemoryOptions")
+        # Checked now: either would only fail on the background thread, at every sample,
+        # leaving memory unwatched.
+        for key, reader in (
+            ("memory.limit_reader", limit_reader),
+            ("memory.rss_reader", rss_reader),
+        ):
+            if reader is not None and not callable(reader):
+                raise ConfigError(key, reader, "a callable with no arguments")
         base.update(options)
         self.options = MemoryOptions.from_mapping(base)
         if self.options.check_interval > _MAX_CHECK_INTERVAL_S:
