@@ -292,6 +292,9 @@ def test_class_names_and_status_codes_are_error_types(runtime: Runtime, error_ty
 def test_a_bad_config_raises(runtime: Runtime) -> None:
     with pytest.raises(ConfigError, match=r"monitor\.alert_cooldown"):
         ErrorRecoveryMonitor({"alert_cooldown": -5}, runtime=runtime)
+    # Taken as is, it failed at every evaluation: the memory alert could never fire.
+    with pytest.raises(ConfigError, match=r"monitor\.memory_reader"):
+        ErrorRecoveryMonitor(runtime=runtime, memory_reader=0.9)  # type: ignore[arg-type]  # deliberately wrong
 
 
 # --------------------------------------------------------------------- alerts

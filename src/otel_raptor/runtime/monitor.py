@@ -388,6 +388,11 @@ class ErrorRecoveryMonitor:
             config = MonitorConfig()
         elif not isinstance(config, MonitorConfig):
             config = MonitorConfig.from_mapping(config)
+        if memory_reader is not None and not callable(memory_reader):
+            # It would fail at every evaluation instead, and the memory alert never fire.
+            raise ConfigError(
+                "monitor.memory_reader", memory_reader, "a callable returning a ratio, or None"
+            )
         self._config = config
         self._runtime = runtime if runtime is not None else get_runtime()
         self._clock = self._runtime.clock
