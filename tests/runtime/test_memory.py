@@ -258,6 +258,29 @@ def test_pressure_crossings_publish_and_clean_with_cooldown(
     assert events[-1] == MemoryPressureChanged(level="normal", previous="critical", usage_ratio=0.5)
 
 
+def test_a_pressure_escalation_is_not_held_back_by_a_weaker_runs_cooldown(
+    controller: SimpleMemoryController, clock: FakeClock, readings: Readings
+) -> None:
+    # The scheduled housekeeping ran a moment before memory shot up: the emergency cleanup
+    # waited out its cooldown (30 s here, a minute by default) while the process headed for
+    # the OOM killer.
+    cache = {i: i for i in range(3)}
+    controller.register_cache("sessions", cache, priority="high")
+    clock.advance(300)
+    scheduled = controller.check()
+    assert scheduled is not None
+    assert (scheduled.level, scheduled.trigger, scheduled.skipped) == ("standard", "scheduled", "")
+    clock.advance(5)
+    readings.rss = int(0.96 * GIB)
+    emergency = controller.check()
+    assert emergency is not None
+    assert (emergency.level, emergency.trigger, emergency.skipped) == ("emergency", "pressure", "")
+    assert cache == {}
+    # The cooldown still paces repeated runs of a level.
+    clock.advance(5)
+    assert controller.check() is None
+
+
 def test_useless_automatic_runs_back_off_but_manual_runs_still_run(
     controller: SimpleMemoryController, clock: FakeClock, readings: Readings
 ) -> None:
@@ -314,7 +337,7 @@ def test_a_prediction_escalating_past_the_last_automatic_run_skips_the_cooldown(
     assert (first.level, first.skipped) == ("standard", "")
     clock.advance(10)  # within the 30 s cooldown
     assert controller.cleanup("standard", "prediction").skipped == "cooldown"  # no stronger
-    assert controller.cleanup("critical", "pressure").skipped == "cooldown"  # not a prediction
+    assert controller.cleanup("standard", "scheduled").skipped == "cooldown"  # never escalates
     stronger = controller.cleanup("critical", "prediction")
     assert stronger.skipped == ""
     assert cache == {}  # the critical level cleared the low-priority cache

@@ -159,6 +159,9 @@ class CleanupResult:
 _LEVELS = {level.value: level for level in CleanupLevel}
 _PRIORITIES = {priority.value: priority for priority in CachePriority}
 _TRIGGERS = ("manual", "pressure", "prediction", "scheduled")
+# The automatic triggers whose run at a stronger level than the last automatic run skips the
+# cooldown (the schedule only ever asks for ``standard``).
+_ESCALATING = frozenset({"pressure", "prediction"})
 # ``check_interval`` is a wait timeout of the background thread: above threading.TIMEOUT_MAX
 # the wait raises OverflowError and the thread dies; and memory sampled less than daily is not
 # being watched.
@@ -358,9 +361,9 @@ class SimpleMemoryController:
         ``auto_cleanup`` is off, while the learner backs off a level that freed nothing
         lately, or when another cleanup is still running after ``_BUSY_WAIT_S`` (the result
         then says ``skipped``: ``cooldown``, ``disabled``, ``ineffective``, ``busy``). A
-        ``prediction`` at a stronger level than the last automatic run is not held back by
-        the cooldown: an escalation gets its stronger cleanup at once. Never raises for a
-        failing cache: it is reported and skipped.
+        ``prediction`` or ``pressure`` run at a stronger level than the last automatic run is
+        not held back by the cooldown: an escalation gets its stronger cleanup at once. Never
+        raises for a failing cache: it is reported and skipped.
         """
         chosen = _cleanup_level(level)
         if trigger not in _TRIGGERS:
@@ -415,9 +418,11 @@ class SimpleMemoryController:
             if not self.options.auto_cleanup:
                 return "disabled"
             last = self._last_auto_level
-            # The cooldown paces repeated runs; a prediction that escalates asks for a
-            # stronger cleanup than the one that started it, which must not wait a minute.
-            escalates = trigger == "prediction" and (last is None or level.rank > last.rank)
+            # The cooldown paces repeated runs; a prediction or a pressure level that
+            # escalates asks for a stronger cleanup than the last automatic run, which must
+            # not wait a minute (behind the scheduled housekeeping, an emergency at 95 %
+            # waited for the OOM killer).
+            escalates = trigger in _ESCALATING and (last is None or level.rank > last.rank)
             if now - self._last_auto < self.options.cooldown and not escalates:
                 return "cooldown"
             if not self._learner.decide(level, now).run:
