@@ -110,6 +110,8 @@ def test_register_validates(controller: SimpleMemoryController) -> None:
         controller.cleanup("severe")
     with pytest.raises(ConfigError, match=r"memory\.cleanup\.trigger"):
         controller.cleanup("standard", trigger="cron")
+    with pytest.raises(ConfigError, match=r"memory\.prediction\.severity='dire'.*one of low"):
+        controller.on_prediction("memory", "dire")
 
 
 def test_stats_shape_with_real_readings() -> None:

@@ -482,7 +482,13 @@ class SimpleMemoryController:
         ``prediction``). ``None`` for other resources or a ``low`` severity."""
         if resource not in ("memory", "process_memory"):
             return None
-        level = cleanup_level_for_severity(Severity(severity))
+        try:
+            known = Severity(severity)
+        except ValueError:  # "'dire' is not a valid Severity" said nothing of what is
+            raise ConfigError(
+                "memory.prediction.severity", severity, "one of low, medium, high, critical"
+            ) from None
+        level = cleanup_level_for_severity(known)
         if level is None:
             return None
         return self.cleanup(level, trigger="prediction")
