@@ -554,6 +554,34 @@ def test_instrument_runs_the_memory_controller_and_uninstrument_stops_it() -> No
     assert instrumentor.memory_controller is None
 
 
+def test_a_memory_mapping_configures_the_process_wide_controller_keeping_its_caches() -> None:
+    # The docs say: register your caches on get_memory_controller(). An app that did so
+    # before instrument(memory={...}) had them on a controller that was then replaced and
+    # never started: its caches were never cleaned.
+    from otel_raptor.instrumentor import RaptorInstrumentor
+    from otel_raptor.runtime import memory as memory_module
+
+    memory_module.set_memory_controller(None)
+    controller = memory_module.get_memory_controller()
+    cache = {1: 1}
+    controller.register_cache("sessions", cache, priority="low")
+    instrumentor = RaptorInstrumentor()
+    settings = {"check_interval": 60, "thresholds": {"warning": 60, "critical": 80}}
+    instrumentor.instrument(memory=settings, integrations=[], monitor=False)
+    try:
+        assert instrumentor.memory_controller is controller
+        assert memory_module.get_memory_controller() is controller
+        assert controller.running
+        assert controller.options.check_interval == 60
+        assert controller.options.thresholds == (60, 80, 95)
+        controller.cleanup("critical")
+        assert cache == {}
+    finally:
+        instrumentor.uninstrument()
+        memory_module.set_memory_controller(None)
+    assert not controller.running
+
+
 def test_memory_kwarg_is_validated() -> None:
     from otel_raptor import ConfigError
     from otel_raptor.instrumentor import RaptorInstrumentor

@@ -52,11 +52,7 @@ from otel_raptor.integrations._http import INTEGRATION_CHECK, ResendCountSpanPro
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.health import HealthCheck
-from otel_raptor.runtime.memory import (
-    SimpleMemoryController,
-    get_memory_controller,
-    set_memory_controller,
-)
+from otel_raptor.runtime.memory import SimpleMemoryController, get_memory_controller
 from otel_raptor.runtime.monitor import (
     ErrorRecoveryMonitor,
     process_monitor,
@@ -503,7 +499,7 @@ def _forget_what_integrations_made(installed: _Installed) -> None:
 
 def _memory_controller(spec: object) -> SimpleMemoryController | None:
     """``memory=``: ``True`` (the process-wide controller), ``False``, a controller, or the
-    seed's ``MEMORY_CONFIG`` mapping (a new controller, which becomes the process-wide one)."""
+    seed's ``MEMORY_CONFIG`` mapping (the process-wide controller, configured with it)."""
     if spec is False:
         return None
     if spec is True:
@@ -511,8 +507,10 @@ def _memory_controller(spec: object) -> SimpleMemoryController | None:
     if isinstance(spec, SimpleMemoryController):
         return spec
     if isinstance(spec, Mapping):
-        controller = SimpleMemoryController(config=spec)
-        set_memory_controller(controller)
+        # Configured in place, not replaced: the caches an app registered on it beforehand
+        # (as the docs say to) would stay on a controller nobody starts.
+        controller = get_memory_controller()
+        controller._reconfigure(spec)
         return controller
     raise ConfigError("memory", spec, "True, False, a SimpleMemoryController or a mapping")
 

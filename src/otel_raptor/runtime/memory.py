@@ -172,6 +172,17 @@ _MAX_CHECK_INTERVAL_S = 86400.0
 _BUSY_WAIT_S = 5.0
 
 
+def _options(config: Mapping[str, object]) -> MemoryOptions:
+    options = MemoryOptions.from_mapping(config)
+    if options.check_interval > _MAX_CHECK_INTERVAL_S:
+        raise ConfigError(
+            "memory.check_interval",
+            options.check_interval,
+            f"a finite number of seconds in (0, {_MAX_CHECK_INTERVAL_S:g}]",
+        )
+    return options
+
+
 def _cleanup_level(level: str | CleanupLevel) -> CleanupLevel:
     found = _LEVELS.get(level.value if isinstance(level, CleanupLevel) else level)
     if found is None:
@@ -217,13 +228,7 @@ class SimpleMemoryController:
             if reader is not None and not callable(reader):
                 raise ConfigError(key, reader, "a callable with no arguments")
         base.update(options)
-        self.options = MemoryOptions.from_mapping(base)
-        if self.options.check_interval > _MAX_CHECK_INTERVAL_S:
-            raise ConfigError(
-                "memory.check_interval",
-                self.options.check_interval,
-                f"a finite number of seconds in (0, {_MAX_CHECK_INTERVAL_S:g}]",
-            )
+        self.options = _options(base)
         self._runtime = runtime
         self._clock = clock
         self._limit_reader = limit_reader
@@ -245,6 +250,16 @@ class SimpleMemoryController:
         register_lock(self, "_lock")
         register_lock(self, "_cleanup_lock")
         after_fork_in_child(self, SimpleMemoryController._after_fork_in_child)
+
+    def _reconfigure(self, config: Mapping[str, object]) -> None:
+        """Apply a ``MEMORY_CONFIG``-style mapping over the defaults (``ConfigError`` for a
+        bad one, nothing changed then). The registered caches and the thread stay; the
+        pressure level and what the learner learnt start afresh under the new thresholds."""
+        options = _options(dict(config))
+        with self._lock:
+            self.options = options
+            self._pressure = PressureTracker(options)
+            self._learner = EffectivenessLearner(options)
 
     # -- caches ---------------------------------------------------------------------------
 
