@@ -16,8 +16,14 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from otel_raptor import classify
 from otel_raptor.core.classification import Severity
-from otel_raptor.core.events import Event, FailurePredicted, PreventionActionRun
+from otel_raptor.core.events import (
+    ErrorClassified,
+    Event,
+    FailurePredicted,
+    PreventionActionRun,
+)
 from otel_raptor.errors import ConfigError
 from otel_raptor.runtime import memory as memory_module
 from otel_raptor.runtime import predictor as predictor_module
@@ -686,6 +692,26 @@ def test_start_monitoring_in_a_process_psutil_cannot_read_reports_and_carries_on
         ResourceSampler(pid=-5)  # a pid the app chose is still checked
 
 
+def test_stop_monitoring_stops_the_samplers_counting_of_errors() -> None:
+    # The sampler it made counts failed attempts from the bus: it stayed subscribed after
+    # stop_monitoring(), taking its lock on every failure for nobody, and kept the bus busy.
+    runtime = Runtime()
+    predictor = PredictiveFailure(PredictorOptions(builtin_actions=False), runtime=runtime)
+    predictor.start(interval=30)
+    assert runtime.bus.has_subscribers
+    predictor.stop_monitoring()
+    assert not runtime.bus.has_subscribers
+    # A new start counts again, with a sampler of its own.
+    predictor.start(interval=30)
+    try:
+        assert runtime.bus.has_subscribers
+        runtime.bus.publish(ErrorClassified("api", classify(TimeoutError()), 1))
+        predictor.tick()  # the rates are per second since the last sample
+        assert set(predictor.get_current_metrics()["error_rates"]) == {"api"}  # type: ignore[arg-type]
+    finally:
+        predictor.stop_monitoring()
+
+
 def test_start_monitoring_holds_a_first_sample_when_it_returns_and_stops() -> None:
     runtime = Runtime()
     predictor = PredictiveFailure(
@@ -891,8 +917,9 @@ FORK = textwrap.dedent(
     from otel_raptor.runtime.predictor import PredictiveFailure, PredictorOptions
     from otel_raptor.runtime.state import Runtime
 
+    runtime = Runtime()
     p = PredictiveFailure(PredictorOptions(interval_s=0.02, builtin_actions=False),
-                          runtime=Runtime())
+                          runtime=runtime)
     p.start()
     time.sleep(0.1)
     parent_thread = p._thread
@@ -901,11 +928,15 @@ FORK = textwrap.dedent(
         ok = p.monitoring and p._thread is not parent_thread
         time.sleep(0.2)
         ok = ok and p.get_current_metrics().get("pid") == os.getpid()
+        # The parent's sampler is off the child's bus: only the child's own counts errors.
+        ok = ok and len(runtime.bus._subscribers) == 1
         p.stop_monitoring()
+        ok = ok and not runtime.bus.has_subscribers
         os._exit(0 if ok and not p.monitoring else 3)
     _, status = os.waitpid(pid, 0)
     ok = p.monitoring and p.get_current_metrics().get("pid") == os.getpid()
     p.stop_monitoring()
+    ok = ok and not runtime.bus.has_subscribers
     sys.exit(os.waitstatus_to_exitcode(status) or (0 if ok else 4))
     """
 )

@@ -503,6 +503,11 @@ class PredictiveFailure:
             thread.join(timeout)
         if self._runtime.resource_snapshot == self.snapshot:
             self._runtime.resource_snapshot = _empty_snapshot
+        if self._own_sampler:
+            # Ours counts failed attempts from the bus: unsubscribed, or it goes on taking its
+            # lock on every failure for nobody. The next start makes a new one.
+            _close_sampler(self._sampler)
+            self._sampler = None
         self._restore_budget()
         private, self._private_loop = self._private_loop, None
         if private is not None and not private.is_running():
@@ -866,6 +871,7 @@ class PredictiveFailure:
         self._loop = None  # the parent's loop does not run here
         self._private_loop = None
         if self._own_sampler:
+            _close_sampler(self._sampler)  # off this process's bus (a copy of the parent's)
             self._sampler = None  # it watched the parent's pid
         self._reset_state()  # the parent's history says nothing about this process
         self._first_sample = threading.Event()
@@ -993,6 +999,15 @@ def _controller_cleanup(controller: object) -> Callable[[str], object]:
     if callable(manual):
         return manual  # type: ignore[no-any-return]  # getattr of an unknown object
     raise ConfigError("prediction.memory_controller", controller, "an object with cleanup()")
+
+
+def _close_sampler(sampler: Sampler | None) -> None:
+    """Stop a sampler of ours counting bus events (an app's sampler is the app's)."""
+    if isinstance(sampler, ResourceSampler):
+        try:
+            sampler.close()
+        except Exception as error:  # noqa: BLE001 - stopping must go on
+            report_internal_error("prediction.sampler close", error)
 
 
 def _empty_snapshot() -> ResourceSnapshot:
