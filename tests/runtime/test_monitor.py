@@ -981,6 +981,54 @@ def test_fork_gives_the_child_a_working_monitor() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+FORK_STATE = textwrap.dedent(
+    """
+    import os, sys
+    from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+    from otel_raptor.core.events import ErrorClassified
+    from otel_raptor.runtime.monitor import ErrorRecoveryMonitor
+    from otel_raptor.runtime.state import Runtime
+
+    runtime = Runtime()
+    monitor = ErrorRecoveryMonitor(
+        {"alert_for": 0, "alert_resolve_after": 0, "evaluation_window": 60},
+        runtime=runtime,
+        memory_reader=lambda: None,
+    )
+    heard = []
+    monitor.add_alert_callback(lambda alert: heard.append((alert.service, str(alert.state))))
+    error = Classification(ErrorCategory.TIMEOUT, Severity.LOW, True, "TimeoutError")
+    for _ in range(15):
+        runtime.bus.publish(ErrorClassified("parent", error, 1))
+    ok = [a.service for a in monitor.get_active_alerts()] == ["parent"]
+    runtime.bus.publish(ErrorClassified("queued-at-fork", error, 1))
+    pid = os.fork()
+    if pid == 0:
+        heard.clear()
+        # The parent's alerts, counts and queued events are the parent's: the child neither
+        # reports them again nor resolves the parent's incident a second time.
+        child_ok = monitor.get_active_alerts() == []
+        report = monitor.report()
+        child_ok = child_ok and set(report.services) == set() and report.overall.errors == 0
+        child_ok = child_ok and heard == []
+        monitor.close()
+        os._exit(0 if child_ok else 3)
+    _, status = os.waitpid(pid, 0)
+    ok = ok and monitor.report().services["parent"].summary.errors == 15
+    monitor.close()
+    sys.exit(os.waitstatus_to_exitcode(status) or (0 if ok else 4))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork")
+def test_a_forked_child_starts_without_the_parents_alerts_and_counts() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_STATE], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 FORK_CALLBACKS = textwrap.dedent(
     """
     import os, sys, threading

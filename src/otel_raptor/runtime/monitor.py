@@ -1381,6 +1381,11 @@ class ErrorRecoveryMonitor:
 
     def _after_fork_in_child(self) -> None:
         # The locks are fresh already (forksafe); the threads and the loops are the parent's.
+        # So are the events queued, the counts and the alerts: kept, the child reported the
+        # parent's numbers again and resolved the parent's incidents a second time.
+        self._queue.clear()
+        self.dropped = 0
+        self._reset_state()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None  # the parent's thread does not exist here
