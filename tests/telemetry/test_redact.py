@@ -114,6 +114,44 @@ def test_safe_exception_message(message: str, expected: str) -> None:
     assert safe_exception_message(RuntimeError(message)) == expected
 
 
+def _header_value_errors() -> list[Exception]:
+    """What requests and h11 (under httpx) raise for a token read with its newline: the
+    header's value, token and all, with no ``key=`` in front of it."""
+    import h11
+    import requests
+
+    errors: list[Exception] = []
+    bad = "Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.U0lHTkVE\n"
+    try:
+        requests.Request("GET", "http://api.internal/", headers={"Authorization": bad}).prepare()
+    except requests.exceptions.InvalidHeader as error:
+        errors.append(error)
+    try:
+        h11.Request(method="GET", target="/", headers=[("Host", "h"), ("Authorization", bad)])
+    except h11.LocalProtocolError as error:
+        errors.append(error)
+    basic = "Basic dXNlcjpodW50ZXIy "
+    try:
+        h11.Request(method="GET", target="/", headers=[("Host", "h"), ("Authorization", basic)])
+    except h11.LocalProtocolError as error:
+        errors.append(error)
+    assert len(errors) == 3
+    return errors
+
+
+def test_a_credential_after_its_scheme_word_is_hidden_without_a_key() -> None:
+    for error in _header_value_errors():
+        message = safe_exception_message(error)
+        assert "eyJhbGciOiJIUzI1NiJ9" not in message, message
+        assert "dXNlcjpodW50ZXIy" not in message, message
+        assert REDACTED in message
+        stacktrace = exception_attributes(error)["exception.stacktrace"]
+        assert "eyJhbGciOiJIUzI1NiJ9" not in stacktrace
+        assert "dXNlcjpodW50ZXIy" not in stacktrace
+    # A word of the sentence after a scheme word stays.
+    assert scrub_text("Basic auth failed; token expired") == "Basic auth failed; token expired"
+
+
 _SECRET = st.text(
     alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), max_codepoint=0x7F),
     min_size=8,

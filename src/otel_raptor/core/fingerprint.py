@@ -70,6 +70,7 @@ __all__ = [
     "PLACEHOLDERS",
     "fingerprint",
     "normalize_message",
+    "redact_scheme_credentials",
 ]
 
 #: Characters of a raw message looked at; the rest is ignored (bounded work per message).
@@ -237,10 +238,18 @@ def _credential(value: str) -> bool:
     return any(char.isupper() for char in value[1:]) and any(char.islower() for char in value)
 
 
-def _redact_scheme(match: re.Match[str]) -> str:
+def _redact_scheme(match: re.Match[str], placeholder: str = "<redacted>") -> str:
     if not _credential(match.group("value")):
         return match.group(0)
-    return f"{match.group('scheme')}{match.group('gap')}<redacted>"
+    return f"{match.group('scheme')}{match.group('gap')}{placeholder}"
+
+
+def redact_scheme_credentials(text: str, placeholder: str) -> str:
+    """``text`` with the credential after each ``Bearer``, ``Basic`` or ``Token`` (by its
+    shape, see the module docstring) replaced by ``placeholder``, the scheme word kept."""
+    if _SCHEME_WORD.search(text) is None:
+        return text
+    return _SCHEME.sub(lambda match: _redact_scheme(match, placeholder), text)
 
 
 def _is_word(part: str) -> bool:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry.trace import Span
 
+from otel_raptor.core.fingerprint import redact_scheme_credentials
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = [
@@ -159,12 +160,15 @@ def _scrub_pairs(text: str) -> str:
 
 
 def scrub_text(text: str) -> str:
-    """``text`` with URLs redacted (``redact_url``), query strings of bare paths dropped and
-    the values of secret-named ``key=value``/``key: value`` pairs replaced by ``REDACTED``.
-    Linear in the length of ``text``."""
+    """``text`` with URLs redacted (``redact_url``), query strings of bare paths dropped,
+    the values of secret-named ``key=value``/``key: value`` pairs and the credential after a
+    ``Bearer``/``Basic``/``Token`` word replaced by ``REDACTED``. Linear in the length of
+    ``text``."""
     text = _URL.sub(lambda match: redact_url(match.group(0)), text)
     text = _PATH_QUERY.sub(r"\g<path>", text)
-    return _scrub_pairs(text)
+    # Then credentials with no key in front: requests and h11 quote a bad header's value
+    # whole (a token read with its newline), ``... header value: 'Bearer eyJ...\n'``.
+    return redact_scheme_credentials(_scrub_pairs(text), REDACTED)
 
 
 def _message(exc: BaseException) -> str:
