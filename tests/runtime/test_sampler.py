@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import psutil
@@ -39,6 +40,30 @@ def test_readings_are_plausible() -> None:
     assert 0.0 <= sample.cpu_percent <= 100.0
     assert sample.net_errors_per_s == 0.0  # the first sample has no delta yet
     assert sample.process_memory_limit == sample.memory_limit
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_the_first_cpu_reading_on_another_thread_measures_since_the_sampler_was_made() -> None:
+    sampler = ResourceSampler()  # made on this thread; sampled on the predictor's
+    busy = threading.Thread(target=_spin, args=(0.4,))
+    busy.start()
+    busy.join()  # one CPU busy for 0.4 s: at least a share of the machine's CPU since then
+    readings: list[float] = []
+    reader = threading.Thread(target=lambda: readings.append(sampler.sample().cpu_percent))
+    reader.start()
+    reader.join()
+    # psutil.cpu_percent's baseline is per thread: a first call on a new thread read 0.0.
+    assert readings[0] >= 100.0 / (os.cpu_count() or 1) / 4
+    # Another caller of psutil.cpu_percent in between does not move the sampler's baseline.
+    _spin(0.3)
+    psutil.cpu_percent(None)
+    assert sampler.sample().cpu_percent >= 100.0 / (os.cpu_count() or 1) / 4
+    sampler.close()
 
 
 def test_a_disk_is_full_when_an_unprivileged_writer_can_write_no_more() -> None:

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
 
 import psutil
 
@@ -253,6 +253,14 @@ def _read_int(path: Path | None) -> int | None:
     return None if value >= _V1_UNLIMITED else value
 
 
+def _busy_and_total(times: Any) -> tuple[float, float]:
+    """Busy and total CPU seconds of ``psutil.cpu_times()``, counted as psutil counts them:
+    ``guest`` time is already inside ``user`` (Linux), and waiting for I/O is idle."""
+    total = float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    idle = float(times.idle) + getattr(times, "iowait", 0.0)
+    return total - idle, total
+
+
 class ResourceSampler:
     """Reads a :class:`ResourceSample` on demand.
 
@@ -304,8 +312,10 @@ class ResourceSampler:
         self._last_net: tuple[float, int, int] | None = None
         self._last_errors_at: float | None = None
         self._unsubscribe = bus.subscribe(self._on_event) if bus is not None else None
-        # psutil's CPU percentages are deltas since the previous call: prime them.
-        psutil.cpu_percent(None)
+        # CPU percentages are deltas since the previous reading: prime them. The machine's
+        # are kept here, not by ``psutil.cpu_percent``, whose baseline is per thread (samples
+        # run on the predictor's thread) and is moved by every other caller in that thread.
+        self._last_cpu = _busy_and_total(psutil.cpu_times())
         with contextlib.suppress(psutil.Error):
             self._process.cpu_percent(None)
 
@@ -378,6 +388,16 @@ class ResourceSampler:
             return None
         return None if soft < 0 else int(soft)
 
+    def _system_cpu_percent(self) -> float:
+        """The machine's CPU use since the previous sample, in percent."""
+        busy, total = _busy_and_total(psutil.cpu_times())
+        last_busy, last_total = self._last_cpu
+        self._last_cpu = (busy, total)
+        elapsed = total - last_total
+        if elapsed <= 0.0:
+            return 0.0
+        return min(100.0, max(0.0, (busy - last_busy) / elapsed * 100.0))
+
     def sample(self) -> ResourceSample:
         """Read everything once. Raises ``psutil.NoSuchProcess`` if the watched process is
         gone; other unreadable values fall back to 0 or ``None``."""
@@ -419,7 +439,7 @@ class ResourceSampler:
         return ResourceSample(
             timestamp=now,
             pid=self._pid,
-            cpu_percent=float(psutil.cpu_percent(None)),
+            cpu_percent=self._system_cpu_percent(),
             process_cpu_percent=process_cpu,
             memory_total=total,
             memory_available=int(vm.available),
