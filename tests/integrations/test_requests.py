@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gzip
 import io
 import logging
 import threading
@@ -608,6 +609,26 @@ def test_a_stale_copy_looks_like_a_received_response(
     assert stale.elapsed == datetime.timedelta(0)
     assert stale.history == []
     stale.close()
+
+
+def test_a_stale_copy_of_a_compressed_response_describes_the_body_it_holds(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # The copy kept is the decoded body: the gzip coding and the wire length no longer apply
+    # (code that relays the response's headers and content would send a broken message).
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(ok(gzip.compress(b"fresh " * 50), headers={"Content-Encoding": "gzip"}))
+    assert requests.get(server.url("/zipped")).content == b"fresh " * 50
+    server.default = status(503)
+    stale = requests.get(server.url("/zipped"))
+    assert stale.headers[STALE_HEADER] == "1"
+    assert stale.content == b"fresh " * 50
+    assert "Content-Encoding" not in stale.headers
+    assert stale.headers["Content-Length"] == str(len(stale.content))
+    assert stale.headers["Content-Type"] == "text/plain"
 
 
 def failover_to(primary: FaultyHTTPServer, *backups: FaultyHTTPServer) -> DownstreamOverride:

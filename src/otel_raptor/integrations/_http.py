@@ -67,6 +67,7 @@ __all__ = [
     "IDEMPOTENT",
     "RESEND_COUNT_ATTRIBUTE",
     "STALE_BODY_LIMIT",
+    "STALE_DROPPED_HEADERS",
     "STALE_ENTRIES",
     "STALE_HEADER",
     "STALE_TOTAL_BYTES",
@@ -118,6 +119,13 @@ STALE_BODY_LIMIT: Final = 1024 * 1024
 
 #: Bytes (bodies and headers) the stale-if-error cache of one integration keeps at most.
 STALE_TOTAL_BYTES: Final = 32 * 1024 * 1024
+
+#: Response headers a stale copy does not keep (lower case): they describe the body as it
+#: came over the wire, and the copy kept is the decoded body (a stale copy gets a fresh
+#: ``Content-Length`` and no ``Content-Encoding``).
+STALE_DROPPED_HEADERS: Final = frozenset(
+    {"content-encoding", "content-length", "transfer-encoding"}
+)
 
 #: Request headers left out of a stale-if-error key (lower case); every other header enters
 #: it. A header belongs here only when it can select neither what the server answers nor who

@@ -40,6 +40,7 @@ from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
     IDEMPOTENT,
+    STALE_DROPPED_HEADERS,
     AsyncHttpHooks,
     FallbackCall,
     HttpHooks,
@@ -87,11 +88,6 @@ __all__ = [
 # ``elapsed`` of the responses raptor builds: httpx sets it only on a response its transport
 # streamed, and raises on reading it otherwise; nothing was waited for.
 _NO_TIME: Final = timedelta(0)
-# Describe the body as httpx encoded it; a stale copy gets a fresh Content-Length and no
-# Content-Encoding, since the body kept is the decoded one.
-_NOT_REPLAYED_HEADERS: Final = frozenset(
-    {"content-encoding", "content-length", "transfer-encoding"}
-)
 
 
 def circuit_open_error_type() -> type[CircuitOpenError]:
@@ -356,7 +352,7 @@ class _Installed(HttpInstallation):
             headers=tuple(
                 (name, value)
                 for name, value in response.headers.multi_items()
-                if name.lower() not in _NOT_REPLAYED_HEADERS
+                if name.lower() not in STALE_DROPPED_HEADERS
             ),
             body=response.content,
             encoding=None,

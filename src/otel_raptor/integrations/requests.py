@@ -34,6 +34,7 @@ from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
     IDEMPOTENT,
+    STALE_DROPPED_HEADERS,
     FallbackCall,
     HttpHooks,
     HttpInstallation,
@@ -375,7 +376,11 @@ class _Installed(HttpInstallation):
         return StaleEntry(
             status=status,
             reason=response.reason or "",
-            headers=tuple(response.headers.items()),
+            headers=tuple(
+                (name, value)
+                for name, value in response.headers.items()
+                if name.lower() not in STALE_DROPPED_HEADERS
+            ),
             body=response.content,
             encoding=response.encoding,
             url=response.url,
@@ -412,7 +417,9 @@ class _Fallback(FallbackCall):
         response = Response()
         response.status_code = entry.status
         response.reason = entry.reason
-        response.headers = CaseInsensitiveDict(stale_headers(entry, self.now()))
+        headers = CaseInsensitiveDict(stale_headers(entry, self.now()))
+        headers["Content-Length"] = str(len(entry.body))  # of the decoded body it holds
+        response.headers = headers
         response._content = entry.body  # what requests sets once it has read a body
         # Read already: close() must not reach for the (absent) raw stream.
         response._content_consumed = True  # type: ignore[attr-defined]  # untyped in the stubs
