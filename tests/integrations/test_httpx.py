@@ -591,6 +591,37 @@ def test_stale_if_error_keys_on_the_request_as_sent(
     )
 
 
+def test_a_client_with_request_hooks_is_never_served_stale(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    # A request event hook runs inside send, after the stale key is made: one that sets the
+    # current user's token must not let another user's request find the first one's answer.
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+
+    def signed_in(token: str) -> dict[str, Any]:
+        def sign(request: httpx.Request) -> None:
+            request.headers["Authorization"] = f"Bearer {token}"
+
+        async def sign_async(request: httpx.Request) -> None:
+            sign(request)
+
+        return {"event_hooks": {"request": [sign_async if driver.is_async else sign]}}
+
+    server.push(ok("alice's account"))
+    assert driver.get(server.url("/me"), client=signed_in("alice")).text == "alice's account"
+    server.default = status(503)
+    answer = driver.get(server.url("/me"), client=signed_in("bob"))
+    assert answer.status_code == 503
+    assert STALE_HEADER not in answer.headers
+    assert [r.headers["authorization"] for r in server.requests] == [
+        "Bearer alice",
+        "Bearer bob",
+    ]
+
+
 def test_the_responses_raptor_builds_have_an_elapsed_time(
     install: Install, server: FaultyHTTPServer, driver: Driver
 ) -> None:

@@ -320,8 +320,15 @@ class _Installed(HttpInstallation):
         (its URL, with the client's params, its body, and its headers, with the client's and
         the cookies, all but :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`)
         and of its auth; ``None`` (never served stale) with an auth flow other than basic
-        auth, or a body that can be read only once."""
+        auth, a client with request event hooks, or a body that can be read only once."""
         import httpx  # noqa: PLC0415 - imported by install() already
+
+        # A request event hook runs inside send, after this key is made, and may set what
+        # the key must hold (the current user's Authorization header, say): a key without
+        # it would serve one user's answer to another.
+        event_hooks = getattr(client, "event_hooks", None)
+        if not isinstance(event_hooks, dict) or event_hooks.get("request"):
+            return None
 
         auth = kwargs.get("auth", self.use_client_default)
         if auth is self.use_client_default:
