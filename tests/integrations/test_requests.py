@@ -483,6 +483,37 @@ def test_failover_sends_the_same_path_to_the_next_base_url(
         assert backup.requests[0].headers["host"] == backup.authority
 
 
+@pytest.mark.parametrize("timed", ["primary", "backup"])
+def test_a_failover_request_gets_the_timeout_of_the_origin_it_goes_to(
+    install: Install, server: FaultyHTTPServer, timed: str
+) -> None:
+    # The caller gave no timeout: each origin's own rule applies (its attempt timeout, or
+    # else its request timeout), never the other origin's, and never none at all.
+    with FaultyHTTPServer() as backup:
+        quick = RetryPolicy(max_retries=0, attempt_timeout=0.3)
+        install(
+            max_retries=0,
+            timeout=0.3 if timed == "primary" else 30.0,
+            downstreams=(
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{server.port}",
+                    retry=quick if timed == "primary" else None,
+                    failover_urls=(backup.url(),),
+                ),
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{backup.port}",
+                    retry=quick if timed == "backup" else None,
+                ),
+            ),
+        )
+        server.default = status(503)
+        backup.push(hang(10.0))
+        started = time.monotonic()
+        assert requests.get(server.url("/slow")).status_code == 503  # the primary's answer
+        assert time.monotonic() - started < 5.0
+        assert backup.count("GET", "/slow") == 1
+
+
 def test_failover_when_the_breaker_is_open_even_for_a_post(
     install: Install, server: FaultyHTTPServer
 ) -> None:

@@ -234,7 +234,17 @@ def _text(value: Any) -> str:
 class _Call:
     """One described ``Session.request`` call."""
 
-    __slots__ = ("end", "fallback", "kwargs", "method", "origin", "plan", "stale_key", "url")
+    __slots__ = (
+        "defaulted",
+        "end",
+        "fallback",
+        "kwargs",
+        "method",
+        "origin",
+        "plan",
+        "stale_key",
+        "url",
+    )
 
     def __init__(
         self,
@@ -254,6 +264,8 @@ class _Call:
         self.end = end
         self.stale_key = stale_key
         self.fallback: _Fallback | None = None
+        #: Whether the timeout in ``kwargs`` is the origin's rule (the caller gave none).
+        self.defaulted = False
 
 
 class _Installed(HttpInstallation):
@@ -336,10 +348,9 @@ class _Installed(HttpInstallation):
                     )
                     is not None
                 )
-        if call_kwargs.get("timeout") is None:
-            # requests waits forever without a timeout. ``None`` is its default, so an
-            # explicit ``timeout=None`` reads as "none given" too; a policy with an attempt
-            # timeout applies that one instead (through the plan's hooks).
+        defaulted = call_kwargs.get("timeout") is None
+        if defaulted:
+            # Inlined _default_timeout (every call without a timeout runs it).
             if origin.timed:
                 call_kwargs.pop("timeout", None)
             elif origin.timeout is not None:
@@ -355,6 +366,7 @@ class _Installed(HttpInstallation):
             end,
             stale_key,
         )
+        described.defaulted = defaulted
         if fallbacks:
             described.fallback = _Fallback(self, described, MethodType(request, session), safe=safe)
         return described
@@ -369,8 +381,16 @@ class _Installed(HttpInstallation):
         origin = self.table.for_prefix(target[:end]) if end > 0 else None
         if origin is None or not origin.enabled:
             return wrapped(failed.method, target, **failed.kwargs)
+        kwargs = failed.kwargs
+        if failed.defaulted:
+            # The timeout in ``kwargs`` is the primary origin's rule, not the caller's: this
+            # origin's own applies (without it, a primary with an attempt timeout would send
+            # this request with none, to wait for ever on a hung backup).
+            kwargs = {**kwargs}
+            kwargs.pop("timeout", None)
+            _default_timeout(kwargs, origin)
         plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
-        return call(plan, wrapped, (failed.method, target), failed.kwargs)
+        return call(plan, wrapped, (failed.method, target), kwargs)
 
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
         return StaleEntry(
@@ -386,6 +406,17 @@ class _Installed(HttpInstallation):
             url=response.url,
             stored_at=now,
         )
+
+
+def _default_timeout(kwargs: dict[str, Any], origin: Origin) -> None:
+    """Give a call whose caller gave no timeout the origin's. requests waits forever without
+    a timeout, and ``None`` is its default, so an explicit ``timeout=None`` reads as "none
+    given" too; a policy with an attempt timeout applies that one instead (through the
+    plan's hooks)."""
+    if origin.timed:
+        kwargs.pop("timeout", None)
+    elif origin.timeout is not None:
+        kwargs["timeout"] = origin.timeout
 
 
 def refused(
