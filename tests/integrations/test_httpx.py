@@ -622,6 +622,26 @@ def test_a_client_with_request_hooks_is_never_served_stale(
     ]
 
 
+def test_a_request_that_does_not_follow_redirects_is_not_served_a_redirected_copy(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(status(302, {"Location": "/final"}), ok("the final page"))
+    following = {"follow_redirects": True}
+    assert driver.get(server.url("/start"), client=following).text == "the final page"
+    server.default = status(503)
+    # Its answer would have been the 302 itself, not the page it leads to.
+    assert driver.get(server.url("/start")).status_code == 503
+    assert driver.get(server.url("/start"), follow_redirects=False).status_code == 503
+    served = driver.get(server.url("/start"), follow_redirects=True)
+    assert (served.text, served.headers[STALE_HEADER]) == ("the final page", "1")
+    served = driver.get(server.url("/start"), client=following)
+    assert (served.text, served.headers[STALE_HEADER]) == ("the final page", "1")
+
+
 def test_the_responses_raptor_builds_have_an_elapsed_time(
     install: Install, server: FaultyHTTPServer, driver: Driver
 ) -> None:

@@ -662,6 +662,22 @@ def test_a_stale_copy_of_a_compressed_response_describes_the_body_it_holds(
     assert stale.headers["Content-Type"] == "text/plain"
 
 
+def test_a_request_that_does_not_follow_redirects_is_not_served_a_redirected_copy(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(
+        max_retries=0,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+    server.push(status(302, {"Location": "/final"}), ok("the final page"))
+    assert requests.get(server.url("/start")).text == "the final page"
+    server.default = status(503)
+    # Its answer would have been the 302 itself, not the page it leads to.
+    assert requests.get(server.url("/start"), allow_redirects=False).status_code == 503
+    served = requests.get(server.url("/start"), allow_redirects=True)
+    assert (served.text, served.headers[STALE_HEADER]) == ("the final page", "1")
+
+
 def failover_to(primary: FaultyHTTPServer, *backups: FaultyHTTPServer) -> DownstreamOverride:
     return DownstreamOverride(
         pattern=f"127.0.0.1:{primary.port}",

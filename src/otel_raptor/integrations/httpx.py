@@ -318,9 +318,10 @@ class _Installed(HttpInstallation):
     def _stale_key(self, client: Any, request: Any, kwargs: dict[str, Any]) -> Hashable | None:
         """The stale-cache key of a GET: a private digest of the request as it will be sent
         (its URL, with the client's params, its body, and its headers, with the client's and
-        the cookies, all but :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`)
-        and of its auth; ``None`` (never served stale) with an auth flow other than basic
-        auth, a client with request event hooks, or a body that can be read only once."""
+        the cookies, all but :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`),
+        of its auth and of whether it follows redirects; ``None`` (never served stale) with
+        an auth flow other than basic auth, a client with request event hooks, or a body that
+        can be read only once."""
         import httpx  # noqa: PLC0415 - imported by install() already
 
         # A request event hook runs inside send, after this key is made, and may set what
@@ -345,11 +346,16 @@ class _Installed(HttpInstallation):
         stream = request.stream
         if not isinstance(stream, self.byte_stream):
             return None
+        follow = kwargs.get("follow_redirects", self.use_client_default)
+        if follow is self.use_client_default:
+            follow = getattr(client, "follow_redirects", None)
         return private_digest(
             str(request.url),
             b"".join(stream),  # a ByteStream is the body in memory, iterated afresh each time
             token,
             stale_key_headers(request.headers.multi_items()),
+            # Without redirects the answer is the redirect itself, not the page it leads to.
+            bool(follow),
         )
 
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:

@@ -162,8 +162,8 @@ def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | 
     """The stale-cache key of a GET: a private digest (see :mod:`otel_raptor.runtime.keys`)
     of the request as ``Session.request`` will send it: its URL with the session's params
     merged in, its body, its headers merged with the session's (all but
-    :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`), and every credential we
-    can see (auth, cookies, the client certificate).
+    :data:`~otel_raptor.integrations._http.STALE_UNKEYED_HEADERS`), every credential we
+    can see (auth, cookies, the client certificate), and whether it follows redirects.
 
     ``None`` (never served stale) when it carries something we cannot fold into a key: an
     auth object other than a ``(user, password)`` tuple, cookies not given as a dict of
@@ -220,6 +220,8 @@ def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | 
         jar_items,
         stale_key_headers(headers.items()) if headers else (),
         cert,
+        # Without redirects the answer is the redirect itself, not the page it leads to.
+        bool(kwargs.get("allow_redirects", True)),
     )
 
 
