@@ -7,6 +7,7 @@ Most tests run twice through :class:`Driver`: with ``httpx.Client`` and with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import inspect
 import logging
@@ -32,6 +33,7 @@ from otel_raptor.integrations.httpx import HttpxIntegration, circuit_open_error_
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.safety import _reset_for_tests
 from otel_raptor.runtime.state import Runtime
+from tests.support.clock import FakeClock
 from tests.support.faulty_http import (
     FaultyHTTPServer,
     closed_port,
@@ -640,6 +642,34 @@ def test_a_request_that_does_not_follow_redirects_is_not_served_a_redirected_cop
     assert (served.text, served.headers[STALE_HEADER]) == ("the final page", "1")
     served = driver.get(server.url("/start"), client=following)
     assert (served.text, served.headers[STALE_HEADER]) == ("the final page", "1")
+
+
+def test_serving_a_stale_copy_does_not_make_it_fresh(
+    server: FaultyHTTPServer, driver: Driver
+) -> None:
+    # A stale copy served is not a new good answer: keeping it again would restart its age,
+    # and an outage with steady traffic would be served the same copy for ever, aged 0.
+    clock = FakeClock()
+    settings = make_settings(
+        max_retries=0,
+        downstreams=(
+            DownstreamOverride(pattern="127.0.0.1", stale_if_error=True, stale_max_age=10.0),
+        ),
+    )
+    hook = HttpxIntegration()
+    hook.install(dataclasses.replace(settings, runtime=Runtime(clock=clock)))
+    try:
+        server.push(ok("fresh"))
+        assert driver.get(server.url("/doc")).text == "fresh"
+        server.default = status(503)
+        for age in (4, 8):
+            clock.advance(4.0)
+            stale = driver.get(server.url("/doc"))
+            assert (stale.text, stale.headers["Age"]) == ("fresh", str(age))
+        clock.advance(4.0)  # 12 s after the good answer: past stale_max_age
+        assert driver.get(server.url("/doc")).status_code == 503
+    finally:
+        hook.uninstall()
 
 
 def test_the_responses_raptor_builds_have_an_elapsed_time(

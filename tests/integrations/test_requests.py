@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import io
@@ -30,6 +31,7 @@ from otel_raptor.integrations.requests import RequestsIntegration, circuit_open_
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.safety import _reset_for_tests
 from otel_raptor.runtime.state import Runtime
+from tests.support.clock import FakeClock
 from tests.support.faulty_http import (
     FaultyHTTPServer,
     closed_port,
@@ -589,6 +591,32 @@ def test_stale_entries_expire(install: Install, server: FaultyHTTPServer) -> Non
     time.sleep(0.15)
     server.default = status(503)
     assert requests.get(server.url("/doc")).status_code == 503
+
+
+def test_serving_a_stale_copy_does_not_make_it_fresh(server: FaultyHTTPServer) -> None:
+    # A stale copy served is not a new good answer: keeping it again would restart its age,
+    # and an outage with steady traffic would be served the same copy for ever, aged 0.
+    clock = FakeClock()
+    settings = make_settings(
+        max_retries=0,
+        downstreams=(
+            DownstreamOverride(pattern="127.0.0.1", stale_if_error=True, stale_max_age=10.0),
+        ),
+    )
+    hook = RequestsIntegration()
+    hook.install(dataclasses.replace(settings, runtime=Runtime(clock=clock)))
+    try:
+        server.push(ok("fresh"))
+        assert requests.get(server.url("/doc")).text == "fresh"
+        server.default = status(503)
+        for age in (4, 8):
+            clock.advance(4.0)
+            stale = requests.get(server.url("/doc"))
+            assert (stale.text, stale.headers["Age"]) == ("fresh", str(age))
+        clock.advance(4.0)  # 12 s after the good answer: past stale_max_age
+        assert requests.get(server.url("/doc")).status_code == 503
+    finally:
+        hook.uninstall()
 
 
 def test_stale_if_error_keys_on_the_request_as_sent(

@@ -765,9 +765,12 @@ class HttpInstallation:
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
         raise NotImplementedError
 
-    def kept(self, key: Hashable | None, response: Any) -> Any:
-        """``response``, after keeping it under ``key`` when it may be served stale."""
-        if key is not None:
+    def kept(self, key: Hashable | None, response: Any, fallback: FallbackCall | None) -> Any:
+        """``response``, after keeping it under ``key`` when it may be served stale. Nothing
+        a fallback answered is kept: a stale copy kept again would start its age afresh (an
+        outage with steady traffic would serve it for ever), and a failover's or a fallback
+        function's answer is not the origin's."""
+        if key is not None and (fallback is None or not fallback.answered):
             self.remember(key, response)
         return response
 
@@ -845,6 +848,7 @@ class FallbackCall:
     """
 
     __slots__ = (
+        "answered",
         "cache",
         "call",
         "installed",
@@ -874,6 +878,8 @@ class FallbackCall:
         self.stale_key: Hashable | None = call.stale_key
         self.cache: StaleCache = installation.stale
         self.now: Callable[[], float] = installation.monotonic
+        #: Whether the chain gave the caller an answer of its own (see HttpInstallation.kept).
+        self.answered = False
 
     # -- library hooks ------------------------------------------------------------------------
 
@@ -942,6 +948,7 @@ class FallbackCall:
             raise
         if primary is not _NOTHING and result is not primary:
             _close_quietly(primary)
+        self.answered = True
         return result
 
     async def run_async(self, error: BaseException) -> Any:
@@ -985,6 +992,7 @@ class FallbackCall:
             raise
         if primary is not _NOTHING and result is not primary:
             await _aclose_quietly(primary)
+        self.answered = True
         return result
 
     def _may_fail_over(self, rejected: bool) -> bool:

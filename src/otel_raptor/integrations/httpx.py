@@ -382,7 +382,7 @@ class _Installed(HttpInstallation):
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.request)
-        return self.kept(described.stale_key, response)
+        return self.kept(described.stale_key, response, described.fallback)
 
     async def send_async(self, wrapped: Callable[..., Awaitable[Any]], described: _Call) -> Any:
         try:
@@ -391,7 +391,7 @@ class _Installed(HttpInstallation):
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.request)
-        return self.kept(described.stale_key, response)
+        return self.kept(described.stale_key, response, described.fallback)
 
     # -- failover -----------------------------------------------------------------------------
 

@@ -293,7 +293,7 @@ class _Installed(HttpInstallation):
             )
         except (CircuitOpenError, ThrottledError) as error:
             return refused(error, described.plan, described.method, described.url, described.kwargs)
-        return self.kept(described.stale_key, response)
+        return self.kept(described.stale_key, response, described.fallback)
 
     def describe(
         self,
