@@ -18,6 +18,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from otel_raptor import CircuitOpenError
 from otel_raptor.config import DownstreamOverride, RaptorConfig
+from otel_raptor.core.attempts import AttemptLoop
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.events import Event, RecoveryFinished
 from otel_raptor.core.recovery import Outcome, Strategy
@@ -863,6 +864,29 @@ def test_our_own_failure_never_reaches_the_app(
         assert requests.get(server.url("/")).status_code == 503
     assert server.count() == 1
     assert "requests.describe" in caplog.text
+
+
+def test_our_own_failure_after_a_failing_response_hands_the_response_back(
+    install: Install,
+    server: FaultyHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The attempt loop fails on the 503: the call ends as it would without raptor, with
+    # the response itself, never raptor's internal FailingResponse.
+    install()
+    _reset_for_tests()
+
+    def broken(self: AttemptLoop, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("bug in otel_raptor")
+
+    monkeypatch.setattr(AttemptLoop, "failed", broken)
+    server.push(status(503))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        response = requests.get(server.url("/"))
+    assert (response.status_code, response.text) == (503, "Service Unavailable")
+    assert server.count() == 1
+    assert "drive.failed" in caplog.text
 
 
 def test_non_http_urls_are_left_to_requests(install: Install) -> None:

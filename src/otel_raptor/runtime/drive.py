@@ -761,8 +761,10 @@ class _Runner:
             if refusal is not None and not self._passive:
                 raise self._refusal_error(refusal)
             return self.result
-        if self._passive or not isinstance(failure, Exception) or failure is self._no_verdict:
+        if not isinstance(failure, Exception) or failure is self._no_verdict:
             raise failure
+        # Passive too: a failing result (an HTTP 503) is wrapped in an exception of ours,
+        # and the hooks give back what the call would have ended with without us.
         return self.plan.hooks.give_up(failure)
 
     def fallback_sync(self) -> Any:
