@@ -320,6 +320,30 @@ async def test_async_streamed_failing_responses_are_closed_before_a_retry(
     assert first.is_closed
 
 
+async def test_a_call_cancelled_during_failover_releases_the_streamed_primary(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # Cancelled while a failover URL is being tried: nobody else will close the primary's
+    # open response, and its pooled connection would be lost to the client for ever.
+    with FaultyHTTPServer() as backup:
+        install(max_retries=0, downstreams=(failover_to(server, backup),))
+        server.default = status(503, body="x" * 100_000)
+        backup.default = hang(5.0)
+        async with httpx.AsyncClient() as client:
+            seen: list[httpx.Response] = []
+
+            async def hook(response: httpx.Response) -> None:
+                seen.append(response)
+
+            client.event_hooks = {"response": [hook]}
+            request = client.build_request("GET", server.url("/st"))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.send(request, stream=True), 0.3)
+            (primary,) = (r for r in seen if r.request.url.port == server.port)
+            assert primary.status_code == 503
+            assert primary.is_closed
+
+
 # --- the breaker --------------------------------------------------------------------------------
 
 

@@ -913,22 +913,28 @@ class FallbackCall:
         error, primary, rejected = self._start(error)
         result: Any = _NOTHING
         reached: Any = _NOTHING
-        if self._may_fail_over(rejected):
-            for base_url in self.origin.failover_urls:
-                try:
-                    response = self.failover(base_url)
-                except Exception as failure:  # noqa: BLE001 - the next fallback's turn
-                    if self._goes_on(failure):
-                        continue
-                    reached = failure
-                    break
-                if not is_failing_status(getattr(response, "status_code", None)):
-                    result = response
-                    break
-                if not self._goes_on(None):
-                    reached = response
-                    break
-                _close_quietly(response)
+        try:
+            if self._may_fail_over(rejected):
+                for base_url in self.origin.failover_urls:
+                    try:
+                        response = self.failover(base_url)
+                    except Exception as failure:  # noqa: BLE001 - the next fallback's turn
+                        if self._goes_on(failure):
+                            continue
+                        reached = failure
+                        break
+                    if not is_failing_status(getattr(response, "status_code", None)):
+                        result = response
+                        break
+                    if not self._goes_on(None):
+                        reached = response
+                        break
+                    _close_quietly(response)
+        except BaseException:
+            # Interrupted mid-failover: nobody else will release the primary's connection.
+            if primary is not _NOTHING:
+                _close_quietly(primary)
+            raise
         answer: Exception | None = None
         if reached is not _NOTHING:
             answer, primary = self._reached(reached)
@@ -957,22 +963,28 @@ class FallbackCall:
         error, primary, rejected = self._start(error)
         result: Any = _NOTHING
         reached: Any = _NOTHING
-        if self._may_fail_over(rejected):
-            for base_url in self.origin.failover_urls:
-                try:
-                    response = await self.failover_async(base_url)
-                except Exception as failure:  # noqa: BLE001 - the next fallback's turn
-                    if self._goes_on(failure):
-                        continue
-                    reached = failure
-                    break
-                if not is_failing_status(getattr(response, "status_code", None)):
-                    result = response
-                    break
-                if not self._goes_on(None):
-                    reached = response
-                    break
-                await _aclose_quietly(response)
+        try:
+            if self._may_fail_over(rejected):
+                for base_url in self.origin.failover_urls:
+                    try:
+                        response = await self.failover_async(base_url)
+                    except Exception as failure:  # noqa: BLE001 - the next fallback's turn
+                        if self._goes_on(failure):
+                            continue
+                        reached = failure
+                        break
+                    if not is_failing_status(getattr(response, "status_code", None)):
+                        result = response
+                        break
+                    if not self._goes_on(None):
+                        reached = response
+                        break
+                    await _aclose_quietly(response)
+        except BaseException:
+            # Cancelled mid-failover: nobody else will release the primary's connection.
+            if primary is not _NOTHING:
+                await _aclose_quietly(primary)
+            raise
         answer: Exception | None = None
         if reached is not _NOTHING:
             answer, primary = self._reached(reached)
