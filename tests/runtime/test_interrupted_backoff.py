@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from otel_raptor.core.attempts import LoopSpec
+from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.runtime.classifying import classify
 from otel_raptor.runtime.downstream import Route
@@ -84,3 +85,40 @@ def test_a_failing_result_handed_back_is_not_released() -> None:
     no_retries.spec = LoopSpec.of(RetryPolicy(max_retries=0), replay_safe=True)
     assert run_sync(no_retries, lambda: "bad", (), {}) == "bad"
     assert hooks.released == []
+
+
+class SlowRelease(Released):
+    """Releasing a failing result takes a while (an async response's close waiting on its
+    connection pool)."""
+
+    def discard(self, failure: BaseException) -> Any:
+        super().discard(failure)
+        return asyncio.sleep(60)
+
+
+async def test_a_call_cancelled_while_releasing_gives_back_its_probe_slot() -> None:
+    # The retry was admitted as the half-open breaker's probe, then cancelled while the
+    # last failing result was being released, before its attempt began: the probe slot must
+    # be given back, or the breaker refuses every call for ever.
+    clock = FakeClock()
+    runtime = Runtime(clock=clock)
+    breaker = runtime.breakers.get(
+        "svc", CircuitBreakerConfig(failure_threshold=1, recovery_timeout=0.0, recovery_jitter=0.0)
+    )
+    route = Route(runtime.downstream("svc"), breaker, runtime, classify)
+    spec = LoopSpec.of(RetryPolicy(max_retries=3, base_delay=1.0), replay_safe=True)
+    hooks = SlowRelease()
+    call_plan = CallPlan(route, spec, runtime=runtime, clock=clock, hooks=hooks)
+
+    async def attempt() -> str:
+        return "bad"
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(run_async(call_plan, attempt, (), {}), 0.05)
+    assert hooks.released == ["bad"]
+    assert breaker._core.probes_in_flight == 0
+
+    async def good() -> str:
+        return "good"
+
+    assert await run_async(call_plan, good, (), {}) == "good"  # the next call may probe

@@ -560,8 +560,10 @@ async def _drive_async(
     try:
         while True:
             if step is _ATTEMPT:
-                await runner.discard_async()
                 try:
+                    # Inside the try: cancelled while releasing the last failing result, the
+                    # attempt ends unmade, and a probe slot it was admitted with is given back.
+                    await runner.discard_async()
                     result = await runner.timed(fn(*args, **runner.attempt_kwargs(kwargs)))
                 except BaseException as exc:  # noqa: BLE001 - the loop decides
                     step = runner.on_error(exc)
