@@ -362,6 +362,22 @@ def test_an_except_clause_for_connection_errors_catches_the_refusal(
     assert integration.RequestsCircuitOpen is circuit_open_error_type()
 
 
+def test_a_method_the_server_does_not_implement_never_opens_the_breaker(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # 501 (and 505) say the server does not support what this request asks for, as a 405
+    # would: a client probing an unsupported method must not cut off the healthy endpoints.
+    runtime = install(max_retries=0, failure_threshold=3)
+    for _ in range(5):
+        server.push(status(501))
+        assert requests.request("PROPFIND", server.url("/dav")).status_code == 501
+    server.push(status(505))
+    assert requests.get(server.url("/v")).status_code == 505
+    assert requests.get(server.url("/healthy")).status_code == 200
+    breaker = runtime.breakers.get(f"http://{server.authority}")
+    assert state_of(breaker) is CircuitState.CLOSED
+
+
 def test_breakers_are_per_origin(install: Install, server: FaultyHTTPServer) -> None:
     install(max_retries=0, failure_threshold=1)
     with FaultyHTTPServer() as other:

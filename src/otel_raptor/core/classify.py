@@ -421,7 +421,9 @@ _TABLE: tuple[Rule | None, ...] = (
     _status("authentication", _C.AUTHENTICATION, (401, 407)),
     _status("403", _C.AUTHORIZATION, (403,)),
     _status("unavailable", _C.UNAVAILABLE, (502, 503)),
-    _status("not_implemented", _C.SERVER_ERROR, (501, 505), retryable=False),
+    # 501/505: the server does not support what this request asks for (a method, an HTTP
+    # version), as a 405 would say: nothing about its health, so it never trips a breaker.
+    _status("not_implemented", _C.CLIENT_ERROR, (501, 505), retryable=False),
     _status("5xx", _C.SERVER_ERROR, range(500, 600)),
     _status("4xx", _C.CLIENT_ERROR, range(400, 500)),
     # -- MySQL / MariaDB error numbers (listed before SQLSTATEs: PyMySQL carries both) ------------
