@@ -668,6 +668,23 @@ def test_the_apps_monitor_taken_before_instrument_is_configured_not_replaced(
         monitor.close()
 
 
+def test_a_monitor_the_app_configured_in_code_keeps_its_config_when_nothing_else_is_set(
+    instrumentor: RaptorInstrumentor, runtime: Runtime
+) -> None:
+    from otel_raptor import ErrorRecoveryMonitor, MonitorConfig
+    from otel_raptor.runtime.monitor import set_error_recovery_monitor
+
+    monitor = ErrorRecoveryMonitor(MonitorConfig(success_rate_warning=90.0), runtime=runtime)
+    set_error_recovery_monitor(monitor)
+    instrumentor.instrument()  # no monitor kwarg, variable or file
+    try:
+        assert instrumentor.error_recovery_monitor is monitor
+        assert monitor.config.success_rate_warning == 90.0
+    finally:
+        instrumentor.uninstrument()
+        monitor.close()
+
+
 def test_the_monitor_can_be_turned_off_by_kwarg_or_environment(
     instrumentor: RaptorInstrumentor, monkeypatch: pytest.MonkeyPatch, runtime: Runtime
 ) -> None:

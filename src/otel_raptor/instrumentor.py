@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 import wrapt
 from opentelemetry import trace
@@ -555,6 +555,9 @@ def _monitor_spec(
     )
 
 
+_DEFAULT_MONITOR_CONFIG: Final = MonitorConfig()
+
+
 def _start_monitor(
     spec: ErrorRecoveryMonitor | MonitorConfig | Mapping[str, object] | bool,
     raptor_config: RaptorConfig,
@@ -574,7 +577,9 @@ def _start_monitor(
             config = raptor_config.monitor
             if not config.enabled:
                 return None
-            monitor = process_monitor(config)
+            # Nothing set anywhere (kwarg, environment, file): a monitor the app configured
+            # in code keeps its config rather than being reset to the defaults.
+            monitor = process_monitor(None if config == _DEFAULT_MONITOR_CONFIG else config)
         started = not monitor.running
         monitor.start()
     except Exception as error:  # noqa: BLE001 - resilience works without the monitor
