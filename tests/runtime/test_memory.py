@@ -468,6 +468,29 @@ def _run_child(code: str) -> dict[str, object]:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_without_the_parents_cleanups() -> None:
+    result = _run_child(
+        """
+        import asyncio, json, os
+        from otel_raptor.runtime.memory import SimpleMemoryController
+        from otel_raptor.runtime.state import Runtime
+        c = SimpleMemoryController(runtime=Runtime())
+        for _ in range(3):  # useless cleanups (nothing to free): the learner backs off
+            asyncio.run(c.manual_cleanup("standard"))
+        parent = len(c.get_memory_stats()["cleanups"])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, str(len(c.get_memory_stats()["cleanups"])).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(json.dumps({"parent": parent, "child": int(os.read(r, 8))}))
+        """
+    )
+    assert result == {"parent": 3, "child": 0}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_the_thread_restarts_in_a_forked_child() -> None:
     result = _run_child(
         """

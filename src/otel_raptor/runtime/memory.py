@@ -585,6 +585,14 @@ class SimpleMemoryController:
     def _after_fork_in_child(self) -> None:
         # The locks are fresh already (forksafe); the thread and the process are the parent's.
         self._process = psutil.Process()
+        # So are the pressure level, what the learner learnt of cleanups and the cooldowns:
+        # they are about the parent's memory, not this worker's.
+        self._pressure = PressureTracker(self.options)
+        self._learner = EffectivenessLearner(self.options)
+        self._last_auto = -float("inf")
+        self._last_auto_level = None
+        self._last_scheduled = self._clock.monotonic()
+        self._history = []
         self._thread = None  # the parent's thread does not exist here
         self._stop = threading.Event()  # its lock may have been held by that thread
         if self._wanted:
