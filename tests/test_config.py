@@ -127,6 +127,16 @@ def test_every_documented_variable_is_read_and_in_the_docs() -> None:
         assert f"`{name}`" in docs, name
 
 
+def test_the_documented_example_file_loads_and_keeps_the_default_retries(tmp_path: Path) -> None:
+    # Users copy this file: its [retry] table spells out the defaults, so it must not narrow
+    # retry_on (a list without unavailable/rate_limit silently stops 503 and 429 retries).
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    example = docs.split("## The TOML file", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_CONFIG: str(write(tmp_path, example))})
+    assert reports.errors == []
+    assert config.retry == RetryPolicy()
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [("all", None), ("ALL", None), ("none", frozenset()), ("httpx", frozenset({"httpx"}))],
