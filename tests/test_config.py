@@ -147,6 +147,18 @@ def test_integrations_variable(raw: str, expected: frozenset[str] | None) -> Non
     assert config.integrations == expected
 
 
+@pytest.mark.parametrize("path", ["/he alth", "/a\tb", "/a\x7fb"])
+def test_a_health_check_path_urllib_would_refuse_is_rejected(path: str) -> None:
+    # urllib raises InvalidURL for it on every check, so the breaker was never checked.
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH: "/ok"})
+    assert config.health_check_path == "/ok"
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH: path})
+    assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_HEALTH_CHECK_PATH]
+    assert config.health_check_path is None
+    with pytest.raises(ConfigError, match="health_check_path"):
+        load(kwargs={"health_check_path": path})
+
+
 def test_optional_seconds_accept_none_and_empty_values_count_as_unset() -> None:
     config, reports = load(
         environ={

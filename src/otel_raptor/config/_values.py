@@ -117,9 +117,18 @@ def _check_flag(key: str, value: object, *, optional: bool) -> None:
         raise ConfigError(key, value, "None (inherit), True or False" if optional else "a bool")
 
 
+def _is_url_path(value: str) -> bool:
+    # A space or control character makes urllib refuse the URL (http.client's InvalidURL) on
+    # every health check: the breaker would never be checked, and nothing would say why.
+    return value.startswith("/") and not any(c <= " " or c == "\x7f" for c in value)
+
+
+_PATH_ALLOWED: Final = "a URL path starting with / (such as /health), without spaces"
+
+
 def _check_path(key: str, value: object) -> None:
-    if value is not None and not (isinstance(value, str) and value.startswith("/")):
-        raise ConfigError(key, value, "None, or a URL path starting with / (such as /health)")
+    if value is not None and not (isinstance(value, str) and _is_url_path(value)):
+        raise ConfigError(key, value, "None, or " + _PATH_ALLOWED)
 
 
 def _urls(key: str, value: object) -> tuple[str, ...]:
@@ -182,8 +191,8 @@ def _parse_bool(text: str) -> bool:
 def _parse_path(text: str) -> str | None:
     if text.lower() == "none":
         return None
-    if not text.startswith("/"):
-        raise ValueError("none, or a URL path starting with / (such as /health)")
+    if not _is_url_path(text):
+        raise ValueError("none, or " + _PATH_ALLOWED)
     return text
 
 
