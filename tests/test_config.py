@@ -705,6 +705,11 @@ def test_an_override_an_earlier_one_hides_is_refused_in_code_and_dropped_from_a_
     ("build", "key"),
     [
         (lambda: DownstreamOverride(pattern=" x"), "downstream.pattern"),
+        # A URL, path or userinfo never matches a host: the override would silently not apply.
+        (lambda: DownstreamOverride(pattern="https://api.example.com"), "downstream.pattern"),
+        (lambda: DownstreamOverride(pattern="api.example.com/v1"), "downstream.pattern"),
+        (lambda: DownstreamOverride(pattern="user@api.example.com"), "downstream.pattern"),
+        (lambda: DownstreamOverride(pattern="api .example.com"), "downstream.pattern"),
         (lambda: DownstreamOverride(pattern="x", timeout=0), "downstream.timeout"),
         (lambda: DownstreamOverride(pattern="x", retry={"max_retries": 1}), "downstream.retry"),
         (

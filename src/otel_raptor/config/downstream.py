@@ -106,9 +106,18 @@ class DownstreamOverride:
 
     def __post_init__(self) -> None:
         pattern: object = self.pattern
-        if not isinstance(pattern, str) or not pattern.strip() or pattern != pattern.strip():
+        if (
+            not isinstance(pattern, str)
+            or not pattern.strip()
+            # A URL (``https://api.example.com``), a path or ``user@host`` is matched against
+            # hosts and could never match one: the override would silently never apply.
+            or any(c in "/@" or c.isspace() for c in pattern)
+        ):
             raise ConfigError(
-                "downstream.pattern", pattern, "a non-empty fnmatch pattern such as '*.internal'"
+                "downstream.pattern",
+                pattern,
+                "a non-empty fnmatch pattern of a host or host:port such as '*.internal' or"
+                " 'api.example.com:443' (not a URL)",
             )
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise ConfigError("downstream.retry", self.retry, "None or a RetryPolicy")
