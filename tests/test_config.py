@@ -159,6 +159,16 @@ def test_a_health_check_path_urllib_would_refuse_is_rejected(path: str) -> None:
         load(kwargs={"health_check_path": path})
 
 
+def test_an_unknown_integration_in_the_variable_is_explained_in_the_variables_words() -> None:
+    # The code's message offered "None (every installed one)"; in this variable `none` means
+    # no integration at all, the opposite of what a reader following that message wanted.
+    config, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS: "requests,sqlite"})
+    assert config.integrations is None  # the default: every installed one
+    assert reports.keys == [ev.OTEL_PYTHON_RAPTOR_INTEGRATIONS]
+    assert reports.errors[0].allowed.startswith("all (every installed one), none, ")
+    assert "None" not in reports.errors[0].allowed
+
+
 def test_optional_seconds_accept_none_and_empty_values_count_as_unset() -> None:
     config, reports = load(
         environ={

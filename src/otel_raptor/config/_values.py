@@ -206,4 +206,12 @@ def _parse_integrations(text: str) -> frozenset[str] | None:
         return None
     if word == "none":
         return frozenset()
-    return frozenset(part for part in (p.strip() for p in word.split(",")) if part)
+    names = frozenset(part for part in (p.strip() for p in word.split(",")) if part)
+    if not names <= ALL_INTEGRATIONS:
+        # Said here in the variable's own words: the code's message offers ``None`` for "every
+        # installed one", and ``none`` in this variable means no integration at all.
+        raise ValueError(
+            "all (every installed one), none, or a comma list of: "
+            + ", ".join(sorted(ALL_INTEGRATIONS))
+        )
+    return names
