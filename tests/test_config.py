@@ -720,6 +720,10 @@ def test_an_override_an_earlier_one_hides_is_refused_in_code_and_dropped_from_a_
         (lambda: DownstreamOverride(pattern="api.example.com/v1"), "downstream.pattern"),
         (lambda: DownstreamOverride(pattern="user@api.example.com"), "downstream.pattern"),
         (lambda: DownstreamOverride(pattern="api .example.com"), "downstream.pattern"),
+        # A port that is no port, or an unclosed bracket, matches nothing either.
+        (lambda: DownstreamOverride(pattern="api.example.com:https"), "downstream.pattern"),
+        (lambda: DownstreamOverride(pattern="api.example.com:"), "downstream.pattern"),
+        (lambda: DownstreamOverride(pattern="[::1"), "downstream.pattern"),
         (lambda: DownstreamOverride(pattern="x", timeout=0), "downstream.timeout"),
         (lambda: DownstreamOverride(pattern="x", retry={"max_retries": 1}), "downstream.retry"),
         (

@@ -12,6 +12,7 @@ from otel_raptor import ConfigError, RetryPolicy
 from otel_raptor import environment_variables as ev
 from otel_raptor.config import DownstreamOverride, DownstreamPolicy, RaptorConfig
 from otel_raptor.core.numbers import MAX_SECONDS, as_finite, as_seconds
+from otel_raptor.runtime.state import Runtime
 
 
 def load(kwargs: dict[str, Any], environ: dict[str, str]) -> tuple[RaptorConfig, list[str]]:
@@ -94,3 +95,15 @@ def test_per_downstream_durations_are_bounded_too() -> None:
         DownstreamOverride(pattern="api", stale_max_age=10**400)
     with pytest.raises(ConfigError, match=r"downstream\.stale_max_age"):
         DownstreamPolicy(retry=RetryPolicy(), stale_max_age=1e10)
+
+
+def test_max_services_has_an_upper_bound_in_code_and_from_the_environment() -> None:
+    # A cap of 1e20 bounds neither memory nor metric cardinality.
+    with pytest.raises(ConfigError, match=r"max_services.*1, 100000"):
+        RaptorConfig(max_services=10**20)
+    with pytest.raises(ConfigError, match=r"max_services"):
+        Runtime(max_services=100_001)
+    assert RaptorConfig(max_services=100_000).max_services == 100_000
+    config, reported = load({}, {ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES: "99999999999999999999"})
+    assert reported == [ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES]
+    assert config.max_services == RaptorConfig().max_services

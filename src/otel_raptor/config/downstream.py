@@ -112,6 +112,7 @@ class DownstreamOverride:
             # A URL (``https://api.example.com``), a path or ``user@host`` is matched against
             # hosts and could never match one: the override would silently never apply.
             or any(c in "/@" or c.isspace() for c in pattern)
+            or _bad_port_or_bracket(pattern)
         ):
             raise ConfigError(
                 "downstream.pattern",
@@ -138,6 +139,17 @@ class DownstreamOverride:
             raise ConfigError("downstream.fallback", self.fallback, "None or a callable")
         _check_flag("downstream.enabled", self.enabled, optional=True)
         _check_path("downstream.health_check_path", self.health_check_path)
+
+
+def _bad_port_or_bracket(pattern: str) -> bool:
+    """A ``host:port`` pattern whose port is no port (``api.example.com:https``, ``host:``),
+    or an unclosed ``[``: either matches nothing, so the override would silently never
+    apply. (A bare IPv6 address has more than one colon, and is left alone.)"""
+    head, sep, tail = pattern.rpartition(":")
+    if pattern.startswith("[") and "]" not in pattern:
+        return True
+    single_colon = sep and head and ":" not in head
+    return bool(single_colon and not (tail and all(c in "0123456789*?[]!" for c in tail)))
 
 
 class _Matcher:

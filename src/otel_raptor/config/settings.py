@@ -39,6 +39,7 @@ from otel_raptor.config.monitor import (
 )
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.budget import RetryBudget
+from otel_raptor.core.numbers import SERVICE_CAP_TEXT, is_service_cap
 from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.errors import ConfigError
 
@@ -57,9 +58,10 @@ class RaptorConfig:
     means every integration whose library is installed; otherwise a subset of
     :data:`ALL_INTEGRATIONS` (any iterable of names, or a comma-separated string, is
     accepted and stored as a frozenset). ``breaker_key`` ``origin`` keys breakers by
-    ``scheme://host:port``, ``host`` by host only. ``max_services`` (integer >= 1, default
-    256) caps the distinct downstreams tracked. ``retry_non_idempotent`` (default False) also
-    retries POST/PATCH without an ``Idempotency-Key``. ``downstreams`` are the per-downstream
+    ``scheme://host:port``, ``host`` by host only. ``max_services`` (integer in
+    [1, 100 000], default 256) caps the distinct downstreams tracked.
+    ``retry_non_idempotent`` (default False) also retries POST/PATCH without an
+    ``Idempotency-Key``. ``downstreams`` are the per-downstream
     overrides, first match wins. ``request_timeout`` (seconds > 0, or ``None`` for the
     library's own default; default 30.0) is applied to requests whose caller set no timeout.
     When no layer sets it, the seed's ``breaker.timeout`` (``CIRCUIT_BREAKER_CONFIG``'s
@@ -117,8 +119,8 @@ class RaptorConfig:
         if self.breaker_key not in ("origin", "host"):
             raise ConfigError("breaker_key", self.breaker_key, "'origin' or 'host'")
         max_services: object = self.max_services
-        if not isinstance(max_services, int) or isinstance(max_services, bool) or max_services < 1:
-            raise ConfigError("max_services", max_services, "an integer >= 1")
+        if not is_service_cap(max_services):
+            raise ConfigError("max_services", max_services, SERVICE_CAP_TEXT)
         _check_flag("retry_non_idempotent", self.retry_non_idempotent, optional=False)
         _check_seconds("request_timeout", self.request_timeout)
         _check_path("health_check_path", self.health_check_path)

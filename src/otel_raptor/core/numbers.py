@@ -10,7 +10,15 @@ from __future__ import annotations
 import math
 from typing import Final
 
-__all__ = ["MAX_SECONDS", "MAX_SECONDS_TEXT", "as_finite", "as_seconds"]
+__all__ = [
+    "MAX_SECONDS",
+    "MAX_SECONDS_TEXT",
+    "MAX_SERVICES",
+    "SERVICE_CAP_TEXT",
+    "as_finite",
+    "as_seconds",
+    "is_service_cap",
+]
 
 #: The longest duration any setting accepts: 10 million seconds (about 116 days). Far above any
 #: sensible timeout, delay or age, and far below what a sleep, a lock wait or a socket timeout
@@ -18,6 +26,16 @@ __all__ = ["MAX_SECONDS", "MAX_SECONDS_TEXT", "as_finite", "as_seconds"]
 #: timeout made every call raise ``OverflowError``).
 MAX_SECONDS: Final = 10_000_000.0
 MAX_SECONDS_TEXT: Final = f"{MAX_SECONDS:.0f}"  # for error messages
+
+#: The largest ``max_services`` accepted. The cap bounds memory and metric cardinality
+#: (a breaker, a budget and their series per service); ``1e20`` would bound nothing.
+MAX_SERVICES: Final = 100_000
+SERVICE_CAP_TEXT: Final = f"an integer in [1, {MAX_SERVICES}]"
+
+
+def is_service_cap(value: object) -> bool:
+    """Whether ``value`` is an acceptable ``max_services``."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SERVICES
 
 
 def as_finite(value: object) -> float | None:

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.events import Event
 from otel_raptor.core.learning import LearnerOptions, StrategyLearner
+from otel_raptor.core.numbers import SERVICE_CAP_TEXT, is_service_cap
 from otel_raptor.core.prediction import EMPTY_SNAPSHOT, ResourceSnapshot
 from otel_raptor.core.recovery import Strategy
 from otel_raptor.errors import ConfigError
@@ -112,8 +113,8 @@ class Runtime:
         if not all(callable(getattr(clock, name, None)) for name in _CLOCK_METHODS):
             raise ConfigError("clock", clock, "a Clock: " + ", ".join(_CLOCK_METHODS))
         limit: object = max_services  # typed int, but callers pass anything
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ConfigError("max_services", limit, "an integer >= 1")
+        if not is_service_cap(limit):
+            raise ConfigError("max_services", limit, SERVICE_CAP_TEXT)
         if learner is not None and not isinstance(learner, LearnerOptions):
             raise ConfigError("learner", learner, "a LearnerOptions, or None (the defaults)")
         self.clock = clock
