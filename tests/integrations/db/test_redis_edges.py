@@ -585,3 +585,46 @@ async def test_an_asyncio_blocking_command_never_holds_the_half_open_probe(
     finally:
         await client.aclose()
         await producer.aclose()
+
+
+def test_a_blocking_command_let_through_an_open_breaker_keeps_redis_py_retries(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    """A blocking command meeting an open breaker runs as without raptor, redis-py's own
+    retries included: a consumer's ``BLPOP`` rides out a server that is still restarting
+    (refusing connections for a moment) as it would without raptor, instead of failing at
+    its first refused connection."""
+    installed = install(RedisIntegration, failure_threshold=1, max_retries=0)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)  # redis-py's default retry
+    proxy.refuse()
+    with pytest.raises(redis.ConnectionError):
+        client.get(key)
+    assert opened(installed)
+    shared().rpush(key, "job")
+    healer = threading.Timer(0.05, proxy.heal)
+    healer.start()
+    try:
+        assert client.blpop([key], timeout=1) == (key.encode(), b"job")
+    finally:
+        healer.join()
+
+
+async def test_an_asyncio_blocking_command_let_through_an_open_breaker_keeps_redis_py_retries(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=1, max_retries=0)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    try:
+        proxy.refuse()
+        with pytest.raises(redis.ConnectionError):
+            await client.get(key)
+        assert opened(installed)
+        shared().rpush(key, "job")
+        healer = threading.Timer(0.05, proxy.heal)
+        healer.start()
+        try:
+            assert await client.blpop([key], timeout=1) == (key.encode(), b"job")
+        finally:
+            healer.join()
+    finally:
+        await client.aclose()

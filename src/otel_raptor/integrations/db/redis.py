@@ -183,8 +183,17 @@ def _unguarded(args: tuple[Any, ...]) -> bool:
     """``CallHooks.unguarded``: a blocking command meeting a breaker that is not closed runs
     as without raptor. Admitted as the half-open probe, ``BLPOP queue 0`` would hold the only
     probe slot until an item arrives, while the producers' commands, refused meanwhile, never
-    push one; refused, a consumer alone would never let the breaker close."""
-    return not isinstance(args[0], _Marker) and _blocks(args) if args else False
+    push one; refused, a consumer alone would never let the breaker close.
+
+    As without raptor includes redis-py's own retries: the hook turned them off before the
+    loop asked this, so a command let through turns them back on for its one run (the
+    hook's ``_driving.reset`` restores the caller's value afterwards). Otherwise a consumer
+    would fail at the first refused connection of a server still restarting."""
+    if not args or isinstance(args[0], _Marker) or not _blocks(args):
+        return False
+    if _driving.get():
+        _driving.set(False)
+    return True
 
 
 def _waited_too_long(failure: BaseException, classification: Classification) -> Classification:
