@@ -628,3 +628,51 @@ async def test_an_asyncio_blocking_command_let_through_an_open_breaker_keeps_red
             healer.join()
     finally:
         await client.aclose()
+
+
+def test_a_pipeline_refused_by_an_open_breaker_is_emptied_as_after_any_failure(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    """redis-py empties a pipeline whatever ``execute()`` ended with; one refused by an open
+    breaker kept its commands, so an app that queues its batch again after a failure (or
+    simply goes on using the pipeline) sent the refused commands too: the item twice."""
+    installed = install(RedisIntegration, failure_threshold=1, max_retries=0)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)
+    proxy.refuse()
+    with pytest.raises(redis.ConnectionError):
+        client.get(key)
+    assert opened(installed)
+    proxy.heal()
+    pipe = client.pipeline()
+    pipe.rpush(key, "job")
+    with pytest.raises(CircuitOpenError):
+        pipe.execute()
+    assert len(pipe) == 0
+    time.sleep(0.6)  # the breaker lets a probe through
+    pipe.rpush(key, "job")  # the app's own retry of its batch
+    assert pipe.execute() == [1]
+    assert shared().lrange(key, 0, -1) == [b"job"]
+
+
+async def test_an_asyncio_pipeline_refused_by_an_open_breaker_is_emptied(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=1, max_retries=0)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    try:
+        proxy.refuse()
+        with pytest.raises(redis.ConnectionError):
+            await client.get(key)
+        assert opened(installed)
+        proxy.heal()
+        pipe = client.pipeline()
+        pipe.rpush(key, "job")
+        with pytest.raises(CircuitOpenError):
+            await pipe.execute()
+        assert len(pipe) == 0
+        await asyncio.sleep(0.6)
+        pipe.rpush(key, "job")
+        assert await pipe.execute() == [1]
+        assert shared().lrange(key, 0, -1) == [b"job"]
+    finally:
+        await client.aclose()

@@ -788,6 +788,26 @@ def _settled(result: Any) -> Any:
     return result
 
 
+def _reset_unsent(pipe: Any) -> None:
+    """Empty a pipeline whose ``execute()`` was refused before it ran (an open breaker), as
+    redis-py's own ``execute()`` does in its ``finally`` whatever it ended with: kept, the
+    refused commands would be sent with the next ``execute()``, twice over when the app
+    queues its failed batch again. A failing reset (its ``UNWATCH``) leaves the refusal to be
+    raised."""
+    try:
+        pipe.reset()
+    except Exception:  # noqa: BLE001 - the server's failure, not ours: the refusal is raised
+        return
+
+
+async def _async_reset_unsent(pipe: Any) -> None:
+    """:func:`_reset_unsent` for a ``redis.asyncio`` pipeline."""
+    try:
+        await pipe.reset()
+    except Exception:  # noqa: BLE001
+        return
+
+
 def _pipeline_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Pipeline.execute``."""
 
@@ -808,6 +828,10 @@ def _pipeline_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         token = _driving.set(True)
         try:
             return _settled(call(plan, run, (marker, *args), kwargs))
+        except BaseException:
+            if not run.started:  # refused before any attempt: reset, as redis-py always does
+                _reset_unsent(self)
+            raise
         finally:
             _driving.reset(token)
 
@@ -834,6 +858,10 @@ def _async_pipeline_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..
         token = _driving.set(True)
         try:
             return _settled(await call_async(plan, run, (marker, *args), kwargs))
+        except BaseException:
+            if not run.started:  # refused before any attempt: reset, as redis-py always does
+                await _async_reset_unsent(self)
+            raise
         finally:
             _driving.reset(token)
 
