@@ -109,6 +109,15 @@ class FaultProxy:
                 listener.close()
         self.reset_all()
 
+    def stop_accepting(self) -> None:
+        """Refuse new connections, keeping the open ones (``heal()`` listens again)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                listener.close()
+
     def reset_all(self) -> None:
         with self._lock:
             pairs, self._pairs = self._pairs, []

@@ -676,3 +676,68 @@ async def test_an_asyncio_pipeline_refused_by_an_open_breaker_is_emptied(
         assert shared().lrange(key, 0, -1) == [b"job"]
     finally:
         await client.aclose()
+
+
+def test_a_write_whose_reconnect_afterwards_failed_is_not_sent_again(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    """redis-py reconnects a connection marked for it (a maintenance ``MOVING`` notification)
+    in ``execute_command``'s ``finally``, after the command ran: a failure there is raised
+    through the connection's opening, but the ``INCR`` was sent and applied. Taken for a
+    command never sent, it was sent again: the counter went up twice."""
+    installed = install(RedisIntegration, max_retries=100, failure_threshold=1000)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, single_connection_client=True)
+    client.ping()
+    conn = client.connection
+    assert conn is not None
+    proxy.latency(0.2)
+
+    def moving() -> None:  # what the pool does on a MOVING notification, mid-command
+        conn.mark_for_reconnect()
+        proxy.stop_accepting()
+
+    mover = threading.Timer(0.05, moving)
+    healer = threading.Timer(0.6, proxy.heal)
+    mover.start()
+    healer.start()
+    try:
+        with pytest.raises(redis.ConnectionError):
+            client.incr(key)
+    finally:
+        mover.join()
+        healer.join()
+    assert shared().get(key) == b"1"
+    [finished] = installed.of(RecoveryFinished)
+    assert finished.attempts == 1
+
+
+async def test_an_asyncio_write_whose_reconnect_afterwards_failed_is_not_sent_again(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    installed = install(RedisIntegration, max_retries=100, failure_threshold=1000)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, single_connection_client=True)
+    try:
+        await client.ping()
+        conn = client.connection
+        assert conn is not None
+        proxy.latency(0.2)
+
+        def moving() -> None:
+            conn.mark_for_reconnect()
+            proxy.stop_accepting()
+
+        mover = threading.Timer(0.05, moving)
+        healer = threading.Timer(0.6, proxy.heal)
+        mover.start()
+        healer.start()
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await client.incr(key)
+        finally:
+            mover.join()
+            healer.join()
+        assert shared().get(key) == b"1"
+        [finished] = installed.of(RecoveryFinished)
+        assert finished.attempts == 1
+    finally:
+        await client.aclose()

@@ -46,7 +46,8 @@ What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio
 ``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, plus ``Retry.call_with_retry``,
 to turn retries off, and ``NodesManager.create_redis_node``, to know the cluster's node clients.
 A failure raised through ``AbstractConnection.connect_check_health`` (``connect`` before
-redis-py 6) happened before the command was sent: that is read from its traceback. See
+redis-py 6) happened before the command was sent: that is read from its traceback (unless
+it was ``execute_command``'s reconnect after the command, for a ``MOVING`` notification). See
 ``docs/databases.md``.
 """
 
@@ -127,6 +128,11 @@ WAITED_ATTRIBUTE: Final = "_otel_raptor_waited"
 _ANNOTATION: Final = "Command # "
 # redis-py's health check (``check_health``) sends ``PING`` with this function.
 _HEALTH_CHECK_PING: Final = "_send_ping"
+# The client functions that run a command (sync, asyncio), in the modules defining them, and
+# the connection method they call to reconnect after it (see ``_reconnect_after_command``).
+_COMMAND_FUNCTIONS: Final = frozenset({"_execute_command", "execute_command"})
+_CLIENT_MODULES: Final = frozenset({"redis.client", "redis.asyncio.client"})
+_CONNECT_FUNCTION: Final = "connect"
 
 
 class _Marker:
@@ -348,12 +354,30 @@ def _opening_code(connection_class: type) -> Any:
     return method.__code__
 
 
+def _reconnect_after_command(caller: Any, frame: Any) -> bool:
+    """Whether ``frame`` is ``connect`` called by ``caller``, a client's command function
+    itself: redis-py's ``execute_command`` reconnects, in its ``finally``, a connection
+    marked for it (a maintenance ``MOVING`` notification) after the command was sent."""
+    return (
+        caller is not None
+        and frame.f_code.co_name == _CONNECT_FUNCTION
+        and caller.f_code.co_name in _COMMAND_FUNCTIONS
+        and str(caller.f_globals.get("__name__", "")) in _CLIENT_MODULES
+    )
+
+
 def _opened_in(error: BaseException, opening: frozenset[Any]) -> bool:
-    """Whether ``error`` was raised while a connection was being opened."""
+    """Whether ``error`` was raised while a connection was being opened before the command
+    was sent (not by the reconnect after it: :func:`_reconnect_after_command`)."""
     tb = error.__traceback__
+    caller = None
     while tb is not None:
-        if tb.tb_frame.f_code in opening:
+        frame = tb.tb_frame
+        if _reconnect_after_command(caller, frame):
+            return False
+        if frame.f_code in opening:
             return True
+        caller = frame
         tb = tb.tb_next
     return False
 
