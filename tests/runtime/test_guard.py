@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -767,3 +768,27 @@ def test_resilient_refuses_an_empty_service_name() -> None:
         @resilient(service="")
         def job() -> None:
             return None
+
+
+class _Lookup:
+    """A callable object (no ``__qualname__`` of its own)."""
+
+    def __call__(self, item: str) -> str:
+        return item
+
+
+def _reserve(shop: str, item: str) -> str:
+    return f"{shop}:{item}"
+
+
+def test_resilient_names_the_service_of_a_partial_or_a_callable_object(
+    runtime: Runtime,
+) -> None:
+    # Both used to raise AttributeError ('functools.partial' object has no attribute
+    # '__qualname__') when decorating.
+    reserve = resilient(runtime=runtime)(functools.partial(_reserve, "north"))
+    assert reserve("pen") == "north:pen"
+    assert reserve.guard.service == f"{__name__}._reserve"  # type: ignore[attr-defined]
+    lookup = resilient(runtime=runtime)(_Lookup())
+    assert lookup("pen") == "pen"
+    assert lookup.guard.service == f"{__name__}._Lookup"  # type: ignore[attr-defined]

@@ -82,7 +82,7 @@ def resilient(
                 "fetches the items, or collect them in a function to decorate)",
             )
         guard = Guard(
-            service if service is not None else f"{fn.__module__}.{fn.__qualname__}",
+            service if service is not None else _default_service(fn),
             retry=retry,
             breaker=breaker,
             fallback=fallback,
@@ -115,3 +115,12 @@ def resilient(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+def _default_service(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of the decorated callable: of the function a ``functools.partial``
+    wraps, of the class of a callable object (neither has a ``__qualname__`` of its own)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{named.__module__}.{named.__qualname__}"
