@@ -792,3 +792,26 @@ def test_resilient_names_the_service_of_a_partial_or_a_callable_object(
     lookup = resilient(runtime=runtime)(_Lookup())
     assert lookup("pen") == "pen"
     assert lookup.guard.service == f"{__name__}._Lookup"  # type: ignore[attr-defined]
+
+
+class _AsyncFetch:
+    """A callable object whose ``__call__`` is a coroutine function; fails once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionResetError(104, "reset")
+        return "ok"
+
+
+async def test_resilient_guards_an_object_whose_call_is_async(runtime: Runtime) -> None:
+    # It used to be wrapped as a plain function: the guard "succeeded" on building the
+    # coroutine, and the awaited failure reached the caller unretried.
+    fetch = _AsyncFetch()
+    guarded = resilient(runtime=runtime, retry=2)(fetch)
+    assert asyncio.iscoroutinefunction(guarded)
+    assert await guarded() == "ok"
+    assert fetch.calls == 2

@@ -92,7 +92,9 @@ def resilient(
             runtime=runtime,
         )
         wrapper: Any
-        is_async = inspect.iscoroutinefunction(fn)
+        # An object whose ``__call__`` is ``async def`` is async too: wrapped as a plain
+        # function, its coroutine would reach the caller unguarded.
+        is_async = is_async_callable(fn)
         if fallback is not None and not is_async and is_async_callable(fallback):
             # A sync call would hand its caller the fallback's coroutine, never run.
             raise ConfigError(
