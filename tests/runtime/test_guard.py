@@ -815,3 +815,28 @@ async def test_resilient_guards_an_object_whose_call_is_async(runtime: Runtime) 
     assert asyncio.iscoroutinefunction(guarded)
     assert await guarded() == "ok"
     assert fetch.calls == 2
+
+
+def test_resilient_keeps_a_static_or_class_method(runtime: Runtime) -> None:
+    # Above @staticmethod the guard (a plain function) bound the instance as ``self`` and an
+    # async static method was wrapped as sync (unguarded); above @classmethod: ConfigError.
+    class Client:
+        @resilient(service="svc", runtime=runtime)  # type: ignore[arg-type]
+        @staticmethod
+        def double(x: int) -> int:
+            return 2 * x
+
+        @resilient(service="svc", runtime=runtime)  # type: ignore[arg-type]
+        @staticmethod
+        async def fetch() -> str:
+            return "ok"
+
+        @resilient(service="svc", runtime=runtime)  # type: ignore[arg-type]
+        @classmethod
+        def make(cls) -> type:
+            return cls
+
+    assert Client().double(2) == Client.double(2) == 4
+    assert asyncio.iscoroutinefunction(Client().fetch)
+    assert asyncio.run(Client.fetch()) == "ok"
+    assert Client().make() is Client.make() is Client

@@ -64,6 +64,12 @@ def resilient(
 
     def decorate(fn: F) -> F:
         target: object = fn  # typed, but callers pass anything
+        if isinstance(target, staticmethod | classmethod):
+            # ``@resilient`` above ``@staticmethod``/``@classmethod``: guard the function and
+            # wrap the guard the same way. The guard alone is a plain function, which an
+            # instance would bind as a method (``self`` passed to a static method), and a
+            # static coroutine function would not be recognised as async.
+            return type(target)(decorate(target.__func__))  # type: ignore[return-value]
         if isinstance(target, str):
             # ``@resilient("inventory")``: the service must be named.
             raise ConfigError(
