@@ -840,3 +840,20 @@ def test_resilient_keeps_a_static_or_class_method(runtime: Runtime) -> None:
     assert asyncio.iscoroutinefunction(Client().fetch)
     assert asyncio.run(Client.fetch()) == "ok"
     assert Client().make() is Client.make() is Client
+
+
+class _Awaitable:
+    """An awaitable that is neither a coroutine nor a future (aiohttp's request manager)."""
+
+    def __await__(self) -> Any:
+        yield from asyncio.sleep(0).__await__()
+        return "cached"
+
+
+async def test_an_awaitable_a_fallback_returns_is_awaited(runtime: Runtime) -> None:
+    # Only coroutines and futures used to be awaited: this one reached the caller as is.
+    @resilient(runtime=runtime, retry=False, fallback=lambda error: _Awaitable())
+    async def fetch() -> str:
+        raise ConnectionRefusedError(111, "refused")
+
+    assert await fetch() == "cached"

@@ -802,7 +802,9 @@ class _Runner:
             return self._no_fallback()
         try:
             value = fallback(error)
-            if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            # Any awaitable, not only coroutines and futures: ``lambda e: session.get(url)``
+            # (aiohttp) returns one that is neither, and the caller awaits our call, not it.
+            if inspect.isawaitable(value):
                 value = await value
         except FallbackDeclined as declined:
             answer = declined.answer
