@@ -857,3 +857,21 @@ async def test_an_awaitable_a_fallback_returns_is_awaited(runtime: Runtime) -> N
         raise ConnectionRefusedError(111, "refused")
 
     assert await fetch() == "cached"
+
+
+async def test_bind_guards_a_coroutine_function(runtime: Runtime) -> None:
+    # bind() used to return a plain function: it "succeeded" on building the coroutine, and
+    # the awaited failure reached the caller unretried.
+    calls = 0
+
+    async def fetch(item: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError(104, "reset")
+        return item
+
+    guarded = Guard("svc", retry=2, runtime=runtime).bind(fetch)
+    assert asyncio.iscoroutinefunction(guarded)
+    assert await guarded("pen") == "pen"
+    assert calls == 2

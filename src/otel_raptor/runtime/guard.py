@@ -250,8 +250,16 @@ class Guard:
 
     def bind(self, fn: Callable[..., T]) -> Callable[..., T]:
         """``fn`` guarded: a function that behaves as ``lambda *a, **k: self.call(fn, *a, **k)``
-        (``@resilient`` uses it: one call frame less per call)."""
+        (``@resilient`` uses it: one call frame less per call). Given a coroutine function it
+        returns one, as ``call`` hands over to ``call_async``: a plain function would only guard
+        the coroutine's creation, and its attempts would run unguarded."""
         plan = self._plan
+        if is_async_callable(fn):
+
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                return await run_async(plan, fn, args, kwargs)  # type: ignore[arg-type]
+
+            return guarded_async  # type: ignore[return-value]  # T is the awaitable
 
         def guarded(*args: Any, **kwargs: Any) -> T:
             return run_sync(plan, fn, args, kwargs)  # type: ignore[no-any-return]
