@@ -875,3 +875,19 @@ async def test_bind_guards_a_coroutine_function(runtime: Runtime) -> None:
     assert asyncio.iscoroutinefunction(guarded)
     assert await guarded("pen") == "pen"
     assert calls == 2
+
+
+def test_resilient_refuses_a_timeout_kwarg_the_function_does_not_take(runtime: Runtime) -> None:
+    # It used to be accepted: with an attempt timeout every call then failed with
+    # "f() got an unexpected keyword argument 'timeout'".
+    with pytest.raises(ConfigError, match=r"timeout_kwarg.*no such parameter"):
+
+        @resilient(runtime=runtime, timeout_kwarg="timeout", retry={"attempt_timeout": 2})
+        def fetch(item: str) -> str:
+            return item
+
+    @resilient(runtime=runtime, timeout_kwarg="timeout", retry={"attempt_timeout": 2})
+    def fetch_any(item: str, **options: Any) -> Any:
+        return options["timeout"]
+
+    assert fetch_any("pen") == 2

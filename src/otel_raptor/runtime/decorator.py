@@ -87,6 +87,15 @@ def resilient(
                 "a plain or async function, not a generator function (guard the call that "
                 "fetches the items, or collect them in a function to decorate)",
             )
+        if isinstance(timeout_kwarg, str) and not _takes_keyword(fn, timeout_kwarg):
+            # Every attempt given a timeout would fail with the function's own TypeError
+            # (an unexpected keyword argument), in production rather than here.
+            raise ConfigError(
+                "timeout_kwarg",
+                timeout_kwarg,
+                f"a keyword argument {_default_service(fn)} takes (it has no such parameter "
+                "and no **kwargs)",
+            )
         guard = Guard(
             service if service is not None else _default_service(fn),
             retry=retry,
@@ -123,6 +132,19 @@ def resilient(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (``True`` when its signature
+    cannot be read: then only a call can tell)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    parameter = parameters.get(name)
+    if parameter is not None and parameter.kind is not inspect.Parameter.POSITIONAL_ONLY:
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _default_service(fn: Callable[..., Any]) -> str:
