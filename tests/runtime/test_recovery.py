@@ -12,6 +12,7 @@ from otel_raptor import (
     ErrorCategory,
     ErrorRecoveryEngine,
     Event,
+    Guard,
     Outcome,
     RecoveryFinished,
     ResilientClient,
@@ -376,6 +377,18 @@ async def test_resilient_client_breakers_call_sync_and_async(runtime: Runtime) -
         await breaker.call(fine)
     with pytest.raises(ConfigError, match="payments"):
         client.add_circuit_breaker("payments", CircuitBreakerConfig(failure_threshold=9))
+
+
+def test_a_client_breaker_config_the_runtimes_breaker_does_not_have_is_refused(
+    runtime: Runtime,
+) -> None:
+    # The runtime's breaker of that name (here a guard's) used to be returned with its own
+    # config: failure_threshold=1 silently meant 5.
+    Guard("payments", runtime=runtime)
+    with pytest.raises(ConfigError, match="failure_threshold=5"):
+        ResilientClient(runtime).add_circuit_breaker("payments", {"failure_threshold": 1})
+    same = ResilientClient(runtime).add_circuit_breaker("payments", CircuitBreakerConfig())
+    assert same is runtime.breakers.get("payments")
 
 
 def test_each_failure_is_classified_once(runtime: Runtime, engine: ErrorRecoveryEngine) -> None:

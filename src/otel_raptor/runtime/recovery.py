@@ -58,7 +58,7 @@ from otel_raptor.runtime.drive import (
     recover_sync,
 )
 from otel_raptor.runtime.forksafe import LockBox, register_lock
-from otel_raptor.runtime.guard import _is_name
+from otel_raptor.runtime.guard import _is_name, _shared
 from otel_raptor.runtime.state import Runtime, get_runtime
 
 __all__ = [
@@ -395,6 +395,10 @@ class ResilientClient:
                     )
                 return existing
             breaker = self._runtime.breakers.get(name, config)
+            if config is not None:
+                # The runtime's breaker of that name may exist already (a guard's, an
+                # integration's, another client's): its config would be kept without a word.
+                _shared(breaker, config, name)
             self._breakers[name] = breaker
             return breaker
 
