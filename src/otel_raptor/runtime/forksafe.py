@@ -40,6 +40,11 @@ _registry_lock = threading.Lock()
 _locks: list[tuple[Callable[[], Any], str]] = []
 _resets: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
 _held: list[Any] = []
+# Whether the forking thread took ``_registry_lock`` in ``_before_fork``: only then may it
+# release it. A ``threading.Lock`` released by a thread that does not hold it raises nothing:
+# it would free another thread's hold, and that thread's own release would then raise
+# "release unlocked lock" into whatever it was doing (a guard's construction, a call).
+_registry_taken = False
 # Every this many registrations the lists drop their dead entries.
 _COMPACT_EVERY: Final = 1024
 _since_compact = 0
@@ -89,9 +94,11 @@ def _compact() -> None:
 
 
 def _before_fork() -> None:
+    global _registry_taken  # noqa: PLW0603 - the registry's own bookkeeping
     # Taken in the forking thread and released in both processes after the fork.
     if not _registry_lock.acquire(timeout=ACQUIRE_TIMEOUT_S):
         return
+    _registry_taken = True
     for ref, name in _locks:
         owner = ref()
         if owner is None:
@@ -103,12 +110,15 @@ def _before_fork() -> None:
 
 
 def _release_held() -> None:
+    global _registry_taken  # noqa: PLW0603 - the registry's own bookkeeping
     for lock in reversed(_held):
         with contextlib.suppress(Exception):
             lock.release()
     _held.clear()
-    with contextlib.suppress(RuntimeError):  # not taken: the registry was busy at the fork
-        _registry_lock.release()
+    if _registry_taken:  # else another thread held it at the fork, and still does
+        _registry_taken = False
+        with contextlib.suppress(RuntimeError):
+            _registry_lock.release()
 
 
 def _after_fork_in_parent() -> None:
@@ -116,8 +126,9 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock  # noqa: PLW0603 - a lock held across the fork is replaced
+    global _registry_lock, _registry_taken  # noqa: PLW0603 - a lock held across the fork is replaced
     _held.clear()
+    _registry_taken = False
     _registry_lock = threading.Lock()
     for ref, name in _locks:
         owner = ref()
