@@ -102,6 +102,24 @@ def test_a_breaker_held_open_by_hand_stays_open(clock: FakeClock) -> None:
     assert target.state is OPEN
 
 
+def test_a_breaker_held_open_by_hand_is_not_checked(clock: FakeClock) -> None:
+    # Its check used to run every interval (requests to a downstream taken out of traffic,
+    # for maintenance), only for the verdict to be ignored.
+    target = breaker(clock)
+    checker = HealthChecker(clock=clock)
+    checks: list[float] = []
+    checker.register(target, lambda: checks.append(clock.monotonic()) is None)
+    checker.stop()
+    target.force_open()
+    for _ in range(3):
+        assert checker.run_due() == 0
+        clock.advance(10.0)
+    assert checks == []
+    target.force_close()
+    trip(target)
+    assert checker.run_due() == 1  # an automatically opened breaker is checked again
+
+
 def test_the_checker_is_bounded(clock: FakeClock) -> None:
     checker = HealthChecker(clock=clock, max_checks=1)
     assert checker.register(CircuitBreaker("a", clock=clock), lambda: True)

@@ -105,7 +105,11 @@ class HealthChecker:
             due = [
                 entry
                 for entry in self._checks.values()
-                if entry.breaker.state is _OPEN and entry.next_at <= now
+                if entry.breaker.state is _OPEN
+                and entry.next_at <= now
+                # Held open by hand (maintenance): its verdict is ignored, so the check would
+                # only send requests to a downstream the operator has taken out of traffic.
+                and not entry.breaker._core.forced_open
             ]
             for entry in due:
                 entry.next_at = now + entry.breaker.config.health_check_interval
