@@ -214,6 +214,17 @@ def test_pervasive_rate_limits_start_a_cooldown_that_new_calls_honour() -> None:
     assert port.of(RecoveryFinished)[-1].give_up_reason == "throttled"  # type: ignore[union-attr]
 
 
+def test_a_policy_that_ignores_retry_after_starts_no_cooldown() -> None:
+    # It used to: "the header is ignored" by the retry, yet the call's 429 paused the
+    # downstream, and the guard's next calls waited for it or were refused (ThrottledError).
+    port = FakePort(throttle_share=1.0)
+    run = loop(port, RetryPolicy(base_delay=1.0, max_delay=10.0, respect_retry_after=False))
+    limited = failure(ErrorCategory.RATE_LIMIT, retry_after=60.0)
+    assert run.first_failed(Permit.CALL, 0.0, limited, 0.0) is Step.SLEEP
+    assert run.delay == 0.5  # the backoff only
+    assert port.cooldown_until == -math.inf
+
+
 def test_an_open_breaker_refuses_and_a_fallback_gets_the_refusal() -> None:
     port = FakePort()
     port.breaker.force_open(0.0)

@@ -387,10 +387,14 @@ class AttemptLoop:
             # Every throttle counts towards the share; one with a Retry-After may pause all.
             share = port.throttled(now)
             retry_after = classification.retry_after
+            # A policy that ignores Retry-After (``respect_retry_after=False``) ignores it
+            # here too: its own 429s must not pause the downstream (its next calls would wait
+            # for the header, or be refused with ThrottledError).
             if (
                 retry_after is not None
                 and retry_after > 0.0
                 and share >= spec.policy.cooldown_share
+                and spec.policy.respect_retry_after
             ):
                 port.cool_down(now + retry_after)
         value = category.value
