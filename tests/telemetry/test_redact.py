@@ -277,7 +277,22 @@ def test_record_exception_on_a_non_recording_span_is_a_no_op() -> None:
 
 @pytest.mark.parametrize(
     "unit",
-    ["a", "a.", "/.", "token", "passwordtoken", "a=", "http:", "x://", "/a?", "a@", "=", "a "],
+    [
+        "a",
+        "a.",
+        "/.",
+        "token",
+        "passwordtoken",
+        "a=",
+        "http:",
+        "x://",
+        "/a?",
+        "a@",
+        "=",
+        "a ",
+        "pwd '",
+        "a \t",
+    ],
 )
 def test_scrubbing_is_linear_on_adversarial_input(unit: str) -> None:
     # A backtracking pattern takes minutes on these; a linear scan, milliseconds.
@@ -290,3 +305,39 @@ def test_scrubbing_is_linear_on_adversarial_input(unit: str) -> None:
 def test_scrub_text_leaves_plain_text_alone() -> None:
     text = 'Traceback (most recent call last):\n  File "app.py", line 3\nValueError: bad input'
     assert scrub_text(text) == text
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # PostgreSQL echoes the statement of a syntax error (LINE 1: ...), MySQL quotes it.
+        "unrecognized role option \"x\"\nLINE 1: ALTER ROLE bob WITH PASSWORD 'hunter22' x",
+        "You have an error in your SQL syntax near 'PASSWORD \"hunter22\"' at line 1",
+        "pwd  'hunter22'",
+    ],
+)
+def test_a_quoted_secret_after_its_key_word_and_a_space_is_hidden(message: str) -> None:
+    # The words core.fingerprint hides in error patterns (its `PASSWORD 'x'` form) must not
+    # reach exception.message through record_exception either.
+    scrubbed = safe_exception_message(RuntimeError(message))
+    assert "hunter22" not in scrubbed, scrubbed
+    assert REDACTED in scrubbed
+    # A harmless quoted word after a harmless key stays.
+    assert scrub_text("for user 'bob'") == "for user 'bob'"
+
+
+def test_a_password_echoed_by_a_real_postgresql_syntax_error_is_hidden() -> None:
+    from tests.support.services import POSTGRES, require_service
+
+    require_service("PostgreSQL", POSTGRES)
+    psycopg = pytest.importorskip("psycopg")
+    host, port = POSTGRES
+    with (
+        psycopg.connect(host=host, port=port, dbname="test", user="postgres") as connection,
+        pytest.raises(psycopg.Error) as caught,
+    ):
+        connection.execute("ALTER ROLE postgres WITH PASSWORD 'hunter22' garbage")
+    assert "hunter22" in str(caught.value)  # the server did echo it
+    attributes = exception_attributes(caught.value)
+    assert "hunter22" not in attributes["exception.message"]
+    assert "hunter22" not in attributes["exception.stacktrace"]

@@ -4,7 +4,8 @@
   and the fragment (query values are where tokens and signatures travel).
 * ``redact_headers`` replaces the value of every credential-bearing header with ``REDACTED``.
 * ``safe_exception_message`` scrubs an exception's text: URLs as above, query strings of
-  bare paths, and ``key=value`` / ``key: value`` pairs whose key names a secret.
+  bare paths, and ``key=value`` / ``key: value`` / ``KEY 'value'`` pairs whose key names a
+  secret.
 * ``record_exception`` records an exception on a span the OpenTelemetry way (an
   ``exception`` event with ``exception.type``/``.message``/``.stacktrace``), scrubbed.
 
@@ -74,7 +75,9 @@ _SECRET_KEY_WORDS: Final = (
 # Every pattern starts only at the edge of a run of the characters it scans (a lookbehind
 # rather than ``\b``), and no pattern nests a repetition inside another, so that scanning
 # stays linear even on long runs such as base64 blobs or repeated key words.
-_PAIR_KEY: Final = re.compile(r"(?<![\w.-])(?P<key>[\w.-]+)[\"']?\s*[=:]\s*")
+# A key is followed by ``=``/``:`` or, like core.fingerprint's ``PASSWORD 'x'``, by white space
+# and a quote: the form of SQL that PostgreSQL (``LINE 1: ...``) and MySQL echo in a syntax error.
+_PAIR_KEY: Final = re.compile(r"(?<![\w.-])(?P<key>[\w.-]+)(?:[\"']?\s*[=:]\s*|\s+(?=[\"']))")
 # Matched only after a secret key: scanning every harmless value too would be quadratic on
 # ``a=a=a=...``.
 _PAIR_VALUE: Final = re.compile(
@@ -161,9 +164,9 @@ def _scrub_pairs(text: str) -> str:
 
 def scrub_text(text: str) -> str:
     """``text`` with URLs redacted (``redact_url``), query strings of bare paths dropped,
-    the values of secret-named ``key=value``/``key: value`` pairs and the credential after a
-    ``Bearer``/``Basic``/``Token`` word replaced by ``REDACTED``. Linear in the length of
-    ``text``."""
+    the values of secret-named ``key=value``/``key: value``/``KEY 'value'`` pairs and the
+    credential after a ``Bearer``/``Basic``/``Token`` word replaced by ``REDACTED``. Linear in
+    the length of ``text``."""
     text = _URL.sub(lambda match: redact_url(match.group(0)), text)
     text = _PATH_QUERY.sub(r"\g<path>", text)
     # Then credentials with no key in front: requests and h11 quote a bad header's value
