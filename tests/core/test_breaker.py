@@ -369,6 +369,58 @@ def test_ignored_probe_failure_frees_the_slot_only() -> None:
     assert transition.to_state is CLOSED
 
 
+def test_a_stuck_probe_holds_its_slot_for_one_lease_only() -> None:
+    # A probe that never ends (no timeout, blackholed downstream) must not keep the breaker
+    # half-open, refusing everything, after the downstream is back.
+    core = make(failure_threshold=1, recovery_timeout=10.0, success_threshold=2)
+    trip(core, 0.0)
+    stuck, _ = core.acquire(10.0)
+    assert stuck is PROBE
+    assert core.acquire(19.9) == (REJECTED, None)  # the lease (recovery_timeout) still runs
+    first, _ = core.acquire(20.0)
+    assert first is PROBE
+    assert (core.probes_in_flight, core.probes_presumed_stuck) == (2, 1)
+    assert core.acquire(20.0) == (REJECTED, None)  # the cap holds for live probes
+    assert core.on_success(first, 20.1, 0.1) is None
+    # The stuck probe does not make the healed downstream wait another lease per probe.
+    second, _ = core.acquire(20.2)
+    assert second is PROBE
+    transition = core.on_success(second, 20.3, 0.1)
+    assert transition is not None
+    assert transition.to_state is CLOSED
+    # When the stuck probe ends at last, its slot comes back and nothing else changes.
+    assert core.on_failure(stuck, 500.0, 490.0, TIMEOUT) is None
+    assert (core.state, core.probes_in_flight, core.probes_presumed_stuck) == (CLOSED, 0, 0)
+
+
+def test_the_probe_lease_is_at_least_one_second() -> None:
+    core = make(failure_threshold=1, recovery_timeout=0.0)
+    trip(core, 0.0)
+    assert core.acquire(0.0)[0] is PROBE
+    assert core.acquire(0.999) == (REJECTED, None)
+    assert core.acquire(1.0) == (PROBE, None)
+
+
+def test_a_presumed_stuck_probe_that_ends_frees_a_slot() -> None:
+    # Which probe ended cannot be told apart: counting stays exact, and at most one probe
+    # too many runs while a live one is taken for the stuck one.
+    core = make(failure_threshold=1, recovery_timeout=5.0, success_threshold=3)
+    trip(core, 0.0)
+    stuck, _ = core.acquire(5.0)
+    live, _ = core.acquire(10.0)
+    assert live is PROBE
+    assert core.on_success(stuck, 11.0, 6.0) is None  # late, but a real answer: it counts
+    assert (core.probes_in_flight, core.probes_presumed_stuck) == (1, 1)
+    extra, _ = core.acquire(11.0)
+    assert extra is PROBE
+    assert (core.probes_in_flight, core.probes_presumed_stuck) == (2, 1)
+    assert core.acquire(11.0) == (REJECTED, None)
+    core.release(live)
+    assert (core.probes_in_flight, core.probes_presumed_stuck) == (1, 1)
+    core.forget_probes()
+    assert (core.probes_in_flight, core.probes_presumed_stuck) == (0, 0)
+
+
 class Sequence:
     """An ``rnd`` that returns the given values in order."""
 

@@ -58,6 +58,8 @@ class BreakerMachine(RuleBasedStateMachine):
         self.core = BreakerCore(config, now=self.now, rnd=random.Random(seed).random)
         self.outstanding: list[Permit] = []
         self.probe_successes = 0  # successes of probes while HALF_OPEN since entering it
+        self.lease = max(config.recovery_timeout, 1.0)
+        self.last_probe_at = -float("inf")  # when the latest probe was admitted
 
     def check_transition(
         self, transition: Transition | None, before: CircuitState, before_forced: bool
@@ -86,21 +88,27 @@ class BreakerMachine(RuleBasedStateMachine):
         before, forced = core.state, core.forced_open
         open_until = core.open_until
         in_flight = core.probes_in_flight
+        live = in_flight - core.probes_presumed_stuck
         cap = self.config.half_open_max_calls
+        lease_over = self.now >= self.last_probe_at + self.lease
         permit, transition = core.acquire(self.now)
         self.check_transition(transition, before, forced)
         if transition is not None:
             assert before is OPEN
             assert transition.reason is R.RECOVERY_TIMEOUT_ELAPSED
         if permit is Permit.REJECTED:
-            # Rejected only when open (and not yet due) or half-open with every slot taken.
+            # Rejected only when open (and not yet due) or half-open with every slot taken by
+            # a probe whose lease still runs.
             due = before is OPEN and not forced and open_until is not None
             due = due and self.now >= open_until  # type: ignore[operator]
-            assert (before is OPEN and not due) or in_flight >= cap
+            assert (before is OPEN and not due) or (live >= cap and not lease_over)
             assert core.state is not CLOSED
         elif permit is Permit.PROBE:
             assert core.state is HALF_OPEN
-            assert in_flight < cap
+            assert live < cap or lease_over
+            if live >= cap:  # every probe in flight is now presumed stuck
+                assert core.probes_presumed_stuck == in_flight
+            self.last_probe_at = self.now
             self.outstanding.append(permit)
         else:
             assert before is CLOSED
@@ -208,7 +216,9 @@ class BreakerMachine(RuleBasedStateMachine):
     @invariant()
     def probes_are_capped_and_exact(self) -> None:
         in_flight = self.core.probes_in_flight
-        assert 0 <= in_flight <= self.config.half_open_max_calls
+        stuck = self.core.probes_presumed_stuck
+        assert 0 <= stuck <= in_flight
+        assert in_flight - stuck <= self.config.half_open_max_calls
         assert in_flight == sum(1 for p in self.outstanding if p is Permit.PROBE)
 
     @invariant()

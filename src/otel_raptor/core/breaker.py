@@ -33,6 +33,12 @@ the app fail more often than it would without us. So a trip needs one of:
   ``recovery_timeout`` plus jitter of a heal however long the outage was. Closing resets ``k``.
 * **Half-open**: at most ``half_open_max_calls`` probes in flight; ``success_threshold``
   probe successes close the breaker (clearing the window); a counted probe failure reopens it.
+  Probe slots are leases of ``max(recovery_timeout, 1)`` seconds: when every slot is taken
+  and the latest probe was admitted that long ago, the probes in flight are presumed stuck
+  and stop counting against the cap. A probe that never ends (a call with no timeout to a
+  blackholed downstream) would otherwise keep the breaker half-open, refusing every call,
+  long after the downstream is back. A presumed-stuck probe that does end is counted as any
+  late probe is.
   ``on_health_check`` lets an active health check (outside the core) close an open breaker
   after ``success_threshold`` passing checks in a row, without waiting for user traffic.
 * **Ignored categories** (``ignored_categories``, by default the non-health ones: client
@@ -86,6 +92,9 @@ _Z2: Final = TRIP_CONFIDENCE_Z * TRIP_CONFIDENCE_Z
 
 _INF: Final = float("inf")
 _DEFAULT_MAX_OPEN_S: Final = 600.0
+#: The shortest probe lease (see the module docstring), so that ``recovery_timeout=0`` does
+#: not lift the cap on probes in flight.
+_MIN_PROBE_LEASE_S: Final = 1.0
 
 
 class Permit(enum.IntEnum):
@@ -418,8 +427,11 @@ class BreakerCore:
         "_next_check",
         "_open_for",
         "_open_until",
+        "_probe_lease",
+        "_probe_lease_ends",
         "_probe_successes",
         "_probes",
+        "_probes_stuck",
         "_record",
         "_rnd",
         "_run_calls",
@@ -460,6 +472,9 @@ class BreakerCore:
         self._interval = config.health_check_interval
         self._failure_counts = dict.fromkeys(ErrorCategory, 0)
         self._probes = 0
+        self._probe_lease = max(config.recovery_timeout, _MIN_PROBE_LEASE_S)
+        self._probe_lease_ends = _INF
+        self._probes_stuck = 0  # of ``_probes``: those presumed stuck (see the docstring)
         # Two calls make a run evidence, unless one failure is all the user asks for.
         self._run_calls_needed = min(2, config.failure_threshold)
         self._init_state(now)
@@ -498,12 +513,10 @@ class BreakerCore:
             if self._forced or now < self._open_until:
                 return _REJECT
             transition = self._move(_HALF_OPEN, TransitionReason.RECOVERY_TIMEOUT_ELAPSED, now)
-            if self._probes < self._config.half_open_max_calls:
-                self._probes += 1
+            if self._admit_probe(now):
                 return (_PROBE, transition)
             return (_REJECTED, transition)
-        if self._probes < self._config.half_open_max_calls:
-            self._probes += 1
+        if self._admit_probe(now):
             return _ADMIT_PROBE
         return _REJECT
 
@@ -636,6 +649,8 @@ class BreakerCore:
         (in a forked child, they belong to threads the child does not have). Nothing is
         counted; a probe that does end later finds no slot to give back."""
         self._probes = 0
+        self._probes_stuck = 0
+        self._probe_lease_ends = _INF
 
     # --- manual control -----------------------------------------------------------------
 
@@ -697,6 +712,12 @@ class BreakerCore:
     def probes_in_flight(self) -> int:
         """Probe permits handed out and not yet ended."""
         return self._probes
+
+    @property
+    def probes_presumed_stuck(self) -> int:
+        """Of ``probes_in_flight``, those whose lease ran out: they no longer count against
+        ``half_open_max_calls`` (see the module docstring)."""
+        return self._probes_stuck
 
     @property
     def failure_counts(self) -> dict[ErrorCategory, int]:
@@ -779,9 +800,21 @@ class BreakerCore:
 
     # --- internals ----------------------------------------------------------------------
 
+    def _admit_probe(self, now: float) -> bool:
+        if self._probes - self._probes_stuck >= self._config.half_open_max_calls:
+            if now < self._probe_lease_ends:
+                return False
+            self._probes_stuck = self._probes
+        self._probes += 1
+        self._probe_lease_ends = now + self._probe_lease
+        return True
+
     def _end_probe(self) -> None:
         if self._probes > 0:
             self._probes -= 1
+        # Which probe ended is unknown: if it was a stuck one, a live one is taken for stuck
+        # until the counts meet again, letting at most one probe too many through.
+        self._probes_stuck = min(self._probes_stuck, self._probes)
 
     def _check_trip(self, now: float, run_is_evidence: bool) -> Transition | None:
         consecutive = self._consecutive
