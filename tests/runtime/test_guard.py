@@ -510,6 +510,13 @@ async def test_call_given_a_coroutine_function_guards_its_attempts(
     assert await guard.call(Client().fetch, suffix="?") == "body?"
     assert attempts == 6
     assert clock.sleeps == [0.5, 1.0, 0.5, 1.0]
+    # In a partial, or as an object's async ``__call__``: these have no ``__code__`` of their
+    # own, and were run as sync calls that guarded only the coroutine's creation.
+    assert await guard.call(functools.partial(fetch, "+")) == "body+"
+    fetch_object = _AsyncFetch()
+    assert await guard.call(fetch_object) == "ok"
+    assert fetch_object.calls == 2
+    assert attempts == 9
 
 
 async def test_cancellation_propagates_at_once_and_is_not_a_failure(

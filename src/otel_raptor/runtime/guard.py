@@ -231,11 +231,15 @@ class Guard:
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` under the guard (sync; see :meth:`call_async`).
 
-        Given a coroutine function (``async def``, plain or bound), it hands back
+        Given a coroutine function (``async def``, plain, bound, in a ``functools.partial``
+        or as an object's ``__call__``), it hands back
         ``call_async``'s awaitable: awaited as the bare call would be, the attempts run
         guarded, where running ``fn`` here would guard only the coroutine's creation."""
         code = getattr(fn, "__code__", None)  # a bound method forwards it from its function
-        if code is not None and code.co_flags & _COROUTINE_FLAGS:
+        if code is not None:
+            if code.co_flags & _COROUTINE_FLAGS:
+                return self.call_async(fn, *args, **kwargs)  # type: ignore[arg-type,return-value]
+        elif is_async_callable(fn):  # a partial, or an object with an async ``__call__``
             return self.call_async(fn, *args, **kwargs)  # type: ignore[arg-type,return-value]
         return run_sync(self._plan, fn, args, kwargs)  # type: ignore[no-any-return]
 
