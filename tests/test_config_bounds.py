@@ -103,6 +103,10 @@ def test_max_services_has_an_upper_bound_in_code_and_from_the_environment() -> N
         RaptorConfig(max_services=10**20)
     with pytest.raises(ConfigError, match=r"max_services"):
         Runtime(max_services=100_001)
+    runtime = Runtime()  # reconfigured in place, the same bound holds (it used to take any)
+    with pytest.raises(ConfigError, match=r"max_services.*1, 100000"):
+        runtime.configure(max_services=10**20)
+    assert runtime.max_services == Runtime().max_services
     assert RaptorConfig(max_services=100_000).max_services == 100_000
     config, reported = load({}, {ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES: "99999999999999999999"})
     assert reported == [ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES]

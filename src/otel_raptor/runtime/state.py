@@ -185,9 +185,9 @@ class Runtime:
         reconfigures it rather than replacing it (guards built earlier keep working).
         ``None`` leaves a setting as it is. A new budget shape is applied to every
         downstream's budget in place, keeping its balance: no guard is left depositing into a
-        budget that nobody reads. ``max_services`` (integer >= 1) applies to names not seen
-        yet (and to new breakers); names already in use keep theirs. Bad values raise
-        ``ConfigError`` before anything changes.
+        budget that nobody reads. ``max_services`` (an integer in [1, 100 000]) applies to
+        names not seen yet (and to new breakers); names already in use keep theirs. Bad values
+        raise ``ConfigError`` before anything changes.
         """
         ratio = self._budget_ratio if budget_ratio is None else budget_ratio
         floor = self._budget_floor
@@ -195,10 +195,8 @@ class Runtime:
             floor = budget_min_retries_per_second
         RetryBudget(ratio=ratio, min_retries_per_second=floor)  # validates both
         limit: object = max_services  # typed int, but callers pass anything
-        if limit is not None and (
-            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-        ):
-            raise ConfigError("max_services", limit, "an integer >= 1")
+        if limit is not None and not is_service_cap(limit):
+            raise ConfigError("max_services", limit, SERVICE_CAP_TEXT)
         with self._lock:
             reshape = (ratio, floor) != (self._budget_ratio, self._budget_floor)
             self._budget_ratio, self._budget_floor = float(ratio), float(floor)
