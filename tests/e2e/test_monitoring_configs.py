@@ -986,6 +986,21 @@ def test_dashboard_legends_use_labels_their_query_keeps() -> None:
             )
 
 
+def test_dashboard_gauges_of_one_process_are_not_summed_and_durations_skip_refusals() -> None:
+    # Every process has its own retry budget: a sum of tokens across instances hid the one
+    # that ran dry. A call the open breaker refused at once takes no time: its zero duration
+    # pulled the recovery-duration quantiles and mean towards zero during an outage.
+    for panel in dashboard_panels(dashboard()):
+        for target in panel.get("targets", []):
+            expr = target.get("expr", "")
+            if "raptor_retry_budget_tokens" in expr:
+                assert not re.search(r"\bsum\b", expr), (panel["title"], expr)
+                assert "job" in read_promql(expr).grouping, (panel["title"], expr)
+            if "raptor_recovery_duration_seconds" in expr:
+                for selector in re.findall(r"raptor_recovery_duration_seconds_\w+\{[^}]*\}", expr):
+                    assert 'raptor_recovery_outcome!="rejected"' in selector, (panel["title"], expr)
+
+
 # ----------------------------------------------------------------- promtool
 
 
