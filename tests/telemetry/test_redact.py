@@ -103,6 +103,11 @@ def test_redact_headers() -> None:
         ),
         ("requested /v1/items?sig=abc&user=1 too often", "requested /v1/items too often"),
         (
+            "bad SAS sv=2022-11-02&se=2026-12-31&sp=r&sig=c2lnbmF0dXJl%3D given",
+            "bad SAS sv=2022-11-02&se=2026-12-31&sp=r&sig=REDACTED given",
+        ),
+        ("design=flat signal=9 sigma=0.5", "design=flat signal=9 sigma=0.5"),
+        (
             'FATAL:  password authentication failed for user "bob"',
             'FATAL:  password authentication failed for user "bob"',
         ),
