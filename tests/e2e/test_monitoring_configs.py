@@ -39,6 +39,7 @@ from otel_raptor.core.recovery_stats import ResultKind
 from otel_raptor.core.retry import GiveUpReason
 from otel_raptor.core.states import CircuitState, TransitionReason
 from otel_raptor.runtime.monitor import (
+    RULE_BREAKER_OPEN,
     RULE_ERROR_FREQUENCY,
     RULE_MEMORY_USAGE,
     RULE_RECOVERY_TIME,
@@ -229,7 +230,13 @@ ENUM_LABELS: dict[str, frozenset[str]] = {
     "alertstate": frozenset({"pending", "firing"}),
     prometheus_label(ATTR_RECOVERY_RESULT): frozenset(kind.value for kind in ResultKind),
     prometheus_label(ATTR_ALERT_NAME): frozenset(
-        {RULE_RECOVERY_TIME, RULE_SUCCESS_RATE, RULE_ERROR_FREQUENCY, RULE_MEMORY_USAGE}
+        {
+            RULE_RECOVERY_TIME,
+            RULE_SUCCESS_RATE,
+            RULE_ERROR_FREQUENCY,
+            RULE_MEMORY_USAGE,
+            RULE_BREAKER_OPEN,
+        }
     ),
     prometheus_label(ATTR_ALERT_SEVERITY): frozenset({"warning", "critical"}),
     prometheus_label(ATTR_ALERT_STATE): frozenset({"firing", "resolved"}),

@@ -39,6 +39,7 @@ from otel_raptor.runtime import monitor as monitor_module
 from otel_raptor.runtime import safety
 from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.monitor import (
+    RULE_BREAKER_OPEN,
     RULE_ERROR_FREQUENCY,
     RULE_MEMORY_USAGE,
     RULE_RECOVERY_TIME,
@@ -690,7 +691,7 @@ def test_the_gauges_view_of_the_alerts(runtime: Runtime) -> None:
     counts = monitor.alert_counts()
     assert counts[(RULE_MEMORY_USAGE, "warning")] == 1
     assert counts[(RULE_RECOVERY_TIME, "critical")] == 0
-    assert len(counts) == 6  # one per rule and severity
+    assert len(counts) == 7  # one per rule and severity
     monitor.close()
 
 
@@ -1099,4 +1100,39 @@ def test_concurrent_publishers_lose_nothing(runtime: Runtime) -> None:
     for thread in threads:
         thread.join()
     assert monitor.get_current_metrics()["services"]["threads"]["errors"] == 8000
+    monitor.close()
+
+
+def test_an_open_breaker_fires_its_own_alert_while_refusals_leave_the_success_rate(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    # The success rate leaves refusals out, so during an outage it went quiet: the in-process
+    # alerts said nothing about a downstream every call was refused from. Prometheus has
+    # RaptorCircuitBreakerOpen for this; the monitor now has the same rule.
+    breaker = runtime.breakers.get("payments")
+    breaker.force_open()  # opened before the monitor exists: read from the registry
+    monitor, recorder = make(runtime, alert_for=60, alert_resolve_after=0, alert_cooldown=0)
+    monitor.tick()
+    assert [(a.name, a.state) for a in monitor.get_active_alerts(include_pending=True)] == [
+        (RULE_BREAKER_OPEN, AlertState.PENDING)
+    ]
+    clock.advance(61)
+    monitor.tick()
+    assert recorder.states() == [(RULE_BREAKER_OPEN, "critical", "firing")]
+    alert = monitor.get_active_alerts()[0]
+    assert alert.service == "payments"
+    assert "payments is open" in alert.message
+    breaker.force_close()
+    clock.advance(61)
+    monitor.tick()
+    assert recorder.states()[-1] == (RULE_BREAKER_OPEN, "critical", "resolved")
+    assert monitor.get_active_alerts() == []
+    # A breaker that only flickers open (shorter than alert_for) never fires.
+    breaker.force_open()
+    clock.advance(61)
+    monitor.tick()  # pending from here
+    breaker.force_close()
+    clock.advance(61)
+    monitor.tick()
+    assert len(recorder.states()) == 2
     monitor.close()

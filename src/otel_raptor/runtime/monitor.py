@@ -133,6 +133,7 @@ __all__ = [
     "ErrorRecoveryMonitor",
     "MonitorListener",
     "QUEUE_LIMIT",
+    "RULE_BREAKER_OPEN",
     "RULE_ERROR_FREQUENCY",
     "RULE_MEMORY_USAGE",
     "RULE_RECOVERY_TIME",
@@ -197,6 +198,9 @@ RULE_RECOVERY_TIME: Final = "RaptorRecoveryTimeHigh"
 RULE_SUCCESS_RATE: Final = "RaptorRecoverySuccessRateLow"
 RULE_ERROR_FREQUENCY: Final = "RaptorErrorFrequencyHigh"
 RULE_MEMORY_USAGE: Final = "RaptorMemoryUsageHigh"
+#: A breaker is open (or half-open, probing): its calls are refused at once. The success
+#: rate leaves refusals out, so during an outage this is the rule that says so.
+RULE_BREAKER_OPEN: Final = "RaptorCircuitBreakerOpen"
 
 _Key: TypeAlias = "tuple[str, str, str]"  # (service, strategy or "", category or "")
 _OVERFLOW: Final[_Key] = ("other", "", "other")
@@ -213,6 +217,8 @@ _WATCHED: Final = frozenset(
     }
 )
 _SUCCESS_OUTCOMES: Final = frozenset({Outcome.RECOVERED.value, Outcome.FALLBACK.value})
+#: Rules judged once per evaluation from a reading of their own, not per service's summary.
+_NOT_PER_SERVICE: Final = frozenset({"memory_usage", "breaker_open"})
 
 #: ``fn(alert)``: called when an alert starts firing (its notification was sent) and when it
 #: resolves; ``alert.state`` says which. May be ``async``.
@@ -313,6 +319,13 @@ def _rules(config: MonitorConfig) -> tuple[AlertRule, ...]:
             threshold=config.error_frequency,
         ),
         AlertRule(
+            name=RULE_BREAKER_OPEN,
+            severity=critical,
+            metric="breaker_open",
+            comparison=Comparison.ABOVE,
+            threshold=0.0,
+        ),
+        AlertRule(
             name=RULE_MEMORY_USAGE,
             severity=warning,
             metric="memory_usage",
@@ -354,6 +367,10 @@ def _alert_message(
             f"{value:.0f} % of the recoveries at {service} succeed (threshold"
             f" {rule.threshold:g} %) over the last {minutes}, {volume:.0f} recoveries"
         )
+    if rule.metric == "breaker_open":
+        if value:
+            return f"the circuit breaker {service} is open: calls to it are refused at once"
+        return f"the circuit breaker {service} is closed"
     if rule.metric == "error_frequency":
         return (
             f"{service} fails {value:.1f} times a minute (threshold {rule.threshold:g})"
@@ -1112,15 +1129,35 @@ class ErrorRecoveryMonitor:
         for service in sorted(set(services) | tracked):
             summary = summarize(services.get(service, _ZERO_ROW), window)
             for rule in self._rules:
-                if rule.metric == "memory_usage":
+                if rule.metric in _NOT_PER_SERVICE:
                     continue
                 value, volume = _metric(rule, summary)
                 self._judge(rule, service, value, volume, window, now, notices)
         memory = self._read_memory()
         percent = None if memory is None else 100.0 * memory
+        open_breakers = self._open_breakers()
         for rule in self._rules:
             if rule.metric == "memory_usage":
                 self._judge(rule, "", percent, 1.0, window, now, notices)
+            elif rule.metric == "breaker_open":
+                watched = {
+                    key.service
+                    for key in self._alerts.keys()  # noqa: SIM118 - a method, not a dict
+                    if key.name == rule.name
+                }
+                for name in sorted(open_breakers | watched):
+                    is_open = 1.0 if name in open_breakers else 0.0
+                    self._judge(rule, name, is_open, 1.0, window, now, notices)
+
+    def _open_breakers(self) -> set[str]:
+        """The breakers of the runtime that are not closed now (held open by hand too),
+        read from the registry rather than from transitions, so that a breaker that opened
+        before the monitor started is seen as well."""
+        return {
+            name
+            for name, breaker in self._runtime.breakers.items()
+            if breaker.state is not CircuitState.CLOSED
+        }
 
     def _judge(
         self,

@@ -479,8 +479,8 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         key=ATTR_ALERT_NAME,
         type=AttributeType.STRING,
         values="`RaptorRecoveryTimeHigh`, `RaptorRecoverySuccessRateLow`,"
-        " `RaptorErrorFrequencyHigh`, `RaptorMemoryUsageHigh`",
-        bound="4",
+        " `RaptorErrorFrequencyHigh`, `RaptorMemoryUsageHigh`, `RaptorCircuitBreakerOpen`",
+        bound="5",
     ),
     AttributeSpec(
         key=ATTR_ALERT_SEVERITY,
