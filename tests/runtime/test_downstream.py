@@ -206,3 +206,21 @@ def test_a_runtime_refuses_bad_arguments_under_their_own_names(
     # broke the first failing call instead.
     with pytest.raises(ConfigError, match=rf"^invalid {key}="):
         Runtime(**kwargs)  # type: ignore[arg-type]
+
+
+def test_raising_max_services_gives_new_names_their_own_breakers() -> None:
+    # The registry remembered it had been full: after configure(max_services=) made room,
+    # every new name still shared the "other" breaker (one outage refused them all).
+    runtime = Runtime(max_services=1)
+    first = runtime.breakers.get(runtime.service("first"))
+    folded = runtime.breakers.get("second")  # past the cap: the shared breaker
+    assert folded.name == "other"
+    runtime.configure(max_services=3)
+    second = runtime.breakers.get(runtime.service("second"))
+    assert runtime.service("second") == "second"
+    assert second.name == "second"
+    assert second is not folded
+    assert second is not first
+    assert runtime.breakers.max_breakers == 3
+    with pytest.raises(ConfigError, match="max_breakers"):
+        runtime.breakers.set_max_breakers(0)

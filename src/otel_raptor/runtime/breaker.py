@@ -489,6 +489,16 @@ class BreakerRegistry:
     def max_breakers(self) -> int:
         return self._max
 
+    def set_max_breakers(self, max_breakers: int) -> None:
+        """Change the cap (an integer >= 1). Names that have a breaker keep it; with room again,
+        new names get breakers of their own rather than the shared ``"other"``."""
+        if not _is_positive_int(max_breakers):
+            raise ConfigError("breaker.max_breakers", max_breakers, "an integer >= 1")
+        with self._lock:
+            self._max = max_breakers
+            if len(self._breakers) < max_breakers:
+                self._other = None
+
     def get(self, name: str, config: CircuitBreakerConfig | None = None) -> CircuitBreaker:
         """The breaker for ``name``, created with ``config`` (or the default) if new."""
         breaker = self._breakers.get(name)

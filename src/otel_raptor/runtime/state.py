@@ -202,7 +202,7 @@ class Runtime:
             self._budget_ratio, self._budget_floor = float(ratio), float(floor)
             if max_services is not None:
                 self.max_services = max_services
-                self.breakers._max = max_services  # the registry's cap follows the runtime's
+                self.breakers.set_max_breakers(max_services)  # the registry's follows
         if reshape:
             self._reshape_budgets()
 
