@@ -556,6 +556,33 @@ async def test_async_per_attempt_timeout_is_retried_as_a_timeout() -> None:
     assert attempts == 2
 
 
+async def test_a_cancel_that_lands_as_a_timed_attempt_ends_stops_the_caller() -> None:
+    # asyncio.wait_for (Python 3.11) ran each timed attempt in a task of its own, and a cancel
+    # that reached the caller as that task finished was dropped (its result returned
+    # instead): a worker looping over guarded calls kept going after task.cancel().
+    guard = Guard("svc", retry=RetryPolicy(attempt_timeout=5.0), runtime=Runtime())
+    rounds = 0
+    worker: asyncio.Future[None] | None = None
+
+    async def attempt() -> str:
+        await asyncio.sleep(0)
+        if rounds == 3:
+            assert worker is not None
+            asyncio.get_running_loop().call_soon(worker.cancel)  # lands as this one ends
+        return "ok"
+
+    async def work() -> None:
+        nonlocal rounds
+        while rounds < 50:
+            rounds += 1
+            assert await guard.call_async(attempt) == "ok"
+
+    worker = asyncio.ensure_future(work())
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    assert rounds == 4  # stopped at its next await, as it would without the guard
+
+
 # ----------------------------------------------------------------- decorator
 
 

@@ -34,7 +34,7 @@ in ``asyncio`` is replaced, so there is no cost either.
 
 A timeout is recorded once: the ``Timeout`` inside a hooked ``wait_for`` (3.12+) leaves it to
 the ``wait_for`` hook, and a per-attempt timeout of a guarded call (``@resilient``, whose
-guard uses ``asyncio.wait_for``) is left to the guard, which classifies it for its own
+guard bounds it with ``asyncio.timeout``) is left to the guard, which classifies it for its own
 service. ``uninstall()`` puts every original back (``asyncio.wait_for is original``); if
 something wrapped our hook meanwhile, the hook is left in place but passes straight through.
 Recording never raises into the app: our failures go to ``report_internal_error``.
@@ -102,7 +102,7 @@ class AsyncioIntegration:
         # Code objects of callers whose timeouts are recorded elsewhere (see module doc).
         self._wait_for_code: CodeType | None = None
         self._wrapper_code: CodeType | None = None
-        # The drivers that await ``asyncio.wait_for`` for a guarded call's attempt timeout.
+        # The drivers that bound a guarded call's attempt (``asyncio.timeout``, or ``wait_for``).
         self._guard_codes: frozenset[CodeType] = frozenset(
             (drive.run_async.__code__, drive._drive_async.__code__, drive._within.__code__)
         )

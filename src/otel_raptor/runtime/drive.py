@@ -485,11 +485,21 @@ def _first_attempt(
     return fn(*args, **kwargs)
 
 
+#: ``asyncio.timeout`` (Python 3.11+), or ``None``.
+_timeout: Callable[[float | None], Any] | None = getattr(asyncio, "timeout", None)
+
+
 async def _within(
     awaitable: Awaitable[Any], timeout: float | None, hooks: CallHooks, args: tuple[Any, ...]
 ) -> Any:
-    """``awaitable`` cut off after ``timeout`` seconds (``asyncio.wait_for``); the cut-off,
-    and only the cut-off, raises the hooks' ``timed_out`` error."""
+    """``awaitable`` cut off after ``timeout`` seconds; the cut-off, and only the cut-off,
+    raises the hooks' ``timed_out`` error.
+
+    ``asyncio.timeout`` where there is one (3.11+) and a task to cancel: the attempt runs in
+    the caller's task, as it would without us. ``asyncio.wait_for`` on 3.11 runs it in a task
+    of its own and, when the caller is cancelled just as that task finishes, returns its
+    result and drops the cancellation (CPython gh-86296): a worker loop of guarded calls would
+    then never stop on ``task.cancel()``."""
     raised_itself = False
 
     async def attempt() -> Any:
@@ -501,7 +511,14 @@ async def _within(
             raise
 
     try:
-        return await asyncio.wait_for(attempt(), timeout)
+        if _timeout is None or asyncio.current_task() is None:
+            return await asyncio.wait_for(attempt(), timeout)
+        async with _timeout(timeout):
+            try:
+                return await awaitable
+            except TimeoutError:
+                raised_itself = True
+                raise
     except (TimeoutError, asyncio.TimeoutError) as error:
         convert = hooks.timed_out
         if raised_itself or convert is None:
