@@ -645,3 +645,64 @@ def test_a_v1_container_without_a_cgroup_namespace_finds_its_limit_at_the_mount_
     _write(tmp_path / "fs/memory/memory.usage_in_bytes", str(100 << 20))
     limit = read_memory_limit(proc_self_cgroup=str(proc), cgroup_root=str(tmp_path / "fs"))
     assert limit == MemoryLimit(512 << 20, "cgroup", 100 << 20)
+
+
+def test_a_cachetools_cache_is_cleaned_under_the_apps_lock_while_the_app_uses_it() -> None:
+    # A cachetools cache is plain Python: the controller's thread evicting from it half-way
+    # through an app's `cache[key] = value` broke that call ("OrderedDict mutated during
+    # iteration" from its LRU bookkeeping), even with every access of the app's under its
+    # lock, since the controller never took it. It takes the lock it is given now.
+    cachetools = pytest.importorskip("cachetools")
+    cache = cachetools.LRUCache(maxsize=300)
+    lock = threading.Lock()
+
+    @cachetools.cached(cache, lock=lock)
+    def render(key: int) -> bytes:
+        return b"x" * key
+
+    controller = SimpleMemoryController(runtime=Runtime())
+    controller.register_cache("render", cache, max_age=0.001, lock=lock)
+    with pytest.raises(ConfigError, match=r"memory\.cache\.lock"):
+        controller.register_cache("bad", {}, lock=object())  # type: ignore[arg-type]
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    cleanups = 0
+
+    def clean() -> None:
+        nonlocal cleanups
+        while not stop.is_set():
+            controller.cleanup("standard")
+            cleanups += 1
+
+    async def app() -> None:  # an event loop and a thread of the app's, both through the lock
+        for round_ in range(400):
+            for key in range(round_ % 7, 1000, 7):
+                render(key)
+            await asyncio.sleep(0)
+
+    def in_thread(run: object) -> threading.Thread:
+        def target() -> None:
+            try:
+                asyncio.run(app()) if run is app else [render(k % 999) for k in range(200_000)]
+            except BaseException as failure:  # handed to the test thread
+                failures.append(failure)
+
+        return threading.Thread(target=target)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches anywhere, as a long-running app meets them
+    try:
+        cleaner = threading.Thread(target=clean)
+        cleaner.start()
+        users = [in_thread(app), in_thread(None)]
+        for user in users:
+            user.start()
+        for user in users:
+            user.join(timeout=30)
+        stop.set()
+        cleaner.join(timeout=30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[0]
+    assert cleanups > 0
+    assert cache.currsize == len(cache) == len(list(cache))  # its bookkeeping still whole

@@ -19,15 +19,25 @@ cache (:meth:`CacheAdapter.clear`). :func:`adapt` picks one for an object:
   clear.
 - anything with ``clear()``: expiry does nothing; it is only cleared.
 - :class:`Evictor`: a callable ``fn(level, max_age) -> entries evicted`` the app writes.
+
+The controller reaches into a cache from its own thread. ``dict``, ``OrderedDict`` and
+``lru_cache`` take that (each operation is one step for other threads), a cachetools cache
+does not: it is plain Python, and an eviction half-way through an operation of the app's
+breaks the app's next one (``RuntimeError: OrderedDict mutated during iteration`` from a
+``cache[key] = value`` of an app using it from its event loop alone). ``adapt(cache, now,
+lock)`` takes the lock the app guards the cache with (the one it hands to
+``cachetools.cached``, say): the adapter then holds it around each step it takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from otel_raptor.core.memory import CachePriority, CleanupLevel
 from otel_raptor.runtime.forksafe import register_lock
@@ -288,13 +298,21 @@ class TrackedDictAdapter(Generic[K, V]):
         return held
 
 
-def _pop_in_batches(cache: MutableMapping[K, V], keys: list[K], batch_size: int) -> int:
+#: A lock of nobody's: what an adapter holds when the app gave none.
+_Lock = AbstractContextManager[Any]
+_NO_LOCK: _Lock = contextlib.nullcontext()
+
+
+def _pop_in_batches(
+    cache: MutableMapping[K, V], keys: list[K], batch_size: int, lock: _Lock = _NO_LOCK
+) -> int:
     evicted = 0
     for start in range(0, len(keys), batch_size):
-        for key in keys[start : start + batch_size]:
-            # pop with a default: the app may have removed it meanwhile.
-            if cache.pop(key, _MISSING) is not _MISSING:
-                evicted += 1
+        with lock:
+            for key in keys[start : start + batch_size]:
+                # pop with a default: the app may have removed it meanwhile.
+                if cache.pop(key, _MISSING) is not _MISSING:
+                    evicted += 1
         # Batches keep each stretch of work short: sleep(0) releases the GIL between them so
         # the app's threads are not stalled behind a long eviction.
         time.sleep(0)
@@ -305,22 +323,32 @@ _MISSING = object()
 
 
 class MappingAdapter(Generic[K, V]):
-    """A dict, ``OrderedDict`` or any mutable mapping, aged by a first-seen side table."""
+    """A dict, ``OrderedDict`` or any mutable mapping, aged by a first-seen side table.
+    ``lock``: the app's lock around the cache, held around each step (see the module doc)."""
 
-    __slots__ = ("_cache", "_first_seen", "kind")
+    __slots__ = ("_cache", "_first_seen", "_lock", "kind")
 
-    def __init__(self, cache: MutableMapping[K, V], now: float, kind: str = "mapping") -> None:
+    def __init__(
+        self,
+        cache: MutableMapping[K, V],
+        now: float,
+        kind: str = "mapping",
+        lock: _Lock | None = None,
+    ) -> None:
         self._cache = cache
         self.kind = kind
+        self._lock = _NO_LOCK if lock is None else lock
         self._first_seen: dict[K, float] = {}
         self.scan(now)
 
     def entries(self) -> int | None:
-        return len(self._cache)
+        with self._lock:
+            return len(self._cache)
 
     def scan(self, now: float) -> list[K]:
         """Stamp keys not seen before with ``now``, forget keys that left; the live keys."""
-        keys = _list_keys(self._cache)
+        with self._lock:
+            keys = _list_keys(self._cache)
         seen = self._first_seen
         fresh: dict[K, float] = {}
         for key in keys:
@@ -333,14 +361,15 @@ class MappingAdapter(Generic[K, V]):
         cutoff = now - max_age
         seen = self._first_seen
         old = [key for key in keys if seen[key] < cutoff]
-        evicted = _pop_in_batches(self._cache, old, batch_size)
+        evicted = _pop_in_batches(self._cache, old, batch_size, self._lock)
         for key in old:
             seen.pop(key, None)
         return evicted
 
     def clear(self, now: float) -> int:
-        held = len(self._cache)
-        self._cache.clear()
+        with self._lock:
+            held = len(self._cache)
+            self._cache.clear()
         self._first_seen = {}
         return held
 
@@ -360,7 +389,8 @@ class TtlCacheAdapter(MappingAdapter[K, V]):
         if callable(expire):
             # cachetools >= 5 returns the expired items. Counting by len() instead would
             # count nothing: TTLCache's len() already drops expired entries.
-            expired = expire()
+            with self._lock:
+                expired = expire()
             return len(expired) if isinstance(expired, list) else 0
         return MappingAdapter.evict_expired(self, max_age, now, batch_size)
 
@@ -391,17 +421,20 @@ class LruCacheAdapter:
 
 
 class ClearableAdapter:
-    """Any object with ``clear()``; entries from ``len()`` when it has one."""
+    """Any object with ``clear()``; entries from ``len()`` when it has one. ``lock``: the
+    app's lock around the object, held around each step."""
 
     kind = "clearable"
-    __slots__ = ("_cache",)
+    __slots__ = ("_cache", "_lock")
 
-    def __init__(self, cache: _Clearable) -> None:
+    def __init__(self, cache: _Clearable, lock: _Lock | None = None) -> None:
         self._cache = cache
+        self._lock = _NO_LOCK if lock is None else lock
 
     def entries(self) -> int | None:
         try:
-            return len(self._cache)  # type: ignore[arg-type]
+            with self._lock:
+                return len(self._cache)  # type: ignore[arg-type]
         except TypeError:
             return None
 
@@ -410,7 +443,8 @@ class ClearableAdapter:
 
     def clear(self, now: float) -> int:
         held = self.entries() or 0
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
         return held
 
 
@@ -434,8 +468,9 @@ class EvictorAdapter:
         return int(self._fn(CleanupLevel.EMERGENCY.value, 0.0))
 
 
-def adapt(cache: object, now: float) -> CacheAdapter:
-    """The adapter for ``cache`` (see the module docstring for the order tried).
+def adapt(cache: object, now: float, lock: _Lock | None = None) -> CacheAdapter:
+    """The adapter for ``cache`` (see the module docstring for the order tried); ``lock``,
+    the app's lock around ``cache``, is held around each step the adapter takes in it.
 
     Raises ``TypeError`` for an object none of them fits.
     """
@@ -450,11 +485,11 @@ def adapt(cache: object, now: float) -> CacheAdapter:
         hasattr(type(cache), name) or name in getattr(cache, "__dict__", {})
         for name in ("popitem", "maxsize", "currsize")
     ) and isinstance(cache, MutableMapping):
-        return TtlCacheAdapter(cache, now, kind="cachetools")
+        return TtlCacheAdapter(cache, now, kind="cachetools", lock=lock)
     if isinstance(cache, MutableMapping):
-        return MappingAdapter(cache, now, kind=type(cache).__name__)
+        return MappingAdapter(cache, now, kind=type(cache).__name__, lock=lock)
     if isinstance(cache, _Clearable):
-        return ClearableAdapter(cache)
+        return ClearableAdapter(cache, lock)
     if callable(cache):
         return EvictorAdapter(cache)
     raise TypeError(

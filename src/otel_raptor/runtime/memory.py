@@ -21,8 +21,10 @@ import platform
 import threading
 import weakref
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -270,12 +272,16 @@ class SimpleMemoryController:
         *,
         priority: str | CachePriority = CachePriority.NORMAL,
         max_age: float | None = None,
+        lock: AbstractContextManager[Any] | None = None,
     ) -> None:
         """Manage ``cache`` under ``name`` (replacing a cache of that name).
 
         ``priority``: ``low`` (cleared at ``critical``), ``normal`` or ``high`` (cleared only
         at ``emergency``). ``max_age``: seconds an entry may live (default ``max_cache_age``);
-        > 0. See :mod:`otel_raptor.runtime.caches` for the objects accepted.
+        > 0. ``lock``: the lock the app guards ``cache`` with (``threading.Lock``, or any
+        context manager), held around every step the controller's thread takes in it; a
+        cachetools cache needs one, being no more thread-safe than any Python object. See
+        :mod:`otel_raptor.runtime.caches` for the objects accepted.
         """
         found = _PRIORITIES.get(priority.value if isinstance(priority, CachePriority) else priority)
         if found is None:
@@ -285,7 +291,9 @@ class SimpleMemoryController:
             isinstance(age, bool) or not isinstance(age, (int, float)) or not 0 < age < float("inf")
         ):
             raise ConfigError("memory.cache.max_age", max_age, "a finite number of seconds > 0")
-        adapter = adapt(cache, self._clock.monotonic())
+        if lock is not None and not (hasattr(lock, "__enter__") and hasattr(lock, "__exit__")):
+            raise ConfigError("memory.cache.lock", lock, "a lock (a context manager), or None")
+        adapter = adapt(cache, self._clock.monotonic(), lock)
         self._caches.add(RegisteredCache(name, adapter, found, max_age))
 
     def unregister_cache(self, name: str) -> bool:
