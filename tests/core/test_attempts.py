@@ -225,6 +225,26 @@ def test_a_policy_that_ignores_retry_after_starts_no_cooldown() -> None:
     assert port.cooldown_until == -math.inf
 
 
+def test_a_wait_the_driver_may_not_make_ends_the_call_unslept() -> None:
+    # A sync call on an event loop's thread: sleeping would stall the loop (see drive.py).
+    port = FakePort()
+    run = loop(port)
+    assert run.first_failed(Permit.CALL, 0.0, failure(), 0.1) is Step.SLEEP
+    assert run.cannot_wait(0.1) is Step.GIVE_UP  # with the failure, as without the retry
+    assert port.withdrawals == port.refunds == 1  # no retry was made: its token goes back
+    assert port.outcomes == []  # says nothing of the strategy
+    [finished] = port.of(RecoveryFinished)
+    assert isinstance(finished, RecoveryFinished)
+    assert (finished.outcome, finished.attempts) == (Outcome.FAILED, 1)
+    assert finished.give_up_reason == "event_loop"
+    # Before any attempt (a cooldown to wait out) it is refused, as a longer wait is.
+    port.cool_down(5.0)
+    waiting = loop(port)
+    assert waiting.admit(1.0) is Step.SLEEP
+    assert waiting.cannot_wait(1.0) is Step.REFUSE
+    assert waiting.refusal == Refusal(RefusalKind.THROTTLED, "svc", 4.0)
+
+
 def test_an_open_breaker_refuses_and_a_fallback_gets_the_refusal() -> None:
     port = FakePort()
     port.breaker.force_open(0.0)

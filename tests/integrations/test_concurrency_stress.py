@@ -34,12 +34,12 @@ def server() -> Iterator[FaultyHTTPServer]:
         yield started
 
 
-def install_httpx(retry: RetryPolicy) -> Iterator[Runtime]:
+def install_httpx(retry: RetryPolicy, **breaker: Any) -> Iterator[Runtime]:
     settings = IntegrationSettings(
         runtime=Runtime(),
         config=RaptorConfig(
             retry=retry,
-            breaker=CircuitBreakerConfig(recovery_timeout=0.1, recovery_jitter=0.0),
+            breaker=CircuitBreakerConfig(recovery_timeout=0.1, recovery_jitter=0.0, **breaker),
         ),
     )
     hook = HttpxIntegration()
@@ -108,3 +108,38 @@ def test_async_workers_stop_on_their_first_cancel_under_attempt_timeouts(
 
         in_loop_threads(main)
     assert sum(ignored) == 0, f"{sum(ignored)} workers went on after task.cancel()"
+
+
+def test_sync_calls_made_on_event_loops_never_sleep_there(server: FaultyHTTPServer) -> None:
+    # A sync client called from a coroutine runs on the loop's thread: raptor's backoff and
+    # Retry-After sleeps (time.sleep) there froze every task of the loop (for seconds with a
+    # Retry-After). On a loop's thread such a call is not retried: it gets the server's
+    # answer, as without raptor. In a plain thread it still is.
+    server.default = status(503)
+    lock = threading.Lock()
+    made_on_loops = 0
+    answers: set[int] = set()
+    retry = RetryPolicy(max_retries=3, base_delay=0.2, max_delay=0.2)
+    for runtime in install_httpx(retry, failure_threshold=1000, minimum_calls=1000):
+
+        async def main() -> None:
+            nonlocal made_on_loops
+            with httpx.Client() as client:
+                for _ in range(5):
+                    answer = client.get(server.url("/on-loop"))  # blocking, on the loop
+                    with lock:
+                        made_on_loops += 1
+                        answers.add(answer.status_code)
+                    await asyncio.sleep(0)
+
+        in_loop_threads(main)
+        # Every call reached the server once and got its 503: no retry, so no sleep.
+        assert server.count("GET", "/on-loop") == made_on_loops == LOOP_THREADS * 5 * 2
+        assert answers == {503}
+        # The same call from a thread without a loop is retried.
+        server.push(status(503))
+        server.default = ok()
+        with httpx.Client() as client:
+            assert client.get(server.url("/off-loop")).status_code == 200
+        assert server.count("GET", "/off-loop") == 2
+        assert runtime.budget_tokens()

@@ -238,6 +238,9 @@ _BREAKER_REJECTED: Final = "breaker_rejected"
 _LEARNED_FUTILE: Final = "learned_futile"
 _THROTTLED: Final = "throttled"
 _DEADLINE: Final = GiveUpReason.DEADLINE.value
+#: A sync call on an event loop's thread, which the driver may not make wait (see
+#: ``AttemptLoop.cannot_wait``).
+_EVENT_LOOP: Final = "event_loop"
 #: Give-ups that cut a strategy short by the policy's choice (the downstream's cooldown, the
 #: server's Retry-After longer than the caller will wait, the learner's own verdict): they
 #: say nothing of whether the strategy works, and teaching the learner with them would let a
@@ -249,6 +252,7 @@ _NOT_A_VERDICT: Final = frozenset(
         GiveUpReason.RETRY_AFTER_TOO_LONG.value,
         GiveUpReason.RETRY_AFTER_BEYOND_DEADLINE.value,
         GiveUpReason.BUDGET_EXHAUSTED.value,
+        _EVENT_LOOP,
     }
 )
 
@@ -456,6 +460,18 @@ class AttemptLoop:
         if self.attempts and deadline is not None and now - self.started >= deadline:
             return self._give_up(_DEADLINE, now)
         return self._admit(now)
+
+    def cannot_wait(self, now: float) -> Step:
+        """The driver may not wait out this SLEEP (a sync call made on an event loop's
+        thread, where a sleep would stall every task of the loop): the call ends as it would
+        without the wait. Before any attempt (a cooldown) it is refused, as a cooldown too
+        long to wait is; after a failure it gives up with that failure, and the retry's
+        token goes back to the budget (no retry is made)."""
+        if not self.attempts:
+            wait = max(0.0, self._port.cooldown_until - now)
+            return self._refuse(Refusal(RefusalKind.THROTTLED, self._port.service, wait), now)
+        self._port.refund()
+        return self._give_up(_EVENT_LOOP, now)
 
     def fallback_finished(self, *, ok: bool, now: float) -> None:
         """The fallback returned (``ok``) or raised: publish how the call ended."""

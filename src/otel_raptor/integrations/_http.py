@@ -313,6 +313,7 @@ class HttpHooks(CallHooks):
 
     failure_of = staticmethod(_failing)
     resends_requests = True
+    sleeps_on_event_loop = False
 
     def __init__(self, timeout_kwarg: str | None = None) -> None:
         self.timeout_kwarg = timeout_kwarg

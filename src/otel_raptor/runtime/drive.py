@@ -227,6 +227,14 @@ class CallHooks:
     #: (an open or half-open breaker, a cooldown); ``None`` (the default): never.
     unguarded: Callable[[tuple[Any, ...]], bool] | None = None
 
+    #: Whether a sync call of this kind made on an event loop's thread sleeps there (its
+    #: backoff, a ``Retry-After``). ``True`` for what the app guards itself (``Guard.call``,
+    #: ``@resilient``: its own choice of a sync call); integrations, which hook library calls
+    #: the app never asked to wait, say ``False``: the call then ends unslept (see
+    #: :meth:`~otel_raptor.core.attempts.AttemptLoop.cannot_wait`), since a sleep would stall
+    #: every task of the loop.
+    sleeps_on_event_loop: bool = True
+
     #: ``(failure, classification, args) -> bool``: whether the call (made with positional
     #: arguments ``args``) may be sent again after *this* failure, for integrations whose
     #: replay safety depends on how far the call got (a database statement the server rolled
@@ -533,6 +541,15 @@ async def _within(
         raise replacement from error
 
 
+def _on_event_loop() -> bool:
+    """Whether an asyncio event loop runs in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _drive_sync(
     runner: _Runner,
     fn: Callable[..., Any],
@@ -551,6 +568,11 @@ def _drive_sync(
                 else:
                     step = runner.on_result(result)
             elif step is _SLEEP:
+                if not runner.plan.hooks.sleeps_on_event_loop and _on_event_loop():
+                    # A library call hooked on a loop's thread: sleeping here would stall
+                    # every task of the loop (for a Retry-After, seconds). It ends unslept.
+                    step = runner.cannot_wait()
+                    continue
                 try:
                     runner.plan.clock.sleep(runner.loop.delay)
                 except BaseException:
@@ -748,6 +770,15 @@ class _Runner:
             return self.loop.slept(self.plan.monotonic())
         except Exception as bug:  # noqa: BLE001
             return self._bug("drive.slept", bug, _ATTEMPT if self.failure is None else _GIVE_UP)
+
+    def cannot_wait(self) -> Step:
+        unslept = _ATTEMPT if self.failure is None else _GIVE_UP
+        if self._passive:
+            return unslept
+        try:
+            return self.loop.cannot_wait(self.plan.monotonic())
+        except Exception as bug:  # noqa: BLE001
+            return self._bug("drive.cannot_wait", bug, unslept)
 
     def discard(self) -> None:
         failure = self.failure

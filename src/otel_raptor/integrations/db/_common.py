@@ -241,6 +241,7 @@ class DbHooks(CallHooks):
     __slots__ = ("_error", "refine", "unguarded", "unjudged")
 
     wait_for_attempts = False
+    sleeps_on_event_loop = False
 
     def __init__(
         self,
