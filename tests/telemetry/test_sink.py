@@ -33,6 +33,7 @@ from otel_raptor.core.events import (
     BreakerTransitioned,
     CallRejected,
     ErrorClassified,
+    MemoryCleanupFinished,
     RecoveryFinished,
     RetryBudgetExhausted,
     RetryScheduled,
@@ -1059,3 +1060,60 @@ def test_global_providers_set_after_install_are_picked_up() -> None:
         "raptor.recovery.duration",
     ]
     assert spans == "['raptor.recovery']"
+
+
+def test_a_span_export_in_one_thread_holds_no_other_threads_call() -> None:
+    # Ending a span exports it with a SimpleSpanProcessor; the sink did that under the lock
+    # every publish takes, so a memory cleanup's span stuck exporting (a collector that does
+    # not answer) held every event loop's guarded call on its failure path until it ended.
+    release = threading.Event()
+    exporting = threading.Event()
+
+    class StuckExporter(InMemorySpanExporter):
+        def export(self, spans: Any) -> Any:
+            if any(span.name == "raptor.memory.cleanup" for span in spans):
+                exporting.set()
+                release.wait(10)
+            return super().export(spans)
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(StuckExporter()))
+    runtime = Runtime()
+    sink = TelemetrySink(
+        runtime=runtime, tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider()
+    )
+    sink.install()
+    cleanup = MemoryCleanupFinished("standard", "scheduled", 0, 0, 0.1)
+    stuck = threading.Thread(target=runtime.publish, args=(cleanup,))
+    stuck.start()
+    try:
+        assert exporting.wait(5)
+        guard = Guard("svc", retry=RetryPolicy(max_retries=1, base_delay=0.0), runtime=runtime)
+        finished: list[str] = []
+
+        def loop_thread() -> None:
+            async def main() -> None:
+                for _ in range(5):
+                    failed = False
+
+                    async def flaky() -> str:
+                        nonlocal failed
+                        if not failed:
+                            failed = True
+                            raise ConnectionResetError(104, "reset")
+                        return "ok"
+
+                    finished.append(await guard.call_async(flaky))  # publishes 3 events
+
+            asyncio.run(main())
+
+        loops = [threading.Thread(target=loop_thread) for _ in range(3)]
+        for started in loops:
+            started.start()
+        for started in loops:
+            started.join(timeout=5)
+        assert finished == ["ok"] * 15  # all done while the export was still stuck
+    finally:
+        release.set()
+        stuck.join(timeout=10)
+        sink.uninstall()

@@ -211,6 +211,7 @@ class TelemetrySink:
         "__weakref__",
         "_active",
         "_attrs",
+        "_ending",
         "_handlers",
         "_hub",
         "_installed",
@@ -262,6 +263,11 @@ class TelemetrySink:
         # a handler may publish.
         self._recording = threading.RLock()
         register_lock(self, "_recording")
+        # The spans a publish in this thread ended, ended for real once it lets go of
+        # ``_recording``: ending one exports it with a SimpleSpanProcessor, and an export
+        # (seconds, to a collector that does not answer) must not hold every other thread's
+        # and event loop's publish (a guarded call's failure path) behind our lock.
+        self._ending = threading.local()
         self._installed = False
         self._unsubscribe: Callable[[], None] | None = None
         self._hub: _GaugeHub | None = None
@@ -342,13 +348,34 @@ class TelemetrySink:
         handler = self._handlers.get(type(event))
         if handler is None:
             return
+        local = self._ending
+        outermost = getattr(local, "spans", None) is None  # a handler may publish
+        if outermost:
+            local.spans = []
         try:
             with self._recording:
                 handler(event)
         except Exception as error:  # noqa: BLE001 - the publisher is the app's call path
             report_internal_error("telemetry.publish", error)
+        finally:
+            if outermost:
+                spans, local.spans = local.spans, None
+                for span, end_time in spans:
+                    try:
+                        span.end(end_time=end_time)
+                    except Exception as error:  # noqa: BLE001
+                        report_internal_error("telemetry.trace", error)
 
     __call__ = publish
+
+    def _end(self, span: Span, end_time: int) -> None:
+        """End ``span`` at ``end_time`` once this thread's publish lets go of ``_recording``
+        (at once outside a publish)."""
+        spans = getattr(self._ending, "spans", None)
+        if spans is None:
+            span.end(end_time=end_time)
+        else:
+            spans.append((span, end_time))
 
     def _db_status_code(self, service: str, code: str | None) -> str | None:
         """The failure's ``db.response.status_code``: its SQLSTATE, MySQL error number or SQLite
@@ -538,7 +565,7 @@ class TelemetrySink:
             span = self._tracer.start_span(
                 SPAN_PREDICTION.name, kind=_INTERNAL, attributes=attributes, start_time=now
             )
-            span.end(end_time=now)
+            self._end(span, now)
         except Exception as error:  # noqa: BLE001
             report_internal_error("telemetry.trace", error)
 
@@ -589,7 +616,7 @@ class TelemetrySink:
                 },
                 start_time=start,
             )
-            span.end(end_time=end)
+            self._end(span, end)
         except Exception as error:  # noqa: BLE001
             report_internal_error("telemetry.trace", error)
 
@@ -691,7 +718,7 @@ class TelemetrySink:
                 if failed:
                     span.set_status(Status(StatusCode.ERROR, event.give_up_reason or outcome))
         finally:
-            span.end(end_time=end)
+            self._end(span, end)
 
     def _finish_live(
         self, live: _LiveRecovery, event: RecoveryFinished, strategy: str, outcome: str
