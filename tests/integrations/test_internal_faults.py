@@ -1,0 +1,908 @@
+"""Ground rule 1, swept: a bug of ours never reaches the app's call.
+
+For every guarded call path (requests, httpx sync and async, psycopg sync and async, psycopg2,
+asyncpg, PyMySQL, redis-py sync and asyncio with pipelines, sqlite3, ``Guard.call``,
+``Guard.call_async`` and ``@resilient``), against the loopback HTTP server and the shared
+databases, one raptor internal at a time is made to raise (the classifier, the integration's
+describe step, the event bus and the telemetry sink, the metric instruments, span starts, the
+breaker's bookkeeping, the retry budget, the learner, the stale cache, the attempt loop, ...)
+and each path runs the same script twice: a call that succeeds and calls that fail (a
+failing result where the library has one, and an exception). Each must end exactly as it does
+without raptor (the same result, the same exception type), reach the server exactly as often
+(counted server-side: requests, rows, a sequence, a counter key), and every site of the bug
+is logged once, however many calls met it.
+
+Failing exporters and providers are covered too: an OTLP exporter pointing at a closed port,
+span processors that raise in ``on_start``/``on_end``, and a meter reader that raises on
+collect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+import psycopg
+import psycopg2
+import pymysql
+import pytest
+import redis
+import redis.asyncio
+import requests
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics._internal import instrument as sdk_instrument
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, Tracer, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_raptor.config import DownstreamOverride
+from otel_raptor.core.attempts import AttemptLoop
+from otel_raptor.core.budget import RetryBudget
+from otel_raptor.core.classify import Classifier
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.integrations import _http
+from otel_raptor.integrations import httpx as httpx_integration
+from otel_raptor.integrations import requests as requests_integration
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations._http import HttpHooks, ResendCountSpanProcessor, StaleCache
+from otel_raptor.integrations.db._common import DbState
+from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
+from otel_raptor.integrations.db.psycopg import PsycopgIntegration
+from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
+from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
+from otel_raptor.integrations.db.redis import RedisIntegration
+from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
+from otel_raptor.integrations.httpx import HttpxIntegration
+from otel_raptor.integrations.requests import RequestsIntegration
+from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.decorator import resilient
+from otel_raptor.runtime.downstream import Route
+from otel_raptor.runtime.guard import Guard
+from otel_raptor.runtime.safety import _reset_for_tests
+from otel_raptor.runtime.state import Runtime
+from otel_raptor.telemetry.sink import TelemetrySink
+from tests.integrations.db.conftest import MYSQL_KWARGS, PG_DSN, fast_config
+from tests.support.faulty_http import FaultyHTTPServer, closed_port, reset, status
+from tests.support.services import MYSQL, POSTGRES, REDIS, require_service
+
+REPORT_PREFIX = "otel_raptor internal error in "
+
+
+class InjectedBug(RuntimeError):
+    """The bug planted in raptor's code."""
+
+
+# --- what one run of a path observed ----------------------------------------------------------
+
+
+@dataclass
+class Observed:
+    """The outcomes of a path's script (results normalised, exceptions by exact type) and how
+    often each kind of call reached the server."""
+
+    outcomes: list[tuple[Any, ...]] = field(default_factory=list)
+    hits: dict[str, int] = field(default_factory=dict)
+
+    def ok(self, value: Any) -> None:
+        self.outcomes.append(("returned", value))
+
+    def raised(self, error: BaseException) -> None:
+        self.outcomes.append(("raised", type(error)))
+
+
+def outcome(observed: Observed, call: Callable[[], Any], normalise: Callable[[Any], Any]) -> None:
+    try:
+        value = call()
+    except Exception as error:
+        observed.raised(error)
+    else:
+        observed.ok(normalise(value))
+
+
+async def outcome_async(
+    observed: Observed, call: Callable[[], Any], normalise: Callable[[Any], Any]
+) -> None:
+    try:
+        value = await call()
+    except Exception as error:
+        observed.raised(error)
+    else:
+        observed.ok(normalise(value))
+
+
+#: Each script runs its successful call and its failing calls this many times.
+ROUNDS = 2
+
+
+# --- the installation -------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    """One test's runtime and telemetry (a real SDK tracer and meter provider)."""
+
+    runtime: Runtime
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    reader: InMemoryMetricReader
+    spans: InMemorySpanExporter
+    sink: TelemetrySink
+    installed: list[Any] = field(default_factory=list)
+
+    def install(self, integration_type: type) -> None:
+        integration = integration_type()
+        # A breaker that a run of the script's failures never opens: a bug that hides the
+        # successes from it (see the report) would otherwise turn a failure into a refusal.
+        config = fast_config(
+            max_retries=2,
+            failure_threshold=50,
+            downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+        )
+        integration.install(IntegrationSettings(runtime=self.runtime, config=config))
+        self.installed.append(integration)
+
+    def close(self) -> None:
+        for integration in reversed(self.installed):
+            integration.uninstall()
+        self.installed.clear()
+        self.sink.uninstall()
+        self.runtime.health.stop()
+
+
+def make_env(*processors: SpanProcessor) -> Env:
+    runtime = Runtime()
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(ResendCountSpanProcessor())
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    for processor in processors:
+        tracer_provider.add_span_processor(processor)
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    sink = TelemetrySink(
+        runtime=runtime, tracer_provider=tracer_provider, meter_provider=meter_provider
+    )
+    sink.install()
+    return Env(runtime, tracer_provider, meter_provider, reader, spans, sink)
+
+
+# --- the paths --------------------------------------------------------------------------------
+
+
+def _response(response: Any) -> tuple[int, str]:
+    return (response.status_code, response.text)
+
+
+@contextlib.contextmanager
+def _http_server() -> Iterator[FaultyHTTPServer]:
+    with FaultyHTTPServer() as server:
+        yield server
+
+
+def _http_hits(server: FaultyHTTPServer, observed: Observed) -> None:
+    observed.hits = {
+        "GET": server.count("GET", "/ok"),
+        "POST": server.count("POST", "/fail"),
+    }
+
+
+def path_requests(env: Env | None) -> Observed:
+    if env is not None:
+        env.install(RequestsIntegration)
+    observed = Observed()
+    with _http_server() as server, requests.Session() as session:
+        for _ in range(ROUNDS):
+            outcome(observed, lambda: session.get(server.url("/ok"), timeout=5), _response)
+            server.push(status(503))
+            outcome(
+                observed,
+                lambda: session.post(server.url("/fail"), data=b"x", timeout=5),
+                _response,
+            )
+            server.push(reset())
+            outcome(
+                observed,
+                lambda: session.post(server.url("/fail"), data=b"x", timeout=5),
+                _response,
+            )
+        _http_hits(server, observed)
+    return observed
+
+
+def path_httpx(env: Env | None) -> Observed:
+    if env is not None:
+        env.install(HttpxIntegration)
+    observed = Observed()
+    with _http_server() as server, httpx.Client(timeout=5) as client:
+        for _ in range(ROUNDS):
+            outcome(observed, lambda: client.get(server.url("/ok")), _response)
+            server.push(status(503))
+            outcome(observed, lambda: client.post(server.url("/fail"), content=b"x"), _response)
+            server.push(reset())
+            outcome(observed, lambda: client.post(server.url("/fail"), content=b"x"), _response)
+        _http_hits(server, observed)
+    return observed
+
+
+def path_httpx_async(env: Env | None) -> Observed:
+    if env is not None:
+        env.install(HttpxIntegration)
+    observed = Observed()
+
+    async def script(server: FaultyHTTPServer) -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(ROUNDS):
+                await outcome_async(observed, lambda: client.get(server.url("/ok")), _response)
+                server.push(status(503))
+                await outcome_async(
+                    observed, lambda: client.post(server.url("/fail"), content=b"x"), _response
+                )
+                server.push(reset())
+                await outcome_async(
+                    observed, lambda: client.post(server.url("/fail"), content=b"x"), _response
+                )
+
+    with _http_server() as server:
+        asyncio.run(script(server))
+        _http_hits(server, observed)
+    return observed
+
+
+def _name() -> str:
+    return f"raptor_rule1_{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def _pg_objects() -> Iterator[str]:
+    """A table ``name`` and ``name_fail()``, which counts its runs in a sequence (no
+    rollback undoes ``nextval``) and raises ``22012`` every time."""
+    require_service("PostgreSQL", POSTGRES)
+    name = _name()
+    admin = psycopg2.connect(PG_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE TABLE {name} (v int)")
+        cur.execute(f"CREATE SEQUENCE {name}_seq")
+        cur.execute(
+            f"""CREATE FUNCTION {name}_fail() RETURNS int LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM nextval('{name}_seq');
+                RAISE EXCEPTION 'injected' USING ERRCODE = '22012';
+            END $$"""
+        )
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {name}")
+            cur.execute(f"DROP FUNCTION IF EXISTS {name}_fail()")
+            cur.execute(f"DROP SEQUENCE IF EXISTS {name}_seq")
+        admin.close()
+
+
+def _pg_hits(name: str, observed: Observed) -> None:
+    admin = psycopg2.connect(PG_DSN)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {name}")
+            rows = cur.fetchone()[0]
+            cur.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {name}_seq")
+            runs = cur.fetchone()[0]
+    finally:
+        admin.close()
+    observed.hits = {"insert": rows, "fail": runs}
+
+
+def path_psycopg(env: Env | None) -> Observed:
+    observed = Observed()
+    with _pg_objects() as name:
+        if env is not None:
+            env.install(PsycopgIntegration)
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            for _ in range(ROUNDS):
+                outcome(
+                    observed,
+                    lambda: conn.execute(f"INSERT INTO {name} VALUES (1) RETURNING v").fetchall(),
+                    repr,
+                )
+                outcome(observed, lambda: conn.execute(f"SELECT {name}_fail()").fetchall(), repr)
+        _pg_hits(name, observed)
+    return observed
+
+
+def path_psycopg_async(env: Env | None) -> Observed:
+    observed = Observed()
+
+    async def script(name: str) -> None:
+        conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+        async with conn:
+            for _ in range(ROUNDS):
+
+                async def insert() -> Any:
+                    cur = await conn.execute(f"INSERT INTO {name} VALUES (1) RETURNING v")
+                    return await cur.fetchall()
+
+                async def fail() -> Any:
+                    cur = await conn.execute(f"SELECT {name}_fail()")
+                    return await cur.fetchall()
+
+                await outcome_async(observed, insert, repr)
+                await outcome_async(observed, fail, repr)
+
+    with _pg_objects() as name:
+        if env is not None:
+            env.install(PsycopgIntegration)
+        asyncio.run(script(name))
+        _pg_hits(name, observed)
+    return observed
+
+
+def path_psycopg2(env: Env | None) -> Observed:
+    observed = Observed()
+    with _pg_objects() as name:
+        if env is not None:
+            env.install(Psycopg2Integration)
+        conn = psycopg2.connect(PG_DSN)
+        conn.autocommit = True
+        try:
+            for _ in range(ROUNDS):
+                with conn.cursor() as cur:
+                    outcome(
+                        observed,
+                        lambda: (
+                            cur.execute(f"INSERT INTO {name} VALUES (1) RETURNING v"),
+                            cur.fetchall(),
+                        ),
+                        repr,
+                    )
+                with conn.cursor() as cur:
+                    outcome(
+                        observed,
+                        lambda: (cur.execute(f"SELECT {name}_fail()"), cur.fetchall()),
+                        repr,
+                    )
+        finally:
+            conn.close()
+        _pg_hits(name, observed)
+    return observed
+
+
+def path_asyncpg(env: Env | None) -> Observed:
+    observed = Observed()
+
+    async def script(name: str) -> None:
+        conn = await asyncpg.connect(
+            host=POSTGRES[0], port=POSTGRES[1], user="postgres", database="test"
+        )
+        try:
+            for _ in range(ROUNDS):
+                await outcome_async(
+                    observed,
+                    lambda: conn.fetch(f"INSERT INTO {name} VALUES (1) RETURNING v"),
+                    lambda rows: [tuple(r) for r in rows],
+                )
+                await outcome_async(
+                    observed,
+                    lambda: conn.fetch(f"SELECT {name}_fail()"),
+                    lambda rows: [tuple(r) for r in rows],
+                )
+        finally:
+            await conn.close()
+
+    with _pg_objects() as name:
+        if env is not None:
+            env.install(AsyncpgIntegration)
+        asyncio.run(script(name))
+        _pg_hits(name, observed)
+    return observed
+
+
+def path_pymysql(env: Env | None) -> Observed:
+    require_service("MariaDB", MYSQL)
+    observed = Observed()
+    name = _name()
+    admin = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE TABLE {name} (v INT)")
+            # MyISAM: the row the procedure inserts stays when its SIGNAL fails the CALL.
+            cur.execute(
+                f"CREATE TABLE {name}_runs (id INT AUTO_INCREMENT PRIMARY KEY) ENGINE=MyISAM"
+            )
+            cur.execute(
+                f"CREATE PROCEDURE {name}_fail() BEGIN INSERT INTO {name}_runs VALUES (NULL); "
+                "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected'; END"
+            )
+        if env is not None:
+            env.install(PyMySQLIntegration)
+        conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+        try:
+            for _ in range(ROUNDS):
+                with conn.cursor() as cur:
+                    outcome(observed, lambda: cur.execute(f"INSERT INTO {name} VALUES (1)"), repr)
+                with conn.cursor() as cur:
+                    outcome(observed, lambda: cur.execute(f"CALL {name}_fail()"), repr)
+        finally:
+            conn.close()
+        with admin.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {name}")
+            rows = cur.fetchone()[0]
+            cur.execute(f"SELECT COUNT(*) FROM {name}_runs")
+            runs = cur.fetchone()[0]
+        observed.hits = {"insert": rows, "fail": runs}
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {name}")
+            cur.execute(f"DROP TABLE IF EXISTS {name}_runs")
+            cur.execute(f"DROP PROCEDURE IF EXISTS {name}_fail")
+        admin.close()
+    return observed
+
+
+#: Counts its runs in KEYS[1], then fails.
+FAILING_SCRIPT = "redis.call('INCR', KEYS[1]); return redis.error_reply('injected')"
+
+
+def _redis_hits(name: str, observed: Observed) -> None:
+    admin = redis.Redis(host=REDIS[0], port=REDIS[1])
+    try:
+        observed.hits = {
+            "incr": int(admin.get(f"{name}:ok") or 0),
+            "fail": int(admin.get(f"{name}:runs") or 0),
+        }
+        admin.delete(f"{name}:ok", f"{name}:runs")
+    finally:
+        admin.close()
+
+
+def path_redis(env: Env | None) -> Observed:
+    require_service("Redis", REDIS)
+    if env is not None:
+        env.install(RedisIntegration)
+    observed = Observed()
+    name = _name()
+    client = redis.Redis(host=REDIS[0], port=REDIS[1])
+    try:
+        for _ in range(ROUNDS):
+            outcome(observed, lambda: client.incr(f"{name}:ok"), repr)
+            outcome(observed, lambda: client.eval(FAILING_SCRIPT, 1, f"{name}:runs"), repr)
+    finally:
+        client.close()
+    _redis_hits(name, observed)
+    return observed
+
+
+def path_redis_pipeline(env: Env | None) -> Observed:
+    require_service("Redis", REDIS)
+    if env is not None:
+        env.install(RedisIntegration)
+    observed = Observed()
+    name = _name()
+    client = redis.Redis(host=REDIS[0], port=REDIS[1])
+
+    def good() -> Any:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(f"{name}:ok")
+        pipe.get(f"{name}:ok")
+        return pipe.execute()
+
+    def bad() -> Any:
+        pipe = client.pipeline(transaction=False)
+        pipe.eval(FAILING_SCRIPT, 1, f"{name}:runs")
+        return pipe.execute()
+
+    try:
+        for _ in range(ROUNDS):
+            outcome(observed, good, repr)
+            outcome(observed, bad, repr)
+    finally:
+        client.close()
+    _redis_hits(name, observed)
+    return observed
+
+
+def path_redis_async(env: Env | None) -> Observed:
+    require_service("Redis", REDIS)
+    if env is not None:
+        env.install(RedisIntegration)
+    observed = Observed()
+    name = _name()
+
+    async def script() -> None:
+        client = redis.asyncio.Redis(host=REDIS[0], port=REDIS[1])
+        try:
+            for _ in range(ROUNDS):
+                await outcome_async(observed, lambda: client.incr(f"{name}:ok"), repr)
+                await outcome_async(
+                    observed, lambda: client.eval(FAILING_SCRIPT, 1, f"{name}:runs"), repr
+                )
+        finally:
+            await client.aclose()
+
+    asyncio.run(script())
+    _redis_hits(name, observed)
+    return observed
+
+
+def path_redis_async_pipeline(env: Env | None) -> Observed:
+    require_service("Redis", REDIS)
+    if env is not None:
+        env.install(RedisIntegration)
+    observed = Observed()
+    name = _name()
+
+    async def script() -> None:
+        client = redis.asyncio.Redis(host=REDIS[0], port=REDIS[1])
+
+        async def good() -> Any:
+            pipe = client.pipeline(transaction=True)
+            pipe.incr(f"{name}:ok")
+            pipe.get(f"{name}:ok")
+            return await pipe.execute()
+
+        async def bad() -> Any:
+            pipe = client.pipeline(transaction=False)
+            pipe.eval(FAILING_SCRIPT, 1, f"{name}:runs")
+            return await pipe.execute()
+
+        try:
+            for _ in range(ROUNDS):
+                await outcome_async(observed, good, repr)
+                await outcome_async(observed, bad, repr)
+        finally:
+            await client.aclose()
+
+    asyncio.run(script())
+    _redis_hits(name, observed)
+    return observed
+
+
+def path_sqlite3(env: Env | None) -> Observed:
+    if env is not None:
+        env.install(SQLiteIntegration)
+    observed = Observed()
+    runs = Counter[str]()
+
+    def fail() -> int:
+        runs["fail"] += 1
+        raise ValueError("injected")
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.create_function("raptor_fail", 0, fail)
+        conn.execute("CREATE TABLE t (v int)")
+        for _ in range(ROUNDS):
+            outcome(
+                observed,
+                lambda: conn.execute("INSERT INTO t VALUES (1) RETURNING v").fetchall(),
+                repr,
+            )
+            outcome(observed, lambda: conn.execute("SELECT raptor_fail()").fetchall(), repr)
+        rows = conn.execute("SELECT count(*) FROM t").fetchone()[0]
+    finally:
+        conn.close()
+    observed.hits = {"insert": rows, "fail": runs["fail"]}
+    return observed
+
+
+class _Work:
+    """A function's calls, counted: ``ok`` returns a fresh object, ``fail`` raises a
+    connection error (a downstream failure the breaker counts)."""
+
+    def __init__(self) -> None:
+        self.runs = Counter[str]()
+
+    def ok(self, value: int) -> dict[str, int]:
+        self.runs["ok"] += 1
+        return {"value": value}
+
+    def fail(self) -> None:
+        self.runs["fail"] += 1
+        raise ConnectionRefusedError("injected")
+
+    async def ok_async(self, value: int) -> dict[str, int]:
+        return self.ok(value)
+
+    async def fail_async(self) -> None:
+        self.fail()
+
+
+def _guard(env: Env | None) -> Guard | None:
+    if env is None:
+        return None
+    # Not replay safe: a failure must never be sent again.
+    return Guard(
+        "rule1-guard",
+        retry=RetryPolicy(max_retries=2, base_delay=0.001, max_delay=0.002),
+        replay_safe=False,
+        runtime=env.runtime,
+    )
+
+
+def path_guard_call(env: Env | None) -> Observed:
+    guard, work, observed = _guard(env), _Work(), Observed()
+    for _ in range(ROUNDS):
+        if guard is None:
+            outcome(observed, lambda: work.ok(7), repr)
+            outcome(observed, work.fail, repr)
+        else:
+            outcome(observed, lambda: guard.call(work.ok, 7), repr)
+            outcome(observed, lambda: guard.call(work.fail), repr)
+    observed.hits = dict(work.runs)
+    return observed
+
+
+def path_guard_call_async(env: Env | None) -> Observed:
+    guard, work, observed = _guard(env), _Work(), Observed()
+
+    async def script() -> None:
+        for _ in range(ROUNDS):
+            if guard is None:
+                await outcome_async(observed, lambda: work.ok_async(7), repr)
+                await outcome_async(observed, work.fail_async, repr)
+            else:
+                await outcome_async(observed, lambda: guard.call_async(work.ok_async, 7), repr)
+                await outcome_async(observed, lambda: guard.call_async(work.fail_async), repr)
+
+    asyncio.run(script())
+    observed.hits = dict(work.runs)
+    return observed
+
+
+def path_resilient(env: Env | None) -> Observed:
+    work, observed = _Work(), Observed()
+    ok, fail = work.ok, work.fail
+    if env is not None:
+        decorate = resilient(
+            service="rule1-resilient",
+            retry=RetryPolicy(max_retries=2, base_delay=0.001, max_delay=0.002),
+            replay_safe=False,
+            runtime=env.runtime,
+        )
+        ok, fail = decorate(ok), decorate(fail)
+    for _ in range(ROUNDS):
+        outcome(observed, lambda: ok(7), repr)
+        outcome(observed, fail, repr)
+    observed.hits = dict(work.runs)
+    return observed
+
+
+PATHS: dict[str, Callable[[Env | None], Observed]] = {
+    "requests": path_requests,
+    "httpx": path_httpx,
+    "httpx-async": path_httpx_async,
+    "psycopg": path_psycopg,
+    "psycopg-async": path_psycopg_async,
+    "psycopg2": path_psycopg2,
+    "asyncpg": path_asyncpg,
+    "pymysql": path_pymysql,
+    "redis": path_redis,
+    "redis-pipeline": path_redis_pipeline,
+    "redis-async": path_redis_async,
+    "redis-async-pipeline": path_redis_async_pipeline,
+    "sqlite3": path_sqlite3,
+    "guard-call": path_guard_call,
+    "guard-call-async": path_guard_call_async,
+    "resilient": path_resilient,
+}
+HTTP_PATHS = frozenset({"requests", "httpx", "httpx-async"})
+DB_PATHS = frozenset(PATHS) - HTTP_PATHS - {"guard-call", "guard-call-async", "resilient"}
+REDIS_PATHS = frozenset(p for p in PATHS if p.startswith("redis"))
+PG_PATHS = frozenset({"psycopg", "psycopg-async", "psycopg2"})
+
+_baselines: dict[str, Observed] = {}
+
+
+def without_raptor(path: str) -> Observed:
+    """What the path's script does with nothing of raptor installed (computed once)."""
+    found = _baselines.get(path)
+    if found is None:
+        found = _baselines[path] = PATHS[path](None)
+    return found
+
+
+# --- the faults -------------------------------------------------------------------------------
+
+
+class Fault:
+    """Raptor internals made to raise: ``(owner, attribute)`` pairs, patched on the class or
+    module. ``paths`` limits it to the paths whose calls reach it (``None``: all)."""
+
+    def __init__(self, *targets: tuple[object, str], paths: frozenset[str] | None = None) -> None:
+        self.targets = targets
+        self.paths = paths
+        self.hits = 0
+
+    def apply(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for owner, attribute in self.targets:
+            original = getattr(owner, attribute)
+            monkeypatch.setattr(owner, attribute, self._raiser(original))
+
+    def _raiser(self, original: object) -> Any:
+        fault = self
+
+        def boom(*args: Any, **kwargs: Any) -> Any:
+            fault.hits += 1
+            raise InjectedBug("a bug in otel_raptor")
+
+        if isinstance(original, staticmethod):
+            return staticmethod(boom)
+        return boom
+
+
+FAULTS: dict[str, Callable[[], Fault]] = {
+    "none": Fault,
+    "classifier": lambda: Fault((Classifier, "classify")),
+    "route-classify": lambda: Fault((Route, "classify")),
+    "event-publish": lambda: Fault((Runtime, "publish")),
+    "sink-publish": lambda: Fault((TelemetrySink, "publish")),
+    "sink-span-events": lambda: Fault(
+        (TelemetrySink, "_buffer"), (TelemetrySink, "_emit_recovery_span")
+    ),
+    "instruments": lambda: Fault(
+        (sdk_instrument._Counter, "add"), (sdk_instrument._Histogram, "record")
+    ),
+    "span-start": lambda: Fault((Tracer, "start_span")),
+    "recovery-scope": lambda: Fault((TelemetrySink, "recovery_scope")),
+    "breaker-success": lambda: Fault(
+        (CircuitBreaker, "record_success_since"), (CircuitBreaker, "record_success")
+    ),
+    "breaker-failure": lambda: Fault((CircuitBreaker, "record_failure")),
+    "budget": lambda: Fault((Runtime, "withdraw"), (RetryBudget, "try_withdraw")),
+    "learner": lambda: Fault(
+        (Runtime, "should_retry"), (Runtime, "record_outcome"), (Runtime, "note_failure")
+    ),
+    "loop-verdict": lambda: Fault((AttemptLoop, "first_failed"), (AttemptLoop, "failed")),
+    "resend-count": lambda: Fault((_http, "current_resend")),
+    "stale-cache": lambda: Fault((StaleCache, "put"), (StaleCache, "get"), paths=HTTP_PATHS),
+    "failure-of": lambda: Fault((_http, "_failing"), (HttpHooks, "failure_of"), paths=HTTP_PATHS),
+    "http-describe": lambda: Fault(
+        (requests_integration._Installed, "describe"),
+        (httpx_integration._Installed, "describe"),
+        paths=HTTP_PATHS,
+    ),
+    "db-describe": lambda: Fault((DbState, "target"), paths=DB_PATHS),
+}
+
+
+def _reports(caplog: pytest.LogCaptureFixture) -> Counter[str]:
+    found = Counter[str]()
+    for record in caplog.records:
+        message = record.getMessage()
+        if record.name == "otel_raptor" and message.startswith(REPORT_PREFIX):
+            found[message[len(REPORT_PREFIX) :].split(";")[0]] += 1
+    return found
+
+
+def _cases() -> Iterator[Any]:
+    for fault_name, make in FAULTS.items():
+        scope = make().paths
+        for path in PATHS:
+            if scope is None or path in scope:
+                yield pytest.param(path, fault_name, id=f"{path}-{fault_name}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reports() -> Iterator[None]:
+    _reset_for_tests()
+    yield
+    _reset_for_tests()
+
+
+@pytest.mark.parametrize(("path", "fault_name"), list(_cases()))
+def test_a_bug_of_ours_never_changes_the_call(
+    path: str,
+    fault_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    expected = without_raptor(path)
+    fault = FAULTS[fault_name]()
+    fault.apply(monkeypatch)
+    env = make_env()
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = PATHS[path](env)
+    finally:
+        env.close()
+    assert seen.outcomes == expected.outcomes
+    assert seen.hits == expected.hits
+    reports = _reports(caplog)
+    assert all(count == 1 for count in reports.values()), reports  # once per site
+    if fault_name == "none":
+        assert not reports
+    elif fault.hits:
+        assert reports, "the bug was met but never logged"
+
+
+# --- failing exporters and providers ----------------------------------------------------------
+
+
+class RaisingProcessor(SpanProcessor):
+    """A span processor that fails in ``on_start`` or ``on_end``."""
+
+    def __init__(self, *, on_start: bool = False, on_end: bool = False) -> None:
+        self._start = on_start
+        self._end = on_end
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        if self._start:
+            raise InjectedBug("on_start")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._end:
+            raise InjectedBug("on_end")
+
+
+def _otlp_processor() -> SpanProcessor:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{closed_port()}/v1/traces", timeout=0.5)
+    return SimpleSpanProcessor(exporter)
+
+
+EXPORT_FAULTS: dict[str, Callable[[], SpanProcessor]] = {
+    "processor-on-start": lambda: RaisingProcessor(on_start=True),
+    "processor-on-end": lambda: RaisingProcessor(on_end=True),
+    "otlp-closed-port": _otlp_processor,
+}
+
+
+@pytest.mark.parametrize("export_fault", list(EXPORT_FAULTS))
+@pytest.mark.parametrize("path", ["requests", "httpx-async", "psycopg", "redis", "guard-call"])
+def test_a_failing_span_pipeline_never_changes_the_call(
+    path: str, export_fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = without_raptor(path)
+    env = make_env(EXPORT_FAULTS[export_fault]())
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = PATHS[path](env)
+    finally:
+        env.close()
+    assert seen.outcomes == expected.outcomes
+    assert seen.hits == expected.hits
+    assert all(count == 1 for count in _reports(caplog).values()), _reports(caplog)
+
+
+class RaisingReader(InMemoryMetricReader):
+    """A metric reader whose collection fails."""
+
+    def _receive_metrics(self, *args: Any, **kwargs: Any) -> None:
+        raise InjectedBug("collect")
+
+
+def test_a_meter_reader_that_fails_on_collect_never_changes_the_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    expected = without_raptor("requests")
+    env = make_env()
+    reader = RaisingReader()
+    env.sink.uninstall()
+    env.meter_provider = MeterProvider(metric_readers=[reader])
+    env.sink = TelemetrySink(
+        runtime=env.runtime,
+        tracer_provider=env.tracer_provider,
+        meter_provider=env.meter_provider,
+    )
+    env.sink.install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = path_requests(env)
+            with pytest.raises(InjectedBug):
+                reader.collect()  # the reader's own failure is the reader's caller's
+            again = path_requests(env)
+    finally:
+        env.close()
+    assert seen.outcomes == expected.outcomes == again.outcomes
+    assert seen.hits == expected.hits
