@@ -67,6 +67,7 @@ from otel_raptor.integrations.requests import RequestsIntegration
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.decorator import resilient
 from otel_raptor.runtime.downstream import Route
+from otel_raptor.runtime.drive import CallHooks
 from otel_raptor.runtime.guard import Guard
 from otel_raptor.runtime.safety import _reset_for_tests
 from otel_raptor.runtime.state import Runtime
@@ -763,6 +764,7 @@ FAULTS: dict[str, Callable[[], Fault]] = {
         (Runtime, "should_retry"), (Runtime, "record_outcome"), (Runtime, "note_failure")
     ),
     "loop-verdict": lambda: Fault((AttemptLoop, "first_failed"), (AttemptLoop, "failed")),
+    "give-up": lambda: Fault((CallHooks, "give_up"), (HttpHooks, "give_up")),
     "resend-count": lambda: Fault((_http, "current_resend")),
     "stale-cache": lambda: Fault((StaleCache, "put"), (StaleCache, "get"), paths=HTTP_PATHS),
     "failure-of": lambda: Fault((_http, "_failing"), (HttpHooks, "failure_of"), paths=HTTP_PATHS),

@@ -103,6 +103,9 @@ _DONE: Final = Step.DONE
 # slow path only (a retry), so a first attempt costs nothing. The resend ordinal is set only by
 # calls whose hooks send requests (:attr:`CallHooks.resends_requests`), and is 0 in a retry of
 # anything else: the HTTP calls a retried function makes are not resends of a request.
+#: No result: the first attempt raised.
+_NO_RESULT: Final = object()
+
 _ATTEMPT_IN_FLIGHT: ContextVar[tuple[int, int]] = ContextVar("otel_raptor_attempt", default=(1, 0))
 
 
@@ -377,6 +380,7 @@ def run_sync(
             result = fn(*args, **call_kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below
             failure: BaseException | None = exc
+            result = _NO_RESULT
         else:
             failure_of = plan.failure_of
             failure = None
@@ -395,7 +399,8 @@ def run_sync(
                 return result
         # Outside the ``except`` block, so that re-raising a later attempt's error does not
         # chain this one onto it as its ``__context__``.
-        return _drive_sync(_Runner(plan, fallback, start, args, failure), fn, args, kwargs)
+        runner = _Runner(plan, fallback, start, args, failure, result=result)
+        return _drive_sync(runner, fn, args, kwargs)
     return _drive_sync(_Runner(plan, fallback, start, args), fn, args, kwargs)
 
 
@@ -420,6 +425,7 @@ async def run_async(
                 result = await fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure: BaseException | None = exc
+            result = _NO_RESULT
         else:
             failure_of = plan.failure_of
             failure = None
@@ -436,7 +442,8 @@ async def run_async(
                 except Exception as bug:  # noqa: BLE001 - never lose the caller's result
                     report_internal_error("drive.record_success", bug)
                 return result
-        return await _drive_async(_Runner(plan, fallback, start, args, failure), fn, args, kwargs)
+        runner = _Runner(plan, fallback, start, args, failure, result=result)
+        return await _drive_async(runner, fn, args, kwargs)
     return await _drive_async(_Runner(plan, fallback, start, args), fn, args, kwargs)
 
 
@@ -639,6 +646,7 @@ class _Runner:
         "_args",
         "_attempt_token",
         "_fallback",
+        "_made",
         "_no_verdict",
         "_observe",
         "_passive",
@@ -658,10 +666,12 @@ class _Runner:
         args: tuple[Any, ...],
         failure: BaseException | None = None,
         observe: Callable[[AttemptLoop], None] | None = None,
+        result: Any = _NO_RESULT,
     ) -> None:
         """A slow-path call with positional arguments ``args`` that started at ``started``:
         its first attempt (made on the fast path) ended with ``failure``, or (``None``) it has
-        not been admitted yet. ``step`` is what the driver does first."""
+        not been admitted yet; ``result``, when that failure is a failing result the hooks'
+        ``failure_of`` wrapped, is that result. ``step`` is what the driver does first."""
         self.plan = plan
         self._observe = observe
         self._args = args
@@ -672,7 +682,10 @@ class _Runner:
         self._attempt_token: Any = None
         self._no_verdict: BaseException | None = None
         self.failure: BaseException | None = None
-        self.result: Any = None
+        made = result is not _NO_RESULT
+        self.result: Any = result if made else None
+        #: The failure ``failure_of`` made of ``result`` (the call's last outcome was a result).
+        self._made: BaseException | None = failure if made else None
         self.step = self.admit(started) if failure is None else self.first_failed(failure, started)
 
     # --- entering the loop ----------------------------------------------------------------------
@@ -756,7 +769,7 @@ class _Runner:
         except Exception as bug:  # noqa: BLE001
             return self._bug("drive.failure_of", bug, _DONE)
         if failure is not None:
-            self.failure = failure
+            self.failure = self._made = failure
             return self._failed(failure)
         try:
             return self.loop.succeeded(self.plan.monotonic())
@@ -815,7 +828,16 @@ class _Runner:
             raise failure
         # Passive too: a failing result (an HTTP 503) is wrapped in an exception of ours,
         # and the hooks give back what the call would have ended with without us.
-        return self.plan.hooks.give_up(failure)
+        try:
+            return self.plan.hooks.give_up(failure)
+        except Exception as raised:  # the hook's own answer (the failure), or our bug
+            if raised is failure:
+                raise
+            report_internal_error("drive.give_up", raised)
+        # Outside the ``except`` block: the caller's error keeps its own context.
+        if failure is self._made:
+            return self.result  # the failing result itself, as without us
+        raise failure
 
     def fallback_sync(self) -> Any:
         fallback = self._fallback
