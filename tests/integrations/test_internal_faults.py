@@ -763,6 +763,7 @@ FAULTS: dict[str, Callable[[], Fault]] = {
     "learner": lambda: Fault(
         (Runtime, "should_retry"), (Runtime, "record_outcome"), (Runtime, "note_failure")
     ),
+    "attempt-loop": lambda: Fault((AttemptLoop, "__init__")),
     "loop-verdict": lambda: Fault((AttemptLoop, "first_failed"), (AttemptLoop, "failed")),
     "give-up": lambda: Fault((CallHooks, "give_up"), (HttpHooks, "give_up")),
     "resend-count": lambda: Fault((_http, "current_resend")),

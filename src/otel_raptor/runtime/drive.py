@@ -399,9 +399,14 @@ def run_sync(
                 return result
         # Outside the ``except`` block, so that re-raising a later attempt's error does not
         # chain this one onto it as its ``__context__``.
-        runner = _Runner(plan, fallback, start, args, failure, result=result)
+        runner = _new_runner(plan, fallback, start, args, failure, result=result)
+        if runner is None:
+            return _without_us(failure, result)
         return _drive_sync(runner, fn, args, kwargs)
-    return _drive_sync(_Runner(plan, fallback, start, args), fn, args, kwargs)
+    runner = _new_runner(plan, fallback, start, args)
+    if runner is None:
+        return fn(*args, **kwargs)  # as without us
+    return _drive_sync(runner, fn, args, kwargs)
 
 
 async def run_async(
@@ -442,9 +447,14 @@ async def run_async(
                 except Exception as bug:  # noqa: BLE001 - never lose the caller's result
                     report_internal_error("drive.record_success", bug)
                 return result
-        runner = _Runner(plan, fallback, start, args, failure, result=result)
+        runner = _new_runner(plan, fallback, start, args, failure, result=result)
+        if runner is None:
+            return _without_us(failure, result)
         return await _drive_async(runner, fn, args, kwargs)
-    return await _drive_async(_Runner(plan, fallback, start, args), fn, args, kwargs)
+    runner = _new_runner(plan, fallback, start, args)
+    if runner is None:
+        return await fn(*args, **kwargs)  # as without us
+    return await _drive_async(runner, fn, args, kwargs)
 
 
 def recover_sync(
@@ -460,7 +470,10 @@ def recover_sync(
     """Recover from ``error``, the failure of a first attempt that ran outside any guard and
     started at ``started`` (the recovery engine): retry ``fn`` as the plan says.
     ``observe`` is handed the loop when the call ends (attempts, strategy, outcome)."""
-    return _drive_sync(_Runner(plan, None, started, args, error, observe), fn, args, kwargs or {})
+    runner = _new_runner(plan, None, started, args, error, observe)
+    if runner is None:
+        raise error
+    return _drive_sync(runner, fn, args, kwargs or {})
 
 
 async def recover_async(
@@ -474,8 +487,35 @@ async def recover_async(
     observe: Callable[[AttemptLoop], None] | None = None,
 ) -> Any:
     """:func:`recover_sync` for coroutine functions."""
-    runner = _Runner(plan, None, started, args, error, observe)
+    runner = _new_runner(plan, None, started, args, error, observe)
+    if runner is None:
+        raise error
     return await _drive_async(runner, fn, args, kwargs or {})
+
+
+def _new_runner(
+    plan: CallPlan,
+    fallback: Fallback | None,
+    started: float,
+    args: tuple[Any, ...],
+    failure: BaseException | None = None,
+    observe: Callable[[AttemptLoop], None] | None = None,
+    result: Any = _NO_RESULT,
+) -> _Runner | None:
+    """A :class:`_Runner`, or ``None`` (our bug, reported): the call then ends as without us."""
+    try:
+        return _Runner(plan, fallback, started, args, failure, observe, result)
+    except Exception as bug:  # noqa: BLE001 - never break the caller's call
+        report_internal_error("drive.runner", bug)
+        return None
+
+
+def _without_us(failure: BaseException | None, result: Any) -> Any:
+    """How a first attempt that ended with ``failure`` ends without us: its failing result
+    (which ``failure_of`` wrapped in ``failure``) is returned, its exception raised."""
+    if result is not _NO_RESULT or failure is None:
+        return result
+    raise failure
 
 
 def _first_kwargs(plan: CallPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
