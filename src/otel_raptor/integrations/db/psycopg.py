@@ -127,10 +127,10 @@ def _plan(state: _State, cursor: Any, *, batch: bool) -> CallPlan | None:
 
 
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
-    query = statement_timeout_query(target)
-    if query is None:
-        return
     try:
+        query = statement_timeout_query(target)
+        if query is None:
+            return
         with conn.lock:
             conn.wait(conn._exec_command(query))
     except Exception as bug:  # noqa: BLE001 - the connection is the app's either way
@@ -138,10 +138,10 @@ def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
 
 
 async def _set_statement_timeout_async(conn: Any, target: DbTarget) -> None:
-    query = statement_timeout_query(target)
-    if query is None:
-        return
     try:
+        query = statement_timeout_query(target)
+        if query is None:
+            return
         async with conn.lock:
             await conn.wait(conn._exec_command(query))
     except Exception as bug:  # noqa: BLE001

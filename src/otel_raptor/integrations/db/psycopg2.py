@@ -224,12 +224,12 @@ def guarded_connection_factory(factory: Any) -> Any:
 
 
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
-    query = statement_timeout_query(target)
-    if query is None:
-        return
     import psycopg2.extensions  # noqa: PLC0415 - imported by install()
 
     try:
+        query = statement_timeout_query(target)
+        if query is None:
+            return
         # A plain cursor: no factory, so neither our guard nor a tracing cursor sees it.
         with psycopg2.extensions.cursor(conn) as cursor:
             cursor.execute(query)
