@@ -57,6 +57,7 @@ from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import HttpHooks, ResendCountSpanProcessor, StaleCache
 from otel_raptor.integrations.db import psycopg as psycopg_integration
 from otel_raptor.integrations.db import psycopg2 as psycopg2_integration
+from otel_raptor.integrations.db import redis as redis_integration
 from otel_raptor.integrations.db._common import DbState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
@@ -777,6 +778,7 @@ FAULTS: dict[str, Callable[[], Fault]] = {
         paths=HTTP_PATHS,
     ),
     "db-describe": lambda: Fault((DbState, "target"), paths=DB_PATHS),
+    "redis-retry-step": lambda: Fault((redis_integration, "_is_health_check"), paths=REDIS_PATHS),
     "pg-statement-timeout": lambda: Fault(
         (psycopg_integration, "statement_timeout_query"),
         (psycopg2_integration, "statement_timeout_query"),

@@ -561,10 +561,17 @@ def _failed_once(
 ) -> Any:
     """What redis-py's retry loop does after a failed try, without the retry: ``fail`` is
     called for an error it would have retried (it disconnects, so the next attempt
-    reconnects). Returns what ``fail`` returned (an awaitable under asyncio), or ``None``."""
-    if _is_health_check(do):
-        mark_not_sent(error)
-    if not isinstance(error, retry._supported_errors):
+    reconnects). Returns what ``fail`` returned (an awaitable under asyncio), or ``None``.
+    Our judgement never raises: it runs while the caller's ``error`` propagates (a bug of
+    ours, or a redis-py whose ``Retry`` reads differently, is reported, and ``fail`` skipped)."""
+    try:
+        if _is_health_check(do):
+            mark_not_sent(error)
+        supported = isinstance(error, retry._supported_errors)
+    except Exception as bug:  # noqa: BLE001 - the caller's error must reach the caller
+        report_internal_error("redis.retry_step", bug)
+        return None
+    if not supported:
         return None
     if is_retryable is not None and not is_retryable(error):
         return None
