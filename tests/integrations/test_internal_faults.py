@@ -918,3 +918,46 @@ def test_a_meter_reader_that_fails_on_collect_never_changes_the_call(
         env.close()
     assert seen.outcomes == expected.outcomes == again.outcomes
     assert seen.hits == expected.hits
+
+
+# --- raptor's span processor under the contrib instrumentations ------------------------------
+
+
+CONTRIB = {"requests": "requests", "httpx": "httpx", "httpx-async": "httpx"}
+
+
+def _contrib(name: str) -> Any:
+    if name == "requests":
+        from opentelemetry.instrumentation.requests import RequestsInstrumentor
+
+        return RequestsInstrumentor()
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    return HTTPXClientInstrumentor()
+
+
+@pytest.mark.parametrize("path", list(CONTRIB))
+def test_a_bug_in_the_resend_count_processor_never_reaches_the_app(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ResendCountSpanProcessor sits on the app's tracer provider: it runs for every span
+    # started there, the contrib instrumentations' client spans and the app's own.
+    expected = without_raptor(path)
+    fault = Fault((_http, "current_resend"))
+    fault.apply(monkeypatch)
+    env = make_env()
+    contrib = _contrib(CONTRIB[path])
+    contrib.instrument(tracer_provider=env.tracer_provider)
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = PATHS[path](env)
+            env.tracer_provider.get_tracer("app").start_span("app work").end()
+    finally:
+        contrib.uninstrument()
+        env.close()
+    assert seen.outcomes == expected.outcomes
+    assert seen.hits == expected.hits
+    assert fault.hits
+    reports = _reports(caplog)
+    assert reports
+    assert all(count == 1 for count in reports.values()), reports

@@ -276,9 +276,14 @@ class ResendCountSpanProcessor(SpanProcessor):
     """
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        count = current_resend()
-        if count and span.kind is SpanKind.CLIENT:
-            span.set_attribute(RESEND_COUNT_ATTRIBUTE, count)
+        # Runs inside every span start on the app's provider (the app's own spans too): the
+        # SDK does not catch a processor's error, so ours would reach whoever started it.
+        try:
+            count = current_resend()
+            if count and span.kind is SpanKind.CLIENT:
+                span.set_attribute(RESEND_COUNT_ATTRIBUTE, count)
+        except Exception as bug:  # noqa: BLE001 - a span attribute is not worth the call
+            report_internal_error("http.resend_count", bug)
 
     def on_end(self, span: ReadableSpan) -> None:
         return None
