@@ -143,14 +143,14 @@ class Env:
     sink: TelemetrySink
     installed: list[Any] = field(default_factory=list)
 
-    def install(self, integration_type: type) -> None:
+    def install(self, integration_type: type, *, stale_if_error: bool = True) -> None:
         integration = integration_type()
         # A breaker that a run of the script's failures never opens: a bug that hides the
         # successes from it (see the report) would otherwise turn a failure into a refusal.
         config = fast_config(
             max_retries=2,
             failure_threshold=50,
-            downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+            downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=stale_if_error),),
         )
         integration.install(IntegrationSettings(runtime=self.runtime, config=config))
         self.installed.append(integration)
@@ -961,3 +961,70 @@ def test_a_bug_in_the_resend_count_processor_never_reaches_the_app(
     reports = _reports(caplog)
     assert reports
     assert all(count == 1 for count in reports.values()), reports
+
+
+# --- a refusal that cannot be built ------------------------------------------------------------
+
+
+def _get_twice(
+    path: str, server: FaultyHTTPServer, between: Callable[[], None], second: str
+) -> Observed:
+    """GET ``/ok`` with ``path``'s client, run ``between``, then GET ``second``."""
+    observed = Observed()
+    first, then = server.url("/ok"), server.url(second)
+    if path == "requests":
+        with requests.Session() as session:
+            outcome(observed, lambda: session.get(first, timeout=5), _response)
+            between()
+            outcome(observed, lambda: session.get(then, timeout=5), _response)
+    elif path == "httpx":
+        with httpx.Client(timeout=5) as client:
+            outcome(observed, lambda: client.get(first), _response)
+            between()
+            outcome(observed, lambda: client.get(then), _response)
+    else:
+
+        async def script() -> None:
+            async with httpx.AsyncClient(timeout=5) as client:
+                await outcome_async(observed, lambda: client.get(first), _response)
+                between()
+                await outcome_async(observed, lambda: client.get(then), _response)
+
+        asyncio.run(script())
+    observed.hits = {"GET": server.count("GET")}
+    return observed
+
+
+@pytest.mark.parametrize("stale_if_error", [False, True], ids=["plain", "with-fallbacks"])
+@pytest.mark.parametrize("path", sorted(HTTP_PATHS))
+def test_a_refusal_that_cannot_be_built_lets_the_call_proceed(
+    path: str,
+    stale_if_error: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The breaker is open: raptor would refuse with the library's fail-fast error. Should
+    # building that error fail, the call goes ahead as it would without raptor. (With
+    # stale-if-error the request is described with its fallbacks; it asks for a page that has
+    # no stale copy, so the refusal is the answer.)
+    env = make_env()
+    env.install(
+        RequestsIntegration if path == "requests" else HttpxIntegration,
+        stale_if_error=stale_if_error,
+    )
+    fault = Fault((requests_integration, "_refusal"), (httpx_integration, "_refusal"))
+
+    def open_breakers() -> None:
+        for _, breaker in env.runtime.breakers.items():
+            breaker.force_open()
+        fault.apply(monkeypatch)
+
+    try:
+        with _http_server() as server, caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = _get_twice(path, server, open_breakers, "/other")
+    finally:
+        env.close()
+    assert seen.outcomes == [("returned", (200, "ok"))] * 2
+    assert seen.hits == {"GET": 2}
+    assert fault.hits
+    assert _reports(caplog) == Counter({f"{path.partition('-')[0]}.refusal": 1})

@@ -75,6 +75,7 @@ __all__ = [
     "THROTTLED_HEADER",
     "AsyncHttpHooks",
     "INTEGRATION_CHECK",
+    "PROCEED",
     "FailingResponse",
     "FallbackCall",
     "HttpHooks",
@@ -95,6 +96,10 @@ __all__ = [
     "stale_key_headers",
     "throttled_headers",
 ]
+
+#: What an integration's ``refused`` hands back when the library's answer to a refusal could
+#: not be built (our bug, reported): the request is then sent as it would be without raptor.
+PROCEED: Final = object()
 
 #: The semantic-convention attribute for the ordinal of a resent request.
 RESEND_COUNT_ATTRIBUTE: Final = ATTR_HTTP_REQUEST_RESEND_COUNT

@@ -40,6 +40,7 @@ from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
     IDEMPOTENT,
+    PROCEED,
     STALE_DROPPED_HEADERS,
     AsyncHttpHooks,
     FallbackCall,
@@ -179,10 +180,15 @@ def _refusal(error: RaptorError, request: Any) -> Any:
 def refused(error: RaptorError, plan: CallPlan, request: Any) -> Any:
     """httpx's answer to ``error`` when it is this plan's plain refusal (not one raised by a
     fallback function, which passes through): raise ``HttpxCircuitOpen``, or hand back a
-    ``429``."""
+    ``429``; :data:`~otel_raptor.integrations._http.PROCEED` when building it failed (our bug,
+    reported): the caller then sends the request as without raptor."""
     if not is_refusal_of(error, plan):
         raise error
-    answer = _refusal(error, request)
+    try:
+        answer = _refusal(error, request)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("httpx.refusal", bug)
+        return PROCEED
     if isinstance(answer, BaseException):
         raise answer from None
     return answer
@@ -381,8 +387,12 @@ class _Installed(HttpInstallation):
                 described.plan, wrapped, (described.request,), described.kwargs, described.fallback
             )
         except (CircuitOpenError, ThrottledError) as error:
-            return refused(error, described.plan, described.request)
-        return self.kept(described.stale_key, response, described.fallback)
+            answer = refused(error, described.plan, described.request)
+            if answer is not PROCEED:
+                return answer
+        else:
+            return self.kept(described.stale_key, response, described.fallback)
+        return wrapped(described.request, **described.kwargs)  # as without us
 
     async def send_async(self, wrapped: Callable[..., Awaitable[Any]], described: _Call) -> Any:
         try:
@@ -390,8 +400,12 @@ class _Installed(HttpInstallation):
                 described.plan, wrapped, (described.request,), described.kwargs, described.fallback
             )
         except (CircuitOpenError, ThrottledError) as error:
-            return refused(error, described.plan, described.request)
-        return self.kept(described.stale_key, response, described.fallback)
+            answer = refused(error, described.plan, described.request)
+            if answer is not PROCEED:
+                return answer
+        else:
+            return self.kept(described.stale_key, response, described.fallback)
+        return await wrapped(described.request, **described.kwargs)  # as without us
 
     # -- failover -----------------------------------------------------------------------------
 
@@ -490,7 +504,10 @@ def _send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return call(described, original, (self, request), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
-                return refused(error, described, request)
+                answer = refused(error, described, request)
+            if answer is not PROCEED:
+                return answer
+            return original(self, request, **kwargs)  # as without us
         if described is None:
             return original(self, request, **kwargs)
         return installed.send(MethodType(original, self), described)  # type: ignore[arg-type]
@@ -516,7 +533,10 @@ def _async_send_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
             try:
                 return await call_async(described, original, (self, request), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
-                return refused(error, described, request)
+                answer = refused(error, described, request)
+            if answer is not PROCEED:
+                return answer
+            return await original(self, request, **kwargs)  # as without us
         if described is None:
             return await original(self, request, **kwargs)
         return await installed.send_async(MethodType(original, self), described)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
     IDEMPOTENT,
+    PROCEED,
     STALE_DROPPED_HEADERS,
     FallbackCall,
     HttpHooks,
@@ -292,8 +293,14 @@ class _Installed(HttpInstallation):
                 described.fallback,
             )
         except (CircuitOpenError, ThrottledError) as error:
-            return refused(error, described.plan, described.method, described.url, described.kwargs)
-        return self.kept(described.stale_key, response, described.fallback)
+            answer = refused(
+                error, described.plan, described.method, described.url, described.kwargs
+            )
+            if answer is not PROCEED:
+                return answer
+        else:
+            return self.kept(described.stale_key, response, described.fallback)
+        return wrapped(described.method, described.url, **described.kwargs)  # as without us
 
     def describe(
         self,
@@ -426,10 +433,15 @@ def refused(
 ) -> Any:
     """requests' answer to ``error`` when it is this plan's plain refusal (not one raised by
     a fallback function, which passes through): raise ``RequestsCircuitOpen``, or hand back a
-    ``429``."""
+    ``429``; :data:`~otel_raptor.integrations._http.PROCEED` when building it failed (our
+    bug, reported): the caller then sends the request as without raptor."""
     if not is_refusal_of(error, plan):
         raise error
-    answer = _refusal(error, method, url, kwargs.get("params"))
+    try:
+        answer = _refusal(error, method, url, kwargs.get("params"))
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("requests.refusal", bug)
+        return PROCEED
     if isinstance(answer, BaseException):
         raise answer from None
     return answer
@@ -488,7 +500,10 @@ def _request_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return call(described, original, (self, *args), kwargs)
             except (CircuitOpenError, ThrottledError) as error:
-                return refused(error, described, args[0], args[1], kwargs)
+                answer = refused(error, described, args[0], args[1], kwargs)
+            if answer is not PROCEED:
+                return answer
+            return original(self, *args, **kwargs)  # as without us
         if described is None:
             return original(self, *args, **kwargs)
         return installed.send(MethodType(original, self), described)  # type: ignore[arg-type]
