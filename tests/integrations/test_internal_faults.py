@@ -1028,3 +1028,91 @@ def test_a_refusal_that_cannot_be_built_lets_the_call_proceed(
     assert seen.hits == {"GET": 2}
     assert fault.hits
     assert _reports(caplog) == Counter({f"{path.partition('-')[0]}.refusal": 1})
+
+
+# --- a failover URL that cannot be described ---------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(HTTP_PATHS))
+def test_a_failover_url_that_cannot_be_described_is_sent_as_without_raptor(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A POST refused by its origin's open breaker goes to the failover URL (never sent,
+    # so any URL may have it). A bug of ours describing that URL must not become the app's
+    # answer: the request goes there unguarded, as to an origin raptor leaves alone.
+    with _http_server() as primary, _http_server() as backup:
+        env = make_env()
+        integration = RequestsIntegration() if path == "requests" else HttpxIntegration()
+        config = fast_config(
+            failure_threshold=50,
+            downstreams=(
+                DownstreamOverride(
+                    pattern=f"127.0.0.1:{primary.port}", failover_urls=(backup.url(""),)
+                ),
+            ),
+        )
+        integration.install(IntegrationSettings(runtime=env.runtime, config=config))
+        env.installed.append(integration)
+        describe_parts = _http.OriginTable.for_parts
+        describe_prefix = _http.OriginTable.for_prefix
+        hits: list[object] = []
+
+        def for_parts(table: Any, scheme: str, host: str, port: int | None) -> Any:
+            if port == backup.port:
+                hits.append(port)
+                raise InjectedBug("a bug in otel_raptor")
+            return describe_parts(table, scheme, host, port)
+
+        def for_prefix(table: Any, prefix: str) -> Any:
+            if prefix.endswith(f":{backup.port}"):
+                hits.append(prefix)
+                raise InjectedBug("a bug in otel_raptor")
+            return describe_prefix(table, prefix)
+
+        monkeypatch.setattr(_http.OriginTable, "for_parts", for_parts)
+        monkeypatch.setattr(_http.OriginTable, "for_prefix", for_prefix)
+
+        def open_breakers() -> None:
+            for _, breaker in env.runtime.breakers.items():
+                breaker.force_open()
+
+        observed = Observed()
+        try:
+            with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+                if path == "requests":
+                    with requests.Session() as session:
+                        session.get(primary.url("/ok"), timeout=5)
+                        open_breakers()
+                        outcome(
+                            observed,
+                            lambda: session.post(primary.url("/fail"), data=b"x", timeout=5),
+                            _response,
+                        )
+                elif path == "httpx":
+                    with httpx.Client(timeout=5) as client:
+                        client.get(primary.url("/ok"))
+                        open_breakers()
+                        outcome(
+                            observed,
+                            lambda: client.post(primary.url("/fail"), content=b"x"),
+                            _response,
+                        )
+                else:
+
+                    async def script() -> None:
+                        async with httpx.AsyncClient(timeout=5) as client:
+                            await client.get(primary.url("/ok"))
+                            open_breakers()
+                            await outcome_async(
+                                observed,
+                                lambda: client.post(primary.url("/fail"), content=b"x"),
+                                _response,
+                            )
+
+                    asyncio.run(script())
+        finally:
+            env.close()
+        assert hits
+        assert observed.outcomes == [("returned", (200, "ok"))]
+        assert (primary.count("POST"), backup.count("POST")) == (0, 1)
+        assert all(count == 1 for count in _reports(caplog).values()), _reports(caplog)

@@ -432,11 +432,15 @@ class _Installed(HttpInstallation):
             extensions=dict(request.extensions),
         )
         table = self.async_table if is_async else self.sync_table
-        origin = table.for_parts(target.scheme, target.host, target.port)
-        if origin is None or not origin.enabled:
+        try:
+            origin = table.for_parts(target.scheme, target.host, target.port)
+            if origin is None or not origin.enabled:
+                return moved, None
+            plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
+            return moved, _Call(origin, plan, moved, failed.kwargs, None)
+        except Exception as bug:  # noqa: BLE001 - sent as to an origin we leave alone
+            report_internal_error("httpx.failover", bug)
             return moved, None
-        plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
-        return moved, _Call(origin, plan, moved, failed.kwargs, None)
 
 
 class _Fallback(FallbackCall):

@@ -386,10 +386,22 @@ class _Installed(HttpInstallation):
         :meth:`FallbackCall.failover`)."""
         text = failed.url if type(failed.url) is str else _text(failed.url)
         target = base_url.rstrip("/") + text[failed.end :]
+        try:
+            plan, kwargs = self._failover_plan(failed, target)
+        except Exception as bug:  # noqa: BLE001 - sent as to an origin we leave alone
+            report_internal_error("requests.failover", bug)
+            plan, kwargs = None, failed.kwargs
+        if plan is None:
+            return wrapped(failed.method, target, **kwargs)
+        return call(plan, wrapped, (failed.method, target), kwargs)
+
+    def _failover_plan(self, failed: _Call, target: str) -> tuple[CallPlan | None, dict[str, Any]]:
+        """The plan (``None``: an origin left alone) and keyword arguments of ``failed`` sent
+        to ``target``. Our code: may fail."""
         end = origin_end(target)
         origin = self.table.for_prefix(target[:end]) if end > 0 else None
         if origin is None or not origin.enabled:
-            return wrapped(failed.method, target, **failed.kwargs)
+            return None, failed.kwargs
         kwargs = failed.kwargs
         if failed.defaulted:
             # The timeout in ``kwargs`` is the primary origin's rule, not the caller's: this
@@ -398,8 +410,7 @@ class _Installed(HttpInstallation):
             kwargs = {**kwargs}
             kwargs.pop("timeout", None)
             _default_timeout(kwargs, origin)
-        plan = origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False)
-        return call(plan, wrapped, (failed.method, target), kwargs)
+        return origin.plan(replay_safe=failed.plan.spec.replay_safe, with_fallback=False), kwargs
 
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
         return StaleEntry(
