@@ -58,7 +58,7 @@ from otel_raptor.integrations._http import HttpHooks, ResendCountSpanProcessor, 
 from otel_raptor.integrations.db import psycopg as psycopg_integration
 from otel_raptor.integrations.db import psycopg2 as psycopg2_integration
 from otel_raptor.integrations.db import redis as redis_integration
-from otel_raptor.integrations.db._common import DbState
+from otel_raptor.integrations.db._common import DbHooks, DbState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
@@ -67,7 +67,7 @@ from otel_raptor.integrations.db.redis import RedisIntegration
 from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
 from otel_raptor.integrations.httpx import HttpxIntegration
 from otel_raptor.integrations.requests import RequestsIntegration
-from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.breaker import BreakerRegistry, CircuitBreaker
 from otel_raptor.runtime.decorator import resilient
 from otel_raptor.runtime.downstream import Route
 from otel_raptor.runtime.drive import CallHooks
@@ -142,9 +142,12 @@ class Env:
     spans: InMemorySpanExporter
     sink: TelemetrySink
     installed: list[Any] = field(default_factory=list)
+    stale_if_error: bool = True
 
-    def install(self, integration_type: type, *, stale_if_error: bool = True) -> None:
+    def install(self, integration_type: type, *, stale_if_error: bool | None = None) -> None:
         integration = integration_type()
+        if stale_if_error is None:
+            stale_if_error = self.stale_if_error
         # A breaker that a run of the script's failures never opens: a bug that hides the
         # successes from it (see the report) would otherwise turn a failure into a refusal.
         config = fast_config(
@@ -1116,3 +1119,43 @@ def test_a_failover_url_that_cannot_be_described_is_sent_as_without_raptor(
         assert observed.outcomes == [("returned", (200, "ok"))]
         assert (primary.count("POST"), backup.count("POST")) == (0, 1)
         assert all(count == 1 for count in _reports(caplog).values()), _reports(caplog)
+
+
+# --- every breaker open, and the refusal cannot be built -----------------------------------------
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_an_open_breaker_whose_refusal_cannot_be_built_lets_the_call_run(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every breaker is held open from its creation, so raptor refuses every call (the
+    # connects too) with the library's fail-fast error, which the hooks build. Should that
+    # fail, the call runs as it would without raptor (the driver's promise: before any
+    # attempt, our bug lets the call simply run).
+    expected = without_raptor(path)
+    get = BreakerRegistry.get
+
+    def held_open(registry: BreakerRegistry, name: str, config: Any = None) -> CircuitBreaker:
+        breaker = get(registry, name, config)
+        breaker.force_open()
+        return breaker
+
+    monkeypatch.setattr(BreakerRegistry, "get", held_open)
+    fault = Fault(
+        (CallHooks, "refusal"),
+        (DbHooks, "refusal"),
+        (requests_integration, "_refusal"),
+        (httpx_integration, "_refusal"),
+    )
+    fault.apply(monkeypatch)
+    env = make_env()
+    env.stale_if_error = False  # a stale copy would answer the refused GETs
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = PATHS[path](env)
+    finally:
+        env.close()
+    assert seen.outcomes == expected.outcomes
+    assert seen.hits == expected.hits
+    assert fault.hits
+    assert all(count == 1 for count in _reports(caplog).values()), _reports(caplog)

@@ -97,6 +97,7 @@ _ATTEMPT: Final = Step.ATTEMPT
 _SLEEP: Final = Step.SLEEP
 _FALLBACK: Final = Step.FALLBACK
 _GIVE_UP: Final = Step.GIVE_UP
+_REFUSE: Final = Step.REFUSE
 _DONE: Final = Step.DONE
 
 # The attempt in flight in this context, and which resend of a request it is: set by the
@@ -252,9 +253,7 @@ class CallHooks:
 
     def refusal(self, refusal: Refusal) -> BaseException:
         """The exception for a call refused without an attempt."""
-        if refusal.kind is RefusalKind.THROTTLED:
-            return ThrottledError(refusal.name, refusal.retry_after)
-        return CircuitOpenError(refusal.name, refusal.retry_after)
+        return _plain_refusal(refusal)
 
     def attempt_kwargs(
         self, kwargs: dict[str, Any], timeout: float | None, attempt: int
@@ -630,6 +629,8 @@ def _drive_sync(
                 return runner.result
             elif step is _FALLBACK:
                 return runner.fallback_sync()
+            elif step is _REFUSE:
+                step = runner.refuse()
             else:
                 return runner.finish()
     finally:
@@ -668,6 +669,8 @@ async def _drive_async(
                 return runner.result
             elif step is _FALLBACK:
                 return await runner.fallback_async()
+            elif step is _REFUSE:
+                step = runner.refuse()
             else:
                 return runner.finish()
     finally:
@@ -690,6 +693,7 @@ class _Runner:
         "_no_verdict",
         "_observe",
         "_passive",
+        "_refused",
         "_scope",
         "failure",
         "loop",
@@ -721,6 +725,7 @@ class _Runner:
         self._scope: AbstractContextManager[None] | None = None
         self._attempt_token: Any = None
         self._no_verdict: BaseException | None = None
+        self._refused: BaseException | None = None
         self.failure: BaseException | None = None
         made = result is not _NO_RESULT
         self.result: Any = result if made else None
@@ -862,7 +867,8 @@ class _Runner:
         if failure is None:
             refusal = self.loop.refusal
             if refusal is not None and not self._passive:
-                raise self._refusal_error(refusal)
+                refused = self._refused
+                raise refused if refused is not None else self._refusal_error(refusal)
             return self.result
         if not isinstance(failure, Exception) or failure is self._no_verdict:
             raise failure
@@ -878,6 +884,19 @@ class _Runner:
         if failure is self._made:
             return self.result  # the failing result itself, as without us
         raise failure
+
+    def refuse(self) -> Step:
+        """REFUSE: a call refused before any attempt ends with the hooks' refusal error (the
+        library's fail-fast error), built here. Should building it fail (our bug, reported),
+        the call runs once, as without us."""
+        refusal = self.loop.refusal
+        if self.failure is not None or refusal is None or self._passive:
+            return _GIVE_UP  # a later attempt refused: the last failure is the answer
+        try:
+            self._refused = self.plan.hooks.refusal(refusal)
+        except Exception as bug:  # noqa: BLE001 - the call runs, as without us
+            return self._bug("drive.refusal", bug, _ATTEMPT)
+        return _GIVE_UP
 
     def fallback_sync(self) -> Any:
         fallback = self._fallback
@@ -1008,7 +1027,7 @@ class _Runner:
             return self.plan.hooks.refusal(refusal)
         except Exception as bug:  # noqa: BLE001 - keep the plain refusal
             report_internal_error("drive.refusal", bug)
-            return _PLAIN.refusal(refusal)
+            return _plain_refusal(refusal)
 
     def _fallback_finished(self, *, ok: bool) -> None:
         try:
@@ -1031,6 +1050,13 @@ class _Runner:
         report_internal_error(where, bug)
         self._passive = True
         return step
+
+
+def _plain_refusal(refusal: Refusal) -> BaseException:
+    """Raptor's own exception for ``refusal`` (the default hooks')."""
+    if refusal.kind is RefusalKind.THROTTLED:
+        return ThrottledError(refusal.name, refusal.retry_after)
+    return CircuitOpenError(refusal.name, refusal.retry_after)
 
 
 def _chain(failure: BaseException, error: BaseException) -> None:
