@@ -1159,3 +1159,127 @@ def test_an_open_breaker_whose_refusal_cannot_be_built_lets_the_call_run(
     assert seen.hits == expected.hits
     assert fault.hits
     assert all(count == 1 for count in _reports(caplog).values()), _reports(caplog)
+
+
+# --- a call that recovers ----------------------------------------------------------------------
+
+
+def recovering_requests(env: Env | None) -> Observed:
+    if env is not None:
+        env.install(RequestsIntegration)
+    observed = Observed()
+    with _http_server() as server, requests.Session() as session:
+        for _ in range(ROUNDS):
+            server.push(status(503))
+            outcome(observed, lambda: session.get(server.url("/r"), timeout=5), _response)
+        observed.hits = {"GET": server.count("GET")}
+    return observed
+
+
+def recovering_httpx_async(env: Env | None) -> Observed:
+    if env is not None:
+        env.install(HttpxIntegration)
+    observed = Observed()
+
+    async def script(server: FaultyHTTPServer) -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(ROUNDS):
+                server.push(reset())
+                await outcome_async(observed, lambda: client.get(server.url("/r")), _response)
+
+    with _http_server() as server:
+        asyncio.run(script(server))
+        observed.hits = {"GET": server.count("GET")}
+    return observed
+
+
+def recovering_guard(env: Env | None) -> Observed:
+    observed = Observed()
+    runs = Counter[str]()
+
+    def flaky() -> str:
+        runs["call"] += 1
+        if runs["call"] % 2:
+            raise ConnectionResetError("injected")
+        return "answer"
+
+    guard = None
+    if env is not None:
+        guard = Guard(
+            "rule1-recovering",
+            retry=RetryPolicy(max_retries=2, base_delay=0.001, max_delay=0.002),
+            runtime=env.runtime,
+        )
+    for _ in range(ROUNDS):
+        outcome(observed, flaky if guard is None else lambda: guard.call(flaky), repr)
+    observed.hits = dict(runs)
+    return observed
+
+
+RECOVERING: dict[str, Callable[[Env | None], Observed]] = {
+    "requests": recovering_requests,
+    "httpx-async": recovering_httpx_async,
+    "guard-call": recovering_guard,
+}
+RECOVERY_FAULTS = (
+    "classifier",
+    "route-classify",
+    "event-publish",
+    "sink-publish",
+    "sink-span-events",
+    "instruments",
+    "span-start",
+    "recovery-scope",
+    "breaker-success",
+    "breaker-failure",
+    "budget",
+    "learner",
+    "loop-verdict",
+    "resend-count",
+    "give-up",
+    "attempt-loop",
+)
+RETRY_FAULTS: dict[str, Callable[[], Fault]] = {
+    "loop-succeeded": lambda: Fault((AttemptLoop, "succeeded")),
+    "loop-slept": lambda: Fault((AttemptLoop, "slept")),
+    "loop-refund": lambda: Fault((Route, "refund"), (Route, "record_outcome")),
+    "attempt-kwargs": lambda: Fault((HttpHooks, "attempt_kwargs"), (CallHooks, "attempt_kwargs")),
+    "discard": lambda: Fault((HttpHooks, "discard"), (CallHooks, "discard")),
+}
+
+
+@pytest.mark.parametrize("fault_name", list(RECOVERY_FAULTS) + list(RETRY_FAULTS))
+@pytest.mark.parametrize("path", list(RECOVERING))
+def test_a_bug_of_ours_during_a_recovery_ends_it_as_with_or_without_raptor(
+    path: str, fault_name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A first attempt fails and a retry would succeed: with raptor the app gets the retry's
+    # answer, without it the first failure. A bug of ours met on the way may cost the retry,
+    # never more: the app gets one of the two, and nothing is sent more often than raptor
+    # sends it.
+    plain = RECOVERING[path](None)
+    env = make_env()
+    try:
+        recovered = RECOVERING[path](env)
+    finally:
+        env.close()
+    _reset_for_tests()
+    fault = (FAULTS.get(fault_name) or RETRY_FAULTS[fault_name])()
+    fault.apply(monkeypatch)
+    env = make_env()
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = RECOVERING[path](env)
+    finally:
+        env.close()
+    assert recovered.outcomes != plain.outcomes  # the script does recover under raptor
+    for index, got in enumerate(seen.outcomes):
+        assert got in (plain.outcomes[index], recovered.outcomes[index])
+    assert all(seen.hits[key] <= max(recovered.hits[key], plain.hits[key]) for key in seen.hits), (
+        seen.hits,
+        recovered.hits,
+    )
+    reports = _reports(caplog)
+    assert all(count == 1 for count in reports.values()), reports
+    if fault.hits:
+        assert reports
