@@ -58,6 +58,7 @@ from otel_raptor.integrations._http import HttpHooks, ResendCountSpanProcessor, 
 from otel_raptor.integrations.db import psycopg as psycopg_integration
 from otel_raptor.integrations.db import psycopg2 as psycopg2_integration
 from otel_raptor.integrations.db import redis as redis_integration
+from otel_raptor.integrations.db import sqlite3 as sqlite3_integration
 from otel_raptor.integrations.db._common import DbHooks, DbState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
@@ -1283,3 +1284,61 @@ def test_a_bug_of_ours_during_a_recovery_ends_it_as_with_or_without_raptor(
     assert all(count == 1 for count in reports.values()), reports
     if fault.hits:
         assert reports
+
+
+# --- the app's cursor class ---------------------------------------------------------------------
+
+
+class AppCursor(sqlite3.Cursor):
+    """An app's own sqlite3 cursor class."""
+
+
+@pytest.mark.parametrize("given", ["keyword", "positional"])
+@pytest.mark.parametrize("driver", ["psycopg2", "sqlite3"])
+def test_a_bug_guarding_a_cursor_keeps_the_apps_cursor_class(
+    driver: str, given: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # psycopg2 and sqlite3 connections hand out guarded subclasses of the cursor class the
+    # app asks for. Should making that subclass fail, the app still gets its own class.
+    env = make_env()
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            if driver == "psycopg2":
+                require_service("PostgreSQL", POSTGRES)
+                import psycopg2.extras
+
+                env.install(Psycopg2Integration)
+                fault = Fault((psycopg2_integration, "guarded_cursor_factory"))
+                fault.apply(monkeypatch)
+                factory = psycopg2.extras.RealDictCursor
+                conn = psycopg2.connect(PG_DSN)
+                try:
+                    cur = (
+                        conn.cursor(cursor_factory=factory)
+                        if given == "keyword"
+                        else conn.cursor(None, factory)
+                    )
+                    cur.execute("SELECT 1 AS one")
+                    rows = [dict(row) for row in cur.fetchall()]
+                finally:
+                    conn.close()
+                assert isinstance(cur, factory)
+                assert rows == [{"one": 1}]
+            else:
+                env.install(SQLiteIntegration)
+                fault = Fault((sqlite3_integration, "_guarded_cursor"))
+                fault.apply(monkeypatch)
+                lite = sqlite3.connect(":memory:")
+                try:
+                    cur = (
+                        lite.cursor(factory=AppCursor)
+                        if given == "keyword"
+                        else lite.cursor(AppCursor)
+                    )
+                finally:
+                    lite.close()
+                assert isinstance(cur, AppCursor)
+    finally:
+        env.close()
+    assert fault.hits
+    assert _reports(caplog) == Counter({f"{driver}.cursor": 1})

@@ -191,21 +191,20 @@ def _connection_mixin() -> type:
 
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             try:
-                if len(args) > 1:
-                    # ``cursor(name, cursor_factory, withhold, scrollable)``: the factory goes
-                    # by keyword below, so what followed it must too, or it would shift into
-                    # its place.
-                    factory, rest = args[1], args[2:]
-                    kwargs.update(zip(("withhold", "scrollable"), rest, strict=False))
-                    args = (args[0], *rest[2:])
-                else:
-                    factory = kwargs.pop("cursor_factory", None)
+                factory = args[1] if len(args) > 1 else kwargs.get("cursor_factory")
                 chosen = factory or self.cursor_factory or cursor_type
                 if isinstance(chosen, type) and issubclass(chosen, cursor_type):
                     chosen = guarded_cursor_factory(chosen)
-                kwargs["cursor_factory"] = chosen
-            except Exception as bug:  # noqa: BLE001
+            except Exception as bug:  # noqa: BLE001 - the app's own factory, unguarded
                 report_internal_error("psycopg2.cursor", bug)
+                return super().cursor(*args, **kwargs)
+            if len(args) > 1:
+                # ``cursor(name, cursor_factory, withhold, scrollable)``: the factory goes by
+                # keyword below, so what followed it must too, or it would shift into its place.
+                rest = args[2:]
+                kwargs.update(zip(("withhold", "scrollable"), rest, strict=False))
+                args = (args[0], *rest[2:])
+            kwargs["cursor_factory"] = chosen
             return super().cursor(*args, **kwargs)
 
     setattr(GuardedConnection, _GUARDED, True)

@@ -219,15 +219,15 @@ def _connection_mixin() -> type:
 
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             try:
-                if args:
-                    chosen, args = args[0], args[1:]
-                else:
-                    chosen = kwargs.pop("factory", cursor_type)
+                chosen = args[0] if args else kwargs.get("factory", cursor_type)
                 if isinstance(chosen, type) and issubclass(chosen, cursor_type):
                     chosen = _guarded_cursor(chosen)
-                kwargs["factory"] = chosen
-            except Exception as bug:  # noqa: BLE001
+            except Exception as bug:  # noqa: BLE001 - the app's own factory, unguarded
                 report_internal_error("sqlite3.cursor", bug)
+                return super().cursor(*args, **kwargs)
+            if args:
+                args = args[1:]
+            kwargs["factory"] = chosen
             return super().cursor(*args, **kwargs)
 
     setattr(GuardedConnection, _GUARDED, True)
