@@ -1342,3 +1342,35 @@ def test_a_bug_guarding_a_cursor_keeps_the_apps_cursor_class(
         env.close()
     assert fault.hits
     assert _reports(caplog) == Counter({f"{driver}.cursor": 1})
+
+
+# --- the error-recovery monitor's redaction ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["requests", "psycopg", "redis-async", "guard-call"])
+def test_a_bug_redacting_an_error_message_never_reaches_the_app(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The monitor subscribes to the bus; until its thread runs, a full queue is drained in
+    # the publishing thread, i.e. in the app's call (made to happen at every event here).
+    # Normalising (redacting) and fingerprinting the error's message then run there.
+    from otel_raptor.runtime import monitor as monitor_module
+
+    expected = without_raptor(path)
+    monkeypatch.setattr(monitor_module, "_HIGH_WATER", 1)
+    fault = Fault((monitor_module, "normalize_message"), (monitor_module, "fingerprint"))
+    fault.apply(monkeypatch)
+    env = make_env()
+    watcher = monitor_module.ErrorRecoveryMonitor(runtime=env.runtime)
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = PATHS[path](env)
+    finally:
+        watcher.close()
+        env.close()
+    assert seen.outcomes == expected.outcomes
+    assert seen.hits == expected.hits
+    assert fault.hits
+    reports = _reports(caplog)
+    assert reports
+    assert all(count == 1 for count in reports.values()), reports
