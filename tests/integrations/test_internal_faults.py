@@ -1374,3 +1374,63 @@ def test_a_bug_redacting_an_error_message_never_reaches_the_app(
     reports = _reports(caplog)
     assert reports
     assert all(count == 1 for count in reports.values()), reports
+
+
+# --- broken providers ----------------------------------------------------------------------------
+
+
+class BrokenTracerProvider(TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+        raise InjectedBug("get_tracer")
+
+
+class BrokenMeterProvider(MeterProvider):
+    def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+        raise InjectedBug("get_meter")
+
+
+class NoInstrumentsMeterProvider(MeterProvider):
+    """A provider whose meter cannot create a single instrument."""
+
+    def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+        meter = super().get_meter(*args, **kwargs)
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise InjectedBug("create instrument")
+
+        for name in dir(meter):
+            if name.startswith("create_"):
+                setattr(meter, name, broken)
+        return meter
+
+
+PROVIDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "tracer-provider": lambda: (BrokenTracerProvider(), MeterProvider()),
+    "meter-provider": lambda: (TracerProvider(), BrokenMeterProvider()),
+    "meter-instruments": lambda: (TracerProvider(), NoInstrumentsMeterProvider()),
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("path", ["requests", "psycopg-async", "guard-call"])
+def test_a_broken_provider_never_changes_the_call(
+    path: str, provider: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = without_raptor(path)
+    env = make_env()
+    env.sink.uninstall()
+    tracer_provider, meter_provider = PROVIDERS[provider]()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        env.sink = TelemetrySink(
+            runtime=env.runtime, tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
+        env.sink.install()
+        try:
+            seen = PATHS[path](env)
+        finally:
+            env.close()
+    assert seen.outcomes == expected.outcomes
+    assert seen.hits == expected.hits
+    reports = _reports(caplog)
+    assert reports
+    assert all(count == 1 for count in reports.values()), reports
