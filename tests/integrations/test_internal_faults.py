@@ -783,6 +783,10 @@ FAULTS: dict[str, Callable[[], Fault]] = {
     ),
     "db-describe": lambda: Fault((DbState, "target"), paths=DB_PATHS),
     "redis-retry-step": lambda: Fault((redis_integration, "_is_health_check"), paths=REDIS_PATHS),
+    "redis-pipeline-restore": lambda: Fault(
+        (redis_integration._PipelineRun, "restore"),
+        paths=frozenset({"redis-pipeline", "redis-async-pipeline"}),
+    ),
     "pg-statement-timeout": lambda: Fault(
         (psycopg_integration, "statement_timeout_query"),
         (psycopg2_integration, "statement_timeout_query"),
@@ -1434,3 +1438,39 @@ def test_a_broken_provider_never_changes_the_call(
     reports = _reports(caplog)
     assert reports
     assert all(count == 1 for count in reports.values()), reports
+
+
+def test_a_redis_pipeline_that_cannot_be_put_back_is_not_resent(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A retry of a pipeline puts back the commands the failed attempt's reset() cleared. If
+    # that fails, the retry must not go out (empty, it would look like a success): the
+    # previous attempt's failure is the answer.
+    state: Any = type("State", (), {})()
+    state.watch_error = redis.WatchError
+    state.exec_abort = redis.exceptions.ExecAbortError
+    pipe: Any = type("Pipe", (), {})()
+    pipe.command_stack = [(("INCR", "k"), {})]
+    pipe.scripts = set()
+    pipe.explicit_transaction = False
+    sent: list[list[Any]] = []
+    lost = redis.ConnectionError("lost")
+
+    def execute(target: Any) -> Any:
+        sent.append(list(target.command_stack))
+        target.command_stack = []  # as redis-py's reset() does
+        raise lost
+
+    run = redis_integration._PipelineRun(execute, pipe, state, transaction=False)
+    with pytest.raises(redis.ConnectionError):
+        run(redis_integration._WRITES)
+    fault = Fault((redis_integration._PipelineRun, "restore"))
+    fault.apply(monkeypatch)
+    with (
+        caplog.at_level(logging.WARNING, logger="otel_raptor"),
+        pytest.raises(redis.ConnectionError) as raised,
+    ):
+        run(redis_integration._WRITES)
+    assert raised.value is lost
+    assert sent == [[(("INCR", "k"), {})]]
+    assert _reports(caplog) == Counter({"redis.pipeline_restore": 1})

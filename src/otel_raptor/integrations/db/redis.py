@@ -748,6 +748,7 @@ class _PipelineRun:
 
     __slots__ = (
         "explicit",
+        "failure",
         "original",
         "pipe",
         "scripts",
@@ -768,6 +769,8 @@ class _PipelineRun:
         self.started = False
         self.state = state
         self.transaction = transaction
+        #: The last attempt's failure (``None`` before one failed).
+        self.failure: Exception | None = None
 
     def restore(self) -> None:
         if self.started:
@@ -776,6 +779,22 @@ class _PipelineRun:
             pipe.scripts = set(self.scripts)
             pipe.explicit_transaction = self.explicit
         self.started = True
+
+    def prepare(self) -> None:
+        """Before each attempt (:meth:`restore`). Our code runs inside the app's call here:
+        should it fail (reported), the first attempt goes ahead (nothing was cleared yet) and
+        a retry is not made, the previous attempt's failure standing as this one's (a
+        pipeline that was not put back would run empty, and look successful)."""
+        try:
+            self.restore()
+            return
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("redis.pipeline_restore", bug)
+        failure = self.failure
+        if failure is None:
+            self.started = True
+            return
+        raise failure  # outside the ``except`` block: the app's error keeps its context
 
     def judge(self, error: Exception) -> None:
         """Mark a failed attempt (see ``_unjudged``, which then sorts out a pool's refusal): a
@@ -789,12 +808,13 @@ class _PipelineRun:
             report_internal_error("redis.judge_pipeline_failure", bug)
 
     def __call__(self, marker: _Marker, *args: Any, **kwargs: Any) -> Any:
-        self.restore()
+        self.prepare()
         try:
             return self.original(self.pipe, *args, **kwargs)
         except self.state.watch_error as conflict:
             return _Conflict(conflict)
         except Exception as error:
+            self.failure = error
             self.judge(error)
             raise
 
@@ -803,12 +823,13 @@ class _AsyncPipelineRun(_PipelineRun):
     __slots__ = ()
 
     async def __call__(self, marker: _Marker, *args: Any, **kwargs: Any) -> Any:
-        self.restore()
+        self.prepare()
         try:
             return await self.original(self.pipe, *args, **kwargs)
         except self.state.watch_error as conflict:
             return _Conflict(conflict)
         except Exception as error:
+            self.failure = error
             self.judge(error)
             raise
 
