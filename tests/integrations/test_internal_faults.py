@@ -743,6 +743,10 @@ class Fault:
             fault.hits += 1
             raise InjectedBug("a bug in otel_raptor")
 
+        # Named as the function it stands for (reports name their site by it).
+        boom.__name__ = getattr(original, "__name__", boom.__name__)
+        boom.__qualname__ = getattr(original, "__qualname__", boom.__qualname__)
+
         if isinstance(original, staticmethod):
             return staticmethod(boom)
         return boom
@@ -1474,3 +1478,29 @@ def test_a_redis_pipeline_that_cannot_be_put_back_is_not_resent(
     assert raised.value is lost
     assert sent == [[(("INCR", "k"), {})]]
     assert _reports(caplog) == Counter({"redis.pipeline_restore": 1})
+
+
+def test_two_failing_subscribers_are_each_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The telemetry sink and the error-recovery monitor both subscribe to the bus with a
+    # bound method: the failure of one must not silence the other's report.
+    from otel_raptor.runtime import monitor as monitor_module
+
+    fault = Fault((TelemetrySink, "publish"), (monitor_module.ErrorRecoveryMonitor, "_on_event"))
+    fault.apply(monkeypatch)
+    env = make_env()
+    watcher = monitor_module.ErrorRecoveryMonitor(runtime=env.runtime)
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            seen = path_guard_call(env)
+    finally:
+        watcher.close()
+        env.close()
+    assert seen.outcomes == without_raptor("guard-call").outcomes
+    assert _reports(caplog) == Counter(
+        {
+            "event subscriber TelemetrySink.publish": 1,
+            "event subscriber ErrorRecoveryMonitor._on_event": 1,
+        }
+    )

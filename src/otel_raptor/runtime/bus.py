@@ -49,4 +49,11 @@ class EventBus:
             try:
                 subscriber(event)
             except Exception as exc:  # noqa: BLE001 - a subscriber must not break a call
-                report_internal_error(f"event subscriber {type(subscriber).__qualname__}", exc)
+                report_internal_error(f"event subscriber {_name(subscriber)}", exc)
+
+
+def _name(subscriber: Subscriber) -> str:
+    """The subscriber's own name (a bound method's ``TelemetrySink.publish``), not its type's:
+    every bound method's type is ``method``, and failures are reported once per name."""
+    name = getattr(subscriber, "__qualname__", None)
+    return name if isinstance(name, str) else type(subscriber).__qualname__
