@@ -1504,3 +1504,46 @@ def test_two_failing_subscribers_are_each_reported(
             "event subscriber ErrorRecoveryMonitor._on_event": 1,
         }
     )
+
+
+class _Unreadable:
+    """A data descriptor whose reads fail (a library attribute gone or renamed)."""
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        raise AttributeError("gone in this version")
+
+    def __set__(self, instance: object, value: object) -> None:
+        return None
+
+
+def test_a_prepared_asyncpg_statement_whose_query_cannot_be_read_runs_unguarded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The hook reads asyncpg's private PreparedStatement._query (the statement's text, for
+    # the replay judgement): an asyncpg without it must not fail the app's fetch.
+    require_service("PostgreSQL", POSTGRES)
+    import asyncpg.prepared_stmt
+
+    monkeypatch.setattr(asyncpg.prepared_stmt.PreparedStatement, "_query", _Unreadable())
+    env = make_env()
+    env.install(AsyncpgIntegration)
+
+    async def script() -> Any:
+        conn = await asyncpg.connect(
+            host=POSTGRES[0], port=POSTGRES[1], user="postgres", database="test"
+        )
+        try:
+            statement = await conn.prepare("SELECT 1 AS one")
+            return [tuple(row) for row in await statement.fetch()]
+        finally:
+            await conn.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+            rows = asyncio.run(script())
+    finally:
+        env.close()
+    assert rows == [(1,)]
+    assert _reports(caplog) == Counter({"asyncpg.describe": 1})

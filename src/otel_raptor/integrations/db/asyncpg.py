@@ -287,6 +287,8 @@ def _hook(
         try:
             con = self._connection if prepared else self
             plan = _plan(state, con, batch=batch)
+            # The statement's text (asyncpg's private attribute), for the replay judgement.
+            query = self._query if prepared and not batch and plan is not None else None
             if many and kwargs.get("timeout") is None and con in state.default_timeout:
                 # Our default bounds each statement; asyncpg would apply it to the batch.
                 kwargs = {**kwargs, "timeout": math.inf}
@@ -296,9 +298,7 @@ def _hook(
         if plan is None:
             return await original(self, *args, **kwargs)
         if prepared and not batch:
-            return await call_async(
-                plan, _run_prepared, (self, self._query, original, args), kwargs
-            )
+            return await call_async(plan, _run_prepared, (self, query, original, args), kwargs)
         return await call_async(plan, original, (self, *args), kwargs)
 
     return run
