@@ -1547,3 +1547,52 @@ def test_a_prepared_asyncpg_statement_whose_query_cannot_be_read_runs_unguarded(
         env.close()
     assert rows == [(1,)]
     assert _reports(caplog) == Counter({"asyncpg.describe": 1})
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_redis_retry_loop_with_unknown_arguments_keeps_the_commands_error(
+    flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A redis-py whose Retry.call_with_retry takes other arguments gets the hook that takes
+    # any: reading them is ours, and a command's error must reach the app whatever they are.
+    def original(
+        self: Any, do: Any, fail: Any, is_retryable: Any = None, failures: bool = False, x: Any = 0
+    ) -> Any:
+        raise AssertionError("not called while raptor drives")
+
+    async def original_async(
+        self: Any, do: Any, fail: Any, is_retryable: Any = None, failures: bool = False, x: Any = 0
+    ) -> Any:
+        raise AssertionError("not called while raptor drives")
+
+    answer = redis.ResponseError("the command's own error")
+
+    def do() -> Any:
+        raise answer
+
+    async def do_async() -> Any:
+        raise answer
+
+    retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+    if flavour == "sync":
+        hook = redis_integration._retry_hook(original)
+
+        def run() -> Any:
+            return hook(retry, do, lambda error: None, None, False, "new")
+    else:
+        hook = redis_integration._async_retry_hook(original_async)
+
+        def run() -> Any:
+            return asyncio.run(hook(retry, do_async, lambda error: None, None, False, "new"))
+
+    token = redis_integration._driving.set(True)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="otel_raptor"),
+            pytest.raises(redis.ResponseError) as raised,
+        ):
+            run()
+    finally:
+        redis_integration._driving.reset(token)
+    assert raised.value is answer
+    assert _reports(caplog) == Counter({"redis.retry_step": 1})

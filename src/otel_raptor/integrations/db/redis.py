@@ -578,6 +578,25 @@ def _failed_once(
     return fail(error, 1) if with_failure_count else fail(error)
 
 
+def _failed_once_any(
+    retry: Any,
+    do: Any,
+    fail: Any,
+    error: Exception,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """:func:`_failed_once` with ``call_with_retry``'s other arguments as they came: a
+    redis-py whose ``Retry`` takes arguments we cannot read gets no ``fail`` (reported),
+    and the command's error goes on to the caller."""
+    try:
+        is_retryable, with_failure_count = _failure_handling(*args, **kwargs)
+    except Exception as bug:  # noqa: BLE001 - the caller's error must reach the caller
+        report_internal_error("redis.retry_step", bug)
+        return None
+    return _failed_once(retry, do, fail, error, is_retryable, with_failure_count)
+
+
 def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives.
     ``do`` and ``fail`` are named as in redis-py, so a success reads nothing else."""
@@ -606,7 +625,7 @@ def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return do()
         except Exception as error:
-            _failed_once(self, do, fail, error, *_failure_handling(*args, **kwargs))
+            _failed_once_any(self, do, fail, error, args, kwargs)
             raise
 
     return call_with_retry_any
@@ -641,7 +660,7 @@ def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., 
         try:
             return await do()
         except Exception as error:
-            failing = _failed_once(self, do, fail, error, *_failure_handling(*args, **kwargs))
+            failing = _failed_once_any(self, do, fail, error, args, kwargs)
             if failing is not None:
                 await failing
             raise
