@@ -13,8 +13,16 @@ without raptor (the same result, the same exception type), reach the server exac
 is logged once, however many calls met it.
 
 Failing exporters and providers are covered too: an OTLP exporter pointing at a closed port,
-span processors that raise in ``on_start``/``on_end``, and a meter reader that raises on
-collect.
+span processors that raise in ``on_start``/``on_end``, a meter reader that raises on collect,
+tracer and meter providers that cannot hand out a tracer, a meter or an instrument.
+
+Then the paths off the plain one: a call that recovers (a failure, then a retry that
+succeeds: the app gets raptor's answer or the plain one, never more sends), breakers held
+open whose refusal cannot be built (the call runs), a refused request whose library answer
+or failover URL cannot be built, raptor's span processor under the contrib instrumentations,
+the monitor's redaction drained in the call, an app's cursor class, a Redis pipeline that
+cannot be put back, redis-py ``Retry`` arguments we cannot read, and two failing
+subscribers (each reported).
 """
 
 from __future__ import annotations
