@@ -1604,3 +1604,24 @@ def test_a_redis_retry_loop_with_unknown_arguments_keeps_the_commands_error(
         redis_integration._driving.reset(token)
     assert raised.value is answer
     assert _reports(caplog) == Counter({"redis.retry_step": 1})
+
+
+@pytest.mark.parametrize("broken", ["acquire", "reject_error"])
+@pytest.mark.parametrize("flavour", ["call_sync", "call"])
+def test_a_breaker_that_cannot_admit_or_refuse_lets_the_call_run(
+    flavour: str, broken: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # CircuitBreaker.call_sync / call (ResilientClient's breakers): an open breaker refuses
+    # with CircuitOpenError; should admitting or refusing fail (our bug), the call runs.
+    breaker = Runtime().breakers.get("rule1-breaker")
+    breaker.force_open()
+    Fault((CircuitBreaker, broken)).apply(monkeypatch)
+    work = _Work()
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        if flavour == "call_sync":
+            value = breaker.call_sync(work.ok, 7)
+        else:
+            value = asyncio.run(breaker.call(work.ok_async, 7))
+    assert value == {"value": 7}
+    assert work.runs == Counter({"ok": 1})
+    assert _reports(caplog) == Counter({"breaker.admit": 1})

@@ -266,10 +266,15 @@ class CircuitBreaker:
         # the ``state`` property: a property read costs more than the rest of this check.
         if self._core._state is _CLOSED:
             return _CALL
-        permit = self.acquire()
-        if permit is _REJECTED:
-            raise self.reject_error()
-        return permit
+        try:
+            permit = self.acquire()
+            if permit is not _REJECTED:
+                return permit
+            refusal = self.reject_error()
+        except Exception as bug:  # noqa: BLE001 - the call runs, as without us
+            report_internal_error("breaker.admit", bug)
+            return _CALL
+        raise refusal
 
     def _succeeded(self, permit: Permit, start: float) -> None:
         try:
