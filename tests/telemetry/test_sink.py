@@ -532,6 +532,46 @@ def test_concurrent_asyncio_tasks_keep_their_own_events(h: Harness) -> None:
     assert [e.name for e in parent_call.events] == ["raptor.error"]
 
 
+def test_a_task_spawned_during_a_recovery_keeps_its_events_off_the_ended_span(
+    h: Harness,
+) -> None:
+    # A task created inside the recovery scope inherits its context, and with it the live
+    # recovery span. Once that call had ended, the task's own failed call still added its
+    # events to the ended span (the SDK drops them with a warning) and its span had none.
+    bus = h.runtime.bus
+    release = asyncio.Event()
+
+    async def spawned() -> None:
+        await release.wait()
+        bus.publish(ErrorClassified("db", RATE_LIMITED, 1))
+        bus.publish(
+            RecoveryFinished(
+                "db", Strategy.RETRY_WITH_BACKOFF, Outcome.FAILED, 1, 0.1, "rate_limit", "x"
+            )
+        )
+
+    async def main() -> None:
+        with h.sink.recovery_scope("db", h.clock.monotonic()):
+            task = asyncio.ensure_future(spawned())
+            bus.publish(ErrorClassified("db", CONNECTION, 1))
+            bus.publish(
+                RecoveryFinished(
+                    "db", Strategy.RETRY_WITH_BACKOFF, Outcome.RECOVERED, 2, 0.2, "connection"
+                )
+            )
+        release.set()
+        await task
+
+    asyncio.run(main())
+    events = {
+        (s.attributes or {})["raptor.recovery.outcome"]: [
+            (e.attributes or {})["raptor.error.category"] for e in s.events
+        ]
+        for s in h.spans()
+    }
+    assert events == {"recovered": ["connection"], "failed": ["rate_limit"]}
+
+
 def test_threads_keep_their_own_events(h: Harness) -> None:
     bus = h.runtime.bus
     barrier = threading.Barrier(2)

@@ -632,7 +632,9 @@ class TelemetrySink:
         restart: bool = False,
     ) -> None:
         live = self._active.get()
-        if live is not None and live.service == service:
+        # ``finished``: a task spawned during a recovery inherits its context, and with it
+        # this span, which may have ended since; its events then belong to a call of its own.
+        if live is not None and live.service == service and not live.finished:
             try:
                 if error_type:
                     live.error_type = error_type
@@ -1131,4 +1133,5 @@ class _RecoveryScope:
             self._sink._active.reset(self._live_token)
         finally:
             # Unfinished means abandoned (cancelled, interrupted): the span still ends.
+            self._live.finished = True
             self._live.span.end()
