@@ -298,8 +298,8 @@ class TrackedDictAdapter(Generic[K, V]):
         return held
 
 
-#: A lock of nobody's: what an adapter holds when the app gave none.
 _Lock = AbstractContextManager[Any]
+#: A lock of nobody's: what an adapter holds when the app gave none.
 _NO_LOCK: _Lock = contextlib.nullcontext()
 
 
