@@ -28,7 +28,7 @@ from otel_raptor.core.retry import RetryPolicy
 from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations import httpx as integration
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._http import STALE_HEADER, THROTTLED_HEADER, OriginTable
+from otel_raptor.integrations._http import STALE_HEADER, THROTTLED_HEADER, OriginTable, StaleCache
 from otel_raptor.integrations.httpx import HttpxIntegration, circuit_open_error_type
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.safety import _reset_for_tests
@@ -586,6 +586,33 @@ def test_stale_if_error_serves_the_last_good_response(
     assert driver.get(server.url("/other")).status_code == 503
     other_user = driver.get(server.url("/doc"), headers={"Authorization": "Bearer other"})
     assert other_user.status_code == 503
+
+
+def test_a_bug_looking_up_a_stale_copy_leaves_the_call_guarded(
+    install: Install,
+    server: FaultyHTTPServer,
+    driver: Driver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The lookup ran inside the describe step: a bug there left every stale-eligible GET
+    # unguarded (no retry, its successes uncounted while other calls' failures counted).
+    runtime = install(
+        max_retries=2,
+        downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=True),),
+    )
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("bug in the stale lookup")
+
+    monkeypatch.setattr(StaleCache, "get", broken)
+    server.push(status(503))
+    server.default = ok("fine")
+    response = driver.get(server.url("/doc"))
+    assert (response.status_code, response.text) == (200, "fine")  # retried: guarded
+    assert server.count() == 2
+    (done,) = finished(install.events)  # type: ignore[attr-defined]
+    assert done.outcome is Outcome.RECOVERED
+    assert runtime.breakers.items()  # the origin's breaker saw the call
 
 
 def test_stale_if_error_keys_on_the_request_as_sent(

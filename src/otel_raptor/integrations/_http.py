@@ -776,6 +776,18 @@ class HttpInstallation:
     def stale_entry(self, response: Any, status: int, now: float) -> StaleEntry:
         raise NotImplementedError
 
+    def has_stale_copy(self, key: Hashable | None, max_age: float) -> bool:
+        """Whether a stale copy is kept under ``key``. Our code: never raises. A bug here
+        only costs the call its stale fallback; raising would leave the whole call
+        unguarded, its successes uncounted while other calls' failures still count."""
+        if key is None:
+            return False
+        try:
+            return self.stale.get(key, now=self.monotonic(), max_age=max_age) is not None
+        except Exception as bug:  # noqa: BLE001 - the call goes on without a stale copy
+            report_internal_error(f"{self.name}.stale_lookup", bug)
+            return False
+
     def kept(self, key: Hashable | None, response: Any, fallback: FallbackCall | None) -> Any:
         """``response``, after keeping it under ``key`` when it may be served stale. Nothing
         a fallback answered is kept: a stale copy kept again would start its age afresh (an

@@ -288,11 +288,7 @@ class _Installed(HttpInstallation):
         fallbacks = origin.fixed_fallbacks
         if origin.stale_if_error and method == "GET" and not kwargs.get("stream"):
             stale_key = self._stale_key(client, request, kwargs)
-            fallbacks = fallbacks or (
-                stale_key is not None
-                and self.stale.get(stale_key, now=self.monotonic(), max_age=origin.stale_max_age)
-                is not None
-            )
+            fallbacks = fallbacks or self.has_stale_copy(stale_key, origin.stale_max_age)
         described = _Call(
             origin,
             origin.plan(replay_safe=safe, with_fallback=fallbacks),

@@ -350,13 +350,7 @@ class _Installed(HttpInstallation):
             stream = call_kwargs.get("stream")
             if not (stream if stream is not None else getattr(session, "stream", False)):
                 stale_key = _stale_key(session, text, call_kwargs)
-                fallbacks = fallbacks or (
-                    stale_key is not None
-                    and self.stale.get(
-                        stale_key, now=self.monotonic(), max_age=origin.stale_max_age
-                    )
-                    is not None
-                )
+                fallbacks = fallbacks or self.has_stale_copy(stale_key, origin.stale_max_age)
         defaulted = call_kwargs.get("timeout") is None
         if defaulted:
             # Inlined _default_timeout (every call without a timeout runs it).
