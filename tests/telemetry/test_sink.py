@@ -572,6 +572,31 @@ def test_a_task_spawned_during_a_recovery_keeps_its_events_off_the_ended_span(
     assert events == {"recovered": ["connection"], "failed": ["rate_limit"]}
 
 
+def test_a_recovery_scope_that_fails_to_enter_leaves_nothing_behind(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The span was started and made the live recovery before the context attach failed; no
+    # exit followed, so it never ended and later calls' events landed on it.
+    from opentelemetry import context as otel_context
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("attach failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(otel_context, "attach", broken)
+        scope = h.sink.recovery_scope("db", h.clock.monotonic())
+        with pytest.raises(RuntimeError, match="attach failed"):
+            scope.__enter__()
+    assert [s.name for s in h.spans()] == ["raptor.recovery"]  # ended, not left open
+    h.runtime.bus.publish(ErrorClassified("db", CONNECTION, 1))
+    h.runtime.bus.publish(
+        RecoveryFinished("db", Strategy.RECONNECT, Outcome.RECOVERED, 2, 0.2, "connection")
+    )
+    spans = h.spans()
+    assert len(spans) == 2
+    assert [e.name for e in spans[1].events] == ["raptor.error"]
+
+
 def test_threads_keep_their_own_events(h: Harness) -> None:
     bus = h.runtime.bus
     barrier = threading.Barrier(2)

@@ -1125,7 +1125,15 @@ class _RecoveryScope:
         )
         self._live = _LiveRecovery(span, self._service)
         self._live_token = sink._active.set(self._live)
-        self._context_token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            self._context_token = otel_context.attach(trace.set_span_in_context(span))
+        except BaseException:
+            # No exit will follow a failed enter: undo it, or the span never ends and stays
+            # the caller's live recovery, taking the events of later calls.
+            sink._active.reset(self._live_token)
+            self._live.finished = True
+            span.end()
+            raise
 
     def __exit__(self, *exc_info: object) -> None:
         try:
