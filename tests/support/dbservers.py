@@ -39,6 +39,7 @@ __all__ = [
     "PrivateMariaDB",
     "PrivatePostgres",
     "PrivateRedis",
+    "PrivateRedisCluster",
     "find_binary",
     "free_port",
 ]
@@ -202,8 +203,9 @@ class PrivateMariaDB:
 class PrivateRedis:
     """A Redis server of our own, with every write appended and fsynced before its reply."""
 
-    def __init__(self, *, cluster: bool = False) -> None:
+    def __init__(self, *, cluster: bool = False, options: tuple[str, ...] = ()) -> None:
         self.binary = find_binary("redis-server")
+        self.options = options
         # A cluster node also listens on its port + 10000 (the cluster bus).
         self.port = free_port(below=55000) if cluster else free_port()
         self.root = Path(tempfile.mkdtemp(prefix="raptor_db_redis_"))
@@ -217,11 +219,11 @@ class PrivateRedis:
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.root), "--save", "", "--appendonly", "yes",
                 "--appendfsync", "always", "--logfile", str(self.root / "log"),
-                *(cluster if self.cluster else []),
+                *(cluster if self.cluster else []), *self.options,
             ],
         )  # fmt: skip
         _wait_port(self.port, 30)
-        if self.cluster:
+        if self.cluster and not self.options:
             self._serve_every_slot()
 
     def _command(self, *parts: bytes) -> bytes:
@@ -257,3 +259,66 @@ class PrivateRedis:
             with contextlib.suppress(Exception):
                 self.process.wait(timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateRedisCluster:
+    """A Redis cluster of our own: ``masters`` masters with ``replicas`` replicas each, made
+    by ``redis-cli --cluster create``. A node that stops is noticed after ``node_timeout_ms``
+    (a replica then takes its place); with ``full_coverage`` false the other masters keep
+    serving their slots meanwhile, as a cluster configured so does."""
+
+    def __init__(
+        self,
+        masters: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        full_coverage: bool = False,
+    ) -> None:
+        self.cli = find_binary("redis-cli")
+        options = (
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-require-full-coverage", "yes" if full_coverage else "no",
+        )  # fmt: skip
+        self.replicas = replicas
+        self.nodes = [
+            PrivateRedis(cluster=True, options=options) for _ in range(masters * (1 + replicas))
+        ]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                self.cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes",
+            ],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Wait until every running node says ``cluster_state:ok`` and every replica has
+        synced with its master (one that never did cannot take its master's place)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            while b"cluster_state:ok" not in node._command(b"CLUSTER", b"INFO"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the cluster never became ready")
+                time.sleep(0.05)
+            while True:
+                replication = node._command(b"INFO", b"replication")
+                if b"role:master" in replication or b"master_link_status:up" in replication:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a replica never synced with its master")
+                time.sleep(0.05)
+
+    def node(self, port: int) -> PrivateRedis:
+        return next(node for node in self.nodes if node.port == port)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

@@ -34,8 +34,12 @@ would without raptor, neither counted by the breaker nor retried.
 
 ``RedisCluster`` runs its own retry loop (redirections, slot-table refreshes, and retries of
 connection errors that include writes): raptor adds no retries on top, and puts a breaker per
-cluster (named after its first startup node) around each call. The node clients the cluster
-client creates for itself (which refresh its slot table) are left alone.
+node (``redis://host:port/``) around each command the cluster client sends to a node, so a
+master that is down never makes raptor refuse the keys the others serve. A refusal has the
+cluster client reread its slot table, as a connection error would, so a replica promoted in
+the dead master's place is used at once. The node clients the cluster client creates for
+itself (which refresh its slot table) are left alone, and so is ``ClusterPipeline`` (its
+commands go to several nodes at once).
 
 Servers: ``redis://host:port/db`` (``redis:///path/to/socket/db``); a Sentinel-managed pool
 is named after its service, ``redis-sentinel://service/db`` for the master and
@@ -43,7 +47,7 @@ is named after its service, ``redis-sentinel://service/db`` for the master and
 A pool whose server cannot be told is left alone.
 
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
-``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, plus ``Retry.call_with_retry``,
+``RedisCluster._execute_command`` (sync and asyncio), plus ``Retry.call_with_retry``,
 to turn retries off, and ``NodesManager.create_redis_node``, to know the cluster's node clients.
 A failure raised through ``AbstractConnection.connect_check_health`` (``connect`` before
 redis-py 6) happened before the command was sent: that is read from its traceback (unless
@@ -54,6 +58,7 @@ it was ``execute_command``'s reconnect after the command, for a ``MOVING`` notif
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -63,7 +68,7 @@ from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.db import REDIS_NOT_EXECUTED, FailurePoint, redis_read_only
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
-from otel_raptor.integrations._kit import call, call_async, library_error
+from otel_raptor.integrations._kit import MAX_TARGETS, call, call_async, library_error
 from otel_raptor.integrations.db._common import (
     DbIntegration,
     DbState,
@@ -90,7 +95,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisCircuitOpen", "RedisIntegration", "circuit_open_error_type"]
 
 SYSTEM: Final = "redis"
-#: The attribute under which a connection pool (or a cluster client) keeps its target.
+#: The attribute under which a connection pool keeps its target.
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
 #: Set on the connection pool of a node client that ``RedisCluster`` created for itself.
 CLUSTER_NODE_ATTRIBUTE: Final = "_otel_raptor_cluster_node"
@@ -324,7 +329,14 @@ def _transaction_refused_whole(error: BaseException, exec_abort: type[BaseExcept
 
 
 class _State(DbState):
-    __slots__ = ("exec_abort", "max_connections", "opening", "timeout_error", "watch_error")
+    __slots__ = (
+        "cluster_nodes",
+        "exec_abort",
+        "max_connections",
+        "opening",
+        "timeout_error",
+        "watch_error",
+    )
 
     def __init__(
         self,
@@ -343,6 +355,8 @@ class _State(DbState):
         self.timeout_error = timeout_error
         #: The code of the methods that open a connection (see :func:`_opening_code`).
         self.opening = opening
+        #: The targets of cluster nodes by node name (``host:port``; see ``_node_target``).
+        self.cluster_nodes: dict[str, DbTarget] = {}
 
 
 def _opening_code(connection_class: type) -> Any:
@@ -387,9 +401,9 @@ _installed: _State | None = None
 
 def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
     """The loop's first look at a failed attempt (``CallHooks.unjudged``; ``args``: a
-    command's ``(client, name, ...)``, a pipeline's ``(marker, ...)``, a cluster call's
-    ``(cluster, ...)``): whether it is a connection pool's own refusal, which ends the call
-    uncounted (redis-py's cluster client does not count it against a node either). A "not
+    command's ``(client, name, ...)``, a cluster node's ``(cluster, name, ...)``, a
+    pipeline's ``(marker, ...)``): whether it is a connection pool's own refusal, which ends
+    the call uncounted (redis-py's cluster client does not count it against a node either). A "not
     executed" reply to a command that runs no code of its own is marked as standing for the
     whole command (a pipeline's run marks its own), and a socket timeout that ended a blocking
     command's wait (sent: not one connecting) as the caller's limit (``_waited_too_long``)."""
@@ -497,16 +511,6 @@ def _target(state: _State, pool: Any) -> DbTarget | _Untouched:
         server = None if getattr(pool, CLUSTER_NODE_ATTRIBUTE, False) else _server_of_pool(pool)
         target = _Untouched(state) if server is None else state.target(server)
         setattr(pool, TARGET_ATTRIBUTE, target)
-    return target
-
-
-def _cluster_target(state: _State, cluster: Any) -> DbTarget:
-    target: DbTarget | None = getattr(cluster, TARGET_ATTRIBUTE, None)
-    if target is None or target.owner is not state:
-        nodes = list(cluster.nodes_manager.startup_nodes.values())
-        first = nodes[0] if nodes else cluster.get_default_node()
-        target = state.target(Server(SYSTEM, str(first.host).lower(), int(first.port), None))
-        setattr(cluster, TARGET_ATTRIBUTE, target)
     return target
 
 
@@ -939,45 +943,117 @@ def _async_pipeline_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..
     return execute
 
 
-def _cluster_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``RedisCluster.execute_command`` and ``ClusterPipeline.execute``: a breaker,
-    no retries of ours (the cluster client runs its own)."""
+#: The keyword a cluster call's node travels under through the loop (see ``_cluster_node_hook``),
+#: so that the loop's hooks see the command where a command's are: ``(cluster, name, ...)``.
+_NODE_KEYWORD: Final = "_otel_raptor_node"
 
-    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+
+def _node_target(state: _State, node: Any) -> DbTarget:
+    """The target of one cluster node (its ``host:port``): a breaker per node, not per
+    cluster, so that one master's outage never refuses the keys the other masters serve."""
+    name = node.name
+    found = state.cluster_nodes.get(name)
+    if found is None:
+        found = state.target(Server(SYSTEM, str(node.host).lower(), int(node.port), None))
+        nodes = state.cluster_nodes
+        if len(nodes) >= MAX_TARGETS:
+            nodes.clear()
+        nodes[name] = found
+    return found
+
+
+#: The least time between two slot-table rereads that refusals cause (see ``_refresh_due``).
+SLOTS_REFRESH_INTERVAL: Final = 0.25
+#: Where a cluster client keeps the time of its last refusal-caused reread.
+_REFRESHED_ATTRIBUTE: Final = "_otel_raptor_slots_refreshed"
+
+
+def _refresh_due(cluster: Any) -> bool:
+    """Whether a refusal by a node's breaker should have ``cluster`` reread its slot table
+    now: at most once per :data:`SLOTS_REFRESH_INTERVAL`, so that refusals stay cheap."""
+    now = time.monotonic()
+    last = getattr(cluster, _REFRESHED_ATTRIBUTE, None)
+    if isinstance(last, float) and now - last < SLOTS_REFRESH_INTERVAL:
+        return False
+    try:
+        setattr(cluster, _REFRESHED_ATTRIBUTE, now)
+    except Exception:  # noqa: BLE001 - a client refusing attributes: reread every time
+        return True
+    return True
+
+
+def _refresh_slots(cluster: Any) -> None:
+    """After a node's breaker refused a call, have the cluster client reread its slot table,
+    as redis-py does after a connection error to a node: if a replica took the node's slots
+    over, the next call goes to it instead of waiting for the dead node's breaker."""
+    try:
+        if _refresh_due(cluster):
+            cluster.nodes_manager.initialize()
+    except Exception:  # noqa: BLE001 - no node answers: the table stays, the refusal is raised
+        return
+
+
+def _cluster_node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``RedisCluster._execute_command(node, *args)``, one command sent to one
+    node (the cluster client's retry loop calls it again for each of its attempts): the node's
+    breaker, no retries of ours (the cluster client runs its own)."""
+
+    def on_node(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, kwargs.pop(_NODE_KEYWORD), *args, **kwargs)
+
+    def _execute_command(self: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
         if state is None:
-            return original(self, *args, **kwargs)
+            return original(self, node, *args, **kwargs)
         try:
-            target = _cluster_target(state, self)
+            target = _node_target(state, node)
             plan = target.locked if target.enabled else None
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe_cluster", bug)
             plan = None
         if plan is None:
-            return original(self, *args, **kwargs)
-        return call(plan, original, (self, *args), kwargs)
+            return original(self, node, *args, **kwargs)
+        kwargs[_NODE_KEYWORD] = node
+        try:
+            return call(plan, on_node, (self, *args), kwargs)
+        except CircuitOpenError:
+            _refresh_slots(self)
+            raise
 
-    return execute
+    return _execute_command
 
 
-def _async_cluster_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """The hook on ``redis.asyncio`` ``RedisCluster.execute_command``."""
+def _async_cluster_node_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """The hook on ``redis.asyncio`` ``RedisCluster._execute_command``."""
 
-    async def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def on_node(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return await original(self, kwargs.pop(_NODE_KEYWORD), *args, **kwargs)
+
+    async def _execute_command(self: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
         if state is None:
-            return await original(self, *args, **kwargs)
+            return await original(self, node, *args, **kwargs)
         try:
-            target = _cluster_target(state, self)
+            target = _node_target(state, node)
             plan = target.locked if target.enabled else None
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe_cluster", bug)
             plan = None
         if plan is None:
-            return await original(self, *args, **kwargs)
-        return await call_async(plan, original, (self, *args), kwargs)
+            return await original(self, node, *args, **kwargs)
+        kwargs[_NODE_KEYWORD] = node
+        try:
+            return await call_async(plan, on_node, (self, *args), kwargs)
+        except CircuitOpenError:
+            # As after a connection error to a node: the next call rereads the slot table.
+            try:
+                if getattr(self, "_initialize", None) is False and _refresh_due(self):
+                    self._initialize = True
+            except Exception as bug:  # noqa: BLE001
+                report_internal_error("redis.refresh_slots", bug)
+            raise
 
-    return execute
+    return _execute_command
 
 
 def _opening(connection_class: type) -> str:
@@ -1002,10 +1078,9 @@ def _patched(redis: Any) -> list[tuple[type, str, Any]]:
         (redis.client.Pipeline, "execute", _pipeline_hook),
         (aio.client.Redis, "execute_command", _async_command_hook),
         (aio.client.Pipeline, "execute", _async_pipeline_hook),
-        (redis.cluster.RedisCluster, "execute_command", _cluster_hook),
-        (redis.cluster.ClusterPipeline, "execute", _cluster_hook),
+        (redis.cluster.RedisCluster, "_execute_command", _cluster_node_hook),
         (redis.cluster.NodesManager, "create_redis_node", _node_hook),
-        (aio.cluster.RedisCluster, "execute_command", _async_cluster_hook),
+        (aio.cluster.RedisCluster, "_execute_command", _async_cluster_node_hook),
     ]
 
 

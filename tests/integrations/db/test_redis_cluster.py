@@ -1,0 +1,138 @@
+"""The redis-py integration against real multi-node clusters of our own: a breaker per node,
+so one master's outage never refuses the keys the other masters serve, and a replica
+promoted in a dead master's place is used at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio.cluster
+from redis.cluster import RedisCluster
+
+from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations.db.redis import RedisIntegration
+from tests.integrations.db.conftest import Install, Installed
+from tests.support.dbservers import PrivateRedisCluster
+
+OPEN = CircuitState.OPEN
+
+
+@pytest.fixture
+def three_masters() -> Iterator[PrivateRedisCluster]:
+    cluster = PrivateRedisCluster(3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def opened(installed: Installed) -> set[str]:
+    return {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
+
+
+def keys_by_owner(client: RedisCluster, victim: int) -> tuple[list[str], list[str]]:
+    """Keys of the live masters, and twice as many of the master on port ``victim``."""
+    keys = [f"{{raptor{i}}}" for i in range(300)]
+    live = [k for k in keys if client.get_node_from_key(k).port != victim][:5]
+    dead = [k for k in keys if client.get_node_from_key(k).port == victim][:10]
+    return live, dead
+
+
+def test_one_dead_master_never_refuses_the_keys_of_the_others(
+    install: Install, three_masters: PrivateRedisCluster
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=3, recovery_timeout=0.5)
+    seed = three_masters.nodes[0].port
+    client = RedisCluster(host="127.0.0.1", port=seed, socket_timeout=2)
+    try:
+        victim = three_masters.nodes[1].port
+        live, dead = keys_by_owner(client, victim)
+        acknowledged = dict.fromkeys(live + dead, 0)
+        three_masters.node(victim).shutdown_nosave()
+        for _ in range(20):
+            for key in live:  # without raptor, every one succeeds
+                client.incr(key)
+                acknowledged[key] += 1
+            for key in dead:  # refused, or unserved once the cluster saw it fail
+                with pytest.raises(redis.RedisError):
+                    client.incr(key)
+        # Only the dead master's breaker opened.
+        assert opened(installed) == {f"redis://127.0.0.1:{victim}/"}
+        three_masters.node(victim).start()
+        three_masters.wait_ok()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                for key in dead:
+                    client.incr(key)
+                    acknowledged[key] += 1
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline, "the dead master's keys never came back"
+                time.sleep(0.1)
+        # Nothing acknowledged was lost or applied twice.
+        assert {key: int(client.get(key) or 0) for key in acknowledged} == acknowledged
+    finally:
+        client.close()
+
+
+async def test_an_asyncio_cluster_keeps_serving_the_live_masters(
+    install: Install, three_masters: PrivateRedisCluster
+) -> None:
+    installed = install(RedisIntegration, failure_threshold=3, recovery_timeout=0.5)
+    seed = three_masters.nodes[0].port
+    sync = RedisCluster(host="127.0.0.1", port=seed)
+    victim = three_masters.nodes[1].port
+    live, dead = keys_by_owner(sync, victim)
+    sync.close()
+    client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=seed, socket_timeout=2)
+    try:
+        await client.initialize()
+        three_masters.node(victim).shutdown_nosave()
+        for _ in range(20):
+            for key in live:
+                assert await client.set(key, "1")
+            for key in dead:
+                with pytest.raises(redis.RedisError):
+                    await client.set(key, "1")
+        assert opened(installed) == {f"redis://127.0.0.1:{victim}/"}
+    finally:
+        await client.aclose()
+
+
+def test_a_promoted_replica_serves_at_once_though_the_dead_masters_breaker_is_open(
+    install: Install,
+) -> None:
+    cluster = PrivateRedisCluster(3, replicas=1, node_timeout_ms=1000)
+    try:
+        cluster.start()
+        # A breaker that stays open for a minute: the promoted replica must not wait for it.
+        installed = install(RedisIntegration, failure_threshold=3, recovery_timeout=60)
+        client = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, socket_timeout=2)
+        try:
+            key = "{raptor_failover}"
+            victim = client.get_node_from_key(key).port
+            client.set(key, "0")
+            cluster.node(victim).shutdown_nosave()
+            acknowledged = 0
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    client.incr(key)
+                    acknowledged += 1
+                    break
+                except redis.RedisError:
+                    assert time.monotonic() < deadline, "the promoted replica was never used"
+                    time.sleep(0.05)
+            assert f"redis://127.0.0.1:{victim}/" in opened(installed)
+            assert client.get_node_from_key(key).port != victim
+            assert int(client.get(key) or 0) == acknowledged
+        finally:
+            client.close()
+    finally:
+        cluster.close()
