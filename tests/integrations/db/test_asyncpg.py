@@ -298,3 +298,31 @@ async def test_a_pool_releases_its_connection_past_an_open_breaker(install: Inst
     finally:
         breaker.force_close()
         await pool.close()
+
+
+# --- several hosts: the set's breaker, and the reached server's for its statements -----------
+
+
+async def test_a_dead_first_host_never_refuses_connecting_to_the_live_second_one(
+    install: Install,
+) -> None:
+    installed = install(AsyncpgIntegration, failure_threshold=2, recovery_timeout=60)
+    dead = free_port()
+    alone = f"postgresql://127.0.0.1:{dead}/test"
+    # The first host is down: connecting to it alone opens its breaker.
+    for _ in range(2):
+        with pytest.raises(OSError):
+            await asyncpg.connect(host="127.0.0.1", port=dead, user="postgres", database="test")
+    assert {t.breaker for t in installed.of(BreakerTransitioned)} == {alone}
+    # Without raptor asyncpg skips it and reaches the second host: so does it with raptor.
+    con = await asyncpg.connect(
+        host=["127.0.0.1", POSTGRES[0]], port=[dead, POSTGRES[1]], user="postgres", database="test"
+    )
+    try:
+        assert await con.fetchval("SELECT 1") == 1
+        # Its statements are the server's it reached, not the first host's.
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await con.fetchval("SELECT 1 / 0")
+    finally:
+        await con.close()
+    assert installed.of(RecoveryFinished)[-1].service == SERVICE

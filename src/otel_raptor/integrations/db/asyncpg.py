@@ -198,11 +198,19 @@ def _server_of_connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server:
         database = database or parts.path.lstrip("/") or (query.get("dbname") or [None])[0]
         user = user or parts.username or (query.get("user") or [None])[0]
     if isinstance(host, (list, tuple)):
-        host = host[0] if host else None
+        # Several hosts, tried in turn: one breaker for the set, named as libpq's
+        # ``host=a,b`` (the first port), never the first host's own, which a connection
+        # that reached the second one would otherwise be refused by when the first is down.
+        host = ",".join(str(h) for h in host) if host else None
     if isinstance(port, (list, tuple)):
         port = port[0] if port else None
     params = {"host": host, "port": port, "dbname": database, "user": user}
     return server_of_params({k: v for k, v in params.items() if v})
+
+
+def _several_hosts(target: DbTarget) -> bool:
+    """Whether ``target`` is the connect target of several hosts (``host=a,b``)."""
+    return "," in target.server.host
 
 
 def _connect_wrapper(
@@ -243,7 +251,10 @@ async def _connect(
 ) -> Any:
     con = await call_async(target.connect, wrapped, args, kwargs)
     try:
-        state.remember(con, target)
+        # The statements of a connection to one of several hosts go to the server it reached
+        # (``of_connection``, by its address), as psycopg's and psycopg2's do.
+        if not _several_hosts(target):
+            state.remember(con, target)
         if defaulted:
             state.default_timeout.add(con)
     except Exception as bug:  # noqa: BLE001
