@@ -326,3 +326,19 @@ async def test_a_dead_first_host_never_refuses_connecting_to_the_live_second_one
     finally:
         await con.close()
     assert installed.of(RecoveryFinished)[-1].service == SERVICE
+
+
+async def test_a_dsn_with_several_hosts_is_guarded_as_their_set(
+    install: Install, caplog: pytest.LogCaptureFixture
+) -> None:
+    installed = install(AsyncpgIntegration, max_retries=0, failure_threshold=2)
+    first, second = free_port(), free_port()
+    dsn = f"postgresql://postgres@127.0.0.1:{first},127.0.0.1:{second}/test"
+    for _ in range(2):
+        with pytest.raises(OSError):
+            await asyncpg.connect(dsn)
+    with pytest.raises(CircuitOpenError):
+        await asyncpg.connect(dsn)
+    opened = {t.breaker for t in installed.of(BreakerTransitioned)}
+    assert opened == {f"postgresql://127.0.0.1,127.0.0.1:{first}/test"}
+    assert "internal error" not in caplog.text

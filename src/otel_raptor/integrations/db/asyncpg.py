@@ -184,6 +184,21 @@ class _State(DbState):
 _installed: _State | None = None
 
 
+def _hosts_of_dsn(hosts: str) -> tuple[str | None, str | None]:
+    """The hosts (``a,b``) and first port of a DSN's several ``host[:port]`` (``[v6]:port``)."""
+    names: list[str] = []
+    ports: list[str] = []
+    for item in hosts.split(","):
+        if item.startswith("["):
+            name, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            name, _, port = item.partition(":")
+        names.append(name)
+        ports.append(port)
+    return ",".join(name for name in names if name) or None, ports[0] or None
+
+
 def _server_of_connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server:
     dsn = args[0] if args else kwargs.get("dsn")
     host = kwargs.get("host")
@@ -193,8 +208,13 @@ def _server_of_connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server:
     if dsn:
         parts = urlsplit(dsn)
         query = parse_qs(parts.query)
-        host = host or parts.hostname or (query.get("host") or [None])[0]
-        port = port or parts.port or (query.get("port") or [None])[0]
+        hosts = parts.netloc.rpartition("@")[2]
+        if "," in hosts:  # postgresql://a:5433,b:5432/db: urlsplit cannot read it
+            dsn_host, dsn_port = _hosts_of_dsn(hosts)
+        else:
+            dsn_host, dsn_port = parts.hostname, parts.port
+        host = host or dsn_host or (query.get("host") or [None])[0]
+        port = port or dsn_port or (query.get("port") or [None])[0]
         database = database or parts.path.lstrip("/") or (query.get("dbname") or [None])[0]
         user = user or parts.username or (query.get("user") or [None])[0]
     if isinstance(host, (list, tuple)):
