@@ -144,10 +144,11 @@ def test_sentinel_services_have_breakers_of_their_own(install: Install, tmp_path
             getattr(client.connection_pool, TARGET_ATTRIBUTE).service
             for client in (first, second, replicas)
         ]
+        sentinels = f"redis-sentinel://127.0.0.1:{sentinel_server.port}"
         assert names == [
-            "redis-sentinel://svc_one/0",
-            "redis-sentinel://svc_two/0",
-            "redis-sentinel://svc_one/0/replicas",
+            f"{sentinels}/svc_one/0",
+            f"{sentinels}/svc_two/0",
+            f"{sentinels}/svc_one/0/replicas",
         ]
         one.shutdown_nosave()  # svc_one's master is gone; the sentinel does not know yet
         for _ in range(3):
@@ -159,10 +160,57 @@ def test_sentinel_services_have_breakers_of_their_own(install: Install, tmp_path
         assert second.get("x") is None
         with contextlib.suppress(redis.ConnectionError):  # absent when REDIS is elsewhere
             assert local.get("x") is None
-        assert opened(installed) == {"redis-sentinel://svc_one/0"}
+        assert opened(installed) == {f"{sentinels}/svc_one/0"}
     finally:
         if sentinel_server is not None:
             sentinel_server.close()
+        one.close()
+        two.close()
+
+
+def wait_for_master(sentinel: Sentinel, service: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sentinel.discover_master(service)
+            return
+        except redis.sentinel.MasterNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_two_deployments_with_one_service_name_have_a_breaker_each(
+    install: Install, tmp_path: Path
+) -> None:
+    # Two Sentinel deployments, each calling its master "mymaster" (the usual default).
+    one, two = PrivateRedis(), PrivateRedis()
+    watchers: list[PrivateSentinel] = []
+    try:
+        one.start()
+        two.start()
+        for name, server in (("one", one), ("two", two)):
+            (tmp_path / name).mkdir()
+            watchers.append(PrivateSentinel(tmp_path / name, {"mymaster": server.port}))
+        installed = install(RedisIntegration, max_retries=0, failure_threshold=3)
+        sentinels = [Sentinel([("127.0.0.1", w.port)], socket_timeout=2) for w in watchers]
+        for sentinel in sentinels:
+            wait_for_master(sentinel, "mymaster")
+        first, second = (s.master_for("mymaster", socket_timeout=2) for s in sentinels)
+        assert first.set("x", "1")
+        assert second.set("x", "2")
+        one.shutdown_nosave()  # the first deployment's master is gone
+        for _ in range(3):
+            with pytest.raises(redis.ConnectionError):
+                first.get("x")
+        with pytest.raises(CircuitOpenError):
+            first.get("x")
+        # The second deployment answers: without raptor its calls succeed, so they do with it.
+        assert second.get("x") == b"2"
+        assert opened(installed) == {f"redis-sentinel://127.0.0.1:{watchers[0].port}/mymaster/0"}
+    finally:
+        for watcher in watchers:
+            watcher.close()
         one.close()
         two.close()
 

@@ -42,8 +42,8 @@ itself (which refresh its slot table) are left alone, and so is ``ClusterPipelin
 commands go to several nodes at once).
 
 Servers: ``redis://host:port/db`` (``redis:///path/to/socket/db``); a Sentinel-managed pool
-is named after its service, ``redis-sentinel://service/db`` for the master and
-``redis-sentinel://service/db/replicas`` for the replicas, wherever Sentinel says they are.
+is named after its sentinels and service, ``redis-sentinel://sentinel:port/service/db`` for
+the master and ``.../service/db/replicas`` for the replicas, wherever Sentinel says they are.
 A pool whose server cannot be told is left alone.
 
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
@@ -432,15 +432,20 @@ def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
 class _SentinelService(Server):
     """A Sentinel-managed Redis service as a breaker sees it: its master (or, with
     ``replicas``, its replicas) wherever Sentinel says it is now. ``host`` is the service
-    name; ``port`` is ``None``."""
+    name; ``port`` is ``None``; ``sentinel`` the first (in sorted order) of the sentinels
+    asked, ``host:port``: service names are unique within one set of sentinels only, and two
+    deployments both called ``mymaster`` are two services with a breaker each."""
 
     replicas: bool = False
+    sentinel: str = ""
 
     @property
     def name(self) -> str:
-        """``redis-sentinel://service/db``, ``.../db/replicas`` for the replicas."""
+        """``redis-sentinel://sentinel:port/service/db``, ``.../db/replicas`` for the
+        replicas (``redis-sentinel://service/db`` when the sentinels are unknown)."""
         role = "/replicas" if self.replicas else ""
-        return f"{self.system}-sentinel://{self.host}/{self.database or ''}{role}"
+        where = f"{self.sentinel}/" if self.sentinel else ""
+        return f"{self.system}-sentinel://{where}{self.host}/{self.database or ''}{role}"
 
     @property
     def attributes(self) -> dict[str, str | int]:
@@ -472,13 +477,33 @@ def _default_address(connection_class: Any) -> tuple[str, int] | None:
     return None
 
 
+def _first_sentinel(pool: Any) -> str:
+    """The first, in sorted order, of the sentinels a Sentinel-managed pool asks
+    (``host:port``), or ``""`` when they cannot be told."""
+    addresses = []
+    for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", None) or ():
+        kwargs = getattr(getattr(sentinel, "connection_pool", None), "connection_kwargs", {})
+        host, port = kwargs.get("host"), kwargs.get("port")
+        if host is not None:
+            host = str(host).lower()
+            addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return min(addresses, default="")
+
+
 def _server_of_pool(pool: Any) -> Server | None:
     """The server of a connection pool, or ``None`` when it cannot be told."""
     kwargs = pool.connection_kwargs
     database = str(kwargs.get("db", 0))
     service = getattr(pool, "service_name", None)
     if service is not None and hasattr(pool, "is_master"):
-        return _SentinelService(SYSTEM, str(service), None, database, replicas=not pool.is_master)
+        return _SentinelService(
+            SYSTEM,
+            str(service),
+            None,
+            database,
+            replicas=not pool.is_master,
+            sentinel=_first_sentinel(pool),
+        )
     path = kwargs.get("path")
     if path:
         return Server(SYSTEM, str(path), None, database)
