@@ -136,3 +136,39 @@ def test_a_promoted_replica_serves_at_once_though_the_dead_masters_breaker_is_op
             client.close()
     finally:
         cluster.close()
+
+
+def test_clusterdown_never_opens_the_breakers_of_the_live_masters(install: Install) -> None:
+    # Full coverage required (the default): once the cluster sees a master fail, every node
+    # answers CLUSTERDOWN until it is back, and the cluster client retries that itself.
+    cluster = PrivateRedisCluster(3, node_timeout_ms=1000, full_coverage=True)
+    try:
+        cluster.start()
+        installed = install(RedisIntegration, failure_threshold=3, recovery_timeout=60)
+        client = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, socket_timeout=2)
+        try:
+            victim = cluster.nodes[1].port
+            keys = [f"{{raptor{i}}}" for i in range(300)]
+            live = [k for k in keys if client.get_node_from_key(k).port != victim][:4]
+            cluster.node(victim).shutdown_nosave()
+            failures: list[type] = []
+            deadline = time.monotonic() + 30
+            while len(failures) < 3:
+                assert time.monotonic() < deadline, "the cluster never went down"
+                for key in live:
+                    try:
+                        client.incr(key)
+                    except redis.RedisError as error:
+                        failures.append(type(error))
+            # Without raptor these calls fail with CLUSTERDOWN; raptor refuses none of them.
+            assert set(failures) == {redis.exceptions.ClusterDownError}
+            cluster.node(victim).start()
+            cluster.wait_ok()
+            # The cluster is whole again: without raptor the live masters answer at once.
+            for key in live:
+                client.incr(key)
+            assert opened(installed) <= {f"redis://127.0.0.1:{victim}/"}
+        finally:
+            client.close()
+    finally:
+        cluster.close()

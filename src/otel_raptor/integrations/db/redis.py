@@ -330,7 +330,9 @@ def _transaction_refused_whole(error: BaseException, exec_abort: type[BaseExcept
 
 class _State(DbState):
     __slots__ = (
+        "cluster_down",
         "cluster_nodes",
+        "clusters",
         "exec_abort",
         "max_connections",
         "opening",
@@ -357,6 +359,10 @@ class _State(DbState):
         self.opening = opening
         #: The targets of cluster nodes by node name (``host:port``; see ``_node_target``).
         self.cluster_nodes: dict[str, DbTarget] = {}
+        #: The cluster client classes (sync, asyncio), and ``ClusterDownError``: see
+        #: ``_unjudged``.
+        self.clusters: tuple[type, ...] = ()
+        self.cluster_down: tuple[type[BaseException], ...] = ()
 
 
 def _opening_code(connection_class: type) -> Any:
@@ -406,10 +412,18 @@ def _unjudged(error: Exception, args: tuple[Any, ...]) -> bool:
     the call uncounted (redis-py's cluster client does not count it against a node either). A "not
     executed" reply to a command that runs no code of its own is marked as standing for the
     whole command (a pipeline's run marks its own), and a socket timeout that ended a blocking
-    command's wait (sent: not one connecting) as the caller's limit (``_waited_too_long``)."""
+    command's wait (sent: not one connecting) as the caller's limit (``_waited_too_long``).
+
+    A cluster node's ``CLUSTERDOWN`` (or ``MASTERDOWN``) reply is not counted either: the node
+    answered, and says the cluster is reshaping itself (a master failed and its replica is not
+    promoted yet); the cluster client retries it and heals by itself. Counted once per attempt
+    of its retry loop, it opened the breakers of the live nodes during a failover's moment of
+    ``CLUSTERDOWN``, and they refused calls for the breaker's open time after it."""
     state = _installed
     if state is None:
         return False
+    if isinstance(error, state.cluster_down) and args and isinstance(args[0], state.clusters):
+        return True
     try:
         if _opened_in(error, state.opening):
             mark_not_sent(error)
@@ -1117,13 +1131,15 @@ class RedisIntegration(DbIntegration):
     library = "redis"
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
-        import redis.asyncio.connection  # noqa: PLC0415 - imported by install()
+        import redis.asyncio.cluster  # noqa: PLC0415 - imported by install()
+        import redis.asyncio.connection  # noqa: PLC0415
+        import redis.cluster  # noqa: PLC0415
         import redis.connection  # noqa: PLC0415
 
         error = refusal_factory(library.exceptions.ConnectionError, "RedisCircuitOpen", __name__)
         exceptions = library.exceptions
         max_connections = getattr(exceptions, "MaxConnectionsError", None)
-        return _State(
+        state = _State(
             settings,
             exceptions.WatchError,
             exceptions.ExecAbortError,
@@ -1140,6 +1156,9 @@ class RedisIntegration(DbIntegration):
             unjudged=_unjudged,
             unguarded=_unguarded,
         )
+        state.clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+        state.cluster_down = (exceptions.ClusterDownError,)
+        return state
 
     def hooks(self, library: Any) -> HookSet:
         return (), _patched(library)
