@@ -172,3 +172,55 @@ def test_clusterdown_never_opens_the_breakers_of_the_live_masters(install: Insta
             client.close()
     finally:
         cluster.close()
+
+
+def test_reads_balanced_onto_a_dead_replica_go_on_to_another_copy(install: Install) -> None:
+    # The cluster client retries a connection error on the node its reread slot table names,
+    # but only by exact type: a refusal by the dead replica's breaker (a subclass) ended the
+    # read, where without raptor the next attempt read from the master or another replica.
+    cluster = PrivateRedisCluster(3, replicas=1, node_timeout_ms=1000)
+    try:
+        cluster.start()
+        installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+        client = RedisCluster(
+            host="127.0.0.1", port=cluster.nodes[0].port, socket_timeout=2, read_from_replicas=True
+        )
+        try:
+            key = "{raptor_replica_reads}"
+            client.set(key, "v")
+            deadline = time.monotonic() + 20
+            while len(client.nodes_manager.slots_cache[client.keyslot(key)]) < 2:
+                assert time.monotonic() < deadline, "the replica never showed in the slot table"
+                time.sleep(0.2)
+                client.nodes_manager.initialize()
+            replica = client.nodes_manager.slots_cache[client.keyslot(key)][1]
+            cluster.node(replica.port).shutdown_nosave()
+            failures = 0
+            for _ in range(60):
+                try:
+                    assert client.get(key) == b"v"
+                except redis.RedisError:
+                    failures += 1
+            assert failures == 0
+            assert f"redis://127.0.0.1:{replica.port}/" in opened(installed)
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def test_the_cluster_clients_retry_refusals_only_while_installed() -> None:
+    from otel_raptor.integrations._base import IntegrationSettings
+    from otel_raptor.integrations.db.redis import circuit_open_error_type
+    from otel_raptor.runtime.state import Runtime
+    from tests.integrations.db.conftest import fast_config
+
+    before = RedisCluster.ERRORS_ALLOW_RETRY
+    integration = RedisIntegration()
+    integration.install(IntegrationSettings(runtime=Runtime(), config=fast_config()))
+    try:
+        assert circuit_open_error_type() in RedisCluster.ERRORS_ALLOW_RETRY
+        assert circuit_open_error_type() in redis.asyncio.cluster.RedisCluster.ERRORS_ALLOW_RETRY
+    finally:
+        integration.uninstall()
+    assert before == RedisCluster.ERRORS_ALLOW_RETRY

@@ -1032,6 +1032,25 @@ def _refresh_slots(cluster: Any) -> None:
         return
 
 
+def _cluster_retries(clusters: tuple[type, ...], refusal: type, *, allow: bool) -> None:
+    """Add ``refusal`` to (``allow``), or take it out of, the errors the cluster clients'
+    own loop retries. That loop retries by exact type (``type(e) in ERRORS_ALLOW_RETRY``),
+    so a node's refusal, a subclass of the ``ConnectionError`` it stands for, ended the call
+    where the connection error would have been retried on the node the reread slot table
+    names: a read balanced onto a dead replica failed, where without us the next attempt
+    went to another copy. A refused command was never sent, so trying again is safe."""
+    for cluster in clusters:
+        owner = next((c for c in cluster.__mro__ if "ERRORS_ALLOW_RETRY" in vars(c)), None)
+        if owner is None:
+            continue
+        current: tuple[type, ...] = tuple(vars(owner)["ERRORS_ALLOW_RETRY"])
+        if allow and refusal not in current:
+            setattr(owner, "ERRORS_ALLOW_RETRY", (*current, refusal))  # noqa: B010 - untyped
+        elif not allow and refusal in current:
+            kept = tuple(kind for kind in current if kind is not refusal)
+            setattr(owner, "ERRORS_ALLOW_RETRY", kept)  # noqa: B010
+
+
 def _cluster_node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``RedisCluster._execute_command(node, *args)``, one command sent to one
     node (the cluster client's retry loop calls it again for each of its attempts): the node's
@@ -1158,7 +1177,12 @@ class RedisIntegration(DbIntegration):
         )
         state.clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
         state.cluster_down = (exceptions.ClusterDownError,)
+        _cluster_retries(state.clusters, circuit_open_error_type(), allow=True)
         return state
+
+    def release(self, state: DbState) -> None:
+        if isinstance(state, _State):
+            _cluster_retries(state.clusters, circuit_open_error_type(), allow=False)
 
     def hooks(self, library: Any) -> HookSet:
         return (), _patched(library)
