@@ -391,6 +391,19 @@ def test_a_client_breaker_config_the_runtimes_breaker_does_not_have_is_refused(
     assert same is runtime.breakers.get("payments")
 
 
+def test_a_client_keeps_no_name_past_the_runtimes_cap() -> None:
+    # Names past max_services share the runtime's ``other`` breaker, but the client kept every
+    # one of them: a name made per call (an id in it) grew the process-wide client for ever.
+    client = ResilientClient(Runtime(max_services=4))
+    own = [client.add_circuit_breaker(f"svc-{i}") for i in range(4)]
+    folded = {client.add_circuit_breaker(f"order-{i}") for i in range(2000)}
+    assert [b.name for b in own] == [f"svc-{i}" for i in range(4)]
+    assert [b.name for b in folded] == ["other"]
+    assert len(client.circuit_breakers) <= 5
+    assert client.get_circuit_breaker("svc-1") is own[1]
+    assert client.add_circuit_breaker("order-7") in folded
+
+
 def test_each_failure_is_classified_once(runtime: Runtime, engine: ErrorRecoveryEngine) -> None:
     from otel_raptor import ErrorClassified
 

@@ -368,7 +368,8 @@ class ResilientClient:
 
     ``add_circuit_breaker(name, config)`` returns a breaker with ``await breaker.call(fn, ...)``
     and ``breaker.call_sync(fn, ...)``; adding a name twice returns the existing breaker
-    (its config must match).
+    (its config must match). Names past the runtime's ``max_services`` share its ``other``
+    breaker and are kept (and listed) only as ``other``.
     """
 
     def __init__(self, runtime: Runtime | None = None) -> None:
@@ -399,7 +400,9 @@ class ResilientClient:
                 # The runtime's breaker of that name may exist already (a guard's, an
                 # integration's, another client's): its config would be kept without a word.
                 _shared(breaker, config, name)
-            self._breakers[name] = breaker
+            # A name folded into the runtime's shared breaker (past ``max_services``) is not
+            # kept: names made per call would grow this map for ever. It is listed as ``other``.
+            self._breakers[breaker.name] = breaker
             return breaker
 
     def get_circuit_breaker(self, name: str) -> CircuitBreaker | None:
