@@ -4,6 +4,7 @@ outcome is unknown, reads and never-sent commands retried, WatchError left alone
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 import time
@@ -139,6 +140,26 @@ def test_a_write_whose_answer_was_lost_is_sent_once(
     assert length(key) == 1
     [finished] = installed.of(RecoveryFinished)
     assert (finished.attempts, finished.give_up_reason) == (1, "not_replay_safe")
+
+
+def test_a_read_whose_answer_was_lost_on_an_event_loops_thread_is_retried(
+    install: Install, proxy: FaultProxy, key: str
+) -> None:
+    """A sync client called from a coroutine: without raptor, redis-py's own retry reads
+    again (sleeping its backoff on the loop); raptor, which turned that retry off, must retry
+    in its place rather than hand the app a failure it would not have seen."""
+    installed = install(RedisIntegration)
+    redis.Redis(host=REDIS[0], port=REDIS[1]).set(key, "v")
+    client = redis.Redis(host="127.0.0.1", port=proxy.port)
+    client.ping()
+    proxy.cut_responses_after(0, once=True)
+
+    async def reads() -> bytes | None:
+        return client.get(key)  # type: ignore[return-value]
+
+    assert asyncio.run(reads()) == b"v"
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.attempts, finished.outcome) == (2, Outcome.RECOVERED.value)
 
 
 def test_a_read_whose_answer_was_lost_is_retried_by_raptor_alone(

@@ -236,12 +236,14 @@ def refusal_factory(
 class DbHooks(CallHooks):
     """A database call's hooks: refusals are the driver's fail-fast error, and the retry
     policy's ``attempt_timeout`` is not applied (the statement timeout bounds a statement,
-    sync or async alike; a blocking command such as ``BLPOP`` waits as long as it was told)."""
+    sync or async alike; a blocking command such as ``BLPOP`` waits as long as it was told).
+    ``sleeps_on_event_loop`` is ``False`` (see :class:`CallHooks`), unless the driver has
+    retries of its own that raptor turns off (redis-py): those would have slept on the loop
+    too, and a call that ended unslept would fail where without raptor it was retried."""
 
-    __slots__ = ("_error", "refine", "unguarded", "unjudged")
+    __slots__ = ("_error", "refine", "sleeps_on_event_loop", "unguarded", "unjudged")
 
     wait_for_attempts = False
-    sleeps_on_event_loop = False
 
     def __init__(
         self,
@@ -250,6 +252,7 @@ class DbHooks(CallHooks):
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
     ) -> None:
+        self.sleeps_on_event_loop = False
         self._error = error
         self.refine = refine
         self.unjudged = unjudged

@@ -1175,6 +1175,12 @@ class RedisIntegration(DbIntegration):
             unjudged=_unjudged,
             unguarded=_unguarded,
         )
+        # redis-py retries a failed command itself, sleeping its backoff even on an event
+        # loop's thread; raptor turns that off while it drives, so it retries in its place
+        # there too, or a call made from a coroutine would lose the retry it had without us.
+        hooks = (state.connect_hooks, state.locked_hooks, state.statement_hooks, state.reads_hooks)
+        for each in hooks:
+            each.sleeps_on_event_loop = True
         state.clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
         state.cluster_down = (exceptions.ClusterDownError,)
         _cluster_retries(state.clusters, circuit_open_error_type(), allow=True)
