@@ -4,6 +4,8 @@ promoted in a dead master's place is used at once."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -224,3 +226,84 @@ def test_the_cluster_clients_retry_refusals_only_while_installed() -> None:
     finally:
         integration.uninstall()
     assert before == RedisCluster.ERRORS_ALLOW_RETRY
+
+
+def test_a_refusal_rereads_the_slot_table_from_the_live_nodes_first(install: Install) -> None:
+    """A refusal has the cluster client reread its slot table; like redis-py after a
+    connection error, it must ask the node that failed last, not at random first: a master
+    that went silent (a host gone, its packets dropped) held each refused call, meant to fail
+    at once, for the client's socket timeout."""
+    cluster = PrivateRedisCluster(3, node_timeout_ms=60_000)
+    silent = socket.socket()
+    try:
+        cluster.start()
+        installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+        seed = cluster.nodes[0].port
+        client = RedisCluster(
+            host="127.0.0.1", port=seed, socket_timeout=1, socket_connect_timeout=1
+        )
+        try:
+            victim = cluster.nodes[1].port
+            _, dead = keys_by_owner(client, victim)
+            client.get(dead[0])
+            cluster.node(victim).shutdown_nosave()
+            # The victim's port accepts connections and never answers.
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            silent.bind(("127.0.0.1", victim))
+            silent.listen(128)
+            with pytest.raises(redis.RedisError):
+                client.get(dead[0])
+            assert f"redis://127.0.0.1:{victim}/" in opened(installed)
+            slowest = 0.0
+            for _ in range(12):
+                time.sleep(0.3)  # a reread is due again
+                started = time.monotonic()
+                with pytest.raises(redis.RedisError):
+                    client.get(dead[0])
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 0.5
+        finally:
+            client.close()
+    finally:
+        silent.close()
+        cluster.close()
+
+
+async def test_an_asyncio_clusters_refusal_rereads_from_the_live_nodes_first(
+    install: Install,
+) -> None:
+    """The asyncio cluster client's reread after a refusal asks the refusing node last too."""
+    cluster = PrivateRedisCluster(3, node_timeout_ms=60_000)
+    silent = socket.socket()
+    try:
+        cluster.start()
+        installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+        victim = cluster.nodes[0].port  # the startup node, asked first by default
+        sync = RedisCluster(host="127.0.0.1", port=victim)
+        _, dead = keys_by_owner(sync, victim)
+        sync.close()
+        client = redis.asyncio.cluster.RedisCluster(
+            host="127.0.0.1", port=victim, socket_timeout=1, socket_connect_timeout=1
+        )
+        try:
+            await client.get(dead[0])
+            cluster.node(victim).shutdown_nosave()
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            silent.bind(("127.0.0.1", victim))
+            silent.listen(128)
+            with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):
+                await client.get(dead[0])
+            assert f"redis://127.0.0.1:{victim}/" in opened(installed)
+            slowest = 0.0
+            for _ in range(6):
+                await asyncio.sleep(0.3)  # a reread is due again
+                started = time.monotonic()
+                with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):
+                    await client.get(dead[0])
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 0.5
+        finally:
+            await client.aclose()
+    finally:
+        silent.close()
+        cluster.close()

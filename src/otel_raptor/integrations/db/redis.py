@@ -1021,13 +1021,18 @@ def _refresh_due(cluster: Any) -> bool:
     return True
 
 
-def _refresh_slots(cluster: Any) -> None:
-    """After a node's breaker refused a call, have the cluster client reread its slot table,
+def _refresh_slots(cluster: Any, node: Any) -> None:
+    """After ``node``'s breaker refused a call, have the cluster client reread its slot table,
     as redis-py does after a connection error to a node: if a replica took the node's slots
-    over, the next call goes to it instead of waiting for the dead node's breaker."""
+    over, the next call goes to it instead of waiting for the dead node's breaker. As redis-py
+    does, ``node`` is asked last (a silent one would hold the refused call for a timeout)."""
     try:
         if _refresh_due(cluster):
-            cluster.nodes_manager.initialize()
+            manager = cluster.nodes_manager
+            try:
+                manager.initialize(last_failed_node_name=node.name)
+            except TypeError:  # a redis-py before the argument: asked in any order
+                manager.initialize()
     except Exception:  # noqa: BLE001 - no node answers: the table stays, the refusal is raised
         return
 
@@ -1075,7 +1080,7 @@ def _cluster_node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return call(plan, on_node, (self, *args), kwargs)
         except CircuitOpenError:
-            _refresh_slots(self)
+            _refresh_slots(self, node)
             raise
 
     return _execute_command
@@ -1102,10 +1107,12 @@ def _async_cluster_node_hook(original: Callable[..., Awaitable[Any]]) -> Callabl
         kwargs[_NODE_KEYWORD] = node
         try:
             return await call_async(plan, on_node, (self, *args), kwargs)
-        except CircuitOpenError:
-            # As after a connection error to a node: the next call rereads the slot table.
+        except CircuitOpenError as refusal:
+            # As after a connection error to a node: the next call rereads the slot table,
+            # asking this node last (redis-py reads ``last_failed_node_name`` off the error).
             try:
                 if getattr(self, "_initialize", None) is False and _refresh_due(self):
+                    refusal.last_failed_node_name = node.name  # type: ignore[attr-defined]
                     self._initialize = True
             except Exception as bug:  # noqa: BLE001
                 report_internal_error("redis.refresh_slots", bug)
