@@ -377,6 +377,39 @@ def test_the_breaker_opens_fails_fast_half_opens_and_closes(
     assert server.count() == 5
 
 
+def test_a_failing_redirect_hop_to_another_origin_never_opens_the_first_origins_breaker(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    # The first origin answers every call (a redirect); the hop it leads to fails. Its
+    # breaker opening would refuse the origin's other calls, which succeed without raptor.
+    install(max_retries=1, failure_threshold=2)
+    dead = f"http://127.0.0.1:{closed_port()}/gone"
+    follow = {"follow_redirects": True}
+    with FaultyHTTPServer(default=status(503)) as broken:
+        server.default = status(302, {"Location": dead})
+        for _ in range(3):
+            with pytest.raises(httpx.ConnectError) as raised:
+                driver.get(server.url("/moved"), client=follow)
+            assert not isinstance(raised.value, CircuitOpenError)
+        server.default = status(302, {"Location": broken.url("/x")})
+        for _ in range(2):
+            assert driver.get(server.url("/moved"), client=follow).status_code == 503
+        assert server.count("GET", "/moved") == 10  # each call still retried once
+        server.default = ok("fine")
+        assert driver.get(server.url("/other"), client=follow).text == "fine"
+
+
+def test_a_failure_after_a_redirect_within_the_origin_still_counts(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    install(max_retries=0, failure_threshold=1)
+    server.push(status(302, {"Location": "/there"}), status(503))
+    follow = {"follow_redirects": True}
+    assert driver.get(server.url("/here"), client=follow).status_code == 503
+    with pytest.raises(CircuitOpenError):
+        driver.get(server.url("/here"), client=follow)
+
+
 def test_except_clauses_for_httpx_errors_catch_the_refusal(
     install: Install, server: FaultyHTTPServer, driver: Driver
 ) -> None:

@@ -388,6 +388,37 @@ def test_breakers_are_per_origin(install: Install, server: FaultyHTTPServer) -> 
         assert requests.get(other.url("/")).status_code == 200
 
 
+def test_a_failing_redirect_hop_to_another_origin_never_opens_the_first_origins_breaker(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # The first origin answers every call (a redirect); the hop it leads to fails. Its
+    # breaker opening would refuse the origin's other calls, which succeed without raptor.
+    install(max_retries=1, failure_threshold=2)
+    dead = f"http://127.0.0.1:{closed_port()}/gone"
+    with FaultyHTTPServer(default=status(503)) as broken:
+        server.default = status(302, {"Location": dead})
+        for _ in range(3):
+            with pytest.raises(requests.ConnectionError) as raised:
+                requests.get(server.url("/moved"))
+            assert not isinstance(raised.value, CircuitOpenError)
+        server.default = status(302, {"Location": broken.url("/x")})
+        for _ in range(2):
+            assert requests.get(server.url("/moved")).status_code == 503
+        assert server.count("GET", "/moved") == 10  # each call still retried once
+        server.default = ok("fine")
+        assert requests.get(server.url("/other")).text == "fine"
+
+
+def test_a_failure_after_a_redirect_within_the_origin_still_counts(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(max_retries=0, failure_threshold=1)
+    server.push(status(302, {"Location": "/there"}), status(503))
+    assert requests.get(server.url("/here")).status_code == 503
+    with pytest.raises(CircuitOpenError):
+        requests.get(server.url("/here"))
+
+
 def test_breaker_key_host_shares_one_breaker_per_host(
     install: Install, server: FaultyHTTPServer
 ) -> None:

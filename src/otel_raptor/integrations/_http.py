@@ -88,6 +88,7 @@ __all__ = [
     "http_enabled",
     "http_health_check",
     "is_failing_status",
+    "downstream_of",
     "origin_end",
     "parse_origin",
     "replay_safe",
@@ -319,14 +320,20 @@ class HttpHooks(CallHooks):
     hands the response back, and it is closed before the next attempt. ``timeout_kwarg``
     names the keyword that takes an attempt's timeout (requests: ``timeout``), if any."""
 
-    __slots__ = ("timeout_kwarg",)
+    __slots__ = ("elsewhere", "timeout_kwarg")
 
     failure_of = staticmethod(_failing)
     resends_requests = True
     sleeps_on_event_loop = False
 
-    def __init__(self, timeout_kwarg: str | None = None) -> None:
+    def __init__(
+        self,
+        timeout_kwarg: str | None = None,
+        elsewhere: Callable[[BaseException, tuple[Any, ...]], bool] | None = None,
+    ) -> None:
         self.timeout_kwarg = timeout_kwarg
+        #: Whether a failure came from a redirect hop to another downstream (see CallHooks).
+        self.elsewhere = elsewhere
 
     @property
     def applies_timeouts(self) -> bool:  # type: ignore[override]  # per instance
@@ -425,6 +432,16 @@ def parse_origin(origin: str) -> tuple[str, str, int] | None:
     else:
         port = _DEFAULT_PORTS[scheme]
     return scheme, host, port
+
+
+def downstream_of(url: str, *, by_host: bool) -> Hashable | None:
+    """What names the breaker of an absolute URL's origin: ``(scheme, host, port)``, or the
+    host alone with ``breaker_key = "host"``; ``None`` when it is not an HTTP(S) URL."""
+    end = origin_end(url)
+    parsed = parse_origin(url[:end]) if end > 0 else None
+    if parsed is None:
+        return None
+    return parsed[1] if by_host else parsed
 
 
 def replay_safe(

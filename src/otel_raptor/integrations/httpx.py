@@ -43,6 +43,7 @@ from otel_raptor.integrations._http import (
     PROCEED,
     STALE_DROPPED_HEADERS,
     AsyncHttpHooks,
+    FailingResponse,
     FallbackCall,
     HttpHooks,
     HttpInstallation,
@@ -146,6 +147,42 @@ def _timed_out(error: BaseException, args: tuple[Any, ...]) -> BaseException:
     return timed_out
 
 
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _downstream(url: Any, by_host: bool) -> Hashable:
+    host = str(url.host).lower().strip("[]")
+    if by_host:
+        return host
+    scheme = str(url.scheme).lower()
+    return scheme, host, url.port or _DEFAULT_PORTS.get(scheme)
+
+
+def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool]:
+    """Whether a failed attempt (made with positional arguments ending in the request)
+    failed at a redirect hop to another downstream: its failing response, or its error, is
+    of a request to another origin. That origin answered the call, so the failure must not
+    count against its breaker (it would refuse the origin's every call)."""
+
+    def elsewhere(failure: BaseException, args: tuple[Any, ...]) -> bool:
+        try:
+            if isinstance(failure, FailingResponse):
+                hop = failure.response.request
+            else:
+                hop = failure.request  # type: ignore[attr-defined]  # httpx.RequestError
+            first = args[-1]
+            if hop is first:
+                return False
+            return _downstream(hop.url, by_host) != _downstream(first.url, by_host)
+        except (AttributeError, RuntimeError):  # no request on it (httpx raises RuntimeError)
+            return False
+        except Exception as bug:  # noqa: BLE001 - counted, as without this judgement
+            report_internal_error("httpx.elsewhere", bug)
+            return False
+
+    return elsewhere
+
+
 class _AsyncHooks(AsyncHttpHooks):
     """``AsyncClient`` attempts: raptor's attempt timeout is an ``HttpxAttemptTimeout``."""
 
@@ -234,8 +271,13 @@ class _Installed(HttpInstallation):
         super().__init__(settings)
         # Sync and async clients differ in how a failed response is closed, so their plans
         # have their own hooks; both share each origin's breaker and downstream.
-        self.sync_table = OriginTable(settings.runtime, settings.config, HttpHooks())
-        self.async_table = OriginTable(settings.runtime, settings.config, _AsyncHooks())
+        elsewhere = _elsewhere(settings.config.breaker_key == "host")
+        self.sync_table = OriginTable(
+            settings.runtime, settings.config, HttpHooks(elsewhere=elsewhere)
+        )
+        self.async_table = OriginTable(
+            settings.runtime, settings.config, _AsyncHooks(elsewhere=elsewhere)
+        )
         self.byte_stream = httpx.ByteStream
         self.use_client_default = httpx.USE_CLIENT_DEFAULT
         self.timeout_type = httpx.Timeout

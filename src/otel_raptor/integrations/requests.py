@@ -36,12 +36,14 @@ from otel_raptor.integrations._http import (
     IDEMPOTENT,
     PROCEED,
     STALE_DROPPED_HEADERS,
+    FailingResponse,
     FallbackCall,
     HttpHooks,
     HttpInstallation,
     Origin,
     OriginTable,
     StaleEntry,
+    downstream_of,
     http_enabled,
     origin_end,
     replay_safe,
@@ -226,6 +228,39 @@ def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | 
     )
 
 
+def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool]:
+    """Whether a failed attempt (made with positional arguments ending in the URL) failed at
+    a redirect hop to another downstream: a failing response whose first hop was elsewhere,
+    or an error of a request requests sent elsewhere. That origin answered the call, so the
+    failure must not count against its breaker (it would refuse the origin's every call)."""
+
+    def elsewhere(failure: BaseException, args: tuple[Any, ...]) -> bool:
+        try:
+            from requests.models import PreparedRequest  # noqa: PLC0415 - imported by install()
+
+            if isinstance(failure, FailingResponse):
+                response = failure.response
+                history = getattr(response, "history", None)
+                if not history:
+                    return False
+                first, hop = history[0].url, response.url
+            else:
+                hop = getattr(getattr(failure, "request", None), "url", None)
+                if not isinstance(hop, str):
+                    return False
+                prepared = PreparedRequest()
+                prepared.prepare_url(_text(args[-1]), None)  # as requests sent it first
+                first = prepared.url
+            if not (isinstance(first, str) and isinstance(hop, str)):
+                return False
+            return downstream_of(hop, by_host=by_host) != downstream_of(first, by_host=by_host)
+        except Exception as bug:  # noqa: BLE001 - counted, as without this judgement
+            report_internal_error("requests.elsewhere", bug)
+            return False
+
+    return elsewhere
+
+
 def _session_headers(session: Any) -> Any:
     return getattr(session, "headers", None)
 
@@ -280,7 +315,10 @@ class _Installed(HttpInstallation):
 
     def __init__(self, settings: IntegrationSettings) -> None:
         super().__init__(settings)
-        self.table = OriginTable(settings.runtime, settings.config, HttpHooks("timeout"))
+        by_host = settings.config.breaker_key == "host"
+        self.table = OriginTable(
+            settings.runtime, settings.config, HttpHooks("timeout", _elsewhere(by_host))
+        )
 
     def send(self, wrapped: Callable[..., Any], described: _Call) -> Any:
         """Run one described call; library errors pass through unchanged."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
@@ -187,6 +188,13 @@ class CallHooks:
     #: back wrapped in an exception that :meth:`give_up` turns back into the result. ``None``
     #: (the default): results never fail, and the fast path checks nothing.
     failure_of: Callable[[Any], Exception | None] | None = None
+
+    #: ``(failure, args) -> bool``: whether a failure of the call (made with positional
+    #: arguments ``args``) happened at another downstream than the call's own, such as an
+    #: HTTP redirect hop to another origin. It is classified and retried as usual, but it
+    #: counts toward no breaker (as a live refusal does): the call's own downstream answered.
+    #: Failure path only; ``None`` (the default): every failure is the call's downstream's.
+    elsewhere: Callable[[BaseException, tuple[Any, ...]], bool] | None = None
 
     #: Whether :meth:`attempt_kwargs` applies the attempt timeout itself.
     applies_timeouts: bool = False
@@ -991,8 +999,17 @@ class _Runner:
 
     def _classify(self, failure: BaseException) -> Classification:
         classification = self.plan.route.classify(failure)
-        refine = self.plan.hooks.refine
-        return classification if refine is None else refine(failure, classification)
+        hooks = self.plan.hooks
+        if hooks.refine is not None:
+            classification = hooks.refine(failure, classification)
+        elsewhere = hooks.elsewhere
+        if (
+            elsewhere is not None
+            and not classification.live_refusal
+            and elsewhere(failure, self._args)
+        ):
+            classification = dataclasses.replace(classification, live_refusal=True)
+        return classification
 
     def _replay_after(self, failure: BaseException, classification: Classification) -> bool | None:
         judge = self.plan.hooks.replay_after
