@@ -132,6 +132,26 @@ def test_origins_are_named_by_origin_and_share_one_breaker() -> None:
     assert downstreams.for_parts("ftp", "a.test", None) is None
 
 
+@pytest.mark.parametrize(
+    "spellings",
+    [
+        ("http://bücher.test", "http://xn--bcher-kva.test", "http://BÜCHER.test:80"),
+        ("http://[::1]:8080", "http://[0:0::1]:8080", "http://[0000::0001]:8080"),
+    ],
+)
+def test_every_spelling_of_an_origin_names_one_downstream(spellings: tuple[str, ...]) -> None:
+    # requests hands on the URL as written, httpx its parse (an IDNA host decoded): one
+    # origin written two ways must share one breaker, in either library.
+    httpx = pytest.importorskip("httpx")
+    downstreams = table()
+    origins = {downstreams.for_prefix(spelling) for spelling in spellings}
+    for spelling in spellings:
+        url = httpx.URL(spelling)
+        origins.add(downstreams.for_parts(url.scheme, url.host, url.port))
+    assert len(origins) == 1
+    assert None not in origins
+
+
 def test_breaker_key_host_names_downstreams_by_host() -> None:
     downstreams = table(breaker_key="host")
     first = downstreams.for_prefix("http://a.test:81")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import ipaddress
 import logging
 import math
 import threading
@@ -88,6 +89,7 @@ __all__ = [
     "http_enabled",
     "http_health_check",
     "is_failing_status",
+    "canonical_host",
     "downstream_of",
     "origin_end",
     "parse_origin",
@@ -420,7 +422,7 @@ def parse_origin(origin: str) -> tuple[str, str, int] | None:
         port_text = rest[1:]
     else:
         host, _, port_text = authority.partition(":")
-    host = host.lower()
+    host = canonical_host(host)
     if not host:
         return None
     if port_text:
@@ -442,6 +444,21 @@ def downstream_of(url: str, *, by_host: bool) -> Hashable | None:
     if parsed is None:
         return None
     return parsed[1] if by_host else parsed
+
+
+def canonical_host(host: str) -> str:
+    """One spelling per host, so that every way to write it names one downstream: lower
+    case, an internationalised name in Unicode (httpx's ``URL.host``; requests hands on the
+    ``xn--`` form a caller wrote), an IPv6 address compressed (``0:0::1`` is ``::1``).
+    A host that does not decode stays as written (lower-cased)."""
+    host = host.lower()
+    if "xn--" in host:
+        with contextlib.suppress(UnicodeError):
+            host = host.encode("ascii").decode("idna").lower()
+    elif ":" in host:
+        with contextlib.suppress(ValueError):
+            host = ipaddress.IPv6Address(host).compressed
+    return host
 
 
 def replay_safe(
@@ -620,9 +637,9 @@ class OriginTable:
         default = _DEFAULT_PORTS.get(lowered)
         origin = None
         if default is not None and host:
-            host = host.lower()
             if host.startswith("[") and host.endswith("]"):
                 host = host[1:-1]
+            host = canonical_host(host)
             origin = self.for_origin(lowered, host, default if port is None else port)
         self._remember(key, origin)
         return origin
