@@ -409,6 +409,29 @@ def test_a_failing_redirect_hop_to_another_origin_never_opens_the_first_origins_
         assert requests.get(server.url("/other")).text == "fine"
 
 
+def test_an_unreachable_proxy_never_opens_the_origins_breaker(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # The proxy is down, the origin is fine: calls that reach it directly (another session,
+    # or once the proxy is back) must not be refused.
+    install(max_retries=1, failure_threshold=2)
+    dead = {"http": f"http://127.0.0.1:{closed_port()}"}
+    for _ in range(4):
+        with pytest.raises(requests.exceptions.ProxyError):
+            requests.get(server.url("/a"), proxies=dead)
+    assert requests.get(server.url("/a")).status_code == 200
+
+
+def test_an_origin_failing_behind_a_live_proxy_opens_its_breaker(install: Install) -> None:
+    install(max_retries=0, failure_threshold=1)
+    with FaultyHTTPServer(default=status(502)) as proxy:  # the origin behind it is down
+        proxies = {"http": proxy.url()}
+        assert requests.get("http://origin.test:8081/", proxies=proxies).status_code == 502
+        with pytest.raises(CircuitOpenError):
+            requests.get("http://origin.test:8081/", proxies=proxies)
+        assert proxy.count() == 1
+
+
 def test_a_failure_after_a_redirect_within_the_origin_still_counts(
     install: Install, server: FaultyHTTPServer
 ) -> None:

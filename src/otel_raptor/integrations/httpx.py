@@ -158,14 +158,32 @@ def _downstream(url: Any, by_host: bool) -> Hashable:
     return scheme, host, url.port or _DEFAULT_PORTS.get(scheme)
 
 
+_PROXY_POOLS: Final = frozenset({"HTTPProxy", "AsyncHTTPProxy", "SOCKSProxy", "AsyncSOCKSProxy"})
+
+
+def _proxied(client: Any, request: Any) -> bool:
+    """Whether ``client`` sends ``request`` through a proxy (an httpx transport whose
+    httpcore pool is a proxy's): httpx then connects to the proxy, not to the origin, so a
+    ``ConnectError`` is the proxy's (a tunnel the proxy refused is a ``ProxyError``)."""
+    transport = client._transport_for_url(request.url)
+    return type(getattr(transport, "_pool", None)).__name__ in _PROXY_POOLS
+
+
 def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool]:
-    """Whether a failed attempt (made with positional arguments ending in the request)
-    failed at a redirect hop to another downstream: its failing response, or its error, is
-    of a request to another origin. That origin answered the call, so the failure must not
-    count against its breaker (it would refuse the origin's every call)."""
+    """Whether a failed attempt (made with positional arguments ``(client, request)`` or
+    ending in the request) failed somewhere else than at its origin: connecting to the proxy
+    the client sends it through, or at a redirect hop to another downstream (its failing
+    response, or its error, is of a request to another origin). The failure must not count
+    against the origin's breaker: it would refuse the origin's every call, those that reach
+    it directly or answer with the redirect too."""
+    import httpx  # noqa: PLC0415 - imported by install() already
+
+    unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
 
     def elsewhere(failure: BaseException, args: tuple[Any, ...]) -> bool:
         try:
+            if isinstance(failure, unreachable) and len(args) == 2 and _proxied(*args):
+                return True
             if isinstance(failure, FailingResponse):
                 hop = failure.response.request
             else:
@@ -421,8 +439,13 @@ class _Installed(HttpInstallation):
 
     def send(self, wrapped: Callable[..., Any], described: _Call) -> Any:
         try:
+            # (client, request): the client tells whether the request went through a proxy.
             response = call(
-                described.plan, wrapped, (described.request,), described.kwargs, described.fallback
+                described.plan,
+                wrapped.__func__,  # type: ignore[attr-defined]  # a MethodType
+                (wrapped.__self__, described.request),  # type: ignore[attr-defined]
+                described.kwargs,
+                described.fallback,
             )
         except (CircuitOpenError, ThrottledError) as error:
             answer = refused(error, described.plan, described.request)
@@ -435,7 +458,11 @@ class _Installed(HttpInstallation):
     async def send_async(self, wrapped: Callable[..., Awaitable[Any]], described: _Call) -> Any:
         try:
             response = await call_async(
-                described.plan, wrapped, (described.request,), described.kwargs, described.fallback
+                described.plan,
+                wrapped.__func__,  # type: ignore[attr-defined]  # a MethodType
+                (wrapped.__self__, described.request),  # type: ignore[attr-defined]
+                described.kwargs,
+                described.fallback,
             )
         except (CircuitOpenError, ThrottledError) as error:
             answer = refused(error, described.plan, described.request)

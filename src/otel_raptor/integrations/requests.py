@@ -229,15 +229,20 @@ def _stale_key(session: Any, url: str, kwargs: Mapping[str, Any]) -> Hashable | 
 
 
 def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool]:
-    """Whether a failed attempt (made with positional arguments ending in the URL) failed at
-    a redirect hop to another downstream: a failing response whose first hop was elsewhere,
-    or an error of a request requests sent elsewhere. That origin answered the call, so the
-    failure must not count against its breaker (it would refuse the origin's every call)."""
+    """Whether a failed attempt (made with positional arguments ending in the URL) failed
+    somewhere else than at its origin: at the proxy it goes through (which could not be
+    reached), or at a redirect hop to another downstream (a failing response whose first hop
+    was elsewhere, or an error of a request requests sent elsewhere). The failure must not
+    count against the origin's breaker: it would refuse the origin's every call, those that
+    reach it directly or answer with the redirect too."""
 
     def elsewhere(failure: BaseException, args: tuple[Any, ...]) -> bool:
         try:
-            from requests.models import PreparedRequest  # noqa: PLC0415 - imported by install()
+            from requests.exceptions import ProxyError  # noqa: PLC0415 - imported by install()
+            from requests.models import PreparedRequest  # noqa: PLC0415
 
+            if isinstance(failure, ProxyError) and _proxy_unreachable(failure):
+                return True
             if isinstance(failure, FailingResponse):
                 response = failure.response
                 history = getattr(response, "history", None)
@@ -259,6 +264,24 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
             return False
 
     return elsewhere
+
+
+def _proxy_unreachable(failure: BaseException) -> bool:
+    """Whether requests' ``ProxyError`` says the proxy itself could not be reached (refused,
+    timed out, not resolved), rather than that it refused to open a tunnel to the origin (a
+    ``502`` to ``CONNECT``: the origin's failure)."""
+    from urllib3.exceptions import (  # noqa: PLC0415 - requests' own dependency
+        ConnectTimeoutError,
+        MaxRetryError,
+    )
+    from urllib3.exceptions import ProxyError as Urllib3ProxyError  # noqa: PLC0415
+
+    inner = failure.args[0] if failure.args else None
+    if isinstance(inner, MaxRetryError):
+        inner = inner.reason
+    if isinstance(inner, Urllib3ProxyError):
+        inner = inner.original_error
+    return isinstance(inner, ConnectTimeoutError)  # NewConnectionError, NameResolutionError too
 
 
 def _session_headers(session: Any) -> Any:
