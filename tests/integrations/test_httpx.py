@@ -413,6 +413,19 @@ def test_an_unreachable_proxy_never_opens_the_origins_breaker(
     assert driver.get(server.url("/a")).status_code == 200
 
 
+def test_a_proxy_refusing_our_credentials_never_opens_the_origins_breaker(
+    install: Install, driver: Driver
+) -> None:
+    install(max_retries=0, failure_threshold=1)
+    refusing = status(407, {"Proxy-Authenticate": 'Basic realm="proxy"'})
+    with FaultyHTTPServer(default=refusing) as proxy:
+        via = {"proxy": proxy.url()}
+        for sent in range(1, 4):
+            with pytest.raises(httpx.ProxyError):
+                driver.get("https://origin.test:8443/", client=via)
+            assert proxy.count("CONNECT") == sent
+
+
 def test_an_origin_failing_behind_a_live_proxy_opens_its_breaker(
     install: Install, driver: Driver
 ) -> None:

@@ -175,7 +175,8 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
     the client sends it through, or at a redirect hop to another downstream (its failing
     response, or its error, is of a request to another origin). The failure must not count
     against the origin's breaker: it would refuse the origin's every call, those that reach
-    it directly or answer with the redirect too."""
+    it directly or answer with the redirect too. A proxy that refuses our credentials (a
+    ``407`` to ``CONNECT``) failed the call, not the origin, too."""
     import httpx  # noqa: PLC0415 - imported by install() already
 
     unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -184,6 +185,8 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
         try:
             if isinstance(failure, unreachable) and len(args) == 2 and _proxied(*args):
                 return True
+            if isinstance(failure, httpx.ProxyError) and str(failure).startswith("407"):
+                return True  # the proxy refused our credentials to open the tunnel
             if isinstance(failure, FailingResponse):
                 hop = failure.response.request
             else:

@@ -267,9 +267,10 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
 
 
 def _proxy_unreachable(failure: BaseException) -> bool:
-    """Whether requests' ``ProxyError`` says the proxy itself could not be reached (refused,
-    timed out, not resolved), rather than that it refused to open a tunnel to the origin (a
-    ``502`` to ``CONNECT``: the origin's failure)."""
+    """Whether requests' ``ProxyError`` says the proxy itself failed: it could not be reached
+    (refused, timed out, not resolved) or refused our credentials (a ``407`` to ``CONNECT``),
+    rather than that it could not open a tunnel to the origin (a ``502`` to ``CONNECT``: the
+    origin's failure)."""
     from urllib3.exceptions import (  # noqa: PLC0415 - requests' own dependency
         ConnectTimeoutError,
         MaxRetryError,
@@ -281,7 +282,10 @@ def _proxy_unreachable(failure: BaseException) -> bool:
         inner = inner.reason
     if isinstance(inner, Urllib3ProxyError):
         inner = inner.original_error
-    return isinstance(inner, ConnectTimeoutError)  # NewConnectionError, NameResolutionError too
+    if isinstance(inner, ConnectTimeoutError):  # NewConnectionError, NameResolutionError too
+        return True
+    # http.client's words for a tunnel the proxy refused, with the proxy's status.
+    return type(inner) is OSError and str(inner).startswith("Tunnel connection failed: 407")
 
 
 def _session_headers(session: Any) -> Any:
