@@ -101,13 +101,13 @@ _GIVE_UP: Final = Step.GIVE_UP
 _REFUSE: Final = Step.REFUSE
 _DONE: Final = Step.DONE
 
+#: No result: the first attempt raised.
+_NO_RESULT: Final = object()
+
 # The attempt in flight in this context, and which resend of a request it is: set by the
 # slow path only (a retry), so a first attempt costs nothing. The resend ordinal is set only by
 # calls whose hooks send requests (:attr:`CallHooks.resends_requests`), and is 0 in a retry of
 # anything else: the HTTP calls a retried function makes are not resends of a request.
-#: No result: the first attempt raised.
-_NO_RESULT: Final = object()
-
 _ATTEMPT_IN_FLIGHT: ContextVar[tuple[int, int]] = ContextVar("otel_raptor_attempt", default=(1, 0))
 
 
@@ -177,7 +177,8 @@ class CallHooks:
     The defaults fit a plain function: results never fail, giving up raises the last error,
     a refusal is a :class:`~otel_raptor.errors.CircuitOpenError` or
     :class:`~otel_raptor.errors.ThrottledError`, and attempt timeouts are not applied (the
-    async driver applies them with ``asyncio.wait_for`` when ``applies_timeouts`` is false).
+    async driver applies them, with ``asyncio.timeout`` (``asyncio.wait_for`` before 3.11), when
+    ``applies_timeouts`` is false).
     Subclasses override what their library needs; every hook runs on the slow path only,
     except :attr:`failure_of`.
     """
@@ -204,7 +205,7 @@ class CallHooks:
     #: bare ``TimeoutError``). Failure path only; ``None`` (the default): as classified.
     refine: Callable[[BaseException, Classification], Classification] | None = None
 
-    #: Whether the async driver may bound an attempt with ``asyncio.wait_for`` when the hooks
+    #: Whether the async driver may bound an attempt (``asyncio.timeout``) when the hooks
     #: do not apply the timeout themselves. ``False`` for calls whose library has timeouts of
     #: its own that mean something (a database's statement timeout): cutting those calls off
     #: from outside would cancel a blocking command the caller asked to wait, and do so only
@@ -213,7 +214,7 @@ class CallHooks:
 
     #: ``(timeout_error, args) -> error``: what an attempt of the call (made with positional
     #: arguments ``args``) that the async driver cut off at its attempt timeout raises instead
-    #: of ``asyncio.wait_for``'s ``TimeoutError``: the library's own timeout, so that its
+    #: of the cut-off's ``TimeoutError``: the library's own timeout, so that its
     #: ``except`` clauses keep working. Only the driver's own cut-off is converted, never a
     #: ``TimeoutError`` the call raised itself. ``None`` (the default): the ``TimeoutError``.
     timed_out: Callable[[BaseException, tuple[Any, ...]], BaseException] | None = None
@@ -354,7 +355,7 @@ class CallPlan:
         timed = spec.first_timeout is not None
         #: Whether the first attempt's kwargs need the hooks (a timeout to apply).
         self.first_kwargs = timed and hooks.applies_timeouts
-        #: Whether the async driver bounds each attempt with ``asyncio.wait_for``.
+        #: Whether the async driver bounds each attempt (``asyncio.timeout``; see ``_within``).
         self.wait_for = timed and not hooks.applies_timeouts and hooks.wait_for_attempts
 
     def scope(self, started: float) -> AbstractContextManager[None]:
@@ -424,7 +425,7 @@ async def run_async(
     fallback: Fallback | None = None,
 ) -> Any:
     """:func:`run_sync` for coroutine functions: sleeps never block the loop, and attempt
-    timeouts the hooks do not apply are applied with ``asyncio.wait_for``. Cancellation from
+    timeouts the hooks do not apply are applied with ``asyncio.timeout``. Cancellation from
     outside propagates at once and is never counted as a failure."""
     core = plan.core
     start = plan.monotonic()
