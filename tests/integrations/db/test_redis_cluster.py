@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 import redis.asyncio.cluster
-from redis.cluster import RedisCluster
+from redis.cluster import LoadBalancingStrategy, RedisCluster
 
 from otel_raptor.core.events import BreakerTransitioned
 from otel_raptor.core.states import CircuitState
@@ -177,6 +177,7 @@ def test_clusterdown_never_opens_the_breakers_of_the_live_masters(install: Insta
 
 
 def test_reads_balanced_onto_a_dead_replica_go_on_to_another_copy(install: Install) -> None:
+    # (Reads balanced over the primary and its replica, as read_from_replicas=True does.)
     # The cluster client retries a connection error on the node its reread slot table names,
     # but only by exact type: a refusal by the dead replica's breaker (a subclass) ended the
     # read, where without raptor the next attempt read from the master or another replica.
@@ -185,7 +186,10 @@ def test_reads_balanced_onto_a_dead_replica_go_on_to_another_copy(install: Insta
         cluster.start()
         installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
         client = RedisCluster(
-            host="127.0.0.1", port=cluster.nodes[0].port, socket_timeout=2, read_from_replicas=True
+            host="127.0.0.1",
+            port=cluster.nodes[0].port,
+            socket_timeout=2,
+            load_balancing_strategy=LoadBalancingStrategy.ROUND_ROBIN,  # primary and replica
         )
         try:
             key = "{raptor_replica_reads}"
