@@ -99,12 +99,23 @@ def test_values_become_placeholders(message: str, template: str) -> None:
         'config {"api_key": "hunter2"}',
         "token=hunter2&other=1",
         "ALTER USER nobody WITH PASSWORD 'hunter2 horse'",
+        "bad credentials auth=hunter2xyz",
+        "expired jwt: hunter2.payload.sig",
+        "unknown session sid=hunter2abc",
+        "SAS rejected: sp=r&sig=hunter2%3D",
     ],
 )
 def test_secrets_never_reach_a_template(message: str) -> None:
     template = normalize_message(message)
     assert "hunter2" not in template
     assert "<redacted>" in template
+
+
+def test_short_secret_keys_count_only_as_whole_keys() -> None:
+    # "auth", "sid" and "sig" are secrets as keys of their own, other words inside a name.
+    assert normalize_message("author: bob inside: lab design: flat") == (
+        "author: bob inside: lab design: flat"
+    )
 
 
 @pytest.mark.parametrize(

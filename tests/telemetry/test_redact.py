@@ -108,6 +108,10 @@ def test_redact_headers() -> None:
         ),
         ("design=flat signal=9 sigma=0.5", "design=flat signal=9 sigma=0.5"),
         (
+            "auth=hunter2 jwt: eyJ0.e30.x sid=abc123 author=bob inside=x",
+            "auth=REDACTED jwt: REDACTED sid=REDACTED author=bob inside=x",
+        ),
+        (
             'FATAL:  password authentication failed for user "bob"',
             'FATAL:  password authentication failed for user "bob"',
         ),

@@ -121,9 +121,13 @@ _IPV6: Final = (
 # (``db_password``, ``X-Auth-Token``, ``refresh_token``), then ``=`` or ``:``; its value is
 # quoted, a ``Bearer``/``Basic`` credential, or runs to the next separator. Applied before the
 # rest and only to messages that contain one of the words (a cheap C-level scan).
-_SECRET_WORD: Final = re.compile(_SECRET_KEYS, re.IGNORECASE)
+# Short keys that are secrets only as a whole key (``auth=``, ``jwt=``, ``sid=``, Azure's
+# ``sig=``): inside a longer name they are other words (``author``, ``inside``, ``signal``).
+_SHORT_SECRET_KEYS: Final = r"(?<![\w-])(?:auth|jwt|sid|sig)(?=[\"']?\s*[=:])"
+_SECRET_WORD: Final = re.compile(rf"{_SECRET_KEYS}|{_SHORT_SECRET_KEYS}", re.IGNORECASE)
 _SECRET_PAIR: Final = re.compile(
-    rf"(?P<key>(?:{_SECRET_KEYS})[\w-]{{0,20}}(?:[\"']?\s*[=:]\s*|\s+(?=[\"'])))"
+    rf"(?P<key>(?:(?:{_SECRET_KEYS})[\w-]{{0,20}}|{_SHORT_SECRET_KEYS})"
+    r"(?:[\"']?\s*[=:]\s*|\s+(?=[\"'])))"
     r"(?P<value>\"[^\"]*\"|'[^']*'|(?:Bearer|Basic)\s+[^\s,;&)\]}]+|[^\s,;&)\]}]+)",
     re.IGNORECASE,
 )

@@ -71,9 +71,10 @@ _SENSITIVE_NAME_PARTS: Final = (
 _SECRET_KEY_WORDS: Final = (
     r"password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key"
     r"|credentials?|authorization|cookie|session[_-]?id|signature"
-    # Azure's SAS signature, which travels outside a URL too (a SAS string pasted into a
-    # config, an SDK message): only as the whole key, since "sig" is inside "design".
-    r"|^sig$"
+    # Short keys, secrets only as the whole key ("sig" is inside "design", "auth" inside
+    # "author"): Azure's SAS signature, which travels outside a URL too, an auth value, a JWT,
+    # a session id.
+    r"|^(?:sig|auth|jwt|sid)$"
 )
 # Every pattern starts only at the edge of a run of the characters it scans (a lookbehind
 # rather than ``\b``), and no pattern nests a repetition inside another, so that scanning
