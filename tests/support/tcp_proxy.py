@@ -99,20 +99,15 @@ class FaultProxy:
                 pair.down_budget = count
 
     def refuse(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            # shutdown() wakes the thread blocked in accept(); a bare close() would not, and
-            # the port would go on accepting.
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                listener.close()
+        self.stop_accepting()
         self.reset_all()
 
     def stop_accepting(self) -> None:
         """Refuse new connections, keeping the open ones (``heal()`` listens again)."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); a bare close() would not, and
+            # the port would go on accepting.
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
