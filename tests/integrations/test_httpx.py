@@ -123,8 +123,14 @@ class Driver:
         return async_chunks() if self.is_async else sync_chunks()
 
 
-@pytest.fixture(params=["sync", "async"])
-def driver(request: pytest.FixtureRequest) -> Driver:
+@pytest.fixture(params=["sync", "sync-general", "async"])
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Driver:
+    """``sync``: ``httpx.Client`` through the hook httpx's own ``send`` signature gets, whose
+    fast lane takes replay-safe requests to origins without fallbacks; ``sync-general``: the
+    same through the hook any other signature gets (every request through ``describe`` and
+    the loop's entry), so both stay covered by every test."""
+    if request.param == "sync-general":
+        monkeypatch.setattr(integration, "_send_keywords", lambda original: None)
     return Driver(request.param)
 
 
@@ -147,6 +153,8 @@ def install() -> Iterator[Install]:
         installed.append(hook)
         run.events = events  # type: ignore[attr-defined]
         return settings.runtime
+
+    run.installed = installed  # type: ignore[attr-defined]
 
     yield run
     for hook in installed:
@@ -997,6 +1005,143 @@ def test_a_send_call_httpx_rejects_is_rejected_by_httpx_as_before(install: Insta
     with pytest.raises(TypeError) as theirs:
         ORIGINAL_SEND(httpx.Client(), request, True)
     assert str(ours.value) == str(theirs.value)
+
+
+# --- the fast lane ------------------------------------------------------------------------------
+
+
+def test_only_httpx_own_send_signature_gets_the_fast_lane() -> None:
+    assert integration._send_keywords(ORIGINAL_SEND) == (
+        False,
+        httpx.USE_CLIENT_DEFAULT,
+        httpx.USE_CLIENT_DEFAULT,
+    )
+
+    def any_arguments(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    def one_more_keyword(
+        self: Any,
+        request: Any,
+        *,
+        stream: Any = 0,
+        auth: Any = 0,
+        follow_redirects: Any = 0,
+        extensions: Any = None,
+    ) -> Any: ...
+
+    def no_default(
+        self: Any, request: Any, *, stream: Any, auth: Any = 0, follow_redirects: Any = 0
+    ) -> Any: ...
+
+    for other in (any_arguments, one_more_keyword, no_default):
+        assert integration._send_keywords(other) is None
+
+
+def _trace_of_a_mixed_workload(server: FaultyHTTPServer, runtime: Runtime) -> list[object]:
+    """What an app and its downstream see of one scripted workload: each answer (status and
+    body, or the error's class), the requests the server received, and the breaker's state."""
+    server.push(
+        ok("a"),
+        status(503),
+        ok("b"),
+        reset(),
+        ok("c"),
+        status(429, {"Retry-After": "0"}),
+        ok("d"),
+        status(503),
+        status(500),
+        status(500),
+        status(500),
+        status(500),
+        status(500),
+    )
+    seen: list[object] = []
+    with httpx.Client(timeout=5) as client:
+        for method in ("GET", "GET", "GET", "HEAD", "GET", "POST", "GET", "GET", "GET"):
+            try:
+                response = client.request(method, server.url("/"))
+                seen.append((response.status_code, response.text))
+            except httpx.HTTPError as error:
+                seen.append(type(error).__name__)
+            ((name, breaker),) = runtime.breakers.items()
+            seen.append((server.count(), state_of(breaker).value))
+    seen.append(runtime.budget(name)._calls)  # calls deposit into the retry budget
+    return seen
+
+
+def test_the_fast_lane_and_the_general_hook_answer_and_count_alike(
+    install: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traces = []
+    for general in (False, True):
+        if general:
+            monkeypatch.setattr(integration, "_send_keywords", lambda original: None)
+        with FaultyHTTPServer() as server:
+            runtime = install(max_retries=1, failure_threshold=2, recovery_timeout=30)
+            keywords = vars(httpx.Client)["send"].__code__.co_kwonlyargcount
+            assert keywords == (0 if general else 3)  # the hook this pass means to test
+            traces.append(_trace_of_a_mixed_workload(server, runtime))
+        for hook in list(install.installed):  # type: ignore[attr-defined]
+            hook.uninstall()
+        install.installed.clear()  # type: ignore[attr-defined]
+    fast, general_hook = traces
+    assert fast == general_hook
+    # Retried (503, reset, 429), failed (500s), counted to open, refused: every path was met.
+    assert fast[:8] == [
+        (200, "a"),
+        (1, "closed"),
+        (200, "b"),
+        (3, "closed"),
+        (200, "c"),
+        (5, "closed"),
+        (200, ""),
+        (7, "closed"),
+    ]
+    assert fast[-3:-1] == ["HttpxCircuitOpen", (10, "open")]
+    assert fast[-1] == 6  # a deposit per call that reached the server, none per refusal
+
+
+def test_a_bug_in_the_fast_lane_leaves_the_request_to_the_general_hook(
+    install: Install,
+    server: FaultyHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken_context() -> object:
+        raise RuntimeError("bug in otel_raptor")
+
+    found = integration.suppression_keys()
+    assert found is not None
+    monkeypatch.setattr(integration, "suppression_keys", lambda: (broken_context, *found[1:]))
+    install()
+    _reset_for_tests()
+    server.push(status(503), ok("guarded"))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"), httpx.Client() as client:
+        response = client.get(server.url("/"))
+    assert response.text == "guarded"  # retried: describe and the loop took it
+    assert server.count() == 2
+    assert "httpx.fast_lane" in caplog.text
+
+
+def test_a_bug_recording_a_fast_lane_success_never_loses_the_response(
+    install: Install,
+    server: FaultyHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime = install()
+    _reset_for_tests()
+
+    def broken(self: CircuitBreaker, *args: object) -> None:
+        raise RuntimeError("bug in otel_raptor")
+
+    monkeypatch.setattr(CircuitBreaker, "record_success_since", broken)
+    server.push(ok("first"), ok("second"))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"), httpx.Client() as client:
+        assert [client.get(server.url("/")).text for _ in range(2)] == ["first", "second"]
+    assert server.count() == 2
+    assert caplog.text.count("httpx.fast_lane_success") == 1  # reported once
+    assert len(runtime.breakers) == 1
 
 
 # --- installing ---------------------------------------------------------------------------------

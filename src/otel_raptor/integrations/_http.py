@@ -192,24 +192,34 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 IDEMPOTENT: Final = IDEMPOTENT_METHODS | frozenset(m.lower() for m in IDEMPOTENT_METHODS)
 
 
-def _enabled_check() -> Callable[[], bool]:
-    """``is_http_instrumentation_enabled``, at a third of its cost when we can.
-
-    The public function reads the current context three times (about 400 ns); this reads it
-    once and looks the same three keys up in it. The keys are private to
-    ``opentelemetry.instrumentation.utils``: when they are not all there (another version),
-    the public function is used. A test checks both agree under every suppression.
-    """
+def suppression_keys() -> tuple[Callable[[], Context], str, str, str] | None:
+    """How to tell, with one context read, that HTTP instrumentation is suppressed: a reader
+    of the current context and the three keys ``is_http_instrumentation_enabled`` looks up in
+    it (suppressed when any is set). The keys are private to
+    ``opentelemetry.instrumentation.utils``: ``None`` when they are not all there (another
+    version), and the public function must be used."""
     names = (
         "_SUPPRESS_INSTRUMENTATION_KEY",
         "_SUPPRESS_INSTRUMENTATION_KEY_PLAIN",
         "_SUPPRESS_HTTP_INSTRUMENTATION_KEY",
     )
-    keys = [getattr(otel_utils, name, None) for name in names]
-    first, second, third = keys
+    first, second, third = (getattr(otel_utils, name, None) for name in names)
     if not (isinstance(first, str) and isinstance(second, str) and isinstance(third, str)):
+        return None
+    return _current_context_reader(), first, second, third
+
+
+def _enabled_check() -> Callable[[], bool]:
+    """``is_http_instrumentation_enabled``, at a third of its cost when we can.
+
+    The public function reads the current context three times (about 400 ns); this reads it
+    once and looks the same three keys up in it (:func:`suppression_keys`). A test checks
+    both agree under every suppression.
+    """
+    found = suppression_keys()
+    if found is None:
         return is_http_instrumentation_enabled
-    current = _current_context_reader()
+    current, first, second, third = found
 
     def enabled() -> bool:
         context = current()
@@ -253,15 +263,16 @@ class FailingResponse(Exception):
         super().__init__(f"HTTP {getattr(response, 'status_code', '?')} response")
 
 
-#: ``is_failing_status`` as one set lookup, for the success path.
-_FAILING_STATUSES: Final = frozenset((429, *range(500, 600)))
+#: ``is_failing_status`` as one set lookup, for the success path (with ``type(status) is
+#: int`` after it: ``True == 1`` and ``503.0 == 503`` would match the set).
+FAILING_STATUSES: Final = frozenset((429, *range(500, 600)))
 
 
 def _failing(response: Any) -> FailingResponse | None:
     try:
         status = response.status_code
         # ``type`` last: ``True == 1`` and ``503.0 == 503`` would match the set.
-        if status not in _FAILING_STATUSES or type(status) is not int:
+        if status not in FAILING_STATUSES or type(status) is not int:
             return None
     except (AttributeError, TypeError):  # no status, or an unhashable one (a test double)
         return None
@@ -534,6 +545,7 @@ class Origin:
         "breaker_name",
         "enabled",
         "failover_urls",
+        "fast",
         "fixed_fallbacks",
         "plain",
         "policy",
@@ -578,6 +590,18 @@ class Origin:
         if self.target is not None:
             self.safe = self.target.plan(replay_safe=True)
             self.unsafe = self.target.plan(replay_safe=False)
+        #: The plan of a replay-safe request that an integration's copy of the loop's fast
+        #: path may run (httpx's ``Client.send``): an enabled origin without fallbacks, whose
+        #: first attempt needs no keyword of ours and whose results fail by their status
+        #: alone (:data:`FAILING_STATUSES`). ``None``: every request takes the loop's entry.
+        self.fast: CallPlan | None = None
+        if (
+            self.target is not None
+            and self.plain
+            and not self.safe.first_kwargs
+            and self.safe.failure_of is _failing
+        ):
+            self.fast = self.safe
         if self.target is not None and policy.health_check_path and url is not None:
             breaker = self.target.route.breaker
             if breaker is not None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
+    FAILING_STATUSES,
     IDEMPOTENT,
     PROCEED,
     STALE_DROPPED_HEADERS,
@@ -54,6 +55,7 @@ from otel_raptor.integrations._http import (
     replay_safe,
     stale_headers,
     stale_key_headers,
+    suppression_keys,
     throttled_headers,
 )
 from otel_raptor.integrations._kit import (
@@ -65,7 +67,7 @@ from otel_raptor.integrations._kit import (
     library_error,
 )
 from otel_raptor.integrations._wrapping import HookSet
-from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, NO_RESULT, CallPlan, resume_sync
 from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
 
@@ -560,8 +562,157 @@ _installed: _Installed | None = None
 def _send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Client.send``: a plain function (module-level factory: its identity
     marks the layer as ours), since wrapt's dispatch would cost more than the rest of it.
-    ``request`` is named as in httpx, so that it arrives the same way whether the caller
-    passed it by position or by keyword."""
+
+    When ``send`` has the signature of every httpx since 0.24 (``request``, then the
+    keywords ``stream``, ``auth`` and ``follow_redirects``), the hook has it too, with the
+    same defaults, and a replay-safe request to an origin without fallbacks takes its fast
+    lane: the loop's fast path (``drive.run_sync``) copied inline, which hands anything but
+    a success to the loop through ``resume_sync``. On a loopback request that is half the
+    instructions of the general hook, which packs the keywords into a dict for the loop to
+    unpack and runs four more frames (``benchmarks/README.md``). Otherwise (another
+    signature, another layer's ``send`` below ours) every call takes the general hook."""
+    keywords = _send_keywords(original)
+    lane = _fast_lane_parts()
+    if keywords is None or lane is None:
+        return _general_send_hook(original)
+    return _fast_send_hook(original, keywords, lane)
+
+
+def _send_keywords(original: Callable[..., Any]) -> tuple[Any, Any, Any] | None:
+    """The defaults of ``stream``, ``auth`` and ``follow_redirects`` when ``original`` has the
+    signature ``(self, request, *, stream, auth, follow_redirects)``; ``None`` otherwise."""
+    import inspect  # noqa: PLC0415 - install time only
+
+    try:
+        parameters = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    shape = [(p.name, p.kind) for p in parameters]
+    if shape != [
+        ("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ("request", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ("stream", inspect.Parameter.KEYWORD_ONLY),
+        ("auth", inspect.Parameter.KEYWORD_ONLY),
+        ("follow_redirects", inspect.Parameter.KEYWORD_ONLY),
+    ] or any(p.default is inspect.Parameter.empty for p in parameters[2:]):
+        return None
+    return parameters[2].default, parameters[3].default, parameters[4].default
+
+
+def _fast_lane_parts() -> tuple[Callable[[], Any], str, str, str] | None:
+    """The suppression check of the fast lane (see ``_http.suppression_keys``), when this
+    httpx's URL keeps its parsed parts where ``describe`` reads them; else ``None``."""
+    import httpx  # noqa: PLC0415 - imported by install() already
+
+    try:
+        reference = httpx.URL("http://localhost/")._uri_reference
+        (reference.scheme, reference.host, reference.port)  # noqa: B018 - a probe
+    except Exception:  # noqa: BLE001 - another httpx: the general hook will do
+        return None
+    return suppression_keys()
+
+
+def _fast_send_hook(
+    original: Callable[..., Any],
+    keywords: tuple[Any, Any, Any],
+    lane: tuple[Callable[[], Any], str, str, str],
+) -> Callable[..., Any]:
+    stream_default, auth_default, follow_default = keywords
+    current_context, first, second, third = lane
+    general = _general_send_hook(original)
+
+    def send(
+        self: Any,
+        request: Any,
+        *,
+        stream: Any = stream_default,
+        auth: Any = auth_default,
+        follow_redirects: Any = follow_default,
+    ) -> Any:
+        installed = _installed
+        if installed is None:
+            return original(
+                self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+            )
+        plan = None
+        try:
+            context = current_context()
+            if context.get(first) or context.get(second) or context.get(third):
+                installed = None  # suppressed: sent as without us, below
+            else:
+                # ``describe``'s common case, and ``run_sync``'s fast path's admission.
+                reference = request.url._uri_reference
+                origin = installed.sync_table._by_prefix.get(
+                    (reference.scheme, reference.host, reference.port)
+                )
+                if (
+                    origin is not None
+                    and (fast := origin.fast) is not None
+                    and request.method in IDEMPOTENT
+                    and isinstance(request.stream, installed.byte_stream)
+                    # A request httpx may leave unbounded goes to ``describe``, which bounds it.
+                    and (
+                        origin.timeout is None
+                        or (
+                            (timeout := request.extensions.get("timeout")) is not None
+                            and timeout.get("read", 0) is not None
+                        )
+                    )
+                ):
+                    core = fast.core
+                    start = fast.monotonic()
+                    if (core is None or core._state is CLOSED) and (
+                        start >= fast.downstream.cooldown_until
+                    ):
+                        plan = fast  # else the loop's entry refuses, probes or waits
+        except AttributeError:  # not httpx's own request or URL: ``describe`` knows more
+            plan = None
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("httpx.fast_lane", bug)
+            plan = None
+        if plan is None:
+            if installed is None:
+                return original(
+                    self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+                )
+            return general(
+                self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+            )
+        try:
+            response = original(
+                self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure: BaseException = exc
+            response = NO_RESULT
+        else:
+            try:
+                status = response.status_code
+                if status not in FAILING_STATUSES or type(status) is not int:
+                    plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                    if core is not None and not (core.quiet and start < core._next_check):
+                        plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+                    return response
+                failure = FailingResponse(response)
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("httpx.fast_lane_success", bug)
+                return response
+        kwargs = {"stream": stream, "auth": auth, "follow_redirects": follow_redirects}
+        try:
+            return resume_sync(plan, original, (self, request), kwargs, start, failure, response)
+        except (CircuitOpenError, ThrottledError) as error:
+            answer = refused(error, plan, request)
+        if answer is not PROCEED:
+            return answer
+        return original(self, request, **kwargs)  # as without us
+
+    return send
+
+
+def _general_send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Client.send`` for any signature and any request (see
+    :func:`_send_hook`). ``request`` is named as in httpx, so that it arrives the same way
+    whether the caller passed it by position or by keyword."""
 
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         installed = _installed

@@ -44,6 +44,9 @@ from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = [
+    "CALL_PERMIT",
+    "CLOSED",
+    "NO_RESULT",
     "CallHooks",
     "CallPlan",
     "Fallback",
@@ -55,6 +58,7 @@ __all__ = [
     "is_async_callable",
     "recover_async",
     "recover_sync",
+    "resume_sync",
     "run_async",
     "run_sync",
     "warn_async_fallback",
@@ -103,6 +107,14 @@ _DONE: Final = Step.DONE
 
 #: No result: the first attempt raised.
 _NO_RESULT: Final = object()
+
+#: What an integration with its own copy of :func:`run_sync`'s fast path needs to make one
+#: (one place where a function call per request was a measurable share of the overhead:
+#: httpx's ``Client.send``): the "no result" marker :func:`resume_sync` takes when the first
+#: attempt raised, the breaker's closed state, and the permit a fast-path success records.
+NO_RESULT: Final = _NO_RESULT
+CLOSED: Final = _CLOSED
+CALL_PERMIT: Final = _CALL
 
 # The attempt in flight in this context, and which resend of a request it is: set by the
 # slow path only (a retry), so a first attempt costs nothing. The resend ordinal is set only by
@@ -407,13 +419,30 @@ def run_sync(
                 return result
         # Outside the ``except`` block, so that re-raising a later attempt's error does not
         # chain this one onto it as its ``__context__``.
-        runner = _new_runner(plan, fallback, start, args, failure, result=result)
-        if runner is None:
-            return _without_us(failure, result)
-        return _drive_sync(runner, fn, args, kwargs)
+        return resume_sync(plan, fn, args, kwargs, start, failure, result, fallback)
     runner = _new_runner(plan, fallback, start, args)
     if runner is None:
         return fn(*args, **kwargs)  # as without us
+    return _drive_sync(runner, fn, args, kwargs)
+
+
+def resume_sync(
+    plan: CallPlan,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    start: float,
+    failure: BaseException | None,
+    result: Any = NO_RESULT,
+    fallback: Fallback | None = None,
+) -> Any:
+    """The loop, after a first attempt made on the fast path (started at ``start``) failed
+    with ``failure``: an exception, or ``result``, a result that ``failure_of`` made a
+    failure of. For :func:`run_sync` and for an integration's own copy of its fast path (see
+    :data:`NO_RESULT`); the next attempts call ``fn(*args, **kwargs)``."""
+    runner = _new_runner(plan, fallback, start, args, failure, result=result)
+    if runner is None:
+        return _without_us(failure, result)
     return _drive_sync(runner, fn, args, kwargs)
 
 
