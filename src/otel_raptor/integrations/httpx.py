@@ -567,10 +567,11 @@ def _send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     keywords ``stream``, ``auth`` and ``follow_redirects``), the hook has it too, with the
     same defaults, and a replay-safe request to an origin without fallbacks takes its fast
     lane: the loop's fast path (``drive.run_sync``) copied inline, which hands anything but
-    a success to the loop through ``resume_sync``. On a loopback request that is half the
-    instructions of the general hook, which packs the keywords into a dict for the loop to
-    unpack and runs four more frames (``benchmarks/README.md``). Otherwise (another
-    signature, another layer's ``send`` below ours) every call takes the general hook."""
+    a success to the loop through ``resume_sync``. On a loopback request raptor then adds
+    about 40 % fewer instructions than through the general hook, which packs the keywords
+    into a dict for the loop to unpack and runs four more frames (``docs/http.md``, "Cost").
+    Otherwise (another signature, another layer's ``send`` below ours) every call takes the
+    general hook."""
     keywords = _send_keywords(original)
     lane = _fast_lane_parts()
     if keywords is None or lane is None:
