@@ -1144,6 +1144,95 @@ def test_a_bug_recording_a_fast_lane_success_never_loses_the_response(
     assert len(runtime.breakers) == 1
 
 
+# --- apps served in the process ------------------------------------------------------------
+
+
+def _wsgi_app(calls: list[str]) -> Callable[..., Any]:
+    """A WSGI app that answers ``500`` on ``/boom`` and ``200`` elsewhere, recording calls."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        calls.append(environ["PATH_INFO"])
+        failing = environ["PATH_INFO"] == "/boom"
+        start_response("500 Internal Server Error" if failing else "200 OK", [])
+        return [b"boom" if failing else b"fine"]
+
+    return app
+
+
+class _TestClientTransport(httpx.BaseTransport):
+    """Named as Starlette's and FastAPI's test client transport is, which is not httpx's."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.inner = httpx.WSGITransport(app=app)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.inner.handle_request(request)
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "mock", "test-client"])
+def test_an_app_served_in_the_process_is_never_retried_nor_counted(
+    install: Install, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test suite's app answering 500 is the code under test: a retry would run its handler
+    # again, and a breaker opened by one test would refuse the next tests' requests.
+    runtime = install(failure_threshold=1, recovery_timeout=3600)
+    calls: list[str] = []
+    app = _wsgi_app(calls)
+    transport: httpx.BaseTransport
+    if kind == "wsgi":
+        transport = httpx.WSGITransport(app=app)
+    elif kind == "mock":
+        transport = httpx.MockTransport(
+            lambda request: (calls.append(request.url.path), httpx.Response(500))[1]
+        )
+    else:
+        transport = _TestClientTransport(app)
+    with httpx.Client(transport=transport, base_url="http://testserver") as client:
+        for _ in range(5):
+            assert client.get("/boom").status_code == 500
+        if kind != "mock":
+            assert client.get("/ok").text == "fine"
+    assert calls[:5] == ["/boom"] * 5  # one handler run per request
+    assert [state_of(b) for _, b in runtime.breakers.items()] == [CircuitState.CLOSED]
+    assert finished(install.events) == []  # type: ignore[attr-defined]
+
+
+async def test_an_asgi_app_served_in_the_process_is_never_retried(install: Install) -> None:
+    runtime = install(failure_threshold=1, recovery_timeout=3600)
+    calls: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b"down"})
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        statuses = [(await client.get("/x")).status_code for _ in range(3)]
+    assert statuses == [503, 503, 503]
+    assert calls == ["/x"] * 3
+    assert [state_of(b) for _, b in runtime.breakers.items()] == [CircuitState.CLOSED]
+
+
+def test_a_network_transport_of_the_app_own_is_still_guarded(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # A transport of the app's own that goes to the network (a wrapper, say) keeps its guard.
+    install()
+
+    class Wrapping(httpx.BaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.HTTPTransport()
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            return self.inner.handle_request(request)
+
+    server.push(status(503), ok("retried"))
+    with httpx.Client(transport=Wrapping()) as client:
+        assert client.get(server.url("/w")).text == "retried"
+    assert server.count() == 2
+
+
 # --- installing ---------------------------------------------------------------------------------
 
 

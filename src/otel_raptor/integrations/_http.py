@@ -333,7 +333,7 @@ class HttpHooks(CallHooks):
     hands the response back, and it is closed before the next attempt. ``timeout_kwarg``
     names the keyword that takes an attempt's timeout (requests: ``timeout``), if any."""
 
-    __slots__ = ("elsewhere", "timeout_kwarg")
+    __slots__ = ("elsewhere", "timeout_kwarg", "unguarded", "unjudged")
 
     failure_of = staticmethod(_failing)
     resends_requests = True
@@ -343,10 +343,17 @@ class HttpHooks(CallHooks):
         self,
         timeout_kwarg: str | None = None,
         elsewhere: Callable[[BaseException, tuple[Any, ...]], bool] | None = None,
+        in_process: Callable[[tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self.timeout_kwarg = timeout_kwarg
         #: Whether a failure came from a redirect hop to another downstream (see CallHooks).
         self.elsewhere = elsewhere
+        #: ``in_process(args)``: whether the call never leaves the process (an app served
+        #: in-process by a test client's transport). Such a call has no downstream to judge:
+        #: its failure ends it at once, unretried and uncounted, and a breaker that is not
+        #: closed lets it through (see CallHooks ``unjudged`` and ``unguarded``).
+        self.unguarded = in_process
+        self.unjudged = None if in_process is None else _on_args(in_process)
 
     @property
     def applies_timeouts(self) -> bool:  # type: ignore[override]  # per instance
@@ -369,6 +376,17 @@ class HttpHooks(CallHooks):
         if isinstance(failure, FailingResponse):
             _close_quietly(failure.response)
         return None
+
+
+def _on_args(
+    judge: Callable[[tuple[Any, ...]], bool],
+) -> Callable[[Exception, tuple[Any, ...]], bool]:
+    """``judge`` as a ``CallHooks.unjudged``: every failure of the call alike."""
+
+    def unjudged(failure: Exception, args: tuple[Any, ...]) -> bool:
+        return judge(args)
+
+    return unjudged
 
 
 class AsyncHttpHooks(HttpHooks):

@@ -206,6 +206,35 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
     return elsewhere
 
 
+#: Transports of test clients that serve an app in the process (Starlette's and FastAPI's
+#: ``TestClient``, Litestar's), by the end of their class name: they are not httpx's.
+_TEST_CLIENT_TRANSPORT: Final = "TestClientTransport"
+
+
+def _in_process_check() -> Callable[[tuple[Any, ...]], bool]:
+    """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
+    the process rather than over the network: its transport is httpx's ``ASGITransport``,
+    ``WSGITransport`` or ``MockTransport``, or a test client's. A test suite's app answering
+    ``500`` is the code under test, not a downstream: retrying it would run the handler again
+    and change what the test sees, and counting it would open a breaker that refuses every
+    later test's requests. Asked on the failure path only."""
+    import httpx  # noqa: PLC0415 - imported by install() already
+
+    names = ("ASGITransport", "WSGITransport", "MockTransport")
+    kinds = tuple(k for k in (getattr(httpx, n, None) for n in names) if isinstance(k, type))
+
+    def in_process(args: tuple[Any, ...]) -> bool:
+        if len(args) != 2:
+            return False
+        client, request = args
+        transport = client._transport_for_url(request.url)
+        return isinstance(transport, kinds) or type(transport).__name__.endswith(
+            _TEST_CLIENT_TRANSPORT
+        )
+
+    return in_process
+
+
 class _AsyncHooks(AsyncHttpHooks):
     """``AsyncClient`` attempts: raptor's attempt timeout is an ``HttpxAttemptTimeout``."""
 
@@ -295,11 +324,16 @@ class _Installed(HttpInstallation):
         # Sync and async clients differ in how a failed response is closed, so their plans
         # have their own hooks; both share each origin's breaker and downstream.
         elsewhere = _elsewhere(settings.config.breaker_key == "host")
+        in_process = _in_process_check()
         self.sync_table = OriginTable(
-            settings.runtime, settings.config, HttpHooks(elsewhere=elsewhere)
+            settings.runtime,
+            settings.config,
+            HttpHooks(elsewhere=elsewhere, in_process=in_process),
         )
         self.async_table = OriginTable(
-            settings.runtime, settings.config, _AsyncHooks(elsewhere=elsewhere)
+            settings.runtime,
+            settings.config,
+            _AsyncHooks(elsewhere=elsewhere, in_process=in_process),
         )
         self.byte_stream = httpx.ByteStream
         self.use_client_default = httpx.USE_CLIENT_DEFAULT

@@ -909,6 +909,8 @@ class _Runner:
                 raise refused if refused is not None else self._refusal_error(refusal)
             return self.result
         if not isinstance(failure, Exception) or failure is self._no_verdict:
+            if failure is self._made:
+                return self.result  # a failing result nobody judged: as without us
             raise failure
         # Passive too: a failing result (an HTTP 503) is wrapped in an exception of ours,
         # and the hooks give back what the call would have ended with without us.
