@@ -183,6 +183,21 @@ def test_a_refresher_is_found_by_its_service_name_past_max_services(clock: FakeC
     assert refreshed == ["billing"]  # its own refresher, not another folded service's
 
 
+def test_auth_refreshers_are_bounded(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_raptor.errors import ConfigError
+    from otel_raptor.runtime import recovery
+
+    monkeypatch.setattr(recovery, "MAX_AUTH_REFRESHERS", 2)
+    engine = ErrorRecoveryEngine(runtime=runtime)
+    engine.register_auth_refresher("billing", lambda: None)
+    engine.register_auth_refresher("crm", lambda: None)
+    engine.register_auth_refresher("crm", lambda: None)  # replacing one is always allowed
+    with pytest.raises(ConfigError) as raised:
+        engine.register_auth_refresher("ledger", lambda: None)
+    assert "'ledger'" in str(raised.value)
+    assert "at most 2 services" in str(raised.value)
+
+
 def test_a_refresher_that_never_helps_is_given_up_on(clock: FakeClock) -> None:
     from otel_raptor import Classification, Severity
 

@@ -37,7 +37,7 @@ import random
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from otel_raptor.core.attempts import AttemptLoop, LoopSpec
 from otel_raptor.core.breaker import CircuitBreakerConfig
@@ -112,6 +112,11 @@ class _Plan:
     critical: bool
 
 
+#: Services an engine keeps an auth refresher for, by the name the app registered (not
+#: folded past ``max_services``: a folded service still finds its own refresher).
+MAX_AUTH_REFRESHERS: Final = 4096
+
+
 class ErrorRecoveryEngine:
     """Recovers from errors that already happened; see the module docstring."""
 
@@ -145,6 +150,13 @@ class ErrorRecoveryEngine:
             raise ConfigError("service", service, "a non-empty string")
         if not callable(refresher):
             raise ConfigError("auth_refresher", refresher, "a callable taking no argument")
+        if service not in self._refreshers and len(self._refreshers) >= MAX_AUTH_REFRESHERS:
+            raise ConfigError(
+                "service",
+                service,
+                f"one of at most {MAX_AUTH_REFRESHERS} services with an auth refresher "
+                "(replace a refresher by registering its service again)",
+            )
         self._refreshers[service] = refresher
 
     async def handle_error(
