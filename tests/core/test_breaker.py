@@ -886,3 +886,72 @@ def test_a_window_full_of_successes_makes_the_breaker_quiet_until_a_failure() ->
     timed = make(window="time", window_size=5, minimum_calls=5)
     run(timed, "SSSSSSSS", 1.0)
     assert not timed.quiet  # a time window always moves
+
+
+# --- a breaker that stopped judging ------------------------------------------------------------
+
+
+def test_a_breaker_that_stopped_judging_stays_closed_whatever_fails() -> None:
+    core = make(failure_threshold=2, window_size=10, minimum_calls=5, slow_call_duration=1.0)
+    fail(core, 0.0)
+    assert core.judging
+    assert core.stop_judging(1.0) is None  # closed already: no transition
+    assert not core.judging
+    assert core.quiet
+    assert core.succeeded_quietly(1e9)  # callers skip recording successes, for good
+    assert core.consecutive_failures == 0
+    assert run(core, "F" * 50, 2.0) == []  # no run, no rate trips it
+    assert run(core, "S" * 50, 3.0) == []
+    for now in (4.0, 5.0):
+        permit, transition = core.acquire(now)
+        assert (permit, transition) == (CALL, None)
+        assert core.on_success(permit, now, 5.0) is None  # slow calls trip nothing either
+    assert core.state is CLOSED
+    assert core.consecutive_failures == 0
+    assert core.failure_counts == {TIMEOUT: 51}  # still tallied, for the gauges
+
+
+def test_a_half_open_or_open_breaker_that_stops_judging_closes_and_frees_its_probes() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0, half_open_max_calls=1)
+    trip(core, 0.0)
+    half_open = Transition(OPEN, HALF_OPEN, R.RECOVERY_TIMEOUT_ELAPSED, 1.0)
+    assert core.acquire(1.0) == (PROBE, half_open)
+    assert core.acquire(1.0) == (REJECTED, None)  # the probe slot is taken
+    # The probe succeeded, but recording it failed: the caller stops the breaker judging.
+    assert core.stop_judging(1.5) == Transition(HALF_OPEN, CLOSED, R.BOOKKEEPING_FAILED, 1.5)
+    assert core.probes_in_flight == 0
+    assert core.acquire(1.5) == (CALL, None)
+    assert core.on_success(PROBE, 1.6, 0.1) is None  # the late probe's outcome: nothing
+    assert core.retry_after(1.6) == 0.0
+    assert core.stop_judging(1.7) is None  # again: idempotent, and quiet again
+    assert core.quiet
+    assert not core.judging
+    other = make(failure_threshold=1, recovery_timeout=10.0)
+    trip(other, 0.0)
+    assert other.stop_judging(2.0) == Transition(OPEN, CLOSED, R.BOOKKEEPING_FAILED, 2.0)
+    assert other.open_until is None
+    assert other.acquire(2.0) == (CALL, None)
+
+
+def test_reset_and_force_open_give_the_breaker_its_judgement_back() -> None:
+    core = make(failure_threshold=1, recovery_timeout=1.0)
+    core.stop_judging(0.0)
+    assert core.reset(1.0) is None
+    assert core.judging
+    assert not core.quiet
+    assert trip(core, 2.0).reason is R.CONSECUTIVE_FAILURES
+    core.stop_judging(3.0)
+    assert core.force_close(4.0) is None  # closed already: it still does not judge
+    assert not core.judging
+    assert core.force_open(5.0) == Transition(CLOSED, OPEN, R.MANUAL_OPEN, 5.0, None)
+    assert core.judging
+    assert core.force_close(6.0) == Transition(OPEN, CLOSED, R.MANUAL_CLOSE, 6.0)
+    assert trip(core, 7.0).reason is R.CONSECUTIVE_FAILURES
+
+
+def test_a_breaker_held_open_by_hand_is_left_held() -> None:
+    core = make()
+    core.force_open(0.0)
+    assert core.stop_judging(1.0) is None
+    assert core.judging
+    assert core.acquire(2.0) == (REJECTED, None)

@@ -1135,13 +1135,18 @@ def test_a_bug_recording_a_fast_lane_success_never_loses_the_response(
     def broken(self: CircuitBreaker, *args: object) -> None:
         raise RuntimeError("bug in otel_raptor")
 
-    monkeypatch.setattr(CircuitBreaker, "record_success_since", broken)
-    server.push(ok("first"), ok("second"))
+    server.push(ok("zeroth"), ok("first"), ok("second"))
     with caplog.at_level(logging.WARNING, logger="otel_raptor"), httpx.Client() as client:
+        # The origin's first request is described (the general hook): it opens the lane.
+        assert client.get(server.url("/")).text == "zeroth"
+        monkeypatch.setattr(CircuitBreaker, "record_success_since", broken)
         assert [client.get(server.url("/")).text for _ in range(2)] == ["first", "second"]
-    assert server.count() == 2
+    assert server.count() == 3
     assert caplog.text.count("httpx.fast_lane_success") == 1  # reported once
-    assert len(runtime.breakers) == 1
+    [(_, breaker)] = runtime.breakers.items()
+    # It would count failures only: it stops judging (and is quiet: the second success did
+    # not meet the bug).
+    assert not breaker.judging
 
 
 # --- apps served in the process ------------------------------------------------------------

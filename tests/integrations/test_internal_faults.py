@@ -55,6 +55,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otel_raptor.config import DownstreamOverride
 from otel_raptor.core.attempts import AttemptLoop
+from otel_raptor.core.breaker import BreakerCore
 from otel_raptor.core.budget import RetryBudget
 from otel_raptor.core.classify import Classifier
 from otel_raptor.core.retry import RetryPolicy
@@ -157,11 +158,12 @@ class Env:
         integration = integration_type()
         if stale_if_error is None:
             stale_if_error = self.stale_if_error
-        # A breaker that a run of the script's failures never opens: a bug that hides the
-        # successes from it (see the report) would otherwise turn a failure into a refusal.
+        # The script's run of failures between two successes (two calls) does not open the
+        # breaker, but three would: a bug that hid the successes from it opened it, and
+        # turned the next failure into a refusal (the breaker then stops judging instead).
         config = fast_config(
             max_retries=2,
-            failure_threshold=50,
+            failure_threshold=3,
             downstreams=(DownstreamOverride(pattern="127.0.0.1", stale_if_error=stale_if_error),),
         )
         integration.install(IntegrationSettings(runtime=self.runtime, config=config))
@@ -777,6 +779,7 @@ FAULTS: dict[str, Callable[[], Fault]] = {
     "breaker-success": lambda: Fault(
         (CircuitBreaker, "record_success_since"), (CircuitBreaker, "record_success")
     ),
+    "breaker-core-success": lambda: Fault((BreakerCore, "on_success")),
     "breaker-failure": lambda: Fault((CircuitBreaker, "record_failure")),
     "budget": lambda: Fault((Runtime, "withdraw"), (RetryBudget, "try_withdraw")),
     "learner": lambda: Fault(
@@ -1248,6 +1251,7 @@ RECOVERY_FAULTS = (
     "span-start",
     "recovery-scope",
     "breaker-success",
+    "breaker-core-success",
     "breaker-failure",
     "budget",
     "learner",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from otel_raptor.core.breaker import CircuitBreakerConfig, Permit
+from otel_raptor.core.breaker import BreakerCore, CircuitBreakerConfig, Permit
 from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.events import BreakerTransitioned, CallRejected, Event
 from otel_raptor.core.states import CircuitState, TransitionReason
@@ -572,3 +572,105 @@ def test_breakers_work_in_a_forked_child() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- success bookkeeping that fails -------------------------------------------------------------
+
+#: Where a bug of ours may make recording a success raise, for good: the runtime's wrapper
+#: (a regression in it) or the core's state machine (a corrupted window, say).
+SUCCESS_FAULTS = {
+    "wrapper": [(CircuitBreaker, "record_success_since"), (CircuitBreaker, "record_success")],
+    "core": [(BreakerCore, "on_success")],
+}
+
+
+def break_success_bookkeeping(monkeypatch: pytest.MonkeyPatch, fault: str) -> list[int]:
+    met: list[int] = []
+
+    def raising(*args: Any, **kwargs: Any) -> Any:
+        met.append(1)
+        raise RuntimeError("a bug in otel_raptor's success bookkeeping")
+
+    for owner, name in SUCCESS_FAULTS[fault]:
+        monkeypatch.setattr(owner, name, raising)
+    return met
+
+
+@pytest.mark.parametrize("fault", list(SUCCESS_FAULTS))
+@pytest.mark.parametrize("use_async", [False, True], ids=["call_sync", "call"])
+def test_a_breaker_that_cannot_record_successes_never_refuses_a_mostly_healthy_downstream(
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    use_async: bool,
+) -> None:
+    # One call in five fails: a breaker that counted those failures without the successes
+    # between them opened after two (failure_threshold=2) and refused the rest for 10 s.
+    met = break_success_bookkeeping(monkeypatch, fault)
+    sink = Recorder()
+    breaker = make(clock, sink)
+    answers: list[str] = []
+
+    def downstream(i: int) -> str:
+        if i % 5 == 4:
+            raise Boom("one in five")
+        return "ok"
+
+    async def calls() -> None:
+        for i in range(100):
+            with contextlib.suppress(Boom):
+                answers.append(await breaker.call(downstream, i))
+
+    with caplog.at_level("WARNING", logger="otel_raptor"):
+        if use_async:
+            asyncio.run(calls())
+        else:
+            for i in range(100):
+                with contextlib.suppress(Boom):
+                    answers.append(breaker.call_sync(downstream, i))
+    assert answers == ["ok"] * 80  # never refused, never a lost result
+    assert met == [1]  # then it stopped judging (quiet: no success is recorded any more)
+    assert not breaker.judging
+    assert breaker.state is CLOSED
+    assert sink.events == []
+    stopped = [r for r in caplog.records if "stops judging" in r.getMessage()]
+    assert len(stopped) == 1
+    assert "'payments'" in stopped[0].getMessage()
+
+
+@pytest.mark.parametrize("fault", list(SUCCESS_FAULTS))
+def test_a_probe_success_that_cannot_be_recorded_closes_the_breaker(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    sink = Recorder()
+    breaker = make(clock, sink)
+    trip(breaker)  # a real outage opened it
+    break_success_bookkeeping(monkeypatch, fault)
+    clock.advance(10.0)
+    assert breaker.call_sync(lambda: "ok") == "ok"  # the probe
+    # Left half-open, it would admit one probe at a time for ever, each unrecorded.
+    assert breaker.state is CLOSED
+    assert [(e.from_state, e.to_state, e.reason) for e in sink.events[1:]] == [  # type: ignore[union-attr]
+        (OPEN, HALF_OPEN, R.RECOVERY_TIMEOUT_ELAPSED),
+        (HALF_OPEN, CLOSED, R.BOOKKEEPING_FAILED),
+    ]
+    for _ in range(10):
+        with pytest.raises(Boom):
+            breaker.call_sync(boom)
+        assert breaker.call_sync(lambda: "ok") == "ok"
+    assert breaker.state is CLOSED
+
+
+def test_a_breaker_that_stopped_judging_judges_again_after_reset(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = make(clock)
+    with monkeypatch.context() as patch:
+        break_success_bookkeeping(patch, "wrapper")
+        breaker.call_sync(lambda: "ok")
+    assert not breaker.judging
+    breaker.reset()
+    assert breaker.judging
+    breaker.call_sync(lambda: "ok")
+    trip(breaker)  # the bug is gone: it judges again

@@ -50,6 +50,10 @@ the app fail more often than it would without us. So a trip needs one of:
   probe slot it held. A state change therefore never counts calls admitted under another state.
 * **Adaptive threshold**: see ``adaptive_failure_rate_threshold`` (it only ever raises the
   configured threshold, for a downstream whose usual failure rate is high).
+* **Not judging** (``stop_judging``): when recording a success failed (a bug of ours), the
+  breaker would go on seeing failures only and open on a downstream that answers. It then
+  stops judging: CLOSED, admitting every call, counting no failure and tripping on nothing,
+  until ``reset`` or ``force_open``.
 
 Not thread-safe: ``otel_raptor.runtime.breaker.CircuitBreaker`` holds a lock around it.
 """
@@ -420,6 +424,7 @@ class BreakerCore:
         "_forced",
         "_ignored",
         "_interval",
+        "_judging",
         "_long_run",
         "_max_open",
         "_may_be_quiet",
@@ -461,7 +466,6 @@ class BreakerCore:
         self._window = window
         # A bound method in a slot: one lookup less on the hot path.
         self._record = window.record
-        self._slow_s = _INF if config.slow_call_duration is None else config.slow_call_duration
         # Only a count window can absorb a success, and only without slow-call detection does
         # a success's duration not matter.
         self._may_be_quiet = config.slow_call_duration is None and isinstance(window, CountWindow)
@@ -482,6 +486,7 @@ class BreakerCore:
     def _init_state(self, now: float) -> None:
         self.quiet = False
         config = self._config
+        self._judge_again()
         self._state = _CLOSED
         self._forced = False
         self._consecutive = 0
@@ -593,7 +598,7 @@ class BreakerCore:
         other.
         """
         self._failure_counts[category] += 1
-        if category in self._ignored or live_refusal:
+        if category in self._ignored or live_refusal or not self._judging:
             if permit is _PROBE:
                 self._end_probe()
             return None
@@ -652,14 +657,46 @@ class BreakerCore:
         self._probes_stuck = 0
         self._probe_lease_ends = _INF
 
+    def stop_judging(self, now: float) -> Transition | None:
+        """Stop judging the downstream: recording a success failed (a bug of ours, met by the
+        caller), so the breaker would go on counting failures without the successes between
+        them and open on a downstream that answers, refusing calls that would succeed.
+
+        From ``now`` on the breaker is CLOSED and stays so: it admits every call, counts no
+        failure (``failure_counts`` still tallies them), trips on nothing, runs no adaptive
+        health check, and is ``quiet`` (so callers skip recording successes, and with them
+        the bookkeeping that failed), until ``reset`` or ``force_open`` gives it its
+        judgement back (a breaker held open by hand is left so: nothing is judged while it
+        is held). Probe slots are freed. Only plain fields change: the window is left alone,
+        since it may be what failed. Returns the transition to CLOSED, if any."""
+        if self._forced:
+            return None
+        self._judging = False
+        self._slow_s = _INF  # no success can trip the slow-call rule
+        self._next_check = _INF
+        self._consecutive = 0
+        self._checks_passed = 0
+        self.forget_probes()
+        previous = self._state
+        self._state = _CLOSED
+        self.quiet = True
+        if previous is _CLOSED:
+            return None
+        self._probe_successes = 0
+        self._open_until = _INF
+        self._open_for = None
+        return Transition(previous, _CLOSED, TransitionReason.BOOKKEEPING_FAILED, now)
+
     # --- manual control -----------------------------------------------------------------
 
     def force_open(self, now: float) -> Transition | None:
         """Hold the breaker open until ``force_close`` or ``reset``: every call is rejected and
         ``retry_after`` is ``None``. Returns ``None`` if it was already held open (and an
-        OPEN → OPEN transition when an automatically opened breaker becomes held open)."""
+        OPEN → OPEN transition when an automatically opened breaker becomes held open).
+        A breaker that stopped judging (``stop_judging``) judges again once closed."""
         if self._forced:
             return None
+        self._judge_again()
         self.quiet = False
         previous = self._state
         self._state = _OPEN
@@ -697,6 +734,11 @@ class BreakerCore:
     def state(self) -> CircuitState:
         """The current state. OPEN stays OPEN until a call is asked for after its duration."""
         return self._state
+
+    @property
+    def judging(self) -> bool:
+        """Whether the breaker judges the downstream (see ``stop_judging``)."""
+        return self._judging
 
     @property
     def forced_open(self) -> bool:
@@ -799,6 +841,11 @@ class BreakerCore:
         )
 
     # --- internals ----------------------------------------------------------------------
+
+    def _judge_again(self) -> None:
+        self._judging = True
+        duration = self._config.slow_call_duration
+        self._slow_s = _INF if duration is None else duration
 
     def _admit_probe(self, now: float) -> bool:
         if self._probes - self._probes_stuck >= self._config.half_open_max_calls:

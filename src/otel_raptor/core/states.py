@@ -31,6 +31,8 @@ class TransitionReason(str, enum.Enum):
     HEALTH_CHECK_PASSED = "health_check_passed"
     MANUAL_OPEN = "manual_open"
     MANUAL_CLOSE = "manual_close"
+    #: Recording a success failed (a bug of ours): the breaker stopped judging, closed.
+    BOOKKEEPING_FAILED = "bookkeeping_failed"
 
     def __str__(self) -> str:
         return self.value

@@ -647,6 +647,16 @@ def _fast_lane_parts() -> tuple[Callable[[], Any], str, str, str] | None:
     return suppression_keys()
 
 
+def _answered(response: Any) -> bool:
+    """Whether the fast lane took ``response`` for a success (one its breaker should have
+    recorded), as it does; ``False`` when that cannot be told. Never raises."""
+    try:
+        status = response.status_code
+        return status not in FAILING_STATUSES or type(status) is not int
+    except Exception:  # noqa: BLE001 - an exception path's question
+        return False
+
+
 def _fast_send_hook(
     original: Callable[..., Any],
     keywords: tuple[Any, Any, Any],
@@ -731,6 +741,9 @@ def _fast_send_hook(
                 failure = FailingResponse(response)
             except Exception as bug:  # noqa: BLE001 - never lose the caller's result
                 report_internal_error("httpx.fast_lane_success", bug)
+                if core is not None and _answered(response):
+                    # A success the breaker may have missed: see CircuitBreaker.stop_judging.
+                    plan.breaker.stop_judging()  # type: ignore[union-attr]
                 return response
         kwargs = {"stream": stream, "auth": auth, "follow_redirects": follow_redirects}
         try:

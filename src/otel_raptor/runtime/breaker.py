@@ -20,6 +20,7 @@ the probes in flight at the fork: they run in threads it does not have.
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,8 @@ _CALL: Final = Permit.CALL
 _REJECTED: Final = Permit.REJECTED
 _CLOSED: Final = CircuitState.CLOSED
 _DEFAULT_CONFIG: Final = CircuitBreakerConfig()
+
+_logger = logging.getLogger("otel_raptor")
 
 
 def _is_name(value: object) -> bool:
@@ -209,6 +212,39 @@ class CircuitBreaker:
             self._publish_transition(transition)
         return transition
 
+    def stop_judging(self) -> None:
+        """Recording a success through this breaker failed (our bug, reported by the caller):
+        stop judging the downstream, since the breaker would otherwise go on counting its
+        failures without the successes between them and open on a downstream that answers.
+        The breaker closes (publishing the transition if it was not closed, reason
+        ``bookkeeping_failed``), admits every call and counts nothing until :meth:`reset`
+        or :meth:`force_open`; said once in the log. Never raises. See
+        :meth:`BreakerCore.stop_judging <otel_raptor.core.breaker.BreakerCore.stop_judging>`.
+        """
+        try:
+            now = self._monotonic()
+            core = self._core
+            with self._lock:
+                if core.forced_open:
+                    return  # held open by hand: nothing is judged while it is held
+                # Again too when it already stopped: a late outcome may have made it unquiet,
+                # and callers would meet the failing bookkeeping on every success.
+                first = core.judging
+                transition = core.stop_judging(now)
+            if not first:
+                return
+            _logger.warning(
+                "otel_raptor: the circuit breaker %r could not record a success (an internal "
+                "error, logged apart); it stops judging: closed, it admits every call and "
+                "counts no failure until reset() or force_open()",
+                self._name,
+            )
+        except Exception as bug:  # noqa: BLE001 - runs in our callers' except blocks
+            report_internal_error("breaker.stop_judging", bug)
+            return
+        if transition is not None:
+            self._publish_transition(transition)
+
     def release(self, permit: Permit) -> None:
         """The call admitted with ``permit`` ended without a verdict (cancelled, interrupted):
         nothing is counted; a probe gives its slot back."""
@@ -284,6 +320,7 @@ class CircuitBreaker:
             self.record_success_since(permit, start)
         except Exception as exc:  # noqa: BLE001 - our bug must not lose the caller's result
             report_internal_error("breaker.record_success", exc)
+            self.stop_judging()
 
     def _ended(self, permit: Permit, start: float, exc: BaseException) -> None:
         # Runs while the caller's exception propagates: nothing here may replace it.
@@ -301,6 +338,12 @@ class CircuitBreaker:
     @property
     def config(self) -> CircuitBreakerConfig:
         return self._core.config
+
+    @property
+    def judging(self) -> bool:
+        """Whether the breaker judges the downstream (``False`` once :meth:`stop_judging`
+        ran, until :meth:`reset` or :meth:`force_open`)."""
+        return self._core.judging
 
     @property
     def state(self) -> CircuitState:

@@ -30,6 +30,7 @@ from otel_raptor.core.recovery import Strategy
 from otel_raptor.core.states import CircuitState
 from otel_raptor.runtime.breaker import CircuitBreaker
 from otel_raptor.runtime.forksafe import register_lock
+from otel_raptor.runtime.safety import report_internal_error
 
 __all__ = [
     "THROTTLE_MIN_CALLS",
@@ -247,8 +248,15 @@ class Route:
 
     def record_success(self, permit: Permit, now: float, duration: float) -> None:
         breaker = self.breaker
-        if breaker is not None:
+        if breaker is None or not breaker.judging:
+            return  # nothing to judge: see CircuitBreaker.stop_judging
+        try:
             breaker.record_success(permit, duration, now)
+        except Exception as bug:  # noqa: BLE001 - the call's success stands
+            # Counting its failures without its successes, it would open on a downstream
+            # that answers (rule 0).
+            report_internal_error("breaker.record_success", bug)
+            breaker.stop_judging()
 
     def record_failure(
         self,

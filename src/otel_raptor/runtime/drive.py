@@ -17,7 +17,10 @@ before a resend) comes from :class:`CallHooks`: the integration kit's seam.
 
 Our own bugs never reach the caller: if the loop or a hook fails, that is reported once
 (``report_internal_error``) and the call ends as it would have without us: the last error is
-raised, the last result returned, or (before any attempt) the call simply runs.
+raised, the last result returned, or (before any attempt) the call simply runs. A bug met
+recording a success (on either path) also makes the call's breaker stop judging
+(:meth:`~otel_raptor.runtime.breaker.CircuitBreaker.stop_judging`): counting failures without
+the successes between them, it would open on a downstream that answers.
 """
 
 from __future__ import annotations
@@ -416,6 +419,8 @@ def run_sync(
                         plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
                 except Exception as bug:  # noqa: BLE001 - never lose the caller's result
                     report_internal_error("drive.record_success", bug)
+                    if core is not None:  # it would count failures only: see stop_judging
+                        plan.breaker.stop_judging()  # type: ignore[union-attr]
                 return result
         # Outside the ``except`` block, so that re-raising a later attempt's error does not
         # chain this one onto it as its ``__context__``.
@@ -483,6 +488,8 @@ async def run_async(
                         plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
                 except Exception as bug:  # noqa: BLE001 - never lose the caller's result
                     report_internal_error("drive.record_success", bug)
+                    if core is not None:  # it would count failures only: see stop_judging
+                        plan.breaker.stop_judging()  # type: ignore[union-attr]
                 return result
         runner = _new_runner(plan, fallback, start, args, failure, result=result)
         if runner is None:
@@ -857,7 +864,13 @@ class _Runner:
         try:
             return self.loop.succeeded(self.plan.monotonic())
         except Exception as bug:  # noqa: BLE001 - never change a successful result
-            return self._bug("drive.succeeded", bug, _DONE)
+            step = self._bug("drive.succeeded", bug, _DONE)
+            # Whether the breaker saw this success is unknown: one that misses successes
+            # while it counts failures opens on a downstream that answers (rule 0).
+            breaker = self.plan.breaker
+            if breaker is not None:
+                breaker.stop_judging()
+            return step
 
     def slept(self) -> Step:
         if self._passive:

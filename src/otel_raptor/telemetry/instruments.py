@@ -315,7 +315,7 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         type=AttributeType.STRING,
         values="a `TransitionReason` value (`consecutive_failures`, `probe_failed`, "
         "`health_check_passed`, ...)",
-        bound="9",
+        bound="10",
     ),
     AttributeSpec(
         key=ATTR_BREAKER_OPEN_DURATION,
