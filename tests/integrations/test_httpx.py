@@ -1219,6 +1219,30 @@ async def test_an_asgi_app_served_in_the_process_is_never_retried(install: Insta
     assert [state_of(b) for _, b in runtime.breakers.items()] == [CircuitState.CLOSED]
 
 
+async def test_an_asgi_app_served_in_the_process_is_not_cut_off_at_the_attempt_timeout(
+    install: Install,
+) -> None:
+    # As without raptor, and as through a breaker that is not closed: the app under test
+    # answers when it answers; raptor's attempt timeout is for downstreams.
+    runtime = install(attempt_timeout=0.05, failure_threshold=1, recovery_timeout=3600)
+    calls: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await asyncio.sleep(0.2)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"slow"})
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        assert (await client.get("/slow")).text == "slow"
+        ((_, breaker),) = runtime.breakers.items()
+        breaker.force_open()
+        assert (await client.get("/slow")).text == "slow"  # the same through an open breaker
+    assert calls == ["/slow"] * 2
+    assert finished(install.events) == []  # type: ignore[attr-defined]
+
+
 def test_a_network_transport_of_the_app_own_is_still_guarded(
     install: Install, server: FaultyHTTPServer
 ) -> None:

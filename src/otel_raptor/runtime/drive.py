@@ -252,7 +252,9 @@ class CallHooks:
     #: admitted as a probe, and with nothing counted, retried or published: a call that waits
     #: as long as its caller asked (a Redis ``BLPOP``) would hold a half-open breaker's probe
     #: slot for that long, refusing every other call meanwhile. Asked only off the fast path
-    #: (an open or half-open breaker, a cooldown); ``None`` (the default): never.
+    #: (an open or half-open breaker, a cooldown), and before the first attempt of an async
+    #: call whose attempts the driver bounds (``wait_for``): an unguarded call is not cut off
+    #: at the attempt timeout either. ``None`` (the default): never.
     unguarded: Callable[[tuple[Any, ...]], bool] | None = None
 
     #: Whether a sync call of this kind made on an event loop's thread sleeps there (its
@@ -576,12 +578,26 @@ def _first_attempt(
     plan: CallPlan, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: Any
 ) -> Awaitable[Any]:
     """The fast path's attempt, bounded by the first attempt's timeout when the hooks do not
-    apply it themselves."""
+    apply it themselves, unless the hooks say the call is unguarded (it runs as without us,
+    as it does through a breaker that is not closed: an app served in the process)."""
     if plan.first_kwargs:
         kwargs = _first_kwargs(plan, kwargs)
-    if plan.wait_for:
+    if plan.wait_for and not _is_unguarded(plan.hooks, args):
         return _within(fn(*args, **kwargs), plan.spec.first_timeout, plan.hooks, args)
     return fn(*args, **kwargs)
+
+
+def _is_unguarded(hooks: CallHooks, args: tuple[Any, ...]) -> bool:
+    """The hooks' ``unguarded(args)``; ``False`` (guarded, as without the hook) when there is
+    none or it fails (our bug, reported)."""
+    unguarded = hooks.unguarded
+    if unguarded is None:
+        return False
+    try:
+        return bool(unguarded(args))
+    except Exception as bug:  # noqa: BLE001 - guarded, as without the hook
+        report_internal_error("drive.unguarded", bug)
+        return False
 
 
 #: ``asyncio.timeout`` (Python 3.11+), or ``None``.
@@ -781,14 +797,9 @@ class _Runner:
     # --- entering the loop ----------------------------------------------------------------------
 
     def admit(self, now: float) -> Step:
-        unguarded = self.plan.hooks.unguarded
-        if unguarded is not None:
-            try:
-                if unguarded(self._args):
-                    self._passive = True
-                    return _ATTEMPT
-            except Exception as bug:  # noqa: BLE001 - guarded, as without the hook
-                report_internal_error("drive.unguarded", bug)
+        if _is_unguarded(self.plan.hooks, self._args):
+            self._passive = True
+            return _ATTEMPT
         try:
             return self.loop.admit(now)
         except Exception as bug:  # noqa: BLE001
