@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import inspect
 import logging
 import time
@@ -1035,6 +1036,34 @@ def test_only_httpx_own_send_signature_gets_the_fast_lane() -> None:
 
     for other in (any_arguments, one_more_keyword, no_default):
         assert integration._send_keywords(other) is None
+
+
+def test_a_layer_below_ours_that_shows_httpx_signature_keeps_its_own(
+    install: Install, server: FaultyHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another library's layer on Client.send made with functools.wraps (as sentry-sdk's is)
+    # shows httpx's signature through __wrapped__, but its own is what callers get without
+    # raptor: a keyword only it takes must reach it, as through the general hook.
+    tags: list[object] = []
+
+    @functools.wraps(ORIGINAL_SEND)
+    def layer(self: httpx.Client, request: httpx.Request, *, tag: object = None, **kwargs: Any):
+        tags.append(tag)
+        return ORIGINAL_SEND(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", layer)
+    install()
+    server.push(status(503), ok("tagged"))
+    try:
+        with httpx.Client() as client:
+            response = client.send(httpx.Request("GET", server.url("/t")), tag="mine")
+        assert response.text == "tagged"  # guarded: retried
+        assert tags == ["mine", "mine"]
+    finally:
+        for hook in install.installed:  # type: ignore[attr-defined]
+            hook.uninstall()
+        assert httpx.Client.send is layer
+        monkeypatch.undo()
 
 
 def _trace_of_a_mixed_workload(server: FaultyHTTPServer, runtime: Runtime) -> list[object]:

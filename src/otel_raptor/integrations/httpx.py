@@ -615,11 +615,16 @@ def _send_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _send_keywords(original: Callable[..., Any]) -> tuple[Any, Any, Any] | None:
     """The defaults of ``stream``, ``auth`` and ``follow_redirects`` when ``original`` has the
-    signature ``(self, request, *, stream, auth, follow_redirects)``; ``None`` otherwise."""
+    signature ``(self, request, *, stream, auth, follow_redirects)``; ``None`` otherwise.
+
+    ``original``'s own signature, not the one ``__wrapped__`` shows: another library's layer
+    made with ``functools.wraps`` (sentry-sdk's) shows httpx's, but takes what its own takes
+    (a keyword of its own, its own defaults), and a hook with httpx's would refuse or
+    override them."""
     import inspect  # noqa: PLC0415 - install time only
 
     try:
-        parameters = list(inspect.signature(original).parameters.values())
+        parameters = list(inspect.signature(original, follow_wrapped=False).parameters.values())
     except (TypeError, ValueError):
         return None
     shape = [(p.name, p.kind) for p in parameters]
