@@ -1248,6 +1248,34 @@ async def test_an_asgi_app_served_in_the_process_is_never_retried(install: Insta
     assert [state_of(b) for _, b in runtime.breakers.items()] == [CircuitState.CLOSED]
 
 
+def test_an_app_served_in_the_process_behind_a_redirect_is_never_run_again(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    # A network origin redirects to an app mounted in the process (a login callback, say):
+    # a replay of the request would run the app's handler again.
+    runtime = install(failure_threshold=1, recovery_timeout=3600)
+    calls: list[str] = []
+
+    async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"boom"})
+
+    server.default = status(302, {"Location": "http://testserver/boom"})
+    app: httpx.BaseTransport | httpx.AsyncBaseTransport = (
+        httpx.ASGITransport(app=asgi_app)
+        if driver.is_async
+        else httpx.WSGITransport(app=_wsgi_app(calls))
+    )
+    mounts = {"http://testserver": app}
+    response = driver.get(server.url("/login"), client={"mounts": mounts, "follow_redirects": True})
+    assert (response.status_code, response.text) == (500, "boom")
+    assert calls == ["/boom"]  # the handler ran once, as without raptor
+    assert server.count() == 1
+    assert {state_of(b) for _, b in runtime.breakers.items()} == {CircuitState.CLOSED}
+    assert finished(install.events) == []  # type: ignore[attr-defined]
+
+
 async def test_an_asgi_app_served_in_the_process_is_not_cut_off_at_the_attempt_timeout(
     install: Install,
 ) -> None:

@@ -344,6 +344,7 @@ class HttpHooks(CallHooks):
         timeout_kwarg: str | None = None,
         elsewhere: Callable[[BaseException, tuple[Any, ...]], bool] | None = None,
         in_process: Callable[[tuple[Any, ...]], bool] | None = None,
+        failed_in_process: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self.timeout_kwarg = timeout_kwarg
         #: Whether a failure came from a redirect hop to another downstream (see CallHooks).
@@ -352,8 +353,13 @@ class HttpHooks(CallHooks):
         #: in-process by a test client's transport). Such a call has no downstream to judge:
         #: its failure ends it at once, unretried and uncounted, and a breaker that is not
         #: closed lets it through (see CallHooks ``unjudged`` and ``unguarded``).
+        #: ``failed_in_process(failure, args)`` says the same of one failure (a redirect hop
+        #: to an app served in the process, which a replay would run again); by default,
+        #: ``in_process(args)`` for every failure of the call alike.
         self.unguarded = in_process
-        self.unjudged = None if in_process is None else _on_args(in_process)
+        if failed_in_process is None and in_process is not None:
+            failed_in_process = _on_args(in_process)
+        self.unjudged = failed_in_process
 
     @property
     def applies_timeouts(self) -> bool:  # type: ignore[override]  # per instance

@@ -211,28 +211,53 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
 _TEST_CLIENT_TRANSPORT: Final = "TestClientTransport"
 
 
-def _in_process_check() -> Callable[[tuple[Any, ...]], bool]:
+def _in_process_check() -> tuple[
+    Callable[[tuple[Any, ...]], bool], Callable[[Exception, tuple[Any, ...]], bool]
+]:
     """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
     the process rather than over the network: its transport is httpx's ``ASGITransport``,
     ``WSGITransport`` or ``MockTransport``, or a test client's. A test suite's app answering
     ``500`` is the code under test, not a downstream: retrying it would run the handler again
     and change what the test sees, and counting it would open a breaker that refuses every
-    later test's requests. Asked on the failure path only."""
+    later test's requests. Asked on the failure path only, and before the first attempt of an
+    ``AsyncClient`` request whose plan bounds attempts (``drive._first_attempt``).
+
+    The second function judges one failure (``CallHooks.unjudged``): also a failure at a
+    redirect hop the client sends to such an app (a ``mounts=`` entry), or after one: a replay
+    would run that app's handler again."""
     import httpx  # noqa: PLC0415 - imported by install() already
 
     names = ("ASGITransport", "WSGITransport", "MockTransport")
     kinds = tuple(k for k in (getattr(httpx, n, None) for n in names) if isinstance(k, type))
 
-    def in_process(args: tuple[Any, ...]) -> bool:
-        if len(args) != 2:
-            return False
-        client, request = args
+    def served_in_process(client: Any, request: Any) -> bool:
         transport = client._transport_for_url(request.url)
         return isinstance(transport, kinds) or type(transport).__name__.endswith(
             _TEST_CLIENT_TRANSPORT
         )
 
-    return in_process
+    def in_process(args: tuple[Any, ...]) -> bool:
+        if len(args) != 2:
+            return False
+        return served_in_process(*args)
+
+    def failed_in_process(failure: Exception, args: tuple[Any, ...]) -> bool:
+        if len(args) != 2:
+            return False
+        client, request = args
+        if served_in_process(client, request):
+            return True
+        try:
+            if isinstance(failure, FailingResponse):
+                response = failure.response
+                hops = [*(earlier.request for earlier in response.history), response.request]
+            else:
+                hops = [failure.request]  # type: ignore[attr-defined]  # httpx.RequestError
+        except (AttributeError, RuntimeError):  # no request on it (httpx raises RuntimeError)
+            return False
+        return any(hop is not request and served_in_process(client, hop) for hop in hops)
+
+    return in_process, failed_in_process
 
 
 class _AsyncHooks(AsyncHttpHooks):
@@ -324,16 +349,20 @@ class _Installed(HttpInstallation):
         # Sync and async clients differ in how a failed response is closed, so their plans
         # have their own hooks; both share each origin's breaker and downstream.
         elsewhere = _elsewhere(settings.config.breaker_key == "host")
-        in_process = _in_process_check()
+        in_process, failed_in_process = _in_process_check()
         self.sync_table = OriginTable(
             settings.runtime,
             settings.config,
-            HttpHooks(elsewhere=elsewhere, in_process=in_process),
+            HttpHooks(
+                elsewhere=elsewhere, in_process=in_process, failed_in_process=failed_in_process
+            ),
         )
         self.async_table = OriginTable(
             settings.runtime,
             settings.config,
-            _AsyncHooks(elsewhere=elsewhere, in_process=in_process),
+            _AsyncHooks(
+                elsewhere=elsewhere, in_process=in_process, failed_in_process=failed_in_process
+            ),
         )
         self.byte_stream = httpx.ByteStream
         self.use_client_default = httpx.USE_CLIENT_DEFAULT
