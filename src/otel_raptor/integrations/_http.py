@@ -353,12 +353,9 @@ class HttpHooks(CallHooks):
         #: in-process by a test client's transport). Such a call has no downstream to judge:
         #: its failure ends it at once, unretried and uncounted, and a breaker that is not
         #: closed lets it through (see CallHooks ``unjudged`` and ``unguarded``).
-        #: ``failed_in_process(failure, args)`` says the same of one failure (a redirect hop
-        #: to an app served in the process, which a replay would run again); by default,
-        #: ``in_process(args)`` for every failure of the call alike.
+        #: ``failed_in_process(failure, args)`` says the same of one failure (also one at a
+        #: redirect hop to an app served in the process, which a replay would run again).
         self.unguarded = in_process
-        if failed_in_process is None and in_process is not None:
-            failed_in_process = _on_args(in_process)
         self.unjudged = failed_in_process
 
     @property
@@ -382,17 +379,6 @@ class HttpHooks(CallHooks):
         if isinstance(failure, FailingResponse):
             _close_quietly(failure.response)
         return None
-
-
-def _on_args(
-    judge: Callable[[tuple[Any, ...]], bool],
-) -> Callable[[Exception, tuple[Any, ...]], bool]:
-    """``judge`` as a ``CallHooks.unjudged``: every failure of the call alike."""
-
-    def unjudged(failure: Exception, args: tuple[Any, ...]) -> bool:
-        return judge(args)
-
-    return unjudged
 
 
 class AsyncHttpHooks(HttpHooks):

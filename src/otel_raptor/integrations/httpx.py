@@ -171,6 +171,15 @@ def _proxied(client: Any, request: Any) -> bool:
     return type(getattr(transport, "_pool", None)).__name__ in _PROXY_POOLS
 
 
+def _failed_request(failure: BaseException) -> Any:
+    """The request a failed attempt ended in: its failing response's (after any redirects),
+    or an httpx error's. Raises ``AttributeError`` or (httpx) ``RuntimeError`` when there is
+    none."""
+    if isinstance(failure, FailingResponse):
+        return failure.response.request
+    return failure.request  # type: ignore[attr-defined]  # httpx.RequestError
+
+
 def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool]:
     """Whether a failed attempt (made with positional arguments ``(client, request)`` or
     ending in the request) failed somewhere else than at its origin: connecting to the proxy
@@ -189,10 +198,7 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
                 return True
             if isinstance(failure, httpx.ProxyError) and str(failure).startswith("407"):
                 return True  # the proxy refused our credentials to open the tunnel
-            if isinstance(failure, FailingResponse):
-                hop = failure.response.request
-            else:
-                hop = failure.request  # type: ignore[attr-defined]  # httpx.RequestError
+            hop = _failed_request(failure)
             first = args[-1]
             if hop is first:
                 return False
@@ -248,11 +254,8 @@ def _in_process_check() -> tuple[
         if served_in_process(client, request):
             return True
         try:
-            if isinstance(failure, FailingResponse):
-                response = failure.response
-                hops = [*(earlier.request for earlier in response.history), response.request]
-            else:
-                hops = [failure.request]  # type: ignore[attr-defined]  # httpx.RequestError
+            earlier = failure.response.history if isinstance(failure, FailingResponse) else ()
+            hops = [*(response.request for response in earlier), _failed_request(failure)]
         except (AttributeError, RuntimeError):  # no request on it (httpx raises RuntimeError)
             return False
         return any(hop is not request and served_in_process(client, hop) for hop in hops)
