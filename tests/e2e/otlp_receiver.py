@@ -592,7 +592,9 @@ _KINDS = {
     InstrumentKind.COUNTER: "sum",
     InstrumentKind.HISTOGRAM: "histogram",
     InstrumentKind.OBSERVABLE_GAUGE: "gauge",
+    InstrumentKind.OBSERVABLE_COUNTER: "sum",
 }
+_COUNTERS = (InstrumentKind.COUNTER, InstrumentKind.OBSERVABLE_COUNTER)
 
 
 def contract_violations(receiver: OTLPReceiver) -> list[str]:
@@ -621,7 +623,7 @@ def contract_violations(receiver: OTLPReceiver) -> list[str]:
                 problems.append(f"{where}: unit {point.unit!r}, documented {spec.unit!r}")
             if point.kind != _KINDS[spec.kind]:
                 problems.append(f"{where}: kind {point.kind!r}, documented {spec.kind}")
-            if spec.kind is InstrumentKind.COUNTER and point.monotonic is not True:
+            if spec.kind in _COUNTERS and point.monotonic is not True:
                 problems.append(f"{where}: a counter must arrive as a monotonic sum")
             extra = set(point.attributes) - set(spec.attributes)
             if extra:

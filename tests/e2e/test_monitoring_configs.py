@@ -146,7 +146,7 @@ def prometheus_metric_name(spec: InstrumentSpec, *, ratio_suffix: bool = True) -
         tokens.append(main_word)
     if per_word and per_word not in tokens:
         tokens += ["per", per_word]
-    if spec.kind is InstrumentKind.COUNTER:
+    if spec.kind in (InstrumentKind.COUNTER, InstrumentKind.OBSERVABLE_COUNTER):
         tokens = [token for token in tokens if token != "total"] + ["total"]
     if ratio_suffix and spec.unit == "1" and spec.kind is InstrumentKind.OBSERVABLE_GAUGE:
         tokens = [token for token in tokens if token != "ratio"] + ["ratio"]
@@ -751,6 +751,7 @@ def test_alert_rules_are_complete_and_their_templates_use_labels_they_keep() -> 
         "RaptorCircuitBreakerHealthLow",
         "RaptorFailurePredicted",
         "RaptorMemoryPressureCritical",
+        "RaptorInternalError",
     }
     for rule in rules:
         where = f"alert {rule['alert']}"
@@ -1036,7 +1037,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_accepts_the_rules() -> None:
     result = _promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_promtool_accepts_the_prometheus_config() -> None:

@@ -100,6 +100,10 @@ class _FailsOnce:
         return "ok"
 
 
+def _broken_subscriber(event: object) -> None:
+    raise RuntimeError("a bug in a bus subscriber")
+
+
 @pytest.fixture
 def telemetry() -> Iterator[Telemetry]:
     """Real raptor telemetry, after a workload that produces every instrument."""
@@ -161,6 +165,10 @@ def telemetry() -> Iterator[Telemetry]:
         unavailable = Classification(ErrorCategory.UNAVAILABLE, Severity.MEDIUM, True, "503")
         for _ in range(10):  # as many refusals as make an insight
             bus.publish(RetryBudgetExhausted("quota.internal:443", unavailable))
+        # A bug of ours, met where the bus meets it: a subscriber that raises.
+        unsubscribe = bus.subscribe(_broken_subscriber)
+        bus.publish(MemoryPressureChanged("normal", "warning", 0.5))
+        unsubscribe()
         clock.advance(60)
         monitor.tick()
         yield Telemetry(exposition=lambda: generate_latest(registry))

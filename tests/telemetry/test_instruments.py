@@ -151,7 +151,8 @@ def test_create_builds_exactly_the_registry() -> None:
     gauges = {
         spec: one
         for spec in INSTRUMENTS
-        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE and spec not in MONITOR_INSTRUMENTS
+        if spec.kind in (InstrumentKind.OBSERVABLE_GAUGE, InstrumentKind.OBSERVABLE_COUNTER)
+        and spec not in MONITOR_INSTRUMENTS
     }
     create_gauges(meter, gauges)
     monitor = create_monitor_instruments(meter, one)

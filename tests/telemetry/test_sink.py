@@ -1182,3 +1182,57 @@ def test_a_span_export_in_one_thread_holds_no_other_threads_call() -> None:
         release.set()
         stuck.join(timeout=10)
         sink.uninstall()
+
+
+# --- raptor.internal.errors -------------------------------------------------------------
+
+
+def test_internal_errors_count_every_bug_by_site_while_the_log_says_it_once(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: object) -> None:
+        raise RuntimeError("a bug in a subscriber")
+
+    h.runtime.bus.subscribe(broken)
+    guard = Guard("payments", runtime=h.runtime, retry=RetryPolicy(base_delay=0.01, jitter="none"))
+    attempts = 0
+
+    def flaky() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts % 2:
+            raise TimeoutError
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        for _ in range(3):
+            assert guard.call(flaky) == "ok"  # the app's result, unchanged
+    site = f"event subscriber {broken.__qualname__}"
+    logged = [r for r in caplog.records if site in r.getMessage()]
+    assert len(logged) == 1
+    counted = h.points("raptor.internal.errors")
+    assert counted == {
+        attrs(raptor__internal__site=site): counted[attrs(raptor__internal__site=site)]
+    }
+    # Each failed call publishes several events, each of which met the bug.
+    assert counted[attrs(raptor__internal__site=site)] >= 3
+    metric = h.metrics()["raptor.internal.errors"]
+    assert metric.unit == "{error}"
+    assert metric.data.is_monotonic  # type: ignore[union-attr]  # a Sum
+
+
+def test_internal_errors_stay_within_256_sites_and_never_go_back(h: Harness) -> None:
+    assert h.points("raptor.internal.errors") == {}
+    for number in range(300):
+        safety.report_internal_error(f"site {number}")
+    first = h.points("raptor.internal.errors")
+    assert len(first) == 257
+    assert first[attrs(raptor__internal__site="site 0")] == 1
+    assert first[attrs(raptor__internal__site="other")] == 44
+    assert attrs(raptor__internal__site="site 299") not in first
+    safety.report_internal_error("site 0")
+    safety.report_internal_error("site 298")
+    second = h.points("raptor.internal.errors")
+    assert second[attrs(raptor__internal__site="site 0")] == 2
+    assert second[attrs(raptor__internal__site="other")] == 45
+    assert all(second[key] >= value for key, value in first.items())

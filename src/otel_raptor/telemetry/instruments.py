@@ -22,6 +22,7 @@ from opentelemetry.metrics import (
     Counter,
     Histogram,
     Meter,
+    ObservableCounter,
     ObservableGauge,
     Observation,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ATTR_HTTP_REQUEST_METHOD",
     "ATTR_HTTP_REQUEST_RESEND_COUNT",
     "ATTR_HTTP_RESPONSE_STATUS_CODE",
+    "ATTR_INTERNAL_SITE",
     "ATTR_MEMORY_BYTES_FREED",
     "ATTR_MEMORY_CLEANUP_LEVEL",
     "ATTR_MEMORY_CLEANUP_TRIGGER",
@@ -108,6 +110,7 @@ __all__ = [
     "METRIC_BREAKER_TRANSITIONS",
     "METRIC_ERRORS",
     "METRIC_INSIGHTS",
+    "METRIC_INTERNAL_ERRORS",
     "METRIC_MEMORY_CLEANUPS",
     "METRIC_MEMORY_FREED",
     "METRIC_MEMORY_PRESSURE",
@@ -198,6 +201,7 @@ ATTR_INSIGHT_KIND: Final = "raptor.insight.kind"
 ATTR_INSIGHT_RECOMMENDATION: Final = "raptor.insight.recommendation"
 ATTR_INSIGHT_EVIDENCE: Final = "raptor.insight.evidence"
 ATTR_REPORT_DURATION: Final = "raptor.report.duration"
+ATTR_INTERNAL_SITE: Final = "raptor.internal.site"
 
 
 class AttributeType(str, enum.Enum):
@@ -384,6 +388,13 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
         bound="not on metrics",
     ),
     AttributeSpec(
+        key=ATTR_INTERNAL_SITE,
+        type=AttributeType.STRING,
+        values="where otel_raptor met a bug of its own: a code site (`drive.refusal`, "
+        "`telemetry.install`, `httpx.stale_lookup`, ...)",
+        bound="256 (then `other`)",
+    ),
+    AttributeSpec(
         key=ATTR_RESOURCE,
         type=AttributeType.STRING,
         values="`memory`, `process_memory`, `disk`, `file_descriptors`, `cpu`",
@@ -541,6 +552,7 @@ class InstrumentKind(str, enum.Enum):
     COUNTER = "counter"
     HISTOGRAM = "histogram"
     OBSERVABLE_GAUGE = "observable gauge"
+    OBSERVABLE_COUNTER = "observable counter"
 
     def __str__(self) -> str:
         return self.value
@@ -711,6 +723,16 @@ METRIC_RETRY_BUDGET_TOKENS: Final = InstrumentSpec(
     ),
     description="Retries the downstream's retry budget would allow right now.",
 )
+METRIC_INTERNAL_ERRORS: Final = InstrumentSpec(
+    name="raptor.internal.errors",
+    kind=InstrumentKind.OBSERVABLE_COUNTER,
+    unit="{error}",
+    attributes=(ATTR_INTERNAL_SITE,),
+    description=(
+        "Bugs otel_raptor met in itself and stepped aside from (the call went on without it),"
+        " since the process started."
+    ),
+)
 
 METRIC_PREDICTIONS: Final = InstrumentSpec(
     name="raptor.predictions",
@@ -845,6 +867,7 @@ INSTRUMENTS: Final[tuple[InstrumentSpec, ...]] = (
     METRIC_BREAKER_HEALTH,
     METRIC_BREAKER_FAILURE_RATE_THRESHOLD,
     METRIC_RETRY_BUDGET_TOKENS,
+    METRIC_INTERNAL_ERRORS,
     METRIC_PREDICTIONS,
     METRIC_PREVENTION_ACTIONS,
     METRIC_MEMORY_CLEANUPS,
@@ -1098,21 +1121,32 @@ def create_instruments(meter: Meter) -> Instruments:
 
 def create_gauges(
     meter: Meter, callbacks: Mapping[InstrumentSpec, GaugeCallback]
-) -> tuple[ObservableGauge, ...]:
-    """Create every observable gauge of ``INSTRUMENTS`` that the event sink reports (all but
-    ``MONITOR_INSTRUMENTS``) on ``meter``, each read by ``callbacks[spec]``. A gauge missing
-    from ``callbacks`` raises ``KeyError``: every documented gauge must be backed by a
-    callback."""
-    return tuple(
-        meter.create_observable_gauge(
-            spec.name,
-            callbacks=[callbacks[spec]],
-            unit=spec.unit,
-            description=spec.description,
+) -> tuple[ObservableGauge | ObservableCounter, ...]:
+    """Create every observable instrument (gauges, and the ``raptor.internal.errors``
+    counter) of ``INSTRUMENTS`` that the event sink reports (all but ``MONITOR_INSTRUMENTS``)
+    on ``meter``, each read by ``callbacks[spec]``. One missing from ``callbacks`` raises
+    ``KeyError``: every documented observable instrument must be backed by a callback."""
+    created: list[ObservableGauge | ObservableCounter] = []
+    for spec in INSTRUMENTS:
+        if spec in MONITOR_INSTRUMENTS:
+            continue
+        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE:
+            create: Callable[..., ObservableGauge | ObservableCounter] = (
+                meter.create_observable_gauge
+            )
+        elif spec.kind is InstrumentKind.OBSERVABLE_COUNTER:
+            create = meter.create_observable_counter
+        else:
+            continue
+        created.append(
+            create(
+                spec.name,
+                callbacks=[callbacks[spec]],
+                unit=spec.unit,
+                description=spec.description,
+            )
         )
-        for spec in INSTRUMENTS
-        if spec.kind is InstrumentKind.OBSERVABLE_GAUGE and spec not in MONITOR_INSTRUMENTS
-    )
+    return tuple(created)
 
 
 @dataclass(frozen=True, slots=True)

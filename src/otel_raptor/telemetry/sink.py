@@ -75,7 +75,7 @@ from otel_raptor.core.recovery import Outcome
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.runtime.forksafe import LockBox, register_lock
-from otel_raptor.runtime.safety import report_internal_error
+from otel_raptor.runtime.safety import internal_error_counts, report_internal_error
 from otel_raptor.runtime.state import Runtime, get_runtime
 from otel_raptor.telemetry.attributes import (
     DEFAULT_MAX_BREAKERS,
@@ -97,6 +97,7 @@ from otel_raptor.telemetry.instruments import (
     ATTR_ERROR_CATEGORY,
     ATTR_ERROR_SEVERITY,
     ATTR_ERROR_TYPE,
+    ATTR_INTERNAL_SITE,
     ATTR_MEMORY_BYTES_FREED,
     ATTR_MEMORY_CLEANUP_LEVEL,
     ATTR_MEMORY_CLEANUP_TRIGGER,
@@ -128,6 +129,7 @@ from otel_raptor.telemetry.instruments import (
     METRIC_BREAKER_FAILURE_RATE_THRESHOLD,
     METRIC_BREAKER_HEALTH,
     METRIC_BREAKER_STATE,
+    METRIC_INTERNAL_ERRORS,
     METRIC_MEMORY_PRESSURE,
     METRIC_MEMORY_PRESSURE_LEVEL,
     METRIC_PREDICTION_PROBABILITY,
@@ -782,6 +784,13 @@ class TelemetrySink:
             for service, tokens in self._runtime.budget_tokens().items()
         ]
 
+    def _observe_internal_errors(self) -> list[Observation]:
+        # Process-wide, as the safety net is: every sink reads the same counts.
+        return [
+            Observation(count, {ATTR_INTERNAL_SITE: site})
+            for site, count in internal_error_counts().items()
+        ]
+
     def _observe_utilization(self) -> list[Observation]:
         snapshot = self._runtime.resource_snapshot()
         resource = self._names.resource
@@ -985,6 +994,9 @@ class _GaugeHub:
             ),
             METRIC_RETRY_BUDGET_TOKENS: self._callback(
                 METRIC_RETRY_BUDGET_TOKENS.name, TelemetrySink._observe_budget_tokens, _lowest
+            ),
+            METRIC_INTERNAL_ERRORS: self._callback(
+                METRIC_INTERNAL_ERRORS.name, TelemetrySink._observe_internal_errors, _highest
             ),
             METRIC_RESOURCE_UTILIZATION: self._callback(
                 METRIC_RESOURCE_UTILIZATION.name, TelemetrySink._observe_utilization, _highest
