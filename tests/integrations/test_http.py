@@ -8,6 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.instrumentation.utils import (
     is_http_instrumentation_enabled,
     suppress_http_instrumentation,
@@ -105,6 +107,65 @@ def test_parse_origin_refuses_what_it_cannot_name(origin: str) -> None:
 
 def table(**config: Any) -> OriginTable:
     return OriginTable(Runtime(), RaptorConfig(**config), HttpHooks("timeout"))
+
+
+_URL_PARTS = st.sampled_from(
+    [
+        "http",
+        "https",
+        "HTTP",
+        "ftp",
+        "ws",
+        "a/b",
+        "",
+        "://",
+        "/",
+        "?",
+        "#",
+        "@",
+        ":",
+        "//",
+        "a.test",
+        "B.test",
+        "user:pw@",
+        "[::1]",
+        ":8080",
+        ":80",
+        "x",
+        "/p/q",
+        "?q=/a",
+        "#f/x",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(urls=st.lists(st.lists(_URL_PARTS, max_size=7).map("".join), min_size=1, max_size=12))
+def test_for_url_names_the_origin_for_prefix_would_whatever_came_before(urls: list[str]) -> None:
+    # for_url answers from the cache by the text up to the first "/" past the scheme: a hit
+    # must be the very origin the careful path names, in any order of URLs (cold or warm).
+    downstreams = table()
+    for url in urls + urls:
+        end = origin_end(url)
+        expected = downstreams.for_prefix(url[:end]) if end > 0 else None
+        assert downstreams.for_url(url) is expected, url
+
+
+def test_for_url_reads_an_origin_written_with_a_query_or_credentials_carefully() -> None:
+    downstreams = table()
+    plain = downstreams.for_url("http://a.test/x")
+    assert plain is not None
+    assert downstreams.for_url("http://a.test") is plain
+    assert downstreams.for_url("http://a.test?next=/b") is plain
+    assert downstreams.for_url("http://a.test#/b") is plain
+    assert downstreams.for_url("http://user:pw@a.test/x") is plain
+    assert downstreams.for_url("HTTP://A.TEST:80/y") is plain
+    assert downstreams.for_url("http://a.test.evil/x") is not plain
+    assert downstreams.for_url("http://a.test:8080/x") is not plain
+    assert downstreams.for_url("https://a.test/x") is not plain
+    assert downstreams.for_url("ftp://a.test/x") is None
+    assert downstreams.for_url("/relative") is None
+    assert all("pw" not in str(key) for key in downstreams._by_prefix)
 
 
 def test_origins_are_named_by_origin_and_share_one_breaker() -> None:

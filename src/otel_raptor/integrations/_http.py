@@ -659,6 +659,25 @@ class OriginTable:
         self._remember(prefix, origin)
         return origin
 
+    def for_url(self, url: str) -> Origin | None:
+        """The origin of an absolute URL, as :meth:`for_prefix` of its ``scheme://authority``.
+
+        The common case costs one ``str.find`` and one dictionary lookup instead of
+        :func:`origin_end`'s four finds: the text before the first ``/`` past the scheme's
+        ``//`` is looked up as written. A hit is exact: every string key is a prefix that
+        :meth:`for_prefix` remembered (``scheme://authority``, with no ``/``, ``?``, ``#``
+        nor userinfo in the authority), and a URL that starts with one and goes on with
+        ``/`` or ends has that very prefix. Anything else (a query or fragment right after
+        the authority, userinfo, an origin not seen yet) takes the careful path.
+        """
+        end = url.find("/", 8)  # past "https://": the scheme's own slashes come before
+        try:
+            return self._by_prefix[url if end < 0 else url[:end]]
+        except KeyError:
+            pass
+        end = origin_end(url)
+        return self.for_prefix(url[:end]) if end > 0 else None
+
     def for_parts(self, scheme: str, host: str, port: int | None) -> Origin | None:
         """The origin of an already split URL (httpx's ``URL.scheme``, ``.host``, ``.port``;
         ``port`` ``None`` for the scheme's default), or ``None`` when it is not HTTP(S)."""

@@ -392,8 +392,7 @@ class _Installed(HttpInstallation):
             if method is None or url is None:
                 return None
         text = url if type(url) is str else _text(url)
-        end = origin_end(text)
-        origin = self.table.for_prefix(text[:end]) if end > 0 else None
+        origin = self.table.for_url(text)
         if origin is None or not origin.enabled:
             return None
         name = method if type(method) is str else _text(method)
@@ -431,7 +430,7 @@ class _Installed(HttpInstallation):
             method,
             url,
             call_kwargs,
-            end,
+            origin_end(text),
             stale_key,
         )
         described.defaulted = defaulted
@@ -457,8 +456,7 @@ class _Installed(HttpInstallation):
     def _failover_plan(self, failed: _Call, target: str) -> tuple[CallPlan | None, dict[str, Any]]:
         """The plan (``None``: an origin left alone) and keyword arguments of ``failed`` sent
         to ``target``. Our code: may fail."""
-        end = origin_end(target)
-        origin = self.table.for_prefix(target[:end]) if end > 0 else None
+        origin = self.table.for_url(target)
         if origin is None or not origin.enabled:
             return None, failed.kwargs
         kwargs = failed.kwargs
