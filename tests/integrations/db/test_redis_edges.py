@@ -501,6 +501,75 @@ def test_not_executed_replies_are_retried_only_when_nothing_ran(
     assert attempts(installed) == [1, 3, 3, 1]
 
 
+# --- BUSY: a script holding the server -----------------------------------------------------------
+
+# Spins for ``ARGV[1]`` seconds of the server's clock, writing nothing: every other client's
+# command meanwhile gets ``BUSY`` (past ``busy-reply-threshold``) and is not executed.
+SPIN = (
+    "local function now() local t = redis.call('TIME') return t[1] + t[2] / 1e6 end "
+    "local stop = now() + tonumber(ARGV[1]) while now() < stop do end return 1"
+)
+
+
+@pytest.fixture
+def busy_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(options=("--busy-reply-threshold", "50"))  # BUSY after 50 ms
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def _busy_for(server: PrivateRedis, seconds: float) -> threading.Thread:
+    """Start a script that holds ``server`` for ``seconds``; returns once it answers ``BUSY``."""
+    spinner = redis.Redis(host="127.0.0.1", port=server.port)
+    thread = threading.Thread(target=spinner.eval, args=(SPIN, 0, seconds), daemon=True)
+    thread.start()
+    probe = socket.create_connection(("127.0.0.1", server.port), 5)
+    with probe:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            probe.sendall(b"*1\r\n$4\r\nPING\r\n")
+            if probe.recv(200).startswith(b"-BUSY "):
+                return thread
+            time.sleep(0.01)
+    raise TimeoutError("the script never made the server busy")
+
+
+def test_a_write_refused_with_busy_is_sent_again_and_applied_once(
+    install: Install, busy_redis: PrivateRedis
+) -> None:
+    """A ``BUSY`` reply is a refusal: the command was not executed, so a write is sent again
+    (with backoff, until the script ends) and applied exactly once; one call's attempts during
+    one busy spell do not open the breaker (the run holds one call only)."""
+    installed = install(RedisIntegration, max_retries=100, failure_threshold=3)
+    # The retries' backoff is 10-50 ms here: let the budget pay for a whole 0.6 s spell.
+    installed.runtime.configure(budget_min_retries_per_second=1000.0)
+    client = redis.Redis(host="127.0.0.1", port=busy_redis.port)
+    spinner = _busy_for(busy_redis, 0.6)
+    assert client.incr("counter") == 1
+    spinner.join(10)
+    assert redis.Redis(host="127.0.0.1", port=busy_redis.port).get("counter") == b"1"
+    finished = installed.of(RecoveryFinished)
+    assert [f.outcome for f in finished] == [Outcome.RECOVERED]
+    assert finished[0].attempts > 1
+    assert not opened(installed)
+
+
+def test_a_script_refused_with_busy_is_not_sent_again(
+    install: Install, busy_redis: PrivateRedis
+) -> None:
+    """``EVAL`` is not told apart from a script that wrote and then replied ``BUSY`` itself."""
+    installed = install(RedisIntegration, max_retries=5, failure_threshold=100)
+    client = redis.Redis(host="127.0.0.1", port=busy_redis.port)
+    spinner = _busy_for(busy_redis, 0.3)
+    with pytest.raises(redis.exceptions.ResponseError, match=r"^BUSY "):
+        client.eval("return redis.call('INCR', KEYS[1])", 1, "counter")
+    spinner.join(10)
+    assert attempts(installed) == [1]
+
+
 # --- asyncio pipelines without MULTI -------------------------------------------------------------
 
 

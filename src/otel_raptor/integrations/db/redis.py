@@ -12,10 +12,11 @@ raptor's loop decides what to retry, with the server's breaker, retry budget and
 - a command whose connection could not be opened (refused, timed out, failed ``AUTH``), or
   whose connection failed its health check (``health_check_interval``'s ``PING``, sent before
   the command), never reached the server: it may be sent again, write or not;
-- a reply saying the command was not executed (``LOADING``, ``TRYAGAIN``, ``MASTERDOWN``,
-  ``CLUSTERDOWN``) to a command that runs no code of its own: sent again. Not after ``EVAL``,
-  ``EVALSHA``, ``FCALL`` (and their ``_RO`` forms) or a module command (``JSON.SET``, ...):
-  a script, a function or a module may write and then reply with any error;
+- a reply saying the command was not executed (``LOADING``, ``BUSY``, ``TRYAGAIN``,
+  ``MASTERDOWN``, ``CLUSTERDOWN``) to a command that runs no code of its own: sent again.
+  Not after ``EVAL``, ``EVALSHA``, ``FCALL`` (and their ``_RO`` forms) or a module command
+  (``JSON.SET``, ...): a script, a function or a module may write and then reply with any
+  error;
 - a connection lost or timed out after sending: only a read-only command
   (:data:`~otel_raptor.core.db.REDIS_READ_ONLY_COMMANDS`) is sent again; ``INCR``, ``SET``,
   ``LPUSH``, ... are not.
@@ -99,8 +100,9 @@ SYSTEM: Final = "redis"
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
 #: Set on the connection pool of a node client that ``RedisCluster`` created for itself.
 CLUSTER_NODE_ATTRIBUTE: Final = "_otel_raptor_cluster_node"
-#: Set on a "not executed" reply (``LOADING``, ``TRYAGAIN``, ...) that stands for the whole
-#: call: a command that runs no code of its own, or a transaction rejected before ``EXEC`` ran.
+#: Set on a "not executed" reply (``LOADING``, ``BUSY``, ``TRYAGAIN``, ...) that stands for
+#: the whole call: a command that runs no code of its own, or a transaction rejected before
+#: ``EXEC`` ran.
 REFUSED_WHOLE_ATTRIBUTE: Final = "_otel_raptor_refused_whole"
 
 # Set while raptor runs a command: redis-py's Retry then makes one attempt.
@@ -254,13 +256,16 @@ def failure_point_for(redis: Any) -> PointOf:
         if hasattr(exceptions, name.rpartition(".")[2])
     )
     transport = (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
+    response_error = exceptions.ResponseError
 
     def failure_point(
         error: BaseException, classification: Classification
     ) -> tuple[FailurePoint, bool]:
         if is_not_sent(error):
             return FailurePoint.NOT_SENT, True
-        if isinstance(error, not_executed):
+        if isinstance(error, not_executed) or (
+            isinstance(error, response_error) and _busy_reply(error)
+        ):
             if getattr(error, REFUSED_WHOLE_ATTRIBUTE, False) is True:
                 return FailurePoint.ROLLED_BACK, True
             return FailurePoint.FAILED, True  # a script, a module or EXEC may have written
@@ -269,6 +274,14 @@ def failure_point_for(redis: Any) -> PointOf:
         return FailurePoint.FAILED, True  # the server answered
 
     return failure_point
+
+
+def _busy_reply(error: BaseException) -> bool:
+    """Whether ``error`` is a ``BUSY`` reply: a script or function holds the server, which
+    rejects every other command unexecuted until it ends (redis-py raises it as a plain
+    ``ResponseError``, prefix kept). ``BUSYKEY``/``BUSYGROUP`` are other errors."""
+    message = error.args[0] if error.args else None
+    return isinstance(message, str) and (message == "BUSY" or message.startswith("BUSY "))
 
 
 def _mark(error: BaseException, attribute: str) -> None:
