@@ -493,6 +493,41 @@ class TestPostgres:
         exc = caught(lambda: pg_open(pg, port=closed_port()))
         check(exc, C.CONNECTION, retryable=True)
 
+    def test_a_role_at_its_connection_limit_is_too_many_connections(self, pg: str) -> None:
+        # 53300, though psycopg and psycopg2 carry no SQLSTATE for a failed connection: as a
+        # plain connection failure, one connect's retries alone could open the breaker.
+        role = unique("raptor_lim")
+        with pg_session(pg) as s:
+            s.run(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+            try:
+                held = pg_open(pg, user=role)
+                try:
+                    exc = caught(lambda: pg_open(pg, user=role))
+                finally:
+                    held.close()
+            finally:
+                s.run(f"DROP ROLE IF EXISTS {role}")
+        result = check(exc, C.RESOURCE_EXHAUSTED, retryable=True)
+        assert result.code in (None, "53300")
+
+    @pytest.mark.parametrize(
+        ("sqlstate", "live_refusal"), [("53200", False), ("53100", True), ("53000", False)]
+    )
+    def test_insufficient_resources_are_not_retried(
+        self, pg: str, sqlstate: str, live_refusal: bool
+    ) -> None:
+        # Out of memory, disk full: sent again at once the statement meets the same shortage
+        # (and an out-of-memory query retried may bring the OOM killer onto the whole server).
+        with pg_session(pg) as s:
+            exc = caught(
+                lambda: s.run(
+                    f"DO $$ BEGIN RAISE EXCEPTION 'short' USING ERRCODE = '{sqlstate}'; END $$"
+                )
+            )
+        result = check(exc, C.RESOURCE_EXHAUSTED, retryable=False, code=sqlstate)
+        assert result.severity.value == "critical"
+        assert result.live_refusal is live_refusal
+
 
 def deadlock(
     open_session: Callable[[], PgSession],

@@ -487,6 +487,11 @@ _TABLE: tuple[Rule | None, ...] = (
     # A limit the configuration sets on one statement or session (temp_file_limit): the
     # query's doing, like a statement timeout, not the server running out.
     _sqlstate("configuration_limit", _C.QUERY, "53400"),
+    # Out of memory (53200) and the rest of class 53: not retried, read or write. Replaying a
+    # write in autocommit would apply nothing twice (the ERROR rolled its implicit transaction
+    # back), but it is no use: sent again at once, the statement meets the same shortage, and
+    # a query that ran a backend out of memory, retried, may bring the kernel's OOM killer
+    # onto the whole server.
     _sqlstate("insufficient_resources", _C.RESOURCE_EXHAUSTED, "53"),
     _sqlstate("connection", _C.CONNECTION, "08"),
     _sqlstate("integrity", _C.INTEGRITY, "23", "44"),
@@ -540,8 +545,12 @@ _TABLE: tuple[Rule | None, ...] = (
            message=r"password authentication failed|no password supplied"
                    r"|role \"[^\"]*\" does not exist|authentication failed"),
     _types("pg.authorization", _C.AUTHORIZATION, *_PG_CONNECT, message=r"permission denied"),
+    # 53300 (libpq gives psycopg no SQLSTATE for a failed connection): the server's limit, or
+    # a role's or a database's CONNECTION LIMIT. Read as a plain connection failure, one
+    # connect's retries alone opened the breaker of a server that serves everyone else.
     _types("pg.too_many_connections", _C.RESOURCE_EXHAUSTED, *_PG_CONNECT,
-           message=r"too many clients|remaining connection slots are reserved",
+           message=r"too many clients|remaining connection slots are reserved"
+                   r"|too many connections for (role|database)",
            retryable=True),
     _types("pg.unavailable", _C.UNAVAILABLE, *_PG_CONNECT,
            message=r"the database system is (starting up|shutting down|in recovery mode"

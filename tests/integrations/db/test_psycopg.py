@@ -9,6 +9,7 @@ connections), and from ports where nothing listens.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -279,6 +280,55 @@ def test_executemany_is_never_retried(install: Install, admin: Any, table: str) 
         with pytest.raises(psycopg.errors.SerializationFailure):
             cur.executemany(f"INSERT INTO {table} SELECT {table}_flaky(%s, '40001')", [(1,), (1,)])
     assert calls(admin, table) == 1
+
+
+def test_a_role_at_its_connection_limit_is_waited_for_without_opening_the_breaker(
+    install: Install, admin: Any, unique_name: str
+) -> None:
+    """53300 while connecting: nothing ran, so connecting is tried again with backoff until a
+    slot frees up; one caller's attempts are no outage, so the breaker stays closed."""
+    role = unique_name
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+    dsn = PG_DSN.replace("user=postgres", f"user={role}")
+    try:
+        held = psycopg.connect(dsn)
+        installed = install(PsycopgIntegration, max_retries=200, failure_threshold=3)
+        installed.runtime.configure(budget_min_retries_per_second=1000.0)
+        release = threading.Timer(0.3, held.close)
+        release.start()
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        release.join()
+        assert not installed.of(BreakerTransitioned)
+        finished = installed.of(RecoveryFinished)
+        assert [f.outcome for f in finished] == [Outcome.RECOVERED]
+        assert finished[0].category == "resource_exhausted"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            cur.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.mark.parametrize("sqlstate", ["53200", "53100"])
+def test_out_of_memory_or_disk_is_not_sent_again(
+    install: Install, admin: Any, table: str, sqlstate: str
+) -> None:
+    """Resources the server ran out of: a read or a write is not sent again (it would meet the
+    same shortage at once, and a query that ran the server out of memory, retried, may bring
+    the kernel's OOM killer onto every session)."""
+    installed = install(PsycopgIntegration)
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with pytest.raises(psycopg.OperationalError, match="injected 53"):
+            conn.execute(f"SELECT {table}_flaky(1, '{sqlstate}')")
+        with pytest.raises(psycopg.OperationalError, match="injected 53"):
+            conn.execute(f"INSERT INTO {table} SELECT {table}_flaky(2, '{sqlstate}')")
+    assert calls(admin, table) == 2
+    assert rows(admin, table) == 0
+    assert [f.attempts for f in installed.of(RecoveryFinished)] == [1, 1]
 
 
 def test_a_failing_read_is_retried_but_a_failing_write_is_not(
