@@ -160,6 +160,35 @@ def test_a_write_whose_answer_was_lost_is_not_replayed(install: Install, table: 
     assert finished.attempts == 1
 
 
+def test_a_write_past_its_read_timeout_is_not_replayed(install: Install, table: str) -> None:
+    """PyMySQL's ``read_timeout`` gave up on the answer; the server went on and applied the
+    write: its outcome was unknown, so it was never sent again. PyMySQL closed the connection,
+    so the read that timed out cannot be sent again on it either."""
+    installed = install(PyMySQLIntegration, failure_threshold=100)
+    for sql in ("SELECT SLEEP(0.6)", f"INSERT INTO {table} SELECT SLEEP(0.6)"):
+        conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True, read_timeout=0.2)
+        try:
+            with conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as raised:
+                cur.execute(sql)
+            assert raised.value.args[0] == 2013  # lost connection during query (timed out)
+        finally:
+            conn.close()
+    check = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        deadline = time.monotonic() + 10
+        while scalar(check, f"SELECT count(*) FROM {table}") == 0:
+            assert time.monotonic() < deadline, "the server never finished the INSERT"
+            time.sleep(0.05)
+        assert scalar(check, f"SELECT count(*) FROM {table}") == 1
+    finally:
+        check.close()
+    finished = installed.of(RecoveryFinished, SERVICE)
+    assert [(f.attempts, f.category, f.give_up_reason) for f in finished] == [
+        (1, "timeout", "not_replay_safe"),
+        (1, "timeout", "not_replay_safe"),
+    ]
+
+
 def test_an_open_breaker_fails_fast_with_pymysqls_connect_error(install: Install) -> None:
     install(PyMySQLIntegration, max_retries=0)
     # ssl_disabled: PyMySQL 1.2 builds an SSL context (loading the system's CA store, 50 ms
