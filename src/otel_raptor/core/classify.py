@@ -535,8 +535,11 @@ _TABLE: tuple[Rule | None, ...] = (
     _types("redis.OOM", _C.RESOURCE_EXHAUSTED, _RESPONSE, message=r"^OOM\b", live_refusal=True),
     _types("redis.READONLY", _C.UNAVAILABLE, _RESPONSE, message=r"^READONLY\b",
            live_refusal=True),
+    # Replies saying the command was not executed. ``BUSY`` (a script or function holds the
+    # server) has no class of its own in redis-py, and in a pipeline it comes annotated.
     _types("redis.LOADING", _C.UNAVAILABLE, _RESPONSE,
-           message=r"^(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b"),
+           message=r"^(Command # \d+ \(.*\) of pipeline caused error: )?"
+                   r"(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b"),
     # -- psycopg / psycopg2 connection failures (no SQLSTATE; the message is all there is) --------
     _types("pg.dns_again", _C.DNS, *_PG_CONNECT,
            message=r"temporary failure in name resolution", retryable=True),

@@ -557,6 +557,37 @@ def test_a_write_refused_with_busy_is_sent_again_and_applied_once(
     assert not opened(installed)
 
 
+def test_a_transaction_refused_with_busy_is_sent_again_and_applied_once(
+    install: Install, busy_redis: PrivateRedis
+) -> None:
+    installed = install(RedisIntegration, max_retries=100, failure_threshold=100)
+    installed.runtime.configure(budget_min_retries_per_second=1000.0)
+    client = redis.Redis(host="127.0.0.1", port=busy_redis.port)
+    spinner = _busy_for(busy_redis, 0.4)
+    assert client.pipeline().incr("counter").incr("counter").execute() == [1, 2]
+    spinner.join(10)
+    assert redis.Redis(host="127.0.0.1", port=busy_redis.port).get("counter") == b"2"
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.outcome, finished.attempts > 1) == (Outcome.RECOVERED, True)
+
+
+async def test_an_asyncio_write_refused_with_busy_is_sent_again_and_applied_once(
+    install: Install, busy_redis: PrivateRedis
+) -> None:
+    installed = install(RedisIntegration, max_retries=100, failure_threshold=100)
+    installed.runtime.configure(budget_min_retries_per_second=1000.0)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=busy_redis.port)
+    try:
+        spinner = await asyncio.to_thread(_busy_for, busy_redis, 0.4)
+        assert await client.incr("counter") == 1
+        await asyncio.to_thread(spinner.join, 10)
+    finally:
+        await client.aclose()
+    assert redis.Redis(host="127.0.0.1", port=busy_redis.port).get("counter") == b"1"
+    [finished] = installed.of(RecoveryFinished)
+    assert (finished.outcome, finished.attempts > 1) == (Outcome.RECOVERED, True)
+
+
 def test_a_script_refused_with_busy_is_not_sent_again(
     install: Install, busy_redis: PrivateRedis
 ) -> None:

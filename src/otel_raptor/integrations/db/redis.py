@@ -140,6 +140,9 @@ _HEALTH_CHECK_PING: Final = "_send_ping"
 _COMMAND_FUNCTIONS: Final = frozenset({"_execute_command", "execute_command"})
 _CLIENT_MODULES: Final = frozenset({"redis.client", "redis.asyncio.client"})
 _CONNECT_FUNCTION: Final = "connect"
+# The built-in rule for a reply saying the command was not executed, raised by redis-py as a
+# plain ``ResponseError`` (``BUSY``, in a pipeline or not; older redis-py: every one of them).
+_NOT_EXECUTED_RULE: Final = "redis.LOADING"
 
 
 class _Marker:
@@ -256,16 +259,16 @@ def failure_point_for(redis: Any) -> PointOf:
         if hasattr(exceptions, name.rpartition(".")[2])
     )
     transport = (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
-    response_error = exceptions.ResponseError
 
     def failure_point(
         error: BaseException, classification: Classification
     ) -> tuple[FailurePoint, bool]:
         if is_not_sent(error):
             return FailurePoint.NOT_SENT, True
-        if isinstance(error, not_executed) or (
-            isinstance(error, response_error) and _busy_reply(error)
-        ):
+        # The classifier tells the replies redis-py raises as a plain ``ResponseError``
+        # (``BUSY``, annotated in a pipeline or not): a user rule overriding it leaves them
+        # judged as answered, the safe side.
+        if isinstance(error, not_executed) or classification.rule == _NOT_EXECUTED_RULE:
             if getattr(error, REFUSED_WHOLE_ATTRIBUTE, False) is True:
                 return FailurePoint.ROLLED_BACK, True
             return FailurePoint.FAILED, True  # a script, a module or EXEC may have written
@@ -274,14 +277,6 @@ def failure_point_for(redis: Any) -> PointOf:
         return FailurePoint.FAILED, True  # the server answered
 
     return failure_point
-
-
-def _busy_reply(error: BaseException) -> bool:
-    """Whether ``error`` is a ``BUSY`` reply: a script or function holds the server, which
-    rejects every other command unexecuted until it ends (redis-py raises it as a plain
-    ``ResponseError``, prefix kept). ``BUSYKEY``/``BUSYGROUP`` are other errors."""
-    message = error.args[0] if error.args else None
-    return isinstance(message, str) and (message == "BUSY" or message.startswith("BUSY "))
 
 
 def _mark(error: BaseException, attribute: str) -> None:
