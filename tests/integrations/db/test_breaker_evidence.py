@@ -9,9 +9,10 @@ they counted)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import psycopg2
 import pymysql
 import pytest
 
-from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import BreakerTransitioned, RecoveryFinished
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
@@ -95,6 +97,74 @@ def test_idle_session_timeouts_leave_the_breaker_closed(install: Install) -> Non
             conn.close()
     with psycopg.connect(PG_DSN) as other:
         assert other.execute("SELECT 1").fetchone() == (1,)
+    assert installed.of(BreakerTransitioned) == []
+
+
+IDLE_TIMEOUTS = [
+    ("idle_in_transaction_session_timeout", True),  # 25P03: the open transaction is gone
+    ("idle_session_timeout", False),  # 57P05
+]
+
+
+def _idle_timed_out(module: Any, setting: str, in_transaction: bool) -> Any:
+    """A connection whose server session will end for ``setting`` while it idles (after an
+    ``INSERT`` that an open transaction, when ``in_transaction``, holds uncommitted)."""
+    conn = module.connect(f"{PG_DSN} options='-c {setting}=50ms'")
+    conn.autocommit = not in_transaction
+    if in_transaction:
+        conn.cursor().execute("INSERT INTO raptor_idle_rows VALUES (1)")
+    return conn
+
+
+@pytest.fixture
+def idle_rows() -> Iterator[Callable[[], int]]:
+    admin = psycopg.connect(PG_DSN, autocommit=True)
+    admin.execute("CREATE TABLE IF NOT EXISTS raptor_idle_rows (v int)")
+    admin.execute("DELETE FROM raptor_idle_rows")
+    yield lambda: int(admin.execute("SELECT count(*) FROM raptor_idle_rows").fetchone()[0])
+    admin.execute("DROP TABLE IF EXISTS raptor_idle_rows")
+    admin.close()
+
+
+@pytest.mark.usefixtures("postgres")
+@pytest.mark.parametrize(("setting", "in_transaction"), IDLE_TIMEOUTS)
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_idle_timeouts_reach_the_app_as_they_are_and_are_never_replayed(
+    install: Install,
+    idle_rows: Callable[[], int],
+    driver: str,
+    setting: str,
+    in_transaction: bool,
+) -> None:
+    """The server ended sessions idle past their limit; their next statement fails. Nothing
+    is sent again (the transaction is gone; the connection too), the app gets the driver's
+    own error, and with psycopg (57P05, 25P03: ``cancelled``) a pool's stale connections
+    meeting it after a quiet spell do not shut the other callers out of a healthy server.
+    psycopg2 gets no SQLSTATE, only "server closed the connection unexpectedly", which a
+    network cutting connections also says: it counts (its threshold is out of reach here)."""
+    module: Any = psycopg if driver == "psycopg" else psycopg2
+    integration = PsycopgIntegration if driver == "psycopg" else Psycopg2Integration
+    installed = install(integration, failure_threshold=3 if driver == "psycopg" else 100)
+    idle = [_idle_timed_out(module, setting, in_transaction) for _ in range(MISTAKES)]
+    try:
+        cursors = [conn.cursor() for conn in idle]
+        time.sleep(0.3)
+        for cursor in cursors:
+            with pytest.raises(module.Error) as raised:
+                cursor.execute("INSERT INTO raptor_idle_rows VALUES (2)")
+            assert not isinstance(raised.value, CircuitOpenError)
+    finally:
+        for conn in idle:
+            conn.close()
+    assert idle_rows() == 0
+    assert [f.attempts for f in installed.of(RecoveryFinished)] == [1] * MISTAKES
+    other = module.connect(PG_DSN)
+    try:
+        cursor = other.cursor()
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
+    finally:
+        other.close()
     assert installed.of(BreakerTransitioned) == []
 
 
@@ -232,3 +302,44 @@ def test_sqlite3_app_errors_leave_the_breaker_closed(install: Install, tmp_path:
     finally:
         other.close()
     assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("mysql")
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_pymysql_sessions_ended_for_wait_timeout_are_never_replayed(
+    install: Install, unique_name: str, in_transaction: bool
+) -> None:
+    """The server ended sessions idle past ``wait_timeout`` (8 hours by default: a pool's
+    connections after a quiet night); their next statement fails with "MySQL server has gone
+    away" or "Lost connection". Nothing is sent again (the connection is gone; an open
+    transaction with it), and the app gets PyMySQL's own error. (These count against the
+    breaker, as a network cutting connections does: its threshold is out of reach here.)"""
+    admin = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE TABLE {unique_name} (v INT)")
+    try:
+        installed = install(PyMySQLIntegration, failure_threshold=100)
+        idle = [pymysql.connect(**MYSQL_KWARGS, autocommit=not in_transaction) for _ in range(4)]
+        try:
+            for conn in idle:
+                with conn.cursor() as cur:
+                    cur.execute("SET SESSION wait_timeout = 1")
+                    if in_transaction:
+                        cur.execute(f"INSERT INTO {unique_name} VALUES (1)")
+            time.sleep(2.5)  # the server checks wait_timeout in whole seconds
+            for conn in idle:
+                with pytest.raises(pymysql.err.OperationalError) as raised:
+                    conn.cursor().execute(f"INSERT INTO {unique_name} VALUES (2)")
+                assert not isinstance(raised.value, CircuitOpenError)
+        finally:
+            for conn in idle:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        assert [f.attempts for f in installed.of(RecoveryFinished)] == [1] * len(idle)
+        with admin.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {unique_name}")
+            assert cur.fetchone() == (0,)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {unique_name}")
+        admin.close()
