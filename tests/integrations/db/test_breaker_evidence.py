@@ -169,6 +169,30 @@ def test_idle_timeouts_reach_the_app_as_they_are_and_are_never_replayed(
 
 
 @pytest.mark.usefixtures("postgres")
+def test_idle_sessions_an_admin_terminated_open_no_breaker(install: Install) -> None:
+    """``pg_terminate_backend`` on idle sessions (a reaper of idle connections): their next
+    statement fails with 57P01. The server is up and serves every other caller."""
+    module: Any = psycopg
+    installed = install(PsycopgIntegration, failure_threshold=3)
+    idle = [module.connect(PG_DSN) for _ in range(MISTAKES)]
+    try:
+        for conn in idle:
+            conn.autocommit = True
+        with psycopg.connect(PG_DSN, autocommit=True) as admin:
+            for conn in idle:
+                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        time.sleep(0.2)
+        for conn in idle:
+            with pytest.raises(module.OperationalError) as raised:
+                conn.cursor().execute("SELECT 1")
+            assert not isinstance(raised.value, CircuitOpenError)
+    finally:
+        for conn in idle:
+            conn.close()
+    assert installed.of(BreakerTransitioned) == []
+
+
+@pytest.mark.usefixtures("postgres")
 async def test_asyncpg_statement_timeouts_leave_the_breaker_closed(install: Install) -> None:
     # asyncpg's own timeout is its statement timeout: a bare TimeoutError, which must count no
     # more than the other drivers' 57014 (in a transaction or not).

@@ -118,6 +118,16 @@ def callers_limit(classification: Classification, rule: str) -> Classification:
     )
 
 
+def ended_by_server(classification: Classification, rule: str) -> Classification:
+    """``classification`` of a statement that found its session ended by the server (an
+    administrator's ``pg_terminate_backend``, a reaper of idle connections): still
+    ``connection``, but never counted against the breaker. Counted, a reaper's sweep of a
+    pool's idle connections opened a healthy server's breaker for every caller; a server
+    that really went down fails the reconnects that follow, and those count. ``rule`` says
+    which."""
+    return replace(classification, live_refusal=True, rule=rule)
+
+
 def mark_not_sent(error: BaseException) -> None:
     """Record that ``error`` was raised before anything reached the server."""
     try:

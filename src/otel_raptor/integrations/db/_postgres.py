@@ -11,11 +11,18 @@ from typing import Any, Final
 
 from otel_raptor.core.classification import Classification
 from otel_raptor.core.db import FailurePoint, conflict_code
-from otel_raptor.integrations.db._common import DbTarget, Server, is_not_sent, policy_timeout_ms
+from otel_raptor.integrations.db._common import (
+    DbTarget,
+    Server,
+    ended_by_server,
+    is_not_sent,
+    policy_timeout_ms,
+)
 
 __all__ = [
     "SYSTEM",
     "failure_point",
+    "refine_statement_failure",
     "server",
     "server_of_params",
     "statement_timeout_query",
@@ -46,6 +53,24 @@ def failure_point(
     # No SQLSTATE: the client lost the connection (or found it closed), and the server's
     # answer, if any, never arrived.
     return FailurePoint.UNKNOWN, False
+
+
+# The server ended the session: an administrator's ``pg_terminate_backend`` (a reaper of idle
+# connections) or a shutdown (57P01), a crash of another backend (57P02). psycopg2 loses the
+# server's message, and with it the SQLSTATE: its "server closed the connection unexpectedly"
+# is also what a network or a proxy cutting connections says, which must count.
+_ENDED_SQLSTATES: Final = frozenset({"57P01", "57P02"})
+
+
+def refine_statement_failure(
+    error: BaseException, classification: Classification
+) -> Classification:
+    """A statement (never a connect) that finds its session ended by the server is not
+    counted against the breaker (``ended_by_server``): a server shutting down or restarting
+    fails the reconnects that follow, and those count."""
+    if classification.code in _ENDED_SQLSTATES:
+        return ended_by_server(classification, "pg.session_ended")
+    return classification
 
 
 def _port(value: object) -> int | None:

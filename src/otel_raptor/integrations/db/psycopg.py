@@ -43,6 +43,7 @@ from otel_raptor.integrations.db._common import (
 )
 from otel_raptor.integrations.db._postgres import (
     failure_point,
+    refine_statement_failure,
     server,
     server_of_params,
     statement_timeout_query,
@@ -330,6 +331,7 @@ class PsycopgIntegration(DbIntegration):
             point=failure_point,
             read_only=method_read_only,
             partway=method_commits_partway,
+            refine=refine_statement_failure,
             unguarded=method_unguarded,
         )
 
