@@ -181,3 +181,65 @@ class TestRetryAfterFromHeaders:
                 raise RuntimeError("boom")
 
         assert retry_after_from_headers(Broken(), now_wall=NOW) is None
+
+
+class TestServerClock:
+    """Absolute times in a response are on the server's clock: read them against its ``Date``
+    header, not against ours, which may be minutes off (containers, VMs)."""
+
+    @pytest.mark.parametrize("skew", [-600, 600])
+    def test_http_date_is_read_against_the_response_date(self, skew: int) -> None:
+        server_now = NOW + skew
+        headers = {"Retry-After": http_date(server_now + 30), "Date": http_date(server_now)}
+        assert retry_after_from_headers(headers, now_wall=NOW) == 30.0
+
+    @pytest.mark.parametrize("skew", [-600, 600])
+    def test_x_ratelimit_reset_epoch_is_read_against_the_response_date(self, skew: int) -> None:
+        server_now = int(NOW) + skew
+        headers = {"X-RateLimit-Reset": str(server_now + 45), "Date": http_date(server_now)}
+        assert retry_after_from_headers(headers, now_wall=NOW) == 45.0
+        in_ms = {"X-RateLimit-Reset": str((server_now + 2) * 1000 + 500), "Date": headers["Date"]}
+        assert retry_after_from_headers(in_ms, now_wall=NOW) == 2.5
+
+    def test_a_date_before_the_response_date_is_now(self) -> None:
+        headers = {"Retry-After": http_date(NOW + 100), "Date": http_date(NOW + 700)}
+        assert retry_after_from_headers(headers, now_wall=NOW) == 0.0
+
+    def test_the_cap_still_applies(self) -> None:
+        headers = {"Retry-After": http_date(NOW - 600 + 2 * 86_400), "Date": http_date(NOW - 600)}
+        assert retry_after_from_headers(headers, now_wall=NOW) == MAX_RETRY_AFTER_S
+
+    @pytest.mark.parametrize("date", ["", "yesterday", "Tue, 99 Nov 2023", "12", "1700000000"])
+    def test_without_a_usable_date_our_clock_is_used(self, date: str) -> None:
+        headers = {"Retry-After": http_date(NOW + 30), "Date": date}
+        assert retry_after_from_headers(headers, now_wall=NOW) == 30.0
+        assert retry_after_from_headers({"Retry-After": http_date(NOW + 30)}, now_wall=NOW) == 30
+
+    def test_delay_seconds_ignore_the_date(self) -> None:
+        headers = {"Retry-After": "7", "Date": http_date(NOW + 600)}
+        assert retry_after_from_headers(headers, now_wall=NOW) == 7.0
+        headers = {"RateLimit-Reset": "12", "Date": http_date(NOW - 600)}
+        assert retry_after_from_headers(headers, now_wall=NOW) == 12.0
+
+    def test_any_header_spelling_and_type(self) -> None:
+        import httpx
+
+        date, later = http_date(NOW - 600), http_date(NOW - 570)
+        assert retry_after_from_headers({"DATE": date, "retry-after": later}, now_wall=NOW) == 30
+        headers = httpx.Headers({"date": date, "Retry-After": later})
+        assert retry_after_from_headers(headers, now_wall=NOW) == 30.0
+        raw = {b"Date": date.encode(), b"Retry-After": later.encode()}
+        assert retry_after_from_headers(raw, now_wall=NOW) == 30.0  # type: ignore[arg-type]
+
+    @given(
+        skew=st.integers(min_value=-10 * 86_400, max_value=10 * 86_400),
+        wait=st.integers(min_value=-3_600, max_value=2 * 86_400),
+        local=st.floats(min_value=1e9, max_value=4e9),
+    )
+    def test_the_wait_does_not_depend_on_our_clock(
+        self, skew: int, wait: int, local: float
+    ) -> None:
+        server_now = int(local) + skew
+        headers = {"Date": http_date(server_now), "Retry-After": http_date(server_now + wait)}
+        expected = min(max(float(wait), 0.0), MAX_RETRY_AFTER_S)
+        assert retry_after_from_headers(headers, now_wall=local) == expected
