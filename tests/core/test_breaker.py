@@ -421,6 +421,119 @@ def test_a_presumed_stuck_probe_that_ends_frees_a_slot() -> None:
     assert (core.probes_in_flight, core.probes_presumed_stuck) == (0, 0)
 
 
+def episode_two_with_a_late_probe_from_episode_one(
+    **options: Any,
+) -> tuple[BreakerCore, Permit, Permit]:
+    """Half-open #1 admits P1, which hangs; its lease runs out, P2 is admitted and fails; the
+    breaker reopens, and half-open #2 admits P3. Returns the core, P1 and P3."""
+    core = make(failure_threshold=1, recovery_timeout=10.0, half_open_max_calls=1, **options)
+    trip(core, 0.0)
+    p1, _ = core.acquire(10.0)
+    p2, _ = core.acquire(20.0)  # P1's lease ran out: presumed stuck
+    assert p1 == p2 == PROBE
+    reopened = core.on_failure(p2, 20.5, 0.5, TIMEOUT)
+    assert reopened is not None
+    assert reopened.to_state is OPEN
+    p3, half_open = core.acquire(30.5)
+    assert p3 == PROBE
+    assert half_open is not None
+    assert core.state is HALF_OPEN
+    return core, p1, p3
+
+
+@pytest.mark.parametrize("success_threshold", [1, 2])
+def test_a_late_probe_of_an_earlier_half_open_episode_closes_nothing(
+    success_threshold: int,
+) -> None:
+    core, p1, p3 = episode_two_with_a_late_probe_from_episode_one(
+        success_threshold=success_threshold
+    )
+    # P1's answer is 21 s old news, from before the breaker last reopened.
+    assert core.on_success(p1, 31.0, 21.0) is None
+    assert (core.state, core.probes_in_flight, core.probes_presumed_stuck) == (HALF_OPEN, 1, 0)
+    assert core.acquire(31.0) == (REJECTED, None)  # P3 still holds the only slot
+    if success_threshold == 2:  # and P1 did not count toward closing either
+        assert core.on_success(p3, 31.5, 1.0) is None
+        assert core.state is HALF_OPEN
+        p4, _ = core.acquire(31.5)
+        closed = core.on_success(p4, 31.6, 0.1)
+    else:
+        closed = core.on_success(p3, 31.5, 1.0)
+    assert closed is not None
+    assert closed.to_state is CLOSED
+
+
+def test_a_late_probe_of_an_earlier_half_open_episode_reopens_nothing() -> None:
+    core, p1, p3 = episode_two_with_a_late_probe_from_episode_one(success_threshold=1)
+    assert core.on_failure(p1, 31.0, 21.0, TIMEOUT) is None
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 1)
+    core.release(p1)  # nor does giving it back free P3's slot
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 1)
+    assert core.acquire(31.0) == (REJECTED, None)
+    assert core.failure_counts == {TIMEOUT: 3}  # still tallied, as every failure is
+    closed = core.on_success(p3, 31.5, 1.0)
+    assert closed is not None
+    assert closed.to_state is CLOSED
+
+
+def test_a_probe_of_an_earlier_episode_holds_no_slot_in_a_later_one() -> None:
+    # A new half-open episode starts with every slot free: P1 belongs to an episode whose
+    # verdict (P2's failure) is in.
+    core = make(failure_threshold=1, recovery_timeout=10.0, half_open_max_calls=2)
+    trip(core, 0.0)
+    p1, _ = core.acquire(10.0)
+    p2, _ = core.acquire(10.0)
+    assert core.on_failure(p2, 11.0, 1.0, TIMEOUT) is not None
+    assert core.acquire(21.0)[0] == PROBE
+    assert core.acquire(21.0)[0] == PROBE
+    assert (core.probes_in_flight, core.probes_presumed_stuck) == (2, 0)
+    assert core.acquire(21.0) == (REJECTED, None)
+    assert core.on_success(p1, 22.0, 12.0) is None
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 2)
+
+
+def test_a_probe_in_flight_at_reset_counts_in_no_later_episode() -> None:
+    core = make(failure_threshold=1, recovery_timeout=10.0, success_threshold=1)
+    trip(core, 0.0)
+    p1, _ = core.acquire(10.0)
+    assert core.reset(11.0) is not None
+    trip(core, 12.0)
+    p2, _ = core.acquire(22.0)
+    assert core.on_success(p1, 23.0, 13.0) is None
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 1)
+    closed = core.on_success(p2, 23.0, 1.0)
+    assert closed is not None
+    assert closed.to_state is CLOSED
+
+
+def test_a_forgotten_probe_that_ends_after_all_counts_nothing_and_frees_nothing() -> None:
+    core = make(failure_threshold=1, recovery_timeout=10.0, success_threshold=1)
+    trip(core, 0.0)
+    p1, _ = core.acquire(10.0)
+    core.forget_probes()
+    p2, _ = core.acquire(10.5)
+    assert p2 == PROBE
+    assert core.on_success(p1, 11.0, 1.0) is None
+    assert core.on_failure(p1, 11.0, 1.0, TIMEOUT) is None
+    core.release(p1)
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 1)
+    assert core.acquire(11.0) == (REJECTED, None)
+    closed = core.on_success(p2, 11.5, 1.0)
+    assert closed is not None
+    assert closed.to_state is CLOSED
+
+
+def test_a_probe_permit_equals_probe() -> None:
+    # Whatever tells episodes apart, a probe permit reads as PROBE: truthy, == PROBE, named so.
+    _, p1, p3 = episode_two_with_a_late_probe_from_episode_one()
+    for permit in (p1, p3):
+        assert permit == PROBE == int(permit)
+        assert permit
+        assert (permit.name, permit.value, repr(permit)) == ("PROBE", 2, "<Permit.PROBE: 2>")
+        assert isinstance(permit, Permit)
+        assert Permit(int(permit)) is PROBE
+
+
 class Sequence:
     """An ``rnd`` that returns the given values in order."""
 

@@ -1,9 +1,14 @@
 """The breaker state machine driven by hypothesis: random calls, outcomes, time and manual
-control, checked against invariants after every step."""
+control, checked against invariants after every step.
+
+Permits are ended in any order and at any time, so a probe often outlives its half-open
+episode (its lease ran out, or the breaker reopened, closed, was reset or forgot its probes):
+its outcome must then change nothing of a later episode."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -56,10 +61,38 @@ class BreakerMachine(RuleBasedStateMachine):
         self.config = config
         self.now = 0.0
         self.core = BreakerCore(config, now=self.now, rnd=random.Random(seed).random)
-        self.outstanding: list[Permit] = []
+        # Each permit with the probe episode it was admitted in: a new episode starts when
+        # the breaker goes half-open, and when it forgets its probes.
+        self.outstanding: list[tuple[Permit, int]] = []
+        self.episode = 0
         self.probe_successes = 0  # successes of probes while HALF_OPEN since entering it
         self.lease = max(config.recovery_timeout, 1.0)
         self.last_probe_at = -float("inf")  # when the latest probe was admitted
+
+    def new_episode(self) -> None:
+        self.episode += 1
+        self.last_probe_at = -float("inf")
+
+    def take(self, data: st.DataObject) -> tuple[Permit, bool]:
+        """An outstanding permit, and whether it is a probe of an earlier episode."""
+        return self.pop(data.draw(st.integers(0, len(self.outstanding) - 1)))
+
+    def pop(self, index: int) -> tuple[Permit, bool]:
+        permit, episode = self.outstanding.pop(index)
+        return permit, permit == Permit.PROBE and episode < self.episode
+
+    def everything(self) -> dict[str, Any]:
+        """All a late outcome could change, but the failure tally."""
+        core = self.core
+        snap = core.snapshot(self.now)
+        return {
+            **{f: getattr(snap, f) for f in snap.__slots__ if f != "failure_counts"},
+            "open_until": core.open_until,
+            "probes_presumed_stuck": core.probes_presumed_stuck,
+            "probe_successes": core._probe_successes,
+            "judging": core.judging,
+            "quiet": core.quiet,
+        }
 
     def check_transition(
         self, transition: Transition | None, before: CircuitState, before_forced: bool
@@ -74,6 +107,7 @@ class BreakerMachine(RuleBasedStateMachine):
         assert transition.at == self.now
         if after is HALF_OPEN:
             self.probe_successes = 0
+            self.new_episode()
         if after is OPEN and transition.reason is not R.MANUAL_OPEN:
             assert transition.open_for is not None
             assert 0.0 <= transition.open_for <= self.config.max_recovery_timeout
@@ -96,6 +130,9 @@ class BreakerMachine(RuleBasedStateMachine):
         if transition is not None:
             assert before is OPEN
             assert transition.reason is R.RECOVERY_TIMEOUT_ELAPSED
+            # A new episode: the probes of earlier ones hold no slot in it.
+            in_flight = live = 0
+            lease_over = True
         if permit is Permit.REJECTED:
             # Rejected only when open (and not yet due) or half-open with every slot taken by
             # a probe whose lease still runs.
@@ -103,26 +140,30 @@ class BreakerMachine(RuleBasedStateMachine):
             due = due and self.now >= open_until  # type: ignore[operator]
             assert (before is OPEN and not due) or (live >= cap and not lease_over)
             assert core.state is not CLOSED
-        elif permit is Permit.PROBE:
+        elif permit == Permit.PROBE:
             assert core.state is HALF_OPEN
             assert live < cap or lease_over
             if live >= cap:  # every probe in flight is now presumed stuck
                 assert core.probes_presumed_stuck == in_flight
             self.last_probe_at = self.now
-            self.outstanding.append(permit)
+            self.outstanding.append((permit, self.episode))
         else:
+            assert permit is Permit.CALL
             assert before is CLOSED
-            self.outstanding.append(permit)
+            self.outstanding.append((permit, self.episode))
 
     @precondition(lambda self: self.outstanding)
     @rule(data=st.data(), duration=st.sampled_from([0.0, 0.5, 2.0]))
     def succeed(self, data: st.DataObject, duration: float) -> None:
-        index = data.draw(st.integers(0, len(self.outstanding) - 1))
-        permit = self.outstanding.pop(index)
+        permit, stale = self.take(data)
         before, forced = self.core.state, self.core.forced_open
+        everything = self.everything()
         transition = self.core.on_success(permit, self.now, duration)
         self.check_transition(transition, before, forced)
-        if permit is Permit.PROBE and before is HALF_OPEN:
+        if stale:
+            assert transition is None
+            assert self.everything() == everything
+        elif permit == Permit.PROBE and before is HALF_OPEN:
             self.probe_successes += 1
             if self.probe_successes >= self.config.success_threshold:
                 assert transition is not None
@@ -143,14 +184,20 @@ class BreakerMachine(RuleBasedStateMachine):
         category=categories,
     )
     def fail(self, data: st.DataObject, duration: float, category: ErrorCategory) -> None:
-        index = data.draw(st.integers(0, len(self.outstanding) - 1))
-        permit = self.outstanding.pop(index)
+        permit, stale = self.take(data)
         before, forced = self.core.state, self.core.forced_open
+        everything = self.everything()
+        tally = self.core.failure_counts
         transition = self.core.on_failure(permit, self.now, duration, category)
         self.check_transition(transition, before, forced)
-        if category in NON_HEALTH_CATEGORIES:
+        tally[category] = tally.get(category, 0) + 1
+        assert self.core.failure_counts == tally  # every failure is tallied, late or not
+        if stale:
             assert transition is None
-        elif permit is Permit.PROBE and before is HALF_OPEN:
+            assert self.everything() == everything
+        elif category in NON_HEALTH_CATEGORIES:
+            assert transition is None
+        elif permit == Permit.PROBE and before is HALF_OPEN:
             assert transition is not None
             assert transition.reason is R.PROBE_FAILED
         elif transition is not None:
@@ -165,11 +212,24 @@ class BreakerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.outstanding)
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
-        index = data.draw(st.integers(0, len(self.outstanding) - 1))
-        permit = self.outstanding.pop(index)
+        permit, stale = self.take(data)
         before = self.core.state
+        everything = self.everything()
         self.core.release(permit)
         assert self.core.state is before
+        if stale:
+            assert self.everything() == everything
+
+    @rule()
+    def forget_probes(self) -> None:
+        before = self.everything()
+        self.core.forget_probes()
+        self.new_episode()
+        assert self.core.probes_in_flight == self.core.probes_presumed_stuck == 0
+        after = self.everything()
+        for slots in ("probes_in_flight", "probes_presumed_stuck"):
+            del before[slots], after[slots]
+        assert after == before  # only the probe slots changed
 
     @rule(dt=st.sampled_from([0.0, 0.3, 1.0, 4.0, 30.0, 1000.0]))
     def advance(self, dt: float) -> None:
@@ -219,7 +279,10 @@ class BreakerMachine(RuleBasedStateMachine):
         stuck = self.core.probes_presumed_stuck
         assert 0 <= stuck <= in_flight
         assert in_flight - stuck <= self.config.half_open_max_calls
-        assert in_flight == sum(1 for p in self.outstanding if p is Permit.PROBE)
+        # Exact for the latest episode; earlier episodes' probes are no longer tracked.
+        assert in_flight == sum(
+            1 for p, e in self.outstanding if p == Permit.PROBE and e == self.episode
+        )
 
     @invariant()
     def state_is_legal(self) -> None:
@@ -292,10 +355,61 @@ class BreakerMachine(RuleBasedStateMachine):
             assert snap.window_calls <= self.config.window_size
 
 
-BreakerMachine.TestCase.settings = settings(
+# Configs that reach half-open often: one counted failure trips, short open durations.
+probe_configs = st.builds(
+    CircuitBreakerConfig,
+    failure_threshold=st.just(1),
+    recovery_timeout=st.sampled_from([0.0, 1.0, 5.0]),
+    success_threshold=st.integers(1, 3),
+    half_open_max_calls=st.integers(1, 3),
+    window_size=st.integers(1, 10),
+    minimum_calls=st.integers(1, 10),
+    recovery_backoff_multiplier=st.sampled_from([1.0, 2.0]),
+    recovery_jitter=st.sampled_from([0.0, 1.0]),
+    adaptive_threshold=st.booleans(),
+)
+
+
+class LateProbeMachine(BreakerMachine):
+    """The same machine on breakers that go half-open often, so that probes outlive their
+    episode (a lease that runs out, another probe failing, a reset or ``forget_probes``) and
+    end in a later one: the checks of ``succeed``, ``fail`` and ``release`` then assert that
+    their outcomes change nothing."""
+
+    @initialize(config=probe_configs, seed=st.integers(0, 2**32 - 1))
+    def start(self, config: CircuitBreakerConfig, seed: int) -> None:
+        super().start(config, seed)
+
+    def take(self, data: st.DataObject) -> tuple[Permit, bool]:
+        # Calls outnumber probes by far: end a probe, when there is one, every other time.
+        probes = [i for i, (p, _) in enumerate(self.outstanding) if p == Permit.PROBE]
+        if probes and data.draw(st.booleans()):
+            return self.pop(data.draw(st.sampled_from(probes)))
+        return super().take(data)
+
+    @rule()
+    def acquire_more(self) -> None:  # rules are drawn evenly: this makes admissions likelier
+        self.acquire()
+
+    # Not rules here (a method of the same name without @rule hides the parent's): holding the
+    # breaker open or closing it by hand would keep most runs away from half-open.
+    def force_open(self) -> None:
+        raise NotImplementedError
+
+    def force_close(self) -> None:
+        raise NotImplementedError
+
+    def health_check(self, passed: bool) -> None:
+        raise NotImplementedError
+
+
+MACHINE_SETTINGS = settings(
     max_examples=150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+BreakerMachine.TestCase.settings = MACHINE_SETTINGS
 TestBreakerMachine = BreakerMachine.TestCase
+LateProbeMachine.TestCase.settings = MACHINE_SETTINGS
+TestLateProbeMachine = LateProbeMachine.TestCase

@@ -317,6 +317,41 @@ def test_low_level_api(clock: FakeClock) -> None:
     ]
 
 
+def test_a_probe_that_outlives_its_half_open_episode_decides_nothing_in_the_next(
+    clock: FakeClock,
+) -> None:
+    breaker = make(clock, failure_threshold=1, success_threshold=1, half_open_max_calls=1)
+    with pytest.raises(Boom):
+        breaker.call_sync(boom)
+    clock.advance(10.0)
+    started, answer = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def hangs() -> str:
+        started.set()
+        answer.wait(10.0)
+        return "old news"
+
+    old = threading.Thread(target=lambda: results.append(breaker.call_sync(hangs)))
+    old.start()  # the first probe of half-open #1, stuck
+    assert started.wait(10.0)
+    clock.advance(10.0)  # its lease runs out: another probe goes, and fails
+    with pytest.raises(Boom):
+        breaker.call_sync(boom)
+    assert breaker.state is OPEN
+    clock.advance(10.0)
+    probe = breaker.acquire()  # half-open #2's probe, still in flight
+    assert probe == Permit.PROBE
+    answer.set()  # the stuck probe of half-open #1 succeeds at last
+    old.join(10.0)
+    assert results == ["old news"]
+    snap = breaker.snapshot()
+    assert (snap.state, snap.probes_in_flight) == (HALF_OPEN, 1)
+    assert breaker.acquire() is Permit.REJECTED
+    breaker.record_success(probe, 0.1)
+    assert breaker.state is CLOSED
+
+
 def test_manual_control_publishes(clock: FakeClock) -> None:
     sink = Recorder()
     breaker = make(clock, sink)

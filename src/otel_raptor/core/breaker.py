@@ -37,8 +37,10 @@ the app fail more often than it would without us. So a trip needs one of:
   and the latest probe was admitted that long ago, the probes in flight are presumed stuck
   and stop counting against the cap. A probe that never ends (a call with no timeout to a
   blackholed downstream) would otherwise keep the breaker half-open, refusing every call,
-  long after the downstream is back. A presumed-stuck probe that does end is counted as any
-  late probe is.
+  long after the downstream is back. A presumed-stuck probe that does end within its own
+  half-open episode gives its slot back and counts; one that ends in a later episode is late
+  (below). Each episode starts with every slot free: the probes still out from earlier ones
+  are presumed stuck from then on.
   ``on_health_check`` lets an active health check (outside the core) close an open breaker
   after ``success_threshold`` passing checks in a row, without waiting for user traffic.
 * **Ignored categories** (``ignored_categories``, by default the non-health ones: client
@@ -46,8 +48,16 @@ the app fail more often than it would without us. So a trip needs one of:
   success nor failure: they are tallied in ``failure_counts`` only, leave the window and the
   consecutive-failure count alone, and a probe that ends with one just gives its slot back.
 * **Late results**: a ``CALL`` permit's outcome counts only while the breaker is still CLOSED
-  and a ``PROBE``'s only while it is still HALF_OPEN; otherwise the outcome only frees the
-  probe slot it held. A state change therefore never counts calls admitted under another state.
+  and a ``PROBE``'s only while the half-open episode that admitted it is still under way;
+  otherwise the outcome only frees the probe slot it held, and only while no later episode
+  has started. A state change therefore never counts calls admitted under another state, and
+  a probe that hung through one episode never decides the next: its success, from before the
+  breaker last reopened, does not help close it, nor does its failure reopen it. An episode
+  starts each time the breaker goes half-open, and again when ``forget_probes`` gives up on
+  the probes in flight (``reset`` closes the breaker: the next half-open is a new episode).
+  Each episode's probes hold their own ``PROBE`` object (see ``Permit``), so telling them
+  apart is an identity test on the failure and probe paths only, and nothing is added to
+  the CLOSED path. Failures are still tallied in ``failure_counts``, late or not.
 * **Adaptive threshold**: see ``adaptive_failure_rate_threshold`` (it only ever raises the
   configured threshold, for a downstream whose usual failure rate is high).
 * **Not judging** (``stop_judging``): when recording a success failed (a bug of ours), the
@@ -107,6 +117,11 @@ class Permit(enum.IntEnum):
     ``CALL``: a normal call through a closed breaker. ``PROBE``: a half-open trial call that
     holds one of the ``half_open_max_calls`` slots until its outcome (or ``release``) returns
     it. ``REJECTED``: do not run the call.
+
+    Compare a probe permit with ``==``, not ``is``: a half-open episode whose predecessor still
+    has probes out hands out its own ``PROBE`` object (same value, name and truth), so that the
+    breaker can tell a late probe of an earlier episode from its own (see "Late results" in the
+    module docstring). ``CALL`` and ``REJECTED`` are always the members themselves.
     """
 
     REJECTED = 0
@@ -133,12 +148,24 @@ UNREACHABLE: Final = frozenset({ErrorCategory.CONNECTION, ErrorCategory.DNS, Err
 # Preallocated answers, so that admitting or refusing a call without a transition allocates
 # nothing.
 _ADMIT_CALL: Final[Admission] = (Permit.CALL, None)
-_ADMIT_PROBE: Final[Admission] = (Permit.PROBE, None)
 _REJECT: Final[Admission] = (Permit.REJECTED, None)
 _SUCCESS: Final = int(CallOutcome.SUCCESS)
 _FAILURE: Final = int(CallOutcome.FAILURE)
 _SLOW_SUCCESS: Final = int(CallOutcome.SLOW_SUCCESS)
 _SLOW_FAILURE: Final = int(CallOutcome.SLOW_FAILURE)
+
+
+def _new_probe_permit() -> Permit:
+    """A ``PROBE`` permit that is not ``Permit.PROBE`` itself: equal to it in value, name and
+    truth, told apart only by identity. One per half-open episode that needs it, so that a
+    late probe's outcome is recognised with an ``is`` test, like ``CALL``'s, and no episode
+    number has to be carried or compared (nor wrap around)."""
+    # int.__new__ skips Enum.__new__ (which would return the member itself); the member's
+    # attributes (_name_, _value_, ...) make name, value and repr read as PROBE (a pickled
+    # copy comes back as Permit.PROBE itself).
+    permit = int.__new__(Permit, _PROBE.value)
+    permit.__dict__.update(_PROBE.__dict__)
+    return permit
 
 
 def _is_int(value: object) -> bool:
@@ -432,6 +459,8 @@ class BreakerCore:
         "_next_check",
         "_open_for",
         "_open_until",
+        "_probe",
+        "_probe_admission",
         "_probe_lease",
         "_probe_lease_ends",
         "_probe_successes",
@@ -475,7 +504,10 @@ class BreakerCore:
         self._ignored = config.ignored_categories
         self._interval = config.health_check_interval
         self._failure_counts = dict.fromkeys(ErrorCategory, 0)
-        self._probes = 0
+        # The permit of the current half-open episode's probes (see ``_new_episode``).
+        self._probe = _PROBE
+        self._probe_admission: Admission = (_PROBE, None)  # preallocated, as _ADMIT_CALL
+        self._probes = 0  # probes of the current episode in flight
         self._probe_lease = max(config.recovery_timeout, _MIN_PROBE_LEASE_S)
         self._probe_lease_ends = _INF
         self._probes_stuck = 0  # of ``_probes``: those presumed stuck (see the docstring)
@@ -519,10 +551,10 @@ class BreakerCore:
                 return _REJECT
             transition = self._move(_HALF_OPEN, TransitionReason.RECOVERY_TIMEOUT_ELAPSED, now)
             if self._admit_probe(now):
-                return (_PROBE, transition)
+                return (self._probe, transition)
             return (_REJECTED, transition)
         if self._admit_probe(now):
-            return _ADMIT_PROBE
+            return self._probe_admission
         return _REJECT
 
     def on_success(self, permit: Permit, now: float, duration: float) -> Transition | None:
@@ -549,8 +581,8 @@ class BreakerCore:
         return self.quiet and now < self._next_check
 
     def _on_other_success(self, permit: Permit, now: float) -> Transition | None:
-        self.quiet = False
-        if permit is _PROBE:
+        if permit is self._probe:
+            self.quiet = False
             self._end_probe()
             if self._state is _HALF_OPEN:
                 # A slow probe still proves the downstream answers: it counts as a success.
@@ -559,7 +591,8 @@ class BreakerCore:
                     return self._close(TransitionReason.PROBES_SUCCEEDED, now)
             return None
         if permit is not _CALL or self._state is not _CLOSED:
-            return None
+            return None  # a late call, or a probe of an earlier episode: nothing to count
+        self.quiet = False
         # A slow success.
         self._record(_SLOW_SUCCESS, now)
         self._consecutive = 0
@@ -599,7 +632,7 @@ class BreakerCore:
         """
         self._failure_counts[category] += 1
         if category in self._ignored or live_refusal or not self._judging:
-            if permit is _PROBE:
+            if permit is self._probe:
                 self._end_probe()
             return None
         if permit is _CALL:
@@ -616,7 +649,7 @@ class BreakerCore:
                 self._health_check(now)
             run_is_evidence = self._run_calls >= self._run_calls_needed or (category in UNREACHABLE)
             return self._check_trip(now, run_is_evidence)
-        if permit is _PROBE:
+        if permit is self._probe:
             self._end_probe()
             if self._state is _HALF_OPEN:
                 self._base_open = min(
@@ -628,8 +661,8 @@ class BreakerCore:
 
     def release(self, permit: Permit) -> None:
         """The call admitted with ``permit`` ended without a verdict (cancelled): a probe gives
-        its slot back; nothing is counted."""
-        if permit is _PROBE:
+        its slot back (unless an earlier episode's: see "Late results"); nothing is counted."""
+        if permit is self._probe:
             self._end_probe()
 
     def on_health_check(self, *, passed: bool, now: float) -> Transition | None:
@@ -652,10 +685,9 @@ class BreakerCore:
     def forget_probes(self) -> None:
         """Free every probe slot without a verdict: the probes in flight will never report
         (in a forked child, they belong to threads the child does not have). Nothing is
-        counted; a probe that does end later finds no slot to give back."""
-        self._probes = 0
-        self._probes_stuck = 0
-        self._probe_lease_ends = _INF
+        counted; a probe that does end later is taken for one of an earlier episode: it frees
+        no slot and counts nothing."""
+        self._new_episode()
 
     def stop_judging(self, now: float) -> Transition | None:
         """Stop judging the downstream: recording a success failed (a bug of ours, met by the
@@ -714,8 +746,9 @@ class BreakerCore:
 
     def reset(self, now: float) -> Transition | None:
         """Back to a new breaker's state: closed, empty window, no baseline, no failure counts.
-        Probes still in flight keep their slots until they end. Returns the transition to
-        CLOSED, or ``None`` if it was closed already."""
+        Probes still in flight keep their slots until they end or the next half-open episode
+        starts; their outcomes count in no later episode. Returns the transition to CLOSED, or
+        ``None`` if it was closed already."""
         previous = self._state
         self._init_state(now)
         for category in self._failure_counts:
@@ -752,7 +785,8 @@ class BreakerCore:
 
     @property
     def probes_in_flight(self) -> int:
-        """Probe permits handed out and not yet ended."""
+        """Probe permits of the latest half-open episode handed out and not yet ended (those
+        of earlier episodes, or forgotten by ``forget_probes``, are no longer tracked)."""
         return self._probes
 
     @property
@@ -856,6 +890,19 @@ class BreakerCore:
         self._probe_lease_ends = now + self._probe_lease
         return True
 
+    def _new_episode(self) -> None:
+        """Start a new probe episode: every slot free, and probes still out from earlier ones
+        (presumed stuck, or forgotten) no longer this episode's. Those hold the old permit
+        object; a new one is made only when there are any, so that flapping allocates
+        nothing."""
+        if self._probes:
+            probe = _new_probe_permit()
+            self._probe = probe
+            self._probe_admission = (probe, None)
+        self._probes = 0
+        self._probes_stuck = 0
+        self._probe_lease_ends = _INF
+
     def _end_probe(self) -> None:
         if self._probes > 0:
             self._probes -= 1
@@ -927,6 +974,7 @@ class BreakerCore:
         self._state = to_state
         if to_state is _HALF_OPEN:
             self._probe_successes = 0
+            self._new_episode()
         return Transition(previous, to_state, reason, now, open_for)
 
     def _health_check(self, now: float) -> None:
