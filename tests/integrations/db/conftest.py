@@ -90,6 +90,19 @@ def fast_config(
 Install = Callable[..., Installed]
 
 
+async def cancel_acknowledged(con: Any) -> None:
+    """Wait until the server has acknowledged the cancellation of ``con``'s timed-out statement.
+
+    asyncpg sends the CancelRequest on a second connection in the background, and the next
+    statement on ``con`` first waits for its acknowledgement within that statement's own
+    timeout: past it, asyncpg terminates ``con`` and raises TimeoutError before sending
+    anything. On a loaded machine the cancel round trip outlasts a short timeout, so a test
+    timing out statements one after another on one connection must wait here in between, or
+    its next TimeoutError is that wait's (and the statement after it finds ``con`` closed).
+    Private to asyncpg, but its own pool waits this way before releasing a connection."""
+    await con._protocol._wait_for_cancellation()
+
+
 @pytest.fixture
 def install() -> Iterator[Install]:
     done: list[Any] = []

@@ -17,7 +17,14 @@ from otel_raptor import CircuitOpenError
 from otel_raptor.core.events import BreakerTransitioned, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration, circuit_open_error_type
-from tests.integrations.db.conftest import PG_DSN, PG_URL, Install, create_pg_flaky, drop_pg_flaky
+from tests.integrations.db.conftest import (
+    PG_DSN,
+    PG_URL,
+    Install,
+    cancel_acknowledged,
+    create_pg_flaky,
+    drop_pg_flaky,
+)
 from tests.support.dbservers import free_port
 from tests.support.services import POSTGRES
 from tests.support.tcp_proxy import FaultProxy
@@ -174,8 +181,10 @@ async def test_the_default_statement_timeout_bounds_each_statement_of_a_batch_no
         # The caller's own timeout on a batch, and the default on one statement, still hold.
         with pytest.raises(asyncio.TimeoutError):
             await con.executemany(insert, rows, timeout=0.1)
+        await cancel_acknowledged(con)  # else the wait for it could be what times out below
         with pytest.raises(asyncio.TimeoutError):
             await con.execute("SELECT pg_sleep(0.5)")
+        assert await con.fetchval("SELECT 1", timeout=30) == 1  # con was not terminated
     finally:
         await con.close()
 

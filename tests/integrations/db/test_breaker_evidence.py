@@ -29,7 +29,13 @@ from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
 from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
 from otel_raptor.integrations.db.sqlite3 import SQLiteIntegration
-from tests.integrations.db.conftest import MYSQL_KWARGS, PG_DSN, PG_URL, Install
+from tests.integrations.db.conftest import (
+    MYSQL_KWARGS,
+    PG_DSN,
+    PG_URL,
+    Install,
+    cancel_acknowledged,
+)
 
 MISTAKES = 6
 
@@ -199,7 +205,8 @@ async def test_asyncpg_statement_timeouts_leave_the_breaker_closed(install: Inst
     installed = install(AsyncpgIntegration, failure_threshold=3)
     con = await asyncpg.connect(PG_URL)
     try:
-        for _ in range(MISTAKES):
+        for _ in range(MISTAKES):  # in a row: no statement in between could end the run
+            await cancel_acknowledged(con)
             with pytest.raises(asyncio.TimeoutError):
                 await con.fetchval("SELECT pg_sleep(0.2)", timeout=0.02)
         for _ in range(MISTAKES):
