@@ -76,6 +76,7 @@ __all__ = [
     "THROTTLED_HEADER",
     "AsyncHttpHooks",
     "INTEGRATION_CHECK",
+    "MOCKING_LIBRARIES",
     "PROCEED",
     "FailingResponse",
     "FallbackCall",
@@ -88,11 +89,13 @@ __all__ = [
     "StaleEntry",
     "http_enabled",
     "http_health_check",
+    "from_mocking_library",
     "is_failing_status",
     "canonical_host",
     "downstream_of",
     "origin_end",
     "parse_origin",
+    "raised_by_mock",
     "replay_safe",
     "resend_count",
     "stale_headers",
@@ -248,6 +251,39 @@ http_enabled: Callable[[], bool] = _enabled_check()
 def is_failing_status(status: object) -> bool:
     """Whether an HTTP status counts as a failure: ``429`` or ``500``-``599``."""
     return type(status) is int and (500 <= status <= 599 or status == 429)
+
+
+#: The top-level modules of the HTTP mocking libraries whose answers never leave the process:
+#: responses and requests-mock (requests), respx and pytest-httpx (httpx).
+MOCKING_LIBRARIES: Final = frozenset({"responses", "requests_mock", "respx", "pytest_httpx"})
+
+
+def from_mocking_library(thing: object) -> bool:
+    """Whether ``thing`` (a function, a class) is defined by one of
+    :data:`MOCKING_LIBRARIES`: a library's replacement of the method that does the network
+    I/O, or its own adapter. Anything else (an app's subclass that overrides the method, a
+    caching transport) is not, whatever it calls."""
+    module = getattr(thing, "__module__", None)
+    return type(module) is str and module.partition(".")[0] in MOCKING_LIBRARIES
+
+
+def raised_by_mock(failure: BaseException, real_io: tuple[str, ...]) -> bool:
+    """Whether ``failure`` was raised inside a mocking library's replacement of the network
+    I/O (its answer to an unregistered URL, an error registered as the answer) rather than by
+    the real I/O it passes some requests through to: of the frames between the caller and the
+    ``raise``, the innermost that belongs either to a mocking library or to a module of
+    ``real_io`` (module-name prefixes: the library's real transport) is a mocking library's."""
+    mocked = False
+    frames = failure.__traceback__
+    while frames is not None:
+        name = frames.tb_frame.f_globals.get("__name__")
+        if type(name) is str:
+            if name.partition(".")[0] in MOCKING_LIBRARIES:
+                mocked = True
+            elif name.startswith(real_io):
+                mocked = False
+        frames = frames.tb_next
+    return mocked
 
 
 class FailingResponse(Exception):

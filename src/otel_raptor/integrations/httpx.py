@@ -51,7 +51,9 @@ from otel_raptor.integrations._http import (
     Origin,
     OriginTable,
     StaleEntry,
+    from_mocking_library,
     http_enabled,
+    raised_by_mock,
     replay_safe,
     stale_headers,
     stale_key_headers,
@@ -212,6 +214,13 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
     return elsewhere
 
 
+#: The methods of an httpx transport, and of its httpcore pool, that do the network I/O.
+_IO_METHODS: Final = ("handle_request", "handle_async_request")
+
+#: Where httpx does its real network I/O (module-name prefixes): an error raised there came
+#: from the network, even under a mocking library that passed the request through.
+_REAL_IO: Final = ("httpx._transports.default", "httpcore")
+
 #: Transports of test clients that serve an app in the process (Starlette's and FastAPI's
 #: ``TestClient``, Litestar's), by the end of their class name: they are not httpx's.
 _TEST_CLIENT_TRANSPORT: Final = "TestClientTransport"
@@ -222,7 +231,9 @@ def _in_process_check() -> tuple[
 ]:
     """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
     the process rather than over the network: its transport is httpx's ``ASGITransport``,
-    ``WSGITransport`` or ``MockTransport``, or a test client's. A test suite's app answering
+    ``WSGITransport`` or ``MockTransport``, or a test client's (and, judging a failure only,
+    a mocking library's answer: respx's or pytest-httpx's, or an error raised inside either,
+    but never what either passed through to the network). A test suite's app answering
     ``500`` is the code under test, not a downstream: retrying it would run the handler again
     and change what the test sees, and counting it would open a breaker that refuses every
     later test's requests. Asked on the failure path only, and before the first attempt of an
@@ -242,6 +253,25 @@ def _in_process_check() -> tuple[
             _TEST_CLIENT_TRANSPORT
         )
 
+    network = (httpx.HTTPTransport, httpx.AsyncHTTPTransport)
+
+    def mocked(client: Any, failure: Exception) -> bool:
+        if not isinstance(failure, FailingResponse):
+            return raised_by_mock(failure, _REAL_IO)
+        response = failure.response
+        if "network_stream" in response.extensions:
+            return False  # read from a connection: a mock passed the request through
+        if from_mocking_library(getattr(type(client), "_transport_for_url", None)):
+            return True  # respx's "httpx" mocker: its transport for every URL
+        transport = client._transport_for_url(response.request.url)
+        kind = type(transport)
+        if any(from_mocking_library(getattr(kind, name, None)) for name in _IO_METHODS):
+            return True  # pytest-httpx
+        if kind not in network:
+            return False  # the app's own transport, whatever it calls
+        pool = type(getattr(transport, "_pool", None))
+        return any(from_mocking_library(getattr(pool, name, None)) for name in _IO_METHODS)
+
     def in_process(args: tuple[Any, ...]) -> bool:
         if len(args) != 2:
             return False
@@ -251,7 +281,7 @@ def _in_process_check() -> tuple[
         if len(args) != 2:
             return False
         client, request = args
-        if served_in_process(client, request):
+        if served_in_process(client, request) or mocked(client, failure):
             return True
         try:
             earlier = failure.response.history if isinstance(failure, FailingResponse) else ()

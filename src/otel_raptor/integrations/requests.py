@@ -44,8 +44,10 @@ from otel_raptor.integrations._http import (
     OriginTable,
     StaleEntry,
     downstream_of,
+    from_mocking_library,
     http_enabled,
     origin_end,
+    raised_by_mock,
     replay_safe,
     stale_headers,
     stale_key_headers,
@@ -288,6 +290,53 @@ def _proxy_unreachable(failure: BaseException) -> bool:
     return type(inner) is OSError and str(inner).startswith("Tunnel connection failed: 407")
 
 
+#: Where requests does its real network I/O (module-name prefixes): an error raised there
+#: came from the network, even under a mocking library that passed the request through.
+_REAL_IO: Final = ("requests.adapters", "urllib3")
+
+
+def _in_process(args: tuple[Any, ...]) -> bool:
+    """Whether a ``Session.request`` call (positional arguments ``(session, method, url)``)
+    is answered in the process by a mocking library rather than sent over the network: the
+    session's ``send`` is requests-mock's, or the ``send`` of the adapter mounted for its
+    URL is responses'. A test suite's mocked ``503`` is the code under test, not a
+    downstream: retrying it changes what the test sees (call counts, one-shot mocks), and
+    counting it opens a breaker that refuses every later test's requests to that origin.
+    Asked only off the fast path (a breaker that is not closed, a cooldown): a request
+    either library may pass through to the network then goes as without raptor."""
+    if len(args) != 3:
+        return False
+    session, _, url = args
+    send = session.send
+    if from_mocking_library(getattr(send, "__func__", send)):
+        return True
+    from requests.exceptions import InvalidSchema  # noqa: PLC0415 - imported by install()
+
+    try:
+        adapter = session.get_adapter(_text(url))
+    except InvalidSchema:  # requests raises it itself when sending
+        return False
+    return from_mocking_library(getattr(type(adapter), "send", None))
+
+
+def _failed_in_process(failure: Exception, args: tuple[Any, ...]) -> bool:
+    """Whether a failed attempt's failure is a mocking library's answer (see
+    :func:`_in_process`): a failing response that requests-mock made (its adapter, or its
+    stand-in for one, is the response's ``connection``) or that responses made (the
+    adapter's ``send`` is responses', and no urllib3 pool read it: one that responses passed
+    through did come from the network), or an error raised inside either library."""
+    if not isinstance(failure, FailingResponse):
+        return raised_by_mock(failure, _REAL_IO)
+    response = failure.response
+    adapter = type(getattr(response, "connection", None))
+    if from_mocking_library(adapter):
+        return True
+    return (
+        from_mocking_library(getattr(adapter, "send", None))
+        and getattr(getattr(response, "raw", None), "_pool", None) is None
+    )
+
+
 def _session_headers(session: Any) -> Any:
     return getattr(session, "headers", None)
 
@@ -344,16 +393,25 @@ class _Installed(HttpInstallation):
         super().__init__(settings)
         by_host = settings.config.breaker_key == "host"
         self.table = OriginTable(
-            settings.runtime, settings.config, HttpHooks("timeout", _elsewhere(by_host))
+            settings.runtime,
+            settings.config,
+            HttpHooks(
+                "timeout",
+                _elsewhere(by_host),
+                in_process=_in_process,
+                failed_in_process=_failed_in_process,
+            ),
         )
 
-    def send(self, wrapped: Callable[..., Any], described: _Call) -> Any:
-        """Run one described call; library errors pass through unchanged."""
+    def send(self, request: Callable[..., Any], session: Any, described: _Call) -> Any:
+        """Run one described call (``request`` is the original method, unbound); library
+        errors pass through unchanged."""
         try:
             response = call(
                 described.plan,
-                wrapped,
-                (described.method, described.url),
+                request,
+                # The session first, as on the fast path: the in-process check reads it.
+                (session, described.method, described.url),
                 described.kwargs,
                 described.fallback,
             )
@@ -365,7 +423,8 @@ class _Installed(HttpInstallation):
                 return answer
         else:
             return self.kept(described.stale_key, response, described.fallback)
-        return wrapped(described.method, described.url, **described.kwargs)  # as without us
+        # as without us
+        return request(session, described.method, described.url, **described.kwargs)
 
     def describe(
         self,
@@ -574,7 +633,7 @@ def _request_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **kwargs)  # as without us
         if described is None:
             return original(self, *args, **kwargs)
-        return installed.send(MethodType(original, self), described)  # type: ignore[arg-type]
+        return installed.send(original, self, described)  # type: ignore[arg-type]
 
     return request
 

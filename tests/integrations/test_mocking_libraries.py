@@ -1,0 +1,313 @@
+"""Requests answered by a mocking library (responses, requests-mock, respx, pytest-httpx).
+
+A test suite's mocked ``503`` is the code under test, not a downstream: retrying it changes
+what the test sees (call counts, one-shot mocks consumed) and counting it opens the origin's
+breaker, so that every later test's request there is refused. Apps often instrument at import
+time, so raptor is active in their test suites. Real network I/O (a loopback server, a mock's
+pass-through) stays guarded, as does a library merely imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import requests_mock
+import responses
+import respx
+from pytest_httpx import HTTPXMock
+
+from otel_raptor.config import RaptorConfig
+from otel_raptor.core.breaker import CircuitBreakerConfig
+from otel_raptor.core.events import Event, RecoveryFinished
+from otel_raptor.core.retry import RetryPolicy
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations._base import IntegrationSettings
+from otel_raptor.integrations.httpx import HttpxIntegration
+from otel_raptor.integrations.requests import RequestsIntegration
+from otel_raptor.runtime.state import Runtime
+from tests.support.faulty_http import FaultyHTTPServer, ok, status
+
+URL = "http://api.example.test/items"
+
+Install = Callable[..., Runtime]
+
+
+@pytest.fixture
+def install() -> Iterator[Install]:
+    """Installs both HTTP integrations (3 retries, a breaker that opens at the second counted
+    failure and stays open) and records the runtime's events."""
+    installed: list[RequestsIntegration | HttpxIntegration] = []
+    events: list[Event] = []
+
+    def run() -> Runtime:
+        settings = IntegrationSettings(
+            runtime=Runtime(),
+            config=RaptorConfig(
+                retry=RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.02),
+                breaker=CircuitBreakerConfig(
+                    failure_threshold=2, recovery_timeout=3600, recovery_jitter=0.0
+                ),
+            ),
+        )
+        settings.runtime.bus.subscribe(events.append)
+        for hook in (RequestsIntegration(), HttpxIntegration()):
+            hook.install(settings)
+            installed.append(hook)
+        run.events = events  # type: ignore[attr-defined]
+        return settings.runtime
+
+    yield run
+    for hook in installed:
+        hook.uninstall()
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyHTTPServer]:
+    with FaultyHTTPServer() as started:
+        yield started
+
+
+def closed(runtime: Runtime) -> bool:
+    return all(breaker.state is CircuitState.CLOSED for _, breaker in runtime.breakers.items())
+
+
+def recoveries(install: Install) -> list[Event]:
+    events: list[Event] = install.events  # type: ignore[attr-defined]
+    return [e for e in events if isinstance(e, RecoveryFinished)]
+
+
+# --- requests: responses -----------------------------------------------------------------------
+
+
+def test_a_503_mocked_by_responses_is_sent_once_and_never_counted(install: Install) -> None:
+    runtime = install()
+    with responses.RequestsMock() as mocked:
+        mocked.get(URL, status=503)
+        for _ in range(3):  # as three tests would: none is refused by a breaker
+            assert requests.get(URL).status_code == 503
+        assert len(mocked.calls) == 3
+    assert closed(runtime)
+    assert recoveries(install) == []
+
+
+def test_an_error_raised_by_responses_is_raised_once_and_never_counted(install: Install) -> None:
+    runtime = install()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mocked:
+        mocked.get(URL, body=requests.exceptions.ConnectionError("mocked"))
+        for _ in range(2):
+            with pytest.raises(requests.exceptions.ConnectionError, match="mocked"):
+                requests.get(URL)
+        with pytest.raises(requests.exceptions.ConnectionError, match="Connection refused by"):
+            requests.get(URL + "/unregistered")  # responses' own answer to an unknown URL
+        assert len(mocked.calls) == 3
+    assert closed(runtime)
+
+
+def test_a_real_503_passed_through_by_responses_is_still_retried(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503), ok("fine"))
+    with responses.RequestsMock() as mocked:
+        mocked.add_passthru(server.url("/"))
+        assert requests.get(server.url("/p")).text == "fine"
+    assert server.count() == 2
+
+
+# --- requests: requests-mock -------------------------------------------------------------------
+
+
+def test_a_503_mocked_by_requests_mock_is_sent_once_and_never_counted(install: Install) -> None:
+    runtime = install()
+    with requests_mock.Mocker() as mocked:
+        mocked.get(URL, status_code=503)
+        for _ in range(3):
+            assert requests.get(URL).status_code == 503
+        assert mocked.call_count == 3
+        with pytest.raises(requests_mock.NoMockAddress):
+            requests.get(URL + "/unregistered")
+        mocked.get(URL + "/timeout", exc=requests.exceptions.ConnectTimeout)
+        with pytest.raises(requests.exceptions.ConnectTimeout):
+            requests.get(URL + "/timeout")
+        assert mocked.call_count == 5
+    assert closed(runtime)
+    assert recoveries(install) == []
+
+
+def test_a_real_503_requests_mock_lets_through_is_still_retried(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503), ok("fine"))
+    with requests_mock.Mocker(real_http=True) as mocked:
+        mocked.get(URL, status_code=503)
+        assert requests.get(server.url("/p")).text == "fine"
+    assert server.count() == 2
+
+
+@pytest.mark.parametrize("library", ["responses", "requests-mock"])
+def test_a_mocked_request_goes_through_a_breaker_that_is_open(
+    install: Install, library: str
+) -> None:
+    # Opened by real failures earlier: the mock still answers, as without raptor.
+    runtime = install()
+    mocker: Any = responses.RequestsMock() if library == "responses" else requests_mock.Mocker()
+    with mocker as mocked:
+        mocked.get(URL)
+        assert requests.get(URL).status_code == 200  # makes the origin's breaker
+        ((_, breaker),) = runtime.breakers.items()
+        breaker.force_open()
+        assert requests.get(URL).status_code == 200
+        assert breaker.state is CircuitState.OPEN
+    assert recoveries(install) == []
+
+
+# --- httpx: respx ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("using", ["httpcore", "httpx"])
+def test_a_503_mocked_by_respx_is_sent_once_and_never_counted(install: Install, using: str) -> None:
+    runtime = install()
+    with respx.mock(using=using) as mocked:
+        route = mocked.get(URL).respond(503)
+        failing = mocked.get(URL + "/down").mock(side_effect=httpx.ConnectError)
+        with httpx.Client() as client:
+            for _ in range(3):
+                assert client.get(URL).status_code == 503
+            with pytest.raises(httpx.ConnectError):
+                client.get(URL + "/down")
+
+        async def send() -> int:
+            async with httpx.AsyncClient() as async_client:
+                return (await async_client.get(URL)).status_code
+
+        assert asyncio.run(send()) == 503
+        assert route.call_count == 4
+        assert failing.call_count == 1
+    assert closed(runtime)
+    assert recoveries(install) == []
+
+
+def test_a_real_503_passed_through_by_respx_is_still_retried(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install()
+    server.push(status(503), ok("fine"))
+    with respx.mock() as mocked:
+        mocked.route(host="127.0.0.1").pass_through()
+        with httpx.Client() as client:
+            assert client.get(server.url("/p")).text == "fine"
+    assert server.count() == 2
+
+
+# --- httpx: pytest-httpx -----------------------------------------------------------------------
+
+
+@pytest.mark.httpx_mock(assert_all_requests_were_expected=False)  # the one left unanswered
+def test_a_503_mocked_by_pytest_httpx_is_sent_once_and_never_counted(
+    install: Install, httpx_mock: HTTPXMock
+) -> None:
+    runtime = install()
+    # One response, matched once (pytest-httpx's default): a retry would find none left and
+    # get pytest-httpx's TimeoutException instead of the 503 the test registered.
+    httpx_mock.add_response(url=URL, status_code=503)
+    with httpx.Client() as client:
+        assert client.get(URL).status_code == 503
+        with pytest.raises(httpx.TimeoutException):
+            client.get(URL)  # no response left: pytest-httpx's own error
+
+    async def send() -> int:
+        async with httpx.AsyncClient() as async_client:
+            return (await async_client.get(URL)).status_code
+
+    httpx_mock.add_response(url=URL, status_code=503)
+    assert asyncio.run(send()) == 503
+    assert len(httpx_mock.get_requests()) == 3
+    assert closed(runtime)
+    assert recoveries(install) == []
+
+
+@pytest.mark.httpx_mock(should_mock=lambda request: request.url.host != "127.0.0.1")
+def test_a_real_503_pytest_httpx_lets_through_is_still_retried(
+    install: Install, server: FaultyHTTPServer, httpx_mock: HTTPXMock
+) -> None:
+    install()
+    server.push(status(503), ok("fine"))
+    with httpx.Client() as client:
+        assert client.get(server.url("/p")).text == "fine"
+    assert server.count() == 2
+
+
+# --- imported, not active ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx"])
+def test_a_real_503_is_still_retried_and_counted_with_the_libraries_imported(
+    install: Install, server: FaultyHTTPServer, library: str
+) -> None:
+    runtime = install()
+    assert all((responses, requests_mock, respx, HTTPXMock))  # imported, none started
+    server.push(status(503), ok("fine"))
+    get: Any = requests.get if library == "requests" else httpx.get
+    assert get(server.url("/a")).text == "fine"
+    assert server.count() == 2
+    server.default = status(503)
+    for _ in range(2):
+        assert get(server.url("/b")).status_code == 503
+    assert not closed(runtime)  # a real downstream's failures count
+
+
+# --- an adapter or transport of the app's own --------------------------------------------------
+
+
+class _CachingAdapter(requests.adapters.HTTPAdapter):
+    """An app's adapter that answers from its own store (a cache, say): not a mock's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        self.sent += 1
+        response = requests.Response()
+        response.status_code = 503
+        response._content = b"stale"
+        response.request = request
+        response.url = request.url or ""
+        response.connection = self
+        return response
+
+
+def test_an_adapter_of_the_app_own_is_still_guarded_while_responses_is_active(
+    install: Install,
+) -> None:
+    install()
+    adapter = _CachingAdapter()
+    with responses.RequestsMock(assert_all_requests_are_fired=False), requests.Session() as s:
+        s.mount("http://", adapter)
+        assert s.get(URL).status_code == 503
+    assert adapter.sent == 4  # retried, as before: its send is the app's, not responses'
+
+
+class _AppTransport(httpx.HTTPTransport):
+    """An app's subclass of httpx's transport that answers from its own store."""
+
+    sent = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        type(self).sent += 1
+        return httpx.Response(503, request=request)
+
+
+def test_a_transport_of_the_app_own_is_still_guarded_while_mocks_are_active(
+    install: Install, httpx_mock: HTTPXMock
+) -> None:
+    install()
+    with respx.mock(assert_all_called=False), httpx.Client(transport=_AppTransport()) as client:
+        assert client.get(URL).status_code == 503
+    assert _AppTransport.sent == 4  # its handle_request is the app's, not the mocks'
