@@ -1,4 +1,4 @@
-"""Requests answered by a mocking library (responses, requests-mock, respx, pytest-httpx).
+"""Requests answered by a mocking library (responses, requests-mock, respx).
 
 A test suite's mocked ``503`` is the code under test, not a downstream: retrying it changes
 what the test sees (call counts, one-shot mocks consumed) and counting it opens the origin's
@@ -19,7 +19,6 @@ import requests
 import requests_mock
 import responses
 import respx
-from pytest_httpx import HTTPXMock
 
 from otel_raptor.config import RaptorConfig
 from otel_raptor.core.breaker import CircuitBreakerConfig
@@ -205,44 +204,6 @@ def test_a_real_503_passed_through_by_respx_is_still_retried(
     assert server.count() == 2
 
 
-# --- httpx: pytest-httpx -----------------------------------------------------------------------
-
-
-@pytest.mark.httpx_mock(assert_all_requests_were_expected=False)  # the one left unanswered
-def test_a_503_mocked_by_pytest_httpx_is_sent_once_and_never_counted(
-    install: Install, httpx_mock: HTTPXMock
-) -> None:
-    runtime = install()
-    # One response, matched once (pytest-httpx's default): a retry would find none left and
-    # get pytest-httpx's TimeoutException instead of the 503 the test registered.
-    httpx_mock.add_response(url=URL, status_code=503)
-    with httpx.Client() as client:
-        assert client.get(URL).status_code == 503
-        with pytest.raises(httpx.TimeoutException):
-            client.get(URL)  # no response left: pytest-httpx's own error
-
-    async def send() -> int:
-        async with httpx.AsyncClient() as async_client:
-            return (await async_client.get(URL)).status_code
-
-    httpx_mock.add_response(url=URL, status_code=503)
-    assert asyncio.run(send()) == 503
-    assert len(httpx_mock.get_requests()) == 3
-    assert closed(runtime)
-    assert recoveries(install) == []
-
-
-@pytest.mark.httpx_mock(should_mock=lambda request: request.url.host != "127.0.0.1")
-def test_a_real_503_pytest_httpx_lets_through_is_still_retried(
-    install: Install, server: FaultyHTTPServer, httpx_mock: HTTPXMock
-) -> None:
-    install()
-    server.push(status(503), ok("fine"))
-    with httpx.Client() as client:
-        assert client.get(server.url("/p")).text == "fine"
-    assert server.count() == 2
-
-
 # --- imported, not active ----------------------------------------------------------------------
 
 
@@ -251,7 +212,7 @@ def test_a_real_503_is_still_retried_and_counted_with_the_libraries_imported(
     install: Install, server: FaultyHTTPServer, library: str
 ) -> None:
     runtime = install()
-    assert all((responses, requests_mock, respx, HTTPXMock))  # imported, none started
+    assert all((responses, requests_mock, respx))  # imported, none started
     server.push(status(503), ok("fine"))
     get: Any = requests.get if library == "requests" else httpx.get
     assert get(server.url("/a")).text == "fine"
@@ -305,7 +266,7 @@ class _AppTransport(httpx.HTTPTransport):
 
 
 def test_a_transport_of_the_app_own_is_still_guarded_while_mocks_are_active(
-    install: Install, httpx_mock: HTTPXMock
+    install: Install,
 ) -> None:
     install()
     with respx.mock(assert_all_called=False), httpx.Client(transport=_AppTransport()) as client:

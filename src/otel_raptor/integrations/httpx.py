@@ -232,8 +232,8 @@ def _in_process_check() -> tuple[
     """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
     the process rather than over the network: its transport is httpx's ``ASGITransport``,
     ``WSGITransport`` or ``MockTransport``, or a test client's (and, judging a failure only,
-    a mocking library's answer: respx's or pytest-httpx's, or an error raised inside either,
-    but never what either passed through to the network). A test suite's app answering
+    a mocking library's answer: respx's, or an error raised inside it, but never what it
+    passed through to the network). A test suite's app answering
     ``500`` is the code under test, not a downstream: retrying it would run the handler again
     and change what the test sees, and counting it would open a breaker that refuses every
     later test's requests. Asked on the failure path only, and before the first attempt of an
@@ -265,8 +265,6 @@ def _in_process_check() -> tuple[
             return True  # respx's "httpx" mocker: its transport for every URL
         transport = client._transport_for_url(response.request.url)
         kind = type(transport)
-        if any(from_mocking_library(getattr(kind, name, None)) for name in _IO_METHODS):
-            return True  # pytest-httpx
         if kind not in network:
             return False  # the app's own transport, whatever it calls
         pool = type(getattr(transport, "_pool", None))
