@@ -62,6 +62,7 @@ def fast_config(
     max_retries: int = 3,
     attempt_timeout: float | None = None,
     failure_threshold: int = 3,
+    minimum_calls: int = 20,
     recovery_timeout: float = 0.5,
     statement_timeout: float = 30.0,
     downstreams: tuple[DownstreamOverride, ...] = (),
@@ -76,6 +77,7 @@ def fast_config(
         ),
         breaker=CircuitBreakerConfig(
             failure_threshold=failure_threshold,
+            minimum_calls=minimum_calls,
             recovery_timeout=recovery_timeout,
             max_recovery_timeout=max(recovery_timeout, 1.0),
             recovery_jitter=0.0,

@@ -543,7 +543,10 @@ def test_a_write_refused_with_busy_is_sent_again_and_applied_once(
     """A ``BUSY`` reply is a refusal: the command was not executed, so a write is sent again
     (with backoff, until the script ends) and applied exactly once; one call's attempts during
     one busy spell do not open the breaker (the run holds one call only)."""
-    installed = install(RedisIntegration, max_retries=100, failure_threshold=3)
+    # minimum_calls: the failure-rate rule counts attempts, and this call's (10-50 ms apart,
+    # up to 100 of them) may reach the default 20 within the spell; in use (3 retries) a rate
+    # needs five calls' failures. The rule under test is the run's.
+    installed = install(RedisIntegration, max_retries=100, failure_threshold=3, minimum_calls=1000)
     # The retries' backoff is 10-50 ms here: let the budget pay for a whole 0.6 s spell.
     installed.runtime.configure(budget_min_retries_per_second=1000.0)
     client = redis.Redis(host="127.0.0.1", port=busy_redis.port)
@@ -560,7 +563,9 @@ def test_a_write_refused_with_busy_is_sent_again_and_applied_once(
 def test_a_transaction_refused_with_busy_is_sent_again_and_applied_once(
     install: Install, busy_redis: PrivateRedis
 ) -> None:
-    installed = install(RedisIntegration, max_retries=100, failure_threshold=100)
+    installed = install(
+        RedisIntegration, max_retries=100, failure_threshold=100, minimum_calls=1000
+    )
     installed.runtime.configure(budget_min_retries_per_second=1000.0)
     client = redis.Redis(host="127.0.0.1", port=busy_redis.port)
     spinner = _busy_for(busy_redis, 0.4)
@@ -574,7 +579,9 @@ def test_a_transaction_refused_with_busy_is_sent_again_and_applied_once(
 async def test_an_asyncio_write_refused_with_busy_is_sent_again_and_applied_once(
     install: Install, busy_redis: PrivateRedis
 ) -> None:
-    installed = install(RedisIntegration, max_retries=100, failure_threshold=100)
+    installed = install(
+        RedisIntegration, max_retries=100, failure_threshold=100, minimum_calls=1000
+    )
     installed.runtime.configure(budget_min_retries_per_second=1000.0)
     client = redis.asyncio.Redis(host="127.0.0.1", port=busy_redis.port)
     try:
