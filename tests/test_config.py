@@ -15,7 +15,6 @@ from otel_raptor.config import (
     config_from_toml,
 )
 from otel_raptor.config import environment as environment_module
-from otel_raptor.config import file as file_module
 
 
 class Reports:
@@ -591,20 +590,6 @@ def test_an_unreadable_or_invalid_file_is_reported_once(tmp_path: Path) -> None:
     _, reports = load(environ={ev.OTEL_PYTHON_RAPTOR_CONFIG: str(broken)})
     [error] = reports.errors
     assert error.allowed.startswith("valid TOML")
-
-
-def test_without_a_toml_parser_the_file_is_reported_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(file_module, "_toml_parser", lambda: None)
-    path = write(tmp_path, "max_services = 10\n")
-    config, reports = load(
-        environ={ev.OTEL_PYTHON_RAPTOR_CONFIG: str(path), ev.OTEL_PYTHON_RAPTOR_MAX_SERVICES: "9"}
-    )
-    [error] = reports.errors
-    assert error.key == ev.OTEL_PYTHON_RAPTOR_CONFIG
-    assert "tomli" in error.allowed
-    assert config.max_services == 9  # the environment still applies
 
 
 # --- policy_for --------------------------------------------------------------------------------

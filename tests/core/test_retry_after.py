@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import pytest
@@ -19,7 +19,7 @@ NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
 
 def http_date(epoch: float) -> str:
-    return format_datetime(datetime.fromtimestamp(epoch, tz=timezone.utc), usegmt=True)
+    return format_datetime(datetime.fromtimestamp(epoch, tz=UTC), usegmt=True)
 
 
 class TestParseRetryAfter:

@@ -203,12 +203,11 @@ def test_by_default_a_handled_timeout_is_not_recorded_and_asyncio_is_untouched(
         for _ in range(5):
             try:
                 await asyncio.wait_for(queue.get(), 0.001)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 idle += 1
-        if sys.version_info >= (3, 11):
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.001):
-                    await asyncio.sleep(1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.001):
+                await asyncio.sleep(1)
         return idle
 
     assert run(main()) == 5
@@ -245,7 +244,7 @@ def test_a_wait_for_timeout_is_recorded_and_re_raised_unchanged(recorder: Record
     async def main() -> None:
         try:
             await asyncio.wait_for(asyncio.sleep(1), 0.001)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             caught.append(exc)
         assert await asyncio.wait_for(asyncio.sleep(0, "done"), 1) == "done"
 
@@ -439,7 +438,7 @@ def test_an_idle_polling_consumer_counts_no_errors_unless_opted_in(
             for _ in range(3):
                 try:
                     await asyncio.wait_for(queue.get(), 0.001)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     idle += 1  # nothing queued yet: this loop's normal path
             return idle
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -98,7 +98,7 @@ def test_a_few_throttled_calls_wait_and_the_others_go_on(
 
 
 def http_date(epoch: float) -> str:
-    return format_datetime(datetime.fromtimestamp(epoch, tz=timezone.utc), usegmt=True)
+    return format_datetime(datetime.fromtimestamp(epoch, tz=UTC), usegmt=True)
 
 
 def skewed_throttle(skew: float, wait: int) -> Action:

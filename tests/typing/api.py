@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from typing_extensions import assert_type
+from typing import Any, assert_type
 
 import otel_raptor
 from otel_raptor import (

@@ -3,11 +3,9 @@ or a text)."""
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-from collections.abc import Callable
-from typing import Any, Final
+import tomllib
+from typing import Final
 
 from otel_raptor import environment_variables as env
 from otel_raptor.config._values import _TOP_FIELDS, Overrides
@@ -27,20 +25,6 @@ _TOP_SCALARS: Final = (
     "asyncio_timeouts",
 )
 _FILE_KEYS: Final = (*_TOP_TABLES, *_TOP_SCALARS, "downstreams", "monitor")
-
-
-def _toml_parser() -> Callable[[str], dict[str, Any]] | None:
-    """``tomllib.loads`` (3.11+), else ``tomli.loads`` when installed, else ``None``."""
-    if sys.version_info >= (3, 11):
-        import tomllib  # noqa: PLC0415 - only this function needs it
-
-        return tomllib.loads
-    try:
-        module = importlib.import_module("tomli")
-    except ImportError:
-        return None
-    loads: Callable[[str], dict[str, Any]] = module.loads
-    return loads
 
 
 def config_from_toml(
@@ -71,23 +55,13 @@ def config_from_toml(
         timeout = 5.0
         retry = { max_retries = 1 }      # completed from [retry]
 
-    An unreadable file, invalid TOML, a missing TOML parser (Python 3.10 without ``tomli``)
-    or an unknown key is returned as a problem; the rest is kept. The ``[[downstreams]]``
-    tables are returned raw under ``downstreams`` and checked by :meth:`RaptorConfig.load`.
+    An unreadable file, invalid TOML or an unknown key is returned as a problem; the rest is
+    kept. The ``[[downstreams]]`` tables are returned raw under ``downstreams`` and checked by
+    :meth:`RaptorConfig.load`.
     """
     name = os.fspath(path) if path is not None else "<toml>"
     overrides: Overrides = {}
     problems: list[ConfigError] = []
-    loads = _toml_parser()
-    if loads is None:
-        problems.append(
-            ConfigError(
-                env.OTEL_PYTHON_RAPTOR_CONFIG,
-                name,
-                "a TOML file readable on this Python: install tomli (Python < 3.11)",
-            )
-        )
-        return overrides, problems
     if text is None:
         if path is None:
             raise TypeError("config_from_toml() needs a path or text=")
@@ -104,7 +78,7 @@ def config_from_toml(
             )
             return overrides, problems
     try:
-        document = loads(text)
+        document = tomllib.loads(text)
     except ValueError as error:  # tomllib.TOMLDecodeError is a ValueError
         problems.append(ConfigError(env.OTEL_PYTHON_RAPTOR_CONFIG, name, f"valid TOML ({error})"))
         return overrides, problems

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
@@ -120,7 +120,7 @@ def _http_date(text: str) -> float | None:
         return None
     if when.tzinfo is None:
         # parsedate_to_datetime returns a naive datetime for "-0000"; RFC 9110 dates are UTC.
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     try:
         seconds = when.timestamp()
     except (OverflowError, OSError, ValueError):

@@ -154,13 +154,12 @@ class AsyncioIntegration:
         if vars(asyncio.tasks).get("wait_for") is wait_for:
             patches.append(_Patch(asyncio.tasks, "wait_for", wait_for, wrapped_wait_for))
 
-        if sys.version_info >= (3, 11):
-            from asyncio import timeouts  # noqa: PLC0415
+        from asyncio import timeouts  # noqa: PLC0415
 
-            aexit = vars(timeouts.Timeout)["__aexit__"]
-            patches.append(
-                _Patch(timeouts.Timeout, "__aexit__", aexit, self._wrap_timeout_aexit(aexit))
-            )
+        aexit = vars(timeouts.Timeout)["__aexit__"]
+        patches.append(
+            _Patch(timeouts.Timeout, "__aexit__", aexit, self._wrap_timeout_aexit(aexit))
+        )
         return patches
 
     def uninstall(self) -> None:

@@ -621,7 +621,7 @@ async def _within(
         nonlocal raised_itself
         try:
             return await awaitable
-        except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
+        except TimeoutError:  # two classes before Python 3.11
             raised_itself = True
             raise
 
@@ -634,7 +634,7 @@ async def _within(
             except TimeoutError:
                 raised_itself = True
                 raise
-    except (TimeoutError, asyncio.TimeoutError) as error:
+    except TimeoutError as error:
         convert = hooks.timed_out
         if raised_itself or convert is None:
             raise

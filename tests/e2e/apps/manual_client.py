@@ -54,10 +54,9 @@ def hooked() -> dict[str, tuple[object, str]]:
             "call_exception_handler",
         ),
     }
-    if sys.version_info >= (3, 11):
-        from asyncio import timeouts
+    from asyncio import timeouts
 
-        targets["asyncio.timeouts.Timeout.__aexit__"] = (timeouts.Timeout, "__aexit__")
+    targets["asyncio.timeouts.Timeout.__aexit__"] = (timeouts.Timeout, "__aexit__")
     return targets
 
 
@@ -69,7 +68,7 @@ def snapshot() -> dict[str, object]:
 async def timed_out() -> bool:
     try:
         await asyncio.wait_for(asyncio.sleep(5), timeout=0.01)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return True
     return False
 
