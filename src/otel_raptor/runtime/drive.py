@@ -621,7 +621,7 @@ async def _within(
         nonlocal raised_itself
         try:
             return await awaitable
-        except TimeoutError:  # two classes before Python 3.11
+        except TimeoutError:
             raised_itself = True
             raise
 
