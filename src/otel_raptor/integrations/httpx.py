@@ -214,7 +214,7 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
     return elsewhere
 
 
-#: The methods of an httpx transport, and of its httpcore pool, that do the network I/O.
+#: The methods of httpx's httpcore pool that do the network I/O (respx replaces them).
 _IO_METHODS: Final = ("handle_request", "handle_async_request")
 
 #: Where httpx does its real network I/O (module-name prefixes): an error raised there came
