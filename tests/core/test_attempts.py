@@ -89,9 +89,16 @@ class FakePort:
         *,
         retry: bool = False,
         live_refusal: bool = False,
+        unconfirmed: bool = False,
     ) -> None:
         self.breaker.on_failure(
-            permit, now, duration, category, retry=retry, live_refusal=live_refusal
+            permit,
+            now,
+            duration,
+            category,
+            retry=retry,
+            live_refusal=live_refusal,
+            unconfirmed=unconfirmed,
         )
 
     def release(self, permit: Permit) -> None:

@@ -7,6 +7,8 @@ import pytest
 
 from otel_raptor.core.breaker import (
     ADAPTIVE_ALPHA,
+    MAX_UNCONFIRMED_HELD,
+    UNCONFIRMED_HELD_S,
     BreakerCore,
     CircuitBreakerConfig,
     Permit,
@@ -1068,3 +1070,111 @@ def test_a_breaker_held_open_by_hand_is_left_held() -> None:
     assert core.stop_judging(1.0) is None
     assert core.judging
     assert core.acquire(2.0) == (REJECTED, None)
+
+
+# --- unconfirmed failures (a statement that found its pooled connection closed) -------------
+
+CONNECTION = ErrorCategory.CONNECTION
+
+
+def lose_connection(core: BreakerCore, now: float, *, retry: bool = False) -> Transition | None:
+    permit, _ = core.acquire(now)
+    return core.on_failure(permit, now, 0.001, CONNECTION, retry=retry, unconfirmed=True)
+
+
+def refused(core: BreakerCore, now: float) -> Transition | None:
+    permit, _ = core.acquire(now)
+    return core.on_failure(permit, now, 0.001, CONNECTION)
+
+
+def test_lost_connections_that_a_reconnect_disproves_never_count() -> None:
+    # A reaper closed a pool's ten idle sessions; the server serves every new one.
+    core = make(failure_threshold=3)
+    for i in range(10):
+        assert lose_connection(core, float(i)) is None
+    assert (core.state, core.consecutive_failures) == (CLOSED, 0)
+    assert core.snapshot(10.0).window_calls == 0
+    assert core.failure_counts == {CONNECTION: 10}  # tallied all the same
+    assert not core.quiet  # the success that drops them must be recorded
+    assert succeed(core, 10.0) is None  # the reconnect
+    # Dropped: the next run starts from nothing.
+    assert refused(core, 11.0) is None
+    assert refused(core, 11.0) is None
+    assert core.state is CLOSED
+    assert refused(core, 11.0) is not None
+
+
+def test_a_failed_reconnect_counts_the_lost_connections_before_it() -> None:
+    # The server went down: statements lose their connections, then the reconnect is refused.
+    core = make(failure_threshold=3)
+    assert lose_connection(core, 0.0) is None
+    assert lose_connection(core, 0.1) is None
+    transition = refused(core, 0.2)
+    assert transition is not None
+    assert (transition.to_state, transition.reason) == (OPEN, R.CONSECUTIVE_FAILURES)
+
+
+def test_held_failures_join_the_window_when_confirmed() -> None:
+    core = make(failure_threshold=100, minimum_calls=100, window_size=100)
+    for _ in range(4):
+        lose_connection(core, 0.0)
+    lose_connection(core, 0.0, retry=True)
+    refused(core, 1.0)
+    snap = core.snapshot(1.0)
+    assert (snap.window_calls, snap.window_failures, snap.consecutive_failures) == (6, 6, 6)
+
+
+def test_a_lost_connection_that_continues_a_run_counts_at_once() -> None:
+    core = make(failure_threshold=3)
+    assert refused(core, 0.0) is None
+    assert lose_connection(core, 0.1) is None
+    assert core.consecutive_failures == 2
+    assert lose_connection(core, 0.2) is not None
+
+
+def test_held_failures_expire() -> None:
+    later = UNCONFIRMED_HELD_S + 1.0
+    core = make(failure_threshold=3)
+    lose_connection(core, 0.0)
+    lose_connection(core, 0.0)
+    assert refused(core, later) is None
+    assert core.consecutive_failures == 1
+    # One held since long ago does not come back with a new one held.
+    core = make(failure_threshold=3)
+    lose_connection(core, 0.0)
+    lose_connection(core, later)
+    assert refused(core, later) is None
+    assert core.consecutive_failures == 2
+
+
+def test_at_most_max_unconfirmed_held() -> None:
+    core = make(failure_threshold=10_000, minimum_calls=10_000, window_size=10_000)
+    for _ in range(MAX_UNCONFIRMED_HELD * 3):
+        lose_connection(core, 0.0)
+    refused(core, 0.0)
+    assert core.consecutive_failures == MAX_UNCONFIRMED_HELD + 1
+
+
+def test_a_probe_that_lost_its_connection_is_no_verdict() -> None:
+    # After a restart the pool's connections are all stale: a probe that meets one must not
+    # reopen the breaker of a server that is back.
+    core = make(failure_threshold=1, recovery_timeout=10.0)
+    trip(core, 0.0)
+    permit, transition = core.acquire(10.0)
+    assert permit is PROBE
+    assert transition is not None
+    assert core.on_failure(permit, 10.0, 0.001, CONNECTION, unconfirmed=True) is None
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 0)
+    permit, _ = core.acquire(10.1)
+    assert permit is PROBE
+    assert core.on_success(permit, 10.1, 0.001) is None
+
+
+def test_leaving_closed_drops_what_is_held() -> None:
+    core = make(failure_threshold=3)
+    lose_connection(core, 0.0)
+    lose_connection(core, 0.0)
+    core.force_open(1.0)
+    core.force_close(2.0)
+    assert refused(core, 3.0) is None
+    assert core.consecutive_failures == 1

@@ -182,13 +182,19 @@ class BreakerMachine(RuleBasedStateMachine):
         data=st.data(),
         duration=st.sampled_from([0.0, 2.0]),
         category=categories,
+        unconfirmed=st.booleans(),
     )
-    def fail(self, data: st.DataObject, duration: float, category: ErrorCategory) -> None:
+    def fail(
+        self, data: st.DataObject, duration: float, category: ErrorCategory, unconfirmed: bool
+    ) -> None:
         permit, stale = self.take(data)
         before, forced = self.core.state, self.core.forced_open
+        run_before = self.core.consecutive_failures
         everything = self.everything()
         tally = self.core.failure_counts
-        transition = self.core.on_failure(permit, self.now, duration, category)
+        transition = self.core.on_failure(
+            permit, self.now, duration, category, unconfirmed=unconfirmed
+        )
         self.check_transition(transition, before, forced)
         tally[category] = tally.get(category, 0) + 1
         assert self.core.failure_counts == tally  # every failure is tallied, late or not
@@ -197,6 +203,10 @@ class BreakerMachine(RuleBasedStateMachine):
             assert self.everything() == everything
         elif category in NON_HEALTH_CATEGORIES:
             assert transition is None
+        elif unconfirmed and (run_before == 0 or permit == Permit.PROBE):
+            # Held until another failure confirms it (or a probe's: no verdict).
+            assert transition is None
+            assert self.core.consecutive_failures == run_before
         elif permit == Permit.PROBE and before is HALF_OPEN:
             assert transition is not None
             assert transition.reason is R.PROBE_FAILED
@@ -309,6 +319,15 @@ class BreakerMachine(RuleBasedStateMachine):
         before = core.snapshot(self.now)
         core._window.record(1, self.now)  # a plain success, recorded anyway
         assert core.snapshot(self.now) == before
+
+    @invariant()
+    def unconfirmed_failures_are_held_in_closed_only_and_never_quietly(self) -> None:
+        core = self.core
+        if core._unconfirmed:
+            assert core.state is CLOSED
+            assert core.consecutive_failures == 0
+            assert not core.quiet  # a success must come through and drop them
+            assert core._unconfirmed_calls <= core._unconfirmed
 
     @invariant()
     def health_is_bounded(self) -> None:

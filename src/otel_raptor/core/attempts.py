@@ -146,6 +146,7 @@ class DownstreamPort(Protocol):
         *,
         retry: bool = False,
         live_refusal: bool = False,
+        unconfirmed: bool = False,
     ) -> None: ...
 
     def release(self, permit: Permit) -> None: ...
@@ -383,6 +384,7 @@ class AttemptLoop:
             category,
             retry=attempts > 1,
             live_refusal=classification.live_refusal,
+            unconfirmed=classification.unconfirmed,
         )
         self._permit = _CALL
         self.classification = classification

@@ -58,6 +58,16 @@ the app fail more often than it would without us. So a trip needs one of:
   Each episode's probes hold their own ``PROBE`` object (see ``Permit``), so telling them
   apart is an identity test on the failure and probe paths only, and nothing is added to
   the CLOSED path. Failures are still tallied in ``failure_counts``, late or not.
+* **Unconfirmed failures** (``on_failure(unconfirmed=True)``): a failure that is evidence of
+  an outage only when another confirms it, such as a statement that finds its pooled
+  connection closed. A reaper of idle sessions closes a whole pool's connections while the
+  server serves every new one; counted, the first burst after a quiet spell opened the
+  breaker of a healthy server. In CLOSED such a failure counts at once when it continues a run
+  (a counted failure came before it, with no success since); otherwise it is held. A success
+  drops what is held; the next counted failure (the reconnect that a server which really went
+  down refuses) first counts what is held, as if it had counted when it happened. Held
+  failures expire after ``UNCONFIRMED_HELD_S`` seconds and are capped at
+  ``MAX_UNCONFIRMED_HELD``. A probe's unconfirmed failure is no verdict: it frees its slot.
 * **Adaptive threshold**: see ``adaptive_failure_rate_threshold`` (it only ever raises the
   configured threshold, for a downstream whose usual failure rate is high).
 * **Not judging** (``stop_judging``): when recording a success failed (a bug of ours), the
@@ -109,6 +119,11 @@ _DEFAULT_MAX_OPEN_S: Final = 600.0
 #: The shortest probe lease (see the module docstring), so that ``recovery_timeout=0`` does
 #: not lift the cap on probes in flight.
 _MIN_PROBE_LEASE_S: Final = 1.0
+#: How long an unconfirmed failure waits for a counted one to confirm it (see the module
+#: docstring): an app reconnects within seconds of losing a connection.
+UNCONFIRMED_HELD_S: Final = 30.0
+#: At most this many unconfirmed failures are held (a pool's connections, at most a window).
+MAX_UNCONFIRMED_HELD: Final = 100
 
 
 class Permit(enum.IntEnum):
@@ -472,6 +487,9 @@ class BreakerCore:
         "_run_calls_needed",
         "_slow_s",
         "_state",
+        "_unconfirmed",
+        "_unconfirmed_calls",
+        "_unconfirmed_since",
         "_window",
         "quiet",
     )
@@ -513,6 +531,11 @@ class BreakerCore:
         self._probes_stuck = 0  # of ``_probes``: those presumed stuck (see the docstring)
         # Two calls make a run evidence, unless one failure is all the user asks for.
         self._run_calls_needed = min(2, config.failure_threshold)
+        # Unconfirmed failures held (see the module docstring): how many, of how many calls,
+        # since when.
+        self._unconfirmed = 0
+        self._unconfirmed_calls = 0
+        self._unconfirmed_since = 0.0
         self._init_state(now)
 
     def _init_state(self, now: float) -> None:
@@ -523,6 +546,7 @@ class BreakerCore:
         self._forced = False
         self._consecutive = 0
         self._run_calls = 0  # distinct calls in the consecutive run (reset when a run starts)
+        self._forget_unconfirmed()
         self._probe_successes = 0
         self._checks_passed = 0
         self._open_until = _INF
@@ -563,7 +587,7 @@ class BreakerCore:
             window = self._window
             if not window.absorbs_success:
                 self._record(_SUCCESS, now)
-            self._consecutive = 0
+            self._consecutive = self._unconfirmed = 0
             if now >= self._next_check:
                 self._health_check(now)
             self.quiet = self._may_be_quiet and window.absorbs_success
@@ -595,7 +619,7 @@ class BreakerCore:
         self.quiet = False
         # A slow success.
         self._record(_SLOW_SUCCESS, now)
-        self._consecutive = 0
+        self._consecutive = self._unconfirmed = 0
         if now >= self._next_check:
             self._health_check(now)
         window = self._window
@@ -615,6 +639,7 @@ class BreakerCore:
         *,
         retry: bool = False,
         live_refusal: bool = False,
+        unconfirmed: bool = False,
     ) -> Transition | None:
         """The call admitted with ``permit`` failed after ``duration`` seconds.
 
@@ -628,7 +653,8 @@ class BreakerCore:
         the downstream is out of reach (``UNREACHABLE``: refused, DNS, TLS): a timeout, a 500
         or a 503 is about one request as often as about the server, and one call's retries of
         a slow or broken request must not open the breaker of a downstream that answers every
-        other.
+        other. ``unconfirmed``: a failure that counts only once another confirms it (see
+        "Unconfirmed failures" in the module docstring).
         """
         self._failure_counts[category] += 1
         if category in self._ignored or live_refusal or not self._judging:
@@ -639,6 +665,11 @@ class BreakerCore:
             if self._state is not _CLOSED:
                 return None
             self.quiet = False
+            if unconfirmed and self._consecutive == 0:
+                self._hold_unconfirmed(now, retry=retry)
+                return None
+            if self._unconfirmed:
+                self._count_unconfirmed(now)
             self._record(_SLOW_FAILURE if duration >= self._slow_s else _FAILURE, now)
             if self._consecutive == 0:  # a new run (a success ended the last one)
                 self._run_calls = 0
@@ -651,13 +682,46 @@ class BreakerCore:
             return self._check_trip(now, run_is_evidence)
         if permit is self._probe:
             self._end_probe()
-            if self._state is _HALF_OPEN:
+            if self._state is _HALF_OPEN and not unconfirmed:
                 self._base_open = min(
                     self._max_open,
                     self._base_open * self._config.recovery_backoff_multiplier,
                 )
                 return self._open(TransitionReason.PROBE_FAILED, now)
         return None
+
+    def _hold_unconfirmed(self, now: float, *, retry: bool) -> None:
+        if self._unconfirmed and now - self._unconfirmed_since > UNCONFIRMED_HELD_S:
+            self._forget_unconfirmed()
+        if self._unconfirmed >= MAX_UNCONFIRMED_HELD:
+            return
+        if not self._unconfirmed:  # the first held: the others' fields are stale
+            self._unconfirmed_since = now
+            self._unconfirmed_calls = 0
+        self._unconfirmed += 1
+        if not retry:
+            self._unconfirmed_calls += 1
+
+    def _count_unconfirmed(self, now: float) -> None:
+        # Confirmed by the counted failure being recorded at ``now``: the held ones join its
+        # run (which they started) as if they had counted when they happened.
+        held, calls = self._unconfirmed, self._unconfirmed_calls
+        fresh = now - self._unconfirmed_since <= UNCONFIRMED_HELD_S
+        self._forget_unconfirmed()
+        if not fresh:
+            return
+        if self._consecutive == 0:
+            self._run_calls = 0
+        record = self._record
+        for _ in range(held):
+            record(_FAILURE, now)
+        self._consecutive += held
+        self._run_calls += calls
+
+    def _forget_unconfirmed(self) -> None:
+        self._unconfirmed = 0
+        self._unconfirmed_calls = 0
+        self._unconfirmed_since = 0.0
 
     def release(self, permit: Permit) -> None:
         """The call admitted with ``permit`` ended without a verdict (cancelled): a probe gives
@@ -707,6 +771,7 @@ class BreakerCore:
         self._slow_s = _INF  # no success can trip the slow-call rule
         self._next_check = _INF
         self._consecutive = 0
+        self._forget_unconfirmed()
         self._checks_passed = 0
         self.forget_probes()
         previous = self._state
@@ -730,6 +795,7 @@ class BreakerCore:
             return None
         self._judge_again()
         self.quiet = False
+        self._forget_unconfirmed()
         previous = self._state
         self._state = _OPEN
         self._forced = True
@@ -952,6 +1018,7 @@ class BreakerCore:
         self._state = _CLOSED
         self._forced = False
         self._consecutive = 0
+        self._forget_unconfirmed()
         self._probe_successes = 0
         self._open_until = _INF
         self._open_for = None
@@ -970,6 +1037,7 @@ class BreakerCore:
         open_for: float | None = None,
     ) -> Transition:
         self.quiet = False
+        self._forget_unconfirmed()
         previous = self._state
         self._state = to_state
         if to_state is _HALF_OPEN:

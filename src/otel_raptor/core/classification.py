@@ -93,7 +93,11 @@ class Classification:
     answered and refused this call for a state of its own that lets other calls through (a
     Redis at ``maxmemory`` refusing writes with ``OOM``, a read-only replica refusing writes):
     evidence of degradation, not of an outage, so it never counts toward opening a breaker,
-    which would refuse the reads that still succeed.
+    which would refuse the reads that still succeed. ``unconfirmed``: a failure that is
+    evidence of an outage only if another one confirms it, such as a statement that finds
+    its pooled connection closed (by a reaper of idle sessions, or by a server that went
+    down): it counts toward opening a breaker only after a counted failure or before one,
+    with no success between (see ``BreakerCore.on_failure``).
     """
 
     category: ErrorCategory
@@ -105,6 +109,7 @@ class Classification:
     code: str | None = None
     rule: str = ""
     live_refusal: bool = False
+    unconfirmed: bool = False
 
     @property
     def counts_against_health(self) -> bool:

@@ -186,19 +186,27 @@ class CircuitBreaker:
         *,
         retry: bool = False,
         live_refusal: bool = False,
+        unconfirmed: bool = False,
     ) -> None:
         """The call admitted with ``permit`` failed after ``duration`` seconds, classified as
-        ``classification`` (its category and ``live_refusal`` matter here; a category will do,
-        with ``live_refusal`` given apart). ``retry``: a later attempt of a call that failed
-        already (see
+        ``classification`` (its category, ``live_refusal`` and ``unconfirmed`` matter here; a
+        category will do, with the other two given apart). ``retry``: a later attempt of a
+        call that failed already (see
         :meth:`BreakerCore.on_failure <otel_raptor.core.breaker.BreakerCore.on_failure>`)."""
         if isinstance(classification, ErrorCategory):
             category = classification
         else:
             category = classification.category
             live_refusal = live_refusal or classification.live_refusal
+            unconfirmed = unconfirmed or classification.unconfirmed
         self._record_failure(
-            permit, duration, category, now, retry=retry, live_refusal=live_refusal
+            permit,
+            duration,
+            category,
+            now,
+            retry=retry,
+            live_refusal=live_refusal,
+            unconfirmed=unconfirmed,
         )
 
     def health_check(self, *, passed: bool, now: float | None = None) -> Transition | None:
@@ -426,12 +434,19 @@ class CircuitBreaker:
         *,
         retry: bool = False,
         live_refusal: bool = False,
+        unconfirmed: bool = False,
     ) -> None:
         if now is None:
             now = self._monotonic()
         with self._lock:
             transition = self._core.on_failure(
-                permit, now, duration, category, retry=retry, live_refusal=live_refusal
+                permit,
+                now,
+                duration,
+                category,
+                retry=retry,
+                live_refusal=live_refusal,
+                unconfirmed=unconfirmed,
             )
         if transition is not None:
             self._publish_transition(transition)
@@ -439,15 +454,18 @@ class CircuitBreaker:
     def _failed(self, permit: Permit, duration: float, exc: Exception) -> None:
         # Runs while the caller's exception propagates: nothing here may replace it.
         try:
-            live_refusal = False
+            live_refusal = unconfirmed = False
             try:
                 classification = self._classifier(exc)
                 category = classification.category
                 live_refusal = getattr(classification, "live_refusal", False) is True
+                unconfirmed = getattr(classification, "unconfirmed", False) is True
             except Exception as error:  # noqa: BLE001 - a broken classifier must not hide exc
                 report_internal_error("breaker.classify", error)
                 category = ErrorCategory.UNKNOWN
-            self._record_failure(permit, duration, category, live_refusal=live_refusal)
+            self._record_failure(
+                permit, duration, category, live_refusal=live_refusal, unconfirmed=unconfirmed
+            )
         except Exception as error:  # noqa: BLE001
             report_internal_error("breaker.record_failure", error)
 

@@ -267,11 +267,18 @@ class Route:
         *,
         retry: bool = False,
         live_refusal: bool = False,
+        unconfirmed: bool = False,
     ) -> None:
         breaker = self.breaker
         if breaker is not None:
             breaker.record_failure(
-                permit, duration, category, now, retry=retry, live_refusal=live_refusal
+                permit,
+                duration,
+                category,
+                now,
+                retry=retry,
+                live_refusal=live_refusal,
+                unconfirmed=unconfirmed,
             )
 
     def release(self, permit: Permit) -> None:

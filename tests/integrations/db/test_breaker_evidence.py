@@ -144,13 +144,14 @@ def test_idle_timeouts_reach_the_app_as_they_are_and_are_never_replayed(
 ) -> None:
     """The server ended sessions idle past their limit; their next statement fails. Nothing
     is sent again (the transaction is gone; the connection too), the app gets the driver's
-    own error, and with psycopg (57P05, 25P03: ``cancelled``) a pool's stale connections
-    meeting it after a quiet spell do not shut the other callers out of a healthy server.
+    own error, and a pool's stale connections meeting it after a quiet spell do not shut the
+    other callers out of a healthy server. psycopg (57P05, 25P03) says which limit it was;
     psycopg2 gets no SQLSTATE, only "server closed the connection unexpectedly", which a
-    network cutting connections also says: it counts (its threshold is out of reach here)."""
+    server that went down also says: it counts only if a reconnect fails too, and here the
+    next connect succeeds."""
     module: Any = psycopg if driver == "psycopg" else psycopg2
     integration = PsycopgIntegration if driver == "psycopg" else Psycopg2Integration
-    installed = install(integration, failure_threshold=3 if driver == "psycopg" else 100)
+    installed = install(integration, failure_threshold=3)
     idle = [_idle_timed_out(module, setting, in_transaction) for _ in range(MISTAKES)]
     try:
         cursors = [conn.cursor() for conn in idle]
@@ -343,13 +344,13 @@ def test_pymysql_sessions_ended_for_wait_timeout_are_never_replayed(
     """The server ended sessions idle past ``wait_timeout`` (8 hours by default: a pool's
     connections after a quiet night); their next statement fails with "MySQL server has gone
     away" or "Lost connection". Nothing is sent again (the connection is gone; an open
-    transaction with it), and the app gets PyMySQL's own error. (These count against the
-    breaker, as a network cutting connections does: its threshold is out of reach here.)"""
+    transaction with it), the app gets PyMySQL's own error, and the breaker stays closed:
+    a lost connection counts only if the reconnect after it fails too."""
     admin = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
     with admin.cursor() as cur:
         cur.execute(f"CREATE TABLE {unique_name} (v INT)")
     try:
-        installed = install(PyMySQLIntegration, failure_threshold=100)
+        installed = install(PyMySQLIntegration, failure_threshold=3)
         idle = [pymysql.connect(**MYSQL_KWARGS, autocommit=not in_transaction) for _ in range(4)]
         try:
             for conn in idle:
@@ -370,6 +371,8 @@ def test_pymysql_sessions_ended_for_wait_timeout_are_never_replayed(
         with admin.cursor() as cur:
             cur.execute(f"SELECT count(*) FROM {unique_name}")
             assert cur.fetchone() == (0,)
+        pymysql.connect(**MYSQL_KWARGS).close()  # the pool's reconnect
+        assert installed.of(BreakerTransitioned) == []
     finally:
         with admin.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {unique_name}")

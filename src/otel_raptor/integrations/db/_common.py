@@ -17,11 +17,16 @@ call plans, chosen per call by the driver module:
 - ``locked``: a statement inside a transaction, or a batch (``executemany``, a pipeline that
   writes): never replayed. The breaker still counts it;
 - ``reads``: a statement that opens a transaction implicitly when it writes (sqlite3's legacy
-  transaction control): replayed only when it is read-only, as ``statement`` judges.
+  transaction control): replayed only when it is read-only, as ``statement`` judges;
+- ``cluster``: as ``locked``, for a client that reconnects where raptor cannot see it (a
+  Redis cluster client rereads its slot table from every node): a lost connection counts at
+  once, since no reconnect of ours would ever confirm it (see :func:`lost_connection`).
 
 A database's breaker never counts a conflict (``concurrency``: serialization failures,
 deadlocks, lock wait timeouts, SQLite busy, Redis ``WatchError``) against the server's
-health: it is a healthy server answering "not now". Its other rules are the configured ones.
+health: it is a healthy server answering "not now". A statement that lost its connection
+counts only once a failed reconnect confirms the server is gone (:func:`lost_connection`).
+Its other rules are the configured ones.
 
 Refusals: an open breaker raises the driver's own error class mixed with
 :class:`~otel_raptor.errors.CircuitOpenError` (:func:`refusal_factory`), so existing
@@ -80,6 +85,7 @@ __all__ = [
     "StatementHooks",
     "callers_limit",
     "is_not_sent",
+    "lost_connection",
     "mark_not_sent",
     "method_commits_partway",
     "method_read_only",
@@ -98,6 +104,12 @@ NOT_SENT_ATTRIBUTE: Final = "_otel_raptor_not_sent"
 _STATEMENT: Final = Operation.STATEMENT
 _BATCH: Final = Operation.BATCH
 _ROLLED_BACK: Final = FailurePoint.ROLLED_BACK
+_CONNECTION: Final = ErrorCategory.CONNECTION
+#: ``Classification.code`` of failures that mean the server cannot be reached at all: never
+#: a connection the server closed.
+_UNREACHABLE_CODES: Final = frozenset(
+    {"ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN"}
+)
 
 #: ``(failure, classification) -> (failure point, can the client send again)``.
 PointOf = Callable[[BaseException, Classification], tuple[FailurePoint, bool]]
@@ -120,12 +132,41 @@ def callers_limit(classification: Classification, rule: str) -> Classification:
 
 def ended_by_server(classification: Classification, rule: str) -> Classification:
     """``classification`` of a statement that found its session ended by the server (an
-    administrator's ``pg_terminate_backend``, a reaper of idle connections): still
-    ``connection``, but never counted against the breaker. Counted, a reaper's sweep of a
-    pool's idle connections opened a healthy server's breaker for every caller; a server
-    that really went down fails the reconnects that follow, and those count. ``rule`` says
-    which."""
-    return replace(classification, live_refusal=True, rule=rule)
+    administrator's ``pg_terminate_backend``, a reaper of idle connections, a shutdown):
+    ``unconfirmed`` (see :func:`lost_connection`). ``rule`` says which."""
+    return replace(classification, unconfirmed=True, rule=rule)
+
+
+def lost_connection(
+    refine: Callable[[BaseException, Classification], Classification] | None,
+) -> Callable[[BaseException, Classification], Classification]:
+    """The ``refine`` hook of statements: ``refine`` (the driver's), then a statement that
+    lost its connection after it was opened is ``unconfirmed``
+    (:attr:`~otel_raptor.core.classification.Classification.unconfirmed`). On its own it
+    cannot tell a server that went down from one that reaped the pool's idle sessions
+    (``idle_session_timeout``, MySQL's ``wait_timeout``, a DBA's ``pg_terminate_backend``,
+    Redis's ``timeout``), which serves every new connection: counted, the first burst after a
+    quiet spell opened a healthy server's breaker. The reconnect that follows tells them
+    apart: refused, it counts, and the lost connections with it; opened, they are dropped.
+    A failure raised before anything was sent (Redis reconnecting inside a command:
+    :func:`is_not_sent`), and one that says the server cannot be reached
+    (``ECONNREFUSED``, an unreachable host or network: a client reconnecting inside the
+    call, as a Redis cluster does), is that reconnect, and counts as it is."""
+
+    def refined(failure: BaseException, classification: Classification) -> Classification:
+        if refine is not None:
+            classification = refine(failure, classification)
+        if (
+            classification.category is _CONNECTION
+            and classification.code not in _UNREACHABLE_CODES
+            and not classification.unconfirmed
+            and not classification.live_refusal
+            and not is_not_sent(failure)
+        ):
+            return replace(classification, unconfirmed=True)
+        return classification
+
+    return refined
 
 
 def mark_not_sent(error: BaseException) -> None:
@@ -360,6 +401,7 @@ class DbTarget:
     """
 
     __slots__ = (
+        "cluster",
         "connect",
         "enabled",
         "locked",
@@ -388,12 +430,12 @@ class DbTarget:
         )
         self.service = target.service
         self.connect = target.plan(replay_safe=True)
+        never = LoopSpec.of(policy.retry, replay_safe=False)
         self.locked = CallPlan(
-            target.route,
-            LoopSpec.of(policy.retry, replay_safe=False),
-            runtime=runtime,
-            clock=runtime.clock,
-            hooks=owner.locked_hooks,
+            target.route, never, runtime=runtime, clock=runtime.clock, hooks=owner.locked_hooks
+        )
+        self.cluster = CallPlan(
+            target.route, never, runtime=runtime, clock=runtime.clock, hooks=owner.cluster_hooks
         )
         spec = LoopSpec.of(policy.retry, replay_safe=True)
         self.statement = CallPlan(
@@ -420,6 +462,7 @@ class DbState:
         "__weakref__",
         "_lock",
         "_targets",
+        "cluster_hooks",
         "config",
         "connect_hooks",
         "locked_hooks",
@@ -446,7 +489,9 @@ class DbState:
         self.config = settings.config
         self.connect_hooks = DbHooks(error)
         # Statements, in a transaction or not, get ``refine`` and ``unjudged``; connecting
-        # never does.
+        # never does: a refused connect is the evidence that confirms lost connections.
+        self.cluster_hooks = DbHooks(error, refine, unjudged, unguarded)
+        refine = lost_connection(refine)
         self.locked_hooks = DbHooks(error, refine, unjudged, unguarded)
         self.statement_hooks = StatementHooks(
             error,

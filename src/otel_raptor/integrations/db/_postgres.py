@@ -65,9 +65,10 @@ _ENDED_SQLSTATES: Final = frozenset({"57P01", "57P02"})
 def refine_statement_failure(
     error: BaseException, classification: Classification
 ) -> Classification:
-    """A statement (never a connect) that finds its session ended by the server is not
-    counted against the breaker (``ended_by_server``): a server shutting down or restarting
-    fails the reconnects that follow, and those count."""
+    """A statement (never a connect) that finds its session ended by the server counts
+    against the breaker only once a failed reconnect confirms it (``ended_by_server``): a
+    server shutting down or restarting fails the reconnects that follow; one that reaped an
+    idle session accepts them."""
     if classification.code in _ENDED_SQLSTATES:
         return ended_by_server(classification, "pg.session_ended")
     return classification

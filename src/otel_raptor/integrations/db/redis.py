@@ -1078,7 +1078,7 @@ def _cluster_node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, node, *args, **kwargs)
         try:
             target = _node_target(state, node)
-            plan = target.locked if target.enabled else None
+            plan = target.cluster if target.enabled else None
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe_cluster", bug)
             plan = None
@@ -1106,7 +1106,7 @@ def _async_cluster_node_hook(original: Callable[..., Awaitable[Any]]) -> Callabl
             return await original(self, node, *args, **kwargs)
         try:
             target = _node_target(state, node)
-            plan = target.locked if target.enabled else None
+            plan = target.cluster if target.enabled else None
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe_cluster", bug)
             plan = None
@@ -1193,7 +1193,13 @@ class RedisIntegration(DbIntegration):
         # redis-py retries a failed command itself, sleeping its backoff even on an event
         # loop's thread; raptor turns that off while it drives, so it retries in its place
         # there too, or a call made from a coroutine would lose the retry it had without us.
-        hooks = (state.connect_hooks, state.locked_hooks, state.statement_hooks, state.reads_hooks)
+        hooks = (
+            state.connect_hooks,
+            state.locked_hooks,
+            state.statement_hooks,
+            state.reads_hooks,
+            state.cluster_hooks,
+        )
         for each in hooks:
             each.sleeps_on_event_loop = True
         state.clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
