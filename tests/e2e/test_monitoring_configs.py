@@ -926,6 +926,34 @@ def test_monitoring_doc_lists_every_instrument_with_its_prometheus_names_and_lab
         assert labels == [prometheus_label(key) for key in spec.attributes], spec.name
 
 
+def test_monitoring_doc_lists_every_alert_rule_with_its_severities() -> None:
+    # docs/monitoring.md's alert tables are what an on-call reader looks a page up in: every
+    # alert of both rule files, with the severities its rules carry, and no alert that
+    # neither file has. A cell reads `warning`, `critical (page)` or `warning / critical`.
+    documented: dict[str, set[str]] = {}
+    text = MONITORING_DOC.read_text(encoding="utf-8")
+    for line in _section_of(text, "## Alerts").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and re.fullmatch(r"`Raptor\w+`", cells[0]):
+            name = cells[0].strip("`")
+            assert name not in documented, f"{name} has two rows in {MONITORING_DOC.name}"
+            documented[name] = {part.split()[0] for part in cells[1].split("/")}
+    defined: dict[str, set[str]] = {}
+    for rule in alert_rules() + [rule for rule in analytics_rules() if "alert" in rule]:
+        defined.setdefault(rule["alert"], set()).add(rule["labels"]["severity"])
+    assert documented == defined
+
+
+def _section_of(text: str, heading: str) -> str:
+    """``text`` from the line ``heading`` to the next heading of the same level."""
+    level = heading.split(maxsplit=1)[0]
+    match = re.search(
+        rf"^{re.escape(heading)}\n(.*?)(?=^{re.escape(level)} |\Z)", text, re.MULTILINE | re.S
+    )
+    assert match is not None, heading
+    return match.group(1)
+
+
 #: The prose a user reads for series names: the docs, the READMEs, and the alert rules (whose
 #: annotations name the series to look at next).
 PROSE = (
