@@ -54,10 +54,13 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         r" 4 failed with retry",
     ),
     "app.py": (
-        # /stock's first two calls fail five attempts each (four retries): the breaker opens.
-        # (One call's 503s are not an outage on their own: one route may be broken.)
+        # /stock's first call fails all five attempts (four retries) and the breaker stays
+        # closed: one call's 503s are not an outage on their own (one route may be broken).
+        # The second call's first 503 continues the run over two calls: the breaker opens
+        # and that call ends with its 503 at once, so /stock is hit 5 + 1 times.
         r"statuses seen by the app: \[200, 200, 200, 200, 200, 200, 503, 503,"
         r" 'RequestsCircuitOpen'",
+        r"requests that reached the servers: /catalog 12, /stock 6\n",
         r"http://127\.0\.0\.1:\d+: 6 recoveries, success rate 100%, 6 failed attempts",
     ),
     "breaker_demo.py": (),
