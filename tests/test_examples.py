@@ -37,7 +37,9 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         r"process RSS \d+\.\d MiB, \d+ threads, \d+ open file descriptors",
         r"process_memory +\d+\.\d% of its limit",
         r"20 failed calls to http://127\.0\.0\.1:\d+; errors since the last sample: catalog",
-        r"forecast of a leak: runs out in 65 s",
+        # A forecast that would raise an alarm (probability >= 0.8), as the example says.
+        r"forecast of a leak: runs out in 110 s, p=0\.(8|9)\d within 5 min",
+        r"disk +value 0\.\d{3} of 1,",  # a fraction, not rounded to "0 of 1"
     ),
     "memory_optimization.py": (
         r"cache responses +300 entries, priority low",
