@@ -3,7 +3,7 @@
     python examples/performance_monitoring.py
 
 Calls to a loopback server go through a guard (``Guard`` here, or any integration under
-``RaptorInstrumentor``): ``/catalog`` fails once then answers, ``/stock`` answers 503 for good.
+``RaptorInstrumentor``): ``/catalog`` fails once then answers, ``/down`` answers 503 for good.
 The monitor is fed by the event bus with no code of its own; one recovery made by hand is
 recorded with the seed's ``record_recovery_attempt``. The thresholds are tightened so that an
 alert fires within the few seconds this example runs (the defaults are the seed's: recovery
