@@ -944,6 +944,14 @@ def test_monitoring_doc_lists_every_alert_rule_with_its_severities() -> None:
     assert documented == defined
 
 
+def test_monitoring_doc_describes_every_row_of_the_dashboard() -> None:
+    # The doc's "Dashboard" section has one bullet per row, led by the row's title in bold.
+    section = _section_of(MONITORING_DOC.read_text(encoding="utf-8"), "## Dashboard")
+    described = re.findall(r"^\* \*\*(.+?)\*\*", section, re.MULTILINE)
+    rows = [panel["title"] for panel in dashboard_panels(dashboard()) if panel["type"] == "row"]
+    assert described == rows
+
+
 def _section_of(text: str, heading: str) -> str:
     """``text`` from the line ``heading`` to the next heading of the same level."""
     level = heading.split(maxsplit=1)[0]
