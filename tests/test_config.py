@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,52 @@ def test_every_documented_variable_is_read_and_in_the_docs() -> None:
     docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     for name in names:
         assert f"`{name}`" in docs, name
+
+
+def _documented_variables() -> list[tuple[str, str, str]]:
+    """(variable, default, allowed) of each row of docs/configuration.md's variable table."""
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = docs.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`OTEL_PYTHON_RAPTOR_"):
+            rows.append((cells[0].strip("`"), cells[1].strip("`"), cells[2]))
+    assert len(rows) == len(ev.__all__)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("name", "default"),
+    [(name, default) for name, default, _ in _documented_variables() if default != "unset"],
+)
+def test_each_documented_default_is_the_default(name: str, default: str) -> None:
+    # Setting a variable to the default the table gives it changes nothing.
+    config, reports = load(environ={name: default})
+    assert reports.errors == []
+    assert config == RaptorConfig(), name
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        (name, allowed)
+        for name, _, allowed in _documented_variables()
+        if allowed.startswith("integer")
+    ],
+)
+def test_each_documented_integer_range_is_the_one_enforced(name: str, allowed: str) -> None:
+    # "integer >= 1" must take any larger integer; "integer in [1, 100000]" stops there.
+    match = re.match(r"integer (?:>= (\d+)|in \[(\d+), (\d+)\])", allowed)
+    assert match is not None, allowed
+    low = int(match.group(1) or match.group(2))
+    high = int(match.group(3)) if match.group(3) else 10**9
+    for value, accepted in ((low, True), (high, True), (low - 1, False)):
+        _, reports = load(environ={name: str(value)})
+        assert (reports.keys == []) is accepted, (name, value, reports.errors)
+    if match.group(3):
+        _, reports = load(environ={name: str(high + 1)})
+        assert reports.keys == [name]
 
 
 def test_the_documented_example_file_loads_and_keeps_the_default_retries(tmp_path: Path) -> None:

@@ -128,8 +128,8 @@ OTEL_PYTHON_RAPTOR_RETRY_BUDGET_MIN_RETRIES_PER_SECOND = (
 """Retries per second allowed to one downstream regardless of traffic, >= 0, default ``10.0``."""
 
 OTEL_PYTHON_RAPTOR_MAX_SERVICES = "OTEL_PYTHON_RAPTOR_MAX_SERVICES"
-"""Distinct downstreams tracked (breakers, budgets, metric series): an integer >= 1, default
-``256``; the excess share the ``other`` service."""
+"""Distinct downstreams tracked (breakers, budgets, metric series): an integer in [1, 100000],
+default ``256``; the excess share the ``other`` service."""
 
 # --- what to hook, and the file ---------------------------------------------------------------
 
