@@ -177,3 +177,27 @@ def test_variables_that_only_fit_together_are_accepted_in_any_order() -> None:
     )
     assert values == {"recovery_time_warning": 20.0, "recovery_time_critical": 30.0}
     assert reported == []
+
+
+def _documented_monitor_variables() -> list[tuple[str, str, str]]:
+    """(field, variable, default) of each row of docs/analytics.md's configuration table."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "analytics.md").read_text()
+    section = doc.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1].startswith("OTEL_PYTHON_RAPTOR_MONITOR_"):
+            rows.append((cells[0], cells[1], cells[2]))
+    assert len(rows) == len(MONITOR_ENV_VARIABLES)
+    return rows
+
+
+@pytest.mark.parametrize(("field", "name", "default"), _documented_monitor_variables())
+def test_each_documented_default_is_the_default(field: str, name: str, default: str) -> None:
+    assert MONITOR_ENV_VARIABLES[name][0] == field
+    reported: list[ConfigError] = []
+    values = monitor_config_from_env({name: default}, reported.append)
+    assert reported == []
+    assert MonitorConfig.from_mapping(values) == MonitorConfig(), (name, default)
