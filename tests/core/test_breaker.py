@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import ast
+import dataclasses
+import pathlib
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -1178,3 +1182,30 @@ def test_leaving_closed_drops_what_is_held() -> None:
     core.force_close(2.0)
     assert refused(core, 3.0) is None
     assert core.consecutive_failures == 1
+
+
+def test_the_docs_configuration_table_lists_every_field_with_its_default() -> None:
+    # docs/circuit-breaker.md's table is where users look defaults up: every field of
+    # CircuitBreakerConfig, in order, with the default a config built with no arguments has.
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "circuit-breaker.md"
+    section = doc.read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\w+`", cells[0]):
+            documented[cells[0].strip("`")] = cells[1]
+    fields = [field.name for field in dataclasses.fields(CircuitBreakerConfig)]
+    assert list(documented) == fields
+    config = CircuitBreakerConfig()
+    for name, cell in documented.items():
+        value = getattr(config, name)
+        if name == "ignored_categories":
+            assert cell == "`NON_HEALTH_CATEGORIES`"
+            assert value == NON_HEALTH_CATEGORIES
+        elif name == "max_recovery_timeout":  # `None`: `max(600.0, recovery_timeout)`
+            assert value == max(600.0, config.recovery_timeout)
+        else:
+            first = re.match(r"`([^`]+)`", cell)
+            assert first is not None, (name, cell)
+            assert ast.literal_eval(first.group(1)) == value, (name, cell, value)
