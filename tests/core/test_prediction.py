@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import pathlib
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -135,3 +138,15 @@ def test_a_noisy_stable_series_never_flaps(seed: int, level: float, noise: float
         if len(window) >= 30 and alarm.evaluate(forecast(window, 1.0, horizon=1800.0)):
             transitions += 1
     assert transitions == 0
+
+
+def test_the_docs_alarm_table_gives_every_option_its_default() -> None:
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "prediction.md"
+    section = doc.read_text(encoding="utf-8").split("## Alarms: thresholds and hysteresis", 1)[1]
+    documented = {}
+    for line in section.split("\n## ", 1)[0].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`\w+`", cells[0]):
+            documented[cells[0].strip("`")] = float(cells[1])
+    defaults = {f.name: f.default for f in dataclasses.fields(AlarmOptions)}
+    assert documented == defaults
