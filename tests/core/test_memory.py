@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import dataclasses
 import math
+import pathlib
+import re
 
 import pytest
 from hypothesis import given
@@ -206,3 +209,27 @@ def test_learner_backs_off_a_useless_level_and_a_useful_run_resets_it() -> None:
     assert learner.decide(level, 650.0).run
     learner.record(level, bytes_freed=options.min_effective_bytes, entries_evicted=0, now=701)
     assert learner.useless_runs(level) == 0
+
+
+def test_the_docs_option_table_gives_every_option_its_default() -> None:
+    # docs/memory.md's "Configuration" table: `300 s`, `70 / 85 / 95 %`, `1 MiB`, `True`, ...
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "memory.md"
+    section = doc.read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1]
+    units = {"s": 1, "%": 1, "points": 1, "MiB": 2**20}
+    documented: dict[str, object] = {}
+    for line in section.split("\n## ", 1)[0].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        names = re.findall(r"`(\w+)`", cells[0].split("(or")[0])
+        if len(cells) != 3 or not names:
+            continue
+        text = cells[1].strip("`")
+        if text in ("True", "False"):
+            documented[names[0]] = text == "True"
+            continue
+        values = [float(v) for v in re.findall(r"\d+(?:\.\d+)?", text)]
+        unit = text.split()[-1] if not text.split()[-1][0].isdigit() else ""
+        assert len(values) == len(names), (cells[0], text)
+        for name, value in zip(names, values, strict=True):
+            documented[name] = value * units[unit] if unit else value
+    defaults = {f.name: f.default for f in dataclasses.fields(MemoryOptions)}
+    assert documented == defaults
