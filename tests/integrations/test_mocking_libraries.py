@@ -20,6 +20,7 @@ import requests_mock
 import responses
 import respx
 
+from otel_raptor import CircuitOpenError
 from otel_raptor.config import RaptorConfig
 from otel_raptor.core.breaker import CircuitBreakerConfig
 from otel_raptor.core.events import Event, RecoveryFinished
@@ -272,3 +273,140 @@ def test_a_transport_of_the_app_own_is_still_guarded_while_mocks_are_active(
     with respx.mock(assert_all_called=False), httpx.Client(transport=_AppTransport()) as client:
         assert client.get(URL).status_code == 503
     assert _AppTransport.sent == 4  # its handle_request is the app's, not the mocks'
+
+
+# --- httpx: through a breaker that is not closed -----------------------------------------------
+
+
+def _send(is_async: bool, url: str, transport: Any = None, method: str = "GET") -> httpx.Response:
+    """One request through a new ``httpx.Client`` or ``httpx.AsyncClient``."""
+    if not is_async:
+        with httpx.Client(transport=transport) as client:
+            return client.request(method, url)
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await client.request(method, url)
+
+    return asyncio.run(send())
+
+
+def _open_breaker(runtime: Runtime) -> Any:
+    ((_, breaker),) = runtime.breakers.items()
+    breaker.force_open()
+    return breaker
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("using", ["httpcore", "httpx"])
+def test_a_request_mocked_by_respx_goes_through_a_breaker_that_is_open(
+    install: Install, using: str, is_async: bool
+) -> None:
+    # An app's test suite whose earlier test opened the breaker: respx still answers each
+    # later test's request, as without raptor (and as requests' mocking libraries do).
+    runtime = install()
+    with respx.mock(using=using) as mocked:
+        route = mocked.get(URL).respond(200, text="mocked")
+        failing = mocked.get(URL + "/down").respond(503)
+        assert _send(is_async, URL).text == "mocked"  # makes the origin's breaker
+        breaker = _open_breaker(runtime)
+        assert _send(is_async, URL).text == "mocked"
+        assert _send(is_async, URL + "/down").status_code == 503
+        assert breaker.state is CircuitState.OPEN
+        assert (route.call_count, failing.call_count) == (2, 1)
+    assert recoveries(install) == []
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_respx_answer_to_an_unmatched_request_goes_through_a_breaker_that_is_open(
+    install: Install, is_async: bool
+) -> None:
+    # respx refuses a request no route matches with its own error (its ``assert_all_mocked``),
+    # or answers 200 without it: either way nothing leaves the process.
+    runtime = install()
+    with respx.mock(assert_all_called=False) as mocked:
+        mocked.get(URL)
+        _send(is_async, URL)
+        _open_breaker(runtime)
+        with pytest.raises(respx.models.AllMockedAssertionError):
+            _send(is_async, URL + "/unregistered")
+    with respx.mock(assert_all_mocked=False):
+        assert _send(is_async, URL + "/unregistered").status_code == 200
+    assert recoveries(install) == []
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("using", ["httpcore", "httpx"])
+def test_a_request_respx_passes_through_is_still_refused_by_a_breaker_that_is_open(
+    install: Install, server: FaultyHTTPServer, using: str, is_async: bool
+) -> None:
+    runtime = install()
+    with respx.mock(using=using, assert_all_called=False) as mocked:
+        mocked.get(server.url("/mocked")).respond(200)  # a route before it that does not match
+        mocked.route(host="127.0.0.1").pass_through()
+        assert _send(is_async, server.url("/p")).status_code == 200
+        _open_breaker(runtime)
+        with pytest.raises(CircuitOpenError):
+            _send(is_async, server.url("/p"))
+        assert _send(is_async, server.url("/mocked")).status_code == 200  # respx's own answer
+    assert server.count() == 1
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_request_to_a_mock_transport_goes_through_a_breaker_that_is_open(
+    install: Install, is_async: bool
+) -> None:
+    runtime = install()
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(503 if request.url.path.endswith("/down") else 200)
+
+    transport = httpx.MockTransport(handler)
+    assert _send(is_async, URL, transport).status_code == 200
+    breaker = _open_breaker(runtime)
+    assert _send(is_async, URL, transport).status_code == 200
+    assert _send(is_async, URL + "/down", transport).status_code == 503
+    assert breaker.state is CircuitState.OPEN
+    assert calls == ["/items", "/items", "/items/down"]
+    assert recoveries(install) == []
+
+
+def test_an_app_network_transport_is_still_refused_by_a_breaker_that_is_open_under_respx(
+    install: Install,
+) -> None:
+    # respx active, and answering this very URL, changes nothing for a transport of the
+    # app's own: its handle_request is the app's, not respx's.
+    runtime = install()
+    with respx.mock(assert_all_called=False) as mocked:
+        mocked.get(URL).respond(200)
+        assert _send(False, URL).status_code == 200  # makes the origin's breaker
+        _open_breaker(runtime)
+        before = _AppTransport.sent
+        with pytest.raises(CircuitOpenError):
+            _send(False, URL, _AppTransport())
+        assert _AppTransport.sent == before
+
+
+def test_a_slow_answer_respx_mocks_is_not_cut_off_at_the_attempt_timeout() -> None:
+    # As an app served in the process: the mock answers when it answers, as without raptor;
+    # raptor's attempt timeout is for downstreams.
+    settings = IntegrationSettings(
+        runtime=Runtime(),
+        config=RaptorConfig(retry=RetryPolicy(max_retries=3, attempt_timeout=0.05)),
+    )
+    hook = HttpxIntegration()
+    hook.install(settings)
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        return httpx.Response(200, text="slow")
+
+    try:
+        with respx.mock() as mocked:
+            route = mocked.get(URL).mock(side_effect=slow)
+            assert _send(True, URL).text == "slow"
+            assert route.call_count == 1
+    finally:
+        hook.uninstall()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from datetime import timedelta
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
@@ -214,8 +214,8 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
     return elsewhere
 
 
-#: The methods of httpx's httpcore pool that do the network I/O (respx replaces them).
-_IO_METHODS: Final = ("handle_request", "handle_async_request")
+#: The top-level module of the one mocking library for httpx that raptor recognises.
+_RESPX: Final = "respx"
 
 #: Where httpx does its real network I/O (module-name prefixes): an error raised there came
 #: from the network, even under a mocking library that passed the request through.
@@ -226,18 +226,50 @@ _REAL_IO: Final = ("httpx._transports.default", "httpcore")
 _TEST_CLIENT_TRANSPORT: Final = "TestClientTransport"
 
 
+def _respx_answers(request: Any, mocker: str, in_memory: type) -> bool:
+    """Whether respx's mocker named ``mocker`` (``"httpcore"``: its replacement of httpcore's
+    pool methods; ``"httpx"``: of ``Client._transport_for_url``) answers ``request`` itself
+    rather than passing it through to the network. As respx does, each active router in turn
+    looks for the first of its routes whose pattern matches: that route decides (a
+    ``pass_through()`` route passes it through, any other answers). A router with no match
+    answers ``200`` itself when it does not assert that everything is mocked, else the next
+    one looks; when none answers, respx raises its own error, in the process too.
+
+    Also ``True`` when that cannot be told: a body that is not ``in_memory`` (an
+    ``httpx.ByteStream``; a content pattern would read it, which respx does only once it has
+    chosen to answer), a respx without these attributes, and a route whose side effect is a
+    function (it may pass the request through by returning it): the request then goes as it
+    would without raptor. Reads respx's routes without running them (no call is recorded, no
+    side effect consumed). Failure path only."""
+    mocks = sys.modules.get("respx.mocks")
+    registry = getattr(getattr(mocks, "Mocker", None), "registry", None)
+    found = registry.get(mocker) if isinstance(registry, Mapping) else None
+    routers = getattr(found, "routers", None)
+    if not isinstance(routers, list) or not isinstance(request.stream, in_memory):
+        return True
+    for router in list(routers):  # a copy: a test on another thread may start or stop one
+        for route in router.routes:
+            if route.pattern.match(request):
+                return not route.is_pass_through
+        if not getattr(router, "_assert_all_mocked", True):
+            return True
+    return True
+
+
 def _in_process_check() -> tuple[
     Callable[[tuple[Any, ...]], bool], Callable[[Exception, tuple[Any, ...]], bool]
 ]:
     """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
     the process rather than over the network: its transport is httpx's ``ASGITransport``,
-    ``WSGITransport`` or ``MockTransport``, or a test client's (and, judging a failure only,
-    a mocking library's answer: respx's, or an error raised inside it, but never what it
-    passed through to the network). A test suite's app answering
-    ``500`` is the code under test, not a downstream: retrying it would run the handler again
+    ``WSGITransport`` or ``MockTransport``, or a test client's, or one respx answers for in
+    place of the network (:func:`_respx_answers`: not what it passes through). Judging a
+    failure, also a mocking library's answer: respx's, or an error raised inside it, but never
+    what it passed through to the network. A test suite's app answering ``500`` is the code
+    under test, not a downstream: retrying it would run the handler again
     and change what the test sees, and counting it would open a breaker that refuses every
-    later test's requests. Asked on the failure path only, and before the first attempt of an
-    ``AsyncClient`` request whose plan bounds attempts (``drive._first_attempt``).
+    later test's requests. Asked on the failure path only (a failed attempt, a breaker that
+    is not closed, a cooldown), and before the first attempt of an ``AsyncClient`` request
+    whose plan bounds attempts (``drive._first_attempt``).
 
     The second function judges one failure (``CallHooks.unjudged``): also a failure at a
     redirect hop the client sends to such an app (a ``mounts=`` entry), or after one: a replay
@@ -246,14 +278,29 @@ def _in_process_check() -> tuple[
 
     names = ("ASGITransport", "WSGITransport", "MockTransport")
     kinds = tuple(k for k in (getattr(httpx, n, None) for n in names) if isinstance(k, type))
+    # httpx's own network transports, and the method of each one's httpcore pool that does
+    # the network I/O (respx replaces it).
+    io_method = {
+        httpx.HTTPTransport: "handle_request",
+        httpx.AsyncHTTPTransport: "handle_async_request",
+    }
+    in_memory = httpx.ByteStream
 
-    def served_in_process(client: Any, request: Any) -> bool:
-        transport = client._transport_for_url(request.url)
+    def app_transport(transport: Any) -> bool:
         return isinstance(transport, kinds) or type(transport).__name__.endswith(
             _TEST_CLIENT_TRANSPORT
         )
 
-    network = (httpx.HTTPTransport, httpx.AsyncHTTPTransport)
+    def served_in_process(client: Any, request: Any) -> bool:
+        return app_transport(client._transport_for_url(request.url))
+
+    def respx_pool(transport: Any) -> bool:
+        """Whether ``transport`` is httpx's own network transport whose httpcore pool's I/O
+        respx replaced (its ``"httpcore"`` mocker, the default)."""
+        name = io_method.get(type(transport))
+        if name is None:
+            return False  # the app's own transport, whatever it calls
+        return from_mocking_library(getattr(type(getattr(transport, "_pool", None)), name, None))
 
     def mocked(client: Any, failure: Exception) -> bool:
         if not isinstance(failure, FailingResponse):
@@ -263,17 +310,27 @@ def _in_process_check() -> tuple[
             return False  # read from a connection: a mock passed the request through
         if from_mocking_library(getattr(type(client), "_transport_for_url", None)):
             return True  # respx's "httpx" mocker: its transport for every URL
-        transport = client._transport_for_url(response.request.url)
-        kind = type(transport)
-        if kind not in network:
-            return False  # the app's own transport, whatever it calls
-        pool = type(getattr(transport, "_pool", None))
-        return any(from_mocking_library(getattr(pool, name, None)) for name in _IO_METHODS)
+        return respx_pool(client._transport_for_url(response.request.url))
 
     def in_process(args: tuple[Any, ...]) -> bool:
         if len(args) != 2:
             return False
-        return served_in_process(*args)
+        client, request = args
+        transport = client._transport_for_url(request.url)
+        if app_transport(transport):
+            return True
+        if _RESPX not in sys.modules:
+            return False  # nothing of respx's can answer it
+        if respx_pool(transport):
+            return _respx_answers(request, "httpcore", in_memory)
+        if from_mocking_library(type(transport)):
+            # respx's "httpx" mocker: a transport that tries its router, then passes the
+            # request on to the transport the client would have used (the last one).
+            if _respx_answers(request, "httpx", in_memory):
+                return True
+            passed = getattr(transport, "transports", None)
+            return isinstance(passed, list) and bool(passed) and app_transport(passed[-1])
+        return False
 
     def failed_in_process(failure: Exception, args: tuple[Any, ...]) -> bool:
         if len(args) != 2:
