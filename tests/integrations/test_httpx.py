@@ -1324,6 +1324,90 @@ def test_a_network_transport_of_the_app_own_is_still_guarded(
     assert server.count() == 2
 
 
+class _Delegating(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """A transport of the app's own (a logging or retrying wrapper, say) that hands every
+    request to the transport it keeps under ``attribute``."""
+
+    def __init__(self, inner: Any, attribute: str = "_transport") -> None:
+        setattr(self, attribute, inner)
+        self.attribute = attribute
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        inner: httpx.BaseTransport = getattr(self, self.attribute)
+        return inner.handle_request(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        inner: httpx.AsyncBaseTransport = getattr(self, self.attribute)
+        return await inner.handle_async_request(request)
+
+
+def _failing_app(calls: list[str]) -> httpx.MockTransport:
+    """An app in the process that answers every request ``503``, recording its path."""
+    return httpx.MockTransport(
+        lambda request: (calls.append(request.url.path), httpx.Response(503))[1]
+    )
+
+
+@pytest.mark.parametrize("attribute", ["_transport", "transport"])
+def test_an_app_served_in_the_process_behind_a_wrapper_is_never_retried_nor_refused(
+    install: Install, driver: Driver, attribute: str
+) -> None:
+    # The wrapper names the transport it delegates to: raptor follows it to the app.
+    runtime = install(failure_threshold=1, recovery_timeout=3600)
+    calls: list[str] = []
+    app = _failing_app(calls)
+    wrapped = _Delegating(_Delegating(app, attribute), attribute)
+    client = {"transport": wrapped, "base_url": "http://testserver"}
+    for _ in range(3):
+        assert driver.get("/boom", client=client).status_code == 503
+    assert calls == ["/boom"] * 3  # one handler run per request
+    ((_, breaker),) = runtime.breakers.items()
+    assert state_of(breaker) is CircuitState.CLOSED
+    breaker.force_open()
+    assert driver.get("/boom", client=client).status_code == 503  # let through
+    assert calls == ["/boom"] * 4
+    assert finished(install.events) == []  # type: ignore[attr-defined]
+
+
+def test_wrappers_are_followed_a_bounded_number_of_times(install: Install) -> None:
+    # Four wrappers deep the app is still found; five deep (or a wrapper that names itself
+    # through another) the transport is taken for the app's own, and guarded.
+    install(recovery_timeout=3600)
+    for depth, sends in ((4, 1), (5, 4)):
+        calls: list[str] = []
+        transport: Any = _failing_app(calls)
+        for _ in range(depth):
+            transport = _Delegating(transport)
+        with httpx.Client(transport=transport, base_url="http://testserver") as client:
+            assert client.get(f"/{depth}").status_code == 503
+        assert len(calls) == sends, depth
+    first = _Delegating(None)
+    second = _Delegating(first)
+    first._transport = second  # type: ignore[attr-defined]
+    in_process, _ = integration._in_process_check()
+    with httpx.Client(transport=first) as client:
+        assert in_process((client, client.build_request("GET", "http://testserver/x"))) is False
+
+
+def test_a_network_transport_behind_a_wrapper_is_still_guarded(
+    install: Install, server: FaultyHTTPServer, driver: Driver
+) -> None:
+    runtime = install(recovery_timeout=3600)
+
+    def wrapper() -> _Delegating:
+        network = httpx.AsyncHTTPTransport() if driver.is_async else httpx.HTTPTransport()
+        return _Delegating(network)
+
+    server.push(status(503), ok("retried"))
+    assert driver.get(server.url("/w"), client={"transport": wrapper()}).text == "retried"
+    assert server.count() == 2
+    ((_, breaker),) = runtime.breakers.items()
+    breaker.force_open()
+    with pytest.raises(CircuitOpenError):
+        driver.get(server.url("/w"), client={"transport": wrapper()})
+    assert server.count() == 2
+
+
 # --- installing ---------------------------------------------------------------------------------
 
 

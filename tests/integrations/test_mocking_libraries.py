@@ -389,6 +389,53 @@ def test_an_app_network_transport_is_still_refused_by_a_breaker_that_is_open_und
         assert _AppTransport.sent == before
 
 
+class _Logging(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """An app's logging wrapper around httpx's own transport, which it names ``transport``."""
+
+    def __init__(self, is_async: bool) -> None:
+        self.transport: Any = httpx.AsyncHTTPTransport() if is_async else httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response: httpx.Response = self.transport.handle_request(request)
+        return response
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response: httpx.Response = await self.transport.handle_async_request(request)
+        return response
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_503_respx_mocks_behind_a_wrapper_is_sent_once_and_goes_through_an_open_breaker(
+    install: Install, is_async: bool
+) -> None:
+    runtime = install()
+    with respx.mock() as mocked:
+        route = mocked.get(URL).respond(503)
+        assert _send(is_async, URL, _Logging(is_async)).status_code == 503
+        assert route.call_count == 1  # not retried
+        assert closed(runtime)
+        _open_breaker(runtime)
+        assert _send(is_async, URL, _Logging(is_async)).status_code == 503
+        assert route.call_count == 2
+    assert recoveries(install) == []
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_request_respx_passes_through_behind_a_wrapper_is_still_guarded(
+    install: Install, server: FaultyHTTPServer, is_async: bool
+) -> None:
+    runtime = install()
+    server.push(status(503), ok("fine"))
+    with respx.mock() as mocked:
+        mocked.route(host="127.0.0.1").pass_through()
+        assert _send(is_async, server.url("/p"), _Logging(is_async)).text == "fine"
+        assert server.count() == 2  # retried
+        _open_breaker(runtime)
+        with pytest.raises(CircuitOpenError):
+            _send(is_async, server.url("/p"), _Logging(is_async))
+    assert server.count() == 2
+
+
 def test_a_slow_answer_respx_mocks_is_not_cut_off_at_the_attempt_timeout() -> None:
     # As an app served in the process: the mock answers when it answers, as without raptor;
     # raptor's attempt timeout is for downstreams.

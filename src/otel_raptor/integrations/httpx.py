@@ -225,6 +225,14 @@ _REAL_IO: Final = ("httpx._transports.default", "httpcore")
 #: ``TestClient``, Litestar's), by the end of their class name: they are not httpx's.
 _TEST_CLIENT_TRANSPORT: Final = "TestClientTransport"
 
+#: The attributes, looked up in this order, by which a transport of the app's own that
+#: delegates every request to another (a retrying or logging wrapper) names that one: the
+#: convention the in-process check follows (``docs/http.md``, "Wrapped transports").
+_WRAPPED_TRANSPORT_ATTRIBUTES: Final = ("_transport", "transport")
+
+#: How many such wrappers, one inside the other, the in-process check follows at most.
+_MAX_WRAPPED_TRANSPORTS: Final = 4
+
 
 def _respx_answers(request: Any, mocker: str, in_memory: type) -> bool:
     """Whether respx's mocker named ``mocker`` (``"httpcore"``: its replacement of httpcore's
@@ -262,14 +270,15 @@ def _in_process_check() -> tuple[
     """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
     the process rather than over the network: its transport is httpx's ``ASGITransport``,
     ``WSGITransport`` or ``MockTransport``, or a test client's, or one respx answers for in
-    place of the network (:func:`_respx_answers`: not what it passes through). Judging a
-    failure, also a mocking library's answer: respx's, or an error raised inside it, but never
-    what it passed through to the network. A test suite's app answering ``500`` is the code
-    under test, not a downstream: retrying it would run the handler again
-    and change what the test sees, and counting it would open a breaker that refuses every
-    later test's requests. Asked on the failure path only (a failed attempt, a breaker that
-    is not closed, a cooldown), and before the first attempt of an ``AsyncClient`` request
-    whose plan bounds attempts (``drive._first_attempt``).
+    place of the network (:func:`_respx_answers`: not what it passes through), or a wrapper
+    of the app's own that names one of those as the transport it delegates to
+    (:data:`_WRAPPED_TRANSPORT_ATTRIBUTES`). Judging a failure, also a mocking library's
+    answer: respx's, or an error raised inside it, but never what it passed through to the
+    network. A test suite's app answering ``500`` is the code under test, not a downstream:
+    retrying it would run the handler again and change what the test sees, and counting it
+    would open a breaker that refuses every later test's requests. Asked on the failure path
+    only (a failed attempt, a breaker that is not closed, a cooldown), and before the first
+    attempt of an ``AsyncClient`` request whose plan bounds attempts (``drive._first_attempt``).
 
     The second function judges one failure (``CallHooks.unjudged``): also a failure at a
     redirect hop the client sends to such an app (a ``mounts=`` entry), or after one: a replay
@@ -284,7 +293,30 @@ def _in_process_check() -> tuple[
         httpx.HTTPTransport: "handle_request",
         httpx.AsyncHTTPTransport: "handle_async_request",
     }
+    network = tuple(io_method)
+    transports = (httpx.BaseTransport, httpx.AsyncBaseTransport)
     in_memory = httpx.ByteStream
+
+    def serving(transport: Any) -> Any:
+        """The transport that answers for ``transport``: itself, or, for a wrapper of the
+        app's own that names the transport it delegates to, that one (followed at most
+        :data:`_MAX_WRAPPED_TRANSPORTS` times)."""
+        for _ in range(_MAX_WRAPPED_TRANSPORTS):
+            kind = type(transport)
+            if (
+                kind in network
+                or isinstance(transport, kinds)
+                or kind.__name__.endswith(_TEST_CLIENT_TRANSPORT)
+            ):
+                return transport
+            for name in _WRAPPED_TRANSPORT_ATTRIBUTES:
+                inner = getattr(transport, name, None)
+                if isinstance(inner, transports) and inner is not transport:
+                    transport = inner
+                    break
+            else:
+                return transport
+        return transport
 
     def app_transport(transport: Any) -> bool:
         return isinstance(transport, kinds) or type(transport).__name__.endswith(
@@ -292,7 +324,7 @@ def _in_process_check() -> tuple[
         )
 
     def served_in_process(client: Any, request: Any) -> bool:
-        return app_transport(client._transport_for_url(request.url))
+        return app_transport(serving(client._transport_for_url(request.url)))
 
     def respx_pool(transport: Any) -> bool:
         """Whether ``transport`` is httpx's own network transport whose httpcore pool's I/O
@@ -310,15 +342,17 @@ def _in_process_check() -> tuple[
             return False  # read from a connection: a mock passed the request through
         if from_mocking_library(getattr(type(client), "_transport_for_url", None)):
             return True  # respx's "httpx" mocker: its transport for every URL
-        return respx_pool(client._transport_for_url(response.request.url))
+        return respx_pool(serving(client._transport_for_url(response.request.url)))
 
     def in_process(args: tuple[Any, ...]) -> bool:
         if len(args) != 2:
             return False
         client, request = args
         transport = client._transport_for_url(request.url)
-        if app_transport(transport):
-            return True
+        if type(transport) not in network:  # (httpx's own, the common case, is no wrapper)
+            transport = serving(transport)
+            if app_transport(transport):
+                return True
         if _RESPX not in sys.modules:
             return False  # nothing of respx's can answer it
         if respx_pool(transport):
@@ -329,7 +363,7 @@ def _in_process_check() -> tuple[
             if _respx_answers(request, "httpx", in_memory):
                 return True
             passed = getattr(transport, "transports", None)
-            return isinstance(passed, list) and bool(passed) and app_transport(passed[-1])
+            return isinstance(passed, list) and bool(passed) and app_transport(serving(passed[-1]))
         return False
 
     def failed_in_process(failure: Exception, args: tuple[Any, ...]) -> bool:
