@@ -128,6 +128,12 @@ class PrivatePostgres:
         )  # fmt: skip
         _wait_port(self.port, 30)
 
+    def stop(self) -> None:
+        """``pg_ctl stop -m fast``: every session is ended (``57P01``), then the server stops,
+        as in a planned restart."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
+        _wait_closed(self.port, 10)
+
     def kill(self) -> None:
         """``pg_ctl stop -m immediate``: the server process ends at once, as in a crash."""
         self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")

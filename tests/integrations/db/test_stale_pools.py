@@ -1,0 +1,687 @@
+"""Stale pooled connections, end to end: the pools real applications use, on private servers
+that reap idle sessions, restart, or die.
+
+A statement that finds its pooled connection closed counts against the server's breaker only
+when a failed reconnect confirms it (docs/databases.md, "A lost connection counts only when a
+reconnect confirms it"). For each pool:
+
+- **reaped**: the server closes the pool's idle connections (``pg_terminate_backend``,
+  MariaDB's ``wait_timeout``, Redis's ``timeout``) and the application goes on: the breaker
+  never opens, and the application's calls succeed as often as they do without raptor (the
+  same scenario, run first without it);
+- **restarted**: the server stops while the pool holds connections and starts again: the
+  application is back to full success within the recovery timeout (plus the server's and the
+  pool's own pacing) after the server is up, the half-open probes that meet the pool's stale
+  connections notwithstanding;
+- **killed**: the server dies and stays down: the breaker opens within a handful of calls and
+  the calls it refuses fail fast, well under the connect timeout.
+
+One private server of each kind serves the whole module (a test that leaves it down starts it
+again for the next). Every call is made by one application thread, so a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import psycopg
+import pymysql
+import pytest
+import redis
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
+from otel_raptor.integrations.db.psycopg import PsycopgIntegration
+from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
+from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
+from otel_raptor.integrations.db.redis import RedisIntegration
+from tests.integrations.db.conftest import Install, Installed
+from tests.support.dbservers import PrivateMariaDB, PrivatePostgres, PrivateRedis
+
+pytestmark = pytest.mark.timeout(120)
+
+CONNECT_TIMEOUT = 2.0
+RECOVERY_TIMEOUT = 0.5
+#: Connections each pool holds when the server reaps or restarts.
+POOL_SIZE = 4
+#: Calls after a reaping: every stale connection met, then fresh ones.
+CALLS = 2 * POOL_SIZE
+#: The server is down this long in a restart.
+DOWN_S = 0.8
+#: Beyond the recovery timeout: the server's own readiness, a pool's first reconnect delay,
+#: and a loaded machine shared with other tests.
+SLACK_S = 1.5
+#: A killed server's breaker opens within this many calls. Before the kill the window holds
+#: more than ``minimum_calls`` (20) calls, so the breaker trips on the failure rate or on a
+#: run of 20 counted failures: the pool's lost connections (held, then confirmed), then
+#: reconnects of three attempts each (PyMySQL: 4 lost, then 6 refused connects), and the one
+#: call in flight at the kill. Each lost connection counting at once would save no call.
+HANDFUL = POOL_SIZE + 7
+
+
+def settings() -> dict[str, Any]:
+    return {"max_retries": 2, "failure_threshold": 3, "recovery_timeout": RECOVERY_TIMEOUT}
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Call:
+    """One application call: when it began (monotonic), how long it took, how it ended."""
+
+    began: float
+    took: float
+    ok: bool
+    refused: bool  # an open breaker's CircuitOpenError
+    error: str = ""
+
+
+def _refused(error: BaseException) -> bool:
+    # SQLAlchemy wraps the driver's error (raptor's refusal included) in its own.
+    return isinstance(error, CircuitOpenError) or isinstance(
+        getattr(error, "orig", None), CircuitOpenError
+    )
+
+
+def call_once(call: Callable[[], object]) -> Call:
+    began = time.monotonic()
+    try:
+        call()
+    except Exception as error:  # the application's view: any failure
+        return Call(began, time.monotonic() - began, False, _refused(error), repr(error))
+    return Call(began, time.monotonic() - began, True, False)
+
+
+async def call_once_async(call: Callable[[], Awaitable[object]]) -> Call:
+    began = time.monotonic()
+    try:
+        await call()
+    except Exception as error:  # the application's view: any failure
+        return Call(began, time.monotonic() - began, False, _refused(error), repr(error))
+    return Call(began, time.monotonic() - began, True, False)
+
+
+class Opened:
+    """When the breaker opened (monotonic), as the bus publishes it."""
+
+    def __init__(self, installed: Installed) -> None:
+        self.times: list[float] = []
+        self.reasons: list[Any] = []
+
+        def seen(event: object) -> None:
+            if isinstance(event, BreakerTransitioned) and event.to_state is CircuitState.OPEN:
+                self.times.append(time.monotonic())
+                self.reasons.append(event.reason)
+
+        installed.runtime.bus.subscribe(seen)
+
+
+# -- the three scenarios, for any application ------------------------------------------------
+
+
+class App:
+    """An application over one pool: ``warm`` makes the pool hold ``POOL_SIZE`` idle
+    connections, ``call`` does one unit of work (raising what the pool or driver raises)."""
+
+    def warm(self) -> None:
+        raise NotImplementedError
+
+    def call(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def reaped(app: App, reap: Callable[[], None]) -> list[Call]:
+    try:
+        app.warm()
+        reap()
+        calls = []
+        for _ in range(CALLS):
+            calls.append(call_once(app.call))
+            time.sleep(0.02)
+        return calls
+    finally:
+        app.close()
+
+
+def check_reaped(
+    baseline: list[Call], calls: list[Call], installed: Installed, *, lost: int = 0
+) -> None:
+    """As often as without raptor, and the breaker never opened. ``lost``: at least this many
+    calls met a stale connection (the held failures the breaker must not count)."""
+    print(  # shown with pytest -s
+        f"\nwithout raptor {sum(c.ok for c in baseline)}/{len(baseline)},"
+        f" with {sum(c.ok for c in calls)}/{len(calls)}:"
+        f" {[c.error[:60] for c in calls if not c.ok]}"
+    )
+    assert installed.of(BreakerTransitioned) == []
+    assert sum(c.ok for c in calls) >= sum(c.ok for c in baseline)
+    assert len(calls) - sum(c.ok for c in calls) >= lost
+    assert calls[-1].ok  # fresh connections at the end
+
+
+def restarted(
+    app: App, stop: Callable[[], None], start: Callable[[], None]
+) -> tuple[list[Call], float]:
+    """One application thread calls (20 ms apart) while the server stops, stays down
+    ``DOWN_S`` and starts again. Returns the calls and when the server was up again."""
+    calls: list[Call] = []
+    done = threading.Event()
+
+    def worker() -> None:
+        while not done.is_set():
+            calls.append(call_once(app.call))
+            time.sleep(0.02)
+
+    app.warm()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        stop()
+        time.sleep(DOWN_S)
+        start()
+        up = time.monotonic()
+        time.sleep(RECOVERY_TIMEOUT + SLACK_S + 0.5)
+    finally:
+        done.set()
+        thread.join(30)
+        app.close()
+    return calls, up
+
+
+def check_restarted(calls: list[Call], up: float) -> None:
+    after = [c for c in calls if c.began > up]
+    back = next((c.began for c in after if c.ok), None)
+    settled = [c for c in after if c.began > up + RECOVERY_TIMEOUT + SLACK_S]
+    print(
+        f"\n{len(calls)} calls, {sum(not c.ok for c in calls)} failed"
+        f" ({sum(c.refused for c in calls)} refused); first success"
+        f" {None if back is None else round(back - up, 2)} s after the restart;"
+        f" failures after it: {[(round(c.began - up, 2), c.error[:50]) for c in after if not c.ok]}"
+    )
+    assert back is not None, "the application never recovered"
+    assert settled, "no call after the recovery window"
+    assert all(c.ok for c in settled), [c.error for c in settled if not c.ok]
+
+
+def killed(app: App, kill: Callable[[], None]) -> tuple[list[Call], float]:
+    """One application thread calls (20 ms apart); the server is killed and stays down for
+    the rest of the run. Returns the calls made from the kill on and when it began."""
+    calls: list[Call] = []
+    done = threading.Event()
+
+    def worker() -> None:
+        while not done.is_set():
+            calls.append(call_once(app.call))
+            time.sleep(0.02)
+
+    app.warm()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        down = time.monotonic()
+        kill()
+        time.sleep(1.5)
+    finally:
+        done.set()
+        thread.join(30)
+        app.close()
+    return [c for c in calls if c.began > down], down
+
+
+def check_killed(calls: list[Call], opened: Opened, down: float, *, refusals: bool = True) -> None:
+    """The breaker opened within ``HANDFUL`` calls of the kill, and the calls it refused
+    failed fast. ``refusals``: the application's calls meet the breaker at all (a pool that
+    waits for a connection of its own while it has none, as psycopg_pool does, meets it only
+    in its background reconnects: its callers wait for the pool's timeout, as without
+    raptor)."""
+    print(
+        f"\n{len(calls)} calls after the kill: "
+        f"{[('refused' if c.refused else c.error[:40], round(c.took, 3)) for c in calls[:12]]}"
+    )
+    assert opened.times, "the breaker never opened"
+    assert opened.times[0] > down
+    before = [c for c in calls if c.began < opened.times[0]]
+    assert len(before) <= HANDFUL, f"{len(before)} calls before the breaker opened"
+    assert not any(c.ok for c in calls if c.began > opened.times[0])
+    refused = [c.took for c in calls if c.refused]
+    if not refusals:
+        return
+    assert refused, "no call failed fast"
+    assert statistics.median(refused) < 0.01
+    assert max(refused) < CONNECT_TIMEOUT / 4
+
+
+# -- private servers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg(pg_server: PrivatePostgres) -> PrivatePostgres:
+    if not _listening(pg_server.port):  # a test before this one killed it
+        pg_server.start()
+    return pg_server
+
+
+def terminate_others(server: PrivatePostgres) -> None:
+    """A DBA's (or a pooler's) reaper: ``pg_terminate_backend`` of every other session, and
+    wait until they are gone."""
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        deadline = time.monotonic() + 10
+        while admin.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline, "sessions survived pg_terminate_backend"
+            time.sleep(0.02)
+
+
+def pg_restart(server: PrivatePostgres) -> tuple[Callable[[], None], Callable[[], None]]:
+    return server.stop, server.start  # pg_ctl stop -m fast, then start
+
+
+@pytest.fixture(scope="module")
+def mariadb_server() -> Iterator[PrivateMariaDB]:
+    server = PrivateMariaDB()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def mariadb(mariadb_server: PrivateMariaDB) -> PrivateMariaDB:
+    if not _listening(mariadb_server.port):
+        mariadb_server.start()
+    return mariadb_server
+
+
+@pytest.fixture(scope="module")
+def redis_timeout_server() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(options=("--timeout", "1"))  # idle clients closed after 1 s
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_timeout(redis_timeout_server: PrivateRedis) -> PrivateRedis:
+    if not _listening(redis_timeout_server.port):
+        redis_timeout_server.start()
+    return redis_timeout_server
+
+
+# -- psycopg + psycopg_pool --------------------------------------------------------------------
+
+
+class PsycopgPoolApp(App):
+    def __init__(self, server: PrivatePostgres, *, check: bool) -> None:
+        pool_module: Any = pytest.importorskip("psycopg_pool", reason="psycopg_pool is absent")
+        self.pool = pool_module.ConnectionPool(
+            f"{server.dsn} connect_timeout={int(CONNECT_TIMEOUT)}",
+            min_size=POOL_SIZE,
+            max_size=POOL_SIZE,
+            kwargs={"autocommit": True},
+            # The application's wait for a connection while the pool has none (30 s by
+            # default): the pool's, not raptor's, so kept short here.
+            timeout=1.0,
+            check=pool_module.ConnectionPool.check_connection if check else None,
+            open=False,
+        )
+
+    def warm(self) -> None:
+        self.pool.open(wait=True, timeout=10)
+
+    def call(self) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["check=None", "check_connection"])
+def test_psycopg_pool_reaped(
+    pg: PrivatePostgres, install: Install, check: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a failed check the pool sleeps 1 s, 2 s, ... before the next (with or without
+    # raptor): shorter here, so that every call gets a connection within the pool's timeout
+    # and the two runs can be compared call for call.
+    base: Any = pytest.importorskip("psycopg_pool.base", reason="psycopg_pool is absent")
+    monkeypatch.setattr(base.AttemptWithBackoff, "INITIAL_DELAY", 0.02)
+    baseline = reaped(PsycopgPoolApp(pg, check=check), lambda: terminate_others(pg))
+    installed = install(PsycopgIntegration, **settings())
+    calls = reaped(PsycopgPoolApp(pg, check=check), lambda: terminate_others(pg))
+    # Without a check, each stale connection fails the statement that meets it (57P01).
+    check_reaped(baseline, calls, installed, lost=0 if check else POOL_SIZE)
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["check=None", "check_connection"])
+def test_psycopg_pool_restarted(pg: PrivatePostgres, install: Install, check: bool) -> None:
+    install(PsycopgIntegration, **settings())
+    calls, up = restarted(PsycopgPoolApp(pg, check=check), *pg_restart(pg))
+    check_restarted(calls, up)
+
+
+def test_psycopg_pool_killed(pg: PrivatePostgres, install: Install) -> None:
+    installed = install(PsycopgIntegration, **settings())
+    opened = Opened(installed)
+    calls, down = killed(PsycopgPoolApp(pg, check=False), pg.kill)
+    # The pool's stale connections fail (and are discarded) as the server dies; its
+    # reconnects in the background, refused, confirm them and open the breaker, which then
+    # refuses the reconnects that follow. Its callers wait for its timeout meanwhile.
+    check_killed(calls, opened, down, refusals=False)
+    assert max(c.took for c in calls) < 1.0 + 0.5
+
+
+# -- SQLAlchemy over psycopg2 ------------------------------------------------------------------
+
+
+class SqlAlchemyApp(App):
+    def __init__(self, server: PrivatePostgres, *, pre_ping: bool) -> None:
+        self.sa: Any = pytest.importorskip("sqlalchemy", reason="SQLAlchemy is absent")
+        self.engine = self.sa.create_engine(
+            f"postgresql+psycopg2://postgres@127.0.0.1:{server.port}/postgres",
+            pool_size=POOL_SIZE,
+            max_overflow=0,
+            pool_timeout=1.0,
+            pool_pre_ping=pre_ping,
+            connect_args={"connect_timeout": int(CONNECT_TIMEOUT)},
+        )
+
+    def warm(self) -> None:
+        held = [self.engine.connect() for _ in range(POOL_SIZE)]
+        for conn in held:
+            conn.execute(self.sa.text("SELECT 1"))
+        for conn in held:
+            conn.close()
+
+    def call(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(self.sa.text("SELECT 1")).scalar()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+PRE_PING = pytest.mark.parametrize("pre_ping", [False, True], ids=["no_pre_ping", "pre_ping"])
+
+
+@PRE_PING
+def test_sqlalchemy_psycopg2_reaped(pg: PrivatePostgres, install: Install, pre_ping: bool) -> None:
+    baseline = reaped(SqlAlchemyApp(pg, pre_ping=pre_ping), lambda: terminate_others(pg))
+    installed = install(Psycopg2Integration, **settings())
+    calls = reaped(SqlAlchemyApp(pg, pre_ping=pre_ping), lambda: terminate_others(pg))
+    # Without pre-ping the first call fails ("server closed the connection unexpectedly")
+    # and SQLAlchemy invalidates the whole pool; with it, every ping on a stale connection
+    # fails (held by the breaker), and SQLAlchemy reconnects.
+    check_reaped(baseline, calls, installed, lost=0 if pre_ping else 1)
+
+
+@PRE_PING
+def test_sqlalchemy_psycopg2_restarted(
+    pg: PrivatePostgres, install: Install, pre_ping: bool
+) -> None:
+    install(Psycopg2Integration, **settings())
+    calls, up = restarted(SqlAlchemyApp(pg, pre_ping=pre_ping), *pg_restart(pg))
+    check_restarted(calls, up)
+
+
+@PRE_PING
+def test_sqlalchemy_psycopg2_killed(pg: PrivatePostgres, install: Install, pre_ping: bool) -> None:
+    installed = install(Psycopg2Integration, **settings())
+    opened = Opened(installed)
+    calls, down = killed(SqlAlchemyApp(pg, pre_ping=pre_ping), pg.kill)
+    check_killed(calls, opened, down)
+
+
+# -- asyncpg.create_pool -----------------------------------------------------------------------
+
+
+async def asyncpg_pool(server: PrivatePostgres) -> Any:
+    return await asyncpg.create_pool(
+        host="127.0.0.1",
+        port=server.port,
+        user="postgres",
+        database="postgres",
+        min_size=POOL_SIZE,
+        max_size=POOL_SIZE,
+        timeout=CONNECT_TIMEOUT,
+    )
+
+
+async def asyncpg_reaped(server: PrivatePostgres) -> list[Call]:
+    pool = await asyncpg_pool(server)
+    try:
+        await asyncio.to_thread(terminate_others, server)
+        calls = []
+        for _ in range(CALLS):
+            calls.append(await call_once_async(lambda: pool.fetchval("SELECT 1")))
+            await asyncio.sleep(0.02)
+        return calls
+    finally:
+        await pool.close()
+
+
+async def test_asyncpg_pool_reaped(pg: PrivatePostgres, install: Install) -> None:
+    baseline = await asyncpg_reaped(pg)
+    installed = install(AsyncpgIntegration, **settings())
+    calls = await asyncpg_reaped(pg)
+    check_reaped(baseline, calls, installed)
+
+
+async def asyncpg_workload(
+    server: PrivatePostgres, outage: Callable[[], None], restore: Callable[[], None] | None
+) -> tuple[list[Call], float, float]:
+    pool = await asyncpg_pool(server)
+    calls: list[Call] = []
+    done = asyncio.Event()
+
+    async def worker() -> None:
+        while not done.is_set():
+            calls.append(await call_once_async(lambda: pool.fetchval("SELECT 1")))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(worker())
+    try:
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(outage)
+        down = time.monotonic()
+        if restore is None:
+            await asyncio.sleep(1.5)
+            return calls, down, down
+        await asyncio.sleep(DOWN_S)
+        await asyncio.to_thread(restore)
+        up = time.monotonic()
+        await asyncio.sleep(RECOVERY_TIMEOUT + SLACK_S + 0.5)
+        return calls, down, up
+    finally:
+        done.set()
+        await task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(), 5)
+
+
+async def test_asyncpg_pool_restarted(pg: PrivatePostgres, install: Install) -> None:
+    install(AsyncpgIntegration, **settings())
+    calls, _, up = await asyncpg_workload(pg, *pg_restart(pg))
+    check_restarted(calls, up)
+
+
+async def test_asyncpg_pool_killed(pg: PrivatePostgres, install: Install) -> None:
+    installed = install(AsyncpgIntegration, **settings())
+    opened = Opened(installed)
+    calls, down, _ = await asyncpg_workload(pg, pg.kill, None)
+    check_killed([c for c in calls if c.began > down], opened, down)
+
+
+# -- PyMySQL, reconnecting on error ------------------------------------------------------------
+
+
+class PyMySQLApp(App):
+    """A hand-made pool of ``POOL_SIZE`` PyMySQL connections, used in turn; a call that fails
+    drops its connection, and the next call in its place connects again."""
+
+    def __init__(self, server: PrivateMariaDB) -> None:
+        self.port = server.port
+        self.conns: list[Any] = []
+        self.turn = 0
+
+    def _connect(self) -> Any:
+        return pymysql.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user="root",
+            autocommit=True,
+            connect_timeout=int(CONNECT_TIMEOUT),
+            ssl_disabled=True,
+        )
+
+    def warm(self) -> None:
+        self.conns = [self._connect() for _ in range(POOL_SIZE)]
+
+    def call(self) -> None:
+        slot = self.turn % POOL_SIZE
+        self.turn += 1
+        conn = self.conns[slot]
+        if conn is None:
+            conn = self.conns[slot] = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                cur.fetchone()
+        except pymysql.err.MySQLError:
+            self.conns[slot] = None
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+
+def mariadb_wait_timeout(server: PrivateMariaDB, seconds: int) -> None:
+    conn = pymysql.connect(host="127.0.0.1", port=server.port, user="root", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SET GLOBAL wait_timeout = {seconds}")
+    finally:
+        conn.close()
+
+
+def test_pymysql_reaped_by_wait_timeout(mariadb: PrivateMariaDB, install: Install) -> None:
+    mariadb_wait_timeout(mariadb, 1)  # private server: new sessions get 1 s
+    try:
+
+        def reap() -> None:
+            time.sleep(2.0)
+
+        baseline = reaped(PyMySQLApp(mariadb), reap)
+        installed = install(PyMySQLIntegration, **settings())
+        calls = reaped(PyMySQLApp(mariadb), reap)
+    finally:
+        mariadb_wait_timeout(mariadb, 28800)
+    check_reaped(baseline, calls, installed, lost=POOL_SIZE)
+
+
+def test_pymysql_restarted(mariadb: PrivateMariaDB, install: Install) -> None:
+    install(PyMySQLIntegration, **settings())
+    calls, up = restarted(PyMySQLApp(mariadb), mariadb.shutdown, mariadb.start)
+    check_restarted(calls, up)
+
+
+def test_pymysql_killed(mariadb: PrivateMariaDB, install: Install) -> None:
+    installed = install(PyMySQLIntegration, **settings())
+    opened = Opened(installed)
+    calls, down = killed(PyMySQLApp(mariadb), mariadb.kill)
+    check_killed(calls, opened, down)
+
+
+# -- redis-py's pool, on a server with ``timeout 1`` -------------------------------------------
+
+
+class RedisApp(App):
+    def __init__(self, server: PrivateRedis) -> None:
+        self.client = redis.Redis(
+            host="127.0.0.1", port=server.port, socket_connect_timeout=CONNECT_TIMEOUT
+        )
+
+    def warm(self) -> None:
+        pool = self.client.connection_pool
+        held = [pool.get_connection() for _ in range(POOL_SIZE)]
+        for conn in held:
+            conn.send_command("PING")
+            assert conn.read_response() == b"PONG"
+        for conn in held:
+            pool.release(conn)
+
+    def call(self) -> None:
+        self.client.incr("calls")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def test_redis_reaped_by_timeout(redis_timeout: PrivateRedis, install: Install) -> None:
+    def reap() -> None:
+        time.sleep(2.5)  # timeout 1: closed by the server's cron within about a second more
+
+    baseline = reaped(RedisApp(redis_timeout), reap)
+    installed = install(RedisIntegration, **settings())
+    calls = reaped(RedisApp(redis_timeout), reap)
+    check_reaped(baseline, calls, installed)
+
+
+def test_redis_restarted(redis_timeout: PrivateRedis, install: Install) -> None:
+    install(RedisIntegration, **settings())
+    calls, up = restarted(
+        RedisApp(redis_timeout), redis_timeout.shutdown_nosave, redis_timeout.start
+    )
+    check_restarted(calls, up)
+
+
+def test_redis_killed(redis_timeout: PrivateRedis, install: Install) -> None:
+    installed = install(RedisIntegration, **settings())
+    opened = Opened(installed)
+    calls, down = killed(RedisApp(redis_timeout), redis_timeout.shutdown_nosave)
+    check_killed(calls, opened, down)
