@@ -411,6 +411,33 @@ def test_psycopg_pool_killed(pg: PrivatePostgres, install: Install) -> None:
     assert max(c.took for c in calls) < 1.0 + 0.5
 
 
+def test_psycopg_pool_check_keeps_healthy_connections_while_the_breaker_is_open(
+    pg: PrivatePostgres, install: Install
+) -> None:
+    """``check_connection`` sends an empty statement to see that a connection is alive. An
+    open breaker refused it, so the pool threw every healthy connection away as it checked
+    it, and its reconnects, refused too, backed off for a second and more: after the breaker
+    closed, the application waited for a connection (the pool's timeout) where it would have
+    had one at once. The check now runs as without raptor while the breaker is not closed;
+    the application's own statement is refused, fast, on a connection the pool keeps."""
+    installed = install(PsycopgIntegration, **settings())
+    app = PsycopgPoolApp(pg, check=True)
+    app.warm()
+    try:
+        assert call_once(app.call).ok
+        breaker = installed.runtime.breakers.get(f"postgresql://127.0.0.1:{pg.port}/postgres")
+        breaker.force_open()  # as after a blip: the server is fine
+        during = [call_once(app.call) for _ in range(POOL_SIZE + 1)]
+        breaker.force_close()
+        after = call_once(app.call)
+        assert all(c.refused and c.took < 0.1 for c in during), during
+        assert after.ok, after
+        assert after.took < 0.1, after
+        assert app.pool.get_stats().get("connections_lost", 0) == 0
+    finally:
+        app.close()
+
+
 # -- SQLAlchemy over psycopg2 ------------------------------------------------------------------
 
 

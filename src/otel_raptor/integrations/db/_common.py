@@ -213,10 +213,17 @@ def method_commits_partway(args: tuple[Any, ...]) -> bool:
 
 def sql_unguarded(args: tuple[Any, ...]) -> bool:
     """``CallHooks.unguarded`` of SQL statements: the statement in ``args[0]`` ends a
-    transaction (:func:`~otel_raptor.core.replay.sql_ends_transaction`), so a breaker that is
-    not closed lets it through unrefused and uncounted, as without raptor. Refused, a
-    ``ROLLBACK`` or ``COMMIT`` would leave the connection inside its transaction."""
-    return bool(args) and sql_ends_transaction(args[0])
+    transaction (:func:`~otel_raptor.core.replay.sql_ends_transaction`) or is empty, so a
+    breaker that is not closed lets it through unrefused and uncounted, as without raptor.
+    Refused, a ``ROLLBACK`` or ``COMMIT`` would leave the connection inside its transaction,
+    and the empty statement with which a pool checks that a connection is alive (psycopg_pool's
+    ``check_connection``) would make the pool throw a healthy connection away."""
+    if not args:
+        return False
+    statement = args[0]
+    if isinstance(statement, (str, bytes)) and not statement:
+        return True
+    return sql_ends_transaction(statement)
 
 
 def method_unguarded(args: tuple[Any, ...]) -> bool:
