@@ -448,6 +448,46 @@ def test_psycopg_pool_check_keeps_healthy_connections_while_the_breaker_is_open(
         app.close()
 
 
+async def psycopg_async_pool_reaped(server: PrivatePostgres, *, check: bool) -> list[Call]:
+    pool_module: Any = pytest.importorskip("psycopg_pool", reason="psycopg_pool is absent")
+    pool = pool_module.AsyncConnectionPool(
+        server.dsn,
+        min_size=POOL_SIZE,
+        max_size=POOL_SIZE,
+        kwargs={"autocommit": True},
+        timeout=5.0,
+        check=pool_module.AsyncConnectionPool.check_connection if check else None,
+        open=False,
+    )
+    await pool.open(wait=True, timeout=10)
+
+    async def call() -> None:
+        async with pool.connection() as conn:
+            await (await conn.execute("SELECT 1")).fetchone()
+
+    try:
+        await asyncio.to_thread(terminate_others, server)
+        calls = []
+        for _ in range(CALLS):
+            calls.append(await call_once_async(call))
+            await asyncio.sleep(0.02)
+        return calls
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["check=None", "check_connection"])
+async def test_psycopg_async_pool_reaped(
+    pg: PrivatePostgres, install: Install, check: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base: Any = pytest.importorskip("psycopg_pool.base", reason="psycopg_pool is absent")
+    monkeypatch.setattr(base.AttemptWithBackoff, "INITIAL_DELAY", 0.02)  # as above
+    baseline = await psycopg_async_pool_reaped(pg, check=check)
+    installed = install(PsycopgIntegration, **settings())
+    calls = await psycopg_async_pool_reaped(pg, check=check)
+    check_reaped(baseline, calls, installed, lost=0 if check else POOL_SIZE)
+
+
 # -- SQLAlchemy over psycopg2 ------------------------------------------------------------------
 
 
