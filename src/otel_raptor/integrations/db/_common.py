@@ -39,7 +39,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from otel_raptor.config import DownstreamPolicy
 from otel_raptor.core.attempts import LoopSpec, Refusal
@@ -61,8 +61,9 @@ from otel_raptor.integrations._kit import (
     library_error,
 )
 from otel_raptor.integrations._wrapping import HookSet
-from otel_raptor.runtime.drive import CallHooks, CallPlan
+from otel_raptor.runtime.drive import CallHooks, CallPlan, resume_sync
 from otel_raptor.runtime.forksafe import LockBox, register_lock
+from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.telemetry.instruments import (
     ATTR_DB_NAMESPACE,
     ATTR_DB_SYSTEM_NAME,
@@ -84,6 +85,7 @@ __all__ = [
     "Server",
     "StatementHooks",
     "callers_limit",
+    "failed_midway",
     "is_not_sent",
     "lost_connection",
     "mark_not_sent",
@@ -167,6 +169,25 @@ def lost_connection(
         return classification
 
     return refined
+
+
+def _never_sent_again(*args: Any, **kwargs: Any) -> NoReturn:
+    raise AssertionError("a call that failed midway is never sent again")
+
+
+def failed_midway(plan: CallPlan, failure: Exception, args: tuple[Any, ...]) -> NoReturn:
+    """Judge ``failure``, met partway through a call whose start ``plan`` (a plan that never
+    replays: ``locked``) already admitted, such as a row of a stream or the end of a
+    ``COPY``, then raise it: classified, counted against the breaker once (its lost
+    connections unconfirmed, as for any statement) and published, as the first failed
+    attempt of a call; never sent again, never refused. ``args`` are the call's positional
+    arguments, for the hooks. Sync and async callers alike: no attempt, so no sleep."""
+    try:
+        resume_sync(plan, _never_sent_again, args, {}, plan.monotonic(), failure)
+    except Exception as raised:  # noqa: BLE001 - the failure itself, or our bug
+        if raised is not failure:  # our bug: the app gets its own error, as without us
+            report_internal_error("db.failed_midway", raised)
+    raise failure
 
 
 def mark_not_sent(error: BaseException) -> None:

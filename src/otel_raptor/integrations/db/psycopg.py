@@ -14,8 +14,19 @@ getting real ``psycopg.Connection`` and cursor objects, which every type check a
   connection with no transaction open and no pipeline runs under the ``statement`` plan
   (replay judged per failure); anything else under the ``locked`` plan (never replayed).
 - ``ServerCursor.execute`` and ``AsyncServerCursor.execute`` (the ``DECLARE`` of a named
-  cursor): the ``locked`` plan. The ``FETCH`` commands that follow it, ``Cursor.stream``
-  and ``copy`` are not guarded.
+  cursor), and the ``FETCH``/``MOVE`` commands that follow it: ``fetchone``, ``fetchmany``,
+  ``fetchall``, ``scroll`` and the iteration's ``__next__``/``__anext__`` when it fetches
+  its next page (``itersize`` rows; a row already fetched is handed out untouched): the
+  ``locked`` plan, each command once, refused while the breaker is open. A ``FETCH``
+  moves the cursor: sent again, it would skip rows. Its ``CLOSE`` is never refused.
+- ``Cursor.stream`` and ``AsyncCursor.stream``: the query is sent and its first row read
+  under the ``locked`` plan (refused while the breaker is open). The rows after it belong to
+  the same answer: nothing is refused or sent again mid-stream, and a failure met there is
+  judged and counted once (:func:`~otel_raptor.integrations.db._common.failed_midway`).
+- ``Cursor.copy`` and ``AsyncCursor.copy``: entering the block (the ``COPY`` statement) under
+  the ``locked`` plan; a driver error met inside the block or when it ends (the rows written,
+  the end of the copy) is judged and counted once, never sent again. The application's own
+  error inside the block is not counted.
 
 A connection's target is found once (from the connect arguments, or from ``conn.info`` for a
 connection opened before instrumentation) and kept on the connection. See
@@ -24,7 +35,8 @@ connection opened before instrumentation) and kept on the connection. See
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.errors import CircuitOpenError
@@ -36,6 +48,7 @@ from otel_raptor.integrations.db._common import (
     DbTarget,
     HookSet,
     Server,
+    failed_midway,
     method_commits_partway,
     method_read_only,
     method_unguarded,
@@ -63,6 +76,8 @@ __all__ = ["PsycopgCircuitOpen", "PsycopgIntegration", "circuit_open_error_type"
 #: The attribute under which a connection keeps its target.
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
 _IDLE: Final = 0  # libpq PQTRANS_IDLE
+#: A named cursor's commands after its ``DECLARE``: ``FETCH`` (and ``MOVE`` for ``scroll``).
+_FETCHES: Final = ("fetchone", "fetchmany", "fetchall", "scroll")
 # Keyword arguments of ``Connection.connect`` that are not libpq connection parameters.
 _CONNECT_OPTIONS: Final = frozenset(
     {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
@@ -98,7 +113,15 @@ def _server_of_connection(conn: Any) -> Server:
 
 
 class _State(DbState):
-    __slots__ = ()
+    """``driver_error``: ``psycopg.Error``, the base of the driver's own errors."""
+
+    __slots__ = ("driver_error",)
+
+    def __init__(
+        self, settings: IntegrationSettings, driver_error: type[BaseException], **options: Any
+    ) -> None:
+        super().__init__(settings, **options)
+        self.driver_error = driver_error
 
 
 _installed: _State | None = None
@@ -247,8 +270,8 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _executemany_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``Cursor.executemany`` and ``ServerCursor.execute`` (a ``DECLARE``, in a
-    transaction or ``WITH HOLD``): never replayed."""
+    """The hook on ``Cursor.executemany``, ``ServerCursor.execute`` (a ``DECLARE``, in a
+    transaction or ``WITH HOLD``) and the ``ServerCursor`` fetches: never replayed."""
 
     def executemany(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -294,6 +317,261 @@ def _async_executemany_hook(original: Callable[..., Awaitable[Any]]) -> Callable
     return _async_hook(original, batch=True)
 
 
+#: What the guarded first step of a stream or a cursor's iteration returns at the end of the
+#: rows: ``StopIteration`` raised through the driver would be judged as a failure.
+_END: Final = object()
+
+
+def _locked_plan(cursor: Any) -> CallPlan | None:
+    """The ``locked`` plan of ``cursor``'s server (``None``: not installed, disabled, or our
+    bug, reported: the call then runs as without us)."""
+    state = _installed
+    if state is None:
+        return None
+    try:
+        return _plan(state, cursor, batch=True)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("psycopg.describe", bug)
+        return None
+
+
+def _query(args: tuple[Any, ...], kwargs: dict[str, Any], key: str) -> Any:
+    """The statement of a call (its first positional argument, or keyword ``key``), for the
+    hooks that read it (a ``COMMIT`` is never refused)."""
+    return args[0] if args else kwargs.get(key)
+
+
+def _first_row(cursor: Any, query: Any, rows: Iterator[Any]) -> Any:
+    """Sends the stream's query and reads its first row (``_END``: there is none)."""
+    return next(rows, _END)
+
+
+async def _first_row_async(cursor: Any, query: Any, rows: AsyncIterator[Any]) -> Any:
+    return await anext(rows, _END)
+
+
+def _stream_hook(
+    original: Callable[..., Generator[Any, None, None]],
+) -> Callable[..., Generator[Any, None, None]]:
+    """The hook on ``Cursor.stream`` (a generator, as the original is): the query and its
+    first row under the ``locked`` plan; the rest of the answer as it comes, a failure in it
+    counted once (see the module docstring)."""
+
+    def stream(self: Any, *args: Any, **kwargs: Any) -> Generator[Any, None, None]:
+        plan = _locked_plan(self)
+        rows = original(self, *args, **kwargs)
+        if plan is None:
+            return (yield from rows)
+        try:
+            first = call(plan, _first_row, (self, _query(args, kwargs, "query"), rows), {})
+            if first is _END:
+                return None
+            yield first
+            try:
+                yield from rows
+            except Exception as failure:  # noqa: BLE001 - judged, then raised unchanged
+                failed_midway(plan, failure, (self, _query(args, kwargs, "query")))
+        finally:
+            rows.close()  # the app stopped early: psycopg cancels the query, as without us
+
+    return stream
+
+
+def _async_stream_hook(
+    original: Callable[..., AsyncGenerator[Any, None]],
+) -> Callable[..., AsyncGenerator[Any, None]]:
+    """The hook on ``AsyncCursor.stream`` (an async generator, as the original is)."""
+
+    async def stream(self: Any, *args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        plan = _locked_plan(self)
+        rows = original(self, *args, **kwargs)
+        try:
+            if plan is None:
+                async for row in rows:
+                    yield row
+                return
+            query = _query(args, kwargs, "query")
+            first = await call_async(plan, _first_row_async, (self, query, rows), {})
+            if first is _END:
+                return
+            yield first
+            while True:
+                try:
+                    row = await anext(rows)
+                except StopAsyncIteration:
+                    return
+                except Exception as failure:  # noqa: BLE001 - judged, then raised unchanged
+                    failed_midway(plan, failure, (self, query))
+                yield row
+        finally:
+            await rows.aclose()
+
+    return stream
+
+
+def _enter_copy(cursor: Any, statement: Any, manager: Any) -> Any:
+    """Sends the ``COPY`` statement: the driver's block entered."""
+    return manager.__enter__()
+
+
+async def _enter_copy_async(cursor: Any, statement: Any, manager: Any) -> Any:
+    return await manager.__aenter__()
+
+
+def _copy_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``Cursor.copy`` (a context manager, as the original is): entering it under
+    the ``locked`` plan, hands out the driver's own ``Copy``; a driver error inside the block
+    or at its end is counted once, never sent again."""
+
+    @contextlib.contextmanager
+    def copy(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        plan = _locked_plan(self)
+        manager = original(self, *args, **kwargs)
+        if plan is None:
+            with manager as driver_copy:
+                yield driver_copy
+            return
+        statement = _query(args, kwargs, "statement")
+        driver_copy = call(plan, _enter_copy, (self, statement, manager), {})
+        try:
+            yield driver_copy
+        except BaseException as raised:
+            try:
+                suppressed = manager.__exit__(type(raised), raised, raised.__traceback__)
+            except Exception as failure:
+                _judge_copy_failure(plan, failure, (self, statement))
+                raise
+            if suppressed:
+                return
+            if isinstance(raised, Exception):
+                _judge_copy_failure(plan, raised, (self, statement))
+            raise
+        else:
+            try:
+                manager.__exit__(None, None, None)
+            except Exception as failure:  # noqa: BLE001 - judged, then raised unchanged
+                failed_midway(plan, failure, (self, statement))
+
+    return copy
+
+
+def _async_copy_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``AsyncCursor.copy``: :func:`_copy_hook` for ``async with``."""
+
+    @contextlib.asynccontextmanager
+    async def copy(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        plan = _locked_plan(self)
+        manager = original(self, *args, **kwargs)
+        if plan is None:
+            async with manager as driver_copy:
+                yield driver_copy
+            return
+        statement = _query(args, kwargs, "statement")
+        driver_copy = await call_async(plan, _enter_copy_async, (self, statement, manager), {})
+        try:
+            yield driver_copy
+        except BaseException as raised:
+            try:
+                suppressed = await manager.__aexit__(type(raised), raised, raised.__traceback__)
+            except Exception as failure:
+                _judge_copy_failure(plan, failure, (self, statement))
+                raise
+            if suppressed:
+                return
+            if isinstance(raised, Exception):
+                _judge_copy_failure(plan, raised, (self, statement))
+            raise
+        else:
+            try:
+                await manager.__aexit__(None, None, None)
+            except Exception as failure:  # noqa: BLE001 - judged, then raised unchanged
+                failed_midway(plan, failure, (self, statement))
+
+    return copy
+
+
+def _judge_copy_failure(plan: CallPlan, failure: Exception, args: tuple[Any, ...]) -> None:
+    """``failure`` ended a ``COPY`` block: judged and raised when it is the driver's own error
+    (a row that could not be written, the end of the copy); the application's own error from
+    inside the block, which the driver passes through, returns, to be raised unjudged."""
+    state = _installed
+    try:
+        ours = state is not None and isinstance(failure, state.driver_error)
+    except Exception as bug:  # noqa: BLE001 - unjudged, as without us
+        report_internal_error("psycopg.copy", bug)
+        return
+    if ours:
+        failed_midway(plan, failure, args)
+
+
+def _next_row(cursor: Any, original: Callable[[Any], Any]) -> Any:
+    """A named cursor's next row, fetching its next page (``_END``: none left)."""
+    try:
+        return original(cursor)
+    except StopIteration:
+        return _END
+
+
+async def _next_row_async(cursor: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    try:
+        return await original(cursor)
+    except StopAsyncIteration:
+        return _END
+
+
+def _fetches_a_page(cursor: Any) -> bool:
+    """Whether a named cursor's ``__next__`` sends a ``FETCH`` (psycopg's own test): it has
+    no page yet, or it is at the end of a full one."""
+    page = cursor._iter_rows
+    return page is None or cursor._page_pos >= len(page) >= cursor.itersize
+
+
+def _server_next_hook(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The hook on ``ServerCursor.__next__``: a row of the page already fetched is handed out
+    untouched; fetching the next page goes through the ``locked`` plan."""
+
+    def __next__(self: Any) -> Any:
+        if _installed is None:
+            return original(self)
+        try:
+            plan = _locked_plan(self) if _fetches_a_page(self) else None
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("psycopg.describe", bug)
+            plan = None
+        if plan is None:
+            return original(self)
+        row = call(plan, _next_row, (self, original), {})
+        if row is _END:
+            raise StopIteration
+        return row
+
+    return __next__
+
+
+def _async_server_next_hook(
+    original: Callable[[Any], Awaitable[Any]],
+) -> Callable[[Any], Awaitable[Any]]:
+    """The hook on ``AsyncServerCursor.__anext__``: :func:`_server_next_hook` for
+    ``async for``."""
+
+    async def __anext__(self: Any) -> Any:
+        if _installed is None:
+            return await original(self)
+        try:
+            plan = _locked_plan(self) if _fetches_a_page(self) else None
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("psycopg.describe", bug)
+            plan = None
+        if plan is None:
+            return await original(self)
+        row = await call_async(plan, _next_row_async, (self, original), {})
+        if row is _END:
+            raise StopAsyncIteration
+        return row
+
+    return __anext__
+
+
 def _wrapped(psycopg: Any) -> list[tuple[object, str, Any]]:
     """The connect functions: wrapt wrappers (one is a class method)."""
     return [
@@ -313,6 +591,15 @@ def _patched(psycopg: Any) -> list[tuple[type, str, Any]]:
         # A server-side cursor's own execute (it does not call Cursor.execute).
         (psycopg.ServerCursor, "execute", _executemany_hook),
         (psycopg.AsyncServerCursor, "execute", _async_executemany_hook),
+        # The FETCH/MOVE commands of a named cursor: one each, never sent again.
+        *[(psycopg.ServerCursor, name, _executemany_hook) for name in _FETCHES],
+        *[(psycopg.AsyncServerCursor, name, _async_executemany_hook) for name in _FETCHES],
+        (psycopg.ServerCursor, "__next__", _server_next_hook),
+        (psycopg.AsyncServerCursor, "__anext__", _async_server_next_hook),
+        (psycopg.Cursor, "stream", _stream_hook),
+        (psycopg.AsyncCursor, "stream", _async_stream_hook),
+        (psycopg.Cursor, "copy", _copy_hook),
+        (psycopg.AsyncCursor, "copy", _async_copy_hook),
     ]
 
 
@@ -327,6 +614,7 @@ class PsycopgIntegration(DbIntegration):
         error = refusal_factory(library.OperationalError, "PsycopgCircuitOpen", __name__)
         return _State(
             settings,
+            library.Error,
             error=error,
             point=failure_point,
             read_only=method_read_only,
