@@ -170,6 +170,29 @@ async def test_asyncpg(traced: Callable[..., Traced], order: str, pg_table: str)
 
 
 @pytest.mark.parametrize("order", ORDERS)
+async def test_asyncpg_cursors(traced: Callable[..., Traced], order: str) -> None:
+    pair = traced(AsyncPGInstrumentor(), AsyncpgIntegration, order)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        async with con.transaction():
+            got = [r[0] async for r in con.cursor("SELECT generate_series(1, 5)", prefetch=2)]
+            assert got == [1, 2, 3, 4, 5]
+            cursor = await con.cursor("SELECT generate_series(1, 5)")
+            assert [r[0] for r in await cursor.fetch(2)] == [1, 2]
+            assert await cursor.forward(1) == 1
+            service = f"postgresql://{POSTGRES[0]}:{POSTGRES[1]}/test"
+            pair.raptor.runtime.breakers.get(service).force_open()
+            with pytest.raises(CircuitOpenError):
+                await cursor.fetchrow()
+            with pytest.raises(CircuitOpenError):
+                await anext(aiter(con.cursor("SELECT 1")))
+    finally:
+        await con.close()
+    # Both wrap the cursor's fetches: they are traced either way (the refused ones too).
+    assert [s.name for s in pair.client_spans()].count("CURSOR: SELECT") >= 5
+
+
+@pytest.mark.parametrize("order", ORDERS)
 def test_pymysql(traced: Callable[..., Traced], order: str) -> None:
     require_service("MariaDB", MYSQL)
     pair = traced(PyMySQLInstrumentor(), PyMySQLIntegration, order)

@@ -18,6 +18,13 @@ application keeps its real ``asyncpg.Connection`` objects):
 - ``Connection.executemany``/``fetchmany``, ``PreparedStatement.executemany``/``fetchmany``
   and ``Connection.copy_from_table``/``copy_from_query``/``copy_to_table``/
   ``copy_records_to_table``: the ``locked`` plan (never replayed).
+- Cursors (``Connection.cursor`` and ``PreparedStatement.cursor`` hand out a
+  ``CursorFactory``, which sends nothing itself): awaiting the factory (its ``Bind``),
+  ``Cursor.fetch``/``fetchrow``/``forward``, and each step of ``async for`` over the factory
+  that goes to the server (the first, which sends the query, and each next page of
+  ``prefetch`` rows; a row already fetched is handed out untouched): the ``locked`` plan,
+  refused while the breaker is open and never sent again (a cursor lives in a transaction,
+  and a fetch sent again would skip rows). Closing the portal at the end is never refused.
 
 The contrib asyncpg instrumentation wraps the same ``Connection`` methods: whichever is
 installed last is the outer layer, so with raptor installed after it each attempt is its own
@@ -29,8 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import types
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -71,6 +79,11 @@ _BATCHES: Final = ("executemany", "fetchmany")
 _COPIES: Final = ("copy_from_table", "copy_from_query", "copy_to_table", "copy_records_to_table")
 _PREPARED_STATEMENTS: Final = ("fetch", "fetchval", "fetchrow")
 _PREPARED_BATCHES: Final = ("executemany", "fetchmany")
+# An open cursor's commands: Execute on its portal (fetch, fetchrow) or MOVE (forward).
+_CURSOR_FETCHES: Final = ("fetch", "fetchrow", "forward")
+#: What a guarded cursor step returns at the end of the rows: ``StopAsyncIteration`` raised
+#: through the driver would be judged as a failure.
+_END: Final = object()
 
 
 _unreachable: type[BaseException] | None = None
@@ -360,6 +373,81 @@ def _prepared_batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
     return _hook(original, batch=True, prepared=True, many=True)
 
 
+def _cursor_hook(original: Callable[..., Awaitable[Any]]) -> Any:
+    """The hook on ``Cursor.fetch``/``fetchrow``/``forward``: never replayed."""
+    return _hook(original, batch=True, prepared=True)
+
+
+def _cursor_plan(resource: Any) -> CallPlan | None:
+    """The ``locked`` plan of a cursor's (or cursor factory's) connection; ``None``: not
+    installed, disabled, closed, or our bug (reported): the call runs as without us."""
+    state = _installed
+    if state is None:
+        return None
+    try:
+        return _plan(state, resource._connection, batch=True)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("asyncpg.describe", bug)
+        return None
+
+
+@types.coroutine
+def _awaited(step: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    """Awaits the iterator an ``__await__`` returned."""
+    return (yield from step)
+
+
+async def _open_cursor(factory: Any, query: Any, original: Callable[[Any], Any]) -> Any:
+    """Prepares (when needed) and binds the cursor: what awaiting the factory sends."""
+    return await _awaited(original(factory))
+
+
+def _factory_await_hook(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The hook on ``CursorFactory.__await__`` (``await con.cursor(...)``): opening the cursor
+    under the ``locked`` plan; the app gets asyncpg's own ``Cursor``."""
+
+    def __await__(self: Any) -> Any:
+        plan = _cursor_plan(self)
+        if plan is None:
+            return original(self)
+        return call_async(plan, _open_cursor, (self, self._query, original), {}).__await__()
+
+    return __await__
+
+
+async def _next_row(iterator: Any, query: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    """The cursor's next row, from the server (``_END``: none left)."""
+    try:
+        return await original(iterator)
+    except StopAsyncIteration:
+        return _END
+
+
+def _iterator_next_hook(original: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Any]:
+    """The hook on ``CursorIterator.__anext__`` (``async for`` over a cursor factory): a step
+    that sends (the query, then each page) goes through the ``locked`` plan; a row already
+    fetched, and the closing of the portal at the end, as without us."""
+
+    async def __anext__(self: Any) -> Any:
+        if _installed is None:
+            return await original(self)
+        try:
+            # asyncpg's own test: no portal yet, or an empty buffer of a cursor not exhausted.
+            sends = not self._exhausted and (not self._portal_name or not self._buffer)
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("asyncpg.describe", bug)
+            sends = False
+        plan = _cursor_plan(self) if sends else None
+        if plan is None:
+            return await original(self)
+        row = await call_async(plan, _next_row, (self, self._query, original), {})
+        if row is _END:
+            raise StopAsyncIteration
+        return row
+
+    return __anext__
+
+
 def _wrapped(asyncpg: Any) -> list[tuple[object, str, Any]]:
     from asyncpg import connection  # noqa: PLC0415 - imported by install()
 
@@ -367,7 +455,7 @@ def _wrapped(asyncpg: Any) -> list[tuple[object, str, Any]]:
 
 
 def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
-    from asyncpg import connection, prepared_stmt  # noqa: PLC0415 - imported by install()
+    from asyncpg import connection, cursor, prepared_stmt  # noqa: PLC0415 - imported by install()
 
     con = connection.Connection
     statement = prepared_stmt.PreparedStatement
@@ -377,6 +465,9 @@ def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
         *[(con, name, _copy_hook) for name in _COPIES],
         *[(statement, name, _prepared_hook) for name in _PREPARED_STATEMENTS],
         *[(statement, name, _prepared_batch_hook) for name in _PREPARED_BATCHES],
+        (cursor.CursorFactory, "__await__", _factory_await_hook),
+        (cursor.CursorIterator, "__anext__", _iterator_next_hook),
+        *[(cursor.Cursor, name, _cursor_hook) for name in _CURSOR_FETCHES],
     ]
 
 
