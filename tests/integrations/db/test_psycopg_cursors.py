@@ -10,6 +10,7 @@ the breaker counts it as ``unavailable``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterable, Iterable, Iterator
 from typing import Any
 
@@ -19,7 +20,9 @@ import pytest
 
 from otel_raptor.core.classification import ErrorCategory
 from otel_raptor.core.events import ErrorClassified, RecoveryFinished
+from otel_raptor.integrations.db import psycopg as integration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration, circuit_open_error_type
+from otel_raptor.runtime.safety import _reset_for_tests
 from tests.integrations.db.conftest import PG_DSN, Install, create_pg_flaky, drop_pg_flaky
 from tests.support.services import POSTGRES
 
@@ -393,3 +396,25 @@ async def test_a_failing_async_fetch_is_counted_once_and_never_sent_again(
         assert calls(admin, table) == 1
         assert unavailable(installed) == 1
         await conn.rollback()
+
+
+# --- never break the host app -------------------------------------------------------------------
+
+
+def test_our_bug_is_reported_and_streams_copies_and_fetches_run(
+    install: Install, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _reset_for_tests()
+    install(PsycopgIntegration)
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"), psycopg.connect(PG_DSN) as conn:
+        setattr(conn, integration.TARGET_ATTRIBUTE, object())  # as if our state were corrupt
+        cur = conn.cursor()
+        assert list(cur.stream("SELECT generate_series(1, 3)")) == [(1,), (2,), (3,)]
+        with cur.copy(f"COPY {table} (v) FROM STDIN") as copy:
+            copy.write_row((1,))
+        named = conn.cursor(name="c")
+        named.execute("SELECT generate_series(1, 3)")
+        assert named.fetchone() == (1,)
+        assert list(named) == [(2,), (3,)]
+        conn.rollback()
+    assert "psycopg.describe" in caplog.text
