@@ -19,12 +19,13 @@ import psycopg2
 import pytest
 
 from otel_raptor.core.classification import ErrorCategory
-from otel_raptor.core.events import ErrorClassified, RecoveryFinished
+from otel_raptor.core.events import ErrorClassified, RecoveryFinished, RetryScheduled
 from otel_raptor.integrations.db import psycopg as integration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration, circuit_open_error_type
 from otel_raptor.runtime.safety import _reset_for_tests
 from tests.integrations.db.conftest import PG_DSN, Install, create_pg_flaky, drop_pg_flaky
 from tests.support.services import POSTGRES
+from tests.support.tcp_proxy import FaultProxy
 
 pytestmark = pytest.mark.usefixtures("postgres")
 
@@ -293,6 +294,30 @@ def test_a_failure_mid_stream_is_counted_once_and_never_sent_again(
         assert list(conn.cursor().stream(failing_at_3(table))) == [(1,), (2,), (1,), (4,), (5,)]
     assert calls(admin, table) == 2
     assert unavailable(installed) == 1
+
+
+def test_a_connection_lost_mid_stream_counts_once_a_refused_reconnect_confirms_it(
+    install: Install,
+) -> None:
+    installed = install(PsycopgIntegration, max_retries=0)
+    with FaultProxy(POSTGRES) as proxy:
+        dsn = f"host=127.0.0.1 port={proxy.port} dbname=test user=postgres"
+        breaker = installed.runtime.breakers.get(f"postgresql://127.0.0.1:{proxy.port}/test")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            stream = conn.cursor().stream("SELECT generate_series(1, 100000000)")
+            assert next(stream) == (1,)
+            proxy.refuse()  # the server is gone: the open connection is cut, none is accepted
+            with pytest.raises(psycopg.OperationalError):
+                collect(stream, [])
+            assert not installed.of(RetryScheduled)
+            [finished] = installed.of(RecoveryFinished)
+            assert finished.attempts == 1
+            # A lost connection alone is unconfirmed (a reaped idle session looks the same)...
+            assert breaker.snapshot().window_failures == 0
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(dsn)
+        # ...until a refused reconnect confirms it: both count.
+        assert breaker.snapshot().window_failures == 2
 
 
 def test_a_stream_left_early_is_cancelled_as_without_raptor(install: Install) -> None:
