@@ -709,3 +709,28 @@ def test_a_breaker_that_stopped_judging_judges_again_after_reset(
     assert breaker.judging
     breaker.call_sync(lambda: "ok")
     trip(breaker)  # the bug is gone: it judges again
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_drops_the_parents_unconfirmed_failures(clock: FakeClock) -> None:
+    # The parent's pooled connections were found closed (held, unconfirmed). The child's own
+    # first counted failure must not count them: with them it would trip at once.
+    breaker = make(clock, failure_threshold=3)
+    for _ in range(2):
+        permit = breaker.acquire()
+        breaker.record_failure(permit, 0.01, ErrorCategory.CONNECTION, unconfirmed=True)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            permit = breaker.acquire()
+            breaker.record_failure(permit, 0.01, ErrorCategory.CONNECTION)
+            code = 0 if breaker.state is CLOSED else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent keeps them: its next counted failure trips.
+    permit = breaker.acquire()
+    breaker.record_failure(permit, 0.01, ErrorCategory.CONNECTION)
+    assert breaker.state is OPEN

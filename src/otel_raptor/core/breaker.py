@@ -546,7 +546,7 @@ class BreakerCore:
         self._forced = False
         self._consecutive = 0
         self._run_calls = 0  # distinct calls in the consecutive run (reset when a run starts)
-        self._forget_unconfirmed()
+        self.forget_unconfirmed()
         self._probe_successes = 0
         self._checks_passed = 0
         self._open_until = _INF
@@ -692,7 +692,7 @@ class BreakerCore:
 
     def _hold_unconfirmed(self, now: float, *, retry: bool) -> None:
         if self._unconfirmed and now - self._unconfirmed_since > UNCONFIRMED_HELD_S:
-            self._forget_unconfirmed()
+            self.forget_unconfirmed()
         if self._unconfirmed >= MAX_UNCONFIRMED_HELD:
             return
         if not self._unconfirmed:  # the first held: the others' fields are stale
@@ -707,7 +707,7 @@ class BreakerCore:
         # run (which they started) as if they had counted when they happened.
         held, calls = self._unconfirmed, self._unconfirmed_calls
         fresh = now - self._unconfirmed_since <= UNCONFIRMED_HELD_S
-        self._forget_unconfirmed()
+        self.forget_unconfirmed()
         if not fresh:
             return
         if self._consecutive == 0:
@@ -718,7 +718,9 @@ class BreakerCore:
         self._consecutive += held
         self._run_calls += calls
 
-    def _forget_unconfirmed(self) -> None:
+    def forget_unconfirmed(self) -> None:
+        """Drop the unconfirmed failures held (see the module docstring): in a forked child
+        they are about the parent's connections, which the child must not use."""
         self._unconfirmed = 0
         self._unconfirmed_calls = 0
         self._unconfirmed_since = 0.0
@@ -771,7 +773,7 @@ class BreakerCore:
         self._slow_s = _INF  # no success can trip the slow-call rule
         self._next_check = _INF
         self._consecutive = 0
-        self._forget_unconfirmed()
+        self.forget_unconfirmed()
         self._checks_passed = 0
         self.forget_probes()
         previous = self._state
@@ -795,7 +797,7 @@ class BreakerCore:
             return None
         self._judge_again()
         self.quiet = False
-        self._forget_unconfirmed()
+        self.forget_unconfirmed()
         previous = self._state
         self._state = _OPEN
         self._forced = True
@@ -1018,7 +1020,7 @@ class BreakerCore:
         self._state = _CLOSED
         self._forced = False
         self._consecutive = 0
-        self._forget_unconfirmed()
+        self.forget_unconfirmed()
         self._probe_successes = 0
         self._open_until = _INF
         self._open_for = None
@@ -1037,7 +1039,7 @@ class BreakerCore:
         open_for: float | None = None,
     ) -> Transition:
         self.quiet = False
-        self._forget_unconfirmed()
+        self.forget_unconfirmed()
         previous = self._state
         self._state = to_state
         if to_state is _HALF_OPEN:

@@ -424,6 +424,9 @@ class CircuitBreaker:
         # Probes in flight at the fork run in the parent's other threads: in the child their
         # outcomes never come, and a half-open breaker would refuse every call for ever.
         self._core.forget_probes()
+        # Lost connections held unconfirmed were the parent's: a failure of the child's own
+        # must not count them.
+        self._core.forget_unconfirmed()
 
     def _record_failure(
         self,
