@@ -90,6 +90,7 @@ class FakePort:
         retry: bool = False,
         live_refusal: bool = False,
         unconfirmed: bool = False,
+        opened_at: float | None = None,
     ) -> None:
         self.breaker.on_failure(
             permit,
@@ -99,6 +100,7 @@ class FakePort:
             retry=retry,
             live_refusal=live_refusal,
             unconfirmed=unconfirmed,
+            opened_at=opened_at,
         )
 
     def release(self, permit: Permit) -> None:

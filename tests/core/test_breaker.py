@@ -11,6 +11,7 @@ import pytest
 
 from otel_raptor.core.breaker import (
     ADAPTIVE_ALPHA,
+    FRESH_CONNECTION_S,
     MAX_UNCONFIRMED_HELD,
     UNCONFIRMED_HELD_S,
     BreakerCore,
@@ -1182,6 +1183,163 @@ def test_leaving_closed_drops_what_is_held() -> None:
     core.force_close(2.0)
     assert refused(core, 3.0) is None
     assert core.consecutive_failures == 1
+
+
+# --- a fresh connection's lost link (a pooler in front of a dead server) ---------------------
+
+
+def connect(core: BreakerCore, now: float) -> float:
+    """A connect that succeeds at ``now`` (a pooler answers it): the connection's open time."""
+    assert succeed(core, now) is None
+    return now
+
+
+def lose_fresh(
+    core: BreakerCore, opened: float, now: float, duration: float = 0.001
+) -> Transition | None:
+    """A statement on the connection opened at ``opened``, sent at ``now - duration``, that
+    lost its link at ``now``."""
+    permit, _ = core.acquire(now)
+    return core.on_failure(permit, now, duration, CONNECTION, unconfirmed=True, opened_at=opened)
+
+
+def test_behind_a_pooler_of_a_dead_server_the_breaker_opens() -> None:
+    # PgBouncer answers every connect; every statement then loses its link (08P01). Each
+    # connect's success used to drop what was held: the breaker never opened.
+    core = make(failure_threshold=3)
+    assert lose_connection(core, 0.0) is None  # a pooled connection from before: held
+    now = 1.0
+    transitions = []
+    for _ in range(2):
+        opened = connect(core, now)
+        # The statement waits out the pooler's query_wait_timeout (5 s) before failing: it
+        # was sent at once, so the connection never idled.
+        transitions.append(lose_fresh(core, opened, now + 5.0, duration=5.0))
+        now += 6.0
+    # The held loss and the first fresh one, then the second: a run of three.
+    assert transitions[0] is None
+    assert transitions[1] is not None
+    assert (transitions[1].to_state, transitions[1].reason) == (OPEN, R.CONSECUTIVE_FAILURES)
+
+
+def test_a_fresh_connection_confirms_even_with_nothing_held() -> None:
+    # A new connection per call, and nothing held at first: the first loss is held, the
+    # next connection's takes its connect's success back.
+    core = make(failure_threshold=2)
+    opened = connect(core, 0.0)
+    assert lose_fresh(core, opened, 0.01) is None
+    assert core.consecutive_failures == 0  # held: one fresh loss alone may be a restart
+    opened = connect(core, 0.1)
+    transition = lose_fresh(core, opened, 0.11)
+    assert transition is not None
+    assert transition.to_state is OPEN
+
+
+def test_a_connection_opened_after_the_oldest_held_loss_confirms() -> None:
+    core = make(failure_threshold=3)
+    lose_connection(core, 0.0)
+    lose_connection(core, 0.1)
+    assert lose_fresh(core, 0.2, 0.3) is not None  # opened at 0.2, no success since
+
+
+def test_a_reaped_idle_connection_confirms_nothing() -> None:
+    # The reaper ends sessions idle for its timeout: a connection used more than
+    # FRESH_CONNECTION_S after it opened may have been reaped. Held, as before.
+    core = make(failure_threshold=2)
+    lose_connection(core, 0.0)
+    opened = connect(core, 1.0)
+    assert lose_fresh(core, opened, opened + FRESH_CONNECTION_S + 0.5) is None
+    assert core.consecutive_failures == 0
+    opened = connect(core, 10.0)
+    assert lose_fresh(core, opened, opened + FRESH_CONNECTION_S + 0.5) is None
+    assert core.state is CLOSED
+    assert succeed(core, 20.0) is None  # the server answers: everything held is dropped
+    assert refused(core, 21.0) is None
+
+
+def test_a_connection_from_before_the_success_confirms_nothing() -> None:
+    # Opened before the success that dropped the held losses (a pool's connection from
+    # before a restart): its loss is the restart's, not news.
+    core = make(failure_threshold=2)
+    lose_connection(core, 1.0)
+    assert succeed(core, 2.0) is None
+    assert lose_fresh(core, 1.5, 2.1) is None
+    assert core.consecutive_failures == 0
+    # Nor one opened long after that success: the success was not its connect.
+    core = make(failure_threshold=2)
+    lose_connection(core, 1.0)
+    assert succeed(core, 2.0) is None
+    assert lose_fresh(core, 2.0 + FRESH_CONNECTION_S + 0.1, 2.0 + FRESH_CONNECTION_S + 0.2) is None
+    assert core.consecutive_failures == 0
+
+
+def test_a_success_that_ends_nothing_does_not_hide_the_connect_it_follows() -> None:
+    # A pool opens several connections at once: the first connect's success ends the run,
+    # the others' end nothing; a statement on the first one then takes its success back.
+    core = make(failure_threshold=3)
+    refused(core, 0.0)
+    refused(core, 0.0)
+    opened = connect(core, 1.0)
+    connect(core, 1.001)
+    connect(core, 1.002)
+    transition = lose_fresh(core, opened, 1.01)
+    assert transition is not None
+    assert core.state is OPEN
+
+
+def test_a_fresh_loss_after_a_success_that_ended_a_later_run_confirms_nothing() -> None:
+    # A success after the connection opened that ended something (the server answered a
+    # statement that followed a counted failure) is evidence: the fresh loss is held.
+    core = make(failure_threshold=2)
+    lose_connection(core, 0.0)
+    opened = connect(core, 1.0)  # suspends the held loss
+    refused(core, 1.001)
+    assert succeed(core, 1.002) is None  # ends the refused run: the server answers
+    assert lose_fresh(core, opened, 1.01) is None
+    assert core.consecutive_failures == 0
+
+
+def test_fresh_losses_of_expired_held_failures_count_only_themselves() -> None:
+    core = make(failure_threshold=3)
+    lose_connection(core, 0.0)
+    later = UNCONFIRMED_HELD_S + 5.0
+    opened = connect(core, later)
+    assert lose_fresh(core, opened, later + 0.01) is None
+    assert core.consecutive_failures == 0  # held: nothing to take back
+    opened = connect(core, later + 1.0)
+    assert lose_fresh(core, opened, later + 1.01) is None
+    assert core.consecutive_failures == 2  # the held fresh loss and this one
+
+
+def test_a_probe_that_loses_a_fresh_connection_reopens_the_breaker() -> None:
+    core = make(failure_threshold=1, recovery_timeout=10.0, success_threshold=2)
+    trip(core, 0.0)
+    permit, _ = core.acquire(10.0)  # the connect, through the pooler
+    assert core.on_success(permit, 10.0, 0.001) is None
+    transition = lose_fresh(core, 10.0, 10.01)
+    assert transition is not None
+    assert (transition.to_state, transition.reason) == (OPEN, R.PROBE_FAILED)
+
+
+def test_a_probe_that_loses_a_stale_connection_is_still_no_verdict() -> None:
+    core = make(failure_threshold=1, recovery_timeout=10.0)
+    trip(core, 0.0)
+    # Opened before the breaker went half-open (a pool's connection from before): stale.
+    assert lose_fresh(core, 9.9, 10.0) is None
+    assert (core.state, core.probes_in_flight) == (HALF_OPEN, 0)
+    # Opened since, but idle too long before its statement.
+    assert lose_fresh(core, 10.0, 20.0, duration=0.001) is None
+    assert core.state is HALF_OPEN
+
+
+def test_leaving_closed_forgets_the_suspended_run() -> None:
+    core = make(failure_threshold=2)
+    lose_connection(core, 0.0)
+    opened = connect(core, 1.0)
+    core.force_open(1.001)
+    core.force_close(1.002)
+    assert lose_fresh(core, opened, 1.01) is None
+    assert core.consecutive_failures == 0
 
 
 def test_the_docs_configuration_table_lists_every_field_with_its_default() -> None:

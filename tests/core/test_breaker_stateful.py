@@ -20,7 +20,13 @@ from hypothesis.stateful import (
     rule,
 )
 
-from otel_raptor.core.breaker import BreakerCore, CircuitBreakerConfig, Permit
+from otel_raptor.core.breaker import (
+    FRESH_CONNECTION_S,
+    MAX_UNCONFIRMED_HELD,
+    BreakerCore,
+    CircuitBreakerConfig,
+    Permit,
+)
 from otel_raptor.core.classification import NON_HEALTH_CATEGORIES, ErrorCategory
 from otel_raptor.core.states import CircuitState, Transition, TransitionReason
 
@@ -183,17 +189,27 @@ class BreakerMachine(RuleBasedStateMachine):
         duration=st.sampled_from([0.0, 2.0]),
         category=categories,
         unconfirmed=st.booleans(),
+        # When the lost connection opened, before the statement was sent (None: unknown).
+        opened_before=st.sampled_from([None, 0.0, 0.5, 5.0]),
     )
     def fail(
-        self, data: st.DataObject, duration: float, category: ErrorCategory, unconfirmed: bool
+        self,
+        data: st.DataObject,
+        duration: float,
+        category: ErrorCategory,
+        unconfirmed: bool,
+        opened_before: float | None,
     ) -> None:
         permit, stale = self.take(data)
         before, forced = self.core.state, self.core.forced_open
         run_before = self.core.consecutive_failures
         everything = self.everything()
         tally = self.core.failure_counts
+        sent = self.now - duration
+        opened_at = None if opened_before is None else sent - opened_before
+        fresh = opened_before is not None and opened_before <= FRESH_CONNECTION_S
         transition = self.core.on_failure(
-            permit, self.now, duration, category, unconfirmed=unconfirmed
+            permit, self.now, duration, category, unconfirmed=unconfirmed, opened_at=opened_at
         )
         self.check_transition(transition, before, forced)
         tally[category] = tally.get(category, 0) + 1
@@ -203,10 +219,19 @@ class BreakerMachine(RuleBasedStateMachine):
             assert self.everything() == everything
         elif category in NON_HEALTH_CATEGORIES:
             assert transition is None
-        elif unconfirmed and (run_before == 0 or permit == Permit.PROBE):
+        elif unconfirmed and not fresh and (run_before == 0 or permit == Permit.PROBE):
             # Held until another failure confirms it (or a probe's: no verdict).
             assert transition is None
             assert self.core.consecutive_failures == run_before
+        elif unconfirmed and permit == Permit.PROBE:
+            # A fresh connection's lost link: a verdict if it opened during the episode.
+            assert transition is None or transition.reason is R.PROBE_FAILED
+        elif unconfirmed and run_before == 0 and transition is None and before is CLOSED:
+            # A fresh connection's lost link: held, or counted with what it takes back.
+            core = self.core
+            held = core.consecutive_failures == 0 and core._unconfirmed > 0
+            counted = core.consecutive_failures >= 1 and core._unconfirmed == 0
+            assert held or counted
         elif permit == Permit.PROBE and before is HALF_OPEN:
             assert transition is not None
             assert transition.reason is R.PROBE_FAILED
@@ -328,6 +353,17 @@ class BreakerMachine(RuleBasedStateMachine):
             assert core.consecutive_failures == 0
             assert not core.quiet  # a success must come through and drop them
             assert core._unconfirmed_calls <= core._unconfirmed
+        assert core._unconfirmed <= MAX_UNCONFIRMED_HELD
+
+    @invariant()
+    def a_suspended_run_lives_in_closed_only(self) -> None:
+        core = self.core
+        if core._suspended_at != float("-inf"):
+            assert core.state is CLOSED
+            assert core.consecutive_failures == 0 or core._suspended_at <= self.now
+            assert core._suspended_held <= MAX_UNCONFIRMED_HELD
+            assert core._suspended_held_calls <= core._suspended_held
+            assert core._suspended_run > 0 or core._suspended_held > 0
 
     @invariant()
     def health_is_bounded(self) -> None:

@@ -147,6 +147,7 @@ class DownstreamPort(Protocol):
         retry: bool = False,
         live_refusal: bool = False,
         unconfirmed: bool = False,
+        opened_at: float | None = None,
     ) -> None: ...
 
     def release(self, permit: Permit) -> None: ...
@@ -385,6 +386,7 @@ class AttemptLoop:
             retry=attempts > 1,
             live_refusal=classification.live_refusal,
             unconfirmed=classification.unconfirmed,
+            opened_at=classification.opened_at,
         )
         self._permit = _CALL
         self.classification = classification

@@ -68,6 +68,18 @@ the app fail more often than it would without us. So a trip needs one of:
   down refuses) first counts what is held, as if it had counted when it happened. Held
   failures expire after ``UNCONFIRMED_HELD_S`` seconds and are capped at
   ``MAX_UNCONFIRMED_HELD``. A probe's unconfirmed failure is no verdict: it frees its slot.
+* **A fresh connection's lost link** (``on_failure(unconfirmed=True, opened_at=t)``): behind
+  a pooler (PgBouncer) whose server is dead every connect succeeds, the pooler answering,
+  and every statement loses its link: each connect's success dropped what was held, and the
+  breaker never opened. A reaper of idle sessions only ends a session idle for at least its
+  timeout, so an unconfirmed failure of a statement sent within ``FRESH_CONNECTION_S`` of
+  its connection opening (``now - duration - opened_at``) cannot be one. Such a failure
+  confirms, and counts (with what is held), when the connection opened after the oldest
+  failure held, or within ``FRESH_CONNECTION_S`` after the success that last ended a run or
+  dropped held failures (typically the connect that opened it), with no success since that
+  ended anything: that success is then taken back, the run and the held failures it ended
+  resume, and this failure continues them. In HALF_OPEN such a failure of a connection
+  opened since the breaker went half-open is a verdict: the probe failed.
 * **Adaptive threshold**: see ``adaptive_failure_rate_threshold`` (it only ever raises the
   configured threshold, for a downstream whose usual failure rate is high).
 * **Not judging** (``stop_judging``): when recording a success failed (a bug of ours), the
@@ -95,6 +107,7 @@ from otel_raptor.errors import ConfigError
 
 __all__ = [
     "ADAPTIVE_ALPHA",
+    "FRESH_CONNECTION_S",
     "TRIP_CONFIDENCE_Z",
     "UNREACHABLE",
     "Admission",
@@ -124,6 +137,10 @@ _MIN_PROBE_LEASE_S: Final = 1.0
 UNCONFIRMED_HELD_S: Final = 30.0
 #: At most this many unconfirmed failures are held (a pool's connections, at most a window).
 MAX_UNCONFIRMED_HELD: Final = 100
+#: A statement sent within this many seconds of its connection opening cannot have found it
+#: reaped for idleness: no server reaps sessions idle for less than a second (MySQL's
+#: ``wait_timeout`` and Redis's ``timeout`` count whole seconds). See the module docstring.
+FRESH_CONNECTION_S: Final = 1.0
 
 
 class Permit(enum.IntEnum):
@@ -458,6 +475,7 @@ class BreakerCore:
     __slots__ = (
         "_base_open",
         "_baseline",
+        "_changed_at",
         "_checks_passed",
         "_config",
         "_consecutive",
@@ -487,6 +505,12 @@ class BreakerCore:
         "_run_calls_needed",
         "_slow_s",
         "_state",
+        "_suspended_at",
+        "_suspended_calls",
+        "_suspended_held",
+        "_suspended_held_calls",
+        "_suspended_held_since",
+        "_suspended_run",
         "_unconfirmed",
         "_unconfirmed_calls",
         "_unconfirmed_since",
@@ -536,6 +560,15 @@ class BreakerCore:
         self._unconfirmed = 0
         self._unconfirmed_calls = 0
         self._unconfirmed_since = 0.0
+        # What the latest success that ended something ended (see "A fresh connection's lost
+        # link" in the module docstring): the run, its calls, the held failures, and when.
+        self._suspended_at = -_INF
+        self._suspended_run = 0
+        self._suspended_calls = 0
+        self._suspended_held = 0
+        self._suspended_held_calls = 0
+        self._suspended_held_since = 0.0
+        self._changed_at = now  # when the state last changed
         self._init_state(now)
 
     def _init_state(self, now: float) -> None:
@@ -587,7 +620,8 @@ class BreakerCore:
             window = self._window
             if not window.absorbs_success:
                 self._record(_SUCCESS, now)
-            self._consecutive = self._unconfirmed = 0
+            if self._consecutive or self._unconfirmed:
+                self._suspend(now)
             if now >= self._next_check:
                 self._health_check(now)
             self.quiet = self._may_be_quiet and window.absorbs_success
@@ -619,7 +653,8 @@ class BreakerCore:
         self.quiet = False
         # A slow success.
         self._record(_SLOW_SUCCESS, now)
-        self._consecutive = self._unconfirmed = 0
+        if self._consecutive or self._unconfirmed:
+            self._suspend(now)
         if now >= self._next_check:
             self._health_check(now)
         window = self._window
@@ -640,6 +675,7 @@ class BreakerCore:
         retry: bool = False,
         live_refusal: bool = False,
         unconfirmed: bool = False,
+        opened_at: float | None = None,
     ) -> Transition | None:
         """The call admitted with ``permit`` failed after ``duration`` seconds.
 
@@ -654,7 +690,9 @@ class BreakerCore:
         or a 503 is about one request as often as about the server, and one call's retries of
         a slow or broken request must not open the breaker of a downstream that answers every
         other. ``unconfirmed``: a failure that counts only once another confirms it (see
-        "Unconfirmed failures" in the module docstring).
+        "Unconfirmed failures" in the module docstring). ``opened_at``: when (``now`` units)
+        the connection an unconfirmed failure lost was opened, if known (see "A fresh
+        connection's lost link").
         """
         self._failure_counts[category] += 1
         if category in self._ignored or live_refusal or not self._judging:
@@ -665,7 +703,11 @@ class BreakerCore:
             if self._state is not _CLOSED:
                 return None
             self.quiet = False
-            if unconfirmed and self._consecutive == 0:
+            if (
+                unconfirmed
+                and self._consecutive == 0
+                and (opened_at is None or not self._confirms(opened_at, now - duration))
+            ):
                 self._hold_unconfirmed(now, retry=retry)
                 return None
             if self._unconfirmed:
@@ -682,13 +724,61 @@ class BreakerCore:
             return self._check_trip(now, run_is_evidence)
         if permit is self._probe:
             self._end_probe()
-            if self._state is _HALF_OPEN and not unconfirmed:
+            if self._state is _HALF_OPEN and (
+                not unconfirmed
+                or (
+                    opened_at is not None
+                    and opened_at >= self._changed_at
+                    and now - duration - opened_at <= FRESH_CONNECTION_S
+                )
+            ):
                 self._base_open = min(
                     self._max_open,
                     self._base_open * self._config.recovery_backoff_multiplier,
                 )
                 return self._open(TransitionReason.PROBE_FAILED, now)
         return None
+
+    def _suspend(self, now: float) -> None:
+        # A success ends the run and drops the held failures; kept aside in case a fresh
+        # connection's lost link shows that the success (its connect) was no evidence.
+        held = self._unconfirmed
+        if held and now - self._unconfirmed_since > UNCONFIRMED_HELD_S:
+            held = 0  # expired: nothing to take back
+        self._suspended_at = now if held or self._consecutive else -_INF
+        self._suspended_run = self._consecutive
+        self._suspended_calls = self._run_calls if self._consecutive else 0
+        self._suspended_held = held
+        self._suspended_held_calls = self._unconfirmed_calls if held else 0
+        self._suspended_held_since = self._unconfirmed_since
+        self._consecutive = self._unconfirmed = 0
+
+    def _confirms(self, opened_at: float, sent: float) -> bool:
+        """Whether a lost link on a connection opened at ``opened_at``, whose statement was
+        sent at ``sent``, confirms the outage (see "A fresh connection's lost link"); if it
+        takes back the success that ended a run, that run and what it held resume."""
+        if sent - opened_at > FRESH_CONNECTION_S:
+            return False  # it may have idled long enough to be reaped
+        if self._unconfirmed and opened_at >= self._unconfirmed_since:
+            return True
+        suspended_at = self._suspended_at
+        if not (suspended_at <= opened_at <= suspended_at + FRESH_CONNECTION_S):
+            return False
+        # The success at ``suspended_at`` was this connection's opening (or no better
+        # evidence): what it ended resumes. consecutive is 0 here (no success since).
+        self._suspended_at = -_INF
+        self._consecutive = self._suspended_run
+        self._run_calls = self._suspended_calls
+        held = self._suspended_held
+        if held:
+            if self._unconfirmed:
+                self._unconfirmed_since = min(self._unconfirmed_since, self._suspended_held_since)
+            else:
+                self._unconfirmed_since = self._suspended_held_since
+                self._unconfirmed_calls = 0
+            self._unconfirmed = min(MAX_UNCONFIRMED_HELD, self._unconfirmed + held)
+            self._unconfirmed_calls += self._suspended_held_calls
+        return True
 
     def _hold_unconfirmed(self, now: float, *, retry: bool) -> None:
         if self._unconfirmed and now - self._unconfirmed_since > UNCONFIRMED_HELD_S:
@@ -724,6 +814,7 @@ class BreakerCore:
         self._unconfirmed = 0
         self._unconfirmed_calls = 0
         self._unconfirmed_since = 0.0
+        self._suspended_at = -_INF
 
     def release(self, permit: Permit) -> None:
         """The call admitted with ``permit`` ended without a verdict (cancelled): a probe gives
@@ -1042,6 +1133,7 @@ class BreakerCore:
         self.forget_unconfirmed()
         previous = self._state
         self._state = to_state
+        self._changed_at = now
         if to_state is _HALF_OPEN:
             self._probe_successes = 0
             self._new_episode()

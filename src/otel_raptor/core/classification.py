@@ -97,7 +97,11 @@ class Classification:
     evidence of an outage only if another one confirms it, such as a statement that finds
     its pooled connection closed (by a reaper of idle sessions, or by a server that went
     down): it counts toward opening a breaker only after a counted failure or before one,
-    with no success between (see ``BreakerCore.on_failure``).
+    with no success between (see ``BreakerCore.on_failure``). ``opened_at``: for an
+    unconfirmed failure, when (monotonic seconds, the runtime clock) the connection it lost
+    was opened, if the integration knows: a connection the server ended before it could
+    idle confirms the outage (see "A fresh connection's lost link" in
+    ``otel_raptor.core.breaker``).
     """
 
     category: ErrorCategory
@@ -110,6 +114,7 @@ class Classification:
     rule: str = ""
     live_refusal: bool = False
     unconfirmed: bool = False
+    opened_at: float | None = None
 
     @property
     def counts_against_health(self) -> bool:

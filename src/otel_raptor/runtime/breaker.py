@@ -187,11 +187,12 @@ class CircuitBreaker:
         retry: bool = False,
         live_refusal: bool = False,
         unconfirmed: bool = False,
+        opened_at: float | None = None,
     ) -> None:
         """The call admitted with ``permit`` failed after ``duration`` seconds, classified as
-        ``classification`` (its category, ``live_refusal`` and ``unconfirmed`` matter here; a
-        category will do, with the other two given apart). ``retry``: a later attempt of a
-        call that failed already (see
+        ``classification`` (its category, ``live_refusal``, ``unconfirmed`` and ``opened_at``
+        matter here; a category will do, with the others given apart). ``retry``: a later
+        attempt of a call that failed already (see
         :meth:`BreakerCore.on_failure <otel_raptor.core.breaker.BreakerCore.on_failure>`)."""
         if isinstance(classification, ErrorCategory):
             category = classification
@@ -199,6 +200,8 @@ class CircuitBreaker:
             category = classification.category
             live_refusal = live_refusal or classification.live_refusal
             unconfirmed = unconfirmed or classification.unconfirmed
+            if opened_at is None:
+                opened_at = classification.opened_at
         self._record_failure(
             permit,
             duration,
@@ -207,6 +210,7 @@ class CircuitBreaker:
             retry=retry,
             live_refusal=live_refusal,
             unconfirmed=unconfirmed,
+            opened_at=opened_at,
         )
 
     def health_check(self, *, passed: bool, now: float | None = None) -> Transition | None:
@@ -438,6 +442,7 @@ class CircuitBreaker:
         retry: bool = False,
         live_refusal: bool = False,
         unconfirmed: bool = False,
+        opened_at: float | None = None,
     ) -> None:
         if now is None:
             now = self._monotonic()
@@ -450,6 +455,7 @@ class CircuitBreaker:
                 retry=retry,
                 live_refusal=live_refusal,
                 unconfirmed=unconfirmed,
+                opened_at=opened_at,
             )
         if transition is not None:
             self._publish_transition(transition)

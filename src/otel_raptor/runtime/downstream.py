@@ -268,6 +268,7 @@ class Route:
         retry: bool = False,
         live_refusal: bool = False,
         unconfirmed: bool = False,
+        opened_at: float | None = None,
     ) -> None:
         breaker = self.breaker
         if breaker is not None:
@@ -279,6 +280,7 @@ class Route:
                 retry=retry,
                 live_refusal=live_refusal,
                 unconfirmed=unconfirmed,
+                opened_at=opened_at,
             )
 
     def release(self, permit: Permit) -> None:

@@ -273,6 +273,14 @@ class CallHooks:
     #: plan's replay safety holds for every failure.
     replay_after: Callable[[BaseException, Classification, tuple[Any, ...]], bool] | None = None
 
+    #: ``args -> seconds or None``: when (the runtime clock's monotonic seconds) the
+    #: connection a call (made with positional arguments ``args``) ran on was opened, if
+    #: known. Asked only for an *unconfirmed* failure (a lost connection), whose
+    #: classification then carries it as ``opened_at``: a connection the server ended
+    #: before it could idle confirms the outage (see ``otel_raptor.core.breaker``).
+    #: Failure path only; ``None`` (the default): never known.
+    opened: Callable[[tuple[Any, ...]], float | None] | None = None
+
     def give_up(self, failure: BaseException) -> Any:
         """What the caller gets when recovery ends with ``failure``: it is raised."""
         raise failure
@@ -1065,6 +1073,15 @@ class _Runner:
             and elsewhere(failure, self._args)
         ):
             classification = dataclasses.replace(classification, live_refusal=True)
+        opened = hooks.opened
+        if opened is not None and classification.unconfirmed:
+            try:
+                opened_at = opened(self._args)
+            except Exception as bug:  # noqa: BLE001 - unknown, as without the hook
+                report_internal_error("drive.opened", bug)
+                opened_at = None
+            if opened_at is not None:
+                classification = dataclasses.replace(classification, opened_at=opened_at)
         return classification
 
     def _replay_after(self, failure: BaseException, classification: Classification) -> bool | None:
