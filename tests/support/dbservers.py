@@ -8,6 +8,8 @@ instance in a temporary directory on a free loopback port, and remove it afterwa
   checkpoint, recovery from the WAL on restart);
 - :class:`PrivateMariaDB`: ``mariadb-install-db`` then ``mariadbd``; ``mysqladmin shutdown``
   or a ``SIGKILL``;
+- :class:`PrivatePgBouncer`: ``pgbouncer`` (session pooling, trust auth) in front of a
+  :class:`PrivatePostgres`;
 - :class:`PrivateRedis`: ``redis-server`` with an append-only file fsynced on every write;
   ``SHUTDOWN NOSAVE``.
 
@@ -37,6 +39,7 @@ from tests.support.services import services_required
 
 __all__ = [
     "PrivateMariaDB",
+    "PrivatePgBouncer",
     "PrivatePostgres",
     "PrivateRedis",
     "PrivateRedisCluster",
@@ -142,6 +145,66 @@ class PrivatePostgres:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivatePgBouncer:
+    """A PgBouncer of our own in front of ``server`` (session pooling, ``auth_type = trust``,
+    any database name mapped to the server's). PgBouncer refuses to run as root: as
+    :class:`PrivatePostgres`, it runs as ``postgres`` then.
+
+    With the server down, PgBouncer still accepts connections (it answers the login itself,
+    with the server parameters it cached), and a statement waits for a server connection
+    until ``query_wait_timeout`` (here ``query_wait`` seconds; 120 by default), then fails
+    with ``08P01`` "query_wait_timeout" and the client connection is closed. A statement on
+    a client whose server connection died gets ``08P01`` "server conn crashed?" at once.
+    ``server_login_retry`` is 1 s, so the server is used again within a second of its return."""
+
+    def __init__(self, server: PrivatePostgres, *, query_wait: float = 1.0) -> None:
+        self.binary = find_binary("pgbouncer")
+        self.server = server
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="raptor_db_pgbouncer_"))
+        self._process: subprocess.Popen[bytes] | None = None
+        (self.root / "users.txt").write_text('"postgres" ""\n')
+        (self.root / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={server.port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.root / 'users.txt'}\n"
+            "pool_mode = session\nserver_login_retry = 1\n"
+            f"query_wait_timeout = {query_wait}\n"
+            f"logfile = {self.root / 'pgbouncer.log'}\n"
+        )
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            for path in (self.root, *self.root.iterdir()):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [*self._as, self.binary, str(self.root / "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.port, 30)
+
+    def close(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # PgBouncer exits at once on SIGTERM
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -74,6 +74,7 @@ from otel_raptor.telemetry.instruments import (
 __all__ = [
     "GUARDED_ATTRIBUTE",
     "NOT_SENT_ATTRIBUTE",
+    "OPENED_ATTRIBUTE",
     "DbHooks",
     "DbIntegration",
     "DbState",
@@ -89,15 +90,21 @@ __all__ = [
     "is_not_sent",
     "lost_connection",
     "mark_not_sent",
+    "mark_opened",
     "method_commits_partway",
     "method_read_only",
     "method_unguarded",
+    "opened_at",
     "policy_timeout_ms",
     "refusal_factory",
     "sql_commits_partway",
     "sql_read_only",
     "sql_unguarded",
 ]
+
+#: When (the runtime clock's monotonic seconds) raptor saw a connection open: set on the
+#: connection by :func:`mark_opened`, read back by :func:`opened_at`.
+OPENED_ATTRIBUTE: Final = "_otel_raptor_opened"
 
 #: Marks an exception raised before anything reached the server (set by the hooks that see
 #: the connection being opened, e.g. redis-py reconnecting for a command).
@@ -188,6 +195,23 @@ def failed_midway(plan: CallPlan, failure: Exception, args: tuple[Any, ...]) -> 
         if raised is not failure:  # our bug: the app gets its own error, as without us
             report_internal_error("db.failed_midway", raised)
     raise failure
+
+
+def mark_opened(conn: Any, plan: CallPlan) -> None:
+    """Stamp ``conn``, just opened, with the time (``plan``'s clock) it opened at: a
+    statement sent on it within a second that loses its link confirms an outage (see
+    :data:`~otel_raptor.core.breaker.FRESH_CONNECTION_S`). Connections that refuse
+    attributes are left unstamped."""
+    try:
+        setattr(conn, OPENED_ATTRIBUTE, plan.monotonic())
+    except Exception:  # noqa: BLE001 - unknown, as for a connection opened before us
+        return
+
+
+def opened_at(conn: Any) -> float | None:
+    """When ``conn`` was opened (:func:`mark_opened`), or ``None``: unknown."""
+    value = getattr(conn, OPENED_ATTRIBUTE, None)
+    return value if isinstance(value, float) else None
 
 
 def mark_not_sent(error: BaseException) -> None:
@@ -320,7 +344,7 @@ class DbHooks(CallHooks):
     retries of its own that raptor turns off (redis-py): those would have slept on the loop
     too, and a call that ended unslept would fail where without raptor it was retried."""
 
-    __slots__ = ("_error", "refine", "sleeps_on_event_loop", "unguarded", "unjudged")
+    __slots__ = ("_error", "opened", "refine", "sleeps_on_event_loop", "unguarded", "unjudged")
 
     wait_for_attempts = False
 
@@ -330,12 +354,14 @@ class DbHooks(CallHooks):
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
+        opened: Callable[[tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         self.sleeps_on_event_loop = False
         self._error = error
         self.refine = refine
         self.unjudged = unjudged
         self.unguarded = unguarded
+        self.opened = opened
 
     def refusal(self, refusal: Refusal) -> BaseException:
         return self._error(refusal)
@@ -363,8 +389,9 @@ class StatementHooks(DbHooks):
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
+        opened: Callable[[tuple[Any, ...]], float | None] | None = None,
     ) -> None:
-        super().__init__(error, refine, unjudged, unguarded)
+        super().__init__(error, refine, unjudged, unguarded, opened)
         self._point = point
         self._read_only = read_only
         self._partway = partway
@@ -480,7 +507,8 @@ class DbState:
     ``error`` builds the driver's fail-fast error from a refusal; ``point``, ``read_only`` and
     ``partway`` feed the per-failure replay judgement (:class:`StatementHooks`); ``refine`` and
     ``unjudged`` (and ``unguarded``, by default :func:`sql_unguarded`) are the statements'
-    :class:`~otel_raptor.runtime.drive.CallHooks` hooks.
+    :class:`~otel_raptor.runtime.drive.CallHooks` hooks; so is ``opened`` (when the
+    connection of a call's arguments was opened, stamped by :func:`mark_opened`).
     Targets are kept per :class:`Server` (at most
     :data:`~otel_raptor.integrations._kit.MAX_TARGETS`, then the table starts over; breakers
     and budgets live in the runtime, so nothing is lost).
@@ -511,6 +539,7 @@ class DbState:
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...]], bool] | None = sql_unguarded,
+        opened: Callable[[tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = settings.runtime
@@ -520,7 +549,7 @@ class DbState:
         # never does: a refused connect is the evidence that confirms lost connections.
         self.cluster_hooks = DbHooks(error, refine, unjudged, unguarded)
         refine = lost_connection(refine)
-        self.locked_hooks = DbHooks(error, refine, unjudged, unguarded)
+        self.locked_hooks = DbHooks(error, refine, unjudged, unguarded, opened)
         self.statement_hooks = StatementHooks(
             error,
             point,
@@ -529,6 +558,7 @@ class DbState:
             refine=refine,
             unjudged=unjudged,
             unguarded=unguarded,
+            opened=opened,
         )
         self.reads_hooks = StatementHooks(
             error,
@@ -539,6 +569,7 @@ class DbState:
             refine=refine,
             unjudged=unjudged,
             unguarded=unguarded,
+            opened=opened,
         )
         self._targets: dict[Server, DbTarget] = {}
         self._lock = threading.Lock()

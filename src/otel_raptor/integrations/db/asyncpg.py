@@ -164,13 +164,16 @@ class _State(DbState):
     """Targets are also kept by a connection's address and database (asyncpg connections
     take no attributes)."""
 
-    __slots__ = ("by_address", "default_timeout")
+    __slots__ = ("by_address", "default_timeout", "opened")
 
     def __init__(self, settings: IntegrationSettings, **options: Any) -> None:
         super().__init__(settings, **options)
         self.by_address: dict[object, dict[str | None, DbTarget]] = {}
         #: The connections whose ``command_timeout`` is raptor's default statement timeout.
         self.default_timeout: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: When each connection opened (``Connection`` has ``__slots__``: no attribute of
+        #: ours), for the ``opened`` hook; weak keys, so it holds the live connections only.
+        self.opened: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def remember(self, con: Any, target: DbTarget) -> None:
         by_address = self.by_address
@@ -284,6 +287,7 @@ async def _connect(
 ) -> Any:
     con = await call_async(target.connect, wrapped, args, kwargs)
     try:
+        state.opened[con] = target.connect.monotonic()
         # The statements of a connection to one of several hosts go to the server it reached
         # (``of_connection``, by its address), as psycopg's and psycopg2's do.
         if not _several_hosts(target):
@@ -293,6 +297,16 @@ async def _connect(
     except Exception as bug:  # noqa: BLE001
         report_internal_error("asyncpg.remember_target", bug)
     return con
+
+
+def _opened(args: tuple[Any, ...]) -> float | None:
+    """The ``opened`` hook: when the connection of ``args[0]`` (a connection, or a prepared
+    statement, cursor or cursor factory of one) opened."""
+    state = _installed
+    if state is None:
+        return None
+    owner = args[0]
+    return state.opened.get(getattr(owner, "_connection", owner))
 
 
 def _plan(state: _State, con: Any, *, batch: bool) -> CallPlan | None:
@@ -488,6 +502,7 @@ class AsyncpgIntegration(DbIntegration):
             partway=method_commits_partway,
             refine=statement_timed_out,
             unguarded=_unguarded,
+            opened=_opened,
         )
 
     def hooks(self, library: Any) -> HookSet:

@@ -49,9 +49,11 @@ from otel_raptor.integrations.db._common import (
     HookSet,
     Server,
     failed_midway,
+    mark_opened,
     method_commits_partway,
     method_read_only,
     method_unguarded,
+    opened_at,
     refusal_factory,
 )
 from otel_raptor.integrations.db._postgres import (
@@ -150,6 +152,26 @@ def _plan(state: _State, cursor: Any, *, batch: bool) -> CallPlan | None:
     return target.statement
 
 
+def _opened(args: tuple[Any, ...]) -> float | None:
+    """The ``opened`` hook: when the connection of a cursor (or the connection itself, for
+    the statement-timeout query) in ``args[0]`` opened."""
+    owner = args[0]
+    return opened_at(getattr(owner, "_conn", owner))
+
+
+def _judge_timeout_failure(conn: Any, target: DbTarget, failure: Exception) -> None:
+    """The statement-timeout query failed. A driver error is the server's (or a pooler's)
+    answer, judged and counted once as a statement of the connection's (behind PgBouncer
+    whose server is dead, the connect succeeds and this, its first statement, is where the
+    outage shows); anything else is our bug. The connection is the app's either way."""
+    state = _installed
+    if state is None or not isinstance(failure, state.driver_error):
+        report_internal_error("psycopg.statement_timeout", failure)
+        return
+    with contextlib.suppress(Exception):
+        failed_midway(target.locked, failure, (conn,))
+
+
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
     try:
         query = statement_timeout_query(target)
@@ -157,8 +179,8 @@ def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
             return
         with conn.lock:
             conn.wait(conn._exec_command(query))
-    except Exception as bug:  # noqa: BLE001 - the connection is the app's either way
-        report_internal_error("psycopg.statement_timeout", bug)
+    except Exception as failure:  # noqa: BLE001 - the connection is the app's either way
+        _judge_timeout_failure(conn, target, failure)
 
 
 async def _set_statement_timeout_async(conn: Any, target: DbTarget) -> None:
@@ -168,8 +190,8 @@ async def _set_statement_timeout_async(conn: Any, target: DbTarget) -> None:
             return
         async with conn.lock:
             await conn.wait(conn._exec_command(query))
-    except Exception as bug:  # noqa: BLE001
-        report_internal_error("psycopg.statement_timeout", bug)
+    except Exception as failure:  # noqa: BLE001
+        _judge_timeout_failure(conn, target, failure)
 
 
 def _connect_target(state: _State, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DbTarget:
@@ -191,6 +213,7 @@ def _connect_wrapper(
     if not target.enabled:
         return wrapped(*args, **kwargs)
     conn = call(target.connect, wrapped, args, kwargs)
+    mark_opened(conn, target.connect)
     try:
         setattr(conn, TARGET_ATTRIBUTE, target)
     except Exception as bug:  # noqa: BLE001
@@ -227,6 +250,7 @@ async def _connect_async(
     kwargs: dict[str, Any],
 ) -> Any:
     conn = await call_async(target.connect, wrapped, args, kwargs)
+    mark_opened(conn, target.connect)
     try:
         setattr(conn, TARGET_ATTRIBUTE, target)
     except Exception as bug:  # noqa: BLE001
@@ -621,6 +645,7 @@ class PsycopgIntegration(DbIntegration):
             partway=method_commits_partway,
             refine=refine_statement_failure,
             unguarded=method_unguarded,
+            opened=_opened,
         )
 
     def hooks(self, library: Any) -> HookSet:

@@ -24,6 +24,7 @@ is installed first. Connections opened before instrumentation, and asynchronous 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -38,8 +39,13 @@ from otel_raptor.integrations.db._common import (
     DbTarget,
     GuardedConnectionClasses,
     HookSet,
+    failed_midway,
+    mark_opened,
+    method_commits_partway,
+    method_read_only,
+    method_unguarded,
+    opened_at,
     refusal_factory,
-    sql_commits_partway,
 )
 from otel_raptor.integrations.db._postgres import (
     failure_point,
@@ -127,6 +133,13 @@ def _plan(cursor: Any, *, batch: bool) -> CallPlan | None:
     return target.statement
 
 
+def _opened(args: tuple[Any, ...]) -> float | None:
+    """The ``opened`` hook: when the connection of the cursor in ``args[0]`` (or the
+    connection itself, for the statement-timeout query) opened."""
+    owner = args[0]
+    return opened_at(getattr(owner, "connection", owner))
+
+
 def _guarded_execute(
     cursor: Any, method: Callable[..., Any], args: tuple[Any, ...], *, batch: bool
 ) -> Any:
@@ -150,15 +163,19 @@ def guarded_cursor_factory(factory: type) -> type:
     if found is not None:
         return found
 
+    parent: Any = factory  # a class known at run time, with the cursor's methods
+
     class Guarded(factory):  # type: ignore[misc]  # a class known at run time
+        # The parent's methods, unbound: the cursor is the first argument, where the
+        # ``opened`` hook finds its connection (and no bound method is built per call).
         def execute(self, query: Any, vars: Any = None) -> Any:
-            return _guarded_execute(self, super().execute, (query, vars), batch=False)
+            return _guarded_execute(self, parent.execute, (self, query, vars), batch=False)
 
         def executemany(self, query: Any, vars_list: Any) -> Any:
-            return _guarded_execute(self, super().executemany, (query, vars_list), batch=True)
+            return _guarded_execute(self, parent.executemany, (self, query, vars_list), batch=True)
 
         def callproc(self, procname: Any, parameters: Any = None) -> Any:
-            return _guarded_execute(self, super().callproc, (procname, parameters), batch=True)
+            return _guarded_execute(self, parent.callproc, (self, procname, parameters), batch=True)
 
     Guarded.__name__ = Guarded.__qualname__ = factory.__name__
     Guarded.__module__ = factory.__module__
@@ -234,8 +251,15 @@ def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
             cursor.execute(query)
         if not conn.autocommit:
             conn.commit()  # psycopg2 opened a transaction for it
-    except Exception as bug:  # noqa: BLE001 - the connection is the app's either way
-        report_internal_error("psycopg2.statement_timeout", bug)
+    except Exception as failure:  # noqa: BLE001 - the connection is the app's either way
+        if isinstance(failure, psycopg2.Error):
+            # The server's (or a pooler's) answer: judged and counted once as a statement
+            # of this connection (behind PgBouncer whose server is dead, the connect
+            # succeeds and this, its first statement, is where the outage shows).
+            with contextlib.suppress(Exception):
+                failed_midway(target.locked, failure, (conn,))
+        else:
+            report_internal_error("psycopg2.statement_timeout", failure)
         try:
             if not conn.closed and not conn.autocommit:
                 conn.rollback()
@@ -290,6 +314,7 @@ def _connect_wrapper(
         return wrapped(*args, **kwargs)
     target, args, kwargs = described
     conn = call(target.connect, wrapped, args, kwargs)
+    mark_opened(conn, target.connect)
     try:
         setattr(conn, TARGET_ATTRIBUTE, target)
     except Exception as bug:  # noqa: BLE001 - a factory whose connections take no attributes
@@ -308,7 +333,15 @@ class Psycopg2Integration(DbIntegration):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(library.OperationalError, "Psycopg2CircuitOpen", __name__)
-        return _State(settings, error=error, point=failure_point, partway=sql_commits_partway)
+        return _State(
+            settings,
+            error=error,
+            point=failure_point,
+            read_only=method_read_only,
+            partway=method_commits_partway,
+            unguarded=method_unguarded,
+            opened=_opened,
+        )
 
     def hooks(self, library: Any) -> HookSet:
         return [(library, "connect", _connect_wrapper)], ()

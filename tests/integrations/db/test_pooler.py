@@ -1,0 +1,163 @@
+"""A pooler (PgBouncer) in front of a PostgreSQL that died: the breaker must open.
+
+Behind PgBouncer every connect succeeds while the server is down (PgBouncer answers the login
+itself), and every statement fails: it waits for a server connection until PgBouncer's
+``query_wait_timeout``, then gets ``08P01`` and a closed connection. A lost connection is
+unconfirmed (a reaper of idle sessions looks the same), and each connect's success dropped
+it: 200 calls out of 200 failed, each after the full wait, and the breaker never opened.
+A statement sent on a connection that just opened cannot have found it reaped for idleness:
+its lost link confirms the outage (docs/databases.md, "Behind a pooler").
+
+Real PgBouncer (Debian's ``pgbouncer``) in front of a private PostgreSQL that the test kills
+and starts again; never the shared server. Skipped without ``pgbouncer`` unless
+``RAPTOR_REQUIRE_SERVICES=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import psycopg
+import psycopg2
+import pytest
+
+from otel_raptor import CircuitOpenError
+from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
+from otel_raptor.integrations.db.psycopg import PsycopgIntegration
+from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
+from tests.integrations.db.conftest import Install, Installed
+from tests.support.dbservers import PrivatePgBouncer, PrivatePostgres
+
+pytestmark = pytest.mark.timeout(120)
+
+#: PgBouncer's ``query_wait_timeout``: how long a statement waits for the dead server.
+QUERY_WAIT = 1.0
+#: Calls the breaker may take to open (``failure_threshold`` is 3: one lost connection held,
+#: then a run of three). Without the fix it never opens.
+OPEN_WITHIN = 6
+#: Calls made while the server is down, at most.
+DOWN_CALLS = 12
+
+
+@pytest.fixture
+def bouncer() -> Iterator[PrivatePgBouncer]:
+    server = PrivatePostgres()
+    bouncer = None
+    try:
+        server.start()
+        bouncer = PrivatePgBouncer(server, query_wait=QUERY_WAIT)
+        bouncer.start()
+        yield bouncer
+    finally:
+        if bouncer is not None:
+            bouncer.close()
+        server.close()
+
+
+def opened(installed: Installed) -> list[BreakerTransitioned]:
+    return [e for e in installed.of(BreakerTransitioned) if e.to_state is CircuitState.OPEN]
+
+
+def play_outage(
+    bouncer: PrivatePgBouncer, installed: Installed, call: Callable[[], object]
+) -> None:
+    """Warm up, kill the server, call until the breaker refuses; start it again, call until
+    a call succeeds. Asserts the breaker opened within ``OPEN_WITHIN`` calls, refused fast,
+    and closed once the server was back."""
+    for _ in range(3):
+        call()
+    bouncer.server.kill()
+    failures = 0
+    refused_in: float | None = None
+    for _ in range(DOWN_CALLS):
+        started = time.monotonic()
+        try:
+            call()
+        except CircuitOpenError:
+            refused_in = time.monotonic() - started
+            break
+        except Exception:
+            failures += 1
+        else:
+            pytest.fail("a call succeeded while the server was down")
+    assert opened(installed), f"the breaker never opened in {failures} failed calls"
+    assert refused_in is not None
+    assert failures <= OPEN_WITHIN
+    assert refused_in < QUERY_WAIT / 2  # refused at once, not after PgBouncer's wait
+    bouncer.server.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            call()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    for _ in range(3):
+        call()
+    closed = installed.of(BreakerTransitioned)[-1]
+    assert closed.to_state is CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("statement_timeout", [30.0, 0.0], ids=["timeout-query", "no-timeout"])
+def test_psycopg_behind_pgbouncer_opens_on_a_dead_server(
+    bouncer: PrivatePgBouncer, install: Install, statement_timeout: float
+) -> None:
+    # With a statement timeout, raptor's own query after the connect is the first to wait.
+    installed = install(PsycopgIntegration, statement_timeout=statement_timeout, max_retries=0)
+
+    def call() -> object:
+        with psycopg.connect(bouncer.dsn, autocommit=True, connect_timeout=5) as conn:
+            return conn.execute("SELECT 1").fetchone()
+
+    play_outage(bouncer, installed, call)
+
+
+def test_psycopg2_behind_pgbouncer_opens_on_a_dead_server(
+    bouncer: PrivatePgBouncer, install: Install
+) -> None:
+    installed = install(Psycopg2Integration, statement_timeout=0.0, max_retries=0)
+
+    def call() -> object:
+        conn = psycopg2.connect(bouncer.dsn, connect_timeout=5)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                return cur.fetchone()
+        finally:
+            conn.close()
+
+    play_outage(bouncer, installed, call)
+
+
+def test_asyncpg_behind_pgbouncer_opens_on_a_dead_server(
+    bouncer: PrivatePgBouncer, install: Install
+) -> None:
+    installed = install(AsyncpgIntegration, statement_timeout=0.0, max_retries=0)
+
+    async def once() -> object:
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=bouncer.port,
+            user="postgres",
+            database="postgres",
+            statement_cache_size=0,  # PgBouncer: no prepared statements across clients
+            timeout=5,
+        )
+        try:
+            return await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        play_outage(bouncer, installed, lambda: loop.run_until_complete(once()))
+    finally:
+        loop.close()
