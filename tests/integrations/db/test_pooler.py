@@ -64,11 +64,17 @@ def opened(installed: Installed) -> list[BreakerTransitioned]:
 
 
 def play_outage(
-    bouncer: PrivatePgBouncer, installed: Installed, call: Callable[[], object]
+    bouncer: PrivatePgBouncer,
+    installed: Installed,
+    call: Callable[[], object],
+    *,
+    refusals: bool = True,
 ) -> None:
     """Warm up, kill the server, call until the breaker refuses; start it again, call until
     a call succeeds. Asserts the breaker opened within ``OPEN_WITHIN`` calls, refused fast,
-    and closed once the server was back."""
+    and closed once the server was back. ``refusals=False``: the app never sees the
+    refusal (a pool whose background connects are what the breaker refuses, while the app
+    waits for a connection): the calls stop once the breaker opened."""
     for _ in range(3):
         call()
     bouncer.server.kill()
@@ -81,14 +87,17 @@ def play_outage(
         except CircuitOpenError:
             refused_in = time.monotonic() - started
             break
-        except Exception:
+        except Exception:  # the outage, as the app sees it
             failures += 1
+            if not refusals and opened(installed):
+                break
         else:
             pytest.fail("a call succeeded while the server was down")
     assert opened(installed), f"the breaker never opened in {failures} failed calls"
-    assert refused_in is not None
     assert failures <= OPEN_WITHIN
-    assert refused_in < QUERY_WAIT / 2  # refused at once, not after PgBouncer's wait
+    if refusals:
+        assert refused_in is not None
+        assert refused_in < QUERY_WAIT / 2  # refused at once, not after PgBouncer's wait
     bouncer.server.start()
     deadline = time.monotonic() + 30
     while True:
@@ -161,3 +170,34 @@ def test_asyncpg_behind_pgbouncer_opens_on_a_dead_server(
         play_outage(bouncer, installed, lambda: loop.run_until_complete(once()))
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("min_size", [1, 2])
+def test_psycopg_pool_behind_pgbouncer_opens_on_a_dead_server(
+    bouncer: PrivatePgBouncer, install: Install, min_size: int
+) -> None:
+    # The pool's connections die with the server (PgBouncer closes its clients' sessions);
+    # the pool reconnects through PgBouncer in the background.
+    from psycopg_pool import ConnectionPool
+
+    installed = install(PsycopgIntegration, statement_timeout=0.0, max_retries=0)
+    pool = ConnectionPool(
+        bouncer.dsn,
+        min_size=min_size,
+        max_size=min_size,
+        kwargs={"autocommit": True},
+        timeout=5,
+        reconnect_timeout=60,
+        open=True,
+    )
+    try:
+
+        def call() -> object:
+            with pool.connection() as conn:
+                return conn.execute("SELECT 1").fetchone()
+
+        # With one connection, the pool's reconnect is what the open breaker refuses: the app
+        # waits for a connection until the pool's timeout, as without raptor.
+        play_outage(bouncer, installed, call, refusals=min_size > 1)
+    finally:
+        pool.close()
