@@ -475,13 +475,13 @@ class BreakerCore:
     __slots__ = (
         "_base_open",
         "_baseline",
-        "_changed_at",
         "_checks_passed",
         "_config",
         "_consecutive",
         "_effective",
         "_failure_counts",
         "_forced",
+        "_half_open_at",
         "_ignored",
         "_interval",
         "_judging",
@@ -568,7 +568,7 @@ class BreakerCore:
         self._suspended_held = 0
         self._suspended_held_calls = 0
         self._suspended_held_since = 0.0
-        self._changed_at = now  # when the state last changed
+        self._half_open_at = now  # when the breaker last went half-open
         self._init_state(now)
 
     def _init_state(self, now: float) -> None:
@@ -728,7 +728,7 @@ class BreakerCore:
                 not unconfirmed
                 or (
                     opened_at is not None
-                    and opened_at >= self._changed_at
+                    and opened_at >= self._half_open_at
                     and now - duration - opened_at <= FRESH_CONNECTION_S
                 )
             ):
@@ -777,7 +777,9 @@ class BreakerCore:
                 self._unconfirmed_since = self._suspended_held_since
                 self._unconfirmed_calls = 0
             self._unconfirmed = min(MAX_UNCONFIRMED_HELD, self._unconfirmed + held)
-            self._unconfirmed_calls += self._suspended_held_calls
+            self._unconfirmed_calls = min(
+                self._unconfirmed, self._unconfirmed_calls + self._suspended_held_calls
+            )
         return True
 
     def _hold_unconfirmed(self, now: float, *, retry: bool) -> None:
@@ -1133,8 +1135,8 @@ class BreakerCore:
         self.forget_unconfirmed()
         previous = self._state
         self._state = to_state
-        self._changed_at = now
         if to_state is _HALF_OPEN:
+            self._half_open_at = now
             self._probe_successes = 0
             self._new_episode()
         return Transition(previous, to_state, reason, now, open_for)
