@@ -157,7 +157,9 @@ class PrivatePgBouncer:
     with the server parameters it cached), and a statement waits for a server connection
     until ``query_wait_timeout`` (here ``query_wait`` seconds; 120 by default), then fails
     with ``08P01`` "query_wait_timeout" and the client connection is closed. A statement on
-    a client whose server connection died gets ``08P01`` "server conn crashed?" at once.
+    a client whose server connection died gets ``08P01`` "server conn crashed?" at once, and
+    one sent within ``server_login_retry`` of a failed server connect ``08P01`` "server
+    login has been failing, try again later (server_login_retry)", at once too.
     ``server_login_retry`` is 1 s, so the server is used again within a second of its return."""
 
     def __init__(self, server: PrivatePostgres, *, query_wait: float = 1.0) -> None:

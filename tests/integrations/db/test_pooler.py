@@ -1,8 +1,9 @@
 """A pooler (PgBouncer) in front of a PostgreSQL that died: the breaker must open.
 
 Behind PgBouncer every connect succeeds while the server is down (PgBouncer answers the login
-itself), and every statement fails: it waits for a server connection until PgBouncer's
-``query_wait_timeout``, then gets ``08P01`` and a closed connection. A lost connection is
+itself), and every statement fails with ``08P01`` and a closed connection: at once ("server
+conn crashed?", "server login has been failing"), or after waiting for a server connection
+until PgBouncer's ``query_wait_timeout``. A lost connection is
 unconfirmed (a reaper of idle sessions looks the same), and each connect's success dropped
 it: 200 calls out of 200 failed, each after the full wait, and the breaker never opened.
 A statement sent on a connection that just opened cannot have found it reaped for idleness:
