@@ -16,6 +16,8 @@ from tests.integrations.db.conftest import Install
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# Forking while another thread holds our lock is the point: Python 3.12+ warns of it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_builds_targets_while_the_parent_held_the_lock(install: Install) -> None:
     install(SQLiteIntegration)
     state = integration._installed
