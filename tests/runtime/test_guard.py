@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -581,6 +582,55 @@ async def test_a_cancel_that_lands_as_a_timed_attempt_ends_stops_the_caller() ->
     with pytest.raises(asyncio.CancelledError):
         await worker
     assert rounds == 4  # stopped at its next await, as it would without the guard
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+async def test_guarded_calls_run_as_eager_tasks() -> None:
+    # With asyncio.eager_task_factory a task's coroutine starts inside create_task(), before
+    # the loop has scheduled it: the attempt timeout (asyncio.timeout on the current task),
+    # a call that never suspends, and a cancel that lands as an attempt ends still behave.
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+    guard = Guard("svc", retry=RetryPolicy(attempt_timeout=0.05, base_delay=0.0), runtime=Runtime())
+    attempts = 0
+
+    async def sometimes_hangs() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await asyncio.sleep(5)
+        return "fast"
+
+    async def never_suspends() -> str:
+        return "done"
+
+    hanging = asyncio.create_task(guard.call_async(sometimes_hangs))
+    assert not hanging.done()  # suspended in its first attempt
+    assert await hanging == "fast"
+    assert attempts == 2
+    at_once = asyncio.create_task(guard.call_async(never_suspends))
+    assert at_once.done()  # ran to the end inside create_task()
+    assert at_once.result() == "done"
+
+    rounds = 0
+    worker: asyncio.Task[None] | None = None
+
+    async def attempt() -> str:
+        await asyncio.sleep(0)
+        if rounds == 3:
+            assert worker is not None
+            asyncio.get_running_loop().call_soon(worker.cancel)  # lands as this one ends
+        return "ok"
+
+    async def work() -> None:
+        nonlocal rounds
+        while rounds < 50:
+            rounds += 1
+            assert await guard.call_async(attempt) == "ok"
+
+    worker = asyncio.create_task(work())
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    assert rounds == 4
 
 
 # ----------------------------------------------------------------- decorator
