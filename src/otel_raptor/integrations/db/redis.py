@@ -1041,6 +1041,27 @@ def _refresh_slots(cluster: Any, node: Any) -> None:
                 manager.initialize(last_failed_node_name=node.name)
             except TypeError:  # a redis-py before the argument: asked in any order
                 manager.initialize()
+            if cluster.get_default_node().name == node.name:
+                cluster.replace_default_node()
+    except Exception:  # noqa: BLE001 - no node answers: the table stays, the refusal is raised
+        return
+
+
+async def _refresh_slots_async(cluster: Any, node: Any) -> None:
+    """:func:`_refresh_slots` for ``redis.asyncio``, done at once rather than left to the
+    client's next ``initialize()``: redis-py passes the failed node's name to that reread only
+    while its own loop retries the call, so a refusal that ended a call (its retries spent)
+    left a reread that asked the nodes in a random order, the silent node holding the next
+    call for its ``socket_timeout``."""
+    try:
+        if _refresh_due(cluster):
+            manager = cluster.nodes_manager
+            try:
+                await manager.initialize(last_failed_node_name=node.name)
+            except TypeError:  # a redis-py before the argument: asked in any order
+                await manager.initialize()
+            if cluster.get_default_node().name == node.name:
+                cluster.replace_default_node()
     except Exception:  # noqa: BLE001 - no node answers: the table stays, the refusal is raised
         return
 
@@ -1115,15 +1136,8 @@ def _async_cluster_node_hook(original: Callable[..., Awaitable[Any]]) -> Callabl
         kwargs[_NODE_KEYWORD] = node
         try:
             return await call_async(plan, on_node, (self, *args), kwargs)
-        except CircuitOpenError as refusal:
-            # As after a connection error to a node: the next call rereads the slot table,
-            # asking this node last (redis-py reads ``last_failed_node_name`` off the error).
-            try:
-                if getattr(self, "_initialize", None) is False and _refresh_due(self):
-                    refusal.last_failed_node_name = node.name  # type: ignore[attr-defined]
-                    self._initialize = True
-            except Exception as bug:  # noqa: BLE001
-                report_internal_error("redis.refresh_slots", bug)
+        except CircuitOpenError:
+            await _refresh_slots_async(self, node)
             raise
 
     return _execute_command
