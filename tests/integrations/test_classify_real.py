@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import pytest
 
 from otel_raptor.core.classification import Classification, ErrorCategory
+from otel_raptor.integrations.db._common import lost_connection
 from otel_raptor.runtime.classifying import classify
 from tests.support.faulty_http import (
     Action,
@@ -678,6 +679,29 @@ class TestMariaDB:
     def test_refused(self) -> None:
         exc = caught(lambda: mysql_open(port=closed_port()))
         check(exc, C.CONNECTION, retryable=True, code="ECONNREFUSED")
+
+
+def test_mysql_8_disconnect_for_inactivity_is_an_unconfirmed_lost_connection() -> None:
+    """MySQL 8.0.24+ tells a client it reaped for ``wait_timeout`` why, with error 4031
+    (``ER_CLIENT_INTERACTION_TIMEOUT``) before closing: a lost session on a server that is up,
+    as PyMySQL's 2006/2013. MariaDB never sends it, so the error is built by PyMySQL's own
+    code from the server's error packet, as PyMySQL raises it: ``0xFF``, the number
+    (little-endian), ``#`` and the SQLSTATE, then the message."""
+    pymysql = lib("pymysql")
+    message = (
+        "The client was disconnected by the server because of inactivity. "
+        "See wait_timeout and interactive_timeout for configuring this behavior."
+    )
+    packet = b"\xff" + (4031).to_bytes(2, "little") + b"#HY000" + message.encode()
+    exc = caught(lambda: pymysql.err.raise_mysql_exception(packet))
+    assert type(exc) is pymysql.err.OperationalError
+    assert exc.args == (4031, message)
+    result = check(exc, C.CONNECTION, retryable=True, code="4031")
+    # ...and, met by a statement, held unconfirmed until a reconnect decides, as 2006/2013 are.
+    assert lost_connection(None)(exc, result).unconfirmed
+    for gone in (2006, 2013):
+        lost = pymysql.err.OperationalError(gone, "MySQL server has gone away")
+        assert lost_connection(None)(lost, classify(lost)).unconfirmed
 
 
 # -- Redis ----------------------------------------------------------------------------------------

@@ -457,7 +457,9 @@ _TABLE: tuple[Rule | None, ...] = (
     _mysql("option_prevents", _C.QUERY, 1290),
     # A Galera node not ready refuses everything.
     _mysql("node_not_ready", _C.UNAVAILABLE, 1047),
-    _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927),
+    # 4031 (MySQL 8.0.24+, ER_CLIENT_INTERACTION_TIMEOUT): the server's farewell to a session
+    # idle past wait_timeout, as 1927 is a KILL's: the session is gone, the server is up.
+    _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927, 4031),
     _mysql("unknown_host", _C.DNS, 2005),
     # Client side "can't connect" / "lost": the OSError in __context__ tells refused/DNS/timeout.
     _mysql("connect", _C.CONNECTION, 2002, 2003, 2006, 2013, 2055, defer_to_cause=True),
