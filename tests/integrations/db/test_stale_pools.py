@@ -760,3 +760,82 @@ def test_redis_killed(redis_timeout: PrivateRedis, install: Install) -> None:
     opened = Opened(installed)
     calls, down = killed(RedisApp(redis_timeout), redis_timeout.shutdown_nosave)
     check_killed(calls, opened, down)
+
+
+# -- redis-py's health check, on a server with ``timeout 1`` -----------------------------------
+
+
+class RedisHealthCheckApp(App):
+    """``POOL_SIZE`` clients of one connection each (``single_connection_client``: the client
+    keeps its connection, where the pool's ``can_read`` check would replace a reaped one
+    before the command), with redis-py's health check: after a quiet spell, each client's
+    next command first sends ``PING`` on the connection, which the server closed."""
+
+    def __init__(self, server: PrivateRedis) -> None:
+        self.clients = [
+            redis.Redis(
+                host="127.0.0.1",
+                port=server.port,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                single_connection_client=True,
+                health_check_interval=1,
+            )
+            for _ in range(POOL_SIZE)
+        ]
+        self.turn = 0
+
+    def warm(self) -> None:
+        for client in self.clients:
+            assert client.ping()
+
+    def call(self) -> None:
+        client = self.clients[self.turn % POOL_SIZE]
+        self.turn += 1
+        client.incr("calls")
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def test_redis_health_check_reaped_by_timeout(
+    redis_timeout: PrivateRedis, install: Install
+) -> None:
+    """The health check's failed ``PING`` on each reaped connection is a lost connection,
+    held unconfirmed and dropped by the reconnect that serves the command: counted at once,
+    the four of them opened the breaker of a server serving every new connection."""
+
+    def reap() -> None:
+        time.sleep(2.5)  # timeout 1: closed by the server's cron within about a second more
+
+    baseline = reaped(RedisHealthCheckApp(redis_timeout), reap)
+    installed = install(RedisIntegration, **settings())
+    calls = reaped(RedisHealthCheckApp(redis_timeout), reap)
+    check_reaped(baseline, calls, installed)
+    # The PINGs failed, and were sent again as commands never sent: every call served, and
+    # the lost connections were dropped by the reconnects, counted nowhere (each counted, a
+    # success between them, would not trip the consecutive rule, but fills the window).
+    assert all(c.ok for c in calls), [c.error for c in calls if not c.ok]
+    breaker = installed.runtime.breakers.get(f"redis://127.0.0.1:{redis_timeout.port}/0")
+    assert breaker.snapshot().window_failures == 0
+
+
+def test_redis_health_check_killed(redis_timeout: PrivateRedis, install: Install) -> None:
+    """A server that dies during a quiet spell: each client's health-check ``PING`` fails
+    (held unconfirmed), and the reconnect that follows is refused, which counts, and the
+    lost connections with it: the breaker opens as fast as before."""
+    installed = install(RedisIntegration, **settings())
+    opened = Opened(installed)
+    app = RedisHealthCheckApp(redis_timeout)
+    try:
+        app.warm()
+        time.sleep(1.2)  # every client's health check is due
+        down = time.monotonic()
+        redis_timeout.shutdown_nosave()
+        calls = []
+        for _ in range(3 * POOL_SIZE):
+            calls.append(call_once(app.call))
+            time.sleep(0.02)
+    finally:
+        app.close()
+    check_killed(calls, opened, down)

@@ -73,6 +73,7 @@ from otel_raptor.telemetry.instruments import (
 
 __all__ = [
     "GUARDED_ATTRIBUTE",
+    "LOST_BEFORE_SENDING_ATTRIBUTE",
     "NOT_SENT_ATTRIBUTE",
     "OPENED_ATTRIBUTE",
     "DbHooks",
@@ -87,6 +88,7 @@ __all__ = [
     "StatementHooks",
     "callers_limit",
     "failed_midway",
+    "is_failed_reconnect",
     "is_not_sent",
     "lost_connection",
     "mark_not_sent",
@@ -109,6 +111,9 @@ OPENED_ATTRIBUTE: Final = "_otel_raptor_opened"
 #: Marks an exception raised before anything reached the server (set by the hooks that see
 #: the connection being opened, e.g. redis-py reconnecting for a command).
 NOT_SENT_ATTRIBUTE: Final = "_otel_raptor_not_sent"
+#: Marks a not-sent exception met on a connection that was already open (see
+#: :func:`mark_not_sent`).
+LOST_BEFORE_SENDING_ATTRIBUTE: Final = "_otel_raptor_lost_before_sending"
 
 _STATEMENT: Final = Operation.STATEMENT
 _BATCH: Final = Operation.BATCH
@@ -157,8 +162,9 @@ def lost_connection(
     Redis's ``timeout``), which serves every new connection: counted, the first burst after a
     quiet spell opened a healthy server's breaker. The reconnect that follows tells them
     apart: refused, it counts, and the lost connections with it; opened, they are dropped.
-    A failure raised before anything was sent (Redis reconnecting inside a command:
-    :func:`is_not_sent`), and one that says the server cannot be reached
+    A failure raised while opening a connection before anything was sent (Redis
+    reconnecting inside a command: :func:`is_failed_reconnect`; not a health check's
+    ``PING`` on a connection that was open), and one that says the server cannot be reached
     (``ECONNREFUSED``, an unreachable host or network: a client reconnecting inside the
     call, as a Redis cluster does), is that reconnect, and counts as it is."""
 
@@ -170,7 +176,7 @@ def lost_connection(
             and classification.code not in _UNREACHABLE_CODES
             and not classification.unconfirmed
             and not classification.live_refusal
-            and not is_not_sent(failure)
+            and not is_failed_reconnect(failure)
         ):
             return replace(classification, unconfirmed=True)
         return classification
@@ -214,10 +220,17 @@ def opened_at(conn: Any) -> float | None:
     return value if isinstance(value, float) else None
 
 
-def mark_not_sent(error: BaseException) -> None:
-    """Record that ``error`` was raised before anything reached the server."""
+def mark_not_sent(error: BaseException, *, on_open_connection: bool = False) -> None:
+    """Record that ``error`` was raised before anything of the call reached the server.
+    ``on_open_connection``: on a connection that was already open, which was found lost
+    (redis-py's health-check ``PING`` on an idle connection the server closed): the call
+    may be sent again as any unsent one, yet the failure is a lost connection, held
+    unconfirmed (:func:`lost_connection`), not a failed reconnect, which counts as it is.
+    A later mark without it (the failure turns out to be raised while opening the
+    connection) makes it a failed reconnect."""
     try:
         setattr(error, NOT_SENT_ATTRIBUTE, True)
+        setattr(error, LOST_BEFORE_SENDING_ATTRIBUTE, on_open_connection)
     except Exception:  # noqa: BLE001 - an exception refusing attributes: simply unmarked
         return
 
@@ -225,6 +238,15 @@ def mark_not_sent(error: BaseException) -> None:
 def is_not_sent(error: BaseException) -> bool:
     """Whether ``error`` was marked by :func:`mark_not_sent`."""
     return getattr(error, NOT_SENT_ATTRIBUTE, False) is True
+
+
+def is_failed_reconnect(error: BaseException) -> bool:
+    """Whether ``error`` was marked by :func:`mark_not_sent` as raised while a connection
+    was being opened (not ``on_open_connection``)."""
+    return (
+        getattr(error, NOT_SENT_ATTRIBUTE, False) is True
+        and getattr(error, LOST_BEFORE_SENDING_ATTRIBUTE, False) is not True
+    )
 
 
 def sql_read_only(args: tuple[Any, ...]) -> bool:

@@ -598,7 +598,11 @@ def _takes_retry_parameters(original: Callable[..., Any]) -> bool:
 
 def _is_health_check(do: Any) -> bool:
     """Whether ``do`` is redis-py's health-check ``PING`` (``check_health`` runs it before the
-    command is written: a failure there leaves the command unsent)."""
+    command is written: a failure there leaves the command unsent). On a connection that was
+    open, a failed ``PING`` is a lost connection (most often one the server closed for
+    idleness, Redis's ``timeout``), held unconfirmed as any: the reconnect that follows
+    decides. The ``PING`` redis-py sends while opening a connection is marked again as a
+    failed reconnect by ``_unjudged``, which reads the traceback afterwards."""
     return getattr(do, "__name__", None) == _HEALTH_CHECK_PING
 
 
@@ -617,7 +621,7 @@ def _failed_once(
     ours, or a redis-py whose ``Retry`` reads differently, is reported, and ``fail`` skipped)."""
     try:
         if _is_health_check(do):
-            mark_not_sent(error)
+            mark_not_sent(error, on_open_connection=True)
         supported = isinstance(error, retry._supported_errors)
     except Exception as bug:  # noqa: BLE001 - the caller's error must reach the caller
         report_internal_error("redis.retry_step", bug)
