@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import pathlib
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -179,3 +181,62 @@ def test_retries_never_exceed_ratio_times_calls_plus_the_floor(
         assert granted <= ratio * calls + floor * now + initial + 1e-9
         # idle time banks at most ttl seconds of the floor, however long it lasts
         assert balance <= ratio * calls + max(initial, floor * ttl) + 1e-9
+
+
+def test_the_worked_example_of_the_docs_is_what_the_budget_does() -> None:
+    """docs/retries.md's worked example, recomputed with ``RetryBudget`` as the docs say it
+    was: 50 calls/s after a healthy spell (the balance settled at 200), then an outage where
+    every call, recorded, asks for four retries at its instant (all four, granted or not:
+    "retries wanted"); the balance read at the end of each second. "3 onwards" is checked
+    over a minute."""
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "retries.md"
+    section = doc.read_text().split("**Worked example.**", 1)[1].split("\n\n", 2)[1]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ][1:]
+    assert [row[0] for row in rows] == ["1", "2", "3 onwards"]
+
+    per_second, retries, healthy_s = 50, 4, 100
+
+    def outage(*, stop_at_refusal: bool) -> list[tuple[int, int, float]]:
+        budget = RetryBudget(now=0.0)
+        for _ in range(per_second * healthy_s):
+            budget.record_call()
+        assert budget.tokens(float(healthy_s)) == pytest.approx(200, abs=0.1)
+        seconds = []
+        for second in range(60):
+            start = healthy_s + second
+            wanted = granted = 0
+            for i in range(per_second):
+                budget.record_call()
+                for _ in range(retries):
+                    wanted += 1
+                    if budget.try_withdraw(start + i / per_second):
+                        granted += 1
+                    elif stop_at_refusal:
+                        break
+            seconds.append((wanted, granted, budget.tokens(start + 1.0)))
+        return seconds
+
+    seconds = outage(stop_at_refusal=False)
+    stopping = outage(stop_at_refusal=True)
+    assert [s[1] for s in stopping] == [s[1] for s in seconds]
+
+    for row, (wanted, granted, balance) in zip(rows[:2], seconds[:2], strict=True):
+        assert (int(row[1]), int(row[2])) == (wanted, granted), row
+        assert float(row[3]) == pytest.approx(balance, abs=0.05), row
+    # "20, 19 one second in N" and "between LOW and HIGH", from the third second on.
+    later = seconds[2:]
+    granted_cell = re.fullmatch(r"(\d+), (\d+) one second in (\d+)", rows[2][2])
+    balance_cell = re.fullmatch(r"between (\S+) and (\S+)", rows[2][3])
+    assert granted_cell is not None, rows[2]
+    assert balance_cell is not None, rows[2]
+    usual, rarely, one_in = map(int, granted_cell.groups())
+    low, high = map(float, balance_cell.groups())
+    assert all(wanted == int(rows[2][1]) for wanted, _, _ in later)
+    assert {granted for _, granted, _ in later} == {usual, rarely}
+    rare = sum(granted == rarely for _, granted, _ in later)
+    assert round(len(later) / rare) == one_in
+    assert all(low <= round(balance, 1) <= high for _, _, balance in later)
