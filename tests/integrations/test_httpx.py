@@ -1390,7 +1390,7 @@ def test_wrappers_are_followed_a_bounded_number_of_times(install: Install) -> No
     first._transport = second  # type: ignore[attr-defined]
     in_process, _ = integration._in_process_check()
     with httpx.Client(transport=first) as client:
-        assert in_process((client, client.build_request("GET", "http://testserver/x"))) is False
+        assert in_process((client, client.build_request("GET", "http://testserver/x")), {}) is False
 
 
 def test_a_network_transport_behind_a_wrapper_is_still_guarded(

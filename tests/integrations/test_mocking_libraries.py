@@ -167,6 +167,81 @@ def test_a_mocked_request_goes_through_a_breaker_that_is_open(
     assert recoveries(install) == []
 
 
+# --- requests: passed through, through a breaker that is not closed ------------------------------
+
+
+def _open_by_passed_through_503s(runtime: Runtime, server: FaultyHTTPServer) -> int:
+    """Opens the loopback origin's breaker with real ``503`` answers to requests the active
+    mock passes through (each retried, each counted); returns how many the server got."""
+    server.default = status(503)
+    for _ in range(2):
+        assert requests.get(server.url("/down")).status_code == 503
+    ((_, breaker),) = runtime.breakers.items()
+    assert breaker.state is CircuitState.OPEN
+    assert server.count() > 2  # retried too
+    return server.count()
+
+
+def test_a_request_responses_passes_through_is_still_refused_by_a_breaker_that_is_open(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    # As respx's pass_through(): a passed-through request goes to a real downstream, so an
+    # open breaker refuses it; a request responses answers still goes through.
+    runtime = install()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mocked:
+        mocked.add_passthru(server.url("/"))
+        mocked.get(server.url("/mocked"), body="mocked")  # registered: answered, not passed
+        sent = _open_by_passed_through_503s(runtime, server)
+        with pytest.raises(CircuitOpenError):
+            requests.get(server.url("/p"))
+        with pytest.raises(requests.exceptions.ConnectionError):  # and as requests' own
+            requests.post(server.url("/p"), data=b"x")
+        assert requests.get(server.url("/mocked")).text == "mocked"
+        # A response registered with passthrough=True passes through too; a mocked response
+        # that matches only on its query parameters (params=) is still answered.
+        mocked.add(responses.PassthroughResponse(responses.GET, server.url("/pt")))
+        mocked.get(
+            server.url("/q"),
+            body="by query",
+            match=[responses.matchers.query_param_matcher({"a": "1"})],
+        )
+        with pytest.raises(CircuitOpenError):
+            requests.get(server.url("/pt"))
+        assert requests.get(server.url("/q"), params={"a": "1"}).text == "by query"
+        with pytest.raises(CircuitOpenError):  # no match: to the passthru prefix
+            requests.get(server.url("/q"), params={"a": "2"})
+    assert server.count() == sent  # nothing sent since the breaker opened
+
+
+def test_a_request_requests_mock_passes_through_is_still_refused_by_a_breaker_that_is_open(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    runtime = install()
+    with requests_mock.Mocker(real_http=True) as mocked:
+        mocked.get(server.url("/mocked"), text="mocked")
+        mocked.get(server.url("/h"), text="by header", request_headers={"X-Test": "1"})
+        sent = _open_by_passed_through_503s(runtime, server)
+        with pytest.raises(CircuitOpenError):  # no matcher: real_http sends it
+            requests.get(server.url("/p"))
+        assert requests.get(server.url("/mocked")).text == "mocked"
+        assert requests.get(server.url("/h"), headers={"X-Test": "1"}).text == "by header"
+        with pytest.raises(CircuitOpenError):  # the header matcher does not match
+            requests.get(server.url("/h"), headers={"X-Test": "2"})
+        # A matcher function of the app's own cannot be read without running it: the
+        # request goes through as without raptor (here the mock answers it).
+        mocked.get(server.url("/f"), text="by function", additional_matcher=lambda r: True)
+        assert requests.get(server.url("/f")).text == "by function"
+    with requests_mock.Mocker() as mocked:  # real_http on one matcher only
+        mocked.get(server.url("/pt"), real_http=True)
+        mocked.get(server.url("/mocked"), text="mocked")
+        with pytest.raises(CircuitOpenError):
+            requests.get(server.url("/pt"))
+        assert requests.get(server.url("/mocked")).text == "mocked"
+        with pytest.raises(requests_mock.NoMockAddress):  # requests-mock's own answer
+            requests.get(server.url("/unregistered"))
+    assert server.count() == sent  # nothing sent since the breaker opened
+
+
 # --- httpx: respx ------------------------------------------------------------------------------
 
 

@@ -380,16 +380,17 @@ class HttpHooks(CallHooks):
         self,
         timeout_kwarg: str | None = None,
         elsewhere: Callable[[BaseException, tuple[Any, ...]], bool] | None = None,
-        in_process: Callable[[tuple[Any, ...]], bool] | None = None,
+        in_process: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None,
         failed_in_process: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
     ) -> None:
         self.timeout_kwarg = timeout_kwarg
         #: Whether a failure came from a redirect hop to another downstream (see CallHooks).
         self.elsewhere = elsewhere
-        #: ``in_process(args)``: whether the call never leaves the process (an app served
-        #: in-process by a test client's transport). Such a call has no downstream to judge:
-        #: its failure ends it at once, unretried and uncounted, and a breaker that is not
-        #: closed lets it through (see CallHooks ``unjudged`` and ``unguarded``).
+        #: ``in_process(args, kwargs)``: whether the call never leaves the process (an app
+        #: served in-process by a test client's transport, a mocking library's answer).
+        #: Such a call has no downstream to judge: its failure ends it at once, unretried
+        #: and uncounted, and a breaker that is not closed lets it through (see CallHooks
+        #: ``unjudged`` and ``unguarded``).
         #: ``failed_in_process(failure, args)`` says the same of one failure (also one at a
         #: redirect hop to an app served in the process, which a replay would run again).
         self.unguarded = in_process

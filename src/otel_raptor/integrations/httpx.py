@@ -265,7 +265,8 @@ def _respx_answers(request: Any, mocker: str, in_memory: type) -> bool:
 
 
 def _in_process_check() -> tuple[
-    Callable[[tuple[Any, ...]], bool], Callable[[Exception, tuple[Any, ...]], bool]
+    Callable[[tuple[Any, ...], dict[str, Any]], bool],
+    Callable[[Exception, tuple[Any, ...]], bool],
 ]:
     """Whether a ``send`` call (positional arguments ``(client, request)``) goes to an app in
     the process rather than over the network: its transport is httpx's ``ASGITransport``,
@@ -344,7 +345,7 @@ def _in_process_check() -> tuple[
             return True  # respx's "httpx" mocker: its transport for every URL
         return respx_pool(serving(client._transport_for_url(response.request.url)))
 
-    def in_process(args: tuple[Any, ...]) -> bool:
+    def in_process(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if len(args) != 2:
             return False
         client, request = args

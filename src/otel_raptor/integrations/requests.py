@@ -54,6 +54,7 @@ from otel_raptor.integrations._http import (
     throttled_headers,
 )
 from otel_raptor.integrations._kit import HookedIntegration, call, is_refusal_of, library_error
+from otel_raptor.integrations._requests_mocks import passes_through
 from otel_raptor.integrations._wrapping import HookSet
 from otel_raptor.runtime.drive import CallPlan
 from otel_raptor.runtime.keys import private_digest
@@ -295,28 +296,37 @@ def _proxy_unreachable(failure: BaseException) -> bool:
 _REAL_IO: Final = ("requests.adapters", "urllib3")
 
 
-def _in_process(args: tuple[Any, ...]) -> bool:
-    """Whether a ``Session.request`` call (positional arguments ``(session, method, url)``)
-    is answered in the process by a mocking library rather than sent over the network: the
-    session's ``send`` is requests-mock's, or the ``send`` of the adapter mounted for its
-    URL is responses'. A test suite's mocked ``503`` is the code under test, not a
-    downstream: retrying it changes what the test sees (call counts, one-shot mocks), and
-    counting it opens a breaker that refuses every later test's requests to that origin.
-    Asked only off the fast path (a breaker that is not closed, a cooldown): a request
-    either library may pass through to the network then goes as without raptor."""
+def _in_process(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a ``Session.request`` call (positional arguments ``(session, method, url)``,
+    keyword arguments ``kwargs``) is answered in the process by a mocking library rather
+    than sent over the network: the session's ``send`` is requests-mock's, or the ``send``
+    of the adapter mounted for its URL is responses', and the library will not pass it
+    through (:func:`~otel_raptor.integrations._requests_mocks.passes_through`; where that
+    cannot be told, it is taken as answered). A test suite's mocked ``503`` is the code
+    under test, not a downstream: retrying it changes what the test sees (call counts,
+    one-shot mocks), and counting it opens a breaker that refuses every later test's
+    requests to that origin. A request passed through goes to a real downstream and keeps
+    its guard. Asked only off the fast path (a breaker that is not closed, a cooldown)."""
     if len(args) != 3:
         return False
-    session, _, url = args
+    session, method, url = args
     send = session.send
-    if from_mocking_library(getattr(send, "__func__", send)):
-        return True
-    from requests.exceptions import InvalidSchema  # noqa: PLC0415 - imported by install()
+    function = getattr(send, "__func__", send)
+    if not from_mocking_library(function):
+        from requests.exceptions import InvalidSchema  # noqa: PLC0415 - imported by install()
 
+        try:
+            adapter = session.get_adapter(_text(url))
+        except InvalidSchema:  # requests raises it itself when sending
+            return False
+        function = getattr(type(adapter), "send", None)
+        if not from_mocking_library(function):
+            return False
     try:
-        adapter = session.get_adapter(_text(url))
-    except InvalidSchema:  # requests raises it itself when sending
-        return False
-    return from_mocking_library(getattr(type(adapter), "send", None))
+        return passes_through(function, session, method, url, kwargs) is not True
+    except Exception as bug:  # noqa: BLE001 - answered by the mock, as before
+        report_internal_error("requests.mock_passes_through", bug)
+        return True
 
 
 def _failed_in_process(failure: Exception, args: tuple[Any, ...]) -> bool:

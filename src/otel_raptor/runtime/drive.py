@@ -247,7 +247,8 @@ class CallHooks:
     #: every failure is judged.
     unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None
 
-    #: ``args -> bool``: whether a call (made with positional arguments ``args``) that meets
+    #: ``(args, kwargs) -> bool``: whether a call (made with positional arguments ``args``
+    #: and keyword arguments ``kwargs``, which it must not change) that meets
     #: a breaker that is not closed runs as it would without raptor, neither refused nor
     #: admitted as a probe, and with nothing counted, retried or published: a call that waits
     #: as long as its caller asked (a Redis ``BLPOP``) would hold a half-open breaker's probe
@@ -255,7 +256,7 @@ class CallHooks:
     #: (an open or half-open breaker, a cooldown), and before the first attempt of an async
     #: call whose attempts the driver bounds (``wait_for``): an unguarded call is not cut off
     #: at the attempt timeout either. ``None`` (the default): never.
-    unguarded: Callable[[tuple[Any, ...]], bool] | None = None
+    unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None
 
     #: Whether a sync call of this kind made on an event loop's thread sleeps there (its
     #: backoff, a ``Retry-After``). ``True`` for what the app guards itself (``Guard.call``,
@@ -435,7 +436,7 @@ def run_sync(
         # Outside the ``except`` block, so that re-raising a later attempt's error does not
         # chain this one onto it as its ``__context__``.
         return resume_sync(plan, fn, args, kwargs, start, failure, result, fallback)
-    runner = _new_runner(plan, fallback, start, args)
+    runner = _new_runner(plan, fallback, start, args, kwargs)
     if runner is None:
         return fn(*args, **kwargs)  # as without us
     return _drive_sync(runner, fn, args, kwargs)
@@ -455,7 +456,7 @@ def resume_sync(
     with ``failure``: an exception, or ``result``, a result that ``failure_of`` made a
     failure of. For :func:`run_sync` and for an integration's own copy of its fast path (see
     :data:`NO_RESULT`); the next attempts call ``fn(*args, **kwargs)``."""
-    runner = _new_runner(plan, fallback, start, args, failure, result=result)
+    runner = _new_runner(plan, fallback, start, args, kwargs, failure, result=result)
     if runner is None:
         return _without_us(failure, result)
     return _drive_sync(runner, fn, args, kwargs)
@@ -501,11 +502,11 @@ async def run_async(
                     if core is not None:  # it would count failures only: see stop_judging
                         plan.breaker.stop_judging()  # type: ignore[union-attr]
                 return result
-        runner = _new_runner(plan, fallback, start, args, failure, result=result)
+        runner = _new_runner(plan, fallback, start, args, kwargs, failure, result=result)
         if runner is None:
             return _without_us(failure, result)
         return await _drive_async(runner, fn, args, kwargs)
-    runner = _new_runner(plan, fallback, start, args)
+    runner = _new_runner(plan, fallback, start, args, kwargs)
     if runner is None:
         return await fn(*args, **kwargs)  # as without us
     return await _drive_async(runner, fn, args, kwargs)
@@ -524,7 +525,7 @@ def recover_sync(
     """Recover from ``error``, the failure of a first attempt that ran outside any guard and
     started at ``started`` (the recovery engine): retry ``fn`` as the plan says.
     ``observe`` is handed the loop when the call ends (attempts, strategy, outcome)."""
-    runner = _new_runner(plan, None, started, args, error, observe)
+    runner = _new_runner(plan, None, started, args, kwargs or {}, error, observe)
     if runner is None:
         raise error
     return _drive_sync(runner, fn, args, kwargs or {})
@@ -541,7 +542,7 @@ async def recover_async(
     observe: Callable[[AttemptLoop], None] | None = None,
 ) -> Any:
     """:func:`recover_sync` for coroutine functions."""
-    runner = _new_runner(plan, None, started, args, error, observe)
+    runner = _new_runner(plan, None, started, args, kwargs or {}, error, observe)
     if runner is None:
         raise error
     return await _drive_async(runner, fn, args, kwargs or {})
@@ -552,13 +553,14 @@ def _new_runner(
     fallback: Fallback | None,
     started: float,
     args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     failure: BaseException | None = None,
     observe: Callable[[AttemptLoop], None] | None = None,
     result: Any = _NO_RESULT,
 ) -> _Runner | None:
     """A :class:`_Runner`, or ``None`` (our bug, reported): the call then ends as without us."""
     try:
-        return _Runner(plan, fallback, started, args, failure, observe, result)
+        return _Runner(plan, fallback, started, args, kwargs, failure, observe, result)
     except Exception as bug:  # noqa: BLE001 - never break the caller's call
         report_internal_error("drive.runner", bug)
         return None
@@ -590,19 +592,19 @@ def _first_attempt(
     as it does through a breaker that is not closed: an app served in the process)."""
     if plan.first_kwargs:
         kwargs = _first_kwargs(plan, kwargs)
-    if plan.wait_for and not _is_unguarded(plan.hooks, args):
+    if plan.wait_for and not _is_unguarded(plan.hooks, args, kwargs):
         return _within(fn(*args, **kwargs), plan.spec.first_timeout, plan.hooks, args)
     return fn(*args, **kwargs)
 
 
-def _is_unguarded(hooks: CallHooks, args: tuple[Any, ...]) -> bool:
-    """The hooks' ``unguarded(args)``; ``False`` (guarded, as without the hook) when there is
-    none or it fails (our bug, reported)."""
+def _is_unguarded(hooks: CallHooks, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """The hooks' ``unguarded(args, kwargs)``; ``False`` (guarded, as without the hook) when
+    there is none or it fails (our bug, reported)."""
     unguarded = hooks.unguarded
     if unguarded is None:
         return False
     try:
-        return bool(unguarded(args))
+        return bool(unguarded(args, kwargs))
     except Exception as bug:  # noqa: BLE001 - guarded, as without the hook
         report_internal_error("drive.unguarded", bug)
         return False
@@ -758,6 +760,7 @@ class _Runner:
         "_args",
         "_attempt_token",
         "_fallback",
+        "_kwargs",
         "_made",
         "_no_verdict",
         "_observe",
@@ -777,17 +780,20 @@ class _Runner:
         fallback: Fallback | None,
         started: float,
         args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         failure: BaseException | None = None,
         observe: Callable[[AttemptLoop], None] | None = None,
         result: Any = _NO_RESULT,
     ) -> None:
-        """A slow-path call with positional arguments ``args`` that started at ``started``:
+        """A slow-path call with positional arguments ``args`` and keyword arguments
+        ``kwargs`` (read by the hooks' ``unguarded`` only) that started at ``started``:
         its first attempt (made on the fast path) ended with ``failure``, or (``None``) it has
         not been admitted yet; ``result``, when that failure is a failing result the hooks'
         ``failure_of`` wrapped, is that result. ``step`` is what the driver does first."""
         self.plan = plan
         self._observe = observe
         self._args = args
+        self._kwargs = kwargs
         self.loop = AttemptLoop(plan.spec, plan.route, started=started, rnd=plan.rnd)
         self._fallback = fallback if fallback is not None else plan.fallback
         self._passive = False
@@ -805,7 +811,7 @@ class _Runner:
     # --- entering the loop ----------------------------------------------------------------------
 
     def admit(self, now: float) -> Step:
-        if _is_unguarded(self.plan.hooks, self._args):
+        if _is_unguarded(self.plan.hooks, self._args, self._kwargs):
             self._passive = True
             return _ATTEMPT
         try:

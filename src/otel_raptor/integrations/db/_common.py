@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, NoReturn
 
@@ -278,7 +278,7 @@ def method_commits_partway(args: tuple[Any, ...]) -> bool:
     return sql_commits_partway(args[1:])
 
 
-def sql_unguarded(args: tuple[Any, ...]) -> bool:
+def sql_unguarded(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> bool:
     """``CallHooks.unguarded`` of SQL statements: the statement in ``args[0]`` ends a
     transaction (:func:`~otel_raptor.core.replay.sql_ends_transaction`) or is empty, so a
     breaker that is not closed lets it through unrefused and uncounted, as without raptor.
@@ -293,9 +293,10 @@ def sql_unguarded(args: tuple[Any, ...]) -> bool:
     return sql_ends_transaction(statement)
 
 
-def method_unguarded(args: tuple[Any, ...]) -> bool:
+def method_unguarded(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> bool:
     """:func:`sql_unguarded` for the arguments of an unbound method call
-    (``(cursor, statement, ...)``): the statement is ``args[1]``."""
+    (``(cursor, statement, ...)``): the statement is ``args[1]``. ``kwargs`` (the call's
+    keyword arguments, as ``CallHooks.unguarded`` is given them) are not read."""
     return sql_unguarded(args[1:])
 
 
@@ -375,7 +376,7 @@ class DbHooks(CallHooks):
         error: Callable[[Refusal], BaseException],
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
-        unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
+        unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None,
         opened: Callable[[tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         self.sleeps_on_event_loop = False
@@ -410,7 +411,7 @@ class StatementHooks(DbHooks):
         writes_in_transaction: bool = False,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
-        unguarded: Callable[[tuple[Any, ...]], bool] | None = None,
+        unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None,
         opened: Callable[[tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         super().__init__(error, refine, unjudged, unguarded, opened)
@@ -560,7 +561,7 @@ class DbState:
         partway: ReadOnlyOf | None = None,
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
-        unguarded: Callable[[tuple[Any, ...]], bool] | None = sql_unguarded,
+        unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = sql_unguarded,
         opened: Callable[[tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         self.settings = settings

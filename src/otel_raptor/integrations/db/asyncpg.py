@@ -148,13 +148,13 @@ def statement_timed_out(failure: BaseException, classification: Classification) 
     return classification
 
 
-def _unguarded(args: tuple[Any, ...]) -> bool:
+def _unguarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """``CallHooks.unguarded``: a statement ending a transaction (asyncpg's ``Transaction``
     sends ``COMMIT``/``ROLLBACK`` through ``Connection.execute``) or the reset query a pool
     sends on release is never refused. Refused, the first leaves the connection inside its
     transaction for good; the second makes the pool discard a healthy connection and raise
     out of an ``acquire()`` block whose statements all succeeded."""
-    if method_unguarded(args):
+    if method_unguarded(args, kwargs):
         return True
     reset = getattr(args[0], "_reset_query", None) if len(args) > 1 else None
     return bool(reset) and args[1] == reset

@@ -195,7 +195,7 @@ def _blocks(args: tuple[Any, ...]) -> bool:
     return name in _BLOCK_OPTION_COMMANDS and any(_text(arg) == "BLOCK" for arg in args[2:])
 
 
-def _unguarded(args: tuple[Any, ...]) -> bool:
+def _unguarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """``CallHooks.unguarded``: a blocking command meeting a breaker that is not closed runs
     as without raptor. Admitted as the half-open probe, ``BLPOP queue 0`` would hold the only
     probe slot until an item arrives, while the producers' commands, refused meanwhile, never
