@@ -37,9 +37,10 @@ import psycopg
 import pymysql
 import pytest
 import redis
+import redis.asyncio
 
 from otel_raptor import CircuitOpenError
-from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.core.events import BreakerTransitioned, ErrorClassified
 from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
@@ -816,6 +817,41 @@ def test_redis_health_check_reaped_by_timeout(
     # the lost connections were dropped by the reconnects, counted nowhere (each counted, a
     # success between them, would not trip the consecutive rule, but fills the window).
     assert all(c.ok for c in calls), [c.error for c in calls if not c.ok]
+    breaker = installed.runtime.breakers.get(f"redis://127.0.0.1:{redis_timeout.port}/0")
+    assert len(installed.of(ErrorClassified)) >= POOL_SIZE  # the PINGs did fail
+    assert breaker.snapshot().window_failures == 0
+
+
+def test_redis_asyncio_health_check_reaped_by_timeout(
+    redis_timeout: PrivateRedis, install: Install
+) -> None:
+    """As above, with ``redis.asyncio`` (its health check fails the same way)."""
+    installed = install(RedisIntegration, **settings())
+
+    async def run() -> None:
+        clients = [
+            redis.asyncio.Redis(
+                host="127.0.0.1",
+                port=redis_timeout.port,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                single_connection_client=True,
+                health_check_interval=1,
+            )
+            for _ in range(POOL_SIZE)
+        ]
+        try:
+            for client in clients:
+                assert await client.ping()
+            await asyncio.sleep(2.5)  # timeout 1: reaped by the server's cron meanwhile
+            for client in clients:
+                await client.incr("calls")  # served: the PING failed, the command was resent
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    asyncio.run(run())
+    assert len(installed.of(ErrorClassified)) >= POOL_SIZE
+    assert installed.of(BreakerTransitioned) == []
     breaker = installed.runtime.breakers.get(f"redis://127.0.0.1:{redis_timeout.port}/0")
     assert breaker.snapshot().window_failures == 0
 
