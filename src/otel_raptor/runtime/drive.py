@@ -61,6 +61,7 @@ __all__ = [
     "is_async_callable",
     "recover_async",
     "recover_sync",
+    "resume_async",
     "resume_sync",
     "run_async",
     "run_sync",
@@ -502,13 +503,28 @@ async def run_async(
                     if core is not None:  # it would count failures only: see stop_judging
                         plan.breaker.stop_judging()  # type: ignore[union-attr]
                 return result
-        runner = _new_runner(plan, fallback, start, args, kwargs, failure, result=result)
-        if runner is None:
-            return _without_us(failure, result)
-        return await _drive_async(runner, fn, args, kwargs)
+        return await resume_async(plan, fn, args, kwargs, start, failure, result, fallback)
     runner = _new_runner(plan, fallback, start, args, kwargs)
     if runner is None:
         return await fn(*args, **kwargs)  # as without us
+    return await _drive_async(runner, fn, args, kwargs)
+
+
+async def resume_async(
+    plan: CallPlan,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    start: float,
+    failure: BaseException | None,
+    result: Any = NO_RESULT,
+    fallback: Fallback | None = None,
+) -> Any:
+    """:func:`resume_sync` for coroutine functions: the loop after a first attempt made on
+    :func:`run_async`'s fast path (or an integration's inlined copy of it) failed."""
+    runner = _new_runner(plan, fallback, start, args, kwargs, failure, result=result)
+    if runner is None:
+        return _without_us(failure, result)
     return await _drive_async(runner, fn, args, kwargs)
 
 

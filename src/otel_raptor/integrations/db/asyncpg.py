@@ -61,7 +61,7 @@ from otel_raptor.integrations.db._common import (
 )
 from otel_raptor.integrations.db._postgres import failure_point as postgres_failure_point
 from otel_raptor.integrations.db._postgres import server, server_of_params
-from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_async
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -363,8 +363,60 @@ def _hook(
 
 
 def _statement_hook(original: Callable[..., Awaitable[Any]]) -> Any:
-    """The hook on ``Connection.execute``/``fetch``/``fetchval``/``fetchrow``."""
-    return _hook(original, batch=False, prepared=False)
+    """The hook on ``Connection.execute``/``fetch``/``fetchval``/``fetchrow``: :func:`_hook`
+    with ``_plan``, ``of_connection`` and the loop's fast path (``drive.run_async``) inlined,
+    since this runs for every statement (see DbTarget)."""
+
+    async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is None:
+            return await original(self, *args, **kwargs)
+        try:
+            protocol = self._protocol
+            if protocol is None:
+                plan = None  # a closed connection: asyncpg refuses it without sending anything
+            else:
+                by_database = state.by_address.get(self._addr)
+                target = None if by_database is None else by_database.get(self._params.database)
+                if target is None:
+                    target = state.of_connection(self)
+                if not target.enabled:
+                    plan = None
+                elif protocol.is_in_transaction():
+                    plan = target.locked
+                else:
+                    plan = target.statement
+                if plan is not None:
+                    core = plan.core
+                    start = plan.monotonic()
+                    fast = (core is None or core._state is CLOSED) and (
+                        start >= plan.downstream.cooldown_until
+                    )
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("asyncpg.describe", bug)
+            plan = None
+        if plan is None:
+            return await original(self, *args, **kwargs)
+        if not fast:  # the loop's entry refuses, probes or waits
+            return await call_async(plan, original, (self, *args), kwargs)
+        try:
+            result = await original(self, *args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure = exc
+        else:
+            try:
+                plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                if core is not None and not (core.quiet and start < core._next_check):
+                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("asyncpg.record_success", bug)
+                if core is not None:  # it would count failures only: see stop_judging
+                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            return result
+        # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
+        return await resume_async(plan, original, (self, *args), kwargs, start, failure)
+
+    return run
 
 
 def _batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:

@@ -63,7 +63,7 @@ from otel_raptor.integrations.db._postgres import (
     server_of_params,
     statement_timeout_query,
 )
-from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_sync
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -283,12 +283,35 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
                 plan = target.statement
             else:
                 plan = target.locked
+            if plan is not None:
+                # The loop's fast path (``drive.run_sync``), inlined: see DbTarget.
+                core = plan.core
+                start = plan.monotonic()
+                fast = (core is None or core._state is CLOSED) and (
+                    start >= plan.downstream.cooldown_until
+                )
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("psycopg.describe", bug)
             plan = None
         if plan is None:
             return original(self, *args, **kwargs)
-        return call(plan, original, (self, *args), kwargs)
+        if not fast:  # the loop's entry refuses, probes or waits
+            return call(plan, original, (self, *args), kwargs)
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure = exc
+        else:
+            try:
+                plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                if core is not None and not (core.quiet and start < core._next_check):
+                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("psycopg.record_success", bug)
+                if core is not None:  # it would count failures only: see stop_judging
+                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            return result
+        return resume_sync(plan, original, (self, *args), kwargs, start, failure)
 
     return execute
 

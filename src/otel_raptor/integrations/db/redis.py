@@ -82,7 +82,7 @@ from otel_raptor.integrations.db._common import (
     mark_not_sent,
     refusal_factory,
 )
-from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_sync
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.telemetry.instruments import ATTR_DB_NAMESPACE, ATTR_DB_SYSTEM_NAME
 
@@ -758,6 +758,13 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             if target is None or target.owner is not state:
                 target = _target(state, self.connection_pool)
             plan = target.statement if target.enabled else None
+            if plan is not None:
+                # The loop's fast path (``drive.run_sync``), inlined: see DbTarget.
+                core = plan.core
+                start = plan.monotonic()
+                fast = (core is None or core._state is CLOSED) and (
+                    start >= plan.downstream.cooldown_until
+                )
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("redis.describe", bug)
             plan = None
@@ -765,7 +772,23 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **options)
         token = _driving.set(True)
         try:
-            return call(plan, original, (self, *args), options)
+            if not fast:  # the loop's entry refuses, probes or waits
+                return call(plan, original, (self, *args), options)
+            try:
+                result = original(self, *args, **options)
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop, below
+                failure = exc
+            else:
+                try:
+                    plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                    if core is not None and not (core.quiet and start < core._next_check):
+                        plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+                except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                    report_internal_error("redis.record_success", bug)
+                    if core is not None:  # it would count failures only: see stop_judging
+                        plan.breaker.stop_judging()  # type: ignore[union-attr]
+                return result
+            return resume_sync(plan, original, (self, *args), options, start, failure)
         finally:
             _driving.reset(token)
 
