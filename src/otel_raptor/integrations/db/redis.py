@@ -59,10 +59,12 @@ it was ``execute_command``'s reconnect after the command, for a ``MOVING`` notif
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.core.classification import Classification, ErrorCategory
@@ -105,7 +107,8 @@ CLUSTER_NODE_ATTRIBUTE: Final = "_otel_raptor_cluster_node"
 #: ``EXEC`` ran.
 REFUSED_WHOLE_ATTRIBUTE: Final = "_otel_raptor_refused_whole"
 
-# Set while raptor runs a command: redis-py's Retry then makes one attempt.
+# Set while raptor runs a command off the fast lane (its loop's entry, a pipeline, asyncio):
+# redis-py's Retry then makes one attempt. The fast lane sets nothing (see ``_driven``).
 _driving: ContextVar[bool] = ContextVar("otel_raptor_redis_driving", default=False)
 
 # Commands that run code of their own (a script, a function, a trigger), which may write
@@ -652,9 +655,64 @@ def _failed_once_any(
     return _failed_once(retry, do, fail, error, is_retryable, with_failure_count)
 
 
+def _replaying(failure: Exception, do: Callable[[], Any]) -> Callable[[], Any]:
+    """``do`` for redis-py's own loop after the hook's first try failed with ``failure``: its
+    first call raises ``failure`` (so the loop handles it as its first try's), the next ones
+    call ``do``."""
+    pending = [failure]
+
+    def again() -> Any:
+        if pending:
+            raise pending.pop()
+        return do()
+
+    return again
+
+
+def _replaying_async(
+    failure: Exception, do: Callable[[], Awaitable[Any]]
+) -> Callable[[], Awaitable[Any]]:
+    """:func:`_replaying` for ``redis.asyncio``."""
+    pending = [failure]
+
+    async def again() -> Any:
+        if pending:
+            raise pending.pop()
+        return await do()
+
+    return again
+
+
+def _driven() -> bool:
+    """Whether raptor drives the command in whose ``call_with_retry`` a try just failed: asked
+    on the failure path only, from the call stack (this thread's, or this task's chain of
+    awaits), so that a command's success sets and reads nothing. The nearest of these frames
+    decides (see ``_STACK_MARKS``): a command hook's fast lane (driven); a hook's call made as
+    without raptor (not driven); a hook that says so in :data:`_driving` (its loop's later
+    attempts, a pipeline, the asyncio commands: that variable, which ``_unguarded`` turns off
+    for a blocking command it lets through). No such frame: :data:`_driving` (``False`` unless
+    a caller set it). Never raises (on our bug: :data:`_driving`)."""
+    try:
+        frame: FrameType | None = sys._getframe(2)  # the caller of call_with_retry
+        marks = _STACK_MARKS
+        while frame is not None:
+            mark = marks.get(frame.f_code, _UNMARKED)
+            if mark is not _UNMARKED:
+                return _driving.get() if mark is None else mark  # type: ignore[return-value]
+            frame = frame.f_back
+    except Exception as bug:  # noqa: BLE001 - the caller's error must reach the caller
+        report_internal_error("redis.driven", bug)
+    return _driving.get()
+
+
 def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``redis.retry.Retry.call_with_retry``: one attempt while raptor drives.
-    ``do`` and ``fail`` are named as in redis-py, so a success reads nothing else."""
+    ``do`` and ``fail`` are named as in redis-py, so a success reads nothing else.
+
+    The first try is made here, whoever calls: whether raptor drives is asked only when it
+    fails (:func:`_driven`), so a success costs no question at all. Not driven, the failure
+    goes to redis-py's own loop as its first try's (:func:`_replaying`): ``fail``, the
+    backoff, the next tries, exactly as without raptor."""
     if _takes_retry_parameters(original):
 
         def call_with_retry(
@@ -664,30 +722,33 @@ def _retry_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             is_retryable: Callable[[Exception], bool] | None = None,
             with_failure_count: bool = False,
         ) -> Any:
-            if not _driving.get():
-                return original(self, do, fail, is_retryable, with_failure_count)
             try:
                 return do()
             except Exception as error:
-                _failed_once(self, do, fail, error, is_retryable, with_failure_count)
-                raise
+                if _driven():
+                    _failed_once(self, do, fail, error, is_retryable, with_failure_count)
+                    raise
+                failure = error
+            # Outside the ``except`` block: a later try's error is not chained onto this one.
+            return original(self, _replaying(failure, do), fail, is_retryable, with_failure_count)
 
         return call_with_retry
 
     def call_with_retry_any(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _driving.get():
-            return original(self, do, fail, *args, **kwargs)
         try:
             return do()
         except Exception as error:
-            _failed_once_any(self, do, fail, error, args, kwargs)
-            raise
+            if _driven():
+                _failed_once_any(self, do, fail, error, args, kwargs)
+                raise
+            failure = error
+        return original(self, _replaying(failure, do), fail, *args, **kwargs)
 
     return call_with_retry_any
 
 
 def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """The hook on ``redis.asyncio.retry.Retry.call_with_retry``."""
+    """The hook on ``redis.asyncio.retry.Retry.call_with_retry`` (see :func:`_retry_hook`)."""
     if _takes_retry_parameters(original):
 
         async def call_with_retry(
@@ -697,28 +758,32 @@ def _async_retry_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., 
             is_retryable: Callable[[Exception], bool] | None = None,
             with_failure_count: bool = False,
         ) -> Any:
-            if not _driving.get():
-                return await original(self, do, fail, is_retryable, with_failure_count)
             try:
                 return await do()
             except Exception as error:
-                failing = _failed_once(self, do, fail, error, is_retryable, with_failure_count)
-                if failing is not None:
-                    await failing
-                raise
+                if _driven():
+                    failing = _failed_once(self, do, fail, error, is_retryable, with_failure_count)
+                    if failing is not None:
+                        await failing
+                    raise
+                failure = error
+            return await original(
+                self, _replaying_async(failure, do), fail, is_retryable, with_failure_count
+            )
 
         return call_with_retry
 
     async def call_with_retry_any(self: Any, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _driving.get():
-            return await original(self, do, fail, *args, **kwargs)
         try:
             return await do()
         except Exception as error:
-            failing = _failed_once_any(self, do, fail, error, args, kwargs)
-            if failing is not None:
-                await failing
-            raise
+            if _driven():
+                failing = _failed_once_any(self, do, fail, error, args, kwargs)
+                if failing is not None:
+                    await failing
+                raise
+            failure = error
+        return await original(self, _replaying_async(failure, do), fail, *args, **kwargs)
 
     return call_with_retry_any
 
@@ -746,12 +811,14 @@ def _node_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The hook on ``Redis.execute_command``."""
+    """The hook on ``Redis.execute_command``. Its own frame is what tells the retry hook that
+    raptor drives (:func:`_driven`): it calls ``original`` itself only on the fast lane, and
+    through :func:`_command_as_without_us` or :func:`_command_loop` otherwise."""
 
     def execute_command(self: Any, *args: Any, **options: Any) -> Any:
         state = _installed
         if state is None:
-            return original(self, *args, **options)
+            return _command_as_without_us(original, self, args, options)
         try:
             # _target() inlined: this runs for every command.
             target = getattr(self.connection_pool, TARGET_ATTRIBUTE, None)
@@ -769,30 +836,52 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             report_internal_error("redis.describe", bug)
             plan = None
         if plan is None:
-            return original(self, *args, **options)
-        token = _driving.set(True)
+            return _command_as_without_us(original, self, args, options)
+        if not fast:  # the loop's entry refuses, probes or waits
+            return _command_loop(plan, original, self, args, options)
         try:
-            if not fast:  # the loop's entry refuses, probes or waits
-                return call(plan, original, (self, *args), options)
+            result = original(self, *args, **options)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure = exc
+        else:
             try:
-                result = original(self, *args, **options)
-            except BaseException as exc:  # noqa: BLE001 - handed to the loop, below
-                failure = exc
-            else:
-                try:
-                    plan.budget._calls += 1  # RetryBudget.record_call, inlined
-                    if core is not None and not (core.quiet and start < core._next_check):
-                        plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
-                except Exception as bug:  # noqa: BLE001 - never lose the caller's result
-                    report_internal_error("redis.record_success", bug)
-                    if core is not None:  # it would count failures only: see stop_judging
-                        plan.breaker.stop_judging()  # type: ignore[union-attr]
-                return result
-            return resume_sync(plan, original, (self, *args), options, start, failure)
-        finally:
-            _driving.reset(token)
+                plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                if core is not None and not (core.quiet and start < core._next_check):
+                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("redis.record_success", bug)
+                if core is not None:  # it would count failures only: see stop_judging
+                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            return result
+        # The next attempts run under this frame too: raptor still drives them.
+        return resume_sync(plan, original, (self, *args), options, start, failure)
 
     return execute_command
+
+
+def _command_as_without_us(
+    original: Callable[..., Any], client: Any, args: tuple[Any, ...], options: dict[str, Any]
+) -> Any:
+    """A command raptor does not drive (not installed, a pool left alone, our bug): its own
+    frame tells the retry hook so (:func:`_driven`), and redis-py retries as it always does."""
+    return original(client, *args, **options)
+
+
+def _command_loop(
+    plan: CallPlan,
+    original: Callable[..., Any],
+    client: Any,
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+) -> Any:
+    """A command that meets a breaker that is not closed, or a cooldown: the loop's entry, with
+    :data:`_driving` set (which ``_unguarded`` turns off for a blocking command it lets
+    through, as without raptor)."""
+    token = _driving.set(True)
+    try:
+        return call(plan, original, (client, *args), options)
+    finally:
+        _driving.reset(token)
 
 
 def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -819,6 +908,20 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             _driving.reset(token)
 
     return execute_command
+
+
+def _unused(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("never called: the hooks below are built for their code only")
+
+
+_UNMARKED: Final = object()
+#: The frames :func:`_driven` looks for, by code (every hook built by a factory shares its
+#: code): ``True``, raptor drives; ``False``, it does not; ``None``, :data:`_driving` says.
+_STACK_MARKS: Final[dict[Any, bool | None]] = {
+    _command_hook(_unused).__code__: True,
+    _command_as_without_us.__code__: False,
+    _command_loop.__code__: None,
+}
 
 
 def _is_transaction(pipe: Any) -> bool:
