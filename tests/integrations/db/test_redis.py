@@ -8,7 +8,8 @@ import asyncio
 import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ import redis.retry
 from redis.cluster import RedisCluster
 
 from otel_raptor import CircuitOpenError
+from otel_raptor.config import DownstreamOverride
 from otel_raptor.core.events import BreakerTransitioned, ErrorClassified, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.core.states import CircuitState
@@ -341,3 +343,62 @@ async def test_an_asyncio_cluster_is_guarded(install: Install, unique_name: str)
         assert f"redis://127.0.0.1:{server.port}/" in opened
     finally:
         server.close()
+
+
+# --- who drives: redis-py's own retries on and off --------------------------------------------
+
+#: The retries redis-py's loop made (each backoff it computed), across the deep copies of
+#: a ``Retry`` that every connection gets.
+BACKED_OFF: list[int] = []
+
+
+class CountingBackoff(redis.backoff.NoBackoff):
+    def compute(self, failures: int) -> float:
+        BACKED_OFF.append(failures)
+        return 0
+
+
+def _users_retry() -> redis.retry.Retry:
+    return redis.retry.Retry(CountingBackoff(), 3)
+
+
+def _retries_of(run: Callable[[], object]) -> list[int]:
+    BACKED_OFF.clear()
+    with pytest.raises(redis.ConnectionError):
+        run()
+    return list(BACKED_OFF)
+
+
+def test_a_command_raptor_drives_gets_one_redis_py_try_per_attempt(install: Install) -> None:
+    """On the fast lane nothing marks the command as driven: the retry hook asks the call
+    stack when a try fails. The unsent command is retried by raptor's loop, never by both."""
+    client = redis.Redis(port=free_port(), retry=_users_retry(), socket_connect_timeout=1)
+    assert _retries_of(lambda: client.get("k")) == [1, 2, 3]  # without raptor
+    installed = install(RedisIntegration, max_retries=2)
+    assert _retries_of(lambda: client.get("k")) == []
+    [finished] = installed.of(RecoveryFinished)
+    assert finished.attempts == 3
+
+
+@pytest.mark.parametrize("left_alone", ["disabled server", "pubsub"])
+def test_what_raptor_does_not_drive_keeps_the_users_retry(
+    install: Install, left_alone: str
+) -> None:
+    """A server whose policy is disabled, and a ``PubSub`` (which raptor does not hook) on a
+    guarded pool: redis-py's own loop runs the user's ``Retry``, as without raptor, after the
+    retry hook's first try failed."""
+    port = free_port()
+    client = redis.Redis(port=port, retry=_users_retry(), socket_connect_timeout=1)
+
+    def run() -> object:
+        if left_alone == "pubsub":
+            return client.pubsub().subscribe("raptor-channel")
+        return client.get("k")
+
+    without = _retries_of(run)
+    assert without  # the user's Retry retries
+    options: dict[str, Any] = {}
+    if left_alone == "disabled server":
+        options["downstreams"] = (DownstreamOverride(pattern=f"localhost:{port}", enabled=False),)
+    install(RedisIntegration, max_retries=2, **options)
+    assert _retries_of(run) == without
