@@ -402,3 +402,36 @@ def test_what_raptor_does_not_drive_keeps_the_users_retry(
         options["downstreams"] = (DownstreamOverride(pattern=f"localhost:{port}", enabled=False),)
     install(RedisIntegration, max_retries=2, **options)
     assert _retries_of(run) == without
+
+
+async def _async_retries_of(run: Callable[[], Any]) -> list[int]:
+    BACKED_OFF.clear()
+    with pytest.raises(redis.ConnectionError):
+        await run()
+    return list(BACKED_OFF)
+
+
+async def test_asyncio_who_drives_decides_redis_pys_retries(install: Install) -> None:
+    """:func:`test_a_command_raptor_drives_gets_one_redis_py_try_per_attempt` and the disabled
+    server of the test after it, for ``redis.asyncio``: its chain of awaits is the stack."""
+    import redis.asyncio.retry
+
+    def users_retry() -> redis.asyncio.retry.Retry:
+        return redis.asyncio.retry.Retry(CountingBackoff(), 3)
+
+    driven_port, left_port = free_port(), free_port()
+    driven = redis.asyncio.Redis(port=driven_port, retry=users_retry(), socket_connect_timeout=1)
+    left = redis.asyncio.Redis(port=left_port, retry=users_retry(), socket_connect_timeout=1)
+    try:
+        assert await _async_retries_of(lambda: driven.get("k")) == [1, 2, 3]
+        without = await _async_retries_of(lambda: left.get("k"))
+        assert without
+        override = DownstreamOverride(pattern=f"localhost:{left_port}", enabled=False)
+        installed = install(RedisIntegration, max_retries=2, downstreams=(override,))
+        assert await _async_retries_of(lambda: driven.get("k")) == []
+        [finished] = installed.of(RecoveryFinished)
+        assert finished.attempts == 3
+        assert await _async_retries_of(lambda: left.get("k")) == without
+    finally:
+        await driven.aclose()
+        await left.aclose()

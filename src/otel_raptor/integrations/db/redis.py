@@ -84,7 +84,7 @@ from otel_raptor.integrations.db._common import (
     mark_not_sent,
     refusal_factory,
 )
-from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_sync
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_async, resume_sync
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.telemetry.instruments import ATTR_DB_NAMESPACE, ATTR_DB_SYSTEM_NAME
 
@@ -107,7 +107,7 @@ CLUSTER_NODE_ATTRIBUTE: Final = "_otel_raptor_cluster_node"
 #: ``EXEC`` ran.
 REFUSED_WHOLE_ATTRIBUTE: Final = "_otel_raptor_refused_whole"
 
-# Set while raptor runs a command off the fast lane (its loop's entry, a pipeline, asyncio):
+# Set while raptor runs a command off the fast lane (its loop's entry, a pipeline):
 # redis-py's Retry then makes one attempt. The fast lane sets nothing (see ``_driven``).
 _driving: ContextVar[bool] = ContextVar("otel_raptor_redis_driving", default=False)
 
@@ -204,9 +204,10 @@ def _unguarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     probe slot until an item arrives, while the producers' commands, refused meanwhile, never
     push one; refused, a consumer alone would never let the breaker close.
 
-    As without raptor includes redis-py's own retries: the hook turned them off before the
-    loop asked this, so a command let through turns them back on for its one run (the
-    hook's ``_driving.reset`` restores the caller's value afterwards). Otherwise a consumer
+    As without raptor includes redis-py's own retries: the loop's entry
+    (``_command_loop``) turned them off before the loop asked this, so a command let through
+    turns them back on for its one run (``_command_loop``'s ``_driving.reset`` restores the
+    caller's value afterwards). Otherwise a consumer
     would fail at the first refused connection of a server still restarting."""
     if not args or isinstance(args[0], _Marker) or not _blocks(args):
         return False
@@ -688,9 +689,9 @@ def _driven() -> bool:
     on the failure path only, from the call stack (this thread's, or this task's chain of
     awaits), so that a command's success sets and reads nothing. The nearest of these frames
     decides (see ``_STACK_MARKS``): a command hook's fast lane (driven); a hook's call made as
-    without raptor (not driven); a hook that says so in :data:`_driving` (its loop's later
-    attempts, a pipeline, the asyncio commands: that variable, which ``_unguarded`` turns off
-    for a blocking command it lets through). No such frame: :data:`_driving` (``False`` unless
+    without raptor (not driven); a hook that says so in :data:`_driving` (a command's loop
+    entered off the fast lane, a pipeline: that variable, which ``_unguarded`` turns off for
+    a blocking command it lets through). No such frame: :data:`_driving` (``False`` unless
     a caller set it). Never raises (on our bug: :data:`_driving`)."""
     try:
         frame: FrameType | None = sys._getframe(2)  # the caller of call_with_retry
@@ -885,29 +886,75 @@ def _command_loop(
 
 
 def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """The hook on ``redis.asyncio`` ``Redis.execute_command``."""
+    """The hook on ``redis.asyncio`` ``Redis.execute_command``: :func:`_command_hook` for
+    coroutines (the chain of awaits is the stack :func:`_driven` reads)."""
 
     async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
         state = _installed
         if state is None:
-            return await original(self, *args, **options)
+            return await _async_command_as_without_us(original, self, args, options)
         try:
             target = getattr(self.connection_pool, TARGET_ATTRIBUTE, None)
             if target is None or target.owner is not state:
                 target = _target(state, self.connection_pool)
             plan = target.statement if target.enabled else None
+            if plan is not None:
+                # The loop's fast path (``drive.run_async``), inlined: see DbTarget.
+                core = plan.core
+                start = plan.monotonic()
+                fast = (core is None or core._state is CLOSED) and (
+                    start >= plan.downstream.cooldown_until
+                )
         except Exception as bug:  # noqa: BLE001
             report_internal_error("redis.describe", bug)
             plan = None
         if plan is None:
-            return await original(self, *args, **options)
-        token = _driving.set(True)
+            return await _async_command_as_without_us(original, self, args, options)
+        if not fast:  # the loop's entry refuses, probes or waits
+            return await _async_command_loop(plan, original, self, args, options)
         try:
-            return await call_async(plan, original, (self, *args), options)
-        finally:
-            _driving.reset(token)
+            result = await original(self, *args, **options)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure = exc
+        else:
+            try:
+                plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                if core is not None and not (core.quiet and start < core._next_check):
+                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("redis.record_success", bug)
+                if core is not None:  # it would count failures only: see stop_judging
+                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            return result
+        # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
+        return await resume_async(plan, original, (self, *args), options, start, failure)
 
     return execute_command
+
+
+async def _async_command_as_without_us(
+    original: Callable[..., Awaitable[Any]],
+    client: Any,
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+) -> Any:
+    """:func:`_command_as_without_us` for ``redis.asyncio``."""
+    return await original(client, *args, **options)
+
+
+async def _async_command_loop(
+    plan: CallPlan,
+    original: Callable[..., Awaitable[Any]],
+    client: Any,
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+) -> Any:
+    """:func:`_command_loop` for ``redis.asyncio``."""
+    token = _driving.set(True)
+    try:
+        return await call_async(plan, original, (client, *args), options)
+    finally:
+        _driving.reset(token)
 
 
 def _unused(*args: Any, **kwargs: Any) -> Any:
@@ -921,6 +968,9 @@ _STACK_MARKS: Final[dict[Any, bool | None]] = {
     _command_hook(_unused).__code__: True,
     _command_as_without_us.__code__: False,
     _command_loop.__code__: None,
+    _async_command_hook(_unused).__code__: True,
+    _async_command_as_without_us.__code__: False,
+    _async_command_loop.__code__: None,
 }
 
 
