@@ -1,8 +1,8 @@
 """The statement hooks' inlined copy of the loop's fast path (the "fast lane").
 
-psycopg's ``Cursor.execute``, PyMySQL's ``Cursor.execute``, redis-py's ``execute_command``
-and asyncpg's ``Connection.execute``/``fetch*`` run ``drive.run_sync``'s (``run_async``'s)
-fast path inline instead of calling it. Whatever differs between the copy and the original
+psycopg's ``Cursor.execute`` (and ``AsyncCursor.execute``), PyMySQL's ``Cursor.execute``,
+redis-py's ``execute_command`` (sync and asyncio) and asyncpg's ``Connection.execute`` and
+``fetch*`` run ``drive.run_sync``'s (``run_async``'s) fast path inline instead of calling it. Whatever differs between the copy and the original
 would go unnoticed on the success path, so each driver is checked here against what the
 fast path promises: a success is counted (budget and breaker), our own bug while counting
 never costs the caller its result and makes the breaker stop judging, a failed first
@@ -22,6 +22,7 @@ import psycopg
 import pymysql
 import pytest
 import redis
+import redis.asyncio
 
 from otel_raptor import CircuitOpenError
 from otel_raptor.core.events import RecoveryFinished
@@ -49,6 +50,8 @@ class Driver:
     answer: Any
     bad: str
     error: type[BaseException]
+    #: Where our bug counting a success is reported (default: ``name``).
+    site: str = ""
 
 
 def _psycopg() -> tuple[Callable[[str], Any], Callable[[], None]]:
@@ -60,6 +63,25 @@ def _psycopg() -> tuple[Callable[[str], Any], Callable[[], None]]:
         return cursor.fetchone()
 
     return run, conn.close
+
+
+def _psycopg_async() -> tuple[Callable[[str], Any], Callable[[], None]]:
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(psycopg.AsyncConnection.connect(PG_DSN, autocommit=True))
+    cursor = conn.cursor()
+
+    async def fetch(sql: str) -> Any:
+        await cursor.execute(sql)
+        return await cursor.fetchone()
+
+    def run(sql: str) -> Any:
+        return loop.run_until_complete(fetch(sql))
+
+    def close() -> None:
+        loop.run_until_complete(conn.close())
+        loop.close()
+
+    return run, close
 
 
 def _pymysql() -> tuple[Callable[[str], Any], Callable[[], None]]:
@@ -80,6 +102,20 @@ def _redis() -> tuple[Callable[[str], Any], Callable[[], None]]:
         return client.execute_command(*command.split())
 
     return run, client.close
+
+
+def _redis_async() -> tuple[Callable[[str], Any], Callable[[], None]]:
+    loop = asyncio.new_event_loop()
+    client = redis.asyncio.Redis(host=REDIS[0], port=REDIS[1])
+
+    def run(command: str) -> Any:
+        return loop.run_until_complete(client.execute_command(*command.split()))
+
+    def close() -> None:
+        loop.run_until_complete(client.aclose())
+        loop.close()
+
+    return run, close
 
 
 def _asyncpg() -> tuple[Callable[[str], Any], Callable[[], None]]:
@@ -103,6 +139,11 @@ DRIVERS = [
         "SELECT 7", (7,), "SELECT * FROM raptor_no_such_table", psycopg.errors.UndefinedTable,
     ),
     Driver(
+        "psycopg-async", PsycopgIntegration, PG_SERVICE, ("PostgreSQL", *POSTGRES),
+        _psycopg_async, "SELECT 7", (7,), "SELECT * FROM raptor_no_such_table",
+        psycopg.errors.UndefinedTable, site="psycopg",
+    ),
+    Driver(
         "pymysql", PyMySQLIntegration, f"mysql://{MYSQL[0]}:{MYSQL[1]}/test",
         ("MariaDB", *MYSQL), _pymysql, "SELECT 7", (7,), "SELECT * FROM raptor_no_such_table",
         pymysql.err.ProgrammingError,
@@ -110,6 +151,11 @@ DRIVERS = [
     Driver(
         "redis", RedisIntegration, f"redis://{REDIS[0]}:{REDIS[1]}/0", ("Redis", *REDIS),
         _redis, "ECHO seven", b"seven", "RAPTOR_NO_SUCH_COMMAND", redis.exceptions.ResponseError,
+    ),
+    Driver(
+        "redis-async", RedisIntegration, f"redis://{REDIS[0]}:{REDIS[1]}/0", ("Redis", *REDIS),
+        _redis_async, "ECHO seven", b"seven", "RAPTOR_NO_SUCH_COMMAND",
+        redis.exceptions.ResponseError, site="redis",
     ),
     Driver(
         "asyncpg", AsyncpgIntegration, PG_SERVICE, ("PostgreSQL", *POSTGRES), _asyncpg,
@@ -164,7 +210,7 @@ def test_our_bug_counting_a_success_keeps_the_result_and_stops_judging(
         raise RuntimeError("raptor's bug")
 
     monkeypatch.setattr(CircuitBreaker, "record_success_since", broken)
-    site = f"{driver.name}.record_success"
+    site = f"{driver.site or driver.name}.record_success"
     before = internal_error_counts().get(site, 0)
     assert run(driver.good) == driver.answer
     assert internal_error_counts().get(site, 0) == before + 1

@@ -63,7 +63,7 @@ from otel_raptor.integrations.db._postgres import (
     server_of_params,
     statement_timeout_query,
 )
-from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_sync
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_async, resume_sync
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -354,8 +354,59 @@ def _async_hook(original: Callable[..., Awaitable[Any]], *, batch: bool) -> Call
 
 
 def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """The hook on ``AsyncCursor.execute``."""
-    return _async_hook(original, batch=False)
+    """The hook on ``AsyncCursor.execute``: ``_plan()`` and the loop's fast path
+    (``drive.run_async``) inlined, as in the sync hook (see DbTarget)."""
+
+    async def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is None:
+            return await original(self, *args, **kwargs)
+        try:
+            conn = self._conn
+            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            if target is None or target.owner is not state:
+                target = _target(state, conn)
+            if not target.enabled:
+                plan = None
+            elif (
+                conn._autocommit
+                and conn.pgconn.transaction_status == _IDLE
+                and conn._pipeline is None
+            ):
+                plan = target.statement
+            else:
+                plan = target.locked
+            if plan is not None:
+                core = plan.core
+                start = plan.monotonic()
+                fast = (core is None or core._state is CLOSED) and (
+                    start >= plan.downstream.cooldown_until
+                )
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("psycopg.describe", bug)
+            plan = None
+        if plan is None:
+            return await original(self, *args, **kwargs)
+        if not fast:  # the loop's entry refuses, probes or waits
+            return await call_async(plan, original, (self, *args), kwargs)
+        try:
+            result = await original(self, *args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure = exc
+        else:
+            try:
+                plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                if core is not None and not (core.quiet and start < core._next_check):
+                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("psycopg.record_success", bug)
+                if core is not None:  # it would count failures only: see stop_judging
+                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            return result
+        # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
+        return await resume_async(plan, original, (self, *args), kwargs, start, failure)
+
+    return execute
 
 
 def _async_executemany_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
