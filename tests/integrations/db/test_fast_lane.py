@@ -2,12 +2,12 @@
 
 psycopg's ``Cursor.execute`` (and ``AsyncCursor.execute``), PyMySQL's ``Cursor.execute``,
 redis-py's ``execute_command`` (sync and asyncio) and asyncpg's ``Connection.execute`` and
-``fetch*`` run ``drive.run_sync``'s (``run_async``'s) fast path inline instead of calling it. Whatever differs between the copy and the original
-would go unnoticed on the success path, so each driver is checked here against what the
-fast path promises: a success is counted (budget and breaker), our own bug while counting
-never costs the caller its result and makes the breaker stop judging, a failed first
-attempt goes to the loop (classified, judged, published), and a breaker that is not closed
-sends the call to the loop's entry (refused).
+``fetch*`` run ``drive.run_sync``'s (``run_async``'s) fast path inline instead of calling it.
+Whatever differs between the copy and the original would go unnoticed on the success path,
+so each driver is checked here against what the fast path promises: a success is counted
+(budget and breaker), our own bug while counting never costs the caller its result and makes
+the breaker stop judging, a failed first attempt goes to the loop (classified, judged,
+published), and a breaker that is not closed sends the call to the loop's entry (refused).
 """
 
 from __future__ import annotations
