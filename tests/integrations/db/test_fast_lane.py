@@ -26,6 +26,7 @@ import redis.asyncio
 
 from otel_raptor import CircuitOpenError
 from otel_raptor.core.events import RecoveryFinished
+from otel_raptor.integrations.db._common import Server
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
@@ -240,3 +241,15 @@ def test_a_breaker_that_is_not_closed_sends_the_call_to_the_loop(
         run(driver.good)
     breaker.reset()
     assert run(driver.good) == driver.answer
+
+
+def test_every_database_plan_fits_the_lane(driver: Driver, install: Install) -> None:
+    """What the lane leaves out of ``run_sync``'s fast path is never needed by a database
+    plan: a result that fails, an attempt timeout applied by the loop (even with one set)."""
+    installed = install(driver.integration, attempt_timeout=0.5)
+    state = installed.integration._state
+    target = state.target(Server("postgresql", "127.0.0.1", 1, "lane"))
+    for plan in (target.connect, target.statement, target.locked, target.reads, target.cluster):
+        assert plan.failure_of is None
+        assert not plan.first_kwargs
+        assert not plan.wait_for

@@ -476,6 +476,16 @@ class DbTarget:
     alone. ``statement_timeout`` is the policy's, in seconds (0: none). ``owner`` is the
     :class:`DbState` that built it, so a target cached on a connection by an earlier
     installation is recognised as stale.
+
+    The *fast lane*: the per-statement hooks (psycopg's ``execute``, PyMySQL's, asyncpg's
+    statements, redis-py's ``execute_command``) copy ``drive.run_sync``'s (``run_async``'s)
+    fast path inline instead of calling it, and hand anything but a success through a closed
+    breaker to ``resume_sync``/``resume_async``. That copy leaves out what no plan here needs:
+    ``failure_of`` (every plan's hooks are :class:`DbHooks`, whose results never fail) and the
+    first attempt's timeout (``first_kwargs`` and ``wait_for`` are false: :class:`DbHooks`
+    neither applies an attempt timeout nor lets the async driver bound one). A plan that ever
+    needs them must leave the lane; ``tests/integrations/db/test_fast_lane.py`` checks that
+    each hook keeps the fast path's promises.
     """
 
     __slots__ = (
