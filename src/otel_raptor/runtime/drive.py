@@ -37,7 +37,7 @@ from contextvars import ContextVar
 from typing import Any, Final, Protocol
 
 from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKind, Step
-from otel_raptor.core.breaker import Permit
+from otel_raptor.core.breaker import BreakerCore, Permit
 from otel_raptor.core.classification import Classification
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError, ThrottledError
@@ -56,6 +56,7 @@ __all__ = [
     "FallbackDeclined",
     "ScopeFactory",
     "TimeoutKwargHooks",
+    "count_success",
     "current_attempt",
     "current_resend",
     "is_async_callable",
@@ -441,6 +442,21 @@ def run_sync(
     if runner is None:
         return fn(*args, **kwargs)  # as without us
     return _drive_sync(runner, fn, args, kwargs)
+
+
+def count_success(plan: CallPlan, core: BreakerCore | None, start: float, where: str) -> None:
+    """Count the success of a call admitted on an integration's copy of the fast path (a
+    *fast lane*: see ``DbTarget``), started at ``start`` with ``core`` the breaker's state
+    read then, as :func:`run_sync`'s fast path does. Never raises: our bug is reported as
+    ``where`` and the breaker stops judging (it would count failures only)."""
+    try:
+        plan.budget._calls += 1  # RetryBudget.record_call, inlined
+        if core is not None and not (core.quiet and start < core._next_check):
+            plan.breaker.record_success_since(_CALL, start)  # type: ignore[union-attr]
+    except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+        report_internal_error(where, bug)
+        if core is not None:
+            plan.breaker.stop_judging()  # type: ignore[union-attr]
 
 
 def resume_sync(

@@ -61,7 +61,7 @@ from otel_raptor.integrations.db._common import (
 )
 from otel_raptor.integrations.db._postgres import failure_point as postgres_failure_point
 from otel_raptor.integrations.db._postgres import server, server_of_params
-from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_async
+from otel_raptor.runtime.drive import CLOSED, CallPlan, count_success, resume_async
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -404,14 +404,7 @@ def _statement_hook(original: Callable[..., Awaitable[Any]]) -> Any:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            try:
-                plan.budget._calls += 1  # RetryBudget.record_call, inlined
-                if core is not None and not (core.quiet and start < core._next_check):
-                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
-            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
-                report_internal_error("asyncpg.record_success", bug)
-                if core is not None:  # it would count failures only: see stop_judging
-                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            count_success(plan, core, start, "asyncpg.record_success")
             return result
         # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
         return await resume_async(plan, original, (self, *args), kwargs, start, failure)

@@ -44,7 +44,7 @@ from otel_raptor.integrations.db._common import (
     method_unguarded,
     refusal_factory,
 )
-from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_sync
+from otel_raptor.runtime.drive import CLOSED, CallPlan, count_success, resume_sync
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -249,14 +249,7 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            try:
-                plan.budget._calls += 1  # RetryBudget.record_call, inlined
-                if core is not None and not (core.quiet and start < core._next_check):
-                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
-            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
-                report_internal_error("pymysql.record_success", bug)
-                if core is not None:  # it would count failures only: see stop_judging
-                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            count_success(plan, core, start, "pymysql.record_success")
             return result
         return resume_sync(plan, original, (self, *args), kwargs, start, failure)
 

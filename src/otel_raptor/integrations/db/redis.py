@@ -84,7 +84,13 @@ from otel_raptor.integrations.db._common import (
     mark_not_sent,
     refusal_factory,
 )
-from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, CallPlan, resume_async, resume_sync
+from otel_raptor.runtime.drive import (
+    CLOSED,
+    CallPlan,
+    count_success,
+    resume_async,
+    resume_sync,
+)
 from otel_raptor.runtime.safety import report_internal_error
 from otel_raptor.telemetry.instruments import ATTR_DB_NAMESPACE, ATTR_DB_SYSTEM_NAME
 
@@ -845,14 +851,7 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            try:
-                plan.budget._calls += 1  # RetryBudget.record_call, inlined
-                if core is not None and not (core.quiet and start < core._next_check):
-                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
-            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
-                report_internal_error("redis.record_success", bug)
-                if core is not None:  # it would count failures only: see stop_judging
-                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            count_success(plan, core, start, "redis.record_success")
             return result
         # The next attempts run under this frame too: raptor still drives them.
         return resume_sync(plan, original, (self, *args), options, start, failure)
@@ -917,14 +916,7 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            try:
-                plan.budget._calls += 1  # RetryBudget.record_call, inlined
-                if core is not None and not (core.quiet and start < core._next_check):
-                    plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
-            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
-                report_internal_error("redis.record_success", bug)
-                if core is not None:  # it would count failures only: see stop_judging
-                    plan.breaker.stop_judging()  # type: ignore[union-attr]
+            count_success(plan, core, start, "redis.record_success")
             return result
         # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
         return await resume_async(plan, original, (self, *args), options, start, failure)
