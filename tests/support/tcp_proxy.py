@@ -12,6 +12,11 @@ moment and apply to open connections as well as new ones:
   (counted from now, per connection) are not delivered: the connection is reset instead.
   With ``n = 0`` a statement reaches the server, is executed, and its answer is lost: the
   client cannot know whether it happened. With ``once`` only the first such cut happens;
+- ``cut_mysql_commands()``: each connection's MySQL handshake goes through, and so does a
+  ``SET NAMES`` (which ProxySQL answers itself, and PyMySQL sends while connecting); any
+  other command the client sends (a packet whose sequence id is 0) is not forwarded: the
+  connection is reset instead, as ProxySQL in front of a dead server looks to a client
+  (the login answered, every statement losing its link); ``heal()`` ends it;
 - ``refuse()``: the listening socket is closed and open connections reset (connection
   refused); ``heal()`` listens again on the same port;
 - ``reset_all()``: reset every open connection now.
@@ -47,6 +52,11 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
+def _mysql_command(data: bytes) -> bool:
+    """Whether ``data`` starts a MySQL command (sequence id 0) other than ``SET NAMES``."""
+    return len(data) > 4 and data[3] == 0 and data[4:14].upper() != b"\x03SET NAMES"
+
+
 class _Pair:
     __slots__ = ("client", "closed", "down_budget", "server")
 
@@ -76,6 +86,7 @@ class FaultProxy:
         self._blackhole = False
         self._cut_after: int | None = None
         self._cut_once = False
+        self._cut_commands = False
         self.cuts = 0
         self._lock = threading.Lock()
         self._pairs: list[_Pair] = []
@@ -97,6 +108,9 @@ class FaultProxy:
             self._cut_once = once
             for pair in self._pairs:
                 pair.down_budget = count
+
+    def cut_mysql_commands(self) -> None:
+        self._cut_commands = True
 
     def refuse(self) -> None:
         self.stop_accepting()
@@ -123,6 +137,7 @@ class FaultProxy:
         """End every fault: no latency, no blackhole, no cut, listening again."""
         self._delay = 0.0
         self._blackhole = False
+        self._cut_commands = False
         with self._lock:
             self._cut_after = None
             for pair in self._pairs:
@@ -212,6 +227,9 @@ class FaultProxy:
                 while self._blackhole and not pair.closed:
                     time.sleep(0.01)  # hold it: nothing flows until heal() or a cut
                 if pair.closed:
+                    break
+                if upward and self._cut_commands and _mysql_command(data):
+                    self._cut(pair)  # never forwarded
                     break
                 if not upward and pair.down_budget is not None:
                     if len(data) > pair.down_budget:

@@ -276,13 +276,14 @@ class CallHooks:
     #: plan's replay safety holds for every failure.
     replay_after: Callable[[BaseException, Classification, tuple[Any, ...]], bool] | None = None
 
-    #: ``args -> seconds or None``: when (the runtime clock's monotonic seconds) the
-    #: connection a call (made with positional arguments ``args``) ran on was opened, if
-    #: known. Asked only for an *unconfirmed* failure (a lost connection), whose
+    #: ``(failure, args) -> seconds or None``: when (the runtime clock's monotonic seconds)
+    #: the connection a call (made with positional arguments ``args``) ran on was opened, if
+    #: known (``failure``: for a driver whose arguments do not lead to the connection, its
+    #: traceback may). Asked only for an *unconfirmed* failure (a lost connection), whose
     #: classification then carries it as ``opened_at``: a connection the server ended
     #: before it could idle confirms the outage (see ``otel_raptor.core.breaker``).
     #: Failure path only; ``None`` (the default): never known.
-    opened: Callable[[tuple[Any, ...]], float | None] | None = None
+    opened: Callable[[BaseException, tuple[Any, ...]], float | None] | None = None
 
     def give_up(self, failure: BaseException) -> Any:
         """What the caller gets when recovery ends with ``failure``: it is raised."""
@@ -1114,7 +1115,7 @@ class _Runner:
         opened = hooks.opened
         if opened is not None and classification.unconfirmed:
             try:
-                opened_at = opened(self._args)
+                opened_at = opened(failure, self._args)
             except Exception as bug:  # noqa: BLE001 - unknown, as without the hook
                 report_internal_error("drive.opened", bug)
                 opened_at = None

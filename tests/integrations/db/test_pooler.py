@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import asyncpg
 import psycopg
 import psycopg2
+import pymysql
 import pytest
 
 from otel_raptor import CircuitOpenError
@@ -31,8 +32,10 @@ from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
+from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
 from tests.integrations.db.conftest import Install, Installed
-from tests.support.dbservers import PrivatePgBouncer, PrivatePostgres
+from tests.support.dbservers import PrivateMariaDB, PrivatePgBouncer, PrivatePostgres
+from tests.support.tcp_proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,9 +79,21 @@ def play_outage(
     and closed once the server was back. ``refusals=False``: the app never sees the
     refusal (a pool whose background connects are what the breaker refuses, while the app
     waits for a connection): the calls stop once the breaker opened."""
+    play(installed, call, bouncer.server.kill, bouncer.server.start, refusals=refusals)
+
+
+def play(
+    installed: Installed,
+    call: Callable[[], object],
+    down: Callable[[], object],
+    up: Callable[[], object],
+    *,
+    refusals: bool = True,
+) -> None:
+    """:func:`play_outage` with the outage's start (``down``) and end (``up``) given."""
     for _ in range(3):
         call()
-    bouncer.server.kill()
+    down()
     failures = 0
     refused_in: float | None = None
     for _ in range(DOWN_CALLS):
@@ -99,7 +114,7 @@ def play_outage(
     if refusals:
         assert refused_in is not None
         assert refused_in < QUERY_WAIT / 2  # refused at once, not after PgBouncer's wait
-    bouncer.server.start()
+    up()
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -202,3 +217,51 @@ def test_psycopg_pool_behind_pgbouncer_opens_on_a_dead_server(
         play_outage(bouncer, installed, call, refusals=min_size > 1)
     finally:
         pool.close()
+
+
+# --- PyMySQL behind a proxy whose server is dead (ProxySQL) -------------------------------------
+
+
+@pytest.fixture
+def mysql_proxy() -> Iterator[FaultProxy]:
+    """The fault-injecting proxy in front of a private MariaDB. No MySQL proxy is packaged:
+    ``cut_mysql_commands`` plays ProxySQL whose server is dead (the login goes through, every
+    first statement loses its link); the server itself stays up, so ``heal`` brings it back."""
+    server = PrivateMariaDB()
+    proxy = None
+    try:
+        server.start()
+        proxy = FaultProxy(("127.0.0.1", server.port))
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.close()
+
+
+@pytest.mark.parametrize("statement_timeout", [30.0, 0.0], ids=["timeout-query", "no-timeout"])
+def test_pymysql_behind_a_proxy_opens_on_a_dead_server(
+    mysql_proxy: FaultProxy, install: Install, statement_timeout: float
+) -> None:
+    # With a statement timeout, raptor's own query after the connect is the first cut.
+    installed = install(PyMySQLIntegration, statement_timeout=statement_timeout, max_retries=0)
+
+    def call() -> object:
+        conn = pymysql.connect(
+            host="127.0.0.1",
+            port=mysql_proxy.port,
+            user="root",
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=5,
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                return cur.fetchone()
+        finally:
+            if conn.open:
+                conn.close()
+
+    play(installed, call, mysql_proxy.cut_mysql_commands, mysql_proxy.heal)
+    assert mysql_proxy.cuts >= 2  # the statements did lose their links

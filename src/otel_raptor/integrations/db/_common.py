@@ -377,7 +377,7 @@ class DbHooks(CallHooks):
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None,
-        opened: Callable[[tuple[Any, ...]], float | None] | None = None,
+        opened: Callable[[BaseException, tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         self.sleeps_on_event_loop = False
         self._error = error
@@ -412,7 +412,7 @@ class StatementHooks(DbHooks):
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None,
-        opened: Callable[[tuple[Any, ...]], float | None] | None = None,
+        opened: Callable[[BaseException, tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         super().__init__(error, refine, unjudged, unguarded, opened)
         self._point = point
@@ -572,7 +572,7 @@ class DbState:
         refine: Callable[[BaseException, Classification], Classification] | None = None,
         unjudged: Callable[[Exception, tuple[Any, ...]], bool] | None = None,
         unguarded: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = sql_unguarded,
-        opened: Callable[[tuple[Any, ...]], float | None] | None = None,
+        opened: Callable[[BaseException, tuple[Any, ...]], float | None] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = settings.runtime

@@ -299,7 +299,7 @@ async def _connect(
     return con
 
 
-def _opened(args: tuple[Any, ...]) -> float | None:
+def _opened(failure: BaseException, args: tuple[Any, ...]) -> float | None:
     """The ``opened`` hook: when the connection of ``args[0]`` (a connection, or a prepared
     statement, cursor or cursor factory of one) opened."""
     state = _installed

@@ -158,7 +158,7 @@ def _plan(state: _State, cursor: Any, *, batch: bool) -> CallPlan | None:
     return target.statement
 
 
-def _opened(args: tuple[Any, ...]) -> float | None:
+def _opened(failure: BaseException, args: tuple[Any, ...]) -> float | None:
     """The ``opened`` hook: when the connection of a cursor (or the connection itself, for
     the statement-timeout query) in ``args[0]`` opened."""
     owner = args[0]

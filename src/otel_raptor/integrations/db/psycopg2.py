@@ -133,7 +133,7 @@ def _plan(cursor: Any, *, batch: bool) -> CallPlan | None:
     return target.statement
 
 
-def _opened(args: tuple[Any, ...]) -> float | None:
+def _opened(failure: BaseException, args: tuple[Any, ...]) -> float | None:
     """The ``opened`` hook: when the connection of the cursor in ``args[0]`` (or the
     connection itself, for the statement-timeout query) opened."""
     owner = args[0]

@@ -12,6 +12,10 @@ real ``pymysql.connections.Connection`` and cursor objects):
   autocommit mode with no transaction open, else the ``locked`` plan. PyMySQL's default is
   ``autocommit=False``, where every statement is inside a transaction: then nothing is
   replayed (use :func:`otel_raptor.db.run_transaction` for whole transactions).
+  The connect hook stamps the connection with the time it opened (a reconnect by
+  ``ping(reconnect=True)`` stamps it again): a statement sent within a second of it that
+  loses its link confirms an outage (behind ProxySQL whose server is dead, every connect
+  succeeds and every first statement fails), read on the failure path only.
 - ``Cursor.executemany`` and ``Cursor.callproc``: the ``locked`` plan (never replayed).
   Statements a guarded call runs itself (``executemany``'s own ``execute`` calls,
   ``init_command`` while connecting) pass straight through.
@@ -23,6 +27,7 @@ cursors; their calls reach the patched classes, so retries happen inside its spa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
@@ -38,10 +43,13 @@ from otel_raptor.integrations.db._common import (
     DbTarget,
     HookSet,
     Server,
+    failed_midway,
     is_not_sent,
+    mark_opened,
     method_commits_partway,
     method_read_only,
     method_unguarded,
+    opened_at,
     refusal_factory,
 )
 from otel_raptor.runtime.drive import CLOSED, CallPlan, count_success, resume_sync
@@ -169,12 +177,28 @@ def _statement_timeout_query(conn: Any, target: DbTarget) -> str | None:
 
 
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
+    import pymysql  # noqa: PLC0415 - imported by install()
+
     try:
         query = _statement_timeout_query(conn, target)
         if query is not None:
             conn.query(query)  # not through a cursor: neither our hook nor tracing sees it
-    except Exception as bug:  # noqa: BLE001 - the connection is the app's either way
-        report_internal_error("pymysql.statement_timeout", bug)
+    except Exception as failure:  # noqa: BLE001 - the connection is the app's either way
+        if isinstance(failure, pymysql.err.Error):
+            # The server's (or a proxy's) answer: judged and counted once as a statement of
+            # this connection (behind ProxySQL whose server is dead, the connect succeeds
+            # and this, its first statement, is where the outage shows).
+            with contextlib.suppress(Exception):
+                failed_midway(target.locked, failure, (conn,))
+        else:
+            report_internal_error("pymysql.statement_timeout", failure)
+
+
+def _opened(failure: BaseException, args: tuple[Any, ...]) -> float | None:
+    """The ``opened`` hook: when the connection of the cursor in ``args[0]`` (or the
+    connection itself, for the statement-timeout query) opened."""
+    owner = args[0]
+    return opened_at(getattr(owner, "connection", owner))
 
 
 def _connect_wrapper(
@@ -194,6 +218,7 @@ def _connect_wrapper(
     token = _inside.set(True)
     try:
         result = call(target.connect, wrapped, args, kwargs)
+        mark_opened(instance, target.connect)
         _set_statement_timeout(instance, target)
     finally:
         _inside.reset(token)
@@ -319,6 +344,7 @@ class PyMySQLIntegration(DbIntegration):
             read_only=method_read_only,
             partway=method_commits_partway,
             unguarded=method_unguarded,
+            opened=_opened,
         )
 
     def hooks(self, library: Any) -> HookSet:
