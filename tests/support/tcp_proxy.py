@@ -17,6 +17,9 @@ moment and apply to open connections as well as new ones:
   other command the client sends (a packet whose sequence id is 0) is not forwarded: the
   connection is reset instead, as ProxySQL in front of a dead server looks to a client
   (the login answered, every statement losing its link); ``heal()`` ends it;
+- ``cut_redis_commands()``: the same for Redis (a proxy such as Envoy's whose server is
+  dead): what redis-py sends while connecting (``HELLO``, ``CLIENT``, ``AUTH``, ``SELECT``)
+  goes through, any other command resets the connection;
 - ``refuse()``: the listening socket is closed and open connections reset (connection
   refused); ``heal()`` listens again on the same port;
 - ``reset_all()``: reset every open connection now.
@@ -31,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 __all__ = ["FaultProxy"]
@@ -55,6 +59,16 @@ def _reset(sock: socket.socket) -> None:
 def _mysql_command(data: bytes) -> bool:
     """Whether ``data`` starts a MySQL command (sequence id 0) other than ``SET NAMES``."""
     return len(data) > 4 and data[3] == 0 and data[4:14].upper() != b"\x03SET NAMES"
+
+
+#: What redis-py sends while opening a connection.
+_REDIS_CONNECTING = frozenset({b"HELLO", b"CLIENT", b"AUTH", b"SELECT"})
+
+
+def _redis_command(data: bytes) -> bool:
+    """Whether ``data`` starts with a Redis command other than those of a connect."""
+    parts = data.split(b"\r\n", 3)
+    return len(parts) > 2 and parts[2].upper() not in _REDIS_CONNECTING
 
 
 class _Pair:
@@ -86,7 +100,7 @@ class FaultProxy:
         self._blackhole = False
         self._cut_after: int | None = None
         self._cut_once = False
-        self._cut_commands = False
+        self._cuts_command: Callable[[bytes], bool] | None = None
         self.cuts = 0
         self._lock = threading.Lock()
         self._pairs: list[_Pair] = []
@@ -110,7 +124,10 @@ class FaultProxy:
                 pair.down_budget = count
 
     def cut_mysql_commands(self) -> None:
-        self._cut_commands = True
+        self._cuts_command = _mysql_command
+
+    def cut_redis_commands(self) -> None:
+        self._cuts_command = _redis_command
 
     def refuse(self) -> None:
         self.stop_accepting()
@@ -137,7 +154,7 @@ class FaultProxy:
         """End every fault: no latency, no blackhole, no cut, listening again."""
         self._delay = 0.0
         self._blackhole = False
-        self._cut_commands = False
+        self._cuts_command = None
         with self._lock:
             self._cut_after = None
             for pair in self._pairs:
@@ -228,7 +245,8 @@ class FaultProxy:
                     time.sleep(0.01)  # hold it: nothing flows until heal() or a cut
                 if pair.closed:
                     break
-                if upward and self._cut_commands and _mysql_command(data):
+                cuts_command = self._cuts_command
+                if upward and cuts_command is not None and cuts_command(data):
                     self._cut(pair)  # never forwarded
                     break
                 if not upward and pair.down_budget is not None:

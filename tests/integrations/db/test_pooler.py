@@ -25,6 +25,8 @@ import psycopg
 import psycopg2
 import pymysql
 import pytest
+import redis
+import redis.asyncio
 
 from otel_raptor import CircuitOpenError
 from otel_raptor.core.events import BreakerTransitioned
@@ -33,8 +35,14 @@ from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
 from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
+from otel_raptor.integrations.db.redis import RedisIntegration
 from tests.integrations.db.conftest import Install, Installed
-from tests.support.dbservers import PrivateMariaDB, PrivatePgBouncer, PrivatePostgres
+from tests.support.dbservers import (
+    PrivateMariaDB,
+    PrivatePgBouncer,
+    PrivatePostgres,
+    PrivateRedis,
+)
 from tests.support.tcp_proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -265,3 +273,54 @@ def test_pymysql_behind_a_proxy_opens_on_a_dead_server(
 
     play(installed, call, mysql_proxy.cut_mysql_commands, mysql_proxy.heal)
     assert mysql_proxy.cuts >= 2  # the statements did lose their links
+
+
+# --- redis-py behind a proxy whose server is dead (a proxy that cuts the link) ----------------
+
+
+@pytest.fixture
+def redis_proxy() -> Iterator[FaultProxy]:
+    """The fault-injecting proxy in front of a private Redis: ``cut_redis_commands`` plays a
+    proxy whose server is dead and that cuts the link (the connect's ``HELLO`` and ``CLIENT
+    SETINFO`` answered, every command losing its link); ``heal`` brings the server back."""
+    server = PrivateRedis()
+    proxy = None
+    try:
+        server.start()
+        proxy = FaultProxy(("127.0.0.1", server.port))
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.close()
+
+
+def test_redis_behind_a_proxy_opens_on_a_dead_server(
+    redis_proxy: FaultProxy, install: Install
+) -> None:
+    installed = install(RedisIntegration, max_retries=0)
+    client = redis.Redis(port=redis_proxy.port, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        play(installed, lambda: client.get("key"), redis_proxy.cut_redis_commands, redis_proxy.heal)
+    finally:
+        client.close()
+    assert redis_proxy.cuts >= 2  # the commands did lose their links
+
+
+def test_redis_asyncio_behind_a_proxy_opens_on_a_dead_server(
+    redis_proxy: FaultProxy, install: Install
+) -> None:
+    installed = install(RedisIntegration, max_retries=0)
+    loop = asyncio.new_event_loop()
+    client = redis.asyncio.Redis(port=redis_proxy.port, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        play(
+            installed,
+            lambda: loop.run_until_complete(client.get("key")),
+            redis_proxy.cut_redis_commands,
+            redis_proxy.heal,
+        )
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
+    assert redis_proxy.cuts >= 2

@@ -61,6 +61,7 @@ from otel_raptor.integrations._kit import (
     library_error,
 )
 from otel_raptor.integrations._wrapping import HookSet
+from otel_raptor.runtime.clock import Clock
 from otel_raptor.runtime.drive import CallHooks, CallPlan, resume_sync
 from otel_raptor.runtime.forksafe import LockBox, register_lock
 from otel_raptor.runtime.safety import report_internal_error
@@ -203,8 +204,8 @@ def failed_midway(plan: CallPlan, failure: Exception, args: tuple[Any, ...]) -> 
     raise failure
 
 
-def mark_opened(conn: Any, plan: CallPlan) -> None:
-    """Stamp ``conn``, just opened, with the time (``plan``'s clock) it opened at: a
+def mark_opened(conn: Any, plan: CallPlan | Clock) -> None:
+    """Stamp ``conn``, just opened, with the time (``plan``'s clock, or a clock) it opened at: a
     statement sent on it within a second that loses its link confirms an outage (see
     :data:`~otel_raptor.core.breaker.FRESH_CONNECTION_S`). Connections that refuse
     attributes are left unstamped."""

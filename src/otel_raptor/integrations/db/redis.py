@@ -82,6 +82,8 @@ from otel_raptor.integrations.db._common import (
     callers_limit,
     is_not_sent,
     mark_not_sent,
+    mark_opened,
+    opened_at,
     refusal_factory,
 )
 from otel_raptor.runtime.drive import (
@@ -1315,6 +1317,55 @@ def _async_cluster_node_hook(original: Callable[..., Awaitable[Any]]) -> Callabl
     return _execute_command
 
 
+def _opened(failure: BaseException, args: tuple[Any, ...]) -> float | None:
+    """The ``opened`` hook: when the connection that lost its link opened. The client in
+    ``args`` does not say which of its pool's connections the command had (it is back in
+    the pool by now): the innermost frame of ``failure``'s traceback whose ``self`` carries
+    the stamp of :func:`_stamp_hook` does (redis-py's connection reading the reply)."""
+    found = None
+    tb = failure.__traceback__
+    while tb is not None:
+        stamp = opened_at(tb.tb_frame.f_locals.get("self"))
+        if stamp is not None:
+            found = stamp
+        tb = tb.tb_next
+    return found
+
+
+def _stamp_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``AbstractConnection.on_connect_check_health`` (``on_connect`` before
+    redis-py 6), which redis-py runs once a socket is opened, never for a command on an open
+    connection: stamps the connection with the time it opened (see :func:`_opened`)."""
+
+    def on_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is not None:
+            mark_opened(self, state.runtime.clock)
+        return original(self, *args, **kwargs)
+
+    return on_connect
+
+
+def _async_stamp_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_stamp_hook` for ``redis.asyncio``."""
+
+    async def on_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _installed
+        if state is not None:
+            mark_opened(self, state.runtime.clock)
+        return await original(self, *args, **kwargs)
+
+    return on_connect
+
+
+def _on_connect(connection_class: type) -> str:
+    return (
+        "on_connect_check_health"
+        if "on_connect_check_health" in vars(connection_class)
+        else "on_connect"
+    )
+
+
 def _opening(connection_class: type) -> str:
     return "connect_check_health" if "connect_check_health" in vars(connection_class) else "connect"
 
@@ -1340,6 +1391,16 @@ def _patched(redis: Any) -> list[tuple[type, str, Any]]:
         (redis.cluster.RedisCluster, "_execute_command", _cluster_node_hook),
         (redis.cluster.NodesManager, "create_redis_node", _node_hook),
         (aio.cluster.RedisCluster, "_execute_command", _async_cluster_node_hook),
+        (
+            redis.connection.AbstractConnection,
+            _on_connect(redis.connection.AbstractConnection),
+            _stamp_hook,
+        ),
+        (
+            aio.connection.AbstractConnection,
+            _on_connect(aio.connection.AbstractConnection),
+            _async_stamp_hook,
+        ),
     ]
 
 
@@ -1375,6 +1436,7 @@ class RedisIntegration(DbIntegration):
             refine=_waited_too_long,
             unjudged=_unjudged,
             unguarded=_unguarded,
+            opened=_opened,
         )
         # redis-py retries a failed command itself, sleeping its backoff even on an event
         # loop's thread; raptor turns that off while it drives, so it retries in its place
