@@ -457,6 +457,30 @@ class TestSignals:
         assert (result.category, result.retryable) == (category, retryable)
 
     @pytest.mark.parametrize(
+        ("message", "rule"),
+        [
+            ("Connection refused", "redis.proxy_unreachable"),
+            ("Host is unreachable", "redis.proxy_unreachable"),
+            ("No route to host", "redis.proxy_unreachable"),
+            # Also a forwarded command whose answer the proxy waited for in vain.
+            ("Connection timed out", "redis.ResponseError"),
+            # A pipeline's: the commands before it may have run.
+            ("Command # 2 (GET k) of pipeline caused error: Connection refused",
+             "redis.ResponseError"),
+            ("Connection refused by policy", "redis.ResponseError"),
+        ],
+    )  # fmt: skip
+    def test_a_proxys_reply_that_it_cannot_reach_the_server(
+        self, classifier: Classifier, message: str, rule: str
+    ) -> None:
+        # twemproxy's ``-ERR Connection refused`` (redis-py strips the ``ERR ``).
+        result = classify(classifier, RedisResponseError(message))
+        assert result.rule == rule
+        if rule == "redis.proxy_unreachable":
+            assert result.category is C.CONNECTION
+            assert result.counts_against_health
+
+    @pytest.mark.parametrize(
         "exc",
         [
             RedisResponseError("OOM command not allowed when used memory > 'maxmemory'."),

@@ -11,7 +11,8 @@ instance in a temporary directory on a free loopback port, and remove it afterwa
 - :class:`PrivatePgBouncer`: ``pgbouncer`` (session pooling, trust auth) in front of a
   :class:`PrivatePostgres`;
 - :class:`PrivateRedis`: ``redis-server`` with an append-only file fsynced on every write;
-  ``SHUTDOWN NOSAVE``.
+  ``SHUTDOWN NOSAVE`` or a ``SIGKILL``;
+- :class:`PrivateTwemproxy`: twemproxy (``nutcracker``) in front of a :class:`PrivateRedis`.
 
 Durability is the servers' own, with syncing to disk relaxed where that only matters for a
 machine crash (``fsync=off``, ``innodb_flush_log_at_trx_commit=2``): a killed *process* loses
@@ -43,6 +44,7 @@ __all__ = [
     "PrivatePostgres",
     "PrivateRedis",
     "PrivateRedisCluster",
+    "PrivateTwemproxy",
     "find_binary",
     "free_port",
 ]
@@ -324,11 +326,66 @@ class PrivateRedis:
             self.process.wait(timeout=30)
         _wait_closed(self.port, 10)
 
+    def kill(self) -> None:
+        """``SIGKILL``: the server ends at once, as in a crash (``start`` starts it again)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        _wait_closed(self.port, 10)
+
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             with contextlib.suppress(Exception):
                 self.process.wait(timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateTwemproxy:
+    """A twemproxy (Debian's ``nutcracker``) of our own in front of ``server``, one pool with
+    that one server and ``auto_eject_hosts: false``.
+
+    With the server down, twemproxy keeps every client link and answers each command at once
+    with the error of its own connect, ``-ERR Connection refused``, on old links and new ones
+    alike; the first command after the server is back is served. It supports no ``HELLO``
+    and no ``CLIENT``, and closes the link of a client that sends one: a redis-py client
+    needs ``protocol=2`` and no ``lib_name``/``lib_version``."""
+
+    def __init__(self, server: PrivateRedis) -> None:
+        self.binary = find_binary("nutcracker")
+        self.server = server
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="raptor_db_twemproxy_"))
+        self._process: subprocess.Popen[bytes] | None = None
+        (self.root / "nutcracker.yml").write_text(
+            "raptor:\n"
+            f"  listen: 127.0.0.1:{self.port}\n"
+            "  redis: true\n"
+            "  hash: fnv1a_64\n"
+            "  distribution: ketama\n"
+            "  timeout: 5000\n"
+            "  auto_eject_hosts: false\n"
+            "  servers:\n"
+            f"   - 127.0.0.1:{server.port}:1\n"
+        )
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                self.binary, "-c", str(self.root / "nutcracker.yml"),
+                "-o", str(self.root / "log"), "-s", str(free_port()),
+                "-p", str(self.root / "pid"),
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_port(self.port, 30)
+
+    def close(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            with contextlib.suppress(Exception):
+                process.wait(timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

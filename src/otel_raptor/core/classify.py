@@ -542,6 +542,14 @@ _TABLE: tuple[Rule | None, ...] = (
     _types("redis.LOADING", _C.UNAVAILABLE, _RESPONSE,
            message=r"^(Command # \d+ \(.*\) of pipeline caused error: )?"
                    r"(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b"),
+    # A proxy whose server cannot be reached (twemproxy) answers each command with the error
+    # of its own connect, ``-ERR Connection refused``, and keeps the client's link: the
+    # command was never forwarded, and the proxy's reconnect failed (see the redis
+    # integration, which marks it so). Not a pipeline's (annotated) error: commands before
+    # it may have run. Not ``Connection timed out``: also a forwarded command's lost answer.
+    _types("redis.proxy_unreachable", _C.CONNECTION, _RESPONSE,
+           message=r"^(Connection refused|No route to host|Network is unreachable"
+                   r"|Host is unreachable|Network is down|Host is down)$"),
     # -- psycopg / psycopg2 connection failures (no SQLSTATE; the message is all there is) --------
     _types("pg.dns_again", _C.DNS, *_PG_CONNECT,
            message=r"temporary failure in name resolution", retryable=True),

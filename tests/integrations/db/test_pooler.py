@@ -1,4 +1,4 @@
-"""A pooler (PgBouncer) in front of a PostgreSQL that died: the breaker must open.
+"""A pooler or proxy in front of a database server that died: the breaker must open.
 
 Behind PgBouncer every connect succeeds while the server is down (PgBouncer answers the login
 itself), and every statement fails with ``08P01`` and a closed connection: at once ("server
@@ -12,6 +12,13 @@ its lost link confirms the outage (docs/databases.md, "Behind a pooler").
 Real PgBouncer (Debian's ``pgbouncer``) in front of a private PostgreSQL that the test kills
 and starts again; never the shared server. Skipped without ``pgbouncer`` unless
 ``RAPTOR_REQUIRE_SERVICES=1``.
+
+The same for PyMySQL and redis-py: no MySQL proxy is packaged, so the fault-injecting proxy
+(``tests/support/tcp_proxy.py``) plays ProxySQL whose server is dead (the login answered,
+every statement's link cut) in front of a private MariaDB, and a Redis proxy that cuts the
+link in front of a private Redis. Real twemproxy (Debian's ``nutcracker``, skipped without it
+unless ``RAPTOR_REQUIRE_SERVICES=1``) does not cut the link: it answers each command with
+``-ERR Connection refused`` at once, which counts as its refused reconnect.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import redis
 import redis.asyncio
 
 from otel_raptor import CircuitOpenError
-from otel_raptor.core.events import BreakerTransitioned
+from otel_raptor.core.events import BreakerTransitioned, RetryScheduled
 from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
@@ -42,6 +49,7 @@ from tests.support.dbservers import (
     PrivatePgBouncer,
     PrivatePostgres,
     PrivateRedis,
+    PrivateTwemproxy,
 )
 from tests.support.tcp_proxy import FaultProxy
 
@@ -97,12 +105,14 @@ def play(
     up: Callable[[], object],
     *,
     refusals: bool = True,
-) -> None:
-    """:func:`play_outage` with the outage's start (``down``) and end (``up``) given."""
+) -> list[Exception]:
+    """:func:`play_outage` with the outage's start (``down``) and end (``up``) given.
+    Returns the failures the calls met while the server was down."""
     for _ in range(3):
         call()
     down()
     failures = 0
+    seen: list[Exception] = []
     refused_in: float | None = None
     for _ in range(DOWN_CALLS):
         started = time.monotonic()
@@ -111,8 +121,9 @@ def play(
         except CircuitOpenError:
             refused_in = time.monotonic() - started
             break
-        except Exception:  # the outage, as the app sees it
+        except Exception as failure:  # the outage, as the app sees it
             failures += 1
+            seen.append(failure)
             if not refusals and opened(installed):
                 break
         else:
@@ -136,6 +147,7 @@ def play(
         call()
     closed = installed.of(BreakerTransitioned)[-1]
     assert closed.to_state is CircuitState.CLOSED
+    return seen
 
 
 @pytest.mark.parametrize("statement_timeout", [30.0, 0.0], ids=["timeout-query", "no-timeout"])
@@ -324,3 +336,84 @@ def test_redis_asyncio_behind_a_proxy_opens_on_a_dead_server(
         loop.run_until_complete(client.aclose())
         loop.close()
     assert redis_proxy.cuts >= 2
+
+
+# --- redis-py behind twemproxy whose server is dead ----------------------------------------------
+
+
+@pytest.fixture
+def twemproxy() -> Iterator[PrivateTwemproxy]:
+    server = PrivateRedis()
+    proxy = None
+    try:
+        server.start()
+        proxy = PrivateTwemproxy(server)
+        proxy.start()
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.close()
+
+
+def twemproxy_client(proxy: PrivateTwemproxy) -> dict[str, object]:
+    """What a redis-py client needs to talk to twemproxy: no ``HELLO``, no ``CLIENT``."""
+    return {
+        "port": proxy.port,
+        "protocol": 2,
+        "driver_info": None,
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+    }
+
+
+def test_redis_behind_twemproxy_opens_on_a_dead_server(
+    twemproxy: PrivateTwemproxy, install: Install
+) -> None:
+    # twemproxy answers "-ERR Connection refused" at once, keeping the link: read as any
+    # error reply (a client error), it never opened the breaker.
+    installed = install(RedisIntegration, max_retries=0)
+    client = redis.Redis(**twemproxy_client(twemproxy))  # type: ignore[arg-type]
+    try:
+        seen = play(
+            installed, lambda: client.get("key"), twemproxy.server.kill, twemproxy.server.start
+        )
+    finally:
+        client.close()
+    assert {(type(e), str(e)) for e in seen} == {(redis.ResponseError, "Connection refused")}
+
+
+def test_redis_asyncio_behind_twemproxy_opens_on_a_dead_server(
+    twemproxy: PrivateTwemproxy, install: Install
+) -> None:
+    installed = install(RedisIntegration, max_retries=0)
+    loop = asyncio.new_event_loop()
+    client = redis.asyncio.Redis(**twemproxy_client(twemproxy))  # type: ignore[arg-type]
+    try:
+        seen = play(
+            installed,
+            lambda: loop.run_until_complete(client.get("key")),
+            twemproxy.server.kill,
+            twemproxy.server.start,
+        )
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
+    assert {(type(e), str(e)) for e in seen} == {(redis.ResponseError, "Connection refused")}
+
+
+def test_a_write_twemproxy_refused_is_sent_again(
+    twemproxy: PrivateTwemproxy, install: Install
+) -> None:
+    # twemproxy never forwarded it: an INCR it refused may be sent again, as one whose
+    # connection could not be opened; the retry finds the server back.
+    installed = install(RedisIntegration, max_retries=1)
+    client = redis.Redis(**twemproxy_client(twemproxy))  # type: ignore[arg-type]
+    try:
+        assert client.incr("counter") == 1
+        twemproxy.server.kill()
+        with pytest.raises(redis.ResponseError, match=r"^Connection refused$"):
+            client.incr("counter")
+        assert len(installed.of(RetryScheduled)) == 1
+    finally:
+        client.close()

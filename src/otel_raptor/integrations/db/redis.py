@@ -154,6 +154,9 @@ _CONNECT_FUNCTION: Final = "connect"
 # The built-in rule for a reply saying the command was not executed, raised by redis-py as a
 # plain ``ResponseError`` (``BUSY``, in a pipeline or not; older redis-py: every one of them).
 _NOT_EXECUTED_RULE: Final = "redis.LOADING"
+# The built-in rule for a proxy's reply that it cannot reach the server (twemproxy's
+# ``-ERR Connection refused``).
+_PROXY_UNREACHABLE_RULE: Final = "redis.proxy_unreachable"
 
 
 class _Marker:
@@ -222,6 +225,24 @@ def _unguarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if _driving.get():
         _driving.set(False)
     return True
+
+
+def _refine(failure: BaseException, classification: Classification) -> Classification:
+    """The ``refine`` hook: a proxy's "cannot reach the server" reply
+    (:func:`_proxy_unreachable`), then a blocking command's wait (:func:`_waited_too_long`)."""
+    if classification.rule == _PROXY_UNREACHABLE_RULE:
+        return _proxy_unreachable(failure, classification)
+    return _waited_too_long(failure, classification)
+
+
+def _proxy_unreachable(failure: BaseException, classification: Classification) -> Classification:
+    """twemproxy in front of a dead server keeps every client link and answers each command
+    with the error of its own connect (``-ERR Connection refused``, at once): the command was
+    never forwarded (sent again as any unsent one), and the proxy's refused reconnect is as
+    a failed reconnect of ours: it counts at once (:func:`~._common.lost_connection`).
+    Read as any other error reply, a client error the breaker ignores, it never opened."""
+    mark_not_sent(failure)
+    return classification
 
 
 def _waited_too_long(failure: BaseException, classification: Classification) -> Classification:
@@ -1433,7 +1454,7 @@ class RedisIntegration(DbIntegration):
             error=error,
             point=failure_point_for(library),
             read_only=_read_only,
-            refine=_waited_too_long,
+            refine=_refine,
             unjudged=_unjudged,
             unguarded=_unguarded,
             opened=_opened,
