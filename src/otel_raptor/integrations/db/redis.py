@@ -49,7 +49,11 @@ A pool whose server cannot be told is left alone.
 
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
 ``RedisCluster._execute_command`` (sync and asyncio), plus ``Retry.call_with_retry``,
-to turn retries off, and ``NodesManager.create_redis_node``, to know the cluster's node clients.
+to turn retries off, ``NodesManager.create_redis_node``, to know the cluster's node clients,
+and ``AbstractConnection.on_connect_check_health`` (``on_connect`` before redis-py 6; sync
+and asyncio), which runs only when a socket was just opened, to stamp the connection with the
+time it opened: a command sent within a second of it that loses its link confirms an outage
+(behind a proxy whose server is dead, every reconnect succeeds).
 A failure raised through ``AbstractConnection.connect_check_health`` (``connect`` before
 redis-py 6) happened before the command was sent: that is read from its traceback (unless
 it was ``execute_command``'s reconnect after the command, for a ``MOVING`` notification). See
