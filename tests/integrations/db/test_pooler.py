@@ -84,18 +84,12 @@ def opened(installed: Installed) -> list[BreakerTransitioned]:
 
 
 def play_outage(
-    bouncer: PrivatePgBouncer,
-    installed: Installed,
-    call: Callable[[], object],
-    *,
-    refusals: bool = True,
+    bouncer: PrivatePgBouncer, installed: Installed, call: Callable[[], object]
 ) -> None:
     """Warm up, kill the server, call until the breaker refuses; start it again, call until
     a call succeeds. Asserts the breaker opened within ``OPEN_WITHIN`` calls, refused fast,
-    and closed once the server was back. ``refusals=False``: the app never sees the
-    refusal (a pool whose background connects are what the breaker refuses, while the app
-    waits for a connection): the calls stop once the breaker opened."""
-    play(installed, call, bouncer.server.kill, bouncer.server.start, refusals=refusals)
+    and closed once the server was back."""
+    play(installed, call, bouncer.server.kill, bouncer.server.start)
 
 
 def play(
@@ -103,8 +97,6 @@ def play(
     call: Callable[[], object],
     down: Callable[[], object],
     up: Callable[[], object],
-    *,
-    refusals: bool = True,
 ) -> list[Exception]:
     """:func:`play_outage` with the outage's start (``down``) and end (``up``) given.
     Returns the failures the calls met while the server was down."""
@@ -124,15 +116,12 @@ def play(
         except Exception as failure:  # the outage, as the app sees it
             failures += 1
             seen.append(failure)
-            if not refusals and opened(installed):
-                break
         else:
             pytest.fail("a call succeeded while the server was down")
     assert opened(installed), f"the breaker never opened in {failures} failed calls"
     assert failures <= OPEN_WITHIN
-    if refusals:
-        assert refused_in is not None
-        assert refused_in < QUERY_WAIT / 2  # refused at once, not after PgBouncer's wait
+    assert refused_in is not None
+    assert refused_in < QUERY_WAIT / 2  # refused at once, not after PgBouncer's wait
     up()
     deadline = time.monotonic() + 30
     while True:
@@ -232,9 +221,9 @@ def test_psycopg_pool_behind_pgbouncer_opens_on_a_dead_server(
             with pool.connection() as conn:
                 return conn.execute("SELECT 1").fetchone()
 
-        # With one connection, the pool's reconnect is what the open breaker refuses: the app
-        # waits for a connection until the pool's timeout, as without raptor.
-        play_outage(bouncer, installed, call, refusals=min_size > 1)
+        # With one connection, the pool's reconnect is what the open breaker refuses; the
+        # app, with no idle connection to get, is refused at once by the pool's getconn.
+        play_outage(bouncer, installed, call)
     finally:
         pool.close()
 

@@ -249,12 +249,9 @@ def killed(app: App, kill: Callable[[], None]) -> tuple[list[Call], float]:
     return [c for c in calls if c.began > down], down
 
 
-def check_killed(calls: list[Call], opened: Opened, down: float, *, refusals: bool = True) -> None:
+def check_killed(calls: list[Call], opened: Opened, down: float) -> None:
     """The breaker opened within ``HANDFUL`` calls of the kill, and the calls it refused
-    failed fast. ``refusals``: the application's calls meet the breaker at all (a pool that
-    waits for a connection of its own while it has none, as psycopg_pool does, meets it only
-    in its background reconnects: its callers wait for the pool's timeout, as without
-    raptor)."""
+    failed fast."""
     print(
         f"\n{len(calls)} calls after the kill: "
         f"{[('refused' if c.refused else c.error[:40], round(c.took, 3)) for c in calls[:12]]}"
@@ -265,8 +262,6 @@ def check_killed(calls: list[Call], opened: Opened, down: float, *, refusals: bo
     assert len(before) <= HANDFUL, f"{len(before)} calls before the breaker opened"
     assert not any(c.ok for c in calls if c.began > opened.times[0])
     refused = [c.took for c in calls if c.refused]
-    if not refusals:
-        return
     assert refused, "no call failed fast"
     assert statistics.median(refused) < 0.01
     assert max(refused) < CONNECT_TIMEOUT / 4
@@ -415,8 +410,9 @@ def test_psycopg_pool_killed(pg: PrivatePostgres, install: Install) -> None:
     calls, down = killed(PsycopgPoolApp(pg, check=False), pg.kill)
     # The pool's stale connections fail (and are discarded) as the server dies; its
     # reconnects in the background, refused, confirm them and open the breaker, which then
-    # refuses the reconnects that follow. Its callers wait for its timeout meanwhile.
-    check_killed(calls, opened, down, refusals=False)
+    # refuses the reconnects that follow, and the callers' getconn, with no idle connection
+    # to get (before the breaker opened, a caller waited for the pool's timeout).
+    check_killed(calls, opened, down)
     assert max(c.took for c in calls) < 1.0 + 0.5
 
 

@@ -28,21 +28,37 @@ getting real ``psycopg.Connection`` and cursor objects, which every type check a
   the end of the copy) is judged and counted once, never sent again. The application's own
   error inside the block is not counted.
 
+With psycopg_pool installed, also ``ConnectionPool`` and ``AsyncConnectionPool``:
+``getconn`` (and so ``connection()``) fails at once, with an error that is both
+:class:`~otel_raptor.errors.CircuitOpenError` and ``psycopg_pool.PoolTimeout``
+(:func:`pool_circuit_open_error_type`), when the pool has no idle connection and the breaker
+of its server is open (before its open time has elapsed): without it, the caller waited the
+pool's ``timeout`` for a connection that the pool's background connects, each refused by the
+open breaker, could not make. An idle connection is still handed out; a half-open breaker
+(or one whose open time has elapsed) lets the caller wait as before, for the pool's own
+connect that is the probe. The refusal is decided in ``_get_ready_connection``, under the
+pool's lock, where psycopg_pool itself raises ``TooManyRequests``: before the caller joins
+the queue of waiting clients and before the pool grows, so nothing of the pool's
+bookkeeping is left behind.
+
 A connection's target is found once (from the connect arguments, or from ``conn.info`` for a
-connection opened before instrumentation) and kept on the connection. See
-``docs/databases.md``.
+connection opened before instrumentation) and kept on the connection; a pool's, from its
+``conninfo`` and ``kwargs`` (or, when either is a callable, which raptor never calls, from
+the latest connection it opened), and kept on the pool. See ``docs/databases.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, call_async, in_asyncio, library_error
 from otel_raptor.integrations.db._common import (
+    DbHooks,
     DbIntegration,
     DbState,
     DbTarget,
@@ -74,12 +90,22 @@ from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
     import psycopg as _psycopg
+    import psycopg_pool as _psycopg_pool
 
     class PsycopgCircuitOpen(CircuitOpenError, _psycopg.OperationalError):
         """A refusal by an open breaker; see :func:`circuit_open_error_type`."""
 
+    class PsycopgPoolCircuitOpen(CircuitOpenError, _psycopg_pool.PoolTimeout):
+        """A pool's refusal by an open breaker; see :func:`pool_circuit_open_error_type`."""
 
-__all__ = ["PsycopgCircuitOpen", "PsycopgIntegration", "circuit_open_error_type"]
+
+__all__ = [
+    "PsycopgCircuitOpen",
+    "PsycopgIntegration",
+    "PsycopgPoolCircuitOpen",
+    "circuit_open_error_type",
+    "pool_circuit_open_error_type",
+]
 
 #: The attribute under which a connection keeps its target.
 TARGET_ATTRIBUTE: Final = "_otel_raptor_db"
@@ -101,9 +127,25 @@ def circuit_open_error_type() -> type[CircuitOpenError]:
     return library_error(CircuitOpenError, psycopg.OperationalError, "PsycopgCircuitOpen", __name__)
 
 
+def pool_circuit_open_error_type() -> type[CircuitOpenError]:
+    """The class of the error ``ConnectionPool.getconn`` (``connection()``, and the async
+    pool's) raises when it would wait for a new connection while the breaker of the pool's
+    server is open: both :class:`~otel_raptor.errors.CircuitOpenError` and
+    ``psycopg_pool.PoolTimeout`` (so also ``psycopg.OperationalError``). The same class every
+    time (also importable as ``PsycopgPoolCircuitOpen`` from this module). Needs
+    psycopg_pool."""
+    import psycopg_pool  # noqa: PLC0415 - the library is imported only when needed
+
+    return library_error(
+        CircuitOpenError, psycopg_pool.PoolTimeout, "PsycopgPoolCircuitOpen", __name__
+    )
+
+
 def __getattr__(name: str) -> Any:
     if name == "PsycopgCircuitOpen":
         return circuit_open_error_type()
+    if name == "PsycopgPoolCircuitOpen":
+        return pool_circuit_open_error_type()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -121,15 +163,21 @@ def _server_of_connection(conn: Any) -> Server:
 
 
 class _State(DbState):
-    """``driver_error``: ``psycopg.Error``, the base of the driver's own errors."""
+    """``driver_error``: ``psycopg.Error``, the base of the driver's own errors;
+    ``pool_hooks``: the hooks of a psycopg_pool pool's refusals (``None``: no psycopg_pool)."""
 
-    __slots__ = ("driver_error",)
+    __slots__ = ("driver_error", "pool_hooks")
 
     def __init__(
-        self, settings: IntegrationSettings, driver_error: type[BaseException], **options: Any
+        self,
+        settings: IntegrationSettings,
+        driver_error: type[BaseException],
+        pool_hooks: DbHooks | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(settings, **options)
         self.driver_error = driver_error
+        self.pool_hooks = pool_hooks
 
 
 _installed: _State | None = None
@@ -662,6 +710,307 @@ def _async_server_next_hook(
     return __anext__
 
 
+# -- psycopg_pool -----------------------------------------------------------------------------
+
+#: The attribute under which a psycopg_pool pool keeps its :class:`_PoolGuard`.
+POOL_ATTRIBUTE: Final = "_otel_raptor_pool"
+
+
+class _PoolGuard:
+    """What a pool's refusal needs, found once and kept on the pool: the target of the
+    server its connections go to, and the plan its refusals go through (the ``connect``
+    plan's route and spec, with the pool's error: :func:`pool_circuit_open_error_type`).
+    ``conninfo`` and ``kwargs`` are the pool's attributes it was found from (or, when either
+    is a callable, learned with), compared by identity."""
+
+    __slots__ = ("conninfo", "kwargs", "plan", "target")
+
+    def __init__(
+        self, state: _State, hooks: DbHooks, target: DbTarget, conninfo: Any, kwargs: Any
+    ) -> None:
+        self.target = target
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+        connect = target.connect
+        runtime = state.runtime
+        self.plan = CallPlan(
+            connect.route, connect.spec, runtime=runtime, clock=runtime.clock, hooks=hooks
+        )
+
+    def serves(self, state: _State, conninfo: Any, kwargs: Any) -> bool:
+        """Whether this guard is the current installation's, for these pool attributes."""
+        return self.target.owner is state and self.conninfo is conninfo and self.kwargs is kwargs
+
+
+def _pool_guard(state: _State, hooks: DbHooks, pool: Any) -> _PoolGuard | None:
+    """The guard of ``pool`` (``None``: its server is unknown yet, its ``conninfo`` or
+    ``kwargs`` being a callable, which raptor never calls, and no connection opened since)."""
+    conninfo = pool.conninfo
+    kwargs = pool.kwargs
+    guard: _PoolGuard | None = getattr(pool, POOL_ATTRIBUTE, None)
+    if guard is not None and guard.serves(state, conninfo, kwargs):
+        return guard
+    if callable(conninfo) or callable(kwargs):
+        return None
+    target = _connect_target(state, (conninfo or "",), dict(kwargs or {}))
+    guard = _PoolGuard(state, hooks, target, conninfo, kwargs)
+    setattr(pool, POOL_ATTRIBUTE, guard)
+    return guard
+
+
+def _learn_pool_target(pool: Any, conn: Any) -> None:
+    """``pool`` opened ``conn``: a pool whose ``conninfo`` or ``kwargs`` is a callable learns
+    its server from it (the callable may point the next one elsewhere: the latest wins)."""
+    state = _installed
+    if state is None or state.pool_hooks is None:
+        return
+    try:
+        conninfo = pool.conninfo
+        kwargs = pool.kwargs
+        if not (callable(conninfo) or callable(kwargs)):
+            return  # found from them when needed
+        target: DbTarget | None = getattr(conn, TARGET_ATTRIBUTE, None)
+        if target is None or target.owner is not state:
+            return
+        guard: _PoolGuard | None = getattr(pool, POOL_ATTRIBUTE, None)
+        if guard is None or guard.target is not target or not guard.serves(state, conninfo, kwargs):
+            guard = _PoolGuard(state, state.pool_hooks, target, conninfo, kwargs)
+            setattr(pool, POOL_ATTRIBUTE, guard)
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("psycopg_pool.learn_target", bug)
+
+
+class _Admitted(BaseException):
+    """Raised by :func:`_admitted`: the breaker admitted a pool's caller after all (its open
+    time elapsed since it was read). A ``BaseException``, so that the attempt loop takes it
+    for no verdict: the probe slot is given back, for the pool's own connect to take."""
+
+
+def _admitted(pool: Any) -> NoReturn:
+    raise _Admitted
+
+
+def _refuse_waiting(pool: Any) -> None:
+    """``pool`` has no idle connection for a ``getconn``, which would wait for a new one
+    (run under the pool's lock, before the caller joins the queue). Raises the pool's
+    refusal (:func:`pool_circuit_open_error_type`) when the breaker of the pool's server is
+    open and its open time has not elapsed (or it is held open by hand); returns otherwise:
+    the caller waits, as without raptor."""
+    state = _installed
+    if state is None:
+        return
+    hooks = state.pool_hooks
+    if hooks is None:
+        return
+    try:
+        guard = _pool_guard(state, hooks, pool)
+        if guard is None or not guard.target.enabled:
+            return
+        plan = guard.plan
+        core = plan.core
+        if core is None or core._state is CLOSED:
+            return
+        # Read without the breaker's lock: the attempt loop below decides under it.
+        wait = core.retry_after(plan.monotonic())
+        if wait is not None and wait <= 0.0:
+            return  # half-open, or time for a probe: the pool's connect is the probe
+    except Exception as bug:  # noqa: BLE001 - never break the host app
+        report_internal_error("psycopg_pool.describe", bug)
+        return
+    # The refusal goes through the attempt loop, as every refusal does (CallRejected, and a
+    # RecoveryFinished that says "rejected"); if the breaker admits the call after all,
+    # ``_admitted`` gives the slot back and the caller waits.
+    try:
+        call(plan, _admitted, (pool,), {})
+    except _Admitted:
+        return
+    except CircuitOpenError:
+        with contextlib.suppress(Exception):  # the pool's own count, as for TooManyRequests
+            pool._stats[pool._REQUESTS_ERRORS] += 1
+        raise
+
+
+def _refusal_behind(error: BaseException) -> BaseException | None:
+    """The pool's refusal that ``getconn`` replaced with a plain ``PoolTimeout`` (it
+    re-raises every ``PoolTimeout`` as its own, "couldn't get a connection after ... sec",
+    whose context is the one raised), or ``None``."""
+    context = error.__context__
+    if isinstance(context, CircuitOpenError) and isinstance(context, type(error)):
+        return context
+    return None
+
+
+def _timeout_only(original: Callable[..., Any], default: bool) -> bool:
+    """Whether ``original`` takes ``(self, timeout)`` (``default``: ``timeout=None``), as
+    psycopg_pool's ``getconn`` and ``_get_ready_connection`` do since 3.1: then the hook
+    takes exactly that, which packs no arguments on a call. Anything else gets a hook that
+    passes whatever it is given."""
+    try:
+        parameters = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if [p.name for p in parameters] != ["self", "timeout"]:
+        return False
+    timeout = parameters[1]
+    if timeout.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return False
+    return timeout.default is None if default else timeout.default is inspect.Parameter.empty
+
+
+def _ready_connection_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``ConnectionPool._get_ready_connection``: an idle connection is handed
+    out untouched; none, the caller may be refused (:func:`_refuse_waiting`)."""
+    if _timeout_only(original, default=False):
+
+        def _get_ready_connection(self: Any, timeout: Any) -> Any:
+            conn = original(self, timeout)
+            if conn is None and _installed is not None:
+                _refuse_waiting(self)
+            return conn
+
+        return _get_ready_connection
+
+    def _get_ready_connection_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = original(self, *args, **kwargs)
+        if conn is None and _installed is not None:
+            _refuse_waiting(self)
+        return conn
+
+    return _get_ready_connection_any
+
+
+def _async_ready_connection_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """The hook on ``AsyncConnectionPool._get_ready_connection``."""
+    if _timeout_only(original, default=False):
+
+        async def _get_ready_connection(self: Any, timeout: Any) -> Any:
+            conn = await original(self, timeout)
+            if conn is None and _installed is not None:
+                _refuse_waiting(self)
+            return conn
+
+        return _get_ready_connection
+
+    async def _get_ready_connection_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = await original(self, *args, **kwargs)
+        if conn is None and _installed is not None:
+            _refuse_waiting(self)
+        return conn
+
+    return _get_ready_connection_any
+
+
+def _getconn_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``ConnectionPool.getconn``: the pool's refusal reaches the caller as it
+    was raised, not replaced by the pool's own ``PoolTimeout``."""
+    if _timeout_only(original, default=True):
+
+        def getconn(self: Any, timeout: Any = None) -> Any:
+            try:
+                return original(self, timeout)
+            except Exception as error:
+                refused = _refusal_behind(error)
+                if refused is None:
+                    raise
+            raise refused  # outside the except block: not chained to the pool's own
+
+        return getconn
+
+    def getconn_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except Exception as error:
+            refused = _refusal_behind(error)
+            if refused is None:
+                raise
+        raise refused
+
+    return getconn_any
+
+
+def _async_getconn_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """The hook on ``AsyncConnectionPool.getconn``."""
+    if _timeout_only(original, default=True):
+
+        async def getconn(self: Any, timeout: Any = None) -> Any:
+            try:
+                return await original(self, timeout)
+            except Exception as error:
+                refused = _refusal_behind(error)
+                if refused is None:
+                    raise
+            raise refused
+
+        return getconn
+
+    async def getconn_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, *args, **kwargs)
+        except Exception as error:
+            refused = _refusal_behind(error)
+            if refused is None:
+                raise
+        raise refused
+
+    return getconn_any
+
+
+def _pool_connect_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook on ``ConnectionPool._connect`` (a new connection, not a per-call path): see
+    :func:`_learn_pool_target`."""
+
+    def _connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = original(self, *args, **kwargs)
+        _learn_pool_target(self, conn)
+        return conn
+
+    return _connect
+
+
+def _async_pool_connect_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """The hook on ``AsyncConnectionPool._connect``."""
+
+    async def _connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = await original(self, *args, **kwargs)
+        _learn_pool_target(self, conn)
+        return conn
+
+    return _connect
+
+
+def _pool_module() -> Any:
+    """psycopg_pool, or ``None`` when it is not installed."""
+    try:
+        import psycopg_pool  # noqa: PLC0415 - optional: hooked only when installed
+    except ImportError:
+        return None
+    return psycopg_pool
+
+
+def _pool_patched(pool_module: Any) -> list[tuple[type, str, Any]]:
+    """psycopg_pool's methods (none, when it is absent or changed shape: reported, and the
+    rest of the integration installs as usual)."""
+    if pool_module is None:
+        return []
+    sync = pool_module.ConnectionPool
+    aio = pool_module.AsyncConnectionPool
+    patched = [
+        (sync, "getconn", _getconn_hook),
+        (sync, "_get_ready_connection", _ready_connection_hook),
+        (sync, "_connect", _pool_connect_hook),
+        (aio, "getconn", _async_getconn_hook),
+        (aio, "_get_ready_connection", _async_ready_connection_hook),
+        (aio, "_connect", _async_pool_connect_hook),
+    ]
+    missing = [f"{cls.__name__}.{name}" for cls, name, _ in patched if name not in vars(cls)]
+    if missing:
+        report_internal_error(
+            "psycopg_pool.hooks", AttributeError(f"psycopg_pool has no {', '.join(missing)}")
+        )
+        return []
+    return patched
+
+
 def _wrapped(psycopg: Any) -> list[tuple[object, str, Any]]:
     """The connect functions: wrapt wrappers (one is a class method)."""
     return [
@@ -702,9 +1051,18 @@ class PsycopgIntegration(DbIntegration):
 
     def new_state(self, settings: IntegrationSettings, library: Any) -> _State:
         error = refusal_factory(library.OperationalError, "PsycopgCircuitOpen", __name__)
+        pool_module = _pool_module()
+        pool_hooks = (
+            None
+            if pool_module is None
+            else DbHooks(
+                refusal_factory(pool_module.PoolTimeout, "PsycopgPoolCircuitOpen", __name__)
+            )
+        )
         return _State(
             settings,
             library.Error,
+            pool_hooks,
             error=error,
             point=failure_point,
             read_only=method_read_only,
@@ -715,4 +1073,4 @@ class PsycopgIntegration(DbIntegration):
         )
 
     def hooks(self, library: Any) -> HookSet:
-        return _wrapped(library), _patched(library)
+        return _wrapped(library), [*_patched(library), *_pool_patched(_pool_module())]
