@@ -28,8 +28,9 @@ import pytest
 
 from otel_raptor import CircuitOpenError
 from otel_raptor.core.classification import ErrorCategory
-from otel_raptor.core.events import CallRejected, RecoveryFinished
+from otel_raptor.core.events import BreakerTransitioned, CallRejected, RecoveryFinished
 from otel_raptor.core.states import CircuitState
+from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations.db import psycopg as raptor_psycopg
 from otel_raptor.integrations.db.psycopg import (
     POOL_ATTRIBUTE,
@@ -37,7 +38,8 @@ from otel_raptor.integrations.db.psycopg import (
     pool_circuit_open_error_type,
 )
 from otel_raptor.runtime.breaker import CircuitBreaker
-from tests.integrations.db.conftest import PG_DSN, Install, Installed
+from otel_raptor.runtime.state import Runtime
+from tests.integrations.db.conftest import PG_DSN, Install, Installed, fast_config
 from tests.support.dbservers import PrivatePostgres
 from tests.support.services import POSTGRES
 
@@ -219,6 +221,72 @@ def test_a_half_open_breaker_lets_the_caller_wait(postgres: None, install: Insta
         assert_no_waiter(pool)
     finally:
         pool.close()
+
+
+class JumpingClock:
+    """The system's clock, which jumps ``by`` seconds ahead right after the ``after``-th
+    reading from when it is armed: a breaker's open time that elapses between two
+    readings."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.readings: int | None = None
+        self.by = 0.0
+
+    def arm(self, *, after: int, by: float) -> None:
+        self.readings, self.by = after, by
+
+    def monotonic(self) -> float:
+        now = time.monotonic() + self.offset
+        if self.readings is not None:
+            self.readings -= 1
+            if self.readings <= 0:
+                self.offset += self.by
+                self.readings = None
+        return now
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def sleep_async(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def test_a_breaker_that_admits_after_all_lets_the_caller_wait(postgres: None) -> None:
+    """The open time elapses between raptor's reading of the breaker and the attempt loop's
+    admission: the loop admits the caller as the probe, which gives the slot back at once,
+    and the caller waits for the pool's own connect, which is the probe (and closes the
+    breaker: the server is up). Never a refusal."""
+    clock = JumpingClock()
+    runtime = Runtime(clock=clock)
+    integration = PsycopgIntegration()
+    integration.install(
+        IntegrationSettings(runtime=runtime, config=fast_config(recovery_timeout=60.0))
+    )
+    installed = Installed(runtime, integration)
+    try:
+        pool = shared_pool(min_size=1, max_size=2)
+        try:
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+            breaker = breaker_of(installed, SHARED_SERVICE)
+            held = pool.getconn()
+            trip(breaker)
+            clock.arm(after=1, by=120.0)  # after raptor's own reading, before the loop's
+            _, error = timed(lambda: pool.putconn(pool.getconn()))
+            assert error is None, repr(error)
+            assert installed.of(CallRejected) == []
+            states = [e.to_state for e in installed.of(BreakerTransitioned)]
+            assert states[-2:] == [CircuitState.HALF_OPEN, CircuitState.CLOSED], states
+            pool.putconn(held)
+            assert_no_waiter(pool)
+        finally:
+            pool.close()
+    finally:
+        integration.uninstall()
 
 
 def _raptor_calls(action: Any) -> list[str]:
