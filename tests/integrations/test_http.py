@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import context as context_api
 from opentelemetry.instrumentation.utils import (
     is_http_instrumentation_enabled,
     suppress_http_instrumentation,
@@ -358,6 +359,14 @@ def test_the_fast_enabled_check_agrees_with_opentelemetry() -> None:
         assert http_enabled() is is_http_instrumentation_enabled() is False
     with suppress_http_instrumentation():
         assert http_enabled() is is_http_instrumentation_enabled() is False
+    # A context that holds something else (a span, baggage) suppresses nothing either.
+    token = context_api.attach(context_api.set_value("not-a-suppression-key", True))
+    try:
+        assert http_enabled() is is_http_instrumentation_enabled() is True
+        with suppress_instrumentation():
+            assert http_enabled() is is_http_instrumentation_enabled() is False
+    finally:
+        context_api.detach(token)
 
 
 def test_the_public_check_is_used_when_the_keys_are_missing(

@@ -95,6 +95,7 @@ def install() -> Iterator[Install]:
         run.events = events  # type: ignore[attr-defined]
         return settings.runtime
 
+    run.installed = installed  # type: ignore[attr-defined]
     yield run
     for hook in installed:
         hook.uninstall()
@@ -1052,3 +1053,150 @@ def test_the_error_class_is_built_once_and_importable() -> None:
     assert isinstance(error, requests.exceptions.ConnectionError)
     with pytest.raises(AttributeError):
         _ = integration.NoSuchThing
+
+
+# --- the fast lane ------------------------------------------------------------------------------
+
+
+def _hook_name() -> str:
+    return str(vars(requests.Session)["request"].__code__.co_qualname)
+
+
+def _trace_of_a_mixed_workload(server: FaultyHTTPServer, runtime: Runtime) -> list[object]:
+    """What an app and its downstream see of one scripted workload: each answer (status and
+    body, or the error's class), the requests the server received, and the breaker's state."""
+    server.push(
+        ok("a"),
+        status(503),
+        ok("b"),
+        reset(),
+        ok("c"),
+        status(429, {"Retry-After": "0"}),
+        ok("d"),
+        status(503),
+        status(500),
+        status(500),
+        status(500),
+        status(500),
+        status(500),
+    )
+    seen: list[object] = []
+    with requests.Session() as session:
+        for method in ("GET", "GET", "GET", "HEAD", "GET", "POST", "GET", "GET", "GET"):
+            try:
+                # No timeout given: the origin's default applies, in the lane too.
+                response = session.request(method, server.url("/"))
+                seen.append((response.status_code, response.text))
+            except requests.RequestException as error:
+                seen.append(type(error).__name__)
+            ((name, breaker),) = runtime.breakers.items()
+            seen.append((server.count(), state_of(breaker).value))
+    seen.append(runtime.budget(name)._calls)  # calls deposit into the retry budget
+    return seen
+
+
+def test_the_fast_lane_and_the_general_hook_answer_and_count_alike(
+    install: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traces = []
+    for general in (False, True):
+        if general:
+            monkeypatch.setattr(integration, "suppression_keys", lambda: None)
+        with FaultyHTTPServer() as server:
+            runtime = install(max_retries=1, failure_threshold=2)
+            expected = "_general_request_hook" if general else "_fast_request_hook"
+            assert _hook_name().startswith(expected)  # the hook this pass means to test
+            traces.append(_trace_of_a_mixed_workload(server, runtime))
+        for hook in list(install.installed):  # type: ignore[attr-defined]
+            hook.uninstall()
+        install.installed.clear()  # type: ignore[attr-defined]
+    fast, general_hook = traces
+    assert fast == general_hook
+    # Retried (503, reset, 429), failed (500s), counted to open, refused: every path was met.
+    assert fast[:8] == [
+        (200, "a"),
+        (1, "closed"),
+        (200, "b"),
+        (3, "closed"),
+        (200, "c"),
+        (5, "closed"),
+        (200, ""),
+        (7, "closed"),
+    ]
+    assert fast[-3:-1] == ["RequestsCircuitOpen", (10, "open")]
+    assert fast[-1] == 6  # a deposit per call that reached the server, none per refusal
+
+
+def test_the_fast_lane_gives_a_call_without_a_timeout_the_origins(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(timeout=0.3, max_retries=0)
+    server.push(ok("first"), hang(5))
+    with requests.Session() as session:
+        assert session.get(server.url("/")).text == "first"  # opens the lane
+        assert _hook_name().startswith("_fast_request_hook")
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.Timeout):
+            session.get(server.url("/"))
+    assert time.monotonic() - started < 3
+
+
+def test_suppressed_requests_pass_the_fast_lane_untouched(
+    install: Install, server: FaultyHTTPServer
+) -> None:
+    install(failure_threshold=1)
+    server.push(ok(), status(503), ok())
+    with requests.Session() as session:
+        assert session.get(server.url("/export")).status_code == 200  # opens the lane
+        with suppress_instrumentation():
+            assert session.get(server.url("/export")).status_code == 503
+            assert session.get(server.url("/export")).status_code == 200
+    assert server.count() == 3
+    assert install.events == []  # type: ignore[attr-defined]
+
+
+def test_a_bug_in_the_fast_lane_leaves_the_request_to_the_general_hook(
+    install: Install,
+    server: FaultyHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken_context() -> object:
+        raise RuntimeError("bug in otel_raptor")
+
+    found = integration.suppression_keys()
+    assert found is not None
+    monkeypatch.setattr(integration, "suppression_keys", lambda: (broken_context, *found[1:]))
+    install()
+    _reset_for_tests()
+    server.push(status(503), ok("guarded"))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"):
+        response = requests.get(server.url("/"))
+    assert response.text == "guarded"  # retried: describe and the loop took it
+    assert server.count() == 2
+    assert "requests.fast_lane" in caplog.text
+
+
+def test_a_bug_recording_a_fast_lane_success_never_loses_the_response(
+    install: Install,
+    server: FaultyHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime = install()
+    _reset_for_tests()
+
+    def broken(self: CircuitBreaker, *args: object) -> None:
+        raise RuntimeError("bug in otel_raptor")
+
+    server.push(ok("zeroth"), ok("first"), ok("second"))
+    with caplog.at_level(logging.WARNING, logger="otel_raptor"), requests.Session() as session:
+        # The origin's first request is described (the general hook): it opens the lane.
+        assert session.get(server.url("/")).text == "zeroth"
+        monkeypatch.setattr(CircuitBreaker, "record_success_since", broken)
+        assert [session.get(server.url("/")).text for _ in range(2)] == ["first", "second"]
+    assert server.count() == 3
+    assert caplog.text.count("requests.fast_lane_success") == 1  # reported once
+    [(_, breaker)] = runtime.breakers.items()
+    # It would count failures only: it stops judging.
+    assert not breaker.judging

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from otel_raptor.errors import CircuitOpenError, RaptorError, ThrottledError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._http import (
+    FAILING_STATUSES,
     IDEMPOTENT,
     PROCEED,
     STALE_DROPPED_HEADERS,
@@ -51,12 +52,13 @@ from otel_raptor.integrations._http import (
     replay_safe,
     stale_headers,
     stale_key_headers,
+    suppression_keys,
     throttled_headers,
 )
 from otel_raptor.integrations._kit import HookedIntegration, call, is_refusal_of, library_error
 from otel_raptor.integrations._requests_mocks import passes_through
 from otel_raptor.integrations._wrapping import HookSet
-from otel_raptor.runtime.drive import CallPlan
+from otel_raptor.runtime.drive import CALL_PERMIT, CLOSED, NO_RESULT, CallPlan, resume_sync
 from otel_raptor.runtime.keys import private_digest
 from otel_raptor.runtime.safety import report_internal_error
 
@@ -622,7 +624,108 @@ _installed: _Installed | None = None
 
 def _request_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Session.request``: a plain function (module-level factory: its identity
-    marks the layer as ours), since wrapt's dispatch would cost more than the rest of it."""
+    marks the layer as ours), since wrapt's dispatch would cost more than the rest of it.
+    With the context's suppression keys known (``_http.suppression_keys``), the hook has a
+    fast lane for the common call (see :func:`_fast_request_hook`); else the general hook."""
+    lane = suppression_keys()
+    if lane is None:
+        return _general_request_hook(original)
+    return _fast_request_hook(original, lane)
+
+
+def _fast_request_hook(
+    original: Callable[..., Any], lane: tuple[Callable[[], Any], str, str, str]
+) -> Callable[..., Any]:
+    """The hook with a fast lane: a call made as ``(method, url, **kwargs)`` with a ``str``
+    URL whose origin is known (its prefix in the table) and has a fast plan
+    (:attr:`Origin.fast`: enabled, no fallbacks, no keyword of ours on the first attempt), a
+    method in :data:`IDEMPOTENT` and no body, through a closed breaker and no cooldown, runs
+    in this frame: ``describe``'s common case and ``run_sync``'s fast path copied inline
+    (anything but a success goes on in the loop through ``drive.resume_sync``). It costs about
+    half the instructions of ``describe`` + ``for_url`` + ``run_sync`` + ``_failing`` in their
+    own frames. Every other call takes the general hook, as before."""
+    current_context, first, second, third = lane
+    general = _general_request_hook(original)
+
+    def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        installed = _installed
+        if installed is None:
+            return original(self, *args, **kwargs)
+        plan = None
+        try:
+            context = current_context()
+            # An empty context (no span, no key set) suppresses nothing: one test.
+            if context and (context.get(first) or context.get(second) or context.get(third)):
+                installed = None  # suppressed: sent as without us, below
+            elif len(args) == 2 and type(url := args[1]) is str:
+                # OriginTable.for_url's common case: its prefix looked up as written.
+                end = url.find("/", 8)
+                origin = installed.table._by_prefix.get(url if end < 0 else url[:end])
+                if (
+                    origin is not None
+                    and (fast := origin.fast) is not None
+                    and args[0] in IDEMPOTENT
+                    and kwargs.get("data") is None
+                    and kwargs.get("files") is None
+                    # No timeout given and a policy with an attempt timeout: describe's.
+                    and ((timeout := kwargs.get("timeout")) is not None or not origin.timed)
+                ):
+                    core = fast.core
+                    start = fast.monotonic()
+                    if (core is None or core._state is CLOSED) and (
+                        start >= fast.downstream.cooldown_until
+                    ):
+                        if timeout is None and origin.timeout is not None:
+                            kwargs["timeout"] = origin.timeout  # _default_timeout's
+                        plan = fast  # else the loop's entry refuses, probes or waits
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("requests.fast_lane", bug)
+            plan = None
+        if plan is None:
+            if installed is None:
+                return original(self, *args, **kwargs)
+            return general(self, *args, **kwargs)
+        try:
+            response = original(self, *args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
+            failure: BaseException = exc
+            response = NO_RESULT
+        else:
+            try:
+                status = response.status_code
+                # ``type`` last: ``True == 1`` and ``503.0 == 503`` would match the set.
+                failing = status in FAILING_STATUSES and type(status) is int
+            except (AttributeError, TypeError):  # no status, or an unhashable one: _failing's
+                failing = False
+            except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                report_internal_error("requests.fast_lane_status", bug)
+                failing = False
+            if not failing:
+                try:
+                    plan.budget._calls += 1  # RetryBudget.record_call, inlined
+                    if core is not None and not (core.quiet and start < core._next_check):
+                        plan.breaker.record_success_since(CALL_PERMIT, start)  # type: ignore[union-attr]
+                except Exception as bug:  # noqa: BLE001 - never lose the caller's result
+                    report_internal_error("requests.fast_lane_success", bug)
+                    if core is not None:  # it would count failures only: see stop_judging
+                        plan.breaker.stop_judging()  # type: ignore[union-attr]
+                return response
+            failure = FailingResponse(response)
+        # Outside the ``except`` block, so that re-raising a later attempt's error does not
+        # chain this one onto it as its ``__context__``.
+        try:
+            return resume_sync(plan, original, (self, *args), kwargs, start, failure, response)
+        except (CircuitOpenError, ThrottledError) as error:
+            answer = refused(error, plan, args[0], args[1], kwargs)
+        if answer is not PROCEED:
+            return answer
+        return original(self, *args, **kwargs)  # as without us
+
+    return request
+
+
+def _general_request_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The hook for any call (see :func:`_request_hook`)."""
 
     def request(self: Any, *args: Any, **kwargs: Any) -> Any:
         installed = _installed
