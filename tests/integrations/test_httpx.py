@@ -1462,3 +1462,23 @@ def test_the_hooked_methods_look_like_the_originals(install: Install) -> None:
     assert not inspect.iscoroutinefunction(httpx.Client.send)
     assert inspect.signature(httpx.Client.send) == inspect.signature(ORIGINAL_SEND)
     assert httpx.AsyncClient.send.__qualname__ == ORIGINAL_ASYNC_SEND.__qualname__
+
+
+def test_the_fast_lane_keeps_alternating_origins_apart(install: Install) -> None:
+    # The lane remembers the last origin it found (OriginTable.recent): a request to another
+    # one must never be judged by, or refused for, the remembered one.
+    runtime = install(failure_threshold=2, max_retries=0)
+    with FaultyHTTPServer() as failing, FaultyHTTPServer() as healthy:
+        failing.push(ok(), status(500), status(500))
+        seen = []
+        with httpx.Client(timeout=5) as client:
+            for _ in range(4):
+                for server in (failing, healthy):
+                    try:
+                        seen.append(client.get(server.url("/")).status_code)
+                    except httpx.HTTPError as error:
+                        seen.append(type(error).__name__)
+        assert seen == [200, 200, 500, 200, 500, 200, "HttpxCircuitOpen", 200]
+        assert (failing.count(), healthy.count()) == (3, 4)
+    states = sorted(state_of(breaker).value for _, breaker in runtime.breakers.items())
+    assert states == ["closed", "open"]

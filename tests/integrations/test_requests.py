@@ -1200,3 +1200,23 @@ def test_a_bug_recording_a_fast_lane_success_never_loses_the_response(
     [(_, breaker)] = runtime.breakers.items()
     # It would count failures only: it stops judging.
     assert not breaker.judging
+
+
+def test_the_fast_lane_keeps_alternating_origins_apart(install: Install) -> None:
+    # The lane remembers the last origin it found (OriginTable.recent): a request to another
+    # one must never be judged by, or refused for, the remembered one.
+    runtime = install(failure_threshold=2, max_retries=0)
+    with FaultyHTTPServer() as failing, FaultyHTTPServer() as healthy:
+        failing.push(ok(), status(500), status(500))
+        seen = []
+        with requests.Session() as session:
+            for _ in range(4):
+                for server in (failing, healthy):
+                    try:
+                        seen.append(session.get(server.url("/"), timeout=5).status_code)
+                    except requests.ConnectionError as error:
+                        seen.append(type(error).__name__)
+        assert seen == [200, 200, 500, 200, 500, 200, "RequestsCircuitOpen", 200]
+        assert (failing.count(), healthy.count()) == (3, 4)
+    states = sorted(state_of(breaker).value for _, breaker in runtime.breakers.items())
+    assert states == ["closed", "open"]

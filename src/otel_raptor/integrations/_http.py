@@ -668,13 +668,26 @@ class Origin:
         return self.target.plan(replay_safe=replay_safe, with_fallback=with_fallback)
 
 
+#: :attr:`OriginTable.recent` before any hit: it matches no key (no host, scheme or prefix
+#: is ``None``).
+NO_RECENT: Final[tuple[Any, ...]] = (None, None, None, None)
+
+
 class OriginTable:
     """Origins by URL prefix or URL parts, for one installed integration (bounded by
     :data:`~otel_raptor.integrations._kit.MAX_TARGETS` each; lock-free reads). Two threads
     meeting a new origin at once may both build it; both share the breaker and the
-    downstream (by service name), so either is fine."""
+    downstream (by service name), so either is fine.
 
-    __slots__ = ("_by_origin", "_by_prefix", "_config", "_hooks", "_runtime")
+    ``recent`` is an integration's fast lane's own: its last hit in ``_by_prefix``, with
+    the key it was found by, as one tuple (written and read whole, so threads never see a
+    key with another key's origin), whose shape the lane chooses; :data:`NO_RECENT` until
+    then. Comparing the next request's key with it costs less than hashing that key
+    (strings new with each request) and looking it up; a miss looks it up as before. One
+    entry: bounded.
+    """
+
+    __slots__ = ("_by_origin", "_by_prefix", "_config", "_hooks", "_runtime", "recent")
 
     def __init__(self, runtime: Runtime, config: RaptorConfig, hooks: CallHooks) -> None:
         self._runtime = runtime
@@ -682,6 +695,7 @@ class OriginTable:
         self._hooks = hooks
         self._by_prefix: dict[Hashable, Origin | None] = {}
         self._by_origin: dict[tuple[str, str, int], Origin] = {}
+        self.recent: tuple[Any, ...] = NO_RECENT
 
     def for_prefix(self, prefix: str) -> Origin | None:
         """The origin of a URL prefix ``scheme://authority`` (as written by the caller), or

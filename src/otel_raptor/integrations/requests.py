@@ -658,13 +658,29 @@ def _fast_request_hook(
             if context and (context.get(first) or context.get(second) or context.get(third)):
                 installed = None  # suppressed: sent as without us, below
             elif len(args) == 2 and type(url := args[1]) is str:
-                # OriginTable.for_url's common case: its prefix looked up as written.
-                end = url.find("/", 8)
-                origin = installed.table._by_prefix.get(url if end < 0 else url[:end])
+                # OriginTable.for_url's common case: its prefix looked up as written, or
+                # compared with the last one found (``recent``: prefix, length, origin). A
+                # URL that starts with that prefix and goes on with ``/`` (or ends) has it
+                # for its own: the prefix holds no ``/`` past the scheme's.
+                table = installed.table
+                recent = table.recent
+                end = recent[1]
+                origin: Origin | None  # (an annotation alone: no code)
+                if url[:end] == recent[0] and (len(url) == end or url[end] == "/"):
+                    origin = recent[2]
+                else:
+                    end = url.find("/", 8)  # past "https://": the scheme's own come before
+                    if end < 0:
+                        origin = table._by_prefix.get(url)
+                    else:
+                        prefix = url[:end]
+                        origin = table._by_prefix.get(prefix)
+                        if origin is not None:
+                            table.recent = (prefix, end, origin)
                 if (
                     origin is not None
                     and (fast := origin.fast) is not None
-                    and args[0] in IDEMPOTENT
+                    and ((method := args[0]) == "GET" or method in IDEMPOTENT)
                     and kwargs.get("data") is None
                     and kwargs.get("files") is None
                     # No timeout given and a policy with an attempt timeout: describe's.
