@@ -1465,8 +1465,7 @@ def test_the_hooked_methods_look_like_the_originals(install: Install) -> None:
 
 
 def test_the_fast_lane_keeps_alternating_origins_apart(install: Install) -> None:
-    # The lane remembers the last origin it found (OriginTable.recent): a request to another
-    # one must never be judged by, or refused for, the remembered one.
+    # Origins a lane alternates between: neither is judged by, or refused for, the other.
     runtime = install(failure_threshold=2, max_retries=0)
     with FaultyHTTPServer() as failing, FaultyHTTPServer() as healthy:
         failing.push(ok(), status(500), status(500))

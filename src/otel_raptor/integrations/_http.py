@@ -668,9 +668,8 @@ class Origin:
         return self.target.plan(replay_safe=replay_safe, with_fallback=with_fallback)
 
 
-#: :attr:`OriginTable.recent` before any hit: it matches no key (no host, scheme or prefix
-#: is ``None``).
-NO_RECENT: Final[tuple[Any, ...]] = (None, None, None, None)
+#: :attr:`OriginTable.recent` before any hit: it matches no URL (no prefix is ``None``).
+NO_RECENT: Final[tuple[Any, ...]] = (None, None, None)
 
 
 class OriginTable:
@@ -679,12 +678,12 @@ class OriginTable:
     meeting a new origin at once may both build it; both share the breaker and the
     downstream (by service name), so either is fine.
 
-    ``recent`` is an integration's fast lane's own: its last hit in ``_by_prefix``, with
-    the key it was found by, as one tuple (written and read whole, so threads never see a
-    key with another key's origin), whose shape the lane chooses; :data:`NO_RECENT` until
-    then. Comparing the next request's key with it costs less than hashing that key
-    (strings new with each request) and looking it up; a miss looks it up as before. One
-    entry: bounded.
+    ``recent`` is requests' fast lane's own: its last hit in ``_by_prefix``, with the key
+    it was found by, as one tuple ``(prefix, len(prefix), origin)`` (written and read whole,
+    so threads never see a key with another key's origin); :data:`NO_RECENT` until then.
+    Comparing the next URL's start with it costs less than finding the prefix's end
+    (``str.find``) and hashing the new prefix string to look it up; a miss looks it up as
+    before. One entry: bounded.
     """
 
     __slots__ = ("_by_origin", "_by_prefix", "_config", "_hooks", "_runtime", "recent")

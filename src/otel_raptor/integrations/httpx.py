@@ -845,18 +845,9 @@ def _fast_send_hook(
             else:
                 # ``describe``'s common case, and ``run_sync``'s fast path's admission.
                 reference = request.url._uri_reference
-                table = installed.sync_table
-                recent = table.recent  # (host, port, scheme, origin): see OriginTable
-                host = reference.host
-                port = reference.port
-                scheme = reference.scheme
-                origin: Origin | None  # (an annotation alone: no code)
-                if host == recent[0] and port == recent[1] and scheme == recent[2]:
-                    origin = recent[3]
-                else:
-                    origin = table._by_prefix.get((scheme, host, port))
-                    if origin is not None:
-                        table.recent = (host, port, scheme, origin)
+                origin = installed.sync_table._by_prefix.get(
+                    (reference.scheme, reference.host, reference.port)
+                )
                 if (
                     origin is not None
                     and (fast := origin.fast) is not None
