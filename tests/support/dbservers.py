@@ -181,12 +181,15 @@ class PrivatePgBouncer:
             f"query_wait_timeout = {query_wait}\n"
             f"logfile = {self.root / 'pgbouncer.log'}\n"
         )
-        self._as: list[str] = []
+        # As root, the process itself runs as ``postgres`` (not under ``runuser``: on SIGTERM
+        # runuser forwards it, then sleeps 2 s before it exits, whatever the child did).
+        self._uid: int | None = None
+        self._gid: int | None = None
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
             for path in (self.root, *self.root.iterdir()):
                 os.chown(path, user.pw_uid, user.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
+            self._uid, self._gid = user.pw_uid, user.pw_gid
 
     @property
     def dsn(self) -> str:
@@ -194,9 +197,13 @@ class PrivatePgBouncer:
 
     def start(self) -> None:
         self._process = subprocess.Popen(
-            [*self._as, self.binary, str(self.root / "pgbouncer.ini")],
+            [self.binary, str(self.root / "pgbouncer.ini")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=self.root,
+            user=self._uid,
+            group=self._gid,
+            extra_groups=[] if self._uid is not None else None,
         )
         _wait_port(self.port, 30)
 
