@@ -24,6 +24,7 @@ unless ``RAPTOR_REQUIRE_SERVICES=1``) does not cut the link: it answers each com
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -64,8 +65,10 @@ OPEN_WITHIN = 6
 DOWN_CALLS = 12
 
 
-@pytest.fixture
-def bouncer() -> Iterator[PrivatePgBouncer]:
+@pytest.fixture(scope="module")
+def module_bouncer() -> Iterator[PrivatePgBouncer]:
+    """One server and one PgBouncer for the module: each test kills the server and starts it
+    again, and ends with calls through PgBouncer succeeding (the breaker is per test)."""
     server = PrivatePostgres()
     bouncer = None
     try:
@@ -77,6 +80,21 @@ def bouncer() -> Iterator[PrivatePgBouncer]:
         if bouncer is not None:
             bouncer.close()
         server.close()
+
+
+@pytest.fixture
+def bouncer(module_bouncer: PrivatePgBouncer) -> PrivatePgBouncer:
+    if not _listening(module_bouncer.server.port):  # a test before this one failed midway
+        module_bouncer.server.start()
+    return module_bouncer
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
 
 
 def opened(installed: Installed) -> list[BreakerTransitioned]:
