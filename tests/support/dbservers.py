@@ -414,6 +414,9 @@ class PrivateRedisCluster:
         options = (
             "--cluster-node-timeout", str(node_timeout_ms),
             "--cluster-require-full-coverage", "yes" if full_coverage else "no",
+            # A replica's first full sync starts at once, not after 5 s spent waiting for
+            # more replicas to share it (``repl-diskless-sync-delay``).
+            "--repl-diskless-sync-delay", "0",
         )  # fmt: skip
         self.replicas = replicas
         self.nodes = [
