@@ -12,7 +12,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 import redis.asyncio.cluster
+from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy, RedisCluster
+from redis.retry import Retry
 
 from otel_raptor.core.events import BreakerTransitioned
 from otel_raptor.core.states import CircuitState
@@ -147,7 +149,15 @@ def test_clusterdown_never_opens_the_breakers_of_the_live_masters(install: Insta
     try:
         cluster.start()
         installed = install(RedisIntegration, failure_threshold=3, recovery_timeout=60)
-        client = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, socket_timeout=2)
+        # One retry of its own per call, not ten: each retry of CLUSTERDOWN sleeps 0.25 s and
+        # rereads the slot table, so that a call failed after 2.8 s. Three failed calls are
+        # still six CLUSTERDOWN answers of the live masters, twice the failure threshold.
+        client = RedisCluster(
+            host="127.0.0.1",
+            port=cluster.nodes[0].port,
+            socket_timeout=2,
+            retry=Retry(NoBackoff(), 1),
+        )
         try:
             victim = cluster.nodes[1].port
             keys = [f"{{raptor{i}}}" for i in range(300)]
