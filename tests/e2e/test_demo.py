@@ -1,18 +1,16 @@
 """``otel-raptor demo``: the whole thing in a subprocess, plus the server's own accounting.
 
-The subprocess test runs ``python -m otel_raptor demo --quick`` (about 12 s) and checks that
-the table is there, that it compares both runs, and that the measured numbers tell the story
-the demo exists to tell. The server tests check the two measurements the table relies on that
-are easy to get wrong: Retry-After accounting and the refused half of the outage.
+The subprocess tests run ``python -m otel_raptor demo --quick`` (28 s of waiting, run in the
+background while the other tests run: tests/support/background.py) and check that the table
+is there, that it compares both runs, and that the measured numbers tell the story the demo
+exists to tell. The server tests check the two measurements the table relies on that are
+easy to get wrong: Retry-After accounting and the refused half of the outage.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,6 +18,7 @@ import requests
 
 from otel_raptor._demo.server import CLIENT_HEADER, FaultServer, Phase, Schedule
 from otel_raptor.errors import ConfigError
+from tests.support import background
 
 _TINY = 0.001
 
@@ -46,15 +45,10 @@ def _millis(cell: str) -> float:
 
 @pytest.fixture(scope="module")
 def demo_output() -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "otel_raptor", "demo", "--quick", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env,
-        check=False,
-    )
+    """``python -m otel_raptor demo --quick --seed 7`` (no ``OTEL_*`` variables): started in
+    the background as the session began (tests/support/background.py; these tests run
+    last), as it spends 28 s waiting."""
+    result = background.run_for("demo_output").result()
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
