@@ -312,7 +312,13 @@ class PrivateRedis:
         )
         with socket.create_connection(("127.0.0.1", self.port), 5) as sock:
             sock.sendall(request)
-            return sock.recv(65536)
+            reply = sock.recv(65536)
+            if reply.startswith(b"$") and b"\r\n" in reply:  # a bulk string: all of it
+                header = reply.partition(b"\r\n")[0]
+                size = len(header) + 2 + max(int(header[1:]), 0) + 2
+                while len(reply) < size and (more := sock.recv(65536)):
+                    reply += more
+            return reply
 
     def _serve_every_slot(self) -> None:
         """A cluster of one node: it serves all 16384 slots."""

@@ -681,12 +681,32 @@ def mariadb_wait_timeout(server: PrivateMariaDB, seconds: int) -> None:
         conn.close()
 
 
+def mariadb_reaped(server: PrivateMariaDB) -> None:
+    """Wait until the server has ended every session but the one asking (``wait_timeout``)."""
+    deadline = time.monotonic() + 15
+    while True:
+        conn = pymysql.connect(host="127.0.0.1", port=server.port, user="root", autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM information_schema.PROCESSLIST"
+                    " WHERE ID <> CONNECTION_ID() AND COMMAND <> 'Daemon'"
+                )
+                (others,) = cur.fetchone()
+        finally:
+            conn.close()
+        if others == 0:
+            return
+        assert time.monotonic() < deadline, f"{others} sessions outlived wait_timeout"
+        time.sleep(0.05)
+
+
 def test_pymysql_reaped_by_wait_timeout(mariadb: PrivateMariaDB, install: Install) -> None:
     mariadb_wait_timeout(mariadb, 1)  # private server: new sessions get 1 s
     try:
 
         def reap() -> None:
-            time.sleep(2.0)
+            mariadb_reaped(mariadb)
 
         baseline = reaped(PyMySQLApp(mariadb), reap)
         installed = install(PyMySQLIntegration, **settings())
@@ -710,6 +730,15 @@ def test_pymysql_killed(mariadb: PrivateMariaDB, install: Install) -> None:
 
 
 # -- redis-py's pool, on a server with ``timeout 1`` -------------------------------------------
+
+
+def redis_reaped(server: PrivateRedis) -> None:
+    """Wait until the server (``timeout 1``) has closed every idle client: it does so within
+    a second or two of their last command, as its cron goes by."""
+    deadline = time.monotonic() + 15
+    while (clients := server._command(b"CLIENT", b"LIST").count(b"id=")) != 1:  # the asker
+        assert time.monotonic() < deadline, f"{clients - 1} idle clients were never closed"
+        time.sleep(0.05)
 
 
 class RedisApp(App):
@@ -736,7 +765,7 @@ class RedisApp(App):
 
 def test_redis_reaped_by_timeout(redis_timeout: PrivateRedis, install: Install) -> None:
     def reap() -> None:
-        time.sleep(2.5)  # timeout 1: closed by the server's cron within about a second more
+        redis_reaped(redis_timeout)
 
     baseline = reaped(RedisApp(redis_timeout), reap)
     installed = install(RedisIntegration, **settings())
@@ -803,7 +832,7 @@ def test_redis_health_check_reaped_by_timeout(
     the four of them opened the breaker of a server serving every new connection."""
 
     def reap() -> None:
-        time.sleep(2.5)  # timeout 1: closed by the server's cron within about a second more
+        redis_reaped(redis_timeout)
 
     baseline = reaped(RedisHealthCheckApp(redis_timeout), reap)
     installed = install(RedisIntegration, **settings())
@@ -838,7 +867,7 @@ def test_redis_asyncio_health_check_reaped_by_timeout(
         try:
             for client in clients:
                 assert await client.ping()
-            await asyncio.sleep(2.5)  # timeout 1: reaped by the server's cron meanwhile
+            await asyncio.to_thread(redis_reaped, redis_timeout)
             for client in clients:
                 await client.incr("calls")  # served: the PING failed, the command was resent
         finally:
