@@ -58,6 +58,15 @@ class Tally:
     successes: list[tuple[float, float]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     next_id: int = 0
+    #: The longest the process kept a thread that only sleeps 10 ms at a time from running
+    #: (seconds beyond its 10 ms): what a loaded machine adds to any call measured here.
+    stall: float = 0.0
+
+    def watch_stalls(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            time.sleep(0.01)
+            self.stall = max(self.stall, time.perf_counter() - started - 0.01)
 
     def new_id(self) -> int:
         with self.lock:
@@ -112,6 +121,7 @@ def run_workload(
             close(conn)
 
     threads = [threading.Thread(target=worker) for _ in range(WORKERS)]
+    threads.append(threading.Thread(target=tally.watch_stalls, args=(stop,)))
     for thread in threads:
         thread.start()
     try:
@@ -140,15 +150,17 @@ def check(tally: Tally, found: list[int], installed: Any, down: float, up: float
     assert opened, "the breaker never opened"
     assert tally.refused, "no call failed fast"
     # Refused calls fail at once; the worst one measured also waited for the GIL, shared by
-    # the workers and the thread stopping and starting the server.
+    # the workers and the thread stopping and starting the server, and for the CPU on a
+    # loaded machine (1.17 s once): as long as the process's worst stall, measured alongside.
     assert statistics.median(tally.refused) < 0.005
-    assert max(tally.refused) < CONNECT_TIMEOUT / 4
+    assert max(tally.refused) < CONNECT_TIMEOUT / 4 + tally.stall, tally.stall
     after = [acked for _, acked in tally.successes if acked > up]
     assert after, "the application never recovered"
     print(  # shown with pytest -s: what the bounds below were measured against
         f"\nacked {len(tally.acked)}, unknown {len(tally.unknown)}, found {len(found)};"
         f" refused {len(tally.refused)}, median {statistics.median(tally.refused) * 1e3:.3f} ms,"
-        f" max {max(tally.refused) * 1e3:.1f} ms; recovered {after[0] - up:.2f} s after restore"
+        f" max {max(tally.refused) * 1e3:.1f} ms (worst stall {tally.stall * 1e3:.1f} ms);"
+        f" recovered {after[0] - up:.2f} s after restore"
     )
     # Recovered within the open duration (the breaker's recovery timeout), plus a margin for
     # the server's own start and the workers' pacing on a shared machine.
