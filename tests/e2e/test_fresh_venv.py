@@ -7,8 +7,9 @@ raptor's retries quick. The app (tests/e2e/apps/flaky_client.py) has no telemetr
 resilience code of its own. Raptor's spans and metrics must arrive, decoded: the launcher
 sets the SDK up through the configurator that ``otel-raptor`` brings (opentelemetry-distro).
 
-Installing takes tens of seconds (pip reuses its cache). Without a package index the test
-skips with the reason, or fails under ``RAPTOR_REQUIRE_SERVICES=1``.
+Installing takes tens of seconds (pip reuses its cache), in the background while the other
+tests run (tests/support/background.py). Without a package index the test skips with the
+reason, or fails under ``RAPTOR_REQUIRE_SERVICES=1``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
 
 from otel_raptor.telemetry.instruments import METRIC_ERRORS, METRIC_RETRIES, SPAN_RECOVERY
 from tests.e2e.otlp_receiver import OTLPReceiver
+from tests.support import background
 from tests.support.faulty_http import FaultyHTTPServer, ok, status
 from tests.support.services import services_required
 
@@ -34,27 +35,18 @@ APP = ROOT / "tests" / "e2e" / "apps" / "flaky_client.py"
 
 
 @pytest.fixture(scope="module")
-def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new venv with ``otel-raptor[requests]`` from this checkout, and nothing else."""
-    home = tmp_path_factory.mktemp("fresh-venv") / "venv"
-    venv.EnvBuilder(with_pip=True, clear=True).create(home)
-    python = home / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{ROOT}[requests]"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
+def fresh_venv() -> Path:
+    """A new venv with ``otel-raptor[requests]`` from this checkout, and nothing else: built
+    in the background as the session began (tests/support/background.py; this test runs
+    last)."""
+    run = background.run_for("fresh_venv")
+    installed = run.result()
     if installed.returncode != 0:
         reason = f"pip could not install otel-raptor[requests]: {installed.stderr[-2000:]}"
         if services_required():
             pytest.fail(f"{reason} and RAPTOR_REQUIRE_SERVICES=1", pytrace=False)
         pytest.skip(reason)
-    return home
+    return run.directory / "venv"
 
 
 def test_zero_code_exports_raptor_spans_and_metrics(fresh_venv: Path) -> None:

@@ -1,13 +1,14 @@
 """Slow, mostly idle subprocesses that a test module needs, run while the other tests do.
 
 ``otel-raptor demo --quick`` takes 28 s of wall time for 2 s of CPU (its schedule is made of
-waits). The root conftest starts it once collection is over, if a selected test uses its
-fixture (:data:`FIXTURES`), and moves those tests to the end of the session so that the
-demo has the whole session to finish; any run still going when the session ends is
-stopped. The fixture takes :meth:`BackgroundRun.result`, which runs the command in the
-foreground if nothing started it (``--collect-only``, or a plugin that reorders tests).
+waits); a fresh venv with ``otel-raptor[requests]`` takes 16 s to build. The root conftest
+starts each once collection is over, if a selected test uses its fixture (:data:`FIXTURES`),
+and moves those tests to the end of the session so that the run has the whole session to
+finish; any run still going when the session ends is stopped, and its files removed. The
+fixture takes :meth:`BackgroundRun.result`, which runs the command in the foreground if
+nothing started it (``--collect-only``, or a plugin that reorders tests).
 
-Nothing here shares state with another test: the run has its own subprocess, temporary
+Nothing here shares state with another test: each run has its own subprocess, temporary
 directory and loopback ports, and the demo's PostgreSQL table and function have random names.
 """
 
@@ -42,12 +43,13 @@ class BackgroundRun:
         if self._process is not None:
             return
         self._directory = Path(tempfile.mkdtemp(prefix="raptor_background_"))
+        command = [part.replace("{directory}", str(self._directory)) for part in self.command]
         with (
             (self._directory / "stdout").open("wb") as stdout,
             (self._directory / "stderr").open("wb") as stderr,
         ):
             self._process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=self.env
+                command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=self.env
             )
         self._started = time.monotonic()
 
@@ -71,6 +73,13 @@ class BackgroundRun:
             self.command, self._process.returncode, self._read("stdout"), self._read("stderr")
         )
         return self._result
+
+    @property
+    def directory(self) -> Path:
+        """The run's own temporary directory (``{directory}`` in its command), kept until
+        the session ends."""
+        assert self._directory is not None, "not started"
+        return self._directory
 
     def stop(self) -> None:
         """Kill the subprocess if it still runs, and remove its output files."""
@@ -100,8 +109,28 @@ def _demo() -> BackgroundRun:
     )
 
 
+#: A new venv, ``{directory}/venv``, with ``otel-raptor[requests]`` from this checkout installed
+#: by its own pip, and nothing else (tests/e2e/test_fresh_venv.py).
+_FRESH_VENV = """
+import subprocess, sys, venv
+home, root = sys.argv[1:]
+venv.EnvBuilder(with_pip=True, clear=True).create(home)
+command = [home + "/bin/python", "-m", "pip", "install", "--quiet", root + "[requests]"]
+raise SystemExit(subprocess.run(command, check=False).returncode)
+"""
+
+
+def _fresh_venv() -> BackgroundRun:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    root = str(Path(__file__).resolve().parents[2])
+    return BackgroundRun(
+        [sys.executable, "-c", _FRESH_VENV, "{directory}/venv", root], env=env, timeout=540
+    )
+
+
 #: Fixture name -> how to make its run.
-FIXTURES = {"demo_output": _demo}
+FIXTURES = {"demo_output": _demo, "fresh_venv": _fresh_venv}
 
 _RUNS: dict[str, BackgroundRun] = {}
 
