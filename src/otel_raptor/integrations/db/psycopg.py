@@ -50,7 +50,6 @@ the latest connection it opened), and kept on the pool. See ``docs/databases.md`
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -840,110 +839,51 @@ def _refusal_behind(error: BaseException) -> BaseException | None:
     return None
 
 
-def _timeout_only(original: Callable[..., Any], default: bool) -> bool:
-    """Whether ``original`` takes ``(self, timeout)`` (``default``: ``timeout=None``), as
-    psycopg_pool's ``getconn`` and ``_get_ready_connection`` do since 3.1: then the hook
-    takes exactly that, which packs no arguments on a call. Anything else gets a hook that
-    passes whatever it is given."""
-    try:
-        parameters = list(inspect.signature(original).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if [p.name for p in parameters] != ["self", "timeout"]:
-        return False
-    timeout = parameters[1]
-    if timeout.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
-        return False
-    return timeout.default is None if default else timeout.default is inspect.Parameter.empty
-
-
 def _ready_connection_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``ConnectionPool._get_ready_connection``: an idle connection is handed
     out untouched; none, the caller may be refused (:func:`_refuse_waiting`)."""
-    if _timeout_only(original, default=False):
 
-        def _get_ready_connection(self: Any, timeout: Any) -> Any:
-            conn = original(self, timeout)
-            if conn is None and _installed is not None:
-                _refuse_waiting(self)
-            return conn
-
-        return _get_ready_connection
-
-    def _get_ready_connection_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def _get_ready_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
         conn = original(self, *args, **kwargs)
         if conn is None and _installed is not None:
             _refuse_waiting(self)
         return conn
 
-    return _get_ready_connection_any
+    return _get_ready_connection
 
 
 def _async_ready_connection_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``AsyncConnectionPool._get_ready_connection``."""
-    if _timeout_only(original, default=False):
 
-        async def _get_ready_connection(self: Any, timeout: Any) -> Any:
-            conn = await original(self, timeout)
-            if conn is None and _installed is not None:
-                _refuse_waiting(self)
-            return conn
-
-        return _get_ready_connection
-
-    async def _get_ready_connection_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _get_ready_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
         conn = await original(self, *args, **kwargs)
         if conn is None and _installed is not None:
             _refuse_waiting(self)
         return conn
 
-    return _get_ready_connection_any
+    return _get_ready_connection
 
 
 def _getconn_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``ConnectionPool.getconn``: the pool's refusal reaches the caller as it
     was raised, not replaced by the pool's own ``PoolTimeout``."""
-    if _timeout_only(original, default=True):
 
-        def getconn(self: Any, timeout: Any = None) -> Any:
-            try:
-                return original(self, timeout)
-            except Exception as error:
-                refused = _refusal_behind(error)
-                if refused is None:
-                    raise
-            raise refused  # outside the except block: not chained to the pool's own
-
-        return getconn
-
-    def getconn_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def getconn(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return original(self, *args, **kwargs)
         except Exception as error:
             refused = _refusal_behind(error)
             if refused is None:
                 raise
-        raise refused
+        raise refused  # outside the except block: not chained to the pool's own
 
-    return getconn_any
+    return getconn
 
 
 def _async_getconn_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """The hook on ``AsyncConnectionPool.getconn``."""
-    if _timeout_only(original, default=True):
 
-        async def getconn(self: Any, timeout: Any = None) -> Any:
-            try:
-                return await original(self, timeout)
-            except Exception as error:
-                refused = _refusal_behind(error)
-                if refused is None:
-                    raise
-            raise refused
-
-        return getconn
-
-    async def getconn_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def getconn(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await original(self, *args, **kwargs)
         except Exception as error:
@@ -952,7 +892,7 @@ def _async_getconn_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
                 raise
         raise refused
 
-    return getconn_any
+    return getconn
 
 
 def _pool_connect_hook(original: Callable[..., Any]) -> Callable[..., Any]:
