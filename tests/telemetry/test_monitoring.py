@@ -208,3 +208,45 @@ def test_a_broken_logger_provider_never_breaks_the_monitor(clock: FakeClock) -> 
     assert [a.name for a in monitor.get_active_alerts()] == [RULE_MEMORY_USAGE]
     telemetry.uninstall()
     monitor.close()
+
+
+def test_two_monitors_on_one_provider_add_up_their_alerts(clock: FakeClock) -> None:
+    # Each monitor reports 0 for every rule it is not firing: the gauge must show the other
+    # monitor's firing alert, not whichever reading came last.
+    reader = InMemoryMetricReader()
+    provider = MeterProvider([reader])
+    memories = ([0.9], [0.1], [0.9])
+    monitors = [
+        ErrorRecoveryMonitor(
+            {"alert_for": 0, "alert_resolve_after": 0, "report_interval": 600},
+            runtime=Runtime(clock=clock),
+            memory_reader=lambda memory=memory: memory[0],  # type: ignore[misc]
+        )
+        for memory in memories
+    ]
+    telemetries = [MonitorTelemetry(m, meter_provider=provider) for m in monitors]
+    for telemetry in telemetries:
+        telemetry.install()
+    try:
+        for monitor in monitors:
+            monitor.get_active_alerts()
+
+        def active() -> dict[tuple[str, str], float]:
+            data = reader.get_metrics_data()
+            assert data is not None
+            return {
+                (p.attributes[ATTR_ALERT_NAME], p.attributes[ATTR_ALERT_SEVERITY]): p.value
+                for resource in data.resource_metrics
+                for scope in resource.scope_metrics
+                for metric in scope.metrics
+                if metric.name == METRIC_ALERTS_ACTIVE.name
+                for p in metric.data.data_points
+            }
+
+        assert active()[(RULE_MEMORY_USAGE, "warning")] == 2
+        telemetries[2].uninstall()  # an uninstalled monitor no longer counts
+        assert active()[(RULE_MEMORY_USAGE, "warning")] == 1
+    finally:
+        for telemetry, monitor in zip(telemetries, monitors, strict=True):
+            telemetry.uninstall()
+            monitor.close()

@@ -290,12 +290,6 @@ class MonitorTelemetry:
         except Exception as error:  # noqa: BLE001 - a failing exporter must not stop us
             report_internal_error("telemetry.monitor.emit", error)
 
-    def _observe(self) -> list[Observation]:
-        return [
-            Observation(count, {ATTR_ALERT_NAME: name, ATTR_ALERT_SEVERITY: severity})
-            for (name, severity), count in sorted(self._monitor.alert_counts().items())
-        ]
-
 
 def _alert_severity(severity: str) -> SeverityNumber:
     return SeverityNumber.ERROR if severity == AlertSeverity.CRITICAL.value else SeverityNumber.WARN
@@ -348,15 +342,22 @@ class _Hub:
             self._members = tuple(m for m in self._members if m is not member)
 
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
-        observations: list[Observation] = []
+        # Summed over the members: every monitor reports 0 for each of its rules that is not
+        # firing, and a gauge keeps the last of two observations with the same attributes,
+        # so one monitor's 0 would hide another's firing alert.
+        counts: dict[tuple[str, str], int] = {}
         for member in self._members:
             if not member._installed:
                 continue
             try:
-                observations.extend(member._observe())
+                for key, count in member._monitor.alert_counts().items():
+                    counts[key] = counts.get(key, 0) + count
             except Exception as error:  # noqa: BLE001 - a gauge must not fail a collection
                 report_internal_error("telemetry.gauge raptor.alerts.active", error)
-        return observations
+        return [
+            Observation(count, {ATTR_ALERT_NAME: name, ATTR_ALERT_SEVERITY: severity})
+            for (name, severity), count in sorted(counts.items())
+        ]
 
 
 class _Global:
