@@ -33,6 +33,7 @@ from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations.db.redis import TARGET_ATTRIBUTE, RedisIntegration
 from tests.integrations.db.conftest import Install, Installed
 from tests.support.dbservers import PrivateRedis, find_binary, free_port
+from tests.support.resp_server import ScriptedRedis
 from tests.support.services import REDIS
 from tests.support.tcp_proxy import FaultProxy
 
@@ -606,6 +607,85 @@ def test_a_script_refused_with_busy_is_not_sent_again(
         client.eval("return redis.call('INCR', KEYS[1])", 1, "counter")
     spinner.join(10)
     assert attempts(installed) == [1]
+
+
+class _BusyAtMultiAndExec:
+    """The narrow race a real server cannot be made to show on cue: a script holds the server
+    when ``MULTI`` arrives (``BUSY``) and, with ``ends_between``, ends then, so the ``INCR``
+    sent after it runs on its own, outside any transaction; a second script holds the server
+    when ``EXEC`` arrives (``BUSY`` again). Without ``ends_between`` the one script refuses
+    all three. Later transactions are served normally."""
+
+    BUSY = b"-BUSY Redis is busy running a script.\r\n"
+
+    def __init__(self, *, ends_between: bool) -> None:
+        self.ends_between = ends_between
+        self.transactions = 0
+        self.applied = 0  # INCRs that changed the counter
+
+    def __call__(self, command: list[bytes]) -> bytes:
+        name = command[0].upper()
+        first = self.transactions == 0
+        if name == b"MULTI":
+            return self.BUSY if first else b"+OK\r\n"
+        if name in (b"INCR", b"INCRBY"):
+            if not first:
+                return b"+QUEUED\r\n"
+            if not self.ends_between:
+                return self.BUSY
+            self.applied += 1
+            return b":1\r\n"
+        if name == b"EXEC":
+            self.transactions += 1
+            if first:
+                return self.BUSY
+            self.applied += 1
+            return b"*1\r\n:%d\r\n" % self.applied
+        return b"-ERR unexpected\r\n"
+
+
+@pytest.mark.parametrize("ends_between", [True, False], ids=["ran-alone", "refused-whole"])
+def test_a_transaction_refused_at_multi_is_sent_again_only_if_nothing_ran(
+    install: Install, ends_between: bool
+) -> None:
+    """``BUSY`` at ``EXEC`` means nothing ran only when ``MULTI`` was accepted, or when every
+    command after a refused ``MULTI`` was refused too: a command that got an answer that is
+    not an error ran on its own, and sending the transaction again would apply it twice."""
+    installed = install(RedisIntegration, max_retries=5, failure_threshold=100)
+    script = _BusyAtMultiAndExec(ends_between=ends_between)
+    server = ScriptedRedis(script)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=server.port, protocol=2, driver_info=None)
+        if ends_between:
+            with pytest.raises(redis.exceptions.ResponseError, match=r"^BUSY "):
+                client.pipeline().incr("counter").execute()
+        else:
+            assert client.pipeline().incr("counter").execute() == [1]
+    finally:
+        server.close()
+    assert script.applied == 1
+    assert attempts(installed) == [1 if ends_between else 2]
+
+
+@pytest.mark.parametrize("ends_between", [True, False], ids=["ran-alone", "refused-whole"])
+async def test_an_asyncio_transaction_refused_at_multi_is_sent_again_only_if_nothing_ran(
+    install: Install, ends_between: bool
+) -> None:
+    installed = install(RedisIntegration, max_retries=5, failure_threshold=100)
+    script = _BusyAtMultiAndExec(ends_between=ends_between)
+    server = ScriptedRedis(script)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=server.port, protocol=2, driver_info=None)
+    try:
+        if ends_between:
+            with pytest.raises(redis.exceptions.ResponseError, match=r"^BUSY "):
+                await client.pipeline().incr("counter").execute()
+        else:
+            assert await client.pipeline().incr("counter").execute() == [1]
+    finally:
+        await client.aclose()
+        server.close()
+    assert script.applied == 1
+    assert attempts(installed) == [1 if ends_between else 2]
 
 
 # --- asyncio pipelines without MULTI -------------------------------------------------------------

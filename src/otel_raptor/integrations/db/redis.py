@@ -23,8 +23,9 @@ raptor's loop decides what to retry, with the server's breaker, retry budget and
 
 Pipelines: one that only reads is a read-only command; a transaction (``MULTI``/``EXEC``,
 the default) that writes may be sent again only when it was never sent or was rejected whole
-(at ``MULTI``, while queueing, which makes ``EXEC`` abort, or by ``EXEC`` itself), never after
-an error taken from ``EXEC``'s results (``EXEC`` ran); a non-transactional pipeline that
+(at ``MULTI``, while queueing, which makes ``EXEC`` abort, or by ``EXEC`` itself, unless
+``MULTI`` was refused and a command after it answered: it ran alone), never after an error
+taken from ``EXEC``'s results (``EXEC`` ran); a non-transactional pipeline that
 writes, or one that is ``WATCH``ing, is never sent again. A ``WatchError`` is a conflict, not
 a fault: it reaches the application as always (its optimistic-locking loop retries), and
 counts neither as a failure nor against the breaker.
@@ -148,6 +149,10 @@ _BLOCK_OPTION_COMMANDS: Final = frozenset({"XREAD", "XREADGROUP"})
 WAITED_ATTRIBUTE: Final = "_otel_raptor_waited"
 # The prefix redis-py puts on the error of one of a pipeline's commands.
 _ANNOTATION: Final = "Command # "
+# redis-py's function (sync and asyncio) that sends a transaction and reads its answers, and
+# the option marking a command it does not send (its answer is known without asking).
+_TRANSACTION_FUNCTION: Final = "_execute_transaction"
+_EMPTY_RESPONSE: Final = "EMPTY_RESPONSE"
 # redis-py's health check (``check_health``) sends ``PING`` with this function.
 _HEALTH_CHECK_PING: Final = "_send_ping"
 # The client functions that run a command (sync, asyncio), in the modules defining them, and
@@ -370,7 +375,34 @@ def _transaction_refused_whole(error: BaseException, exec_abort: type[BaseExcept
     if _raised_in(error, _RESULT_ERROR_FUNCTION):
         return False
     message = error.args[0] if error.args else ""
-    return not (isinstance(message, str) and message.startswith(_ANNOTATION))
+    if isinstance(message, str) and message.startswith(_ANNOTATION):
+        return False
+    return not _ran_outside_multi(error)
+
+
+def _ran_outside_multi(error: BaseException) -> bool:
+    """Whether ``MULTI`` was refused and a command sent after it got an answer that is not an
+    error: with no transaction open, that command ran on its own (a script holding the
+    server ended between the two), so ``EXEC``'s own refusal does not mean none of it ran.
+    Read from the locals of redis-py's ``_execute_transaction`` on the traceback (sync and
+    asyncio): ``errors`` holds ``MULTI``'s error first, unannotated, then one annotated error
+    per refused command, and ``commands`` what was queued. Unknown: assume it ran."""
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == _TRANSACTION_FUNCTION:
+            found = frame.f_locals
+            errors, commands = found.get("errors"), found.get("commands")
+            if not isinstance(errors, list) or commands is None:
+                return True
+            refused = [e for _, e in errors if isinstance(e, Exception)]
+            first = refused[0].args[0] if refused and refused[0].args else None
+            if not (isinstance(first, str) and not first.startswith(_ANNOTATION)):
+                return False  # MULTI was accepted: the commands were only queued
+            sent = sum(1 for _, options in commands if _EMPTY_RESPONSE not in options)
+            return len(refused) - 1 < sent
+        tb = tb.tb_next
+    return False  # not raised while reading a transaction's answers
 
 
 class _State(DbState):
