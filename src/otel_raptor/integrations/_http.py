@@ -31,6 +31,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -101,6 +102,7 @@ __all__ = [
     "stale_headers",
     "stale_key_headers",
     "throttled_headers",
+    "virtual_host",
 ]
 
 #: What an integration's ``refused`` hands back when the library's answer to a refusal could
@@ -496,14 +498,49 @@ def parse_origin(origin: str) -> tuple[str, str, int] | None:
     return scheme, host, port
 
 
-def downstream_of(url: str, *, by_host: bool) -> Hashable | None:
-    """What names the breaker of an absolute URL's origin: ``(scheme, host, port)``, or the
-    host alone with ``breaker_key = "host"``; ``None`` when it is not an HTTP(S) URL."""
+def downstream_of(url: str, *, by_host: bool, host_header: object = None) -> Hashable | None:
+    """What names the breaker of a request to an absolute URL: ``(scheme, host, port)``, or
+    the host alone with ``breaker_key = "host"``; ``None`` when it is not an HTTP(S) URL.
+    A ``host_header`` (the request's ``Host`` value, if it has one) that names a host
+    (:func:`virtual_host`) puts that host in the URL's."""
     end = origin_end(url)
     parsed = parse_origin(url[:end]) if end > 0 else None
     if parsed is None:
         return None
-    return parsed[1] if by_host else parsed
+    scheme, host, port = parsed
+    if host_header is not None:
+        host = virtual_host(host_header) or host
+    return host if by_host else (scheme, host, port)
+
+
+#: The longest ``Host`` value that may name a virtual host: a DNS name (253) and a port.
+MAX_HOST_HEADER: Final = 253 + 6
+
+_HOST_NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
+_HOST_IPV6: Final = re.compile(r"[0-9A-Fa-f:.]+")
+
+
+def virtual_host(value: object) -> str | None:
+    """The host a ``Host`` header's value names (its port left out), spelled as
+    :func:`canonical_host` spells it; ``None`` when it names none: not text, empty, longer
+    than :data:`MAX_HOST_HEADER`, or not a DNS name or bracketed IP address (such a value
+    never becomes a service name: the request is judged on its URL)."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    elif not isinstance(value, str):
+        return None
+    if len(value) > MAX_HOST_HEADER:  # before strip(): a value kept as a key stays short
+        return None
+    value = value.strip()
+    if value.startswith("["):
+        host, close, rest = value[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")) or not _HOST_IPV6.fullmatch(host):
+            return None
+    else:
+        host = value.partition(":")[0]
+        if not _HOST_NAME.fullmatch(host):
+            return None
+    return canonical_host(host)
 
 
 def canonical_host(host: str) -> str:
@@ -549,13 +586,17 @@ def _origin_url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{shown}:{port}"
 
 
-def http_health_check(url: str, *, timeout: float) -> Callable[[], bool]:
+def http_health_check(url: str, *, timeout: float, host: str | None = None) -> Callable[[], bool]:
     """An active health check that GETs ``url`` (with ``urllib``, which raptor does not
-    guard, so the check never meets the open breaker it is checking): healthy when the answer
-    comes within ``timeout`` seconds with a status below 400."""
+    guard, so the check never meets the open breaker it is checking), with ``Host: host``
+    when given (a virtual host at ``url``'s address): healthy when the answer comes within
+    ``timeout`` seconds with a status below 400."""
+    headers = {"User-Agent": "otel-raptor-health-check"}
+    if host is not None:
+        headers["Host"] = host
 
     def check() -> bool:
-        request = urllib.request.Request(url, headers={"User-Agent": "otel-raptor-health-check"})
+        request = urllib.request.Request(url, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return int(response.status) < 400
@@ -591,6 +632,7 @@ class Origin:
     """
 
     __slots__ = (
+        "address",
         "breaker_name",
         "enabled",
         "failover_urls",
@@ -617,7 +659,12 @@ class Origin:
         hooks: CallHooks,
         attributes: Mapping[str, str | int] | None = None,
         url: str | None = None,
+        address: tuple[str, str, int] | None = None,
+        host_header: str | None = None,
     ) -> None:
+        #: ``(scheme, host, port)`` (normalised) of the URLs that reach it; the host is the
+        #: virtual host's for an origin that a ``Host`` header named (see OriginTable).
+        self.address = address
         self.policy = policy
         self.enabled = policy.enabled
         self.timeout = policy.timeout
@@ -659,6 +706,7 @@ class Origin:
                     http_health_check(
                         url + policy.health_check_path,
                         timeout=min(5.0, policy.breaker.health_check_interval),
+                        host=host_header,
                     ),
                 )
 
@@ -679,14 +727,29 @@ class OriginTable:
     downstream (by service name), so either is fine.
 
     ``recent`` is requests' fast lane's own: its last hit in ``_by_prefix``, with the key
-    it was found by, as one tuple ``(prefix, len(prefix), origin)`` (written and read whole,
-    so threads never see a key with another key's origin); :data:`NO_RECENT` until then.
-    Comparing the next URL's start with it costs less than finding the prefix's end
-    (``str.find``) and hashing the new prefix string to look it up; a miss looks it up as
-    before. One entry: bounded.
+    it was found by and the ``/`` that ends it in a URL with a path, as one tuple
+    ``(prefix + "/", len(prefix) + 1, origin)`` (written and read whole, so threads never
+    see a key with another key's origin); :data:`NO_RECENT` until then. Comparing the next
+    URL's start with it costs less than finding the prefix's end (``str.find``) and hashing
+    the new prefix string to look it up; a miss (a URL that ends after its authority, too)
+    looks it up as before. One entry: bounded.
+
+    *Virtual hosts*: a request whose ``Host`` header names another host than its URL's
+    (:meth:`for_host`) is that host's: the origin ``(scheme, virtual host, URL's port)``,
+    as if its URL named the virtual host (DNS pointing at the address it was sent to).
+    Those are found by ``(URL's origin, Host value)`` in a table of their own (bounded
+    like the others), so that a flood of ``Host`` values never evicts the URL prefixes.
     """
 
-    __slots__ = ("_by_origin", "_by_prefix", "_config", "_hooks", "_runtime", "recent")
+    __slots__ = (
+        "_by_host",
+        "_by_origin",
+        "_by_prefix",
+        "_config",
+        "_hooks",
+        "_runtime",
+        "recent",
+    )
 
     def __init__(self, runtime: Runtime, config: RaptorConfig, hooks: CallHooks) -> None:
         self._runtime = runtime
@@ -694,6 +757,7 @@ class OriginTable:
         self._hooks = hooks
         self._by_prefix: dict[Hashable, Origin | None] = {}
         self._by_origin: dict[tuple[str, str, int], Origin] = {}
+        self._by_host: dict[tuple[tuple[str, str, int] | None, object], Origin] = {}
         self.recent: tuple[Any, ...] = NO_RECENT
 
     def for_prefix(self, prefix: str) -> Origin | None:
@@ -749,8 +813,44 @@ class OriginTable:
         self._remember(key, origin)
         return origin
 
-    def for_origin(self, scheme: str, host: str, port: int) -> Origin:
-        """The origin of a normalised ``(scheme, host, port)`` (see :func:`parse_origin`)."""
+    def for_host(self, origin: Origin, host_header: object) -> Origin:
+        """The origin of a request to ``origin``'s URL whose ``Host`` header is
+        ``host_header`` (``str`` or ``bytes``, as the library holds it): ``origin`` itself
+        when the header names its host (whatever port it names) or names no host
+        (:func:`virtual_host`), else the virtual host's. Its policy is the virtual host's
+        (``policy_for`` with its name and the URL's port), its active health check goes to
+        ``origin``'s address with that ``Host``."""
+        address = origin.address
+        key = (address, host_header)
+        try:
+            return self._by_host[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable value, looked at below
+            pass
+        host = virtual_host(host_header)
+        found = origin
+        if host is not None and address is not None and host != address[1]:
+            scheme, connected, port = address
+            found = self.for_origin(
+                scheme, host, port, via=_origin_url(scheme, connected, port), host_header=host
+            )
+        if host is not None:  # only a bounded value is kept (MAX_HOST_HEADER)
+            if len(self._by_host) >= MAX_TARGETS:
+                self._by_host.clear()
+            self._by_host[key] = found
+        return found
+
+    def for_origin(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        via: str | None = None,
+        host_header: str | None = None,
+    ) -> Origin:
+        """The origin of a normalised ``(scheme, host, port)`` (see :func:`parse_origin`);
+        ``via`` and ``host_header`` are where its health check goes when it is a virtual host
+        first met at another address (see :meth:`for_host`)."""
         key = (scheme, host, port)
         origin = self._by_origin.get(key)
         if origin is None:
@@ -763,7 +863,9 @@ class OriginTable:
                 self._runtime,
                 self._hooks,
                 {ATTR_SERVER_ADDRESS: host} if by_host else _server(host, port),
-                _origin_url(scheme, host, port),
+                via or _origin_url(scheme, host, port),
+                key,
+                host_header,
             )
             if len(self._by_origin) >= MAX_TARGETS:
                 self._by_origin.clear()
