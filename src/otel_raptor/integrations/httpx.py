@@ -59,6 +59,7 @@ from otel_raptor.integrations._http import (
     stale_key_headers,
     suppression_keys,
     throttled_headers,
+    virtual_host,
 )
 from otel_raptor.integrations._kit import (
     HookedIntegration,
@@ -154,8 +155,11 @@ def _timed_out(error: BaseException, args: tuple[Any, ...]) -> BaseException:
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
-def _downstream(url: Any, by_host: bool) -> Hashable:
-    host = str(url.host).lower().strip("[]")
+def _downstream(request: Any, by_host: bool) -> Hashable:
+    """What names the breaker of an httpx request: its URL's, with the host its ``Host``
+    header names, if another (httpx resets it at a redirect to another origin)."""
+    url = request.url
+    host = virtual_host(request.headers.get("host")) or str(url.host).lower().strip("[]")
     if by_host:
         return host
     scheme = str(url.scheme).lower()
@@ -204,7 +208,7 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
             first = args[-1]
             if hop is first:
                 return False
-            return _downstream(hop.url, by_host) != _downstream(first.url, by_host)
+            return _downstream(hop, by_host) != _downstream(first, by_host)
         except (AttributeError, RuntimeError):  # no request on it (httpx raises RuntimeError)
             return False
         except Exception as bug:  # noqa: BLE001 - counted, as without this judgement
@@ -506,20 +510,22 @@ class _Installed(HttpInstallation):
         stale copy to keep (the common case: nothing is allocated), else a :class:`_Call`.
         ``send`` is the original method, unbound (the client first)."""
         url = request.url
-        # httpx's own parse of the URL: its scheme, host and port are plain fields there,
-        # five times cheaper to read than the URL's properties.
+        # The fast lane's key (see _fast_key): the URL's scheme and the request's first
+        # header, which is the Host header httpx made from the URL unless the caller set one.
         try:
-            reference = url._uri_reference
-            parts: Hashable = (reference.scheme, reference.host, reference.port)
-        except AttributeError:  # another httpx: the public properties below will do
-            parts = None
-        origin = table._by_prefix.get(parts)
+            key: Hashable = _fast_key(request)
+        except (AttributeError, IndexError):  # another httpx, no headers: looked up below
+            key = None
+        origin = table._by_prefix.get(key)
         if origin is None:
             origin = table.for_parts(url.scheme, url.host, url.port)
-            if parts is not None:
-                table._remember(parts, origin)
             if origin is None:
                 return None
+            host = request.headers.get("host")
+            if host is not None and host.encode("ascii", "replace") != url.netloc:
+                origin = table.for_host(origin, host)  # a virtual host: its own downstream
+            elif key is not None and key[1][1] == b"host":  # type: ignore[index]
+                table._remember(key, origin)  # Host is the URL's authority: the URL's origin
         if not origin.enabled:
             return None
         method = request.method
@@ -804,6 +810,18 @@ def _fast_lane_parts() -> tuple[Callable[[], Any], str, str, str] | None:
     return suppression_keys()
 
 
+def _fast_key(request: Any) -> tuple[str, tuple[bytes, bytes, bytes]]:
+    """The key of a request in its table's ``_by_prefix`` when its origin is known: its
+    URL's scheme and its first header, ``(b"Host", b"host", netloc)`` when httpx made the
+    Host header from the URL (``Request._prepare`` puts it first): scheme and netloc say
+    the scheme, host and port. A request whose first header is another (the caller's Host
+    is put after the client's headers) or a Host naming another authority misses, and
+    ``describe`` judges it; only a key whose Host is the URL's own is ever remembered.
+    Raises ``AttributeError`` or ``IndexError`` when it has none (another httpx, no
+    headers)."""
+    return (request.url._uri_reference.scheme, request.headers._list[0])
+
+
 def _answered(response: Any) -> bool:
     """Whether the fast lane took ``response`` for a success (one its breaker should have
     recorded), as it does; ``False`` when that cannot be told. Never raises."""
@@ -843,10 +861,10 @@ def _fast_send_hook(
             if context and (context.get(first) or context.get(second) or context.get(third)):
                 installed = None  # suppressed: sent as without us, below
             else:
-                # ``describe``'s common case, and ``run_sync``'s fast path's admission.
-                reference = request.url._uri_reference
+                # ``describe``'s common case, and ``run_sync``'s fast path's admission:
+                # ``_fast_key`` inlined (a Host of the caller's misses: describe's).
                 origin = installed.sync_table._by_prefix.get(
-                    (reference.scheme, reference.host, reference.port)
+                    (request.url._uri_reference.scheme, request.headers._list[0])
                 )
                 if (
                     origin is not None
@@ -868,8 +886,8 @@ def _fast_send_hook(
                         start >= fast.downstream.cooldown_until
                     ):
                         plan = fast  # else the loop's entry refuses, probes or waits
-        except AttributeError:  # not httpx's own request or URL: ``describe`` knows more
-            plan = None
+        except (AttributeError, IndexError):  # not httpx's own request, URL or headers
+            plan = None  # ``describe`` knows more
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("httpx.fast_lane", bug)
             plan = None

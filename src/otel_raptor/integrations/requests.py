@@ -248,27 +248,41 @@ def _elsewhere(by_host: bool) -> Callable[[BaseException, tuple[Any, ...]], bool
 
             if isinstance(failure, ProxyError) and _proxy_unreachable(failure):
                 return True
+            # A Host of the caller's names the downstream (docs/http.md, "Virtual hosts");
+            # requests sends it again at every hop.
             if isinstance(failure, FailingResponse):
                 response = failure.response
                 history = getattr(response, "history", None)
                 if not history:
                     return False
                 first, hop = history[0].url, response.url
+                first_host = _sent_host(history[0].request)
+                hop_host = _sent_host(response.request)
             else:
-                hop = getattr(getattr(failure, "request", None), "url", None)
+                request = getattr(failure, "request", None)
+                hop = getattr(request, "url", None)
                 if not isinstance(hop, str):
                     return False
                 prepared = PreparedRequest()
                 prepared.prepare_url(_text(args[-1]), None)  # as requests sent it first
                 first = prepared.url
+                first_host = hop_host = _sent_host(request)
             if not (isinstance(first, str) and isinstance(hop, str)):
                 return False
-            return downstream_of(hop, by_host=by_host) != downstream_of(first, by_host=by_host)
+            return downstream_of(hop, by_host=by_host, host_header=hop_host) != downstream_of(
+                first, by_host=by_host, host_header=first_host
+            )
         except Exception as bug:  # noqa: BLE001 - counted, as without this judgement
             report_internal_error("requests.elsewhere", bug)
             return False
 
     return elsewhere
+
+
+def _sent_host(request: Any) -> object:
+    """The ``Host`` header of a ``PreparedRequest`` (``None`` when it has none, or is none)."""
+    headers = getattr(request, "headers", None)
+    return None if headers is None else headers.get("Host")
 
 
 def _proxy_unreachable(failure: BaseException) -> bool:
@@ -351,6 +365,49 @@ def _failed_in_process(failure: Exception, args: tuple[Any, ...]) -> bool:
 
 def _session_headers(session: Any) -> Any:
     return getattr(session, "headers", None)
+
+
+#: ``host`` in every mix of cases, as text and as bytes: whether a ``dict`` of headers names
+#: a ``Host`` is then one C-level pass over its keys (``frozenset.isdisjoint``).
+_HOST_SPELLINGS: Final = frozenset(
+    spelling
+    for mask in range(16)
+    for text in ["".join(c.upper() if mask >> i & 1 else c for i, c in enumerate("host"))]
+    for spelling in (text, text.encode("ascii"))
+)
+
+#: What :func:`_host_header` answers for headers that name no ``Host``.
+_NO_HOST: Final = object()
+
+
+def _names_host(headers: Any) -> bool:
+    """Whether a request's ``headers=`` mapping has a ``Host`` entry, however it is spelled
+    (its value may be ``None``: requests then drops the session's)."""
+    if type(headers) is dict:
+        return not _HOST_SPELLINGS.isdisjoint(headers)
+    return any(name in _HOST_SPELLINGS for name in headers)
+
+
+def _host_entry(headers: Any) -> object:
+    """The value of the ``Host`` entry of a headers mapping, however it is spelled (the last
+    one, as requests merges them), or :data:`_NO_HOST`."""
+    found: object = _NO_HOST
+    if headers is not None and _names_host(headers):
+        for name, value in headers.items():
+            if name in _HOST_SPELLINGS:
+                found = value
+    return found
+
+
+def _host_header(headers: Any, session_headers: Any) -> object:
+    """The ``Host`` value requests will send for a call with ``headers=`` ``headers`` on a
+    session with ``session_headers`` (merged as ``Session.request`` merges them: the call's
+    entry wins, and one set to ``None`` drops the session's), or ``None``: no ``Host`` of
+    the caller's, the one the URL gives."""
+    value = _host_entry(headers)
+    if value is _NO_HOST:
+        value = _host_entry(session_headers)
+    return None if value is _NO_HOST else value
 
 
 def _text(value: Any) -> str:
@@ -464,7 +521,12 @@ class _Installed(HttpInstallation):
                 return None
         text = url if type(url) is str else _text(url)
         origin = self.table.for_url(text)
-        if origin is None or not origin.enabled:
+        if origin is None:
+            return None
+        host = _host_header(call_kwargs.get("headers"), _session_headers(session))
+        if host is not None:
+            origin = self.table.for_host(origin, host)  # a virtual host: its own downstream
+        if not origin.enabled:
             return None
         name = method if type(method) is str else _text(method)
         if call_kwargs.get("data") is None and call_kwargs.get("files") is None:
@@ -664,19 +726,18 @@ def _fast_request_hook(
                 # for its own: the prefix holds no ``/`` past the scheme's.
                 table = installed.table
                 recent = table.recent
-                end = recent[1]
                 origin: Origin | None  # (an annotation alone: no code)
-                if url[:end] == recent[0] and (len(url) == end or url[end] == "/"):
+                if url[: recent[1]] == recent[0]:  # the prefix and its "/"
                     origin = recent[2]
                 else:
                     end = url.find("/", 8)  # past "https://": the scheme's own come before
                     if end < 0:
                         origin = table._by_prefix.get(url)
                     else:
-                        prefix = url[:end]
-                        origin = table._by_prefix.get(prefix)
+                        origin = table._by_prefix.get(url[:end])
                         if origin is not None:
-                            table.recent = (prefix, end, origin)
+                            end += 1
+                            table.recent = (url[:end], end, origin)
                 if (
                     origin is not None
                     and (fast := origin.fast) is not None
@@ -685,6 +746,11 @@ def _fast_request_hook(
                     and kwargs.get("files") is None
                     # No timeout given and a policy with an attempt timeout: describe's.
                     and ((timeout := kwargs.get("timeout")) is not None or not origin.timed)
+                    # A Host of the caller's, the call's or the session's (requests' own
+                    # CaseInsensitiveDict, keyed in lower case; any other mapping raises
+                    # AttributeError): describe's, which finds the virtual host.
+                    and ((headers := kwargs.get("headers")) is None or not _names_host(headers))
+                    and "host" not in self.headers._store
                 ):
                     core = fast.core
                     start = fast.monotonic()
@@ -694,6 +760,8 @@ def _fast_request_hook(
                         if timeout is None and origin.timeout is not None:
                             kwargs["timeout"] = origin.timeout  # _default_timeout's
                         plan = fast  # else the loop's entry refuses, probes or waits
+        except AttributeError:  # a session whose headers are not requests' own: describe's
+            plan = None
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("requests.fast_lane", bug)
             plan = None
