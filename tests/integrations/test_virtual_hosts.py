@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import requests
+from requests.structures import CaseInsensitiveDict
 
 from otel_raptor import CircuitBreakerConfig, RetryPolicy
 from otel_raptor.config import RaptorConfig
@@ -292,9 +293,13 @@ def test_a_host_header_puts_its_host_in_the_urls_downstream() -> None:
 
 
 @pytest.mark.parametrize("spelling", ["Host", "host", "HOST", "hOsT", b"Host"])
-def test_every_spelling_of_host_in_a_calls_headers_counts(spelling: str | bytes) -> None:
-    assert raptor_requests._names_host({spelling: "x", "Accept": "*/*"})
-    assert raptor_requests._host_header({spelling: "x"}, None) == "x"
-    assert raptor_requests._host_header({"Accept": "*/*"}, {spelling: "y"}) == "y"
-    assert raptor_requests._host_header({spelling: None}, {"Host": "y"}) is None
-    assert not raptor_requests._names_host({"Hostname": "x", "X-Host": "y"})
+def test_every_spelling_of_host_in_a_calls_or_sessions_headers_counts(
+    spelling: str | bytes,
+) -> None:
+    host_header = raptor_requests._host_header
+    assert host_header({spelling: "x", "Accept": "*/*"}, None) == "x"
+    assert host_header({"Accept": "*/*"}, {spelling: "y"}) == "y"
+    assert host_header(CaseInsensitiveDict({spelling: "x"}), None) == "x"
+    assert host_header(None, CaseInsensitiveDict({spelling: "y"})) == "y"
+    assert host_header({spelling: None}, {"Host": "y"}) is None  # requests drops the session's
+    assert host_header({"Hostname": "x", "X-Host": "y"}, CaseInsensitiveDict()) is None

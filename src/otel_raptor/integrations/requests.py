@@ -367,8 +367,8 @@ def _session_headers(session: Any) -> Any:
     return getattr(session, "headers", None)
 
 
-#: ``host`` in every mix of cases, as text and as bytes: whether a ``dict`` of headers names
-#: a ``Host`` is then one C-level pass over its keys (``frozenset.isdisjoint``).
+#: ``host`` in every mix of cases, as text and as bytes: whether a mapping of headers names
+#: a ``Host`` is then one pass over its names in C (``frozenset.isdisjoint``).
 _HOST_SPELLINGS: Final = frozenset(
     spelling
     for mask in range(16)
@@ -376,38 +376,31 @@ _HOST_SPELLINGS: Final = frozenset(
     for spelling in (text, text.encode("ascii"))
 )
 
-#: What :func:`_host_header` answers for headers that name no ``Host``.
-_NO_HOST: Final = object()
-
-
-def _names_host(headers: Any) -> bool:
-    """Whether a request's ``headers=`` mapping has a ``Host`` entry, however it is spelled
-    (its value may be ``None``: requests then drops the session's)."""
-    if type(headers) is dict:
-        return not _HOST_SPELLINGS.isdisjoint(headers)
-    return any(name in _HOST_SPELLINGS for name in headers)
-
-
-def _host_entry(headers: Any) -> object:
-    """The value of the ``Host`` entry of a headers mapping, however it is spelled (the last
-    one, as requests merges them), or :data:`_NO_HOST`."""
-    found: object = _NO_HOST
-    if headers is not None and _names_host(headers):
-        for name, value in headers.items():
-            if name in _HOST_SPELLINGS:
-                found = value
-    return found
-
 
 def _host_header(headers: Any, session_headers: Any) -> object:
     """The ``Host`` value requests will send for a call with ``headers=`` ``headers`` on a
     session with ``session_headers`` (merged as ``Session.request`` merges them: the call's
-    entry wins, and one set to ``None`` drops the session's), or ``None``: no ``Host`` of
-    the caller's, the one the URL gives."""
-    value = _host_entry(headers)
-    if value is _NO_HOST:
-        value = _host_entry(session_headers)
-    return None if value is _NO_HOST else value
+    entry, however spelled, wins, and one set to ``None`` drops the session's), or ``None``:
+    no ``Host`` of the caller's, the one the URL gives."""
+    if headers is not None and not _HOST_SPELLINGS.isdisjoint(headers):
+        return _host_entry(headers)
+    store = getattr(session_headers, "_store", None)
+    if isinstance(store, dict):  # requests' CaseInsensitiveDict: (name, value) by lower case
+        entry = store.get("host") or store.get(b"host")
+        return None if entry is None else entry[1]
+    if session_headers is not None and not _HOST_SPELLINGS.isdisjoint(session_headers):
+        return _host_entry(session_headers)
+    return None
+
+
+def _host_entry(headers: Any) -> object:
+    """The value of the last ``Host`` entry of a headers mapping that has one, however it
+    is spelled (as requests merges them)."""
+    found = None
+    for name, value in headers.items():
+        if name in _HOST_SPELLINGS:
+            found = value
+    return found
 
 
 def _text(value: Any) -> str:
@@ -708,6 +701,8 @@ def _fast_request_hook(
     own frames. Every other call takes the general hook, as before."""
     current_context, first, second, third = lane
     general = _general_request_hook(original)
+    # Whether a call's ``headers=`` name no ``Host``, however spelled: one call, in C.
+    names_no_host = _HOST_SPELLINGS.isdisjoint
 
     def request(self: Any, *args: Any, **kwargs: Any) -> Any:
         installed = _installed
@@ -749,7 +744,7 @@ def _fast_request_hook(
                     # A Host of the caller's, the call's or the session's (requests' own
                     # CaseInsensitiveDict, keyed in lower case; any other mapping raises
                     # AttributeError): describe's, which finds the virtual host.
-                    and ((headers := kwargs.get("headers")) is None or not _names_host(headers))
+                    and ((headers := kwargs.get("headers")) is None or names_no_host(headers))
                     and "host" not in self.headers._store
                 ):
                     core = fast.core
@@ -760,7 +755,7 @@ def _fast_request_hook(
                         if timeout is None and origin.timeout is not None:
                             kwargs["timeout"] = origin.timeout  # _default_timeout's
                         plan = fast  # else the loop's entry refuses, probes or waits
-        except AttributeError:  # a session whose headers are not requests' own: describe's
+        except (AttributeError, TypeError):  # headers not requests' own: describe's
             plan = None
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("requests.fast_lane", bug)
