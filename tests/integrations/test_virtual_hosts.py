@@ -303,3 +303,22 @@ def test_every_spelling_of_host_in_a_calls_or_sessions_headers_counts(
     assert host_header(None, CaseInsensitiveDict({spelling: "y"})) == "y"
     assert host_header({spelling: None}, {"Host": "y"}) is None  # requests drops the session's
     assert host_header({"Hostname": "x", "X-Host": "y"}, CaseInsensitiveDict()) is None
+
+
+def test_an_httpx_redirect_hop_is_judged_on_the_host_it_was_sent_with() -> None:
+    def sent(url: str, **headers: str) -> httpx.Request:
+        return httpx.Request("GET", url, headers=headers)
+
+    first = sent("http://10.0.0.7:8080/a", Host=DEAD)
+    assert raptor_httpx._downstream(first, False) == ("http", DEAD, 8080)
+    # httpx keeps the caller's Host at a hop to the same origin: the same virtual host.
+    assert raptor_httpx._downstream(sent("http://10.0.0.7:8080/b", Host=DEAD), False) == (
+        raptor_httpx._downstream(first, False)
+    )
+    # At a hop to another origin httpx sends that origin's Host: another downstream.
+    assert raptor_httpx._downstream(sent("http://10.0.0.8:8080/b"), False) == (
+        "http",
+        "10.0.0.8",
+        8080,
+    )
+    assert raptor_httpx._downstream(first, True) == DEAD
