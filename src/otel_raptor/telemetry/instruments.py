@@ -336,8 +336,9 @@ ATTRIBUTES: Final[tuple[AttributeSpec, ...]] = (
     AttributeSpec(
         key=ATTR_SERVER_ADDRESS,
         type=AttributeType.STRING,
-        values="semconv: host name or IP of an integration's downstream (absent for `other` "
-        "and for your own guards)",
+        values="semconv: host name or IP of an integration's downstream; for HTTP, the host "
+        "the request's `Host` header names when it names another than the URL's (absent for "
+        "`other` and for your own guards)",
         bound="one per `raptor.service`",
     ),
     AttributeSpec(
