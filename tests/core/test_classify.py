@@ -481,6 +481,27 @@ class TestSignals:
             assert result.counts_against_health
 
     @pytest.mark.parametrize(
+        ("number", "message", "rule"),
+        [
+            (9001, "Max connect timeout reached while reaching hostgroup 0 after 10000ms",
+             "mysql.proxy_unreachable"),
+            (9002, "Max connect failure while reaching hostgroup 0", "mysql.proxy_unreachable"),
+            # The session's own doing: a command ProxySQL does not support, a locked hostgroup.
+            (9003, "Command not supported", ""),
+            (9006, "ProxySQL Error: connection is locked to hostgroup 0 but trying to reach "
+                   "hostgroup 1", ""),
+        ],
+    )  # fmt: skip
+    def test_proxysql_could_not_reach_a_server(
+        self, classifier: Classifier, number: int, message: str, rule: str
+    ) -> None:
+        result = classify(classifier, PyMySQLOperationalError(number, message))
+        assert result.rule == rule
+        if rule:
+            assert (result.category, result.retryable) == (C.CONNECTION, True)
+            assert result.code == str(number)
+
+    @pytest.mark.parametrize(
         "exc",
         [
             RedisResponseError("OOM command not allowed when used memory > 'maxmemory'."),

@@ -17,6 +17,11 @@ moment and apply to open connections as well as new ones:
   other command the client sends (a packet whose sequence id is 0) is not forwarded: the
   connection is reset instead, as ProxySQL in front of a dead server looks to a client
   (the login answered, every statement losing its link); ``heal()`` ends it;
+- ``answer_mysql_commands(errno, message, times=None)``: as ``cut_mysql_commands``, but the
+  command is answered with a MySQL ERR packet (SQLSTATE ``HY000``) and the link kept, as
+  ProxySQL answers a statement it could not take to any server (``9001`` "Max connect
+  timeout reached while reaching hostgroup N after M ms"); with ``times`` only that many
+  commands are answered so, the later ones forwarded (``answered`` counts them);
 - ``cut_redis_commands()``: the same for Redis (a proxy such as Envoy's whose server is
   dead): what redis-py sends while connecting (``HELLO``, ``CLIENT``, ``AUTH``, ``SELECT``)
   goes through, any other command resets the connection;
@@ -71,6 +76,12 @@ def _redis_command(data: bytes) -> bool:
     return len(parts) > 2 and parts[2].upper() not in _REDIS_CONNECTING
 
 
+def _mysql_error_packet(errno: int, message: str) -> bytes:
+    """An ERR packet answering a command (sequence id 1), with SQLSTATE ``HY000``."""
+    payload = b"\xff" + struct.pack("<H", errno) + b"#HY000" + message.encode()
+    return struct.pack("<I", len(payload))[:3] + b"\x01" + payload
+
+
 class _Pair:
     __slots__ = ("client", "closed", "down_budget", "server")
 
@@ -102,6 +113,9 @@ class FaultProxy:
         self._cut_once = False
         self._cuts_command: Callable[[bytes], bool] | None = None
         self.cuts = 0
+        self._answer: bytes | None = None
+        self._answers_left: int | None = None
+        self.answered = 0
         self._lock = threading.Lock()
         self._pairs: list[_Pair] = []
         self._listener: socket.socket | None = None
@@ -125,6 +139,11 @@ class FaultProxy:
 
     def cut_mysql_commands(self) -> None:
         self._cuts_command = _mysql_command
+
+    def answer_mysql_commands(self, errno: int, message: str, times: int | None = None) -> None:
+        with self._lock:
+            self._answer = _mysql_error_packet(errno, message)
+            self._answers_left = times
 
     def cut_redis_commands(self) -> None:
         self._cuts_command = _redis_command
@@ -156,6 +175,7 @@ class FaultProxy:
         self._blackhole = False
         self._cuts_command = None
         with self._lock:
+            self._answer = None
             self._cut_after = None
             for pair in self._pairs:
                 pair.down_budget = None
@@ -232,6 +252,20 @@ class FaultProxy:
                     other.down_budget = None
         pair.cut()
 
+    def _answered(self, pair: _Pair, data: bytes) -> bool:
+        """Answer ``data`` with the ERR packet of ``answer_mysql_commands`` if it is due."""
+        with self._lock:
+            answer = self._answer
+            if answer is None or not _mysql_command(data):
+                return False
+            self.answered += 1
+            if self._answers_left is not None:
+                self._answers_left -= 1
+                if self._answers_left <= 0:
+                    self._answer = None
+        pair.client.sendall(answer)
+        return True
+
     def _pump(self, pair: _Pair, upward: bool) -> None:
         source, sink = (pair.client, pair.server) if upward else (pair.server, pair.client)
         try:
@@ -245,6 +279,8 @@ class FaultProxy:
                     time.sleep(0.01)  # hold it: nothing flows until heal() or a cut
                 if pair.closed:
                     break
+                if upward and self._answered(pair, data):
+                    continue  # never forwarded: the "proxy" answered it
                 cuts_command = self._cuts_command
                 if upward and cuts_command is not None and cuts_command(data):
                     self._cut(pair)  # never forwarded

@@ -461,6 +461,14 @@ _TABLE: tuple[Rule | None, ...] = (
     # idle past wait_timeout, as 1927 is a KILL's: the session is gone, the server is up.
     _mysql("connection_lost", _C.CONNECTION, 1152, 1158, 1160, 1927, 4031),
     _mysql("unknown_host", _C.DNS, 2005),
+    # ProxySQL's own replies to a statement it could not take to any server of its hostgroup:
+    # 9001 (ER_PROXYSQL_MAX_CONN_TIMEOUT, "Max connect timeout reached while reaching hostgroup
+    # N after M ms") and 9002 (ER_PROXYSQL_MAX_CONN_FAILURES, "Max connect failure while
+    # reaching hostgroup N"), sent while connecting to a backend: the statement never left the
+    # proxy, whose link stays open. The proxy's failed connect, as a refused one of ours (the
+    # PyMySQL integration marks it not sent). Not 9003-9007: a command ProxySQL does not
+    # support, or a session locked on another hostgroup, are the session's own doing.
+    _mysql("proxy_unreachable", _C.CONNECTION, 9001, 9002),
     # Client side "can't connect" / "lost": the OSError in __context__ tells refused/DNS/timeout.
     _mysql("connect", _C.CONNECTION, 2002, 2003, 2006, 2013, 2055, defer_to_cause=True),
     # What the statement itself brought on: SIGNAL (1644), a subquery of many rows (1242), a

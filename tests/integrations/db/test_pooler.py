@@ -294,6 +294,85 @@ def test_pymysql_behind_a_proxy_opens_on_a_dead_server(
     assert mysql_proxy.cuts >= 2  # the statements did lose their links
 
 
+#: What ProxySQL answers a statement once ``mysql-connect_timeout_server_max`` passed without
+#: a connection to a server of the statement's hostgroup (MySQL_Session.cpp, error 9001).
+PROXYSQL_9001 = "Max connect timeout reached while reaching hostgroup 0 after 10000ms"
+
+
+def pymysql_call(proxy: FaultProxy, statement: str = "SELECT 1") -> Callable[[], object]:
+    def call() -> object:
+        conn = pymysql.connect(
+            host="127.0.0.1",
+            port=proxy.port,
+            user="root",
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=5,
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+                return cur.fetchone()
+        finally:
+            if conn.open:
+                conn.close()
+
+    return call
+
+
+def test_pymysql_behind_proxysql_opens_on_its_max_connect_timeout(
+    mysql_proxy: FaultProxy, install: Install
+) -> None:
+    # ProxySQL keeps the link and answers each statement with 9001: unclassified, the
+    # breaker never saw the outage. One connection, as an app's pool keeps it (a connection
+    # per call: each connect's success through the proxy ends the run, see docs).
+    installed = install(PyMySQLIntegration, statement_timeout=0.0, max_retries=0)
+    conn = pymysql.connect(
+        host="127.0.0.1", port=mysql_proxy.port, user="root", autocommit=True, read_timeout=5
+    )
+
+    def call() -> object:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            return cur.fetchone()
+
+    try:
+        seen = play(
+            installed,
+            call,
+            lambda: mysql_proxy.answer_mysql_commands(9001, PROXYSQL_9001),
+            mysql_proxy.heal,
+        )
+    finally:
+        conn.close()
+    assert {(type(e), e.args) for e in seen} == {
+        (pymysql.err.OperationalError, (9001, PROXYSQL_9001))
+    }
+    assert mysql_proxy.answered >= 2
+
+
+def test_a_write_proxysql_could_not_send_is_sent_once(
+    mysql_proxy: FaultProxy, install: Install
+) -> None:
+    # The INSERT never reached a server: sent again, it is applied once, not lost.
+    pymysql_call(mysql_proxy, "CREATE DATABASE IF NOT EXISTS test")()
+    pymysql_call(mysql_proxy, "CREATE TABLE IF NOT EXISTS test.proxied (id INT)")()
+    installed = install(PyMySQLIntegration, statement_timeout=0.0, max_retries=1)
+    conn = pymysql.connect(
+        host="127.0.0.1", port=mysql_proxy.port, user="root", autocommit=True, read_timeout=5
+    )
+    try:
+        mysql_proxy.answer_mysql_commands(9001, PROXYSQL_9001, times=1)
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO test.proxied VALUES (1)")
+            cur.execute("SELECT COUNT(*) FROM test.proxied")
+            assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+    assert mysql_proxy.answered == 1
+    assert len(installed.of(RetryScheduled)) == 1
+
+
 # --- redis-py behind a proxy whose server is dead (a proxy that cuts the link) ----------------
 
 

@@ -45,6 +45,7 @@ from otel_raptor.integrations.db._common import (
     Server,
     failed_midway,
     is_not_sent,
+    mark_not_sent,
     mark_opened,
     method_commits_partway,
     method_read_only,
@@ -76,6 +77,9 @@ _IN_TRANSACTION: Final = 1  # SERVER_STATUS_IN_TRANS
 # Server errors after which the session is gone: shutdown in progress, connection killed,
 # disconnected for inactivity.
 _GONE: Final = frozenset({1053, 1927, 4031})
+#: The built-in rule for ProxySQL's reply that it could not reach a server of the statement's
+#: hostgroup (9001, 9002).
+_PROXY_UNREACHABLE_RULE: Final = "mysql.proxy_unreachable"
 
 # Set while a guarded call runs: statements it makes itself pass straight through.
 _inside: ContextVar[bool] = ContextVar("otel_raptor_pymysql_inside", default=False)
@@ -114,6 +118,19 @@ def failure_point(
     # Client errors (2000-2999: lost connection, server gone away, ...), PyMySQL's
     # "connection already closed" (0) and anything else: the answer never arrived.
     return FailurePoint.UNKNOWN, False
+
+
+def _refine(failure: BaseException, classification: Classification) -> Classification:
+    """The ``refine`` hook: ProxySQL in front of dead servers answers the login itself, then
+    each statement, once its connect timeout passes, with error 9001 (or 9002 when its
+    connect retries ran out), keeping the client's link. The statement never reached a
+    server: it may be sent again as any unsent one, and the proxy's failed connect counts at
+    once, as a refused reconnect of ours (:func:`~._common.lost_connection`). Unclassified,
+    it never opened the breaker; read as a lost connection, each successful connect through
+    the proxy would have dropped it."""
+    if classification.rule == _PROXY_UNREACHABLE_RULE:
+        mark_not_sent(failure)
+    return classification
 
 
 class _State(DbState):
@@ -341,6 +358,7 @@ class PyMySQLIntegration(DbIntegration):
             settings,
             error=error,
             point=failure_point,
+            refine=_refine,
             read_only=method_read_only,
             partway=method_commits_partway,
             unguarded=method_unguarded,
