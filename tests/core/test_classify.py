@@ -464,8 +464,12 @@ class TestSignals:
             ("No route to host", "redis.proxy_unreachable"),
             # Also a forwarded command whose answer the proxy waited for in vain.
             ("Connection timed out", "redis.ResponseError"),
-            # A pipeline's: the commands before it may have run.
+            # A pipeline's, annotated by redis-py (args may span lines).
             ("Command # 2 (GET k) of pipeline caused error: Connection refused",
+             "redis.proxy_unreachable"),
+            ("Command # 1 (SET k a\nb) of pipeline caused error: No route to host",
+             "redis.proxy_unreachable"),
+            ("Command # 1 (GET k) of pipeline caused error: Connection timed out",
              "redis.ResponseError"),
             ("Connection refused by policy", "redis.ResponseError"),
         ],

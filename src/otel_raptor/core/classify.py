@@ -552,11 +552,13 @@ _TABLE: tuple[Rule | None, ...] = (
                    r"(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b"),
     # A proxy whose server cannot be reached (twemproxy) answers each command with the error
     # of its own connect, ``-ERR Connection refused``, and keeps the client's link: the
-    # command was never forwarded, and the proxy's reconnect failed (see the redis
-    # integration, which marks it so). Not a pipeline's (annotated) error: commands before
-    # it may have run. Not ``Connection timed out``: also a forwarded command's lost answer.
+    # command was never forwarded, and the proxy's reconnect failed. In a pipeline each
+    # command gets it, and redis-py annotates the first. A script's own error reply may read
+    # the same: the redis integration tells them apart by the command (see there). Not
+    # ``Connection timed out``: also a forwarded command's lost answer.
     _types("redis.proxy_unreachable", _C.CONNECTION, _RESPONSE,
-           message=r"^(Connection refused|No route to host|Network is unreachable"
+           message=r"^(Command # \d+ \((?s:.*)\) of pipeline caused error: )?"
+                   r"(Connection refused|No route to host|Network is unreachable"
                    r"|Host is unreachable|Network is down|Host is down)$"),
     # -- psycopg / psycopg2 connection failures (no SQLSTATE; the message is all there is) --------
     _types("pg.dns_again", _C.DNS, *_PG_CONNECT,

@@ -37,7 +37,8 @@ import redis
 import redis.asyncio
 
 from otel_raptor import CircuitOpenError
-from otel_raptor.core.events import BreakerTransitioned, RetryScheduled
+from otel_raptor.core.classification import ErrorCategory
+from otel_raptor.core.events import BreakerTransitioned, ErrorClassified, RetryScheduled
 from otel_raptor.core.states import CircuitState
 from otel_raptor.integrations.db.asyncpg import AsyncpgIntegration
 from otel_raptor.integrations.db.psycopg import PsycopgIntegration
@@ -503,3 +504,89 @@ def test_a_write_twemproxy_refused_is_sent_again(
         assert len(installed.of(RetryScheduled)) == 1
     finally:
         client.close()
+
+
+def test_a_pipeline_behind_twemproxy_opens_on_a_dead_server(
+    twemproxy: PrivateTwemproxy, install: Install
+) -> None:
+    # twemproxy answers every command of the pipeline with "-ERR Connection refused";
+    # redis-py raises the first, annotated: unmatched, it was a client error, and the
+    # breaker never opened. (twemproxy supports no MULTI: no transaction here.)
+    installed = install(RedisIntegration, max_retries=0)
+    client = redis.Redis(**twemproxy_client(twemproxy))  # type: ignore[arg-type]
+
+    def call() -> object:
+        pipe = client.pipeline(transaction=False)
+        pipe.get("key")
+        pipe.incr("counter")
+        return pipe.execute()
+
+    try:
+        seen = play(installed, call, twemproxy.server.kill, twemproxy.server.start)
+    finally:
+        client.close()
+    assert {(type(e), str(e)) for e in seen} == {
+        (
+            redis.ResponseError,
+            "Command # 1 (GET key) of pipeline caused error: Connection refused",
+        )
+    }
+    assert {e.classification.code for e in installed.of(ErrorClassified)} == {"ECONNREFUSED"}
+
+
+def test_a_read_pipeline_twemproxy_refused_is_sent_again(
+    twemproxy: PrivateTwemproxy, install: Install
+) -> None:
+    # A pipeline of reads may be sent again whatever happened to it: the retry, made once
+    # the server is back, succeeds.
+    installed = install(RedisIntegration, max_retries=1)
+    client = redis.Redis(**twemproxy_client(twemproxy))  # type: ignore[arg-type]
+    try:
+        client.set("key", "value")
+        twemproxy.server.kill()
+        pipe = client.pipeline(transaction=False)
+        pipe.get("key")
+        pipe.get("other")
+        with pytest.raises(redis.ResponseError, match=r"^Command # 1 \(GET key\) of pipeline"):
+            pipe.execute()
+        assert len(installed.of(RetryScheduled)) == 1
+    finally:
+        client.close()
+
+
+# --- a script whose own error reads as a proxy's (the shared Redis) ------------------------------
+
+#: A script replying with the very text twemproxy replies with when its server is dead.
+REFUSING_SCRIPT = "return redis.error_reply('Connection refused')"
+
+
+@pytest.mark.usefixtures("redis_server")
+def test_a_scripts_connection_refused_is_an_ordinary_error_reply(install: Install) -> None:
+    # EVAL's own "-Connection refused" was taken for twemproxy's: counted as an outage (the
+    # breaker of a live server opened) and, marked unsent, the script was run again.
+    installed = install(RedisIntegration, max_retries=1)
+    client = redis.Redis(socket_timeout=5)
+    try:
+        sha = client.script_load(REFUSING_SCRIPT)
+        for _ in range(OPEN_WITHIN):
+            with pytest.raises(redis.ResponseError, match=r"^Connection refused$"):
+                client.eval(REFUSING_SCRIPT, 0)
+            with pytest.raises(redis.ResponseError, match=r"^Connection refused$"):
+                client.evalsha(sha, 0)
+            with pytest.raises(redis.ResponseError, match=r"^Connection refused$"):
+                client.eval_ro(REFUSING_SCRIPT, 0)
+            pipe = client.pipeline(transaction=False)
+            pipe.get("key")
+            pipe.eval(REFUSING_SCRIPT, 0)
+            with pytest.raises(redis.ResponseError, match=r"\(EVAL .*caused error: Connection"):
+                pipe.execute()
+        assert client.ping()
+    finally:
+        client.close()
+    rules = {e.classification.rule for e in installed.of(ErrorClassified)}
+    assert rules == {"redis.script_reply"}
+    assert {e.classification.category for e in installed.of(ErrorClassified)} == {
+        ErrorCategory.QUERY
+    }
+    assert not installed.of(RetryScheduled)
+    assert not installed.of(BreakerTransitioned)

@@ -68,11 +68,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from otel_raptor.core.classification import Classification, ErrorCategory
+from otel_raptor.core.classification import Classification, ErrorCategory, Severity
 from otel_raptor.core.db import REDIS_NOT_EXECUTED, FailurePoint, redis_read_only
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -166,6 +166,19 @@ _NOT_EXECUTED_RULE: Final = "redis.LOADING"
 # The built-in rule for a proxy's reply that it cannot reach the server (twemproxy's
 # ``-ERR Connection refused``).
 _PROXY_UNREACHABLE_RULE: Final = "redis.proxy_unreachable"
+#: The errno each of that rule's replies names (the proxy's own connect failed so): the
+#: codes of a server out of reach, which count at once (``_common.lost_connection``).
+_PROXY_ERRNOS: Final = {
+    "connection refused": "ECONNREFUSED",
+    "no route to host": "EHOSTUNREACH",
+    "host is unreachable": "EHOSTUNREACH",
+    "network is unreachable": "ENETUNREACH",
+    "network is down": "ENETDOWN",
+    "host is down": "EHOSTDOWN",
+}
+#: The rule reported for a script's (or module command's) own error reply that reads as a
+#: proxy's: an ordinary error reply, never the proxy's.
+_SCRIPT_REPLY_RULE: Final = "redis.script_reply"
 
 
 class _Marker:
@@ -246,12 +259,41 @@ def _refine(failure: BaseException, classification: Classification) -> Classific
 
 def _proxy_unreachable(failure: BaseException, classification: Classification) -> Classification:
     """twemproxy in front of a dead server keeps every client link and answers each command
-    with the error of its own connect (``-ERR Connection refused``, at once): the command was
-    never forwarded (sent again as any unsent one), and the proxy's refused reconnect is as
-    a failed reconnect of ours: it counts at once (:func:`~._common.lost_connection`).
-    Read as any other error reply, a client error the breaker ignores, it never opened."""
-    mark_not_sent(failure)
-    return classification
+    with the error of its own connect (``-ERR Connection refused``, at once): the proxy's
+    refused reconnect, as a failed reconnect of ours, counts at once (its errno becomes the
+    ``code``, see :func:`~._common.lost_connection`). Read as any other error reply, a
+    client error the breaker ignores, it never opened.
+
+    A command that runs no code of its own (``_unjudged`` marks its failure as standing for
+    the whole command) was never forwarded: sent again as any unsent one. In a pipeline
+    every command gets the reply and redis-py raises the first, annotated: the pipeline
+    counts, but is not marked unsent (commands before it may have run; a pipeline that
+    writes is never sent again). A script or function (``EVAL``, ``FCALL``, ``_RO`` forms, a
+    module command) may reply with any error of its own, ``redis.error_reply("Connection
+    refused")`` included, which nothing tells from the proxy's: it is never taken for the
+    proxy's, and stays an ordinary error reply (not counted, not sent again)."""
+    message = str(failure)
+    reason = message.rpartition(": ")[2] if message.startswith(_ANNOTATION) else message
+    if message.startswith(_ANNOTATION):
+        command = message[len(_ANNOTATION) :].partition("(")[2].partition(")")[0]
+        if _runs_code(command):
+            return _script_reply(classification)
+    elif getattr(failure, REFUSED_WHOLE_ATTRIBUTE, False) is True:
+        mark_not_sent(failure)
+    else:
+        return _script_reply(classification)
+    return replace(classification, code=_PROXY_ERRNOS.get(reason.lower(), classification.code))
+
+
+def _script_reply(classification: Classification) -> Classification:
+    """``classification`` of a script's own error reply: a query error, as any error reply."""
+    return replace(
+        classification,
+        category=ErrorCategory.QUERY,
+        severity=Severity.LOW,
+        retryable=False,
+        rule=_SCRIPT_REPLY_RULE,
+    )
 
 
 def _waited_too_long(failure: BaseException, classification: Classification) -> Classification:
