@@ -1257,6 +1257,35 @@ def test_a_reaped_idle_connection_confirms_nothing() -> None:
     assert refused(core, 21.0) is None
 
 
+def refused_fresh(core: BreakerCore, opened: float, now: float) -> Transition | None:
+    """A statement on the connection opened at ``opened`` that a proxy answered at ``now``
+    with its own failed connect (ProxySQL's 9001): a counted connection failure."""
+    permit, _ = core.acquire(now)
+    return core.on_failure(permit, now, 0.001, CONNECTION, opened_at=opened)
+
+
+def test_behind_a_proxy_that_says_it_cannot_reach_the_server_the_breaker_opens() -> None:
+    # A connection per call: ProxySQL answers each connect, then the statement with 9001.
+    # Each connect's success ended the run of counted failures: the breaker never opened.
+    core = make(failure_threshold=3)
+    transitions = []
+    for second in range(3):
+        opened = connect(core, float(second))
+        transitions.append(refused_fresh(core, opened, second + 0.01))
+    assert transitions[:2] == [None, None]
+    assert transitions[2] is not None
+    assert (transitions[2].to_state, transitions[2].reason) == (OPEN, R.CONSECUTIVE_FAILURES)
+
+
+def test_a_counted_failure_on_an_old_connection_takes_nothing_back() -> None:
+    core = make(failure_threshold=2)
+    opened = connect(core, 0.0)
+    assert refused_fresh(core, opened, 0.01) is None
+    opened = connect(core, 1.0)
+    assert refused_fresh(core, opened, opened + FRESH_CONNECTION_S + 0.5) is None
+    assert core.consecutive_failures == 1  # the connect's success ended the first run
+
+
 def test_a_connection_from_before_the_success_confirms_nothing() -> None:
     # Opened before the success that dropped the held losses (a pool's connection from
     # before a restart): its loss is the restart's, not news.

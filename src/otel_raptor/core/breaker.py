@@ -79,7 +79,10 @@ the app fail more often than it would without us. So a trip needs one of:
   dropped held failures (typically the connect that opened it), with no success since that
   ended anything: that success is then taken back, the run and the held failures it ended
   resume, and this failure continues them. In HALF_OPEN such a failure of a connection
-  opened since the breaker went half-open is a verdict: the probe failed.
+  opened since the breaker went half-open is a verdict: the probe failed. A *counted*
+  failure with ``opened_at`` (a proxy's own reply that it cannot reach its server, such as
+  ProxySQL's 9001, on a connection the proxy just accepted) takes that success back the
+  same way, and counts as it would have.
 * **Adaptive threshold**: see ``adaptive_failure_rate_threshold`` (it only ever raises the
   configured threshold, for a downstream whose usual failure rate is high).
 * **Not judging** (``stop_judging``): when recording a success failed (a bug of ours), the
@@ -691,8 +694,8 @@ class BreakerCore:
         a slow or broken request must not open the breaker of a downstream that answers every
         other. ``unconfirmed``: a failure that counts only once another confirms it (see
         "Unconfirmed failures" in the module docstring). ``opened_at``: when (``now`` units)
-        the connection an unconfirmed failure lost was opened, if known (see "A fresh
-        connection's lost link").
+        the connection an unconfirmed failure lost (or a counted one ran on) was opened, if
+        known (see "A fresh connection's lost link").
         """
         self._failure_counts[category] += 1
         if category in self._ignored or live_refusal or not self._judging:
@@ -710,6 +713,10 @@ class BreakerCore:
             ):
                 self._hold_unconfirmed(now, retry=retry)
                 return None
+            if not unconfirmed and opened_at is not None and self._consecutive == 0:
+                # Counted on a fresh connection (a proxy's reply that it cannot reach the
+                # server): its connect's success, answered by the proxy, takes nothing away.
+                self._confirms(opened_at, now - duration)
             if self._unconfirmed:
                 self._count_unconfirmed(now)
             self._record(_SLOW_FAILURE if duration >= self._slow_s else _FAILURE, now)

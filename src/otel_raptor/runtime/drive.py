@@ -38,7 +38,7 @@ from typing import Any, Final, Protocol
 
 from otel_raptor.core.attempts import AttemptLoop, LoopSpec, Refusal, RefusalKind, Step
 from otel_raptor.core.breaker import BreakerCore, Permit
-from otel_raptor.core.classification import Classification
+from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.states import CircuitState
 from otel_raptor.errors import CircuitOpenError, ThrottledError
 from otel_raptor.runtime.clock import Clock
@@ -279,9 +279,11 @@ class CallHooks:
     #: ``(failure, args) -> seconds or None``: when (the runtime clock's monotonic seconds)
     #: the connection a call (made with positional arguments ``args``) ran on was opened, if
     #: known (``failure``: for a driver whose arguments do not lead to the connection, its
-    #: traceback may). Asked only for an *unconfirmed* failure (a lost connection), whose
-    #: classification then carries it as ``opened_at``: a connection the server ended
-    #: before it could idle confirms the outage (see ``otel_raptor.core.breaker``).
+    #: traceback may). Asked only for an *unconfirmed* failure (a lost connection) or a
+    #: ``connection`` one, whose classification then carries it as ``opened_at``: a
+    #: connection the server ended before it could idle confirms the outage, and a failure
+    #: counted on a connection just opened takes back its connect's success (a proxy
+    #: answered it; see ``otel_raptor.core.breaker``).
     #: Failure path only; ``None`` (the default): never known.
     opened: Callable[[BaseException, tuple[Any, ...]], float | None] | None = None
 
@@ -1113,7 +1115,9 @@ class _Runner:
         ):
             classification = dataclasses.replace(classification, live_refusal=True)
         opened = hooks.opened
-        if opened is not None and classification.unconfirmed:
+        if opened is not None and (
+            classification.unconfirmed or classification.category is ErrorCategory.CONNECTION
+        ):
             try:
                 opened_at = opened(failure, self._args)
             except Exception as bug:  # noqa: BLE001 - unknown, as without the hook

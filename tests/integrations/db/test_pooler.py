@@ -321,31 +321,37 @@ def pymysql_call(proxy: FaultProxy, statement: str = "SELECT 1") -> Callable[[],
     return call
 
 
+@pytest.mark.parametrize(
+    ("per_call", "statement_timeout"),
+    [(False, 0.0), (True, 0.0), (True, 30.0)],
+    ids=["one-connection", "per-call", "per-call-timeout-query"],
+)
 def test_pymysql_behind_proxysql_opens_on_its_max_connect_timeout(
-    mysql_proxy: FaultProxy, install: Install
+    mysql_proxy: FaultProxy, install: Install, per_call: bool, statement_timeout: float
 ) -> None:
-    # ProxySQL keeps the link and answers each statement with 9001: unclassified, the
-    # breaker never saw the outage. One connection, as an app's pool keeps it (a connection
-    # per call: each connect's success through the proxy ends the run, see docs).
-    installed = install(PyMySQLIntegration, statement_timeout=0.0, max_retries=0)
-    conn = pymysql.connect(
+    # ProxySQL keeps the link and answers each statement with 9001. Read by its message as a
+    # timeout, it counted, but with a connection per call each connect's success (ProxySQL
+    # answers the login) ended the run: the breaker never opened. With a statement timeout,
+    # raptor's own query after the connect is the first answered so.
+    installed = install(PyMySQLIntegration, statement_timeout=statement_timeout, max_retries=0)
+    kept = pymysql.connect(
         host="127.0.0.1", port=mysql_proxy.port, user="root", autocommit=True, read_timeout=5
     )
 
-    def call() -> object:
-        with conn.cursor() as cur:
+    def on_kept() -> object:
+        with kept.cursor() as cur:
             cur.execute("SELECT 1")
             return cur.fetchone()
 
     try:
         seen = play(
             installed,
-            call,
+            pymysql_call(mysql_proxy) if per_call else on_kept,
             lambda: mysql_proxy.answer_mysql_commands(9001, PROXYSQL_9001),
             mysql_proxy.heal,
         )
     finally:
-        conn.close()
+        kept.close()
     assert {(type(e), e.args) for e in seen} == {
         (pymysql.err.OperationalError, (9001, PROXYSQL_9001))
     }
