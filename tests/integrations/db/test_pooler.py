@@ -16,9 +16,12 @@ and starts again; never the shared server. Skipped without ``pgbouncer`` unless
 The same for PyMySQL and redis-py: no MySQL proxy is packaged, so the fault-injecting proxy
 (``tests/support/tcp_proxy.py``) plays ProxySQL whose server is dead (the login answered,
 every statement's link cut) in front of a private MariaDB, and a Redis proxy that cuts the
-link in front of a private Redis. Real twemproxy (Debian's ``nutcracker``, skipped without it
-unless ``RAPTOR_REQUIRE_SERVICES=1``) does not cut the link: it answers each command with
-``-ERR Connection refused`` at once, which counts as its refused reconnect.
+link in front of a private Redis. ProxySQL can also keep the link and answer each statement
+with its own error 9001 ("Max connect timeout reached while reaching hostgroup N"): the
+fault-injecting proxy plays that too. Real twemproxy (Debian's ``nutcracker``, skipped
+without it unless ``RAPTOR_REQUIRE_SERVICES=1``) does not cut the link: it answers each
+command with ``-ERR Connection refused`` at once (annotated by redis-py in a pipeline),
+which counts as its refused reconnect; a script's own reply of the same text does not.
 """
 
 from __future__ import annotations
@@ -250,51 +253,6 @@ def test_psycopg_pool_behind_pgbouncer_opens_on_a_dead_server(
 # --- PyMySQL behind a proxy whose server is dead (ProxySQL) -------------------------------------
 
 
-@pytest.fixture
-def mysql_proxy() -> Iterator[FaultProxy]:
-    """The fault-injecting proxy in front of a private MariaDB. No MySQL proxy is packaged:
-    ``cut_mysql_commands`` plays ProxySQL whose server is dead (the login goes through, every
-    first statement loses its link); the server itself stays up, so ``heal`` brings it back."""
-    server = PrivateMariaDB()
-    proxy = None
-    try:
-        server.start()
-        proxy = FaultProxy(("127.0.0.1", server.port))
-        yield proxy
-    finally:
-        if proxy is not None:
-            proxy.close()
-        server.close()
-
-
-@pytest.mark.parametrize("statement_timeout", [30.0, 0.0], ids=["timeout-query", "no-timeout"])
-def test_pymysql_behind_a_proxy_opens_on_a_dead_server(
-    mysql_proxy: FaultProxy, install: Install, statement_timeout: float
-) -> None:
-    # With a statement timeout, raptor's own query after the connect is the first cut.
-    installed = install(PyMySQLIntegration, statement_timeout=statement_timeout, max_retries=0)
-
-    def call() -> object:
-        conn = pymysql.connect(
-            host="127.0.0.1",
-            port=mysql_proxy.port,
-            user="root",
-            autocommit=True,
-            connect_timeout=5,
-            read_timeout=5,
-        )
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1")
-                return cur.fetchone()
-        finally:
-            if conn.open:
-                conn.close()
-
-    play(installed, call, mysql_proxy.cut_mysql_commands, mysql_proxy.heal)
-    assert mysql_proxy.cuts >= 2  # the statements did lose their links
-
-
 #: What ProxySQL answers a statement once ``mysql-connect_timeout_server_max`` passed without
 #: a connection to a server of the statement's hostgroup (MySQL_Session.cpp, error 9001).
 PROXYSQL_9001 = "Max connect timeout reached while reaching hostgroup 0 after 10000ms"
@@ -319,6 +277,34 @@ def pymysql_call(proxy: FaultProxy, statement: str = "SELECT 1") -> Callable[[],
                 conn.close()
 
     return call
+
+
+@pytest.fixture
+def mysql_proxy() -> Iterator[FaultProxy]:
+    """The fault-injecting proxy in front of a private MariaDB. No MySQL proxy is packaged:
+    ``cut_mysql_commands`` plays ProxySQL whose server is dead (the login goes through, every
+    first statement loses its link); the server itself stays up, so ``heal`` brings it back."""
+    server = PrivateMariaDB()
+    proxy = None
+    try:
+        server.start()
+        proxy = FaultProxy(("127.0.0.1", server.port))
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.close()
+
+
+@pytest.mark.parametrize("statement_timeout", [30.0, 0.0], ids=["timeout-query", "no-timeout"])
+def test_pymysql_behind_a_proxy_opens_on_a_dead_server(
+    mysql_proxy: FaultProxy, install: Install, statement_timeout: float
+) -> None:
+    # With a statement timeout, raptor's own query after the connect is the first cut.
+    installed = install(PyMySQLIntegration, statement_timeout=statement_timeout, max_retries=0)
+
+    play(installed, pymysql_call(mysql_proxy), mysql_proxy.cut_mysql_commands, mysql_proxy.heal)
+    assert mysql_proxy.cuts >= 2  # the statements did lose their links
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,7 @@ __all__ = [
     "lost_connection",
     "mark_not_sent",
     "mark_opened",
+    "not_the_servers",
     "method_commits_partway",
     "method_read_only",
     "method_unguarded",
@@ -136,12 +137,17 @@ def callers_limit(classification: Classification, rule: str) -> Classification:
     """``classification`` of a timeout that is the caller's own limit (a statement timeout, a
     blocking command's wait), not a sign of the server's health: ``cancelled``, never counted
     against the breaker nor retried; ``rule`` says which."""
+    return not_the_servers(classification, ErrorCategory.CANCELLED, rule)
+
+
+def not_the_servers(
+    classification: Classification, category: ErrorCategory, rule: str
+) -> Classification:
+    """``classification`` of a failure the integration knows is the call's own doing, not the
+    server's state: ``category`` (one the breaker ignores), low severity, never retried;
+    ``rule`` says which."""
     return replace(
-        classification,
-        category=ErrorCategory.CANCELLED,
-        severity=Severity.LOW,
-        retryable=False,
-        rule=rule,
+        classification, category=category, severity=Severity.LOW, retryable=False, rule=rule
     )
 
 

@@ -72,7 +72,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from otel_raptor.core.classification import Classification, ErrorCategory, Severity
+from otel_raptor.core.classification import Classification, ErrorCategory
 from otel_raptor.core.db import REDIS_NOT_EXECUTED, FailurePoint, redis_read_only
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
@@ -88,6 +88,7 @@ from otel_raptor.integrations.db._common import (
     is_not_sent,
     mark_not_sent,
     mark_opened,
+    not_the_servers,
     opened_at,
     refusal_factory,
 )
@@ -287,13 +288,7 @@ def _proxy_unreachable(failure: BaseException, classification: Classification) -
 
 def _script_reply(classification: Classification) -> Classification:
     """``classification`` of a script's own error reply: a query error, as any error reply."""
-    return replace(
-        classification,
-        category=ErrorCategory.QUERY,
-        severity=Severity.LOW,
-        retryable=False,
-        rule=_SCRIPT_REPLY_RULE,
-    )
+    return not_the_servers(classification, ErrorCategory.QUERY, _SCRIPT_REPLY_RULE)
 
 
 def _waited_too_long(failure: BaseException, classification: Classification) -> Classification:
