@@ -469,6 +469,11 @@ class TestSignals:
              "redis.proxy_unreachable"),
             ("Command # 1 (SET k a\nb) of pipeline caused error: No route to host",
              "redis.proxy_unreachable"),
+            # redis.asyncio quotes the reply as a tuple.
+            ("Command # 1 (GET k) of pipeline caused error: ('Connection refused',)",
+             "redis.proxy_unreachable"),
+            ("Command # 1 (GET k) of pipeline caused error: ('Connection refused'",
+             "redis.ResponseError"),
             ("Command # 1 (GET k) of pipeline caused error: Connection timed out",
              "redis.ResponseError"),
             ("Connection refused by policy", "redis.ResponseError"),

@@ -553,13 +553,14 @@ _TABLE: tuple[Rule | None, ...] = (
     # A proxy whose server cannot be reached (twemproxy) answers each command with the error
     # of its own connect, ``-ERR Connection refused``, and keeps the client's link: the
     # command was never forwarded, and the proxy's reconnect failed. In a pipeline each
-    # command gets it, and redis-py annotates the first. A script's own error reply may read
-    # the same: the redis integration tells them apart by the command (see there). Not
-    # ``Connection timed out``: also a forwarded command's lost answer.
+    # command gets it, and redis-py annotates the first (redis.asyncio quotes the reply as a
+    # tuple: ``('Connection refused',)``). A script's own error reply may read the same: the
+    # redis integration tells them apart by the command (see there). Not ``Connection timed
+    # out``: also a forwarded command's lost answer.
     _types("redis.proxy_unreachable", _C.CONNECTION, _RESPONSE,
-           message=r"^(Command # \d+ \((?s:.*)\) of pipeline caused error: )?"
+           message=r"^(Command # \d+ \((?s:.*)\) of pipeline caused error: (\(')?)?"
                    r"(Connection refused|No route to host|Network is unreachable"
-                   r"|Host is unreachable|Network is down|Host is down)$"),
+                   r"|Host is unreachable|Network is down|Host is down)(?(2)',\))$"),
     # -- psycopg / psycopg2 connection failures (no SQLSTATE; the message is all there is) --------
     _types("pg.dns_again", _C.DNS, *_PG_CONNECT,
            message=r"temporary failure in name resolution", retryable=True),

@@ -526,6 +526,40 @@ def test_a_pipeline_behind_twemproxy_opens_on_a_dead_server(
     assert {e.classification.code for e in installed.of(ErrorClassified)} == {"ECONNREFUSED"}
 
 
+def test_an_asyncio_pipeline_behind_twemproxy_opens_on_a_dead_server(
+    twemproxy: PrivateTwemproxy, install: Install
+) -> None:
+    # redis.asyncio quotes the reply in its annotation: "...caused error: ('Connection
+    # refused',)".
+    installed = install(RedisIntegration, max_retries=0)
+    loop = asyncio.new_event_loop()
+    client = redis.asyncio.Redis(**twemproxy_client(twemproxy))  # type: ignore[arg-type]
+
+    async def once() -> object:
+        pipe = client.pipeline(transaction=False)
+        pipe.get("key")
+        pipe.incr("counter")
+        return await pipe.execute()
+
+    try:
+        seen = play(
+            installed,
+            lambda: loop.run_until_complete(once()),
+            twemproxy.server.kill,
+            twemproxy.server.start,
+        )
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
+    assert {(type(e), str(e)) for e in seen} == {
+        (
+            redis.ResponseError,
+            "Command # 1 (GET key) of pipeline caused error: ('Connection refused',)",
+        )
+    }
+    assert {e.classification.code for e in installed.of(ErrorClassified)} == {"ECONNREFUSED"}
+
+
 def test_a_read_pipeline_twemproxy_refused_is_sent_again(
     twemproxy: PrivateTwemproxy, install: Install
 ) -> None:

@@ -274,8 +274,10 @@ def _proxy_unreachable(failure: BaseException, classification: Classification) -
     refused")`` included, which nothing tells from the proxy's: it is never taken for the
     proxy's, and stays an ordinary error reply (not counted, not sent again)."""
     message = str(failure)
-    reason = message.rpartition(": ")[2] if message.startswith(_ANNOTATION) else message
+    reason = message
     if message.startswith(_ANNOTATION):
+        # redis.asyncio quotes the reply as a tuple: ``('Connection refused',)``.
+        reason = message.rpartition(": ")[2].strip("(',)")
         command = message[len(_ANNOTATION) :].partition("(")[2].partition(")")[0]
         if _runs_code(command):
             return _script_reply(classification)
