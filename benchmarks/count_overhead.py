@@ -26,7 +26,13 @@ Each call includes the benchmarks' own timing of it (two ``perf_counter`` reads)
 configuration alike. The garbage collector is off while counting (see ``child``), and
 ``PYTHONHASHSEED`` is fixed.
 
+``--cache-sim`` also simulates the caches (valgrind's ``--cache-sim=yes``: the host's L1 and
+last-level geometry) and reports L1 instruction and data misses per call: for code that runs
+once between two round trips' worth of other work, distinct cache lines touched say more about
+its time than its instructions do.
+
     .venv/bin/python benchmarks/count_overhead.py [--target httpx ...] [--calls N] [--jobs J]
+        [--config pass-through ...] [--cache-sim]
 """
 
 from __future__ import annotations
@@ -69,51 +75,27 @@ def configurations(target: str) -> tuple[str, ...]:
     return ("plain", "pass-through", "raptor", "raptor, timeout 0")
 
 
-def _hooked_method(target: str) -> tuple[Any, str]:
-    """Where raptor hooks each call: the class and the method's name."""
-    if target == "httpx":
-        import httpx
-
-        return httpx.Client, "send"
-    if target == "requests":
-        import requests
-
-        return requests.Session, "send"
-    if target == "psycopg":
-        import psycopg
-
-        return psycopg.Cursor, "execute"
-    if target == "asyncpg":
-        import asyncpg
-
-        return asyncpg.Connection, "fetchval"
-    if target == "pymysql":
-        import pymysql.cursors
-
-        return pymysql.cursors.Cursor, "execute"
-    import redis
-
-    return redis.Redis, "execute_command"
-
-
 def _pass_through(target: str) -> None:
     """The cheapest hook there is, on the method raptor hooks: a plain function that calls
     the original with what it was given. What any hook of this shape costs, before it does
-    anything."""
-    owner, name = _hooked_method(target)
-    original = getattr(owner, name)
-    if target == "asyncpg":
-
-        async def hook_async(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return await original(self, *args, **kwargs)
-
-        setattr(owner, name, hook_async)
+    anything (the databases' is ``bench_db``'s bare hook)."""
+    if target in DB_TARGETS:
+        bench_db.patch_bare_hook(target)
         return
+    if target == "httpx":
+        import httpx
+
+        owner: Any = httpx.Client
+    else:
+        import requests
+
+        owner = requests.Session
+    original = owner.send
 
     def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
         return original(self, *args, **kwargs)
 
-    setattr(owner, name, hook)
+    owner.send = hook
 
 
 # ------------------------------------------------------------------------------ the child
@@ -180,17 +162,28 @@ def child(target: str, config: str, calls: int, url: str | None) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 
-def _main_thread_instructions(directory: Path) -> int:
-    """The instructions collected on the main thread: callgrind's ``-01`` file."""
+#: callgrind's events summed into what the report shows (``--cache-sim``): L1 misses, with
+#: data reads' and writes' together.
+L1_MISSES = {"I1 misses": ("I1mr",), "D1 misses": ("D1mr", "D1mw")}
+
+
+def _main_thread_events(directory: Path) -> dict[str, int]:
+    """The events collected on the main thread (callgrind's ``-01`` file): ``Ir``, and with
+    ``--cache-sim=yes`` the L1 and last-level misses."""
     [main] = directory.glob("callgrind.out*-01")
-    match = re.search(r"^summary:\s*(\d+)", main.read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no summary in {main}")
-    return int(match.group(1))
+    text = main.read_text()
+    names = re.search(r"^events:\s*(.+)$", text, re.MULTILINE)
+    summary = re.search(r"^summary:\s*(.+)$", text, re.MULTILINE)
+    if names is None or summary is None:
+        raise RuntimeError(f"no events or summary in {main}")
+    return dict(zip(names.group(1).split(), map(int, summary.group(1).split()), strict=False))
 
 
-def count(target: str, config: str, calls: int, url: str | None) -> float:
-    """Instructions per call of ``target`` under ``config``."""
+def count(
+    target: str, config: str, calls: int, url: str | None, *, cache_sim: bool = False
+) -> dict[str, float]:
+    """Instructions (``Ir``) per call of ``target`` under ``config``, and with ``cache_sim``
+    its L1 misses per call (:data:`L1_MISSES`)."""
     with tempfile.TemporaryDirectory(prefix="raptor-count-") as scratch:
         directory = Path(scratch)
         command = [
@@ -198,6 +191,7 @@ def count(target: str, config: str, calls: int, url: str | None) -> float:
             "--tool=callgrind",
             f"--toggle-collect={COLLECTED}",
             "--separate-threads=yes",
+            f"--cache-sim={'yes' if cache_sim else 'no'}",
             f"--callgrind-out-file={directory}/callgrind.out",
             sys.executable,
             str(Path(__file__).resolve()),
@@ -216,21 +210,37 @@ def count(target: str, config: str, calls: int, url: str | None) -> float:
         result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{target}/{config} failed:\n{result.stderr[-2000:]}")
-        return _main_thread_instructions(directory) / calls
+        events = _main_thread_events(directory)
+    counted = {"Ir": events["Ir"] / calls}
+    if cache_sim:
+        for shown, names in L1_MISSES.items():
+            counted[shown] = sum(events[name] for name in names) / calls
+    return counted
 
 
-def report(results: dict[tuple[str, str], float], targets: Sequence[str]) -> None:
+def report(results: dict[tuple[str, str], dict[str, float]], targets: Sequence[str]) -> None:
+    misses = [name for name in L1_MISSES if name in next(iter(results.values()))]
     print(
         f"\n{'target':<9} {'configuration':<18} {'instructions/call':>18}"
         f" {'added':>10} {'added %':>8}"
+        + "".join(f" {name + '/call':>15} {'added':>8}" for name in misses)
     )
     for target in targets:
         plain = results[target, "plain"]
         for config in configurations(target):
-            value = results[target, config]
-            added = value - plain
-            shown = "" if config == "plain" else f"{added:>+10,.0f} {added / plain * 100:>+7.2f}%"
-            print(f"{target:<9} {config:<18} {value:>18,.0f} {shown}")
+            if (target, config) not in results:
+                continue
+            counted = results[target, config]
+            value = counted["Ir"]
+            added = value - plain["Ir"]
+            shown = (
+                "" if config == "plain" else f"{added:>+10,.0f} {added / plain['Ir'] * 100:>+7.2f}%"
+            )
+            line = f"{target:<9} {config:<18} {value:>18,.0f} {shown:>19}"
+            for name in misses:
+                more = "" if config == "plain" else f"{counted[name] - plain[name]:>+8.1f}"
+                line += f" {counted[name]:>15.1f} {more:>8}"
+            print(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,6 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", choices=TARGETS, action="append", help="default: all")
     parser.add_argument("--calls", type=int, help="calls counted per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="only these configurations (plain is always counted; default: all)",
+    )
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate the caches: L1 instruction and data misses per call (slower)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("TARGET", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -258,12 +278,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = f"http://127.0.0.1:{int(bench_http._pipes(server)[1].readline())}/"
     started = time.monotonic()
     try:
-        runs = [(target, config) for target in targets for config in configurations(target)]
+        wanted = {"plain", *args.config} if args.config else None
+        runs = [
+            (target, config)
+            for target in targets
+            for config in configurations(target)
+            if wanted is None or config in wanted
+        ]
 
-        def one(run: tuple[str, str]) -> float:
+        def one(run: tuple[str, str]) -> dict[str, float]:
             target, config = run
             calls = args.calls or DEFAULT_CALLS.get(target, DB_CALLS)
-            return count(target, config, calls, url if target in HTTP_TARGETS else None)
+            url_of = url if target in HTTP_TARGETS else None
+            return count(target, config, calls, url_of, cache_sim=args.cache_sim)
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             counted = list(pool.map(one, runs))
