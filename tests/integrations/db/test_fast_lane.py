@@ -13,6 +13,8 @@ published), and a breaker that is not closed sends the call to the loop's entry 
 from __future__ import annotations
 
 import asyncio
+import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,7 @@ from otel_raptor.integrations.db.psycopg import PsycopgIntegration
 from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
 from otel_raptor.integrations.db.redis import RedisIntegration
 from otel_raptor.runtime.breaker import CircuitBreaker
+from otel_raptor.runtime.drive import count_success
 from otel_raptor.runtime.safety import internal_error_counts
 from tests.integrations.db.conftest import MYSQL_KWARGS, PG_DSN, PG_URL, Install, Installed
 from tests.support.services import MYSQL, POSTGRES, REDIS, require_service
@@ -253,3 +256,65 @@ def test_every_database_plan_fits_the_lane(driver: Driver, install: Install) -> 
         assert plan.failure_of is None
         assert not plan.first_kwargs
         assert not plan.wait_for
+
+
+@pytest.mark.parametrize("due", [False, True], ids=["quiet", "health-check-due"])
+def test_a_quiet_breaker_counts_as_count_success_does(
+    driver: Driver,
+    session: tuple[Installed, Callable[[str], Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    due: bool,
+) -> None:
+    """The lanes deposit into the budget themselves when the breaker is quiet (``count_success``
+    then does nothing else) and call ``count_success`` otherwise: the same counts, whichever
+    does the counting, as ``count_success`` itself gives for the same state."""
+    installed, run = session
+    assert run(driver.good) == driver.answer
+    breaker = installed.runtime.breakers.get(driver.service)
+    budget = installed.runtime.downstream(driver.service).budget
+    core = breaker._core
+    recorded: list[float] = []
+    monkeypatch.setattr(
+        CircuitBreaker, "record_success_since", lambda self, permit, start: recorded.append(start)
+    )
+    core.quiet = True
+    core._next_check = 0.0 if due else math.inf
+
+    def counted(count: Callable[[], Any]) -> tuple[int, int]:
+        calls, records = budget._calls, len(recorded)
+        for _ in range(3):
+            count()
+        return budget._calls - calls, len(recorded) - records
+
+    [target] = [
+        t for t in installed.integration._state._targets.values() if t.service == driver.service
+    ]
+    plan = target.statement
+    assert plan.core is core
+    by_count_success = counted(lambda: count_success(plan, core, 1.0, "test"))
+    by_lane = counted(lambda: run(driver.good))
+    assert by_lane == by_count_success == (3, 3 if due else 0)
+    assert internal_error_counts().get("test", 0) == 0
+
+
+def test_a_statement_finds_its_connections_target_without_looking_it_up(
+    driver: Driver,
+    session: tuple[Installed, Callable[[str], Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hooks read the target cached on the connection (or pool) as a plain attribute, not
+    with ``getattr(..., TARGET_ATTRIBUTE)``: the name they read must be that constant."""
+    if driver.name == "asyncpg":
+        pytest.skip("asyncpg connections take no attributes: targets are kept by address")
+    _, run = session
+    assert run(driver.good) == driver.answer
+    module = sys.modules[driver.integration.__module__]
+
+    def looked_up(*args: Any) -> Any:
+        raise AssertionError("the cached target was not found")
+
+    monkeypatch.setattr(module, "_target", looked_up)
+    site = f"{driver.site or driver.name}.describe"
+    before = internal_error_counts().get(site, 0)
+    assert run(driver.good) == driver.answer
+    assert internal_error_counts().get(site, 0) == before

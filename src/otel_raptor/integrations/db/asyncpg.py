@@ -404,7 +404,12 @@ def _statement_hook(original: Callable[..., Awaitable[Any]]) -> Any:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            count_success(plan, core, start, "asyncpg.record_success")
+            # count_success inlined where the deposit is all it does (a quiet breaker); it cannot
+            # raise: slots set at construction, and ``start`` compared in the try block above.
+            if core is not None and core.quiet and start < core._next_check:
+                plan.budget._calls += 1
+            else:
+                count_success(plan, core, start, "asyncpg.record_success")
             return result
         # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
         return await resume_async(plan, original, (self, *args), kwargs, start, failure)

@@ -323,7 +323,10 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         try:
             # _plan() inlined: this runs for every statement.
             conn = self._conn
-            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            try:  # TARGET_ATTRIBUTE read as an attribute: a getattr() call costs more
+                target = conn._otel_raptor_db
+            except AttributeError:
+                target = None
             if target is None or target.owner is not state:
                 target = _target(state, conn)
             if not target.enabled:
@@ -355,7 +358,12 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            count_success(plan, core, start, "psycopg.record_success")
+            # count_success inlined where the deposit is all it does (a quiet breaker); it cannot
+            # raise: slots set at construction, and ``start`` compared in the try block above.
+            if core is not None and core.quiet and start < core._next_check:
+                plan.budget._calls += 1
+            else:
+                count_success(plan, core, start, "psycopg.record_success")
             return result
         return resume_sync(plan, original, (self, *args), kwargs, start, failure)
 
@@ -409,7 +417,10 @@ def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             return await original(self, *args, **kwargs)
         try:
             conn = self._conn
-            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            try:  # TARGET_ATTRIBUTE read as an attribute: a getattr() call costs more
+                target = conn._otel_raptor_db
+            except AttributeError:
+                target = None
             if target is None or target.owner is not state:
                 target = _target(state, conn)
             if not target.enabled:
@@ -440,7 +451,12 @@ def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            count_success(plan, core, start, "psycopg.record_success")
+            # count_success inlined where the deposit is all it does (a quiet breaker); it cannot
+            # raise: slots set at construction, and ``start`` compared in the try block above.
+            if core is not None and core.quiet and start < core._next_check:
+                plan.budget._calls += 1
+            else:
+                count_success(plan, core, start, "psycopg.record_success")
             return result
         # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
         return await resume_async(plan, original, (self, *args), kwargs, start, failure)

@@ -926,7 +926,10 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return _command_as_without_us(original, self, args, options)
         try:
             # _target() inlined: this runs for every command.
-            target = getattr(self.connection_pool, TARGET_ATTRIBUTE, None)
+            try:  # TARGET_ATTRIBUTE read as an attribute: a getattr() call costs more
+                target = self.connection_pool._otel_raptor_db
+            except AttributeError:
+                target = None
             if target is None or target.owner is not state:
                 target = _target(state, self.connection_pool)
             plan = target.statement if target.enabled else None
@@ -949,7 +952,12 @@ def _command_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            count_success(plan, core, start, "redis.record_success")
+            # count_success inlined where the deposit is all it does (a quiet breaker); it cannot
+            # raise: slots set at construction, and ``start`` compared in the try block above.
+            if core is not None and core.quiet and start < core._next_check:
+                plan.budget._calls += 1
+            else:
+                count_success(plan, core, start, "redis.record_success")
             return result
         # The next attempts run under this frame too: raptor still drives them.
         return resume_sync(plan, original, (self, *args), options, start, failure)
@@ -991,7 +999,10 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
         if state is None:
             return await _async_command_as_without_us(original, self, args, options)
         try:
-            target = getattr(self.connection_pool, TARGET_ATTRIBUTE, None)
+            try:  # TARGET_ATTRIBUTE read as an attribute: a getattr() call costs more
+                target = self.connection_pool._otel_raptor_db
+            except AttributeError:
+                target = None
             if target is None or target.owner is not state:
                 target = _target(state, self.connection_pool)
             plan = target.statement if target.enabled else None
@@ -1014,7 +1025,12 @@ def _async_command_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            count_success(plan, core, start, "redis.record_success")
+            # count_success inlined where the deposit is all it does (a quiet breaker); it cannot
+            # raise: slots set at construction, and ``start`` compared in the try block above.
+            if core is not None and core.quiet and start < core._next_check:
+                plan.budget._calls += 1
+            else:
+                count_success(plan, core, start, "redis.record_success")
             return result
         # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
         return await resume_async(plan, original, (self, *args), options, start, failure)
