@@ -230,3 +230,23 @@ def test_a_procedure_that_deadlocks_partway_is_not_replayed(install: Install, ta
         conn.close()
     [finished] = installed.of(RecoveryFinished, SERVICE)
     assert (finished.attempts, finished.give_up_reason) == (1, "not_replay_safe")
+
+
+def test_the_statements_of_a_guarded_batch_pass_through(install: Install) -> None:
+    """``executemany`` of a ``SELECT`` runs ``execute`` once per row: those statements are the
+    batch's, guarded (and counted) once with it; ``execute`` skips reading the mark only while
+    no guarded batch or connect is in flight anywhere (``_marks``)."""
+    installed = install(PyMySQLIntegration)
+    conn = pymysql.connect(**MYSQL_KWARGS, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            budget = installed.runtime.downstream(SERVICE).budget
+            calls = budget._calls
+            cur.executemany("SELECT %s", [(1,), (2,), (3,)])
+            assert budget._calls == calls + 1
+            assert integration._marks == 0
+            cur.execute("SELECT 1")
+            assert budget._calls == calls + 2
+    finally:
+        conn.close()

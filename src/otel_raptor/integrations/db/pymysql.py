@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final
 
 from otel_raptor.core.classification import Classification
@@ -54,6 +54,7 @@ from otel_raptor.integrations.db._common import (
     refusal_factory,
 )
 from otel_raptor.runtime.drive import CLOSED, CallPlan, count_success, resume_sync
+from otel_raptor.runtime.forksafe import LockBox
 from otel_raptor.runtime.safety import report_internal_error
 
 if TYPE_CHECKING:
@@ -83,6 +84,29 @@ _PROXY_UNREACHABLE_RULE: Final = "mysql.proxy_unreachable"
 
 # Set while a guarded call runs: statements it makes itself pass straight through.
 _inside: ContextVar[bool] = ContextVar("otel_raptor_pymysql_inside", default=False)
+# How many guarded calls (in any thread) have ``_inside`` set now: while none has, no running
+# context has it set, and ``execute`` (every statement) skips reading it. Changed under the
+# lock only (``_mark``/``_unmark``: connects and batches, never a plain statement), read
+# without it: a thread always sees its own increments, and another thread's marks are in
+# another context. (A context copied inside a guarded batch and entered after it ended is
+# the one difference: its statements are guarded, not passed through as if still inside.)
+_marks = 0
+_marks_box = LockBox()
+
+
+def _mark() -> Token[bool]:
+    """Set ``_inside`` in this context, counted in ``_marks``; undone by :func:`_unmark`."""
+    global _marks  # noqa: PLW0603 - a count shared by every thread
+    with _marks_box.lock:
+        _marks += 1
+    return _inside.set(True)
+
+
+def _unmark(token: Token[bool]) -> None:
+    global _marks  # noqa: PLW0603
+    _inside.reset(token)
+    with _marks_box.lock:
+        _marks -= 1
 
 
 def circuit_open_error_type() -> type[CircuitOpenError]:
@@ -232,13 +256,13 @@ def _connect_wrapper(
         return wrapped(*args, **kwargs)
     if not target.enabled:
         return wrapped(*args, **kwargs)
-    token = _inside.set(True)
+    token = _mark()
     try:
         result = call(target.connect, wrapped, args, kwargs)
         mark_opened(instance, target.connect)
         _set_statement_timeout(instance, target)
     finally:
-        _inside.reset(token)
+        _unmark(token)
     return result
 
 
@@ -257,13 +281,16 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
-        if state is None or _inside.get():
+        if state is None or (_marks and _inside.get()):
             return original(self, *args, **kwargs)
         try:
             # _plan() inlined: this runs for every statement. Nothing that ``execute`` runs
             # calls ``execute`` again, so unlike the batches it needs no ``_inside`` mark.
             conn = self.connection
-            target = getattr(conn, TARGET_ATTRIBUTE, None)
+            try:  # TARGET_ATTRIBUTE read as an attribute: a getattr() call costs more
+                target = conn._otel_raptor_db
+            except AttributeError:
+                target = None
             if target is None or target.owner is not state:
                 target = _target(state, conn)
             if not target.enabled:
@@ -291,7 +318,12 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
-            count_success(plan, core, start, "pymysql.record_success")
+            # count_success inlined where the deposit is all it does (a quiet breaker); it cannot
+            # raise: slots set at construction, and ``start`` compared in the try block above.
+            if core is not None and core.quiet and start < core._next_check:
+                plan.budget._calls += 1
+            else:
+                count_success(plan, core, start, "pymysql.record_success")
             return result
         return resume_sync(plan, original, (self, *args), kwargs, start, failure)
 
@@ -310,11 +342,11 @@ def _hook(original: Callable[..., Any], *, batch: bool) -> Callable[..., Any]:
             plan = None
         if plan is None:
             return original(self, *args, **kwargs)
-        token = _inside.set(True)
+        token = _mark()
         try:
             return call(plan, original, (self, *args), kwargs)
         finally:
-            _inside.reset(token)
+            _unmark(token)
 
     return run
 
