@@ -25,16 +25,26 @@ moment and apply to open connections as well as new ones:
 - ``cut_redis_commands()``: the same for Redis (a proxy such as Envoy's whose server is
   dead): what redis-py sends while connecting (``HELLO``, ``CLIENT``, ``AUTH``, ``SELECT``)
   goes through, any other command resets the connection;
+- ``cut_commands(matches)``: any client-to-server chunk ``matches`` accepts is not
+  forwarded: the connection is reset instead; ``heal()`` ends it;
 - ``refuse()``: the listening socket is closed and open connections reset (connection
   refused); ``heal()`` listens again on the same port;
-- ``reset_all()``: reset every open connection now.
+- ``reset_all()``: reset every open connection now;
+- ``random_faults(rng, cut=, lose_answer=, slow=, delay=)``: each client-to-server chunk (a
+  statement, or a step of a connect) rolls ``rng``: with probability ``cut`` the connection
+  is reset before it is forwarded (the statement never ran), with ``lose_answer`` it is
+  forwarded and the server's answer is lost (reset instead: it ran, and the client cannot
+  know), with ``slow`` it is delayed ``delay`` seconds; ``heal()`` ends it.
 
-Counters: ``accepted`` (connections), ``up_bytes`` and ``down_bytes`` (forwarded).
+Counters: ``accepted`` (connections forwarded), ``attempts`` (connections a client opened,
+those refused because the upstream could not be reached included), ``sends`` (client-to-server
+chunks forwarded: about one per statement), ``up_bytes`` and ``down_bytes`` (forwarded).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import struct
 import threading
@@ -105,6 +115,8 @@ class FaultProxy:
         self.upstream = upstream
         self.port = 0
         self.accepted = 0
+        self.attempts = 0
+        self.sends = 0
         self.up_bytes = 0
         self.down_bytes = 0
         self._delay = 0.0
@@ -112,6 +124,7 @@ class FaultProxy:
         self._cut_after: int | None = None
         self._cut_once = False
         self._cuts_command: Callable[[bytes], bool] | None = None
+        self._dice: tuple[random.Random, float, float, float, float] | None = None
         self.cuts = 0
         self._answer: bytes | None = None
         self._answers_left: int | None = None
@@ -137,6 +150,9 @@ class FaultProxy:
             for pair in self._pairs:
                 pair.down_budget = count
 
+    def cut_commands(self, matches: Callable[[bytes], bool]) -> None:
+        self._cuts_command = matches
+
     def cut_mysql_commands(self) -> None:
         self._cuts_command = _mysql_command
 
@@ -147,6 +163,33 @@ class FaultProxy:
 
     def cut_redis_commands(self) -> None:
         self._cuts_command = _redis_command
+
+    def random_faults(
+        self,
+        rng: random.Random,
+        *,
+        cut: float = 0.0,
+        lose_answer: float = 0.0,
+        slow: float = 0.0,
+        delay: float = 0.0,
+    ) -> None:
+        self._dice = (rng, cut, lose_answer, slow, delay)
+
+    def _roll(self) -> str | None:
+        """The fault for the next client-to-server chunk: ``cut``, ``lose``, ``slow`` or none."""
+        dice = self._dice
+        if dice is None:
+            return None
+        rng, cut, lose_answer, slow, _ = dice
+        with self._lock:
+            roll = rng.random()
+        if roll < cut:
+            return "cut"
+        if roll < cut + lose_answer:
+            return "lose"
+        if roll < cut + lose_answer + slow:
+            return "slow"
+        return None
 
     def refuse(self) -> None:
         self.stop_accepting()
@@ -174,6 +217,7 @@ class FaultProxy:
         self._delay = 0.0
         self._blackhole = False
         self._cuts_command = None
+        self._dice = None
         with self._lock:
             self._answer = None
             self._cut_after = None
@@ -227,6 +271,8 @@ class FaultProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed by refuse()/close()
+            with self._lock:
+                self.attempts += 1
             try:
                 server = socket.create_connection(self.upstream, timeout=5.0)
                 server.settimeout(None)
@@ -285,6 +331,14 @@ class FaultProxy:
                 if upward and cuts_command is not None and cuts_command(data):
                     self._cut(pair)  # never forwarded
                     break
+                fault = self._roll() if upward else None
+                if fault == "cut":
+                    self._cut(pair)  # never forwarded
+                    break
+                if fault == "lose":
+                    pair.down_budget = 0  # forwarded; the answer is cut
+                elif fault == "slow" and self._dice is not None:
+                    time.sleep(self._dice[4])
                 if not upward and pair.down_budget is not None:
                     if len(data) > pair.down_budget:
                         self._cut(pair)
@@ -293,6 +347,7 @@ class FaultProxy:
                 sink.sendall(data)
                 with self._lock:
                     if upward:
+                        self.sends += 1
                         self.up_bytes += len(data)
                     else:
                         self.down_bytes += len(data)
