@@ -168,6 +168,53 @@ def test_a_session_that_chose_no_statement_timeout_keeps_none(
         assert statement_timeout(conn) == "12500ms"
 
 
+def _cut_first_simple_query() -> Any:
+    """A ``cut_commands`` matcher: the first simple-protocol ``Query`` message (``Q``), which
+    is raptor's statement-timeout query (psycopg sends the app's statements as ``Parse``)."""
+    cut: list[bytes] = []
+
+    def matches(data: bytes) -> bool:
+        if data[:1] == b"Q" and not cut:
+            cut.append(data)
+            return True
+        return False
+
+    return matches
+
+
+def test_a_link_lost_by_the_timeout_query_fails_the_connect_not_the_apps_statement(
+    install: Install,
+) -> None:
+    # Found by benchmarks/bench_db_chaos.py: on a flaky network, the statement-timeout query
+    # raptor sends after each connect lost its link now and then, and the connect handed the
+    # app (a pool) a closed connection, whose first statement failed: an app under raptor
+    # failed more statements than one without it. The connect is retried instead.
+    installed = install(PsycopgIntegration, statement_timeout=12.5)
+    with FaultProxy(POSTGRES) as proxy:
+        proxy.cut_commands(_cut_first_simple_query())
+        dsn = f"host=127.0.0.1 port={proxy.port} dbname=test user=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert statement_timeout(conn) == "12500ms"
+        assert proxy.cuts == 1
+        assert proxy.accepted == 2  # connected again
+    assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
+
+
+async def test_an_async_link_lost_by_the_timeout_query_fails_the_connect(
+    install: Install,
+) -> None:
+    install(PsycopgIntegration, statement_timeout=12.5)
+    with FaultProxy(POSTGRES) as proxy:
+        proxy.cut_commands(_cut_first_simple_query())
+        dsn = f"host=127.0.0.1 port={proxy.port} dbname=test user=postgres"
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cursor = await conn.execute("SELECT 1")
+            assert await cursor.fetchone() == (1,)
+        assert proxy.cuts == 1
+        assert proxy.accepted == 2
+
+
 async def test_an_async_session_that_chose_no_statement_timeout_keeps_none(
     install: Install,
 ) -> None:

@@ -225,14 +225,30 @@ def _judge_timeout_failure(conn: Any, target: DbTarget, failure: Exception) -> N
         failed_midway(target.locked, failure, (conn,))
 
 
+def _lost_while_connecting(conn: Any, failure: Exception) -> bool:
+    """Whether the statement-timeout query's ``failure`` lost the connection it was sent on:
+    the connect did not deliver a usable connection, and is failed (and retried as any
+    failed connect) rather than handing the app a closed one, whose first statement would
+    fail for a query the app never sent."""
+    state = _installed
+    try:
+        return state is not None and isinstance(failure, state.driver_error) and conn.closed
+    except Exception:  # noqa: BLE001 - unknown: the connection is the app's, as before
+        return False
+
+
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
+    """Run the statement-timeout query on ``conn``, just opened; raise the driver's error
+    when it lost the connection (:func:`_lost_while_connecting`)."""
     try:
         query = statement_timeout_query(target)
         if query is None:
             return
         with conn.lock:
             conn.wait(conn._exec_command(query))
-    except Exception as failure:  # noqa: BLE001 - the connection is the app's either way
+    except Exception as failure:
+        if _lost_while_connecting(conn, failure):
+            raise  # the driver's own error: the connect plan judges it and connects again
         _judge_timeout_failure(conn, target, failure)
 
 
@@ -243,7 +259,9 @@ async def _set_statement_timeout_async(conn: Any, target: DbTarget) -> None:
             return
         async with conn.lock:
             await conn.wait(conn._exec_command(query))
-    except Exception as failure:  # noqa: BLE001
+    except Exception as failure:
+        if _lost_while_connecting(conn, failure):
+            raise
         _judge_timeout_failure(conn, target, failure)
 
 
@@ -265,14 +283,24 @@ def _connect_wrapper(
         return wrapped(*args, **kwargs)
     if not target.enabled:
         return wrapped(*args, **kwargs)
-    conn = call(target.connect, wrapped, args, kwargs)
-    mark_opened(conn, target.connect)
-    try:
-        setattr(conn, TARGET_ATTRIBUTE, target)
-    except Exception as bug:  # noqa: BLE001
-        report_internal_error("psycopg.remember_target", bug)
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        # The statement-timeout query is part of the connect: a link lost there fails this
+        # attempt, which the connect plan counts and sends again (nothing of the app's ran).
+        conn = wrapped(*args, **kwargs)
+        mark_opened(conn, target.connect)
+        try:
+            setattr(conn, TARGET_ATTRIBUTE, target)
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("psycopg.remember_target", bug)
+            return conn
+        _set_statement_timeout(conn, target)
         return conn
-    _set_statement_timeout(conn, target)
+
+    conn = call(target.connect, connect, args, kwargs)
+    # Stamped again once the connect's success is recorded: a lost link on this fresh
+    # connection takes that success back only if it opened at or after it (core/breaker.py).
+    mark_opened(conn, target.connect)
     return conn
 
 
@@ -302,14 +330,21 @@ async def _connect_async(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    conn = await call_async(target.connect, wrapped, args, kwargs)
-    mark_opened(conn, target.connect)
-    try:
-        setattr(conn, TARGET_ATTRIBUTE, target)
-    except Exception as bug:  # noqa: BLE001
-        report_internal_error("psycopg.remember_target", bug)
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        # As the sync connect: the statement-timeout query is part of it.
+        conn = await wrapped(*args, **kwargs)
+        mark_opened(conn, target.connect)
+        try:
+            setattr(conn, TARGET_ATTRIBUTE, target)
+        except Exception as bug:  # noqa: BLE001
+            report_internal_error("psycopg.remember_target", bug)
+            return conn
+        await _set_statement_timeout_async(conn, target)
         return conn
-    await _set_statement_timeout_async(conn, target)
+
+    conn = await call_async(target.connect, connect, args, kwargs)
+    mark_opened(conn, target.connect)  # as the sync connect: after its success is recorded
     return conn
 
 
