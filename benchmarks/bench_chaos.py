@@ -79,14 +79,16 @@ RAPTOR_ENV = {
 
 @dataclass(frozen=True)
 class Schedule:
+    """Phases in wall-clock time (``bench_db_chaos.py`` plays its own ``phases``)."""
+
     start: float  # time.time() when the first phase starts
     scale: float
+    phases: tuple[tuple[str, float], ...] = SCHEDULE  # name, seconds at scale 1
 
     def phase_at(self, now: float) -> str | None:
+        """The phase at ``now`` (the first before the start), ``None`` after the last."""
         elapsed = now - self.start
-        if elapsed < 0:
-            return "healthy"
-        for name, seconds in SCHEDULE:
+        for name, seconds in self.phases:
             elapsed -= seconds * self.scale
             if elapsed < 0:
                 return name
@@ -94,7 +96,7 @@ class Schedule:
 
     def begins(self, phase: str) -> float:
         at = self.start
-        for name, seconds in SCHEDULE:
+        for name, seconds in self.phases:
             if name == phase:
                 return at
             at += seconds * self.scale
@@ -102,7 +104,7 @@ class Schedule:
 
     @property
     def end(self) -> float:
-        return self.start + sum(seconds for _, seconds in SCHEDULE) * self.scale
+        return self.start + sum(seconds for _, seconds in self.phases) * self.scale
 
 
 def reported(phase: str) -> str:

@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_chaos import Schedule  # this script's directory is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -82,30 +84,8 @@ RAPTOR_ENV = {"OTEL_PYTHON_RAPTOR_BREAKER_RECOVERY_TIMEOUT": "2"}
 STARTUP_S = 2.0
 
 
-@dataclass(frozen=True)
-class Schedule:
-    start: float  # time.time() when the first phase starts
-    scale: float
-
-    def phase_at(self, now: float) -> str | None:
-        elapsed = now - self.start
-        for name, seconds in SCHEDULE:
-            elapsed -= seconds * self.scale
-            if elapsed < 0:
-                return name
-        return None
-
-    def begins(self, phase: str) -> float:
-        at = self.start
-        for name, seconds in SCHEDULE:
-            if name == phase:
-                return at
-            at += seconds * self.scale
-        raise KeyError(phase)
-
-    @property
-    def end(self) -> float:
-        return self.start + sum(seconds for _, seconds in SCHEDULE) * self.scale
+def schedule_of(start: float, scale: float) -> Schedule:
+    return Schedule(start, scale, SCHEDULE)
 
 
 # --- the client (one fresh interpreter per contender) -------------------------------------------
@@ -115,7 +95,7 @@ Result = tuple[str, str, bool, float, float, str]
 
 
 def client(contender: str, port: int, table: str, start: float, args: argparse.Namespace) -> None:
-    schedule = Schedule(start, args.scale)
+    schedule = schedule_of(start, args.scale)
     errors: Counter[str] = Counter()
     run = _statement_runner(contender, port, table, args.threads, schedule)
     results: list[Result] = []
@@ -290,7 +270,7 @@ def run_contender(contender: str, server: Any, args: argparse.Namespace) -> Run:
         tempfile.TemporaryFile("w+") as err,
     ):
         start = time.time() + STARTUP_S
-        schedule = Schedule(start, args.scale)
+        schedule = schedule_of(start, args.scale)
         command = [
             sys.executable, __file__, "--client", contender, "--port", str(proxy.port),
             "--table", table, "--start", repr(start), "--scale", str(args.scale),

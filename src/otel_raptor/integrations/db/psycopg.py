@@ -265,6 +265,18 @@ async def _set_statement_timeout_async(conn: Any, target: DbTarget) -> None:
         _judge_timeout_failure(conn, target, failure)
 
 
+def _adopt(conn: Any, target: DbTarget) -> bool:
+    """Stamp ``conn``, just opened, and remember its server on it; false when it refuses
+    the attribute (our bug, reported): it is then the app's as it is, with no timeout set."""
+    mark_opened(conn, target.connect)
+    try:
+        setattr(conn, TARGET_ATTRIBUTE, target)
+    except Exception as bug:  # noqa: BLE001
+        report_internal_error("psycopg.remember_target", bug)
+        return False
+    return True
+
+
 def _connect_target(state: _State, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DbTarget:
     return state.target(_server_of_connect(args, kwargs))
 
@@ -288,13 +300,8 @@ def _connect_wrapper(
         # The statement-timeout query is part of the connect: a link lost there fails this
         # attempt, which the connect plan counts and sends again (nothing of the app's ran).
         conn = wrapped(*args, **kwargs)
-        mark_opened(conn, target.connect)
-        try:
-            setattr(conn, TARGET_ATTRIBUTE, target)
-        except Exception as bug:  # noqa: BLE001
-            report_internal_error("psycopg.remember_target", bug)
-            return conn
-        _set_statement_timeout(conn, target)
+        if _adopt(conn, target):
+            _set_statement_timeout(conn, target)
         return conn
 
     conn = call(target.connect, connect, args, kwargs)
@@ -334,13 +341,8 @@ async def _connect_async(
     async def connect(*args: Any, **kwargs: Any) -> Any:
         # As the sync connect: the statement-timeout query is part of it.
         conn = await wrapped(*args, **kwargs)
-        mark_opened(conn, target.connect)
-        try:
-            setattr(conn, TARGET_ATTRIBUTE, target)
-        except Exception as bug:  # noqa: BLE001
-            report_internal_error("psycopg.remember_target", bug)
-            return conn
-        await _set_statement_timeout_async(conn, target)
+        if _adopt(conn, target):
+            await _set_statement_timeout_async(conn, target)
         return conn
 
     conn = await call_async(target.connect, connect, args, kwargs)
