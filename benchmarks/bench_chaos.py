@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing import Process, Queue
@@ -109,6 +110,25 @@ class Schedule:
 
 def reported(phase: str) -> str:
     return "outage" if phase.startswith("outage") else phase
+
+
+def open_loop(schedule: Schedule, offset: float, interval: float) -> Iterator[tuple[float, str]]:
+    """When each call of one thread starts, and in which phase, until the schedule ends.
+
+    Open-loop arrivals, as in a service: a call every ``interval`` (from the schedule's start
+    plus ``offset``) whatever the answers (a refusal does not bring the next call sooner);
+    slots missed while a call was still running are skipped, not queued."""
+    due = schedule.start + offset
+    while True:
+        now = time.time()
+        if now < due:
+            time.sleep(due - now)
+            now = due
+        due = max(due + interval, now)
+        phase = schedule.phase_at(now)
+        if phase is None:
+            return
+        yield now, phase
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -201,20 +221,8 @@ def client(contender: str, url: str, start: float, scale: float, threads: int, r
     interval = 1.0 / rate
 
     def work(offset: float) -> None:
-        # Open-loop arrivals, as in a service: a call every ``interval`` whatever the answers
-        # (a refusal does not bring the next call sooner); slots missed while a call was
-        # still running are skipped, not queued.
         mine: list[tuple[str, bool, float]] = []
-        due = schedule.start + offset
-        while True:
-            now = time.time()
-            if now < due:
-                time.sleep(due - now)
-                now = due
-            due = max(due + interval, now)
-            phase = schedule.phase_at(now)
-            if phase is None:
-                break
+        for now, phase in open_loop(schedule, offset, interval):
             method = "POST" if phase == "POSTs" else "GET"
             try:
                 ok = 200 <= send(method) < 300

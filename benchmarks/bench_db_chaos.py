@@ -13,7 +13,8 @@ tcp_proxy.py``). For each contender the parent plays the same schedule (seconds 
     outage    15   the server killed (``pg_ctl stop -m immediate``, a crash)
     heal      10   the server started again (recovery from its WAL)
 
-The client (a fresh interpreter per contender) is the usual app: a psycopg_pool
+The client (a fresh interpreter per contender, which says READY once its pool is full; the
+parent then starts the schedule) is the usual app: a psycopg_pool
 ``ConnectionPool`` (``min_size = max_size = --threads``, ``timeout`` 3 s, autocommit,
 ``connect_timeout`` 2 s), ``--threads`` threads (4), each starting a statement ``--rate``
 times a second (75, so 300 a second in all; open loop: a slot missed while a statement is
@@ -30,19 +31,21 @@ twice shows as two rows. The contenders:
                default: a short run)
 
 Reported per phase and contender: the success rate of the statements *started* in that
-phase, the statements started, the connections opened to the proxy (refused ones included:
-the load a dead server gets) and the chunks forwarded to the server (about one per
-statement, plus a few per connect), that load against plain's, and the median and 99th
-percentile latency of the failures (fail-fast or not); then, per contender, the
-acknowledged INSERTs missing from the table (lost), the ids present twice or more (doubled),
-the failed INSERTs whose row is there all the same (outcome unknown to the app: not a
-fault), and the time from the restart (``pg_ctl start`` returned) to the first success;
-and a verdict per ground rule 0: raptor's success rate at least plain's in every phase where
-the server answers (healthy, degraded, heal), and no write lost or doubled. A phase where
-raptor is behind by less than two standard errors of the difference (binomial; the proxy's
-dice fall differently for each contender, which sends its own number of statements and
-connects) is shown as behind within noise, not as a breach. The exit status is 1 when the
-verdict is BROKEN.
+phase, the statements started, the share of the statements the open loop *offered* that
+succeeded ("served": a slot skipped while a thread waited, for the pool say, is not served;
+a little over 100 % can happen at a phase's edges), the connections opened to the proxy
+(refused ones included: the load a dead server gets) and the chunks forwarded to the server
+(about one per statement, plus a few per connect), that load against plain's, and the
+median and 99th percentile latency of the failures (fail-fast or not); then, per contender,
+the acknowledged INSERTs missing from the table (lost), the ids present twice or more
+(doubled), the failed INSERTs whose row is there all the same (outcome unknown to the app:
+not a fault), and the time from the restart (``pg_ctl start`` returned) to the first
+success; and a verdict per ground rule 0: raptor's success rate and served share at least
+plain's in every phase where the server answers (healthy, degraded, heal), and no write
+lost or doubled. A phase where raptor is behind by less than two standard errors of the
+difference (binomial; the proxy's dice fall differently for each contender, which sends its
+own number of statements and connects) is shown as behind within noise, not as a breach.
+The exit status is 1 when the verdict is BROKEN.
 
     .venv/bin/python benchmarks/bench_db_chaos.py            # about 2.5 minutes
     .venv/bin/python benchmarks/bench_db_chaos.py --quick    # under 40 s, noisier
@@ -64,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_chaos import Schedule  # this script's directory is on sys.path
+from bench_chaos import Schedule, open_loop  # this script's directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -80,8 +83,8 @@ CUT, LOSE_ANSWER, SLOW, SLOW_DELAY_S = 0.05, 0.05, 0.15, 0.05
 POOL_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 2
 RAPTOR_ENV = {"OTEL_PYTHON_RAPTOR_BREAKER_RECOVERY_TIMEOUT": "2"}
-#: Seconds from the client's start to the schedule's: importing, instrumenting, filling the pool.
-STARTUP_S = 2.0
+#: Seconds the client may take to import, instrument and fill its pool before it says READY.
+STARTUP_S = 30.0
 
 
 def schedule_of(start: float, scale: float) -> Schedule:
@@ -94,30 +97,22 @@ def schedule_of(start: float, scale: float) -> Schedule:
 Result = tuple[str, str, bool, float, float, str]
 
 
-def client(contender: str, port: int, table: str, start: float, args: argparse.Namespace) -> None:
-    schedule = schedule_of(start, args.scale)
+def client(contender: str, port: int, table: str, args: argparse.Namespace) -> None:
+    global _schedule  # noqa: PLW0603 - the diagnostics' clock
+    run = _statement_runner(contender, port, table, args.threads)
+    # Ready (imported, instrumented, the pool full): the parent answers with the start time.
+    print("READY", flush=True)
+    schedule = _schedule = schedule_of(float(sys.stdin.readline()), args.scale)
     errors: Counter[str] = Counter()
-    run = _statement_runner(contender, port, table, args.threads, schedule)
     results: list[Result] = []
     lock = threading.Lock()
     interval = 1.0 / args.rate
 
     def work(worker: int) -> None:
-        # Open-loop arrivals, as in a service: a statement every ``interval`` whatever the
-        # answers; slots missed while a statement was still running are skipped, not queued.
         dice = random.Random(f"{args.seed}:{worker}")
         mine: list[Result] = []
         written: list[str] = []
-        due = schedule.start + worker * interval / args.threads
-        while True:
-            now = time.time()
-            if now < due:
-                time.sleep(due - now)
-                now = due
-            due = max(due + interval, now)
-            phase = schedule.phase_at(now)
-            if phase is None:
-                break
+        for now, phase in open_loop(schedule, worker * interval / args.threads, interval):
             if written and dice.random() < 0.5:
                 kind, ident = "read", dice.choice(written)
             else:
@@ -148,9 +143,10 @@ def client(contender: str, port: int, table: str, start: float, args: argparse.N
 
 #: For raptor: how its recoveries ended, by phase (from its event bus).
 _raptor_outcomes: dict[str, dict[str, int]] = {}
+_schedule = schedule_of(float("inf"), 1.0)  # the client's, once the parent has said when
 
 
-def _instrument_raptor(schedule: Schedule) -> None:
+def _instrument_raptor() -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
@@ -171,7 +167,7 @@ def _instrument_raptor(schedule: Schedule) -> None:
     )
 
     def count(event: object) -> None:
-        now = time.time()
+        schedule, now = _schedule, time.time()
         phase = schedule.phase_at(now) or "after"
         if isinstance(event, RecoveryFinished):
             key = f"{event.outcome.value}:{event.give_up_reason or event.category}"
@@ -187,11 +183,9 @@ def _instrument_raptor(schedule: Schedule) -> None:
     get_runtime().bus.subscribe(count)
 
 
-def _statement_runner(
-    contender: str, port: int, table: str, threads: int, schedule: Schedule
-) -> Any:
+def _statement_runner(contender: str, port: int, table: str, threads: int) -> Any:
     if contender == "raptor":
-        _instrument_raptor(schedule)
+        _instrument_raptor()
     import psycopg
     from psycopg_pool import ConnectionPool
 
@@ -204,7 +198,7 @@ def _statement_runner(
         kwargs={"autocommit": True},
         open=False,
     )
-    pool.open(wait=True, timeout=STARTUP_S * 3)
+    pool.open(wait=True, timeout=STARTUP_S)
     read = f"SELECT count(*) FROM {table} WHERE id = %s"
     write = f"INSERT INTO {table} (id) VALUES (%s)"
 
@@ -240,6 +234,7 @@ class Run:
     #: per phase: connections opened to the proxy, chunks forwarded to the server
     load: dict[str, tuple[int, int]]
     restarted: float
+    offered_per_s: float
     rows: Counter[str] = field(default_factory=Counter)
 
 
@@ -266,18 +261,33 @@ def run_contender(contender: str, server: Any, args: argparse.Namespace) -> Run:
     load: dict[str, tuple[int, int]] = {}
     with (
         FaultProxy(("127.0.0.1", server.port)) as proxy,
-        tempfile.TemporaryFile("w+") as out,
         tempfile.TemporaryFile("w+") as err,
     ):
-        start = time.time() + STARTUP_S
-        schedule = schedule_of(start, args.scale)
         command = [
             sys.executable, __file__, "--client", contender, "--port", str(proxy.port),
-            "--table", table, "--start", repr(start), "--scale", str(args.scale),
-            "--threads", str(args.threads), "--rate", str(args.rate), "--seed", str(args.seed),
+            "--table", table, "--scale", str(args.scale), "--threads", str(args.threads),
+            "--rate", str(args.rate), "--seed", str(args.seed),
         ]  # fmt: skip
-        # Files, not pipes: the pool's warnings during the outage would fill a pipe's buffer.
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        # stderr to a file: the pool's warnings during the outage would fill a pipe's buffer.
+        # stdout stays quiet until the client ends, but for READY.
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "READY":
+            process.wait(STARTUP_S)
+            err.seek(0)
+            raise RuntimeError(f"{contender} client failed to start:\n{err.read()[-3000:]}")
+        start = time.time() + 0.2
+        schedule = schedule_of(start, args.scale)
+        process.stdin.write(f"{start!r}\n")
+        process.stdin.flush()
         restarted = float("nan")
         counted = (0, 0)
         for phase, _ in (*SCHEDULE, ("end", 0.0)):
@@ -302,12 +312,11 @@ def run_contender(contender: str, server: Any, args: argparse.Namespace) -> Run:
             elif phase == "heal":
                 server.start()
                 restarted = time.time()
-        process.wait(timeout=120)
+        output, _ = process.communicate(timeout=120)
         if process.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"{contender} client failed:\n{err.read()[-3000:]}")
-        out.seek(0)
-        lines = out.read().splitlines()
+        lines = output.splitlines()
     results = [tuple(r) for r in json.loads(_line(lines, "RESULTS"))]
     run = Run(
         contender,
@@ -317,6 +326,7 @@ def run_contender(contender: str, server: Any, args: argparse.Namespace) -> Run:
         json.loads(_line(lines, "RAPTOR")),
         load,
         restarted,
+        args.threads * args.rate,
     )
     run.rows.update(row[0] for row in _sql(server.port, f"SELECT id FROM {table}"))
     return run
@@ -366,12 +376,13 @@ def report(runs: list[Run]) -> bool:
     """Print the tables; return whether raptor keeps rule 0 (True without raptor or plain)."""
     plain = next((r for r in runs if r.contender == "plain"), None)
     print(
-        f"{'phase':9s} {'contender':9s} {'success':>8s} {'stmts':>6s} {'connects':>8s} "
-        f"{'sends':>6s} {'x plain':>7s} {'fail p50':>9s} {'fail p99':>9s}"
+        f"{'phase':9s} {'contender':9s} {'success':>8s} {'stmts':>6s} {'served':>7s} "
+        f"{'connects':>8s} {'sends':>6s} {'x plain':>7s} {'fail p50':>9s} {'fail p99':>9s}"
     )
     for phase, _ in SCHEDULE:
         for run in runs:
             calls = [r for r in run.results if r[0] == phase]
+            served = served_of(run, phase)[0]
             failures = [r[4] * 1000 for r in calls if not r[2]]
             connects, sends = run.load.get(phase, (0, 0))
             load = float("nan")
@@ -379,7 +390,7 @@ def report(runs: list[Run]) -> bool:
                 load = (connects + sends) / sum(plain.load[phase])
             print(
                 f"{phase:9s} {run.contender:9s} {success_rate(run, phase):7.1f}% "
-                f"{len(calls):6d} {connects:8d} {sends:6d} {load:7.2f} "
+                f"{len(calls):6d} {served:6.1f}% {connects:8d} {sends:6d} {load:7.2f} "
                 f"{_percentile_ms(failures, 0.5):>9s} {_percentile_ms(failures, 0.99):>9s}"
             )
         print()
@@ -409,39 +420,59 @@ def report(runs: list[Run]) -> bool:
     raptor = next((r for r in runs if r.contender == "raptor"), None)
     if raptor is None or plain is None:
         return True
-    behind, within_noise = [], []
-    for phase in ANSWERING:
-        gap = success_rate(plain, phase) - success_rate(raptor, phase)
-        if gap > 2 * _standard_error(plain, raptor, phase):
-            behind.append(f"{phase} by {gap:.1f} points")
-        elif gap > 0:
-            within_noise.append(f"{phase} by {gap:.1f} points")
     w = writes(raptor)
-    kept = not behind and w.lost == 0 and w.doubled == 0
-    print(
-        "\nrule 0: "
-        + ("KEPT" if kept else "BROKEN")
-        + ": raptor "
-        + ", ".join(
-            f"{p} {success_rate(raptor, p):.1f}% vs plain {success_rate(plain, p):.1f}%"
-            for p in ANSWERING
+    lines, kept = [], w.lost == 0 and w.doubled == 0
+    for label, metric in (("success", success_of), ("served", served_of)):
+        behind, within_noise = [], []
+        for phase in ANSWERING:
+            (mine, n_mine), (theirs, n_theirs) = metric(raptor, phase), metric(plain, phase)
+            gap = theirs - mine
+            if gap > 2 * _standard_error(mine, n_mine, theirs, n_theirs):
+                behind.append(f"{phase} by {gap:.1f} points")
+            elif gap > 0:
+                within_noise.append(f"{phase} by {gap:.1f} points")
+        kept = kept and not behind
+        lines.append(
+            f"  {label}: raptor "
+            + ", ".join(
+                f"{p} {metric(raptor, p)[0]:.1f}% vs {metric(plain, p)[0]:.1f}%" for p in ANSWERING
+            )
+            + (f"; BEHIND plain: {', '.join(behind)}" if behind else "")
+            + (
+                f"; behind within noise (2 sigma): {', '.join(within_noise)}"
+                if within_noise
+                else ""
+            )
         )
-        + f"; raptor lost {w.lost}, doubled {w.doubled} writes"
-        + (f"; behind plain: {', '.join(behind)}" if behind else "")
-        + (f"; behind within noise (2 sigma): {', '.join(within_noise)}" if within_noise else "")
-    )
+    print(f"\nrule 0: {'KEPT' if kept else 'BROKEN'} (raptor against plain)")
+    print("\n".join(lines))
+    print(f"  writes: raptor lost {w.lost}, doubled {w.doubled}")
     return kept
 
 
-def _standard_error(one: Run, other: Run, phase: str) -> float:
-    """The standard error, in points, of the difference of two success rates in ``phase``
-    (binomial): the dice fall differently for each contender, which sends a different
-    number of statements and connects."""
+def success_of(run: Run, phase: str) -> tuple[float, int]:
+    """The share of the statements started in ``phase`` that succeeded, and how many started."""
+    return success_rate(run, phase), sum(1 for r in run.results if r[0] == phase)
+
+
+def served_of(run: Run, phase: str) -> tuple[float, int]:
+    """The successes in ``phase`` against the statements the open loop offered (a slot
+    skipped while a thread waited, for the pool say, counts as not served)."""
+    seconds = dict(SCHEDULE)[phase] * run.schedule.scale
+    offered = max(1, round(seconds * run.offered_per_s))
+    successes = sum(1 for r in run.results if r[0] == phase and r[2])
+    return 100.0 * successes / offered, offered
+
+
+def _standard_error(one: float, n_one: int, other: float, n_other: int) -> float:
+    """The standard error, in points, of the difference of two rates (binomial, in
+    percent): the dice fall differently for each contender, which sends its own number of
+    statements and connects. (Waits for the pool are not independent draws: for ``served``
+    this understates the noise.)"""
     variance = 0.0
-    for run in (one, other):
-        calls = sum(1 for r in run.results if r[0] == phase)
-        share = success_rate(run, phase) / 100.0
-        variance += share * (1.0 - share) / max(calls, 1)
+    for rate, n in ((one, n_one), (other, n_other)):
+        share = min(max(rate / 100.0, 0.0), 1.0)
+        variance += share * (1.0 - share) / max(n, 1)
     return 100.0 * variance**0.5
 
 
@@ -458,12 +489,11 @@ def main() -> None:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--table", help=argparse.SUPPRESS)
-    parser.add_argument("--start", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.scale = QUICK_SCALE
     if args.client:
-        client(args.client, args.port, args.table, args.start, args)
+        client(args.client, args.port, args.table, args)
         return
     from tests.support.dbservers import PrivatePostgres
 
