@@ -405,7 +405,10 @@ def test_psycopg_pool_restarted(
 
 
 def test_psycopg_pool_killed(pg: PrivatePostgres, install: Install) -> None:
-    installed = install(PsycopgIntegration, **settings())
+    # An open time longer than the pool's 1 s timeout: with 0.5 s, a caller that began
+    # waiting just before the breaker opened came back after its open time had elapsed, and
+    # the next caller waited too, as the probe (under load, no call was left to refuse).
+    installed = install(PsycopgIntegration, **{**settings(), "recovery_timeout": 2.0})
     opened = Opened(installed)
     calls, down = killed(PsycopgPoolApp(pg, check=False), pg.kill)
     # The pool's stale connections fail (and are discarded) as the server dies; its
