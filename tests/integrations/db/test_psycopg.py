@@ -437,18 +437,25 @@ def test_a_server_side_cursor_is_guarded_and_never_replayed(
     installed = install(PsycopgIntegration)
     declared = planned_flaky(admin, table)
     with psycopg.connect(PG_DSN) as conn:
-        with pytest.raises(psycopg.errors.SerializationFailure), conn.transaction():
-            conn.cursor(name="c").execute(declared)
+        with (
+            pytest.raises(psycopg.errors.SerializationFailure),
+            conn.transaction(),
+            conn.cursor(name="c") as named,
+        ):
+            named.execute(declared)
         assert calls(admin, table) == 1  # its DECLARE ran once
         [failed] = installed.of(ErrorClassified, SERVICE)
         assert isinstance(failed.error, psycopg.errors.SerializationFailure)
-        with conn.transaction():
-            cur = conn.cursor(name="c")
+        with conn.transaction(), conn.cursor(name="c") as cur:
             cur.execute("SELECT generate_series(1, 3)")
             assert cur.fetchall() == [(1,), (2,), (3,)]
         installed.runtime.breakers.get(SERVICE).force_open()
-        with pytest.raises(psycopg.OperationalError) as refused, conn.transaction():
-            conn.cursor(name="d").execute("SELECT 1")
+        with (
+            pytest.raises(psycopg.OperationalError) as refused,
+            conn.transaction(),
+            conn.cursor(name="d") as refused_cursor,
+        ):
+            refused_cursor.execute("SELECT 1")
         assert isinstance(refused.value, circuit_open_error_type())
 
 
@@ -459,13 +466,13 @@ async def test_an_async_server_side_cursor_is_guarded(
     declared = planned_flaky(admin, table)
     async with await psycopg.AsyncConnection.connect(PG_DSN) as conn:
         with pytest.raises(psycopg.errors.SerializationFailure):
-            async with conn.transaction():
-                await conn.cursor(name="c").execute(declared)
+            async with conn.transaction(), conn.cursor(name="c") as named:
+                await named.execute(declared)
         assert calls(admin, table) == 1
         installed.runtime.breakers.get(SERVICE).force_open()
         with pytest.raises(psycopg.OperationalError) as refused:
-            async with conn.transaction():
-                await conn.cursor(name="d").execute("SELECT 1")
+            async with conn.transaction(), conn.cursor(name="d") as refused_cursor:
+                await refused_cursor.execute("SELECT 1")
         assert isinstance(refused.value, circuit_open_error_type())
 
 

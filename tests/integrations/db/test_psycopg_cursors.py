@@ -235,6 +235,7 @@ def test_while_the_breaker_is_open_each_one_fails_fast_sending_nothing(
         assert calls(admin, table) == 0  # nothing reached the server
         conn.execute("ROLLBACK")  # never refused: the transaction ends
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        named.close()  # the ROLLBACK ended it on the server: this only marks it closed
     assert unavailable(installed) == 0
 
 
@@ -271,6 +272,7 @@ async def test_while_the_breaker_is_open_each_async_one_fails_fast_sending_nothi
             assert_refused(refused.value)
         assert calls(admin, table) == 0
         await conn.execute("ROLLBACK")
+        await named.close()  # the ROLLBACK ended it on the server: this only marks it closed
     assert unavailable(installed) == 0
 
 
@@ -406,6 +408,7 @@ def test_a_failing_fetch_in_a_transaction_is_counted_once_and_never_sent_again(
         [finished] = installed.of(RecoveryFinished, SERVICE)
         assert finished.attempts == 1
         conn.rollback()
+        named.close()
 
 
 async def test_a_failing_async_fetch_is_counted_once_and_never_sent_again(
@@ -421,6 +424,7 @@ async def test_a_failing_async_fetch_is_counted_once_and_never_sent_again(
         assert calls(admin, table) == 1
         assert unavailable(installed) == 1
         await conn.rollback()
+        await named.close()
 
 
 # --- never break the host app -------------------------------------------------------------------
@@ -442,4 +446,5 @@ def test_our_bug_is_reported_and_streams_copies_and_fetches_run(
         assert named.fetchone() == (1,)
         assert list(named) == [(2,), (3,)]
         conn.rollback()
+        named.close()
     assert "psycopg.describe" in caplog.text

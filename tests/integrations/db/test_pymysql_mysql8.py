@@ -157,7 +157,9 @@ def test_a_session_mysql_8_reaped_is_an_unconfirmed_lost_connection(
     breaker = installed.runtime.breakers.get(f"mysql://127.0.0.1:{stand_in.port}/test")
     # failure_threshold=1: counted at once, the lost connection would have opened it.
     assert breaker.snapshot().window_failures == 0
-    conn.connect()  # the app's reconnect (what ping(reconnect=True) does): the server is up
+    if conn.open:  # MySQL's error left PyMySQL's socket open: the app closes it first
+        conn.close()
+    conn.connect()  # the app's reconnect (PyMySQL's own ping(reconnect=True)): the server is up
     with conn.cursor() as cursor:
         cursor.execute("DO 1")
     assert stand_in.connections == 2

@@ -303,6 +303,7 @@ async def test_asyncio_pools_that_run_out_open_no_breaker(install: Install, key:
             await pool.release(held)
         await client.incr(key)
         await client.aclose()
+        await pool.disconnect()  # a pool passed in is the caller's to close
     assert int(shared().get(key) or 0) == 2
     assert_untouched(installed)
 
