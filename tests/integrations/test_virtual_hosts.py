@@ -193,6 +193,22 @@ def test_a_calls_host_set_to_none_drops_the_sessions_and_is_the_urls(
         assert answer.status_code == 200
 
 
+def test_a_sessions_host_under_a_bytes_name_is_its_virtual_host_on_the_fast_lane(
+    runtime: Runtime, server: VirtualHostServer
+) -> None:
+    url = server.url("/orders")
+    with requests.Session() as session:
+        session.headers[b"Host"] = DEAD  # type: ignore[index]  # requests sends it as "Host"
+        dead = [
+            _outcome(lambda url, host: session.get(url, timeout=5), url, DEAD) for _ in "123456"
+        ]
+    assert dead[-1] == "refused", dead
+    assert runtime.breakers.get(f"http://{DEAD}:{server.port}").state.value == "open"
+    # The URL's own downstream never saw A's failures: a call without a Host is served.
+    with requests.Session() as plain:
+        assert plain.get(url, timeout=5).status_code == 200
+
+
 # --- bounds -------------------------------------------------------------------------------------
 
 

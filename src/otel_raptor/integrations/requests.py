@@ -742,10 +742,12 @@ def _fast_request_hook(
                     # No timeout given and a policy with an attempt timeout: describe's.
                     and ((timeout := kwargs.get("timeout")) is not None or not origin.timed)
                     # A Host of the caller's, the call's or the session's (requests' own
-                    # CaseInsensitiveDict, keyed in lower case; any other mapping raises
-                    # AttributeError): describe's, which finds the virtual host.
+                    # CaseInsensitiveDict, keyed in lower case, as text or as bytes: requests
+                    # sends either as "Host"; any other mapping raises AttributeError):
+                    # describe's, which finds the virtual host.
                     and ((headers := kwargs.get("headers")) is None or names_no_host(headers))
-                    and "host" not in self.headers._store
+                    and "host" not in (store := self.headers._store)
+                    and b"host" not in store
                 ):
                     core = fast.core
                     start = fast.monotonic()
