@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,9 @@ def runtime() -> Iterator[Runtime]:
         hook.uninstall()
 
 
-def _requests_client(level: str) -> Callable[[str, str], Any]:
+def _requests_client(level: str, closing: ExitStack) -> Callable[[str, str], Any]:
     sessions: dict[str, requests.Session] = {}
+    closing.callback(lambda: [session.close() for session in sessions.values()])
 
     def get(url: str, host: str) -> Any:
         if level == "request":
@@ -96,8 +98,9 @@ def _requests_client(level: str) -> Callable[[str, str], Any]:
     return get
 
 
-def _httpx_client(level: str) -> Callable[[str, str], Any]:
+def _httpx_client(level: str, closing: ExitStack) -> Callable[[str, str], Any]:
     clients: dict[str, httpx.Client] = {}
+    closing.callback(lambda: [client.close() for client in clients.values()])
 
     def get(url: str, host: str) -> Any:
         if level == "request":
@@ -110,7 +113,7 @@ def _httpx_client(level: str) -> Callable[[str, str], Any]:
     return get
 
 
-def _httpx_async_client(level: str) -> Callable[[str, str], Any]:
+def _httpx_async_client(level: str, closing: ExitStack) -> Callable[[str, str], Any]:
     def get(url: str, host: str) -> Any:
         async def send() -> Any:
             if level == "request":
@@ -147,7 +150,13 @@ def _outcome(get: Callable[[str, str], Any], url: str, host: str) -> str:
 def test_a_dead_virtual_host_never_gets_its_neighbour_at_the_same_address_refused(
     client: str, level: str, runtime: Runtime, server: VirtualHostServer
 ) -> None:
-    get = CLIENTS[client](level)
+    with ExitStack() as closing:
+        _judged_apart(CLIENTS[client](level, closing), runtime, server)
+
+
+def _judged_apart(
+    get: Callable[[str, str], Any], runtime: Runtime, server: VirtualHostServer
+) -> None:
     url = server.url("/orders")
     dead = [_outcome(get, url, DEAD) for _ in range(6)]
     # A's own breaker opened on A's failures: the later calls never reached the server.
