@@ -15,6 +15,7 @@ import psycopg2.extras
 import pytest
 
 from otel_raptor import CircuitOpenError
+from otel_raptor.core.classification import ErrorCategory
 from otel_raptor.core.events import ErrorClassified, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.db import TransactionInProgressError, run_transaction
@@ -23,6 +24,7 @@ from otel_raptor.integrations.db.psycopg2 import Psycopg2Integration
 from tests.integrations.db.conftest import PG_DSN, Install, create_pg_flaky, drop_pg_flaky
 from tests.support.dbservers import free_port
 from tests.support.services import POSTGRES
+from tests.support.tcp_proxy import FaultProxy
 
 pytestmark = pytest.mark.usefixtures("postgres")
 
@@ -192,6 +194,67 @@ def test_a_session_that_chose_its_statement_timeout_keeps_it(
         assert show_statement_timeout(conn) == "7s"
     finally:
         conn.close()
+
+
+def _cut_the_timeout_query() -> Any:
+    """A ``cut_commands`` matcher: the first time raptor's statement-timeout query goes out."""
+    cut: list[bytes] = []
+
+    def matches(data: bytes) -> bool:
+        if data[:1] == b"Q" and b"set_config('statement_timeout'" in data and not cut:
+            cut.append(data)
+            return True
+        return False
+
+    return matches
+
+
+def test_a_link_lost_by_the_timeout_query_fails_the_connect_not_the_apps_statement(
+    install: Install,
+) -> None:
+    # As psycopg's (test_psycopg.py): the closed connection went to the app, whose first
+    # statement failed ("connection already closed") for a query it never sent.
+    installed = install(Psycopg2Integration, statement_timeout=12.5)
+    with FaultProxy(POSTGRES) as proxy:
+        proxy.cut_commands(_cut_the_timeout_query())
+        conn = psycopg2.connect(f"host=127.0.0.1 port={proxy.port} dbname=test user=postgres")
+        try:
+            assert show_statement_timeout(conn) == "12500ms"
+            assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        finally:
+            conn.close()
+        assert proxy.cuts == 1
+        assert proxy.accepted == 2  # connected again
+    assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
+    # Counted once, as the connect that failed, not also as a statement of the connection.
+    assert [e.classification.category for e in installed.of(ErrorClassified)] == [
+        ErrorCategory.CONNECTION
+    ]
+
+
+def test_an_sql_error_of_the_timeout_query_leaves_the_connection_to_the_app(
+    install: Install, admin: Any, unique_name: str
+) -> None:
+    # A server that cannot run the query (here a ``pg_settings`` of the app's own, found
+    # first on its search_path) answers with an error and keeps the link: the connection is
+    # the app's, with no timeout set, the error judged once as its statement.
+    admin.execute(f"CREATE SCHEMA {unique_name}")
+    try:
+        admin.execute(f"CREATE TABLE {unique_name}.pg_settings (other INT)")
+        installed = install(Psycopg2Integration, statement_timeout=12.5)
+        conn = psycopg2.connect(PG_DSN, options=f"-c search_path={unique_name},pg_catalog")
+        try:
+            assert conn.closed == 0
+            assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+            assert show_statement_timeout(conn) == "0"
+        finally:
+            conn.close()
+        classified = installed.of(ErrorClassified)
+        assert [e.classification.code for e in classified] == ["42703"]  # undefined column
+        finished = installed.of(RecoveryFinished)
+        assert [(e.outcome, e.attempts) for e in finished] == [(Outcome.FAILED, 1)]  # not retried
+    finally:
+        admin.execute(f"DROP SCHEMA {unique_name} CASCADE")
 
 
 def test_autocommit_conflicts_are_retried_and_transactions_are_not(

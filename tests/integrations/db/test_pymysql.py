@@ -12,7 +12,8 @@ import pymysql.cursors
 import pytest
 
 from otel_raptor import CircuitOpenError
-from otel_raptor.core.events import RecoveryFinished
+from otel_raptor.core.classification import ErrorCategory
+from otel_raptor.core.events import ErrorClassified, RecoveryFinished
 from otel_raptor.core.recovery import Outcome
 from otel_raptor.integrations.db import pymysql as integration
 from otel_raptor.integrations.db.pymysql import PyMySQLIntegration
@@ -108,6 +109,86 @@ def test_an_init_command_that_chose_no_statement_timeout_keeps_none(install: Ins
         assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 2.5
     finally:
         conn.close()
+
+
+def _cut_the_timeout_query() -> Any:
+    """A ``cut_commands`` matcher: the first time raptor's statement-timeout query goes out
+    (a ``COM_QUERY`` packet)."""
+    cut: list[bytes] = []
+
+    def matches(data: bytes) -> bool:
+        if data[3:5] == b"\x00\x03" and b"max_statement_time" in data and not cut:
+            cut.append(data)
+            return True
+        return False
+
+    return matches
+
+
+def proxied(proxy: FaultProxy, **kwargs: Any) -> Any:
+    return pymysql.connect(**{**MYSQL_KWARGS, "host": "127.0.0.1", "port": proxy.port, **kwargs})
+
+
+def test_a_link_lost_by_the_timeout_query_fails_the_connect_not_the_apps_statement(
+    install: Install,
+) -> None:
+    # As psycopg's (test_psycopg.py): the closed connection went to the app, whose first
+    # statement failed ("(0, '')" from a socket-less connection) for a query it never sent.
+    installed = install(PyMySQLIntegration, statement_timeout=2.5)
+    with FaultProxy(MYSQL) as proxy:
+        proxy.cut_commands(_cut_the_timeout_query())
+        conn = proxied(proxy)
+        try:
+            assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 2.5
+        finally:
+            conn.close()
+        assert proxy.cuts == 1
+        assert proxy.accepted == 2  # connected again
+    assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
+    # Counted once, as the connect that failed, not also as a statement of the connection.
+    assert [e.classification.category for e in installed.of(ErrorClassified)] == [
+        ErrorCategory.CONNECTION
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:The 'reconnect' argument is deprecated:DeprecationWarning")
+def test_ping_reconnects_through_the_same_connect(install: Install) -> None:
+    # ``ping(reconnect=True)`` calls ``Connection.connect``: a link lost by the timeout query
+    # of that reconnect is connected again too, instead of ping raising "Already closed".
+    installed = install(PyMySQLIntegration, statement_timeout=2.5)
+    with FaultProxy(MYSQL) as proxy:
+        conn = proxied(proxy, autocommit=True)
+        try:
+            proxy.cut_commands(_cut_the_timeout_query())
+            proxy.reset_all()  # the server (or a proxy) ended the idle session
+            conn.ping(reconnect=True)
+            assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 2.5
+        finally:
+            conn.close()
+        assert proxy.cuts == 1
+        assert proxy.accepted == 3  # the first connect, the reconnect cut, the one that held
+    assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
+
+
+def test_an_sql_error_of_the_timeout_query_leaves_the_connection_to_the_app(
+    install: Install,
+) -> None:
+    # A server that does not know the variable answers with an error and keeps the link: the
+    # connection is the app's, with no timeout set, the error judged once as its statement.
+    installed = install(PyMySQLIntegration, statement_timeout=2.5)
+    with FaultProxy(MYSQL) as proxy:
+        proxy.answer_mysql_commands(1193, "Unknown system variable 'max_statement_time'", times=1)
+        conn = proxied(proxy, autocommit=True)  # no SET AUTOCOMMIT: the query is the first
+        try:
+            assert conn.open
+            assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 0.0
+        finally:
+            conn.close()
+        assert (proxy.answered, proxy.accepted) == (1, 1)
+    classified = installed.of(ErrorClassified)
+    assert [e.classification.code for e in classified] == ["1193"]
+    finished = installed.of(RecoveryFinished)
+    assert [(e.outcome, e.attempts) for e in finished] == [(Outcome.FAILED, 1)]  # not retried
 
 
 def test_replay_in_autocommit_only_and_never_for_executemany(install: Install, table: str) -> None:

@@ -239,7 +239,22 @@ def guarded_connection_factory(factory: Any) -> Any:
     return _guarded_classes.of(factory, psycopg2.extensions.connection)
 
 
+def _lost_while_connecting(conn: Any, failure: Exception) -> bool:
+    """Whether the statement-timeout query's ``failure`` lost the connection it was sent on
+    (psycopg2 marks it closed): the connect did not deliver a usable connection, and is
+    failed (and retried as any failed connect) rather than handing the app a closed one,
+    whose first statement would fail for a query the app never sent."""
+    import psycopg2  # noqa: PLC0415 - imported by install()
+
+    try:
+        return isinstance(failure, psycopg2.Error) and bool(conn.closed)
+    except Exception:  # noqa: BLE001 - unknown: the connection is the app's, as before
+        return False
+
+
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
+    """Run the statement-timeout query on ``conn``, just opened; raise the driver's error
+    when it lost the connection (:func:`_lost_while_connecting`)."""
     import psycopg2.extensions  # noqa: PLC0415 - imported by install()
 
     try:
@@ -251,11 +266,12 @@ def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
             cursor.execute(query)
         if not conn.autocommit:
             conn.commit()  # psycopg2 opened a transaction for it
-    except Exception as failure:  # noqa: BLE001 - the connection is the app's either way
+    except Exception as failure:
+        if _lost_while_connecting(conn, failure):
+            raise  # the driver's own error: the connect plan judges it and connects again
         if isinstance(failure, psycopg2.Error):
-            # The server's (or a pooler's) answer: judged and counted once as a statement
-            # of this connection (behind PgBouncer whose server is dead, the connect
-            # succeeds and this, its first statement, is where the outage shows).
+            # The server's (or a pooler's) answer, the connection kept: judged and counted
+            # once as a statement of this connection.
             with contextlib.suppress(Exception):
                 failed_midway(target.locked, failure, (conn,))
         else:
@@ -265,6 +281,19 @@ def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
                 conn.rollback()
         except Exception as undo:  # noqa: BLE001
             report_internal_error("psycopg2.statement_timeout", undo)
+
+
+def _adopt(conn: Any, target: DbTarget) -> bool:
+    """Stamp ``conn``, just opened, and remember its server on it; false when it refuses
+    the attribute (a factory whose connections take none: reported): it is then the app's
+    as it is, with no timeout set."""
+    mark_opened(conn, target.connect)
+    try:
+        setattr(conn, TARGET_ATTRIBUTE, target)
+    except Exception as bug:  # noqa: BLE001
+        report_internal_error("psycopg2.remember_target", bug)
+        return False
+    return True
 
 
 # ``psycopg2.connect``'s own keywords, which it takes out before building the DSN from the
@@ -313,14 +342,19 @@ def _connect_wrapper(
     if described is None:
         return wrapped(*args, **kwargs)
     target, args, kwargs = described
-    conn = call(target.connect, wrapped, args, kwargs)
-    mark_opened(conn, target.connect)
-    try:
-        setattr(conn, TARGET_ATTRIBUTE, target)
-    except Exception as bug:  # noqa: BLE001 - a factory whose connections take no attributes
-        report_internal_error("psycopg2.remember_target", bug)
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        # The statement-timeout query is part of the connect: a link lost there fails this
+        # attempt, which the connect plan counts and sends again (nothing of the app's ran).
+        conn = wrapped(*args, **kwargs)
+        if _adopt(conn, target):
+            _set_statement_timeout(conn, target)
         return conn
-    _set_statement_timeout(conn, target)
+
+    conn = call(target.connect, connect, args, kwargs)
+    # Stamped again once the connect's success is recorded: a lost link on this fresh
+    # connection takes that success back only if it opened at or after it (core/breaker.py).
+    mark_opened(conn, target.connect)
     return conn
 
 

@@ -7,7 +7,8 @@ real ``pymysql.connections.Connection`` and cursor objects):
   and ``ping(reconnect=True)`` calls to reconnect): the ``connect`` plan, always replay safe.
   After connecting, the server's default statement timeout is set where the session has none
   (MariaDB ``max_statement_time``, MySQL ``max_execution_time``, which MySQL applies to
-  ``SELECT`` only) and the application's ``init_command`` chose none, ``0`` included.
+  ``SELECT`` only) and the application's ``init_command`` chose none, ``0`` included. That
+  query is part of the connect: a link it loses fails the attempt, which is connected again.
 - ``Cursor.execute`` (every cursor class derives from it): the ``statement`` plan in
   autocommit mode with no transaction open, else the ``locked`` plan. PyMySQL's default is
   ``autocommit=False``, where every statement is inside a transaction: then nothing is
@@ -217,18 +218,35 @@ def _statement_timeout_query(conn: Any, target: DbTarget) -> str | None:
     )
 
 
+def _lost_while_connecting(conn: Any, failure: Exception) -> bool:
+    """Whether the statement-timeout query's ``failure`` lost the connection it was sent on
+    (PyMySQL dropped its socket: ``open`` is false): the connect did not deliver a usable
+    connection, and is failed (and retried as any failed connect) rather than handing the
+    app a closed one, whose first statement would fail for a query the app never sent."""
+    import pymysql  # noqa: PLC0415 - imported by install()
+
+    try:
+        return isinstance(failure, pymysql.err.Error) and not conn.open
+    except Exception:  # noqa: BLE001 - unknown: the connection is the app's, as before
+        return False
+
+
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
+    """Run the statement-timeout query on ``conn``, just opened; raise the driver's error
+    when it lost the connection (:func:`_lost_while_connecting`)."""
     import pymysql  # noqa: PLC0415 - imported by install()
 
     try:
         query = _statement_timeout_query(conn, target)
         if query is not None:
             conn.query(query)  # not through a cursor: neither our hook nor tracing sees it
-    except Exception as failure:  # noqa: BLE001 - the connection is the app's either way
+    except Exception as failure:
+        if _lost_while_connecting(conn, failure):
+            raise  # the driver's own error: the connect plan judges it and connects again
         if isinstance(failure, pymysql.err.Error):
-            # The server's (or a proxy's) answer: judged and counted once as a statement of
-            # this connection (behind ProxySQL whose server is dead, the connect succeeds
-            # and this, its first statement, is where the outage shows).
+            # The server's (or a proxy's) answer, the link kept (ProxySQL's 9001, a server
+            # that does not know the variable): judged and counted once as a statement of
+            # this connection, which is the app's.
             with contextlib.suppress(Exception):
                 failed_midway(target.locked, failure, (conn,))
         else:
@@ -256,13 +274,23 @@ def _connect_wrapper(
         return wrapped(*args, **kwargs)
     if not target.enabled:
         return wrapped(*args, **kwargs)
-    token = _mark()
-    try:
-        result = call(target.connect, wrapped, args, kwargs)
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        # The statement-timeout query is part of the connect: a link lost there fails this
+        # attempt, which the connect plan counts and sends again (nothing of the app's ran).
+        result = wrapped(*args, **kwargs)
         mark_opened(instance, target.connect)
         _set_statement_timeout(instance, target)
+        return result
+
+    token = _mark()
+    try:
+        result = call(target.connect, connect, args, kwargs)
     finally:
         _unmark(token)
+    # Stamped again once the connect's success is recorded: a lost link on this fresh
+    # connection takes that success back only if it opened at or after it (core/breaker.py).
+    mark_opened(instance, target.connect)
     return result
 
 
