@@ -490,6 +490,36 @@ class TestSignals:
             assert result.counts_against_health
 
     @pytest.mark.parametrize(
+        ("message", "rule"),
+        [
+            ("BUSY Redis is busy running a script.", "redis.LOADING"),
+            # A pipeline's, annotated by redis-py (args may span lines).
+            ("Command # 1 (INCRBY k 1) of pipeline caused error: BUSY Redis is busy",
+             "redis.LOADING"),
+            ("Command # 3 (SET k a\nb) of pipeline caused error: TRYAGAIN Multiple keys",
+             "redis.LOADING"),
+            # redis.asyncio quotes the reply as a tuple (repr: double quotes around a quote).
+            ("Command # 1 (GET k) of pipeline caused error: ('BUSY Redis is busy',)",
+             "redis.LOADING"),
+            ("Command # 2 (SET k a\nb) of pipeline caused error: ('BUSY Redis is busy',)",
+             "redis.LOADING"),
+            ("Command # 1 (GET k) of pipeline caused error: (\"MASTERDOWN set to 'no'.\",)",
+             "redis.LOADING"),
+            # Not a "not executed" reply: the word elsewhere.
+            ("Command # 1 (GET BUSY) of pipeline caused error: ('wrong kind',)",
+             "redis.ResponseError"),
+            ("Command # 1 (GET k) of pipeline caused error: ('BUSYNESS',)", "redis.ResponseError"),
+        ],
+    )  # fmt: skip
+    def test_a_not_executed_reply_inside_a_pipeline(
+        self, classifier: Classifier, message: str, rule: str
+    ) -> None:
+        result = classify(classifier, RedisResponseError(message))
+        assert result.rule == rule
+        if rule == "redis.LOADING":
+            assert (result.category, result.counts_against_health) == (C.UNAVAILABLE, True)
+
+    @pytest.mark.parametrize(
         ("number", "message", "rule"),
         [
             (9001, "Max connect timeout reached while reaching hostgroup 0 after 10000ms",

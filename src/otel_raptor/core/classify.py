@@ -546,9 +546,12 @@ _TABLE: tuple[Rule | None, ...] = (
     _types("redis.READONLY", _C.UNAVAILABLE, _RESPONSE, message=r"^READONLY\b",
            live_refusal=True),
     # Replies saying the command was not executed. ``BUSY`` (a script or function holds the
-    # server) has no class of its own in redis-py, and in a pipeline it comes annotated.
+    # server) has no class of its own in redis-py, and in a pipeline it comes annotated, the
+    # command quoted as it is (line breaks included) and, by redis.asyncio, the reply as a
+    # tuple (``('BUSY Redis is busy ...',)``): missed, an asyncio pipeline's BUSY was an
+    # ordinary error reply, never sent again nor counted, where a sync one was both.
     _types("redis.LOADING", _C.UNAVAILABLE, _RESPONSE,
-           message=r"^(Command # \d+ \(.*\) of pipeline caused error: )?"
+           message=r"^(Command # \d+ \((?s:.*)\) of pipeline caused error: (\(['\"])?)?"
                    r"(LOADING|BUSY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN)\b"),
     # A proxy whose server cannot be reached (twemproxy) answers each command with the error
     # of its own connect, ``-ERR Connection refused``, and keeps the client's link: the

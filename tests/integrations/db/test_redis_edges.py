@@ -22,6 +22,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from otel_raptor import CircuitOpenError
+from otel_raptor.core.classification import ErrorCategory
 from otel_raptor.core.events import (
     BreakerTransitioned,
     ErrorClassified,
@@ -687,6 +688,83 @@ async def test_an_asyncio_transaction_refused_at_multi_is_sent_again_only_if_not
         server.close()
     assert script.applied == 1
     assert attempts(installed) == [1 if ends_between else 2]
+
+
+class _BusyOnce:
+    """A server a script holds for one command only: the first command of the test's
+    (``INCR`` queued in a transaction, or a pipeline's ``GET``) gets ``BUSY`` and is not
+    executed; a transaction with a refused command is discarded at ``EXEC``
+    (``EXECABORT``), as Redis does. redis-py raises the refused command's error, annotated
+    with its place in the pipeline, which redis.asyncio quotes as a tuple."""
+
+    BUSY = b"-BUSY Redis is busy running a script.\r\n"
+
+    def __init__(self) -> None:
+        self.refused = False
+        self.dirty = False
+        self.applied = 0
+
+    def __call__(self, command: list[bytes]) -> bytes:
+        name = command[0].upper()
+        if name == b"MULTI":
+            return b"+OK\r\n"
+        if name == b"EXEC":
+            if self.dirty:
+                self.dirty = False
+                return b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+            self.applied += 1
+            return b"*1\r\n:%d\r\n" % self.applied
+        if not self.refused:
+            self.refused = True
+            self.dirty = name in (b"INCR", b"INCRBY")
+            return self.BUSY
+        if name in (b"INCR", b"INCRBY"):
+            return b"+QUEUED\r\n"
+        return b"$5\r\nvalue\r\n"  # GET
+
+
+@pytest.mark.parametrize("transaction", [True, False], ids=["queued-incr", "plain-get"])
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_busy_inside_a_pipeline_is_a_refusal_in_sync_and_asyncio_alike(
+    install: Install, flavour: str, transaction: bool
+) -> None:
+    """``BUSY`` to a command inside a pipeline comes annotated (``Command # 1 (INCR k) of
+    pipeline caused error: ...``), and quoted as a tuple by redis.asyncio (``...: ('BUSY
+    ...',)``). Either way it is the server's "not executed" (it counts against its health):
+    a transaction discarded for it, or a pipeline that only reads, is sent again."""
+    installed = install(RedisIntegration, max_retries=3, failure_threshold=100)
+    script = _BusyOnce()
+    server = ScriptedRedis(script)
+
+    async def run_async() -> Any:
+        client = redis.asyncio.Redis(
+            host="127.0.0.1", port=server.port, protocol=2, driver_info=None
+        )
+        try:
+            pipe = client.pipeline(transaction=transaction)
+            (pipe.incr("counter") if transaction else pipe.get("counter"))
+            return await pipe.execute()
+        finally:
+            await client.aclose()
+
+    try:
+        if flavour == "asyncio":
+            result = asyncio.run(run_async())
+        else:
+            client = redis.Redis(host="127.0.0.1", port=server.port, protocol=2, driver_info=None)
+            pipe = client.pipeline(transaction=transaction)
+            (pipe.incr("counter") if transaction else pipe.get("counter"))
+            result = pipe.execute()
+    finally:
+        server.close()
+    assert result == ([1] if transaction else [b"value"])
+    assert script.applied == (1 if transaction else 0)
+    [classified] = installed.of(ErrorClassified)
+    assert (classified.classification.rule, classified.classification.category) == (
+        "redis.LOADING",
+        ErrorCategory.UNAVAILABLE,
+    )
+    assert attempts(installed) == [2]
 
 
 # --- asyncio pipelines without MULTI -------------------------------------------------------------
