@@ -170,6 +170,24 @@ def test_ping_reconnects_through_the_same_connect(install: Install) -> None:
     assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
 
 
+def test_a_session_the_server_ends_at_the_timeout_query_fails_the_connect(
+    install: Install,
+) -> None:
+    # A server shutting down answers 1053 and closes the link: PyMySQL learns it only at the
+    # app's first statement. The session is gone (as for a lost link): connected again.
+    installed = install(PyMySQLIntegration, statement_timeout=2.5)
+    with FaultProxy(MYSQL) as proxy:
+        proxy.answer_mysql_commands(1053, "Server shutdown in progress", times=1)
+        conn = proxied(proxy, autocommit=True)
+        try:
+            assert float(scalar(conn, "SELECT @@SESSION.max_statement_time")) == 2.5
+        finally:
+            conn.close()
+        assert (proxy.answered, proxy.accepted) == (1, 2)
+    assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
+    assert len(installed.of(ErrorClassified)) == 1
+
+
 def test_an_sql_error_of_the_timeout_query_leaves_the_connection_to_the_app(
     install: Install,
 ) -> None:

@@ -220,15 +220,26 @@ def _statement_timeout_query(conn: Any, target: DbTarget) -> str | None:
 
 def _lost_while_connecting(conn: Any, failure: Exception) -> bool:
     """Whether the statement-timeout query's ``failure`` lost the connection it was sent on
-    (PyMySQL dropped its socket: ``open`` is false): the connect did not deliver a usable
-    connection, and is failed (and retried as any failed connect) rather than handing the
-    app a closed one, whose first statement would fail for a query the app never sent."""
+    (PyMySQL dropped its socket: ``open`` is false), or the server ended the session
+    (``_GONE``: a shutdown in progress, which closes the link after its answer): the connect
+    did not deliver a usable connection, and is failed (and retried as any failed connect)
+    rather than handing the app a closed one, whose first statement would fail for a query
+    the app never sent. A session ended so is closed here, its socket released."""
     import pymysql  # noqa: PLC0415 - imported by install()
 
     try:
-        return isinstance(failure, pymysql.err.Error) and not conn.open
+        if not isinstance(failure, pymysql.err.Error):
+            return False
+        if not conn.open:
+            return True
+        args = failure.args
+        if not (args and args[0] in _GONE):
+            return False
     except Exception:  # noqa: BLE001 - unknown: the connection is the app's, as before
         return False
+    with contextlib.suppress(Exception):
+        conn.close()  # PyMySQL's own COM_QUIT, best effort; its next connect reopens it
+    return True
 
 
 def _set_statement_timeout(conn: Any, target: DbTarget) -> None:
