@@ -36,6 +36,8 @@ def no_jitter() -> float:
 
 def make(rnd: Any = no_jitter, now: float = 0.0, **options: Any) -> BreakerCore:
     options.setdefault("adaptive_threshold", False)
+    # The trip tests read the open duration in their transitions: pinned, not the default.
+    options.setdefault("recovery_timeout", 60.0)
     return BreakerCore(CircuitBreakerConfig(**options), now=now, rnd=rnd)
 
 
@@ -854,7 +856,10 @@ def test_adaptive_needs_minimum_calls_and_closed_state() -> None:
 # --- config ----------------------------------------------------------------------------------
 
 
-def test_defaults_match_the_seed() -> None:
+def test_defaults_match_the_seed_but_the_open_time() -> None:
+    # recovery_timeout is 2 s, not the seed's 60 s: benchmarks/bench_opentime.py measured the
+    # open time against a long outage, repeated outages and a flapping server (see
+    # benchmarks/README.md), and 60 s kept the app refused for up to a minute after a heal.
     config = CircuitBreakerConfig()
     assert (
         config.failure_threshold,
@@ -863,7 +868,8 @@ def test_defaults_match_the_seed() -> None:
         config.timeout,
         config.adaptive_threshold,
         config.health_check_interval,
-    ) == (5, 60.0, 2, 30.0, True, 30.0)
+    ) == (5, 2.0, 2, 30.0, True, 30.0)
+    assert (config.recovery_backoff_multiplier, config.max_recovery_timeout) == (1.0, 600.0)
     assert config.slow_call_duration is None
     assert config.ignored_categories == NON_HEALTH_CATEGORIES
     assert config.window == "count"
@@ -898,8 +904,8 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("slow_call_rate_threshold", 0.0, "a number in (0, 1]"),
     ("slow_call_rate_threshold", 1.01, "a number in (0, 1]"),
     ("half_open_max_calls", 0, "an integer >= 1"),
-    ("max_recovery_timeout", 59.0, "a number of seconds >= recovery_timeout (60.0)"),
-    ("max_recovery_timeout", 1e10, "a number of seconds >= recovery_timeout (60.0)"),
+    ("max_recovery_timeout", 1.9, "a number of seconds >= recovery_timeout (2.0)"),
+    ("max_recovery_timeout", 1e10, "a number of seconds >= recovery_timeout (2.0)"),
     ("recovery_backoff_multiplier", 10**400, "a finite number >= 1"),
     ("recovery_backoff_multiplier", 0.5, "a finite number >= 1"),
     ("recovery_jitter", -0.1, "a number in [0, 1]"),
