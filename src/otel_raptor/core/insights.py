@@ -359,8 +359,9 @@ def breaker_flapping(*, service: str, trips: int, window_s: float, now: float) -
         summary=f"the breaker of {service} opened {trips} times in {window_s / 60:.0f} min",
         evidence=_evidence(trips=trips, window_s=window_s),
         recommendation=(
-            "the downstream fails on and off: raise the breaker's recovery_timeout or"
-            " success_threshold so it closes only once the downstream is back"
+            "the downstream fails on and off: fix it, or raise the breaker's success_threshold"
+            " so it closes only once the downstream is back (a longer recovery_timeout would"
+            " refuse its up phases too)"
         ),
         detected_at=now,
     )
