@@ -170,6 +170,100 @@ def test_sentinel_services_have_breakers_of_their_own(install: Install, tmp_path
         two.close()
 
 
+# --- Sentinel: a failover demotes the master a pool is connected to ---------------------------
+
+
+class Service:
+    """Sentinel service ``svc``: master ``old``, its replica ``new``, the sentinel's port."""
+
+    def __init__(self, old: PrivateRedis, new: PrivateRedis, sentinel_port: int) -> None:
+        self.old, self.new, self.sentinel_port = old, new, sentinel_port
+        self.sentinel = Sentinel([("127.0.0.1", sentinel_port)], socket_timeout=2)
+
+
+@contextlib.contextmanager
+def service_with_a_replica(tmp_path: Path) -> Iterator[Service]:
+    """``svc``: a master, its replica and a Sentinel that knows both (not failed over yet)."""
+    old, new = PrivateRedis(), PrivateRedis()
+    sentinel_server: PrivateSentinel | None = None
+    try:
+        old.start()
+        new.start()
+        redis.Redis(port=new.port).replicaof("127.0.0.1", old.port)
+        sentinel_server = PrivateSentinel(tmp_path, {"svc": old.port})
+        service = Service(old, new, sentinel_server.port)
+        deadline = time.monotonic() + 30
+        while not service.sentinel.discover_slaves("svc"):  # learnt from the master's INFO
+            assert time.monotonic() < deadline, "the sentinel never saw the replica"
+            time.sleep(0.1)
+        yield service
+    finally:
+        if sentinel_server is not None:
+            sentinel_server.close()
+        old.close()
+        new.close()
+
+
+def demote(service: Service) -> None:
+    """The replica becomes the master and the old master its replica, Sentinel naming the new
+    one, with the application's connections to the old master left open: a failover as the
+    connections that miss Sentinel's ``CLIENT KILL`` see it (one opened during the failover,
+    or an operator's ``REPLICAOF`` that Sentinel follows)."""
+    old, new = redis.Redis(port=service.old.port), redis.Redis(port=service.new.port)
+    old.wait(1, 5000)  # the replica has every write
+    new.replicaof("NO", "ONE")
+    old.replicaof("127.0.0.1", service.new.port)
+    sentinel = service.sentinel.sentinels[0]
+    sentinel.execute_command("SENTINEL REMOVE", "svc")
+    sentinel.execute_command("SENTINEL MONITOR", "svc", "127.0.0.1", service.new.port, 1)
+    assert service.sentinel.discover_master("svc")[1] == service.new.port
+    old.close()
+    new.close()
+
+
+def test_a_write_a_demoted_master_refused_goes_to_the_new_master(
+    install: Install, tmp_path: Path, key: str
+) -> None:
+    """redis-py turns a demoted master's ``READONLY`` into a ``ConnectionError``, so that a
+    retry asks Sentinel for the new master. The write did nothing: raptor, which runs the
+    retries in redis-py's place, sends it again, once (judged as a lost link, it was failed to
+    the application, even one whose client was built with redis-py retries)."""
+    installed = install(RedisIntegration)
+    with service_with_a_replica(tmp_path) as service:
+        client = service.sentinel.master_for("svc", socket_timeout=2)
+        try:
+            assert client.incr(key) == 1  # the pool keeps this connection to the old master
+            demote(service)
+            assert client.incr(key) == 2
+            assert redis.Redis(port=service.new.port).get(key) == b"2"
+            assert attempts(installed) == [2]
+        finally:
+            client.close()
+
+
+async def test_an_asyncio_write_a_demoted_master_refused_goes_to_the_new_master(
+    install: Install, tmp_path: Path, key: str
+) -> None:
+    import redis.asyncio.sentinel
+
+    installed = install(RedisIntegration)
+    with service_with_a_replica(tmp_path) as service:
+        sentinel = redis.asyncio.sentinel.Sentinel(
+            [("127.0.0.1", service.sentinel_port)], socket_timeout=2
+        )
+        client = sentinel.master_for("svc", socket_timeout=2)
+        try:
+            assert await client.incr(key) == 1
+            demote(service)
+            assert await client.incr(key) == 2
+            assert redis.Redis(port=service.new.port).get(key) == b"2"
+            assert attempts(installed) == [2]
+        finally:
+            await client.aclose()
+            for one in sentinel.sentinels:
+                await one.aclose()
+
+
 def wait_for_master(sentinel: Sentinel, service: str) -> None:
     deadline = time.monotonic() + 10
     while True:

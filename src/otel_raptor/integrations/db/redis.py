@@ -340,12 +340,15 @@ def failure_point_for(redis: Any) -> PointOf:
         if hasattr(exceptions, name.rpartition(".")[2])
     )
     transport = (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
+    demoted = _demoted_master_check(redis)
 
     def failure_point(
         error: BaseException, classification: Classification
     ) -> tuple[FailurePoint, bool]:
         if is_not_sent(error):
             return FailurePoint.NOT_SENT, True
+        if getattr(error, REFUSED_WHOLE_ATTRIBUTE, False) is True and demoted(error):
+            return FailurePoint.ROLLED_BACK, True
         # The classifier tells the replies redis-py raises as a plain ``ResponseError``
         # (``BUSY``, annotated in a pipeline or not): a user rule overriding it leaves them
         # judged as answered, the safe side.
@@ -358,6 +361,35 @@ def failure_point_for(redis: Any) -> PointOf:
         return FailurePoint.FAILED, True  # the server answered
 
     return failure_point
+
+
+def _demoted_master_check(redis: Any) -> Callable[[BaseException], bool]:
+    """Whether an error is a Sentinel-managed connection's "the previous master is now a
+    slave": redis-py raises it as a ``ConnectionError`` (so that its own retry asks Sentinel
+    for the new master) from the ``READONLY`` reply of a demoted master, or from the
+    ``UNBLOCKED`` reply that ends a blocking command when its server turns into a replica.
+    Either reply means the command did nothing: judged as a lost link, a write was never sent
+    to the new master, where redis-py's own retries (when the client has some) send it."""
+    exceptions = redis.exceptions
+    read_only = getattr(exceptions, "ReadOnlyError", None)
+    sentinel = getattr(redis, "sentinel", None)
+    unblocked = getattr(sentinel, "DEMOTED_MASTER_UNBLOCKED_ERROR", None)
+    connection_error = exceptions.ConnectionError
+    response_error = exceptions.ResponseError
+
+    def demoted(error: BaseException) -> bool:
+        if type(error) is not connection_error:
+            return False
+        cause = error.__context__
+        if read_only is not None and isinstance(cause, read_only):
+            return True
+        return (
+            isinstance(unblocked, str)
+            and isinstance(cause, response_error)
+            and str(cause).startswith(unblocked)
+        )
+
+    return demoted
 
 
 def _mark(error: BaseException, attribute: str) -> None:
