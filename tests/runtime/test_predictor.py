@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import logging
 import subprocess
 import sys
@@ -82,8 +83,24 @@ class Scripted:
         return sample(self.clock.now, self.level)
 
 
+#: Every Harness of the running test, stopped after it (which closes a private event loop).
+_harnesses: list[Harness] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_harnesses() -> Iterator[None]:
+    yield
+    while _harnesses:
+        _harnesses.pop().predictor.stop_monitoring(timeout=1)
+    # A callback abandoned on a private loop (it swallowed its cancellation) is a pending task
+    # of the loop just closed: asyncio logs its destruction, which belongs to this test, not
+    # to whichever later test the collector happens to run in.
+    gc.collect()
+
+
 class Harness:
     def __init__(self, **options: object) -> None:
+        _harnesses.append(self)
         self.clock = FakeClock()
         self.runtime = Runtime(clock=self.clock)
         self.sampler = Scripted(self.clock)
@@ -867,6 +884,9 @@ def leaking_child() -> Iterator[subprocess.Popen[str]]:
     finally:
         child.kill()
         child.wait()
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_a_leak_in_a_child_process_is_predicted_before_its_limit(
