@@ -347,6 +347,275 @@ def alternate(drivers: Sequence[str], *, n: int, rounds: int, warmup: int, cpu: 
     print("\n".join(verdicts))
 
 
+PAIRED = ("plain", "bare hook", "raptor")
+
+
+def _paired_connection(driver: str) -> tuple[Any, tuple[Any, ...]]:
+    """A connection opened before raptor is installed (no default statement timeout: the
+    hook's cost alone), and the arguments the hooked method takes after it."""
+    if driver == "psycopg":
+        import psycopg
+
+        conn = psycopg.connect(
+            f"host=127.0.0.1 port={PG_PORT} dbname=test user=postgres", autocommit=True
+        )
+        return conn, (conn.cursor(), "SELECT 1")
+    if driver == "pymysql":
+        import pymysql
+
+        my = pymysql.connect(
+            host="127.0.0.1", port=MYSQL_PORT, user="root", database="test", autocommit=True
+        )
+        return my, (my.cursor(), "SELECT 1")
+    if driver == "redis":
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
+        client.set(KEY, "1")
+        return client, (client, "GET", KEY)
+    raise ValueError(driver)
+
+
+def _median_ci(values: list[float]) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free 95 % interval for it (the order
+    statistics a binomial(n, 1/2) puts 95 % of the median's rank between)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 1.96 * math.sqrt(n) / 2
+    low, high = max(int(n / 2 - half), 0), min(math.ceil(n / 2 + half), n - 1)
+    return statistics.median(ordered), ordered[low], ordered[high]
+
+
+def work_paired(driver: str, warmup: int, n: int) -> None:
+    """One process, one connection, raptor installed (SDK providers, ``memory=False``): each
+    statement is run three times in a row in a shuffled order, through the method's original
+    (plain), through a bare hook over it, and through raptor's hook, each timed. Prints, as
+    JSON, the medians of the per-triple differences and their 95 % intervals."""
+    import json
+
+    from otel_raptor import RaptorInstrumentor
+
+    _import_every_driver()
+    if driver == "asyncpg":
+        import asyncio
+
+        import asyncpg
+
+        loop = asyncio.new_event_loop()
+        connection: Any = loop.run_until_complete(
+            asyncpg.connect(f"postgresql://postgres@127.0.0.1:{PG_PORT}/test")
+        )
+        args: tuple[Any, ...] = (connection, "SELECT 1")
+    else:
+        connection, args = _paired_connection(driver)
+    tracer_provider, meter_provider = _sdk_providers()
+    RaptorInstrumentor().instrument(
+        tracer_provider=tracer_provider, meter_provider=meter_provider, memory=False
+    )
+    owner, name = hooked_method(driver)
+    hooked = owner.__dict__[name]
+    original = hooked.__wrapped__
+    fetch = getattr(args[0], "fetchone", None) if driver in ("psycopg", "pymysql") else None
+    rng = random.Random(20261204)
+    perf_counter = time.perf_counter
+    if driver == "asyncpg":
+
+        async def bare_async(self: Any, *a: Any, **k: Any) -> Any:
+            return await original(self, *a, **k)
+
+        functions: tuple[Any, ...] = (original, bare_async, hooked)
+
+        async def triples_async(count: int) -> list[list[float]]:
+            out = [[0.0] * count for _ in functions]
+            orders = [rng.sample(range(3), 3) for _ in range(count)]
+            for i in range(count):
+                for j in orders[i]:
+                    function = functions[j]
+                    start = perf_counter()
+                    await function(*args)
+                    out[j][i] = perf_counter() - start
+            return out
+
+        def triples(count: int) -> list[list[float]]:
+            return loop.run_until_complete(triples_async(count))
+
+    else:
+
+        def bare(self: Any, *a: Any, **k: Any) -> Any:
+            return original(self, *a, **k)
+
+        functions = (original, bare, hooked)
+
+        def triples(count: int) -> list[list[float]]:
+            out = [[0.0] * count for _ in functions]
+            orders = [rng.sample(range(3), 3) for _ in range(count)]
+            for i in range(count):
+                for j in orders[i]:
+                    function = functions[j]
+                    start = perf_counter()
+                    function(*args)
+                    if fetch is not None:
+                        fetch()
+                    out[j][i] = perf_counter() - start
+            return out
+
+    triples(warmup)
+    plain, bare_times, raptor = triples(n)
+
+    def shift(slower: list[float], faster: list[float]) -> tuple[float, float, float]:
+        return _median_ci([a - b for a, b in zip(slower, faster, strict=True)])
+
+    found = {
+        "plain": statistics.median(plain),
+        "raptor": shift(raptor, plain),
+        "bare hook": shift(bare_times, plain),
+        "raptor/bare hook": shift(raptor, bare_times),
+    }
+    if driver in ("psycopg", "pymysql"):
+        timed, untimed = _timeout_pairs(driver, original, warmup, n, rng)
+        found["plain + timeout"] = shift(timed, untimed)
+    elif driver == "asyncpg":
+        found["plain + timeout"] = shift(
+            *loop.run_until_complete(_timeout_pairs_async(original, warmup, n, rng))
+        )
+
+        # asyncpg's own timeout (``command_timeout``, or ``timeout=`` on each call, as here)
+        # is a client-side timer per statement: what raptor's default would cost had it used
+        # that instead of the server's ``statement_timeout``.
+        async def own_timer_pairs(count: int) -> tuple[list[float], list[float]]:
+            timed, untimed = [0.0] * count, [0.0] * count
+            for i in range(count):
+                for with_timeout in rng.sample((True, False), 2):
+                    start = perf_counter()
+                    if with_timeout:
+                        await original(connection, "SELECT 1", timeout=30.0)
+                        timed[i] = perf_counter() - start
+                    else:
+                        await original(connection, "SELECT 1")
+                        untimed[i] = perf_counter() - start
+            return timed, untimed
+
+        loop.run_until_complete(own_timer_pairs(warmup))
+        found["command_timeout"] = shift(*loop.run_until_complete(own_timer_pairs(n)))
+    RaptorInstrumentor().uninstrument()
+    print(json.dumps(found), flush=True)
+
+
+async def _timeout_pairs_async(
+    original: Any, warmup: int, n: int, rng: random.Random
+) -> tuple[list[float], list[float]]:
+    """:func:`_timeout_pairs` for asyncpg."""
+    import asyncpg
+
+    url = f"postgresql://postgres@127.0.0.1:{PG_PORT}/test"
+    connections = (await asyncpg.connect(url), await asyncpg.connect(url))
+    perf_counter = time.perf_counter
+    timed, untimed = [0.0] * n, [0.0] * n
+    block = 500
+    for phase, count in (("warm-up", warmup), ("measure", n)):
+        for begin in range(0, count, block):
+            which = (begin // block) % 2
+            await connections[which].execute("SET statement_timeout = 30000")
+            await connections[1 - which].execute("SET statement_timeout = 0")
+            for i in range(begin, min(begin + block, count)):
+                for j in rng.sample((0, 1), 2):
+                    start = perf_counter()
+                    await original(connections[j], "SELECT 1")
+                    elapsed = perf_counter() - start
+                    if phase == "measure":
+                        (timed if j == which else untimed)[i] = elapsed
+    for connection in connections:
+        await connection.close()
+    return timed, untimed
+
+
+def _timeout_pairs(
+    driver: str, original: Any, warmup: int, n: int, rng: random.Random
+) -> tuple[list[float], list[float]]:
+    """What the server's enforcement of a session statement timeout (raptor's default, 30 s)
+    costs a statement: two connections, one with the timeout set, statements alternating
+    between them in a shuffled order; the connections swap roles every 500 pairs, so that
+    neither one's server process (and where the scheduler put it) is always the timed one."""
+    first, first_args = _paired_connection(driver)
+    second, second_args = _paired_connection(driver)
+    set_timeout, clear = _session_timeout(driver, 30.0), _session_timeout(driver, 0.0)
+    perf_counter = time.perf_counter
+    both = (first_args, second_args)
+    fetches = (first_args[0].fetchone, second_args[0].fetchone)
+    timed, untimed = [0.0] * n, [0.0] * n
+    block = 500
+    for phase, count in (("warm-up", warmup), ("measure", n)):
+        for begin in range(0, count, block):
+            which = (begin // block) % 2  # the connection with the timeout in this block
+            set_timeout((first, second)[which])
+            clear((first, second)[1 - which])
+            for i in range(begin, min(begin + block, count)):
+                for j in rng.sample((0, 1), 2):
+                    start = perf_counter()
+                    original(*both[j])
+                    fetches[j]()
+                    elapsed = perf_counter() - start
+                    if phase == "measure":
+                        (timed if j == which else untimed)[i] = elapsed
+    first.close()
+    second.close()
+    return timed, untimed
+
+
+def paired(drivers: Sequence[str], *, n: int, warmup: int, cpu: int | None) -> None:
+    import json
+
+    print(f"\nPaired: one process and one connection per driver, {n} statements per")
+    print("configuration; each statement is run through the method's original, a bare hook")
+    print("and raptor's hook, back to back in a shuffled order, and timed: what drifts (CPU")
+    print("placement, frequency, the server's backend, other load) drifts for all three. Rows")
+    print("are the median of the per-statement differences with its 95 % interval; raptor is")
+    print("installed with SDK providers; the connection predates it (no statement timeout).")
+    print(
+        f"\n{'driver':<8} {'configuration':<16} {'µs/stmt p50':>11} {'added µs':>9}"
+        f" {'95 % interval µs':>17} {'added %':>8} {'95 % upper':>10}"
+    )
+    verdicts = []
+    for driver in drivers:
+        process = _spawn(["--paired", driver, "--statements", str(n), "--warmup", str(warmup)], cpu)
+        out, _ = process.communicate(timeout=1800)
+        found = json.loads(out.strip().splitlines()[-1])
+        plain = found["plain"]
+        print(f"{driver:<8} {'plain':<16} {plain * 1e6:>11.2f}")
+        for label in (
+            "bare hook",
+            "raptor",
+            "raptor/bare hook",
+            "plain + timeout",
+            "command_timeout",
+        ):
+            if label not in found:
+                continue
+            median, low, high = found[label]
+            print(
+                f"{driver:<8} {label:<16} {'':>11} {median * 1e6:>+9.2f}"
+                f" {f'{low * 1e6:+.2f}..{high * 1e6:+.2f}':>17} {median / plain * 100:>+7.2f}%"
+                f" {high / plain * 100:>+9.2f}%"
+            )
+        median, _, high = found["raptor"]
+        timeout = found.get("plain + timeout", (0.0, 0.0, 0.0))
+        upper = (high + timeout[2]) / plain * 100
+        with_timeout = (
+            f"; with the default statement timeout's server cost"
+            f" ({timeout[0] * 1e6:+.2f} µs), up to {upper:+.2f} %"
+            if "plain + timeout" in found
+            else ""
+        )
+        verdicts.append(
+            f"{driver}: raptor's hook adds {median * 1e6:+.2f} µs ({median / plain * 100:+.2f} %,"
+            f" 95 % interval up to {high / plain * 100:+.2f} %) per statement of"
+            f" {plain * 1e6:.1f} µs{with_timeout}."
+            f" At most {TARGET_PERCENT:g} %: {'yes' if upper <= TARGET_PERCENT else 'NO'}."
+        )
+    print()
+    print("\n".join(verdicts))
+
+
 def _import_every_driver() -> None:
     """Every worker imports all four drivers first, whatever it measures, so that every
     configuration hooks (and carries) the same libraries: an import alone can change another
@@ -566,8 +835,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pin", type=int, help="pin the client processes to this CPU")
     parser.add_argument("--worker", nargs=2, metavar=("DRIVER", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--alternate", help=argparse.SUPPRESS)
+    parser.add_argument("--paired", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--mode", choices=("alternating", "processes"), help="one measurement only (default: both)"
+        "--mode",
+        choices=("paired", "alternating", "processes"),
+        help="one measurement only (default: all three)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=20000, help="statements per configuration, paired mode"
     )
     args = parser.parse_args(argv)
     if args.pin is not None and hasattr(os, "sched_setaffinity"):
@@ -577,6 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.alternate:
         work_alternating(args.alternate, args.warmup, args.statements, args.rounds)
+        return 0
+    if args.paired:
+        work_paired(args.paired, args.warmup, args.statements)
         return 0
     drivers = tuple(args.driver or DRIVERS)
     print(describe_machine(drivers), flush=True)
@@ -591,6 +869,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"clients: {'pinned to CPU ' + str(args.pin) if args.pin is not None else 'not pinned'}")
     started = time.monotonic()
+    if args.mode in (None, "paired"):
+        paired(drivers, n=args.pairs, warmup=args.warmup, cpu=args.pin)
     if args.mode in (None, "alternating"):
         alternate(
             drivers,

@@ -90,7 +90,7 @@ class FailurePoint(str, enum.Enum):
     #: may have acted on it.
     UNKNOWN = "unknown"
     #: The statement ran out of its time and was cancelled on the server (asyncpg's own
-    #: ``timeout=``/``command_timeout``, which is the statement timeout under raptor): run
+    #: ``timeout=``/``command_timeout``, the caller's statement timeout; SQLSTATE ``57014``): run
     #: again, it would most likely take as long, holding the caller that much longer again.
     TIMED_OUT = "timed_out"
 

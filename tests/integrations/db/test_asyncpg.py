@@ -69,7 +69,9 @@ async def test_statements_prepared_statements_and_pools(
     installed = install(AsyncpgIntegration)
     con = await asyncpg.connect(PG_URL)
     try:
-        assert con._config.command_timeout == 30.0  # the default statement timeout
+        # The default statement timeout: the server's, not asyncpg's client-side timer.
+        assert await con.fetchval("SHOW statement_timeout") == "30s"
+        assert con._config.command_timeout is None
         # The sequence behind the flaky function counts every call: each statement below
         # fails once (its first call), then succeeds.
         assert await con.fetchval(f"SELECT {table}_flaky(1, '40001')") == 1
@@ -158,8 +160,42 @@ async def test_an_applications_command_timeout_is_kept(install: Install) -> None
     con = await asyncpg.connect(PG_URL, command_timeout=3)
     try:
         assert con._config.command_timeout == 3
+        assert await con.fetchval("SHOW statement_timeout") == "0"  # none of ours on top
     finally:
         await con.close()
+
+
+async def test_a_statement_timeout_chosen_elsewhere_is_kept(install: Install) -> None:
+    install(AsyncpgIntegration)
+    con = await asyncpg.connect(PG_URL, server_settings={"statement_timeout": "5s"})
+    try:
+        assert await con.fetchval("SHOW statement_timeout") == "5s"
+        assert con._config.command_timeout is None
+    finally:
+        await con.close()
+
+
+async def test_a_pools_reset_on_release_keeps_the_default_statement_timeout(
+    install: Install,
+) -> None:
+    """A pool sends ``RESET ALL`` on each release, which drops a session's settings: raptor's
+    default statement timeout is set again in the same query, and a timeout chosen with
+    ``server_settings`` (a session default ``RESET ALL`` returns to) is left as it is."""
+    installed = install(AsyncpgIntegration, max_retries=0)
+    async with asyncpg.create_pool(PG_URL, min_size=1, max_size=1) as pool:
+        for _ in range(3):
+            async with pool.acquire() as con:
+                assert await con.fetchval("SHOW statement_timeout") == "30s"
+                await con.execute("SET statement_timeout = 0")  # the app's, for this checkout
+                assert await con.fetchval("SHOW statement_timeout") == "0"
+    async with asyncpg.create_pool(
+        PG_URL, min_size=1, max_size=1, server_settings={"statement_timeout": "7s"}
+    ) as pool:
+        for _ in range(2):
+            async with pool.acquire() as con:
+                assert await con.fetchval("SHOW statement_timeout") == "7s"
+                await con.execute("SET statement_timeout = 0")
+    assert not installed.of(RecoveryFinished)  # nothing failed, nothing was retried
 
 
 async def test_the_default_statement_timeout_bounds_each_statement_of_a_batch_not_the_batch(
@@ -182,7 +218,7 @@ async def test_the_default_statement_timeout_bounds_each_statement_of_a_batch_no
         with pytest.raises(asyncio.TimeoutError):
             await con.executemany(insert, rows, timeout=0.1)
         await cancel_acknowledged(con)  # else the wait for it could be what times out below
-        with pytest.raises(asyncio.TimeoutError):
+        with pytest.raises(asyncpg.exceptions.QueryCanceledError):  # the server's timeout
             await con.execute("SELECT pg_sleep(0.5)")
         assert await con.fetchval("SELECT 1", timeout=30) == 1  # con was not terminated
     finally:

@@ -220,6 +220,22 @@ async def test_asyncpg_statement_timeouts_leave_the_breaker_closed(install: Inst
     assert installed.of(BreakerTransitioned) == []
 
 
+async def test_asyncpg_default_statement_timeouts_leave_the_breaker_closed(
+    install: Install,
+) -> None:
+    # raptor's default statement timeout on asyncpg is the server's: SQLSTATE 57014.
+    installed = install(AsyncpgIntegration, failure_threshold=3, statement_timeout=0.02)
+    con = await asyncpg.connect(PG_URL)
+    try:
+        for _ in range(MISTAKES):
+            with pytest.raises(asyncpg.exceptions.QueryCanceledError):
+                await con.fetchval("SELECT pg_sleep(0.2)")
+        assert await con.fetchval("SELECT 1") == 1
+    finally:
+        await con.close()
+    assert installed.of(BreakerTransitioned) == []
+
+
 @pytest.mark.usefixtures("postgres")
 def test_psycopg2_app_errors_leave_the_breaker_closed(install: Install) -> None:
     installed = install(Psycopg2Integration, failure_threshold=3)

@@ -5,12 +5,16 @@ application keeps its real ``asyncpg.Connection`` objects):
 
 - ``asyncpg.connect`` and ``asyncpg.connection.connect`` (which a pool created after
   instrumentation calls for each new connection): the ``connect`` plan, always replay safe.
-  Where the caller gave no ``command_timeout``, the server's statement timeout becomes it:
-  asyncpg's own per-statement timeout, which cancels the statement on the server. asyncpg
-  applies it to a whole ``executemany``/``fetchmany`` batch, not to each statement in it, so
-  on such a connection a batch without a ``timeout=`` of the caller's runs unbounded, as
-  without raptor (a batch of 600 000 rows would otherwise fail once it ran past the
-  statement timeout, where each statement took under a millisecond).
+  Where the caller gave no ``command_timeout``, the new connection gets the default
+  statement timeout as psycopg's do: PostgreSQL's own ``statement_timeout``, set by one query
+  that leaves alone a timeout chosen anywhere else (``server_settings``, the role, the
+  database, the server's configuration), enforced by the server per statement (each
+  statement of an ``executemany`` batch included). Not asyncpg's ``command_timeout``: that
+  is a client-side timer armed for every statement, which measured 2.2 µs a statement
+  (``benchmarks/bench_db.py --mode paired``: 3.4 % of a loopback ``SELECT 1``, more than
+  all of raptor's hook), and it bounds a batch as a whole. A pool's reset query on release
+  (``RESET ALL``) would drop the timeout: ``Connection.get_reset_query`` sets it again in the
+  same round trip.
 - ``Connection.execute``/``fetch``/``fetchval``/``fetchrow`` and ``PreparedStatement.fetch``/
   ``fetchval``/``fetchrow`` (and so ``Pool.execute``/``fetch``/..., which acquire a connection
   and call these): the ``statement`` plan outside a transaction (``con.transaction()``), the
@@ -35,7 +39,8 @@ either way. See ``docs/databases.md``.
 from __future__ import annotations
 
 import asyncio
-import math
+import contextlib
+import sys
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Generator
@@ -54,13 +59,18 @@ from otel_raptor.integrations.db._common import (
     HookSet,
     Server,
     callers_limit,
+    failed_midway,
     method_commits_partway,
     method_read_only,
     method_unguarded,
     refusal_factory,
 )
 from otel_raptor.integrations.db._postgres import failure_point as postgres_failure_point
-from otel_raptor.integrations.db._postgres import server, server_of_params
+from otel_raptor.integrations.db._postgres import (
+    server,
+    server_of_params,
+    statement_timeout_query,
+)
 from otel_raptor.runtime.drive import CLOSED, CallPlan, count_success, resume_async
 from otel_raptor.runtime.safety import report_internal_error
 
@@ -128,15 +138,15 @@ def failure_point(
 ) -> tuple[FailurePoint, bool]:
     """As for every PostgreSQL driver, except that asyncpg's own timeout (``timeout=``,
     ``command_timeout``) cancels the statement on the server and keeps the connection: it is
-    the statement timeout (raptor's default one included), never replayed, like ``57014``."""
+    the caller's statement timeout, never replayed, like ``57014`` (raptor's default one)."""
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return FailurePoint.TIMED_OUT, True
     return postgres_failure_point(error, classification)
 
 
 def statement_timed_out(failure: BaseException, classification: Classification) -> Classification:
-    """asyncpg's own timeout on a statement (``timeout=``, ``command_timeout``: the statement
-    timeout, raptor's default one included) arrives as a bare ``TimeoutError``: it is what
+    """asyncpg's own timeout on a statement (``timeout=``, ``command_timeout``: the caller's
+    statement timeout) arrives as a bare ``TimeoutError``: it is what
     SQLSTATE ``57014`` is to the other drivers, ``cancelled`` (the caller's own limit), so it
     never counts against the server's breaker on asyncpg either. Connecting is not refined:
     a connect timeout is the server out of reach."""
@@ -157,7 +167,8 @@ def _unguarded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if method_unguarded(args, kwargs):
         return True
     reset = getattr(args[0], "_reset_query", None) if len(args) > 1 else None
-    return bool(reset) and args[1] == reset
+    # asyncpg may put ``ROLLBACK;`` before it, and raptor its statement timeout after it.
+    return isinstance(reset, str) and bool(reset) and isinstance(args[1], str) and reset in args[1]
 
 
 class _State(DbState):
@@ -169,8 +180,9 @@ class _State(DbState):
     def __init__(self, settings: IntegrationSettings, **options: Any) -> None:
         super().__init__(settings, **options)
         self.by_address: dict[object, dict[str | None, DbTarget]] = {}
-        #: The connections whose ``command_timeout`` is raptor's default statement timeout.
-        self.default_timeout: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: The connections raptor set the default statement timeout on, with the query that
+        #: did (run again after the reset query's ``RESET ALL``).
+        self.default_timeout: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         #: When each connection opened (``Connection`` has ``__slots__``: no attribute of
         #: ours), for the ``opened`` hook; weak keys, so it holds the live connections only.
         self.opened: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -266,8 +278,6 @@ def _connect_wrapper(
             and kwargs.get("command_timeout") is None
             and bool(target.statement_timeout)
         )
-        if defaulted:
-            kwargs = {**kwargs, "command_timeout": target.statement_timeout}
     except Exception as bug:  # noqa: BLE001 - never break the host app
         report_internal_error("asyncpg.describe_connect", bug)
         return wrapped(*args, **kwargs)
@@ -285,18 +295,81 @@ async def _connect(
     *,
     defaulted: bool,
 ) -> Any:
-    con = await call_async(target.connect, wrapped, args, kwargs)
+    timeout_query: list[str] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        # The statement-timeout query is part of the connect, as for psycopg: a link lost
+        # there fails this attempt, and the connect plan judges it and connects again.
+        con = await wrapped(*args, **kwargs)
+        if defaulted:
+            query = await _set_statement_timeout(con, target)
+            if query is not None:
+                timeout_query.append(query)
+        return con
+
+    con = await call_async(target.connect, connect, args, kwargs)
     try:
         state.opened[con] = target.connect.monotonic()
         # The statements of a connection to one of several hosts go to the server it reached
         # (``of_connection``, by its address), as psycopg's and psycopg2's do.
         if not _several_hosts(target):
             state.remember(con, target)
-        if defaulted:
-            state.default_timeout.add(con)
+        if timeout_query:
+            state.default_timeout[con] = timeout_query[-1]
     except Exception as bug:  # noqa: BLE001
         report_internal_error("asyncpg.remember_target", bug)
     return con
+
+
+async def _set_statement_timeout(con: Any, target: DbTarget) -> str | None:
+    """Run the statement-timeout query on ``con``, just opened: the query, or ``None`` when
+    none was due or it failed. A failure that lost the link is raised (the connect failed);
+    any other driver error is judged once as a statement of the connection's (behind a pooler
+    whose server is dead, this is where the outage shows); anything else is our bug. The
+    connection is the app's either way."""
+    try:
+        encoded = statement_timeout_query(target)
+        if encoded is None:
+            return None
+        query = encoded.decode("ascii")
+        # The protocol's simple query, as ``Connection.execute`` without arguments sends it:
+        # the hooked method would count it as one of the app's statements.
+        await con._protocol.query(query, None)
+    except Exception as failure:
+        state = _installed
+        driver_error = getattr(sys.modules.get("asyncpg"), "PostgresError", None)
+        interface_error = getattr(sys.modules.get("asyncpg"), "InterfaceError", None)
+        known = tuple(t for t in (driver_error, interface_error, OSError) if isinstance(t, type))
+        if not isinstance(failure, known) or state is None:
+            report_internal_error("asyncpg.statement_timeout", failure)
+            return None
+        if con.is_closed():
+            raise
+        with contextlib.suppress(Exception):
+            failed_midway(target.locked, failure, (con,))
+        return None
+    return query
+
+
+def _reset_query_hook(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The hook on ``Connection.get_reset_query`` (``_get_reset_query`` before asyncpg 0.30):
+    a pool sends it on each release, and its ``RESET ALL`` drops the session's statement
+    timeout; the query that set raptor's default is appended (same round trip)."""
+
+    def get_reset_query(self: Any) -> Any:
+        query = original(self)
+        state = _installed
+        if state is None:
+            return query
+        try:
+            timeout_query = state.default_timeout.get(self)
+            if timeout_query is not None and isinstance(query, str) and "RESET ALL" in query:
+                return f"{query}\n{timeout_query};"
+        except Exception as bug:  # noqa: BLE001 - never break the host app
+            report_internal_error("asyncpg.reset_query", bug)
+        return query
+
+    return get_reset_query
 
 
 def _opened(failure: BaseException, args: tuple[Any, ...]) -> float | None:
@@ -333,10 +406,7 @@ def _run_prepared(
     return original(statement, *args, **kwargs)
 
 
-def _hook(
-    original: Callable[..., Awaitable[Any]], *, batch: bool, prepared: bool, many: bool = False
-) -> Any:
-    """``many``: ``executemany``/``fetchmany``, one statement per set of arguments."""
+def _hook(original: Callable[..., Awaitable[Any]], *, batch: bool, prepared: bool) -> Any:
 
     async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
@@ -347,9 +417,6 @@ def _hook(
             plan = _plan(state, con, batch=batch)
             # The statement's text (asyncpg's private attribute), for the replay judgement.
             query = self._query if prepared and not batch and plan is not None else None
-            if many and kwargs.get("timeout") is None and con in state.default_timeout:
-                # Our default bounds each statement; asyncpg would apply it to the batch.
-                kwargs = {**kwargs, "timeout": math.inf}
         except Exception as bug:  # noqa: BLE001 - never break the host app
             report_internal_error("asyncpg.describe", bug)
             plan = None
@@ -419,7 +486,7 @@ def _statement_hook(original: Callable[..., Awaitable[Any]]) -> Any:
 
 def _batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
     """The hook on ``Connection.executemany``/``fetchmany``: never replayed."""
-    return _hook(original, batch=True, prepared=False, many=True)
+    return _hook(original, batch=True, prepared=False)
 
 
 def _copy_hook(original: Callable[..., Awaitable[Any]]) -> Any:
@@ -434,7 +501,7 @@ def _prepared_hook(original: Callable[..., Awaitable[Any]]) -> Any:
 
 def _prepared_batch_hook(original: Callable[..., Awaitable[Any]]) -> Any:
     """The hook on ``PreparedStatement.executemany``/``fetchmany``: never replayed."""
-    return _hook(original, batch=True, prepared=True, many=True)
+    return _hook(original, batch=True, prepared=True)
 
 
 def _cursor_hook(original: Callable[..., Awaitable[Any]]) -> Any:
@@ -532,6 +599,11 @@ def _patched(asyncpg: Any) -> list[tuple[type, str, Any]]:
         (cursor.CursorFactory, "__await__", _factory_await_hook),
         (cursor.CursorIterator, "__anext__", _iterator_next_hook),
         *[(cursor.Cursor, name, _cursor_hook) for name in _CURSOR_FETCHES],
+        *[
+            (con, name, _reset_query_hook)
+            for name in ("get_reset_query", "_get_reset_query")
+            if name in vars(con)
+        ][:1],
     ]
 
 
