@@ -12,12 +12,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 import redis.asyncio.cluster
-from redis.backoff import NoBackoff
+import redis.asyncio.retry
+from redis.backoff import ConstantBackoff, NoBackoff
 from redis.cluster import LoadBalancingStrategy, RedisCluster
 from redis.retry import Retry
 
 from otel_raptor.core.events import BreakerTransitioned
 from otel_raptor.core.states import CircuitState
+from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations.db.redis import RedisIntegration
 from tests.integrations.db.conftest import Install, Installed
 from tests.support.dbservers import PrivateRedisCluster
@@ -321,3 +323,76 @@ async def test_an_asyncio_clusters_refusal_rereads_from_the_live_nodes_first(
     finally:
         silent.close()
         cluster.close()
+
+
+# --- redis-py 8.2's retry loop: backoff between attempts, rereads asked for and paced ----------
+
+
+def dead_key_and_open_breaker(
+    cluster: PrivateRedisCluster, client: RedisCluster, installed: Installed
+) -> tuple[str, str]:
+    """Stop one master, open its breaker with one call, and return a live key and a dead one."""
+    victim = cluster.nodes[1].port
+    live, dead = keys_by_owner(client, victim)
+    cluster.node(victim).shutdown_nosave()
+    with pytest.raises(redis.RedisError):
+        client.get(dead[0])
+    assert opened(installed) == {f"redis://127.0.0.1:{victim}/"}
+    return live[0], dead[0]
+
+
+def test_a_refused_call_sleeps_none_of_the_cluster_clients_backoff(
+    install: Install, three_masters: PrivateRedisCluster
+) -> None:
+    """redis-py 8.2 sleeps its retry backoff between the attempts of a cluster call. A refusal
+    (never sent) is retried at once: slept, each refused call took the whole backoff (here
+    10 x 0.2 s; with the default backoff, seconds) where it should fail at once."""
+    installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+    client = RedisCluster(
+        host="127.0.0.1",
+        port=three_masters.nodes[0].port,
+        socket_timeout=2,
+        retry=Retry(ConstantBackoff(0.2), 10),
+    )
+    try:
+        live, dead = dead_key_and_open_breaker(three_masters, client, installed)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(CircuitOpenError):
+                client.get(dead)
+            assert time.monotonic() - started < 0.5
+            assert client.set(live, "1")
+    finally:
+        client.close()
+
+
+async def test_an_asyncio_refused_call_sleeps_none_of_the_backoff(
+    install: Install, three_masters: PrivateRedisCluster
+) -> None:
+    """:func:`test_a_refused_call_sleeps_none_of_the_cluster_clients_backoff`, asyncio."""
+    installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+    seed = three_masters.nodes[0].port
+    sync = RedisCluster(host="127.0.0.1", port=seed)
+    victim = three_masters.nodes[1].port
+    live, dead = keys_by_owner(sync, victim)
+    sync.close()
+    client = redis.asyncio.cluster.RedisCluster(
+        host="127.0.0.1",
+        port=seed,
+        socket_timeout=2,
+        retry=redis.asyncio.retry.Retry(ConstantBackoff(0.2), 10),
+    )
+    try:
+        await client.initialize()
+        three_masters.node(victim).shutdown_nosave()
+        with pytest.raises(redis.RedisError):
+            await client.get(dead[0])
+        assert opened(installed) == {f"redis://127.0.0.1:{victim}/"}
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(CircuitOpenError):
+                await client.get(dead[0])
+            assert time.monotonic() - started < 0.5
+            assert await client.set(live[0], "1")
+    finally:
+        await client.aclose()

@@ -38,10 +38,11 @@ would without raptor, neither counted by the breaker nor retried.
 connection errors that include writes): raptor adds no retries on top, and puts a breaker per
 node (``redis://host:port/``) around each command the cluster client sends to a node, so a
 master that is down never makes raptor refuse the keys the others serve. A refusal has the
-cluster client reread its slot table, as a connection error would, so a replica promoted in
-the dead master's place is used at once. The node clients the cluster client creates for
-itself (which refresh its slot table) are left alone, and so is ``ClusterPipeline`` (its
-commands go to several nodes at once).
+cluster client reread its slot table, as a connection error would, so a replica promoted in the
+dead master's place is used at once. The cluster client's loop retries a refusal, and from 8.2
+does so at once, without sleeping its retry backoff. The node clients the cluster client
+creates for itself (which refresh its slot table) are left alone, and so is
+``ClusterPipeline`` (its commands go to several nodes at once).
 
 Servers: ``redis://host:port/db`` (``redis:///path/to/socket/db``); a Sentinel-managed pool
 is named after its sentinels and service, ``redis-sentinel://sentinel:port/service/db`` for
@@ -51,10 +52,12 @@ A pool whose server cannot be told is left alone.
 What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio),
 ``RedisCluster._execute_command`` (sync and asyncio), plus ``Retry.call_with_retry``,
 to turn retries off, ``NodesManager.create_redis_node``, to know the cluster's node clients,
-and ``AbstractConnection.on_connect_check_health`` (``on_connect`` before redis-py 6; sync
-and asyncio), which runs only when a socket was just opened, to stamp the connection with the
-time it opened: a command sent within a second of it that loses its link confirms an outage
-(behind a proxy whose server is dead, every reconnect succeeds).
+``AbstractRedisCluster._retry_backoff_delay`` (redis-py 8.2 and later), for refusals not to
+sleep the cluster client's backoff, and ``AbstractConnection.on_connect_check_health``
+(``on_connect`` before redis-py 6; sync and asyncio), which runs only when a socket was just
+opened, to stamp the connection with the time it opened: a command sent within a second of it
+that loses its link confirms an outage (behind a proxy whose server is dead, every reconnect
+succeeds).
 A failure raised through ``AbstractConnection.connect_check_health`` (``connect`` before
 redis-py 6) happened before the command was sent: that is read from its traceback (unless
 it was ``execute_command``'s reconnect after the command, for a ``MOVING`` notification). See
@@ -1384,6 +1387,23 @@ async def _refresh_slots_async(cluster: Any, node: Any) -> None:
         return
 
 
+def _refusal_backoff(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The wrapper on ``AbstractRedisCluster._retry_backoff_delay(retry, failures)`` (redis-py
+    8.2 and later), the delay the cluster clients' retry loops (commands and pipelines, sync
+    and asyncio) sleep before their next attempt, called while they handle the failed
+    attempt's error: none after a node's refusal. A refused command was never sent, and its
+    node's breaker says it is out: sleeping the backoff (10 retries, up to 1 s each) made
+    every refused call take seconds, and a dead master's keys stalled a loop over the others'.
+    The loop still tries again at once, on the node its slot table names then (another copy
+    of a read, a promoted replica), and any other error sleeps as without raptor."""
+    delay = wrapped(*args, **kwargs)
+    if _installed is not None and isinstance(sys.exception(), CircuitOpenError):
+        return 0
+    return delay
+
+
 def _cluster_retries(clusters: tuple[type, ...], refusal: type, *, allow: bool) -> None:
     """Add ``refusal`` to (``allow``), or take it out of, the errors the cluster clients'
     own loop retries. That loop retries by exact type (``type(e) in ERRORS_ALLOW_RETRY``),
@@ -1514,6 +1534,18 @@ def _opening(connection_class: type) -> str:
     return "connect_check_health" if "connect_check_health" in vars(connection_class) else "connect"
 
 
+def _wrapped(redis: Any) -> list[tuple[object, str, Any]]:
+    """wrapt wrappers, for what a plain-function patch would bind as a method: the
+    staticmethod ``AbstractRedisCluster._retry_backoff_delay`` (redis-py 8.2 and later; a
+    failure path only, so wrapt's cost per call does not matter)."""
+    import redis.cluster  # noqa: PLC0415 - imported by install()
+
+    abstract = getattr(redis.cluster, "AbstractRedisCluster", None)
+    if abstract is None or "_retry_backoff_delay" not in vars(abstract):
+        return []
+    return [(abstract, "_retry_backoff_delay", _refusal_backoff)]
+
+
 def _patched(redis: Any) -> list[tuple[type, str, Any]]:
     import redis.asyncio.client  # noqa: PLC0415 - imported by install()
     import redis.asyncio.cluster  # noqa: PLC0415
@@ -1604,4 +1636,4 @@ class RedisIntegration(DbIntegration):
             _cluster_retries(state.clusters, circuit_open_error_type(), allow=False)
 
     def hooks(self, library: Any) -> HookSet:
-        return (), _patched(library)
+        return _wrapped(library), _patched(library)
