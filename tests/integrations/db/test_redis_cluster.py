@@ -5,6 +5,7 @@ promoted in a dead master's place is used at once."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import time
 from collections.abc import Iterator
@@ -327,6 +328,11 @@ async def test_an_asyncio_clusters_refusal_rereads_from_the_live_nodes_first(
 
 # --- redis-py 8.2's retry loop: backoff between attempts, rereads asked for and paced ----------
 
+#: redis-py 8.2 and later paces the slot-table rereads that errors ask for
+#: (``topology_refresh_min_interval``, 1 s by default) and sleeps its retry backoff between
+#: the attempts of a cluster call; before 8.2 it did neither.
+PACED_REREADS = "topology_refresh_min_interval" in inspect.signature(RedisCluster).parameters
+
 
 def dead_key_and_open_breaker(
     cluster: PrivateRedisCluster, client: RedisCluster, installed: Installed
@@ -394,5 +400,98 @@ async def test_an_asyncio_refused_call_sleeps_none_of_the_backoff(
                 await client.get(dead[0])
             assert time.monotonic() - started < 0.5
             assert await client.set(live[0], "1")
+    finally:
+        await client.aclose()
+
+
+def counting_rereads(monkeypatch: pytest.MonkeyPatch, manager: object) -> list[float]:
+    """Count the slot-table rereads of ``manager`` (a ``NodesManager``, sync or asyncio: the
+    latter has slots, so its class is patched)."""
+    rereads: list[float] = []
+    kind = type(manager)
+    original = kind.initialize  # type: ignore[attr-defined]
+    if inspect.iscoroutinefunction(original):
+
+        async def initialize_async(self: object, *args: object, **kwargs: object) -> object:
+            if self is manager:
+                rereads.append(time.monotonic())
+            return await original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kind, "initialize", initialize_async)
+    else:
+
+        def initialize(self: object, *args: object, **kwargs: object) -> object:
+            if self is manager:
+                rereads.append(time.monotonic())
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kind, "initialize", initialize)
+    return rereads
+
+
+@pytest.mark.skipif(not PACED_REREADS, reason="redis-py before 8.2 rereads at once")
+def test_refusals_reread_the_slot_table_at_the_clients_own_pace(
+    install: Install, three_masters: PrivateRedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py 8.2 only asks for a reread after a connection error, and runs it once due
+    (``topology_refresh_min_interval``, here 30 s). A refusal asks the same way: rereading
+    on its own (four times a second before), it overrode the user's pace, and with every
+    client refusing, the live nodes answered a storm of ``CLUSTER SLOTS``."""
+    installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+    client = RedisCluster(
+        host="127.0.0.1",
+        port=three_masters.nodes[0].port,
+        socket_timeout=2,
+        topology_refresh_min_interval=30,
+    )
+    try:
+        live, dead = dead_key_and_open_breaker(three_masters, client, installed)
+        rereads = counting_rereads(monkeypatch, client.nodes_manager)
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            with pytest.raises(CircuitOpenError):
+                client.get(dead)
+            assert client.set(live, "1")
+            time.sleep(0.05)
+        assert rereads == []
+        # The reread is asked for all the same, the refusing node to be asked last.
+        assert client.nodes_manager._refresh_requested
+        assert client.nodes_manager._requested_last_failed_node_name == (
+            f"127.0.0.1:{three_masters.nodes[1].port}"
+        )
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not PACED_REREADS, reason="redis-py before 8.2 rereads at once")
+async def test_an_asyncio_clusters_refusals_reread_at_its_own_pace(
+    install: Install, three_masters: PrivateRedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:func:`test_refusals_reread_the_slot_table_at_the_clients_own_pace`, asyncio."""
+    installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
+    seed = three_masters.nodes[0].port
+    sync = RedisCluster(host="127.0.0.1", port=seed)
+    victim = three_masters.nodes[1].port
+    live, dead = keys_by_owner(sync, victim)
+    sync.close()
+    client = redis.asyncio.cluster.RedisCluster(
+        host="127.0.0.1", port=seed, socket_timeout=2, topology_refresh_min_interval=30
+    )
+    try:
+        await client.initialize()
+        three_masters.node(victim).shutdown_nosave()
+        with pytest.raises(redis.RedisError):
+            await client.get(dead[0])
+        assert opened(installed) == {f"redis://127.0.0.1:{victim}/"}
+        rereads = counting_rereads(monkeypatch, client.nodes_manager)
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            with pytest.raises(CircuitOpenError):
+                await client.get(dead[0])
+            assert await client.set(live[0], "1")
+            await asyncio.sleep(0.05)
+        assert rereads == []
+        assert client._initialize
+        assert client.nodes_manager._requested_last_failed_node_name == f"127.0.0.1:{victim}"
     finally:
         await client.aclose()

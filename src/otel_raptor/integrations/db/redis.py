@@ -38,8 +38,9 @@ would without raptor, neither counted by the breaker nor retried.
 connection errors that include writes): raptor adds no retries on top, and puts a breaker per
 node (``redis://host:port/``) around each command the cluster client sends to a node, so a
 master that is down never makes raptor refuse the keys the others serve. A refusal has the
-cluster client reread its slot table, as a connection error would, so a replica promoted in the
-dead master's place is used at once. The cluster client's loop retries a refusal, and from 8.2
+cluster client reread its slot table, as a connection error would (from redis-py 8.2, it asks
+for the reread, which the client runs at its own pace), so a replica promoted in the dead
+master's place is used at once. The cluster client's loop retries a refusal, and from 8.2
 does so at once, without sleeping its retry backoff. The node clients the cluster client
 creates for itself (which refresh its slot table) are left alone, and so is
 ``ClusterPipeline`` (its commands go to several nodes at once).
@@ -1354,35 +1355,49 @@ def _refresh_slots(cluster: Any, node: Any) -> None:
     """After ``node``'s breaker refused a call, have the cluster client reread its slot table,
     as redis-py does after a connection error to a node: if a replica took the node's slots
     over, the next call goes to it instead of waiting for the dead node's breaker. As redis-py
-    does, ``node`` is asked last (a silent one would hold the refused call for a timeout)."""
+    does, ``node`` is asked last (a silent one would hold the refused call for a timeout).
+
+    redis-py 8.2 and later only *ask* for a reread after a connection error
+    (``NodesManager._request_refresh``): the next attempt, of any command, runs it once due
+    (at most once a second, later after rereads that failed), still asking the failed node
+    last. A refusal asks the same way, so it shares redis-py's pacing instead of rereading on
+    its own. Before 8.2 redis-py rereads at once, and so does a refusal, at most once per
+    :data:`SLOTS_REFRESH_INTERVAL`."""
     try:
-        if _refresh_due(cluster):
-            manager = cluster.nodes_manager
+        manager = cluster.nodes_manager
+        request = getattr(manager, "_request_refresh", None)
+        if request is not None:
+            request(last_failed_node_name=node.name)
+        elif _refresh_due(cluster):
             try:
                 manager.initialize(last_failed_node_name=node.name)
             except TypeError:  # a redis-py before the argument: asked in any order
                 manager.initialize()
-            if cluster.get_default_node().name == node.name:
-                cluster.replace_default_node()
+        if cluster.get_default_node().name == node.name:
+            cluster.replace_default_node()
     except Exception:  # noqa: BLE001 - no node answers: the table stays, the refusal is raised
         return
 
 
 async def _refresh_slots_async(cluster: Any, node: Any) -> None:
-    """:func:`_refresh_slots` for ``redis.asyncio``, done at once rather than left to the
-    client's next ``initialize()``: redis-py passes the failed node's name to that reread only
-    while its own loop retries the call, so a refusal that ended a call (its retries spent)
-    left a reread that asked the nodes in a random order, the silent node holding the next
-    call for its ``socket_timeout``."""
+    """:func:`_refresh_slots` for ``redis.asyncio``. Before 8.2 done at once rather than left
+    to the client's next ``initialize()``: redis-py passed the failed node's name to that
+    reread only while its own loop retried the call, so a refusal that ended a call (its
+    retries spent) left a reread that asked the nodes in a random order, the silent node
+    holding the next call for its ``socket_timeout``. From 8.2 the client keeps the name until
+    a reread succeeds (``RedisCluster._request_refresh``), and a refusal asks through it."""
     try:
-        if _refresh_due(cluster):
+        request = getattr(cluster, "_request_refresh", None)
+        if request is not None:
+            request(last_failed_node_name=node.name)
+        elif _refresh_due(cluster):
             manager = cluster.nodes_manager
             try:
                 await manager.initialize(last_failed_node_name=node.name)
             except TypeError:  # a redis-py before the argument: asked in any order
                 await manager.initialize()
-            if cluster.get_default_node().name == node.name:
-                cluster.replace_default_node()
+        if cluster.get_default_node().name == node.name:
+            cluster.replace_default_node()
     except Exception:  # noqa: BLE001 - no node answers: the table stays, the refusal is raised
         return
 
