@@ -121,3 +121,56 @@ def test_after_someone_elses_unwrap_above_ours_the_class_method_is_still_restore
     assert _wrapping.unwrap(Base, "make", ours)
     assert Base.__dict__["make"] is original
     assert Sub.make() is Sub
+
+
+def test_same_parameters_compares_names_kinds_and_defaults_not_annotations() -> None:
+    def method(self, query, params=None, *, prepare=None):  # type: ignore[no-untyped-def]
+        return None
+
+    def hook(self: Any, query: str, params: Any = None, *, prepare: Any = None) -> Any:
+        return None
+
+    def other_default(self: Any, query: str, params: Any = (), *, prepare: Any = None) -> Any:
+        return None
+
+    def keyword_more(
+        self: Any, query: str, params: Any = None, *, prepare: Any = None, binary: Any = None
+    ) -> Any:
+        return None
+
+    def positional_prepare(self: Any, query: str, params: Any = None, prepare: Any = None) -> Any:
+        return None
+
+    def varargs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return None
+
+    assert _wrapping.same_parameters(method, hook)
+    for shape in (other_default, keyword_more, positional_prepare, varargs):
+        assert not _wrapping.same_parameters(method, shape)
+    assert not _wrapping.same_parameters(len, hook)  # no signature to read: not the same
+
+
+def test_a_statement_hook_meeting_another_shape_of_execute_takes_any_arguments() -> None:
+    """A driver version whose ``execute`` takes other parameters than the fast lane's gets the
+    general hook, which passes whatever it is given."""
+    from otel_raptor.integrations.db import psycopg as raptor_psycopg
+    from otel_raptor.integrations.db import pymysql as raptor_pymysql
+
+    seen: list[tuple[Any, ...]] = []
+
+    def execute(
+        self: Any, query: str, params: Any = None, *, prepare: Any = None, flag: int = 0
+    ) -> Any:
+        seen.append((query, params, prepare, flag))
+        return self
+
+    def pymysql_execute(self: Any, query: str, args: Any = None, extra: int = 0) -> Any:
+        seen.append((query, args, extra))
+        return self
+
+    hook = raptor_psycopg._execute_hook(execute)
+    assert not _wrapping.same_parameters(execute, hook)
+    assert hook("cursor", "SELECT 1", (1,), flag=3) == "cursor"  # raptor not installed
+    hook = raptor_pymysql._execute_hook(pymysql_execute)
+    assert hook("cursor", "SELECT 1", None, 7) == "cursor"
+    assert seen == [("SELECT 1", (1,), None, 3), ("SELECT 1", None, 7)]

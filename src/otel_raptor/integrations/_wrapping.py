@@ -21,6 +21,7 @@ Every integration hooks a library through :func:`wrap` and removes the hook thro
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
@@ -35,6 +36,7 @@ __all__ = [
     "is_wrapped",
     "patch",
     "remove_hooks",
+    "same_parameters",
     "unwrap",
     "wrap",
 ]
@@ -122,6 +124,23 @@ def patch(owner: type, attribute: str, factory: HookFactory) -> bool:
     setattr(replacement, _FACTORY, factory)
     setattr(owner, attribute, replacement)
     return True
+
+
+def same_parameters(function: Callable[..., Any], hook: Callable[..., Any]) -> bool:
+    """Whether ``function`` takes exactly ``hook``'s parameters: names, kinds and defaults
+    (annotations aside). A hook written with the method's own parameters rather than
+    ``*args, **kwargs`` builds no tuple and no dictionary per call (0.2 µs of a database
+    statement hook's 0.45 µs, measured with ``bench_db.py --mode paired``); it replaces only a
+    method of that exact shape, and a method of another shape (another version of the
+    library, someone else's layer) gets a general hook."""
+    try:
+        theirs = inspect.signature(function).parameters.values()
+        ours = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return [(p.name, p.kind, p.default) for p in theirs] == [
+        (p.name, p.kind, p.default) for p in ours
+    ]
 
 
 def _bound(descriptor: Any) -> Callable[..., Any]:

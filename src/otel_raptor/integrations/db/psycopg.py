@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, call_async, in_asyncio, library_error
+from otel_raptor.integrations._wrapping import same_parameters
 from otel_raptor.integrations.db._common import (
     DbHooks,
     DbIntegration,
@@ -353,10 +354,12 @@ async def _connect_async(
 def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Cursor.execute``."""
 
-    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def execute(
+        self: Any, query: Any, params: Any = None, *, prepare: Any = None, binary: Any = None
+    ) -> Any:
         state = _installed
         if state is None:
-            return original(self, *args, **kwargs)
+            return original(self, query, params, prepare=prepare, binary=binary)
         try:
             # _plan() inlined: this runs for every statement.
             conn = self._conn
@@ -387,11 +390,12 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             report_internal_error("psycopg.describe", bug)
             plan = None
         if plan is None:
-            return original(self, *args, **kwargs)
+            return original(self, query, params, prepare=prepare, binary=binary)
         if not fast:  # the loop's entry refuses, probes or waits
-            return call(plan, original, (self, *args), kwargs)
+            keywords = {"prepare": prepare, "binary": binary}
+            return call(plan, original, (self, query, params), keywords)
         try:
-            result = original(self, *args, **kwargs)
+            result = original(self, query, params, prepare=prepare, binary=binary)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
@@ -402,21 +406,32 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 count_success(plan, core, start, "psycopg.record_success")
             return result
-        return resume_sync(plan, original, (self, *args), kwargs, start, failure)
+        return resume_sync(
+            plan,
+            original,
+            (self, query, params),
+            {"prepare": prepare, "binary": binary},
+            start,
+            failure,
+        )
 
-    return execute
+    # psycopg's own parameters, not ``*args, **kwargs``: see ``same_parameters``.
+    return execute if same_parameters(original, execute) else _hook(original, batch=False)
 
 
 def _executemany_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Cursor.executemany``, ``ServerCursor.execute`` (a ``DECLARE``, in a
     transaction or ``WITH HOLD``) and the ``ServerCursor`` fetches: never replayed."""
+    return _hook(original, batch=True)
 
-    def executemany(self: Any, *args: Any, **kwargs: Any) -> Any:
+
+def _hook(original: Callable[..., Any], *, batch: bool) -> Callable[..., Any]:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _installed
         if state is None:
             return original(self, *args, **kwargs)
         try:
-            plan = _plan(state, self, batch=True)
+            plan = _plan(state, self, batch=batch)
         except Exception as bug:  # noqa: BLE001
             report_internal_error("psycopg.describe", bug)
             plan = None
@@ -424,7 +439,7 @@ def _executemany_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **kwargs)
         return call(plan, original, (self, *args), kwargs)
 
-    return executemany
+    return run
 
 
 def _async_hook(original: Callable[..., Awaitable[Any]], *, batch: bool) -> Callable[..., Any]:
@@ -448,10 +463,12 @@ def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
     """The hook on ``AsyncCursor.execute``: ``_plan()`` and the loop's fast path
     (``drive.run_async``) inlined, as in the sync hook (see DbTarget)."""
 
-    async def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def execute(
+        self: Any, query: Any, params: Any = None, *, prepare: Any = None, binary: Any = None
+    ) -> Any:
         state = _installed
         if state is None:
-            return await original(self, *args, **kwargs)
+            return await original(self, query, params, prepare=prepare, binary=binary)
         try:
             conn = self._conn
             try:  # TARGET_ATTRIBUTE read as an attribute: a getattr() call costs more
@@ -480,11 +497,13 @@ def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
             report_internal_error("psycopg.describe", bug)
             plan = None
         if plan is None:
-            return await original(self, *args, **kwargs)
+            return await original(self, query, params, prepare=prepare, binary=binary)
         if not fast:  # the loop's entry refuses, probes or waits
-            return await call_async(plan, original, (self, *args), kwargs)
+            return await call_async(
+                plan, original, (self, query, params), {"prepare": prepare, "binary": binary}
+            )
         try:
-            result = await original(self, *args, **kwargs)
+            result = await original(self, query, params, prepare=prepare, binary=binary)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
@@ -496,9 +515,16 @@ def _async_execute_hook(original: Callable[..., Awaitable[Any]]) -> Callable[...
                 count_success(plan, core, start, "psycopg.record_success")
             return result
         # Cancellation from outside is the loop's to tell apart (never counted), as in run_async.
-        return await resume_async(plan, original, (self, *args), kwargs, start, failure)
+        return await resume_async(
+            plan,
+            original,
+            (self, query, params),
+            {"prepare": prepare, "binary": binary},
+            start,
+            failure,
+        )
 
-    return execute
+    return execute if same_parameters(original, execute) else _async_hook(original, batch=False)
 
 
 def _async_executemany_hook(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

@@ -38,6 +38,7 @@ from otel_raptor.core.db import FailurePoint, conflict_code
 from otel_raptor.errors import CircuitOpenError
 from otel_raptor.integrations._base import IntegrationSettings
 from otel_raptor.integrations._kit import call, library_error
+from otel_raptor.integrations._wrapping import same_parameters
 from otel_raptor.integrations.db._common import (
     DbIntegration,
     DbState,
@@ -318,10 +319,10 @@ def _plan(state: _State, cursor: Any, *, batch: bool) -> CallPlan | None:
 def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """The hook on ``Cursor.execute``."""
 
-    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def execute(self: Any, query: Any, args: Any = None) -> Any:
         state = _installed
         if state is None or (_marks and _inside.get()):
-            return original(self, *args, **kwargs)
+            return original(self, query, args)
         try:
             # _plan() inlined: this runs for every statement. Nothing that ``execute`` runs
             # calls ``execute`` again, so unlike the batches it needs no ``_inside`` mark.
@@ -349,11 +350,11 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             report_internal_error("pymysql.describe", bug)
             plan = None
         if plan is None:
-            return original(self, *args, **kwargs)
+            return original(self, query, args)
         if not fast:  # the loop's entry refuses, probes or waits
-            return call(plan, original, (self, *args), kwargs)
+            return call(plan, original, (self, query, args), {})
         try:
-            result = original(self, *args, **kwargs)
+            result = original(self, query, args)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, below (unchained)
             failure = exc
         else:
@@ -364,9 +365,10 @@ def _execute_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 count_success(plan, core, start, "pymysql.record_success")
             return result
-        return resume_sync(plan, original, (self, *args), kwargs, start, failure)
+        return resume_sync(plan, original, (self, query, args), {}, start, failure)
 
-    return execute
+    # PyMySQL's own parameters, not ``*args, **kwargs``: see ``same_parameters``.
+    return execute if same_parameters(original, execute) else _hook(original, batch=False)
 
 
 def _hook(original: Callable[..., Any], *, batch: bool) -> Callable[..., Any]:
