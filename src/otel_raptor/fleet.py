@@ -135,7 +135,8 @@ class PrometheusClient:
             with self._open(url, timeout=self._timeout) as response:
                 answer = json.load(response)
         except urllib.error.HTTPError as error:
-            detail = error.read().decode("utf-8", "replace")[:300]
+            with error:  # it holds the answer's socket
+                detail = error.read().decode("utf-8", "replace")[:300]
             message = f"Prometheus answered {error.code} to {promql!r}: {detail}"
             raise FleetReportError(message) from None
         except (urllib.error.URLError, OSError, ValueError) as error:

@@ -601,6 +601,7 @@ def http_health_check(url: str, *, timeout: float, host: str | None = None) -> C
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return int(response.status) < 400
         except urllib.error.HTTPError as error:
+            error.close()  # it holds the answer's socket: closed now, not when collected
             return error.code < 400
         except (OSError, ValueError):
             return False
