@@ -82,6 +82,18 @@ def test_a_closed_psycopg_connection_reused_leaves_the_breaker_closed(install: I
     assert installed.of(BreakerTransitioned) == []
 
 
+def wait_until_ended(pids: list[int], timeout: float = 10.0) -> None:
+    """Until the server has ended the sessions of ``pids`` (their idle limit reaped them):
+    a fixed sleep past the limit was not always enough on a loaded runner."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        while admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the server never ended the idle sessions"
+            time.sleep(0.05)
+
+
 @pytest.mark.usefixtures("postgres")
 def test_idle_session_timeouts_leave_the_breaker_closed(install: Install) -> None:
     # 57P05: the server ended a session idle past idle_session_timeout (a DBA's reaper of
@@ -94,7 +106,7 @@ def test_idle_session_timeouts_leave_the_breaker_closed(install: Install) -> Non
         for conn in idle:
             conn.execute("SET idle_session_timeout = '50ms'")
         cursors = [conn.cursor() for conn in idle]
-        time.sleep(0.3)
+        wait_until_ended([conn.info.backend_pid for conn in idle])
         for cursor in cursors:
             with pytest.raises(psycopg.errors.IdleSessionTimeout):
                 cursor.execute("SELECT 1")
@@ -155,7 +167,11 @@ def test_idle_timeouts_reach_the_app_as_they_are_and_are_never_replayed(
     idle = [_idle_timed_out(module, setting, in_transaction) for _ in range(MISTAKES)]
     try:
         cursors = [conn.cursor() for conn in idle]
-        time.sleep(0.3)
+        pids = [
+            conn.info.backend_pid if driver == "psycopg" else conn.get_backend_pid()
+            for conn in idle
+        ]
+        wait_until_ended(pids)
         for cursor in cursors:
             with pytest.raises(module.Error) as raised:
                 cursor.execute("INSERT INTO raptor_idle_rows VALUES (2)")
