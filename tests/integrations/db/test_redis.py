@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio
 import redis.backoff
+import redis.cluster
 import redis.retry
 from redis.cluster import RedisCluster
 
@@ -316,6 +317,83 @@ def test_a_cluster_gets_a_breaker_and_keeps_its_own_retries(
         # slot table with (a plain Redis client it made, without retries) is left alone.
         opened = {t.breaker for t in installed.of(BreakerTransitioned) if t.to_state is OPEN}
         assert opened == {f"redis://127.0.0.1:{server.port}/"}
+    finally:
+        server.close()
+
+
+#: redis-py's cluster errors are not ``RedisError``s.
+ANY_REDIS_ERROR = (redis.RedisError, redis.exceptions.RedisClusterException)
+UNREACHABLE_AS_REDIS_PY = pytest.mark.skipif(
+    not hasattr(redis.cluster, "_error_to_raise"),
+    reason="redis-py before 8.2 raises a cluster's connection errors as they are",
+)
+
+
+@UNREACHABLE_AS_REDIS_PY
+def test_a_refusal_by_a_cluster_no_node_answers_is_redis_pys_unreachable_error(
+    install: Install, unique_name: str
+) -> None:
+    """redis-py 8.2 ends a call on a connection error, once a slot-table reread reached no
+    node, with a ``RedisClusterUnreachableError`` (not a ``RedisError``). A node's refusal
+    stands for that connection error: it is raised as one that is both, so that
+    ``except RedisClusterException`` catches it as it did without raptor, and so do the
+    clauses a refusal met before (``ConnectionError``, ``RedisError``); it still fails
+    fast."""
+    server = PrivateRedis(cluster=True)
+    try:
+        server.start()
+        install(RedisIntegration, max_retries=0, failure_threshold=2, recovery_timeout=60)
+        cluster = RedisCluster(host="127.0.0.1", port=server.port)
+        cluster.set(unique_name, "1")
+        server.close()
+        deadline = time.monotonic() + 10
+        while True:
+            started = time.monotonic()
+            with pytest.raises(ANY_REDIS_ERROR) as raised:
+                cluster.get(unique_name)
+            if isinstance(raised.value, CircuitOpenError) and isinstance(
+                raised.value, redis.exceptions.RedisClusterException
+            ):
+                break
+            assert time.monotonic() < deadline, "no refusal was raised as unreachable"
+            time.sleep(0.2)  # until the breaker is open and a reread has reached no node
+        assert isinstance(raised.value, redis.exceptions.RedisClusterUnreachableError)
+        assert isinstance(raised.value, redis.exceptions.ConnectionError)
+        assert time.monotonic() - started < 0.5
+        cluster.close()
+    finally:
+        server.close()
+
+
+@UNREACHABLE_AS_REDIS_PY
+async def test_an_asyncio_clusters_refusal_no_node_answers_is_redis_pys_unreachable_error(
+    install: Install, unique_name: str
+) -> None:
+    import redis.asyncio.cluster
+
+    server = PrivateRedis(cluster=True)
+    try:
+        server.start()
+        install(RedisIntegration, max_retries=0, failure_threshold=2, recovery_timeout=60)
+        cluster = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=server.port)
+        try:
+            await cluster.set(unique_name, "1")
+            server.close()
+            deadline = time.monotonic() + 10
+            while True:
+                started = time.monotonic()
+                with pytest.raises(ANY_REDIS_ERROR) as raised:
+                    await cluster.get(unique_name)
+                if isinstance(raised.value, CircuitOpenError) and isinstance(
+                    raised.value, redis.exceptions.RedisClusterException
+                ):
+                    break
+                assert time.monotonic() < deadline, "no refusal was raised as unreachable"
+                await asyncio.sleep(0.2)
+            assert isinstance(raised.value, redis.exceptions.RedisClusterUnreachableError)
+            assert time.monotonic() - started < 0.5
+        finally:
+            await cluster.aclose()
     finally:
         server.close()
 

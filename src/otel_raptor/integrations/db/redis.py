@@ -1419,6 +1419,50 @@ def _refusal_backoff(
     return delay
 
 
+def _refusal_unreachable(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The wrapper on ``_error_to_raise(unreachable_args, error)`` (redis-py 8.2 and later, in
+    the sync and the asyncio cluster modules): while the last slot-table reread reached no
+    node, the cluster clients end a call on a connection error, and raise it, as a
+    ``RedisClusterUnreachableError`` (a ``RedisClusterException``, not a ``RedisError``).
+    They convert the exact types only, so a node's refusal, standing for that connection
+    error, went on as it was: an application catching ``RedisClusterException`` for "the
+    cluster is gone", which caught it without raptor, let the refusal through. The refusal
+    is raised as one that is both (see :func:`_unreachable_refusal`)."""
+    raised = wrapped(*args, **kwargs)
+    try:
+        unreachable_args, error = args[0], args[1]
+        if (
+            _installed is not None
+            and raised is error
+            and isinstance(error, CircuitOpenError)
+            and isinstance(unreachable_args, tuple)
+        ):
+            return _unreachable_refusal(error)
+    except Exception as bug:  # noqa: BLE001 - never break the host app: redis-py's choice
+        report_internal_error("redis.cluster_unreachable", bug)
+    return raised
+
+
+def _unreachable_refusal(refusal: CircuitOpenError) -> CircuitOpenError:
+    """``refusal`` as an error that is also redis-py's ``RedisClusterUnreachableError``: the
+    ``except`` clauses written for either keep catching it (``CircuitOpenError``,
+    ``ConnectionError``, ``RedisError``, ``RedisClusterException``)."""
+    import redis.exceptions  # noqa: PLC0415 - imported by install()
+
+    kind = library_error(
+        type(refusal),
+        redis.exceptions.RedisClusterUnreachableError,
+        "RedisClusterCircuitOpen",
+        __name__,
+    )
+    outage: CircuitOpenError = kind(refusal.breaker, refusal.retry_after)
+    outage.__cause__ = refusal.__cause__
+    outage.__suppress_context__ = True
+    return outage
+
+
 def _cluster_retries(clusters: tuple[type, ...], refusal: type, *, allow: bool) -> None:
     """Add ``refusal`` to (``allow``), or take it out of, the errors the cluster clients'
     own loop retries. That loop retries by exact type (``type(e) in ERRORS_ALLOW_RETRY``),
@@ -1550,15 +1594,21 @@ def _opening(connection_class: type) -> str:
 
 
 def _wrapped(redis: Any) -> list[tuple[object, str, Any]]:
-    """wrapt wrappers, for what a plain-function patch would bind as a method: the
-    staticmethod ``AbstractRedisCluster._retry_backoff_delay`` (redis-py 8.2 and later; a
-    failure path only, so wrapt's cost per call does not matter)."""
-    import redis.cluster  # noqa: PLC0415 - imported by install()
+    """wrapt wrappers, for what a plain-function patch would bind as a method or cannot
+    reach: the staticmethod ``AbstractRedisCluster._retry_backoff_delay`` and the module
+    function ``_error_to_raise`` of both cluster modules (redis-py 8.2 and later; failure
+    paths only, so wrapt's cost per call does not matter)."""
+    import redis.asyncio.cluster  # noqa: PLC0415 - imported by install()
+    import redis.cluster  # noqa: PLC0415
 
+    wrappers: list[tuple[object, str, Any]] = []
     abstract = getattr(redis.cluster, "AbstractRedisCluster", None)
-    if abstract is None or "_retry_backoff_delay" not in vars(abstract):
-        return []
-    return [(abstract, "_retry_backoff_delay", _refusal_backoff)]
+    if abstract is not None and "_retry_backoff_delay" in vars(abstract):
+        wrappers.append((abstract, "_retry_backoff_delay", _refusal_backoff))
+    for module in (redis.cluster, redis.asyncio.cluster):
+        if callable(vars(module).get("_error_to_raise")):
+            wrappers.append((module, "_error_to_raise", _refusal_unreachable))
+    return wrappers
 
 
 def _patched(redis: Any) -> list[tuple[type, str, Any]]:
