@@ -194,10 +194,12 @@ def test_psycopg2_behind_pgbouncer_opens_on_a_dead_server(
     play_outage(bouncer, installed, call)
 
 
+@pytest.mark.parametrize("statement_timeout", [30.0, 0.0], ids=["timeout-query", "no-timeout"])
 def test_asyncpg_behind_pgbouncer_opens_on_a_dead_server(
-    bouncer: PrivatePgBouncer, install: Install
+    bouncer: PrivatePgBouncer, install: Install, statement_timeout: float
 ) -> None:
-    installed = install(AsyncpgIntegration, statement_timeout=0.0, max_retries=0)
+    # As psycopg's: with a statement timeout, raptor's own query after the connect is first.
+    installed = install(AsyncpgIntegration, statement_timeout=statement_timeout, max_retries=0)
 
     async def once() -> object:
         conn = await asyncpg.connect(
