@@ -175,6 +175,32 @@ async def test_a_statement_timeout_chosen_elsewhere_is_kept(install: Install) ->
         await con.close()
 
 
+async def test_a_link_lost_by_the_timeout_query_fails_the_connect(install: Install) -> None:
+    """As psycopg's: the statement-timeout query is part of the connect, so a link it loses
+    fails that attempt and the connect is retried, rather than the app being handed a closed
+    connection (its first statement would fail for a query it never sent)."""
+    installed = install(AsyncpgIntegration, statement_timeout=12.5)
+    cut: list[bytes] = []
+
+    def first_simple_query(data: bytes) -> bool:  # asyncpg's statements are Parse messages
+        if data[:1] == b"Q" and not cut:
+            cut.append(data)
+            return True
+        return False
+
+    with FaultProxy(POSTGRES) as proxy:
+        proxy.cut_commands(first_simple_query)
+        con = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{proxy.port}/test")
+        try:
+            assert await con.fetchval("SELECT 1") == 1
+            assert await con.fetchval("SHOW statement_timeout") == "12500ms"
+        finally:
+            await con.close()
+        assert proxy.cuts == 1
+        assert proxy.accepted == 2  # connected again
+    assert [e.outcome for e in installed.of(RecoveryFinished)] == [Outcome.RECOVERED]
+
+
 async def test_a_pools_reset_on_release_keeps_the_default_statement_timeout(
     install: Install,
 ) -> None:
