@@ -37,13 +37,22 @@ with rounds on a plain connection whose session has the default statement timeou
 server's cost of enforcing it, which raptor's own overhead does not include, since the
 connection predates the instrumentation). The contrib instrumentations are in the
 process-per-configuration table only: psycopg's and PyMySQL's act on new connections.
+Rounds differ from each other by more than the whole effect, though. So the first
+measurement is finer still: **paired**, raptor installed throughout on one connection per
+driver, every statement run three times back to back in a shuffled order, through the hooked
+method's original, a bare hook and raptor's hook; the medians of the per-statement
+differences (``--pairs`` statements each, with distribution-free 95 % intervals) carry the
+hooks' cost and little else, as whatever drifts drifts for all three. With it, the server's
+cost of the default statement timeout, on two connections swapping roles.
 ``--pin CPU`` pins the clients to one CPU; ``--mode`` runs one measurement only.
 
 Target (issue 8): raptor adds at most 2 % to a loopback statement. The verdict is printed per
-driver, judged on p50; the exit status is 0 either way: this measures, it does not gate.
+driver (paired: the 95 % upper bounds; the others: p50); the exit status is 0 either way:
+this measures, it does not gate.
 
     .venv/bin/python benchmarks/bench_db.py [--statements N] [--rounds R] [--sessions S]
         [--warmup N] [--driver psycopg|asyncpg|pymysql|redis] [--pin CPU]
+        [--mode paired|alternating|processes] [--pairs N]
 """
 
 from __future__ import annotations
