@@ -193,6 +193,11 @@ def service_with_a_replica(tmp_path: Path) -> Iterator[Service]:
         sentinel_server = PrivateSentinel(tmp_path, {"svc": old.port})
         service = Service(old, new, sentinel_server.port)
         deadline = time.monotonic() + 30
+        replica = redis.Redis(port=new.port)
+        while replica.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synchronised"
+            time.sleep(0.1)
+        replica.close()
         while not service.sentinel.discover_slaves("svc"):  # learnt from the master's INFO
             assert time.monotonic() < deadline, "the sentinel never saw the replica"
             time.sleep(0.1)
@@ -209,8 +214,9 @@ def demote(service: Service) -> None:
     one, with the application's connections to the old master left open: a failover as the
     connections that miss Sentinel's ``CLIENT KILL`` see it (one opened during the failover,
     or an operator's ``REPLICAOF`` that Sentinel follows)."""
-    old, new = redis.Redis(port=service.old.port), redis.Redis(port=service.new.port)
-    old.wait(1, 5000)  # the replica has every write
+    old = redis.Redis(port=service.old.port, socket_timeout=30)
+    new = redis.Redis(port=service.new.port)
+    assert old.wait(1, 10_000) == 1  # the replica has every write
     new.replicaof("NO", "ONE")
     old.replicaof("127.0.0.1", service.new.port)
     sentinel = service.sentinel.sentinels[0]
