@@ -166,6 +166,8 @@ class FaultyHTTPServer:
     _counts: Counter[tuple[str, str]] = field(init=False, default_factory=Counter)
     _bad_requests: int = field(init=False, default=0)
     _connections: int = field(init=False, default=0)
+    _open: int = field(init=False, default=0)
+    _peak: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._queue.extend(self.script)
@@ -283,6 +285,19 @@ class FaultyHTTPServer:
         with self._lock:
             return self._connections
 
+    @property
+    def open_connections(self) -> int:
+        """Accepted connections not yet closed by the server (it closes one when the client
+        does, or when a fault ends it)."""
+        with self._lock:
+            return self._open
+
+    @property
+    def peak_connections(self) -> int:
+        """The most connections that were open at once so far."""
+        with self._lock:
+            return self._peak
+
     # -- internals -------------------------------------------------------------------------------
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
@@ -302,6 +317,8 @@ class FaultyHTTPServer:
             with self._lock:
                 self._conns.add(conn)
                 self._connections += 1
+                self._open += 1
+                self._peak = max(self._peak, self._open)
             self._spawn(self._serve, conn)
 
     def _next_action(self, record: RecordedRequest) -> Action:
@@ -341,6 +358,9 @@ class FaultyHTTPServer:
             with self._lock:
                 self._conns.discard(raw)
                 self._conns.discard(conn)
+                # Before the close: a client that reconnects once it sees this one end never
+                # finds it still counted.
+                self._open -= 1
             with contextlib.suppress(OSError):
                 conn.close()
 
