@@ -1211,6 +1211,9 @@ class _TestClientTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         return self.inner.handle_request(request)
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 @pytest.mark.parametrize("kind", ["wsgi", "mock", "test-client"])
 def test_an_app_served_in_the_process_is_never_retried_nor_counted(
@@ -1322,6 +1325,9 @@ def test_a_network_transport_of_the_app_own_is_still_guarded(
         def handle_request(self, request: httpx.Request) -> httpx.Response:
             return self.inner.handle_request(request)
 
+        def close(self) -> None:
+            self.inner.close()  # its pooled connection, else left to the garbage collector
+
     server.push(status(503), ok("retried"))
     with httpx.Client(transport=Wrapping()) as client:
         assert client.get(server.url("/w")).text == "retried"
@@ -1343,6 +1349,24 @@ class _Delegating(httpx.BaseTransport, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inner: httpx.AsyncBaseTransport = getattr(self, self.attribute)
         return await inner.handle_async_request(request)
+
+    # As a wrapper must, so that closing the client closes the inner transport's connections
+    # (once: a test chains two wrappers into a loop).
+    def close(self) -> None:
+        inner = self._unclosed()
+        if isinstance(inner, httpx.BaseTransport):
+            inner.close()
+
+    async def aclose(self) -> None:
+        inner = self._unclosed()
+        if isinstance(inner, httpx.AsyncBaseTransport):
+            await inner.aclose()
+
+    def _unclosed(self) -> object:
+        if vars(self).get("closed"):
+            return None
+        self.closed = True
+        return getattr(self, self.attribute)
 
 
 def _failing_app(calls: list[str]) -> httpx.MockTransport:

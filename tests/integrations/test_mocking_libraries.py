@@ -478,6 +478,13 @@ class _Logging(httpx.BaseTransport, httpx.AsyncBaseTransport):
         response: httpx.Response = await self.transport.handle_async_request(request)
         return response
 
+    # As a wrapper must, so that closing the client closes the inner transport's connections.
+    def close(self) -> None:
+        self.transport.close()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 def test_a_503_respx_mocks_behind_a_wrapper_is_sent_once_and_goes_through_an_open_breaker(
