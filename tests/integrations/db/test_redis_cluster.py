@@ -88,15 +88,24 @@ def test_one_dead_master_never_refuses_the_keys_of_the_others(
         client.close()
 
 
+def second_masters_keys(
+    masters: PrivateRedisCluster,
+) -> tuple[int, int, list[str], list[str]]:
+    """For the asyncio tests, read with a sync client: the seed's port, the second master's
+    (the victim's) and :func:`keys_by_owner`'s keys."""
+    seed, victim = masters.nodes[0].port, masters.nodes[1].port
+    sync = RedisCluster(host="127.0.0.1", port=seed)
+    try:
+        return seed, victim, *keys_by_owner(sync, victim)
+    finally:
+        sync.close()
+
+
 async def test_an_asyncio_cluster_keeps_serving_the_live_masters(
     install: Install, three_masters: PrivateRedisCluster
 ) -> None:
     installed = install(RedisIntegration, failure_threshold=3, recovery_timeout=0.5)
-    seed = three_masters.nodes[0].port
-    sync = RedisCluster(host="127.0.0.1", port=seed)
-    victim = three_masters.nodes[1].port
-    live, dead = keys_by_owner(sync, victim)
-    sync.close()
+    seed, victim, live, dead = second_masters_keys(three_masters)
     client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=seed, socket_timeout=2)
     try:
         await client.initialize()
@@ -377,11 +386,7 @@ async def test_an_asyncio_refused_call_sleeps_none_of_the_backoff(
 ) -> None:
     """:func:`test_a_refused_call_sleeps_none_of_the_cluster_clients_backoff`, asyncio."""
     installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
-    seed = three_masters.nodes[0].port
-    sync = RedisCluster(host="127.0.0.1", port=seed)
-    victim = three_masters.nodes[1].port
-    live, dead = keys_by_owner(sync, victim)
-    sync.close()
+    seed, victim, live, dead = second_masters_keys(three_masters)
     client = redis.asyncio.cluster.RedisCluster(
         host="127.0.0.1",
         port=seed,
@@ -469,11 +474,7 @@ async def test_an_asyncio_clusters_refusals_reread_at_its_own_pace(
 ) -> None:
     """:func:`test_refusals_reread_the_slot_table_at_the_clients_own_pace`, asyncio."""
     installed = install(RedisIntegration, failure_threshold=1, recovery_timeout=60)
-    seed = three_masters.nodes[0].port
-    sync = RedisCluster(host="127.0.0.1", port=seed)
-    victim = three_masters.nodes[1].port
-    live, dead = keys_by_owner(sync, victim)
-    sync.close()
+    seed, victim, live, dead = second_masters_keys(three_masters)
     client = redis.asyncio.cluster.RedisCluster(
         host="127.0.0.1", port=seed, socket_timeout=2, topology_refresh_min_interval=30
     )
