@@ -50,13 +50,23 @@ __all__ = [
 ]
 
 
+#: The ports :func:`free_port` handed out, so that it never hands one out twice: servers are
+#: often given their ports before any of them starts (``PrivateRedis(), PrivateRedis()``), and
+#: the kernel may offer a port again once its probe socket closed. Two servers given one port
+#: made the second's start "succeed" on the first one's listener (a replica told to replicate
+#: itself never synchronised).
+_handed_out: set[int] = set()
+
+
 def free_port(*, below: int = 65536) -> int:
-    """A loopback port nothing listens on now (below ``below``)."""
+    """A loopback port nothing listens on now (below ``below``), never one handed out before
+    in this process."""
     for _ in range(1000):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port < below:
+        if port < below and port not in _handed_out:
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no free port below {below}")
 
