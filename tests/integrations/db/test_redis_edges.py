@@ -184,18 +184,24 @@ class Service:
 @contextlib.contextmanager
 def service_with_a_replica(tmp_path: Path) -> Iterator[Service]:
     """``svc``: a master, its replica and a Sentinel that knows both (not failed over yet)."""
-    old, new = PrivateRedis(), PrivateRedis()
+    # No wait before a diskless full sync (5 s by default, for more replicas to join).
+    old = PrivateRedis(options=("--repl-diskless-sync-delay", "0"))
+    new = PrivateRedis()
     sentinel_server: PrivateSentinel | None = None
     try:
         old.start()
         new.start()
-        redis.Redis(port=new.port).replicaof("127.0.0.1", old.port)
+        replica = redis.Redis(port=new.port)
+        replica.replicaof("127.0.0.1", old.port)
         sentinel_server = PrivateSentinel(tmp_path, {"svc": old.port})
         service = Service(old, new, sentinel_server.port)
         deadline = time.monotonic() + 30
-        replica = redis.Redis(port=new.port)
-        while replica.info("replication").get("master_link_status") != "up":
-            assert time.monotonic() < deadline, "the replica never synchronised"
+        while (link := replica.info("replication")).get("master_link_status") != "up":
+            if time.monotonic() > deadline:  # say why: CI saw this once, never locally
+                logs = {
+                    server.port: (server.root / "log").read_text()[-3000:] for server in (old, new)
+                }
+                raise AssertionError(f"the replica never synchronised: {link}, {logs}")
             time.sleep(0.1)
         replica.close()
         while not service.sentinel.discover_slaves("svc"):  # learnt from the master's INFO
