@@ -54,7 +54,9 @@ What it hooks: ``Redis.execute_command``, ``Pipeline.execute`` (sync and asyncio
 ``RedisCluster._execute_command`` (sync and asyncio), plus ``Retry.call_with_retry``,
 to turn retries off, ``NodesManager.create_redis_node``, to know the cluster's node clients,
 ``AbstractRedisCluster._retry_backoff_delay`` (redis-py 8.2 and later), for refusals not to
-sleep the cluster client's backoff, and ``AbstractConnection.on_connect_check_health``
+sleep the cluster client's backoff, the cluster modules' ``_error_to_raise`` (8.2 and
+later), for a refusal ending a call on an unreachable cluster to be redis-py's
+``RedisClusterUnreachableError`` too, and ``AbstractConnection.on_connect_check_health``
 (``on_connect`` before redis-py 6; sync and asyncio), which runs only when a socket was just
 opened, to stamp the connection with the time it opened: a command sent within a second of it
 that loses its link confirms an outage (behind a proxy whose server is dead, every reconnect
